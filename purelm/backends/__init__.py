@@ -1,0 +1,44 @@
+"""Backend selection: the fast CPU backend when numba imports, else the numpy reference."""
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import PurelmError
+from .base import Backend
+
+BACKENDS = ("numba", "numpy")
+
+
+def default_threads() -> int:
+    env = os.environ.get("PURELM_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise PurelmError(f"PURELM_NUM_THREADS must be a whole number, got {env!r}") from None
+        if n < 1:
+            raise PurelmError(f"PURELM_NUM_THREADS must be at least 1, got {n}")
+        return n
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def get_backend(name: str | None = None, threads: int | None = None) -> Backend:
+    """`name`: "numba", "numpy" or None (the fastest available)."""
+    if threads is not None and threads < 1:
+        raise PurelmError(f"threads must be at least 1, got {threads}")
+    threads = threads or default_threads()
+    if name not in (None, *BACKENDS):
+        raise PurelmError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if name in (None, "numba"):
+        try:
+            from .numba_backend import NumbaBackend
+        except ImportError as e:
+            if name == "numba":
+                raise PurelmError(f"the numba backend is unavailable: {e}") from None
+            print(f"purelm: numba is unavailable ({e}); using the slower numpy backend", file=sys.stderr)
+        else:
+            return NumbaBackend(threads)
+    from .numpy_backend import NumpyBackend
+
+    return NumpyBackend()

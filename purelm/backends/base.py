@@ -1,0 +1,148 @@
+"""The op interface every backend implements, and the pieces backends share.
+
+A model is written once against these ops; it never knows which backend runs it. Activations are the
+backend's own arrays (numpy here; a torch backend would use tensors) and support `+`, `*`, `reshape`.
+Weights are prepared once at load (`weight`, `vector`): a backend may keep them packed, repack them or
+move them to a device.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..formats.gguf import Tensor
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding as llama.cpp applies it.
+
+    `neox=False` rotates adjacent pairs (x[2i], x[2i+1]) (GGUF's permuted LLaMA q/k layout);
+    `neox=True` rotates x[i] with x[i + n_dims/2]. Only the first `n_dims` features rotate."""
+
+    n_dims: int
+    base: float = 10000.0
+    neox: bool = False
+    freq_scale: float = 1.0  # linear scaling: positions are multiplied by this
+    freq_factors: tuple[float, ...] | None = None  # per-pair divisors (llama3-style rope_freqs)
+
+    def inv_freq(self) -> np.ndarray:
+        inv = self.base ** (-np.arange(0, self.n_dims, 2, dtype=np.float64) / self.n_dims)
+        if self.freq_factors is not None:
+            inv = inv / np.asarray(self.freq_factors, np.float64)
+        return inv
+
+    def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin of shape (T, n_dims/2), float32."""
+        theta = (np.asarray(positions, np.float64) * self.freq_scale)[:, None] * self.inv_freq()[None, :]
+        return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+
+
+@dataclass
+class AttentionSpec:
+    """What varies between architectures' attention; the defaults are plain causal softmax attention."""
+
+    scale: float
+    softcap: float | None = None  # gemma2: logits = softcap * tanh(logits / softcap)
+    window: int | None = None  # sliding window: attend only the last `window` positions
+    alibi_slopes: np.ndarray | None = None  # per query head (bloom, mpt)
+
+
+class KVCache:
+    """Keys and values of every layer, grown on demand up to `n_ctx` positions.
+
+    Layer i holds k[i], v[i] of shape (capacity, n_kv_heads, head_dim). `n_past` counts the positions
+    already stored; `commit(n)` moves it on after a forward pass of n tokens."""
+
+    def __init__(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int,
+                 dtype: Any = np.float32) -> None:
+        self.n_layers, self.n_ctx, self.n_kv_heads = n_layers, n_ctx, n_kv_heads
+        self.k_dim, self.v_dim, self.dtype = k_dim, v_dim, dtype
+        self.n_past = 0
+        self.tokens: list[int] = []  # the ids at positions 0..n_past-1, when the caller tracks them
+        self.capacity = 0
+        self.k: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+
+    def reserve(self, n_positions: int) -> None:
+        if n_positions <= self.capacity:
+            return
+        cap = min(self.n_ctx, max(n_positions, 2 * self.capacity, 256))
+        for i in range(self.n_layers):
+            for store, dim in ((self.k, self.k_dim), (self.v, self.v_dim)):
+                new = np.zeros((cap, self.n_kv_heads, dim), self.dtype)
+                if store[i:]:
+                    new[: self.capacity] = store[i][: self.capacity]
+                    store[i] = new
+                else:
+                    store.append(new)
+        self.capacity = cap
+
+    def commit(self, n_tokens: int) -> None:
+        self.n_past += n_tokens
+
+    def truncate(self, n_past: int) -> None:
+        """Forget positions from n_past on (to reuse a shared prompt prefix)."""
+        self.n_past = min(self.n_past, n_past)
+        del self.tokens[self.n_past :]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
+
+
+class Backend(ABC):
+    """The ops a transformer needs. x is (tokens, features) unless stated."""
+
+    name: str = "?"
+
+    # -- weights, prepared once at load
+    @abstractmethod
+    def weight(self, t: Tensor) -> Any:
+        """A matrix for `linear`/`embed`, from its packed GGUF tensor."""
+
+    def vector(self, t: Tensor) -> Any:
+        """A small float tensor (norm weight, bias) as float32."""
+        return t.dequantize()
+
+    def kv_cache(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int) -> KVCache:
+        return KVCache(n_layers, n_ctx, n_kv_heads, k_dim, v_dim)
+
+    # -- ops
+    @abstractmethod
+    def embed(self, w: Any, ids: np.ndarray) -> Any: ...
+
+    @abstractmethod
+    def linear(self, x: Any, w: Any, bias: Any = None) -> Any:
+        """x @ w.T (+ bias), for w of shape (out, in)."""
+
+    @abstractmethod
+    def rms_norm(self, x: Any, w: Any, eps: float) -> Any: ...
+
+    @abstractmethod
+    def layer_norm(self, x: Any, w: Any, b: Any, eps: float) -> Any: ...
+
+    @abstractmethod
+    def rope(self, x: Any, positions: np.ndarray, rope: Rope) -> Any:
+        """x: (tokens, heads, head_dim)."""
+
+    @abstractmethod
+    def attention(self, q: Any, k: Any, v: Any, cache: KVCache, layer: int, spec: AttentionSpec) -> Any:
+        """Store k, v (tokens, kv_heads, dim) at positions cache.n_past.., then causal attention of q
+        (tokens, heads, dim) over everything cached. Returns (tokens, heads * v_dim)."""
+
+    @abstractmethod
+    def silu(self, x: Any) -> Any: ...
+
+    @abstractmethod
+    def gelu(self, x: Any) -> Any:
+        """tanh-approximated GELU (ggml's gelu)."""
+
+    def swiglu(self, gate: Any, up: Any) -> Any:
+        return self.silu(gate) * up
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x, np.float32)

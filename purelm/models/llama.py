@@ -1,0 +1,97 @@
+"""LLaMA and its family (Mistral, SmolLM, TinyLlama, Qwen2's biases): pre-norm decoder with RMSNorm,
+rotary embeddings, grouped-query attention and a SwiGLU feed-forward.
+
+    h   = x + Wo · Attention(rope(Wq·n), rope(Wk·n), Wv·n),   n = RMSNorm(x)
+    out = h + Wdown · (silu(Wgate·m) * Wup·m),                m = RMSNorm(h)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import AttentionSpec, Backend, KVCache, Rope
+from ..formats.gguf import GGUFFile
+from .common import Model, Params, Weights
+
+
+class Llama(Model):
+    def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
+        super().__init__(gguf, backend)
+        p, w = Params(gguf), Weights(gguf, backend)
+        self.n_layer = p.need("block_count")
+        self.dim = dim = p.need("embedding_length")
+        self.n_head = p.need("attention.head_count")
+        self.n_kv_head = p.get("attention.head_count_kv", self.n_head)
+        self.head_dim = hd = p.get("attention.key_length", dim // self.n_head)
+        self.eps = p.get("attention.layer_norm_rms_epsilon", 1e-5)
+        self.n_ctx_train = p.get("context_length", 2048)
+        ffn = p.need("feed_forward_length")
+        self.n_vocab = n_vocab = gguf.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in gguf.tensors \
+            else p.need("vocab_size")
+
+        scaling = p.get("rope.scaling.type", "none")
+        factor = p.get("rope.scaling.factor", 1.0) or 1.0
+        freq_factors = gguf.tensors.get("rope_freqs.weight")
+        self.rope = Rope(
+            n_dims=p.get("rope.dimension_count", hd),
+            base=p.get("rope.freq_base", 10000.0),
+            neox=self.rope_neox,
+            freq_scale=1.0 / factor if scaling == "linear" else 1.0,
+            freq_factors=tuple(freq_factors.dequantize().tolist()) if freq_factors is not None else None,
+        )
+        self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd), window=p.get("attention.sliding_window"))
+
+        self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
+        self.out_norm = w.vector("output_norm.weight", dim)
+        # Tied embeddings: no output.weight, the head reuses token_embd.
+        self.output = w.matrix("output.weight", (n_vocab, dim), optional=True)
+        if self.output is None:
+            self.output = self.tok_embd
+        q_dim, kv_dim = self.n_head * hd, self.n_kv_head * hd
+        self.layers = []
+        for i in range(self.n_layer):
+            b = f"blk.{i}."
+            self.layers.append(dict(
+                attn_norm=w.vector(b + "attn_norm.weight", dim),
+                wq=w.matrix(b + "attn_q.weight", (q_dim, dim)),
+                wk=w.matrix(b + "attn_k.weight", (kv_dim, dim)),
+                wv=w.matrix(b + "attn_v.weight", (kv_dim, dim)),
+                bq=w.vector(b + "attn_q.bias", q_dim, optional=True),
+                bk=w.vector(b + "attn_k.bias", kv_dim, optional=True),
+                bv=w.vector(b + "attn_v.bias", kv_dim, optional=True),
+                wo=w.matrix(b + "attn_output.weight", (dim, q_dim)),
+                ffn_norm=w.vector(b + "ffn_norm.weight", dim),
+                w_gate=w.matrix(b + "ffn_gate.weight", (ffn, dim)),
+                w_up=w.matrix(b + "ffn_up.weight", (ffn, dim)),
+                w_down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
+            ))
+
+    rope_neox = False  # GGUF stores LLaMA q/k permuted for adjacent-pair rotation
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
+
+    def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
+        ops, T, hd = self.ops, len(ids), self.head_dim
+        x = ops.embed(self.tok_embd, ids)
+        for i, L in enumerate(self.layers):
+            n = ops.rms_norm(x, L["attn_norm"], self.eps)
+            q = ops.linear(n, L["wq"], L["bq"]).reshape(T, self.n_head, hd)
+            k = ops.linear(n, L["wk"], L["bk"]).reshape(T, self.n_kv_head, hd)
+            v = ops.linear(n, L["wv"], L["bv"]).reshape(T, self.n_kv_head, hd)
+            q, k = ops.rope(q, positions, self.rope), ops.rope(k, positions, self.rope)
+            x = x + ops.linear(ops.attention(q, k, v, cache, i, self.attn), L["wo"])
+
+            m = ops.rms_norm(x, L["ffn_norm"], self.eps)
+            x = x + ops.linear(ops.swiglu(ops.linear(m, L["w_gate"]), ops.linear(m, L["w_up"])), L["w_down"])
+        return ops.rms_norm(x, self.out_norm, self.eps)
+
+    def head(self, h: Any) -> Any:
+        return self.ops.linear(h, self.output)
+
+
+class Qwen2(Llama):
+    """Qwen2/2.5: LLaMA with q/k/v biases and NeoX-style rotation (GGUF keeps HF's q/k order)."""
+
+    rope_neox = True
