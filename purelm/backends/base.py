@@ -104,6 +104,11 @@ class Backend(ABC):
     def weight(self, t: Tensor) -> Any:
         """A matrix for `linear`/`embed`, from its packed GGUF tensor."""
 
+    def weights(self, ts: list[Tensor]) -> Any:
+        """Matrices that always multiply the same input (q|k|v, gate|up), for `linear_many`. A backend
+        may merge them into one matrix so that one pass over x serves all."""
+        return [self.weight(t) for t in ts]
+
     def vector(self, t: Tensor) -> Any:
         """A small float tensor (norm weight, bias) as float32."""
         return t.dequantize()
@@ -118,6 +123,10 @@ class Backend(ABC):
     @abstractmethod
     def linear(self, x: Any, w: Any, bias: Any = None) -> Any:
         """x @ w.T (+ bias), for w of shape (out, in)."""
+
+    def linear_many(self, x: Any, ws: Any) -> list[Any]:
+        """[x @ w.T for w in ws], for `ws` from `weights`."""
+        return [self.linear(x, w) for w in ws]
 
     @abstractmethod
     def rms_norm(self, x: Any, w: Any, eps: float) -> Any: ...

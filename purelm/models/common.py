@@ -47,6 +47,10 @@ class Weights:
         t = self.tensor(name, shape, optional)
         return None if t is None else self.backend.weight(t)
 
+    def matrices(self, specs: list[tuple[str, tuple[int, int]]]) -> Any:
+        """Several matrices applied to the same input, for `ops.linear_many`."""
+        return self.backend.weights([self.tensor(name, shape) for name, shape in specs])
+
     def vector(self, name: str, n: int, optional: bool = False) -> Any:
         t = self.tensor(name, (n,), optional)
         return None if t is None else self.backend.vector(t)

@@ -54,16 +54,14 @@ class Llama(Model):
             b = f"blk.{i}."
             self.layers.append(dict(
                 attn_norm=w.vector(b + "attn_norm.weight", dim),
-                wq=w.matrix(b + "attn_q.weight", (q_dim, dim)),
-                wk=w.matrix(b + "attn_k.weight", (kv_dim, dim)),
-                wv=w.matrix(b + "attn_v.weight", (kv_dim, dim)),
+                wqkv=w.matrices([(b + "attn_q.weight", (q_dim, dim)), (b + "attn_k.weight", (kv_dim, dim)),
+                                 (b + "attn_v.weight", (kv_dim, dim))]),
                 bq=w.vector(b + "attn_q.bias", q_dim, optional=True),
                 bk=w.vector(b + "attn_k.bias", kv_dim, optional=True),
                 bv=w.vector(b + "attn_v.bias", kv_dim, optional=True),
                 wo=w.matrix(b + "attn_output.weight", (dim, q_dim)),
                 ffn_norm=w.vector(b + "ffn_norm.weight", dim),
-                w_gate=w.matrix(b + "ffn_gate.weight", (ffn, dim)),
-                w_up=w.matrix(b + "ffn_up.weight", (ffn, dim)),
+                w_gate_up=w.matrices([(b + "ffn_gate.weight", (ffn, dim)), (b + "ffn_up.weight", (ffn, dim))]),
                 w_down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
             ))
 
@@ -77,14 +75,17 @@ class Llama(Model):
         x = ops.embed(self.tok_embd, ids)
         for i, L in enumerate(self.layers):
             n = ops.rms_norm(x, L["attn_norm"], self.eps)
-            q = ops.linear(n, L["wq"], L["bq"]).reshape(T, self.n_head, hd)
-            k = ops.linear(n, L["wk"], L["bk"]).reshape(T, self.n_kv_head, hd)
-            v = ops.linear(n, L["wv"], L["bv"]).reshape(T, self.n_kv_head, hd)
+            q, k, v = ops.linear_many(n, L["wqkv"])
+            if L["bq"] is not None:
+                q, k, v = q + L["bq"], k + L["bk"], v + L["bv"]
+            q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
+                       v.reshape(T, self.n_kv_head, hd))
             q, k = ops.rope(q, positions, self.rope), ops.rope(k, positions, self.rope)
             x = x + ops.linear(ops.attention(q, k, v, cache, i, self.attn), L["wo"])
 
             m = ops.rms_norm(x, L["ffn_norm"], self.eps)
-            x = x + ops.linear(ops.swiglu(ops.linear(m, L["w_gate"]), ops.linear(m, L["w_up"])), L["w_down"])
+            gate, up = ops.linear_many(m, L["w_gate_up"])
+            x = x + ops.linear(ops.swiglu(gate, up), L["w_down"])
         return ops.rms_norm(x, self.out_norm, self.eps)
 
     def head(self, h: Any) -> Any:
