@@ -40,12 +40,17 @@ SUPPORTED_QUANT: frozenset[GGMLType] = frozenset(ENCODERS)
 CHUNK_WEIGHTS = 1 << 16
 
 
-def lookup(qtype: int, table: dict[GGMLType, Codec], action: str) -> tuple[GGMLType, Codec]:
+def lookup(qtype: object, table: dict[GGMLType, Codec], action: str) -> tuple[GGMLType, Codec]:
+    """The GGMLType for a type id and its codec, or PurelmError naming the type."""
     try:
-        qtype = GGMLType(int(qtype))
-        return qtype, table[qtype]
-    except (ValueError, KeyError):
-        raise PurelmError(f"cannot {action} tensor type {type_name(int(qtype))}") from None
+        qtype = GGMLType(qtype)
+    except ValueError:
+        name = type_name(int(qtype)) if isinstance(qtype, (int, np.integer)) else repr(qtype)
+        raise PurelmError(f"cannot {action}: unknown tensor type {name}") from None
+    if qtype not in table:
+        supported = ", ".join(t.name for t in sorted(table))
+        raise PurelmError(f"cannot {action} tensor type {qtype.name} (supported: {supported})")
+    return qtype, table[qtype]
 
 
 def check_row_length(qtype: GGMLType, n: int) -> None:
@@ -69,7 +74,10 @@ def byte_view(data: np.ndarray | bytes | bytearray | memoryview) -> np.ndarray:
 
 
 def run_chunks(codec: Codec, src: np.ndarray, out: np.ndarray, block: int) -> None:
-    """Apply codec to matching block ranges of src and out (both 2-D, one block a row)."""
+    """Apply codec to matching block ranges of src and out (both 2-D, one block a row).
+
+    The out slices are C-contiguous, so codecs may reshape them in place.
+    """
     step = max(1, CHUNK_WEIGHTS // block)
     for start in range(0, len(src), step):
         codec(src[start:start + step], out[start:start + step])
