@@ -424,7 +424,9 @@ class GGUFWriter:
             self.add("general.alignment", alignment, ValueType.UINT32)
 
     def add(self, key: str, value: Any, vtype: ValueType | None = None, elem: ValueType | None = None) -> None:
-        vtype = vtype if vtype is not None else _infer_type(value)
+        vtype = ValueType(vtype) if vtype is not None else _infer_type(value)
+        if (vtype == ValueType.ARRAY) != isinstance(value, (list, tuple, np.ndarray)):
+            raise TypeError(f"{key}: {type(value).__name__} value does not match GGUF type {vtype.name}")
         self.kv[key] = (value, vtype, elem)
 
     def add_tensor(self, name: str, data: Any, qtype: GGMLType | int | None = None,

@@ -1,0 +1,571 @@
+"""A tokenizer built from a GGUF file's metadata, on top of Hugging Face `tokenizers`.
+
+A GGUF file carries no `tokenizer.json`: it stores the vocabulary, the merges, the token types and
+the special token ids as metadata under llama.cpp's key names. From those we build the same
+`tokenizers.Tokenizer` that transformers builds for `AutoTokenizer.from_pretrained(dir,
+gguf_file=...)`, so ids match it, and take from llama.cpp what transformers does not decide: the
+pre-tokenizer regex for each `tokenizer.ggml.pre`, and which tokens end generation.
+
+Two vocabulary kinds are supported (`tokenizer.ggml.model`):
+  gpt2   byte-level BPE with merges; the text split is chosen by `tokenizer.ggml.pre`
+  llama  SentencePiece-style BPE ranked by scores, with `<0xNN>` byte fallback and "▁" for spaces
+
+The `tokenizers` object is built on first use, so opening a model stays fast.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as _HFTokenizer
+
+from purelm.errors import PurelmError
+
+# Token types as llama.cpp's converters write them into `tokenizer.ggml.token_type`.
+TOKEN_NORMAL = 1
+TOKEN_UNKNOWN = 2
+TOKEN_CONTROL = 3
+TOKEN_USER_DEFINED = 4
+TOKEN_UNUSED = 5
+TOKEN_BYTE = 6
+
+SUPPORTED_MODELS = ("gpt2", "llama")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte alphabet: every byte gets a printable character, so BPE runs on text."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars)}
+
+
+_CHAR_OF_BYTE = _bytes_to_unicode()
+_BYTE_OF_CHAR = {char: byte for byte, char in _CHAR_OF_BYTE.items()}
+_BYTE_ALPHABET = frozenset(_BYTE_OF_CHAR)
+
+# --- Pre-tokenizer splits, by `tokenizer.ggml.pre` -------------------------------------------------
+# Each entry is a list of regexes applied one after the other, each cutting every piece into its
+# matches and the text between them (llama.cpp's `regex_exprs`, `tokenizers`' "isolated" Split).
+# Where transformers has a regex for a name, it is the original from the model's tokenizer.json,
+# which `tokenizers` runs as written; llama.cpp rewrites some of them for its own regex engine.
+# GPT2_SPLIT is what `ByteLevel(use_regex=True)` does on its own.
+
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SEED_CODER_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}"
+    r"| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BAILINGMOE_SPLIT = (
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"
+)
+BLOOM_SPLIT = r" ?[^(\s|.,!?…。，、।۔،)]+"
+CJK_HANGUL = r"[一-龥ࠀ-一가-퟿]+"
+# Cased letters, as in DeepSeek-LLM's tokenizer.json. Escapes mark the letters that Unicode
+# normalization (NFC) would silently turn into others (OHM SIGN into OMEGA, KELVIN SIGN into K...).
+DEEPSEEK_LLM_LETTERS = (
+    r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅ"
+    "ὐ-ὗὙὛὝὟ-\u1f7dᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌῐ-\u1fd3ῖ-\u1fdbῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄ"
+    "Ⰰ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+"
+)
+DEEPSEEK3_MAIN = (
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# `None` means ByteLevel's own GPT-2 regex, which is also what an unknown name gets.
+_SPLITS: dict[str, list[str] | None] = {}
+
+
+def _register(names: Iterable[str], splits: list[str] | None) -> None:
+    for name in names:
+        _SPLITS[name] = splits
+
+
+_register(
+    ["default", "gpt2", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de",
+     "a.x-4.0", "mellum", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "trillion",
+     "granite-docling", "exaone4"],
+    None,
+)
+# llama.cpp splits digits one by one first for these (their tokenizer.json has a Digits step).
+_register(
+    ["starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"],
+    [r"\p{N}", GPT2_SPLIT],
+)
+_register(
+    ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+     "jina-v5-nano", "dbrx", "smaug-bpe", "glm4", "chatglm-bpe"],
+    [LLAMA3_SPLIT],
+)
+_register(
+    ["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "grok-2"],
+    [QWEN2_SPLIT],
+)
+_register(["qwen35"], [QWEN35_SPLIT])
+_register(["tekken"], [TEKKEN_SPLIT])
+_register(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], [GPT4O_SPLIT])
+_register(["seed-coder"], [SEED_CODER_SPLIT])
+_register(["bailingmoe", "bailingmoe2", "llada-moe"], [BAILINGMOE_SPLIT])
+_register(["falcon"], [r"[\p{P}\$\+<=>\^~\|`]+", GPT2_SPLIT, r"[0-9][0-9][0-9]"])
+_register(["bloom", "poro-chat", "gpt3-finnish"], [BLOOM_SPLIT])
+_register(["viking"], [BLOOM_SPLIT, r"\p{N}"])
+_register(
+    ["deepseek-llm"],
+    [r"[\r\n]", DEEPSEEK_LLM_LETTERS, r"\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$", CJK_HANGUL, r"\p{N}+"],
+)
+_register(["deepseek-coder"], [r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", CJK_HANGUL, r"\p{N}"])
+_register(["deepseek-v3", "hunyuan-dense"], [r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+", DEEPSEEK3_MAIN])
+_register(
+    ["chameleon"],
+    [r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
+     r"[\p{P}!-/:-@\[-`{-~]", GPT2_SPLIT],
+)
+
+# llama.cpp takes the whole word as one token when it is in the vocabulary, before any merge.
+_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "tekken"}
+# llama.cpp adds BOS for these when the file does not say.
+_BPE_ADD_BOS_DEFAULT = _IGNORE_MERGES | {"chameleon"}
+
+# --- Which tokens end generation (llama.cpp's text lists) --------------------------------------------
+_EOT_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+              "<EOT>", "_<EOT>", "[EOT]", "<end_of_utterance>"]
+_EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+              "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+              "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>"}
+_FIM_PAD_TEXTS = ["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"]
+_FIM_REP_TEXTS = ["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"]
+_FIM_SEP_TEXTS = ["<|file_sep|>"]
+
+# Special tokens the transformers tokenizer classes declare by default; marked special when present.
+_DEFAULT_SPECIALS = {
+    "gpt2": ("<|endoftext|>",),
+    "llama": ("<unk>", "<s>", "</s>"),
+    "gemma": ("<unk>", "<bos>", "<eos>", "<pad>", "<mask>"),
+}
+_GEMMA_ARCHS = {"gemma", "gemma2", "gemma3"}
+
+
+def _lookup(meta: Any, key: str) -> Any:
+    """`meta[key]`, or None; `meta` may be a mapping, a lazy mapping or a callable."""
+    if hasattr(meta, "get"):
+        return meta.get(key)
+    if callable(meta):
+        return meta(key)
+    try:
+        return meta[key]
+    except (KeyError, IndexError):
+        return None
+
+
+def _as_list(value: Any) -> list:
+    """A GGUF array value (list, tuple or numpy array) as a plain Python list."""
+    if value is None:
+        return []
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return list(value)
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """Merges a SentencePiece vocabulary implies: every split of a token into two tokens, best
+    token score first (the order transformers' `generate_merges` produces, ties included)."""
+    found = []
+    for piece, score in scores.items():
+        pairs = [
+            (piece[:cut], piece[cut:], score)
+            for cut in range(1, len(piece))
+            if piece[:cut] in vocab and piece[cut:] in vocab
+        ]
+        pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        found.extend(pairs)
+    found.sort(key=lambda pair: (pair[2], len(pair[0]), len(pair[1])), reverse=True)
+    return [(left, right) for left, right, _ in found]
+
+
+def _split_merge(merge: str) -> tuple[str, str]:
+    # Split at the first space after the first character, as llama.cpp does.
+    cut = merge.find(" ", 1)
+    if cut < 0:
+        raise PurelmError(f"tokenizer.ggml.merges: entry {merge!r} is not two tokens separated by a space")
+    return merge[:cut], merge[cut + 1:]
+
+
+class StreamDecoder:
+    """Turns ids into text one at a time, holding back bytes of a character not yet complete."""
+
+    def __init__(self, tokenizer: "Tokenizer", skip_special: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        """The text that `token_id` completes; "" while a multi-byte character is unfinished."""
+        if self._skip_special and int(token_id) in self._tokenizer.special_ids:
+            return ""
+        return self._utf8.decode(self._tokenizer.token_to_piece(token_id))
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished character comes out as U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+
+class Tokenizer:
+    """Text to ids and back, for the vocabulary a GGUF file describes."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        tokens: list[str],
+        token_types: list[int],
+        scores: list[float],
+        merges: list[str] | None,
+        pre: str | None,
+        architecture: str | None,
+        bos_id: int | None,
+        eos_id: int | None,
+        unk_id: int | None,
+        pad_id: int | None,
+        add_bos: bool,
+        add_eos: bool,
+        add_space_prefix: bool,
+        chat_template: str | None,
+        extra_ids: dict[str, int | None] | None = None,
+    ) -> None:
+        self.model = model
+        self.pre = pre
+        self.architecture = architecture
+        self.tokens = tokens
+        self.token_types = token_types
+        self._scores = scores
+        self._merges = merges
+        self.vocab_size = len(tokens)
+        self.bos_id, self.eos_id, self.unk_id, self.pad_id = bos_id, eos_id, unk_id, pad_id
+        self.add_bos = bool(add_bos and bos_id is not None)
+        self.add_eos = bool(add_eos and eos_id is not None)
+        self.add_space_prefix = add_space_prefix
+        self.chat_template = chat_template
+        self._backend: _HFTokenizer | None = None
+        self._lock = threading.Lock()
+        self._find_special_tokens(extra_ids or {})
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: Any) -> "Tokenizer":
+        """Build from GGUF metadata: a mapping (or lazy mapping, or callable) of key to value."""
+        model = _lookup(meta, "tokenizer.ggml.model")
+        if model is None:
+            raise PurelmError("tokenizer.ggml.model: missing; the file describes no tokenizer")
+        model = str(model)
+        if model not in SUPPORTED_MODELS:
+            raise PurelmError(
+                f"tokenizer.ggml.model: {model!r} is not supported; supported: {', '.join(SUPPORTED_MODELS)}"
+            )
+        tokens = _as_list(_lookup(meta, "tokenizer.ggml.tokens"))
+        if not tokens:
+            raise PurelmError("tokenizer.ggml.tokens: missing or empty; the file has no vocabulary")
+        tokens = [t.decode("utf-8", "replace") if isinstance(t, (bytes, bytearray)) else t for t in tokens]
+        if not all(isinstance(t, str) for t in tokens):
+            raise PurelmError("tokenizer.ggml.tokens: expected an array of strings")
+        count = len(tokens)
+
+        token_types = [int(t) for t in _as_list(_lookup(meta, "tokenizer.ggml.token_type"))] or [TOKEN_NORMAL] * count
+        scores = [float(s) for s in _as_list(_lookup(meta, "tokenizer.ggml.scores"))] or [0.0] * count
+        if len(token_types) != count or len(scores) != count:
+            raise PurelmError(
+                f"tokenizer.ggml.token_type/scores: {len(token_types)}/{len(scores)} entries for {count} tokens"
+            )
+        merges = _as_list(_lookup(meta, "tokenizer.ggml.merges")) or None
+        if model == "gpt2" and merges is None:
+            raise PurelmError("tokenizer.ggml.merges: missing; a gpt2 (byte-level BPE) vocabulary needs merges")
+
+        def token_id(key: str) -> int | None:
+            # An id outside the vocabulary is ignored, as llama.cpp does.
+            value = _lookup(meta, f"tokenizer.ggml.{key}")
+            if value is None or isinstance(value, (str, bytes)):
+                return None
+            value = int(value)
+            return value if 0 <= value < count else None
+
+        def flag(key: str, default: bool) -> bool:
+            value = _lookup(meta, f"tokenizer.ggml.{key}")
+            return default if value is None else bool(value)
+
+        pre = _lookup(meta, "tokenizer.ggml.pre")
+        pre = None if pre is None else str(pre)
+        # The file's own flag wins; without one, llama.cpp's default for the vocabulary kind.
+        add_bos_default = model == "llama" or (pre in _BPE_ADD_BOS_DEFAULT)
+        architecture = _lookup(meta, "general.architecture")
+        template = _lookup(meta, "tokenizer.chat_template")
+        return cls(
+            model=model,
+            tokens=tokens,
+            token_types=token_types,
+            scores=scores,
+            merges=[str(m) for m in merges] if merges is not None else None,
+            pre=pre,
+            architecture=None if architecture is None else str(architecture),
+            bos_id=token_id("bos_token_id"),
+            eos_id=token_id("eos_token_id"),
+            unk_id=token_id("unknown_token_id"),
+            pad_id=token_id("padding_token_id"),
+            add_bos=flag("add_bos_token", add_bos_default),
+            add_eos=flag("add_eos_token", False),
+            add_space_prefix=flag("add_space_prefix", True),
+            chat_template=None if template is None else str(template),
+            extra_ids={
+                key: token_id(f"{key}_token_id") for key in ("eot", "eom", "fim_pad", "fim_rep", "fim_sep")
+            },
+        )
+
+    def _find_special_tokens(self, extra_ids: dict[str, int | None]) -> None:
+        """Special ids (for skipping) and end-of-generation ids, in one pass over the vocabulary."""
+        found: dict[str, int] = {}  # first id with each text of interest
+        looked_for = _EOG_TEXTS.union(_EOT_TEXTS, _FIM_PAD_TEXTS, _FIM_REP_TEXTS, _FIM_SEP_TEXTS)
+        defaults = self._default_specials()
+        looked_for |= set(defaults)
+        for index, text in enumerate(self.tokens):
+            if text in looked_for and text not in found:
+                found[text] = index
+
+        def first_of(texts: list[str]) -> int | None:
+            return next((found[t] for t in texts if t in found), None)
+
+        self.eot_id = extra_ids.get("eot") if extra_ids.get("eot") is not None else first_of(_EOT_TEXTS)
+        eom_id = extra_ids.get("eom") if extra_ids.get("eom") is not None else first_of(["<|eom_id|>"])
+        eog = {index for text, index in found.items() if text in _EOG_TEXTS}
+        for key, texts in (("fim_pad", _FIM_PAD_TEXTS), ("fim_rep", _FIM_REP_TEXTS), ("fim_sep", _FIM_SEP_TEXTS)):
+            index = extra_ids.get(key) if extra_ids.get(key) is not None else first_of(texts)
+            if index is not None:
+                eog.add(index)
+        eog.update(i for i in (self.eos_id, self.eot_id, eom_id) if i is not None)
+        texts = {self.tokens[i]: i for i in eog}
+        # gpt-oss / solar-open: "<|end|>" ends a message there, not the generation.
+        if "<|end|>" in texts and (
+            ("<|return|>" in texts and ("<|call|>" in texts or "<|calls|>" in texts))
+            or ("<|flush|>" in texts and ("<|call|>" in texts or "<|calls|>" in texts))
+        ):
+            eog.discard(texts["<|end|>"])
+        # gemma4 / paddleocr: "</s>" is not an end token when "<|tool_response>" is.
+        if "<|tool_response>" in texts and "</s>" in texts:
+            eog.discard(texts["</s>"])
+        self.eog_ids: set[int] = eog
+
+        # What transformers treats as special: control tokens, the declared special tokens, and its
+        # tokenizer class's default special tokens when the vocabulary has them.
+        byte_level = self.model == "gpt2"
+        special = {
+            index
+            for index, kind in enumerate(self.token_types)
+            if kind == TOKEN_CONTROL and (not byte_level or set(self.tokens[index]) <= _BYTE_ALPHABET)
+        }
+        special.update(i for i in (self.bos_id, self.eos_id, self.unk_id, self.pad_id) if i is not None)
+        special.update(found[t] for t in defaults if t in found)
+        self.special_ids: set[int] = special
+
+    def _default_specials(self) -> tuple[str, ...]:
+        if self.model == "llama" and self.architecture in _GEMMA_ARCHS:
+            return _DEFAULT_SPECIALS["gemma"]
+        return _DEFAULT_SPECIALS[self.model]
+
+    @property
+    def backend(self) -> _HFTokenizer:
+        """The `tokenizers.Tokenizer` doing the work, built on first use."""
+        if self._backend is None:
+            with self._lock:
+                if self._backend is None:
+                    self._backend = self._build_backend()
+        return self._backend
+
+    def _build_backend(self) -> _HFTokenizer:
+        try:
+            if self.model == "gpt2":
+                backend, vocab = self._build_byte_level()
+            else:
+                backend, vocab = self._build_sentencepiece()
+        except Exception as exc:  # tokenizers raises plain Exceptions on a bad vocabulary or merges
+            if isinstance(exc, PurelmError):
+                raise
+            raise PurelmError(f"tokenizer: cannot build the {self.model} tokenizer from the metadata: {exc}") from exc
+
+        # Added tokens are matched whole in the text before BPE runs: control tokens as special
+        # ones, user-defined ones (like "<think>") as plain ones, as transformers adds them.
+        special_texts = [self.tokens[i] for i in sorted(self.special_ids)]
+        special = [AddedToken(t, normalized=False, special=True) for t in special_texts if t in vocab]
+        backend.add_special_tokens(special)
+        user_defined = [
+            AddedToken(text, normalized=False, special=False)
+            for text, kind in zip(self.tokens, self.token_types)
+            if kind == TOKEN_USER_DEFINED and text in vocab
+        ]
+        if user_defined:
+            backend.add_tokens(user_defined)
+        return backend
+
+    def _build_byte_level(self) -> tuple[_HFTokenizer, dict[str, int]]:
+        vocab: dict[str, int] = {}
+        for index, text in enumerate(self.tokens):
+            if not set(text) <= _BYTE_ALPHABET:  # stored as plain text: respell in the byte alphabet
+                text = "".join(_CHAR_OF_BYTE[b] for b in text.encode("utf-8"))
+            vocab[text] = index
+        merges = [_split_merge(m) for m in self._merges or []]
+        splits = _SPLITS.get(self.pre or "default")
+        backend = _HFTokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=merges,
+                dropout=None,
+                continuing_subword_prefix="",
+                end_of_word_suffix="",
+                fuse_unk=False,
+                ignore_merges=self.pre in _IGNORE_MERGES,
+            )
+        )
+        if splits is None:
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        else:
+            steps = [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in splits]
+            steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+            backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+        backend.decoder = decoders.ByteLevel()
+        return backend, vocab
+
+    def _build_sentencepiece(self) -> tuple[_HFTokenizer, dict[str, int]]:
+        gemma = self.architecture in _GEMMA_ARCHS
+        tokens = self.tokens
+        if gemma:
+            # Gemma stores whitespace-only tokens with real spaces; its merges expect "▁".
+            tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+        vocab = {text: index for index, text in enumerate(tokens)}
+        if self._merges is not None:
+            merges = [_split_merge(m) for m in self._merges]
+        elif gemma:
+            # Gemma's scores do not follow its merge order; the token order does.
+            merges = _merges_from_scores(vocab, {text: -index for index, text in enumerate(tokens)})
+        else:
+            merges = _merges_from_scores(vocab, dict(zip(tokens, self._scores)))
+
+        if gemma:
+            unk = "<unk>" if "<unk>" in vocab else None
+            backend = _HFTokenizer(
+                models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk, dropout=None, byte_fallback=True)
+            )
+            backend.normalizer = normalizers.Replace(" ", "▁")
+            backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
+            backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+            return backend, vocab
+
+        backend = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if self.architecture == "phi3":
+            # Phi-3 prefixes the space with a normalizer, so text starting with a space gets two.
+            backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+            steps.append(decoders.Strip(content=" ", left=1))
+        elif self.add_space_prefix:
+            # "first": only the text before the first special token gets the "▁" prefix.
+            backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+            steps.append(decoders.Strip(content=" ", left=1))
+        else:
+            backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
+        backend.decoder = decoders.Sequence(steps)
+        return backend, vocab
+
+    # --- use ------------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids for `text`.
+
+        add_special: put BOS first / EOS last when the file asks for them.
+        parse_special: special-token text such as "<|im_start|>" becomes its id; when False it is
+        tokenized as ordinary text (user-defined tokens like "<think>" are still matched whole).
+        """
+        if not isinstance(text, str):
+            raise PurelmError(f"encode: expected str, got {type(text).__name__}")
+        backend = self.backend
+        if parse_special:
+            ids = backend.encode(text, add_special_tokens=False).ids
+        else:
+            with self._lock:  # the switch lives on the shared backend
+                backend.encode_special_tokens = True
+                try:
+                    ids = backend.encode(text, add_special_tokens=False).ids
+                finally:
+                    backend.encode_special_tokens = False
+        if add_special:
+            if self.add_bos:
+                ids.insert(0, self.bos_id)
+            if self.add_eos:
+                ids.append(self.eos_id)
+        return ids
+
+    def _check_ids(self, ids: Iterable[Any]) -> list[int]:
+        checked = [int(i) for i in ids]
+        for index in checked:
+            if not 0 <= index < self.vocab_size:
+                raise PurelmError(f"token id {index} is outside the vocabulary (size {self.vocab_size})")
+        return checked
+
+    def decode(self, ids: Sequence[int] | Iterable[int], skip_special: bool = False) -> str:
+        """Text for `ids`, exactly as transformers decodes them."""
+        return self.backend.decode(self._check_ids(ids), skip_special_tokens=skip_special)
+
+    def token_to_piece(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (special tokens give their text)."""
+        (index,) = self._check_ids([token_id])
+        text, kind = self.tokens[index], self.token_types[index]
+        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN):
+            return text.encode("utf-8")
+        if self.model == "gpt2":
+            # Characters outside the byte alphabet mean the token was stored as plain text.
+            return b"".join(
+                bytes((_BYTE_OF_CHAR[c],)) if c in _BYTE_OF_CHAR else c.encode("utf-8") for c in text
+            )
+        if kind == TOKEN_BYTE and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            return bytes((int(text[3:5], 16),))
+        return text.replace("▁", " ").encode("utf-8")
+
+    def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
+        """A decoder fed one id at a time, for printing text as it is generated."""
+        return StreamDecoder(self, skip_special=skip_special)
+
+    def is_eog(self, token_id: int) -> bool:
+        """Whether generation should stop at this token."""
+        return int(token_id) in self.eog_ids
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(model={self.model!r}, pre={self.pre!r}, vocab_size={self.vocab_size})"

@@ -1,0 +1,139 @@
+"""Regenerate the model fixtures under tests/fixtures/ (needs the `ref` extra: torch, transformers).
+
+    pip install -e '.[ref]' && python tools/make_fixtures.py [--smollm2 PATH]
+
+For each tiny random architecture: a Hugging Face checkpoint (safetensors + tokenizer.json), the GGUF
+files `purelm convert` makes from it (f32, f16, q8_0, q4_0), and transformers' float32 logits for a fixed
+id sequence plus 8 greedy steps with its KV cache. For f32 the reference is the original HF model; for
+the quantized files it is transformers loading that GGUF (it dequantizes to float32), so every
+comparison has an exact reference. With the SmolLM2 file: transformers' logits for a few prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from purelm.convert import convert  # noqa: E402
+
+FIX = ROOT / "tests" / "fixtures"
+VOCAB = 320
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PROMPT = "The quick brown fox jumps over the lazy dog. 12345 \t code()\n"
+N_GREEDY = 8
+TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+TINY = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+              dict(num_key_value_heads=4, tie_word_embeddings=False)),
+    "mistral_gqa": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                    dict(num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+              dict(num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+def tiny_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [PROMPT, "hello world, the cat sat on the mat", "def f(x):\n    return x + 1\n"] * 50
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def save_reference(path: Path, model: torch.nn.Module, ids: list[int]) -> None:
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(x).logits[0].float().numpy()
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N_GREEDY, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    steps = np.stack([s[0].float().numpy() for s in out.logits])
+    np.savez_compressed(path, ids=np.array(ids), logits=logits, greedy=out.sequences[0, len(ids):].numpy(),
+                        greedy_logits=steps)
+
+
+def make_tiny(name: str) -> None:
+    cfg_cls, model_cls, extra = TINY[name]
+    torch.manual_seed(0)
+    cfg = cfg_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  bos_token_id=0, eos_token_id=0, **extra)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # random init is tiny; widen it so logits are far from zero and ties
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(8.0)
+            else:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf = FIX / "hf" / name
+    shutil.rmtree(hf, ignore_errors=True)
+    model.save_pretrained(hf, safe_serialization=True)
+    tok = tiny_tokenizer()
+    tok.save(str(hf / "tokenizer.json"))
+    (hf / "tokenizer_config.json").write_text('{"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", '
+                                              '"add_bos_token": false}')
+    ids = tok.encode(PROMPT).ids
+    save_reference(FIX / f"{name}-ref-f32.npz", model, ids)
+    for t in TYPES:
+        gguf = FIX / f"{name}-{t}.gguf"
+        convert(hf, gguf, t)
+        if t != "f32":
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(
+                FIX, gguf_file=gguf.name, dtype=torch.float32).eval()
+            save_reference(FIX / f"{name}-ref-{t}.npz", loaded, ids)
+    print(f"{name}: {len(ids)} prompt ids, files in {FIX}")
+
+
+def make_smollm2(path: Path) -> None:
+    prompts = ["The capital of France is",
+               "def fibonacci(n):\n\tif n < 2:\n\t\treturn n",
+               "<|im_start|>user\nWhat is 2+2? 🤔<|im_end|>\n<|im_start|>assistant\n"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / path.name).symlink_to(path.resolve())
+        tok = transformers.AutoTokenizer.from_pretrained(tmp, gguf_file=path.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp, gguf_file=path.name,
+                                                                  dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    cols = np.sort(rng.choice(model.config.vocab_size, 1024, replace=False))
+    out = {"cols": cols}
+    for i, p in enumerate(prompts):
+        ids = tok(p)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].numpy()
+        out[f"ids{i}"] = np.array(ids)
+        out[f"last{i}"] = logits[-1]
+        out[f"cols{i}"] = logits[:, cols]
+    x = torch.tensor([out["ids0"].tolist()])
+    with torch.no_grad():
+        g = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False)
+    out["greedy0"] = g[0, x.shape[1]:].numpy()
+    np.savez_compressed(FIX / "smollm2-ref.npz", **out)
+    print("smollm2:", tok.decode(out["greedy0"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smollm2", type=Path, default=None, help="the SmolLM2-135M-Instruct Q4_1 GGUF")
+    ap.add_argument("--only", nargs="*", default=None, help="tiny architectures to make (default: all)")
+    a = ap.parse_args()
+    FIX.mkdir(parents=True, exist_ok=True)
+    for name in a.only or TINY:
+        make_tiny(name)
+    if a.smollm2:
+        make_smollm2(a.smollm2)
+
+
+if __name__ == "__main__":
+    main()
