@@ -1,0 +1,109 @@
+"""Model logits against transformers (fixtures made by tools/make_fixtures.py) and the real SmolLM2 file."""
+import shutil
+
+import numpy as np
+import pytest
+
+from purelm.backends.numpy_backend import NumpyBackend
+from purelm.errors import FormatError
+from purelm.formats.gguf import GGUFFile, GGUFWriter
+from purelm.models import build_model
+
+TINY = ["llama", "mistral_gqa", "qwen2"]
+TYPES = ["f32", "f16", "q8_0", "q4_0"]
+
+
+def backends():
+    return [NumpyBackend()]
+
+
+@pytest.mark.parametrize("backend", backends(), ids=lambda b: b.name)
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("arch", TINY)
+def test_tiny_model_matches_transformers(fixtures, arch, qtype, backend):
+    # f32: the reference is the original HF model; other types: transformers running the same GGUF.
+    ref = np.load(fixtures / f"{arch}-ref-{qtype}.npz")
+    model = build_model(GGUFFile(fixtures / f"{arch}-{qtype}.gguf"), backend)
+    cache = model.new_cache(64)
+    logits = model.forward(ref["ids"], cache, all_logits=True)
+    assert np.abs(logits - ref["logits"]).max() < 1e-4
+    step = logits[-1]
+    for i, expected in enumerate(ref["greedy"]):  # greedy decoding through the KV cache
+        assert np.abs(step - ref["greedy_logits"][i]).max() < 1e-4
+        assert int(step.argmax()) == int(expected)
+        step = model.forward(np.array([expected]), cache)
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_quantized_conversions_stay_near_f32(fixtures, arch):
+    # Relative RMS error of the logits against the f32 file. The tiny models have random weights
+    # scaled up 8x, which amplifies rounding, so q4_0's bound is loose; f16 and q8_0 are tight.
+    ids = np.load(fixtures / f"{arch}-ref-f32.npz")["ids"]
+    out = {}
+    for qtype in TYPES:
+        m = build_model(GGUFFile(fixtures / f"{arch}-{qtype}.gguf"), NumpyBackend())
+        out[qtype] = m.forward(ids, m.new_cache(64), all_logits=True)
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+    for qtype, tol in (("f16", 0.005), ("q8_0", 0.06), ("q4_0", 0.6)):
+        assert rms(out[qtype] - out["f32"]) < tol * rms(out["f32"]), qtype
+
+
+def test_smollm2_matches_transformers(smollm2_path, fixtures):
+    ref = np.load(fixtures / "smollm2-ref.npz")
+    model = build_model(GGUFFile(smollm2_path), NumpyBackend())
+    for i in range(3):
+        logits = model.forward(ref[f"ids{i}"], model.new_cache(128), all_logits=True)
+        assert np.abs(logits[-1] - ref[f"last{i}"]).max() < 2e-3
+        assert np.abs(logits[:, ref["cols"]] - ref[f"cols{i}"]).max() < 2e-3
+    cache = model.new_cache(64)
+    step = model.forward(ref["ids0"], cache)
+    greedy = []
+    for _ in range(len(ref["greedy0"])):
+        greedy.append(int(step.argmax()))
+        step = model.forward(np.array(greedy[-1:]), cache)
+    assert greedy == ref["greedy0"].tolist()
+
+
+def _copy_without(src, dst, drop=None, reshape=None, arch=None):
+    f = GGUFFile(src)
+    w = GGUFWriter(dst)
+    for k in f.metadata:
+        value = f.metadata[k]
+        if k == "general.architecture" and arch:
+            value = arch
+        w.add(k, value, f.metadata.types[k], f.metadata.array_types.get(k))
+    for t in f.tensors.values():
+        if t.name == drop:
+            continue
+        shape = reshape[1] if reshape and t.name == reshape[0] else t.shape
+        data = t.data if shape == t.shape else np.zeros(int(np.prod(shape)) * t.data.nbytes // t.n_elements, np.uint8)
+        w.add_tensor(t.name, data, t.type, shape)
+    w.write()
+    return dst
+
+
+def test_missing_tensor_is_named(fixtures, tmp_path):
+    path = _copy_without(fixtures / "llama-f32.gguf", tmp_path / "m.gguf", drop="blk.1.ffn_up.weight")
+    with pytest.raises(FormatError, match=r"blk\.1\.ffn_up\.weight.*missing.*\(128, 64\)"):
+        build_model(GGUFFile(path), NumpyBackend())
+
+
+def test_shape_mismatch_is_named(fixtures, tmp_path):
+    path = _copy_without(fixtures / "llama-f32.gguf", tmp_path / "m.gguf", reshape=("blk.0.attn_k.weight", (32, 64)))
+    with pytest.raises(FormatError, match=r"blk\.0\.attn_k\.weight.*\(32, 64\), expected \(64, 64\)"):
+        build_model(GGUFFile(path), NumpyBackend())
+
+
+def test_unknown_architecture(fixtures, tmp_path):
+    path = _copy_without(fixtures / "llama-f32.gguf", tmp_path / "m.gguf", arch="mamba9")
+    with pytest.raises(FormatError, match="'mamba9' is not supported"):
+        build_model(GGUFFile(path), NumpyBackend())
+
+
+def test_context_overflow_is_clear(fixtures):
+    from purelm.errors import ContextOverflowError
+
+    model = build_model(GGUFFile(fixtures / "llama-f32.gguf"), NumpyBackend())
+    cache = model.new_cache(8)
+    with pytest.raises(ContextOverflowError, match="do not fit in the context of 8"):
+        model.forward(np.arange(9), cache)
