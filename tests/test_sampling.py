@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from purelm.sampling import Sampler, SamplingParams
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+LOGITS = np.array([2.0, 1.0, 0.5, 3.0, -1.0, 0.0, 2.5, -3.0], np.float32)
+
+
+def test_greedy_is_argmax_whatever_the_rng():
+    for seed in range(5):
+        assert Sampler(SamplingParams(temperature=0, seed=seed))(LOGITS) == 3
+
+
+def test_top_k_one_is_greedy_at_any_temperature():
+    s = Sampler(SamplingParams(temperature=5.0, top_k=1, top_p=1, min_p=0, seed=0))
+    assert {s(LOGITS) for _ in range(50)} == {3}
+
+
+def test_top_k_keeps_the_k_largest():
+    ids, p = Sampler(SamplingParams(temperature=1, top_k=3, top_p=1, min_p=0)).probabilities(LOGITS)
+    assert ids.tolist() == [3, 6, 0]
+    np.testing.assert_allclose(p, softmax(LOGITS[[3, 6, 0]]), rtol=1e-6)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    full = softmax(LOGITS.astype(np.float64))
+    order = np.argsort(-full)
+    cum = np.cumsum(full[order])
+    for top_p in (0.3, 0.5, 0.8, 0.95):
+        n = int(np.argmax(cum >= top_p)) + 1
+        ids, _ = Sampler(SamplingParams(temperature=1, top_k=0, top_p=top_p, min_p=0)).probabilities(LOGITS)
+        assert ids.tolist() == order[:n].tolist(), top_p
+
+
+def test_min_p_is_relative_to_the_best_token():
+    full = softmax(LOGITS.astype(np.float64))
+    ids, _ = Sampler(SamplingParams(temperature=1, top_k=0, top_p=1, min_p=0.3)).probabilities(LOGITS)
+    assert set(ids.tolist()) == set(np.nonzero(full >= 0.3 * full.max())[0].tolist())
+
+
+def test_temperature_applies_after_filtering():
+    ids, p = Sampler(SamplingParams(temperature=0.5, top_k=4, top_p=1, min_p=0)).probabilities(LOGITS)
+    np.testing.assert_allclose(p, softmax(LOGITS[ids] / 0.5), rtol=1e-6)
+
+
+def test_repeat_penalty_divides_positive_and_multiplies_negative():
+    s = Sampler(SamplingParams(repeat_penalty=2.0))
+    out = s.apply_penalties(LOGITS, [0, 4, 4])
+    assert out[0] == pytest.approx(1.0) and out[4] == pytest.approx(-2.0) and out[3] == LOGITS[3]
+
+
+def test_repeat_penalty_window():
+    s = Sampler(SamplingParams(repeat_penalty=2.0, repeat_last_n=1))
+    out = s.apply_penalties(LOGITS, [0, 6])
+    assert out[0] == LOGITS[0] and out[6] == pytest.approx(1.25)
+
+
+def test_frequency_and_presence_penalties():
+    s = Sampler(SamplingParams(frequency_penalty=0.5, presence_penalty=0.25))
+    out = s.apply_penalties(LOGITS, [1, 1, 1, 2])
+    assert out[1] == pytest.approx(1.0 - 1.5 - 0.25)
+    assert out[2] == pytest.approx(0.5 - 0.5 - 0.25)
+    assert out[0] == LOGITS[0]
+
+
+def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
+    params = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    a = Sampler(SamplingParams(seed=7, **params))
+    b = Sampler(SamplingParams(seed=7, **params))
+    draws = [a(LOGITS) for _ in range(4000)]
+    assert draws == [b(LOGITS) for _ in range(4000)]
+    freq = np.bincount(draws, minlength=len(LOGITS)) / len(draws)
+    np.testing.assert_allclose(freq, softmax(LOGITS.astype(np.float64)), atol=0.03)
+
+
+@pytest.mark.parametrize("bad", [dict(min_p=2.0), dict(top_p=-0.1), dict(temperature=float("nan")),
+                                 dict(repeat_penalty=0.0)])
+def test_invalid_parameters_are_rejected(bad):
+    with pytest.raises(ValueError):
+        Sampler(SamplingParams(**bad))
