@@ -1,16 +1,18 @@
 """Hugging Face checkpoint (config.json + *.safetensors + tokenizer.json) to GGUF.
 
-Tensor names, the q/k permutation and the metadata keys follow llama.cpp's convert_hf_to_gguf.py, so the
-files it writes run in llama.cpp and llama.cpp's files run here. Tensors are read lazily from the
-memory-mapped checkpoint and quantized one at a time while writing, so memory stays near one tensor.
+Tensor names, tensor transforms (the LLaMA q/k permutation, ...) and metadata keys follow llama.cpp's
+convert_hf_to_gguf.py, so the files it writes run in llama.cpp and llama.cpp's files run here. Each
+architecture's model file declares its `ConvertSpec`; this module is the engine. Tensors are read
+lazily from the memory-mapped checkpoint and quantized one at a time while writing, so memory stays
+near one tensor.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,69 +32,39 @@ FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q
 # token types as llama.cpp stores them
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
+Loader = Callable[[], np.ndarray]
+
+
+@dataclass
+class ConvertSpec:
+    """How one Hugging Face architecture becomes GGUF.
+
+    `tensors`: (HF name pattern, GGUF name pattern) pairs; `{i}` is the layer number. Patterns absent
+    from the checkpoint are skipped (optional biases); `required` lists the GGUF names (for layer 0)
+    that must be present. `hparams(cfg)` gives the `{arch}.`-relative metadata. `transform(gguf_name,
+    array, cfg)` edits a tensor (permutations, norm offsets). `extra_tensors(ckpt, cfg)` yields
+    (gguf_name, shape, loader) for tensors that are not one-to-one (fused or split)."""
+
+    gguf_arch: str
+    tensors: list[tuple[str, str]]
+    hparams: Callable[[dict[str, Any]], dict[str, Any]]
+    required: list[str] = field(default_factory=list)
+    transform: Callable[[str, np.ndarray, dict[str, Any]], np.ndarray] | None = None
+    extra_tensors: Callable[[Checkpoint, dict[str, Any]], Iterator[tuple[str, tuple[int, ...], Loader]]] | None = None
+    n_layer_key: str = "num_hidden_layers"
+    # HF names that are consumed by extra_tensors or deliberately dropped
+    ignored: Callable[[str], bool] = lambda name: False
+
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF's rotate-half q/k rows to GGUF's adjacent-pair layout (llama.cpp's LlamaModel.permute)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-@dataclass
-class ArchSpec:
-    gguf_arch: str
-    # (HF name pattern, GGUF name); {i} is the layer number
-    tensors: list[tuple[str, str]]
-    permute_qk: bool = False
+def specs() -> dict[str, ConvertSpec]:
+    from .models import CONVERTERS
 
-
-_LLAMA_TENSORS = [
-    ("model.embed_tokens.weight", "token_embd.weight"),
-    ("model.norm.weight", "output_norm.weight"),
-    ("lm_head.weight", "output.weight"),
-    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
-    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
-    ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
-    ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
-    ("model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias"),
-    ("model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias"),
-    ("model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias"),
-    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
-    ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
-    ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
-    ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
-]
-
-ARCHS: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": ArchSpec("llama", _LLAMA_TENSORS, permute_qk=True),
-    "MistralForCausalLM": ArchSpec("llama", _LLAMA_TENSORS, permute_qk=True),
-    "Qwen2ForCausalLM": ArchSpec("qwen2", _LLAMA_TENSORS),
-}
-
-
-def _hparams(cfg: dict[str, Any], arch: str, spec: ArchSpec) -> dict[str, Any]:
-    n_head = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    a = spec.gguf_arch
-    kv = {
-        f"{a}.context_length": cfg.get("max_position_embeddings", 2048),
-        f"{a}.embedding_length": cfg["hidden_size"],
-        f"{a}.block_count": cfg["num_hidden_layers"],
-        f"{a}.feed_forward_length": cfg["intermediate_size"],
-        f"{a}.attention.head_count": n_head,
-        f"{a}.attention.head_count_kv": cfg.get("num_key_value_heads") or n_head,
-        f"{a}.rope.freq_base": float(cfg.get("rope_theta", 10000.0)),
-        f"{a}.attention.layer_norm_rms_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
-        f"{a}.rope.dimension_count": head_dim,
-    }
-    if head_dim != cfg["hidden_size"] // n_head:
-        kv[f"{a}.attention.key_length"] = kv[f"{a}.attention.value_length"] = head_dim
-    if arch == "MistralForCausalLM" and cfg.get("sliding_window"):
-        pass  # llama.cpp ignores Mistral's sliding window; so do we, to compute the same thing
-    scaling = cfg.get("rope_scaling") or {}
-    if scaling.get("type", scaling.get("rope_type")) == "linear":
-        kv[f"{a}.rope.scaling.type"] = "linear"
-        kv[f"{a}.rope.scaling.factor"] = float(scaling["factor"])
-    return kv
+    return CONVERTERS
 
 
 def _tokenizer_kv(directory: Path, cfg: dict[str, Any], vocab_size: int) -> dict[str, Any]:
@@ -147,7 +119,7 @@ def _tokenizer_kv(directory: Path, cfg: dict[str, Any], vocab_size: int) -> dict
     return kv
 
 
-def _out_type(name: str, shape: tuple[int, ...], target: GGMLType) -> GGMLType:
+def out_type(name: str, shape: tuple[int, ...], target: GGMLType) -> GGMLType:
     """llama.cpp's choice: 1-D tensors (norms, biases) stay F32; a row that does not split into the
     target's blocks falls back to F16."""
     if len(shape) < 2 or target == GGMLType.F32:
@@ -157,39 +129,63 @@ def _out_type(name: str, shape: tuple[int, ...], target: GGMLType) -> GGMLType:
     return target
 
 
-def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: str = "f16",
+def _progress_bar(total_desc: str) -> Callable[[int, int], None] | None:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=total_desc,
+                       file=sys.stderr, disable=None)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type_name: str = "f16",
             progress: Callable[[int, int], None] | None = None) -> Path:
     """Convert a Hugging Face model directory to GGUF; returns the output path."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
-    if out_type not in OUT_TYPES:
-        raise PurelmError(f"unknown output type {out_type!r} (choose from {', '.join(OUT_TYPES)})")
+    if out_type_name not in OUT_TYPES:
+        raise PurelmError(f"unknown output type {out_type_name!r} (choose from {', '.join(OUT_TYPES)})")
     cfg_path = hf_dir / "config.json"
     if not cfg_path.exists():
         raise PurelmError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     arch = (cfg.get("architectures") or ["?"])[0]
-    spec = ARCHS.get(arch)
+    spec = specs().get(arch)
     if spec is None:
         raise PurelmError(f"{cfg_path}: architecture {arch!r} is not supported "
-                          f"(supported: {', '.join(sorted(ARCHS))})")
+                          f"(supported: {', '.join(sorted(specs()))})")
     ckpt = Checkpoint(hf_dir)
-    n_layer = cfg["num_hidden_layers"]
-    n_head = cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads") or n_head
-    target = OUT_TYPES[out_type]
+    n_layer = cfg[spec.n_layer_key]
+    target = OUT_TYPES[out_type_name]
 
     w = GGUFWriter(out_path)
     w.add("general.architecture", spec.gguf_arch)
     w.add("general.name", cfg.get("_name_or_path") or hf_dir.name)
-    for key, value in _hparams(cfg, arch, spec).items():
-        w.add(key, value)
-    w.add("general.file_type", FILE_TYPES[out_type])
+    for key, value in spec.hparams(cfg).items():
+        w.add(f"{spec.gguf_arch}.{key}", value)
+    w.add("general.file_type", FILE_TYPES[out_type_name])
     w.add("general.quantization_version", 2)
-    vocab_size = cfg.get("vocab_size") or ckpt.shape("model.embed_tokens.weight")[0]
+    vocab_size = cfg.get("vocab_size") or 0
     for key, value in _tokenizer_kv(hf_dir, cfg, vocab_size).items():
         w.add(key, value, elem=ValueType.INT32 if key == "tokenizer.ggml.token_type" else None)
 
-    seen = set()
+    seen: set[str] = set()
+    written: set[str] = set()
+
+    def add(name: str, shape: tuple[int, ...], load: Loader) -> None:
+        qtype = out_type(name, shape, target)
+        w.add_tensor(name, lambda: quantize(load(), qtype), qtype, shape)
+        written.add(name)
+
     for hf_pat, gguf_pat in spec.tensors:
         for i in range(n_layer) if "{i}" in hf_pat else [None]:
             hf_name, name = hf_pat.format(i=i), gguf_pat.format(i=i)
@@ -198,24 +194,21 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: st
             seen.add(hf_name)
             if name == "output.weight" and cfg.get("tie_word_embeddings", False):
                 continue
-            shape = ckpt.shape(hf_name)
-            qtype = _out_type(name, shape, target)
 
-            def load(hf_name: str = hf_name, name: str = name, qtype: GGMLType = qtype) -> np.ndarray:
+            def load(hf_name: str = hf_name, name: str = name) -> np.ndarray:
                 x = ckpt.get(hf_name)
-                if spec.permute_qk and re.search(r"attn_q\.(weight|bias)$", name):
-                    x = permute_qk(x, n_head)
-                elif spec.permute_qk and re.search(r"attn_k\.(weight|bias)$", name):
-                    x = permute_qk(x, n_kv)
-                return quantize(x, qtype)
+                return spec.transform(name, x, cfg) if spec.transform else x
 
-            w.add_tensor(name, load, qtype, shape)
-    required = [p.format(i=0) for p, _ in spec.tensors if "proj.weight" in p or "layernorm" in p]
-    missing = [n for n in required if n not in ckpt]
-    if missing or "model.embed_tokens.weight" not in ckpt:
-        raise FormatError(hf_dir, f"tensor {(missing or ['model.embed_tokens.weight'])[0]!r}",
-                          "is missing from the checkpoint")
-    unused = [n for n in ckpt.names() if n not in seen and not n.endswith("rotary_emb.inv_freq")]
+            add(name, ckpt.shape(hf_name), load)
+    if spec.extra_tensors:
+        for name, shape, load in spec.extra_tensors(ckpt, cfg):
+            add(name, shape, load)
+
+    for name in spec.required:
+        if name not in written:
+            raise FormatError(hf_dir, f"tensor for {name!r}", "is missing from the checkpoint")
+    unused = [n for n in ckpt.names() if n not in seen and not spec.ignored(n)
+              and not n.endswith("rotary_emb.inv_freq")]
     if unused:
         raise PurelmError(f"{hf_dir}: tensors with no GGUF name for {arch}: {', '.join(unused[:5])}")
     w.write(progress)

@@ -11,6 +11,17 @@ Two vocabulary kinds are supported (`tokenizer.ggml.model`):
   llama  SentencePiece-style BPE ranked by scores, with `<0xNN>` byte fallback and "▁" for spaces
 
 The `tokenizers` object is built on first use, so opening a model stays fast.
+
+Where this follows llama.cpp rather than transformers' GGUF loader (ids can differ):
+  - pre "smollm", "starcoder", "refact", "command-r", ... split digits off first, as llama.cpp and
+    those models' own tokenizer.json do; transformers skips that step, which shows on a run of
+    spaces before a digit ("x  1").
+  - pre "llama3"/"llama-bpe"/"tekken"...: a word that is itself in the vocabulary is taken whole
+    (`ignore_merges`, as llama.cpp and Llama 3's tokenizer.json do).
+  - pre names transformers does not know (falcon, deepseek-*, bloom, ...) get llama.cpp's splits;
+    transformers gives them the GPT-2 split, which is also what "default" and unknown names get here.
+  - `tokenizer.ggml.add_space_prefix = false` on a "llama" vocabulary turns off the "▁" prefix.
+  - without a `tokenizer.ggml.add_bos_token` key, a llama3-style "gpt2" vocabulary adds BOS.
 """
 
 from __future__ import annotations
@@ -280,7 +291,9 @@ class Tokenizer:
         self.add_space_prefix = add_space_prefix
         self.chat_template = chat_template
         self._backend: _HFTokenizer | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the encode_special_tokens switch
+        self._build_lock = threading.Lock()
+        self._pieces: dict[int, bytes] = {}  # token_to_piece cache: streaming asks for each token
         self._find_special_tokens(extra_ids or {})
 
     # --- construction -------------------------------------------------------------------------
@@ -355,22 +368,24 @@ class Tokenizer:
 
     def _find_special_tokens(self, extra_ids: dict[str, int | None]) -> None:
         """Special ids (for skipping) and end-of-generation ids, in one pass over the vocabulary."""
-        found: dict[str, int] = {}  # first id with each text of interest
-        looked_for = _EOG_TEXTS.union(_EOT_TEXTS, _FIM_PAD_TEXTS, _FIM_REP_TEXTS, _FIM_SEP_TEXTS)
+        found: dict[str, int] = {}  # id of each text of interest (the last one, as llama.cpp's map keeps)
         defaults = self._default_specials()
-        looked_for |= set(defaults)
+        looked_for = _EOG_TEXTS.union(_EOT_TEXTS, _FIM_PAD_TEXTS, _FIM_REP_TEXTS, _FIM_SEP_TEXTS, defaults)
         for index, text in enumerate(self.tokens):
-            if text in looked_for and text not in found:
+            if text in looked_for:
                 found[text] = index
 
-        def first_of(texts: list[str]) -> int | None:
+        def id_for(key: str, texts: list[str]) -> int | None:
+            # The file's id when it gives one, else the first of llama.cpp's usual spellings.
+            if extra_ids.get(key) is not None:
+                return extra_ids[key]
             return next((found[t] for t in texts if t in found), None)
 
-        self.eot_id = extra_ids.get("eot") if extra_ids.get("eot") is not None else first_of(_EOT_TEXTS)
-        eom_id = extra_ids.get("eom") if extra_ids.get("eom") is not None else first_of(["<|eom_id|>"])
+        self.eot_id = id_for("eot", _EOT_TEXTS)
+        eom_id = id_for("eom", ["<|eom_id|>"])
         eog = {index for text, index in found.items() if text in _EOG_TEXTS}
         for key, texts in (("fim_pad", _FIM_PAD_TEXTS), ("fim_rep", _FIM_REP_TEXTS), ("fim_sep", _FIM_SEP_TEXTS)):
-            index = extra_ids.get(key) if extra_ids.get(key) is not None else first_of(texts)
+            index = id_for(key, texts)
             if index is not None:
                 eog.add(index)
         eog.update(i for i in (self.eos_id, self.eot_id, eom_id) if i is not None)
@@ -407,7 +422,7 @@ class Tokenizer:
     def backend(self) -> _HFTokenizer:
         """The `tokenizers.Tokenizer` doing the work, built on first use."""
         if self._backend is None:
-            with self._lock:
+            with self._build_lock:
                 if self._backend is None:
                     self._backend = self._build_backend()
         return self._backend
@@ -517,15 +532,13 @@ class Tokenizer:
         if not isinstance(text, str):
             raise PurelmError(f"encode: expected str, got {type(text).__name__}")
         backend = self.backend
-        if parse_special:
-            ids = backend.encode(text, add_special_tokens=False).ids
-        else:
-            with self._lock:  # the switch lives on the shared backend
-                backend.encode_special_tokens = True
-                try:
-                    ids = backend.encode(text, add_special_tokens=False).ids
-                finally:
-                    backend.encode_special_tokens = False
+        # The switch lives on the shared backend, so every encode holds the lock while it is set.
+        with self._lock:
+            backend.encode_special_tokens = not parse_special
+            try:
+                ids = backend.encode(text, add_special_tokens=False).ids
+            finally:
+                backend.encode_special_tokens = False
         if add_special:
             if self.add_bos:
                 ids.insert(0, self.bos_id)
@@ -547,6 +560,12 @@ class Tokenizer:
     def token_to_piece(self, token_id: int) -> bytes:
         """The raw bytes one token stands for (special tokens give their text)."""
         (index,) = self._check_ids([token_id])
+        piece = self._pieces.get(index)
+        if piece is None:
+            piece = self._pieces[index] = self._piece_of(index)
+        return piece
+
+    def _piece_of(self, index: int) -> bytes:
         text, kind = self.tokens[index], self.token_types[index]
         if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN):
             return text.encode("utf-8")

@@ -1,17 +1,22 @@
-"""Architectures by GGUF `general.architecture` name."""
+"""Architectures by GGUF `general.architecture` name. Each model module declares `ARCHITECTURES`
+(GGUF name -> model class) and `CONVERTERS` (Hugging Face class name -> ConvertSpec)."""
 from __future__ import annotations
+
+import importlib
 
 from ..backends.base import Backend
 from ..errors import FormatError
 from ..formats.gguf import GGUFFile
 from .common import Model
-from .llama import Llama, Qwen2
 
-ARCHITECTURES: dict[str, type[Model]] = {
-    "llama": Llama,
-    "mistral": Llama,
-    "qwen2": Qwen2,
-}
+MODULES = ["llama"]
+
+ARCHITECTURES: dict[str, type[Model]] = {}
+CONVERTERS: dict = {}
+for _name in MODULES:
+    _mod = importlib.import_module(f".{_name}", __name__)
+    ARCHITECTURES.update(_mod.ARCHITECTURES)
+    CONVERTERS.update(getattr(_mod, "CONVERTERS", {}))
 
 
 def build_model(gguf: GGUFFile, backend: Backend) -> Model:

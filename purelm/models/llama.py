@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import AttentionSpec, Backend, KVCache, Rope
+from ..convert import ConvertSpec, permute_qk
 from ..formats.gguf import GGUFFile
 from .common import Model, Params, Weights
 
@@ -96,3 +97,67 @@ class Qwen2(Llama):
     """Qwen2/2.5: LLaMA with q/k/v biases and NeoX-style rotation (GGUF keeps HF's q/k order)."""
 
     rope_neox = True
+
+
+# ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
+
+TENSORS = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    ("model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+]
+REQUIRED = ["token_embd.weight", "output_norm.weight"] + [
+    f"blk.0.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                                  "ffn_gate", "ffn_up", "ffn_down")]
+
+
+def hparams(cfg: dict[str, Any]) -> dict[str, Any]:
+    n_head = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    kv = {
+        "context_length": cfg.get("max_position_embeddings", 2048),
+        "embedding_length": cfg["hidden_size"],
+        "block_count": cfg["num_hidden_layers"],
+        "feed_forward_length": cfg["intermediate_size"],
+        "attention.head_count": n_head,
+        "attention.head_count_kv": cfg.get("num_key_value_heads") or n_head,
+        "rope.freq_base": float(cfg.get("rope_theta", 10000.0)),
+        "attention.layer_norm_rms_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
+        "rope.dimension_count": head_dim,
+    }
+    if head_dim != cfg["hidden_size"] // n_head:
+        kv["attention.key_length"] = kv["attention.value_length"] = head_dim
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("type", scaling.get("rope_type")) == "linear":
+        kv["rope.scaling.type"] = "linear"
+        kv["rope.scaling.factor"] = float(scaling["factor"])
+    return kv
+
+
+def llama_transform(name: str, x: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
+    if name.endswith(("attn_q.weight", "attn_q.bias")):
+        return permute_qk(x, cfg["num_attention_heads"])
+    if name.endswith(("attn_k.weight", "attn_k.bias")):
+        return permute_qk(x, cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    return x
+
+
+ARCHITECTURES = {"llama": Llama, "mistral": Llama, "qwen2": Qwen2}
+# llama.cpp converts Mistral checkpoints to the llama architecture (ignoring the sliding window).
+CONVERTERS = {
+    "LlamaForCausalLM": ConvertSpec("llama", TENSORS, hparams, REQUIRED, llama_transform),
+    "MistralForCausalLM": ConvertSpec("llama", TENSORS, hparams, REQUIRED, llama_transform),
+    "Qwen2ForCausalLM": ConvertSpec("qwen2", TENSORS, hparams, REQUIRED),
+}
