@@ -32,14 +32,19 @@ PROMPT = "The quick brown fox jumps over the lazy dog. 12345 \t code()\n"
 N_GREEDY = 8
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 
-TINY = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-              dict(num_key_value_heads=4, tie_word_embeddings=False)),
-    "mistral_gqa": (transformers.MistralConfig, transformers.MistralForCausalLM,
-                    dict(num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None)),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
-              dict(num_key_value_heads=2, tie_word_embeddings=True)),
-}
+
+
+def tiny_models() -> dict:
+    """Every tools/tiny/*.py module's TINY: name -> factory(vocab) returning a transformers model."""
+    import importlib.util
+
+    found = {}
+    for path in sorted((ROOT / "tools" / "tiny").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"tiny_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        found.update(mod.TINY)
+    return found
 
 
 def tiny_tokenizer() -> Tokenizer:
@@ -64,13 +69,9 @@ def save_reference(path: Path, model: torch.nn.Module, ids: list[int]) -> None:
                         greedy_logits=steps)
 
 
-def make_tiny(name: str) -> None:
-    cfg_cls, model_cls, extra = TINY[name]
+def make_tiny(name: str, factory) -> None:
     torch.manual_seed(0)
-    cfg = cfg_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-                  bos_token_id=0, eos_token_id=0, **extra)
-    model = model_cls(cfg).eval()
+    model = factory(VOCAB).eval()
     with torch.no_grad():  # random init is tiny; widen it so logits are far from zero and ties
         for p in model.parameters():
             if p.dim() > 1:
@@ -129,8 +130,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="tiny architectures to make (default: all)")
     a = ap.parse_args()
     FIX.mkdir(parents=True, exist_ok=True)
-    for name in a.only or TINY:
-        make_tiny(name)
+    tiny = tiny_models()
+    for name in a.only or tiny:
+        make_tiny(name, tiny[name])
     if a.smollm2:
         make_smollm2(a.smollm2)
 

@@ -153,5 +153,12 @@ class Backend(ABC):
     def swiglu(self, gate: Any, up: Any) -> Any:
         return self.silu(gate) * up
 
+    def geglu(self, gate: Any, up: Any) -> Any:
+        return self.gelu(gate) * up
+
+    def softcap(self, x: Any, cap: float) -> Any:
+        """cap * tanh(x / cap) (gemma2's final logits)."""
+        return np.tanh(x / np.float32(cap)) * np.float32(cap)
+
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x, np.float32)

@@ -1,21 +1,23 @@
-"""Architectures by GGUF `general.architecture` name. Each model module declares `ARCHITECTURES`
-(GGUF name -> model class) and `CONVERTERS` (Hugging Face class name -> ConvertSpec)."""
+"""Architectures by GGUF `general.architecture` name. Every module in this package that declares
+`ARCHITECTURES` (GGUF name -> model class) and optionally `CONVERTERS` (Hugging Face class name ->
+ConvertSpec) is registered; adding an architecture means adding one file."""
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from ..backends.base import Backend
 from ..errors import FormatError
 from ..formats.gguf import GGUFFile
 from .common import Model
 
-MODULES = ["llama"]
-
 ARCHITECTURES: dict[str, type[Model]] = {}
 CONVERTERS: dict = {}
-for _name in MODULES:
-    _mod = importlib.import_module(f".{_name}", __name__)
-    ARCHITECTURES.update(_mod.ARCHITECTURES)
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name in ("common", "blocks"):
+        continue
+    _mod = importlib.import_module(f".{_info.name}", __name__)
+    ARCHITECTURES.update(getattr(_mod, "ARCHITECTURES", {}))
     CONVERTERS.update(getattr(_mod, "CONVERTERS", {}))
 
 
