@@ -139,6 +139,13 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .convert import convert
+
+    print(convert(a.hf_dir, a.out, a.type))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="purelm", description="Run GGUF language models with wheels only.")
     parser.add_argument("--version", action="version", version=f"purelm {__import__('purelm').__version__}")
@@ -177,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--all-tensors", action="store_true", help="list every tensor")
     i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint to GGUF",
+                       description="Convert a Hugging Face model directory (config.json, *.safetensors, "
+                                   "tokenizer.json) to GGUF, with the names and layout llama.cpp uses.")
+    c.add_argument("hf_dir")
+    c.add_argument("out", help="the .gguf file to write")
+    c.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
+                   help="tensor type for the weight matrices (default f16; norms and biases stay f32)")
+    c.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("tokenize", help="show how text splits into tokens", description="Tokenize text.")
     _model_args(t, positional=True)

@@ -179,12 +179,12 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type_nam
         w.add(key, value, elem=ValueType.INT32 if key == "tokenizer.ggml.token_type" else None)
 
     seen: set[str] = set()
-    written: set[str] = set()
+    written: dict[str, str] = {}  # GGUF name -> HF name (for error messages)
 
-    def add(name: str, shape: tuple[int, ...], load: Loader) -> None:
+    def add(name: str, shape: tuple[int, ...], load: Loader, source: str) -> None:
         qtype = out_type(name, shape, target)
         w.add_tensor(name, lambda: quantize(load(), qtype), qtype, shape)
-        written.add(name)
+        written[name] = source
 
     for hf_pat, gguf_pat in spec.tensors:
         for i in range(n_layer) if "{i}" in hf_pat else [None]:
@@ -197,12 +197,16 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type_nam
 
             def load(hf_name: str = hf_name, name: str = name) -> np.ndarray:
                 x = ckpt.get(hf_name)
-                return spec.transform(name, x, cfg) if spec.transform else x
+                try:
+                    return spec.transform(name, x, cfg) if spec.transform else x
+                except ValueError as e:  # a reshape that the config's sizes do not allow
+                    raise FormatError(hf_dir, f"tensor {hf_name!r}", f"shape {x.shape} does not fit the "
+                                      f"config ({e})") from None
 
-            add(name, ckpt.shape(hf_name), load)
+            add(name, ckpt.shape(hf_name), load, hf_name)
     if spec.extra_tensors:
         for name, shape, load in spec.extra_tensors(ckpt, cfg):
-            add(name, shape, load)
+            add(name, shape, load, name)
 
     for name in spec.required:
         if name not in written:
@@ -211,5 +215,23 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type_nam
               and not n.endswith("rotary_emb.inv_freq")]
     if unused:
         raise PurelmError(f"{hf_dir}: tensors with no GGUF name for {arch}: {', '.join(unused[:5])}")
-    w.write(progress)
+    w.write(progress if progress is not None else _progress_bar(f"writing {out_path.name}"))
+    _check_model(hf_dir, out_path, written)
     return out_path
+
+
+def _check_model(hf_dir: Path, out_path: Path, written: dict[str, str]) -> None:
+    """Open the written file as a model: the model checks every tensor's presence and shape. On failure
+    the output is removed and the error names the checkpoint's tensor."""
+    from .backends.numpy_backend import NumpyBackend
+    from .formats.gguf import GGUFFile
+    from .models import build_model
+
+    try:
+        build_model(GGUFFile(out_path), NumpyBackend())
+    except FormatError as e:
+        out_path.unlink(missing_ok=True)
+        name = e.field.removeprefix("tensor ").strip("'")
+        source = written.get(name)
+        where = f" (from {source!r})" if source and source != name else ""
+        raise FormatError(hf_dir, f"tensor {name!r}{where}", e.problem) from None

@@ -464,6 +464,16 @@ class GGUFWriter:
             offset += t.nbytes + pad(t.nbytes)
         total = offset
         tmp = self.path + ".part"
+        try:
+            self._write_to(tmp, head, total, progress)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        os.replace(tmp, self.path)
+
+    def _write_to(self, tmp: str, head: bytearray, total: int, progress: Callable[[int, int], None] | None) -> None:
+        pad = lambda n: -n % self.alignment  # noqa: E731
         with open(tmp, "wb") as f:
             f.write(head)
             f.write(b"\0" * pad(len(head)))
@@ -479,4 +489,3 @@ class GGUFWriter:
                 done += t.nbytes + pad(t.nbytes)
                 if progress:
                     progress(done, total)
-        os.replace(tmp, self.path)

@@ -1,0 +1,108 @@
+"""`purelm convert`: block data, names and errors. (Logits of converted files: tests/test_models.py.)"""
+import json
+import shutil
+import struct
+
+import gguf
+import numpy as np
+import pytest
+
+from purelm.cli import main
+from purelm.convert import convert, permute_qk
+from purelm.errors import FormatError, PurelmError
+from purelm.formats.gguf import GGUFFile
+from purelm.formats.safetensors import Checkpoint
+
+
+def write_safetensors(path, tensors):
+    header, blobs, offset = {}, [], 0
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr, np.float32)
+        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        blobs.append(arr.tobytes())
+        offset += arr.nbytes
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+def edited_checkpoint(fixtures, tmp_path, edit):
+    src = fixtures / "hf" / "llama"
+    dst = tmp_path / "hf"
+    shutil.copytree(src, dst)
+    ckpt = Checkpoint(src)
+    tensors = {n: ckpt.get(n) for n in ckpt.names()}
+    edit(tensors)
+    (dst / "model.safetensors").unlink()
+    write_safetensors(dst / "model.safetensors", tensors)
+    return dst
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "f16", "bf16"])
+def test_blocks_equal_gguf_quants(fixtures, tmp_path, qtype):
+    out = convert(fixtures / "hf" / "llama", tmp_path / "m.gguf", qtype)
+    cfg = json.loads((fixtures / "hf" / "llama" / "config.json").read_text())
+    ckpt = Checkpoint(fixtures / "hf" / "llama")
+    f = GGUFFile(out)
+    gtype = gguf.GGMLQuantizationType[qtype.upper()]
+    for hf_name, name, transform in [
+        ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight", None),
+        ("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight", cfg["num_attention_heads"]),
+        ("model.layers.0.self_attn.k_proj.weight", "blk.0.attn_k.weight", cfg["num_key_value_heads"]),
+        ("model.embed_tokens.weight", "token_embd.weight", None),
+    ]:
+        x = ckpt.get(hf_name)
+        if transform:
+            x = permute_qk(x, transform)
+        expected = gguf.quants.quantize(x, gtype)
+        np.testing.assert_array_equal(f.tensors[name].data.reshape(-1), expected.reshape(-1).view(np.uint8))
+    assert f.tensors["blk.0.attn_norm.weight"].type.name == "F32"  # norms stay f32, as llama.cpp keeps them
+
+
+def test_names_and_keys_are_llama_cpps(fixtures, tmp_path):
+    out = convert(fixtures / "hf" / "qwen2", tmp_path / "m.gguf", "f16")
+    r = gguf.GGUFReader(out)
+    arch = gguf.MODEL_ARCH.QWEN2
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}
+    for t in r.tensors:
+        base = t.name.rsplit(".", 1)[0]
+        pattern = base.replace(base.split(".")[1], "{bid}", 1) if base.startswith("blk.") else base
+        assert pattern in allowed, t.name
+    keys = set(r.fields)
+    for key in (gguf.Keys.LLM.CONTEXT_LENGTH, gguf.Keys.LLM.EMBEDDING_LENGTH, gguf.Keys.LLM.BLOCK_COUNT,
+                gguf.Keys.LLM.FEED_FORWARD_LENGTH, gguf.Keys.Attention.HEAD_COUNT, gguf.Keys.Attention.HEAD_COUNT_KV,
+                gguf.Keys.Attention.LAYERNORM_RMS_EPS, gguf.Keys.Rope.FREQ_BASE):
+        assert key.format(arch="qwen2") in keys, key
+    assert r.fields["qwen2.block_count"].types[0] == gguf.GGUFValueType.UINT32
+
+
+def test_missing_tensor_is_named(fixtures, tmp_path):
+    hf = edited_checkpoint(fixtures, tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(FormatError, match=r"blk\.1\.ffn_up\.weight.*missing.*expected shape \(128, 64\)"):
+        convert(hf, tmp_path / "m.gguf", "f32")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_shape_mismatch_is_named(fixtures, tmp_path):
+    def shrink(t):
+        t["model.layers.0.mlp.gate_proj.weight"] = t["model.layers.0.mlp.gate_proj.weight"][:96]
+
+    hf = edited_checkpoint(fixtures, tmp_path, shrink)
+    with pytest.raises(FormatError, match=r"blk\.0\.ffn_gate\.weight.*gate_proj.*\(96, 64\), expected \(128, 64\)"):
+        convert(hf, tmp_path / "m.gguf", "q8_0")
+
+
+def test_unsupported_architecture(fixtures, tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(fixtures / "hf" / "llama", hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    (hf / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PurelmError, match="'MambaForCausalLM' is not supported"):
+        convert(hf, tmp_path / "m.gguf")
+
+
+def test_cli_convert(fixtures, tmp_path, capsys):
+    assert main(["convert", str(fixtures / "hf" / "llama"), str(tmp_path / "o.gguf"), "--type", "q4_0"]) == 0
+    assert GGUFFile(tmp_path / "o.gguf").tensors["blk.0.ffn_up.weight"].type.name == "Q4_0"
+    assert main(["convert", str(tmp_path), str(tmp_path / "x.gguf")]) == 1
+    assert "config.json" in capsys.readouterr().err
