@@ -34,6 +34,11 @@ TYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
 
+# name -> untransform(gguf_name, array): tiny models whose quantized references are made by
+# reference_from_gguf_weights (a tools/tiny module's optional FROM_GGUF_WEIGHTS), filled by tiny_models
+FROM_GGUF_WEIGHTS: dict = {}
+
+
 def tiny_models() -> dict:
     """Every tools/tiny/*.py module's TINY: name -> factory(vocab) returning a transformers model."""
     import importlib.util
@@ -44,7 +49,46 @@ def tiny_models() -> dict:
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         found.update(mod.TINY)
+        FROM_GGUF_WEIGHTS.update(getattr(mod, "FROM_GGUF_WEIGHTS", {}))
     return found
+
+
+def reference_from_gguf_weights(hf: Path, gguf_path: Path, untransform) -> torch.nn.Module:
+    """The HF model with every weight replaced by the dequantized GGUF tensor (read and dequantized by
+    the `gguf` package), `untransform(gguf_name, array)` undoing the converter's edits: for
+    architectures whose GGUF transformers cannot load with the full config."""
+    import json
+
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from purelm.convert import specs
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    cfg = json.loads((hf / "config.json").read_text())
+    spec = specs()[cfg["architectures"][0]]
+    tensors = {t.name: t for t in GGUFReader(gguf_path).tensors}
+    params = dict(model.named_parameters())
+    done = set()
+    for hf_pat, gguf_pat in spec.tensors:
+        for i in range(cfg[spec.n_layer_key]) if "{i}" in hf_pat else [None]:
+            hf_name, name = hf_pat.format(i=i), gguf_pat.format(i=i)
+            if name in tensors and hf_name in params:
+                t, p = tensors[name], params[hf_name]
+                x = untransform(name, dequantize(t.data, t.tensor_type).astype(np.float32).reshape(p.shape))
+                with torch.no_grad():
+                    p.copy_(torch.from_numpy(np.ascontiguousarray(x)))
+                done.add(hf_name)
+    extra = getattr(untransform, "extra", None)  # {gguf name: array} -> {hf name: array}, for split tensors
+    if extra:
+        arrays = {n: dequantize(t.data, t.tensor_type).astype(np.float32) for n, t in tensors.items()}
+        for hf_name, x in extra(arrays).items():
+            with torch.no_grad():
+                params[hf_name].copy_(torch.from_numpy(np.ascontiguousarray(x)).reshape(params[hf_name].shape))
+            done.add(hf_name)
+    if set(params) - done:
+        raise RuntimeError(f"{gguf_path.name}: no GGUF tensor for {sorted(set(params) - done)}")
+    return model
 
 
 def tiny_tokenizer() -> Tokenizer:
@@ -90,7 +134,10 @@ def make_tiny(name: str, factory) -> None:
     for t in TYPES:
         gguf = FIX / f"{name}-{t}.gguf"
         convert(hf, gguf, t)
-        if t != "f32":
+        if t != "f32" and name in FROM_GGUF_WEIGHTS:
+            loaded = reference_from_gguf_weights(hf, gguf, FROM_GGUF_WEIGHTS[name])
+            save_reference(FIX / f"{name}-ref-{t}.npz", loaded, ids)
+        elif t != "f32":
             loaded = transformers.AutoModelForCausalLM.from_pretrained(
                 FIX, gguf_file=gguf.name, dtype=torch.float32).eval()
             save_reference(FIX / f"{name}-ref-{t}.npz", loaded, ids)

@@ -28,6 +28,7 @@ class Rope:
     neox: bool = False
     freq_scale: float = 1.0  # linear scaling: positions are multiplied by this
     freq_factors: tuple[float, ...] | None = None  # per-pair divisors (llama3-style rope_freqs)
+    attn_factor: float = 1.0  # cos and sin are multiplied by this (ggml_rope_ext's attn_factor; longrope)
 
     def inv_freq(self) -> np.ndarray:
         inv = self.base ** (-np.arange(0, self.n_dims, 2, dtype=np.float64) / self.n_dims)
@@ -38,7 +39,8 @@ class Rope:
     def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin of shape (T, n_dims/2), float32."""
         theta = (np.asarray(positions, np.float64) * self.freq_scale)[:, None] * self.inv_freq()[None, :]
-        return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+        return ((np.cos(theta) * self.attn_factor).astype(np.float32),
+                (np.sin(theta) * self.attn_factor).astype(np.float32))
 
 
 @dataclass
@@ -159,6 +161,10 @@ class Backend(ABC):
     def softcap(self, x: Any, cap: float) -> Any:
         """cap * tanh(x / cap) (gemma2's final logits)."""
         return np.tanh(x / np.float32(cap)) * np.float32(cap)
+
+    def clamp(self, x: Any, lo: float, hi: float) -> Any:
+        """min(max(x, lo), hi) elementwise (MPT's clip_qkv, ggml_clamp)."""
+        return np.clip(x, np.float32(lo), np.float32(hi))
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x, np.float32)

@@ -1,0 +1,279 @@
+"""Gemma, Gemma 2 and Gemma 3 (text): pre-norm decoders with RMSNorm, NeoX-style rotary embeddings,
+grouped-query attention, a GeGLU feed-forward (tanh GELU) and tied embeddings.
+
+    x0  = sqrt(d) · embed(ids)
+    h   = x + P_a(Wo · Attention(rope(N_q(Wq·n)) · s, rope(N_k(Wk·n)), Wv·n)),   n = RMSNorm(x)
+    out = h + P_f(Wdown · (gelu(Wgate·m) * Wup·m)),                            m = RMSNorm(h)
+    logits = cap_f · tanh(Wembd · RMSNorm(x_L) / cap_f)
+
+Every RMSNorm multiplies by (1 + w); the GGUF file already holds 1 + w (llama.cpp's converter adds
+the 1). s is the query scale: 1/sqrt(head_dim), except Gemma 2/3 27B which use 1/sqrt(d / n_head).
+
+- Gemma:   P_a = P_f = N_q = N_k = identity, no soft-capping, global attention everywhere.
+- Gemma 2: P_a, P_f are RMSNorms (post_attention_norm, post_ffw_norm); attention scores are
+  soft-capped (cap · tanh(score / cap)) and so are the final logits; even layers attend only to the
+  last `sliding_window` positions, odd layers to everything.
+- Gemma 3: as Gemma 2 without soft-capping, plus RMSNorm over each q and k head (N_q, N_k). Layers
+  i with i % 6 < 5 are local (sliding window, rope base 10000, no rope scaling); every 6th layer is
+  global (rope.freq_base, e.g. 1e6, with optional linear scaling).
+
+llama.cpp hard-codes the local/global pattern (period 2 for Gemma 2, 6 for Gemma 3), the local rope
+base (10000) and the query scale. purelm reads the optional keys `attention.sliding_window_pattern`
+(a period or one bool per layer, true = local), `rope.freq_base_swa` and `attention.scale` first, and
+its converter writes them only for checkpoints that differ from llama.cpp's fixed choices.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import AttentionSpec, Backend, KVCache, Rope
+from ..convert import ConvertSpec
+from ..errors import FormatError
+from ..formats.gguf import GGUFFile
+from .common import Model, Params, Weights
+
+
+def local_layers(n_layer: int, pattern: Any) -> list[bool]:
+    """Which layers use the sliding window: a bool per layer, or a period n (llama.cpp's
+    set_swa_pattern: layer i is local when i % n < n - 1; n = 0 makes every layer local)."""
+    if np.ndim(pattern) > 0:
+        if len(pattern) != n_layer:
+            raise ValueError(f"sliding_window_pattern has {len(pattern)} entries for {n_layer} layers")
+        return [bool(b) for b in pattern]
+    n = int(pattern)
+    return [n == 0 or i % n < n - 1 for i in range(n_layer)]
+
+
+class Gemma(Model):
+    post_norms = False  # Gemma 2/3: RMSNorm on the attention and feed-forward outputs
+    qk_norm = False  # Gemma 3: RMSNorm over each q and k head
+    swa_period = 0  # llama.cpp's fixed local/global pattern (0: no sliding window at all)
+    local_rope_base: float | None = None  # Gemma 3: local layers' rope base (None: same rope as global)
+    n_layer_27b: int | None = None  # the 27B model scales queries by 1/sqrt(d / n_head)
+
+    def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
+        super().__init__(gguf, backend)
+        p, w = Params(gguf), Weights(gguf, backend)
+        self.n_layer = n_layer = p.need("block_count")
+        self.dim = dim = p.need("embedding_length")
+        self.n_head = p.need("attention.head_count")
+        self.n_kv_head = p.get("attention.head_count_kv", self.n_head)
+        self.head_dim = hd = p.get("attention.key_length", dim // self.n_head)
+        self.eps = p.get("attention.layer_norm_rms_epsilon", 1e-6)
+        self.n_ctx_train = p.get("context_length", 8192)
+        ffn = p.need("feed_forward_length")
+        self.n_vocab = n_vocab = gguf.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in gguf.tensors \
+            else p.need("vocab_size")
+        self.embed_scale = float(np.float32(np.sqrt(dim)))  # sqrt(d) rounded to float32, as transformers
+        self.final_softcap = p.get("final_logit_softcapping") or None
+
+        scaling = p.get("rope.scaling.type", "none")
+        factor = p.get("rope.scaling.factor", 1.0) or 1.0
+        n_rot = p.get("rope.dimension_count", hd)
+        global_rope = Rope(n_dims=n_rot, base=p.get("rope.freq_base", 10000.0), neox=True,
+                           freq_scale=1.0 / factor if scaling == "linear" else 1.0)
+        local_rope = global_rope if self.local_rope_base is None else \
+            Rope(n_dims=n_rot, base=p.get("rope.freq_base_swa", self.local_rope_base), neox=True)
+        scale = p.get("attention.scale")
+        if scale is None:
+            scale = 1.0 / np.sqrt(dim // self.n_head if n_layer == self.n_layer_27b else hd)
+        softcap = p.get("attn_logit_softcapping") or None
+        window = (p.get("attention.sliding_window") or None) if self.swa_period else None
+        try:
+            self.local = local_layers(n_layer, p.get("attention.sliding_window_pattern", self.swa_period)) \
+                if window else [False] * n_layer
+        except ValueError as e:
+            raise FormatError(gguf.path, f"{p.arch}.attention.sliding_window_pattern", str(e)) from None
+
+        self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
+        self.out_norm = w.vector("output_norm.weight", dim)
+        self.output = w.matrix("output.weight", (n_vocab, dim), optional=True)
+        if self.output is None:
+            self.output = self.tok_embd
+        q_dim, kv_dim = self.n_head * hd, self.n_kv_head * hd
+        post, qk = not self.post_norms, not self.qk_norm  # optional unless the architecture has them
+        self.layers = []
+        for i in range(n_layer):
+            b, local = f"blk.{i}.", self.local[i]
+            self.layers.append(dict(
+                rope=local_rope if local else global_rope,
+                attn=AttentionSpec(scale=float(scale), softcap=softcap, window=window if local else None),
+                attn_norm=w.vector(b + "attn_norm.weight", dim),
+                wqkv=w.matrices([(b + "attn_q.weight", (q_dim, dim)), (b + "attn_k.weight", (kv_dim, dim)),
+                                 (b + "attn_v.weight", (kv_dim, dim))]),
+                q_norm=w.vector(b + "attn_q_norm.weight", hd, optional=qk),
+                k_norm=w.vector(b + "attn_k_norm.weight", hd, optional=qk),
+                wo=w.matrix(b + "attn_output.weight", (dim, q_dim)),
+                post_attn_norm=w.vector(b + "post_attention_norm.weight", dim, optional=post),
+                ffn_norm=w.vector(b + "ffn_norm.weight", dim),
+                w_gate_up=w.matrices([(b + "ffn_gate.weight", (ffn, dim)), (b + "ffn_up.weight", (ffn, dim))]),
+                w_down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
+                post_ffw_norm=w.vector(b + "post_ffw_norm.weight", dim, optional=post),
+            ))
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
+
+    def _head_norm(self, x: Any, w: Any) -> Any:
+        """RMSNorm over each head of x (tokens, heads, head_dim)."""
+        T, H, D = x.shape
+        return self.ops.rms_norm(x.reshape(T * H, D), w, self.eps).reshape(T, H, D)
+
+    def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
+        ops, T, hd, eps = self.ops, len(ids), self.head_dim, self.eps
+        x = ops.embed(self.tok_embd, ids) * self.embed_scale
+        for i, L in enumerate(self.layers):
+            n = ops.rms_norm(x, L["attn_norm"], eps)
+            q, k, v = ops.linear_many(n, L["wqkv"])
+            q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
+                       v.reshape(T, self.n_kv_head, hd))
+            if L["q_norm"] is not None:
+                q, k = self._head_norm(q, L["q_norm"]), self._head_norm(k, L["k_norm"])
+            q, k = ops.rope(q, positions, L["rope"]), ops.rope(k, positions, L["rope"])
+            a = ops.linear(ops.attention(q, k, v, cache, i, L["attn"]), L["wo"])
+            if L["post_attn_norm"] is not None:
+                a = ops.rms_norm(a, L["post_attn_norm"], eps)
+            x = x + a
+
+            m = ops.rms_norm(x, L["ffn_norm"], eps)
+            gate, up = ops.linear_many(m, L["w_gate_up"])
+            f = ops.linear(ops.geglu(gate, up), L["w_down"])
+            if L["post_ffw_norm"] is not None:
+                f = ops.rms_norm(f, L["post_ffw_norm"], eps)
+            x = x + f
+        return ops.rms_norm(x, self.out_norm, eps)
+
+    def head(self, h: Any) -> Any:
+        logits = self.ops.linear(h, self.output)
+        return self.ops.softcap(logits, self.final_softcap) if self.final_softcap else logits
+
+
+class Gemma2(Gemma):
+    post_norms = True
+    swa_period = 2
+    n_layer_27b = 46
+
+
+class Gemma3(Gemma):
+    post_norms = True
+    qk_norm = True
+    swa_period = 6
+    local_rope_base = 10000.0
+    n_layer_27b = 62
+
+
+# ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
+
+COMMON_TENSORS = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+]
+GEMMA_TENSORS = COMMON_TENSORS + [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight")]
+GEMMA2_TENSORS = COMMON_TENSORS + [
+    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight"),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight"),
+]
+# llama.cpp keeps an untied Gemma 3 lm_head (and drops Gemma/Gemma 2's, which are always tied)
+GEMMA3_TENSORS = GEMMA2_TENSORS + [
+    ("lm_head.weight", "output.weight"),
+    ("model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),
+    ("model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"),
+]
+
+
+def _required(tensors: list[tuple[str, str]]) -> list[str]:
+    return [g.format(i=0) for _, g in tensors if g != "output.weight"]
+
+
+def _rope(cfg: dict[str, Any], layer_type: str) -> tuple[float | None, dict[str, Any]]:
+    """(rope base, scaling dict) of one layer type from transformers' old keys (rope_theta,
+    rope_local_base_freq, rope_scaling) or its newer rope_parameters (flat or per layer type)."""
+    params = cfg.get("rope_parameters") or {}
+    if layer_type in params:
+        params = params[layer_type] or {}
+    elif "full_attention" in params or "sliding_attention" in params:
+        params = {}
+    if layer_type == "sliding_attention":
+        return params.get("rope_theta", cfg.get("rope_local_base_freq")), {}
+    scaling = cfg.get("rope_scaling") or params
+    return params.get("rope_theta", cfg.get("rope_theta")), scaling
+
+
+def _hparams(cfg: dict[str, Any], period: int = 0, n_layer_27b: int | None = None) -> dict[str, Any]:
+    n_head = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    kv = {
+        "context_length": cfg.get("max_position_embeddings", 8192),
+        "embedding_length": cfg["hidden_size"],
+        "block_count": cfg["num_hidden_layers"],
+        "feed_forward_length": cfg["intermediate_size"],
+        "attention.head_count": n_head,
+        "attention.head_count_kv": cfg.get("num_key_value_heads") or n_head,
+        "attention.layer_norm_rms_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+    }
+    base, scaling = _rope(cfg, "full_attention")
+    kv["rope.freq_base"] = float(base if base is not None else 10000.0)
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        kv["rope.scaling.type"] = "linear"
+        kv["rope.scaling.factor"] = float(scaling["factor"])
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key):
+            kv[key] = float(cfg[key])
+    if not period:
+        return kv
+    if cfg.get("sliding_window"):
+        kv["attention.sliding_window"] = int(cfg["sliding_window"])
+        n = cfg["num_hidden_layers"]
+        types = cfg.get("layer_types")
+        local = [t == "sliding_attention" for t in types] if types else \
+            local_layers(n, cfg.get("sliding_window_pattern") or period)
+        if local != local_layers(n, period):  # llama.cpp hard-codes the period
+            kv["attention.sliding_window_pattern"] = local
+    # llama.cpp derives the query scale from the model size; say so only where that would be wrong
+    qpas = cfg.get("query_pre_attn_scalar")
+    if qpas:
+        rule = cfg["hidden_size"] // n_head if cfg["num_hidden_layers"] == n_layer_27b else head_dim
+        if qpas != rule:
+            kv["attention.scale"] = float(qpas) ** -0.5
+    return kv
+
+
+def gemma2_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
+    return _hparams(cfg, Gemma2.swa_period, Gemma2.n_layer_27b)
+
+
+def gemma3_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
+    kv = _hparams(cfg, Gemma3.swa_period, Gemma3.n_layer_27b)
+    local_base, _ = _rope(cfg, "sliding_attention")
+    if local_base is not None and float(local_base) != 10000.0:  # llama.cpp hard-codes 10000
+        kv["rope.freq_base_swa"] = float(local_base)
+    return kv
+
+
+def shift_norms(name: str, x: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
+    """Gemma's RMSNorm scales by (1 + w): store 1 + w, as llama.cpp does."""
+    return x + np.float32(1) if name.endswith("norm.weight") else x
+
+
+ARCHITECTURES = {"gemma": Gemma, "gemma2": Gemma2, "gemma3": Gemma3}
+CONVERTERS = {
+    "GemmaForCausalLM": ConvertSpec("gemma", GEMMA_TENSORS, _hparams, _required(GEMMA_TENSORS), shift_norms,
+                                    ignored=lambda n: n == "lm_head.weight"),
+    "Gemma2ForCausalLM": ConvertSpec("gemma2", GEMMA2_TENSORS, gemma2_hparams, _required(GEMMA2_TENSORS),
+                                     shift_norms, ignored=lambda n: n == "lm_head.weight"),
+    "Gemma3ForCausalLM": ConvertSpec("gemma3", GEMMA3_TENSORS, gemma3_hparams, _required(GEMMA3_TENSORS),
+                                     shift_norms),
+}
