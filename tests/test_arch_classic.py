@@ -1,0 +1,180 @@
+"""GPT-2, GPT-J, GPT-NeoX, BLOOM and MPT beyond the logit checks of tests/test_models.py: the converter
+writes llama.cpp's names, keys and tensor layouts, each fixture exercises its architecture's features,
+and the GELU difference to transformers' exact-erf models is measured."""
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+
+from purelm.backends.numpy_backend import NumpyBackend
+from purelm.convert import convert
+from purelm.errors import ContextOverflowError, FormatError
+from purelm.formats.gguf import GGUFFile, GGUFWriter
+from purelm.formats.safetensors import Checkpoint
+from purelm.models import build_model
+from purelm.models.blocks import alibi_slopes, qkv_blocks
+from purelm.models.gptneox import hparams as neox_hparams
+from purelm.models.mpt import hparams as mpt_hparams
+
+# The {arch}.* keys llama.cpp's convert_hf_to_gguf.py writes (GPT-J: it has no converter; ours).
+KEYS = {
+    "gpt2": {"block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+             "attention.layer_norm_epsilon"},
+    "gptneox": {"context_length", "embedding_length", "block_count", "feed_forward_length", "rope.dimension_count",
+                "attention.head_count", "use_parallel_residual", "attention.layer_norm_epsilon"},
+    "bloom": {"context_length", "embedding_length", "feed_forward_length", "block_count", "attention.head_count",
+              "attention.head_count_kv", "attention.layer_norm_epsilon"},
+    "mpt": {"context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+            "attention.layer_norm_epsilon", "attention.clamp_kqv", "attention.max_alibi_bias"},
+    "gptj": {"context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+             "rope.dimension_count", "attention.layer_norm_epsilon"},
+}
+FIXTURE_ARCH = {"gpt2": "gpt2", "gptj": "gptj", "gptneox": "gptneox", "gptneox_seq": "gptneox", "bloom": "bloom",
+                "mpt": "mpt"}
+
+
+def load(fixtures, name, qtype="f32", backend=None):
+    return build_model(GGUFFile(fixtures / f"{name}-{qtype}.gguf"), backend or NumpyBackend())
+
+
+def logits(model, ids):
+    return model.forward(ids, model.new_cache(64), all_logits=True)
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_ARCH))
+def test_names_and_keys_are_llama_cpps(fixtures, name):
+    arch = FIXTURE_ARCH[name]
+    r = gguf.GGUFReader(fixtures / f"{name}-q8_0.gguf")
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper()]]}
+    for t in r.tensors:
+        base = t.name.rsplit(".", 1)[0]
+        assert (base.replace(base.split(".")[1], "{bid}", 1) if base.startswith("blk.") else base) in allowed, t.name
+    assert r.fields["general.architecture"].contents() == arch
+    assert {k[len(arch) + 1:] for k in r.fields if k.startswith(arch + ".")} == KEYS[arch]
+
+
+def test_gpt2_conv1d_weights_are_transposed(fixtures):
+    f, ckpt = GGUFFile(fixtures / "gpt2-f32.gguf"), Checkpoint(fixtures / "hf" / "gpt2")
+    for hf, name in [("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"), ("mlp.c_fc", "ffn_up"),
+                     ("mlp.c_proj", "ffn_down")]:
+        np.testing.assert_array_equal(f.tensors[f"blk.1.{name}.weight"].dequantize(),
+                                      ckpt.get(f"transformer.h.1.{hf}.weight").T)
+    assert "output.weight" not in f.tensors  # tied to token_embd, as llama.cpp's converter leaves it
+
+
+def test_gpt2_checkpoint_without_prefix_and_with_attn_buffers(fixtures, tmp_path):
+    # openai-community/gpt2 was saved from GPT2Model: no "transformer." prefix, plus the causal-mask buffers
+    from test_convert import write_safetensors
+
+    src, dst = fixtures / "hf" / "gpt2", tmp_path / "gpt2"
+    shutil.copytree(src, dst)
+    ckpt = Checkpoint(src)
+    tensors = {n.removeprefix("transformer."): ckpt.get(n) for n in ckpt.names()}
+    tensors["h.0.attn.bias"] = np.ones((1, 1, 4, 4), np.float32)
+    (dst / "model.safetensors").unlink()
+    write_safetensors(dst / "model.safetensors", tensors)
+    a, b = GGUFFile(convert(dst, tmp_path / "a.gguf", "f32")), GGUFFile(fixtures / "gpt2-f32.gguf")
+    assert set(a.tensors) == set(b.tensors)
+    for name in a.tensors:
+        np.testing.assert_array_equal(a.tensors[name].dequantize(), b.tensors[name].dequantize())
+
+
+@pytest.mark.parametrize("name,hf_name", [("bloom", "transformer.h.0.self_attention.query_key_value"),
+                                          ("gptneox", "gpt_neox.layers.0.attention.query_key_value")])
+def test_fused_qkv_is_reordered_to_blocks(fixtures, name, hf_name):
+    # HF: rows [head][q|k|v][head_dim]; llama.cpp's converter: [q|k|v][head][head_dim]
+    f, ckpt = GGUFFile(fixtures / f"{name}-f32.gguf"), Checkpoint(fixtures / "hf" / name)
+    w, b = ckpt.get(hf_name + ".weight"), ckpt.get(hf_name + ".bias")
+    hd = 16
+    for part in range(3):
+        for head in range(4):
+            got = f.tensors["blk.0.attn_qkv.weight"].dequantize()[(part * 4 + head) * hd:][:hd]
+            np.testing.assert_array_equal(got, w[(head * 3 + part) * hd:][:hd])
+    np.testing.assert_array_equal(f.tensors["blk.0.attn_qkv.bias"].dequantize(), qkv_blocks(b, 4))
+
+
+def test_bloom_head_is_a_copy_of_the_embeddings(fixtures):
+    # llama.cpp's converter writes BLOOM's tied head as output.weight
+    f = GGUFFile(fixtures / "bloom-q4_0.gguf")
+    np.testing.assert_array_equal(f.tensors["output.weight"].data, f.tensors["token_embd.weight"].data)
+
+
+def test_each_fixture_exercises_its_features(fixtures):
+    bloom, mpt = load(fixtures, "bloom"), load(fixtures, "mpt")
+    np.testing.assert_array_equal(bloom.attn.alibi_slopes, alibi_slopes(4, 8.0))
+    np.testing.assert_array_equal(mpt.attn.alibi_slopes, alibi_slopes(4, 8.0))
+    assert bloom.embd_norm is not None and bloom.pos_embd is None and bloom.rope is None
+    assert all(b is None for L in mpt.layers for b in (L["bqkv"], L["bo"], L["bup"], L["bdown"], L["attn_norm"][1]))
+    neox, seq, gptj = load(fixtures, "gptneox"), load(fixtures, "gptneox_seq"), load(fixtures, "gptj")
+    assert neox.parallel_residual and not seq.parallel_residual and gptj.parallel_residual
+    assert (neox.rope.n_dims, neox.rope.neox, seq.rope.n_dims) == (8, True, 16)  # head_dim 16
+    assert (gptj.rope.n_dims, gptj.rope.neox) == (8, False)
+    assert gptj.output_b is not None  # GPT-J's lm_head has a bias
+
+    class Spy(NumpyBackend):
+        def __init__(self):
+            self.clamped = []
+
+        def clamp(self, x, lo, hi):
+            self.clamped.append(float(np.mean(np.abs(x) > hi)))
+            return super().clamp(x, lo, hi)
+
+    ids = np.load(fixtures / "mpt-ref-f32.npz")["ids"]
+    spy = Spy()
+    logits(load(fixtures, "mpt", backend=spy), ids)
+    assert mpt.clamp_kqv == 2.0 and len(spy.clamped) == 2 and min(spy.clamped) > 0.05
+
+
+def test_learned_positions_end_with_a_clear_error(fixtures):
+    model = load(fixtures, "gpt2")
+    cache = model.new_cache(1100)
+    cache.n_past = 1024
+    with pytest.raises(ContextOverflowError, match="1024 learned position"):
+        model.forward(np.array([1]), cache)
+
+
+def test_mpt_qk_layernorm_is_refused(fixtures, tmp_path):
+    f = GGUFFile(fixtures / "mpt-f32.gguf")
+    w = GGUFWriter(tmp_path / "m.gguf")
+    for k in f.metadata:
+        w.add(k, f.metadata[k], f.metadata.types[k], f.metadata.array_types.get(k))
+    for t in f.tensors.values():
+        w.add_tensor(t.name, t.data, t.type, t.shape)
+    w.add_tensor("blk.0.attn_q_norm.weight", np.ones(64, np.float32))
+    w.write()
+    with pytest.raises(FormatError, match="attn_q_norm.*not supported"):
+        build_model(GGUFFile(tmp_path / "m.gguf"), NumpyBackend())
+
+
+def test_real_configs_get_llama_cpps_keys():
+    # EleutherAI/pythia-70m (transformers 4.x keys)
+    pythia = {"hidden_size": 512, "num_attention_heads": 8, "num_hidden_layers": 6, "intermediate_size": 2048,
+              "max_position_embeddings": 2048, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+              "use_parallel_residual": True, "layer_norm_eps": 1e-5}
+    kv = neox_hparams(pythia)
+    assert kv["rope.dimension_count"] == 16 and kv["use_parallel_residual"] is True and "rope.freq_base" not in kv
+    # mosaicml/mpt-7b: ALiBi, no clamp
+    mpt7b = {"d_model": 4096, "n_heads": 32, "n_layers": 32, "expansion_ratio": 4, "max_seq_len": 2048,
+             "attn_config": {"alibi": True, "alibi_bias_max": 8, "clip_qkv": None}}
+    kv = mpt_hparams(mpt7b)
+    assert kv["attention.max_alibi_bias"] == 8.0 and "attention.clamp_kqv" not in kv
+    assert kv["feed_forward_length"] == 16384 and kv["attention.layer_norm_epsilon"] == 1e-5
+
+
+@pytest.mark.parametrize("name,erf_config", [("mpt", {}), ("gptneox", {"hidden_act": "gelu"})])
+def test_exact_gelu_checkpoints_differ_by_the_tanh_approximation(fixtures, name, erf_config):
+    # llama.cpp (and purelm) always use ggml's tanh GELU; transformers' MPT, and Pythia-style configs
+    # (hidden_act "gelu"), use the exact erf form. On these 8x-scaled random models that moves the logits
+    # by ~1e-3 (scale ~5): the tolerance here is 5e-3 and the greedy choices must agree.
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(fixtures / "hf" / name, dtype=torch.float32,
+                                                           **erf_config).eval()
+    ids = np.load(fixtures / f"{name}-ref-f32.npz")["ids"]
+    with torch.no_grad():
+        exact = hf(torch.tensor([ids.tolist()])).logits[0].numpy()
+    ours = logits(load(fixtures, name), ids)
+    diff = np.abs(ours - exact).max()
+    assert 1e-5 < diff < 5e-3
+    assert (ours.argmax(-1) == exact.argmax(-1)).all()
