@@ -120,9 +120,9 @@ def _tokenizer_kv(directory: Path, cfg: dict[str, Any], vocab_size: int) -> dict
 
 
 def out_type(name: str, shape: tuple[int, ...], target: GGMLType) -> GGMLType:
-    """llama.cpp's choice: 1-D tensors (norms, biases) stay F32; a row that does not split into the
-    target's blocks falls back to F16."""
-    if len(shape) < 2 or target == GGMLType.F32:
+    """llama.cpp's choice: 1-D tensors (biases) and norm weights (even 2-D per-head ones) stay F32; a row
+    that does not split into the target's blocks falls back to F16."""
+    if len(shape) < 2 or name.endswith("_norm.weight") or target == GGMLType.F32:
         return GGMLType.F32
     if shape[-1] % BLOCK_INFO[target][0]:
         return GGMLType.F16

@@ -1,0 +1,178 @@
+"""Phi-3, Phi-3.5 and Phi-4 (mini): a LLaMA-like pre-norm decoder with RMSNorm, NeoX rotary embeddings
+(possibly partial), grouped-query attention, and the q|k|v and gate|up projections fused.
+
+    h   = x + Wo · Attention(rope(q), rope(k), v),   q|k|v = Wqkv · RMSNorm(x)
+    out = h + Wdown · (silu(g) * u),                 g|u   = Wup · RMSNorm(h)   (gate first, as in HF)
+
+Long-context variants (rope type "longrope"/"su") divide the rotary frequencies by per-pair factors: the
+GGUF tensors rope_factors_short / rope_factors_long. Like llama.cpp, the long ones are used when the
+context (the cache size) exceeds rope.scaling.original_context_length; cos and sin are multiplied by
+rope.scaling.attn_factor in both cases (as transformers does). transformers instead switches factors by
+the current sequence length, so the two agree whenever the whole sequence is on the same side of the
+original context length.
+
+A positive attention.sliding_window is applied as in transformers (each position sees the last `window`
+positions, itself included). llama.cpp currently disables Phi-3's sliding window, so it differs from
+this after `window` tokens (2047 for Phi-3-mini-4k; 0, meaning none, for Phi-4).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import AttentionSpec, Backend, KVCache, Rope
+from ..convert import ConvertSpec
+from ..errors import PurelmError
+from ..formats.gguf import GGUFFile
+from .blocks import hf_rope_parameters
+from .common import Model, Params, Weights
+
+
+class Phi3(Model):
+    def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
+        super().__init__(gguf, backend)
+        p, w = Params(gguf), Weights(gguf, backend)
+        self.n_layer = p.need("block_count")
+        dim = p.need("embedding_length")
+        self.n_head = p.need("attention.head_count")
+        self.n_kv_head = p.get("attention.head_count_kv", self.n_head)
+        self.head_dim = hd = dim // self.n_head
+        self.eps = p.get("attention.layer_norm_rms_epsilon", 1e-5)
+        self.n_ctx_train = p.get("context_length", 4096)
+        self.n_ctx_orig = p.get("rope.scaling.original_context_length", self.n_ctx_train)
+        self.ffn = ffn = p.need("feed_forward_length")
+        self.n_vocab = n_vocab = gguf.tensors["token_embd.weight"].shape[0]
+
+        n_rot = p.get("rope.dimension_count", hd)
+        rope = dict(n_dims=n_rot, base=p.get("rope.freq_base", 10000.0), neox=True,
+                    attn_factor=p.get("rope.scaling.attn_factor", 1.0))
+        factors = {}
+        for kind in ("short", "long"):
+            t = w.tensor(f"rope_factors_{kind}.weight", (n_rot // 2,), optional=True)
+            factors[kind] = None if t is None else tuple(t.dequantize().reshape(-1).tolist())
+        self.rope_short = Rope(**rope, freq_factors=factors["short"])
+        self.rope_long = Rope(**rope, freq_factors=factors["long"])
+        window = p.get("attention.sliding_window", 0)
+        self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd), window=window if window and window > 0 else None)
+
+        self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
+        self.out_norm = w.vector("output_norm.weight", dim)
+        self.output = w.matrix("output.weight", (n_vocab, dim), optional=True)
+        if self.output is None:  # tied embeddings (Phi-4-mini)
+            self.output = self.tok_embd
+        self.q_dim, self.kv_dim = q_dim, kv_dim = self.n_head * hd, self.n_kv_head * hd
+        self.fused = "blk.0.attn_qkv.weight" in gguf.tensors
+        self.layers = []
+        for i in range(self.n_layer):
+            b = f"blk.{i}."
+            if self.fused:
+                qkv = dict(wqkv=w.matrix(b + "attn_qkv.weight", (q_dim + 2 * kv_dim, dim)))
+            else:
+                qkv = dict(wqkv=w.matrices([(b + "attn_q.weight", (q_dim, dim)), (b + "attn_k.weight", (kv_dim, dim)),
+                                            (b + "attn_v.weight", (kv_dim, dim))]))
+            self.layers.append(dict(
+                qkv,
+                attn_norm=w.vector(b + "attn_norm.weight", dim),
+                wo=w.matrix(b + "attn_output.weight", (dim, q_dim)),
+                ffn_norm=w.vector(b + "ffn_norm.weight", dim),
+                w_gate_up=w.matrix(b + "ffn_up.weight", (2 * ffn, dim)),
+                w_down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
+            ))
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
+
+    def qkv(self, n: Any, L: dict) -> tuple[Any, Any, Any]:
+        if self.fused:
+            qkv, qd, kvd = self.ops.linear(n, L["wqkv"]), self.q_dim, self.kv_dim
+            return qkv[:, :qd], qkv[:, qd : qd + kvd], qkv[:, qd + kvd :]
+        return tuple(self.ops.linear_many(n, L["wqkv"]))
+
+    def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
+        ops, T, hd, ffn = self.ops, len(ids), self.head_dim, self.ffn
+        rope = self.rope_long if cache.n_ctx > self.n_ctx_orig else self.rope_short
+        x = ops.embed(self.tok_embd, ids)
+        for i, L in enumerate(self.layers):
+            q, k, v = self.qkv(ops.rms_norm(x, L["attn_norm"], self.eps), L)
+            q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
+                       v.reshape(T, self.n_kv_head, hd))
+            q, k = ops.rope(q, positions, rope), ops.rope(k, positions, rope)
+            x = x + ops.linear(ops.attention(q, k, v, cache, i, self.attn), L["wo"])
+
+            gate_up = ops.linear(ops.rms_norm(x, L["ffn_norm"], self.eps), L["w_gate_up"])
+            x = x + ops.linear(ops.swiglu(gate_up[:, :ffn], gate_up[:, ffn:]), L["w_down"])
+        return ops.rms_norm(x, self.out_norm, self.eps)
+
+    def head(self, h: Any) -> Any:
+        return self.ops.linear(h, self.output)
+
+
+# ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
+
+TENSORS = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("model.layers.{i}.self_attn.qkv_proj.weight", "blk.{i}.attn_qkv.weight"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("model.layers.{i}.mlp.gate_up_proj.weight", "blk.{i}.ffn_up.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+]
+REQUIRED = ["token_embd.weight", "output_norm.weight"] + [
+    f"blk.0.{n}.weight" for n in ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")]
+
+
+def _rope(cfg: dict[str, Any]) -> dict[str, Any]:
+    rope = hf_rope_parameters(cfg)
+    rope.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 4096))
+    kind = str(rope.get("rope_type", "default")).lower()
+    if kind not in ("default", "longrope", "su"):
+        raise PurelmError(f"Phi-3 rope type {kind!r} is not supported (only the default and longrope/su)")
+    rope["long"] = kind in ("longrope", "su") and bool(rope.get("long_factor"))
+    return rope
+
+
+def hparams(cfg: dict[str, Any]) -> dict[str, Any]:
+    n_head, dim = cfg["num_attention_heads"], cfg["hidden_size"]
+    rope = _rope(cfg)
+    kv = {
+        "context_length": cfg.get("max_position_embeddings", 4096),
+        "rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+        "embedding_length": dim,
+        "feed_forward_length": cfg["intermediate_size"],
+        "block_count": cfg["num_hidden_layers"],
+        "attention.head_count": n_head,
+        "attention.head_count_kv": cfg.get("num_key_value_heads") or n_head,
+        "attention.layer_norm_rms_epsilon": float(cfg.get("rms_norm_eps", 1e-5)),
+        "rope.dimension_count": int(rope.get("partial_rotary_factor", 1.0) * dim) // n_head,
+        "rope.freq_base": float(rope.get("rope_theta", 10000.0)),
+        "attention.sliding_window": cfg.get("sliding_window") or 0,  # 0: none (llama.cpp marks Phi-4 so)
+    }
+    if rope["long"]:  # transformers' longrope attention factor (cos and sin are scaled by it)
+        factor = rope.get("factor") or kv["context_length"] / kv["rope.scaling.original_context_length"]
+        attn = rope.get("attention_factor")
+        if attn is None:
+            orig = kv["rope.scaling.original_context_length"]
+            attn = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1.0 else 1.0
+        kv["rope.scaling.attn_factor"] = float(attn)
+    return kv
+
+
+def extra_tensors(ckpt: Any, cfg: dict[str, Any]):
+    rope = _rope(cfg)
+    if not rope["long"]:
+        return
+    n_pairs = hparams(cfg)["rope.dimension_count"] // 2
+    for kind in ("long", "short"):
+        factors = np.asarray(rope[f"{kind}_factor"], np.float32)
+        if factors.shape != (n_pairs,):
+            raise PurelmError(f"rope {kind}_factor has {factors.size} values, expected {n_pairs}")
+        yield f"rope_factors_{kind}.weight", (n_pairs,), lambda f=factors: f
+
+
+ARCHITECTURES = {"phi3": Phi3}
+CONVERTERS = {"Phi3ForCausalLM": ConvertSpec("phi3", TENSORS, hparams, REQUIRED, extra_tensors=extra_tensors)}
