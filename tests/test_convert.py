@@ -106,3 +106,20 @@ def test_cli_convert(fixtures, tmp_path, capsys):
     assert GGUFFile(tmp_path / "o.gguf").tensors["blk.0.ffn_up.weight"].type.name == "Q4_0"
     assert main(["convert", str(tmp_path), str(tmp_path / "x.gguf")]) == 1
     assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("style", ["nested", "top-level"])
+def test_rope_settings_in_either_config_style(fixtures, tmp_path, style):
+    # transformers >= 5 nests rope settings in rope_parameters; older configs keep them at the top level.
+    hf = tmp_path / "hf"
+    shutil.copytree(fixtures / "hf" / "llama", hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    if style == "nested":
+        cfg["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "linear", "factor": 4.0}
+    else:
+        cfg["rope_theta"], cfg["rope_scaling"] = 500000.0, {"type": "linear", "factor": 4.0}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    meta = GGUFFile(convert(hf, tmp_path / "m.gguf", "f32")).metadata
+    assert meta["llama.rope.freq_base"] == 500000.0
+    assert meta["llama.rope.scaling.type"] == "linear" and meta["llama.rope.scaling.factor"] == 4.0

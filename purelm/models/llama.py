@@ -13,6 +13,7 @@ import numpy as np
 from ..backends.base import AttentionSpec, Backend, KVCache, Rope
 from ..convert import ConvertSpec, permute_qk
 from ..formats.gguf import GGUFFile
+from .blocks import hf_rope_parameters
 from .common import Model, Params, Weights
 
 
@@ -126,6 +127,7 @@ REQUIRED = ["token_embd.weight", "output_norm.weight"] + [
 def hparams(cfg: dict[str, Any]) -> dict[str, Any]:
     n_head = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    rope = hf_rope_parameters(cfg)
     kv = {
         "context_length": cfg.get("max_position_embeddings", 2048),
         "embedding_length": cfg["hidden_size"],
@@ -133,16 +135,15 @@ def hparams(cfg: dict[str, Any]) -> dict[str, Any]:
         "feed_forward_length": cfg["intermediate_size"],
         "attention.head_count": n_head,
         "attention.head_count_kv": cfg.get("num_key_value_heads") or n_head,
-        "rope.freq_base": float(cfg.get("rope_theta", 10000.0)),
+        "rope.freq_base": float(rope.get("rope_theta", 10000.0)),
         "attention.layer_norm_rms_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
         "rope.dimension_count": head_dim,
     }
     if head_dim != cfg["hidden_size"] // n_head:
         kv["attention.key_length"] = kv["attention.value_length"] = head_dim
-    scaling = cfg.get("rope_scaling") or {}
-    if scaling.get("type", scaling.get("rope_type")) == "linear":
+    if rope.get("rope_type") == "linear":
         kv["rope.scaling.type"] = "linear"
-        kv["rope.scaling.factor"] = float(scaling["factor"])
+        kv["rope.scaling.factor"] = float(rope["factor"])
     return kv
 
 
