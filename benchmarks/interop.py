@@ -1,0 +1,67 @@
+"""Interchange check: llama.cpp (llama-cpp-python, the `bench` extra) runs GGUF files that `purelm convert`
+wrote, and agrees with purelm on the top-1 token at every position. Prints JSON.
+
+    python benchmarks/interop.py [--archs llama gpt2 qwen2 ...] [--types f32 f16 q8_0]
+
+Set LLAMA_CPP_LIB_PATH to use another libllama build (see benchmarks/README.md on AMX crashes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures"
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    import llama_cpp
+
+    # f32 KV cache, so that only llama.cpp's matmul rounding (q8 activations for quantized weights) differs
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False,
+                          n_threads=1, type_k=0, type_v=0)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], np.float32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", nargs="*", default=["llama", "mistral_gqa", "qwen2", "gpt2"])
+    ap.add_argument("--types", nargs="*", default=["f32", "f16", "q8_0", "q4_0"])
+    ap.add_argument("--backend", default="numpy")
+    a = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import purelm
+
+    results = []
+    for arch in a.archs:
+        for qtype in a.types:
+            path = FIX / f"{arch}-{qtype}.gguf"
+            ids = np.load(FIX / f"{arch}-ref-f32.npz")["ids"].tolist()
+            ours = purelm.load(path, backend=a.backend).logits(ids)
+            theirs = llama_cpp_logits(path, ids)
+            a1, b1 = ours.argmax(-1), theirs.argmax(-1)
+            differ = np.nonzero(a1 != b1)[0]
+            # Where the top-1 differs: how far apart the two candidates are in purelm's own logits. A gap
+            # below the logits' max difference is a near-tie flipped by rounding, not a disagreement
+            # about the file.
+            gaps = [float(ours[i, a1[i]] - ours[i, b1[i]]) for i in differ]
+            results.append({"arch": arch, "type": qtype, "positions": len(ids),
+                            "top1_agreement": float(np.mean(a1 == b1)),
+                            "max_abs_diff": float(np.abs(ours - theirs).max()),
+                            "logit_scale": float(np.abs(theirs).max()),
+                            "differing_positions_gap": gaps})
+            print(json.dumps(results[-1]), file=sys.stderr)
+    json.dump({"results": results, "all_top1_equal": all(r["top1_agreement"] == 1.0 for r in results),
+               "all_differences_are_near_ties": all(g < r["max_abs_diff"] for r in results
+                                                    for g in r["differing_positions_gap"])},
+              sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
