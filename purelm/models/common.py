@@ -65,6 +65,21 @@ class Model:
     def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
         self.gguf, self.ops = gguf, backend
 
+    def read_sizes(self, p: Params, rms_norm: bool, n_ctx_default: int = 2048,
+                   n_kv_head_default: int | None = None) -> None:
+        """The sizes every decoder has: layers, width, heads, kv heads, head size, norm epsilon,
+        training context and vocabulary (from the embedding's rows when the key is absent)."""
+        self.n_layer = p.need("block_count")
+        self.dim = p.need("embedding_length")
+        self.n_head = p.need("attention.head_count")
+        self.n_kv_head = p.get("attention.head_count_kv", n_kv_head_default or self.n_head)
+        self.head_dim = p.get("attention.key_length", self.dim // self.n_head)
+        eps_key = "attention.layer_norm_rms_epsilon" if rms_norm else "attention.layer_norm_epsilon"
+        self.eps = p.get(eps_key, 1e-5)
+        self.n_ctx_train = p.get("context_length", n_ctx_default)
+        embd = self.gguf.tensors.get("token_embd.weight")
+        self.n_vocab = embd.shape[0] if embd is not None else p.need("vocab_size")
+
     def new_cache(self, n_ctx: int) -> KVCache:
         raise NotImplementedError
 

@@ -56,16 +56,10 @@ class Gemma(Model):
     def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
         super().__init__(gguf, backend)
         p, w = Params(gguf), Weights(gguf, backend)
-        self.n_layer = n_layer = p.need("block_count")
-        self.dim = dim = p.need("embedding_length")
-        self.n_head = p.need("attention.head_count")
-        self.n_kv_head = p.get("attention.head_count_kv", self.n_head)
-        self.head_dim = hd = p.get("attention.key_length", dim // self.n_head)
+        self.read_sizes(p, rms_norm=True, n_ctx_default=8192)
         self.eps = p.get("attention.layer_norm_rms_epsilon", 1e-6)
-        self.n_ctx_train = p.get("context_length", 8192)
+        n_layer, dim, hd, n_vocab = self.n_layer, self.dim, self.head_dim, self.n_vocab
         ffn = p.need("feed_forward_length")
-        self.n_vocab = n_vocab = gguf.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in gguf.tensors \
-            else p.need("vocab_size")
         self.embed_scale = float(np.float32(np.sqrt(dim)))  # sqrt(d) rounded to float32, as transformers
         self.final_softcap = p.get("final_logit_softcapping") or None
 

@@ -33,15 +33,8 @@ class GPT2(Model):
     def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
         super().__init__(gguf, backend)
         p, w = Params(gguf), Weights(gguf, backend)
-        self.n_layer = p.need("block_count")
-        self.dim = dim = p.need("embedding_length")
-        self.n_head = p.need("attention.head_count")
-        self.n_kv_head = p.get("attention.head_count_kv", self.n_head)
-        self.head_dim = hd = dim // self.n_head
-        self.eps = p.get("attention.layer_norm_epsilon", 1e-5)
-        self.n_ctx_train = p.get("context_length", 2048)
-        self.n_vocab = n_vocab = gguf.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in gguf.tensors \
-            else p.need("vocab_size")
+        self.read_sizes(p, rms_norm=False)
+        dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
         self.ffn = p.need("feed_forward_length")
         self.q_dim, self.kv_dim = self.n_head * hd, self.n_kv_head * hd
         for name in gguf.tensors:  # variants llama.cpp runs and purelm does not (yet)

@@ -34,16 +34,10 @@ class Phi3(Model):
     def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
         super().__init__(gguf, backend)
         p, w = Params(gguf), Weights(gguf, backend)
-        self.n_layer = p.need("block_count")
-        dim = p.need("embedding_length")
-        self.n_head = p.need("attention.head_count")
-        self.n_kv_head = p.get("attention.head_count_kv", self.n_head)
-        self.head_dim = hd = dim // self.n_head
-        self.eps = p.get("attention.layer_norm_rms_epsilon", 1e-5)
-        self.n_ctx_train = p.get("context_length", 4096)
+        self.read_sizes(p, rms_norm=True, n_ctx_default=4096)
+        dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
         self.n_ctx_orig = p.get("rope.scaling.original_context_length", self.n_ctx_train)
         self.ffn = ffn = p.need("feed_forward_length")
-        self.n_vocab = n_vocab = gguf.tensors["token_embd.weight"].shape[0]
 
         n_rot = p.get("rope.dimension_count", hd)
         rope = dict(n_dims=n_rot, base=p.get("rope.freq_base", 10000.0), neox=True,
