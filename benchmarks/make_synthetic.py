@@ -1,0 +1,260 @@
+"""Write a synthetic LLaMA GGUF file with random quantized weights, for benchmarks.
+
+The default shape is TinyLlama-1.1B's (hidden 2048, 22 layers, ffn 5632, 32 heads, 4 kv heads, vocab
+32000, context 2048), so the file costs what a real 1.1B Q4_0 model costs to run, without downloading one.
+Its metadata is what llama.cpp's converter writes for a LLaMA with a SentencePiece vocabulary, so
+llama.cpp (and llama-cpp-python) load it too: the vocabulary is `<unk>`, `<s>`, `</s>`, the 256
+`<0xNN>` byte tokens, then made-up pieces ("▁a", "ab", ...), with scores and token types.
+
+Weights are random normal * 0.02 (norms: ones), generated and quantized one tensor at a time when the
+writer reaches it, so memory stays near the largest tensor (token_embd: 32000 x 2048 float32 = 250 MB).
+Seeded: the same arguments give a byte-identical file.
+
+    python benchmarks/make_synthetic.py /tmp/tinyllama-synth-q4_0.gguf
+    python benchmarks/make_synthetic.py tiny.gguf --hidden 64 --layers 2 --ffn 128 --heads 4 \
+        --kv-heads 2 --vocab 512 --ctx 256          # a tiny one, for tests
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import string
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from purelm.formats.gguf import GGUFWriter, ValueType
+from purelm.quant import SUPPORTED_QUANT, GGMLType, quantize
+
+# llama.cpp's llama_token_type / gguf.TokenType
+NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6
+# gguf.LlamaFileType for the bulk of the weights
+FILE_TYPES = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q4_0: 2, GGMLType.Q4_1: 3, GGMLType.Q8_0: 7,
+              GGMLType.Q5_0: 8, GGMLType.Q5_1: 9}
+SPIECE = "\u2581"  # ▁, SentencePiece's word-boundary mark
+
+
+def spm_vocab(n_vocab: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """tokens, scores (float32), token types (int32) of a llama-style SentencePiece vocabulary."""
+    if n_vocab < 3 + 256 + 1:
+        raise ValueError(f"vocab must be at least 260 (3 specials, 256 byte tokens, '▁'), got {n_vocab}")
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256
+    n_special = len(tokens)
+
+    def pieces():
+        yield SPIECE
+        for c in string.ascii_letters + string.digits + string.punctuation:
+            yield SPIECE + c
+            yield c
+        for n in itertools.count(2):
+            for combo in itertools.product(string.ascii_lowercase, repeat=n):
+                word = "".join(combo)
+                yield SPIECE + word
+                yield word
+
+    tokens += list(itertools.islice(pieces(), n_vocab - n_special))
+    types += [NORMAL] * (n_vocab - n_special)
+    scores = np.zeros(n_vocab, np.float32)
+    scores[n_special:] = -np.arange(n_vocab - n_special, dtype=np.float32)  # earlier pieces merge first
+    return tokens, scores, np.asarray(types, np.int32)
+
+
+def build_writer(path: str | Path, hidden: int = 2048, layers: int = 22, ffn: int = 5632, heads: int = 32,
+                 kv_heads: int = 4, vocab: int = 32000, ctx: int = 2048, qtype: GGMLType = GGMLType.Q4_0,
+                 output_type: GGMLType = GGMLType.Q8_0, embd_type: GGMLType | None = None,
+                 seed: int = 0, std: float = 0.02) -> GGUFWriter:
+    """A GGUFWriter holding the metadata and lazy (generated on write) tensors."""
+    embd_type = embd_type or qtype
+    for t in (qtype, output_type, embd_type):
+        if t not in SUPPORTED_QUANT:
+            raise ValueError(f"cannot write {t.name}: purelm quantizes only "
+                             f"{', '.join(sorted(x.name for x in SUPPORTED_QUANT))}")
+    if hidden % heads or heads % kv_heads:
+        raise ValueError("hidden must be a multiple of heads, and heads a multiple of kv-heads")
+    head_dim = hidden // heads
+    kv_dim = head_dim * kv_heads
+
+    w = GGUFWriter(path)
+    U32, F32 = ValueType.UINT32, ValueType.FLOAT32
+    w.add("general.architecture", "llama")
+    w.add("general.type", "model")
+    w.add("general.name", f"synthetic-llama-{hidden}x{layers}")
+    w.add("general.quantization_version", 2, U32)
+    w.add("general.file_type", FILE_TYPES.get(qtype, 2), U32)
+    w.add("llama.vocab_size", vocab, U32)
+    w.add("llama.context_length", ctx, U32)
+    w.add("llama.embedding_length", hidden, U32)
+    w.add("llama.block_count", layers, U32)
+    w.add("llama.feed_forward_length", ffn, U32)
+    w.add("llama.rope.dimension_count", head_dim, U32)
+    w.add("llama.attention.head_count", heads, U32)
+    w.add("llama.attention.head_count_kv", kv_heads, U32)
+    w.add("llama.attention.layer_norm_rms_epsilon", 1e-5, F32)
+    w.add("llama.rope.freq_base", 10000.0, F32)
+    tokens, scores, types = spm_vocab(vocab)
+    w.add("tokenizer.ggml.model", "llama")
+    w.add("tokenizer.ggml.pre", "default")
+    w.add("tokenizer.ggml.tokens", tokens, ValueType.ARRAY, ValueType.STRING)
+    w.add("tokenizer.ggml.scores", scores, ValueType.ARRAY, ValueType.FLOAT32)
+    w.add("tokenizer.ggml.token_type", types, ValueType.ARRAY, ValueType.INT32)
+    w.add("tokenizer.ggml.bos_token_id", 1, U32)
+    w.add("tokenizer.ggml.eos_token_id", 2, U32)
+    w.add("tokenizer.ggml.unknown_token_id", 0, U32)
+    w.add("tokenizer.ggml.padding_token_id", 2, U32)
+    w.add("tokenizer.ggml.add_bos_token", True, ValueType.BOOL)
+    w.add("tokenizer.ggml.add_eos_token", False, ValueType.BOOL)
+
+    index = itertools.count()
+
+    def matrix(name: str, rows: int, cols: int, t: GGMLType) -> None:
+        key = next(index)  # each tensor its own stream: the file does not depend on write order
+
+        def make() -> np.ndarray:
+            rng = np.random.default_rng([seed, key])
+            out = None
+            step = max(1, (16 << 20) // cols)  # 16M floats (64 MB) generated at a time
+            for r in range(0, rows, step):
+                x = rng.standard_normal((min(step, rows - r), cols), dtype=np.float32)
+                x *= np.float32(std)
+                q = quantize(x, t)
+                if out is None:
+                    out = np.empty((rows, q.shape[1]), np.uint8)
+                out[r : r + len(q)] = q
+            return out
+
+        w.add_tensor(name, make, t, (rows, cols))
+
+    def norm(name: str, n: int) -> None:
+        w.add_tensor(name, lambda: np.ones(n, np.float32), GGMLType.F32, (n,))
+
+    matrix("token_embd.weight", vocab, hidden, embd_type)
+    for i in range(layers):
+        b = f"blk.{i}."
+        norm(b + "attn_norm.weight", hidden)
+        matrix(b + "attn_q.weight", hidden, hidden, qtype)
+        matrix(b + "attn_k.weight", kv_dim, hidden, qtype)
+        matrix(b + "attn_v.weight", kv_dim, hidden, qtype)
+        matrix(b + "attn_output.weight", hidden, hidden, qtype)
+        norm(b + "ffn_norm.weight", hidden)
+        matrix(b + "ffn_gate.weight", ffn, hidden, qtype)
+        matrix(b + "ffn_up.weight", ffn, hidden, qtype)
+        matrix(b + "ffn_down.weight", hidden, ffn, qtype)
+    norm("output_norm.weight", hidden)
+    matrix("output.weight", vocab, hidden, output_type)
+    return w
+
+
+_VERIFY = r"""
+import json, sys, time
+import numpy as np
+import llama_cpp
+import llama_cpp.llama_cpp as low
+if sys.argv[2] == "off":  # no weight repacking / AMX buffers
+    default = low.llama_model_default_params
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    low.llama_model_default_params = params
+t0 = time.perf_counter()
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, n_threads_batch=1, n_batch=64,
+                      verbose=False, logits_all=True)
+load_s = time.perf_counter() - t0
+ids = llm.tokenize(b"Hello world", add_bos=True)
+toks = ids[:int(sys.argv[3])]
+t0 = time.perf_counter()
+llm.eval(toks)
+eval_s = time.perf_counter() - t0
+logits = np.asarray(llm.scores[len(toks) - 1])
+print(json.dumps({"ok": bool(np.isfinite(logits).all()), "llama_cpp": llama_cpp.__version__,
+                  "load_s": round(load_s, 3), "n_vocab": llm.n_vocab(), "tokenize('Hello world')": ids,
+                  "evaluated": toks, "eval_s": round(eval_s, 3), "logits_std": float(np.std(logits)),
+                  "argmax": int(np.argmax(logits))}))
+"""
+
+
+def verify_llama_cpp(path: str | Path, n_tokens: int = 4, python: str | None = None) -> dict:
+    """Load the file with llama-cpp-python, tokenize a string and evaluate its first few tokens in one
+    batch (in a child process: some llama.cpp builds crash; then it is retried without the extra weight
+    buffers, i.e. without repacking / AMX)."""
+    import json
+    import subprocess
+
+    python = python or sys.executable
+    if subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode != 0:
+        return {"ok": None, "skipped": f"llama_cpp is not importable by {python}"}
+    notes = []
+    for extra in ("on", "off"):
+        r = subprocess.run([python, "-c", _VERIFY, str(path), extra, str(n_tokens)], capture_output=True, text=True)
+        if r.returncode == 0:
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+            out["extra_bufts"] = extra
+            if notes:
+                out["notes"] = notes
+            return out
+        notes.append(f"llama.cpp exited with code {r.returncode} with extra_bufts={extra}: {r.stderr[-300:].strip()}")
+    return {"ok": False, "notes": notes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="the .gguf file to write")
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--type", default="Q4_0", help="type of the layer matrices (default Q4_0)")
+    ap.add_argument("--output-type", default="Q8_0",
+                    help="type of output.weight (default Q8_0; llama.cpp's own Q4_0 files use Q6_K, which "
+                         "purelm cannot quantize)")
+    ap.add_argument("--embd-type", default=None, help="type of token_embd.weight (default: --type)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-verify", action="store_true", help="skip the llama-cpp-python load check")
+    ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = ap.parse_args(argv)
+
+    def qt(name: str) -> GGMLType:
+        try:
+            return GGMLType[name.upper()]
+        except KeyError:
+            ap.error(f"unknown type {name!r}")
+
+    w = build_writer(args.out, args.hidden, args.layers, args.ffn, args.heads, args.kv_heads, args.vocab,
+                     args.ctx, qt(args.type), qt(args.output_type),
+                     qt(args.embd_type) if args.embd_type else None, args.seed)
+    n_params = sum(int(np.prod(t.shape)) for t in w.tensors)
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if args.quiet or (now - last[0] < 0.5 and done < total):
+            return
+        last[0] = now
+        print(f"\rwriting {args.out}: {done / 2**20:8.1f} / {total / 2**20:.1f} MiB "
+              f"({100 * done / total:5.1f}%) {now - t0:6.1f} s", end="" if done < total else "\n",
+              file=sys.stderr, flush=True)
+
+    w.write(progress=progress)
+    size = Path(args.out).stat().st_size
+    report = {"path": str(args.out), "bytes": size, "params": n_params, "write_s": round(time.perf_counter() - t0, 2),
+              "shape": {k: getattr(args, k) for k in ("hidden", "layers", "ffn", "heads", "kv_heads", "vocab", "ctx")},
+              "type": args.type.upper(), "output_type": args.output_type.upper(), "seed": args.seed}
+    if not args.no_verify:
+        report["llama_cpp_check"] = verify_llama_cpp(args.out)
+    import json
+
+    print(json.dumps(report, indent=2))
+    check = report.get("llama_cpp_check", {})
+    return 1 if check.get("ok") is False else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

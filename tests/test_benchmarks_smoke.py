@@ -1,0 +1,114 @@
+"""Smoke tests of the benchmark scripts on a tiny synthetic model: they run and report what they
+promise. No timing assertions."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+TINY = ["--hidden", "64", "--layers", "2", "--ffn", "128", "--heads", "4", "--kv-heads", "2", "--vocab", "512",
+        "--ctx", "256"]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("synth") / "tiny.gguf"
+    make = load_script("make_synthetic")
+    assert make.main([str(path), *TINY, "--no-verify", "--quiet"]) == 0
+    return path
+
+
+def test_synthetic_file_metadata(tiny_model: Path) -> None:
+    from purelm.formats.gguf import GGUFFile, ValueType
+    from purelm.quant.types import GGMLType
+
+    g = GGUFFile(tiny_model)
+    md = g.metadata
+    assert g.architecture == "llama"
+    for key, value in [("llama.embedding_length", 64), ("llama.block_count", 2), ("llama.feed_forward_length", 128),
+                       ("llama.attention.head_count", 4), ("llama.attention.head_count_kv", 2),
+                       ("llama.context_length", 256), ("llama.rope.dimension_count", 16),
+                       ("general.file_type", 2), ("tokenizer.ggml.bos_token_id", 1),
+                       ("tokenizer.ggml.eos_token_id", 2)]:
+        assert md[key] == value, key
+        assert md.types[key] == ValueType.UINT32, key
+    assert md.types["llama.rope.freq_base"] == ValueType.FLOAT32
+    assert md["tokenizer.ggml.model"] == "llama"
+    tokens = md["tokenizer.ggml.tokens"]
+    types = np.asarray(md["tokenizer.ggml.token_type"])
+    assert len(tokens) == len(types) == len(md["tokenizer.ggml.scores"]) == 512
+    assert tokens[:3] == ["<unk>", "<s>", "</s>"] and list(types[:3]) == [2, 3, 3]
+    assert tokens[3] == "<0x00>" and tokens[258] == "<0xFF>" and set(types[3:259]) == {6}
+    assert set(types[259:]) == {1} and len(set(tokens)) == len(tokens)
+    assert g.tensors["blk.0.attn_q.weight"].type == GGMLType.Q4_0
+    assert g.tensors["blk.1.attn_k.weight"].shape == (32, 64)
+    assert g.tensors["output.weight"].type == GGMLType.Q8_0
+    assert g.tensors["output_norm.weight"].type == GGMLType.F32
+
+
+def test_synthetic_file_is_reproducible(tiny_model: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again.gguf"
+    assert load_script("make_synthetic").main([str(again), *TINY, "--no-verify", "--quiet"]) == 0
+    assert again.read_bytes() == tiny_model.read_bytes()
+
+
+def test_synthetic_model_runs(tiny_model: Path) -> None:
+    from purelm.backends import get_backend
+    from purelm.formats.gguf import GGUFFile
+    from purelm.models import build_model
+
+    model = build_model(GGUFFile(tiny_model), get_backend("numpy", 1))
+    cache = model.new_cache(32)
+    logits = model.forward(np.array([1, 300, 301, 302]), cache, all_logits=True)
+    assert logits.shape == (4, 512) and np.isfinite(logits).all() and logits.std() > 0
+    cache.truncate(0)
+    one = model.forward(np.array([1]), cache)
+    assert one.shape == (512,) and np.isfinite(one).all()
+
+
+def test_bench_tiny_numpy(tiny_model: Path) -> None:
+    r = subprocess.run([sys.executable, str(BENCH / "bench.py"), str(tiny_model), "--engines", "numpy",
+                        "--threads", "1", "--pp", "8", "--tg", "4", "--reps", "1", "--bandwidth-mb", "8"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert {"machine", "model", "settings", "bandwidth", "results", "ratios"} <= set(report)
+    assert report["machine"]["numpy"] and report["machine"]["cpu"] is not None
+    assert report["model"]["file_bytes"] == tiny_model.stat().st_size
+    assert report["settings"]["pp"] == 8 and report["settings"]["tg"] == 4
+    assert report["bandwidth"]["1"]["gb_s"] > 0
+    (res,) = report["results"]
+    assert res["engine"] == "numpy" and res["threads"] == 1 and "error" not in res
+    for test, n in (("pp", 8), ("tg", 4)):
+        assert res[test]["n_tokens"] == n and len(res[test]["tok_s_reps"]) == 1 and res[test]["tok_s"] > 0
+    for key in ("load_s", "first_token_s", "peak_rss_mb", "tg_bandwidth_fraction"):
+        assert res[key] > 0, key
+
+
+def test_regress_tiny_roundtrip(tmp_path: Path) -> None:
+    base = tmp_path / "base.json"
+    cmd = [sys.executable, str(BENCH / "regress.py"), "--backend", "numpy", "--types", "Q4_0,Q6_K,F16",
+           "--shapes", "64x256", "--reps", "2", "--no-model", "--recheck", "0"]
+    r = subprocess.run(cmd + ["--save-baseline", str(base)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = json.loads(base.read_text())
+    assert {"linear/Q4_0/64x256/b1", "linear/Q6_K/64x256/b1", "linear/F16/64x256/b1"} <= set(saved["timings"])
+    r = subprocess.run(cmd + ["--baseline", str(base), "--threshold", "100"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cmp = json.loads(r.stdout)["comparison"]
+    assert set(cmp["ratios"]) == set(saved["timings"]) and cmp["regressions"] == []
