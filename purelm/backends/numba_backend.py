@@ -1,0 +1,496 @@
+"""The default CPU backend: numba kernels over the file's quantized blocks, no float copy of the model.
+
+Decode (a few tokens): matrix-vector kernels read quantized weights directly, multithreaded with
+numba's prange. By default matrices are repacked at load so that R rows sit side by side (vector lanes
+are rows, x is broadcast); q|k|v and gate|up are merged into one matrix each so one pass serves all.
+The repacked copy replaces the file's pages in memory (they are released after repacking), so the
+resident size stays about the file's size. `repack=False` reads the mmap'd blocks in place.
+
+Prefill (many tokens): tiles of rows are dequantized to float32 and multiplied with BLAS, and attention
+is done as matrix products too. The work is split over our own pool of `threads` Python threads, each
+running serial (GIL-free) numba kernels and single-threaded BLAS: numba's and OpenBLAS's spinning
+thread pools never run at the same time (measured: letting both spin was 3-10x slower on 2 cores).
+
+Threads: a decode step uses numba's `threads` threads, or one when that is faster (ThreadGuard: on a
+machine where another process keeps a core busy, spinning workers cost more than they bring).
+Kernels live in numba_kernels/: packing.py (repacked layouts), packed.py (kernels over them),
+rows.py (kernels over the file's own rows), ops.py (norms, rope, attention, activations).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from time import perf_counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+# numba's OpenMP workers spin-wait this long after a kernel before sleeping (libgomp reads it when
+# numba first starts its threads). The default spins for milliseconds, taking a core from whatever
+# runs next (another process, or BLAS threads); ~0.5 ms still covers the gaps between decode kernels
+# (measured: same decode speed). A value the user set wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..formats.gguf import Tensor
+from ..quant import dequantize, dequantize_rows
+from ..quant.types import BLOCK_INFO, GGMLType
+from .base import AttentionSpec, Backend, KVCache, Rope
+from .numba_kernels import ops, packed as pk, rows as rk
+from .numba_kernels.packing import PACKED_TYPES, Arena, Packed, column_splits, pack
+
+# At most this many tokens go through the matrix-vector kernels; more take the dequantize+BLAS path.
+MATVEC_MAX_TOKENS = 12
+# float32 weights per dequantized tile: 1 MiB, stays in L2 between the dequantize and the multiply.
+TILE_FLOATS = 1 << 18
+# Below this many query-key products, attention runs on the calling thread (a parallel launch costs
+# more than the work).
+ATTENTION_SERIAL_WORK = 1 << 16
+# Queries per block in prefill attention; key positions per work item in long-context decode.
+ATTENTION_BLOCK = 128
+ATTENTION_CHUNK = 256
+MAX_LANES = 32  # running maxima side by side in the softmax's max (a runtime count, see ops.span_max)
+EMPTY = np.zeros(0, np.float32)
+NO_PARTS = np.zeros((0, 0, 0), np.float32)
+
+
+class NumbaWeight:
+    """A matrix as this backend keeps it: the file's rows (`data`, for embedding lookups and the
+    zero-copy mode) and/or a repacked copy (`packed`). A merged matrix (q|k|v) has `splits`, the
+    output widths of its parts, and no file rows."""
+
+    __slots__ = ("qtype", "n_out", "n_in", "data", "packed", "splits", "column_splits")
+
+    def __init__(self, qtype: GGMLType, n_out: int, n_in: int, data: np.ndarray | None = None,
+                 packed: Packed | None = None, splits: tuple[int, ...] | None = None, threads: int = 1) -> None:
+        self.qtype, self.n_out, self.n_in = GGMLType(qtype), n_out, n_in
+        self.data, self.packed, self.splits = data, packed, splits
+        self.column_splits = column_splits(packed.n_groups, packed.n_sub, threads) if packed else 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this weight owns (the repacked copy; file rows belong to the mmap)."""
+        return self.packed.nbytes if self.packed is not None else 0
+
+
+def release_file_pages(data: np.ndarray) -> None:
+    """Drop `data`'s pages from this process's resident set, if it is a view of a read-only file
+    mapping (the GGUF mmap): a repacked copy replaces them. Touching them again re-reads the page
+    cache, so this is always safe; anonymous memory is left alone."""
+    owner = data
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    if isinstance(owner, memoryview):
+        owner = owner.obj
+    if not isinstance(owner, mmap.mmap) or data.flags.writeable or not data.flags.c_contiguous:
+        return
+    try:
+        base = np.frombuffer(owner, np.uint8, count=1).ctypes.data
+    except (ValueError, TypeError, BufferError):
+        return
+    page = mmap.PAGESIZE
+    start = data.ctypes.data - base
+    first = -(-start // page) * page
+    last = (start + data.nbytes) // page * page
+    if last > first and hasattr(owner, "madvise"):
+        try:
+            owner.madvise(mmap.MADV_DONTNEED, first, last - first)
+        except (OSError, ValueError):
+            pass
+
+
+class ThreadGuard:
+    """Picks, per decode step, whether numba's kernels use all `threads` or the calling thread alone.
+
+    numba's worker threads spin between kernels and meet at a barrier after each one. When another
+    busy process holds a core, the spinning workers and that process crowd out the thread running the
+    model: measured 10-20 tok/s on 2 threads against 73 on one. So whole decode steps (one token,
+    embed to logits) are timed. Now and then a step runs the other way (a probe); the other way takes
+    over when its probe beats the usual way's running time by 10%. While probes keep losing they come
+    less often. A single slow step moves the running time at most 2x, so a hiccup cannot flip it."""
+
+    ALPHA = 0.3
+    MARGIN = 0.9
+    PROBE_MIN, PROBE_MAX = 16, 128  # decode steps between probes
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.mode = threads  # the usual way
+        self.step_time: dict[int, float] = {}  # thread count -> seconds per decode step
+        self.steps = 0
+        self.next_probe = self.PROBE_MIN
+        self.interval = self.PROBE_MIN
+        self.current = threads
+        self.started: float | None = None
+
+    def other(self) -> int:
+        return 1 if self.mode == self.threads else self.threads
+
+    def begin(self, n_tokens: int) -> int:
+        """A forward pass starts; returns the thread count for its kernels."""
+        self.started = None
+        if self.threads == 1 or n_tokens != 1:
+            self.current = self.threads
+            return self.current
+        self.steps += 1
+        self.current = self.other() if self.steps >= self.next_probe else self.mode
+        self.started = perf_counter()
+        return self.current
+
+    def end(self) -> None:
+        """The pass that `begin` announced has its logits."""
+        if self.started is None:
+            return
+        seconds = perf_counter() - self.started
+        self.started = None
+        if self.current == self.mode:
+            old = self.step_time.get(self.mode)
+            self.step_time[self.mode] = seconds if old is None else old + self.ALPHA * (min(seconds, 2 * old) - old)
+            return
+        # a probe: its time is the freshest word on the other way
+        self.step_time[self.current] = seconds
+        usual = self.step_time.get(self.mode)
+        if usual is not None and seconds < self.MARGIN * usual:
+            self.mode, self.interval = self.current, self.PROBE_MIN  # switch, and keep checking often
+        else:
+            self.interval = min(2 * self.interval, self.PROBE_MAX)
+        self.next_probe = self.steps + self.interval
+
+
+class NumbaBackend(Backend):
+    name = "numba"
+
+    def __init__(self, threads: int | None = None, repack: bool = True) -> None:
+        self.threads = max(1, min(int(threads or os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS))
+        self.repack = repack
+        self._pool: ThreadPoolExecutor | None = None
+        self._blas: Any = None
+        self._rope_tables: dict[Rope, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._scratch = threading.local()
+        self._arena = Arena()
+        self._guard = ThreadGuard(self.threads)
+        self._in_pass = False
+        self._numba_threads = self.threads
+        numba.set_num_threads(self.threads)
+
+    # -- weights
+
+    def weight(self, t: Tensor) -> NumbaWeight:
+        n_in = t.shape[-1]
+        n_out = t.n_elements // n_in  # leading dims flattened into rows
+        data = t.data.reshape(n_out, -1)
+        if self.repack and t.type in PACKED_TYPES:
+            w = NumbaWeight(t.type, n_out, n_in, data, pack(t.type, data, n_in, alloc=self._arena),
+                            threads=self.threads)
+            release_file_pages(t.data)
+            return w
+        return NumbaWeight(t.type, n_out, n_in, data)
+
+    def weights(self, ts: list[Tensor]) -> Any:
+        same = len({(t.type, t.shape[-1]) for t in ts}) == 1 and all(len(t.shape) == 2 for t in ts)
+        if not (self.repack and same and ts[0].type in PACKED_TYPES):
+            return [self.weight(t) for t in ts]
+        qtype, n_in = ts[0].type, ts[0].shape[1]
+        rows = np.concatenate([t.data for t in ts])  # transient: the packed copy is what stays
+        merged = NumbaWeight(qtype, rows.shape[0], n_in, None, pack(qtype, rows, n_in, alloc=self._arena),
+                             tuple(t.shape[0] for t in ts), self.threads)
+        del rows
+        for t in ts:
+            release_file_pages(t.data)
+        return merged
+
+    # -- threads
+
+    def _enter(self, threads: int | None = None) -> None:
+        """Set numba's thread count (it is per calling thread: set it for whichever thread runs the
+        model). Without an argument: re-check at the start of a forward pass."""
+        if threads is None:
+            self._numba_threads = numba.get_num_threads()
+            threads = self.threads
+        if threads != self._numba_threads:
+            numba.set_num_threads(threads)
+            self._numba_threads = threads
+
+    def _workers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="purelm-numba")
+        return self._pool
+
+    def _single_threaded_blas(self) -> Any:
+        if self._blas is None:
+            from threadpoolctl import ThreadpoolController
+
+            self._blas = ThreadpoolController()
+        return self._blas.limit(limits=1, user_api="blas")
+
+    def _run_split(self, tasks: list[Callable[[], None]]) -> None:
+        """Run tasks on the worker threads (the caller's thread when only one)."""
+        if self.threads == 1 or len(tasks) == 1:
+            for task in tasks:
+                task()
+            return
+        for f in [self._workers().submit(task) for task in tasks]:
+            f.result()
+
+    # -- matrix products
+
+    def linear(self, x: np.ndarray, w: NumbaWeight, bias: np.ndarray | None = None) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        lead = x.shape[:-1]
+        x2 = np.ascontiguousarray(x.reshape(-1, w.n_in))
+        if x2.shape[0] <= MATVEC_MAX_TOKENS:
+            y = self._matvec(x2, w)
+        else:
+            y = self._matmul(x2, w)
+        if bias is not None:
+            y += bias
+        return y.reshape(lead + (w.n_out,))
+
+    def linear_many(self, x: np.ndarray, ws: Any) -> list[np.ndarray]:
+        if not isinstance(ws, NumbaWeight):
+            return [self.linear(x, w) for w in ws]
+        y = self.linear(x, ws)
+        parts, start = [], 0
+        for n in ws.splits:
+            part = y[..., start:start + n]
+            # one token: the column slice is contiguous already; more: copy, so later ops see C arrays
+            parts.append(part if y.shape[0] == 1 else np.ascontiguousarray(part))
+            start += n
+        return parts
+
+    def _matvec(self, x: np.ndarray, w: NumbaWeight) -> np.ndarray:
+        if w.packed is None and w.qtype not in rk.ROW_TYPES:
+            return self._matmul(x, w)
+        self._enter(self._guard.current)
+        return self._matvec_kernel(x, w)
+
+    def _matvec_kernel(self, x: np.ndarray, w: NumbaWeight) -> np.ndarray:
+        y = np.empty((x.shape[0], w.n_out), np.float32)
+        p = w.packed
+        if p is not None:
+            a = p.arrays
+            n = w.column_splits
+            parts = np.empty((n, x.shape[0], p.n_groups * p.lanes), np.float32) if n > 1 else NO_PARTS
+            if p.family == "nibble":
+                pk.matvec_nibble(a["qs"], a["qh"], a["d"], a["m"], a["sc"], a["mn"], p.mode,
+                                 np.float32(p.offset), x, y, parts)
+            elif p.family == "q8":
+                pk.matvec_q8(a["qs"], a["d"], x, y, parts)
+            else:
+                pk.matvec_q6k(a["qs"], a["qh"], a["sc"], a["d"], x, y, parts)
+        else:
+            rk.matvec_rows(w.data, int(w.qtype), BLOCK_INFO[w.qtype][0], x, y)
+        return y
+
+    def _matmul(self, x: np.ndarray, w: NumbaWeight) -> np.ndarray:
+        """x @ W.T, W dequantized a tile at a time, tiles spread over the worker threads."""
+        n_tok = x.shape[0]
+        y = np.empty((n_tok, w.n_out), np.float32)
+        p = w.packed
+        if p is not None:
+            unit, n_units = p.lanes, p.n_groups
+            fill = self._packed_filler(p)
+        elif w.qtype == GGMLType.F32:
+            unit, n_units = 1, w.n_out
+            weights = w.data.view(np.float32)
+
+            def fill(u0: int, u1: int) -> np.ndarray:
+                return weights[u0:u1].T
+        elif w.qtype in rk.ROW_TYPES:
+            unit, n_units = 1, w.n_out
+            qtype, block = int(w.qtype), BLOCK_INFO[w.qtype][0]
+
+            def fill(u0: int, u1: int) -> np.ndarray:
+                out = self._tile(u1 - u0, w.n_in)
+                rk.dequant_range(w.data, qtype, block, u0, out)
+                return out.T
+        else:  # types without kernels: purelm.quant decodes, correct but slow
+            unit, n_units = 1, w.n_out
+
+            def fill(u0: int, u1: int) -> np.ndarray:
+                return dequantize(w.data[u0:u1], w.qtype, (u1 - u0, w.n_in)).T
+
+        per_tile = max(1, TILE_FLOATS // (w.n_in * unit))
+        n_tiles = -(-n_units // per_tile)
+        n_tiles = -(-n_tiles // self.threads) * self.threads  # whole rounds: no thread idles at the end
+        per_tile = -(-n_units // n_tiles)
+
+        def task(u0: int, u1: int) -> Callable[[], None]:
+            def run() -> None:
+                wt = fill(u0, u1)
+                r0, r1 = u0 * unit, min(u1 * unit, w.n_out)
+                np.matmul(x, wt[:, : r1 - r0], out=y[:, r0:r1])
+            return run
+
+        tasks = [task(u0, min(u0 + per_tile, n_units)) for u0 in range(0, n_units, per_tile)]
+        with self._single_threaded_blas():
+            self._run_split(tasks)
+        return y
+
+    def _tile(self, rows: int, cols: int) -> np.ndarray:
+        """This thread's scratch for a dequantized tile: reused, so no page faults per tile."""
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.size < rows * cols:
+            buf = self._scratch.buf = np.empty(max(rows * cols, TILE_FLOATS), np.float32)
+        return buf[: rows * cols].reshape(rows, cols)
+
+    def _packed_filler(self, p: Packed) -> Callable[[int, int], np.ndarray]:
+        a = p.arrays
+
+        def fill(g0: int, g1: int) -> np.ndarray:
+            out = self._tile(p.n_in, (g1 - g0) * p.lanes)
+            if p.family == "nibble":
+                pk.unpack_nibble(a["qs"], a["qh"], a["d"], a["m"], a["sc"], a["mn"], p.mode,
+                                 np.float32(p.offset), g0, g1, out)
+            elif p.family == "q8":
+                pk.unpack_q8(a["qs"], a["d"], g0, g1, out)
+            else:
+                pk.unpack_q6k(a["qs"], a["qh"], a["sc"], a["d"], g0, g1, out)
+            return out
+        return fill
+
+    def embed(self, w: NumbaWeight, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if not self._in_pass:  # the token embedding starts a forward pass; to_numpy ends it
+            self._in_pass = True
+            self._enter()
+            self._enter(self._guard.begin(ids.size))
+        if ids.size and (ids.min() < 0 or ids.max() >= w.n_out):
+            raise IndexError(f"token id out of range [0, {w.n_out})")
+        if w.data is None:
+            raise ValueError("a merged matrix has no rows to look up")
+        if w.qtype not in rk.ROW_TYPES:
+            return dequantize_rows(w.data, w.qtype, w.n_in, ids)
+        out = np.empty((ids.size, w.n_in), np.float32)
+        rk.dequant_rows(w.data, int(w.qtype), BLOCK_INFO[w.qtype][0], ids, out)
+        return out
+
+    # -- the rest
+
+    def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        x2 = _rows(x)
+        out = np.empty_like(x2)
+        ops.rms_norm(x2, w, np.float32(eps), out)
+        return out.reshape(x.shape)
+
+    def layer_norm(self, x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: float) -> np.ndarray:
+        x2 = _rows(x)
+        out = np.empty_like(x2)
+        ops.layer_norm(x2, EMPTY if w is None else w, EMPTY if b is None else b, np.float32(eps), out)
+        return out.reshape(x.shape)
+
+    def _rope_table(self, rope: Rope, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
+        table = self._rope_tables.get(rope)
+        if table is None or table[0].shape[0] < n_positions:
+            size = max(n_positions, 2 * table[0].shape[0] if table else 0, 1024)
+            table = rope.cos_sin(np.arange(size))  # same float64 math as the reference, per position
+            self._rope_tables[rope] = table
+        return table
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, rope: Rope) -> np.ndarray:
+        positions = np.asarray(positions, np.int64).reshape(-1)
+        if positions.size == 1:  # decode: skip two numpy reductions
+            lo = hi = int(positions[0])
+        else:
+            lo, hi = (int(positions.min()), int(positions.max())) if positions.size else (0, 0)
+        if lo < 0:
+            return self._rope_slow(x, positions, rope)
+        cos, sin = self._rope_table(rope, hi + 1)
+        x3 = np.ascontiguousarray(x, np.float32)
+        out = np.empty_like(x3)
+        ops.rope(x3, positions, cos, sin, rope.n_dims, rope.neox, out)
+        return out
+
+    def _rope_slow(self, x: np.ndarray, positions: np.ndarray, rope: Rope) -> np.ndarray:
+        cos, sin = rope.cos_sin(positions)  # rows already in the order of `positions`
+        x3 = np.ascontiguousarray(x, np.float32)
+        out = np.empty_like(x3)
+        ops.rope(x3, np.arange(len(positions)), cos, sin, rope.n_dims, rope.neox, out)
+        return out
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, layer: int,
+                  spec: AttentionSpec) -> np.ndarray:
+        n_tok, n_head, _ = q.shape
+        p0 = cache.n_past
+        cache.reserve(p0 + n_tok)
+        keys, values = cache.k[layer], cache.v[layer]
+        q = np.ascontiguousarray(q, np.float32)
+        ops.store_kv(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32), keys, values, p0)
+        out = np.empty((n_tok, n_head * values.shape[2]), np.float32)
+        scale = np.float32(spec.scale)
+        softcap = np.float32(spec.softcap or 0)
+        window = int(spec.window or 0)
+        slopes = EMPTY if spec.alibi_slopes is None else np.ascontiguousarray(spec.alibi_slopes, np.float32)
+        pairs = n_tok * n_head
+        work = pairs * (p0 + n_tok) * q.shape[2]
+        if n_tok > MATVEC_MAX_TOKENS:
+            self._attention_blas(q, keys, values, p0, scale, softcap, window, slopes, out)
+        elif self.threads == 1 or work < ATTENTION_SERIAL_WORK or self._numba_threads == 1:
+            # (one numba thread: the guard found the cores busy; see ThreadGuard)
+            ops.attention(q, keys, values, p0, scale, softcap, window, slopes, 0, pairs, out)
+        else:
+            ops.attention_parallel(q, keys, values, p0, scale, softcap, window, slopes, ATTENTION_CHUNK, out)
+        return out
+
+    def _attention_blas(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, p0: int, scale: np.float32,
+                        softcap: np.float32, window: int, slopes: np.ndarray, out: np.ndarray) -> None:
+        """Prefill attention as matrix products: per KV head and block of queries, scores = Q K^T and
+        out = P V with BLAS, the masked softmax in between in numba. Each block only reads the keys
+        its queries can see. 2.3x faster than the per-query kernel at 512 tokens (measured)."""
+        n_tok, n_head, dim = q.shape
+        n_kv, v_dim = keys.shape[1], values.shape[2]
+        group = n_head // n_kv
+        block = ATTENTION_BLOCK
+
+        def task(kv: int, t0: int, t1: int) -> Callable[[], None]:
+            def run() -> None:
+                k_end = p0 + t1
+                k0 = max(0, p0 + t0 - window + 1) if window > 0 else 0
+                qb = q[t0:t1, kv * group:(kv + 1) * group].reshape(-1, dim) * scale
+                scores = qb @ keys[k0:k_end, kv].T
+                ops.softmax_rows(scores, p0 + t0, group, k0, softcap, window, slopes, kv * group, MAX_LANES)
+                o = scores @ values[k0:k_end, kv]
+                out[t0:t1, kv * group * v_dim:(kv + 1) * group * v_dim] = o.reshape(t1 - t0, group * v_dim)
+            return run
+
+        # the last blocks see the most keys: hand them out first so the threads finish together
+        tasks = [task(kv, t0, min(t0 + block, n_tok)) for t0 in reversed(range(0, n_tok, block))
+                 for kv in range(n_kv)]
+        with self._single_threaded_blas():
+            self._run_split(tasks)
+
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+        if self._in_pass:  # the logits: a forward pass ends
+            self._in_pass = False
+            self._guard.end()
+        return np.asarray(x, np.float32)
+
+    def silu(self, x: np.ndarray) -> np.ndarray:
+        return _elementwise(ops.silu, x)
+
+    def gelu(self, x: np.ndarray) -> np.ndarray:
+        return _elementwise(ops.gelu, x)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        g = np.ascontiguousarray(gate, np.float32)
+        u = np.ascontiguousarray(up, np.float32)
+        out = np.empty_like(g)
+        ops.swiglu(g.reshape(-1), u.reshape(-1), out.reshape(-1))
+        return out
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, np.float32)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _elementwise(kernel: Callable[[np.ndarray, np.ndarray], None], x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty_like(x)
+    kernel(x.reshape(-1), out.reshape(-1))
+    return out

@@ -1,0 +1,331 @@
+"""Kernels over repacked matrices (see packing.py): y = x @ W.T for a few rows of x (decode), and
+dequantizing groups of rows to float32 (prefill hands the tile to BLAS).
+
+The lane loop `for r in range(R)` is innermost everywhere, with R read from an array shape: LLVM then
+vectorizes it over rows. Trip counts of the other loops also come from shapes, never literals (a
+literal count gets the loop fully unrolled and vectorized the wrong way: 2x slower in a row kernel).
+Integer arithmetic is narrowed to int32 before conversion, or numba widens it to int64 and halves
+the vector width.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .common import OPTS, PARALLEL, PREFETCH_BYTES, at
+from .intrinsics import half_to_float, prefetch, wide_vectors
+
+FUSED_MAX_TOKENS = 4  # up to this many tokens, converting weights again per token is cheaper
+
+
+@njit(**OPTS)
+def sub_block_sums(x, width):
+    """Sums of x over consecutive runs of `width` columns: (T, n_in) -> (T, n_in // width)."""
+    n_tok, n_in = x.shape
+    out = np.empty((n_tok, n_in // width), np.float32)
+    for t in range(n_tok):
+        for b in range(n_in // width):
+            s = np.float32(0)
+            for j in range(width):
+                s += x[t, b * width + j]
+            out[t, b] = s
+    return out
+
+
+@njit(**OPTS, inline="always")
+def nibble_fold(acc, s, d, m, sc, mn, mode, offset, g, b, xs, t, n_lanes):
+    """acc[t] += the sub-block's contribution, from raw sums s[r] = sum_j q[j, r] * x[j]."""
+    if mode == 0:
+        for r in range(n_lanes):
+            acc[t, r] += half_to_float(d[g, b, r]) * (s[r] + offset * xs)
+    elif mode == 1:
+        for r in range(n_lanes):
+            acc[t, r] += half_to_float(d[g, b, r]) * s[r] + half_to_float(m[g, b, r]) * xs
+    else:
+        sb = b // 8
+        for r in range(n_lanes):
+            acc[t, r] += (half_to_float(d[g, sb, r]) * np.float32(sc[g, b, r]) * s[r]
+                          - half_to_float(m[g, sb, r]) * np.float32(mn[g, b, r]) * xs)
+
+
+@njit(**OPTS, inline="always")
+def split_range(item, n_split, n_sub):
+    """Work item -> (group, split, first sub-block, end sub-block)."""
+    g, k = item // n_split, item % n_split
+    return g, k, k * n_sub // n_split, (k + 1) * n_sub // n_split
+
+
+@njit(**OPTS, inline="always")
+def store_group(acc, y, parts, g, k, n_lanes):
+    """A work item's sums: straight into y, or into its split's slot of `parts` (summed later)."""
+    n_tok, n_out = y.shape
+    if parts.shape[0] == 0:
+        for t in range(n_tok):
+            for r in range(min(n_lanes, n_out - g * n_lanes)):
+                y[t, at(g * n_lanes + r)] = acc[t, r]
+    else:
+        for t in range(n_tok):
+            for r in range(n_lanes):
+                parts[k, t, at(g * n_lanes + r)] = acc[t, r]
+
+
+@njit(**OPTS, inline="always")
+def sum_parts(y, parts):
+    n_tok, n_out = y.shape
+    for t in range(n_tok):
+        for i in range(n_out):
+            total = np.float32(0)
+            for k in range(parts.shape[0]):
+                total += parts[k, t, i]
+            y[t, i] = total
+
+
+# The matrix-vector kernels: y (T, n_out) = x (T, n_in) @ W.T. Work items are groups of R rows, or,
+# when there are too few groups to keep every thread busy, (group, column range) pairs: `parts`
+# (n_split, T, n_groups * R) then holds each range's sums. An empty `parts` means one range.
+
+@njit(**PARALLEL)
+def matvec_nibble(qs, qh, d, m, sc, mn, mode, offset, x, y, parts):
+    """Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K."""
+    n_groups, n_sub, half, n_lanes = qs.shape
+    n_tok = x.shape[0]
+    n_split = max(1, parts.shape[0])
+    high = qh.shape[1] > 0
+    xsum = sub_block_sums(x, 2 * half)
+    flat = qs.reshape(-1)
+    step = n_sub * half * n_lanes
+    for item in prange(n_groups * n_split):
+        wide_vectors()
+        g, k, b0, b1 = split_range(item, n_split, n_sub)
+        acc = np.zeros((n_tok, n_lanes), np.float32)
+        s = np.empty((n_tok, n_lanes), np.float32)
+        w_lo = np.empty(n_lanes, np.float32)
+        w_hi = np.empty(n_lanes, np.float32)
+        for b in range(b0, b1):
+            at = g * step + b * half * n_lanes
+            for c in range(0, half * n_lanes, 64):
+                prefetch(flat, at + PREFETCH_BYTES + c)
+            x0 = b * 2 * half
+            s[:] = 0
+            if n_tok <= FUSED_MAX_TOKENS:  # convert and multiply in one pass, token by token
+                for t in range(n_tok):
+                    if high:
+                        for j in range(half):
+                            xl = x[t, x0 + j]
+                            xh = x[t, x0 + half + j]
+                            for r in range(n_lanes):
+                                q = np.int32(qs[g, b, j, r])
+                                h = np.int32(qh[g, b, r] >> j)
+                                lo = np.int32((q & 15) | ((h & 1) << 4))
+                                hi = np.int32((q >> 4) | ((h >> half & 1) << 4))
+                                s[t, r] += np.float32(lo) * xl + np.float32(hi) * xh
+                    else:
+                        for j in range(half):
+                            xl = x[t, x0 + j]
+                            xh = x[t, x0 + half + j]
+                            for r in range(n_lanes):
+                                q = qs[g, b, j, r]
+                                s[t, r] += np.float32(np.int32(q & 15)) * xl + np.float32(np.int32(q >> 4)) * xh
+            else:  # more tokens: convert a column of weights once, then use it for every token
+                for j in range(half):
+                    if high:
+                        for r in range(n_lanes):
+                            q = np.int32(qs[g, b, j, r])
+                            h = np.int32(qh[g, b, r] >> j)
+                            w_lo[r] = np.float32(np.int32((q & 15) | ((h & 1) << 4)))
+                            w_hi[r] = np.float32(np.int32((q >> 4) | ((h >> half & 1) << 4)))
+                    else:
+                        for r in range(n_lanes):
+                            q = qs[g, b, j, r]
+                            w_lo[r] = np.float32(np.int32(q & 15))
+                            w_hi[r] = np.float32(np.int32(q >> 4))
+                    for t in range(n_tok):
+                        xl = x[t, x0 + j]
+                        xh = x[t, x0 + half + j]
+                        for r in range(n_lanes):
+                            s[t, r] += w_lo[r] * xl + w_hi[r] * xh
+            for t in range(n_tok):
+                nibble_fold(acc, s[t], d, m, sc, mn, mode, offset, g, b, xsum[t, b], t, n_lanes)
+        store_group(acc, y, parts, g, k, n_lanes)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_q8(qs, d, x, y, parts):
+    """Q8_0."""
+    n_groups, n_blocks, width, n_lanes = qs.shape
+    n_tok = x.shape[0]
+    n_split = max(1, parts.shape[0])
+    flat = qs.reshape(-1)
+    step = n_blocks * width * n_lanes
+    for item in prange(n_groups * n_split):
+        wide_vectors()
+        g, k, b0, b1 = split_range(item, n_split, n_blocks)
+        acc = np.zeros((n_tok, n_lanes), np.float32)
+        s = np.empty(n_lanes, np.float32)
+        for b in range(b0, b1):
+            at = g * step + b * width * n_lanes
+            for c in range(0, width * n_lanes, 64):
+                prefetch(flat, at + PREFETCH_BYTES + c)
+            for t in range(n_tok):
+                s[:] = 0
+                x0 = b * width
+                for j in range(width):
+                    xj = x[t, x0 + j]
+                    for r in range(n_lanes):
+                        s[r] += np.float32(qs[g, b, j, r]) * xj
+                for r in range(n_lanes):
+                    acc[t, r] += half_to_float(d[g, b, r]) * s[r]
+        store_group(acc, y, parts, g, k, n_lanes)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_q6k(qs, qh, sc, d, x, y, parts):
+    """Q6_K. Weights j, j+8 of a 32-weight sub-block share scale sc[2k], weights j+16, j+24 sc[2k+1]."""
+    n_groups, n_sub, half, n_lanes = qs.shape
+    quarter = qh.shape[2]
+    n_tok = x.shape[0]
+    n_split = max(1, parts.shape[0])
+    xsum = sub_block_sums(x, quarter * 2)  # per 16 weights
+    flat = qs.reshape(-1)
+    step = n_sub * half * n_lanes
+    for item in prange(n_groups * n_split):
+        wide_vectors()
+        g, k, b0, b1 = split_range(item, n_split, n_sub)
+        acc = np.zeros((n_tok, n_lanes), np.float32)
+        sa = np.empty(n_lanes, np.float32)
+        sb = np.empty(n_lanes, np.float32)
+        for b in range(b0, b1):
+            at = g * step + b * half * n_lanes
+            for c in range(0, half * n_lanes, 64):
+                prefetch(flat, at + PREFETCH_BYTES + c)
+            for t in range(n_tok):
+                sa[:] = 0
+                sb[:] = 0
+                x0 = b * 4 * quarter
+                for j in range(quarter):
+                    x_0 = x[t, x0 + j]
+                    x_1 = x[t, x0 + quarter + j]
+                    x_2 = x[t, x0 + 2 * quarter + j]
+                    x_3 = x[t, x0 + 3 * quarter + j]
+                    for r in range(n_lanes):
+                        a = np.int32(qs[g, b, j, r])
+                        c2 = np.int32(qs[g, b, j + quarter, r])
+                        h = np.int32(qh[g, b, j, r])
+                        w0 = np.int32((a & 15) | ((h & 3) << 4))
+                        w1 = np.int32((c2 & 15) | ((h & 12) << 2))
+                        w2 = np.int32((a >> 4) | (h & 48))
+                        w3 = np.int32((c2 >> 4) | ((h >> 2) & 48))
+                        sa[r] += np.float32(w0) * x_0 + np.float32(w1) * x_1
+                        sb[r] += np.float32(w2) * x_2 + np.float32(w3) * x_3
+                xa = xsum[t, 2 * b]
+                xb = xsum[t, 2 * b + 1]
+                sup = b // 8
+                for r in range(n_lanes):
+                    acc[t, r] += half_to_float(d[g, sup, r]) * (
+                        np.float32(sc[g, 2 * b, r]) * (sa[r] - 32 * xa)
+                        + np.float32(sc[g, 2 * b + 1, r]) * (sb[r] - 32 * xb))
+        store_group(acc, y, parts, g, k, n_lanes)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+# -- dequantizing groups [g0, g1) into out (n_in, (g1 - g0) * R): column c is row g0 * R + c.
+# Transposed so that the lane loop writes contiguous floats; BLAS takes the transpose for free.
+# Serial: prefill runs them on its own threads, one tile each (see numba_backend).
+
+@njit(**OPTS, inline="always")
+def unpack_nibble_group(qs, qh, d, m, sc, mn, mode, offset, g, out, c0, scale, bias):
+    n_groups, n_sub, half, n_lanes = qs.shape
+    high = qh.shape[1] > 0
+    for b in range(n_sub):
+        x0 = b * 2 * half
+        if mode == 0:
+            for r in range(n_lanes):
+                scale[r] = half_to_float(d[g, b, r])
+                bias[r] = scale[r] * offset
+        elif mode == 1:
+            for r in range(n_lanes):
+                scale[r] = half_to_float(d[g, b, r])
+                bias[r] = half_to_float(m[g, b, r])
+        else:
+            sb = b // 8
+            for r in range(n_lanes):
+                scale[r] = half_to_float(d[g, sb, r]) * np.float32(sc[g, b, r])
+                bias[r] = -(half_to_float(m[g, sb, r]) * np.float32(mn[g, b, r]))
+        if high:
+            for j in range(half):
+                for r in range(n_lanes):
+                    q = np.int32(qs[g, b, j, r])
+                    h = np.int32(qh[g, b, r] >> j)
+                    lo = np.int32((q & 15) | ((h & 1) << 4))
+                    hi = np.int32((q >> 4) | ((h >> half & 1) << 4))
+                    out[at(x0 + j), at(c0 + r)] = scale[r] * np.float32(lo) + bias[r]
+                    out[at(x0 + half + j), at(c0 + r)] = scale[r] * np.float32(hi) + bias[r]
+        else:
+            for j in range(half):
+                for r in range(n_lanes):
+                    q = qs[g, b, j, r]
+                    out[at(x0 + j), at(c0 + r)] = scale[r] * np.float32(np.int32(q & 15)) + bias[r]
+                    out[at(x0 + half + j), at(c0 + r)] = scale[r] * np.float32(np.int32(q >> 4)) + bias[r]
+
+
+@njit(**OPTS)
+def unpack_nibble(qs, qh, d, m, sc, mn, mode, offset, g0, g1, out):
+    n_lanes = qs.shape[3]
+    scale = np.empty(n_lanes, np.float32)
+    bias = np.empty(n_lanes, np.float32)
+    wide_vectors()
+    for gi in range(g1 - g0):
+        unpack_nibble_group(qs, qh, d, m, sc, mn, mode, offset, g0 + gi, out, gi * n_lanes, scale, bias)
+
+
+@njit(**OPTS, inline="always")
+def unpack_q8_group(qs, d, g, out, c0):
+    n_groups, n_blocks, width, n_lanes = qs.shape
+    for b in range(n_blocks):
+        for j in range(width):
+            for r in range(n_lanes):
+                out[at(b * width + j), at(c0 + r)] = half_to_float(d[g, b, r]) * np.float32(qs[g, b, j, r])
+
+
+@njit(**OPTS)
+def unpack_q8(qs, d, g0, g1, out):
+    wide_vectors()
+    for gi in range(g1 - g0):
+        unpack_q8_group(qs, d, g0 + gi, out, gi * qs.shape[3])
+
+
+@njit(**OPTS, inline="always")
+def unpack_q6k_group(qs, qh, sc, d, g, out, c0):
+    n_groups, n_sub, half, n_lanes = qs.shape
+    quarter = qh.shape[2]
+    for b in range(n_sub):
+        x0 = b * 4 * quarter
+        sup = b // 8
+        for j in range(quarter):
+            for r in range(n_lanes):
+                a = np.int32(qs[g, b, j, r])
+                c2 = np.int32(qs[g, b, j + quarter, r])
+                h = np.int32(qh[g, b, j, r])
+                dd = half_to_float(d[g, sup, r])
+                da = dd * np.float32(sc[g, 2 * b, r])
+                db = dd * np.float32(sc[g, 2 * b + 1, r])
+                w0 = np.int32(((a & 15) | ((h & 3) << 4)) - 32)
+                w1 = np.int32(((c2 & 15) | ((h & 12) << 2)) - 32)
+                w2 = np.int32(((a >> 4) | (h & 48)) - 32)
+                w3 = np.int32(((c2 >> 4) | ((h >> 2) & 48)) - 32)
+                out[at(x0 + j), at(c0 + r)] = da * np.float32(w0)
+                out[at(x0 + quarter + j), at(c0 + r)] = da * np.float32(w1)
+                out[at(x0 + 2 * quarter + j), at(c0 + r)] = db * np.float32(w2)
+                out[at(x0 + 3 * quarter + j), at(c0 + r)] = db * np.float32(w3)
+
+
+@njit(**OPTS)
+def unpack_q6k(qs, qh, sc, d, g0, g1, out):
+    wide_vectors()
+    for gi in range(g1 - g0):
+        unpack_q6k_group(qs, qh, sc, d, g0 + gi, out, gi * qs.shape[3])

@@ -1,0 +1,210 @@
+"""Repacking GGUF blocks for the decode kernels (done once, at load).
+
+A matrix is cut into groups of R consecutive rows ("lanes"). Within a group every field is stored
+lane-minor, `[..., R]`: the kernels then read R rows' bytes for one weight position with one vector
+load and multiply them all by the same broadcast x value, so no horizontal sums are needed. The rows
+past the end of the last group are zero. Scales stay f16 (converted in the kernel) so a repacked
+matrix has the same size as the file's blocks, give or take a few bytes per 256 weights.
+
+Three families cover the types the kernels read:
+
+- Nibble (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K): per 32-weight sub-block 16 bytes, byte j holding weight j
+  (low nibble) and weight j+16 (high nibble); 5-bit types add a uint32 of high bits (bit i: weight i).
+  Scales: mode 0 (d per sub-block, value d*(q+offset)), mode 1 (d, m per sub-block, d*q + m), mode 2
+  (K-quants: f16 d, dmin per 256 and 6-bit sc, mn per 32, d*sc*q - dmin*mn).
+- Q8_0: 32 int8 per block and an f16 d.
+- Q6_K: per 32-weight sub-block 16 bytes of low nibbles (as above) and 8 bytes of high 2-bit pairs
+  (byte j: weights j, j+8, j+16, j+24), int8 scales per 16 weights and f16 d per 256.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ...quant.kquants import scale_min_k4
+from ...quant.types import BLOCK_INFO, GGMLType
+
+NIBBLE_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K)
+PACKED_TYPES = frozenset(NIBBLE_TYPES + (GGMLType.Q8_0, GGMLType.Q6_K))
+
+# Rows per group: 64 keeps several independent vector accumulators in flight per weight column.
+DEFAULT_LANES = 64
+CHUNK_ROWS = 4096  # rows repacked at once, to bound the temporaries
+
+
+@dataclass
+class Packed:
+    """A repacked matrix: `family` picks the kernel, `arrays` its fields (see the module doc)."""
+
+    qtype: GGMLType
+    family: str  # "nibble", "q8", "q6k"
+    n_out: int
+    n_in: int
+    lanes: int
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    mode: int = 0  # nibble scale mode
+    offset: float = 0.0  # nibble mode 0: the constant added to q (-8 or -16)
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.n_out // self.lanes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    @property
+    def n_sub(self) -> int:
+        """Units a row is split into for parallel work (the kernels' column loop)."""
+        return self.arrays["qs"].shape[1]
+
+
+def column_splits(n_groups: int, n_sub: int, threads: int) -> int:
+    """How many column ranges to cut each group into so that the work items spread evenly over the
+    threads (a matrix of 9 groups on 2 threads would otherwise leave one idle a ninth of the time)."""
+    for n_split in range(1, 5):
+        items = n_groups * n_split
+        rounds = -(-items // threads)
+        if items / (rounds * threads) >= 0.95 or 2 * (n_split + 1) > n_sub:
+            return n_split
+    return 4
+
+
+def _u16(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The uint16 at byte `offset` of every block (..., nbytes) -> (...)."""
+    return np.ascontiguousarray(blocks[..., offset:offset + 2]).view("<u2")[..., 0]
+
+
+def _u32(blocks: np.ndarray, offset: int) -> np.ndarray:
+    return np.ascontiguousarray(blocks[..., offset:offset + 4]).view("<u4")[..., 0]
+
+
+def _nibble_bytes(q: np.ndarray) -> np.ndarray:
+    """(..., 32) values < 16 -> (..., 16) bytes: byte j = q[j] | q[j+16] << 4."""
+    return (q[..., :16] & 0x0F) | (q[..., 16:] << 4)
+
+
+def _high_bits(q: np.ndarray) -> np.ndarray:
+    """(..., 32) 5-bit values -> (...) uint32 whose bit i is bit 4 of q[i]."""
+    bits = (q >> 4).astype(np.uint32) & 1
+    return (bits << np.arange(32, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)
+
+
+def _k_values(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K: (..., 128) bytes -> (..., 8, 32) 4-bit values in weight order."""
+    chunks = qs.reshape(qs.shape[:-1] + (4, 1, 32))
+    both = np.concatenate([chunks & 0x0F, chunks >> 4], axis=-2)  # (..., 4, 2, 32)
+    return both.reshape(qs.shape[:-1] + (8, 32))
+
+
+def _fields(qtype: GGMLType, blocks: np.ndarray) -> dict[str, np.ndarray]:
+    """Integer fields of `blocks` (rows, n_blocks, block_bytes), rows first, in the packed order."""
+    n, nb = blocks.shape[:2]
+    if qtype in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1):
+        has_min = qtype in (GGMLType.Q4_1, GGMLType.Q5_1)
+        at = 4 if has_min else 2
+        out = {"d": _u16(blocks, 0)}
+        if has_min:
+            out["m"] = _u16(blocks, 2)
+        if qtype in (GGMLType.Q5_0, GGMLType.Q5_1):
+            out["qh"] = _u32(blocks, at)  # already bit i = high bit of weight i
+            at += 4
+        out["qs"] = np.ascontiguousarray(blocks[..., at:at + 16])  # already byte j = w[j] | w[j+16] << 4
+        return out
+    if qtype == GGMLType.Q8_0:
+        return {"d": _u16(blocks, 0), "qs": np.ascontiguousarray(blocks[..., 2:34]).view(np.int8)}
+    if qtype in (GGMLType.Q4_K, GGMLType.Q5_K):
+        sc, mn = scale_min_k4(blocks[..., 4:16].reshape(n * nb, 12))
+        out = {"d": _u16(blocks, 0), "m": _u16(blocks, 2),
+               "sc": sc.reshape(n, nb * 8).astype(np.uint8), "mn": mn.reshape(n, nb * 8).astype(np.uint8)}
+        if qtype == GGMLType.Q4_K:
+            q = _k_values(blocks[..., 16:144])
+        else:
+            q = _k_values(blocks[..., 48:176])
+            qh = blocks[..., 16:48]  # bit k of byte i: bit 4 of weight i of sub-block k
+            q = q | (((qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4)
+            out["qh"] = _high_bits(q).reshape(n, nb * 8)
+        out["qs"] = _nibble_bytes(q).reshape(n, nb * 8, 16)
+        return out
+    if qtype == GGMLType.Q6_K:
+        ql = blocks[..., 0:128].reshape(n, nb, 2, 1, 64)
+        low = np.concatenate([ql & 0x0F, ql >> 4], axis=3).reshape(n, nb, 2, 4, 32)
+        qh = blocks[..., 128:192].reshape(n, nb, 2, 1, 32)
+        high = (qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+        q = (low | (high << 4)).reshape(n, nb * 8, 32)  # 6-bit values in weight order
+        h = q >> 4
+        qh_packed = h[..., 0:8] | (h[..., 8:16] << 2) | (h[..., 16:24] << 4) | (h[..., 24:32] << 6)
+        scales = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).reshape(n, nb * 16)
+        return {"d": _u16(blocks, 208), "sc": scales, "qs": _nibble_bytes(q), "qh": qh_packed.astype(np.uint8)}
+    raise ValueError(f"{qtype.name} has no packed layout")
+
+
+def _to_groups(a: np.ndarray, lanes: int) -> np.ndarray:
+    """(rows, ...) with rows a multiple of lanes -> (groups, ..., lanes), contiguous."""
+    g = a.reshape((a.shape[0] // lanes, lanes) + a.shape[1:])
+    return np.ascontiguousarray(np.moveaxis(g, 1, -1))
+
+
+Allocator = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+
+class Arena:
+    """Hands out arrays carved from large buffers. The kernels stream through every weight for every
+    token: in a few big buffers the kernel backs them with 2 MiB pages (numpy asks for transparent huge
+    pages on large allocations), which saves a TLB miss per 4 KiB (measured ~15% of decode time)."""
+
+    def __init__(self, chunk_bytes: int = 32 << 20, align: int = 64) -> None:
+        self.chunk_bytes, self.align = chunk_bytes, align
+        self.chunk = np.empty(0, np.uint8)
+        self.used = 0
+
+    def __call__(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes > self.chunk_bytes // 4:
+            return np.empty(shape, dtype)  # large enough to get huge pages by itself
+        start = -(-self.used // self.align) * self.align
+        if start + nbytes > self.chunk.size:
+            self.chunk = np.empty(self.chunk_bytes, np.uint8)
+            start = 0
+        self.used = start + nbytes
+        return self.chunk[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def pack(qtype: GGMLType, data: np.ndarray, n_in: int, lanes: int = DEFAULT_LANES,
+         alloc: Allocator | None = None) -> Packed:
+    """Repack `data` (rows, row_bytes) of a `qtype` matrix with rows of `n_in` weights. `alloc(shape,
+    dtype)` provides the arrays (default np.empty)."""
+    alloc = alloc or (lambda shape, dtype: np.empty(shape, dtype))
+    qtype = GGMLType(qtype)
+    block, size = BLOCK_INFO[qtype]
+    n_out = data.shape[0]
+    n_groups = -(-n_out // lanes)
+    family = "nibble" if qtype in NIBBLE_TYPES else {GGMLType.Q8_0: "q8", GGMLType.Q6_K: "q6k"}[qtype]
+    packed = Packed(qtype, family, n_out, n_in, lanes)
+    chunk = max(lanes, CHUNK_ROWS // lanes * lanes)
+    for start in range(0, n_groups * lanes, chunk):
+        rows = np.asarray(data[start:start + chunk])
+        n_rows = -(-rows.shape[0] // lanes) * lanes
+        if n_rows != rows.shape[0]:
+            rows = np.concatenate([rows, np.zeros((n_rows - rows.shape[0], rows.shape[1]), np.uint8)])
+        fields = _fields(qtype, rows.reshape(n_rows, n_in // block, size))
+        for name, value in fields.items():
+            grouped = _to_groups(value, lanes)
+            if name not in packed.arrays:
+                packed.arrays[name] = alloc((n_groups,) + grouped.shape[1:], grouped.dtype)
+            g0 = start // lanes
+            packed.arrays[name][g0:g0 + grouped.shape[0]] = grouped
+    if family == "nibble":
+        packed.mode = {GGMLType.Q4_0: 0, GGMLType.Q5_0: 0, GGMLType.Q4_1: 1, GGMLType.Q5_1: 1}.get(qtype, 2)
+        packed.offset = {GGMLType.Q4_0: -8.0, GGMLType.Q5_0: -16.0}.get(qtype, 0.0)
+        n_sub = n_in // 32
+        empty_u8 = np.zeros((n_groups, 0, lanes), np.uint8)
+        packed.arrays.setdefault("qh", np.zeros((n_groups, 0, lanes), np.uint32))
+        packed.arrays.setdefault("m", np.zeros((n_groups, 0, lanes), np.uint16))
+        packed.arrays.setdefault("sc", empty_u8)
+        packed.arrays.setdefault("mn", empty_u8)
+        assert packed.arrays["qs"].shape == (n_groups, n_sub, 16, lanes)
+    return packed
