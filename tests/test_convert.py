@@ -123,3 +123,27 @@ def test_rope_settings_in_either_config_style(fixtures, tmp_path, style):
     meta = GGUFFile(convert(hf, tmp_path / "m.gguf", "f32")).metadata
     assert meta["llama.rope.freq_base"] == 500000.0
     assert meta["llama.rope.scaling.type"] == "linear" and meta["llama.rope.scaling.factor"] == 4.0
+
+
+def _fixture_archs():
+    from conftest import FIXTURES
+
+    return sorted(p.name.split("-ref-")[0] for p in FIXTURES.glob("*-ref-f32.npz"))
+
+
+@pytest.mark.parametrize("arch", _fixture_archs())
+def test_every_architectures_blocks_equal_gguf_quants(fixtures, arch):
+    # The f32 file holds each tensor exactly as the converter transformed it, so every quantized file's
+    # blocks must be gguf.quants.quantize of the f32 file's tensor of the same name.
+    f32 = GGUFFile(fixtures / f"{arch}-f32.gguf")
+    for qtype in ("f16", "q8_0", "q4_0"):
+        f = GGUFFile(fixtures / f"{arch}-{qtype}.gguf")
+        assert set(f.tensors) == set(f32.tensors)
+        for name, t in f.tensors.items():
+            x = f32.tensors[name].dequantize()
+            gtype = gguf.GGMLQuantizationType(int(t.type))
+            expected = x if gtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(x, gtype)
+            np.testing.assert_array_equal(t.data.reshape(-1), np.ascontiguousarray(expected).reshape(-1).view(np.uint8),
+                                          err_msg=f"{arch} {qtype} {name}")
+            if x.ndim == 2 and qtype != "f16" and x.shape[1] % 32 == 0 and not name.endswith("_norm.weight"):
+                assert t.type.name == qtype.upper(), name  # matrices take the asked type
