@@ -67,14 +67,41 @@ def specs() -> dict[str, ConvertSpec]:
     return CONVERTERS
 
 
+def _sentencepiece_kv(path: Path, vocab_size: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """A SentencePiece tokenizer.model as llama.cpp's converter writes it (tokenizer.ggml.model "llama")."""
+    from .formats.spm_model import read_sentencepiece
+
+    sp = read_sentencepiece(path)
+    tokens, scores, types = list(sp.pieces), list(sp.scores), list(sp.types)
+    for i in range(len(tokens), vocab_size):  # the model's embedding may have more rows than pieces
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(UNUSED)
+    kv = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+          "tokenizer.ggml.token_type": types, "tokenizer.ggml.add_space_prefix": sp.add_dummy_prefix}
+    return kv, {t: i for i, t in enumerate(tokens)}
+
+
 def _tokenizer_kv(directory: Path, cfg: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     path = directory / "tokenizer.json"
-    if not path.exists():
-        return {}
-    tj = json.loads(path.read_text(encoding="utf-8"))
+    spm_path = directory / "tokenizer.model"
+    tj = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     model = tj.get("model", {})
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise PurelmError(f"{path}: only byte-level BPE tokenizer.json files are converted so far")
+    byte_level = model.get("type") == "BPE" and isinstance(model.get("vocab"), dict) and not model.get("byte_fallback")
+    if spm_path.exists() and not byte_level:
+        kv, vocab = _sentencepiece_kv(spm_path, vocab_size)
+    elif path.exists():
+        if not byte_level:
+            raise PurelmError(f"{path}: only byte-level BPE tokenizer.json files (or a SentencePiece "
+                              "tokenizer.model) are converted so far")
+        kv, vocab = _byte_level_kv(tj, vocab_size)
+    else:
+        return {}
+    return {**kv, **_special_tokens_kv(directory, cfg, vocab)}
+
+
+def _byte_level_kv(tj: dict[str, Any], vocab_size: int) -> tuple[dict[str, Any], dict[str, int]]:
+    model = tj["model"]
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["content"]: t for t in tj.get("added_tokens", [])}
     for text, t in added.items():
@@ -95,6 +122,11 @@ def _tokenizer_kv(directory: Path, cfg: dict[str, Any], vocab_size: int) -> dict
         "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.merges": merges,
     }
+    return kv, vocab
+
+
+def _special_tokens_kv(directory: Path, cfg: dict[str, Any], vocab: dict[str, int]) -> dict[str, Any]:
+    kv: dict[str, Any] = {}
     tcfg_path = directory / "tokenizer_config.json"
     tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.exists() else {}
 
@@ -176,7 +208,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type_nam
     w.add("general.quantization_version", 2)
     vocab_size = cfg.get("vocab_size") or 0
     for key, value in _tokenizer_kv(hf_dir, cfg, vocab_size).items():
-        w.add(key, value, elem=ValueType.INT32 if key == "tokenizer.ggml.token_type" else None)
+        elem = {"tokenizer.ggml.token_type": ValueType.INT32, "tokenizer.ggml.scores": ValueType.FLOAT32}.get(key)
+        w.add(key, value, elem=elem)
 
     seen: set[str] = set()
     written: dict[str, str] = {}  # GGUF name -> HF name (for error messages)

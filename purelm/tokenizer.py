@@ -20,7 +20,9 @@ Where this follows llama.cpp rather than transformers' GGUF loader (ids can diff
     (`ignore_merges`, as llama.cpp and Llama 3's tokenizer.json do).
   - pre names transformers does not know (falcon, deepseek-*, bloom, ...) get llama.cpp's splits;
     transformers gives them the GPT-2 split, which is also what "default" and unknown names get here.
-  - `tokenizer.ggml.add_space_prefix = false` on a "llama" vocabulary turns off the "▁" prefix.
+  - a "llama" vocabulary puts "▁" before every run of text, also one that already starts with a space
+    and text after a special token, as sentencepiece and llama.cpp do (transformers skips it there);
+    `tokenizer.ggml.add_space_prefix = false` turns the prefix off.
   - without a `tokenizer.ggml.add_bos_token` key, a llama3-style "gpt2" vocabulary adds BOS.
 """
 
@@ -507,13 +509,10 @@ class Tokenizer:
 
         backend = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
         steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        if self.architecture == "phi3":
-            # Phi-3 prefixes the space with a normalizer, so text starting with a space gets two.
+        if self.add_space_prefix:
+            # As sentencepiece and llama.cpp do: every run of text (the start, and after each special
+            # token) gets a "▁" prefix, even when it already starts with a space.
             backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-            steps.append(decoders.Strip(content=" ", left=1))
-        elif self.add_space_prefix:
-            # "first": only the text before the first special token gets the "▁" prefix.
-            backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
             steps.append(decoders.Strip(content=" ", left=1))
         else:
             backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)

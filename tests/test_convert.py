@@ -147,3 +147,36 @@ def test_every_architectures_blocks_equal_gguf_quants(fixtures, arch):
                                           err_msg=f"{arch} {qtype} {name}")
             if x.ndim == 2 and qtype != "f16" and x.shape[1] % 32 == 0 and not name.endswith("_norm.weight"):
                 assert t.type.name == qtype.upper(), name  # matrices take the asked type
+
+
+def test_sentencepiece_checkpoint_tokenizer(fixtures, tmp_path):
+    # A checkpoint with a SentencePiece tokenizer.model (LLaMA 2, Mistral, Gemma style) converts to a
+    # "llama" vocabulary whose ids are sentencepiece's own (tests/fixtures/spm, tools/make_spm_fixture.py).
+    import purelm
+    from purelm.formats.spm_model import read_sentencepiece
+
+    hf = tmp_path / "hf"
+    shutil.copytree(fixtures / "hf" / "llama", hf)
+    (hf / "tokenizer.json").unlink()
+    shutil.copy(fixtures / "spm" / "tokenizer.model", hf / "tokenizer.model")
+    (hf / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
+    ref = json.loads((fixtures / "spm" / "reference.json").read_text(encoding="utf-8"))
+    out = convert(hf, tmp_path / "m.gguf", "q8_0")
+    meta = GGUFFile(out).metadata
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.bos_token_id"] == ref["bos_id"]
+    sp = read_sentencepiece(hf / "tokenizer.model")
+    assert meta["tokenizer.ggml.tokens"] == sp.pieces and list(meta["tokenizer.ggml.scores"]) == sp.scores
+    llm = purelm.load(out, backend="numpy")
+    for case in ref["cases"]:
+        assert llm.tokenize(case["text"], parse_special=False) == [ref["bos_id"]] + case["ids"], case["text"]
+        assert llm.detokenize(case["ids"]) == case["decoded"], case["text"]
+
+
+def test_corrupt_tokenizer_model_is_a_clear_error(fixtures, tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(fixtures / "hf" / "llama", hf)
+    (hf / "tokenizer.json").unlink()
+    (hf / "tokenizer.model").write_bytes((fixtures / "spm" / "tokenizer.model").read_bytes()[:1000])
+    with pytest.raises(FormatError, match="tokenizer.model"):
+        convert(hf, tmp_path / "m.gguf")
