@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .backends import get_backend
-from .backends.base import Backend, KVCache
+from .backends.base import Backend
 from .formats.gguf import GGUFFile
 from .generate import Chunk, Completion, prefill, stream_tokens
 from .hub import resolve

@@ -1,5 +1,4 @@
 """Model logits against transformers (fixtures made by tools/make_fixtures.py) and the real SmolLM2 file."""
-import shutil
 
 import numpy as np
 import pytest

@@ -107,5 +107,9 @@ class Model:
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
         raise NotImplementedError
 
+    output: Any = None  # the output matrix (the token embedding when tied)
+    output_b: Any = None  # its bias, where the architecture has one
+
     def head(self, h: Any) -> Any:
-        raise NotImplementedError
+        """Logits from the final hidden states."""
+        return self.ops.linear(h, self.output, self.output_b)

@@ -72,9 +72,6 @@ class Falcon(Model):
             x = x + attn + ops.linear(ops.gelu(ops.linear(n, L["w_up"])), L["w_down"])
         return ops.layer_norm(x, *self.out_norm, self.eps)
 
-    def head(self, h: Any) -> Any:
-        return self.ops.linear(h, self.output)
-
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
 

@@ -131,9 +131,6 @@ class GPT2(Model):
     def mlp(self, m: Any, L: dict[str, Any]) -> Any:
         return self.ops.linear(self.ops.gelu(self.ops.linear(m, L["up"], L["bup"])), L["down"], L["bdown"])
 
-    def head(self, h: Any) -> Any:
-        return self.ops.linear(h, self.output, self.output_b)
-
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
 # GPT-2's Conv1D weights are stored [in, out]; llama.cpp's converter transposes them to [out, in] and keeps

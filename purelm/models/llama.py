@@ -83,9 +83,6 @@ class Llama(Model):
             x = x + ops.linear(ops.swiglu(gate, up), L["w_down"])
         return ops.rms_norm(x, self.out_norm, self.eps)
 
-    def head(self, h: Any) -> Any:
-        return self.ops.linear(h, self.output)
-
 
 class Qwen2(Llama):
     """Qwen2/2.5: LLaMA with q/k/v biases and NeoX-style rotation (GGUF keeps HF's q/k order)."""

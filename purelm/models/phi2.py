@@ -86,9 +86,6 @@ class Phi2(Model):
             x = x + attn + ffn
         return ops.layer_norm(x, *self.out_norm, self.eps)
 
-    def head(self, h: Any) -> Any:
-        return self.ops.linear(h, self.output, self.output_b)
-
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
 

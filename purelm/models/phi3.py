@@ -99,9 +99,6 @@ class Phi3(Model):
             x = x + ops.linear(ops.swiglu(gate_up[:, :ffn], gate_up[:, ffn:]), L["w_down"])
         return ops.rms_norm(x, self.out_norm, self.eps)
 
-    def head(self, h: Any) -> Any:
-        return self.ops.linear(h, self.output)
-
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
 

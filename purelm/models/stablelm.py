@@ -87,9 +87,6 @@ class StableLM(Model):
             x = h + ops.linear(ops.swiglu(gate, up), L["w_down"])
         return ops.layer_norm(x, *self.out_norm, self.eps)
 
-    def head(self, h: Any) -> Any:
-        return self.ops.linear(h, self.output)
-
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
 
