@@ -6,6 +6,7 @@ import shutil
 import gguf
 import numpy as np
 import pytest
+from conftest import llama_cpp_tensor_names, tensor_pattern
 
 from purelm.backends.numpy_backend import NumpyBackend
 from purelm.convert import convert
@@ -46,10 +47,9 @@ def logits(model, ids):
 def test_names_and_keys_are_llama_cpps(fixtures, name):
     arch = FIXTURE_ARCH[name]
     r = gguf.GGUFReader(fixtures / f"{name}-q8_0.gguf")
-    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper()]]}
+    allowed = llama_cpp_tensor_names(arch)
     for t in r.tensors:
-        base = t.name.rsplit(".", 1)[0]
-        assert (base.replace(base.split(".")[1], "{bid}", 1) if base.startswith("blk.") else base) in allowed, t.name
+        assert tensor_pattern(t.name) in allowed, t.name
     assert r.fields["general.architecture"].contents() == arch
     assert {k[len(arch) + 1:] for k in r.fields if k.startswith(arch + ".")} == KEYS[arch]
 

@@ -7,6 +7,7 @@ import math
 import gguf
 import numpy as np
 import pytest
+from conftest import llama_cpp_tensor_names, tensor_pattern
 
 from purelm.backends.numpy_backend import NumpyBackend
 from purelm.errors import PurelmError
@@ -55,10 +56,9 @@ def hf_logits(model, ids):
 def test_names_and_keys_are_llama_cpps(fixtures, name):
     arch = FIXTURE_ARCH[name]
     r = gguf.GGUFReader(fixtures / f"{name}-q8_0.gguf")
-    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper()]]}
+    allowed = llama_cpp_tensor_names(arch)
     for t in r.tensors:
-        base = t.name.rsplit(".", 1)[0]
-        assert (base.replace(base.split(".")[1], "{bid}", 1) if base.startswith("blk.") else base) in allowed, t.name
+        assert tensor_pattern(t.name) in allowed, t.name
         if t.name.endswith("_norm.weight") or len(t.shape) == 1:
             assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name  # llama.cpp keeps norms f32
     assert r.fields["general.architecture"].contents() == arch

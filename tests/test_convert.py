@@ -6,6 +6,7 @@ import struct
 import gguf
 import numpy as np
 import pytest
+from conftest import llama_cpp_tensor_names, tensor_pattern
 
 from purelm.cli import main
 from purelm.convert import convert, permute_qk
@@ -61,12 +62,9 @@ def test_blocks_equal_gguf_quants(fixtures, tmp_path, qtype):
 def test_names_and_keys_are_llama_cpps(fixtures, tmp_path):
     out = convert(fixtures / "hf" / "qwen2", tmp_path / "m.gguf", "f16")
     r = gguf.GGUFReader(out)
-    arch = gguf.MODEL_ARCH.QWEN2
-    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}
+    allowed = llama_cpp_tensor_names("qwen2")
     for t in r.tensors:
-        base = t.name.rsplit(".", 1)[0]
-        pattern = base.replace(base.split(".")[1], "{bid}", 1) if base.startswith("blk.") else base
-        assert pattern in allowed, t.name
+        assert tensor_pattern(t.name) in allowed, t.name
     keys = set(r.fields)
     for key in (gguf.Keys.LLM.CONTEXT_LENGTH, gguf.Keys.LLM.EMBEDDING_LENGTH, gguf.Keys.LLM.BLOCK_COUNT,
                 gguf.Keys.LLM.FEED_FORWARD_LENGTH, gguf.Keys.Attention.HEAD_COUNT, gguf.Keys.Attention.HEAD_COUNT_KV,
