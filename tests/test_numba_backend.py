@@ -29,6 +29,7 @@ from purelm.models.blocks import alibi_slopes
 from purelm.quant import GGMLType as T
 from purelm.quant import quantize
 from purelm.quant.types import BLOCK_INFO
+from purelm.backends.numba_kernels.packing import PACKED_TYPES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 KERNEL_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -130,9 +131,21 @@ def test_repacked_size_is_the_files():
     for qtype in KERNEL_TYPES:
         t = tensor(qtype, n_out=128)  # whole groups: no padding rows
         w = be.weight(t)
+        be.linear(inputs(1, t.shape[1]), w)  # matrices are repacked on first use
+        assert (w.packed is not None) == (qtype in PACKED_TYPES), qtype.name
         if w.packed is not None:
             # f16 scales kept; K-quants' 6-bit scales take a byte each
             assert w.nbytes <= 1.05 * t.nbytes, qtype.name
+
+
+def test_a_matrix_only_looked_up_is_never_repacked():
+    be = NumbaBackend(1)
+    t = tensor(T.Q4_0, n_out=128)
+    w = be.weight(t)
+    be.embed(w, np.array([3, 1]))
+    assert w.packed is None and w.nbytes == 0  # an untied token embedding costs no copy
+    be.linear(inputs(1, t.shape[1]), w)
+    assert w.packed is not None
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)

@@ -61,13 +61,14 @@ class NumbaWeight:
     zero-copy mode) and/or a repacked copy (`packed`). A merged matrix (q|k|v) has `splits`, the
     output widths of its parts, and no file rows."""
 
-    __slots__ = ("qtype", "n_out", "n_in", "data", "packed", "splits", "column_splits")
+    __slots__ = ("qtype", "n_out", "n_in", "data", "packed", "splits", "column_splits", "pack_later")
 
     def __init__(self, qtype: GGMLType, n_out: int, n_in: int, data: np.ndarray | None = None,
                  packed: Packed | None = None, splits: tuple[int, ...] | None = None, threads: int = 1) -> None:
         self.qtype, self.n_out, self.n_in = GGMLType(qtype), n_out, n_in
         self.data, self.packed, self.splits = data, packed, splits
         self.column_splits = column_splits(packed.n_groups, packed.n_sub, threads) if packed else 1
+        self.pack_later = False  # repack on first use in `linear` (a matrix only looked up stays as is)
 
     @property
     def nbytes(self) -> int:
@@ -182,12 +183,19 @@ class NumbaBackend(Backend):
         n_in = t.shape[-1]
         n_out = t.n_elements // n_in  # leading dims flattened into rows
         data = t.data.reshape(n_out, -1)
-        if self.repack and t.type in PACKED_TYPES:
-            w = NumbaWeight(t.type, n_out, n_in, data, pack(t.type, data, n_in, alloc=self._arena),
-                            threads=self.threads)
-            release_file_pages(t.data)
-            return w
-        return NumbaWeight(t.type, n_out, n_in, data)
+        w = NumbaWeight(t.type, n_out, n_in, data)
+        # Repacked on first use in `linear`: a token embedding that is only looked up row by row (an
+        # untied model's) never gets a copy.
+        w.pack_later = self.repack and t.type in PACKED_TYPES
+        return w
+
+    def _pack(self, w: NumbaWeight) -> None:
+        with self._lock:
+            if w.pack_later:
+                w.packed = pack(w.qtype, w.data, w.n_in, alloc=self._arena)
+                w.column_splits = column_splits(w.packed.n_groups, w.packed.n_sub, self.threads)
+                release_file_pages(w.data)
+                w.pack_later = False
 
     def weights(self, ts: list[Tensor]) -> Any:
         same = len({(t.type, t.shape[-1]) for t in ts}) == 1 and all(len(t.shape) == 2 for t in ts)
@@ -240,6 +248,8 @@ class NumbaBackend(Backend):
     # -- matrix products
 
     def linear(self, x: np.ndarray, w: NumbaWeight, bias: np.ndarray | None = None) -> np.ndarray:
+        if w.pack_later:
+            self._pack(w)
         x = np.asarray(x, np.float32)
         lead = x.shape[:-1]
         x2 = np.ascontiguousarray(x.reshape(-1, w.n_in))
