@@ -116,6 +116,22 @@ def test_merged_weights_split_like_separate_ones(qtype):
             close(got, REF.linear(x, t))
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.Q6_K], ids=lambda t: t.name)
+def test_packing_parts_in_chunks_equals_packing_their_concatenation(monkeypatch, qtype):
+    from purelm.backends.numba_kernels import packing
+
+    monkeypatch.setattr(packing, "CHUNK_BYTES", 1)  # one group of rows per chunk: chunks straddle parts
+    parts = [tensor(qtype, n, N_IN, seed=i).data for i, n in enumerate((72, 40, 41))]
+    released: list[np.ndarray] = []
+    split = packing.pack(qtype, parts, N_IN, release=released.append)
+    whole = packing.pack(qtype, np.concatenate(parts), N_IN)
+    assert split.arrays.keys() == whole.arrays.keys()
+    for name in whole.arrays:
+        np.testing.assert_array_equal(split.arrays[name], whole.arrays[name], err_msg=name)
+    # every source row handed to `release` exactly once, in order
+    np.testing.assert_array_equal(np.concatenate(released), np.concatenate(parts))
+
+
 def test_mixed_types_are_not_merged():
     be = BACKENDS["repacked"]
     parts = [tensor(T.Q4_K, 64, 256), tensor(T.Q6_K, 64, 256, seed=1)]
@@ -231,6 +247,13 @@ def test_activations():
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=atol, err_msg=name)
     x2 = x[:1000].reshape(8, 125)
     np.testing.assert_allclose(be.swiglu(x2, x2), REF.swiglu(x2, x2), rtol=2e-6, atol=1e-7)
+    # gate and up as linear_many returns them for a prompt: column views of one (tokens, 2n) array
+    y = rng.standard_normal((37, 250)).astype(np.float32) * 3
+    gate, up = y[:, :125], y[:, 125:]
+    assert not gate.flags.c_contiguous
+    np.testing.assert_allclose(be.swiglu(gate, up), REF.swiglu(gate, up), rtol=2e-6, atol=1e-7)
+    # (the reference GELU's absolute error, times |up|)
+    np.testing.assert_allclose(be.geglu(gate, up), REF.geglu(gate, up), rtol=2e-6, atol=4e-7 * np.abs(up).max())
 
 
 # -- threads
@@ -327,3 +350,63 @@ def test_smollm2_agrees_with_numpy():
         steps = np.array([model.forward(ids[i:i + 1], cache) for i in range(len(ids) - 8, len(ids))])
         assert np.abs(steps - want[-8:]).max() < 1e-3
         assert (steps.argmax(-1) == want[-8:].argmax(-1)).all()
+
+
+# -- start-up: every kernel loaded before the weights, then LLVM's pages handed back
+
+PREPARE_CHECK = r"""
+import sys
+import numba, numpy as np
+from purelm.backends.numba_backend import NumbaBackend
+from purelm.backends.numba_kernels import ops, packed, rows
+from purelm.backends.pages import page_out_library
+from purelm.formats.gguf import GGUFFile
+from purelm.models import build_model
+
+def signatures():
+    return {(m.__name__, k): len(v.signatures) for m in (ops, packed, rows) for k, v in vars(m).items()
+            if isinstance(v, numba.core.dispatcher.Dispatcher)}
+
+def llvm_resident_kb():
+    total, on = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if head and not head[0].endswith(":"):
+            on = "llvmlite" in line
+        elif on and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+for threads, repack in ((2, True), (1, False)):
+    for path in sys.argv[1:]:
+        be = NumbaBackend(threads, repack=repack)
+        gguf = GGUFFile(path)
+        be.prepare({t.type for t in gguf.tensors.values()})
+        before = signatures()
+        model = build_model(gguf, be)
+        cache = model.new_cache(64)
+        model.forward(np.arange(20) % model.n_vocab, cache)  # prefill
+        for i in range(20):  # decode (past ThreadGuard's first probe on 2 threads)
+            model.forward(np.array([i]), cache)
+        new = {k: (before.get(k, 0), n) for k, n in signatures().items() if n != before.get(k, 0)}
+        assert not new, f"{path} threads={threads} repack={repack}: loaded after prepare: {new}"
+resident = llvm_resident_kb()  # before the call below, which would drop the pages itself
+print(page_out_library("llvmlite") > 0, resident)
+"""
+
+
+def test_prepare_loads_every_kernel_a_model_calls():
+    """A fresh process: after `prepare`, building and running any architecture (prefill and decode,
+    repacked or in place, 1 or 2 threads) loads no further kernel. Then LLVM, which only compiling or
+    loading kernels uses, holds (almost) no resident pages."""
+    import subprocess
+    import sys
+
+    files = [FIXTURES / f"{arch}-q4_0.gguf" for arch in TINY] + [FIXTURES / "llama-f16.gguf",
+                                                                 FIXTURES / "llama-q8_0.gguf"]
+    run = subprocess.run([sys.executable, "-c", PREPARE_CHECK, *map(str, files)], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    supported, llvm_kb = run.stdout.split()
+    if supported == "True":  # Linux 5.4+ (MADV_PAGEOUT)
+        assert int(llvm_kb) < 8 * 1024, llvm_kb

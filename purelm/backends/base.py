@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..formats.gguf import Tensor
+from ..quant.types import GGMLType
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,10 @@ class Backend(ABC):
     name: str = "?"
 
     # -- weights, prepared once at load
+    def prepare(self, types: set[GGMLType]) -> None:
+        """Called before a model with tensors of `types` builds its weights: a backend that compiles
+        kernels can make them ready here."""
+
     @abstractmethod
     def weight(self, t: Tensor) -> Any:
         """A matrix for `linear`/`embed`, from its packed GGUF tensor."""

@@ -18,7 +18,6 @@ rows.py (kernels over the file's own rows), ops.py (norms, rope, attention, acti
 """
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 from time import perf_counter
@@ -39,7 +38,8 @@ from ..quant import dequantize, dequantize_rows
 from ..quant.types import BLOCK_INFO, GGMLType
 from .base import AttentionSpec, Backend, KVCache, Rope
 from .numba_kernels import ops, packed as pk, rows as rk
-from .numba_kernels.packing import PACKED_TYPES, Arena, Packed, column_splits, pack
+from .pages import page_out_library, release_file_pages
+from .numba_kernels.packing import DEFAULT_LANES, PACKED_TYPES, Arena, Packed, column_splits, pack
 
 # At most this many tokens go through the matrix-vector kernels; more take the dequantize+BLAS path.
 MATVEC_MAX_TOKENS = 12
@@ -74,32 +74,6 @@ class NumbaWeight:
     def nbytes(self) -> int:
         """Bytes this weight owns (the repacked copy; file rows belong to the mmap)."""
         return self.packed.nbytes if self.packed is not None else 0
-
-
-def release_file_pages(data: np.ndarray) -> None:
-    """Drop `data`'s pages from this process's resident set, if it is a view of a read-only file
-    mapping (the GGUF mmap): a repacked copy replaces them. Touching them again re-reads the page
-    cache, so this is always safe; anonymous memory is left alone."""
-    owner = data
-    while isinstance(owner, np.ndarray):
-        owner = owner.base
-    if isinstance(owner, memoryview):
-        owner = owner.obj
-    if not isinstance(owner, mmap.mmap) or data.flags.writeable or not data.flags.c_contiguous:
-        return
-    try:
-        base = np.frombuffer(owner, np.uint8, count=1).ctypes.data
-    except (ValueError, TypeError, BufferError):
-        return
-    page = mmap.PAGESIZE
-    start = data.ctypes.data - base
-    first = -(-start // page) * page
-    last = (start + data.nbytes) // page * page
-    if last > first and hasattr(owner, "madvise"):
-        try:
-            owner.madvise(mmap.MADV_DONTNEED, first, last - first)
-        except (OSError, ValueError):
-            pass
 
 
 class ThreadGuard:
@@ -175,9 +149,76 @@ class NumbaBackend(Backend):
         self._guard = ThreadGuard(self.threads)
         self._in_pass = False
         self._numba_threads = self.threads
+        self._prepared: set[GGMLType] | None = None
         numba.set_num_threads(self.threads)
 
     # -- weights
+
+    def prepare(self, types: set[GGMLType]) -> None:
+        """Load (or compile) every kernel a model with tensors of `types` calls, by running each op
+        once on tiny inputs through the same methods a forward pass uses, then hand LLVM's pages back
+        to the OS: ~65 MB of the compiler that inference does not touch again. Done before the weights
+        are repacked, so those pages and the model are never resident together (peak RSS)."""
+        if self._prepared is not None and types <= self._prepared:
+            return
+        self._prepared = (self._prepared or set()) | set(types)
+        in_pass, guard = self._in_pass, self._guard
+        try:
+            self._warm_ops(types)
+        finally:
+            self._in_pass, self._guard = in_pass, guard
+        page_out_library("llvmlite")
+
+    def _warm_ops(self, types: set[GGMLType]) -> None:
+        rng = np.random.default_rng(0)
+        n_in, n_many = 256, MATVEC_MAX_TOKENS + 1  # one K-quant block per row; tokens: decode and prefill
+        x = rng.standard_normal((n_many, n_in)).astype(np.float32)
+        ones = np.ones(n_in, np.float32)
+        for qtype in types:
+            if qtype not in rk.ROW_TYPES:
+                continue
+            block, size = BLOCK_INFO[qtype]
+            rows = np.zeros((2 * DEFAULT_LANES, n_in // block * size), np.uint8)
+            merged = NumbaWeight(qtype, rows.shape[0], n_in, None, None, (DEFAULT_LANES, DEFAULT_LANES), self.threads)
+            if self.repack and qtype in PACKED_TYPES:
+                merged.packed = pack(qtype, rows, n_in)
+                merged.column_splits = column_splits(merged.packed.n_groups, merged.packed.n_sub, self.threads)
+            else:
+                merged.data = rows
+            rows.flags.writeable = False  # as the file's mmap'd rows are (numba types them apart)
+            self.embed(merged if merged.data is not None else NumbaWeight(qtype, 1, n_in, rows[:1]), np.zeros(1))
+            for n_tok in (1, 2, n_many):
+                for split in {1, merged.column_splits, 2}:
+                    merged.column_splits = split
+                    gate, up = self.linear_many(x[:n_tok], merged)
+                    self.swiglu(gate, up), self.geglu(gate, up)
+            self.to_numpy(x)
+        for n_tok in (1, n_many):
+            xt = x[:n_tok]
+            self.rms_norm(xt, ones, 1e-5), self.layer_norm(xt, ones, ones, 1e-5), self.layer_norm(xt, None, None, 1e-5)
+            self.silu(xt), self.gelu(xt), self.swiglu(xt, xt), self.geglu(xt, xt)
+        for neox in (False, True):
+            rope = Rope(n_dims=32, base=10000.0, neox=neox)
+            for n_tok in (1, n_many):
+                self.rope(x[:n_tok].reshape(n_tok, 4, 64), np.arange(n_tok), rope)
+                self.rope(x[:n_tok].reshape(n_tok, 4, 64), -np.ones(n_tok, np.int64), rope)
+        # attention: decode on one thread and on many (enough positions for the parallel kernel), prefill
+        n_ctx = 2 * ATTENTION_SERIAL_WORK // (4 * 64)
+        cache = self.kv_cache(1, n_ctx, 1, 64, 64)
+        spec = AttentionSpec(scale=0.125, alibi_slopes=np.ones(4, np.float32))
+        for n_tok in (n_many, 1):
+            cache.truncate(0)
+            q = x[:n_tok].reshape(n_tok, 4, 64)
+            self.attention(q, q[:, :1], q[:, :1], cache, 0, spec)
+            cache.commit(n_tok)
+        cache.commit(n_ctx - 1 - cache.n_past)
+        self.attention(x[:1].reshape(1, 4, 64), x[:1, :64].reshape(1, 1, 64), x[:1, :64].reshape(1, 1, 64),
+                       cache, 0, spec)
+        if self.threads > 1:  # the one-thread decode path, as when ThreadGuard finds the cores busy
+            self._numba_threads = 1
+            self.attention(x[:1].reshape(1, 4, 64), x[:1, :64].reshape(1, 1, 64), x[:1, :64].reshape(1, 1, 64),
+                           cache, 0, spec)
+            self._enter()
 
     def weight(self, t: Tensor) -> NumbaWeight:
         n_in = t.shape[-1]
@@ -192,7 +233,7 @@ class NumbaBackend(Backend):
     def _pack(self, w: NumbaWeight) -> None:
         with self._lock:
             if w.pack_later:
-                w.packed = pack(w.qtype, w.data, w.n_in, alloc=self._arena)
+                w.packed = pack(w.qtype, w.data, w.n_in, alloc=self._arena, release=release_file_pages)
                 w.column_splits = column_splits(w.packed.n_groups, w.packed.n_sub, self.threads)
                 release_file_pages(w.data)
                 w.pack_later = False
@@ -202,13 +243,11 @@ class NumbaBackend(Backend):
         if not (self.repack and same and ts[0].type in PACKED_TYPES):
             return [self.weight(t) for t in ts]
         qtype, n_in = ts[0].type, ts[0].shape[1]
-        rows = np.concatenate([t.data for t in ts])  # transient: the packed copy is what stays
-        merged = NumbaWeight(qtype, rows.shape[0], n_in, None, pack(qtype, rows, n_in, alloc=self._arena),
-                             tuple(t.shape[0] for t in ts), self.threads)
-        del rows
-        for t in ts:
-            release_file_pages(t.data)
-        return merged
+        data = [t.data for t in ts]
+        packed = pack(qtype, data, n_in, alloc=self._arena, release=release_file_pages)
+        for d in data:  # the pages that straddled two chunks
+            release_file_pages(d)
+        return NumbaWeight(qtype, packed.n_out, n_in, None, packed, tuple(t.shape[0] for t in ts), self.threads)
 
     # -- threads
 
@@ -266,10 +305,8 @@ class NumbaBackend(Backend):
             return [self.linear(x, w) for w in ws]
         y = self.linear(x, ws)
         parts, start = [], 0
-        for n in ws.splits:
-            part = y[..., start:start + n]
-            # one token: the column slice is contiguous already; more: copy, so later ops see C arrays
-            parts.append(part if y.shape[0] == 1 else np.ascontiguousarray(part))
+        for n in ws.splits:  # views: a copy of gate|up for a 512-token prompt would be 23 MB (1.1B)
+            parts.append(y[..., start:start + n])
             start += n
         return parts
 
@@ -487,16 +524,32 @@ class NumbaBackend(Backend):
         return _elementwise(ops.gelu, x)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        g = np.ascontiguousarray(gate, np.float32)
-        u = np.ascontiguousarray(up, np.float32)
-        out = np.empty_like(g)
-        ops.swiglu(g.reshape(-1), u.reshape(-1), out.reshape(-1))
-        return out
+        return _gated(ops.swiglu, gate, up)
+
+    def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return _gated(ops.geglu, gate, up)
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, np.float32)
     return x.reshape(-1, x.shape[-1])
+
+
+def _gated(kernel: Callable[[np.ndarray, np.ndarray, np.ndarray], None], gate: np.ndarray,
+           up: np.ndarray) -> np.ndarray:
+    """act(gate) * up over (tokens, n) arrays whose rows may be strided (linear_many's column views)."""
+    g, u = _strided_rows(gate), _strided_rows(up)
+    out = np.empty(g.shape, np.float32)
+    kernel(g, u, out)
+    return out.reshape(gate.shape)
+
+
+def _strided_rows(x: np.ndarray) -> np.ndarray:
+    """x as float32 (rows, n) with unit stride along a row; rows may be apart (no copy then)."""
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2 or x.strides[1] != 4:
+        x = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    return x
 
 
 def _elementwise(kernel: Callable[[np.ndarray, np.ndarray], None], x: np.ndarray) -> np.ndarray:

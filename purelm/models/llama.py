@@ -66,22 +66,27 @@ class Llama(Model):
         return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
 
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        ops, T, hd = self.ops, len(ids), self.head_dim
+        ops = self.ops
         x = ops.embed(self.tok_embd, ids)
         for i, L in enumerate(self.layers):
-            n = ops.rms_norm(x, L["attn_norm"], self.eps)
-            q, k, v = ops.linear_many(n, L["wqkv"])
-            if L["bq"] is not None:
-                q, k, v = q + L["bq"], k + L["bk"], v + L["bv"]
-            q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
-                       v.reshape(T, self.n_kv_head, hd))
-            q, k = ops.rope(q, positions, self.rope), ops.rope(k, positions, self.rope)
-            x = x + ops.linear(ops.attention(q, k, v, cache, i, self.attn), L["wo"])
-
-            m = ops.rms_norm(x, L["ffn_norm"], self.eps)
-            gate, up = ops.linear_many(m, L["w_gate_up"])
-            x = x + ops.linear(ops.swiglu(gate, up), L["w_down"])
+            # (one method per half-layer: its temporaries are freed before the next starts)
+            x = x + self.attention(ops.rms_norm(x, L["attn_norm"], self.eps), L, i, positions, cache)
+            x = x + self.feed_forward(ops.rms_norm(x, L["ffn_norm"], self.eps), L)
         return ops.rms_norm(x, self.out_norm, self.eps)
+
+    def attention(self, n: Any, L: dict[str, Any], i: int, positions: np.ndarray, cache: KVCache) -> Any:
+        ops, T, hd = self.ops, len(positions), self.head_dim
+        q, k, v = ops.linear_many(n, L["wqkv"])
+        if L["bq"] is not None:
+            q, k, v = q + L["bq"], k + L["bk"], v + L["bv"]
+        q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
+                   v.reshape(T, self.n_kv_head, hd))
+        q, k = ops.rope(q, positions, self.rope), ops.rope(k, positions, self.rope)
+        return ops.linear(ops.attention(q, k, v, cache, i, self.attn), L["wo"])
+
+    def feed_forward(self, m: Any, L: dict[str, Any]) -> Any:
+        gate, up = self.ops.linear_many(m, L["w_gate_up"])
+        return self.ops.linear(self.ops.swiglu(gate, up), L["w_down"])
 
 
 class Qwen2(Llama):

@@ -246,11 +246,24 @@ def attention_parallel(q, keys, values, p0, scale, softcap, window, slopes, chun
 
 @njit(**OPTS)
 def swiglu(gate, up, out):
-    """silu(gate) * up, elementwise over 1-D arrays."""
+    """silu(gate) * up, elementwise over (tokens, n) arrays (rows may be strided)."""
     wide_vectors()
-    for i in range(gate.shape[0]):
-        g = gate[i]
-        out[i] = g / (np.float32(1) + fast_exp(-g)) * up[i]
+    for t in range(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            g = gate[t, i]
+            out[t, i] = g / (np.float32(1) + fast_exp(-g)) * up[t, i]
+
+
+@njit(**OPTS)
+def geglu(gate, up, out):
+    """gelu(gate) * up (gelu as in `gelu`), over (tokens, n) arrays (rows may be strided)."""
+    wide_vectors()
+    c = np.float32(2 * 0.7978845608028654)
+    for t in range(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            v = gate[t, i]
+            y2 = c * (v + np.float32(0.044715) * v * v * v)
+            out[t, i] = v / (np.float32(1) + fast_exp(-y2)) * up[t, i]
 
 
 @njit(**OPTS)

@@ -31,7 +31,7 @@ PACKED_TYPES = frozenset(NIBBLE_TYPES + (GGMLType.Q8_0, GGMLType.Q6_K))
 
 # Rows per group: 64 keeps several independent vector accumulators in flight per weight column.
 DEFAULT_LANES = 64
-CHUNK_ROWS = 4096  # rows repacked at once, to bound the temporaries
+CHUNK_BYTES = 1 << 20  # file bytes repacked at once: the temporaries are a few times this
 
 
 @dataclass
@@ -173,24 +173,45 @@ class Arena:
         return self.chunk[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def pack(qtype: GGMLType, data: np.ndarray, n_in: int, lanes: int = DEFAULT_LANES,
-         alloc: Allocator | None = None) -> Packed:
-    """Repack `data` (rows, row_bytes) of a `qtype` matrix with rows of `n_in` weights. `alloc(shape,
-    dtype)` provides the arrays (default np.empty)."""
+def _row_chunks(parts: list[np.ndarray], chunk: int, release: Callable[[np.ndarray], None] | None):
+    """(first row, rows) of the row-wise concatenation of `parts`, `chunk` rows at a time, only a
+    chunk ever copied. `release` gets each source slice once it has been read."""
+    bounds = np.cumsum([0] + [p.shape[0] for p in parts])
+    for start in range(0, int(bounds[-1]), chunk):
+        end = min(start + chunk, int(bounds[-1]))
+        pieces = []
+        for p, lo in zip(parts, bounds[:-1]):
+            a, b = max(start - lo, 0), min(end - lo, p.shape[0])
+            if a < b:
+                pieces.append(p[a:b])
+        rows = np.array(pieces[0]) if len(pieces) == 1 else np.concatenate(pieces)
+        if release is not None:
+            for piece in pieces:
+                release(piece)
+        yield start, rows
+
+
+def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes: int = DEFAULT_LANES,
+         alloc: Allocator | None = None, release: Callable[[np.ndarray], None] | None = None) -> Packed:
+    """Repack `data` (rows, row_bytes) of a `qtype` matrix with rows of `n_in` weights; a list of such
+    arrays is packed as their concatenation (q|k|v). `alloc(shape, dtype)` provides the arrays (default
+    np.empty); `release(rows)` is called on each slice of `data` once it is copied (to drop the file's
+    pages as the copy grows, not after)."""
     alloc = alloc or (lambda shape, dtype: np.empty(shape, dtype))
     qtype = GGMLType(qtype)
     block, size = BLOCK_INFO[qtype]
-    n_out = data.shape[0]
+    parts = list(data) if isinstance(data, (list, tuple)) else [data]
+    n_out = sum(p.shape[0] for p in parts)
     n_groups = -(-n_out // lanes)
     family = "nibble" if qtype in NIBBLE_TYPES else {GGMLType.Q8_0: "q8", GGMLType.Q6_K: "q6k"}[qtype]
     packed = Packed(qtype, family, n_out, n_in, lanes)
-    chunk = max(lanes, CHUNK_ROWS // lanes * lanes)
-    for start in range(0, n_groups * lanes, chunk):
-        rows = np.asarray(data[start:start + chunk])
+    chunk = max(1, CHUNK_BYTES // (parts[0].shape[1] * lanes)) * lanes
+    for start, rows in _row_chunks(parts, chunk, release):
         n_rows = -(-rows.shape[0] // lanes) * lanes
         if n_rows != rows.shape[0]:
             rows = np.concatenate([rows, np.zeros((n_rows - rows.shape[0], rows.shape[1]), np.uint8)])
         fields = _fields(qtype, rows.reshape(n_rows, n_in // block, size))
+        del rows
         for name, value in fields.items():
             grouped = _to_groups(value, lanes)
             if name not in packed.arrays:
