@@ -116,6 +116,20 @@ def test_merged_weights_split_like_separate_ones(qtype):
             close(got, REF.linear(x, t))
 
 
+@pytest.mark.parametrize("n_ffn", [320, 72])  # whole groups of 64 rows (fused prefill path), and not
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q6_K, T.F16], ids=lambda t: t.name)
+def test_glu_equals_gate_and_up_products(qtype, n_ffn):
+    parts = [tensor(qtype, n_ffn, N_IN, seed=3), tensor(qtype, n_ffn, N_IN, seed=4)]
+    for be in BACKENDS.values():
+        merged = be.weights(parts)
+        for n_tok in (1, 37):
+            x = inputs(n_tok)
+            gate, up = REF.linear(x, parts[0]), REF.linear(x, parts[1])
+            with np.errstate(over="ignore"):  # the reference's exp(-x) for very negative x: inf, fine
+                close(be.glu(x, merged, "silu"), REF.swiglu(gate, up))
+                close(be.glu(x, merged, "gelu"), REF.geglu(gate, up))
+
+
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.Q6_K], ids=lambda t: t.name)
 def test_packing_parts_in_chunks_equals_packing_their_concatenation(monkeypatch, qtype):
     from purelm.backends.numba_kernels import packing

@@ -163,6 +163,13 @@ class Backend(ABC):
     def geglu(self, gate: Any, up: Any) -> Any:
         return self.gelu(gate) * up
 
+    def glu(self, x: Any, w_gate_up: Any, act: str) -> Any:
+        """act(x·Wgateᵀ) * (x·Wupᵀ) for the pair `weights([gate, up])` made, act "silu" (SwiGLU) or
+        "gelu" (GeGLU): a gated feed-forward's first half. A backend may fuse it so that the
+        full-width gate and up products never exist at once (a long prompt's largest temporaries)."""
+        gate, up = self.linear_many(x, w_gate_up)
+        return self.swiglu(gate, up) if act == "silu" else self.geglu(gate, up)
+
     def softcap(self, x: Any, cap: float) -> Any:
         """cap * tanh(x / cap) (gemma2's final logits)."""
         return np.tanh(x / np.float32(cap)) * np.float32(cap)

@@ -192,6 +192,7 @@ class NumbaBackend(Backend):
                     merged.column_splits = split
                     gate, up = self.linear_many(x[:n_tok], merged)
                     self.swiglu(gate, up), self.geglu(gate, up)
+                    self.glu(x[:n_tok], merged, "silu"), self.glu(x[:n_tok], merged, "gelu")
             self.to_numpy(x)
         for n_tok in (1, n_many):
             xt = x[:n_tok]
@@ -362,11 +363,6 @@ class NumbaBackend(Backend):
             def fill(u0: int, u1: int) -> np.ndarray:
                 return dequantize(w.data[u0:u1], w.qtype, (u1 - u0, w.n_in)).T
 
-        per_tile = max(1, TILE_FLOATS // (w.n_in * unit))
-        n_tiles = -(-n_units // per_tile)
-        n_tiles = -(-n_tiles // self.threads) * self.threads  # whole rounds: no thread idles at the end
-        per_tile = -(-n_units // n_tiles)
-
         def task(u0: int, u1: int) -> Callable[[], None]:
             def run() -> None:
                 wt = fill(u0, u1)
@@ -374,10 +370,56 @@ class NumbaBackend(Backend):
                 np.matmul(x, wt[:, : r1 - r0], out=y[:, r0:r1])
             return run
 
-        tasks = [task(u0, min(u0 + per_tile, n_units)) for u0 in range(0, n_units, per_tile)]
+        tasks = [task(u0, u1) for u0, u1 in self._tile_ranges(n_units, unit, w.n_in)]
         with self._single_threaded_blas():
             self._run_split(tasks)
         return y
+
+    def _tile_ranges(self, n_units: int, unit: int, n_in: int) -> list[tuple[int, int]]:
+        """Unit ranges of about TILE_FLOATS weights each, in whole rounds of the thread count (so no
+        thread idles at the end)."""
+        per_tile = max(1, TILE_FLOATS // (n_in * unit))
+        n_tiles = -(-n_units // per_tile)
+        n_tiles = -(-n_tiles // self.threads) * self.threads
+        per_tile = -(-n_units // n_tiles)
+        return [(u0, min(u0 + per_tile, n_units)) for u0 in range(0, n_units, per_tile)]
+
+    def glu(self, x: np.ndarray, ws: Any, act: str) -> np.ndarray:
+        p = ws.packed if isinstance(ws, NumbaWeight) else None
+        x2 = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
+        if (p is None or x2.shape[0] <= MATVEC_MAX_TOKENS or len(ws.splits) != 2
+                or ws.splits[0] != ws.splits[1] or ws.splits[0] % p.lanes):
+            return super().glu(x, ws, act)
+        # Prefill: per tile of gate rows, the same rows of up, then act(gate) * up straight into the
+        # output: no (tokens, 2 * ffn) product (23 MB for a 512-token prompt on a 1.1B model).
+        kernel = ops.swiglu if act == "silu" else ops.geglu
+        n_tok, n, lanes = x2.shape[0], ws.splits[0], p.lanes
+        half = n // lanes  # groups of gate rows; up's start right after
+        fill = self._packed_filler(p)
+        out = np.empty((n_tok, n), np.float32)
+
+        def task(g0: int, g1: int) -> Callable[[], None]:
+            def run() -> None:
+                rows = (g1 - g0) * lanes
+                buf = self._products(2 * n_tok * rows)
+                gate, up = buf[: n_tok * rows].reshape(n_tok, rows), buf[n_tok * rows:].reshape(n_tok, rows)
+                np.matmul(x2, fill(g0, g1), out=gate)
+                np.matmul(x2, fill(half + g0, half + g1), out=up)
+                kernel(gate, up, gate)  # in place, in cache; then one copy into the output's columns
+                out[:, g0 * lanes:g1 * lanes] = gate
+            return run
+
+        tasks = [task(g0, g1) for g0, g1 in self._tile_ranges(half, lanes, p.n_in)]
+        with self._single_threaded_blas():
+            self._run_split(tasks)
+        return out.reshape(x.shape[:-1] + (n,))
+
+    def _products(self, size: int) -> np.ndarray:
+        """This thread's scratch for glu's tile products."""
+        buf = getattr(self._scratch, "products", None)
+        if buf is None or buf.size < size:
+            buf = self._scratch.products = np.empty(size, np.float32)
+        return buf[:size]
 
     def _tile(self, rows: int, cols: int) -> np.ndarray:
         """This thread's scratch for a dequantized tile: reused, so no page faults per tile."""

@@ -116,28 +116,31 @@ class Gemma(Model):
         return self.ops.rms_norm(x.reshape(T * H, D), w, self.eps).reshape(T, H, D)
 
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        ops, T, hd, eps = self.ops, len(ids), self.head_dim, self.eps
+        ops, eps = self.ops, self.eps
         x = ops.embed(self.tok_embd, ids) * self.embed_scale
         for i, L in enumerate(self.layers):
-            n = ops.rms_norm(x, L["attn_norm"], eps)
-            q, k, v = ops.linear_many(n, L["wqkv"])
-            q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
-                       v.reshape(T, self.n_kv_head, hd))
-            if L["q_norm"] is not None:
-                q, k = self._head_norm(q, L["q_norm"]), self._head_norm(k, L["k_norm"])
-            q, k = ops.rope(q, positions, L["rope"]), ops.rope(k, positions, L["rope"])
-            a = ops.linear(ops.attention(q, k, v, cache, i, L["attn"]), L["wo"])
-            if L["post_attn_norm"] is not None:
-                a = ops.rms_norm(a, L["post_attn_norm"], eps)
-            x = x + a
-
-            m = ops.rms_norm(x, L["ffn_norm"], eps)
-            gate, up = ops.linear_many(m, L["w_gate_up"])
-            f = ops.linear(ops.geglu(gate, up), L["w_down"])
-            if L["post_ffw_norm"] is not None:
-                f = ops.rms_norm(f, L["post_ffw_norm"], eps)
-            x = x + f
+            # (one method per half-layer: its temporaries are freed before the next starts)
+            x = x + self.post_norm(self.attention(ops.rms_norm(x, L["attn_norm"], eps), L, i, positions, cache),
+                                   L["post_attn_norm"])
+            x = x + self.post_norm(self.feed_forward(ops.rms_norm(x, L["ffn_norm"], eps), L), L["post_ffw_norm"])
         return ops.rms_norm(x, self.out_norm, eps)
+
+    def attention(self, n: Any, L: dict[str, Any], i: int, positions: np.ndarray, cache: KVCache) -> Any:
+        ops, T, hd = self.ops, len(positions), self.head_dim
+        q, k, v = ops.linear_many(n, L["wqkv"])
+        q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
+                   v.reshape(T, self.n_kv_head, hd))
+        if L["q_norm"] is not None:
+            q, k = self._head_norm(q, L["q_norm"]), self._head_norm(k, L["k_norm"])
+        q, k = ops.rope(q, positions, L["rope"]), ops.rope(k, positions, L["rope"])
+        return ops.linear(ops.attention(q, k, v, cache, i, L["attn"]), L["wo"])
+
+    def feed_forward(self, m: Any, L: dict[str, Any]) -> Any:
+        return self.ops.linear(self.ops.glu(m, L["w_gate_up"], "gelu"), L["w_down"])
+
+    def post_norm(self, y: Any, w: Any) -> Any:
+        """Gemma 2/3 normalize each sublayer's output too (absent in Gemma 1)."""
+        return y if w is None else self.ops.rms_norm(y, w, self.eps)
 
     def head(self, h: Any) -> Any:
         logits = self.ops.linear(h, self.output)

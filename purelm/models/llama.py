@@ -85,8 +85,7 @@ class Llama(Model):
         return ops.linear(ops.attention(q, k, v, cache, i, self.attn), L["wo"])
 
     def feed_forward(self, m: Any, L: dict[str, Any]) -> Any:
-        gate, up = self.ops.linear_many(m, L["w_gate_up"])
-        return self.ops.linear(self.ops.swiglu(gate, up), L["w_down"])
+        return self.ops.linear(self.ops.glu(m, L["w_gate_up"], "silu"), L["w_down"])
 
 
 class Qwen2(Llama):
