@@ -131,9 +131,12 @@ class PurelmEngine:
         self.import_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.backend = get_backend(backend, threads)
+        self.rss_runtime_mb = rss_mb()  # interpreter, numpy and the backend's imports: before any model
         self.model = build_model(GGUFFile(path), self.backend)
         self.cache = self.model.new_cache(n_ctx)
         self.load_s = time.perf_counter() - t0
+        c = self.cache  # its size once all n_ctx positions are used (it grows on demand)
+        self.kv_cache_mb = c.n_layers * n_ctx * c.n_kv_heads * (c.k_dim + c.v_dim) * np.dtype(c.dtype).itemsize / 2**20
 
     def reset(self) -> None:
         self.cache.truncate(0)
@@ -181,6 +184,8 @@ class LlamaEngine:
 
             low.llama_model_default_params = params
         self.import_s = time.perf_counter() - t0
+        self.rss_runtime_mb = rss_mb()
+        self.kv_cache_mb = None  # (llama.cpp's f16 cache: not needed, the bound is checked for purelm)
         t0 = time.perf_counter()
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                    n_batch=n_batch, verbose=False)
@@ -220,7 +225,8 @@ def worker_main(args: argparse.Namespace) -> int:
         first = time.perf_counter() - t0
         send({"ready": True, "import_s": eng.import_s, "load_s": eng.load_s, "first_forward_s": first,
               "first_token_s": eng.load_s + first, "cold_start_s": time.perf_counter() - t_start,
-              "rss_after_load_mb": rss_mb(), "info": eng.info()})
+              "rss_after_load_mb": rss_mb(), "rss_runtime_mb": eng.rss_runtime_mb,
+              "kv_cache_mb": eng.kv_cache_mb, "info": eng.info()})
     except BaseException as e:  # noqa: BLE001 (reported to the parent)
         send({"ready": False, "error": f"{type(e).__name__}: {e}"})
         return 1
@@ -556,8 +562,9 @@ def run(args: argparse.Namespace) -> dict:
                 w.close()
             else:
                 for k in ("import_s", "load_s", "first_forward_s", "first_token_s", "cold_start_s",
-                          "rss_after_load_mb"):
-                    res[k] = round(w.hello[k], 4)
+                          "rss_after_load_mb", "rss_runtime_mb", "kv_cache_mb"):
+                    if w.hello.get(k) is not None:
+                        res[k] = round(w.hello[k], 4)
                 res["info"] = w.hello["info"]
                 workers[engine] = w
             results[engine] = res
@@ -612,6 +619,12 @@ def run(args: argparse.Namespace) -> dict:
             final = workers[engine].close()
             if final.get("ok"):
                 res["peak_rss_mb"] = round(final["peak_rss_mb"], 1)
+                if res.get("kv_cache_mb") is not None:
+                    # the bound purelm is held to: 1.2 x the file + the KV cache at n_ctx (MiB)
+                    bound = 1.2 * model["file_bytes"] / 2**20 + res["kv_cache_mb"]
+                    res["peak_rss_bound_mb"] = round(bound, 1)
+                    res["peak_rss_within_bound"] = res["peak_rss_mb"] <= bound
+                    res["peak_rss_above_runtime_mb"] = round(res["peak_rss_mb"] - res["rss_runtime_mb"], 1)
             bw = report["bandwidth"].get(str(threads), {})
             if "tg" in res and bw.get("gb_s_limit"):
                 achieved = model["weight_bytes_per_token"] * res["tg"]["tok_s"] / 1e9
