@@ -366,6 +366,31 @@ def test_smollm2_agrees_with_numpy():
         assert (steps.argmax(-1) == want[-8:].argmax(-1)).all()
 
 
+def resident_kb(a: np.ndarray) -> int:
+    """KiB of array `a`'s pages mapped in this process (the present bit of /proc/self/pagemap)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = a.ctypes.data // page, (a.ctypes.data + a.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first + 1) * 8), "<u8")
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page // 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="needs Linux's /proc/self/pagemap")
+@pytest.mark.skipif(smollm2_path() is None, reason="SmolLM2 file absent (set PURELM_SMOLLM2)")
+def test_embedding_lookups_leave_no_file_pages_resident():
+    """Scattered token ids map the file's pages around every looked-up row (fault-around); the
+    backend hands them back after each lookup and, once repacked, every matrix's pages too."""
+    be = NumbaBackend(1)
+    model = build_model(GGUFFile(smollm2_path()), be)
+    ids = np.random.default_rng(0).integers(0, model.n_vocab, 300)
+    model.forward(ids[:2], model.new_cache(320))  # (the first pass repacks the tied output head)
+    model.forward(ids, model.new_cache(320))
+    table = model.tok_embd.data
+    assert resident_kb(table) <= 8  # (49152 rows of 612 bytes: 300 rows left 14 MiB mapped before)
+    np.testing.assert_array_equal(be.embed(model.tok_embd, ids[:5]), REF.embed(model.gguf.tensors["token_embd.weight"], ids[:5]))
+
+
 # -- start-up: every kernel loaded before the weights, then LLVM's pages handed back
 
 PREPARE_CHECK = r"""

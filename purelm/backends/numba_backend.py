@@ -454,9 +454,14 @@ class NumbaBackend(Backend):
         if w.data is None:
             raise ValueError("a merged matrix has no rows to look up")
         if w.qtype not in rk.ROW_TYPES:
-            return dequantize_rows(w.data, w.qtype, w.n_in, ids)
-        out = np.empty((ids.size, w.n_in), np.float32)
-        rk.dequant_rows(w.data, int(w.qtype), BLOCK_INFO[w.qtype][0], ids, out)
+            out = dequantize_rows(w.data, w.qtype, w.n_in, ids)
+        else:
+            out = np.empty((ids.size, w.n_in), np.float32)
+            rk.dequant_rows(w.data, int(w.qtype), BLOCK_INFO[w.qtype][0], ids, out)
+        # A lookup maps the file's pages around each row too (the kernel's fault-around: 64 KiB), so a
+        # prompt of scattered ids would keep megabytes of the table resident; the page cache keeps
+        # them, a later lookup maps them again (measured: a 512-token prompt, 1.1B: ~20 MiB less RSS).
+        release_file_pages(w.data)
         return out
 
     # -- the rest
