@@ -83,6 +83,21 @@ def cpu_busy_s() -> tuple[float, float] | None:
     return busy / hz, (v[7] if len(v) > 7 else 0) / hz
 
 
+# Competing processes for --neighbour (one core each; the tests run while they do).
+NEIGHBOURS = {
+    "none": None,
+    "spin": "while True:\n    pass\n",
+    "stream": "import numpy as np\na = np.ones(64 << 20, np.float32)\nwhile True:\n    a.sum()\n",
+}
+
+
+def start_neighbour(kind: str) -> subprocess.Popen | None:
+    code = NEIGHBOURS[kind]
+    if code is None:
+        return None
+    return subprocess.Popen([sys.executable, "-c", code], env=thread_env(1), stdout=subprocess.DEVNULL)
+
+
 def thread_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
@@ -549,110 +564,125 @@ def run(args: argparse.Namespace) -> dict:
                 if vals:
                     bw[key + "_limit"] = max(vals)
 
+    if args.neighbour != "none":
+        report["notes"].append(f"--neighbour {args.neighbour}: a competing process ran during the tests "
+                               "(its CPU shows in other_load_reps)")
     for threads in threads_list:
-        workers: dict[str, Worker] = {}
-        results: dict[str, dict] = {}
-        for engine, tests in engines:
-            log(f"bench: starting {engine} with {threads} thread(s)")
-            w = Worker(engine, args, threads, n_ctx, first_id, extra)
-            res = {"engine": engine, "threads": threads, "tests": list(tests)}
-            if not w.hello.get("ready"):
-                res["error"] = w.hello.get("error")
-                log(f"bench: {engine} unavailable: {res['error']}")
-                w.close()
-            else:
-                for k in ("import_s", "load_s", "first_forward_s", "first_token_s", "cold_start_s",
-                          "rss_after_load_mb", "rss_runtime_mb", "kv_cache_mb"):
-                    if w.hello.get(k) is not None:
-                        res[k] = round(w.hello[k], 4)
-                res["info"] = w.hello["info"]
-                workers[engine] = w
-            results[engine] = res
-        live = [(e, t) for e, t in engines if e in workers]
-
-        def step(engine: str, test: str) -> tuple[float, float | None] | None:
-            """Seconds of one run, and the other jobs' load meanwhile (cores they kept busy or
-            the hypervisor stole, on average; None where it cannot be measured)."""
-            ids = pp_ids if test == "pp" else tg_ids
-            w = workers[engine]
-            b0, c0, p0, t0 = cpu_busy_s(), w.cpu_s(), time.process_time(), time.perf_counter()
-            r = w.ask(cmd=test, ids=ids)
-            b1, c1, p1, wall = cpu_busy_s(), w.cpu_s(), time.process_time(), time.perf_counter() - t0
-            if not r.get("ok"):
-                results[engine].setdefault("errors", []).append(f"{test}: {r.get('error')}")
-                log(f"bench: {engine} {test} failed: {r.get('error')}")
-                return None
-            foreign = None
-            if b0 and b1 and c0 is not None and c1 is not None and wall >= 0.2:  # /proc/stat ticks: 10 ms
-                other = (b1[0] - b0[0]) - (c1 - c0) - (p1 - p0) + (b1[1] - b0[1])
-                foreign = max(0.0, other / wall)
-            return r["s"], foreign
-
-        # warm-up: JIT compilation, first-touch of weights and buffers; not timed
-        for _ in range(args.warmup):
-            for test in ALL_TESTS:
-                for engine, tests in live:
-                    if test in tests:
-                        step(engine, test)
-        times: dict[tuple[str, str], list[float]] = {}
-        loads: dict[tuple[str, str], list[float | None]] = {}
-        for rep in range(args.reps):
-            for test in ALL_TESTS:
-                for engine, tests in live:
-                    if test not in tests or workers[engine].proc.poll() is not None:
-                        continue
-                    got = step(engine, test)
-                    if got is not None:
-                        s, foreign = got
-                        times.setdefault((engine, test), []).append(s)
-                        loads.setdefault((engine, test), []).append(foreign)
-                        n = args.pp if test == "pp" else args.tg
-                        other = f"  (other load {foreign:.2f} cores)" if foreign is not None else ""
-                        log(f"bench: t={threads} rep {rep + 1}/{args.reps} {engine:9s} {test}{n}: "
-                            f"{n / s:9.2f} tok/s{other}")
-        for engine, tests in live:
-            res = results[engine]
-            for test in tests:
-                if (engine, test) in times:
-                    res[test] = summarize(times[(engine, test)], args.pp if test == "pp" else args.tg,
-                                          loads[(engine, test)], args.quiet_load)
-            final = workers[engine].close()
-            if final.get("ok"):
-                res["peak_rss_mb"] = round(final["peak_rss_mb"], 1)
-                if res.get("kv_cache_mb") is not None:
-                    # the bound purelm is held to: 1.2 x the file + the KV cache at n_ctx (MiB)
-                    bound = 1.2 * model["file_bytes"] / 2**20 + res["kv_cache_mb"]
-                    res["peak_rss_bound_mb"] = round(bound, 1)
-                    res["peak_rss_within_bound"] = res["peak_rss_mb"] <= bound
-                    res["peak_rss_above_runtime_mb"] = round(res["peak_rss_mb"] - res["rss_runtime_mb"], 1)
-            bw = report["bandwidth"].get(str(threads), {})
-            if "tg" in res and bw.get("gb_s_limit"):
-                achieved = model["weight_bytes_per_token"] * res["tg"]["tok_s"] / 1e9
-                res["tg_weight_gb_s"] = round(achieved, 2)
-                res["tg_bandwidth_fraction"] = round(achieved / bw["gb_s_limit"], 3)
-                if bw.get("model_size_gb_s_limit"):
-                    res["tg_bandwidth_fraction_model_size"] = round(achieved / bw["model_size_gb_s_limit"], 3)
-        report["results"] += [results[e] for e, _ in engines]
-
-        ref = results.get(LLAMA)
-        if ref and "error" not in ref:
-            for engine, _ in engines:
-                r = results[engine]
-                if engine == LLAMA or "error" in r:
-                    continue
-                ratio = {"engine": engine, "vs": LLAMA, "threads": threads}
-                for test in ALL_TESTS:  # speed: purelm / llama.cpp, above 1 = purelm faster
-                    if test in r and test in ref:
-                        ratio[f"{test}_speed"] = round(r[test]["tok_s"] / ref[test]["tok_s"], 3)
-                        if r[test].get("tok_s_quiet") and ref[test].get("tok_s_quiet"):
-                            ratio[f"{test}_speed_quiet"] = round(r[test]["tok_s_quiet"] / ref[test]["tok_s_quiet"], 3)
-                for k in ("load_s", "first_token_s", "peak_rss_mb"):  # cost: above 1 = purelm costlier
-                    if r.get(k) and ref.get(k):
-                        ratio[k] = round(r[k] / ref[k], 3)
-                report["ratios"].append(ratio)
+        neighbour = start_neighbour(args.neighbour)
+        try:
+            run_threads(args, report, model, engines, threads, n_ctx, first_id, extra, pp_ids, tg_ids)
+        finally:
+            if neighbour is not None:
+                neighbour.kill()
+                neighbour.wait()
     if hasattr(os, "getloadavg"):
         report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
+
+
+def run_threads(args: argparse.Namespace, report: dict, model: dict, engines: list, threads: int, n_ctx: int,
+                first_id: int, extra: str, pp_ids: list[int], tg_ids: list[int]) -> None:
+    """Every engine at one thread count: start the workers, warm up, then the timed runs, alternating."""
+    workers: dict[str, Worker] = {}
+    results: dict[str, dict] = {}
+    for engine, tests in engines:
+        log(f"bench: starting {engine} with {threads} thread(s)")
+        w = Worker(engine, args, threads, n_ctx, first_id, extra)
+        res = {"engine": engine, "threads": threads, "tests": list(tests)}
+        if not w.hello.get("ready"):
+            res["error"] = w.hello.get("error")
+            log(f"bench: {engine} unavailable: {res['error']}")
+            w.close()
+        else:
+            for k in ("import_s", "load_s", "first_forward_s", "first_token_s", "cold_start_s",
+                      "rss_after_load_mb", "rss_runtime_mb", "kv_cache_mb"):
+                if w.hello.get(k) is not None:
+                    res[k] = round(w.hello[k], 4)
+            res["info"] = w.hello["info"]
+            workers[engine] = w
+        results[engine] = res
+    live = [(e, t) for e, t in engines if e in workers]
+
+    def step(engine: str, test: str) -> tuple[float, float | None] | None:
+        """Seconds of one run, and the other jobs' load meanwhile (cores they kept busy or
+        the hypervisor stole, on average; None where it cannot be measured)."""
+        ids = pp_ids if test == "pp" else tg_ids
+        w = workers[engine]
+        b0, c0, p0, t0 = cpu_busy_s(), w.cpu_s(), time.process_time(), time.perf_counter()
+        r = w.ask(cmd=test, ids=ids)
+        b1, c1, p1, wall = cpu_busy_s(), w.cpu_s(), time.process_time(), time.perf_counter() - t0
+        if not r.get("ok"):
+            results[engine].setdefault("errors", []).append(f"{test}: {r.get('error')}")
+            log(f"bench: {engine} {test} failed: {r.get('error')}")
+            return None
+        foreign = None
+        if b0 and b1 and c0 is not None and c1 is not None and wall >= 0.2:  # /proc/stat ticks: 10 ms
+            other = (b1[0] - b0[0]) - (c1 - c0) - (p1 - p0) + (b1[1] - b0[1])
+            foreign = max(0.0, other / wall)
+        return r["s"], foreign
+
+    # warm-up: JIT compilation, first-touch of weights and buffers; not timed
+    for _ in range(args.warmup):
+        for test in ALL_TESTS:
+            for engine, tests in live:
+                if test in tests:
+                    step(engine, test)
+    times: dict[tuple[str, str], list[float]] = {}
+    loads: dict[tuple[str, str], list[float | None]] = {}
+    for rep in range(args.reps):
+        for test in ALL_TESTS:
+            for engine, tests in live:
+                if test not in tests or workers[engine].proc.poll() is not None:
+                    continue
+                got = step(engine, test)
+                if got is not None:
+                    s, foreign = got
+                    times.setdefault((engine, test), []).append(s)
+                    loads.setdefault((engine, test), []).append(foreign)
+                    n = args.pp if test == "pp" else args.tg
+                    other = f"  (other load {foreign:.2f} cores)" if foreign is not None else ""
+                    log(f"bench: t={threads} rep {rep + 1}/{args.reps} {engine:9s} {test}{n}: "
+                        f"{n / s:9.2f} tok/s{other}")
+    for engine, tests in live:
+        res = results[engine]
+        for test in tests:
+            if (engine, test) in times:
+                res[test] = summarize(times[(engine, test)], args.pp if test == "pp" else args.tg,
+                                      loads[(engine, test)], args.quiet_load)
+        final = workers[engine].close()
+        if final.get("ok"):
+            res["peak_rss_mb"] = round(final["peak_rss_mb"], 1)
+            if res.get("kv_cache_mb") is not None:
+                # the bound purelm is held to: 1.2 x the file + the KV cache at n_ctx (MiB)
+                bound = 1.2 * model["file_bytes"] / 2**20 + res["kv_cache_mb"]
+                res["peak_rss_bound_mb"] = round(bound, 1)
+                res["peak_rss_within_bound"] = res["peak_rss_mb"] <= bound
+                res["peak_rss_above_runtime_mb"] = round(res["peak_rss_mb"] - res["rss_runtime_mb"], 1)
+        bw = report["bandwidth"].get(str(threads), {})
+        if "tg" in res and bw.get("gb_s_limit"):
+            achieved = model["weight_bytes_per_token"] * res["tg"]["tok_s"] / 1e9
+            res["tg_weight_gb_s"] = round(achieved, 2)
+            res["tg_bandwidth_fraction"] = round(achieved / bw["gb_s_limit"], 3)
+            if bw.get("model_size_gb_s_limit"):
+                res["tg_bandwidth_fraction_model_size"] = round(achieved / bw["model_size_gb_s_limit"], 3)
+    report["results"] += [results[e] for e, _ in engines]
+
+    ref = results.get(LLAMA)
+    if ref and "error" not in ref:
+        for engine, _ in engines:
+            r = results[engine]
+            if engine == LLAMA or "error" in r:
+                continue
+            ratio = {"engine": engine, "vs": LLAMA, "threads": threads}
+            for test in ALL_TESTS:  # speed: purelm / llama.cpp, above 1 = purelm faster
+                if test in r and test in ref:
+                    ratio[f"{test}_speed"] = round(r[test]["tok_s"] / ref[test]["tok_s"], 3)
+                    if r[test].get("tok_s_quiet") and ref[test].get("tok_s_quiet"):
+                        ratio[f"{test}_speed_quiet"] = round(r[test]["tok_s_quiet"] / ref[test]["tok_s_quiet"], 3)
+            for k in ("load_s", "first_token_s", "peak_rss_mb"):  # cost: above 1 = purelm costlier
+                if r.get(k) and ref.get(k):
+                    ratio[k] = round(r[k] / ref[k], 3)
+            report["ratios"].append(ratio)
 
 
 def resolve_model(name: str) -> Path:
@@ -690,6 +720,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="llama.cpp's extra weight buffers (repacking, AMX): auto = on unless a probe crashes")
     ap.add_argument("--quiet-load", type=float, default=0.25,
                     help="a rep counts as quiet when other jobs kept fewer cores busy than this (default 0.25)")
+    ap.add_argument("--neighbour", choices=sorted(NEIGHBOURS), default="none",
+                    help="run a competing process during the tests, to see how each engine copes with a "
+                         "busy machine: spin (one core busy in a loop), stream (one core reading a 256 MiB "
+                         "array over and over: memory bandwidth); default none")
     ap.add_argument("--out", help="also write the JSON here")
     # internal
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -97,6 +97,23 @@ def test_bench_tiny_numpy(tiny_model: Path) -> None:
         assert res[test]["n_tokens"] == n and len(res[test]["tok_s_reps"]) == 1 and res[test]["tok_s"] > 0
     for key in ("load_s", "first_token_s", "peak_rss_mb", "tg_bandwidth_fraction"):
         assert res[key] > 0, key
+    # the RSS bound: 1.2 x the file + the KV cache at n_ctx, and the peak measured against it
+    kv = res["kv_cache_mb"]
+    assert kv == pytest.approx(2 * 2 * report["settings"]["n_ctx"] * 2 * 16 * 4 / 2**20, abs=1e-4)  # layers, k+v, ctx, kv heads, dim, f32
+    assert res["peak_rss_bound_mb"] == round(1.2 * tiny_model.stat().st_size / 2**20 + kv, 1)
+    assert res["peak_rss_within_bound"] == (res["peak_rss_mb"] <= res["peak_rss_bound_mb"])
+    assert 0 < res["rss_runtime_mb"] < res["peak_rss_mb"]
+
+
+def test_bench_neighbour_runs_beside_the_tests(tiny_model: Path) -> None:
+    r = subprocess.run([sys.executable, str(BENCH / "bench.py"), str(tiny_model), "--engines", "numpy:tg",
+                        "--threads", "1", "--pp", "8", "--tg", "64", "--reps", "1", "--warmup", "0",
+                        "--no-bandwidth", "--neighbour", "spin"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert any("--neighbour spin" in n for n in report["notes"])
+    (res,) = report["results"]
+    assert res["tg"]["tok_s"] > 0
 
 
 def test_regress_tiny_roundtrip(tmp_path: Path) -> None:
