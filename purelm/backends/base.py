@@ -104,8 +104,8 @@ class Backend(ABC):
 
     # -- weights, prepared once at load
     def prepare(self, types: set[GGMLType]) -> None:
-        """Called before a model with tensors of `types` builds its weights: a backend that compiles
-        kernels can make them ready here."""
+        """Called before a model whose matrices (2-D tensors) have `types` builds its weights: a
+        backend that compiles kernels can make them ready here."""
 
     @abstractmethod
     def weight(self, t: Tensor) -> Any:

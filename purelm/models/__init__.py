@@ -29,5 +29,5 @@ def build_model(gguf: GGUFFile, backend: Backend) -> Model:
     if cls is None:
         raise FormatError(gguf.path, "general.architecture",
                           f"{arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})")
-    backend.prepare({t.type for t in gguf.tensors.values()})
+    backend.prepare({t.type for t in gguf.tensors.values() if len(t.shape) >= 2})  # matrices' types
     return cls(gguf, backend)
