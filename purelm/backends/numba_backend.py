@@ -386,10 +386,10 @@ class NumbaBackend(Backend):
 
     def glu(self, x: np.ndarray, ws: Any, act: str) -> np.ndarray:
         p = ws.packed if isinstance(ws, NumbaWeight) else None
-        x2 = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
-        if (p is None or x2.shape[0] <= MATVEC_MAX_TOKENS or len(ws.splits) != 2
+        if (p is None or x.size // x.shape[-1] <= MATVEC_MAX_TOKENS or len(ws.splits) != 2
                 or ws.splits[0] != ws.splits[1] or ws.splits[0] % p.lanes):
-            return super().glu(x, ws, act)
+            return super().glu(x, ws, act)  # decode, or halves not in whole groups of rows
+        x2 = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
         # Prefill: per tile of gate rows, the same rows of up, then act(gate) * up straight into the
         # output: no (tokens, 2 * ffn) product (23 MB for a 512-token prompt on a 1.1B model).
         kernel = ops.swiglu if act == "silu" else ops.geglu
@@ -401,7 +401,7 @@ class NumbaBackend(Backend):
         def task(g0: int, g1: int) -> Callable[[], None]:
             def run() -> None:
                 rows = (g1 - g0) * lanes
-                buf = self._products(2 * n_tok * rows)
+                buf = self._scratch_floats("products", 2 * n_tok * rows)
                 gate, up = buf[: n_tok * rows].reshape(n_tok, rows), buf[n_tok * rows:].reshape(n_tok, rows)
                 np.matmul(x2, fill(g0, g1), out=gate)
                 np.matmul(x2, fill(half + g0, half + g1), out=up)
@@ -414,19 +414,18 @@ class NumbaBackend(Backend):
             self._run_split(tasks)
         return out.reshape(x.shape[:-1] + (n,))
 
-    def _products(self, size: int) -> np.ndarray:
-        """This thread's scratch for glu's tile products."""
-        buf = getattr(self._scratch, "products", None)
+    def _scratch_floats(self, name: str, size: int) -> np.ndarray:
+        """This thread's float32 scratch buffer `name`, at least `size` long: reused from call to
+        call, so no page faults per tile."""
+        buf = getattr(self._scratch, name, None)
         if buf is None or buf.size < size:
-            buf = self._scratch.products = np.empty(size, np.float32)
+            buf = np.empty(max(size, TILE_FLOATS), np.float32)
+            setattr(self._scratch, name, buf)
         return buf[:size]
 
     def _tile(self, rows: int, cols: int) -> np.ndarray:
-        """This thread's scratch for a dequantized tile: reused, so no page faults per tile."""
-        buf = getattr(self._scratch, "buf", None)
-        if buf is None or buf.size < rows * cols:
-            buf = self._scratch.buf = np.empty(max(rows * cols, TILE_FLOATS), np.float32)
-        return buf[: rows * cols].reshape(rows, cols)
+        """This thread's scratch for a dequantized tile."""
+        return self._scratch_floats("tile", rows * cols).reshape(rows, cols)
 
     def _packed_filler(self, p: Packed) -> Callable[[int, int], np.ndarray]:
         a = p.arrays
