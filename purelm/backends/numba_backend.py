@@ -53,6 +53,9 @@ ATTENTION_BLOCK = 128
 ATTENTION_CHUNK = 256
 MAX_LANES = 32  # running maxima side by side in the softmax's max (a runtime count, see ops.span_max)
 EMPTY = np.zeros(0, np.float32)
+# Kernels per repacked family (packing.py); their leading arguments are Packed.kernel_args.
+MATVEC = {"nibble": pk.matvec_nibble, "q8": pk.matvec_q8, "q6k": pk.matvec_q6k}
+UNPACK = {"nibble": pk.unpack_nibble, "q8": pk.unpack_q8, "q6k": pk.unpack_q6k}
 NO_PARTS = np.zeros((0, 0, 0), np.float32)
 
 
@@ -213,12 +216,11 @@ class NumbaBackend(Backend):
             self.attention(q, q[:, :1], q[:, :1], cache, 0, spec)
             cache.commit(n_tok)
         cache.commit(n_ctx - 1 - cache.n_past)
-        self.attention(x[:1].reshape(1, 4, 64), x[:1, :64].reshape(1, 1, 64), x[:1, :64].reshape(1, 1, 64),
-                       cache, 0, spec)
+        q1, kv1 = x[:1].reshape(1, 4, 64), x[:1, :64].reshape(1, 1, 64)
+        self.attention(q1, kv1, kv1, cache, 0, spec)
         if self.threads > 1:  # the one-thread decode path, as when ThreadGuard finds the cores busy
             self._numba_threads = 1
-            self.attention(x[:1].reshape(1, 4, 64), x[:1, :64].reshape(1, 1, 64), x[:1, :64].reshape(1, 1, 64),
-                           cache, 0, spec)
+            self.attention(q1, kv1, kv1, cache, 0, spec)
             self._enter()
 
     def weight(self, t: Tensor) -> NumbaWeight:
@@ -321,16 +323,9 @@ class NumbaBackend(Backend):
         y = np.empty((x.shape[0], w.n_out), np.float32)
         p = w.packed
         if p is not None:
-            a = p.arrays
             n = w.column_splits
             parts = np.empty((n, x.shape[0], p.n_groups * p.lanes), np.float32) if n > 1 else NO_PARTS
-            if p.family == "nibble":
-                pk.matvec_nibble(a["qs"], a["qh"], a["d"], a["m"], a["sc"], a["mn"], p.mode,
-                                 np.float32(p.offset), x, y, parts)
-            elif p.family == "q8":
-                pk.matvec_q8(a["qs"], a["d"], x, y, parts)
-            else:
-                pk.matvec_q6k(a["qs"], a["qh"], a["sc"], a["d"], x, y, parts)
+            MATVEC[p.family](*p.kernel_args, x, y, parts)
         else:
             rk.matvec_rows(w.data, int(w.qtype), BLOCK_INFO[w.qtype][0], x, y)
         return y
@@ -428,17 +423,11 @@ class NumbaBackend(Backend):
         return self._scratch_floats("tile", rows * cols).reshape(rows, cols)
 
     def _packed_filler(self, p: Packed) -> Callable[[int, int], np.ndarray]:
-        a = p.arrays
+        unpack, args = UNPACK[p.family], p.kernel_args
 
         def fill(g0: int, g1: int) -> np.ndarray:
             out = self._tile(p.n_in, (g1 - g0) * p.lanes)
-            if p.family == "nibble":
-                pk.unpack_nibble(a["qs"], a["qh"], a["d"], a["m"], a["sc"], a["mn"], p.mode,
-                                 np.float32(p.offset), g0, g1, out)
-            elif p.family == "q8":
-                pk.unpack_q8(a["qs"], a["d"], g0, g1, out)
-            else:
-                pk.unpack_q6k(a["qs"], a["qh"], a["sc"], a["d"], g0, g1, out)
+            unpack(*args, g0, g1, out)
             return out
         return fill
 

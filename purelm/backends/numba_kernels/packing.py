@@ -56,6 +56,16 @@ class Packed:
         return sum(a.nbytes for a in self.arrays.values())
 
     @property
+    def kernel_args(self) -> tuple:
+        """The leading arguments of this family's kernels (packed.matvec_* and packed.unpack_*)."""
+        a = self.arrays
+        if self.family == "nibble":
+            return a["qs"], a["qh"], a["d"], a["m"], a["sc"], a["mn"], self.mode, np.float32(self.offset)
+        if self.family == "q8":
+            return a["qs"], a["d"]
+        return a["qs"], a["qh"], a["sc"], a["d"]
+
+    @property
     def n_sub(self) -> int:
         """Units a row is split into for parallel work (the kernels' column loop)."""
         return self.arrays["qs"].shape[1]
