@@ -64,14 +64,23 @@ class NumbaWeight:
     zero-copy mode) and/or a repacked copy (`packed`). A merged matrix (q|k|v) has `splits`, the
     output widths of its parts, and no file rows."""
 
-    __slots__ = ("qtype", "n_out", "n_in", "data", "packed", "splits", "column_splits", "pack_later")
+    __slots__ = ("qtype", "n_out", "n_in", "data", "packed", "splits", "column_splits", "pack_later", "kernel",
+                 "kernel_args")
 
     def __init__(self, qtype: GGMLType, n_out: int, n_in: int, data: np.ndarray | None = None,
                  packed: Packed | None = None, splits: tuple[int, ...] | None = None, threads: int = 1) -> None:
         self.qtype, self.n_out, self.n_in = GGMLType(qtype), n_out, n_in
-        self.data, self.packed, self.splits = data, packed, splits
-        self.column_splits = column_splits(packed.n_groups, packed.n_sub, threads) if packed else 1
+        self.data, self.splits = data, splits
         self.pack_later = False  # repack on first use in `linear` (a matrix only looked up stays as is)
+        self.set_packed(packed, threads)
+
+    def set_packed(self, packed: Packed | None, threads: int) -> None:
+        """Use `packed` for products; its matrix-vector kernel and arguments are looked up once here
+        (a decode step makes ~4 products per layer: per-call lookups showed in profiles)."""
+        self.packed = packed
+        self.column_splits = column_splits(packed.n_groups, packed.n_sub, threads) if packed else 1
+        self.kernel = MATVEC[packed.family] if packed else None
+        self.kernel_args = packed.kernel_args if packed else ()
 
     @property
     def nbytes(self) -> int:
@@ -146,6 +155,7 @@ class NumbaBackend(Backend):
         self._pool: ThreadPoolExecutor | None = None
         self._blas: Any = None
         self._rope_tables: dict[Rope, tuple[np.ndarray, np.ndarray]] = {}
+        self._by_id: dict[int, tuple[Any, Any]] = {}  # id(rope or spec) -> (it, what it gives)
         self._lock = threading.Lock()
         self._scratch = threading.local()
         self._arena = Arena()
@@ -184,8 +194,7 @@ class NumbaBackend(Backend):
             rows = np.zeros((2 * DEFAULT_LANES, n_in // block * size), np.uint8)
             merged = NumbaWeight(qtype, rows.shape[0], n_in, None, None, (DEFAULT_LANES, DEFAULT_LANES), self.threads)
             if self.repack and qtype in PACKED_TYPES:
-                merged.packed = pack(qtype, rows, n_in)
-                merged.column_splits = column_splits(merged.packed.n_groups, merged.packed.n_sub, self.threads)
+                merged.set_packed(pack(qtype, rows, n_in), self.threads)
             else:
                 merged.data = rows
             rows.flags.writeable = False  # as the file's mmap'd rows are (numba types them apart)
@@ -236,8 +245,8 @@ class NumbaBackend(Backend):
     def _pack(self, w: NumbaWeight) -> None:
         with self._lock:
             if w.pack_later:
-                w.packed = pack(w.qtype, w.data, w.n_in, alloc=self._arena, release=release_file_pages)
-                w.column_splits = column_splits(w.packed.n_groups, w.packed.n_sub, self.threads)
+                w.set_packed(pack(w.qtype, w.data, w.n_in, alloc=self._arena, release=release_file_pages),
+                             self.threads)
                 release_file_pages(w.data)
                 w.pack_later = False
 
@@ -292,16 +301,16 @@ class NumbaBackend(Backend):
     def linear(self, x: np.ndarray, w: NumbaWeight, bias: np.ndarray | None = None) -> np.ndarray:
         if w.pack_later:
             self._pack(w)
-        x = np.asarray(x, np.float32)
         lead = x.shape[:-1]
-        x2 = np.ascontiguousarray(x.reshape(-1, w.n_in))
-        if x2.shape[0] <= MATVEC_MAX_TOKENS:
-            y = self._matvec(x2, w)
-        else:
+        x2 = np.ascontiguousarray(x.reshape(-1, w.n_in), np.float32)
+        if x2.shape[0] > MATVEC_MAX_TOKENS or (w.packed is None and w.qtype not in rk.ROW_TYPES):
             y = self._matmul(x2, w)
+        else:
+            self._enter(self._guard.current)
+            y = self._matvec_kernel(x2, w)
         if bias is not None:
             y += bias
-        return y.reshape(lead + (w.n_out,))
+        return y.reshape(lead + (w.n_out,)) if len(lead) != 1 else y
 
     def linear_many(self, x: np.ndarray, ws: Any) -> list[np.ndarray]:
         if not isinstance(ws, NumbaWeight):
@@ -313,19 +322,12 @@ class NumbaBackend(Backend):
             start += n
         return parts
 
-    def _matvec(self, x: np.ndarray, w: NumbaWeight) -> np.ndarray:
-        if w.packed is None and w.qtype not in rk.ROW_TYPES:
-            return self._matmul(x, w)
-        self._enter(self._guard.current)
-        return self._matvec_kernel(x, w)
-
     def _matvec_kernel(self, x: np.ndarray, w: NumbaWeight) -> np.ndarray:
         y = np.empty((x.shape[0], w.n_out), np.float32)
-        p = w.packed
-        if p is not None:
-            n = w.column_splits
+        if w.kernel is not None:
+            n, p = w.column_splits, w.packed
             parts = np.empty((n, x.shape[0], p.n_groups * p.lanes), np.float32) if n > 1 else NO_PARTS
-            MATVEC[p.family](*p.kernel_args, x, y, parts)
+            w.kernel(*w.kernel_args, x, y, parts)
         else:
             rk.matvec_rows(w.data, int(w.qtype), BLOCK_INFO[w.qtype][0], x, y)
         return y
@@ -467,11 +469,17 @@ class NumbaBackend(Backend):
         return out.reshape(x.shape)
 
     def _rope_table(self, rope: Rope, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
+        # by identity first: hashing the dataclass (its fields, freq_factors too) on every call of a
+        # decode step showed in profiles
+        seen = self._by_id.get(id(rope))
+        if seen is not None and seen[0] is rope and seen[1][0].shape[0] >= n_positions:
+            return seen[1]
         table = self._rope_tables.get(rope)
         if table is None or table[0].shape[0] < n_positions:
             size = max(n_positions, 2 * table[0].shape[0] if table else 0, 1024)
             table = rope.cos_sin(np.arange(size))  # same float64 math as the reference, per position
             self._rope_tables[rope] = table
+        self._by_id[id(rope)] = (rope, table)
         return table
 
     def rope(self, x: np.ndarray, positions: np.ndarray, rope: Rope) -> np.ndarray:
@@ -504,10 +512,7 @@ class NumbaBackend(Backend):
         q = np.ascontiguousarray(q, np.float32)
         ops.store_kv(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32), keys, values, p0)
         out = np.empty((n_tok, n_head * values.shape[2]), np.float32)
-        scale = np.float32(spec.scale)
-        softcap = np.float32(spec.softcap or 0)
-        window = int(spec.window or 0)
-        slopes = EMPTY if spec.alibi_slopes is None else np.ascontiguousarray(spec.alibi_slopes, np.float32)
+        scale, softcap, window, slopes = self._spec_args(spec)
         pairs = n_tok * n_head
         work = pairs * (p0 + n_tok) * q.shape[2]
         if n_tok > MATVEC_MAX_TOKENS:
@@ -518,6 +523,18 @@ class NumbaBackend(Backend):
         else:
             ops.attention_parallel(q, keys, values, p0, scale, softcap, window, slopes, ATTENTION_CHUNK, out)
         return out
+
+    def _spec_args(self, spec: AttentionSpec) -> tuple[np.float32, np.float32, int, np.ndarray]:
+        """The kernels' arguments for `spec`, converted once per spec object (the spec is mutable,
+        so they are checked against its current fields)."""
+        fields = (spec.scale, spec.softcap, spec.window, spec.alibi_slopes)
+        seen = self._by_id.get(id(spec))
+        if seen is not None and seen[0] is spec and all(a is b for a, b in zip(seen[1][0], fields)):
+            return seen[1][1]
+        slopes = EMPTY if spec.alibi_slopes is None else np.ascontiguousarray(spec.alibi_slopes, np.float32)
+        args = (np.float32(spec.scale), np.float32(spec.softcap or 0), int(spec.window or 0), slopes)
+        self._by_id[id(spec)] = (spec, (fields, args))
+        return args
 
     def _attention_blas(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, p0: int, scale: np.float32,
                         softcap: np.float32, window: int, slopes: np.ndarray, out: np.ndarray) -> None:
