@@ -38,3 +38,22 @@ def tensor_pattern(name: str) -> str:
     """'blk.3.attn_q.weight' -> 'blk.{bid}.attn_q' (the form of gguf-py's TENSOR_NAMES)."""
     base = name.rsplit(".", 1)[0]
     return base.replace(base.split(".")[1], "{bid}", 1) if base.startswith("blk.") else base
+
+
+def int16_activations(x):
+    """What the numba backend's dot kernels multiply instead of x: each run of 32 values rounded to
+    int16 steps of max|run| / 32767 (numpy, written from the rule, not from the kernel's code)."""
+    import numpy as np
+
+    x = np.asarray(x, np.float32)
+    runs = x.reshape(-1, 32)
+    scale = (np.abs(runs).max(-1, keepdims=True) / np.float32(32767)).astype(np.float32)
+    inv = np.where(scale > 0, np.float32(1) / np.where(scale > 0, scale, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(runs * inv), -32767, 32767)
+    return (q * scale).astype(np.float32).reshape(x.shape)
+
+
+# The int16-activation decode path (numba backend, CPUs with AVX512-VNNI): a product moves by up to
+# ~1e-4 of its largest value (measured on random and real weights), so whole-model logits are held to
+# this fraction of their largest magnitude there, 3x the worst seen on the tiny models.
+INT16_LOGITS_REL = 3e-4

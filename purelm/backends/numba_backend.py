@@ -38,6 +38,7 @@ from ..quant import dequantize, dequantize_rows
 from ..quant.types import BLOCK_INFO, GGMLType
 from .base import AttentionSpec, Backend, KVCache, Rope
 from .numba_kernels import ops, packed as pk, rows as rk
+from .numba_kernels.intrinsics import has_int16_dot
 from .pages import page_out_library, release_file_pages
 from .numba_kernels.packing import DEFAULT_LANES, PACKED_TYPES, Arena, Packed, column_splits, pack
 
@@ -54,8 +55,10 @@ ATTENTION_CHUNK = 256
 MAX_LANES = 32  # running maxima side by side in the softmax's max (a runtime count, see ops.span_max)
 EMPTY = np.zeros(0, np.float32)
 # Kernels per repacked family (packing.py); their leading arguments are Packed.kernel_args.
-MATVEC = {"nibble": pk.matvec_nibble, "q8": pk.matvec_q8, "q6k": pk.matvec_q6k}
-UNPACK = {"nibble": pk.unpack_nibble, "q8": pk.unpack_q8, "q6k": pk.unpack_q6k}
+MATVEC = {"nibble": pk.matvec_nibble, "q8": pk.matvec_q8, "q6k": pk.matvec_q6k,
+          "nibble_dot": pk.matvec_nibble_dot, "q8_dot": pk.matvec_q8_dot}
+UNPACK = {"nibble": pk.unpack_nibble, "q8": pk.unpack_q8, "q6k": pk.unpack_q6k,
+          "nibble_dot": pk.unpack_nibble_dot, "q8_dot": pk.unpack_q8_dot}
 NO_PARTS = np.zeros((0, 0, 0), np.float32)
 
 
@@ -149,9 +152,12 @@ class ThreadGuard:
 class NumbaBackend(Backend):
     name = "numba"
 
-    def __init__(self, threads: int | None = None, repack: bool = True) -> None:
+    def __init__(self, threads: int | None = None, repack: bool = True, int16_dot: bool | None = None) -> None:
         self.threads = max(1, min(int(threads or os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS))
         self.repack = repack
+        # Decode products of Q4_0/Q4_1/Q4_K/Q8_0 with int16 activations and integer dot products,
+        # where the CPU has them (AVX512-VNNI); None: decide by the CPU.
+        self.int16_dot = has_int16_dot() if int16_dot is None else bool(int16_dot) and has_int16_dot()
         self._pool: ThreadPoolExecutor | None = None
         self._blas: Any = None
         self._rope_tables: dict[Rope, tuple[np.ndarray, np.ndarray]] = {}
@@ -194,7 +200,7 @@ class NumbaBackend(Backend):
             rows = np.zeros((2 * DEFAULT_LANES, n_in // block * size), np.uint8)
             merged = NumbaWeight(qtype, rows.shape[0], n_in, None, None, (DEFAULT_LANES, DEFAULT_LANES), self.threads)
             if self.repack and qtype in PACKED_TYPES:
-                merged.set_packed(pack(qtype, rows, n_in), self.threads)
+                merged.set_packed(pack(qtype, rows, n_in, dot=self.int16_dot), self.threads)
             else:
                 merged.data = rows
             rows.flags.writeable = False  # as the file's mmap'd rows are (numba types them apart)
@@ -245,8 +251,8 @@ class NumbaBackend(Backend):
     def _pack(self, w: NumbaWeight) -> None:
         with self._lock:
             if w.pack_later:
-                w.set_packed(pack(w.qtype, w.data, w.n_in, alloc=self._arena, release=release_file_pages),
-                             self.threads)
+                w.set_packed(pack(w.qtype, w.data, w.n_in, alloc=self._arena, release=release_file_pages,
+                                  dot=self.int16_dot), self.threads)
                 release_file_pages(w.data)
                 w.pack_later = False
 
@@ -256,7 +262,7 @@ class NumbaBackend(Backend):
             return [self.weight(t) for t in ts]
         qtype, n_in = ts[0].type, ts[0].shape[1]
         data = [t.data for t in ts]
-        packed = pack(qtype, data, n_in, alloc=self._arena, release=release_file_pages)
+        packed = pack(qtype, data, n_in, alloc=self._arena, release=release_file_pages, dot=self.int16_dot)
         for d in data:  # the pages that straddled two chunks
             release_file_pages(d)
         return NumbaWeight(qtype, packed.n_out, n_in, None, packed, tuple(t.shape[0] for t in ts), self.threads)

@@ -15,6 +15,11 @@ Three families cover the types the kernels read:
 - Q8_0: 32 int8 per block and an f16 d.
 - Q6_K: per 32-weight sub-block 16 bytes of low nibbles (as above) and 8 bytes of high 2-bit pairs
   (byte j: weights j, j+8, j+16, j+24), int8 scales per 16 weights and f16 d per 256.
+
+"Dot" layouts (families nibble_dot for Q4_0, Q4_1, Q4_K and q8_dot for Q8_0), for CPUs with integer
+dot-product instructions: the same fields, but the weight bytes of a group go 4 per row side by side,
+`qs[g, b, k, 4 * r + i]` = byte 4k + i of row r's sub-block, so that one 32-bit lane holds 4
+consecutive weights of one row (what vpdpwssd multiplies with 4 activations).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from ...quant.types import BLOCK_INFO, GGMLType
 
 NIBBLE_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K)
 PACKED_TYPES = frozenset(NIBBLE_TYPES + (GGMLType.Q8_0, GGMLType.Q6_K))
+DOT_TYPES = frozenset((GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q8_0))  # no high bits
 
 # Rows per group: 64 keeps several independent vector accumulators in flight per weight column.
 DEFAULT_LANES = 64
@@ -61,7 +67,9 @@ class Packed:
         a = self.arrays
         if self.family == "nibble":
             return a["qs"], a["qh"], a["d"], a["m"], a["sc"], a["mn"], self.mode, np.float32(self.offset)
-        if self.family == "q8":
+        if self.family == "nibble_dot":
+            return a["qs"], a["d"], a["m"], a["sc"], a["mn"], self.mode, np.float32(self.offset)
+        if self.family in ("q8", "q8_dot"):
             return a["qs"], a["d"]
         return a["qs"], a["qh"], a["sc"], a["d"]
 
@@ -69,7 +77,6 @@ class Packed:
     def n_sub(self) -> int:
         """Units a row is split into for parallel work (the kernels' column loop)."""
         return self.arrays["qs"].shape[1]
-
 
 def column_splits(n_groups: int, n_sub: int, threads: int) -> int:
     """How many column ranges to cut each group into so that the work items spread evenly over the
@@ -157,6 +164,14 @@ def _to_groups(a: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(g, 1, -1))
 
 
+def _to_dot_groups(qs: np.ndarray, lanes: int) -> np.ndarray:
+    """Weight bytes (rows, units, bytes) -> (groups, units, bytes // 4, lanes * 4): per group, unit
+    and run of 4 bytes, each row's 4 bytes side by side (the dot layouts)."""
+    rows, units, width = qs.shape
+    g = qs.reshape(rows // lanes, lanes, units, width // 4, 4)
+    return np.ascontiguousarray(g.transpose(0, 2, 3, 1, 4)).reshape(rows // lanes, units, width // 4, lanes * 4)
+
+
 Allocator = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 
@@ -202,11 +217,12 @@ def _row_chunks(parts: list[np.ndarray], chunk: int, release: Callable[[np.ndarr
 
 
 def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes: int = DEFAULT_LANES,
-         alloc: Allocator | None = None, release: Callable[[np.ndarray], None] | None = None) -> Packed:
+         alloc: Allocator | None = None, release: Callable[[np.ndarray], None] | None = None,
+         dot: bool = False) -> Packed:
     """Repack `data` (rows, row_bytes) of a `qtype` matrix with rows of `n_in` weights; a list of such
     arrays is packed as their concatenation (q|k|v). `alloc(shape, dtype)` provides the arrays (default
     np.empty); `release(rows)` is called on each slice of `data` once it is copied (to drop the file's
-    pages as the copy grows, not after)."""
+    pages as the copy grows, not after). `dot`: the dot layout, for the types that have one."""
     alloc = alloc or (lambda shape, dtype: np.empty(shape, dtype))
     qtype = GGMLType(qtype)
     block, size = BLOCK_INFO[qtype]
@@ -214,6 +230,9 @@ def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes:
     n_out = sum(p.shape[0] for p in parts)
     n_groups = -(-n_out // lanes)
     family = "nibble" if qtype in NIBBLE_TYPES else {GGMLType.Q8_0: "q8", GGMLType.Q6_K: "q6k"}[qtype]
+    dot = dot and qtype in DOT_TYPES and lanes % 16 == 0  # the dot kernels take rows 16 at a time
+    if dot:
+        family += "_dot"
     packed = Packed(qtype, family, n_out, n_in, lanes)
     chunk = max(1, CHUNK_BYTES // (parts[0].shape[1] * lanes)) * lanes
     for start, rows in _row_chunks(parts, chunk, release):
@@ -223,12 +242,12 @@ def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes:
         fields = _fields(qtype, rows.reshape(n_rows, n_in // block, size))
         del rows
         for name, value in fields.items():
-            grouped = _to_groups(value, lanes)
+            grouped = _to_dot_groups(value, lanes) if dot and name == "qs" else _to_groups(value, lanes)
             if name not in packed.arrays:
                 packed.arrays[name] = alloc((n_groups,) + grouped.shape[1:], grouped.dtype)
             g0 = start // lanes
             packed.arrays[name][g0:g0 + grouped.shape[0]] = grouped
-    if family == "nibble":
+    if family.startswith("nibble"):
         packed.mode = {GGMLType.Q4_0: 0, GGMLType.Q5_0: 0, GGMLType.Q4_1: 1, GGMLType.Q5_1: 1}.get(qtype, 2)
         packed.offset = {GGMLType.Q4_0: -8.0, GGMLType.Q5_0: -16.0}.get(qtype, 0.0)
         n_sub = n_in // 32
@@ -237,5 +256,5 @@ def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes:
         packed.arrays.setdefault("m", np.zeros((n_groups, 0, lanes), np.uint16))
         packed.arrays.setdefault("sc", empty_u8)
         packed.arrays.setdefault("mn", empty_u8)
-        assert packed.arrays["qs"].shape == (n_groups, n_sub, 16, lanes)
+        assert packed.arrays["qs"].shape == ((n_groups, n_sub, 4, 4 * lanes) if dot else (n_groups, n_sub, 16, lanes))
     return packed
