@@ -113,6 +113,8 @@ def bench_kernels(backend, types: list[str], shapes: list[tuple[int, int]], batc
                 key = f"linear/{name}/{n_out}x{n_in}/b{b}"
                 s = stats(samples)
                 s["weight_gb_s"] = round(t.nbytes / s["s_min"] / 1e9, 2)
+                packed = getattr(w, "packed", None)  # which numba kernel family ran (see packing.py)
+                s["kernel"] = packed.family if packed is not None else "rows"
                 results[key] = s
                 log(f"regress: {key:32s} {s['s_min'] * 1e6:10.1f} us  {s['weight_gb_s']:6.2f} GB/s")
     return results, skipped
@@ -173,7 +175,7 @@ def compare(current: dict, base: dict, stat: str, threshold: float) -> dict:
         elif ratio < 1 / (1 + threshold):
             improvements.append({"key": key, "ratio": round(ratio, 3)})
     warnings = []
-    for k in ("backend", "threads"):
+    for k in ("backend", "threads", "int16_dot"):
         if base.get(k) != current.get(k):
             warnings.append(f"baseline {k} {base.get(k)!r} differs from {current.get(k)!r}")
     bm, cm = base.get("machine", {}), current.get("machine", {})
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             timings.update(bench_model(backend, Path(model_path), args.pp, args.tg, args.model_reps, args.seed))
         except Exception as e:  # noqa: BLE001
             skipped["model"] = f"{type(e).__name__}: {e}"
-    report = {"backend": getattr(backend, "name", args.backend), "threads": args.threads, "machine": machine(),
+    report = {"backend": getattr(backend, "name", args.backend), "threads": args.threads,
+              "int16_dot": getattr(backend, "int16_dot", False), "machine": machine(),
               "settings": {"types": types, "shapes": [f"{a}x{b}" for a, b in shapes], "batch": batches,
                            "reps": args.reps, "model": str(model_path) if model_path else None,
                            "pp": args.pp, "tg": args.tg, "model_reps": args.model_reps, "seed": args.seed},

@@ -496,3 +496,15 @@ def test_prepare_loads_every_kernel_a_model_calls():
     supported, llvm_kb = run.stdout.split()
     if supported == "True":  # Linux 5.4+ (MADV_PAGEOUT)
         assert int(llvm_kb) < 8 * 1024, llvm_kb
+
+
+def test_int16_activations_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("PURELM_INT16_DOT", "0")
+    be = NumbaBackend(1)
+    assert not be.int16_dot
+    w = be.weight(tensor(T.Q4_0))
+    x = inputs(1)
+    close(be.linear(x, w), REF.linear(x, tensor(T.Q4_0)))  # float32 kernels: the exact product
+    assert w.packed.family == "nibble"
+    monkeypatch.setenv("PURELM_INT16_DOT", "1")
+    assert NumbaBackend(1).int16_dot == HAS_INT16_DOT

@@ -155,9 +155,11 @@ class NumbaBackend(Backend):
     def __init__(self, threads: int | None = None, repack: bool = True, int16_dot: bool | None = None) -> None:
         self.threads = max(1, min(int(threads or os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS))
         self.repack = repack
-        # Decode products of Q4_0/Q4_1/Q4_K/Q8_0 with int16 activations and integer dot products,
-        # where the CPU has them (AVX512-VNNI); None: decide by the CPU.
-        self.int16_dot = has_int16_dot() if int16_dot is None else bool(int16_dot) and has_int16_dot()
+        # Decode products of Q4_0/Q4_1/Q4_K/Q8_0 with int16 activations and integer dot products where
+        # the CPU has them (AVX512-VNNI). None: $PURELM_INT16_DOT ("0": float32 kernels), else yes.
+        if int16_dot is None:
+            int16_dot = os.environ.get("PURELM_INT16_DOT", "1").strip().lower() not in ("0", "no", "off", "false")
+        self.int16_dot = bool(int16_dot) and has_int16_dot()
         self._pool: ThreadPoolExecutor | None = None
         self._blas: Any = None
         self._rope_tables: dict[Rope, tuple[np.ndarray, np.ndarray]] = {}
