@@ -53,7 +53,7 @@ def int16_activations(x):
     return (q * scale).astype(np.float32).reshape(x.shape)
 
 
-# The int16-activation decode path (numba backend, CPUs with AVX512-VNNI): a product moves by up to
+# The int16-activation decode path (numba backend, x86 CPUs with AVX2): a product moves by up to
 # ~1e-4 of its largest value (measured on random and real weights), so whole-model logits are held to
 # this fraction of their largest magnitude there, 3x the worst seen on the tiny models.
 INT16_LOGITS_REL = 3e-4

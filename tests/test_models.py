@@ -70,8 +70,8 @@ def test_quantized_conversions_stay_near_f32(fixtures, arch):
 def test_smollm2_matches_transformers(smollm2_path, fixtures, backend):
     ref = np.load(fixtures / "smollm2-ref.npz")
     model = build_model(GGUFFile(smollm2_path), backend)
-    # short prompts take the decode kernels: int16 activations through 30 layers move logits (up to
-    # ~20) by ~1e-2 (measured 1.2e-2 at most), float32 ones by < 2e-3
+    # short prompts take the decode kernels: int16 activations through 30 layers move these logits (up
+    # to 37) by up to 8.6e-3 (measured), float32 ones by 5e-5
     tol = 0.04 if getattr(backend, "int16_dot", False) else 2e-3
     for i in range(3):
         logits = model.forward(ref[f"ids{i}"], model.new_cache(128), all_logits=True)

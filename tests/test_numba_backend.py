@@ -6,7 +6,7 @@ and in place (repack=False), on 1 and 2 threads. The other ops run on random dat
 an existing cache, a sliding window, softcap and ALiBi. Then the tiny model of every architecture, and
 the real SmolLM2 file (teacher-forced top-1 agreement).
 
-Where the CPU has AVX512-VNNI, Q4_0/Q4_1/Q4_K/Q8_0 decode products take int16 activations (the "dot"
+On x86 CPUs with AVX2, Q4_0/Q4_1/Q4_K/Q8_0 decode products take int16 activations (the "dot"
 kernels); they are held to 1e-5 * max|y| against the reference fed the same int16-rounded activations
 (conftest.int16_activations, from the rule), and to 2e-4 against the exact product; the float kernels
 keep being tested through a backend with int16_dot=False.
@@ -508,3 +508,17 @@ def test_int16_activations_can_be_turned_off(monkeypatch):
     assert w.packed.family == "nibble"
     monkeypatch.setenv("PURELM_INT16_DOT", "1")
     assert NumbaBackend(1).int16_dot == HAS_INT16_DOT
+
+
+def test_int16_activations_only_for_cpus_measured_faster(monkeypatch):
+    from numba.core import config
+
+    from purelm.backends.numba_kernels.intrinsics import has_int16_dot
+
+    monkeypatch.setattr(config, "CPU_NAME", "generic")
+    monkeypatch.setattr(config, "CPU_FEATURES", "+sse4.2,+popcnt")
+    assert not has_int16_dot()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+fma,+f16c")
+    assert has_int16_dot()
+    monkeypatch.setattr(config, "CPU_FEATURES", None)  # a named CPU without its features: unknown
+    assert not has_int16_dot()

@@ -156,7 +156,7 @@ class NumbaBackend(Backend):
         self.threads = max(1, min(int(threads or os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS))
         self.repack = repack
         # Decode products of Q4_0/Q4_1/Q4_K/Q8_0 with int16 activations and integer dot products where
-        # the CPU has them (AVX512-VNNI). None: $PURELM_INT16_DOT ("0": float32 kernels), else yes.
+        # they are faster (x86 with AVX2). None: $PURELM_INT16_DOT ("0": float32 kernels), else yes.
         if int16_dot is None:
             int16_dot = os.environ.get("PURELM_INT16_DOT", "1").strip().lower() not in ("0", "no", "off", "false")
         self.int16_dot = bool(int16_dot) and has_int16_dot()

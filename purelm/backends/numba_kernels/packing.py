@@ -19,7 +19,7 @@ Three families cover the types the kernels read:
 "Dot" layouts (families nibble_dot for Q4_0, Q4_1, Q4_K and q8_dot for Q8_0), for CPUs with integer
 dot-product instructions: the same fields, but the weight bytes of a group go 4 per row side by side,
 `qs[g, b, k, 4 * r + i]` = byte 4k + i of row r's sub-block, so that one 32-bit lane holds 4
-consecutive weights of one row (what vpdpwssd multiplies with 4 activations).
+consecutive weights of one row (what vpmaddwd multiplies with 4 activations, two at a time).
 """
 from __future__ import annotations
 
