@@ -346,6 +346,7 @@ def unpack_q6k(qs, qh, sc, d, g0, g1, out):
 # changed 5% of the top-1 tokens there).
 
 ACT_MAX = 32767  # int16 activations: x = dx * q, |q| <= ACT_MAX
+BYTES = 3  # the dot kernels' mode for Q8_0 (a weight a byte); modes 0-2 are the nibble types' scales
 FLOAT_MAX = np.float32(np.finfo(np.float32).max)
 
 
@@ -391,13 +392,15 @@ def pair_sum(dots, r):
 
 
 @njit(**PARALLEL)
-def matvec_nibble_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
-    """Q4_0/Q4_1/Q4_K in the dot layout."""
+def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    """Q4_0/Q4_1/Q4_K (scale modes 0-2 as in nibble_fold, two weights a byte) and Q8_0 (mode
+    BYTES, a weight a byte) in the dot layouts."""
     n_groups, n_sub, n_quads, width = qs.shape
     n_lanes = width // 4
     n_tok = x.shape[0]
     n_split = max(1, parts.shape[0])
-    xq, dx, xq_sums = quantize_activations(x, 8 * n_quads)
+    words = n_quads if mode == BYTES else 2 * n_quads  # int64 words (4 activations) per sub-block
+    xq, dx, xq_sums = quantize_activations(x, 4 * words)
     flat = qs.reshape(-1)
     step = n_sub * n_quads * width
     for item in prange(n_groups * n_split):
@@ -411,14 +414,21 @@ def matvec_nibble_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
                 prefetch(flat, at0 + PREFETCH_BYTES + c)
             for t in range(n_tok):
                 dots[:] = 0
-                for j in range(n_quads):  # byte 4j + i: weight 4j + i (low nibble), 16 + 4j + i (high)
-                    x_lo = xq[t, b * 2 * n_quads + j]
-                    x_hi = xq[t, b * 2 * n_quads + n_quads + j]
-                    for v in range(n_lanes // 16):
-                        dot16_nibbles(dots, v * 32, flat, at0 + j * width + v * 64, x_lo, x_hi)
+                for j in range(n_quads):
+                    x_lo = xq[t, b * words + j]
+                    if mode == BYTES:
+                        for v in range(n_lanes // 16):
+                            dot16_bytes(dots, v * 32, flat, at0 + j * width + v * 64, x_lo)
+                    else:  # byte 4j + i: weight 4j + i (low nibble), 16 + 4j + i (high)
+                        x_hi = xq[t, b * words + n_quads + j]
+                        for v in range(n_lanes // 16):
+                            dot16_nibbles(dots, v * 32, flat, at0 + j * width + v * 64, x_lo, x_hi)
                 # offsets and minimums multiply the sum of the same int16-rounded x as the products
                 s, xsum, row = dx[t, b], xq_sums[t, b], acc[t]
-                if mode == 0:
+                if mode == BYTES:
+                    for r in range(n_lanes):
+                        row[r] += half_to_float(d[g, b, r]) * s * pair_sum(dots, r)
+                elif mode == 0:
                     for r in range(n_lanes):
                         row[r] += half_to_float(d[g, b, r]) * (s * pair_sum(dots, r) + offset * xsum)
                 elif mode == 1:
@@ -434,72 +444,34 @@ def matvec_nibble_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
         sum_parts(y, parts)
 
 
-@njit(**PARALLEL)
-def matvec_q8_dot(qs, d, x, y, parts):
-    """Q8_0 in the dot layout."""
-    n_groups, n_blocks, n_quads, width = qs.shape
-    n_lanes = width // 4
-    n_tok = x.shape[0]
-    n_split = max(1, parts.shape[0])
-    xq, dx, xq_sums = quantize_activations(x, 4 * n_quads)
-    flat = qs.reshape(-1)
-    step = n_blocks * n_quads * width
-    for item in prange(n_groups * n_split):
-        wide_vectors()
-        g, k, b0, b1 = split_range(item, n_split, n_blocks)
-        acc = np.zeros((n_tok, n_lanes), np.float32)
-        dots = np.empty(2 * n_lanes, np.int32)
-        for b in range(b0, b1):
-            at0 = g * step + b * n_quads * width
-            for c in range(0, n_quads * width, 64):
-                prefetch(flat, at0 + PREFETCH_BYTES + c)
-            for t in range(n_tok):
-                dots[:] = 0
-                for j in range(n_quads):
-                    x4 = xq[t, b * n_quads + j]
-                    for v in range(n_lanes // 16):
-                        dot16_bytes(dots, v * 32, flat, at0 + j * width + v * 64, x4)
-                s = dx[t, b]
-                for r in range(n_lanes):
-                    acc[t, r] += half_to_float(d[g, b, r]) * s * pair_sum(dots, r)
-        store_group(acc, y, parts, g, k, n_lanes)
-    if parts.shape[0] > 0:
-        sum_parts(y, parts)
-
-
 @njit(**OPTS)
-def unpack_nibble_dot(qs, d, m, sc, mn, mode, offset, g0, g1, out):
+def unpack_dot(qs, d, m, sc, mn, mode, offset, g0, g1, out):
     n_groups, n_sub, n_quads, width = qs.shape
     n_lanes = width // 4
+    per_sub = 4 * n_quads if mode == BYTES else 8 * n_quads  # weights per sub-block
+    words = qs.reshape(-1).view(np.uint32)  # a row's 4 bytes as one word: contiguous loads over rows
     scale = np.empty(n_lanes, np.float32)
-    bias = np.empty(n_lanes, np.float32)
+    bias = np.zeros(n_lanes, np.float32)
     wide_vectors()
     for gi in range(g1 - g0):
         g, c0 = g0 + gi, gi * n_lanes
         for b in range(n_sub):
-            nibble_scales(d, m, sc, mn, mode, offset, g, b, scale, bias, n_lanes)
-            for j in range(n_quads):
-                lo = b * 8 * n_quads + 4 * j  # weights lo..lo+3 (low nibbles), hi..hi+3 (high)
-                hi = lo + 4 * n_quads
-                for r in range(n_lanes):  # the 4 bytes of a row together: LLVM loads them as one group
-                    for i, q in enumerate((qs[g, b, j, at(4 * r)], qs[g, b, j, at(4 * r + 1)],
-                                           qs[g, b, j, at(4 * r + 2)], qs[g, b, j, at(4 * r + 3)])):
-                        out[at(lo + i), at(c0 + r)] = scale[r] * np.float32(np.int32(q & 15)) + bias[r]
-                        out[at(hi + i), at(c0 + r)] = scale[r] * np.float32(np.int32(q >> 4)) + bias[r]
-
-
-@njit(**OPTS)
-def unpack_q8_dot(qs, d, g0, g1, out):
-    n_groups, n_blocks, n_quads, width = qs.shape
-    n_lanes = width // 4
-    wide_vectors()
-    for gi in range(g1 - g0):
-        g, c0 = g0 + gi, gi * n_lanes
-        for b in range(n_blocks):
-            for j in range(n_quads):
-                w0 = b * 4 * n_quads + 4 * j
+            if mode == BYTES:
                 for r in range(n_lanes):
-                    s = half_to_float(d[g, b, r])
-                    for i, q in enumerate((qs[g, b, j, at(4 * r)], qs[g, b, j, at(4 * r + 1)],
-                                           qs[g, b, j, at(4 * r + 2)], qs[g, b, j, at(4 * r + 3)])):
-                        out[at(w0 + i), at(c0 + r)] = s * np.float32(q)
+                    scale[r] = half_to_float(d[g, b, r])
+            else:
+                nibble_scales(d, m, sc, mn, mode, offset, g, b, scale, bias, n_lanes)
+            for j in range(n_quads):
+                lo = b * per_sub + 4 * j  # weights lo..lo+3 (low nibbles, or bytes), hi..hi+3 (high)
+                hi = lo + 4 * n_quads
+                at0 = ((g * n_sub + b) * n_quads + j) * n_lanes
+                for i in range(4):
+                    if mode == BYTES:  # byte i, sign-extended
+                        for r in range(n_lanes):
+                            q = np.int32(words[at(at0 + r)] << np.uint32(24 - 8 * i)) >> np.int32(24)
+                            out[at(lo + i), at(c0 + r)] = scale[r] * np.float32(q)
+                    else:
+                        for r in range(n_lanes):
+                            q = np.int32(words[at(at0 + r)] >> np.uint32(8 * i))
+                            out[at(lo + i), at(c0 + r)] = scale[r] * np.float32(q & 15) + bias[r]
+                            out[at(hi + i), at(c0 + r)] = scale[r] * np.float32((q >> 4) & 15) + bias[r]

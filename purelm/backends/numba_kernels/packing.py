@@ -67,9 +67,9 @@ class Packed:
         a = self.arrays
         if self.family == "nibble":
             return a["qs"], a["qh"], a["d"], a["m"], a["sc"], a["mn"], self.mode, np.float32(self.offset)
-        if self.family == "nibble_dot":
+        if self.family.endswith("_dot"):  # one kernel for both dot layouts: Q8_0 is mode 3
             return a["qs"], a["d"], a["m"], a["sc"], a["mn"], self.mode, np.float32(self.offset)
-        if self.family in ("q8", "q8_dot"):
+        if self.family == "q8":
             return a["qs"], a["d"]
         return a["qs"], a["qh"], a["sc"], a["d"]
 
@@ -247,6 +247,10 @@ def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes:
                 packed.arrays[name] = alloc((n_groups,) + grouped.shape[1:], grouped.dtype)
             g0 = start // lanes
             packed.arrays[name][g0:g0 + grouped.shape[0]] = grouped
+    if dot and family == "q8_dot":
+        packed.mode = 3  # packed.BYTES
+        no_fields = np.zeros((n_groups, 0, lanes), np.uint8)
+        packed.arrays.update(m=np.zeros((n_groups, 0, lanes), np.uint16), sc=no_fields, mn=no_fields)
     if family.startswith("nibble"):
         packed.mode = {GGMLType.Q4_0: 0, GGMLType.Q5_0: 0, GGMLType.Q4_1: 1, GGMLType.Q5_1: 1}.get(qtype, 2)
         packed.offset = {GGMLType.Q4_0: -8.0, GGMLType.Q5_0: -16.0}.get(qtype, 0.0)
