@@ -67,7 +67,7 @@ def cmd_warmup(a: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     llm = load(a.model, backend=a.backend, n_ctx=64, threads=a.threads)
-    llm.logits([llm.tokenizer.bos_id or 0] * 12)  # prefill path
+    llm.logits([llm.tokenizer.bos_id or 0] * 16)  # prefill path (longer than the decode kernels take)
     llm.generate([llm.tokenizer.bos_id or 0], max_tokens=2, temperature=0, ignore_eos=True)  # decode path
     print(f"warm: {llm.backend.name} kernels for {llm.path} ready in {time.perf_counter() - t0:.1f} s")
     return 0
