@@ -47,6 +47,18 @@ def five_bit_pair(q, h, j, half):
 
 
 @njit(**OPTS, inline="always")
+def six_bit_quad(a, c, h):
+    """Q6_K's 6-bit values (0..63) of weights j, j+8, j+16, j+24 of a sub-block from its nibble bytes
+    a (weights j, j+16) and c (j+8, j+24) and its high-bit byte h; 32-bit steps, as in five_bit_pair."""
+    a32, c32, h32 = np.int32(a), np.int32(c), np.int32(h)
+    w0 = np.int32(np.int32(a32 & np.int32(15)) | np.int32(np.int32(h32 & np.int32(3)) << np.int32(4)))
+    w1 = np.int32(np.int32(c32 & np.int32(15)) | np.int32(np.int32(h32 & np.int32(12)) << np.int32(2)))
+    w2 = np.int32(np.int32(a32 >> np.int32(4)) | np.int32(h32 & np.int32(48)))
+    w3 = np.int32(np.int32(c32 >> np.int32(4)) | np.int32(np.int32(h32 >> np.int32(2)) & np.int32(48)))
+    return w0, w1, w2, w3
+
+
+@njit(**OPTS, inline="always")
 def nibble_fold(acc, s, d, m, sc, mn, mode, offset, g, b, xs, t, n_lanes):
     """acc[t] += the sub-block's contribution, from raw sums s[r] = sum_j q[j, r] * x[j]."""
     if mode == 0:
@@ -222,13 +234,7 @@ def matvec_q6k(qs, qh, sc, d, x, y, parts):
                     x_2 = x[t, x0 + 2 * quarter + j]
                     x_3 = x[t, x0 + 3 * quarter + j]
                     for r in range(n_lanes):
-                        a = np.int32(qs[g, b, j, r])
-                        c2 = np.int32(qs[g, b, j + quarter, r])
-                        h = np.int32(qh[g, b, j, r])
-                        w0 = np.int32((a & 15) | ((h & 3) << 4))
-                        w1 = np.int32((c2 & 15) | ((h & 12) << 2))
-                        w2 = np.int32((a >> 4) | (h & 48))
-                        w3 = np.int32((c2 >> 4) | ((h >> 2) & 48))
+                        w0, w1, w2, w3 = six_bit_quad(qs[g, b, j, r], qs[g, b, j + quarter, r], qh[g, b, j, r])
                         sa[r] += np.float32(w0) * x_0 + np.float32(w1) * x_1
                         sb[r] += np.float32(w2) * x_2 + np.float32(w3) * x_3
                 xa = xsum[t, 2 * b]
@@ -321,20 +327,14 @@ def unpack_q6k_group(qs, qh, sc, d, g, out, c0):
         sup = b // 8
         for j in range(quarter):
             for r in range(n_lanes):
-                a = np.int32(qs[g, b, j, r])
-                c2 = np.int32(qs[g, b, j + quarter, r])
-                h = np.int32(qh[g, b, j, r])
+                w0, w1, w2, w3 = six_bit_quad(qs[g, b, j, r], qs[g, b, j + quarter, r], qh[g, b, j, r])
                 dd = half_to_float(d[g, sup, r])
                 da = dd * np.float32(sc[g, 2 * b, r])
                 db = dd * np.float32(sc[g, 2 * b + 1, r])
-                w0 = np.int32(((a & 15) | ((h & 3) << 4)) - 32)
-                w1 = np.int32(((c2 & 15) | ((h & 12) << 2)) - 32)
-                w2 = np.int32(((a >> 4) | (h & 48)) - 32)
-                w3 = np.int32(((c2 >> 4) | ((h >> 2) & 48)) - 32)
-                out[at(x0 + j), at(c0 + r)] = da * np.float32(w0)
-                out[at(x0 + quarter + j), at(c0 + r)] = da * np.float32(w1)
-                out[at(x0 + 2 * quarter + j), at(c0 + r)] = db * np.float32(w2)
-                out[at(x0 + 3 * quarter + j), at(c0 + r)] = db * np.float32(w3)
+                out[at(x0 + j), at(c0 + r)] = da * np.float32(w0 - 32)
+                out[at(x0 + quarter + j), at(c0 + r)] = da * np.float32(w1 - 32)
+                out[at(x0 + 2 * quarter + j), at(c0 + r)] = db * np.float32(w2 - 32)
+                out[at(x0 + 3 * quarter + j), at(c0 + r)] = db * np.float32(w3 - 32)
 
 
 @njit(**OPTS)
