@@ -48,8 +48,8 @@ def int16_activations(x):
     x = np.asarray(x, np.float32)
     runs = x.reshape(-1, 32)
     scale = (np.abs(runs).max(-1, keepdims=True) / np.float32(32767)).astype(np.float32)
-    inv = np.where(scale > 0, np.float32(1) / np.where(scale > 0, scale, 1), 0).astype(np.float32)
-    q = np.clip(np.rint(runs * inv), -32767, 32767)
+    safe = np.where(scale > 0, scale, 1).astype(np.float64)
+    q = np.clip(np.rint(runs.astype(np.float64) / safe), -32767, 32767) * (scale > 0)
     return (q * scale).astype(np.float32).reshape(x.shape)
 
 

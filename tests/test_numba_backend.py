@@ -36,6 +36,8 @@ from purelm.quant import quantize
 from purelm.quant.types import BLOCK_INFO
 from purelm.backends.numba_kernels.packing import PACKED_TYPES
 
+from purelm.backends.numba_kernels.intrinsics import has_int16_dot
+
 from conftest import INT16_LOGITS_REL, int16_activations
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -129,6 +131,15 @@ def test_int16_activations_keep_inf_nan_and_zero_runs(qtype):
         got = be.linear(x, w)
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))  # rows 0, 1 all non-finite
     close(got[2], want[2], rel=2e-4)
+    for tiny in (1e-36, 1e-30):  # subnormal scales
+        close(be.linear(x[2:] * np.float32(tiny), w), REF.linear(x[2:] * np.float32(tiny), t), rel=2e-3)
+
+
+def test_linear_rejects_inputs_of_the_wrong_width():
+    be = BACKENDS["repacked"]
+    w = be.weight(tensor(T.Q4_0))
+    with pytest.raises(ValueError, match="width"):
+        be.linear(inputs(1, 2 * N_IN), w)
 
 
 @pytest.mark.parametrize("qtype", FALLBACK_TYPES, ids=lambda t: t.name)
@@ -507,7 +518,7 @@ def test_int16_activations_can_be_turned_off(monkeypatch):
     close(be.linear(x, w), REF.linear(x, tensor(T.Q4_0)))  # float32 kernels: the exact product
     assert w.packed.family == "nibble"
     monkeypatch.setenv("PURELM_INT16_DOT", "1")
-    assert NumbaBackend(1).int16_dot == HAS_INT16_DOT
+    assert NumbaBackend(1).int16_dot == has_int16_dot()
 
 
 def test_int16_activations_only_for_cpus_measured_faster(monkeypatch):

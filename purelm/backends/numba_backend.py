@@ -311,6 +311,10 @@ class NumbaBackend(Backend):
     def linear(self, x: np.ndarray, w: NumbaWeight, bias: np.ndarray | None = None) -> np.ndarray:
         if w.pack_later:
             self._pack(w)
+        if not isinstance(x, np.ndarray):
+            x = np.asarray(x, np.float32)
+        if x.shape[-1:] != (w.n_in,):
+            raise ValueError(f"linear: input of width {x.shape[-1:]} for a matrix of {w.n_in} columns")
         lead = x.shape[:-1]
         x2 = np.ascontiguousarray(x.reshape(-1, w.n_in), np.float32)
         if x2.shape[0] > MATVEC_MAX_TOKENS or (w.packed is None and w.qtype not in rk.ROW_TYPES):
@@ -535,8 +539,9 @@ class NumbaBackend(Backend):
         return out
 
     def _spec_args(self, spec: AttentionSpec) -> tuple[np.float32, np.float32, int, np.ndarray]:
-        """The kernels' arguments for `spec`, converted once per spec object (the spec is mutable,
-        so they are checked against its current fields)."""
+        """The kernels' arguments for `spec`, converted once per spec object. The spec is mutable: a
+        field set to another object is seen (fields are compared by identity), an array changed in
+        place is not."""
         fields = (spec.scale, spec.softcap, spec.window, spec.alibi_slopes)
         seen = self._by_id.get(id(spec))
         if seen is not None and seen[0] is spec and all(a is b for a, b in zip(seen[1][0], fields)):

@@ -355,13 +355,16 @@ def unpack_q6k(qs, qh, sc, d, g0, g1, out):
 ACT_MAX = 32767  # int16 activations: x = dx * q, |q| <= ACT_MAX
 BYTES = 3  # the dot kernels' mode for Q8_0 (a weight a byte); modes 0-2 are the nibble types' scales
 FLOAT_MAX = np.float32(np.finfo(np.float32).max)
+FLOAT64_MAX = np.finfo(np.float64).max
 
 
 @njit(**OPTS)
 def quantize_activations(x, width):
     """x (T, n_in) -> (q, dx, xq_sums): q int16 per `width` weights as int64 words of 4, (T, n_in // 4);
     dx the scale per run, xq_sums dx * the sum of q per run (the sum of the rounded x).
-    A run holding inf or NaN gets a NaN scale, so the products it enters are NaN (as the reference's)."""
+    A run holding inf or NaN gets a NaN scale, so the products it enters are NaN (as the reference's).
+    The rounding divides in float64: a run of values below ~1e-34 has a subnormal scale whose float32
+    reciprocal overflows."""
     n_tok, n_in = x.shape
     n_run = n_in // width
     q = np.empty(n_tok * n_in, np.int16)
@@ -370,20 +373,20 @@ def quantize_activations(x, width):
     for t in range(n_tok):
         for b in range(n_run):
             amax = np.float32(0)
-            total = np.float32(0)
+            total = np.float64(0)  # only to see inf or NaN: float64, so that large finite runs do not overflow
             for j in range(width):
                 v = x[t, b * width + j]
                 amax = max(amax, abs(v))
-                total += v
+                total += np.float64(v)
             scale = amax / np.float32(ACT_MAX)
-            if not (abs(total) <= FLOAT_MAX and amax <= FLOAT_MAX):  # (np.isfinite is folded away here)
+            if not (abs(total) <= FLOAT64_MAX and amax <= FLOAT_MAX):  # (np.isfinite is folded away here)
                 scale = np.float32(np.nan)
-            inv = np.float32(1) / scale if scale > 0 else np.float32(0)
+            inv = np.float64(1) / np.float64(scale) if scale > 0 else np.float64(0)
             qsum = 0
             for j in range(width):
-                v = np.rint(x[t, b * width + j] * inv)
+                v = np.rint(np.float64(x[t, b * width + j]) * inv)
                 if not abs(v) <= ACT_MAX:  # rounding at the edge, or NaN
-                    v = np.float32(0) if v != v else np.float32(np.sign(v) * ACT_MAX)
+                    v = 0.0 if v != v else np.sign(v) * ACT_MAX
                 qi = np.int32(v)
                 q[t * n_in + b * width + j] = np.int16(qi)
                 qsum += qi
@@ -395,7 +398,7 @@ def quantize_activations(x, width):
 @njit(**OPTS, inline="always")
 def pair_sum(dots, r):
     """Row r's dot product: the sum of its two int32 lanes."""
-    return np.float32(dots[at(2 * r)] + dots[at(2 * r + 1)])
+    return np.float32(np.int32(dots[at(2 * r)] + dots[at(2 * r + 1)]))  # int32: numba's sum is int64
 
 
 @njit(**PARALLEL)
@@ -451,6 +454,20 @@ def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
         sum_parts(y, parts)
 
 
+@njit(**OPTS, inline="always")
+def unpack_byte(words, at0, i, mode, scale, bias, out, lo, hi, c0, n_lanes):
+    """Byte i of the rows' words words[at0:at0 + n_lanes]: its weight(s) into out's columns c0..."""
+    if mode == BYTES:  # sign-extended
+        for r in range(n_lanes):
+            q = np.int32(np.uint32(words[at(at0 + r)] << np.uint32(24 - 8 * i))) >> np.int32(24)
+            out[at(lo + i), at(c0 + r)] = scale[r] * np.float32(q)
+    else:
+        for r in range(n_lanes):
+            q = np.int32(np.uint32(words[at(at0 + r)] >> np.uint32(8 * i)) & np.uint32(255))
+            out[at(lo + i), at(c0 + r)] = scale[r] * np.float32(np.int32(q & np.int32(15))) + bias[r]
+            out[at(hi + i), at(c0 + r)] = scale[r] * np.float32(np.int32(q >> np.int32(4))) + bias[r]
+
+
 @njit(**OPTS)
 def unpack_dot(qs, d, m, sc, mn, mode, offset, g0, g1, out):
     n_groups, n_sub, n_quads, width = qs.shape
@@ -472,13 +489,8 @@ def unpack_dot(qs, d, m, sc, mn, mode, offset, g0, g1, out):
                 lo = b * per_sub + 4 * j  # weights lo..lo+3 (low nibbles, or bytes), hi..hi+3 (high)
                 hi = lo + 4 * n_quads
                 at0 = ((g * n_sub + b) * n_quads + j) * n_lanes
-                for i in range(4):
-                    if mode == BYTES:  # byte i, sign-extended
-                        for r in range(n_lanes):
-                            q = np.int32(words[at(at0 + r)] << np.uint32(24 - 8 * i)) >> np.int32(24)
-                            out[at(lo + i), at(c0 + r)] = scale[r] * np.float32(q)
-                    else:
-                        for r in range(n_lanes):
-                            q = np.int32(words[at(at0 + r)] >> np.uint32(8 * i))
-                            out[at(lo + i), at(c0 + r)] = scale[r] * np.float32(q & 15) + bias[r]
-                            out[at(hi + i), at(c0 + r)] = scale[r] * np.float32((q >> 4) & 15) + bias[r]
+                # byte i of each word, one call per byte: constant shifts stay on 32-bit lanes
+                unpack_byte(words, at0, 0, mode, scale, bias, out, lo, hi, c0, n_lanes)
+                unpack_byte(words, at0, 1, mode, scale, bias, out, lo, hi, c0, n_lanes)
+                unpack_byte(words, at0, 2, mode, scale, bias, out, lo, hi, c0, n_lanes)
+                unpack_byte(words, at0, 3, mode, scale, bias, out, lo, hi, c0, n_lanes)
