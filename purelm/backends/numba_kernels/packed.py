@@ -356,6 +356,7 @@ ACT_MAX = 32767  # int16 activations: x = dx * q, |q| <= ACT_MAX
 BYTES = 3  # the dot kernels' mode for Q8_0 (a weight a byte); modes 0-2 are the nibble types' scales
 FLOAT_MAX = np.float32(np.finfo(np.float32).max)
 FLOAT64_MAX = np.finfo(np.float64).max
+SMALLEST_SCALE = np.float32(1e-34)  # normal, and 1 / it fits a float32
 
 
 @njit(**OPTS)
@@ -363,8 +364,8 @@ def quantize_activations(x, width):
     """x (T, n_in) -> (q, dx, xq_sums): q int16 per `width` weights as int64 words of 4, (T, n_in // 4);
     dx the scale per run, xq_sums dx * the sum of q per run (the sum of the rounded x).
     A run holding inf or NaN gets a NaN scale, so the products it enters are NaN (as the reference's).
-    The rounding divides in float64: a run of values below ~1e-34 has a subnormal scale whose float32
-    reciprocal overflows."""
+    Runs of values below ~1e-30 are rounded in float64: their scale is subnormal, and its float32
+    reciprocal would overflow."""
     n_tok, n_in = x.shape
     n_run = n_in // width
     q = np.empty(n_tok * n_in, np.int16)
@@ -381,15 +382,21 @@ def quantize_activations(x, width):
             scale = amax / np.float32(ACT_MAX)
             if not (abs(total) <= FLOAT64_MAX and amax <= FLOAT_MAX):  # (np.isfinite is folded away here)
                 scale = np.float32(np.nan)
-            inv = np.float64(1) / np.float64(scale) if scale > 0 else np.float64(0)
-            qsum = 0
-            for j in range(width):
-                v = np.rint(np.float64(x[t, b * width + j]) * inv)
-                if not abs(v) <= ACT_MAX:  # rounding at the edge, or NaN
-                    v = 0.0 if v != v else np.sign(v) * ACT_MAX
-                qi = np.int32(v)
-                q[t * n_in + b * width + j] = np.int16(qi)
-                qsum += qi
+            qsum = np.int32(0)
+            if scale >= SMALLEST_SCALE:  # finite values, and a float32 reciprocal that does not overflow
+                inv = np.float32(1) / scale
+                for j in range(width):
+                    v = min(max(np.rint(x[t, b * width + j] * inv), np.float32(-ACT_MAX)), np.float32(ACT_MAX))
+                    q[t * n_in + b * width + j] = np.int16(v)
+                    qsum += np.int32(v)
+            else:  # zeros, tiny values (a subnormal scale), inf or NaN: in float64, NaN-safe
+                inv64 = np.float64(1) / np.float64(scale) if scale > 0 else np.float64(0)
+                for j in range(width):
+                    v64 = np.rint(np.float64(x[t, b * width + j]) * inv64)
+                    if not abs(v64) <= ACT_MAX:  # rounding at the edge, or NaN
+                        v64 = 0.0 if v64 != v64 else np.sign(v64) * ACT_MAX
+                    q[t * n_in + b * width + j] = np.int16(v64)
+                    qsum += np.int32(v64)
             dx[t, b] = scale
             xq_sums[t, b] = scale * np.float32(qsum)
     return q.view(np.int64).reshape(n_tok, n_in // 4), dx, xq_sums
