@@ -16,8 +16,8 @@ Three families cover the types the kernels read:
 - Q6_K: per 32-weight sub-block 16 bytes of low nibbles (as above) and 8 bytes of high 2-bit pairs
   (byte j: weights j, j+8, j+16, j+24), int8 scales per 16 weights and f16 d per 256.
 
-"Dot" layouts (families nibble_dot for Q4_0, Q4_1, Q4_K and q8_dot for Q8_0), for CPUs with integer
-dot-product instructions: the same fields, but the weight bytes of a group go 4 per row side by side,
+"Dot" layouts (families nibble_dot for Q4_0, Q4_1, Q4_K and q8_dot for Q8_0), for the int16 kernels
+(x86 CPUs with AVX2, see intrinsics.has_int16_dot): the same fields, but the weight bytes of a group go 4 per row side by side,
 `qs[g, b, k, 4 * r + i]` = byte 4k + i of row r's sub-block, so that one 32-bit lane holds 4
 consecutive weights of one row (what vpmaddwd multiplies with 4 activations, two at a time).
 """
@@ -77,6 +77,7 @@ class Packed:
     def n_sub(self) -> int:
         """Units a row is split into for parallel work (the kernels' column loop)."""
         return self.arrays["qs"].shape[1]
+
 
 def column_splits(n_groups: int, n_sub: int, threads: int) -> int:
     """How many column ranges to cut each group into so that the work items spread evenly over the
