@@ -6,7 +6,7 @@ are rows, x is broadcast); q|k|v and gate|up are merged into one matrix each so 
 The repacked copy replaces the file's pages in memory (they are released after repacking), so the
 resident size stays about the file's size. `repack=False` reads the mmap'd blocks in place. On x86
 CPUs with AVX2, Q4_0/Q4_1/Q4_K/Q8_0 decode products round the activations to int16 (per 32) and use
-integer multiply-adds (`int16_dot`, packing.py's dot layouts): 1.1-1.5x the float kernels' speed.
+integer multiply-adds (`int16_dot`, packing.py's dot layouts): 1.1-1.7x the float kernels' speed.
 
 Prefill (many tokens): tiles of rows are dequantized to float32 and multiplied with BLAS, and attention
 is done as matrix products too. The work is split over our own pool of `threads` Python threads, each
