@@ -113,11 +113,11 @@ def bench_kernels(backend, types: list[str], shapes: list[tuple[int, int]], batc
                 key = f"linear/{name}/{n_out}x{n_in}/b{b}"
                 s = stats(samples)
                 s["weight_gb_s"] = round(t.nbytes / s["s_min"] / 1e9, 2)
-                packed = getattr(w, "packed", None)  # which numba kernel family ran (see packing.py)
-                if b > 12:  # the numba backend's prefill path: tiles dequantized for BLAS
-                    s["kernel"] = "blas"
-                else:
-                    s["kernel"] = packed.family if packed is not None else "rows"
+                if hasattr(w, "packed"):  # which numba kernel ran (see packing.py)
+                    from purelm.backends.numba_backend import MATVEC_MAX_TOKENS
+
+                    family = w.packed.family if w.packed is not None else "rows"
+                    s["kernel"] = "blas" if b > MATVEC_MAX_TOKENS else family  # prefill: tiles for BLAS
                 results[key] = s
                 log(f"regress: {key:32s} {s['s_min'] * 1e6:10.1f} us  {s['weight_gb_s']:6.2f} GB/s")
     return results, skipped

@@ -50,7 +50,6 @@ SCALE_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q3_K: (108,),
 REF = NumpyBackend()
 BACKENDS = {"repacked": NumbaBackend(2), "float": NumbaBackend(2, int16_dot=False),
             "in-place": NumbaBackend(2, repack=False), "1-thread": NumbaBackend(1)}
-HAS_INT16_DOT = BACKENDS["repacked"].int16_dot
 FLOAT_BACKENDS = [BACKENDS["float"], BACKENDS["in-place"]]  # every product in float32
 
 

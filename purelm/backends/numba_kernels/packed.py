@@ -14,6 +14,7 @@ from numba import njit, prange
 
 from .common import OPTS, PARALLEL, PREFETCH_BYTES, at
 from .intrinsics import dot16_bytes, dot16_nibbles, half_to_float, prefetch, wide_vectors
+from .packing import BYTES
 
 FUSED_MAX_TOKENS = 4  # up to this many tokens, converting weights again per token is cheaper
 
@@ -353,7 +354,6 @@ def unpack_q6k(qs, qh, sc, d, g0, g1, out):
 # changed 5% of the top-1 tokens there).
 
 ACT_MAX = 32767  # int16 activations: x = dx * q, |q| <= ACT_MAX
-BYTES = 3  # the dot kernels' mode for Q8_0 (a weight a byte); modes 0-2 are the nibble types' scales
 FLOAT_MAX = np.float32(np.finfo(np.float32).max)
 FLOAT64_MAX = np.finfo(np.float64).max
 SMALLEST_SCALE = np.float32(1e-34)  # normal, and 1 / it fits a float32

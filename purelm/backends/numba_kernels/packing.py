@@ -34,6 +34,7 @@ from ...quant.types import BLOCK_INFO, GGMLType
 NIBBLE_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K)
 PACKED_TYPES = frozenset(NIBBLE_TYPES + (GGMLType.Q8_0, GGMLType.Q6_K))
 DOT_TYPES = frozenset((GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q8_0))  # no high bits
+BYTES = 3  # scale mode of Q8_0 in the dot layout (a weight a byte); modes 0-2 are the nibble types'
 
 # Rows per group: 64 keeps several independent vector accumulators in flight per weight column.
 DEFAULT_LANES = 64
@@ -248,18 +249,16 @@ def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes:
                 packed.arrays[name] = alloc((n_groups,) + grouped.shape[1:], grouped.dtype)
             g0 = start // lanes
             packed.arrays[name][g0:g0 + grouped.shape[0]] = grouped
-    if dot and family == "q8_dot":
-        packed.mode = 3  # packed.BYTES
-        no_fields = np.zeros((n_groups, 0, lanes), np.uint8)
-        packed.arrays.update(m=np.zeros((n_groups, 0, lanes), np.uint16), sc=no_fields, mn=no_fields)
-    if family.startswith("nibble"):
-        packed.mode = {GGMLType.Q4_0: 0, GGMLType.Q5_0: 0, GGMLType.Q4_1: 1, GGMLType.Q5_1: 1}.get(qtype, 2)
+    if family in ("nibble", "nibble_dot", "q8_dot"):  # kernels taking the nibble family's fields
+        modes = {GGMLType.Q4_0: 0, GGMLType.Q5_0: 0, GGMLType.Q4_1: 1, GGMLType.Q5_1: 1, GGMLType.Q8_0: BYTES}
+        packed.mode = modes.get(qtype, 2)
         packed.offset = {GGMLType.Q4_0: -8.0, GGMLType.Q5_0: -16.0}.get(qtype, 0.0)
-        n_sub = n_in // 32
-        empty_u8 = np.zeros((n_groups, 0, lanes), np.uint8)
+        empty_u8 = np.zeros((n_groups, 0, lanes), np.uint8)  # fields a type does not have
         packed.arrays.setdefault("qh", np.zeros((n_groups, 0, lanes), np.uint32))
         packed.arrays.setdefault("m", np.zeros((n_groups, 0, lanes), np.uint16))
         packed.arrays.setdefault("sc", empty_u8)
         packed.arrays.setdefault("mn", empty_u8)
+    if family.startswith("nibble"):
+        n_sub = n_in // 32
         assert packed.arrays["qs"].shape == ((n_groups, n_sub, 4, 4 * lanes) if dot else (n_groups, n_sub, 16, lanes))
     return packed
