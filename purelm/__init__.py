@@ -1,7 +1,8 @@
 """purelm: run GGUF language models from Python, with wheels only."""
-from .errors import ContextOverflowError, FormatError, PurelmError
+from .errors import ContextOverflowError, DownloadError, FormatError, PurelmError, UsageError
 
-__all__ = ["LLM", "load", "PurelmError", "FormatError", "ContextOverflowError", "SamplingParams"]
+__all__ = ["LLM", "load", "PurelmError", "FormatError", "ContextOverflowError", "UsageError",
+           "DownloadError", "SamplingParams"]
 __version__ = "0.1.0"
 
 

@@ -18,3 +18,19 @@ class FormatError(PurelmError):
 
 class ContextOverflowError(PurelmError):
     """A prompt (or prompt plus generation) does not fit in the model's context."""
+
+
+class UsageError(PurelmError, ValueError):
+    """An argument given to the API or the command line is out of range or of the wrong type.
+
+    Also a ValueError, so code written against the standard exception keeps working."""
+
+
+class DownloadError(PurelmError):
+    """A model download failed, was interrupted or does not match its checksum."""
+
+
+class ShapeError(PurelmError, ValueError):
+    """An op was handed arrays whose shapes do not fit together. Every backend checks at each
+    kernel's entry, so a model whose hyperparameters slipped past the loader's checks fails here
+    instead of reading or writing memory it does not own."""

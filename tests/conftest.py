@@ -57,3 +57,35 @@ def int16_activations(x):
 # ~1e-4 of its largest value (measured on random and real weights), so whole-model logits are held to
 # this fraction of their largest magnitude there, 3x the worst seen on the tiny models.
 INT16_LOGITS_REL = 3e-4
+
+
+def rewrite_gguf(src, dst, meta=None, drop=(), tensors=None):
+    """Copy the GGUF `src` to `dst` with metadata keys changed (`meta`: key -> value, or key -> (value,
+    ValueType) to force a type; None removes the key), tensors dropped (`drop`), and tensors replaced or
+    added (`tensors`: name -> float32 array, or None to remove). For building hostile files."""
+    import numpy as np
+
+    from purelm.formats.gguf import GGUFFile, GGUFWriter, ValueType
+
+    meta, tensors = dict(meta or {}), dict(tensors or {})
+    f = GGUFFile(src)
+    w = GGUFWriter(dst)
+    for k in f.metadata:
+        if k in meta:
+            continue
+        w.add(k, f.metadata[k], f.metadata.types[k], f.metadata.array_types.get(k))
+    for k, v in meta.items():
+        if v is None:
+            continue
+        value, vtype = v if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], ValueType) else (v, None)
+        w.add(k, value, vtype)
+    for t in f.tensors.values():
+        if t.name in drop or t.name in tensors:
+            continue
+        w.add_tensor(t.name, t.data, t.type, t.shape)
+    for name, arr in tensors.items():
+        if arr is not None:
+            w.add_tensor(name, np.ascontiguousarray(arr, np.float32))
+    w.write()
+    f.close()
+    return dst

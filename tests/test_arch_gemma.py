@@ -166,5 +166,5 @@ def test_bad_layer_pattern_is_named(fixtures, tmp_path):
     for t in f.tensors.values():
         w.add_tensor(t.name, t.data, t.type, t.shape)
     w.write()
-    with pytest.raises(FormatError, match=r"sliding_window_pattern.*2 entries for 3 layers"):
+    with pytest.raises(FormatError, match=r"sliding_window_pattern.*array of 2.*one bool per layer \(3\)"):
         build_model(GGUFFile(tmp_path / "m.gguf"), NumpyBackend())

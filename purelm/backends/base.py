@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ShapeError
 from ..formats.gguf import Tensor
 from ..quant.types import GGMLType
 
@@ -95,6 +96,39 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k + self.v)
+
+
+# Checks at each op's entry, shared by the backends: kernels index with these sizes unchecked
+# (numba's boundscheck is off), so nothing reaches them that does not fit. A few attribute
+# comparisons per call: see benchmarks/README.md for their cost per token.
+
+def check_norm(x: Any, w: Any, op: str) -> None:
+    if w is not None and (w.ndim != 1 or w.shape[0] != x.shape[-1]):
+        raise ShapeError(f"{op}: weight of shape {w.shape} for rows of {x.shape[-1]} features")
+
+
+def check_rope(x: Any, positions: np.ndarray, rope: Rope) -> None:
+    if x.ndim != 3 or len(positions) != x.shape[0]:
+        raise ShapeError(f"rope: input of shape {x.shape} for {len(positions)} positions")
+    if rope.n_dims % 2 or not 0 < rope.n_dims <= x.shape[2]:
+        raise ShapeError(f"rope: {rope.n_dims} rotated features in heads of {x.shape[2]} (must be even, at most that)")
+    if rope.freq_factors is not None and len(rope.freq_factors) != rope.n_dims // 2:
+        raise ShapeError(f"rope: {len(rope.freq_factors)} frequency factors for {rope.n_dims // 2} pairs")
+
+
+def check_attention(q: Any, k: Any, v: Any, cache: KVCache, layer: int, spec: AttentionSpec) -> None:
+    n_kv = cache.n_kv_heads
+    if (q.ndim != 3 or k.shape != (q.shape[0], n_kv, cache.k_dim) or v.shape != (q.shape[0], n_kv, cache.v_dim)
+            or q.shape[2] != cache.k_dim):
+        raise ShapeError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} for a cache of {n_kv} KV heads "
+                         f"of {cache.k_dim}/{cache.v_dim} features")
+    if q.shape[1] % n_kv:
+        raise ShapeError(f"attention: {q.shape[1]} query heads cannot share {n_kv} KV heads evenly")
+    if not 0 <= layer < cache.n_layers or cache.n_past + q.shape[0] > cache.n_ctx:
+        raise ShapeError(f"attention: layer {layer} at positions {cache.n_past}+{q.shape[0]} outside the cache "
+                         f"({cache.n_layers} layers, {cache.n_ctx} positions)")
+    if spec.alibi_slopes is not None and len(spec.alibi_slopes) != q.shape[1]:
+        raise ShapeError(f"attention: {len(spec.alibi_slopes)} ALiBi slopes for {q.shape[1]} heads")
 
 
 class Backend(ABC):

@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 from ..formats.gguf import Tensor
 from ..quant import dequantize, dequantize_rows
 from ..quant.types import BLOCK_INFO, GGMLType
-from .base import AttentionSpec, Backend, KVCache, Rope
+from ..errors import ShapeError
+from .base import AttentionSpec, Backend, KVCache, Rope, check_attention, check_norm, check_rope
 from .numba_kernels import ops, packed as pk, rows as rk
 from .numba_kernels.intrinsics import has_int16_dot
 from .pages import page_out_library, release_file_pages
@@ -472,12 +473,14 @@ class NumbaBackend(Backend):
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         x2 = _rows(x)
+        check_norm(x2, w, "rms_norm")
         out = np.empty_like(x2)
         ops.rms_norm(x2, w, np.float32(eps), out)
         return out.reshape(x.shape)
 
     def layer_norm(self, x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: float) -> np.ndarray:
         x2 = _rows(x)
+        check_norm(x2, w, "layer_norm"), check_norm(x2, b, "layer_norm")
         out = np.empty_like(x2)
         ops.layer_norm(x2, EMPTY if w is None else w, EMPTY if b is None else b, np.float32(eps), out)
         return out.reshape(x.shape)
@@ -498,6 +501,7 @@ class NumbaBackend(Backend):
 
     def rope(self, x: np.ndarray, positions: np.ndarray, rope: Rope) -> np.ndarray:
         positions = np.asarray(positions, np.int64).reshape(-1)
+        check_rope(x, positions, rope)
         if positions.size == 1:  # decode: skip two numpy reductions
             lo = hi = int(positions[0])
         else:
@@ -519,6 +523,7 @@ class NumbaBackend(Backend):
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, layer: int,
                   spec: AttentionSpec) -> np.ndarray:
+        check_attention(q, k, v, cache, layer, spec)
         n_tok, n_head, _ = q.shape
         p0 = cache.n_past
         cache.reserve(p0 + n_tok)
@@ -606,6 +611,8 @@ def _gated(kernel: Callable[[np.ndarray, np.ndarray, np.ndarray], None], gate: n
            up: np.ndarray) -> np.ndarray:
     """act(gate) * up over (tokens, n) arrays whose rows may be strided (linear_many's column views)."""
     g, u = _strided_rows(gate), _strided_rows(up)
+    if g.shape != u.shape:
+        raise ShapeError(f"gated activation: gate {g.shape} and up {u.shape} differ")
     out = np.empty(g.shape, np.float32)
     kernel(g, u, out)
     return out.reshape(gate.shape)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..formats.gguf import Tensor
 from ..quant import dequantize, dequantize_rows
-from .base import AttentionSpec, Backend, KVCache, Rope
+from .base import AttentionSpec, Backend, KVCache, Rope, check_attention, check_norm, check_rope
 
 SLAB_BYTES = 32 << 20  # float32 bytes of weight dequantized at once
 
@@ -36,10 +36,12 @@ class NumpyBackend(Backend):
         return y
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        check_norm(x, w, "rms_norm")
         ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
         return (x / np.sqrt(ms + eps)) * w
 
     def layer_norm(self, x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: float) -> np.ndarray:
+        check_norm(x, w, "layer_norm"), check_norm(x, b, "layer_norm")
         mean = x.mean(axis=-1, keepdims=True)
         xc = x - mean
         y = xc / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + eps)
@@ -50,6 +52,7 @@ class NumpyBackend(Backend):
         return y
 
     def rope(self, x: np.ndarray, positions: np.ndarray, rope: Rope) -> np.ndarray:
+        check_rope(x, np.asarray(positions).reshape(-1), rope)
         cos, sin = rope.cos_sin(positions)
         cos, sin = cos[:, None, :], sin[:, None, :]
         half = rope.n_dims // 2
@@ -66,6 +69,7 @@ class NumpyBackend(Backend):
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, layer: int,
                   spec: AttentionSpec) -> np.ndarray:
+        check_attention(q, k, v, cache, layer, spec)
         n_tok, n_head, _ = q.shape
         p0 = cache.n_past
         n = p0 + n_tok

@@ -3,6 +3,7 @@ Model files compose these with the backend ops; nothing here knows which backend
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -40,3 +41,8 @@ def hf_rope_parameters(cfg: dict) -> dict:
     if "type" in out:
         out.setdefault("rope_type", out["type"])
     return out
+
+
+def add_bias(x: Any, bias: Any) -> Any:
+    """x + bias, or x when the (optional) bias is absent."""
+    return x if bias is None else x + bias

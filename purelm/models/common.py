@@ -2,29 +2,87 @@
 and the forward-pass bookkeeping around the KV cache."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-from ..backends.base import Backend, KVCache
-from ..errors import ContextOverflowError, FormatError
+from ..backends.base import Backend, KVCache, Rope
+from ..errors import ContextOverflowError, FormatError, UsageError
 from ..formats.gguf import GGUFFile, Tensor
 
 
+INT_LIMIT = 2**31 - 1  # no count or size in a model file may exceed this (llama.cpp reads them as int32)
+_MISSING = object()
+
+
 class Params:
-    """`{arch}.*` hyperparameters, with errors that name the missing key."""
+    """`{arch}.*` hyperparameters, each read with its type and range checked: a value that is missing,
+    of the wrong type or out of range is a `FormatError` naming the key, the value and what it must be.
+    Nothing read here has been used yet, so a lie stops before any allocation or kernel."""
 
     def __init__(self, gguf: GGUFFile) -> None:
         self.gguf, self.arch = gguf, gguf.architecture
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.gguf.metadata.get(f"{self.arch}.{key}", default)
+    def key(self, name: str) -> str:
+        return f"{self.arch}.{name}"
 
-    def need(self, key: str) -> Any:
-        full = f"{self.arch}.{key}"
-        if full not in self.gguf.metadata:
-            raise FormatError(self.gguf.path, full, "required metadata key is missing")
-        return self.gguf.metadata[full]
+    def has(self, name: str) -> bool:
+        return self.key(name) in self.gguf.metadata
+
+    def fail(self, name: str, value: Any, must: str) -> FormatError:
+        shown = f"an array of {len(value)}" if isinstance(value, (np.ndarray, list)) else repr(value)
+        if len(shown) > 60:
+            shown = shown[:60] + "..."
+        return FormatError(self.gguf.path, self.key(name), f"is {shown}; it must be {must}")
+
+    def raw(self, name: str) -> Any:
+        if not self.has(name):
+            raise FormatError(self.gguf.path, self.key(name), "required metadata key is missing")
+        return self.gguf.metadata[self.key(name)]
+
+    def int(self, name: str, default: Any = _MISSING, lo: int = 1, hi: int = INT_LIMIT) -> Any:
+        """An integer in [lo, hi]; `default` (as given) when the key is absent and a default is given."""
+        if default is not _MISSING and not self.has(name):
+            return default
+        value = self.raw(name)
+        if not _is_int(value) or not lo <= value <= hi:
+            raise self.fail(name, value, f"an integer in [{lo}, {hi}]")
+        return int(value)
+
+    def float(self, name: str, default: Any = _MISSING, lo: float = -math.inf, hi: float = math.inf,
+              above: bool = False) -> Any:
+        """A finite number in [lo, hi], or in (lo, hi] when `above`; integers count as numbers."""
+        if default is not _MISSING and not self.has(name):
+            return default
+        value = self.raw(name)
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+        if ok:
+            value = float(value)
+            ok = math.isfinite(value) and lo <= value <= hi and not (above and value == lo)
+        if not ok:
+            raise self.fail(name, value, f"a finite number in {'(' if above else '['}{lo}, {hi}]")
+        return value
+
+    def bool(self, name: str, default: Any = _MISSING) -> Any:
+        if default is not _MISSING and not self.has(name):
+            return default
+        value = self.raw(name)
+        if not isinstance(value, (bool, np.bool_)):
+            raise self.fail(name, value, "a bool")
+        return bool(value)
+
+    def str(self, name: str, default: Any = _MISSING) -> Any:
+        if default is not _MISSING and not self.has(name):
+            return default
+        value = self.raw(name)
+        if not isinstance(value, str):
+            raise self.fail(name, value, "a string")
+        return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 class Weights:
@@ -34,13 +92,18 @@ class Weights:
         self.gguf, self.backend = gguf, backend
 
     def tensor(self, name: str, shape: tuple[int, ...], optional: bool = False) -> Tensor | None:
+        """The tensor `name`, which must have `shape`; leading dimensions of 1 are allowed, as ggml
+        pads every shape with them."""
         t = self.gguf.tensors.get(name)
         if t is None:
             if optional:
                 return None
             raise FormatError(self.gguf.path, f"tensor {name!r}", f"is missing (expected shape {shape})")
-        if tuple(t.shape) != tuple(shape) and not (len(shape) == 1 and t.n_elements == shape[0]):
-            raise FormatError(self.gguf.path, f"tensor {name!r}", f"has shape {t.shape}, expected {shape}")
+        got = tuple(t.shape)
+        while len(got) > len(shape) and got[0] == 1:
+            got = got[1:]
+        if got != tuple(shape):
+            raise FormatError(self.gguf.path, f"tensor {name!r}", f"has shape {t.shape}, expected {tuple(shape)}")
         return t
 
     def matrix(self, name: str, shape: tuple[int, int], optional: bool = False) -> Any:
@@ -53,7 +116,17 @@ class Weights:
 
     def vector(self, name: str, n: int, optional: bool = False) -> Any:
         t = self.tensor(name, (n,), optional)
-        return None if t is None else self.backend.vector(t)
+        return None if t is None else self.backend.vector(t).reshape(n)
+
+    def floats(self, name: str, n: int, optional: bool = False) -> tuple[float, ...] | None:
+        """A small tensor of n positive finite numbers read into Python (rope frequency factors)."""
+        t = self.tensor(name, (n,), optional)
+        if t is None:
+            return None
+        values = t.dequantize().reshape(-1)
+        if not (np.isfinite(values).all() and (values > 0).all()):
+            raise FormatError(self.gguf.path, f"tensor {name!r}", "must hold positive finite numbers")
+        return tuple(values.tolist())
 
 
 class Model:
@@ -68,17 +141,48 @@ class Model:
     def read_sizes(self, p: Params, rms_norm: bool, n_ctx_default: int = 2048,
                    n_kv_head_default: int | None = None) -> None:
         """The sizes every decoder has: layers, width, heads, kv heads, head size, norm epsilon,
-        training context and vocabulary (from the embedding's rows when the key is absent)."""
-        self.n_layer = p.need("block_count")
-        self.dim = p.need("embedding_length")
-        self.n_head = p.need("attention.head_count")
-        self.n_kv_head = p.get("attention.head_count_kv", n_kv_head_default or self.n_head)
-        self.head_dim = p.get("attention.key_length", self.dim // self.n_head)
+        training context and vocabulary (from the embedding's rows when the key is absent), each
+        checked alone and against the others. Tensor shapes are checked against them as they load."""
+        n_tensors = len(self.gguf.tensors)
+        self.n_layer = p.int("block_count", hi=max(1, n_tensors))  # every layer has tensors
+        self.dim = p.int("embedding_length")
+        self.n_head = p.int("attention.head_count")
+        kv_default = min(n_kv_head_default or self.n_head, self.n_head)
+        self.n_kv_head = p.int("attention.head_count_kv", kv_default, hi=self.n_head)
+        if self.n_head % self.n_kv_head:
+            raise p.fail("attention.head_count_kv", self.n_kv_head,
+                         f"a divisor of attention.head_count ({self.n_head}): each KV head serves whole query heads")
+        if not p.has("attention.key_length") and self.dim % self.n_head:
+            raise p.fail("attention.head_count", self.n_head,
+                         f"a divisor of embedding_length ({self.dim}) when attention.key_length is absent")
+        self.head_dim = p.int("attention.key_length", self.dim // self.n_head)
         eps_key = "attention.layer_norm_rms_epsilon" if rms_norm else "attention.layer_norm_epsilon"
-        self.eps = p.get(eps_key, 1e-5)
-        self.n_ctx_train = p.get("context_length", n_ctx_default)
+        self.eps = p.float(eps_key, 1e-5, lo=0.0, hi=1.0)
+        self.n_ctx_train = p.int("context_length", n_ctx_default)
         embd = self.gguf.tensors.get("token_embd.weight")
-        self.n_vocab = embd.shape[0] if embd is not None else p.need("vocab_size")
+        self.n_vocab = embd.shape[0] if embd is not None else p.int("vocab_size")
+        tokens = "tokenizer.ggml.tokens"
+        if tokens in self.gguf.metadata and self.gguf.metadata.array_length(tokens) > self.n_vocab:
+            raise FormatError(self.gguf.path, tokens, f"has {self.gguf.metadata.array_length(tokens)} tokens but "
+                              f"the model has {self.n_vocab} embedding rows: ids past them have no embedding")
+
+    def read_rope(self, p: Params, neox: bool, n_dims_default: int | None = None, scaling: bool = True,
+                  base_default: float = 10000.0, base_key: str = "rope.freq_base",
+                  freq_factors: str | None = None, **extra: Any) -> Rope:
+        """The rotary embedding's settings: rope.dimension_count (even, at most the head size: the
+        kernels rotate pairs within a head), rope.freq_base (positive), linear scaling, and per-pair
+        frequency factors from the tensor `freq_factors` if the file has it."""
+        n_dims = p.int("rope.dimension_count", n_dims_default or self.head_dim, hi=self.head_dim)
+        if n_dims % 2:
+            raise p.fail("rope.dimension_count", n_dims, f"even, in [2, {self.head_dim}] (the head size)")
+        freq_scale = 1.0
+        if scaling and p.str("rope.scaling.type", "none") == "linear":
+            factor = p.float("rope.scaling.factor", 1.0, lo=0.0, above=False) or 1.0  # 0: not set
+            freq_scale = 1.0 / factor
+        factors = Weights(self.gguf, self.ops).floats(freq_factors, n_dims // 2, optional=True) \
+            if freq_factors else None
+        return Rope(n_dims=n_dims, base=p.float(base_key, base_default, lo=0.0, above=True), neox=neox,
+                    freq_scale=freq_scale, freq_factors=factors, **extra)
 
     def new_cache(self, n_ctx: int) -> KVCache:
         raise NotImplementedError
@@ -89,12 +193,12 @@ class Model:
         ids = np.asarray(ids, np.int64).reshape(-1)
         n_tok = len(ids)
         if n_tok == 0:
-            raise ValueError("forward needs at least one token")
+            raise UsageError("forward needs at least one token")
         if cache.n_past + n_tok > cache.n_ctx:
             raise ContextOverflowError(
                 f"{cache.n_past + n_tok} tokens do not fit in the context of {cache.n_ctx} tokens")
         if ids.min() < 0 or ids.max() >= self.n_vocab:
-            raise ValueError(f"token id out of range [0, {self.n_vocab})")
+            raise UsageError(f"token id out of range [0, {self.n_vocab})")
         cache.reserve(cache.n_past + n_tok)
         positions = np.arange(cache.n_past, cache.n_past + n_tok)
         h = self.hidden(ids, positions, cache)
@@ -102,6 +206,10 @@ class Model:
         if not all_logits:
             h = h[-1:]
         logits = self.ops.to_numpy(self.head(h))
+        if not np.isfinite(logits).all():
+            # NaN or inf weights (or a norm that divides by zero) would reach the sampler as garbage
+            raise FormatError(self.gguf.path, "weights", "the model computed non-finite logits (NaN or inf): "
+                              "its weights or hyperparameters are corrupt")
         return logits if all_logits else logits[0]
 
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import AttentionSpec, Backend, KVCache, Rope
+from ..backends.base import AttentionSpec, Backend, KVCache
 from ..convert import ConvertSpec
 from ..errors import PurelmError
 from ..formats.gguf import GGUFFile
@@ -31,8 +31,8 @@ class Falcon(Model):
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=False, n_kv_head_default=1)
         dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
-        ffn = p.need("feed_forward_length")
-        self.rope = Rope(n_dims=p.get("rope.dimension_count", hd), base=p.get("rope.freq_base", 10000.0), neox=True)
+        ffn = p.int("feed_forward_length")
+        self.rope = self.read_rope(p, neox=True, scaling=False)
         self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd))
 
         self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))

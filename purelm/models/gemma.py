@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import AttentionSpec, Backend, KVCache, Rope
+from ..backends.base import AttentionSpec, Backend, KVCache
 from ..convert import ConvertSpec
-from ..errors import FormatError
 from ..formats.gguf import GGUFFile
 from .common import Model, Params, Weights
 
@@ -57,29 +56,22 @@ class Gemma(Model):
         super().__init__(gguf, backend)
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=True, n_ctx_default=8192)
-        self.eps = p.get("attention.layer_norm_rms_epsilon", 1e-6)
+        self.eps = p.float("attention.layer_norm_rms_epsilon", 1e-6, lo=0.0, hi=1.0)
         n_layer, dim, hd, n_vocab = self.n_layer, self.dim, self.head_dim, self.n_vocab
-        ffn = p.need("feed_forward_length")
+        ffn = p.int("feed_forward_length")
         self.embed_scale = float(np.float32(np.sqrt(dim)))  # sqrt(d) rounded to float32, as transformers
-        self.final_softcap = p.get("final_logit_softcapping") or None
+        self.final_softcap = p.float("final_logit_softcapping", None, lo=0.0) or None
 
-        scaling = p.get("rope.scaling.type", "none")
-        factor = p.get("rope.scaling.factor", 1.0) or 1.0
-        n_rot = p.get("rope.dimension_count", hd)
-        global_rope = Rope(n_dims=n_rot, base=p.get("rope.freq_base", 10000.0), neox=True,
-                           freq_scale=1.0 / factor if scaling == "linear" else 1.0)
+        global_rope = self.read_rope(p, neox=True)
         local_rope = global_rope if self.local_rope_base is None else \
-            Rope(n_dims=n_rot, base=p.get("rope.freq_base_swa", self.local_rope_base), neox=True)
-        scale = p.get("attention.scale")
+            self.read_rope(p, neox=True, scaling=False, base_key="rope.freq_base_swa",
+                           base_default=self.local_rope_base)
+        scale = p.float("attention.scale", None, lo=0.0, above=True)
         if scale is None:
             scale = 1.0 / np.sqrt(dim // self.n_head if n_layer == self.n_layer_27b else hd)
-        softcap = p.get("attn_logit_softcapping") or None
-        window = (p.get("attention.sliding_window") or None) if self.swa_period else None
-        try:
-            self.local = local_layers(n_layer, p.get("attention.sliding_window_pattern", self.swa_period)) \
-                if window else [False] * n_layer
-        except ValueError as e:
-            raise FormatError(gguf.path, f"{p.arch}.attention.sliding_window_pattern", str(e)) from None
+        softcap = p.float("attn_logit_softcapping", None, lo=0.0) or None
+        window = (p.int("attention.sliding_window", None, lo=0) or None) if self.swa_period else None
+        self.local = self.local_layers(p, self.swa_period) if window else [False] * n_layer
 
         self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
         self.out_norm = w.vector("output_norm.weight", dim)
@@ -106,6 +98,18 @@ class Gemma(Model):
                 w_down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
                 post_ffw_norm=w.vector(b + "post_ffw_norm.weight", dim, optional=post),
             ))
+
+    def local_layers(self, p: Params, period: int) -> list[bool]:
+        """`attention.sliding_window_pattern` checked (one bool per layer, or a period), else
+        llama.cpp's fixed `period`."""
+        key = "attention.sliding_window_pattern"
+        pattern = p.raw(key) if p.has(key) else period
+        if np.ndim(pattern) > 0:
+            if len(pattern) != self.n_layer or not all(isinstance(b, (bool, np.bool_)) for b in pattern):
+                raise p.fail(key, pattern, f"a period or one bool per layer ({self.n_layer})")
+        else:
+            pattern = p.int(key, period, lo=0)
+        return local_layers(self.n_layer, pattern)
 
     def new_cache(self, n_ctx: int) -> KVCache:
         return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)

@@ -35,7 +35,7 @@ class GPT2(Model):
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=False)
         dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
-        self.ffn = p.need("feed_forward_length")
+        self.ffn = p.int("feed_forward_length")
         self.q_dim, self.kv_dim = self.n_head * hd, self.n_kv_head * hd
         for name in gguf.tensors:  # variants llama.cpp runs and purelm does not (yet)
             if name.startswith("blk.0.") and name.endswith(("attn_q_norm.weight", ".scales")):

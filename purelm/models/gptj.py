@@ -23,8 +23,7 @@ class GPTJ(GPT2):
     parallel_residual = True
 
     def rope_spec(self, p: Params) -> Rope:
-        return Rope(n_dims=p.get("rope.dimension_count", self.head_dim), base=p.get("rope.freq_base", 10000.0),
-                    neox=False)
+        return self.read_rope(p, neox=False, scaling=False)
 
     def layer(self, w: Weights, b: str) -> dict[str, Any]:
         dim, ffn, q, kv = self.dim, self.ffn, self.q_dim, self.kv_dim

@@ -22,12 +22,11 @@ from .gpt2 import GPT2
 
 class GPTNeoX(GPT2):
     def __init__(self, gguf, backend) -> None:
-        self.parallel_residual = bool(Params(gguf).get("use_parallel_residual", True))
+        self.parallel_residual = Params(gguf).bool("use_parallel_residual", True)
         super().__init__(gguf, backend)
 
     def rope_spec(self, p: Params) -> Rope:
-        return Rope(n_dims=p.get("rope.dimension_count", self.head_dim), base=p.get("rope.freq_base", 10000.0),
-                    neox=True)
+        return self.read_rope(p, neox=True, scaling=False)
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)

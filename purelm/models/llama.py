@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import AttentionSpec, Backend, KVCache, Rope
+from ..backends.base import AttentionSpec, Backend, KVCache
 from ..convert import ConvertSpec, permute_qk
 from ..formats.gguf import GGUFFile
-from .blocks import hf_rope_parameters
+from .blocks import add_bias, hf_rope_parameters
 from .common import Model, Params, Weights
 
 
@@ -23,19 +23,10 @@ class Llama(Model):
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=True)
         dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
-        ffn = p.need("feed_forward_length")
-
-        scaling = p.get("rope.scaling.type", "none")
-        factor = p.get("rope.scaling.factor", 1.0) or 1.0
-        freq_factors = gguf.tensors.get("rope_freqs.weight")
-        self.rope = Rope(
-            n_dims=p.get("rope.dimension_count", hd),
-            base=p.get("rope.freq_base", 10000.0),
-            neox=self.rope_neox,
-            freq_scale=1.0 / factor if scaling == "linear" else 1.0,
-            freq_factors=tuple(freq_factors.dequantize().tolist()) if freq_factors is not None else None,
-        )
-        self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd), window=p.get("attention.sliding_window"))
+        ffn = p.int("feed_forward_length")
+        self.rope = self.read_rope(p, neox=self.rope_neox, freq_factors="rope_freqs.weight")
+        window = p.int("attention.sliding_window", None, lo=0) or None
+        self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd), window=window)
 
         self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
         self.out_norm = w.vector("output_norm.weight", dim)
@@ -77,8 +68,7 @@ class Llama(Model):
     def attention(self, n: Any, L: dict[str, Any], i: int, positions: np.ndarray, cache: KVCache) -> Any:
         ops, T, hd = self.ops, len(positions), self.head_dim
         q, k, v = ops.linear_many(n, L["wqkv"])
-        if L["bq"] is not None:
-            q, k, v = q + L["bq"], k + L["bk"], v + L["bv"]
+        q, k, v = add_bias(q, L["bq"]), add_bias(k, L["bk"]), add_bias(v, L["bv"])  # each bias is optional alone
         q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
                    v.reshape(T, self.n_kv_head, hd))
         q, k = ops.rope(q, positions, self.rope), ops.rope(k, positions, self.rope)

@@ -20,10 +20,10 @@ from .gpt2 import GPT2
 
 class MPT(GPT2):
     def alibi_max_bias(self, p: Params) -> float:
-        return p.need("attention.max_alibi_bias")
+        return p.float("attention.max_alibi_bias", lo=0.0)
 
     def clamp(self, p: Params) -> float | None:
-        return p.get("attention.clamp_kqv")
+        return p.float("attention.clamp_kqv", None, lo=0.0) or None
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)

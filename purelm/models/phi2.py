@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import AttentionSpec, Backend, KVCache, Rope
+from ..backends.base import AttentionSpec, Backend, KVCache
 from ..convert import ConvertSpec
 from ..errors import PurelmError
 from ..formats.gguf import GGUFFile
@@ -30,8 +30,8 @@ class Phi2(Model):
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=False)
         dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
-        ffn = p.need("feed_forward_length")
-        self.rope = Rope(n_dims=p.get("rope.dimension_count", hd), base=p.get("rope.freq_base", 10000.0), neox=True)
+        ffn = p.int("feed_forward_length")
+        self.rope = self.read_rope(p, neox=True, scaling=False)
         self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd))
 
         self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))

@@ -36,20 +36,16 @@ class Phi3(Model):
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=True, n_ctx_default=4096)
         dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
-        self.n_ctx_orig = p.get("rope.scaling.original_context_length", self.n_ctx_train)
-        self.ffn = ffn = p.need("feed_forward_length")
+        self.n_ctx_orig = p.int("rope.scaling.original_context_length", self.n_ctx_train)
+        self.ffn = ffn = p.int("feed_forward_length")
 
-        n_rot = p.get("rope.dimension_count", hd)
-        rope = dict(n_dims=n_rot, base=p.get("rope.freq_base", 10000.0), neox=True,
-                    attn_factor=p.get("rope.scaling.attn_factor", 1.0))
-        factors = {}
-        for kind in ("short", "long"):
-            t = w.tensor(f"rope_factors_{kind}.weight", (n_rot // 2,), optional=True)
-            factors[kind] = None if t is None else tuple(t.dequantize().reshape(-1).tolist())
-        self.rope_short = Rope(**rope, freq_factors=factors["short"])
-        self.rope_long = Rope(**rope, freq_factors=factors["long"])
-        window = p.get("attention.sliding_window", 0)
-        self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd), window=window if window and window > 0 else None)
+        attn_factor = p.float("rope.scaling.attn_factor", 1.0, lo=0.0, above=True)
+        self.rope_short = self.read_rope(p, neox=True, scaling=False, freq_factors="rope_factors_short.weight",
+                                         attn_factor=attn_factor)
+        self.rope_long = self.read_rope(p, neox=True, scaling=False, freq_factors="rope_factors_long.weight",
+                                        attn_factor=attn_factor)
+        window = p.int("attention.sliding_window", 0, lo=0)
+        self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd), window=window or None)
 
         self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
         self.out_norm = w.vector("output_norm.weight", dim)

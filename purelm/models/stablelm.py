@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import AttentionSpec, Backend, KVCache, Rope
+from ..backends.base import AttentionSpec, Backend, KVCache
 from ..convert import ConvertSpec
 from ..formats.gguf import GGUFFile
-from .blocks import hf_rope_parameters
+from .blocks import add_bias, hf_rope_parameters
 from .common import Model, Params, Weights
 
 
@@ -28,8 +28,8 @@ class StableLM(Model):
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=False, n_ctx_default=4096)
         dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
-        ffn = p.need("feed_forward_length")
-        self.rope = Rope(n_dims=p.get("rope.dimension_count", hd), base=p.get("rope.freq_base", 10000.0), neox=True)
+        ffn = p.int("feed_forward_length")
+        self.rope = self.read_rope(p, neox=True, scaling=False)
         self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd))
 
         self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
@@ -73,8 +73,7 @@ class StableLM(Model):
         for i, L in enumerate(self.layers):
             n = ops.layer_norm(x, *L["attn_norm"], self.eps)
             q, k, v = ops.linear_many(n, L["wqkv"])
-            if L["bq"] is not None:
-                q, k, v = q + L["bq"], k + L["bk"], v + L["bv"]
+            q, k, v = add_bias(q, L["bq"]), add_bias(k, L["bk"]), add_bias(v, L["bv"])  # each bias is optional alone
             q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
                        v.reshape(T, self.n_kv_head, hd))
             if L["q_norm"] is not None:
