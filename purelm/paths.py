@@ -1,0 +1,36 @@
+"""Where purelm keeps files: the user cache folder (models, compiled kernels)."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """$PURELM_CACHE, else the platform's user cache folder (~/.cache/purelm on Linux)."""
+    env = os.environ.get("PURELM_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("purelm"))
+
+
+@contextlib.contextmanager
+def numba_cache() -> Iterator[None]:
+    """While purelm's kernels are defined, numba caches them under cache_dir()/numba unless the user
+    set NUMBA_CACHE_DIR. numba's own default is a __pycache__ beside the source: inside site-packages
+    for an installed purelm, where `pip uninstall` leaves the folders behind and they shadow a later
+    editable install. numba picks the folder when a cached function is defined, so the setting is
+    put back afterwards and other numba code in the process keeps its own."""
+    import numba
+
+    if os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR:
+        yield
+        return
+    numba.config.CACHE_DIR = str(cache_dir() / "numba")
+    try:
+        yield
+    finally:
+        numba.config.CACHE_DIR = ""
