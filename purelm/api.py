@@ -1,24 +1,67 @@
 """The Python API: `purelm.load(path_or_name)` and what a loaded model can do."""
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
-from .backends import get_backend
+from .backends import BACKENDS, get_backend
 from .backends.base import Backend
 from .formats.gguf import GGUFFile
-from .generate import Chunk, Completion, prefill, stream_tokens
+from .errors import UsageError
+from .generate import Chunk, Completion, prefill, stream_tokens, truncate_prompt
 from .hub import resolve
 from .models import build_model
-from .sampling import SamplingParams
+from .sampling import SamplingParams, check_int
 from .tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
-_SAMPLING_KEYS = {f.name for f in fields(SamplingParams)}
+_SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))
+
+
+def _check_load_args(backend: object, n_ctx: object, threads: object) -> None:
+    if not (backend is None or isinstance(backend, Backend) or backend in BACKENDS):
+        raise UsageError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, a Backend or None, "
+                         f"got {backend!r}")
+    if n_ctx is not None:
+        check_int("n_ctx", n_ctx, 1, ">= 1, or None for min(the model's, 4096)")
+    if threads is not None:
+        check_int("threads", threads, 1, ">= 1, or None for every core")
+
+
+def _token_ids(ids: object, limit: int, name: str, text_ok: bool = False) -> list[int]:
+    """`ids` as a list of ints in [0, limit), else a UsageError naming `name`."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        what = "a str or a list of token ids" if text_ok else "a list of token ids"
+        raise UsageError(f"{name} must be {what}, got {type(ids).__name__}")
+    out = list(ids)
+    for i in out:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < limit:
+            raise UsageError(f"{name}: {i!r} is not a token id (whole numbers in [0, {limit}))")
+    return [int(i) for i in out]
+
+
+def _text(text: object, name: str) -> str:
+    if not isinstance(text, str):
+        raise UsageError(f"{name} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates, e.g. undecodable bytes kept by surrogateescape
+        raise UsageError(f"{name} is not valid Unicode: {e.reason} at index {e.start} "
+                         "(decode bytes with errors='replace')") from None
+    return text
+
+
+def _stops(stop: object) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else [] if stop is None else \
+        list(stop) if isinstance(stop, Iterable) else None
+    if stops is None or not all(isinstance(s, str) for s in stops):
+        raise UsageError(f"stop must be a str or a list of str, got {stop!r}")
+    return stops
 
 
 class LLM:
@@ -27,28 +70,33 @@ class LLM:
 
     def __init__(self, path: str | os.PathLike, backend: str | Backend | None = None,
                  n_ctx: int | None = None, threads: int | None = None) -> None:
+        _check_load_args(backend, n_ctx, threads)
         self.path = str(path)
         self.file = GGUFFile(path)
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, threads)
         self.model = build_model(self.file, self.backend)
         self.tokenizer = Tokenizer.from_gguf_metadata(self.file.metadata)
-        if n_ctx is not None and n_ctx < 1:
-            raise ValueError(f"n_ctx must be positive, got {n_ctx}")
         self.n_ctx = n_ctx or min(self.model.n_ctx_train, DEFAULT_CTX)
         self.cache = self.model.new_cache(self.n_ctx)
 
     # -- tokens
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+        return self.tokenizer.encode(_text(text, "text"), add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special=skip_special)
+        return self.tokenizer.decode(_token_ids(ids, self.tokenizer.vocab_size, "ids"), skip_special=skip_special)
+
+    @property
+    def n_vocab(self) -> int:
+        """Rows of the model's embedding: the ids the model accepts (at least the tokenizer's)."""
+        return getattr(self.model, "n_vocab", self.tokenizer.vocab_size)
 
     # -- logits
     def logits(self, ids: Sequence[int] | str) -> np.ndarray:
         """Float32 logits of every position, shape (len(ids), vocab), from a fresh context."""
-        if isinstance(ids, str):
-            ids = self.tokenize(ids)
+        ids = self.tokenize(ids) if isinstance(ids, str) else _token_ids(ids, self.n_vocab, "ids", text_ok=True)
+        if not ids:
+            raise UsageError("ids is empty: give at least one token")
         cache = self.model.new_cache(max(self.n_ctx, len(ids)))
         return prefill(self.model, cache, list(ids), all_logits=True)
 
@@ -59,18 +107,24 @@ class LLM:
         """Chunks of generated text with their tokens; the last chunk carries the finish reason.
 
         `sampling`: the fields of `SamplingParams` (temperature, top_k, top_p, min_p, repeat_penalty,
-        repeat_last_n, frequency_penalty, presence_penalty, seed). `truncate`: keep the end of a prompt
-        that is too long for the context instead of raising `ContextOverflowError`."""
-        unknown = set(sampling) - _SAMPLING_KEYS
+        repeat_last_n, frequency_penalty, presence_penalty, seed). `stop`: a string or a list of them.
+        `truncate`: drop the start of a prompt that leaves no room for `max_tokens` new tokens, keeping
+        its last n_ctx - max_tokens tokens (at least 1), or half the context when max_tokens >= n_ctx;
+        without it a prompt that does not fit raises `ContextOverflowError`.
+        Bad arguments raise `UsageError`."""
+        unknown = set(sampling).difference(_SAMPLING_KEYS)
         if unknown:
-            raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
-        if max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        if truncate and len(ids) >= self.n_ctx:
-            ids = ids[len(ids) - (self.n_ctx - 1) :]
-        return stream_tokens(self.model, self.tokenizer, self.cache, ids, SamplingParams(**sampling),
-                             max_tokens, stop, ignore_eos, timings)
+            raise UsageError(f"unknown generation option(s): {', '.join(sorted(unknown))} (known: max_tokens, "
+                             f"stop, ignore_eos, timings, truncate, {', '.join(_SAMPLING_KEYS)})")
+        max_tokens = check_int("max_tokens", max_tokens, 1)
+        stops = _stops(stop)
+        params = SamplingParams(**sampling)
+        params.validate()
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids(prompt, self.n_vocab, "prompt", True)
+        if truncate:
+            ids = truncate_prompt(ids, self.n_ctx, max_tokens)
+        return stream_tokens(self.model, self.tokenizer, self.cache, ids, params, max_tokens, stops,
+                             ignore_eos, timings)
 
     def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[str]:
         """Generated text, piece by piece, as it is produced."""
@@ -103,5 +157,9 @@ class LLM:
 
 def load(path_or_name: str | os.PathLike | None = None, backend: str | Backend | None = None,
          n_ctx: int | None = None, threads: int | None = None) -> LLM:
-    """Open a GGUF file (or a known model's name, pulled on first use; None: the default model)."""
+    """Open a GGUF file (or a known model's name, pulled on first use; None: the default model).
+    Bad arguments raise `UsageError`; a bad file `FormatError`."""
+    if not (path_or_name is None or isinstance(path_or_name, (str, os.PathLike))):
+        raise UsageError(f"path_or_name must be a path, a model name or None, got {type(path_or_name).__name__}")
+    _check_load_args(backend, n_ctx, threads)
     return LLM(resolve(path_or_name), backend=backend, n_ctx=n_ctx, threads=threads)

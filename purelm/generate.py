@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends.base import KVCache
-from .errors import ContextOverflowError
+from .errors import ContextOverflowError, UsageError
 from .models.common import Model
 from .sampling import Sampler, SamplingParams
 
@@ -74,17 +74,26 @@ def prefill(model: Model, cache: KVCache, ids: Sequence[int], all_logits: bool =
     return np.concatenate(outs) if all_logits else outs[-1]
 
 
+def truncate_prompt(ids: Sequence[int], n_ctx: int, max_tokens: int) -> list[int]:
+    """The end of `ids` that leaves room for `max_tokens` new tokens in a context of `n_ctx`: at most
+    n_ctx - max_tokens tokens (at least 1), or half the context when max_tokens alone would fill it
+    (as llama.cpp keeps half when it drops the start). A prompt short enough is kept whole."""
+    room = max(1, n_ctx - max_tokens if max_tokens < n_ctx else n_ctx // 2)
+    return list(ids[-room:]) if len(ids) > room else list(ids)
+
+
 def stream_tokens(model: Model, tokenizer, cache: KVCache, prompt: Sequence[int], params: SamplingParams,
                   max_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False,
                   timings: dict[str, float] | None = None) -> Iterator[Chunk]:
     """Generate after `prompt`, reusing whatever prefix of it `cache` already holds."""
     prompt = list(prompt)
     if not prompt:
-        raise ValueError("the prompt is empty: give at least one token (or let the tokenizer add BOS)")
+        raise UsageError("the prompt is empty: give at least one token (or let the tokenizer add BOS)")
     if len(prompt) >= cache.n_ctx:
         raise ContextOverflowError(
             f"the prompt has {len(prompt)} tokens but the context holds {cache.n_ctx}: shorten the prompt, "
-            f"raise n_ctx (the model was trained with {model.n_ctx_train}) or ask for truncation")
+            f"raise n_ctx (-c; the model was trained with {model.n_ctx_train}) or let it be cut "
+            f"(truncate=True, --truncate)")
     sampler = Sampler(params)
     timings = timings if timings is not None else {}
 

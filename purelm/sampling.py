@@ -1,34 +1,63 @@
 """Turning logits into the next token: penalties, temperature, top-k, top-p, min-p (llama.cpp's order)."""
 from __future__ import annotations
 
+import math
+import numbers
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
+
+from .errors import UsageError
+
+
+def check_int(name: str, value: object, lo: int, rule: str = "") -> int:
+    """`value` as an int if it is a whole number (bools are not) >= lo, else a UsageError naming `name`."""
+    rule = rule or f">= {lo}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UsageError(f"{name} must be a whole number ({rule}), got {value!r}")
+    if value < lo:
+        raise UsageError(f"{name} must be {rule}, got {value}")
+    return int(value)
+
+
+def check_float(name: str, value: object, rule: str = "a finite number",
+                ok: Callable[[float], bool] = lambda v: True) -> float:
+    """`value` as a float if it is a finite real number (bools are not) that passes `ok`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UsageError(f"{name} must be a number ({rule}), got {value!r}")
+    if not (math.isfinite(value) and ok(float(value))):
+        raise UsageError(f"{name} must be {rule}, got {value!r}")
+    return float(value)
 
 
 @dataclass
 class SamplingParams:
-    temperature: float = 0.8  # <= 0 means greedy
-    top_k: int = 40  # <= 0 disables
-    top_p: float = 0.95  # >= 1 disables
-    min_p: float = 0.05  # <= 0 disables
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int = 40  # 0 disables
+    top_p: float = 0.95  # 1 disables
+    min_p: float = 0.05  # 0 disables
     repeat_penalty: float = 1.0  # 1 disables; llama.cpp divides positive logits, multiplies negative
     repeat_last_n: int = 64  # how many recent tokens the penalties look at (-1: all)
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # None: a fresh random seed
 
-    def validate(self) -> None:
-        if not np.isfinite(self.temperature):
-            raise ValueError("temperature must be a finite number")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError("min_p must be between 0 and 1")
-        if not 0 <= self.top_p <= 1:
-            raise ValueError("top_p must be between 0 and 1")
-        if self.repeat_penalty <= 0:
-            raise ValueError("repeat_penalty must be positive")
+    def validate(self, names: Mapping[str, str] | None = None) -> None:
+        """Raise UsageError for a value of the wrong type or out of range. `names`: how to call each
+        field in the message (the command line passes its flags)."""
+        n = {f.name: f.name for f in fields(self)} | dict(names or {})
+        check_float(n["temperature"], self.temperature, ">= 0; 0 is greedy", lambda v: v >= 0)
+        check_int(n["top_k"], self.top_k, 0, ">= 0; 0 keeps every token")
+        check_float(n["top_p"], self.top_p, "between 0 and 1", lambda v: 0 <= v <= 1)
+        check_float(n["min_p"], self.min_p, "between 0 and 1", lambda v: 0 <= v <= 1)
+        check_float(n["repeat_penalty"], self.repeat_penalty, "> 0; 1 is off", lambda v: v > 0)
+        check_int(n["repeat_last_n"], self.repeat_last_n, -1, ">= -1; -1 looks at every token")
+        check_float(n["frequency_penalty"], self.frequency_penalty)
+        check_float(n["presence_penalty"], self.presence_penalty)
+        if self.seed is not None:
+            check_int(n["seed"], self.seed, 0, ">= 0, or None for a random seed")
 
 
 class Sampler:
@@ -57,7 +86,7 @@ class Sampler:
         """Candidate ids and their probabilities after every filter (for tests and logprobs)."""
         p = self.p
         logits = self.apply_penalties(np.asarray(logits, np.float32), history)
-        if p.temperature <= 0:
+        if p.temperature == 0:
             best = int(np.argmax(logits))
             return np.array([best]), np.array([1.0])
         ids = np.arange(len(logits))

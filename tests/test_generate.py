@@ -4,8 +4,8 @@ import pytest
 
 import purelm
 from purelm.backends.base import KVCache
-from purelm.errors import ContextOverflowError
-from purelm.generate import _StopMatcher, stream_tokens
+from purelm.errors import ContextOverflowError, UsageError
+from purelm.generate import _StopMatcher, stream_tokens, truncate_prompt
 from purelm.sampling import SamplingParams
 
 
@@ -66,13 +66,32 @@ def test_max_tokens_and_context_limits(tiny):
     with pytest.raises(ContextOverflowError, match="64 tokens but the context holds 64"):
         tiny.generate(long_prompt, max_tokens=2)
     done = tiny.complete(long_prompt, max_tokens=2, temperature=0, truncate=True, ignore_eos=True)
-    assert len(done.tokens) >= 1 and done.finish_reason == "length"  # stops when the context is full
+    assert len(done.tokens) == 2 and done.finish_reason == "length"
+
+
+def test_truncation_leaves_room_for_max_tokens(tiny):
+    long_prompt = list(range(5, 205))  # 200 tokens, a 64-token context
+    opts = dict(temperature=0, truncate=True, ignore_eos=True)
+    done = tiny.complete(long_prompt, max_tokens=20, **opts)
+    assert len(done.tokens) == 20 and done.prompt_tokens == 44
+    # the kept end is what a fresh context sees
+    assert done.tokens == tiny.complete(long_prompt[-44:], max_tokens=20, **opts).tokens
+    done = tiny.complete(long_prompt, max_tokens=500, **opts)  # more than the context: keep half of it
+    assert done.prompt_tokens == 32 and len(done.tokens) == 33  # until full (the last token needs no slot)
+
+
+def test_truncate_prompt_rule():
+    ids = list(range(100))
+    assert truncate_prompt(ids, 64, 10) == ids[-54:]
+    assert truncate_prompt(ids[:20], 64, 10) == ids[:20]  # short enough: whole
+    assert truncate_prompt(ids, 64, 63) == ids[-1:]  # at least one prompt token
+    assert truncate_prompt(ids, 64, 64) == ids[-32:] == truncate_prompt(ids, 64, 1000)
 
 
 def test_bad_options_are_rejected(tiny):
-    with pytest.raises(TypeError, match="unknown generation option"):
+    with pytest.raises(UsageError, match="unknown generation option.*temprature"):
         tiny.generate("x", temprature=0.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="max_tokens must be >= 1"):
         tiny.generate("x", max_tokens=0)
 
 

@@ -203,3 +203,13 @@ def test_random_corruption_never_escapes_as_another_exception(tmp_path):
             continue
         for t in f.tensors.values():  # whatever opened must be readable within bounds
             t.dequantize()
+
+
+def test_a_fifo_or_device_is_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero", tmp_path):
+        with pytest.raises(FormatError, match="not a regular file"):
+            GGUFFile(path)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from purelm.errors import UsageError
 from purelm.sampling import Sampler, SamplingParams
 
 
@@ -79,8 +80,32 @@ def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
     np.testing.assert_allclose(freq, softmax(LOGITS.astype(np.float64)), atol=0.03)
 
 
-@pytest.mark.parametrize("bad", [dict(min_p=2.0), dict(top_p=-0.1), dict(temperature=float("nan")),
-                                 dict(repeat_penalty=0.0)])
-def test_invalid_parameters_are_rejected(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    (dict(min_p=2.0), "min_p must be between 0 and 1"),
+    (dict(top_p=-0.1), "top_p must be between 0 and 1"),
+    (dict(temperature=float("nan")), "temperature must be >= 0"),
+    (dict(temperature=-1.0), "temperature must be >= 0; 0 is greedy"),
+    (dict(temperature="0.5"), "temperature must be a number"),
+    (dict(temperature=True), "temperature must be a number"),
+    (dict(top_k=-1), "top_k must be >= 0"),
+    (dict(top_k=2.0), "top_k must be a whole number"),
+    (dict(repeat_penalty=0.0), "repeat_penalty must be > 0"),
+    (dict(repeat_last_n=-2), "repeat_last_n must be >= -1"),
+    (dict(frequency_penalty=float("inf")), "frequency_penalty must be a finite number"),
+    (dict(seed=1.5), "seed must be a whole number"),
+    (dict(seed=-1), "seed must be >= 0, or None"),
+    (dict(seed=False), "seed must be a whole number"),
+])
+def test_invalid_parameters_are_rejected(bad, message):
+    with pytest.raises(UsageError, match=message):
         Sampler(SamplingParams(**bad))
+
+
+def test_validate_names_the_callers_spelling():
+    with pytest.raises(UsageError, match="^--temp must be >= 0; 0 is greedy, got -1"):
+        SamplingParams(temperature=-1).validate({"temperature": "--temp"})
+
+
+def test_edge_values_are_accepted():
+    SamplingParams(temperature=0, top_k=0, top_p=0.0, min_p=1.0, repeat_last_n=-1, seed=np.int64(3)).validate()
+    assert Sampler(SamplingParams(temperature=0.0, top_p=0.0))(LOGITS) == 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..errors import PurelmError
+from ..errors import PurelmError, UsageError
 from .base import Backend
 
 BACKENDS = ("numba", "numpy")
@@ -26,10 +26,10 @@ def default_threads() -> int:
 def get_backend(name: str | None = None, threads: int | None = None) -> Backend:
     """`name`: "numba", "numpy" or None (the fastest available)."""
     if threads is not None and threads < 1:
-        raise PurelmError(f"threads must be at least 1, got {threads}")
+        raise UsageError(f"threads must be at least 1, got {threads}")
     threads = threads or default_threads()
     if name not in (None, *BACKENDS):
-        raise PurelmError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+        raise UsageError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     if name in (None, "numba"):
         try:
             from .numba_backend import NumbaBackend

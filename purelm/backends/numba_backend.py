@@ -616,7 +616,7 @@ def _compile_progress(steps: Iterator[None], total: int) -> Iterator[None]:
     from tqdm import tqdm
 
     return tqdm(steps, total=total, delay=1.0, disable=None, file=sys.stderr, unit="step",
-                desc="purelm: compiling kernels for this CPU (first start only)")
+                desc="purelm: compiling kernels for this CPU (once)")
 
 
 def _rows(x: np.ndarray) -> np.ndarray:

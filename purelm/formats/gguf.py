@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -219,6 +220,8 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)
         try:
+            if not stat.S_ISREG(os.stat(self.path).st_mode):  # a FIFO or a device would block or never end
+                raise FormatError(self.path, "file", "is not a regular file")
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size == 0:
