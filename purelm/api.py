@@ -75,7 +75,7 @@ class LLM:
         self.file = GGUFFile(path)
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, threads)
         self.model = build_model(self.file, self.backend)
-        self.tokenizer = Tokenizer.from_gguf_metadata(self.file.metadata)
+        self.tokenizer = Tokenizer.from_gguf_metadata(self.file.metadata, path=self.file.path)
         self.n_ctx = n_ctx or min(self.model.n_ctx_train, DEFAULT_CTX)
         self.cache = self.model.new_cache(self.n_ctx)
 

@@ -253,7 +253,8 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
         text = _read_stdin("the text", "give the text: purelm tokenize MODEL \"some text\" (or pipe it on stdin)")
     else:
         text = _utf8(a.text, "the text")
-    tok = Tokenizer.from_gguf_metadata(GGUFFile(resolve(a.model)).metadata)
+    f = GGUFFile(resolve(a.model))
+    tok = Tokenizer.from_gguf_metadata(f.metadata, path=f.path)
     ids = tok.encode(text, add_special=not a.no_bos, parse_special=not a.no_parse_special)
     if a.ids:
         print(json.dumps(ids))

@@ -24,19 +24,27 @@ Where this follows llama.cpp rather than transformers' GGUF loader (ids can diff
     and text after a special token, as sentencepiece and llama.cpp do (transformers skips it there);
     `tokenizer.ggml.add_space_prefix = false` turns the prefix off.
   - without a `tokenizer.ggml.add_bos_token` key, a llama3-style "gpt2" vocabulary adds BOS.
+
+The metadata is untrusted: a value of the wrong type or shape is a FormatError naming its key.
+As in llama.cpp, a special-token id outside the vocabulary is ignored, empty tokens are allowed and
+duplicate tokens are an error.
 """
 
 from __future__ import annotations
 
 import codecs
+import operator
+import os
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from purelm.errors import PurelmError
+from purelm.errors import FormatError, PurelmError, UsageError
 
 # Token types as llama.cpp's converters write them into `tokenizer.ggml.token_type`.
 TOKEN_NORMAL = 1
@@ -47,6 +55,14 @@ TOKEN_UNUSED = 5
 TOKEN_BYTE = 6
 
 SUPPORTED_MODELS = ("gpt2", "llama")
+_TOKEN_TYPE_MAX = 6  # llama.cpp's types run from 0 (undefined) to 6 (byte)
+
+# Longest token that gets merges from scores. Finding a token's splits hashes both halves at every
+# cut, which is quadratic in its length: one hostile token of a megabyte took minutes. SentencePiece
+# pieces are at most 16 characters by default, and real vocabularies stay far below this.
+MAX_MERGE_TOKEN_LEN = 256
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -204,20 +220,96 @@ def _lookup(meta: Any, key: str) -> Any:
         return None
 
 
-def _as_list(value: Any) -> list:
-    """A GGUF array value (list, tuple or numpy array) as a plain Python list."""
-    if value is None:
-        return []
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return list(value)
+class _Reader:
+    """Typed reads of untrusted metadata: a value of the wrong type is a FormatError naming its key."""
+
+    def __init__(self, meta: Any, path: str) -> None:
+        self.meta, self.path = meta, path
+
+    def fail(self, key: str, problem: str) -> FormatError:
+        return FormatError(self.path, key, problem)
+
+    def get(self, key: str) -> Any:
+        return _lookup(self.meta, key)
+
+    def string(self, key: str) -> str | None:
+        value = self.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {type(value).__name__}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, (bool, np.bool_)):
+            raise self.fail(key, f"expected a bool, got {type(value).__name__}")
+        return bool(value)
+
+    def array(self, key: str) -> list | None:
+        """A GGUF array value (list, tuple or 1-D numpy array) as a plain Python list."""
+        value = self.get(key)
+        if value is None or isinstance(value, (list, tuple)):
+            return None if value is None else list(value)
+        if isinstance(value, np.ndarray) and value.ndim == 1:
+            return value.tolist()
+        raise self.fail(key, f"expected an array, got {type(value).__name__}")
+
+    def numbers(self, key: str, count: int, integer: bool) -> list | None:
+        """An array of one number per token; NaN is not a number here."""
+        value = self.get(key)
+        if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in ("iu" if integer else "iuf"):
+            if len(value) == count and not (value.dtype.kind == "f" and np.isnan(value).any()):
+                return value.tolist()  # what files hold, checked at numpy speed; else the errors below
+        values = self.array(key)
+        if values is None:
+            return None
+        if len(values) != count:
+            raise self.fail(key, f"{len(values)} entries for {count} tokens")
+        kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+        for index, value in enumerate(values):
+            if isinstance(value, bool) or not isinstance(value, kinds) or value != value:
+                raise self.fail(key, f"entry {index} is {value!r}, not {'an integer' if integer else 'a number'}")
+        return values
+
+    def token_id(self, key: str, count: int) -> int | None:
+        # An id outside the vocabulary is ignored, as llama.cpp does (files carry pad = 2**32 - 1).
+        value = self.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise self.fail(key, f"expected an integer token id, got {type(value).__name__}")
+        value = int(value)
+        return value if 0 <= value < count else None
+
+
+def _check_tokens(reader: _Reader, tokens: list) -> list[str]:
+    key = "tokenizer.ggml.tokens"
+    tokens = [t.decode("utf-8", "replace") if isinstance(t, (bytes, bytearray)) else t for t in tokens]
+    for index, text in enumerate(tokens):
+        if not isinstance(text, str):
+            raise reader.fail(key, f"entry {index} is {type(text).__name__}, not a string")
+        if not text.isascii() and _SURROGATES.search(text):  # isascii is a flag: the check is cheap
+            raise reader.fail(key, f"entry {index} holds a lone surrogate, which is not text")
+    # Empty tokens are allowed (llama.cpp loads files that have several); other repeats are not.
+    unique = set(tokens)
+    if len(unique) - ("" in unique) != len(tokens) - tokens.count(""):
+        first: dict[str, int] = {}
+        for index, text in enumerate(tokens):
+            if text and text in first:
+                raise reader.fail(key, f"entries {first[text]} and {index} are both {text[:80]!r}")
+            first[text] = index
+    return tokens
 
 
 def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
     """Merges a SentencePiece vocabulary implies: every split of a token into two tokens, best
-    token score first (the order transformers' `generate_merges` produces, ties included)."""
+    token score first (the order transformers' `generate_merges` produces, ties included).
+    Tokens longer than MAX_MERGE_TOKEN_LEN get none."""
     found = []
     for piece, score in scores.items():
+        if len(piece) > MAX_MERGE_TOKEN_LEN:
+            continue
         pairs = [
             (piece[:cut], piece[cut:], score)
             for cut in range(1, len(piece))
@@ -229,12 +321,24 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
     return [(left, right) for left, right, _ in found]
 
 
-def _split_merge(merge: str) -> tuple[str, str]:
-    # Split at the first space after the first character, as llama.cpp does.
-    cut = merge.find(" ", 1)
-    if cut < 0:
-        raise PurelmError(f"tokenizer.ggml.merges: entry {merge!r} is not two tokens separated by a space")
-    return merge[:cut], merge[cut + 1:]
+def _split_merges(merges: list[str], vocab: dict[str, int], path: str) -> list[tuple[str, str]]:
+    """Each merge as (left, right), split at the first space after the first character as llama.cpp
+    does. Both halves and their join must be tokens: tokenizers panics on a join it lacks."""
+    pairs = []
+    for index, merge in enumerate(merges):
+        cut = merge.find(" ", 1)
+        left, right = merge[:cut], merge[cut + 1:]
+        if cut < 0 or left not in vocab or right not in vocab or left + right not in vocab:
+            raise FormatError(
+                path, "tokenizer.ggml.merges", f"entry {index} ({merge[:80]!r}) does not join two tokens into a token"
+            )
+        pairs.append((left, right))
+    return pairs
+
+
+def _is_library_error(exc: BaseException) -> bool:
+    # tokenizers raises plain Exceptions, and a Rust panic as pyo3's PanicException (a BaseException).
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 class StreamDecoder:
@@ -247,9 +351,10 @@ class StreamDecoder:
 
     def feed(self, token_id: int) -> str:
         """The text that `token_id` completes; "" while a multi-byte character is unfinished."""
+        piece = self._tokenizer.token_to_piece(token_id)  # checks the id
         if self._skip_special and int(token_id) in self._tokenizer.special_ids:
             return ""
-        return self._utf8.decode(self._tokenizer.token_to_piece(token_id))
+        return self._utf8.decode(piece)
 
     def flush(self) -> str:
         """Whatever is still held back (an unfinished character comes out as U+FFFD)."""
@@ -278,7 +383,9 @@ class Tokenizer:
         add_space_prefix: bool,
         chat_template: str | None,
         extra_ids: dict[str, int | None] | None = None,
+        path: str = "GGUF metadata",
     ) -> None:
+        self.path = path  # names the file in errors
         self.model = model
         self.pre = pre
         self.architecture = architecture
@@ -301,71 +408,61 @@ class Tokenizer:
     # --- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf_metadata(cls, meta: Any) -> "Tokenizer":
-        """Build from GGUF metadata: a mapping (or lazy mapping, or callable) of key to value."""
-        model = _lookup(meta, "tokenizer.ggml.model")
+    def from_gguf_metadata(cls, meta: Any, path: str | os.PathLike | None = None) -> "Tokenizer":
+        """Build from GGUF metadata: a mapping (or lazy mapping, or callable) of key to value.
+
+        `path` names the file in errors: a missing or malformed value is a FormatError."""
+        r = _Reader(meta, "GGUF metadata" if path is None else os.fspath(path))
+        model = r.string("tokenizer.ggml.model")
         if model is None:
-            raise PurelmError("tokenizer.ggml.model: missing; the file describes no tokenizer")
-        model = str(model)
+            raise r.fail("tokenizer.ggml.model", "missing; the file describes no tokenizer")
         if model not in SUPPORTED_MODELS:
-            raise PurelmError(
-                f"tokenizer.ggml.model: {model!r} is not supported; supported: {', '.join(SUPPORTED_MODELS)}"
+            raise r.fail(
+                "tokenizer.ggml.model", f"{model[:80]!r} is not supported; supported: {', '.join(SUPPORTED_MODELS)}"
             )
-        tokens = _as_list(_lookup(meta, "tokenizer.ggml.tokens"))
+        tokens = r.array("tokenizer.ggml.tokens")
         if not tokens:
-            raise PurelmError("tokenizer.ggml.tokens: missing or empty; the file has no vocabulary")
-        tokens = [t.decode("utf-8", "replace") if isinstance(t, (bytes, bytearray)) else t for t in tokens]
-        if not all(isinstance(t, str) for t in tokens):
-            raise PurelmError("tokenizer.ggml.tokens: expected an array of strings")
+            raise r.fail("tokenizer.ggml.tokens", "missing or empty; the file has no vocabulary")
+        tokens = _check_tokens(r, tokens)
         count = len(tokens)
 
-        token_types = [int(t) for t in _as_list(_lookup(meta, "tokenizer.ggml.token_type"))] or [TOKEN_NORMAL] * count
-        scores = [float(s) for s in _as_list(_lookup(meta, "tokenizer.ggml.scores"))] or [0.0] * count
-        if len(token_types) != count or len(scores) != count:
-            raise PurelmError(
-                f"tokenizer.ggml.token_type/scores: {len(token_types)}/{len(scores)} entries for {count} tokens"
-            )
-        merges = _as_list(_lookup(meta, "tokenizer.ggml.merges")) or None
+        token_types = r.numbers("tokenizer.ggml.token_type", count, integer=True) or [TOKEN_NORMAL] * count
+        bad = next((i for i, t in enumerate(token_types) if not 0 <= t <= _TOKEN_TYPE_MAX), None)
+        if bad is not None:
+            raise r.fail("tokenizer.ggml.token_type", f"entry {bad} is {token_types[bad]}, not a token type (0-6)")
+        token_types = [int(t) for t in token_types]
+        scores = [float(s) for s in r.numbers("tokenizer.ggml.scores", count, integer=False) or [0.0] * count]
+        merges = r.array("tokenizer.ggml.merges") or None
         if model == "gpt2" and merges is None:
-            raise PurelmError("tokenizer.ggml.merges: missing; a gpt2 (byte-level BPE) vocabulary needs merges")
+            raise r.fail("tokenizer.ggml.merges", "missing; a gpt2 (byte-level BPE) vocabulary needs merges")
+        for index, merge in enumerate(merges or ()):
+            if not isinstance(merge, str) or merge.find(" ", 1) < 0:
+                raise r.fail("tokenizer.ggml.merges", f"entry {index} ({merge!r:.80}) is not two tokens and a space")
 
-        def token_id(key: str) -> int | None:
-            # An id outside the vocabulary is ignored, as llama.cpp does.
-            value = _lookup(meta, f"tokenizer.ggml.{key}")
-            if value is None or isinstance(value, (str, bytes)):
-                return None
-            value = int(value)
-            return value if 0 <= value < count else None
-
-        def flag(key: str, default: bool) -> bool:
-            value = _lookup(meta, f"tokenizer.ggml.{key}")
-            return default if value is None else bool(value)
-
-        pre = _lookup(meta, "tokenizer.ggml.pre")
-        pre = None if pre is None else str(pre)
+        pre = r.string("tokenizer.ggml.pre")
         # The file's own flag wins; without one, llama.cpp's default for the vocabulary kind.
         add_bos_default = model == "llama" or (pre in _BPE_ADD_BOS_DEFAULT)
-        architecture = _lookup(meta, "general.architecture")
-        template = _lookup(meta, "tokenizer.chat_template")
         return cls(
             model=model,
             tokens=tokens,
             token_types=token_types,
             scores=scores,
-            merges=[str(m) for m in merges] if merges is not None else None,
+            merges=merges,
             pre=pre,
-            architecture=None if architecture is None else str(architecture),
-            bos_id=token_id("bos_token_id"),
-            eos_id=token_id("eos_token_id"),
-            unk_id=token_id("unknown_token_id"),
-            pad_id=token_id("padding_token_id"),
-            add_bos=flag("add_bos_token", add_bos_default),
-            add_eos=flag("add_eos_token", False),
-            add_space_prefix=flag("add_space_prefix", True),
-            chat_template=None if template is None else str(template),
+            architecture=r.string("general.architecture"),
+            bos_id=r.token_id("tokenizer.ggml.bos_token_id", count),
+            eos_id=r.token_id("tokenizer.ggml.eos_token_id", count),
+            unk_id=r.token_id("tokenizer.ggml.unknown_token_id", count),
+            pad_id=r.token_id("tokenizer.ggml.padding_token_id", count),
+            add_bos=r.flag("tokenizer.ggml.add_bos_token", add_bos_default),
+            add_eos=r.flag("tokenizer.ggml.add_eos_token", False),
+            add_space_prefix=r.flag("tokenizer.ggml.add_space_prefix", True),
+            chat_template=r.string("tokenizer.chat_template"),
             extra_ids={
-                key: token_id(f"{key}_token_id") for key in ("eot", "eom", "fim_pad", "fim_rep", "fim_sep")
+                key: r.token_id(f"tokenizer.ggml.{key}_token_id", count)
+                for key in ("eot", "eom", "fim_pad", "fim_rep", "fim_sep")
             },
+            path=r.path,
         )
 
     def _find_special_tokens(self, extra_ids: dict[str, int | None]) -> None:
@@ -431,15 +528,19 @@ class Tokenizer:
 
     def _build_backend(self) -> _HFTokenizer:
         try:
-            if self.model == "gpt2":
-                backend, vocab = self._build_byte_level()
-            else:
-                backend, vocab = self._build_sentencepiece()
-        except Exception as exc:  # tokenizers raises plain Exceptions on a bad vocabulary or merges
-            if isinstance(exc, PurelmError):
+            return self._build_backend_unchecked()
+        except BaseException as exc:
+            if isinstance(exc, PurelmError) or not _is_library_error(exc):
                 raise
-            raise PurelmError(f"tokenizer: cannot build the {self.model} tokenizer from the metadata: {exc}") from exc
+            raise FormatError(
+                self.path, "tokenizer", f"cannot build the {self.model} tokenizer from the metadata: {exc}"
+            ) from exc
 
+    def _build_backend_unchecked(self) -> _HFTokenizer:
+        if self.model == "gpt2":
+            backend, vocab = self._build_byte_level()
+        else:
+            backend, vocab = self._build_sentencepiece()
         # Added tokens are matched whole in the text before BPE runs: control tokens as special
         # ones, user-defined ones (like "<think>") as plain ones, as transformers adds them.
         special_texts = [self.tokens[i] for i in sorted(self.special_ids)]
@@ -459,8 +560,9 @@ class Tokenizer:
         for index, text in enumerate(self.tokens):
             if not set(text) <= _BYTE_ALPHABET:  # stored as plain text: respell in the byte alphabet
                 text = "".join(_CHAR_OF_BYTE[b] for b in text.encode("utf-8"))
-            vocab[text] = index
-        merges = [_split_merge(m) for m in self._merges or []]
+            if text:  # an empty token can never be matched; keep it out of tokenizers
+                vocab[text] = index
+        merges = _split_merges(self._merges or [], vocab, self.path)
         splits = _SPLITS.get(self.pre or "default")
         backend = _HFTokenizer(
             models.BPE(
@@ -488,9 +590,9 @@ class Tokenizer:
         if gemma:
             # Gemma stores whitespace-only tokens with real spaces; its merges expect "▁".
             tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
-        vocab = {text: index for index, text in enumerate(tokens)}
+        vocab = {text: index for index, text in enumerate(tokens) if text}
         if self._merges is not None:
-            merges = [_split_merge(m) for m in self._merges]
+            merges = _split_merges(self._merges, vocab, self.path)
         elif gemma:
             # Gemma's scores do not follow its merge order; the token order does.
             merges = _merges_from_scores(vocab, {text: -index for index, text in enumerate(tokens)})
@@ -527,9 +629,14 @@ class Tokenizer:
         add_special: put BOS first / EOS last when the file asks for them.
         parse_special: special-token text such as "<|im_start|>" becomes its id; when False it is
         tokenized as ordinary text (user-defined tokens like "<think>" are still matched whole).
+
+        A lone surrogate is not text (Python makes them of invalid UTF-8 read with
+        errors="surrogateescape", as in sys.argv): each one is encoded as U+FFFD, the replacement
+        character, as a decoder replacing bad bytes would give.
         """
         if not isinstance(text, str):
-            raise PurelmError(f"encode: expected str, got {type(text).__name__}")
+            raise UsageError(f"encode: expected str, got {type(text).__name__}")
+        text = _SURROGATES.sub("\ufffd", text)
         backend = self.backend
         # The switch lives on the shared backend, so every encode holds the lock while it is set.
         with self._lock:
@@ -546,10 +653,13 @@ class Tokenizer:
         return ids
 
     def _check_ids(self, ids: Iterable[Any]) -> list[int]:
-        checked = [int(i) for i in ids]
+        try:
+            checked = [operator.index(i) for i in ids]
+        except TypeError:
+            raise UsageError(f"token ids must be integers, got {ids!r:.80}") from None
         for index in checked:
             if not 0 <= index < self.vocab_size:
-                raise PurelmError(f"token id {index} is outside the vocabulary (size {self.vocab_size})")
+                raise UsageError(f"token id {index} is outside the vocabulary (size {self.vocab_size})")
         return checked
 
     def decode(self, ids: Sequence[int] | Iterable[int], skip_special: bool = False) -> str:
@@ -574,7 +684,10 @@ class Tokenizer:
                 bytes((_BYTE_OF_CHAR[c],)) if c in _BYTE_OF_CHAR else c.encode("utf-8") for c in text
             )
         if kind == TOKEN_BYTE and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
-            return bytes((int(text[3:5], 16),))
+            try:
+                return bytes((int(text[3:5], 16),))
+            except ValueError:  # not hex digits: a misnamed token, taken as text
+                pass
         return text.replace("▁", " ").encode("utf-8")
 
     def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
