@@ -1,12 +1,15 @@
-"""Read-only, memory-mapped safetensors reader (Hugging Face checkpoints), validated like the GGUF reader."""
+"""Read-only, memory-mapped safetensors reader (Hugging Face checkpoints), validated like the GGUF reader:
+a checkpoint is untrusted input, so every header field is checked before it is used."""
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,11 +20,36 @@ _DTYPES = {
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
     "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
-MAX_HEADER = 100 << 20
+MAX_HEADER = 100 << 20  # the safetensors library's own limit
+MAX_DIMS = 8  # checkpoint tensors have at most 4; numpy's limit is 64
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: a repeated key (two entries for one tensor) is an error, not last-one-wins."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _kind(x: Any) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(x), "number")
+
+
+def _short(x: Any) -> str:
+    r = repr(x)
+    return r if len(r) <= 40 else r[:37] + "..."
 
 
 class SafetensorsFile:
@@ -36,27 +64,58 @@ class SafetensorsFile:
         except OSError as e:
             raise FormatError(self.path, "file", f"cannot be opened: {e.strerror or e}") from None
         (n,) = struct.unpack_from("<Q", self._map, 0)
-        if n > min(MAX_HEADER, size - 8):
-            raise FormatError(self.path, "header", f"length {n} is larger than the file")
+        if n == 0:
+            raise FormatError(self.path, "header", "length is 0: no header")
+        if n > size - 8:
+            raise FormatError(self.path, "header", f"length {n} is larger than the file ({size} bytes)")
+        if n > MAX_HEADER:
+            raise FormatError(self.path, "header", f"length {n} is over the {MAX_HEADER}-byte limit")
         try:
-            header = json.loads(bytes(self._map[8 : 8 + n]))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = json.loads(bytes(self._map[8 : 8 + n]), object_pairs_hook=_no_duplicate_keys)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise FormatError(self.path, "header", f"is not valid JSON: {e}") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
+        if not isinstance(header, dict):
+            raise FormatError(self.path, "header", f"is a JSON {_kind(header)}, expected an object")
+        meta = header.pop("__metadata__", None)
+        self.metadata = {} if meta is None else meta
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise FormatError(self.path, "__metadata__", "must be an object of strings")
         self._data = np.frombuffer(self._map, np.uint8, offset=8 + n)
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
-            try:
-                dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise FormatError(self.path, f"tensor {name!r}", "malformed header entry") from None
-            if dtype not in _DTYPES:
-                raise FormatError(self.path, f"tensor {name!r}", f"unsupported dtype {dtype}")
-            want = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
-            if not (0 <= start <= end <= len(self._data)) or end - start != want:
-                raise FormatError(self.path, f"tensor {name!r}", f"data offsets [{start}, {end}) do not fit "
-                                  f"shape {shape} {dtype} inside the file")
-            self.entries[name] = (dtype, shape, start, end)
+            self.entries[name] = self._entry(name, info)
+        # Each tensor owns its bytes: overlapping ranges would alias one tensor's data as another's.
+        spans = sorted((start, end, name) for name, (_, _, start, end) in self.entries.items() if end > start)
+        for (_, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise FormatError(self.path, f"tensor {n1!r}", f"overlapping tensor data (with tensor {n0!r})")
+
+    def _entry(self, name: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
+        def bad(problem: str) -> FormatError:
+            return FormatError(self.path, f"tensor {name!r}", problem)
+
+        if not isinstance(info, dict):
+            raise bad(f"header entry is a JSON {_kind(info)}, expected an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise bad(f"unsupported dtype {_short(dtype)}")
+        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+            raise bad(f"shape {_short(shape)} is not a list of non-negative integers")
+        if len(shape) > MAX_DIMS:
+            raise bad(f"shape has {len(shape)} dimensions (at most {MAX_DIMS})")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise bad(f"data_offsets {_short(offsets)} is not a list of two integers")
+        start, end = offsets
+        if not 0 <= start <= end <= len(self._data):
+            raise bad(f"data offsets [{_short(start)}, {_short(end)}) are outside the file's "
+                      f"{len(self._data)} data bytes")
+        want = math.prod(shape) * _DTYPES[dtype].itemsize  # Python ints: no overflow
+        if end - start != want:
+            raise bad(f"data offsets [{start}, {end}) hold {end - start} bytes, but shape {_short(tuple(shape))} "
+                      f"{dtype} needs {_short(want)}")
+        if math.prod(s for s in shape if s) * _DTYPES[dtype].itemsize >= 1 << 62:  # numpy refuses such shapes
+            raise bad(f"shape {_short(tuple(shape))} is too large")
+        return dtype, tuple(shape), start, end
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -81,8 +140,16 @@ class Checkpoint:
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
             raise FormatError(self.dir, "checkpoint", "holds no *.safetensors files")
+        for f in files:
+            if not f.is_file():  # opening a fifo would block
+                raise FormatError(f, "file", "is not a regular file")
         self.shards = [SafetensorsFile(f) for f in files]
-        self.where = {name: shard for shard in self.shards for name in shard.keys()}
+        self.where: dict[str, SafetensorsFile] = {}
+        for shard in self.shards:
+            for name in shard.keys():
+                if name in self.where:
+                    raise FormatError(shard.path, f"tensor {name!r}", f"is also in {self.where[name].path}")
+                self.where[name] = shard
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -96,4 +163,11 @@ class Checkpoint:
         return self.where[name].get(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.where:
+            raise FormatError(self.dir, f"tensor {name!r}", "is missing from the checkpoint")
         return self.where[name].entries[name][1]
+
+    def largest_dim(self) -> int:
+        """The largest dimension of any non-empty tensor: no size in the config can exceed it, and it is
+        at most the checkpoint's byte size, so a size checked against it allocates nothing absurd."""
+        return max((max(s) for s in (self.shape(n) for n in self.where) if s and math.prod(s)), default=1)

@@ -1,9 +1,13 @@
 """Reads SentencePiece `tokenizer.model` files (a protobuf ModelProto) without the sentencepiece
 package: the pieces (text, score, type) and the normalizer's add_dummy_prefix flag are all the GGUF
-converter needs."""
+converter needs. The file is untrusted input: every length is bounds-checked, the work is one linear
+pass, and anything malformed is a FormatError."""
 from __future__ import annotations
 
+import os
+import stat
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +15,8 @@ from ..errors import FormatError
 
 # ModelProto: 1 = repeated SentencePiece {1: piece, 2: score (float), 3: type (enum, default NORMAL=1)},
 # 3 = NormalizerSpec {3: add_dummy_prefix (bool, default true)}.
+MAX_FILE = 256 << 20  # real ones are a few MiB (256k pieces)
+PIECE_TYPES = range(1, 7)
 
 
 @dataclass
@@ -21,16 +27,19 @@ class SentencePieceModel:
     add_dummy_prefix: bool
 
 
-def _fields(buf: bytes, path: str):
+def _fields(buf: bytes, path: str, where: str) -> Iterator[tuple[int, int, int | bytes]]:
     """Yield (field number, wire type, value) of one protobuf message."""
     pos, n = 0, len(buf)
+
+    def fail(problem: str) -> FormatError:
+        return FormatError(path, where, f"{problem} at byte {pos}")
 
     def varint() -> int:
         nonlocal pos
         shift = result = 0
         while True:
             if pos >= n or shift > 63:
-                raise FormatError(path, "protobuf", "truncated or malformed varint")
+                raise fail("truncated or malformed varint")
             b = buf[pos]
             pos += 1
             result |= (b & 0x7F) << shift
@@ -38,48 +47,68 @@ def _fields(buf: bytes, path: str):
                 return result
             shift += 7
 
+    def take(size: int) -> bytes:
+        nonlocal pos
+        if size > n - pos:
+            raise fail(f"a field of {size} bytes runs past the end")
+        pos += size
+        return buf[pos - size : pos]
+
     while pos < n:
         key = varint()
         field, wire = key >> 3, key & 7
+        if field == 0:
+            raise fail("field number 0 (not protobuf)")
         if wire == 0:
             yield field, wire, varint()
         elif wire == 1:
-            pos += 8
-            yield field, wire, buf[pos - 8 : pos]
+            yield field, wire, take(8)
         elif wire == 2:
-            size = varint()
-            if pos + size > n:
-                raise FormatError(path, "protobuf", "a field runs past the end of the file")
-            pos += size
-            yield field, wire, buf[pos - size : pos]
+            yield field, wire, take(varint())
         elif wire == 5:
-            pos += 4
-            yield field, wire, buf[pos - 4 : pos]
+            yield field, wire, take(4)
         else:
-            raise FormatError(path, "protobuf", f"unsupported wire type {wire}")
-        if pos > n:
-            raise FormatError(path, "protobuf", "truncated")
+            raise fail(f"unsupported wire type {wire}")
 
 
-def read_sentencepiece(path: str | Path) -> SentencePieceModel:
+def read_sentencepiece(path: str | os.PathLike) -> SentencePieceModel:
     path = str(path)
-    buf = Path(path).read_bytes()
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a fifo or device would block or never end
+            raise FormatError(path, "file", "is not a regular file")
+        if st.st_size > MAX_FILE:
+            raise FormatError(path, "file", f"is {st.st_size} bytes, over the {MAX_FILE}-byte limit")
+        buf = Path(path).read_bytes()
+    except OSError as e:
+        raise FormatError(path, "file", f"cannot be read: {e.strerror or e}") from None
+    return parse_sentencepiece(buf, path)
+
+
+def parse_sentencepiece(buf: bytes, path: str = "tokenizer.model") -> SentencePieceModel:
+    """The model in `buf` (a ModelProto); `path` names it in errors."""
     pieces, scores, types, add_prefix = [], [], [], True
-    for field, wire, value in _fields(buf, path):
+    for field, wire, value in _fields(buf, path, "protobuf"):
         if field == 1 and wire == 2:
+            where = f"piece {len(pieces)}"
             text, score, kind = "", 0.0, 1
-            for f, w, v in _fields(value, path):
+            for f, w, v in _fields(value, path, where):
                 if f == 1 and w == 2:
-                    text = v.decode("utf-8", errors="replace")
+                    try:
+                        text = v.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise FormatError(path, where, "text is not valid UTF-8") from None
                 elif f == 2 and w == 5:
                     score = struct.unpack("<f", v)[0]
                 elif f == 3 and w == 0:
                     kind = v
+            if kind not in PIECE_TYPES:
+                raise FormatError(path, where, f"type {kind} is not a SentencePiece piece type (1-6)")
             pieces.append(text)
             scores.append(score)
             types.append(kind)
         elif field == 3 and wire == 2:
-            for f, w, v in _fields(value, path):
+            for f, w, v in _fields(value, path, "normalizer_spec"):
                 if f == 3 and w == 0:
                     add_prefix = bool(v)
     if not pieces:

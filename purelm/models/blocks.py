@@ -17,7 +17,8 @@ def alibi_slopes(n_head: int, max_bias: float = 8.0) -> np.ndarray:
     m0 = 2.0 ** (-max_bias / n_floor)
     m1 = 2.0 ** (-(max_bias / 2.0) / n_floor)
     h = np.arange(n_head)
-    slopes = np.where(h < n_floor, m0 ** (h + 1), m1 ** (2 * (h - n_floor) + 1))
+    with np.errstate(divide="ignore", over="ignore"):  # np.where computes both branches for every head
+        slopes = np.where(h < n_floor, m0 ** (h + 1), m1 ** (2 * (h - n_floor) + 1))
     return slopes.astype(np.float32)
 
 
