@@ -39,7 +39,7 @@ CASES = [
     ("block_count 2^31-1", {"llama.block_count": 2**31 - 1}, {}, r"block_count: is 2147483647"),
     ("embedding_length 65", {"llama.embedding_length": 65}, {}, r"head_count: is 4; it must be a divisor"),
     ("embedding_length 128", {"llama.embedding_length": 128}, {}, r"token_embd.weight.*expected \(320, 128\)"),
-    ("rope dims 128 > head 16", {"llama.rope.dimension_count": 128}, {}, r"dimension_count: is 128.*\[1, 16\]"),
+    ("rope dims 128 > head 16", {"llama.rope.dimension_count": 128}, {}, r"dimension_count: is 128.*\[2, 16\]: the head size"),
     ("rope dims odd", {"llama.rope.dimension_count": 5}, {}, r"dimension_count: is 5; it must be even"),
     ("rope dims 2^31-1", {"llama.rope.dimension_count": 2**31 - 1}, {}, r"dimension_count: is 2147483647"),
     ("rope dims 0", {"llama.rope.dimension_count": 0}, {}, r"dimension_count: is 0"),
@@ -106,7 +106,7 @@ def test_smollm2_rope_dims_past_the_head_is_refused(tmp_path, smollm2_path):
     """The crash of the issue: rope over 128 features of SmolLM2's 64-wide heads (the numba kernel
     wrote past its output)."""
     path = rewrite_gguf(smollm2_path, tmp_path / "m.gguf", meta={"llama.rope.dimension_count": 128})
-    with pytest.raises(FormatError, match=r"llama.rope.dimension_count: is 128.*\[1, 64\]"):
+    with pytest.raises(FormatError, match=r"llama.rope.dimension_count: is 128.*\[2, 64\]: the head size"):
         purelm.load(str(path))
 
 
@@ -170,3 +170,33 @@ def test_gated_activation_entry_check():
     ops = make_backend("numba")
     with pytest.raises(ShapeError, match="gate"):
         ops.swiglu(np.ones((2, 8), np.float32), np.ones((2, 4), np.float32))
+
+
+# -- what the fuzzer found (tools/fuzz.py), kept as named cases
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocabulary_that_is_not_an_array(tmp_path, backend):
+    path = rewrite_gguf(LLAMA, tmp_path / "m.gguf", meta={"tokenizer.ggml.tokens": (2**63, ValueType.UINT64)})
+    with pytest.raises(FormatError, match="tokenizer.ggml.tokens: is a uint64, not an array"):
+        load_and_generate(path, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fixture,norm", [("stablelm_qknorm-f32.gguf", "attn_k_norm"),
+                                          ("stablelm_qknorm-f32.gguf", "attn_q_norm")])
+def test_one_head_norm_without_the_other(tmp_path, backend, fixture, norm):
+    """Each of q_norm and k_norm is optional alone (llama.cpp's rule); one missing is not None passed on."""
+    drop = [f"blk.{i}.{norm}.weight" for i in range(2)]
+    path = rewrite_gguf(FIXTURES / fixture, tmp_path / "m.gguf", drop=drop)
+    llm = purelm.load(str(path), backend=backend, n_ctx=64)
+    assert np.isfinite(llm.logits(llm.tokenize("hello"))).all()
+
+
+def test_matrix_padded_with_a_leading_one_runs_on_both_backends(tmp_path):
+    """A matrix stored with a trailing ggml dimension of 1, (1, 64, 64) here: both backends see (64, 64)."""
+    w = rng_matrix(64, 64)
+    path = rewrite_gguf(LLAMA, tmp_path / "m.gguf", tensors={"blk.0.attn_output.weight": w[None]})
+    ref = rewrite_gguf(LLAMA, tmp_path / "r.gguf", tensors={"blk.0.attn_output.weight": w})
+    for backend in BACKENDS:
+        a, b = (purelm.load(str(p), backend=backend, n_ctx=64) for p in (path, ref))
+        np.testing.assert_array_equal(a.logits(a.tokenize("hello")), b.logits(b.tokenize("hello")))

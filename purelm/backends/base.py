@@ -102,7 +102,9 @@ class KVCache:
 # (numba's boundscheck is off), so nothing reaches them that does not fit. A few attribute
 # comparisons per call: see benchmarks/README.md for their cost per token.
 
-def check_norm(x: Any, w: Any, op: str) -> None:
+def check_norm(x: Any, w: Any, op: str, optional: bool = False) -> None:
+    if w is None and not optional:
+        raise ShapeError(f"{op}: no weight")
     if w is not None and (w.ndim != 1 or w.shape[0] != x.shape[-1]):
         raise ShapeError(f"{op}: weight of shape {w.shape} for rows of {x.shape[-1]} features")
 

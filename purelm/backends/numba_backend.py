@@ -488,7 +488,7 @@ class NumbaBackend(Backend):
 
     def layer_norm(self, x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: float) -> np.ndarray:
         x2 = _rows(x)
-        check_norm(x2, w, "layer_norm"), check_norm(x2, b, "layer_norm")
+        check_norm(x2, w, "layer_norm", optional=True), check_norm(x2, b, "layer_norm", optional=True)
         out = np.empty_like(x2)
         ops.layer_norm(x2, EMPTY if w is None else w, EMPTY if b is None else b, np.float32(eps), out)
         return out.reshape(x.shape)

@@ -2,6 +2,7 @@
 and the forward-pass bookkeeping around the KV cache."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from ..backends.base import Backend, KVCache, Rope
 from ..errors import ContextOverflowError, FormatError, UsageError
-from ..formats.gguf import GGUFFile, Tensor
+from ..formats.gguf import GGUFFile, Tensor, ValueType
 
 
 INT_LIMIT = 2**31 - 1  # no count or size in a model file may exceed this (llama.cpp reads them as int32)
@@ -104,6 +105,8 @@ class Weights:
             got = got[1:]
         if got != tuple(shape):
             raise FormatError(self.gguf.path, f"tensor {name!r}", f"has shape {t.shape}, expected {tuple(shape)}")
+        if got != t.shape:  # every backend sees the shape it was asked for
+            t = dataclasses.replace(t, shape=got, data=t.data.reshape(int(np.prod(got[:-1], dtype=np.int64)), -1))
         return t
 
     def matrix(self, name: str, shape: tuple[int, int], optional: bool = False) -> Any:
@@ -161,8 +164,10 @@ class Model:
         self.n_ctx_train = p.int("context_length", n_ctx_default)
         embd = self.gguf.tensors.get("token_embd.weight")
         self.n_vocab = embd.shape[0] if embd is not None else p.int("vocab_size")
-        tokens = "tokenizer.ggml.tokens"
-        if tokens in self.gguf.metadata and self.gguf.metadata.array_length(tokens) > self.n_vocab:
+        tokens, meta = "tokenizer.ggml.tokens", self.gguf.metadata
+        if tokens in meta and meta.types[tokens] != ValueType.ARRAY:
+            raise FormatError(self.gguf.path, tokens, f"is a {meta.types[tokens].name.lower()}, not an array of strings")
+        if tokens in meta and meta.array_length(tokens) > self.n_vocab:
             raise FormatError(self.gguf.path, tokens, f"has {self.gguf.metadata.array_length(tokens)} tokens but "
                               f"the model has {self.n_vocab} embedding rows: ids past them have no embedding")
 
@@ -172,9 +177,10 @@ class Model:
         """The rotary embedding's settings: rope.dimension_count (even, at most the head size: the
         kernels rotate pairs within a head), rope.freq_base (positive), linear scaling, and per-pair
         frequency factors from the tensor `freq_factors` if the file has it."""
-        n_dims = p.int("rope.dimension_count", n_dims_default or self.head_dim, hi=self.head_dim)
-        if n_dims % 2:
-            raise p.fail("rope.dimension_count", n_dims, f"even, in [2, {self.head_dim}] (the head size)")
+        n_dims = p.int("rope.dimension_count", n_dims_default or self.head_dim, lo=0)
+        if n_dims % 2 or not 2 <= n_dims <= self.head_dim:
+            raise p.fail("rope.dimension_count", n_dims, f"even, in [2, {self.head_dim}]: the head size "
+                         f"({'attention.key_length' if p.has('attention.key_length') else 'embedding_length / head_count'})")
         freq_scale = 1.0
         if scaling and p.str("rope.scaling.type", "none") == "linear":
             factor = p.float("rope.scaling.factor", 1.0, lo=0.0, above=False) or 1.0  # 0: not set

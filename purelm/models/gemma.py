@@ -134,8 +134,10 @@ class Gemma(Model):
         q, k, v = ops.linear_many(n, L["wqkv"])
         q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
                    v.reshape(T, self.n_kv_head, hd))
-        if L["q_norm"] is not None:
-            q, k = self._head_norm(q, L["q_norm"]), self._head_norm(k, L["k_norm"])
+        if L["q_norm"] is not None:  # each is optional alone (before Gemma 3), as in llama.cpp
+            q = self._head_norm(q, L["q_norm"])
+        if L["k_norm"] is not None:
+            k = self._head_norm(k, L["k_norm"])
         q, k = ops.rope(q, positions, L["rope"]), ops.rope(k, positions, L["rope"])
         return ops.linear(ops.attention(q, k, v, cache, i, L["attn"]), L["wo"])
 

@@ -76,8 +76,10 @@ class StableLM(Model):
             q, k, v = add_bias(q, L["bq"]), add_bias(k, L["bk"]), add_bias(v, L["bv"])  # each bias is optional alone
             q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
                        v.reshape(T, self.n_kv_head, hd))
-            if L["q_norm"] is not None:
-                q, k = self.norm_heads(q, L["q_norm"]), self.norm_heads(k, L["k_norm"])
+            if L["q_norm"] is not None:  # each is optional alone, as in llama.cpp
+                q = self.norm_heads(q, L["q_norm"])
+            if L["k_norm"] is not None:
+                k = self.norm_heads(k, L["k_norm"])
             q, k = ops.rope(q, positions, self.rope), ops.rope(k, positions, self.rope)
             h = x + ops.linear(ops.attention(q, k, v, cache, i, self.attn), L["wo"])
 
