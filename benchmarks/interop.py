@@ -4,6 +4,8 @@ wrote, and agrees with purelm on the top-1 token at every position. Prints JSON.
     python benchmarks/interop.py [--archs llama gpt2 qwen2 ...] [--types f32 f16 q8_0]
 
 Set LLAMA_CPP_LIB_PATH to use another libllama build (see benchmarks/README.md on AMX crashes).
+For falcon, gptneox and mpt the logits differ by ~1e-3 even in f32: purelm computes the exact (erf) GELU
+their checkpoints were trained with, llama.cpp the tanh approximation.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import numpy as np
 from .backends import BACKENDS, get_backend
 from .backends.base import Backend
 from .formats.gguf import GGUFFile
-from .errors import UsageError
-from .generate import Chunk, Completion, prefill, stream_tokens, truncate_prompt
+from .errors import ContextOverflowError, UsageError
+from .generate import Chunk, Completion, prefill, stream_batch, stream_tokens, truncate_prompt
 from .hub import resolve
 from .models import build_model
 from .sampling import SamplingParams, check_int
@@ -145,6 +145,50 @@ class LLM:
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> str:
         """The generated text (see `stream_chunks` for the options)."""
         return self.complete(prompt, **kwargs).text
+
+    def stream_batch(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 256,
+                     stop: Sequence[str] = (), ignore_eos: bool = False, timings: dict | None = None,
+                     **sampling: Any) -> Iterator[tuple[int, Chunk]]:
+        """`n` continuations of each prompt, generated together (one forward pass per step for all of
+        them): yields (index, chunk) with index = prompt * n + sample, in the order they are made; a
+        sequence's last chunk carries its finish reason. Options as in `stream_chunks`; with a seed,
+        sample i uses seed + i. The samples of a prompt share its cached positions."""
+        unknown = set(sampling).difference(_SAMPLING_KEYS)
+        if unknown:
+            raise UsageError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+        n = check_int("n", n, 1)
+        max_tokens = check_int("max_tokens", max_tokens, 1)
+        stops = _stops(stop)
+        params = SamplingParams(**sampling)
+        params.validate()
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+            raise UsageError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
+        ids = [self.tokenize(p) if isinstance(p, str) else _token_ids(p, self.n_vocab, "prompt", True)
+               for p in prompts]
+        for i, p in enumerate(ids):
+            if not p:
+                raise UsageError(f"prompt {i} is empty: give at least one token")
+            if len(p) >= self.n_ctx:
+                raise ContextOverflowError(f"prompt {i} has {len(p)} tokens but the context holds {self.n_ctx}")
+        return stream_batch(self.model, self.tokenizer, self.n_ctx, ids, n, params, max_tokens, stops,
+                            ignore_eos, timings)
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], n: int = 1, **kwargs: Any) -> list[Completion]:
+        """Completions of every prompt, `n` each (prompt 0's n samples first), generated together."""
+        timings: dict[str, float] = {}
+        n_prompts = len(prompts) if isinstance(prompts, Sequence) and not isinstance(prompts, str) else 0
+        texts: dict[int, list[str]] = {}
+        tokens: dict[int, list[int]] = {}
+        reasons: dict[int, str] = {}
+        for index, chunk in self.stream_batch(prompts, n, timings=timings, **kwargs):
+            texts.setdefault(index, []).append(chunk.text)
+            if chunk.token is not None:
+                tokens.setdefault(index, []).append(chunk.token)
+            if chunk.finish_reason:
+                reasons[index] = chunk.finish_reason
+        prompt_tokens = [len(p) if not isinstance(p, str) else len(self.tokenize(p)) for p in prompts]
+        return [Completion("".join(texts.get(i, [])), tokens.get(i, []), reasons.get(i, "length"),
+                           prompt_tokens[i // n], timings) for i in range(n_prompts * n)]
 
     def reset(self) -> None:
         """Forget the cached context."""

@@ -14,13 +14,13 @@ import os
 import stat
 import struct
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .convert_spec import ConvertSpec, Loader
 from .errors import FormatError, PurelmError, UsageError
 from .formats.gguf import GGUFWriter, ValueType
 from .formats.safetensors import Checkpoint
@@ -35,35 +35,8 @@ FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q
 # token types as llama.cpp stores them
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-Loader = Callable[[], np.ndarray]
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_JSON = 256 << 20  # tokenizer.json files are tens of MiB at most
-
-
-@dataclass
-class ConvertSpec:
-    """How one Hugging Face architecture becomes GGUF.
-
-    `tensors`: (HF name pattern, GGUF name pattern) pairs; `{i}` is the layer number. Patterns absent
-    from the checkpoint are skipped (optional biases); `required` lists the GGUF names (for layer 0)
-    that must be present. `hparams(cfg)` gives the `{arch}.`-relative metadata. `transform(gguf_name,
-    array, cfg)` edits a tensor (permutations, norm offsets). `extra_tensors(ckpt, cfg)` yields
-    (gguf_name, shape, loader) for tensors that are not one-to-one (fused or split)."""
-
-    gguf_arch: str
-    tensors: list[tuple[str, str]]
-    hparams: Callable[[dict[str, Any]], dict[str, Any]]
-    required: list[str] = field(default_factory=list)
-    transform: Callable[[str, np.ndarray, dict[str, Any]], np.ndarray] | None = None
-    extra_tensors: Callable[[Checkpoint, dict[str, Any]], Iterator[tuple[str, tuple[int, ...], Loader]]] | None = None
-    n_layer_key: str = "num_hidden_layers"
-    # HF names that are consumed by extra_tensors or deliberately dropped
-    ignored: Callable[[str], bool] = lambda name: False
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF's rotate-half q/k rows to GGUF's adjacent-pair layout (llama.cpp's LlamaModel.permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def specs() -> dict[str, ConvertSpec]:

@@ -1,6 +1,7 @@
 """Text generation over a model, a KV cache and a sampler: prefill, then one token at a time."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -108,29 +109,106 @@ def stream_tokens(model: Model, tokenizer, cache: KVCache, prompt: Sequence[int]
     timings.update(prompt_tokens=len(prompt), prompt_eval_tokens=len(prompt) - keep,
                    prompt_s=time.perf_counter() - t0)
 
-    decoder = tokenizer.stream_decoder()
-    stopper = _StopMatcher(stop)
-    history = list(prompt)
-    eog = set() if ignore_eos else set(tokenizer.eog_ids)
+    sample = _Sample(tokenizer, Sampler(params), prompt, stop, ignore_eos, max_tokens)
     t1 = time.perf_counter()
-    n_gen = 0
     try:
         while True:
-            token = sampler(logits, history)
-            n_gen += 1
-            if token in eog:
-                yield Chunk(stopper.feed(decoder.flush())[0] + stopper.flush(), None, "stop")
+            chunk = sample.next(logits, room=cache.n_past < cache.n_ctx)
+            yield chunk
+            if chunk.finish_reason:
                 return
-            history.append(token)
-            text, stopped = stopper.feed(decoder.feed(token))
-            if stopped:
-                yield Chunk(text, token, "stop")
-                return
-            if n_gen >= max_tokens or cache.n_past >= cache.n_ctx:
-                yield Chunk(text + stopper.feed(decoder.flush())[0] + stopper.flush(), token, "length")
-                return
-            yield Chunk(text, token)
-            logits = model.forward(np.array([token]), cache)
-            cache.tokens.append(token)
+            logits = model.forward(np.array([chunk.token]), cache)
+            cache.tokens.append(chunk.token)
     finally:
-        timings.update(generated_tokens=n_gen, generate_s=time.perf_counter() - t1)
+        timings.update(generated_tokens=sample.n_gen, generate_s=time.perf_counter() - t1)
+
+
+class _Sample:
+    """One sequence being generated: its sampler, the tokens so far, their text, the stop strings."""
+
+    def __init__(self, tokenizer, sampler: Sampler, prompt: Sequence[int], stop: Sequence[str],
+                 ignore_eos: bool, max_tokens: int) -> None:
+        self.sampler, self.max_tokens = sampler, max_tokens
+        self.history = list(prompt)
+        self.decoder = tokenizer.stream_decoder()
+        self.stopper = _StopMatcher(stop)
+        self.eog = set() if ignore_eos else set(tokenizer.eog_ids)
+        self.n_gen = 0
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    def next(self, logits: np.ndarray, room: bool) -> Chunk:
+        """Sample the next token from `logits`; `room`: whether the context takes one more after it.
+        The chunk's finish_reason is set when this sequence is done."""
+        token = self.sampler(logits, self.history)
+        self.n_gen += 1
+        if token in self.eog:
+            return self._end(Chunk(self.stopper.feed(self.decoder.flush())[0] + self.stopper.flush(), None, "stop"))
+        self.history.append(token)
+        self.tokens.append(token)
+        text, stopped = self.stopper.feed(self.decoder.feed(token))
+        if stopped:
+            return self._end(Chunk(text, token, "stop"))
+        if self.n_gen >= self.max_tokens or not room:
+            return self._end(Chunk(text + self.stopper.feed(self.decoder.flush())[0] + self.stopper.flush(),
+                                   token, "length"))
+        return Chunk(text, token)
+
+    def _end(self, chunk: Chunk) -> Chunk:
+        self.finish_reason = chunk.finish_reason
+        return chunk
+
+
+def stream_batch(model: Model, tokenizer, n_ctx: int, prompts: Sequence[Sequence[int]], n: int,
+                 params: SamplingParams, max_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False,
+                 timings: dict[str, float] | None = None) -> Iterator[tuple[int, Chunk]]:
+    """Generate `n` continuations of each prompt together, every step one forward pass over all the
+    sequences still going. Yields (index, chunk), index = prompt * n + sample; a sequence's last chunk
+    has its finish_reason. The samples of one prompt share its cached positions (forks of one
+    sequence). Sample i uses seed + i when a seed is given, so each is reproducible and they differ."""
+    timings = timings if timings is not None else {}
+    cache = model.new_cache(n_ctx)
+    t0 = time.perf_counter()
+    seqs = [cache.add() for _ in prompts]
+    pending = [list(p) for p in prompts]
+    last: list[np.ndarray | None] = [None] * len(prompts)
+    while any(pending):  # prompts in passes of at most N_BATCH tokens in all
+        budget, runs = N_BATCH, []
+        for i, rest in enumerate(pending):
+            if rest and budget > 0:
+                runs.append((i, rest[:budget]))
+                budget -= len(runs[-1][1])
+        for (i, ids), logits in zip(runs, model.forward_batch(cache, [(seqs[i], ids) for i, ids in runs])):
+            pending[i] = pending[i][len(ids):]
+            last[i] = logits
+    timings.update(prompt_tokens=sum(map(len, prompts)), prompt_s=time.perf_counter() - t0)
+
+    t1 = time.perf_counter()
+    active: dict[int, tuple[int, _Sample]] = {}  # index -> (sequence, its sample), while it runs
+    samples: list[_Sample] = []
+    logits_of: dict[int, np.ndarray] = {}
+    for p, prompt in enumerate(prompts):
+        for j in range(n):
+            seq = seqs[p] if j == n - 1 else cache.fork(seqs[p])
+            seed = None if params.seed is None else params.seed + j
+            sampler = Sampler(dataclasses.replace(params, seed=seed))
+            samples.append(_Sample(tokenizer, sampler, prompt, stop, ignore_eos, max_tokens))
+            active[p * n + j] = (seq, samples[-1])
+            logits_of[p * n + j] = last[p]
+    try:
+        while active:
+            step = []
+            for index in sorted(active):
+                seq, sample = active[index]
+                chunk = sample.next(logits_of[index], room=cache.seqs[seq].n_past < n_ctx)
+                yield index, chunk
+                if chunk.finish_reason:
+                    cache.remove(seq)
+                    del active[index]
+                else:
+                    step.append((index, seq, chunk.token))
+            if step:
+                for (index, _, _), logits in zip(step, model.forward_batch(cache, [(s, [t]) for _, s, t in step])):
+                    logits_of[index] = logits
+    finally:
+        timings.update(generated_tokens=sum(s.n_gen for s in samples), generate_s=time.perf_counter() - t1)

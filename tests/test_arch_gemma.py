@@ -39,13 +39,13 @@ def _changes(fixtures, arch, edit):
 
 def _set_attn(model, **kw):
     for L in model.layers:
-        L["attn"] = dataclasses.replace(L["attn"], **kw)
+        L.attn.spec = dataclasses.replace(L.attn.spec, **kw)
 
 
 def test_gemma2_features_are_exercised(fixtures):
     m = _model(fixtures, "gemma2")
     assert m.local == [True, False] and m.final_softcap == 2.0
-    assert m.layers[0]["attn"].window == 8 and m.layers[1]["attn"].window is None
+    assert m.layers[0].attn.spec.window == 8 and m.layers[1].attn.spec.window is None
     assert _changes(fixtures, "gemma2", lambda m: _set_attn(m, window=None)) > 1e-2
     assert _changes(fixtures, "gemma2", lambda m: _set_attn(m, softcap=None)) > 1e-2
     assert _changes(fixtures, "gemma2", lambda m: setattr(m, "final_softcap", None)) > 1e-2
@@ -54,15 +54,15 @@ def test_gemma2_features_are_exercised(fixtures):
 def test_gemma3_features_are_exercised(fixtures):
     m = _model(fixtures, "gemma3")
     assert m.local == [True, True, False]
-    assert m.layers[0]["rope"].base == 10000.0 and m.layers[0]["rope"].freq_scale == 1.0
-    assert m.layers[2]["rope"].base == 1e6 and m.layers[2]["rope"].freq_scale == 0.125
+    assert m.layers[0].attn.rope.base == 10000.0 and m.layers[0].attn.rope.freq_scale == 1.0
+    assert m.layers[2].attn.rope.base == 1e6 and m.layers[2].attn.rope.freq_scale == 0.125
 
     def global_rope_everywhere(m):
         for L in m.layers:
-            L["rope"] = m.layers[2]["rope"]
+            L.attn.rope = m.layers[2].attn.rope
 
     def no_rope_scaling(m):
-        m.layers[2]["rope"] = dataclasses.replace(m.layers[2]["rope"], freq_scale=1.0)
+        m.layers[2].attn.rope = dataclasses.replace(m.layers[2].attn.rope, freq_scale=1.0)
 
     assert _changes(fixtures, "gemma3", lambda m: _set_attn(m, window=None)) > 1e-2
     assert _changes(fixtures, "gemma3", global_rope_everywhere) > 1e-2
@@ -72,8 +72,8 @@ def test_gemma3_features_are_exercised(fixtures):
 def test_gemma_has_no_window_or_caps(fixtures):
     m = _model(fixtures, "gemma")
     assert m.head_dim == 32 and m.n_kv_head == 1 and m.final_softcap is None
-    assert all(L["attn"].window is None and L["attn"].softcap is None for L in m.layers)
-    assert m.layers[0]["attn"].scale == pytest.approx(32 ** -0.5)
+    assert all(L.attn.spec.window is None and L.attn.spec.softcap is None for L in m.layers)
+    assert m.layers[0].attn.spec.scale == pytest.approx(32 ** -0.5)
 
 
 @pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])

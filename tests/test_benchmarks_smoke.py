@@ -129,3 +129,17 @@ def test_regress_tiny_roundtrip(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     cmp = json.loads(r.stdout)["comparison"]
     assert set(cmp["ratios"]) == set(saved["timings"]) and cmp["regressions"] == []
+
+
+def test_batched_bench_reports_every_sequence_count(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, str(BENCH / "batched.py"), str(tiny_model), "--threads", "1", "--npl", "1,3",
+                        "--npp", "8", "--ntg", "4", "--reps", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report == json.loads(r.stdout)
+    rows = {(x["engine"], x["pl"]): x for x in report["results"]}
+    assert set(rows) == {("purelm", 1), ("purelm", 3)}
+    assert all(x["speed_tg"] > 0 and x["speed_pp"] > 0 for x in rows.values())
+    assert rows[("purelm", 1)]["tg_vs_one_sequence"] == 1.0

@@ -2,6 +2,8 @@
 import json
 import shutil
 import struct
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -9,7 +11,8 @@ import pytest
 from conftest import llama_cpp_tensor_names, tensor_pattern
 
 from purelm.cli import main
-from purelm.convert import convert, permute_qk
+from purelm.convert import convert
+from purelm.convert_spec import permute_qk
 from purelm.errors import FormatError, PurelmError
 from purelm.formats.gguf import GGUFFile
 from purelm.formats.safetensors import Checkpoint
@@ -178,3 +181,12 @@ def test_corrupt_tokenizer_model_is_a_clear_error(fixtures, tmp_path):
     (hf / "tokenizer.model").write_bytes((fixtures / "spm" / "tokenizer.model").read_bytes()[:1000])
     with pytest.raises(FormatError, match="tokenizer.model"):
         convert(hf, tmp_path / "m.gguf")
+
+
+def test_models_do_not_import_the_converter():
+    # Model files declare their ConvertSpec through the leaf module purelm.convert_spec; the converter
+    # (which imports every model) stays out of a process that only runs models.
+    code = ("import sys, purelm.models.llama; "
+            "print(sorted(m for m in sys.modules if m in ('purelm.convert', 'purelm.formats.safetensors')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -9,7 +9,6 @@ import struct
 import threading
 import zipfile
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 

@@ -30,7 +30,7 @@ from purelm.backends.numba_backend import NumbaBackend, NumbaWeight, ThreadGuard
 from purelm.backends.numpy_backend import NumpyBackend
 from purelm.formats.gguf import GGUFFile, Tensor
 from purelm.models import build_model
-from purelm.models.blocks import alibi_slopes
+from purelm.models.layers import alibi_slopes
 from purelm.quant import GGMLType as T
 from purelm.quant import quantize
 from purelm.quant.types import BLOCK_INFO
@@ -573,3 +573,22 @@ def test_first_compile_shows_progress_on_a_terminal_only(monkeypatch):
     monkeypatch.setattr(numba_backend.sys, "stderr", fast)
     list(numba_backend._compile_progress(iter([None, None]), 2))
     assert fast.getvalue() == ""
+
+
+def test_exact_gelu():
+    # The reference against math.erf itself; the fast kernel (an erfc approximation that vectorizes)
+    # against the reference, within 4e-7 absolute (the tanh form is 1e-3 away).
+    import math
+
+    rng = np.random.default_rng(10)
+    x = np.concatenate([rng.standard_normal(2000) * 4, np.linspace(-12, 12, 2001),
+                        [0, -0.0, 30, -30, 90, -90, 1e-30, -1e-6]]).astype(np.float32)
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64).tolist()])
+    ref = REF.gelu_erf(x)
+    assert ref.dtype == np.float32
+    np.testing.assert_allclose(ref, exact, rtol=1e-7, atol=1e-12)
+    for be in BACKENDS.values():
+        np.testing.assert_allclose(be.gelu_erf(x), ref, rtol=3e-6, atol=4e-7)
+        x2 = x[:2000].reshape(16, 125)
+        np.testing.assert_allclose(be.gelu_erf(x2[:, ::2]), REF.gelu_erf(x2[:, ::2]), rtol=3e-6, atol=4e-7)
+    assert np.abs(REF.gelu(x) - ref).max() > 1e-4

@@ -10,7 +10,7 @@ import purelm
 from purelm.backends.base import AttentionSpec, KVCache, Rope
 from purelm.backends.numba_backend import NumbaBackend
 from purelm.backends.numpy_backend import NumpyBackend
-from purelm.errors import FormatError, ShapeError
+from purelm.errors import ContextOverflowError, FormatError, ShapeError
 from purelm.formats.gguf import ValueType
 
 LLAMA = FIXTURES / "llama-f32.gguf"  # 2 layers, width 64, 4 heads of 16, rope over 16, vocab 320
@@ -147,7 +147,7 @@ def test_attention_entry_check(backend):
     with pytest.raises(ShapeError, match="ALiBi"):
         ops.attention(q, kv, kv, cache, 0, AttentionSpec(scale=0.25, alibi_slopes=np.ones(2, np.float32)))
     cache.n_past = 8  # full: one more position would be written past the cache
-    with pytest.raises(ShapeError, match="outside the cache"):
+    with pytest.raises(ContextOverflowError, match="9 tokens do not fit in the context of 8"):
         ops.attention(q, kv, kv, cache, 0, spec)
     cache.n_past = 0
     assert ops.attention(q, kv, kv, cache, 0, spec).shape == (1, 6 * 16)

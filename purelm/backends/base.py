@@ -8,12 +8,15 @@ move them to a device.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import ShapeError
+from .kv_cache import KVCache, PassView, as_view  # noqa: F401 (the interface's cache types)
 from ..formats.gguf import Tensor
 from ..quant.types import GGMLType
 
@@ -55,52 +58,9 @@ class AttentionSpec:
     alibi_slopes: np.ndarray | None = None  # per query head (bloom, mpt)
 
 
-class KVCache:
-    """Keys and values of every layer, grown on demand up to `n_ctx` positions.
-
-    Layer i holds k[i], v[i] of shape (capacity, n_kv_heads, head_dim). `n_past` counts the positions
-    already stored; `commit(n)` moves it on after a forward pass of n tokens."""
-
-    def __init__(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int,
-                 dtype: Any = np.float32) -> None:
-        self.n_layers, self.n_ctx, self.n_kv_heads = n_layers, n_ctx, n_kv_heads
-        self.k_dim, self.v_dim, self.dtype = k_dim, v_dim, dtype
-        self.n_past = 0
-        self.tokens: list[int] = []  # the ids at positions 0..n_past-1, when the caller tracks them
-        self.capacity = 0
-        self.k: list[np.ndarray] = []
-        self.v: list[np.ndarray] = []
-
-    def reserve(self, n_positions: int) -> None:
-        if n_positions <= self.capacity:
-            return
-        cap = min(self.n_ctx, max(n_positions, 2 * self.capacity, 256))
-        for i in range(self.n_layers):
-            for store, dim in ((self.k, self.k_dim), (self.v, self.v_dim)):
-                new = np.zeros((cap, self.n_kv_heads, dim), self.dtype)
-                if store[i:]:
-                    new[: self.capacity] = store[i][: self.capacity]
-                    store[i] = new
-                else:
-                    store.append(new)
-        self.capacity = cap
-
-    def commit(self, n_tokens: int) -> None:
-        self.n_past += n_tokens
-
-    def truncate(self, n_past: int) -> None:
-        """Forget positions from n_past on (to reuse a shared prompt prefix)."""
-        self.n_past = min(self.n_past, n_past)
-        del self.tokens[self.n_past :]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k + self.v)
-
-
 # Checks at each op's entry, shared by the backends: kernels index with these sizes unchecked
 # (numba's boundscheck is off), so nothing reaches them that does not fit. A few attribute
-# comparisons per call: see benchmarks/README.md for their cost per token.
+# comparisons per call (their cost per token: benchmarks/README.md).
 
 def check_norm(x: Any, w: Any, op: str, optional: bool = False) -> None:
     if w is None and not optional:
@@ -118,17 +78,16 @@ def check_rope(x: Any, positions: np.ndarray, rope: Rope) -> None:
         raise ShapeError(f"rope: {len(rope.freq_factors)} frequency factors for {rope.n_dims // 2} pairs")
 
 
-def check_attention(q: Any, k: Any, v: Any, cache: KVCache, layer: int, spec: AttentionSpec) -> None:
-    n_kv = cache.n_kv_heads
-    if (q.ndim != 3 or k.shape != (q.shape[0], n_kv, cache.k_dim) or v.shape != (q.shape[0], n_kv, cache.v_dim)
-            or q.shape[2] != cache.k_dim):
-        raise ShapeError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} for a cache of {n_kv} KV heads "
-                         f"of {cache.k_dim}/{cache.v_dim} features")
+def check_attention(q: Any, k: Any, v: Any, view: PassView, layer: int, spec: AttentionSpec) -> None:
+    n_kv = view.n_kv_heads
+    if (q.ndim != 3 or q.shape[0] != view.n_tokens or k.shape != (q.shape[0], n_kv, view.k_dim)
+            or v.shape != (q.shape[0], n_kv, view.v_dim) or q.shape[2] != view.k_dim):
+        raise ShapeError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} for a pass of {view.n_tokens} tokens "
+                         f"and a cache of {n_kv} KV heads of {view.k_dim}/{view.v_dim} features")
     if q.shape[1] % n_kv:
         raise ShapeError(f"attention: {q.shape[1]} query heads cannot share {n_kv} KV heads evenly")
-    if not 0 <= layer < cache.n_layers or cache.n_past + q.shape[0] > cache.n_ctx:
-        raise ShapeError(f"attention: layer {layer} at positions {cache.n_past}+{q.shape[0]} outside the cache "
-                         f"({cache.n_layers} layers, {cache.n_ctx} positions)")
+    if not 0 <= layer < view.n_layers:
+        raise ShapeError(f"attention: layer {layer} outside the cache ({view.n_layers} layers)")
     if spec.alibi_slopes is not None and len(spec.alibi_slopes) != q.shape[1]:
         raise ShapeError(f"attention: {len(spec.alibi_slopes)} ALiBi slopes for {q.shape[1]} heads")
 
@@ -137,6 +96,43 @@ class Backend(ABC):
     """The ops a transformer needs. x is (tokens, features) unless stated."""
 
     name: str = "?"
+    short_run: int = 1  # runs of up to this many tokens can share one call of its decode kernels
+
+    # -- forward passes
+    @contextmanager
+    def forward_pass(self, segments: list[int], head_segments: list[int] | None = None) -> Iterator[None]:
+        """Brackets one forward pass (Model.forward_batch opens it). `segments`: the batch's rows as
+        runs of consecutive tokens of one sequence (a decode token is a run of 1), in row order;
+        `head_segments`: the same for the rows whose logits are computed. A backend computes each
+        run's rows as it would if the run were alone (the kernel it picks depends on the run, not
+        on the batch), so a sequence's results do not depend on its company. Settings a backend
+        changes for the pass (thread counts) are put back when it ends, also when an exception
+        ends it."""
+        self.begin_pass(segments, head_segments or segments)
+        try:
+            yield
+        except BaseException:
+            self.end_pass(failed=True)
+            raise
+        self.end_pass()
+
+    def begin_pass(self, segments: list[int], head_segments: list[int]) -> None:
+        # the pass's runs by row count: of the hidden states, and of the logits (one pass at a time)
+        self.layouts = {sum(head_segments): head_segments, sum(segments): segments}
+
+    def end_pass(self, failed: bool = False) -> None:
+        self.layouts = {}
+
+    layouts: dict[int, list[int]] = {}
+
+    def row_runs(self, n_rows: int) -> list[tuple[int, int]]:
+        """Rows a..b-1 of each run of an activation with n_rows rows in this pass; one run of all
+        rows outside a pass or for a row count the pass did not announce."""
+        out, a = [], 0
+        for n in self.layouts.get(n_rows, (n_rows,)):
+            out.append((a, a + n))
+            a += n
+        return out
 
     # -- weights, prepared once at load
     def prepare(self, types: set[GGMLType]) -> None:
@@ -182,9 +178,11 @@ class Backend(ABC):
         """x: (tokens, heads, head_dim)."""
 
     @abstractmethod
-    def attention(self, q: Any, k: Any, v: Any, cache: KVCache, layer: int, spec: AttentionSpec) -> Any:
-        """Store k, v (tokens, kv_heads, dim) at positions cache.n_past.., then causal attention of q
-        (tokens, heads, dim) over everything cached. Returns (tokens, heads * v_dim)."""
+    def attention(self, q: Any, k: Any, v: Any, cache: PassView | KVCache, layer: int, spec: AttentionSpec) -> Any:
+        """Store k, v (tokens, kv_heads, dim) in the cache at each token's sequence and position (a
+        PassView says where; a bare KVCache means its sequence 0 at n_past..), then causal attention
+        of each token's q (tokens, heads, dim) over its own sequence's positions up to its own.
+        Returns (tokens, heads * v_dim)."""
 
     @abstractmethod
     def silu(self, x: Any) -> Any: ...
@@ -216,3 +214,8 @@ class Backend(ABC):
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x, np.float32)
+
+    @abstractmethod
+    def gelu_erf(self, x: Any) -> Any:
+        """Exact GELU, x·Φ(x) = 0.5·x·erfc(-x/√2): the `gelu` of Falcon, GPT-NeoX and MPT checkpoints
+        (`gelu` is the tanh form the others were trained with)."""

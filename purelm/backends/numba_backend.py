@@ -40,7 +40,8 @@ from ..formats.gguf import Tensor
 from ..quant import dequantize, dequantize_rows
 from ..quant.types import BLOCK_INFO, GGMLType
 from ..errors import ShapeError
-from .base import AttentionSpec, Backend, KVCache, Rope, check_attention, check_norm, check_rope
+from .base import AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm, check_rope
+from .kv_cache import BLOCK
 from .numba_kernels import ops, packed as pk, rows as rk
 from .numba_kernels.intrinsics import has_int16_dot
 from .pages import page_out_library, release_file_pages
@@ -56,6 +57,7 @@ ATTENTION_SERIAL_WORK = 1 << 16
 # Queries per block in prefill attention; key positions per work item in long-context decode.
 ATTENTION_BLOCK = 128
 ATTENTION_CHUNK = 256
+BLOCK_SHIFT = BLOCK.bit_length() - 1  # position -> block: p >> BLOCK_SHIFT
 MAX_LANES = 32  # running maxima side by side in the softmax's max (a runtime count, see ops.span_max)
 EMPTY = np.zeros(0, np.float32)
 # Kernels per repacked family (packing.py); their leading arguments are Packed.kernel_args.
@@ -133,6 +135,10 @@ class ThreadGuard:
         self.started = perf_counter()
         return self.current
 
+    def cancel(self) -> None:
+        """The pass that `begin` announced ended in an exception: its time says nothing."""
+        self.started = None
+
     def end(self) -> None:
         """The pass that `begin` announced has its logits."""
         if self.started is None:
@@ -155,6 +161,7 @@ class ThreadGuard:
 
 class NumbaBackend(Backend):
     name = "numba"
+    short_run = MATVEC_MAX_TOKENS
 
     def __init__(self, threads: int | None = None, repack: bool = True, int16_dot: bool | None = None) -> None:
         self.threads = max(1, min(int(threads or os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS))
@@ -172,10 +179,10 @@ class NumbaBackend(Backend):
         self._scratch = threading.local()
         self._arena = Arena()
         self._guard = ThreadGuard(self.threads)
-        self._in_pass = False
-        self._numba_threads = self.threads
+        # numba's thread count before the pass in progress (per calling thread; put back at its end)
+        self._outer_threads: int | None = None
+        self._numba_threads = numba.get_num_threads()
         self._prepared: set[GGMLType] | None = None
-        numba.set_num_threads(self.threads)
 
     # -- weights
 
@@ -187,13 +194,13 @@ class NumbaBackend(Backend):
         if self._prepared is not None and types <= self._prepared:
             return
         self._prepared = (self._prepared or set()) | set(types)
-        in_pass, guard = self._in_pass, self._guard
+        guard, self._guard = self._guard, ThreadGuard(self.threads)  # warm-up steps are not decode steps
         try:
             steps = len(set(types) & set(rk.ROW_TYPES)) + 3
             for _ in _compile_progress(self._warm_ops(types), steps):
                 pass
         finally:
-            self._in_pass, self._guard = in_pass, guard
+            self._guard = guard
         page_out_library("llvmlite")
 
     def _warm_ops(self, types: set[GGMLType]) -> Iterator[None]:
@@ -225,7 +232,7 @@ class NumbaBackend(Backend):
         for n_tok in (1, n_many):
             xt = x[:n_tok]
             self.rms_norm(xt, ones, 1e-5), self.layer_norm(xt, ones, ones, 1e-5), self.layer_norm(xt, None, None, 1e-5)
-            self.silu(xt), self.gelu(xt), self.swiglu(xt, xt), self.geglu(xt, xt)
+            self.silu(xt), self.gelu(xt), self.gelu_erf(xt), self.swiglu(xt, xt), self.geglu(xt, xt)
         yield
         for neox in (False, True):
             rope = Rope(n_dims=32, base=10000.0, neox=neox)
@@ -233,7 +240,7 @@ class NumbaBackend(Backend):
                 self.rope(x[:n_tok].reshape(n_tok, 4, 64), np.arange(n_tok), rope)
                 self.rope(x[:n_tok].reshape(n_tok, 4, 64), -np.ones(n_tok, np.int64), rope)
         yield
-        # attention: decode on one thread and on many (enough positions for the parallel kernel), prefill
+        # attention: prefill (matrix products), and the paged kernel serially and on numba's threads
         n_ctx = 2 * ATTENTION_SERIAL_WORK // (4 * 64)
         cache = self.kv_cache(1, n_ctx, 1, 64, 64)
         spec = AttentionSpec(scale=0.125, alibi_slopes=np.ones(4, np.float32))
@@ -242,13 +249,13 @@ class NumbaBackend(Backend):
             q = x[:n_tok].reshape(n_tok, 4, 64)
             self.attention(q, q[:, :1], q[:, :1], cache, 0, spec)
             cache.commit(n_tok)
-        cache.commit(n_ctx - 1 - cache.n_past)
+        cache.n_past = n_ctx - 1
         q1, kv1 = x[:1].reshape(1, 4, 64), x[:1, :64].reshape(1, 1, 64)
         self.attention(q1, kv1, kv1, cache, 0, spec)
-        if self.threads > 1:  # the one-thread decode path, as when ThreadGuard finds the cores busy
+        if self.threads > 1:  # the serial kernel at this length, as when ThreadGuard finds the cores busy
             self._numba_threads = 1
             self.attention(q1, kv1, kv1, cache, 0, spec)
-            self._enter()
+            self._numba_threads = numba.get_num_threads()
         yield
 
     def weight(self, t: Tensor) -> NumbaWeight:
@@ -282,15 +289,32 @@ class NumbaBackend(Backend):
 
     # -- threads
 
-    def _enter(self, threads: int | None = None) -> None:
-        """Set numba's thread count (it is per calling thread: set it for whichever thread runs the
-        model). Without an argument: re-check at the start of a forward pass."""
-        if threads is None:
-            self._numba_threads = numba.get_num_threads()
-            threads = self.threads
+    def begin_pass(self, segments: list[int], head_segments: list[int]) -> None:
+        super().begin_pass(segments, head_segments)
+        self._outer_threads = self._numba_threads = numba.get_num_threads()
+        self._enter(self._guard.begin(sum(segments)))
+
+    def end_pass(self, failed: bool = False) -> None:
+        if failed:
+            self._guard.cancel()
+        else:
+            self._guard.end()
+        super().end_pass(failed)
+        if self._outer_threads is not None:
+            self._enter(self._outer_threads)
+            self._outer_threads = None
+
+    def _enter(self, threads: int) -> None:
+        """Set numba's thread count for the calling thread (the one running the model)."""
         if threads != self._numba_threads:
             numba.set_num_threads(threads)
             self._numba_threads = threads
+
+    def _kernel_threads(self) -> None:
+        """Outside a pass (ops called directly), kernels use this backend's threads too."""
+        if self._outer_threads is None:
+            self._numba_threads = numba.get_num_threads()
+            self._enter(self.threads)
 
     def _workers(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -326,11 +350,12 @@ class NumbaBackend(Backend):
             raise ValueError(f"linear: input of width {x.shape[-1:]} for a matrix of {w.n_in} columns")
         lead = x.shape[:-1]
         x2 = np.ascontiguousarray(x.reshape(-1, w.n_in), np.float32)
-        if x2.shape[0] > MATVEC_MAX_TOKENS or (w.packed is None and w.qtype not in rk.ROW_TYPES):
+        if w.packed is None and w.qtype not in rk.ROW_TYPES:
             y = self._matmul(x2, w)
         else:
-            self._enter(self._guard.current)
-            y = self._matvec_kernel(x2, w)
+            y = np.empty((x2.shape[0], w.n_out), np.float32)
+            for a, b, short in self._row_groups(x2.shape[0]):
+                y[a:b] = self._matvec_kernel(x2[a:b], w) if short else self._matmul(x2[a:b], w)
         if bias is not None:
             y += bias
         return y.reshape(lead + (w.n_out,)) if len(lead) != 1 else y
@@ -345,7 +370,24 @@ class NumbaBackend(Backend):
             start += n
         return parts
 
+    def _row_groups(self, n_rows: int) -> list[tuple[int, int, bool]]:
+        """Rows a..b-1 and whether they go to the matrix-vector kernels (short runs: decode tokens,
+        prompt chunks of up to MATVEC_MAX_TOKENS; each row's result is the same whatever rows share
+        the call) or to a matrix product (one per longer run, as if it were alone). Outside a pass,
+        or for rows the pass did not announce, the row count decides."""
+        groups: list[tuple[int, int, bool]] = []
+        for a, b in self.row_runs(n_rows):
+            short = b - a <= MATVEC_MAX_TOKENS
+            if short and groups and groups[-1][2]:
+                groups[-1] = (groups[-1][0], b, True)
+            else:
+                groups.append((a, b, short))
+        return groups
+
     def _matvec_kernel(self, x: np.ndarray, w: NumbaWeight) -> np.ndarray:
+        """x @ W.T by the matrix-vector kernels: the weight is read once for all rows of x, and each
+        row's result is the same whatever the other rows are."""
+        self._kernel_threads()
         y = np.empty((x.shape[0], w.n_out), np.float32)
         if w.kernel is not None:
             n, p = w.column_splits, w.packed
@@ -405,6 +447,16 @@ class NumbaBackend(Backend):
         return [(u0, min(u0 + per_tile, n_units)) for u0 in range(0, n_units, per_tile)]
 
     def glu(self, x: np.ndarray, ws: Any, act: str) -> np.ndarray:
+        groups = self._row_groups(x.shape[0]) if x.ndim == 2 else [(0, 0, False)]
+        if len(groups) == 1:
+            return self._glu_rows(x, ws, act)
+        layouts, self.layouts = self.layouts, {}  # each group of rows as alone: no layout inside
+        try:
+            return np.concatenate([self._glu_rows(x[a:b], ws, act) for a, b, _ in groups])
+        finally:
+            self.layouts = layouts
+
+    def _glu_rows(self, x: np.ndarray, ws: Any, act: str) -> np.ndarray:
         p = ws.packed if isinstance(ws, NumbaWeight) else None
         if (p is None or x.size // x.shape[-1] <= MATVEC_MAX_TOKENS or len(ws.splits) != 2
                 or ws.splits[0] != ws.splits[1] or ws.splits[0] % p.lanes):
@@ -458,12 +510,8 @@ class NumbaBackend(Backend):
 
     def embed(self, w: NumbaWeight, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64).reshape(-1)
-        if not self._in_pass:  # the token embedding starts a forward pass; to_numpy ends it
-            self._in_pass = True
-            self._enter()
-            self._enter(self._guard.begin(ids.size))
         if ids.size and (ids.min() < 0 or ids.max() >= w.n_out):
-            raise IndexError(f"token id out of range [0, {w.n_out})")
+            raise ShapeError(f"embed: token id out of range [0, {w.n_out})")
         if w.data is None:
             raise ValueError("a merged matrix has no rows to look up")
         if w.qtype not in rk.ROW_TYPES:
@@ -529,27 +577,47 @@ class NumbaBackend(Backend):
         ops.rope(x3, np.arange(len(positions)), cos, sin, rope.n_dims, rope.neox, out)
         return out
 
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, layer: int,
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: PassView | KVCache, layer: int,
                   spec: AttentionSpec) -> np.ndarray:
-        check_attention(q, k, v, cache, layer, spec)
-        n_tok, n_head, _ = q.shape
-        p0 = cache.n_past
-        cache.reserve(p0 + n_tok)
-        keys, values = cache.k[layer], cache.v[layer]
+        view = as_view(cache, q.shape[0])
+        check_attention(q, k, v, view, layer, spec)
+        keys, values = view.k[layer], view.v[layer]
+        keys[view.write_rows], values[view.write_rows] = k, v
         q = np.ascontiguousarray(q, np.float32)
-        ops.store_kv(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32), keys, values, p0)
-        out = np.empty((n_tok, n_head * values.shape[2]), np.float32)
-        scale, softcap, window, slopes = self._spec_args(spec)
-        pairs = n_tok * n_head
-        work = pairs * (p0 + n_tok) * q.shape[2]
-        if n_tok > MATVEC_MAX_TOKENS:
-            self._attention_blas(q, keys, values, p0, scale, softcap, window, slopes, out)
-        elif self.threads == 1 or work < ATTENTION_SERIAL_WORK or self._numba_threads == 1:
-            # (one numba thread: the guard found the cores busy; see ThreadGuard)
-            ops.attention(q, keys, values, p0, scale, softcap, window, slopes, 0, pairs, out)
-        else:
-            ops.attention_parallel(q, keys, values, p0, scale, softcap, window, slopes, ATTENTION_CHUNK, out)
+        out = np.empty((q.shape[0], q.shape[1] * values.shape[2]), np.float32)
+        args = self._spec_args(spec)
+        for i, run in enumerate(view.runs):
+            if run.t1 - run.t0 > MATVEC_MAX_TOKENS:  # a prompt chunk: matrix products over its rows, gathered
+                rows = view.rows_upto[i]
+                self._attention_blas(q[run.t0:run.t1], keys[rows], values[rows], run.p0, *args, out[run.t0:run.t1])
+        tokens, tables, pos = self._paged_tokens(view)
+        if len(tokens):
+            qt = q if len(tokens) == len(q) else q[tokens]
+            ot = out if len(tokens) == len(q) else np.empty((len(tokens), out.shape[1]), np.float32)
+            work = int(pos.sum() + len(pos)) * q.shape[1] * q.shape[2]
+            # serial or on numba's threads: the same work items and results either way
+            kernel = ops.attention_paged if (self.threads == 1 or self._numba_threads == 1 or
+                                             work < ATTENTION_SERIAL_WORK) else ops.attention_paged_parallel
+            self._kernel_threads()
+            kernel(qt, keys, values, tables, pos, BLOCK_SHIFT, *args, ATTENTION_CHUNK, ot)
+            if ot is not out:
+                out[tokens] = ot
         return out
+
+    def _paged_tokens(self, view: PassView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tokens of a pass that the paged kernel serves (decode tokens and short prompt runs),
+        with each one's block table and position: worked out once per pass, kept on the view."""
+        got = view.__dict__.get("_numba_paged")
+        if got is None:
+            short = [(r, t) for r, t in zip(view.runs, view.tables) if r.t1 - r.t0 <= MATVEC_MAX_TOKENS]
+            tokens = np.concatenate([np.arange(r.t0, r.t1) for r, _ in short]) if short else np.zeros(0, np.int64)
+            tables = np.zeros((len(tokens), max((len(t) for _, t in short), default=1)), np.int32)
+            i = 0
+            for r, t in short:
+                tables[i:i + r.t1 - r.t0, :len(t)] = t
+                i += r.t1 - r.t0
+            got = view.__dict__["_numba_paged"] = (tokens, tables, view.positions[tokens])
+        return got
 
     def _spec_args(self, spec: AttentionSpec) -> tuple[np.float32, np.float32, int, np.ndarray]:
         """The kernels' arguments for `spec`, converted once per spec object. The spec is mutable: a
@@ -592,9 +660,6 @@ class NumbaBackend(Backend):
             self._run_split(tasks)
 
     def to_numpy(self, x: np.ndarray) -> np.ndarray:
-        if self._in_pass:  # the logits: a forward pass ends
-            self._in_pass = False
-            self._guard.end()
         return np.asarray(x, np.float32)
 
     def silu(self, x: np.ndarray) -> np.ndarray:
@@ -608,6 +673,9 @@ class NumbaBackend(Backend):
 
     def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return _gated(ops.geglu, gate, up)
+
+    def gelu_erf(self, x: np.ndarray) -> np.ndarray:
+        return _elementwise(ops.gelu_erf, x)
 
 
 def _compile_progress(steps: Iterator[None], total: int) -> Iterator[None]:

@@ -5,11 +5,13 @@ stays near the file's size.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..formats.gguf import Tensor
 from ..quant import dequantize, dequantize_rows
-from .base import AttentionSpec, Backend, KVCache, Rope, check_attention, check_norm, check_rope
+from .base import AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm, check_rope
 
 SLAB_BYTES = 32 << 20  # float32 bytes of weight dequantized at once
 
@@ -30,7 +32,9 @@ class NumpyBackend(Backend):
         step = max(1, SLAB_BYTES // (4 * n_in))
         for r in range(0, n_out, step):
             rows = w.data[r : r + step]
-            y[:, r : r + step] = x @ dequantize(rows, w.type, (rows.shape[0], n_in)).T
+            wt = dequantize(rows, w.type, (rows.shape[0], n_in)).T
+            for a, b in self.row_runs(x.shape[0]):  # each sequence's run as alone (BLAS rounds by shape)
+                y[a:b, r : r + step] = x[a:b] @ wt
         if bias is not None:
             y += bias
         return y
@@ -67,19 +71,26 @@ class NumpyBackend(Backend):
             out[..., 1 : rope.n_dims : 2] = a * sin + b * cos
         return out
 
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, layer: int,
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: PassView | KVCache, layer: int,
                   spec: AttentionSpec) -> np.ndarray:
-        check_attention(q, k, v, cache, layer, spec)
+        view = as_view(cache, q.shape[0])
+        check_attention(q, k, v, view, layer, spec)
+        keys, values = view.k[layer], view.v[layer]
+        keys[view.write_rows], values[view.write_rows] = k, v
+        out = np.empty((q.shape[0], q.shape[1] * values.shape[2]), np.float32)
+        for run, rows in zip(view.runs, view.rows_upto):  # each sequence over its own positions
+            out[run.t0:run.t1] = self._attend(q[run.t0:run.t1], keys[rows], values[rows], run.p0, spec)
+        return out
+
+    def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, p0: int,
+                spec: AttentionSpec) -> np.ndarray:
+        """Causal attention of queries at positions p0.. over keys/values of positions 0..p0+T-1."""
         n_tok, n_head, _ = q.shape
-        p0 = cache.n_past
         n = p0 + n_tok
-        cache.reserve(n)
-        keys, values = cache.k[layer], cache.v[layer]
-        keys[p0:n], values[p0:n] = k, v
         n_kv = keys.shape[1]
         group = n_head // n_kv
         qg = q.reshape(n_tok, n_kv, group, -1)
-        scores = np.einsum("tkgd,skd->kgts", qg, keys[:n], optimize=True) * np.float32(spec.scale)
+        scores = np.einsum("tkgd,skd->kgts", qg, keys, optimize=True) * np.float32(spec.scale)
         if spec.softcap:
             scores = np.tanh(scores / spec.softcap) * np.float32(spec.softcap)
         if spec.alibi_slopes is not None:
@@ -94,7 +105,7 @@ class NumpyBackend(Backend):
         scores -= scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)
-        out = np.einsum("kgts,skd->tkgd", probs, values[:n], optimize=True)
+        out = np.einsum("kgts,skd->tkgd", probs, values, optimize=True)
         return out.reshape(n_tok, -1).astype(np.float32, copy=False)
 
     def silu(self, x: np.ndarray) -> np.ndarray:
@@ -103,3 +114,11 @@ class NumpyBackend(Backend):
     def gelu(self, x: np.ndarray) -> np.ndarray:
         c = np.float32(np.sqrt(2 / np.pi))
         return np.float32(0.5) * x * (np.float32(1) + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))
+
+    def gelu_erf(self, x: np.ndarray) -> np.ndarray:
+        # float64 through math.erfc (numpy has no erf): erfc keeps x·Φ(x) accurate where Φ(x) is tiny
+        x64 = np.asarray(x, np.float64)
+        return (0.5 * x64 * _erfc(-x64 / math.sqrt(2.0)).astype(np.float64)).astype(np.float32)
+
+
+_erfc = np.frompyfunc(math.erfc, 1, 1)

@@ -14,7 +14,7 @@ from .common import Model
 ARCHITECTURES: dict[str, type[Model]] = {}
 CONVERTERS: dict = {}
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _info.name in ("common", "blocks"):
+    if _info.name in ("common", "layers"):
         continue
     _mod = importlib.import_module(f".{_info.name}", __name__)
     ARCHITECTURES.update(getattr(_mod, "ARCHITECTURES", {}))

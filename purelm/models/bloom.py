@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..convert import ConvertSpec
-from .blocks import qkv_blocks
+from ..convert_spec import ConvertSpec, qkv_blocks
 from .common import Params
 from .gpt2 import GPT2
 

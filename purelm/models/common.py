@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ..backends.base import Backend, KVCache, Rope
-from ..errors import ContextOverflowError, FormatError, UsageError
+from ..errors import FormatError, UsageError
 from ..formats.gguf import GGUFFile, Tensor, ValueType
 
 
@@ -191,32 +192,60 @@ class Model:
                     freq_scale=freq_scale, freq_factors=factors, **extra)
 
     def new_cache(self, n_ctx: int) -> KVCache:
-        raise NotImplementedError
+        """An empty KV cache for up to n_ctx positions: keys and values of head_dim per KV head."""
+        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Run `ids` (1-D) at positions cache.n_past...; return float32 logits for the last token
-        (shape (vocab,)) or for every token (shape (len(ids), vocab))."""
-        ids = np.asarray(ids, np.int64).reshape(-1)
-        n_tok = len(ids)
-        if n_tok == 0:
-            raise UsageError("forward needs at least one token")
-        if cache.n_past + n_tok > cache.n_ctx:
-            raise ContextOverflowError(
-                f"{cache.n_past + n_tok} tokens do not fit in the context of {cache.n_ctx} tokens")
-        if ids.min() < 0 or ids.max() >= self.n_vocab:
-            raise UsageError(f"token id out of range [0, {self.n_vocab})")
-        cache.reserve(cache.n_past + n_tok)
-        positions = np.arange(cache.n_past, cache.n_past + n_tok)
-        h = self.hidden(ids, positions, cache)
-        cache.commit(n_tok)
-        if not all_logits:
-            h = h[-1:]
-        logits = self.ops.to_numpy(self.head(h))
+        """Run `ids` (1-D) as the cache's sequence 0 at its next positions; return float32 logits for
+        the last token (shape (vocab,)) or for every token (shape (len(ids), vocab))."""
+        return self.forward_batch(cache, [(0, ids)], all_logits)[0]
+
+    def forward_batch(self, cache: KVCache, requests: Sequence[tuple[int, Any]],
+                      all_logits: bool | Sequence[bool] = False) -> list[np.ndarray]:
+        """One forward pass over several sequences of `cache`: `requests` are (sequence id, token ids),
+        each sequence's ids at its next positions (a prompt chunk, or one decode token). Returns, per
+        request, float32 logits of its last token (vocab,) or of all its tokens (n, vocab) where
+        `all_logits` (one bool, or one per request) says so. The backend computes each run as it would
+        alone (see Backend.forward_pass)."""
+        if not requests:
+            return []
+        wants = [bool(all_logits)] * len(requests) if isinstance(all_logits, (bool, np.bool_)) else list(all_logits)
+        if len(wants) != len(requests):
+            raise UsageError(f"all_logits has {len(wants)} entries for {len(requests)} requests")
+        ids = [self._token_ids(r[1]) for r in requests]
+        # row order: decode tokens, short prompt chunks, long ones (stable), so that the backend can
+        # serve the short runs together (Backend.short_run)
+        order = sorted(range(len(requests)), key=lambda i: (len(ids[i]) > 1, len(ids[i]) > self.ops.short_run))
+        view = cache.view([(requests[i][0], len(ids[i])) for i in order])
+        rows = np.concatenate([np.arange(r.t0, r.t1) if wants[i] else np.arange(r.t1 - 1, r.t1)
+                               for i, r in zip(order, view.runs)])
+        segments = [len(ids[i]) for i in order]
+        head_segments = [len(ids[i]) if wants[i] else 1 for i in order]
+        with self.ops.forward_pass(segments, head_segments):
+            h = self.hidden(np.concatenate([ids[i] for i in order]), view.positions, view)
+            logits = self.ops.to_numpy(self.head(h if len(rows) == view.n_tokens else h[rows]))
         if not np.isfinite(logits).all():
             # NaN or inf weights (or a norm that divides by zero) would reach the sampler as garbage
             raise FormatError(self.gguf.path, "weights", "the model computed non-finite logits (NaN or inf): "
                               "its weights or hyperparameters are corrupt")
-        return logits if all_logits else logits[0]
+        view.commit()
+        out: list[np.ndarray] = [np.empty(0)] * len(requests)
+        start = 0
+        for i in order:
+            n = len(ids[i]) if wants[i] else 1
+            out[i] = logits[start:start + n] if wants[i] else logits[start]
+            start += n
+        return out
+
+    def _token_ids(self, ids: Any) -> np.ndarray:
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size == 0:
+            raise UsageError("forward needs at least one token")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise UsageError(f"token ids must be integers, got {ids.dtype}")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            raise UsageError(f"token id out of range [0, {self.n_vocab})")
+        return ids.astype(np.int64)
 
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
         raise NotImplementedError

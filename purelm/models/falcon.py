@@ -6,10 +6,9 @@ NeoX rotary embeddings, multi-query or grouped-query attention, a GELU MLP and n
 
 GGUF's attn_qkv holds all q heads, then the k heads, then the v heads (llama.cpp's "jploski" layout);
 Hugging Face interleaves them per kv group (new_decoder_architecture), which the converter reorders.
-GELU is ggml's tanh approximation, as llama.cpp computes it; Hugging Face Falcon checkpoints use exact
-(erf) GELU (`activation: "gelu"`) and the GGUF file cannot say which, so logits differ slightly
-from transformers' for those (by ~1e-3 on the tiny fixtures' logits of size ~5, see
-tests/test_arch_newer.py).
+GELU is the exact (erf) form the checkpoints were trained with (`activation: "gelu"`; a GGUF file cannot
+say which, so it is chosen per architecture). llama.cpp uses the tanh approximation, ~1e-3 away in the
+logits of the tiny fixtures (size ~5).
 """
 from __future__ import annotations
 
@@ -17,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import AttentionSpec, Backend, KVCache
-from ..convert import ConvertSpec
+from ..backends.base import Backend, KVCache
+from ..convert_spec import ConvertSpec, hf_rope_parameters
 from ..errors import PurelmError
 from ..formats.gguf import GGUFFile
-from .blocks import hf_rope_parameters
 from .common import Model, Params, Weights
+from .layers import Attention, Block, MLP, Norm, output_head
 
 
 class Falcon(Model):
@@ -30,47 +29,30 @@ class Falcon(Model):
         super().__init__(gguf, backend)
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=False, n_kv_head_default=1)
-        dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
-        ffn = p.int("feed_forward_length")
-        self.rope = self.read_rope(p, neox=True, scaling=False)
-        self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd))
+        n_ff = p.int("feed_forward_length")
+        rope = self.read_rope(p, neox=True, scaling=False)
 
-        self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
-        self.out_norm = (w.vector("output_norm.weight", dim), w.vector("output_norm.bias", dim))
-        self.output = w.matrix("output.weight", (n_vocab, dim), optional=True)
-        if self.output is None:  # tied embeddings
-            self.output = self.tok_embd
-        self.q_dim, self.kv_dim = self.n_head * hd, self.n_kv_head * hd
+        self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
+        self.out_norm = Norm.layer_norm(self, w, "output_norm")
+        self.output, self.output_b = output_head(self, w)
         self.layers = []
         for i in range(self.n_layer):
-            b = f"blk.{i}."
-            norm2 = w.vector(b + "attn_norm_2.weight", dim, optional=True)
-            self.layers.append(dict(
-                attn_norm=(w.vector(b + "attn_norm.weight", dim), w.vector(b + "attn_norm.bias", dim)),
-                attn_norm_2=None if norm2 is None else (norm2, w.vector(b + "attn_norm_2.bias", dim)),
-                wqkv=w.matrix(b + "attn_qkv.weight", (self.q_dim + 2 * self.kv_dim, dim)),
-                wo=w.matrix(b + "attn_output.weight", (dim, self.q_dim)),
-                w_up=w.matrix(b + "ffn_up.weight", (ffn, dim)),
-                w_down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
+            norm = Norm.layer_norm(self, w, f"blk.{i}.attn_norm")
+            norm_2 = Norm.layer_norm(self, w, f"blk.{i}.attn_norm_2", optional=True)
+            self.layers.append(Block(
+                attn_norm=norm if norm_2 is None else norm_2,
+                attn=Attention.load(self, w, i, rope, fused=True, bias="none"),
+                ffn_norm=None if norm_2 is None else norm,  # None: the MLP reads attn_norm's output too
+                ffn=MLP.load(self, w, i, n_ff, "gelu_erf", bias="none"),
             ))
 
-    def new_cache(self, n_ctx: int) -> KVCache:
-        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
-
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        ops, T, hd, qd, kvd = self.ops, len(ids), self.head_dim, self.q_dim, self.kv_dim
-        x = ops.embed(self.tok_embd, ids)
-        for i, L in enumerate(self.layers):
-            n = ops.layer_norm(x, *L["attn_norm"], self.eps)
-            a = n if L["attn_norm_2"] is None else ops.layer_norm(x, *L["attn_norm_2"], self.eps)
-            qkv = ops.linear(a, L["wqkv"])
-            q = qkv[:, :qd].reshape(T, self.n_head, hd)
-            k = qkv[:, qd : qd + kvd].reshape(T, self.n_kv_head, hd)
-            v = qkv[:, qd + kvd :].reshape(T, self.n_kv_head, hd)
-            q, k = ops.rope(q, positions, self.rope), ops.rope(k, positions, self.rope)
-            attn = ops.linear(ops.attention(q, k, v, cache, i, self.attn), L["wo"])
-            x = x + attn + ops.linear(ops.gelu(ops.linear(n, L["w_up"])), L["w_down"])
-        return ops.layer_norm(x, *self.out_norm, self.eps)
+        x = self.ops.embed(self.tok_embd, ids)
+        for L in self.layers:
+            a = L.attn_norm(x)
+            n = a if L.ffn_norm is None else L.ffn_norm(x)
+            x = x + L.attn(a, positions, cache) + L.ffn(n)
+        return self.out_norm(x)
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)

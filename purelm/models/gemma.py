@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import AttentionSpec, Backend, KVCache
-from ..convert import ConvertSpec
+from ..convert_spec import ConvertSpec
 from ..formats.gguf import GGUFFile
 from .common import Model, Params, Weights
+from .layers import Attention, Block, GatedFFN, HeadNorm, Norm, output_head
 
 
 def local_layers(n_layer: int, pattern: Any) -> list[bool]:
@@ -57,9 +58,8 @@ class Gemma(Model):
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=True, n_ctx_default=8192)
         self.eps = p.float("attention.layer_norm_rms_epsilon", 1e-6, lo=0.0, hi=1.0)
-        n_layer, dim, hd, n_vocab = self.n_layer, self.dim, self.head_dim, self.n_vocab
-        ffn = p.int("feed_forward_length")
-        self.embed_scale = float(np.float32(np.sqrt(dim)))  # sqrt(d) rounded to float32, as transformers
+        n_ff = p.int("feed_forward_length")
+        self.embed_scale = float(np.float32(np.sqrt(self.dim)))  # sqrt(d) rounded to float32, as transformers
         self.final_softcap = p.float("final_logit_softcapping", None, lo=0.0) or None
 
         global_rope = self.read_rope(p, neox=True)
@@ -68,35 +68,28 @@ class Gemma(Model):
                            base_default=self.local_rope_base)
         scale = p.float("attention.scale", None, lo=0.0, above=True)
         if scale is None:
-            scale = 1.0 / np.sqrt(dim // self.n_head if n_layer == self.n_layer_27b else hd)
+            scale = 1.0 / np.sqrt(self.dim // self.n_head if self.n_layer == self.n_layer_27b else self.head_dim)
         softcap = p.float("attn_logit_softcapping", None, lo=0.0) or None
         window = (p.int("attention.sliding_window", None, lo=0) or None) if self.swa_period else None
-        self.local = self.local_layers(p, self.swa_period) if window else [False] * n_layer
+        self.local = self.local_layers(p, self.swa_period) if window else [False] * self.n_layer
 
-        self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
-        self.out_norm = w.vector("output_norm.weight", dim)
-        self.output = w.matrix("output.weight", (n_vocab, dim), optional=True)
-        if self.output is None:
-            self.output = self.tok_embd
-        q_dim, kv_dim = self.n_head * hd, self.n_kv_head * hd
+        self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
+        self.out_norm = Norm.rms_norm(self, w, "output_norm")
+        self.output, self.output_b = output_head(self, w)
         post, qk = not self.post_norms, not self.qk_norm  # optional unless the architecture has them
         self.layers = []
-        for i in range(n_layer):
-            b, local = f"blk.{i}.", self.local[i]
-            self.layers.append(dict(
-                rope=local_rope if local else global_rope,
-                attn=AttentionSpec(scale=float(scale), softcap=softcap, window=window if local else None),
-                attn_norm=w.vector(b + "attn_norm.weight", dim),
-                wqkv=w.matrices([(b + "attn_q.weight", (q_dim, dim)), (b + "attn_k.weight", (kv_dim, dim)),
-                                 (b + "attn_v.weight", (kv_dim, dim))]),
-                q_norm=w.vector(b + "attn_q_norm.weight", hd, optional=qk),
-                k_norm=w.vector(b + "attn_k_norm.weight", hd, optional=qk),
-                wo=w.matrix(b + "attn_output.weight", (dim, q_dim)),
-                post_attn_norm=w.vector(b + "post_attention_norm.weight", dim, optional=post),
-                ffn_norm=w.vector(b + "ffn_norm.weight", dim),
-                w_gate_up=w.matrices([(b + "ffn_gate.weight", (ffn, dim)), (b + "ffn_up.weight", (ffn, dim))]),
-                w_down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
-                post_ffw_norm=w.vector(b + "post_ffw_norm.weight", dim, optional=post),
+        for i, local in enumerate(self.local):
+            spec = AttentionSpec(scale=float(scale), softcap=softcap, window=window if local else None)
+            self.layers.append(Block(
+                attn_norm=Norm.rms_norm(self, w, f"blk.{i}.attn_norm"),
+                # q/k norms: each optional alone (before Gemma 3), as in llama.cpp
+                attn=Attention.load(self, w, i, local_rope if local else global_rope, spec, bias="none",
+                                    q_norm=HeadNorm.rms_norm(self, w, f"blk.{i}.attn_q_norm.weight", optional=qk),
+                                    k_norm=HeadNorm.rms_norm(self, w, f"blk.{i}.attn_k_norm.weight", optional=qk)),
+                post_attn_norm=Norm.rms_norm(self, w, f"blk.{i}.post_attention_norm", optional=post),
+                ffn_norm=Norm.rms_norm(self, w, f"blk.{i}.ffn_norm"),
+                ffn=GatedFFN.load(self, w, i, n_ff, "gelu"),
+                post_ffn_norm=Norm.rms_norm(self, w, f"blk.{i}.post_ffw_norm", optional=post),
             ))
 
     def local_layers(self, p: Params, period: int) -> list[bool]:
@@ -111,46 +104,21 @@ class Gemma(Model):
             pattern = p.int(key, period, lo=0)
         return local_layers(self.n_layer, pattern)
 
-    def new_cache(self, n_ctx: int) -> KVCache:
-        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
-
-    def _head_norm(self, x: Any, w: Any) -> Any:
-        """RMSNorm over each head of x (tokens, heads, head_dim)."""
-        T, H, D = x.shape
-        return self.ops.rms_norm(x.reshape(T * H, D), w, self.eps).reshape(T, H, D)
-
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        ops, eps = self.ops, self.eps
-        x = ops.embed(self.tok_embd, ids) * self.embed_scale
-        for i, L in enumerate(self.layers):
-            # (one method per half-layer: its temporaries are freed before the next starts)
-            x = x + self.post_norm(self.attention(ops.rms_norm(x, L["attn_norm"], eps), L, i, positions, cache),
-                                   L["post_attn_norm"])
-            x = x + self.post_norm(self.feed_forward(ops.rms_norm(x, L["ffn_norm"], eps), L), L["post_ffw_norm"])
-        return ops.rms_norm(x, self.out_norm, eps)
-
-    def attention(self, n: Any, L: dict[str, Any], i: int, positions: np.ndarray, cache: KVCache) -> Any:
-        ops, T, hd = self.ops, len(positions), self.head_dim
-        q, k, v = ops.linear_many(n, L["wqkv"])
-        q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
-                   v.reshape(T, self.n_kv_head, hd))
-        if L["q_norm"] is not None:  # each is optional alone (before Gemma 3), as in llama.cpp
-            q = self._head_norm(q, L["q_norm"])
-        if L["k_norm"] is not None:
-            k = self._head_norm(k, L["k_norm"])
-        q, k = ops.rope(q, positions, L["rope"]), ops.rope(k, positions, L["rope"])
-        return ops.linear(ops.attention(q, k, v, cache, i, L["attn"]), L["wo"])
-
-    def feed_forward(self, m: Any, L: dict[str, Any]) -> Any:
-        return self.ops.linear(self.ops.glu(m, L["w_gate_up"], "gelu"), L["w_down"])
-
-    def post_norm(self, y: Any, w: Any) -> Any:
-        """Gemma 2/3 normalize each sublayer's output too (absent in Gemma 1)."""
-        return y if w is None else self.ops.rms_norm(y, w, self.eps)
+        x = self.ops.embed(self.tok_embd, ids) * self.embed_scale
+        for L in self.layers:
+            x = x + post_norm(L.post_attn_norm, L.attn(L.attn_norm(x), positions, cache))
+            x = x + post_norm(L.post_ffn_norm, L.ffn(L.ffn_norm(x)))
+        return self.out_norm(x)
 
     def head(self, h: Any) -> Any:
         logits = self.ops.linear(h, self.output)
         return self.ops.softcap(logits, self.final_softcap) if self.final_softcap else logits
+
+
+def post_norm(norm: Norm | None, y: Any) -> Any:
+    """P_a, P_f: Gemma 2/3 normalize each sublayer's output too (Gemma 1 does not)."""
+    return y if norm is None else norm(y)
 
 
 class Gemma2(Gemma):

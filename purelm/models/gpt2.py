@@ -11,7 +11,8 @@ q|k|v clamped to ±clamp_kqv (MPT), missing biases (MPT), and the parallel resid
 
     out = x + Attention(LN₁(x)) + FFN(LN₂(x))
 
-GELU is the tanh approximation (ggml's, and GPT-2's `gelu_new`).
+GELU is the tanh approximation (GPT-2's `gelu_new`, BLOOM's and GPT-J's too); GPT-NeoX and MPT use the
+exact (erf) form their checkpoints were trained with.
 """
 from __future__ import annotations
 
@@ -20,45 +21,39 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import AttentionSpec, Backend, KVCache, Rope
-from ..convert import ConvertSpec
+from ..convert_spec import ConvertSpec
 from ..errors import ContextOverflowError, FormatError
 from ..formats.gguf import GGUFFile
-from .blocks import alibi_slopes
 from .common import Model, Params, Weights
+from .layers import Attention, Block, MLP, Norm, alibi_slopes, output_head
 
 
 class GPT2(Model):
     parallel_residual = False  # GPT-NeoX (when the file says so) and GPT-J
+    act = "gelu"  # the MLP's activation: tanh GELU (GPT-2's gelu_new)
 
     def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
         super().__init__(gguf, backend)
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=False)
-        dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
-        self.ffn = p.int("feed_forward_length")
-        self.q_dim, self.kv_dim = self.n_head * hd, self.n_kv_head * hd
+        self.n_ff = p.int("feed_forward_length")
         for name in gguf.tensors:  # variants llama.cpp runs and purelm does not (yet)
             if name.startswith("blk.0.") and name.endswith(("attn_q_norm.weight", ".scales")):
                 raise FormatError(gguf.path, f"tensor {name!r}", "(q/k LayerNorm or MPT activation scales) "
                                   "is not supported")
-
-        self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
-        pos = gguf.tensors.get("position_embd.weight")
-        self.n_pos = pos.shape[0] if pos is not None else None
-        self.pos_embd = w.matrix("position_embd.weight", (self.n_pos, dim)) if pos is not None else None
-        self.embd_norm = self.norm(w, "token_embd_norm", optional=True)
-        self.out_norm = self.norm(w, "output_norm")
-        self.output = w.matrix("output.weight", (n_vocab, dim), optional=True)
-        if self.output is None:  # tied embeddings
-            self.output = self.tok_embd
-        self.output_b = w.vector("output.bias", n_vocab, optional=True)
-
-        self.rope = self.rope_spec(p)
         max_bias = self.alibi_max_bias(p)
         slopes = alibi_slopes(self.n_head, max_bias) if max_bias else None
-        self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd), alibi_slopes=slopes)
-        self.clamp_kqv = self.clamp(p)
-        self.layers = [self.layer(w, f"blk.{i}.") for i in range(self.n_layer)]
+        spec = AttentionSpec(scale=1.0 / np.sqrt(self.head_dim), alibi_slopes=slopes)
+        rope, clamp = self.rope_spec(p), self.clamp(p)
+
+        self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
+        pos = gguf.tensors.get("position_embd.weight")
+        self.n_pos = pos.shape[0] if pos is not None else None
+        self.pos_embd = w.matrix("position_embd.weight", (self.n_pos, self.dim)) if pos is not None else None
+        self.embd_norm = Norm.layer_norm(self, w, "token_embd_norm", bias="optional", optional=True)
+        self.out_norm = Norm.layer_norm(self, w, "output_norm", bias="optional")
+        self.output, self.output_b = output_head(self, w, bias="optional")
+        self.layers = [self.layer(w, i, spec, rope, clamp) for i in range(self.n_layer)]
 
     # -- what the subclasses vary
     def rope_spec(self, p: Params) -> Rope | None:
@@ -70,66 +65,33 @@ class GPT2(Model):
     def clamp(self, p: Params) -> float | None:
         return None
 
-    def layer(self, w: Weights, b: str) -> dict[str, Any]:
-        dim, ffn = self.dim, self.ffn
-        qkv = self.q_dim + 2 * self.kv_dim
-        return dict(
-            attn_norm=self.norm(w, b + "attn_norm"),
-            wqkv=w.matrix(b + "attn_qkv.weight", (qkv, dim)), bqkv=w.vector(b + "attn_qkv.bias", qkv, optional=True),
-            wo=w.matrix(b + "attn_output.weight", (dim, self.q_dim)),
-            bo=w.vector(b + "attn_output.bias", dim, optional=True),
-            ffn_norm=self.norm(w, b + "ffn_norm"),
-            up=w.matrix(b + "ffn_up.weight", (ffn, dim)), bup=w.vector(b + "ffn_up.bias", ffn, optional=True),
-            down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
-            bdown=w.vector(b + "ffn_down.bias", dim, optional=True),
+    def layer(self, w: Weights, i: int, spec: AttentionSpec, rope: Rope | None, clamp: float | None) -> Block:
+        return Block(
+            attn_norm=Norm.layer_norm(self, w, f"blk.{i}.attn_norm", bias="optional"),
+            attn=Attention.load(self, w, i, rope, spec, fused=True, out_bias="optional", clamp=clamp),
+            ffn_norm=Norm.layer_norm(self, w, f"blk.{i}.ffn_norm", bias="optional"),
+            ffn=MLP.load(self, w, i, self.n_ff, self.act),
         )
 
-    def qkv(self, n: Any, L: dict[str, Any]) -> tuple[Any, Any, Any]:
-        qkv = self.ops.linear(n, L["wqkv"], L["bqkv"])
-        if self.clamp_kqv:
-            qkv = self.ops.clamp(qkv, -self.clamp_kqv, self.clamp_kqv)
-        q, kv = self.q_dim, self.q_dim + self.kv_dim
-        return qkv[:, :q], qkv[:, q:kv], qkv[:, kv:]
-
     # -- the forward pass
-    def norm(self, w: Weights, name: str, optional: bool = False) -> tuple[Any, Any] | None:
-        weight = w.vector(name + ".weight", self.dim, optional)
-        return None if weight is None else (weight, w.vector(name + ".bias", self.dim, optional=True))
-
-    def ln(self, x: Any, norm: tuple[Any, Any]) -> Any:
-        return self.ops.layer_norm(x, norm[0], norm[1], self.eps)
-
-    def new_cache(self, n_ctx: int) -> KVCache:
-        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
-
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        ops, T, hd = self.ops, len(ids), self.head_dim
-        x = ops.embed(self.tok_embd, ids)
+        x = self.ops.embed(self.tok_embd, ids)
         if self.pos_embd is not None:
-            if positions[-1] >= self.n_pos:
-                raise ContextOverflowError(f"position {positions[-1]} is past the model's {self.n_pos} learned "
-                                           "position embeddings")
-            x = x + ops.embed(self.pos_embd, positions)
+            if np.max(positions) >= self.n_pos:
+                raise ContextOverflowError(f"position {np.max(positions)} is past the model's {self.n_pos} "
+                                           "learned position embeddings")
+            x = x + self.ops.embed(self.pos_embd, positions)
         if self.embd_norm is not None:
-            x = self.ln(x, self.embd_norm)
-        for i, L in enumerate(self.layers):
-            n = self.ln(x, L["attn_norm"])
-            q, k, v = self.qkv(n, L)
-            q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
-                       v.reshape(T, self.n_kv_head, hd))
-            if self.rope is not None:
-                q, k = ops.rope(q, positions, self.rope), ops.rope(k, positions, self.rope)
-            a = ops.linear(ops.attention(q, k, v, cache, i, self.attn), L["wo"], L["bo"])
+            x = self.embd_norm(x)
+        for L in self.layers:
+            n = L.attn_norm(x)
             if self.parallel_residual:
-                m = n if L["ffn_norm"] is None else self.ln(x, L["ffn_norm"])  # GPT-J shares LN₁
-                x = x + a + self.mlp(m, L)
+                m = n if L.ffn_norm is None else L.ffn_norm(x)  # GPT-J shares LN₁
+                x = x + L.attn(n, positions, cache) + L.ffn(m)
             else:
-                x = x + a
-                x = x + self.mlp(self.ln(x, L["ffn_norm"]), L)
-        return self.ln(x, self.out_norm)
-
-    def mlp(self, m: Any, L: dict[str, Any]) -> Any:
-        return self.ops.linear(self.ops.gelu(self.ops.linear(m, L["up"], L["bup"])), L["down"], L["bdown"])
+                x = x + L.attn(n, positions, cache)
+                x = x + L.ffn(L.ffn_norm(x))
+        return self.out_norm(x)
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)

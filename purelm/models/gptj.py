@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..backends.base import Rope
-from ..convert import ConvertSpec
+from ..backends.base import AttentionSpec, Rope
+from ..convert_spec import ConvertSpec
 from .common import Params, Weights
 from .gpt2 import GPT2
+from .layers import Attention, Block, MLP, Norm
 
 
 class GPTJ(GPT2):
@@ -25,21 +26,12 @@ class GPTJ(GPT2):
     def rope_spec(self, p: Params) -> Rope:
         return self.read_rope(p, neox=False, scaling=False)
 
-    def layer(self, w: Weights, b: str) -> dict[str, Any]:
-        dim, ffn, q, kv = self.dim, self.ffn, self.q_dim, self.kv_dim
-        return dict(
-            attn_norm=self.norm(w, b + "attn_norm"),
-            wqkv=w.matrices([(b + "attn_q.weight", (q, dim)), (b + "attn_k.weight", (kv, dim)),
-                             (b + "attn_v.weight", (kv, dim))]),
-            wo=w.matrix(b + "attn_output.weight", (dim, q)), bo=None,
-            ffn_norm=None,  # the feed-forward reads attn_norm's output
-            up=w.matrix(b + "ffn_up.weight", (ffn, dim)), bup=w.vector(b + "ffn_up.bias", ffn, optional=True),
-            down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
-            bdown=w.vector(b + "ffn_down.bias", dim, optional=True),
+    def layer(self, w: Weights, i: int, spec: AttentionSpec, rope: Rope | None, clamp: float | None) -> Block:
+        return Block(  # no ffn_norm: the feed-forward reads attn_norm's output
+            attn_norm=Norm.layer_norm(self, w, f"blk.{i}.attn_norm", bias="optional"),
+            attn=Attention.load(self, w, i, rope, spec, bias="none"),
+            ffn=MLP.load(self, w, i, self.n_ff, self.act),
         )
-
-    def qkv(self, n: Any, L: dict[str, Any]) -> tuple[Any, Any, Any]:
-        return tuple(self.ops.linear_many(n, L["wqkv"]))
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)

@@ -6,21 +6,22 @@ x[i + n/2]), and usually a parallel residual (`gptneox.use_parallel_residual`):
     out   = x + a + FFN(LN₂(x))                 (parallel)
     out   = h + FFN(LN₂(h)),  h = x + a         (sequential)
 
-FFN(m) = Wdown · gelu(Wup · m + bup) + bdown with ggml's tanh GELU, as llama.cpp computes it; Pythia's
-checkpoints say `hidden_act: gelu` (exact erf), which differs from it by < 1e-3 per activation.
+FFN(m) = Wdown · gelu(Wup · m + bup) + bdown with the exact (erf) GELU of Pythia's checkpoints
+(`hidden_act: gelu`); llama.cpp uses the tanh approximation (< 1e-3 away per activation).
 """
 from __future__ import annotations
 
 from typing import Any
 
 from ..backends.base import Rope
-from ..convert import ConvertSpec
-from .blocks import qkv_blocks
+from ..convert_spec import ConvertSpec, qkv_blocks
 from .common import Params
 from .gpt2 import GPT2
 
 
 class GPTNeoX(GPT2):
+    act = "gelu_erf"
+
     def __init__(self, gguf, backend) -> None:
         self.parallel_residual = Params(gguf).bool("use_parallel_residual", True)
         super().__init__(gguf, backend)

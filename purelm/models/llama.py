@@ -11,71 +11,40 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import AttentionSpec, Backend, KVCache
-from ..convert import ConvertSpec, permute_qk
+from ..convert_spec import ConvertSpec, hf_rope_parameters, permute_qk
 from ..formats.gguf import GGUFFile
-from .blocks import add_bias, hf_rope_parameters
 from .common import Model, Params, Weights
+from .layers import Attention, Block, GatedFFN, Norm, output_head
 
 
 class Llama(Model):
+    rope_neox = False  # GGUF stores LLaMA q/k permuted for adjacent-pair rotation
+
     def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
         super().__init__(gguf, backend)
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=True)
-        dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
-        ffn = p.int("feed_forward_length")
-        self.rope = self.read_rope(p, neox=self.rope_neox, freq_factors="rope_freqs.weight")
+        n_ff = p.int("feed_forward_length")
+        rope = self.read_rope(p, neox=self.rope_neox, freq_factors="rope_freqs.weight")
         window = p.int("attention.sliding_window", None, lo=0) or None
-        self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd), window=window)
+        spec = AttentionSpec(scale=1.0 / np.sqrt(self.head_dim), window=window)
 
-        self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
-        self.out_norm = w.vector("output_norm.weight", dim)
-        # Tied embeddings: no output.weight, the head reuses token_embd.
-        self.output = w.matrix("output.weight", (n_vocab, dim), optional=True)
-        if self.output is None:
-            self.output = self.tok_embd
-        q_dim, kv_dim = self.n_head * hd, self.n_kv_head * hd
-        self.layers = []
-        for i in range(self.n_layer):
-            b = f"blk.{i}."
-            self.layers.append(dict(
-                attn_norm=w.vector(b + "attn_norm.weight", dim),
-                wqkv=w.matrices([(b + "attn_q.weight", (q_dim, dim)), (b + "attn_k.weight", (kv_dim, dim)),
-                                 (b + "attn_v.weight", (kv_dim, dim))]),
-                bq=w.vector(b + "attn_q.bias", q_dim, optional=True),
-                bk=w.vector(b + "attn_k.bias", kv_dim, optional=True),
-                bv=w.vector(b + "attn_v.bias", kv_dim, optional=True),
-                wo=w.matrix(b + "attn_output.weight", (dim, q_dim)),
-                ffn_norm=w.vector(b + "ffn_norm.weight", dim),
-                w_gate_up=w.matrices([(b + "ffn_gate.weight", (ffn, dim)), (b + "ffn_up.weight", (ffn, dim))]),
-                w_down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
-            ))
-
-    rope_neox = False  # GGUF stores LLaMA q/k permuted for adjacent-pair rotation
-
-    def new_cache(self, n_ctx: int) -> KVCache:
-        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
+        self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
+        self.out_norm = Norm.rms_norm(self, w, "output_norm")
+        self.output, self.output_b = output_head(self, w)
+        self.layers = [Block(
+            attn_norm=Norm.rms_norm(self, w, f"blk.{i}.attn_norm"),
+            attn=Attention.load(self, w, i, rope, spec),  # q/k/v biases: Qwen2's
+            ffn_norm=Norm.rms_norm(self, w, f"blk.{i}.ffn_norm"),
+            ffn=GatedFFN.load(self, w, i, n_ff, "silu"),
+        ) for i in range(self.n_layer)]
 
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        ops = self.ops
-        x = ops.embed(self.tok_embd, ids)
-        for i, L in enumerate(self.layers):
-            # (one method per half-layer: its temporaries are freed before the next starts)
-            x = x + self.attention(ops.rms_norm(x, L["attn_norm"], self.eps), L, i, positions, cache)
-            x = x + self.feed_forward(ops.rms_norm(x, L["ffn_norm"], self.eps), L)
-        return ops.rms_norm(x, self.out_norm, self.eps)
-
-    def attention(self, n: Any, L: dict[str, Any], i: int, positions: np.ndarray, cache: KVCache) -> Any:
-        ops, T, hd = self.ops, len(positions), self.head_dim
-        q, k, v = ops.linear_many(n, L["wqkv"])
-        q, k, v = add_bias(q, L["bq"]), add_bias(k, L["bk"]), add_bias(v, L["bv"])  # each bias is optional alone
-        q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
-                   v.reshape(T, self.n_kv_head, hd))
-        q, k = ops.rope(q, positions, self.rope), ops.rope(k, positions, self.rope)
-        return ops.linear(ops.attention(q, k, v, cache, i, self.attn), L["wo"])
-
-    def feed_forward(self, m: Any, L: dict[str, Any]) -> Any:
-        return self.ops.linear(self.ops.glu(m, L["w_gate_up"], "silu"), L["w_down"])
+        x = self.ops.embed(self.tok_embd, ids)
+        for L in self.layers:
+            x = x + L.attn(L.attn_norm(x), positions, cache)
+            x = x + L.ffn(L.ffn_norm(x))
+        return self.out_norm(x)
 
 
 class Qwen2(Llama):

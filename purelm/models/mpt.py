@@ -5,20 +5,22 @@ instead of position embeddings, and q|k|v optionally clamped:
     h     = x + Wo · softmax(q·kᵀ/√d + m_h · j) v,   j = key position
     out   = h + Wdown · gelu(Wup · LN₂(h))
 
-The ALiBi slopes m_h use `mpt.attention.max_alibi_bias` (MPT's alibi_bias_max, usually 8). GELU is ggml's
-tanh approximation, as in llama.cpp; transformers' MptMLP uses the exact erf GELU (see
-tests/test_arch_classic.py for the size of that difference).
+The ALiBi slopes m_h use `mpt.attention.max_alibi_bias` (MPT's alibi_bias_max, usually 8). GELU is the
+exact (erf) form, as MPT was trained and transformers' MptMLP computes it; llama.cpp uses the tanh
+approximation.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from ..convert import ConvertSpec
+from ..convert_spec import ConvertSpec
 from .common import Params
 from .gpt2 import GPT2
 
 
 class MPT(GPT2):
+    act = "gelu_erf"
+
     def alibi_max_bias(self, p: Params) -> float:
         return p.float("attention.max_alibi_bias", lo=0.0)
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import AttentionSpec, Backend, KVCache
-from ..convert import ConvertSpec
+from ..backends.base import Backend, KVCache
+from ..convert_spec import ConvertSpec, hf_rope_parameters
 from ..errors import PurelmError
 from ..formats.gguf import GGUFFile
-from .blocks import hf_rope_parameters
 from .common import Model, Params, Weights
+from .layers import Attention, Block, MLP, Norm, output_head
 
 
 class Phi2(Model):
@@ -29,62 +29,25 @@ class Phi2(Model):
         super().__init__(gguf, backend)
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=False)
-        dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
-        ffn = p.int("feed_forward_length")
-        self.rope = self.read_rope(p, neox=True, scaling=False)
-        self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd))
+        n_ff = p.int("feed_forward_length")
+        rope = self.read_rope(p, neox=True, scaling=False)
 
-        self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
-        self.out_norm = (w.vector("output_norm.weight", dim), w.vector("output_norm.bias", dim))
-        self.output = w.matrix("output.weight", (n_vocab, dim))
-        self.output_b = w.vector("output.bias", n_vocab)
-        self.q_dim, self.kv_dim = q_dim, kv_dim = self.n_head * hd, self.n_kv_head * hd
-        self.fused = "blk.0.attn_qkv.weight" in gguf.tensors
-        self.layers = []
-        for i in range(self.n_layer):
-            b = f"blk.{i}."
-            if self.fused:
-                qkv = dict(wqkv=w.matrix(b + "attn_qkv.weight", (q_dim + 2 * kv_dim, dim)),
-                           bqkv=w.vector(b + "attn_qkv.bias", q_dim + 2 * kv_dim))
-            else:
-                qkv = dict(wqkv=w.matrices([(b + "attn_q.weight", (q_dim, dim)), (b + "attn_k.weight", (kv_dim, dim)),
-                                            (b + "attn_v.weight", (kv_dim, dim))]),
-                           bq=w.vector(b + "attn_q.bias", q_dim), bk=w.vector(b + "attn_k.bias", kv_dim),
-                           bv=w.vector(b + "attn_v.bias", kv_dim))
-            self.layers.append(dict(
-                qkv,
-                attn_norm=(w.vector(b + "attn_norm.weight", dim), w.vector(b + "attn_norm.bias", dim)),
-                wo=w.matrix(b + "attn_output.weight", (dim, q_dim)),
-                bo=w.vector(b + "attn_output.bias", dim),
-                w_up=w.matrix(b + "ffn_up.weight", (ffn, dim)),
-                b_up=w.vector(b + "ffn_up.bias", ffn),
-                w_down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
-                b_down=w.vector(b + "ffn_down.bias", dim),
-            ))
-
-    def new_cache(self, n_ctx: int) -> KVCache:
-        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
-
-    def qkv(self, n: Any, L: dict) -> tuple[Any, Any, Any]:
-        if self.fused:
-            qkv, qd, kvd = self.ops.linear(n, L["wqkv"], L["bqkv"]), self.q_dim, self.kv_dim
-            return qkv[:, :qd], qkv[:, qd : qd + kvd], qkv[:, qd + kvd :]
-        q, k, v = self.ops.linear_many(n, L["wqkv"])
-        return q + L["bq"], k + L["bk"], v + L["bv"]
+        self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
+        self.out_norm = Norm.layer_norm(self, w, "output_norm")
+        self.output, self.output_b = output_head(self, w, tied=False, bias="required")
+        fused = "blk.0.attn_qkv.weight" in gguf.tensors  # older files
+        self.layers = [Block(
+            attn_norm=Norm.layer_norm(self, w, f"blk.{i}.attn_norm"),
+            attn=Attention.load(self, w, i, rope, fused=fused, bias="required", out_bias="required"),
+            ffn=MLP.load(self, w, i, n_ff, "gelu", bias="required"),
+        ) for i in range(self.n_layer)]
 
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        ops, T, hd = self.ops, len(ids), self.head_dim
-        x = ops.embed(self.tok_embd, ids)
-        for i, L in enumerate(self.layers):
-            n = ops.layer_norm(x, *L["attn_norm"], self.eps)
-            q, k, v = self.qkv(n, L)
-            q, k = q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd)
-            q, k = ops.rope(q, positions, self.rope), ops.rope(k, positions, self.rope)
-            attn = ops.linear(ops.attention(q, k, v.reshape(T, self.n_kv_head, hd), cache, i, self.attn),
-                              L["wo"], L["bo"])
-            ffn = ops.linear(ops.gelu(ops.linear(n, L["w_up"], L["b_up"])), L["w_down"], L["b_down"])
-            x = x + attn + ffn
-        return ops.layer_norm(x, *self.out_norm, self.eps)
+        x = self.ops.embed(self.tok_embd, ids)
+        for L in self.layers:
+            n = L.attn_norm(x)
+            x = x + L.attn(n, positions, cache) + L.ffn(n)
+        return self.out_norm(x)
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import AttentionSpec, Backend, KVCache, Rope
-from ..convert import ConvertSpec
+from ..backends.base import AttentionSpec, Backend, KVCache
+from ..convert_spec import ConvertSpec, hf_rope_parameters
 from ..errors import PurelmError
 from ..formats.gguf import GGUFFile
-from .blocks import hf_rope_parameters
 from .common import Model, Params, Weights
+from .layers import Attention, Block, GatedFFN, Norm, output_head
 
 
 class Phi3(Model):
@@ -35,9 +35,8 @@ class Phi3(Model):
         super().__init__(gguf, backend)
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=True, n_ctx_default=4096)
-        dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
         self.n_ctx_orig = p.int("rope.scaling.original_context_length", self.n_ctx_train)
-        self.ffn = ffn = p.int("feed_forward_length")
+        n_ff = p.int("feed_forward_length")
 
         attn_factor = p.float("rope.scaling.attn_factor", 1.0, lo=0.0, above=True)
         self.rope_short = self.read_rope(p, neox=True, scaling=False, freq_factors="rope_factors_short.weight",
@@ -45,55 +44,26 @@ class Phi3(Model):
         self.rope_long = self.read_rope(p, neox=True, scaling=False, freq_factors="rope_factors_long.weight",
                                         attn_factor=attn_factor)
         window = p.int("attention.sliding_window", 0, lo=0)
-        self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd), window=window or None)
+        spec = AttentionSpec(scale=1.0 / np.sqrt(self.head_dim), window=window or None)
 
-        self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
-        self.out_norm = w.vector("output_norm.weight", dim)
-        self.output = w.matrix("output.weight", (n_vocab, dim), optional=True)
-        if self.output is None:  # tied embeddings (Phi-4-mini)
-            self.output = self.tok_embd
-        self.q_dim, self.kv_dim = q_dim, kv_dim = self.n_head * hd, self.n_kv_head * hd
-        self.fused = "blk.0.attn_qkv.weight" in gguf.tensors
-        self.layers = []
-        for i in range(self.n_layer):
-            b = f"blk.{i}."
-            if self.fused:
-                qkv = dict(wqkv=w.matrix(b + "attn_qkv.weight", (q_dim + 2 * kv_dim, dim)))
-            else:
-                qkv = dict(wqkv=w.matrices([(b + "attn_q.weight", (q_dim, dim)), (b + "attn_k.weight", (kv_dim, dim)),
-                                            (b + "attn_v.weight", (kv_dim, dim))]))
-            self.layers.append(dict(
-                qkv,
-                attn_norm=w.vector(b + "attn_norm.weight", dim),
-                wo=w.matrix(b + "attn_output.weight", (dim, q_dim)),
-                ffn_norm=w.vector(b + "ffn_norm.weight", dim),
-                w_gate_up=w.matrix(b + "ffn_up.weight", (2 * ffn, dim)),
-                w_down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
-            ))
-
-    def new_cache(self, n_ctx: int) -> KVCache:
-        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
-
-    def qkv(self, n: Any, L: dict) -> tuple[Any, Any, Any]:
-        if self.fused:
-            qkv, qd, kvd = self.ops.linear(n, L["wqkv"]), self.q_dim, self.kv_dim
-            return qkv[:, :qd], qkv[:, qd : qd + kvd], qkv[:, qd + kvd :]
-        return tuple(self.ops.linear_many(n, L["wqkv"]))
+        self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
+        self.out_norm = Norm.rms_norm(self, w, "output_norm")
+        self.output, self.output_b = output_head(self, w)  # tied in Phi-4-mini
+        fused = "blk.0.attn_qkv.weight" in gguf.tensors  # some files split q|k|v
+        self.layers = [Block(
+            attn_norm=Norm.rms_norm(self, w, f"blk.{i}.attn_norm"),
+            attn=Attention.load(self, w, i, spec=spec, fused=fused, bias="none"),
+            ffn_norm=Norm.rms_norm(self, w, f"blk.{i}.ffn_norm"),
+            ffn=GatedFFN.load(self, w, i, n_ff, "silu", fused=True),
+        ) for i in range(self.n_layer)]
 
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        ops, T, hd, ffn = self.ops, len(ids), self.head_dim, self.ffn
         rope = self.rope_long if cache.n_ctx > self.n_ctx_orig else self.rope_short
-        x = ops.embed(self.tok_embd, ids)
-        for i, L in enumerate(self.layers):
-            q, k, v = self.qkv(ops.rms_norm(x, L["attn_norm"], self.eps), L)
-            q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
-                       v.reshape(T, self.n_kv_head, hd))
-            q, k = ops.rope(q, positions, rope), ops.rope(k, positions, rope)
-            x = x + ops.linear(ops.attention(q, k, v, cache, i, self.attn), L["wo"])
-
-            gate_up = ops.linear(ops.rms_norm(x, L["ffn_norm"], self.eps), L["w_gate_up"])
-            x = x + ops.linear(ops.swiglu(gate_up[:, :ffn], gate_up[:, ffn:]), L["w_down"])
-        return ops.rms_norm(x, self.out_norm, self.eps)
+        x = self.ops.embed(self.tok_embd, ids)
+        for L in self.layers:
+            x = x + L.attn(L.attn_norm(x), positions, cache, rope)
+            x = x + L.ffn(L.ffn_norm(x))
+        return self.out_norm(x)
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)

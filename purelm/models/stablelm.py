@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import AttentionSpec, Backend, KVCache
-from ..convert import ConvertSpec
+from ..backends.base import Backend, KVCache
+from ..convert_spec import ConvertSpec, hf_rope_parameters
 from ..formats.gguf import GGUFFile
-from .blocks import add_bias, hf_rope_parameters
 from .common import Model, Params, Weights
+from .layers import Attention, Block, GatedFFN, HeadNorm, Norm, output_head
 
 
 class StableLM(Model):
@@ -27,66 +27,32 @@ class StableLM(Model):
         super().__init__(gguf, backend)
         p, w = Params(gguf), Weights(gguf, backend)
         self.read_sizes(p, rms_norm=False, n_ctx_default=4096)
-        dim, hd, n_vocab = self.dim, self.head_dim, self.n_vocab
-        ffn = p.int("feed_forward_length")
-        self.rope = self.read_rope(p, neox=True, scaling=False)
-        self.attn = AttentionSpec(scale=1.0 / np.sqrt(hd))
+        n_ff = p.int("feed_forward_length")
+        rope = self.read_rope(p, neox=True, scaling=False)
 
-        self.tok_embd = w.matrix("token_embd.weight", (n_vocab, dim))
-        self.out_norm = (w.vector("output_norm.weight", dim), w.vector("output_norm.bias", dim))
-        self.output = w.matrix("output.weight", (n_vocab, dim))
-        q_dim, kv_dim = self.n_head * hd, self.n_kv_head * hd
-        self.layers = []
-        for i in range(self.n_layer):
-            b = f"blk.{i}."
-            ffn_norm = w.vector(b + "ffn_norm.weight", dim, optional=True)
-            self.layers.append(dict(
-                attn_norm=(w.vector(b + "attn_norm.weight", dim), w.vector(b + "attn_norm.bias", dim)),
-                wqkv=w.matrices([(b + "attn_q.weight", (q_dim, dim)), (b + "attn_k.weight", (kv_dim, dim)),
-                                 (b + "attn_v.weight", (kv_dim, dim))]),
-                bq=w.vector(b + "attn_q.bias", q_dim, optional=True),
-                bk=w.vector(b + "attn_k.bias", kv_dim, optional=True),
-                bv=w.vector(b + "attn_v.bias", kv_dim, optional=True),
-                q_norm=self.head_norm(w, b + "attn_q_norm.weight", self.n_head),
-                k_norm=self.head_norm(w, b + "attn_k_norm.weight", self.n_kv_head),
-                wo=w.matrix(b + "attn_output.weight", (dim, q_dim)),
-                ffn_norm=None if ffn_norm is None else (ffn_norm, w.vector(b + "ffn_norm.bias", dim)),
-                w_gate_up=w.matrices([(b + "ffn_gate.weight", (ffn, dim)), (b + "ffn_up.weight", (ffn, dim))]),
-                w_down=w.matrix(b + "ffn_down.weight", (dim, ffn)),
-            ))
-
-    def head_norm(self, w: Weights, name: str, n_head: int) -> Any:
-        t = w.tensor(name, (n_head, self.head_dim), optional=True)
-        return None if t is None else self.ops.vector(t).reshape(n_head, self.head_dim)
-
-    def norm_heads(self, x: Any, weight: Any) -> Any:
-        """LayerNorm of each head (T, heads, head_dim) over head_dim, scaled by per-head weights."""
-        T, n, hd = x.shape
-        return self.ops.layer_norm(x.reshape(T * n, hd), None, None, self.eps).reshape(T, n, hd) * weight
-
-    def new_cache(self, n_ctx: int) -> KVCache:
-        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
+        self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
+        self.out_norm = Norm.layer_norm(self, w, "output_norm")
+        self.output, self.output_b = output_head(self, w, tied=False)
+        self.layers = [Block(
+            attn_norm=Norm.layer_norm(self, w, f"blk.{i}.attn_norm"),
+            attn=Attention.load(
+                self, w, i, rope,  # each q/k norm is optional alone, as in llama.cpp
+                q_norm=HeadNorm.layer_norm_per_head(self, w, f"blk.{i}.attn_q_norm.weight", self.n_head),
+                k_norm=HeadNorm.layer_norm_per_head(self, w, f"blk.{i}.attn_k_norm.weight", self.n_kv_head)),
+            ffn_norm=Norm.layer_norm(self, w, f"blk.{i}.ffn_norm", optional=True),
+            ffn=GatedFFN.load(self, w, i, n_ff, "silu"),
+        ) for i in range(self.n_layer)]
 
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        ops, T, hd = self.ops, len(ids), self.head_dim
-        x = ops.embed(self.tok_embd, ids)
-        for i, L in enumerate(self.layers):
-            n = ops.layer_norm(x, *L["attn_norm"], self.eps)
-            q, k, v = ops.linear_many(n, L["wqkv"])
-            q, k, v = add_bias(q, L["bq"]), add_bias(k, L["bk"]), add_bias(v, L["bv"])  # each bias is optional alone
-            q, k, v = (q.reshape(T, self.n_head, hd), k.reshape(T, self.n_kv_head, hd),
-                       v.reshape(T, self.n_kv_head, hd))
-            if L["q_norm"] is not None:  # each is optional alone, as in llama.cpp
-                q = self.norm_heads(q, L["q_norm"])
-            if L["k_norm"] is not None:
-                k = self.norm_heads(k, L["k_norm"])
-            q, k = ops.rope(q, positions, self.rope), ops.rope(k, positions, self.rope)
-            h = x + ops.linear(ops.attention(q, k, v, cache, i, self.attn), L["wo"])
-
-            m = n if L["ffn_norm"] is None else ops.layer_norm(h, *L["ffn_norm"], self.eps)
-            gate, up = ops.linear_many(m, L["w_gate_up"])
-            x = h + ops.linear(ops.swiglu(gate, up), L["w_down"])
-        return ops.layer_norm(x, *self.out_norm, self.eps)
+        x = self.ops.embed(self.tok_embd, ids)
+        for L in self.layers:
+            n = L.attn_norm(x)
+            if L.ffn_norm is None:  # parallel residual
+                x = x + L.attn(n, positions, cache) + L.ffn(n)
+            else:
+                h = x + L.attn(n, positions, cache)
+                x = h + L.ffn(L.ffn_norm(h))
+        return self.out_norm(x)
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)

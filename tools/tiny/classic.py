@@ -1,11 +1,8 @@
 """Tiny random GPT-2, GPT-J, GPT-NeoX, BLOOM and MPT models for the fixtures: name -> factory(vocab).
 
-GELU: llama.cpp computes all these feed-forwards with ggml's tanh-approximated GELU. GPT-2, GPT-J and
-BLOOM use that form in transformers too and GPT-NeoX is configured with `gelu_new` (the tanh form), but
-transformers' MptMLP hard-codes the exact erf GELU: the MPT fixture switches it to the tanh form (for
-every MptMLP built in this process, so also reference_from_gguf_weights's reload), so that the references
-test everything else exactly; tests/test_arch_classic.py measures the erf/tanh difference separately."""
-import torch
+GELU as the real checkpoints have it: the tanh form for GPT-2 and GPT-J (`gelu_new`) and BLOOM, the exact
+(erf) form for GPT-NeoX (Pythia's `gelu`) and MPT (transformers' MptMLP hard-codes it); purelm follows
+each architecture (llama.cpp uses the tanh form for all)."""
 import transformers
 
 COMMON = dict(bos_token_id=0, eos_token_id=0)
@@ -26,7 +23,7 @@ def _gptj(vocab):  # rotary on 8 of the 16 features of each head
 def _gptneox(vocab, parallel=True, rotary_pct=0.5):
     return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
         vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-        hidden_act="gelu_new", rotary_pct=rotary_pct, rotary_emb_base=10000, max_position_embeddings=256,
+        hidden_act="gelu", rotary_pct=rotary_pct, rotary_emb_base=10000, max_position_embeddings=256,
         layer_norm_eps=1e-5, use_parallel_residual=parallel, tie_word_embeddings=False, **COMMON))
 
 
@@ -35,21 +32,7 @@ def _bloom(vocab):
         vocab_size=vocab, hidden_size=64, n_layer=2, n_head=4, layer_norm_epsilon=1e-5, **COMMON))
 
 
-def _tanh_gelu_mpt() -> None:
-    mlp = transformers.models.mpt.modeling_mpt.MptMLP
-    if getattr(mlp, "tanh_gelu", False):
-        return
-    init = mlp.__init__
-
-    def tanh_init(self, config):
-        init(self, config)
-        self.act = torch.nn.GELU(approximate="tanh")
-
-    mlp.__init__, mlp.tanh_gelu = tanh_init, True
-
-
 def _mpt(vocab):  # clip_qkv 2 clamps a good share of q|k|v with these weights
-    _tanh_gelu_mpt()
     return transformers.MptForCausalLM(transformers.MptConfig(
         vocab_size=vocab, d_model=64, n_heads=4, n_layers=2, expansion_ratio=4, max_seq_len=256,
         attn_config=dict(alibi=True, alibi_bias_max=8, clip_qkv=2.0), layer_norm_epsilon=1e-5, **COMMON))
@@ -70,7 +53,7 @@ def _same(name, x):
 
 
 def _neox_qkv_per_head(name, x, n_head=4):
-    """Undo the converter's q|k|v-blocks order (purelm.models.blocks.qkv_blocks)."""
+    """Undo the converter's q|k|v-blocks order (purelm.convert_spec.qkv_blocks)."""
     if ".attn_qkv." not in name:
         return x
     return x.reshape(3, n_head, -1, *x.shape[1:]).swapaxes(0, 1).reshape(x.shape)

@@ -1,8 +1,7 @@
 """Tiny random Falcon, Phi-2, Phi-3 and StableLM models for the fixtures: name -> factory(vocab).
 
-GELU: llama.cpp's falcon and phi2 use ggml's tanh-approximated GELU. Phi's default `gelu_new` is that
-form; Falcon checkpoints use the exact erf GELU, so the Falcon fixtures are configured with
-`gelu_pytorch_tanh` (tests/test_arch_newer.py measures the erf/tanh difference separately).
+GELU as the real checkpoints have it: Phi's `gelu_new` (the tanh form) and Falcon's exact `gelu` (erf), which
+purelm follows per architecture (llama.cpp uses the tanh form for both).
 phi3 has a sliding window of 16 (the 22-token prompt + 8 greedy steps run past it); phi3_longrope is
 Phi-4-mini-like: partial rotary (12 of 16 features), longrope short/long factors, tied embeddings."""
 import numpy as np
@@ -12,7 +11,7 @@ from purelm.models.falcon import qkv_order
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
              bos_token_id=0, eos_token_id=0)
-FALCON = dict(SMALL, layer_norm_epsilon=1e-5, activation="gelu_pytorch_tanh", bias=False, alibi=False,
+FALCON = dict(SMALL, layer_norm_epsilon=1e-5, activation="gelu", bias=False, alibi=False,
               ffn_hidden_size=128, tie_word_embeddings=True)
 FALCON_CFGS = {
     # Falcon-40B style: grouped kv heads interleaved per group in query_key_value, ln_attn + ln_mlp

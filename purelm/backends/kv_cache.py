@@ -1,0 +1,238 @@
+"""The KV cache of many sequences, and the view of it that one forward pass works on.
+
+Keys and values live in blocks of BLOCK positions (vLLM's paged attention idea) rather than in one
+slot of n_ctx positions per sequence, for two reasons: a forked sequence (n samples of one prompt, a
+conversation branching from a shared system prompt) shares its parent's blocks instead of storing
+the prefix again, and memory grows with the positions stored, not with n_ctx x sequences. A block
+that several sequences share is copied when one of them writes into it (copy-on-write); in practice
+that is only a fork's last, partly filled block.
+
+Layout: layer i keeps k[i] of shape (capacity * BLOCK, n_kv_heads, k_dim) (v[i] likewise); block b
+is rows b*BLOCK ... b*BLOCK + BLOCK-1. A sequence maps position p to row
+blocks[p // BLOCK] * BLOCK + p % BLOCK. Kernels index rows through that table, or gather a run of
+rows for a matrix product.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ContextOverflowError, UsageError
+
+BLOCK = 64  # positions per block: a power of two, and a divisor of the kernels' chunk of positions
+
+
+@dataclass
+class Sequence:
+    blocks: list[int] = field(default_factory=list)
+    n_past: int = 0  # positions stored
+    tokens: list[int] = field(default_factory=list)  # the ids at 0..n_past-1, when the caller tracks them
+
+
+class KVCache:
+    """Keys and values of every layer for any number of sequences of up to `n_ctx` positions each.
+
+    Sequence 0 exists from the start; `n_past`, `tokens`, `truncate` and `commit` without a sequence
+    id are about it (one sequence is the common case). `add`, `fork` and `remove` manage others."""
+
+    def __init__(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int,
+                 dtype: Any = np.float32) -> None:
+        self.n_layers, self.n_ctx, self.n_kv_heads = n_layers, n_ctx, n_kv_heads
+        self.k_dim, self.v_dim, self.dtype = k_dim, v_dim, dtype
+        self.k = [np.zeros((0, n_kv_heads, k_dim), dtype) for _ in range(n_layers)]
+        self.v = [np.zeros((0, n_kv_heads, v_dim), dtype) for _ in range(n_layers)]
+        self.refs = np.zeros(0, np.int32)  # sequences holding each block
+        self.free_blocks: list[int] = []
+        self.seqs: dict[int, Sequence] = {0: Sequence()}
+        self._next_id = 1
+
+    # -- sequences
+    def add(self) -> int:
+        """A new, empty sequence; returns its id."""
+        seq, self._next_id = self._next_id, self._next_id + 1
+        self.seqs[seq] = Sequence()
+        return seq
+
+    def fork(self, seq: int = 0) -> int:
+        """A new sequence with `seq`'s positions (and tokens), sharing its blocks; returns its id."""
+        parent = self.seq(seq)
+        child = self.add()
+        self.seqs[child] = Sequence(list(parent.blocks), parent.n_past, list(parent.tokens))
+        self.refs[parent.blocks] += 1
+        return child
+
+    def remove(self, seq: int) -> None:
+        """Forget a sequence and free the blocks no other sequence holds."""
+        self._release(self.seq(seq).blocks)
+        del self.seqs[seq]
+
+    def seq(self, seq: int) -> Sequence:
+        try:
+            return self.seqs[seq]
+        except (KeyError, TypeError):
+            raise UsageError(f"no sequence {seq!r} in this cache (sequences: {sorted(self.seqs)})") from None
+
+    def truncate(self, n_past: int, seq: int = 0) -> None:
+        """Forget positions from n_past on (to reuse a shared prompt prefix); frees whole blocks."""
+        s = self.seq(seq)
+        s.n_past = max(0, min(s.n_past, n_past))
+        del s.tokens[s.n_past:]
+        keep = -(-s.n_past // BLOCK)
+        self._release(s.blocks[keep:])
+        del s.blocks[keep:]
+
+    def commit(self, n_tokens: int, seq: int = 0) -> None:
+        self.seq(seq).n_past += n_tokens
+
+    # sequence 0, for the single-sequence API
+    @property
+    def n_past(self) -> int:
+        return self.seqs[0].n_past
+
+    @n_past.setter
+    def n_past(self, value: int) -> None:
+        """Pretend positions 0..value-1 are stored (zeros where nothing was written)."""
+        self.reserve(value)
+        self.seqs[0].n_past = value
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.seqs[0].tokens
+
+    @tokens.setter
+    def tokens(self, value: list[int]) -> None:
+        self.seqs[0].tokens = value
+
+    # -- blocks
+    @property
+    def capacity(self) -> int:
+        """Blocks allocated (used or free)."""
+        return len(self.refs)
+
+    def reserve(self, n_positions: int, seq: int = 0) -> None:
+        """Make positions n_past .. n_positions-1 of `seq` writable: blocks allocated, and shared
+        blocks among them copied (copy-on-write)."""
+        if n_positions > self.n_ctx:
+            raise ContextOverflowError(f"{n_positions} positions do not fit in the context of {self.n_ctx}")
+        s = self.seq(seq)
+        first = s.n_past // BLOCK
+        for i in range(first, min(len(s.blocks), -(-n_positions // BLOCK))):
+            b = s.blocks[i]
+            if self.refs[b] > 1:  # shared with another sequence: this one gets its own copy
+                new = self._allocate()
+                for store in self.k + self.v:
+                    store[new * BLOCK:(new + 1) * BLOCK] = store[b * BLOCK:(b + 1) * BLOCK]
+                self.refs[b] -= 1
+                s.blocks[i] = new
+        while len(s.blocks) * BLOCK < n_positions:
+            s.blocks.append(self._allocate())
+
+    def rows(self, seq: int, p0: int, p1: int) -> np.ndarray:
+        """Pool rows of positions p0..p1-1 of `seq` (allocated: see reserve)."""
+        p = np.arange(p0, p1)
+        return np.asarray(self.seq(seq).blocks, np.int64)[p // BLOCK] * BLOCK + p % BLOCK
+
+    def table(self, seq: int) -> np.ndarray:
+        return np.asarray(self.seq(seq).blocks, np.int32)
+
+    def _allocate(self) -> int:
+        if not self.free_blocks:
+            self._grow(max(4, 2 * self.capacity))
+        b = self.free_blocks.pop()
+        self.refs[b] = 1
+        return b
+
+    def _release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free_blocks.append(b)
+
+    def _grow(self, capacity: int) -> None:
+        old = self.capacity
+        for stores in (self.k, self.v):
+            for i, store in enumerate(stores):
+                new = np.zeros((capacity * BLOCK,) + store.shape[1:], self.dtype)
+                new[: old * BLOCK] = store
+                stores[i] = new
+        self.refs = np.concatenate([self.refs, np.zeros(capacity - old, np.int32)])
+        self.free_blocks.extend(range(capacity - 1, old - 1, -1))  # lowest first
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
+
+    # -- passes
+    def view(self, runs: list[tuple[int, int]]) -> "PassView":
+        """The view a forward pass of `runs` works on: (sequence id, tokens) in batch order, each
+        sequence's tokens at its next positions. Blocks are reserved here (before any kernel)."""
+        return PassView(self, runs)
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive tokens t0..t1-1 of a pass, of one sequence, at positions p0..p0+(t1-t0)-1."""
+
+    seq: int
+    t0: int
+    t1: int
+    p0: int
+
+    @property
+    def p1(self) -> int:
+        return self.p0 + self.t1 - self.t0
+
+
+class PassView:
+    """What the attention op of one forward pass sees of the cache: where each token's key and
+    value go (`write_rows`), and per run of one sequence the rows of every position it attends to
+    (`rows_upto[i]`: positions 0..p1-1) and its block table. Built once per pass, used by every
+    layer. Attributes of the cache the ops check (n_layers, n_kv_heads, k_dim, v_dim, n_ctx, k, v)
+    are forwarded."""
+
+    def __init__(self, cache: KVCache, runs: list[tuple[int, int]]) -> None:
+        self.cache = cache
+        self.runs: list[Run] = []
+        seen, t = set(), 0
+        for seq, n in runs:
+            s = cache.seq(seq)
+            if seq in seen:
+                raise UsageError(f"sequence {seq} appears twice in one pass")
+            if n < 1:
+                raise UsageError(f"sequence {seq}: a pass needs at least one token")
+            if s.n_past + n > cache.n_ctx:
+                raise ContextOverflowError(
+                    f"{s.n_past + n} tokens do not fit in the context of {cache.n_ctx} tokens")
+            seen.add(seq)
+            self.runs.append(Run(seq, t, t + n, s.n_past))
+            t += n
+        self.n_tokens = t
+        for r in self.runs:
+            cache.reserve(r.p1, r.seq)
+        self.write_rows = np.concatenate([cache.rows(r.seq, r.p0, r.p1) for r in self.runs]) \
+            if self.runs else np.zeros(0, np.int64)
+        self.positions = np.concatenate([np.arange(r.p0, r.p1) for r in self.runs]) if self.runs \
+            else np.zeros(0, np.int64)
+        self.tables = [cache.table(r.seq) for r in self.runs]
+
+    @functools.cached_property
+    def rows_upto(self) -> list[np.ndarray]:
+        """Per run, the rows of its sequence's positions 0..p1-1 (to gather them for a product)."""
+        return [self.cache.rows(r.seq, 0, r.p1) for r in self.runs]
+
+    def __getattr__(self, name: str) -> Any:  # n_layers, n_kv_heads, k_dim, v_dim, n_ctx, k, v
+        return getattr(self.cache, name)
+
+    def commit(self) -> None:
+        """The pass has its logits: each sequence's positions are stored."""
+        for r in self.runs:
+            self.cache.seqs[r.seq].n_past = r.p1
+
+
+def as_view(cache: Any, n_tokens: int) -> PassView:
+    """A pass view for `cache`: itself if it is one; for a bare KVCache, its sequence 0's next
+    `n_tokens` positions (callers that drive attention directly, as the tests do)."""
+    return cache if isinstance(cache, PassView) else cache.view([(0, n_tokens)])
