@@ -126,10 +126,10 @@ def test_a_failed_pass_leaves_the_engine_usable(backend, monkeypatch):
 def test_numba_threads_are_put_back_after_a_pass():
     import numba
 
-    ops = NumbaBackend(2)
-    model = build_model(GGUFFile(FIXTURES / "llama-q8_0.gguf"), ops)
     numba.set_num_threads(1)
     try:
+        model = build_model(GGUFFile(FIXTURES / "llama-q8_0.gguf"), NumbaBackend(2))  # loading kernels
+        assert numba.get_num_threads() == 1
         model.forward(tokens(4, 1), model.new_cache(16))
         assert numba.get_num_threads() == 1
         with pytest.raises(UsageError):

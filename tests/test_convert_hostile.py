@@ -17,6 +17,8 @@ from purelm.formats.gguf import GGUFFile
 from purelm.formats.safetensors import Checkpoint, SafetensorsFile
 from purelm.formats.spm_model import SentencePieceModel, parse_sentencepiece, read_sentencepiece
 
+from test_convert import write_safetensors  # noqa: E402
+
 HF = Path(__file__).parent / "fixtures" / "hf"
 SPM = Path(__file__).parent / "fixtures" / "spm" / "tokenizer.model"
 
@@ -29,13 +31,8 @@ def write_raw(path, header, data=b"", length=None):
 
 
 def write_tensors(path, tensors):
-    header, blobs, offset = {}, [], 0
-    for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr, np.float32)
-        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        blobs.append(arr.tobytes())
-        offset += arr.nbytes
-    return write_raw(path, header, b"".join(blobs))
+    write_safetensors(path, tensors)
+    return path
 
 
 def hf_dir(tmp_path, arch="llama", name="hf"):

@@ -592,3 +592,38 @@ def test_exact_gelu():
         x2 = x[:2000].reshape(16, 125)
         np.testing.assert_allclose(be.gelu_erf(x2[:, ::2]), REF.gelu_erf(x2[:, ::2]), rtol=3e-6, atol=4e-7)
     assert np.abs(REF.gelu(x) - ref).max() > 1e-4
+
+
+def _random_blocks(qtype, rows, cols, rng):
+    """Packed rows of `qtype`: quantized from random floats where purelm can, else random bytes with
+    small finite f16 scales (the K-quants, which purelm does not write)."""
+    from purelm.quant import SUPPORTED_QUANT, quantize
+    from purelm.quant.types import BLOCK_INFO
+
+    if qtype in SUPPORTED_QUANT:
+        return quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype).reshape(rows, -1)
+    block, size = BLOCK_INFO[qtype]
+    data = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    where = {T.Q6_K: [size - 2]}.get(qtype, [0, 2])  # d (and dmin) of each block
+    for at in where:
+        data[:, :, at:at + 2] = scale
+    return data.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("int16", [True, False])
+def test_a_rows_product_does_not_depend_on_the_other_rows(int16):
+    """The matrix-vector kernels give row 0 of x the same bits with 1 to MATVEC_MAX_TOKENS rows in the
+    call: what lets a decode token in a batch match it alone (tests/test_batch.py)."""
+    from purelm.backends.numba_backend import MATVEC_MAX_TOKENS
+    from purelm.backends.numba_kernels import rows as rk
+
+    ops = NumbaBackend(2, int16_dot=int16)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((MATVEC_MAX_TOKENS, 512)).astype(np.float32)
+    for qtype in sorted(rk.ROW_TYPES, key=int):
+        w = ops.weight(Tensor("w", qtype, (64, 512), 0, _random_blocks(qtype, 64, 512, rng)))
+        one = ops.linear(x[:1], w)
+        assert np.isfinite(one).all(), qtype.name
+        for n in range(2, MATVEC_MAX_TOKENS + 1):
+            np.testing.assert_array_equal(ops.linear(x[:n], w)[:1], one, err_msg=f"{qtype.name}, {n} rows")

@@ -195,12 +195,14 @@ class NumbaBackend(Backend):
             return
         self._prepared = (self._prepared or set()) | set(types)
         guard, self._guard = self._guard, ThreadGuard(self.threads)  # warm-up steps are not decode steps
+        outer = numba.get_num_threads()
         try:
             steps = len(set(types) & set(rk.ROW_TYPES)) + 3
             for _ in _compile_progress(self._warm_ops(types), steps):
                 pass
         finally:
             self._guard = guard
+            self._enter(outer)  # the caller's thread count, as it was
         page_out_library("llvmlite")
 
     def _warm_ops(self, types: set[GGMLType]) -> Iterator[None]:

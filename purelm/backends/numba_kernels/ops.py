@@ -177,6 +177,18 @@ def paged_items(pos, n_kv, chunk):
 
 
 @njit(**SOFTMAX_OPTS)
+def paged_work(q, keys, values, pos, chunk):
+    """The work items (paged_items) and room for their softmax partials."""
+    n_kv, group, v_dim = keys.shape[1], q.shape[1] // keys.shape[1], values.shape[2]
+    first, item_t, item_kv, item_c = paged_items(pos, n_kv, chunk)
+    n = item_t.shape[0]
+    part_max = np.full((n, group), -np.inf, np.float32)
+    part_sum = np.zeros((n, group), np.float32)
+    part_out = np.zeros((n, group, v_dim), np.float32)
+    return first, item_t, item_kv, item_c, part_max, part_sum, part_out
+
+
+@njit(**SOFTMAX_OPTS)
 def paged_combine(first, pos, chunk, n_kv, part_max, part_sum, part_out, out):
     """out[t, h*Dv:] from the partials of token t's chunks (the same order whoever ran the items)."""
     n_head = out.shape[1] // part_out.shape[2]
@@ -211,14 +223,10 @@ def attention_paged(q, keys, values, tables, pos, shift, scale, softcap, window,
     positions) reads each key and value row once for all the query heads sharing it (GQA). Each
     token's result depends on its own query, positions and chunks only, not on the other tokens or
     the thread count: attention_paged_parallel computes the same items on numba's threads."""
-    n_kv, group, v_dim = keys.shape[1], q.shape[1] // keys.shape[1], values.shape[2]
     wide_vectors()
-    first, item_t, item_kv, item_c = paged_items(pos, n_kv, chunk)
-    n = item_t.shape[0]
-    part_max = np.full((n, group), -np.inf, np.float32)
-    part_sum = np.zeros((n, group), np.float32)
-    part_out = np.zeros((n, group, v_dim), np.float32)
-    for item in range(n):
+    n_kv = keys.shape[1]
+    first, item_t, item_kv, item_c, part_max, part_sum, part_out = paged_work(q, keys, values, pos, chunk)
+    for item in range(item_t.shape[0]):
         paged_item(q, keys, values, tables, pos, shift, item_t[item], item_kv[item], item_c[item], chunk, scale,
                    softcap, window, slopes, part_max, part_sum, part_out, item)
     paged_combine(first, pos, chunk, n_kv, part_max, part_sum, part_out, out)
@@ -227,13 +235,9 @@ def attention_paged(q, keys, values, tables, pos, shift, scale, softcap, window,
 @njit(**SOFTMAX_PARALLEL)
 def attention_paged_parallel(q, keys, values, tables, pos, shift, scale, softcap, window, slopes, chunk, out):
     """attention_paged with the work items spread over numba's threads (same results)."""
-    n_kv, group, v_dim = keys.shape[1], q.shape[1] // keys.shape[1], values.shape[2]
-    first, item_t, item_kv, item_c = paged_items(pos, n_kv, chunk)
-    n = item_t.shape[0]
-    part_max = np.full((n, group), -np.inf, np.float32)
-    part_sum = np.zeros((n, group), np.float32)
-    part_out = np.zeros((n, group, v_dim), np.float32)
-    for item in prange(n):
+    n_kv = keys.shape[1]
+    first, item_t, item_kv, item_c, part_max, part_sum, part_out = paged_work(q, keys, values, pos, chunk)
+    for item in prange(item_t.shape[0]):
         wide_vectors()
         paged_item(q, keys, values, tables, pos, shift, item_t[item], item_kv[item], item_c[item], chunk, scale,
                    softcap, window, slopes, part_max, part_sum, part_out, item)

@@ -16,7 +16,6 @@ from .common import OPTS, PARALLEL, PREFETCH_BYTES, at
 from .intrinsics import dot16_bytes, dot16_nibbles, half_to_float, prefetch, wide_vectors
 from .packing import BYTES
 
-FUSED_MAX_TOKENS = 4  # up to this many tokens, converting weights again per token is cheaper
 
 
 @njit(**OPTS)
@@ -126,47 +125,30 @@ def matvec_nibble(qs, qh, d, m, sc, mn, mode, offset, x, y, parts):
         g, k, b0, b1 = split_range(item, n_split, n_sub)
         acc = np.zeros((n_tok, n_lanes), np.float32)
         s = np.empty((n_tok, n_lanes), np.float32)
-        w_lo = np.empty(n_lanes, np.float32)
-        w_hi = np.empty(n_lanes, np.float32)
         for b in range(b0, b1):
             at = g * step + b * half * n_lanes
             for c in range(0, half * n_lanes, 64):
                 prefetch(flat, at + PREFETCH_BYTES + c)
             x0 = b * 2 * half
             s[:] = 0
-            if n_tok <= FUSED_MAX_TOKENS:  # convert and multiply in one pass, token by token
-                for t in range(n_tok):
-                    if high:
-                        for j in range(half):
-                            xl = x[t, x0 + j]
-                            xh = x[t, x0 + half + j]
-                            for r in range(n_lanes):
-                                lo, hi = five_bit_pair(qs[g, b, j, r], qh[g, b, r], j, half)
-                                s[t, r] += np.float32(lo) * xl + np.float32(hi) * xh
-                    else:
-                        for j in range(half):
-                            xl = x[t, x0 + j]
-                            xh = x[t, x0 + half + j]
-                            for r in range(n_lanes):
-                                q = qs[g, b, j, r]
-                                s[t, r] += np.float32(np.int32(q & 15)) * xl + np.float32(np.int32(q >> 4)) * xh
-            else:  # more tokens: convert a column of weights once, then use it for every token
-                for j in range(half):
-                    if high:
-                        for r in range(n_lanes):
-                            lo, hi = five_bit_pair(qs[g, b, j, r], qh[g, b, r], j, half)
-                            w_lo[r] = np.float32(lo)
-                            w_hi[r] = np.float32(hi)
-                    else:
-                        for r in range(n_lanes):
-                            q = qs[g, b, j, r]
-                            w_lo[r] = np.float32(np.int32(q & 15))
-                            w_hi[r] = np.float32(np.int32(q >> 4))
-                    for t in range(n_tok):
+            # token by token, converting the weights again for each: a row's sums are then the same
+            # whatever other rows share the call (converting a column once for all tokens was no faster
+            # at 8 tokens, and its sums rounded differently)
+            for t in range(n_tok):
+                if high:
+                    for j in range(half):
                         xl = x[t, x0 + j]
                         xh = x[t, x0 + half + j]
                         for r in range(n_lanes):
-                            s[t, r] += w_lo[r] * xl + w_hi[r] * xh
+                            lo, hi = five_bit_pair(qs[g, b, j, r], qh[g, b, r], j, half)
+                            s[t, r] += np.float32(lo) * xl + np.float32(hi) * xh
+                else:
+                    for j in range(half):
+                        xl = x[t, x0 + j]
+                        xh = x[t, x0 + half + j]
+                        for r in range(n_lanes):
+                            q = qs[g, b, j, r]
+                            s[t, r] += np.float32(np.int32(q & 15)) * xl + np.float32(np.int32(q >> 4)) * xh
             for t in range(n_tok):
                 nibble_fold(acc, s[t], d, m, sc, mn, mode, offset, g, b, xsum[t, b], t, n_lanes)
         store_group(acc, y, parts, g, k, n_lanes)
@@ -425,10 +407,23 @@ def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
         g, k, b0, b1 = split_range(item, n_split, n_sub)
         acc = np.zeros((n_tok, n_lanes), np.float32)
         dots = np.empty(2 * n_lanes, np.int32)
+        dscale = np.empty(n_lanes, np.float32)  # this block's row scales (and minimums), once for all tokens
+        mscale = np.empty(n_lanes, np.float32)
         for b in range(b0, b1):
             at0 = g * step + b * n_quads * width
             for c in range(0, n_quads * width, 64):
                 prefetch(flat, at0 + PREFETCH_BYTES + c)
+            if mode == 2:
+                sb = b // 8
+                for r in range(n_lanes):
+                    dscale[r] = half_to_float(d[g, sb, r]) * np.float32(sc[g, b, r])
+                    mscale[r] = half_to_float(m[g, sb, r]) * np.float32(mn[g, b, r])
+            else:
+                for r in range(n_lanes):
+                    dscale[r] = half_to_float(d[g, b, r])
+                if mode == 1:
+                    for r in range(n_lanes):
+                        mscale[r] = half_to_float(m[g, b, r])
             for t in range(n_tok):
                 dots[:] = 0
                 for j in range(n_quads):
@@ -444,18 +439,16 @@ def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
                 s, xsum, row = dx[t, b], xq_sums[t, b], acc[t]
                 if mode == BYTES:
                     for r in range(n_lanes):
-                        row[r] += half_to_float(d[g, b, r]) * s * pair_sum(dots, r)
+                        row[r] += dscale[r] * s * pair_sum(dots, r)
                 elif mode == 0:
                     for r in range(n_lanes):
-                        row[r] += half_to_float(d[g, b, r]) * (s * pair_sum(dots, r) + offset * xsum)
+                        row[r] += dscale[r] * (s * pair_sum(dots, r) + offset * xsum)
                 elif mode == 1:
                     for r in range(n_lanes):
-                        row[r] += half_to_float(d[g, b, r]) * s * pair_sum(dots, r) + half_to_float(m[g, b, r]) * xsum
+                        row[r] += dscale[r] * s * pair_sum(dots, r) + mscale[r] * xsum
                 else:
-                    sb = b // 8
                     for r in range(n_lanes):
-                        row[r] += (half_to_float(d[g, sb, r]) * np.float32(sc[g, b, r]) * s * pair_sum(dots, r)
-                                   - half_to_float(m[g, sb, r]) * np.float32(mn[g, b, r]) * xsum)
+                        row[r] += dscale[r] * s * pair_sum(dots, r) - mscale[r] * xsum
         store_group(acc, y, parts, g, k, n_lanes)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
