@@ -179,6 +179,7 @@ class NumbaBackend(Backend):
         self._scratch = threading.local()
         self._arena = Arena()
         self._guard = ThreadGuard(self.threads)
+        self._groups: tuple[dict, dict] = ({}, {})  # (the layouts they are for, row count -> groups)
         # numba's thread count before the pass in progress (per calling thread; put back at its end)
         self._outer_threads: int | None = None
         self._numba_threads = numba.get_num_threads()
@@ -355,9 +356,13 @@ class NumbaBackend(Backend):
         if w.packed is None and w.qtype not in rk.ROW_TYPES:
             y = self._matmul(x2, w)
         else:
-            y = np.empty((x2.shape[0], w.n_out), np.float32)
-            for a, b, short in self._row_groups(x2.shape[0]):
-                y[a:b] = self._matvec_kernel(x2[a:b], w) if short else self._matmul(x2[a:b], w)
+            groups = self._row_groups(x2.shape[0])
+            if len(groups) == 1:
+                y = self._matvec_kernel(x2, w) if groups[0][2] else self._matmul(x2, w)
+            else:
+                y = np.empty((x2.shape[0], w.n_out), np.float32)
+                for a, b, short in groups:
+                    y[a:b] = self._matvec_kernel(x2[a:b], w) if short else self._matmul(x2[a:b], w)
         if bias is not None:
             y += bias
         return y.reshape(lead + (w.n_out,)) if len(lead) != 1 else y
@@ -376,14 +381,22 @@ class NumbaBackend(Backend):
         """Rows a..b-1 and whether they go to the matrix-vector kernels (short runs: decode tokens,
         prompt chunks of up to MATVEC_MAX_TOKENS; each row's result is the same whatever rows share
         the call) or to a matrix product (one per longer run, as if it were alone). Outside a pass,
-        or for rows the pass did not announce, the row count decides."""
-        groups: list[tuple[int, int, bool]] = []
-        for a, b in self.row_runs(n_rows):
-            short = b - a <= MATVEC_MAX_TOKENS
-            if short and groups and groups[-1][2]:
-                groups[-1] = (groups[-1][0], b, True)
-            else:
-                groups.append((a, b, short))
+        or for rows the pass did not announce, the row count decides. Worked out once per pass and
+        row count (a decode step asks ~4 times per layer)."""
+        layouts, known = self._groups
+        if layouts is not self.layouts:
+            known = {}
+            self._groups = (self.layouts, known)
+        groups = known.get(n_rows)
+        if groups is None:
+            groups = []
+            for a, b in self.row_runs(n_rows):
+                short = b - a <= MATVEC_MAX_TOKENS
+                if short and groups and groups[-1][2]:
+                    groups[-1] = (groups[-1][0], b, True)
+                else:
+                    groups.append((a, b, short))
+            known[n_rows] = groups
         return groups
 
     def _matvec_kernel(self, x: np.ndarray, w: NumbaWeight) -> np.ndarray:
@@ -584,7 +597,8 @@ class NumbaBackend(Backend):
         view = as_view(cache, q.shape[0])
         check_attention(q, k, v, view, layer, spec)
         keys, values = view.k[layer], view.v[layer]
-        keys[view.write_rows], values[view.write_rows] = k, v
+        ops.store_rows(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32), keys, values,
+                       view.write_rows)
         q = np.ascontiguousarray(q, np.float32)
         out = np.empty((q.shape[0], q.shape[1] * values.shape[2]), np.float32)
         args = self._spec_args(spec)
@@ -592,23 +606,24 @@ class NumbaBackend(Backend):
             if run.t1 - run.t0 > MATVEC_MAX_TOKENS:  # a prompt chunk: matrix products over its rows, gathered
                 rows = view.rows_upto[i]
                 self._attention_blas(q[run.t0:run.t1], keys[rows], values[rows], run.p0, *args, out[run.t0:run.t1])
-        tokens, tables, pos = self._paged_tokens(view)
+        tokens, tables, pos, positions = self._paged_tokens(view)
         if len(tokens):
             qt = q if len(tokens) == len(q) else q[tokens]
             ot = out if len(tokens) == len(q) else np.empty((len(tokens), out.shape[1]), np.float32)
-            work = int(pos.sum() + len(pos)) * q.shape[1] * q.shape[2]
             # serial or on numba's threads: the same work items and results either way
             kernel = ops.attention_paged if (self.threads == 1 or self._numba_threads == 1 or
-                                             work < ATTENTION_SERIAL_WORK) else ops.attention_paged_parallel
+                                             positions * q.shape[1] * q.shape[2] < ATTENTION_SERIAL_WORK) \
+                else ops.attention_paged_parallel
             self._kernel_threads()
             kernel(qt, keys, values, tables, pos, BLOCK_SHIFT, *args, ATTENTION_CHUNK, ot)
             if ot is not out:
                 out[tokens] = ot
         return out
 
-    def _paged_tokens(self, view: PassView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _paged_tokens(self, view: PassView) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """The tokens of a pass that the paged kernel serves (decode tokens and short prompt runs),
-        with each one's block table and position: worked out once per pass, kept on the view."""
+        with each one's block table and position, and how many positions they attend to in all:
+        worked out once per pass, kept on the view."""
         got = view.__dict__.get("_numba_paged")
         if got is None:
             short = [(r, t) for r, t in zip(view.runs, view.tables) if r.t1 - r.t0 <= MATVEC_MAX_TOKENS]
@@ -618,7 +633,8 @@ class NumbaBackend(Backend):
             for r, t in short:
                 tables[i:i + r.t1 - r.t0, :len(t)] = t
                 i += r.t1 - r.t0
-            got = view.__dict__["_numba_paged"] = (tokens, tables, view.positions[tokens])
+            pos = view.positions[tokens]
+            got = view.__dict__["_numba_paged"] = (tokens, tables, pos, int(pos.sum()) + len(pos))
         return got
 
     def _spec_args(self, spec: AttentionSpec) -> tuple[np.float32, np.float32, int, np.ndarray]:

@@ -99,13 +99,25 @@ def rope(x, positions, cos, sin, n_dims, neox, out):
                 out[t, h, i] = x[t, h, i]
 
 
+@njit(**OPTS)
+def store_rows(k, v, keys, values, rows):
+    """Write token t's key and value (k[t], v[t]) into row rows[t] of the cache's pools."""
+    for t in range(k.shape[0]):
+        r = rows[t]
+        for h in range(k.shape[1]):
+            for i in range(k.shape[2]):
+                keys[r, h, i] = k[t, h, i]
+            for i in range(v.shape[2]):
+                values[r, h, i] = v[t, h, i]
+
+
 @njit(**SOFTMAX_OPTS, inline="always")
 def paged_item(q, keys, values, tables, pos, shift, t, kv, c, chunk, scale, softcap, window, slopes,
                part_max, part_sum, part_out, item):
     """One work item of paged attention: token t's query heads that share KV head kv, over the key
     positions of chunk c (c*chunk .. up to the token's own position, within its window). Leaves the
-    softmax partials (max, total, weighted sum of values) in part_*[item]. A position p lives in row
-    tables[t, p >> shift] << shift | p & mask of the pools."""
+    softmax partials (max, total, weighted sum of values) in part_*[item]. A
+    position p lives in row tables[t, p >> shift] << shift | p & mask of the pools."""
     dim, v_dim = q.shape[2], values.shape[2]
     group = q.shape[1] // keys.shape[1]
     mask = (1 << shift) - 1
@@ -115,45 +127,44 @@ def paged_item(q, keys, values, tables, pos, shift, t, kv, c, chunk, scale, soft
     if a >= b:
         return
     n = b - a
-    h0 = kv * group
-    scores = np.empty((group, n), np.float32)
-    acc = np.zeros((group, v_dim), np.float32)
-    for s in range(n):  # direct indexing, no row views: each view costs a reference-count update
+    rows = np.empty(n, np.int64)
+    for s in range(n):
         p = a + s
-        row = (np.int64(tables[t, p >> shift]) << shift) | (p & mask)
-        for gi in range(group):
+        rows[s] = (np.int64(tables[t, p >> shift]) << shift) | (p & mask)
+    scores = np.empty(n, np.float32)
+    acc = np.empty(v_dim, np.float32)
+    for gi in range(group):  # head by head: the chunk's keys stay in cache for the group's next head
+        h = kv * group + gi
+        for s in range(n):  # direct indexing, no row views: each view costs a reference-count update
+            r = rows[s]
             dot = np.float32(0)
             for i in range(dim):
-                dot += q[t, h0 + gi, i] * keys[row, kv, i]
-            scores[gi, s] = dot * scale
-    for gi in range(group):
-        h = h0 + gi
+                dot += q[t, h, i] * keys[r, kv, i]
+            scores[s] = dot * scale
         if softcap > 0:
             for s in range(n):
-                scores[gi, s] = np.float32(math.tanh(scores[gi, s] / softcap)) * softcap
+                scores[s] = np.float32(math.tanh(scores[s] / softcap)) * softcap
         if slopes.shape[0] > 0:
             for s in range(n):
-                scores[gi, s] += slopes[h] * np.float32(a + s)
-        best = scores[gi, 0]
+                scores[s] += slopes[h] * np.float32(a + s)
+        best = scores[0]
         for s in range(1, n):
-            best = scores[gi, s] if scores[gi, s] > best else best
+            best = scores[s] if scores[s] > best else best
         total = np.float32(0)
         for s in range(n):
-            e = fast_exp(scores[gi, s] - best)
-            scores[gi, s] = e
+            e = fast_exp(scores[s] - best)
+            scores[s] = e
             total += e
         part_max[item, gi] = best
         part_sum[item, gi] = total
-    for s in range(n):
-        p = a + s
-        row = (np.int64(tables[t, p >> shift]) << shift) | (p & mask)
-        for gi in range(group):
-            w = scores[gi, s]
+        acc[:] = 0
+        for s in range(n):
+            r = rows[s]
+            w = scores[s]
             for i in range(v_dim):
-                acc[gi, i] += w * values[row, kv, i]
-    for gi in range(group):
+                acc[i] += w * values[r, kv, i]
         for i in range(v_dim):
-            part_out[item, gi, i] = acc[gi, i]
+            part_out[item, gi, i] = acc[i]
 
 
 @njit(**SOFTMAX_OPTS)
