@@ -150,9 +150,10 @@ class LLM:
                      stop: Sequence[str] = (), ignore_eos: bool = False, timings: dict | None = None,
                      **sampling: Any) -> Iterator[tuple[int, Chunk]]:
         """`n` continuations of each prompt, generated together (one forward pass per step for all of
-        them): yields (index, chunk) with index = prompt * n + sample, in the order they are made; a
+        them): yields (index, chunk) with index = prompt * n + sample j, in the order they are made; a
         sequence's last chunk carries its finish reason. Options as in `stream_chunks`; with a seed,
-        sample i uses seed + i. The samples of a prompt share its cached positions."""
+        sample j of every prompt uses seed + j (as a single `generate` with that seed would). The
+        samples of a prompt share its cached positions."""
         unknown = set(sampling).difference(_SAMPLING_KEYS)
         if unknown:
             raise UsageError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
@@ -175,8 +176,11 @@ class LLM:
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], n: int = 1, **kwargs: Any) -> list[Completion]:
         """Completions of every prompt, `n` each (prompt 0's n samples first), generated together."""
-        timings: dict[str, float] = {}
-        n_prompts = len(prompts) if isinstance(prompts, Sequence) and not isinstance(prompts, str) else 0
+        timings = kwargs.pop("timings", None)
+        timings = timings if timings is not None else {}
+        if isinstance(prompts, Iterable) and not isinstance(prompts, (str, bytes)):
+            prompts = list(prompts)  # a generator or an array: read once, here
+        n_prompts = len(prompts) if isinstance(prompts, list) else 0
         texts: dict[int, list[str]] = {}
         tokens: dict[int, list[int]] = {}
         reasons: dict[int, str] = {}

@@ -209,3 +209,57 @@ def test_generate_batch_arguments():
     assert out[0].tokens == alone.tokens and out[0].finish_reason == "length"
     assert len(alone.tokens) == 16 - 13 + 1  # positions 13-15, and the last token sampled from them
     assert len(out[1].tokens) == 8
+
+
+def test_many_short_runs_in_one_pass_match_alone():
+    """More short rows than the matrix-vector limit in one pass (13 decode tokens, or short prompt
+    chunks side by side): still each as alone, in the feed-forward's gated product too (review)."""
+    model = build_model(GGUFFile(FIXTURES / "llama-q8_0.gguf"), NumbaBackend(2))
+    prompts = [tokens(3 + i % 5, i) for i in range(13)]
+    want = [model.forward(p, model.new_cache(64), all_logits=True) for p in prompts]
+    cache = model.new_cache(64)
+    seqs = [cache.add() for _ in prompts]
+    got = model.forward_batch(cache, list(zip(seqs, prompts)), all_logits=True)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+    nxt = [tokens(1, 100 + i) for i in range(13)]
+    got = model.forward_batch(cache, list(zip(seqs, nxt)))
+    for p, t, g in zip(prompts, nxt, got):
+        c = model.new_cache(64)
+        model.forward(p, c)
+        np.testing.assert_array_equal(g, model.forward(t, c))
+
+
+def test_long_context_decode_in_a_batch_matches_alone():
+    """Past two attention chunks (256 positions), across blocks: the decode token's attention runs
+    the same kernel alone and among 8 (review: the serial and parallel kernels round differently)."""
+    model = build_model(GGUFFile(FIXTURES / "mistral_gqa-f32.gguf"), NumbaBackend(2))
+    prompt, nxt = tokens(300, 1), tokens(1, 2)
+    c = model.new_cache(320)
+    model.forward(prompt, c)
+    want = model.forward(nxt, c)
+    cache = model.new_cache(320)
+    seqs = [cache.add() for _ in range(8)]
+    for s in seqs:
+        model.forward_batch(cache, [(s, prompt)])
+    for g in model.forward_batch(cache, [(s, nxt) for s in seqs]):
+        np.testing.assert_array_equal(g, want)
+
+
+def test_generate_batch_takes_any_iterable_of_prompts():
+    import purelm
+
+    llm = purelm.load(str(FIXTURES / "llama-q8_0.gguf"), backend="numpy", n_ctx=32)
+    timings = {}
+    out = llm.generate_batch((p for p in [[1, 2], [3]]), max_tokens=2, ignore_eos=True, timings=timings)
+    assert [len(c.tokens) for c in out] == [2, 2] and timings["generated_tokens"] == 4
+    out = llm.generate_batch(np.array([[1, 2], [3, 4]]), max_tokens=1, ignore_eos=True)
+    assert len(out) == 2
+
+
+def test_negative_positions_are_refused():
+    cache = KVCache(1, 16, 1, 2, 2)
+    with pytest.raises(UsageError):
+        cache.commit(-1)
+    with pytest.raises(UsageError):
+        cache.n_past = -3

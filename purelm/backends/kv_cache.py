@@ -85,6 +85,8 @@ class KVCache:
         del s.blocks[keep:]
 
     def commit(self, n_tokens: int, seq: int = 0) -> None:
+        if n_tokens < 0:
+            raise UsageError(f"commit of {n_tokens} tokens: it must be >= 0 (truncate forgets positions)")
         self.seq(seq).n_past += n_tokens
 
     # sequence 0, for the single-sequence API
@@ -95,6 +97,8 @@ class KVCache:
     @n_past.setter
     def n_past(self, value: int) -> None:
         """Pretend positions 0..value-1 are stored (zeros where nothing was written)."""
+        if value < 0:
+            raise UsageError(f"n_past must be >= 0, got {value}")
         self.reserve(value)
         self.seqs[0].n_past = value
 
@@ -190,11 +194,14 @@ class PassView:
     """What the attention op of one forward pass sees of the cache: where each token's key and
     value go (`write_rows`), and per run of one sequence the rows of every position it attends to
     (`rows_upto[i]`: positions 0..p1-1) and its block table. Built once per pass, used by every
-    layer. Attributes of the cache the ops check (n_layers, n_kv_heads, k_dim, v_dim, n_ctx, k, v)
-    are forwarded."""
+    layer. The cache's sizes and per-layer stores (n_layers, n_kv_heads, k_dim, v_dim, n_ctx, k, v)
+    are copied here: the ops read them for every layer."""
 
     def __init__(self, cache: KVCache, runs: list[tuple[int, int]]) -> None:
         self.cache = cache
+        self.n_layers, self.n_kv_heads, self.n_ctx = cache.n_layers, cache.n_kv_heads, cache.n_ctx
+        self.k_dim, self.v_dim = cache.k_dim, cache.v_dim
+        self.k, self.v = cache.k, cache.v  # the lists: a store that grows is replaced in them
         self.runs: list[Run] = []
         seen, t = set(), 0
         for seq, n in runs:
@@ -222,9 +229,6 @@ class PassView:
     def rows_upto(self) -> list[np.ndarray]:
         """Per run, the rows of its sequence's positions 0..p1-1 (to gather them for a product)."""
         return [self.cache.rows(r.seq, 0, r.p1) for r in self.runs]
-
-    def __getattr__(self, name: str) -> Any:  # n_layers, n_kv_heads, k_dim, v_dim, n_ctx, k, v
-        return getattr(self.cache, name)
 
     def commit(self) -> None:
         """The pass has its logits: each sequence's positions are stored."""

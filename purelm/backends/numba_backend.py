@@ -51,9 +51,6 @@ from .numba_kernels.packing import DEFAULT_LANES, PACKED_TYPES, Arena, Packed, c
 MATVEC_MAX_TOKENS = 12
 # float32 weights per dequantized tile: 1 MiB, stays in L2 between the dequantize and the multiply.
 TILE_FLOATS = 1 << 18
-# Below this many query-key products, attention runs on the calling thread (a parallel launch costs
-# more than the work).
-ATTENTION_SERIAL_WORK = 1 << 16
 # Queries per block in prefill attention; key positions per work item in long-context decode.
 ATTENTION_BLOCK = 128
 ATTENTION_CHUNK = 256
@@ -243,22 +240,17 @@ class NumbaBackend(Backend):
                 self.rope(x[:n_tok].reshape(n_tok, 4, 64), np.arange(n_tok), rope)
                 self.rope(x[:n_tok].reshape(n_tok, 4, 64), -np.ones(n_tok, np.int64), rope)
         yield
-        # attention: prefill (matrix products), and the paged kernel serially and on numba's threads
-        n_ctx = 2 * ATTENTION_SERIAL_WORK // (4 * 64)
-        cache = self.kv_cache(1, n_ctx, 1, 64, 64)
+        # attention: prefill (matrix products), and the paged kernel (over more than one chunk)
+        cache = self.kv_cache(1, 2 * ATTENTION_CHUNK, 1, 64, 64)
         spec = AttentionSpec(scale=0.125, alibi_slopes=np.ones(4, np.float32))
         for n_tok in (n_many, 1):
             cache.truncate(0)
             q = x[:n_tok].reshape(n_tok, 4, 64)
             self.attention(q, q[:, :1], q[:, :1], cache, 0, spec)
             cache.commit(n_tok)
-        cache.n_past = n_ctx - 1
+        cache.n_past = 2 * ATTENTION_CHUNK - 1
         q1, kv1 = x[:1].reshape(1, 4, 64), x[:1, :64].reshape(1, 1, 64)
         self.attention(q1, kv1, kv1, cache, 0, spec)
-        if self.threads > 1:  # the serial kernel at this length, as when ThreadGuard finds the cores busy
-            self._numba_threads = 1
-            self.attention(q1, kv1, kv1, cache, 0, spec)
-            self._numba_threads = numba.get_num_threads()
         yield
 
     def weight(self, t: Tensor) -> NumbaWeight:
@@ -358,11 +350,11 @@ class NumbaBackend(Backend):
         else:
             groups = self._row_groups(x2.shape[0])
             if len(groups) == 1:
-                y = self._matvec_kernel(x2, w) if groups[0][2] else self._matmul(x2, w)
+                y = self._product(x2, w, groups[0][2])
             else:
                 y = np.empty((x2.shape[0], w.n_out), np.float32)
                 for a, b, short in groups:
-                    y[a:b] = self._matvec_kernel(x2[a:b], w) if short else self._matmul(x2[a:b], w)
+                    y[a:b] = self._product(x2[a:b], w, short)
         if bias is not None:
             y += bias
         return y.reshape(lead + (w.n_out,)) if len(lead) != 1 else y
@@ -398,6 +390,14 @@ class NumbaBackend(Backend):
                     groups.append((a, b, short))
             known[n_rows] = groups
         return groups
+
+    def _product(self, x: np.ndarray, w: NumbaWeight, short: bool) -> np.ndarray:
+        """x @ W.T: by the matrix-vector kernels for a short group of rows, else a matrix product."""
+        if w.pack_later:
+            self._pack(w)
+        if short and (w.packed is not None or w.qtype in rk.ROW_TYPES):
+            return self._matvec_kernel(x, w)
+        return self._matmul(x, w)
 
     def _matvec_kernel(self, x: np.ndarray, w: NumbaWeight) -> np.ndarray:
         """x @ W.T by the matrix-vector kernels: the weight is read once for all rows of x, and each
@@ -462,21 +462,22 @@ class NumbaBackend(Backend):
         return [(u0, min(u0 + per_tile, n_units)) for u0 in range(0, n_units, per_tile)]
 
     def glu(self, x: np.ndarray, ws: Any, act: str) -> np.ndarray:
-        groups = self._row_groups(x.shape[0]) if x.ndim == 2 else [(0, 0, False)]
-        if len(groups) == 1:
-            return self._glu_rows(x, ws, act)
-        layouts, self.layouts = self.layouts, {}  # each group of rows as alone: no layout inside
-        try:
-            return np.concatenate([self._glu_rows(x[a:b], ws, act) for a, b, _ in groups])
-        finally:
-            self.layouts = layouts
-
-    def _glu_rows(self, x: np.ndarray, ws: Any, act: str) -> np.ndarray:
-        p = ws.packed if isinstance(ws, NumbaWeight) else None
-        if (p is None or x.size // x.shape[-1] <= MATVEC_MAX_TOKENS or len(ws.splits) != 2
-                or ws.splits[0] != ws.splits[1] or ws.splits[0] % p.lanes):
-            return super().glu(x, ws, act)  # decode, or halves not in whole groups of rows
         x2 = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
+        groups = self._row_groups(x2.shape[0])  # as in linear: short runs by the matrix-vector kernels
+        parts = [self._glu_rows(x2[a:b], ws, act, short) for a, b, short in groups]
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out.reshape(x.shape[:-1] + (out.shape[-1],))
+
+    def _glu_rows(self, x2: np.ndarray, ws: Any, act: str, short: bool) -> np.ndarray:
+        p = ws.packed if isinstance(ws, NumbaWeight) else None
+        if (short or p is None or len(ws.splits) != 2 or ws.splits[0] != ws.splits[1]
+                or ws.splits[0] % p.lanes):  # decode, or halves not in whole groups of rows
+            if isinstance(ws, NumbaWeight):
+                y = self._product(x2, ws, short)
+                gate, up = y[:, :ws.splits[0]], y[:, ws.splits[0]:]
+            else:
+                gate, up = (self._product(x2, w, short) for w in ws)
+            return self.swiglu(gate, up) if act == "silu" else self.geglu(gate, up)
         # Prefill: per tile of gate rows, the same rows of up, then act(gate) * up straight into the
         # output: no (tokens, 2 * ffn) product (23 MB for a 512-token prompt on a 1.1B model).
         kernel = ops.swiglu if act == "silu" else ops.geglu
@@ -499,7 +500,7 @@ class NumbaBackend(Backend):
         tasks = [task(g0, g1) for g0, g1 in self._tile_ranges(half, lanes, p.n_in)]
         with self._single_threaded_blas():
             self._run_split(tasks)
-        return out.reshape(x.shape[:-1] + (n,))
+        return out
 
     def _scratch_floats(self, name: str, size: int) -> np.ndarray:
         """This thread's float32 scratch buffer `name`, at least `size` long: reused from call to
@@ -606,24 +607,24 @@ class NumbaBackend(Backend):
             if run.t1 - run.t0 > MATVEC_MAX_TOKENS:  # a prompt chunk: matrix products over its rows, gathered
                 rows = view.rows_upto[i]
                 self._attention_blas(q[run.t0:run.t1], keys[rows], values[rows], run.p0, *args, out[run.t0:run.t1])
-        tokens, tables, pos, positions = self._paged_tokens(view)
+        tokens, tables, pos = self._paged_tokens(view)
         if len(tokens):
             qt = q if len(tokens) == len(q) else q[tokens]
             ot = out if len(tokens) == len(q) else np.empty((len(tokens), out.shape[1]), np.float32)
-            # serial or on numba's threads: the same work items and results either way
-            kernel = ops.attention_paged if (self.threads == 1 or self._numba_threads == 1 or
-                                             positions * q.shape[1] * q.shape[2] < ATTENTION_SERIAL_WORK) \
-                else ops.attention_paged_parallel
+            # One kernel per backend, whatever the batch or ThreadGuard's choice: the serial and the
+            # parallel kernel compile the same items differently (reductions reassociated), so a
+            # token's bits would depend on the company it keeps. With one numba thread the parallel
+            # kernel runs its items serially, the same code.
+            kernel = ops.attention_paged if self.threads == 1 else ops.attention_paged_parallel
             self._kernel_threads()
             kernel(qt, keys, values, tables, pos, BLOCK_SHIFT, *args, ATTENTION_CHUNK, ot)
             if ot is not out:
                 out[tokens] = ot
         return out
 
-    def _paged_tokens(self, view: PassView) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def _paged_tokens(self, view: PassView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The tokens of a pass that the paged kernel serves (decode tokens and short prompt runs),
-        with each one's block table and position, and how many positions they attend to in all:
-        worked out once per pass, kept on the view."""
+        with each one's block table and position: worked out once per pass, kept on the view."""
         got = view.__dict__.get("_numba_paged")
         if got is None:
             short = [(r, t) for r, t in zip(view.runs, view.tables) if r.t1 - r.t0 <= MATVEC_MAX_TOKENS]
@@ -633,8 +634,7 @@ class NumbaBackend(Backend):
             for r, t in short:
                 tables[i:i + r.t1 - r.t0, :len(t)] = t
                 i += r.t1 - r.t0
-            pos = view.positions[tokens]
-            got = view.__dict__["_numba_paged"] = (tokens, tables, pos, int(pos.sum()) + len(pos))
+            got = view.__dict__["_numba_paged"] = (tokens, tables, view.positions[tokens])
         return got
 
     def _spec_args(self, spec: AttentionSpec) -> tuple[np.float32, np.float32, int, np.ndarray]:
