@@ -109,7 +109,7 @@ def stream_tokens(model: Model, tokenizer, cache: KVCache, prompt: Sequence[int]
     timings.update(prompt_tokens=len(prompt), prompt_eval_tokens=len(prompt) - keep,
                    prompt_s=time.perf_counter() - t0)
 
-    sample = _Sample(tokenizer, Sampler(params), prompt, stop, ignore_eos, max_tokens)
+    sample = _Sample(tokenizer, sampler, prompt, stop, ignore_eos, max_tokens)
     t1 = time.perf_counter()
     try:
         while True:
