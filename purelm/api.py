@@ -64,6 +64,17 @@ def _stops(stop: object) -> list[str]:
     return stops
 
 
+def _generation_options(max_tokens: object, stop: object, sampling: dict) -> tuple[int, list[str], SamplingParams]:
+    """The options every generation call takes, checked: max_tokens, stop strings, sampling."""
+    unknown = set(sampling).difference(_SAMPLING_KEYS)
+    if unknown:
+        raise UsageError(f"unknown generation option(s): {', '.join(sorted(unknown))} (known: max_tokens, "
+                         f"stop, ignore_eos, timings, truncate, {', '.join(_SAMPLING_KEYS)})")
+    params = SamplingParams(**sampling)
+    params.validate()
+    return check_int("max_tokens", max_tokens, 1), _stops(stop), params
+
+
 class LLM:
     """A loaded model: its file, tokenizer, backend and one KV cache reused across calls (a prompt that
     extends the previous one is not evaluated again)."""
@@ -112,19 +123,15 @@ class LLM:
         its last n_ctx - max_tokens tokens (at least 1), or half the context when max_tokens >= n_ctx;
         without it a prompt that does not fit raises `ContextOverflowError`.
         Bad arguments raise `UsageError`."""
-        unknown = set(sampling).difference(_SAMPLING_KEYS)
-        if unknown:
-            raise UsageError(f"unknown generation option(s): {', '.join(sorted(unknown))} (known: max_tokens, "
-                             f"stop, ignore_eos, timings, truncate, {', '.join(_SAMPLING_KEYS)})")
-        max_tokens = check_int("max_tokens", max_tokens, 1)
-        stops = _stops(stop)
-        params = SamplingParams(**sampling)
-        params.validate()
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids(prompt, self.n_vocab, "prompt", True)
+        max_tokens, stops, params = _generation_options(max_tokens, stop, sampling)
+        ids = self._prompt_ids(prompt)
         if truncate:
             ids = truncate_prompt(ids, self.n_ctx, max_tokens)
         return stream_tokens(self.model, self.tokenizer, self.cache, ids, params, max_tokens, stops,
                              ignore_eos, timings)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.tokenize(prompt) if isinstance(prompt, str) else _token_ids(prompt, self.n_vocab, "prompt", True)
 
     def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[str]:
         """Generated text, piece by piece, as it is produced."""
@@ -154,18 +161,11 @@ class LLM:
         sequence's last chunk carries its finish reason. Options as in `stream_chunks`; with a seed,
         sample j of every prompt uses seed + j (as a single `generate` with that seed would). The
         samples of a prompt share its cached positions."""
-        unknown = set(sampling).difference(_SAMPLING_KEYS)
-        if unknown:
-            raise UsageError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+        max_tokens, stops, params = _generation_options(max_tokens, stop, sampling)
         n = check_int("n", n, 1)
-        max_tokens = check_int("max_tokens", max_tokens, 1)
-        stops = _stops(stop)
-        params = SamplingParams(**sampling)
-        params.validate()
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
             raise UsageError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
-        ids = [self.tokenize(p) if isinstance(p, str) else _token_ids(p, self.n_vocab, "prompt", True)
-               for p in prompts]
+        ids = [self._prompt_ids(p) for p in prompts]
         for i, p in enumerate(ids):
             if not p:
                 raise UsageError(f"prompt {i} is empty: give at least one token")
