@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-PURELM_ENGINES = ("numba", "numpy")
+PURELM_ENGINES = ("numba", "numpy", "torch")  # torch: CUDA when torch sees a GPU, else its CPU device
 LLAMA = "llama.cpp"
 ALL_TESTS = ("pp", "tg")
 
@@ -113,7 +113,7 @@ def parse_engines(spec: str) -> list[tuple[str, tuple[str, ...]]]:
         name, _, tests = item.partition(":")
         name = {"llama_cpp": LLAMA, "llama": LLAMA, "llamacpp": LLAMA}.get(name.lower(), name.lower())
         if name not in (*PURELM_ENGINES, LLAMA):
-            raise SystemExit(f"unknown engine {name!r} (choose from numba, numpy, llama.cpp)")
+            raise SystemExit(f"unknown engine {name!r} (choose from numba, numpy, torch, llama.cpp)")
         chosen = tuple(t for t in ALL_TESTS if t in tests.split("+")) if tests else ALL_TESTS
         if not chosen:
             raise SystemExit(f"engine {item!r}: tests must be pp, tg or pp+tg")
@@ -151,7 +151,8 @@ class PurelmEngine:
         self.cache = self.model.new_cache(n_ctx)
         self.load_s = time.perf_counter() - t0
         c = self.cache  # its size once all n_ctx positions are used (it grows on demand)
-        self.kv_cache_mb = c.n_layers * n_ctx * c.n_kv_heads * (c.k_dim + c.v_dim) * np.dtype(c.dtype).itemsize / 2**20
+        itemsize = c.k[0].element_size() if hasattr(c.k[0], "element_size") else np.dtype(c.dtype).itemsize
+        self.kv_cache_mb = c.n_layers * n_ctx * c.n_kv_heads * (c.k_dim + c.v_dim) * itemsize / 2**20
 
     def reset(self) -> None:
         self.cache.truncate(0)
@@ -163,6 +164,12 @@ class PurelmEngine:
         import numpy as np
 
         info = {"backend": getattr(self.backend, "name", type(self.backend).__name__), "numpy": np.__version__}
+        torch = sys.modules.get("torch")
+        if torch is not None and getattr(self.backend, "device", None) is not None:
+            info.update(torch=torch.__version__, device=str(self.backend.device), dtype=str(self.backend.dtype))
+            if self.backend.device.type == "cuda":
+                info["gpu"] = torch.cuda.get_device_name(self.backend.device)
+                info["gpu_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         numba = sys.modules.get("numba")  # not imported here: that would inflate the numpy engine's RSS
         if numba is not None:
             info["numba"] = numba.__version__

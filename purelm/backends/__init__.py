@@ -7,7 +7,7 @@ import sys
 from ..errors import PurelmError, UsageError
 from .base import Backend
 
-BACKENDS = ("numba", "numpy")
+BACKENDS = ("numba", "numpy", "torch")
 
 
 def default_threads() -> int:
@@ -23,13 +23,23 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def get_backend(name: str | None = None, threads: int | None = None) -> Backend:
-    """`name`: "numba", "numpy" or None (the fastest available)."""
+def get_backend(name: str | None = None, threads: int | None = None, device: str | None = None,
+                dtype: str | None = None) -> Backend:
+    """`name`: "numba", "numpy", "torch" or None (the fastest CPU backend). `device` and `dtype`: the
+    torch backend's (see TorchBackend)."""
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
-    threads = threads or default_threads()
     if name not in (None, *BACKENDS):
         raise UsageError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if (device is not None or dtype is not None) and name != "torch":
+        raise UsageError("device and dtype are options of the torch backend (backend=\"torch\")")
+    if name == "torch":
+        try:
+            from .torch_backend import TorchBackend
+        except ImportError as e:
+            raise PurelmError(str(e)) from None
+        return TorchBackend(device, dtype, threads)
+    threads = threads or default_threads()
     if name in (None, "numba"):
         try:
             from .numba_backend import NumbaBackend

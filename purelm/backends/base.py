@@ -134,6 +134,12 @@ class Backend(ABC):
             a += n
         return out
 
+    def run(self, compute: Any, ids: np.ndarray, view: PassView, rows: np.ndarray | None) -> Any:
+        """One pass's computation, `compute(ids, positions, view, rows)` (Model.logits_of), inside
+        forward_pass. A backend may run it differently with the same result: a GPU backend captures
+        the decode step once and replays it (CUDA graphs)."""
+        return compute(ids, view.positions, view, rows)
+
     # -- weights, prepared once at load
     def prepare(self, types: set[GGMLType]) -> None:
         """Called before a model whose matrices (2-D tensors) have `types` builds its weights: a

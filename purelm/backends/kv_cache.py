@@ -42,8 +42,8 @@ class KVCache:
                  dtype: Any = np.float32) -> None:
         self.n_layers, self.n_ctx, self.n_kv_heads = n_layers, n_ctx, n_kv_heads
         self.k_dim, self.v_dim, self.dtype = k_dim, v_dim, dtype
-        self.k = [np.zeros((0, n_kv_heads, k_dim), dtype) for _ in range(n_layers)]
-        self.v = [np.zeros((0, n_kv_heads, v_dim), dtype) for _ in range(n_layers)]
+        self.k = [self._zeros((0, n_kv_heads, k_dim)) for _ in range(n_layers)]
+        self.v = [self._zeros((0, n_kv_heads, v_dim)) for _ in range(n_layers)]
         self.refs = np.zeros(0, np.int32)  # sequences holding each block
         self.free_blocks: list[int] = []
         self.seqs: dict[int, Sequence] = {0: Sequence()}
@@ -159,11 +159,15 @@ class KVCache:
         old = self.capacity
         for stores in (self.k, self.v):
             for i, store in enumerate(stores):
-                new = np.zeros((capacity * BLOCK,) + store.shape[1:], self.dtype)
+                new = self._zeros((capacity * BLOCK,) + tuple(store.shape[1:]))
                 new[: old * BLOCK] = store
                 stores[i] = new
         self.refs = np.concatenate([self.refs, np.zeros(capacity - old, np.int32)])
         self.free_blocks.extend(range(capacity - 1, old - 1, -1))  # lowest first
+
+    def _zeros(self, shape: tuple[int, ...]) -> Any:
+        """A zeroed store (a backend's cache subclass puts it on its device)."""
+        return np.zeros(shape, self.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import Backend, KVCache, Rope
-from ..errors import FormatError, UsageError
+from ..errors import ContextOverflowError, FormatError, UsageError
 from ..formats.gguf import GGUFFile, Tensor, ValueType
 
 
@@ -221,9 +221,13 @@ class Model:
                                for i, r in zip(order, view.runs)])
         segments = [len(ids[i]) for i in order]
         head_segments = [len(ids[i]) if wants[i] else 1 for i in order]
+        if self.max_positions is not None and view.n_tokens and view.positions.max() >= self.max_positions:
+            raise ContextOverflowError(f"position {view.positions.max()} is past the model's {self.max_positions} "
+                                       "learned position embeddings")
         with self.ops.forward_pass(segments, head_segments):
-            h = self.hidden(np.concatenate([ids[i] for i in order]), view.positions, view)
-            logits = self.ops.to_numpy(self.head(h if len(rows) == view.n_tokens else h[rows]))
+            out = self.ops.run(self.logits_of, np.concatenate([ids[i] for i in order]), view,
+                               None if len(rows) == view.n_tokens else rows)
+            logits = self.ops.to_numpy(out)
         if not np.isfinite(logits).all():
             # NaN or inf weights (or a norm that divides by zero) would reach the sampler as garbage
             raise FormatError(self.gguf.path, "weights", "the model computed non-finite logits (NaN or inf): "
@@ -249,6 +253,13 @@ class Model:
 
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
         raise NotImplementedError
+
+    def logits_of(self, ids: Any, positions: Any, cache: Any, rows: Any = None) -> Any:
+        """One pass's logits: of the rows `rows` of the final hidden states (all when None)."""
+        h = self.hidden(ids, positions, cache)
+        return self.head(h if rows is None else h[rows])
+
+    max_positions: int | None = None  # learned position embeddings (GPT-2): positions must stay below
 
     output: Any = None  # the output matrix (the token embedding when tied)
     output_b: Any = None  # its bias, where the architecture has one

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..backends.base import AttentionSpec, Backend, KVCache, Rope
 from ..convert_spec import ConvertSpec
-from ..errors import ContextOverflowError, FormatError
+from ..errors import FormatError
 from ..formats.gguf import GGUFFile
 from .common import Model, Params, Weights
 from .layers import Attention, Block, MLP, Norm, alibi_slopes, output_head
@@ -48,7 +48,7 @@ class GPT2(Model):
 
         self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
         pos = gguf.tensors.get("position_embd.weight")
-        self.n_pos = pos.shape[0] if pos is not None else None
+        self.n_pos = self.max_positions = pos.shape[0] if pos is not None else None
         self.pos_embd = w.matrix("position_embd.weight", (self.n_pos, self.dim)) if pos is not None else None
         self.embd_norm = Norm.layer_norm(self, w, "token_embd_norm", bias="optional", optional=True)
         self.out_norm = Norm.layer_norm(self, w, "output_norm", bias="optional")
@@ -76,10 +76,7 @@ class GPT2(Model):
     # -- the forward pass
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
         x = self.ops.embed(self.tok_embd, ids)
-        if self.pos_embd is not None:
-            if np.max(positions) >= self.n_pos:
-                raise ContextOverflowError(f"position {np.max(positions)} is past the model's {self.n_pos} "
-                                           "learned position embeddings")
+        if self.pos_embd is not None:  # positions below max_positions (checked before the pass)
             x = x + self.ops.embed(self.pos_embd, positions)
         if self.embd_norm is not None:
             x = self.embd_norm(x)

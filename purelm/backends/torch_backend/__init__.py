@@ -1,0 +1,333 @@
+"""The torch backend: the same model code on a CUDA GPU, or on torch's CPU device.
+
+Weights stay packed on the device (packed.py: the file's bits regrouped into planes, never a float copy
+of the model). A few activation rows (decode, several sequences) multiply the planes directly with
+Triton kernels on CUDA; more rows (a prompt) dequantize a tile of weights at a time and use a matrix
+product in the activation dtype. Activations are bfloat16 on CUDA by default (float16 or float32 on
+request), float32 on the CPU. On CUDA a decode step is captured once per batch size and context bucket
+as a CUDA graph and replayed (graphs.py), since one token is hundreds of small kernels.
+"""
+from __future__ import annotations
+
+
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ...errors import PurelmError, ShapeError, UsageError
+from ...formats.gguf import Tensor
+from ...quant import dequantize_rows, dequantize as dequantize_np
+from ..base import AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm, check_rope
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError as e:  # pragma: no cover - exercised by test_torch_backend's subprocess check
+    raise ImportError(f"the torch backend needs PyTorch ({e}): pip install 'purelm[torch]'") from None
+
+from .cache import DeviceRuns, StagedView, TorchKVCache, device_runs
+from .packed import DENSE, DENSE_DTYPES, LAYOUTS, Packed, dequantize, pack
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+TILE_FLOATS = 8 << 20  # weights dequantized at once for a matrix product (32 MiB of float32)
+MATVEC_MAX_ROWS = 16  # up to this many activation rows use the packed Triton kernels
+
+
+def _triton_ok(device: torch.device) -> bool:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        from . import triton_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Merged:
+    """Matrices that multiply the same input (q|k|v, gate|up), stacked into one: one kernel for all."""
+
+    def __init__(self, w: Any, sizes: list[int]) -> None:
+        self.w, self.sizes = w, sizes
+        self.shape = (sum(sizes), w.shape[1])
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, device: str | None = None, dtype: str | None = None, threads: int | None = None,
+                 graphs: bool | None = None, triton: bool | None = None) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise UsageError(f"unknown torch device {device!r} (use cuda, cuda:N or cpu)") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise PurelmError("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
+        if self.device.type not in ("cuda", "cpu"):
+            raise UsageError(f"device {device!r}: the torch backend runs on cuda or cpu")
+        if dtype is None:
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        elif dtype in DTYPES:
+            self.dtype = DTYPES[dtype]
+        else:
+            raise UsageError(f"unknown dtype {dtype!r} (choose from bf16, fp16, fp32)")
+        self.threads = threads
+        # Triton on CUDA; on the CPU only when asked and interpreted (TRITON_INTERPRET=1: the tests)
+        self.use_triton = _triton_ok(self.device) and (triton if triton is not None else self.device.type == "cuda")
+        self.use_graphs = self.device.type == "cuda" if graphs is None else graphs and self.device.type == "cuda"
+        self._consts: dict[Any, Any] = {}  # per-op constants made once (rope frequencies, ALiBi slopes)
+        self._scratch: dict[Any, Any] = {}  # per-pass values shared by the layers (cos/sin)
+        self._saved_threads: int | None = None
+        self.graphs = None
+        if self.use_graphs:
+            from .graphs import GraphRunner
+
+            self.graphs = GraphRunner(self)
+
+    def __repr__(self) -> str:
+        return f"TorchBackend(device={self.device}, dtype={str(self.dtype).replace('torch.', '')})"
+
+    # -- passes
+    def begin_pass(self, segments: list[int], head_segments: list[int]) -> None:
+        super().begin_pass(segments, head_segments)
+        self._scratch = {}
+        if self.threads and self.device.type == "cpu":
+            self._saved_threads = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+
+    def end_pass(self, failed: bool = False) -> None:
+        super().end_pass(failed)
+        self._scratch = {}
+        if self._saved_threads is not None:
+            torch.set_num_threads(self._saved_threads)
+            self._saved_threads = None
+
+    def run(self, compute: Any, ids: np.ndarray, view: PassView, rows: np.ndarray | None) -> Any:
+        if self.graphs is not None and self.graphs.eligible(view, rows):
+            return self.graphs.run(compute, ids, view)
+        return compute(self._index(ids), self._index(view.positions), view,
+                       None if rows is None else self._index(rows))
+
+    def _index(self, a: Any) -> torch.Tensor:
+        if isinstance(a, torch.Tensor):
+            return a
+        return torch.from_numpy(np.ascontiguousarray(a, np.int64)).to(self.device)
+
+    # -- weights
+    def weight(self, t: Tensor) -> Any:
+        if t.type in DENSE:
+            with warnings.catch_warnings():  # the file's pages are read-only; nothing writes to them
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.from_numpy(np.asarray(t.data).view(np.uint8)).view(DENSE_DTYPES[t.type])
+            return data.reshape(t.shape).to(self.device)
+        if t.type in LAYOUTS:
+            return pack(t.type, [(t.shape[0], t.data)], t.shape[1], self.device)
+        return t  # other types: dequantized on the host a tile at a time (slow, but any type runs)
+
+    def weights(self, ts: list[Tensor]) -> Any:
+        """One stacked matrix where the parts share a type and width (one kernel for q|k|v)."""
+        if len(ts) > 1 and len({t.type for t in ts}) == 1 and len({t.shape[1] for t in ts}) == 1 \
+                and ts[0].type in LAYOUTS:
+            sizes = [t.shape[0] for t in ts]
+            return Merged(pack(ts[0].type, [(t.shape[0], t.data) for t in ts], ts[0].shape[1], self.device), sizes)
+        return [self.weight(t) for t in ts]
+
+    def vector(self, t: Tensor) -> torch.Tensor:
+        return torch.from_numpy(t.dequantize()).to(self.device, self.dtype)
+
+    def kv_cache(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int) -> KVCache:
+        return TorchKVCache(n_layers, n_ctx, n_kv_heads, k_dim, v_dim, self.device, self.dtype)
+
+    # -- products
+    def embed(self, w: Any, ids: Any) -> torch.Tensor:
+        idx = self._index(ids).reshape(-1)
+        if isinstance(w, Packed):
+            return self._dequantize(w.rows(idx))
+        if isinstance(w, torch.Tensor):
+            return w[idx].to(self.dtype)
+        rows = dequantize_rows(w.data, w.type, w.shape[-1], idx.cpu().numpy())
+        return torch.from_numpy(rows).to(self.device, self.dtype)
+
+    def linear(self, x: torch.Tensor, w: Any, bias: Any = None) -> torch.Tensor:
+        if isinstance(w, Merged):
+            w = w.w
+        if x.ndim != 2 or x.shape[1] != w.shape[1]:
+            raise ShapeError(f"linear: input of shape {tuple(x.shape)} for a matrix of shape {tuple(w.shape)}")
+        if isinstance(w, Packed) and self.use_triton and x.shape[0] <= MATVEC_MAX_ROWS:
+            from .triton_kernels import matvec
+
+            y = matvec(x, w, self.dtype)
+        else:
+            y = self._tiled(x, w)
+        return y if bias is None else y + bias
+
+    def _tiled(self, x: torch.Tensor, w: Any) -> torch.Tensor:
+        """x @ w.T a tile of weight rows at a time; on the CPU each run of the pass separately (as
+        alone: BLAS rounds by shape), on CUDA all rows at once."""
+        n_out, n_in = w.shape
+        y = torch.empty((x.shape[0], n_out), dtype=self.dtype, device=x.device)
+        runs = self.row_runs(x.shape[0]) if self.device.type == "cpu" else [(0, x.shape[0])]
+        step = max(1, TILE_FLOATS // n_in)
+        for r in range(0, n_out, step):
+            r1 = min(n_out, r + step)
+            if isinstance(w, Packed):
+                wt = self._dequantize(w.slice(r, r1))
+            elif isinstance(w, torch.Tensor):
+                wt = w[r:r1].to(self.dtype)
+            else:
+                rows = w.data[r:r1]
+                wt = torch.from_numpy(dequantize_np(rows, w.type, (rows.shape[0], n_in))).to(self.device, self.dtype)
+            for a, b in runs:
+                y[a:b, r:r1] = x[a:b] @ wt.T
+        return y
+
+    def _dequantize(self, w: Packed) -> torch.Tensor:
+        if self.use_triton:
+            from .triton_kernels import dequantize as triton_dequantize
+
+            return triton_dequantize(w, self.dtype)
+        return dequantize(w, self.dtype)
+
+    def linear_many(self, x: torch.Tensor, ws: Any) -> list[torch.Tensor]:
+        if isinstance(ws, Merged):
+            return list(torch.split(self.linear(x, ws.w), ws.sizes, dim=1))
+        return [self.linear(x, w) for w in ws]
+
+    # -- norms and position
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        check_norm(x, w, "rms_norm")
+        xf = x.float()
+        ms = torch.mean(xf * xf, dim=-1, keepdim=True)
+        return ((xf / torch.sqrt(ms + eps)) * w.float()).to(self.dtype)
+
+    def layer_norm(self, x: torch.Tensor, w: Any, b: Any, eps: float) -> torch.Tensor:
+        check_norm(x, w, "layer_norm", optional=True), check_norm(x, b, "layer_norm", optional=True)
+        xf = x.float()
+        xc = xf - xf.mean(dim=-1, keepdim=True)
+        y = xc / torch.sqrt(torch.mean(xc * xc, dim=-1, keepdim=True) + eps)
+        if w is not None:
+            y = y * w.float()
+        if b is not None:
+            y = y + b.float()
+        return y.to(self.dtype)
+
+    def _cos_sin(self, positions: Any, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("cos_sin", id(positions), rope)
+        hit = self._scratch.get(key)
+        if hit is not None and hit[0] is positions:
+            return hit[1], hit[2]
+        inv = self._consts.get(("inv_freq", rope))
+        if inv is None:
+            inv = self._consts[("inv_freq", rope)] = torch.from_numpy(rope.inv_freq()).to(self.device)
+        theta = (self._index(positions).to(torch.float64) * rope.freq_scale)[:, None] * inv[None, :]
+        cos = (torch.cos(theta) * rope.attn_factor).float()[:, None, :]
+        sin = (torch.sin(theta) * rope.attn_factor).float()[:, None, :]
+        self._scratch[key] = (positions, cos, sin)
+        return cos, sin
+
+    def rope(self, x: torch.Tensor, positions: Any, rope: Rope) -> torch.Tensor:
+        check_rope(x, positions, rope)
+        cos, sin = self._cos_sin(positions, rope)
+        half, n = rope.n_dims // 2, rope.n_dims
+        xf = x.float()
+        out = xf.clone()
+        if rope.neox:
+            a, b = xf[..., :half], xf[..., half:n]
+            out[..., :half] = a * cos - b * sin
+            out[..., half:n] = a * sin + b * cos
+        else:
+            a, b = xf[..., 0:n:2], xf[..., 1:n:2]
+            out[..., 0:n:2] = a * cos - b * sin
+            out[..., 1:n:2] = a * sin + b * cos
+        return out.to(self.dtype)
+
+    # -- attention
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PassView | KVCache, layer: int,
+                  spec: AttentionSpec) -> torch.Tensor:
+        view = cache if isinstance(cache, StagedView) else as_view(cache, q.shape[0])
+        check_attention(q, k, v, view, layer, spec)
+        meta: DeviceRuns = device_runs(view, self.device) if not isinstance(view, StagedView) else view._device_runs
+        keys, values = view.k[layer], view.v[layer]
+        keys[meta.write] = k.to(keys.dtype)
+        values[meta.write] = v.to(values.dtype)
+        n_tok, n_head, _ = q.shape
+        n_kv = keys.shape[1]
+        out = torch.empty((n_tok, n_head * values.shape[2]), dtype=self.dtype, device=q.device)
+        B = meta.n_decode
+        if B:
+            kd, vd = keys[meta.gather].float(), values[meta.gather].float()  # (B, L, kv, dim)
+            L = kd.shape[1]
+            pos = torch.arange(L, device=q.device)
+            q_pos = meta.lens - 1
+            masked = pos[None, :] > q_pos[:, None]  # (B, L)
+            if spec.window:
+                masked = masked | (pos[None, :] <= q_pos[:, None] - spec.window)
+            qg = q[:B].float().reshape(B, n_kv, n_head // n_kv, -1)
+            scores = torch.einsum("bkgd,blkd->bkgl", qg, kd) * spec.scale
+            scores = self._bias(scores, pos, spec, n_kv, n_head, q_axis=False)
+            scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out[:B] = torch.einsum("bkgl,blkd->bkgd", probs, vd).reshape(B, -1).to(self.dtype)
+        for t0, t1, p0, rows in meta.runs:
+            kr, vr = keys[rows].float(), values[rows].float()  # (n, kv, dim)
+            n = kr.shape[0]
+            T = t1 - t0
+            pos = torch.arange(n, device=q.device)
+            q_pos = p0 + torch.arange(T, device=q.device)
+            masked = pos[None, :] > q_pos[:, None]
+            if spec.window:
+                masked = masked | (pos[None, :] <= q_pos[:, None] - spec.window)
+            qg = q[t0:t1].float().reshape(T, n_kv, n_head // n_kv, -1)
+            scores = torch.einsum("tkgd,skd->kgts", qg, kr) * spec.scale
+            scores = self._bias(scores, pos, spec, n_kv, n_head, q_axis=True)
+            scores = scores.masked_fill(masked, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out[t0:t1] = torch.einsum("kgts,skd->tkgd", probs, vr).reshape(T, -1).to(self.dtype)
+        return out
+
+    def _bias(self, scores: torch.Tensor, pos: torch.Tensor, spec: AttentionSpec, n_kv: int, n_head: int,
+              q_axis: bool) -> torch.Tensor:
+        """Softcap and ALiBi on scores (kv, group, queries, keys) (`q_axis`) or (B, kv, group, keys)."""
+        if spec.softcap:
+            scores = torch.tanh(scores / spec.softcap) * spec.softcap
+        if spec.alibi_slopes is not None:
+            key = ("alibi", id(spec))
+            hit = self._consts.get(key)
+            if hit is None or hit[0] is not spec:
+                slopes = torch.from_numpy(np.asarray(spec.alibi_slopes, np.float32)).to(self.device)
+                hit = self._consts[key] = (spec, slopes.reshape(n_kv, n_head // n_kv))
+            slopes = hit[1]
+            scores = scores + slopes.reshape(slopes.shape + (1,) * (2 if q_axis else 1)) * pos.float()
+        return scores
+
+    # -- elementwise
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x.float()).to(self.dtype)
+
+    def gelu(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x.float(), approximate="tanh").to(self.dtype)
+
+    def gelu_erf(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x.float()).to(self.dtype)
+
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return (F.silu(gate.float()) * up.float()).to(self.dtype)
+
+    def geglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return (F.gelu(gate.float(), approximate="tanh") * up.float()).to(self.dtype)
+
+    def softcap(self, x: torch.Tensor, cap: float) -> torch.Tensor:
+        return (torch.tanh(x.float() / cap) * cap).to(self.dtype)
+
+    def clamp(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        return torch.clamp(x, lo, hi)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return x.float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+
+
+__all__ = ["TorchBackend"]

@@ -1,0 +1,101 @@
+"""The KV cache on a torch device, and what one pass's attention needs of it, as device tensors."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..kv_cache import BLOCK, KVCache, PassView
+
+
+class TorchKVCache(KVCache):
+    """KVCache (same blocks, same bookkeeping) whose stores are tensors on `device`. Blocks for one
+    sequence of n_ctx positions are allocated up front, so a single sequence never moves its stores
+    (a captured CUDA graph holds their addresses); `generation` counts the times they moved."""
+
+    def __init__(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.generation = device, 0
+        super().__init__(n_layers, n_ctx, n_kv_heads, k_dim, v_dim, dtype)
+        self._grow(max(4, -(-n_ctx // BLOCK)))
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _grow(self, capacity: int) -> None:
+        super()._grow(capacity)
+        self.generation += 1
+
+
+@dataclass
+class DeviceRuns:
+    """One pass's cache addressing on the device. Decode tokens (runs of one token) come first in a
+    pass (Model.forward_batch orders them so) and are attended together: `tables` (B, blocks) holds
+    their block tables padded with block 0, `lens` (B,) their lengths; `gather` (B, blocks * BLOCK)
+    the cache rows of their positions, derived on the device. Longer runs are attended one by one
+    over `runs` (t0, t1, p0, rows of positions 0..p1-1)."""
+
+    write: torch.Tensor  # (tokens,) cache row of each token's key and value
+    tables: torch.Tensor | None = None
+    lens: torch.Tensor | None = None
+    runs: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list)
+    gather: torch.Tensor | None = None
+
+    @property
+    def n_decode(self) -> int:
+        return 0 if self.lens is None else len(self.lens)
+
+    def derive(self) -> None:
+        """The decode tokens' gather rows from their block tables (device ops: in a captured graph
+        they run at each replay)."""
+        if self.tables is not None:
+            p = torch.arange(self.tables.shape[1] * BLOCK, device=self.tables.device)
+            self.gather = self.tables[:, p // BLOCK] * BLOCK + p % BLOCK
+
+
+def decode_tables(view: PassView, n_decode: int, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block tables (padded to n_blocks with block 0) and lengths of the first n_decode runs."""
+    tables = np.zeros((n_decode, n_blocks), np.int64)
+    lens = np.zeros(n_decode, np.int64)
+    for i in range(n_decode):
+        t = view.tables[i]
+        tables[i, :len(t)] = t[:n_blocks]
+        lens[i] = view.runs[i].p1
+    return tables, lens
+
+
+def device_runs(view: PassView, device: torch.device) -> DeviceRuns:
+    """The pass's addressing, uploaded once per pass (kept on the view for every layer)."""
+    meta = getattr(view, "_device_runs", None)
+    if meta is not None:
+        return meta
+    n_decode = 0
+    while n_decode < len(view.runs) and view.runs[n_decode].t1 - view.runs[n_decode].t0 == 1:
+        n_decode += 1
+    meta = DeviceRuns(torch.from_numpy(view.write_rows).to(device))
+    if n_decode:
+        n_blocks = -(-max(r.p1 for r in view.runs[:n_decode]) // BLOCK)
+        tables, lens = decode_tables(view, n_decode, n_blocks)
+        meta.tables, meta.lens = torch.from_numpy(tables).to(device), torch.from_numpy(lens).to(device)
+        meta.derive()
+    for r, rows in zip(view.runs[n_decode:], view.rows_upto[n_decode:]):
+        meta.runs.append((r.t0, r.t1, r.p0, torch.from_numpy(rows).to(device)))
+    view._device_runs = meta
+    return meta
+
+
+class StagedView:
+    """A decode pass's view for a captured graph: the cache's sizes and stores, and addressing held
+    in static device tensors that each replay refills."""
+
+    def __init__(self, cache: KVCache, meta: DeviceRuns) -> None:
+        self.cache, self.n_layers, self.n_kv_heads = cache, cache.n_layers, cache.n_kv_heads
+        self.k_dim, self.v_dim, self.n_ctx = cache.k_dim, cache.v_dim, cache.n_ctx
+        self.k, self.v = cache.k, cache.v
+        self.n_tokens = meta.n_decode
+        self._device_runs = meta
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(f"{name}: a captured decode pass only has device addressing")

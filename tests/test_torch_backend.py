@@ -1,0 +1,235 @@
+"""The torch backend: every architecture's unchanged model code on torch's CPU device (CI) or on CUDA
+(PURELM_TEST_DEVICE=cuda, benchmarks/gpu_check.sh), against the numpy reference backend; the packed
+planes against gguf.quants; the Triton kernels (Triton's interpreter without a GPU) against float64
+products; SmolLM2's greedy text against the numba backend's."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch backend needs PyTorch: pip install 'purelm[torch]'")
+
+from conftest import FIXTURES  # noqa: E402
+from batchlib import SCRIPT, alone, batched, tokens  # noqa: E402
+
+from purelm.backends import get_backend  # noqa: E402
+from purelm.backends.numpy_backend import NumpyBackend  # noqa: E402
+from purelm.backends.torch_backend import TorchBackend  # noqa: E402
+from purelm.backends.torch_backend.packed import LAYOUTS, dequantize, pack  # noqa: E402
+from purelm.errors import ContextOverflowError, PurelmError, ShapeError, UsageError  # noqa: E402
+from purelm.formats.gguf import GGUFFile  # noqa: E402
+from purelm.models import build_model  # noqa: E402
+from purelm.quant.types import BLOCK_INFO, GGMLType  # noqa: E402
+
+DEVICE = os.environ.get("PURELM_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":  # the Triton kernels run in Triton's interpreter (read when a kernel is defined)
+    os.environ["TRITON_INTERPRET"] = "1"
+ARCHS = sorted(p.name.split("-ref-")[0] for p in FIXTURES.glob("*-ref-f32.npz"))
+TYPES = ["f32", "f16", "q8_0", "q4_0"]
+
+
+def torch_backend(triton=False):
+    """fp32 on the test device; the Triton kernels only where asked (on the CPU they are interpreted)."""
+    return TorchBackend(DEVICE, "fp32", triton=None if DEVICE != "cpu" else triton)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return torch_backend()
+
+
+# -- every architecture, single sequences and mixed batches
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_equal_the_reference_backend(arch, qtype, ops):
+    f = GGUFFile(FIXTURES / f"{arch}-{qtype}.gguf")
+    ref, model = build_model(f, NumpyBackend()), build_model(f, ops)
+    ids = tokens(9, 0)
+    want, got = ref.forward(ids, ref.new_cache(32), True), model.forward(ids, model.new_cache(32), True)
+    assert np.abs(got - want).max() < 1e-4
+    transformers_ref = np.load(FIXTURES / f"{arch}-ref-{qtype}.npz")  # and the original model
+    logits = model.forward(transformers_ref["ids"], model.new_cache(64), all_logits=True)
+    assert np.abs(logits - transformers_ref["logits"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q4_0"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_batches_equal_each_sequence_alone_on_the_reference(arch, qtype, ops):
+    f = GGUFFile(FIXTURES / f"{arch}-{qtype}.gguf")
+    want = alone(build_model(f, NumpyBackend()), SCRIPT)
+    got = batched(build_model(f, ops), SCRIPT)
+    for seq in want:
+        assert len(want[seq]) == len(got[seq])
+        for w, g in zip(want[seq], got[seq]):
+            assert w.shape == g.shape and np.abs(g - w).max() < 1e-4, (arch, qtype, seq)
+
+
+def test_a_failed_pass_leaves_the_engine_usable(ops, monkeypatch):
+    model = build_model(GGUFFile(FIXTURES / "llama-q8_0.gguf"), ops)
+    prompt, nxt = tokens(6, 1), tokens(1, 2)
+    ref = model.new_cache(16)
+    model.forward(prompt, ref)
+    want = model.forward(nxt, ref)
+    cache = model.new_cache(16)
+    model.forward(prompt, cache)
+    with pytest.raises(ContextOverflowError):
+        model.forward(tokens(11, 3), cache)
+    real, calls = ops.attention, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(*a, **k)
+    monkeypatch.setattr(ops, "attention", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        model.forward(nxt, cache)
+    monkeypatch.setattr(ops, "attention", real)
+    assert cache.n_past == 6
+    np.testing.assert_allclose(model.forward(nxt, cache), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="threads are the CPU device's")
+def test_threads_apply_during_a_pass_and_are_put_back():
+    before = torch.get_num_threads()
+    ops = TorchBackend("cpu", threads=1)
+    model = build_model(GGUFFile(FIXTURES / "llama-f32.gguf"), ops)
+    seen = []
+    real = ops.rms_norm
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+    ops.rms_norm = spy
+    model.forward(tokens(3, 1), model.new_cache(8))
+    assert set(seen) == {1} and torch.get_num_threads() == before
+
+
+# -- packed planes and kernels
+
+F16_FIELDS = {GGMLType.Q4_0: [0], GGMLType.Q4_1: [0, 2], GGMLType.Q5_0: [0], GGMLType.Q5_1: [0, 2],
+              GGMLType.Q8_0: [0], GGMLType.Q2_K: [80, 82], GGMLType.Q3_K: [108], GGMLType.Q4_K: [0, 2],
+              GGMLType.Q5_K: [0, 2], GGMLType.Q6_K: [208], GGMLType.IQ4_NL: [0], GGMLType.IQ4_XS: [0]}
+
+
+def random_blocks(qtype, n_out, n_in, seed=0):
+    """Random bytes with finite float16 scales: every code and scale pattern of the type."""
+    rng = np.random.default_rng(seed)
+    block, bpb = BLOCK_INFO[qtype]
+    raw = rng.integers(0, 256, (n_out, n_in // block * bpb), dtype=np.uint8)
+    blocks = raw.reshape(-1, bpb)
+    for at in F16_FIELDS[qtype]:
+        blocks[:, at:at + 2] = rng.uniform(-1, 1, (len(blocks), 1)).astype(np.float16).view(np.uint8)
+    return raw
+
+
+def gguf_dequantize(raw, qtype, shape):
+    import gguf.quants
+
+    return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(int(qtype))).reshape(shape)
+
+
+@pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
+def test_planes_dequantize_exactly_as_gguf_quants(qtype):
+    pytest.importorskip("gguf")
+    raw = random_blocks(qtype, 7, 512)
+    p = pack(qtype, [(7, raw)], 512, torch.device(DEVICE))
+    np.testing.assert_array_equal(dequantize(p).cpu().numpy(), gguf_dequantize(raw, qtype, (7, 512)))
+    # the planes hold the file's bits: the same bytes, but for K-quants' unpacked 6-bit scales
+    grown = {GGMLType.Q2_K: 1.20, GGMLType.Q3_K: 1.04, GGMLType.Q4_K: 1.03, GGMLType.Q5_K: 1.03, GGMLType.IQ4_XS: 1.02}
+    assert raw.nbytes <= p.nbytes <= raw.nbytes * grown.get(qtype, 1.0)
+
+
+def _triton_or_skip():
+    pytest.importorskip("triton", reason="Triton is not installed (PyTorch's CUDA wheels bring it; "
+                        "`pip install triton` runs its interpreter on the CPU)")
+    from purelm.backends.torch_backend import triton_kernels
+
+    return triton_kernels
+
+
+@pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_triton_matvec_matches_a_float64_product(qtype, rows):
+    kernels = _triton_or_skip()
+    block = BLOCK_INFO[qtype][0]
+    n_out, n_in = 20, 512 if block == 256 else 352  # partial tiles of outputs and of columns
+    raw = random_blocks(qtype, n_out, n_in, seed=rows)
+    w = gguf_dequantize(raw, qtype, (n_out, n_in)).astype(np.float64)
+    x = np.random.default_rng(rows).standard_normal((rows, n_in)).astype(np.float32)
+    p = pack(qtype, [(n_out, raw)], n_in, torch.device(DEVICE))
+    y = kernels.matvec(torch.from_numpy(x).to(DEVICE), p).cpu().numpy()
+    ref = x.astype(np.float64) @ w.T
+    assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max()
+    # each activation row alone gives the same bits as in the batch (its program sees only its row)
+    if rows > 1:
+        one = kernels.matvec(torch.from_numpy(x[1:2]).to(DEVICE), p).cpu().numpy()
+        assert np.abs(one[0] - y[1]).max() <= 2e-6 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
+def test_triton_dequantize_matches_gguf_quants(qtype):
+    kernels = _triton_or_skip()
+    raw = random_blocks(qtype, 20, 768, seed=3)
+    p = pack(qtype, [(20, raw)], 768, torch.device(DEVICE))
+    want = gguf_dequantize(raw, qtype, (20, 768))
+    got = kernels.dequantize(p, torch.float32).cpu().numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-7, atol=0)  # a fused multiply-add at most (GPU)
+    bf16 = kernels.dequantize(p, torch.bfloat16).float().cpu().numpy()
+    np.testing.assert_allclose(bf16, want, rtol=2 ** -7, atol=0)  # rounded (GPU) or cut (interpreter)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mpt"])
+def test_models_through_the_triton_kernels(arch):
+    _triton_or_skip()
+    f = GGUFFile(FIXTURES / f"{arch}-q4_0.gguf")
+    want = alone(build_model(f, NumpyBackend()), SCRIPT)
+    got = batched(build_model(f, torch_backend(triton=True)), SCRIPT)
+    for seq in want:
+        for w, g in zip(want[seq], got[seq]):
+            assert np.abs(g - w).max() < 1e-4, (arch, seq)
+
+
+# -- the real model, choices and errors
+
+@pytest.mark.slow
+def test_smollm2_greedy_text_equals_the_numba_backend(smollm2_path):
+    import purelm
+
+    prompts = ["The capital of France is", "Water boils at"]
+    numba = purelm.load(smollm2_path, backend="numba", n_ctx=128)
+    want = [numba.generate(p, max_tokens=5, temperature=0) for p in prompts]
+    llm = purelm.load(smollm2_path, backend="torch", device=DEVICE, dtype="fp32", n_ctx=128)
+    assert llm.generate(prompts[0], max_tokens=5, temperature=0) == want[0]
+    # several prompts at once: a batch of decode tokens per step
+    assert [c.text for c in llm.generate_batch(prompts, max_tokens=5, temperature=0)] == want
+
+
+def test_options_are_checked():
+    with pytest.raises(UsageError, match="device"):
+        get_backend("numba", device="cpu")
+    with pytest.raises(UsageError, match="dtype"):
+        TorchBackend("cpu", "int3")
+    with pytest.raises(UsageError, match="device"):
+        TorchBackend("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(PurelmError, match="CUDA"):
+            TorchBackend("cuda")
+    ops = torch_backend()
+    with pytest.raises(ShapeError):
+        ops.linear(torch.zeros((2, 5)), torch.zeros((3, 4)))
+
+
+def test_without_torch_the_error_is_one_line(tmp_path):
+    (tmp_path / "torch.py").write_text("raise ImportError('No module named torch')\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    code = "from purelm.backends import get_backend\nget_backend('torch')"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "pip install 'purelm[torch]'" in r.stderr and r.returncode != 0
+    r = subprocess.run([sys.executable, "-m", "purelm.cli", "generate", "-m", str(FIXTURES / "llama-f32.gguf"),
+                        "--backend", "torch", "hi"], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "pip install 'purelm[torch]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
