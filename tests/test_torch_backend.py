@@ -182,8 +182,14 @@ def test_triton_dequantize_matches_gguf_quants(qtype):
     np.testing.assert_allclose(bf16, want, rtol=2 ** -7, atol=0)  # rounded (GPU) or cut (interpreter)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "mpt"])
+# the architectures that together use every variant (interpreted kernels are slow: not all of them)
+TRITON_ARCHS = ["llama", "gemma2", "mpt", "bloom", "gptneox", "falcon_mqa", "phi3", "stablelm_qknorm"]
+
+
+@pytest.mark.parametrize("arch", TRITON_ARCHS)
 def test_models_through_the_triton_kernels(arch):
+    # every op's Triton kernel: norms, rope (both layouts, partial rotation), the KV store, the decode
+    # attention (GQA, ALiBi, softcap, sliding window), gated activations, packed products
     _triton_or_skip()
     f = GGUFFile(FIXTURES / f"{arch}-q4_0.gguf")
     want = alone(build_model(f, NumpyBackend()), SCRIPT)

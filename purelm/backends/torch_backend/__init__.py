@@ -27,6 +27,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by test_torch_backend's subprocess check
     raise ImportError(f"the torch backend needs PyTorch ({e}): pip install 'purelm[torch]'") from None
 
+from ..kv_cache import BLOCK
 from .cache import DeviceRuns, StagedView, TorchKVCache, device_runs
 from .packed import DENSE, DENSE_DTYPES, LAYOUTS, Packed, dequantize, pack
 
@@ -36,13 +37,19 @@ TILE_FLOATS = 8 << 20  # weights dequantized at once for a matrix product (32 Mi
 MATVEC_MAX_ROWS = 16  # up to this many activation rows use the packed Triton kernels
 
 
+_fused: Any = None  # the Triton kernels' modules, imported where Triton is usable (_triton_ok)
+_kernels: Any = None
+
+
 def _triton_ok(device: torch.device) -> bool:
+    global _fused, _kernels
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     try:
-        from . import triton_kernels  # noqa: F401
+        from . import fused, triton_kernels
     except ImportError:
         return False
+    _fused, _kernels = fused, triton_kernels
     return True
 
 
@@ -158,9 +165,7 @@ class TorchBackend(Backend):
         if x.ndim != 2 or x.shape[1] != w.shape[1]:
             raise ShapeError(f"linear: input of shape {tuple(x.shape)} for a matrix of shape {tuple(w.shape)}")
         if isinstance(w, Packed) and self.use_triton and x.shape[0] <= MATVEC_MAX_ROWS:
-            from .triton_kernels import matvec
-
-            y = matvec(x, w, self.dtype)
+            y = _kernels.matvec(x, w, self.dtype)
         else:
             y = self._tiled(x, w)
         return y if bias is None else y + bias
@@ -187,9 +192,7 @@ class TorchBackend(Backend):
 
     def _dequantize(self, w: Packed) -> torch.Tensor:
         if self.use_triton:
-            from .triton_kernels import dequantize as triton_dequantize
-
-            return triton_dequantize(w, self.dtype)
+            return _kernels.dequantize(w, self.dtype)
         return dequantize(w, self.dtype)
 
     def linear_many(self, x: torch.Tensor, ws: Any) -> list[torch.Tensor]:
@@ -200,12 +203,16 @@ class TorchBackend(Backend):
     # -- norms and position
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         check_norm(x, w, "rms_norm")
+        if self.use_triton:
+            return _fused.norm(x.to(self.dtype), w, None, eps, rms=True)
         xf = x.float()
         ms = torch.mean(xf * xf, dim=-1, keepdim=True)
         return ((xf / torch.sqrt(ms + eps)) * w.float()).to(self.dtype)
 
     def layer_norm(self, x: torch.Tensor, w: Any, b: Any, eps: float) -> torch.Tensor:
         check_norm(x, w, "layer_norm", optional=True), check_norm(x, b, "layer_norm", optional=True)
+        if self.use_triton:
+            return _fused.norm(x.to(self.dtype), w, b, eps, rms=False)
         xf = x.float()
         xc = xf - xf.mean(dim=-1, keepdim=True)
         y = xc / torch.sqrt(torch.mean(xc * xc, dim=-1, keepdim=True) + eps)
@@ -224,14 +231,17 @@ class TorchBackend(Backend):
         if inv is None:
             inv = self._consts[("inv_freq", rope)] = torch.from_numpy(rope.inv_freq()).to(self.device)
         theta = (self._index(positions).to(torch.float64) * rope.freq_scale)[:, None] * inv[None, :]
-        cos = (torch.cos(theta) * rope.attn_factor).float()[:, None, :]
-        sin = (torch.sin(theta) * rope.attn_factor).float()[:, None, :]
+        cos = (torch.cos(theta) * rope.attn_factor).float()
+        sin = (torch.sin(theta) * rope.attn_factor).float()
         self._scratch[key] = (positions, cos, sin)
         return cos, sin
 
     def rope(self, x: torch.Tensor, positions: Any, rope: Rope) -> torch.Tensor:
         check_rope(x, positions, rope)
-        cos, sin = self._cos_sin(positions, rope)
+        cos, sin = self._cos_sin(positions, rope)  # (T, n_dims / 2)
+        if self.use_triton:
+            return _fused.rope(x.to(self.dtype), cos, sin, rope.n_dims, rope.neox)
+        cos, sin = cos[:, None, :], sin[:, None, :]
         half, n = rope.n_dims // 2, rope.n_dims
         xf = x.float()
         out = xf.clone()
@@ -252,13 +262,19 @@ class TorchBackend(Backend):
         check_attention(q, k, v, view, layer, spec)
         meta: DeviceRuns = device_runs(view, self.device) if not isinstance(view, StagedView) else view._device_runs
         keys, values = view.k[layer], view.v[layer]
-        keys[meta.write] = k.to(keys.dtype)
-        values[meta.write] = v.to(values.dtype)
+        if self.use_triton:
+            _fused.store(keys, values, meta.write, k, v)
+        else:
+            keys[meta.write] = k.to(keys.dtype)
+            values[meta.write] = v.to(values.dtype)
         n_tok, n_head, _ = q.shape
         n_kv = keys.shape[1]
         out = torch.empty((n_tok, n_head * values.shape[2]), dtype=self.dtype, device=q.device)
         B = meta.n_decode
-        if B:
+        if B and self.use_triton:
+            _fused.decode_attention(q[:B], keys, values, meta.tables, meta.lens, spec.scale, spec.softcap,
+                                   spec.window, self._slopes(spec, n_kv, n_head), out[:B], BLOCK)
+        elif B:
             kd, vd = keys[meta.gather].float(), values[meta.gather].float()  # (B, L, kv, dim)
             L = kd.shape[1]
             pos = torch.arange(L, device=q.device)
@@ -295,14 +311,20 @@ class TorchBackend(Backend):
         if spec.softcap:
             scores = torch.tanh(scores / spec.softcap) * spec.softcap
         if spec.alibi_slopes is not None:
-            key = ("alibi", id(spec))
-            hit = self._consts.get(key)
-            if hit is None or hit[0] is not spec:
-                slopes = torch.from_numpy(np.asarray(spec.alibi_slopes, np.float32)).to(self.device)
-                hit = self._consts[key] = (spec, slopes.reshape(n_kv, n_head // n_kv))
-            slopes = hit[1]
+            slopes = self._slopes(spec, n_kv, n_head).reshape(n_kv, n_head // n_kv)
             scores = scores + slopes.reshape(slopes.shape + (1,) * (2 if q_axis else 1)) * pos.float()
         return scores
+
+    def _slopes(self, spec: AttentionSpec, n_kv: int, n_head: int) -> torch.Tensor | None:
+        """The spec's ALiBi slopes on the device (made once per spec)."""
+        if spec.alibi_slopes is None:
+            return None
+        key = ("alibi", id(spec))
+        hit = self._consts.get(key)
+        if hit is None or hit[0] is not spec:
+            slopes = torch.from_numpy(np.asarray(spec.alibi_slopes, np.float32)).to(self.device)
+            hit = self._consts[key] = (spec, slopes)
+        return hit[1]
 
     # -- elementwise
     def silu(self, x: torch.Tensor) -> torch.Tensor:
@@ -315,9 +337,13 @@ class TorchBackend(Backend):
         return F.gelu(x.float()).to(self.dtype)
 
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.use_triton:
+            return _fused.glu(gate, up, silu=True)
         return (F.silu(gate.float()) * up.float()).to(self.dtype)
 
     def geglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.use_triton:
+            return _fused.glu(gate, up, silu=False)
         return (F.gelu(gate.float(), approximate="tanh") * up.float()).to(self.dtype)
 
     def softcap(self, x: torch.Tensor, cap: float) -> torch.Tensor:

@@ -1,0 +1,188 @@
+"""Triton kernels that each do in one launch what plain torch does in five to thirty: norms, rotary
+embedding, storing keys and values, the attention of decode tokens over the paged cache, gated
+activations. A decode step is launch-bound (graphs.py), so the kernel count per layer is its cost.
+Float32 inside; each kernel reads and writes the activation dtype."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+@triton.jit
+def _norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, D, eps, RMS: tl.constexpr, HAS_W: tl.constexpr,
+                 HAS_B: tl.constexpr, BD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BD)
+    mask = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if RMS:
+        y = x / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    else:
+        xc = tl.where(mask, x - tl.sum(x, axis=0) / D, 0.0)
+        y = xc / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def norm(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float, rms: bool) -> torch.Tensor:
+    x = x.contiguous()
+    D = x.shape[-1]
+    y = torch.empty_like(x)
+    _norm_kernel[(x.numel() // D,)](x, x if w is None else w, x if b is None else b, y, D, eps, RMS=rms,
+                                    HAS_W=w is not None, HAS_B=b is not None, BD=_pow2(D), num_warps=4)
+    return y
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, D, HALF, NEOX: tl.constexpr, BD: tl.constexpr):
+    # program (t, h): one head of one token. Feature i of the first 2*HALF rotates with its partner
+    # (i +- HALF: NEOX; i +- 1: adjacent pairs) by the angle of pair j; the rest pass through.
+    t = tl.program_id(0).to(tl.int64)
+    base = (t * H + tl.program_id(1)) * D
+    i = tl.arange(0, BD)
+    inside = i < D
+    rot = i < 2 * HALF
+    if NEOX:
+        first = i < HALF
+        j = tl.where(first, i, i - HALF)
+        partner = tl.where(first, i + HALF, i - HALF)
+    else:
+        first = i % 2 == 0
+        j = i // 2
+        partner = tl.where(first, i + 1, i - 1)
+    x = tl.load(x_ptr + base + i, mask=inside, other=0.0).to(tl.float32)
+    xp = tl.load(x_ptr + base + partner, mask=rot, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + t * HALF + j, mask=rot, other=0.0)
+    s = tl.load(sin_ptr + t * HALF + j, mask=rot, other=0.0)
+    # first of a pair: a*c - b*s; second: a*s + b*c (a the first, b the second)
+    y = tl.where(first, x * c - xp * s, xp * s + x * c)
+    tl.store(y_ptr + base + i, tl.where(rot, y, x).to(y_ptr.dtype.element_ty), mask=inside)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_dims: int, neox: bool) -> torch.Tensor:
+    """x (T, H, D); cos, sin (T, n_dims / 2) float32."""
+    x = x.contiguous()
+    T, H, D = x.shape
+    y = torch.empty_like(x)
+    _rope_kernel[(T, H)](x, cos.contiguous(), sin.contiguous(), y, H, D, n_dims // 2, NEOX=neox,
+                         BD=_pow2(D), num_warps=1)
+    return y
+
+
+@triton.jit
+def _store_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, write_ptr, KD, VD, BK: tl.constexpr, BV: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    row = tl.load(write_ptr + t)
+    i = tl.arange(0, BK)
+    tl.store(keys_ptr + row * KD + i, tl.load(k_ptr + t * KD + i, mask=i < KD).to(keys_ptr.dtype.element_ty),
+             mask=i < KD)
+    j = tl.arange(0, BV)
+    tl.store(values_ptr + row * VD + j, tl.load(v_ptr + t * VD + j, mask=j < VD).to(values_ptr.dtype.element_ty),
+             mask=j < VD)
+
+
+def store(keys: torch.Tensor, values: torch.Tensor, write: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """keys[write[t]] = k[t], values[write[t]] = v[t] for each token t (rows of kv_heads * dim)."""
+    k, v = k.contiguous(), v.contiguous()
+    KD, VD = k[0].numel(), v[0].numel()
+    _store_kernel[(k.shape[0],)](k, v, keys, values, write, KD, VD, BK=_pow2(KD), BV=_pow2(VD), num_warps=1)
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, keys_ptr, values_ptr, tables_ptr, lens_ptr, slopes_ptr, out_ptr,
+                             n_head, n_kv, D, DV, n_blocks, scale, softcap, window,
+                             GROUP: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                             L: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+                             SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr):
+    # program (b, kv head): the GROUP query heads sharing this KV head, over positions 0..len-1 of
+    # sequence b in chunks of BN, with a running softmax (flash-decoding without the split)
+    b = tl.program_id(0).to(tl.int64)
+    kh = tl.program_id(1)
+    g = tl.arange(0, BG)
+    gm = g < GROUP
+    heads = kh * GROUP + g
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    q = tl.load(q_ptr + (b * n_head + heads[:, None]) * D + d[None, :], mask=gm[:, None] & (d[None, :] < D),
+                other=0.0).to(tl.float32)
+    n = tl.load(lens_ptr + b)
+    q_pos = n - 1
+    if ALIBI:
+        slope = tl.load(slopes_ptr + heads, mask=gm, other=0.0)
+    m_i = tl.full((BG,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BG,), tl.float32)
+    acc = tl.zeros((BG, BDV), tl.float32)
+    for start in range(0, L, BN):
+        pos = start + tl.arange(0, BN)
+        valid = pos < n
+        if WINDOW:
+            valid = valid & (pos > q_pos - window)
+        blk = tl.load(tables_ptr + b * n_blocks + pos // BLOCK, mask=pos < L, other=0)
+        rows = blk.to(tl.int64) * BLOCK + pos % BLOCK
+        k = tl.load(keys_ptr + (rows[:, None] * n_kv + kh) * D + d[None, :], mask=valid[:, None] & (d[None, :] < D),
+                    other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (BG, BN)
+        if SOFTCAP:
+            s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
+        if ALIBI:
+            s = s + slope[:, None] * pos[None, :].to(tl.float32)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(values_ptr + (rows[:, None] * n_kv + kh) * DV + dv[None, :],
+                    mask=valid[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (b * n_head + heads[:, None]) * DV + dv[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=gm[:, None] & (dv[None, :] < DV))
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
+                     lens: torch.Tensor, scale: float, softcap: float | None, window: int | None,
+                     slopes: torch.Tensor | None, out: torch.Tensor, block: int) -> None:
+    """out (B, H * DV) = attention of q (B, H, D) over each sequence's cached positions 0..lens-1."""
+    B, H, D = q.shape
+    n_kv, DV = keys.shape[1], values.shape[2]
+    group = H // n_kv
+    L = tables.shape[1] * block
+    BG, BD = max(2, _pow2(group)), _pow2(D)
+    BN = max(16, min(64, 8192 // (BG * BD)))  # the (BG, BN, BD) products held at once
+    _decode_attention_kernel[(B, n_kv)](
+        q.contiguous(), keys, values, tables, lens, q if slopes is None else slopes, out,
+        H, n_kv, D, DV, tables.shape[1], scale, float(softcap or 1.0), int(window or 0),
+        GROUP=group, BG=BG, BD=BD, BDV=_pow2(DV), L=L, BLOCK=block, BN=BN,
+        SOFTCAP=bool(softcap), ALIBI=slopes is not None, WINDOW=bool(window), num_warps=4)
+
+
+@triton.jit
+def _glu_kernel(g_ptr, u_ptr, y_ptr, N, SILU: tl.constexpr, B: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
+    mask = i < N
+    g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        a = g / (1.0 + tl.exp(-g))
+    else:  # GELU, tanh form: tanh(z) = 2 sigmoid(2z) - 1
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (2.0 / (1.0 + tl.exp(-2.0 * z)))
+    tl.store(y_ptr + i, (a * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, silu: bool) -> torch.Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    y = torch.empty_like(gate)
+    n = gate.numel()
+    _glu_kernel[(triton.cdiv(n, 1024),)](gate, up, y, n, SILU=silu, B=1024, num_warps=4)
+    return y
