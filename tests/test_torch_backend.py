@@ -203,15 +203,14 @@ def test_models_through_the_triton_kernels(arch):
 
 @pytest.mark.slow
 def test_smollm2_greedy_text_equals_the_numba_backend(smollm2_path):
+    # (the CPU device dequantizes every matrix for every token: a few tokens only; mixed batches are
+    # covered on every architecture above)
     import purelm
 
-    prompts = ["The capital of France is", "Water boils at"]
-    numba = purelm.load(smollm2_path, backend="numba", n_ctx=128)
-    want = [numba.generate(p, max_tokens=5, temperature=0) for p in prompts]
-    llm = purelm.load(smollm2_path, backend="torch", device=DEVICE, dtype="fp32", n_ctx=128)
-    assert llm.generate(prompts[0], max_tokens=5, temperature=0) == want[0]
-    # several prompts at once: a batch of decode tokens per step
-    assert [c.text for c in llm.generate_batch(prompts, max_tokens=5, temperature=0)] == want
+    prompt = "The capital of France is"
+    want = purelm.load(smollm2_path, backend="numba", n_ctx=64).generate(prompt, max_tokens=4, temperature=0)
+    llm = purelm.load(smollm2_path, backend="torch", device=DEVICE, dtype="fp32", n_ctx=64)
+    assert llm.generate(prompt, max_tokens=4, temperature=0) == want
 
 
 def test_options_are_checked():

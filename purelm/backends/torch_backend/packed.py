@@ -244,30 +244,22 @@ def _unpack(plane: torch.Tensor, bits: int, n_in: int) -> torch.Tensor:
     return _spread(plane, bits).transpose(1, 2).reshape(plane.shape[0], n_in).to(torch.int32)
 
 
-def _per_weight(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(rows, groups) -> (rows, groups * n): each value repeated for its n weights, as float32."""
-    return x.to(torch.float32).repeat_interleave(n, dim=1)
-
-
 def dequantize(w: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The matrix's rows as floats (computed in float32 with ggml's steps, then cast to `dtype`)."""
     lay, p = w.layout, w.planes
-    n_in = w.shape[1]
+    n, n_in = w.shape
     code = _unpack(p["lo"], lay.lo_bits, n_in)
     if lay.hi_bits:
         code = code | (_unpack(p["hi"], lay.hi_bits, n_in) << lay.lo_bits)
-    if lay.table:
-        v = levels(code.device)[code]
-    else:
-        v = (code - lay.offset).to(torch.float32)
-    s = _per_weight(p["d"], lay.super)
+    v = levels(code.device)[code] if lay.table else (code - lay.offset).to(torch.float32)
+    group = lay.group if lay.has_sc else lay.super  # the finest scale: per 16 or 32 weights
+    per_super = lay.super // group
+    s = p["d"].to(torch.float32).repeat_interleave(per_super, dim=1)  # (n, groups), scales broadcast
     if lay.has_sc:
-        s = (p["d"].to(torch.float32).repeat_interleave(lay.super // lay.group, dim=1)
-             * p["sc"].to(torch.float32)).repeat_interleave(lay.group, dim=1)
-    out = v * s
+        s = s * p["sc"].to(torch.float32)
+    out = v.view(n, n_in // group, group) * s[:, :, None]
     if lay.has_m:
-        out = out + _per_weight(p["m"], 32)
+        out = out + p["m"].to(torch.float32)[:, :, None]
     if lay.has_mn:
-        ml = p["dmin"].to(torch.float32).repeat_interleave(lay.super // lay.group, dim=1) * p["mn"].to(torch.float32)
-        out = out - ml.repeat_interleave(lay.group, dim=1)
-    return out.to(dtype)
+        out = out - (p["dmin"].to(torch.float32).repeat_interleave(per_super, dim=1) * p["mn"].to(torch.float32))[:, :, None]
+    return out.reshape(n, n_in).to(dtype)
