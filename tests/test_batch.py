@@ -19,6 +19,11 @@ TYPES = ["f32", "q8_0", "q4_0"]
 
 
 def make_backend(name):
+    if name == "torch":  # torch's CPU device (tests/test_torch_backend.py covers the rest of it)
+        pytest.importorskip("torch", reason="the torch backend needs PyTorch: pip install 'purelm[torch]'")
+        from purelm.backends.torch_backend import TorchBackend
+
+        return TorchBackend("cpu", "fp32")
     return NumbaBackend(2) if name == "numba" else NumpyBackend()
 
 
@@ -39,7 +44,7 @@ def test_each_sequence_of_a_batch_equals_it_alone(arch, qtype, backend):
                 assert np.abs(g - w).max() <= 1e-5 * scale, (arch, qtype, seq)
 
 
-@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("backend", ["numba", "numpy", "torch"])
 def test_a_failed_pass_leaves_the_engine_usable(backend, monkeypatch):
     ops = make_backend(backend)
     model = build_model(GGUFFile(FIXTURES / "llama-q8_0.gguf"), ops)

@@ -24,38 +24,6 @@ BM = 16  # activation rows per program when there are several (tl.dot's smallest
 
 
 @triton.jit
-def _tile(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, r, k, mask, K: tl.constexpr,
-          LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
-          SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr,
-          HAS_M: tl.constexpr):
-    """Weights of rows r (BN, 1) at columns k (1, BK) as float32 (BN, BK); 0 where ~mask."""
-    if LO_BITS == 8:
-        code = tl.load(lo_ptr + r * K + k, mask=mask, other=0).to(tl.int32)
-    else:
-        PER: tl.constexpr = 8 // LO_BITS
-        byte = tl.load(lo_ptr + r * (K // PER) + k // PER, mask=mask, other=0).to(tl.int32)
-        code = (byte >> ((k % PER) * LO_BITS)) & ((1 << LO_BITS) - 1)
-    if HI_BITS > 0:
-        PER_H: tl.constexpr = 8 // HI_BITS
-        hb = tl.load(hi_ptr + r * (K // PER_H) + k // PER_H, mask=mask, other=0).to(tl.int32)
-        code = code | (((hb >> ((k % PER_H) * HI_BITS)) & ((1 << HI_BITS) - 1)) << LO_BITS)
-    if TABLE:
-        v = tl.load(table_ptr + code, mask=mask, other=0.0)
-    else:
-        v = (code - OFFSET).to(tl.float32)
-    s = tl.load(d_ptr + r * (K // SUPER) + k // SUPER, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SC:
-        s = s * tl.load(sc_ptr + r * (K // G) + k // G, mask=mask, other=0).to(tl.float32)
-    w = v * s
-    if HAS_M:
-        w = w + tl.load(m_ptr + r * (K // 32) + k // 32, mask=mask, other=0.0).to(tl.float32)
-    if HAS_MN:
-        dmin = tl.load(dmin_ptr + r * (K // SUPER) + k // SUPER, mask=mask, other=0.0).to(tl.float32)
-        w = w - dmin * tl.load(mn_ptr + r * (K // G) + k // G, mask=mask, other=0).to(tl.float32)
-    return w
-
-
-@triton.jit
 def _code(lo_ptr, hi_ptr, r, k, mask, K: tl.constexpr, LO_BITS: tl.constexpr, HI_BITS: tl.constexpr):
     """The codes of elements k (any bits per code; 4-bit pairs are read by _pair_tile directly)."""
     if LO_BITS == 8:
@@ -86,6 +54,37 @@ def _value(code, table_ptr, mask, OFFSET: tl.constexpr, TABLE: tl.constexpr):
 
 
 @triton.jit
+def _scale(d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, r, k, mask, K: tl.constexpr, SUPER: tl.constexpr,
+           G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr, HAS_M: tl.constexpr):
+    """The scale s and offset c of the weights at columns k: w = v * s (+ c): c = m (Q4_1, Q5_1) or
+    -dmin * mn (K-quants' mins), in ggml's order of float steps."""
+    s = tl.load(d_ptr + r * (K // SUPER) + k // SUPER, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SC:
+        s = s * tl.load(sc_ptr + r * (K // G) + k // G, mask=mask, other=0).to(tl.float32)
+    c = s
+    if HAS_M:
+        c = tl.load(m_ptr + r * (K // 32) + k // 32, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MN:
+        dmin = tl.load(dmin_ptr + r * (K // SUPER) + k // SUPER, mask=mask, other=0.0).to(tl.float32)
+        c = -(dmin * tl.load(mn_ptr + r * (K // G) + k // G, mask=mask, other=0).to(tl.float32))
+    return s, c
+
+
+@triton.jit
+def _tile(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, r, k, mask, K: tl.constexpr,
+          LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
+          SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr,
+          HAS_M: tl.constexpr):
+    """Weights of rows r (BN, 1) at columns k (1, BK) as float32 (BN, BK); 0 where ~mask."""
+    code = _high(_code(lo_ptr, hi_ptr, r, k, mask, K, LO_BITS, HI_BITS), hi_ptr, r, k, mask, K, LO_BITS, HI_BITS)
+    s, c = _scale(d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, r, k, mask, K, SUPER, G, HAS_SC, HAS_MN, HAS_M)
+    w = _value(code, table_ptr, mask, OFFSET, TABLE) * s
+    if HAS_M or HAS_MN:
+        w = w + c
+    return w
+
+
+@triton.jit
 def _pair_tile(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, r, ke, mask, K: tl.constexpr,
                LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
                SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr,
@@ -103,17 +102,10 @@ def _pair_tile(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr
     co = _high(co, hi_ptr, r, ko, mask, K, LO_BITS, HI_BITS)
     ve = _value(ce, table_ptr, mask, OFFSET, TABLE)
     vo = _value(co, table_ptr, mask, OFFSET, TABLE)
-    s = tl.load(d_ptr + r * (K // SUPER) + ke // SUPER, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SC:
-        s = s * tl.load(sc_ptr + r * (K // G) + ke // G, mask=mask, other=0).to(tl.float32)
+    s, c = _scale(d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, r, ke, mask, K, SUPER, G, HAS_SC, HAS_MN, HAS_M)
     we, wo = ve * s, vo * s
-    if HAS_M:
-        m = tl.load(m_ptr + r * (K // 32) + ke // 32, mask=mask, other=0.0).to(tl.float32)
-        we, wo = we + m, wo + m
-    if HAS_MN:
-        dmin = tl.load(dmin_ptr + r * (K // SUPER) + ke // SUPER, mask=mask, other=0.0).to(tl.float32)
-        ml = dmin * tl.load(mn_ptr + r * (K // G) + ke // G, mask=mask, other=0).to(tl.float32)
-        we, wo = we - ml, wo - ml
+    if HAS_M or HAS_MN:
+        we, wo = we + c, wo + c
     return we, wo
 
 
