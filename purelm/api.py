@@ -11,6 +11,7 @@ import numpy as np
 
 from .backends import BACKENDS, get_backend
 from .backends.base import Backend
+from .chat import ChatCompletion, ChatTemplate, parse_tool_calls
 from .formats.gguf import GGUFFile
 from .errors import ContextOverflowError, UsageError
 from .generate import Chunk, Completion, prefill, stream_batch, stream_tokens, truncate_prompt
@@ -80,11 +81,12 @@ class LLM:
     extends the previous one is not evaluated again)."""
 
     def __init__(self, path: str | os.PathLike, backend: str | Backend | None = None,
-                 n_ctx: int | None = None, threads: int | None = None) -> None:
+                 n_ctx: int | None = None, threads: int | None = None, device: str | None = None,
+                 dtype: str | None = None) -> None:
         _check_load_args(backend, n_ctx, threads)
         self.path = str(path)
         self.file = GGUFFile(path)
-        self.backend = backend if isinstance(backend, Backend) else get_backend(backend, threads)
+        self.backend = backend if isinstance(backend, Backend) else get_backend(backend, threads, device, dtype)
         self.model = build_model(self.file, self.backend)
         self.tokenizer = Tokenizer.from_gguf_metadata(self.file.metadata, path=self.file.path)
         self.n_ctx = n_ctx or min(self.model.n_ctx_train, DEFAULT_CTX)
@@ -194,6 +196,86 @@ class LLM:
         return [Completion("".join(texts.get(i, [])), tokens.get(i, []), reasons.get(i, "length"),
                            prompt_tokens[i // n], timings) for i in range(n_prompts * n)]
 
+    # -- embeddings
+    def embed(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Embeddings of `texts`: the final hidden states mean-pooled over each text's tokens (BOS
+        included) and L2-normalized, as llama.cpp's default. A str gives shape (n_embd,), a list of
+        str (len(texts), n_embd); float32. A text longer than the context raises
+        `ContextOverflowError`."""
+        from .embeddings import embed_ids
+
+        single = isinstance(texts, str)
+        if not single and (isinstance(texts, bytes) or not isinstance(texts, Iterable)):
+            raise UsageError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+        items = [texts] if single else list(texts)
+        ids = [self.tokenize(_text(t, f"texts[{i}]")) for i, t in enumerate(items)]
+        out = np.stack([embed_ids(self.model, self.cache, i) for i in ids]) if ids \
+            else np.zeros((0, self.model.dim), np.float32)
+        return out[0] if single else out
+
+    # -- chat
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The model's chat template (`purelm.chat.ChatTemplate`): the file's `tokenizer.chat_template`,
+        rendered in a sandbox, or for a file without one a built-in chosen as llama.cpp chooses. Assign
+        a built-in's name ("chatml", "llama-2", "llama-3", "gemma", "phi-3", "mistral") or a
+        ChatTemplate to use another."""
+        template = self.__dict__.get("_chat_template")
+        if template is None:
+            template = self.__dict__["_chat_template"] = ChatTemplate.from_gguf(self.file.metadata, self.tokenizer)
+        return template
+
+    @chat_template.setter
+    def chat_template(self, template: str | ChatTemplate) -> None:
+        if isinstance(template, str):
+            template = ChatTemplate.builtin(template, self.tokenizer)
+        elif not isinstance(template, ChatTemplate):
+            raise UsageError(f"chat_template must be a built-in template's name or a ChatTemplate, "
+                             f"got {type(template).__name__}")
+        self.__dict__["_chat_template"] = template
+
+    def chat_prompt(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                    chat_template_kwargs: dict | None = None) -> list[int]:
+        """The token ids of `messages` as the chat template writes them, ending where the assistant's
+        reply starts. `tools`: OpenAI-style tool definitions; `chat_template_kwargs`: more template
+        variables (e.g. {"enable_thinking": False})."""
+        if chat_template_kwargs is None:
+            chat_template_kwargs = {}
+        if not isinstance(chat_template_kwargs, dict) or not all(isinstance(k, str) for k in chat_template_kwargs):
+            raise UsageError(f"chat_template_kwargs must be a dict of str keys, got {chat_template_kwargs!r:.80}")
+        return self.chat_template.apply(messages, tools=tools, **chat_template_kwargs)
+
+    def stream_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                    chat_template_kwargs: dict | None = None, stop: str | Sequence[str] = (),
+                    **kwargs: Any) -> Iterator[Chunk]:
+        """The assistant's reply to `messages` (a list of {"role": ..., "content": ...}), chunk by chunk
+        as in `stream_chunks` (same options); it stops at the end of the turn (the vocabulary's end
+        tokens, the template's end-of-turn texts, and `stop`). A prompt that extends the previous one
+        (the same conversation, one turn later) is not evaluated again. A malformed message raises
+        UsageError, a template that fails TemplateError."""
+        ids = self.chat_prompt(messages, tools, chat_template_kwargs)
+        return self.stream_chunks(ids, stop=[*self.chat_template.stop_strings, *_stops(stop)], **kwargs)
+
+    def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+             chat_template_kwargs: dict | None = None, **kwargs: Any) -> ChatCompletion:
+        """The assistant's reply to `messages` (options as in `stream_chunks`): a `ChatCompletion` with
+        the text, the tool calls read from it when `tools` were given (content without them), the finish
+        reason ("stop", "length" or "tool_calls") and token counts. `.message` is the reply as a message
+        to append to the conversation."""
+        timings = kwargs.pop("timings", None)
+        timings = timings if timings is not None else {}
+        texts, tokens, reason = [], [], "length"
+        for chunk in self.stream_chat(messages, tools, chat_template_kwargs, timings=timings, **kwargs):
+            texts.append(chunk.text)
+            if chunk.token is not None:
+                tokens.append(chunk.token)
+            reason = chunk.finish_reason or reason
+        text = "".join(texts)
+        content, calls = parse_tool_calls(text, tools) if tools else (text, [])
+        return ChatCompletion(text, content, calls, "tool_calls" if calls else reason,
+                              int(timings.get("prompt_tokens", 0)), int(timings.get("generated_tokens", len(tokens))),
+                              tokens, timings)
+
     def reset(self) -> None:
         """Forget the cached context."""
         self.cache.truncate(0)
@@ -204,10 +286,13 @@ class LLM:
 
 
 def load(path_or_name: str | os.PathLike | None = None, backend: str | Backend | None = None,
-         n_ctx: int | None = None, threads: int | None = None) -> LLM:
+         n_ctx: int | None = None, threads: int | None = None, device: str | None = None,
+         dtype: str | None = None) -> LLM:
     """Open a GGUF file (or a known model's name, pulled on first use; None: the default model).
-    Bad arguments raise `UsageError`; a bad file `FormatError`."""
+    `backend`: "numba", "numpy", "torch" or None (the fastest CPU backend); `device` ("cuda", "cuda:N",
+    "cpu") and `dtype` ("bf16", "fp16", "fp32") are the torch backend's. Bad arguments raise
+    `UsageError`; a bad file `FormatError`."""
     if not (path_or_name is None or isinstance(path_or_name, (str, os.PathLike))):
         raise UsageError(f"path_or_name must be a path, a model name or None, got {type(path_or_name).__name__}")
     _check_load_args(backend, n_ctx, threads)
-    return LLM(resolve(path_or_name), backend=backend, n_ctx=n_ctx, threads=threads)
+    return LLM(resolve(path_or_name), backend=backend, n_ctx=n_ctx, threads=threads, device=device, dtype=dtype)

@@ -69,8 +69,13 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["numba", "numpy"], default=None,
-                   help="compute backend (default: numba when installed, else numpy)")
+    p.add_argument("--backend", choices=["numba", "numpy", "torch"], default=None,
+                   help="compute backend (default: numba when installed, else numpy; torch: "
+                        "pip install 'purelm[torch]', for a GPU)")
+    p.add_argument("--device", default=None,
+                   help="torch backend: cuda, cuda:N or cpu (default: cuda when torch sees one)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="torch backend: activation type (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("-t", "--threads", type=int, default=None,
                    help="CPU threads, at least 1 (default: $PURELM_NUM_THREADS or all cores; "
                         "more than the cores are capped, with a warning)")
@@ -91,7 +96,9 @@ def _load(a: argparse.Namespace, n_ctx: int | None):
     model's training."""
     from .api import load
 
-    llm = load(a.model, backend=a.backend, n_ctx=n_ctx, threads=a.threads)
+    if (a.device or a.dtype) and a.backend != "torch":
+        raise UsageError("--device and --dtype are options of the torch backend: add --backend torch")
+    llm = load(a.model, backend=a.backend, n_ctx=n_ctx, threads=a.threads, device=a.device, dtype=a.dtype)
     used = getattr(llm.backend, "threads", None)  # numba caps at NUMBA_NUM_THREADS (the cores by default)
     if a.threads is not None and used is None:
         _warn(f"--threads {a.threads}: the {llm.backend.name} backend leaves threads to BLAS; ignored")
@@ -264,6 +271,254 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _server_deps() -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        from .errors import PurelmError
+
+        raise PurelmError(f"purelm serve needs {', '.join(missing)}: pip install 'purelm[server]'")
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """An OpenAI-compatible HTTP server (purelm.server) over one model, until Ctrl-C."""
+    if a.model is not None and a.model_pos is not None:
+        raise UsageError("give the model once: as MODEL or with -m, not both")
+    a.model = a.model if a.model is not None else a.model_pos
+    _check_runtime_args(a)
+    for flag, value, lo in (("--parallel", a.parallel, 1), ("--batch", a.batch, 1), ("--queue", a.queue, 0)):
+        if value < lo:
+            raise UsageError(f"{flag} must be at least {lo}, got {value}")
+    if not 0 <= a.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {a.port}")
+    _server_deps()
+    from .server import ServerConfig, serve
+
+    llm = _load(a, a.ctx)
+    aliases = (a.model,) if a.model and not os.path.exists(a.model) else ()
+    config = ServerConfig(parallel=a.parallel, batch=a.batch, max_queue=a.queue,
+                          api_key=a.api_key or os.environ.get("PURELM_API_KEY") or None,
+                          model_name=a.alias, aliases=aliases, prefix_cache=not a.no_prefix_cache)
+    print(_safe(f"purelm: serving {llm.path} on http://{a.host}:{a.port}/v1 ({a.parallel} slots, context "
+                f"{llm.n_ctx} tokens each, backend {llm.backend.name})"), file=sys.stderr, flush=True)
+    serve(llm, a.host, a.port, config, log_level="warning" if a.quiet else "info")
+    return 0
+
+
+def _names_model(arg: str) -> bool:
+    """Whether a first positional argument is a model: a .gguf file, or a known model's name."""
+    from .hub import known
+
+    return (arg.lower().endswith(".gguf") and os.path.isfile(arg)) or known(arg) is not None
+
+
+def cmd_embed(a: argparse.Namespace) -> int:
+    """Print one JSON array (the embedding) per text, one line each."""
+    _check_runtime_args(a)
+    if a.model is None and len(a.text) >= 2 and _names_model(a.text[0]):
+        a.model, a.text = a.text[0], a.text[1:]  # purelm embed MODEL TEXT...
+    texts = [_utf8(t, "a text") for t in a.text]
+    if not texts:
+        texts = [line for line in _read_stdin("the texts", "give texts: purelm embed \"some text\" ... (or pipe "
+                                                           "them on stdin, one per line)").splitlines() if line]
+    llm = _load(a, a.ctx)
+    for v in llm.embed(texts):
+        print(json.dumps([round(float(x), 7) for x in v]))
+    return 0
+
+
+_CHAT_HELP = ("/reset: start over (keeps --system)   /save FILE: write the conversation as JSON   "
+              "/load FILE: read one   /exit: leave   //text: send a message that starts with /")
+
+
+def _chat_interrupts(state: dict):
+    """Ctrl-C during a reply stops the reply (state['stop']); at the prompt, or a second time during a
+    reply, it raises KeyboardInterrupt, which leaves the chat. Returns the undo."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        if state["replying"] and not state["stop"]:
+            state["stop"] = True
+            return
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, old)
+
+
+def _chat_line(interactive: bool) -> str | None:
+    """The next line the user typed (None at the end of input); KeyboardInterrupt on Ctrl-C."""
+    if interactive:
+        try:
+            return _utf8(input("> "), "the message")
+        except EOFError:
+            return None
+    stream = getattr(sys.stdin, "buffer", None)
+    data = stream.readline() if stream is not None else sys.stdin.readline()
+    if not data:
+        return None
+    return _utf8(data, "the message").rstrip("\r\n")
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    """Talk to a model in the terminal: the conversation is kept, replies stream, commands start with
+    /. With stdin piped, each line is a user message and each reply is printed on its own line."""
+    import importlib
+
+    from .chat import fit_messages, validate_messages
+    from .errors import ContextOverflowError
+    from .sampling import SamplingParams
+
+    if a.model is not None and a.model_pos is not None:
+        raise UsageError("give the model once: as MODEL or with -m, not both")
+    a.model = a.model if a.model is not None else a.model_pos
+    _check_runtime_args(a)
+    if a.n_predict < 1 and a.n_predict != -1:
+        raise UsageError(f"-n must be at least 1, or -1 for replies until the end of the turn; got {a.n_predict}")
+    if a.seed < -1:
+        raise UsageError(f"--seed must be at least 0, or -1 for a random seed; got {a.seed}")
+    params = SamplingParams(a.temp, a.top_k, a.top_p, a.min_p, a.repeat_penalty, a.repeat_last_n,
+                            a.frequency_penalty, a.presence_penalty, None if a.seed == -1 else a.seed)
+    params.validate(_SAMPLING_FLAGS)
+    system = _utf8(a.system, "--system") if a.system is not None else None
+    stop = [_utf8(s, "--stop") for s in a.stop]
+
+    llm = _load(a, a.ctx)
+    if a.chat_template is not None:
+        llm.chat_template = a.chat_template
+    template = llm.chat_template  # compiled now: a broken template fails before the first message
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    out = sys.stdout
+    shown = _terminal_text if out.isatty() else str  # piped output stays byte for byte
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    n_ctx = llm.n_ctx
+    # Room kept for a reply: -n tokens (at most half the context), a quarter of the context for -n -1.
+    reserve = min(a.n_predict, n_ctx // 2) if a.n_predict > 0 else n_ctx // 4
+    budget = max(1, n_ctx - max(reserve, 1))
+    max_tokens = a.n_predict if a.n_predict > 0 else n_ctx  # -1: until the turn ends or the context is full
+    state = {"replying": False, "stop": False, "in_reply": False}
+    shifted = failed = False
+
+    def count(msgs: list) -> int:
+        return len(template.apply(msgs))
+
+    def note(message: str) -> None:
+        if interactive:
+            print(_safe(message), file=sys.stderr)
+
+    def fail(e: BaseException) -> None:
+        nonlocal failed
+        failed = True
+        _error(str(e))
+
+    if interactive:
+        try:
+            importlib.import_module("readline")  # line editing and history for input()
+        except ImportError:
+            pass
+        note(f"purelm chat: {llm.path} ({template.name} template, context {n_ctx} tokens). /help for commands; "
+             f"Ctrl-C stops a reply, Ctrl-D leaves.")
+    undo = _chat_interrupts(state)
+    try:
+        while True:
+            line = _chat_line(interactive)
+            if line is None:
+                if interactive:
+                    print(file=sys.stderr)
+                return 1 if failed and not interactive else 0
+            if not line.strip():
+                continue
+            if line.startswith("/") and not line.startswith("//"):
+                command, _, arg = line.strip().partition(" ")
+                arg = arg.strip()
+                if command in ("/exit", "/quit"):
+                    return 1 if failed and not interactive else 0
+                if command == "/reset":
+                    messages = list(start)
+                    note("(the conversation starts over)")
+                elif command == "/save" and arg:
+                    try:
+                        with open(arg, "w", encoding="utf-8") as f:
+                            json.dump(messages, f, ensure_ascii=False, indent=1)
+                            f.write("\n")
+                        note(f"(saved {len(messages)} messages to {arg})")
+                    except OSError as e:
+                        fail(OSError(f"/save {arg}: {e.strerror or e}"))
+                elif command == "/load" and arg:
+                    try:
+                        with open(arg, encoding="utf-8") as f:
+                            data = json.load(f)
+                        if isinstance(data, dict) and "messages" in data:
+                            data = data["messages"]
+                        messages = validate_messages(data, object_arguments=False)
+                        note(f"(loaded {len(messages)} messages from {arg})")
+                    except (OSError, ValueError) as e:  # UsageError is a ValueError, and so is bad JSON
+                        fail(ValueError(f"/load {arg}: {getattr(e, 'strerror', None) or e}"))
+                elif command == "/help":
+                    print(_CHAT_HELP, file=sys.stderr)
+                else:
+                    _warn(f"unknown command {command}{' (it needs a FILE)' if command in ('/save', '/load') else ''}; "
+                          f"{_CHAT_HELP}")
+                continue
+            text = line[1:] if line.startswith("//") else line
+            messages.append({"role": "user", "content": text})
+            try:
+                view, dropped = fit_messages(messages, count, budget)
+                if dropped and not shifted:
+                    shifted = True
+                    print(f"purelm: note: the conversation is longer than the context ({n_ctx} tokens): from now on "
+                          f"the oldest turns after the system prompt are left out", file=sys.stderr)
+                ids = template.apply(view)
+                if len(ids) > budget:
+                    raise ContextOverflowError(
+                        f"this message and the system prompt take {len(ids)} tokens, more than the {budget} the "
+                        f"context ({n_ctx}, -c) leaves beside a reply: shorten it or raise -c")
+                stream = llm.stream_chunks(ids, max_tokens=max_tokens, stop=[*template.stop_strings, *stop],
+                                           **vars(params))
+            except PurelmError as e:
+                messages.pop()
+                if not interactive:
+                    raise
+                fail(e)
+                continue
+            texts = []
+            state.update(replying=True, stop=False, in_reply=True)
+            try:
+                for chunk in stream:
+                    out.write(shown(chunk.text))
+                    out.flush()
+                    texts.append(chunk.text)
+                    if state["stop"]:
+                        break
+            except PurelmError as e:  # e.g. a corrupt model's NaN logits
+                out.write("\n")
+                state["in_reply"] = False
+                messages.pop()
+                if not interactive:
+                    raise
+                fail(e)
+                continue
+            finally:
+                state["replying"] = False
+                stream.close()
+            out.write("\n")
+            out.flush()
+            state["in_reply"] = False
+            messages.append({"role": "assistant", "content": "".join(texts)})
+    except KeyboardInterrupt:  # Ctrl-C at the prompt, or a second one during a reply: leave
+        if state["in_reply"]:
+            out.write("\n")  # end the reply's line
+        elif interactive:
+            print(file=sys.stderr)  # after the ^C the terminal echoed
+        return 0
+    finally:
+        undo()
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     from .convert import convert
 
@@ -364,6 +619,79 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-bos", action="store_true", help="do not add BOS/EOS")
     t.add_argument("--no-parse-special", action="store_true", help="treat special-token text as plain text")
     t.set_defaults(func=cmd_tokenize)
+
+    ch = sub.add_parser("chat", help="talk to a model in the terminal",
+                        description="Talk to a model: the conversation is kept and rendered by the model's chat "
+                                    "template, replies stream. Commands: " + _CHAT_HELP + ". Ctrl-C stops a reply, "
+                                    "Ctrl-C at the prompt or Ctrl-D leaves. With stdin piped, each line is a "
+                                    "message and each reply one line of output. A conversation longer than the "
+                                    "context keeps going without its oldest turns.")
+    ch.add_argument("model_pos", nargs="?", metavar="MODEL",
+                    help="a .gguf file or a known model name (default: smollm2; or -m)")
+    _model_args(ch)
+    _runtime_args(ch)
+    ch.add_argument("--system", default=None, help="the system prompt")
+    ch.add_argument("--chat-template", default=None, choices=["chatml", "llama-2", "llama-3", "gemma", "phi-3",
+                                                              "mistral"],
+                    help="use this built-in template instead of the model's own")
+    ch.add_argument("-n", "--n-predict", type=int, default=-1,
+                    help="most tokens per reply, at least 1; -1: until the turn ends or the context is full "
+                         "(default -1)")
+    ch.add_argument("--temp", type=float, default=0.8, help="temperature, >= 0; 0 = greedy (default 0.8)")
+    ch.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens; 0 = all (default 40)")
+    ch.add_argument("--top-p", type=float, default=0.95,
+                    help="sample from the likeliest tokens whose probabilities sum to p, 0..1; 1 = off (default 0.95)")
+    ch.add_argument("--min-p", type=float, default=0.05,
+                    help="drop tokens less likely than p times the likeliest, 0..1; 0 = off (default 0.05)")
+    ch.add_argument("--repeat-penalty", type=float, default=1.0,
+                    help="scale down recent tokens' logits, > 0; 1 = off (default 1.0)")
+    ch.add_argument("--repeat-last-n", type=int, default=64,
+                    help="how many recent tokens the penalties look at; -1 = all (default 64)")
+    ch.add_argument("--frequency-penalty", type=float, default=0.0,
+                    help="subtract this times a recent token's count from its logit (default 0)")
+    ch.add_argument("--presence-penalty", type=float, default=0.0,
+                    help="subtract this from every recent token's logit (default 0)")
+    ch.add_argument("-s", "--seed", type=int, default=-1, help="random seed, >= 0; -1 = a random one (default)")
+    ch.add_argument("--stop", action="append", default=[], help="also end a reply at this text (repeatable)")
+    ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the server extra)",
+                        description="Serve a model over HTTP with OpenAI's routes (/v1/chat/completions, "
+                                    "/v1/completions, /v1/embeddings, /v1/models) and llama.cpp's (/tokenize, "
+                                    "/detokenize, /health, /metrics); requests are batched continuously. "
+                                    "Needs: pip install 'purelm[server]'.")
+    sv.add_argument("model_pos", nargs="?", metavar="MODEL",
+                    help="a .gguf file or a known model name (default: smollm2; or -m)")
+    _model_args(sv)
+    _runtime_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    sv.add_argument("-np", "--parallel", type=int, default=8,
+                    help="slots: sequences generated at once, each up to the context length (-c); a request "
+                         "with n samples takes n (default 8)")
+    sv.add_argument("-b", "--batch", type=int, default=512,
+                    help="prompt tokens evaluated per step beside the running decodes (default 512)")
+    sv.add_argument("--queue", type=int, default=64,
+                    help="requests that may wait for a slot; more are answered 503 (default 64)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' (default: $PURELM_API_KEY, else none)")
+    sv.add_argument("--alias", default=None,
+                    help="the model id /v1/models shows (default: the file's name without .gguf)")
+    sv.add_argument("--no-prefix-cache", action="store_true",
+                    help="do not reuse the cached start of an earlier request's prompt")
+    sv.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sv.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("embed", help="print texts' embeddings as JSON",
+                       usage="purelm embed [-h] [-m MODEL] [options] [MODEL] TEXT [TEXT ...]",
+                       description="Print each text's embedding (final hidden states mean-pooled and "
+                                   "L2-normalized, as llama.cpp's default) as a JSON array, one line per text.")
+    e.add_argument("text", nargs="*", metavar="[MODEL] TEXT",
+                   help="texts (default: stdin, one text per line); a first argument naming a .gguf file "
+                        "or a known model, followed by texts, is the model (or -m)")
+    _model_args(e)
+    _runtime_args(e)
+    e.set_defaults(func=cmd_embed)
     return parser
 
 

@@ -26,6 +26,12 @@ class UsageError(PurelmError, ValueError):
     Also a ValueError, so code written against the standard exception keeps working."""
 
 
+class TemplateError(PurelmError):
+    """A chat template failed to compile or render: a syntax error, an error it raised itself
+    (`raise_exception`), something the sandbox refuses (a model file is untrusted input), or a limit
+    on its work or output."""
+
+
 class DownloadError(PurelmError):
     """A model download failed, was interrupted or does not match its checksum."""
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,20 +127,22 @@ class _Sample:
     """One sequence being generated: its sampler, the tokens so far, their text, the stop strings."""
 
     def __init__(self, tokenizer, sampler: Sampler, prompt: Sequence[int], stop: Sequence[str],
-                 ignore_eos: bool, max_tokens: int) -> None:
+                 ignore_eos: bool, max_tokens: int, stop_ids: Iterable[int] = ()) -> None:
         self.sampler, self.max_tokens = sampler, max_tokens
         self.history = list(prompt)
         self.decoder = tokenizer.stream_decoder()
         self.stopper = _StopMatcher(stop)
-        self.eog = set() if ignore_eos else set(tokenizer.eog_ids)
+        # end-of-generation tokens, and `stop_ids` (a chat template's end-of-turn tokens) even with ignore_eos
+        self.eog = (set() if ignore_eos else set(tokenizer.eog_ids)) | set(stop_ids)
         self.n_gen = 0
         self.tokens: list[int] = []
+        self.last_token: int | None = None  # the token sampled last (an end-of-generation one included)
         self.finish_reason: str | None = None
 
     def next(self, logits: np.ndarray, room: bool) -> Chunk:
         """Sample the next token from `logits`; `room`: whether the context takes one more after it.
         The chunk's finish_reason is set when this sequence is done."""
-        token = self.sampler(logits, self.history)
+        token = self.last_token = self.sampler(logits, self.history)
         self.n_gen += 1
         if token in self.eog:
             return self._end(Chunk(self.stopper.feed(self.decoder.flush())[0] + self.stopper.flush(), None, "stop"))

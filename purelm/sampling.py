@@ -89,9 +89,10 @@ class Sampler:
         if p.temperature == 0:
             best = int(np.argmax(logits))
             return np.array([best]), np.array([1.0])
-        ids = np.arange(len(logits))
         if 0 < p.top_k < len(logits):
             ids = np.argpartition(-logits, p.top_k - 1)[: p.top_k]
+        else:
+            ids = np.arange(len(logits))
         ids = ids[np.argsort(-logits[ids], kind="stable")]
         x = logits[ids].astype(np.float64)
         # top-p and min-p look at the untempered distribution; temperature comes last, as in llama.cpp.

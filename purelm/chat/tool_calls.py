@@ -1,0 +1,155 @@
+"""Tool calls read back out of a reply (Hermes / Qwen, Mistral and Llama 3 formats) into OpenAI's
+form, with the call ids made for them."""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+from typing import Any
+
+from ..errors import UsageError
+from .messages import validate_tools
+
+_ID_CHARS = string.ascii_letters + string.digits
+
+
+def _call_id(mistral: bool = False) -> str:
+    # Mistral's templates insist on 9 alphanumeric characters; OpenAI's look like call_...
+    if mistral:
+        return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
+    return "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
+
+
+def _json_value(text: str, start: int = 0) -> tuple[Any, int] | None:
+    """The JSON value at text[start:] (after spaces) and where it ends, or None."""
+    decoder = json.JSONDecoder()
+    i = start
+    while i < len(text) and text[i].isspace():
+        i += 1
+    try:
+        return decoder.raw_decode(text, i)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _make_call(obj: Any, names: set[str] | None = None, mistral: bool = False) -> dict | None:
+    """OpenAI's tool call for a parsed {"name": ..., "arguments"/"parameters": ...}, or None."""
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("function"), dict) and "name" not in obj:
+        obj = {**obj["function"], "id": obj.get("id")}
+    name = obj.get("name")
+    if not isinstance(name, str) or not name or (names is not None and name not in names):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            json.loads(args)
+        except ValueError:
+            return None
+    else:
+        try:
+            args = json.dumps(args, ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError):
+            return None
+    given = obj.get("id")
+    ok_id = isinstance(given, str) and given and (not mistral or (len(given) == 9 and given.isalnum()))
+    return {"id": given if ok_id else _call_id(mistral), "type": "function",
+            "function": {"name": name, "arguments": args}}
+
+
+_HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)
+_MISTRAL_NAMED = re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_.\-]+)\s*(?:\[CALL_ID\]\s*([A-Za-z0-9]+)\s*)?\[ARGS\]")
+
+
+def parse_tool_calls(text: str, tools: Any = None) -> tuple[str, list[dict]]:
+    """(content, tool_calls) of a reply, tool calls in OpenAI's form ({"id": "call_...", "type":
+    "function", "function": {"name": ..., "arguments": "<JSON>"}}), read from the formats of the
+    templates supported:
+
+    - Hermes / Qwen 2.5 / SmolLM3 (and the format given to templates without tools):
+      `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, any number, text around them content;
+    - Mistral: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`, or `[TOOL_CALLS]name[ARGS]{...}`;
+    - Llama 3.1-3.3: the whole reply is `{"name": ..., "parameters": {...}}` (or several, separated by
+      ';'), maybe after `<|python_tag|>`; with `tools` given, only calls of those names count.
+
+    Never raises on what a model wrote: anything that does not parse stays content."""
+    if not isinstance(text, str):
+        raise UsageError(f"text must be a str, got {type(text).__name__}")
+    names = None
+    if tools:
+        try:
+            names = {t["function"]["name"] for t in validate_tools(tools) or ()}
+        except UsageError:
+            names = None
+    try:
+        return _parse_calls(text, names)
+    except RecursionError:
+        return text, []
+
+
+def _parse_calls(text: str, names: set[str] | None) -> tuple[str, list[dict]]:
+    if "<tool_call>" in text:
+        calls, kept, pos = [], [], 0
+        for m in _HERMES.finditer(text):
+            parsed = _json_value(m.group(1))
+            call = _make_call(parsed[0]) if parsed and not m.group(1)[parsed[1]:].strip() else None
+            if call is None:
+                continue
+            calls.append(call)
+            kept.append(text[pos:m.start()])
+            pos = m.end()
+        if calls:
+            return ("".join(kept) + text[pos:]).strip(), calls
+
+    at = text.find("[TOOL_CALLS]")
+    if at >= 0:
+        content = text[:at].strip()
+        rest = text[at + len("[TOOL_CALLS]"):]
+        parsed = _json_value(rest)
+        if parsed and isinstance(parsed[0], list) and not rest[parsed[1]:].strip():
+            calls = [_make_call(o, mistral=True) for o in parsed[0]]
+            if calls and all(calls):
+                return content, calls  # type: ignore[return-value]
+        calls, pos = [], at
+        while True:
+            m = _MISTRAL_NAMED.match(text, pos)
+            if not m:
+                break
+            args = _json_value(text, m.end())
+            if args is None:
+                break
+            call = _make_call({"name": m.group(1), "arguments": args[0], "id": m.group(2)}, mistral=True)
+            if call is None:
+                break
+            calls.append(call)
+            pos = args[1]
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+        if calls and pos >= len(text):
+            return content, calls
+
+    body = text.strip()
+    if body.startswith("<|python_tag|>"):
+        body = body[len("<|python_tag|>"):].strip()
+    if body.startswith(("{", "[")):
+        calls, pos = [], 0
+        while pos < len(body):
+            parsed = _json_value(body, pos)
+            if parsed is None:
+                return text, []
+            items = parsed[0] if isinstance(parsed[0], list) else [parsed[0]]
+            for obj in items:
+                if not isinstance(obj, dict) or ("parameters" not in obj and "arguments" not in obj):
+                    return text, []
+                call = _make_call(obj, names)
+                if call is None:
+                    return text, []
+                calls.append(call)
+            pos = parsed[1]
+            while pos < len(body) and (body[pos].isspace() or body[pos] == ";"):
+                pos += 1
+        if calls:
+            return "", calls
+    return text, []

@@ -1,0 +1,686 @@
+"""The HTTP side of `purelm serve`: OpenAI's routes (chat completions, completions, embeddings, models)
+and llama.cpp's (/tokenize, /detokenize, /health, /metrics) on FastAPI, over the engine's thread.
+
+Bodies are read and checked by `protocol` (not by FastAPI's models), so every error, malformed JSON
+included, has OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ContextOverflowError, PurelmError, UsageError
+from . import protocol as P
+from .engine import Engine, EngineStoppedError, GenerationRequest, Handle, Piece, QueueFullError
+from .metrics import Metrics
+
+log = logging.getLogger("purelm.server")
+
+PUBLIC = ("/health", "/v1/health")  # answered without the API key
+MAX_EMBED_INPUTS = 2048
+
+
+@dataclass
+class ServerConfig:
+    parallel: int = 8  # slots: sequences generated at once (llama-server's -np)
+    batch: int = 512  # prompt tokens per step (a long prompt is prefilled in chunks of this many)
+    max_queue: int = 64  # requests waiting for a slot before the server answers 503
+    api_key: str | None = None
+    max_body: int = 8 << 20  # bytes of a request body (413 beyond)
+    model_name: str | None = None  # the id /v1/models shows (default: the file's name without .gguf)
+    aliases: tuple[str, ...] = ()  # other names requests may use for the model
+    prefix_cache: bool = True
+    engine_thread: bool = True  # the app's lifespan runs the engine in a thread (serve() runs it itself)
+
+
+class _State:
+    def __init__(self, llm: Any, config: ServerConfig) -> None:
+        self.llm, self.config = llm, config
+        self.tokenizer = llm.tokenizer
+        self.n_ctx, self.n_vocab = llm.n_ctx, llm.n_vocab
+        base = os.path.basename(llm.path)
+        stem = base[:-5] if base.lower().endswith(".gguf") else base
+        self.model_id = config.model_name or stem
+        self.names = {self.model_id, base, stem, *config.aliases}
+        self.created = int(time.time())
+        self.metrics = Metrics()
+        self.engine = Engine(llm, parallel=config.parallel, batch=config.batch, max_queue=config.max_queue,
+                             prefix_cache=config.prefix_cache, metrics=self.metrics)
+        self.metrics.bind(self.engine)
+        self._template: Any = None
+        self._template_error: Exception | None = None
+
+    # -- chat template (purelm.chat), built on first use
+    @property
+    def template(self) -> Any:
+        if self._template is None and self._template_error is None:
+            try:
+                t = getattr(self.llm, "chat_template", None)
+                if t is None:
+                    from ..chat import ChatTemplate
+
+                    t = ChatTemplate.from_gguf(self.llm.metadata, self.tokenizer)
+                self._template = t
+            except Exception as e:  # a broken or hostile template: chat answers with the reason
+                self._template_error = e
+        if self._template is None:
+            raise P.APIError(500, f"the model's chat template cannot be used: {self._template_error}",
+                             None, "template_error")
+        return self._template
+
+    def check_model(self, body: dict) -> None:
+        name = body.get("model")
+        if name is None:
+            return
+        if not isinstance(name, str):
+            raise P.bad(f"model must be a string, got {P._kind(name)}", "model", "invalid_type")
+        if name not in self.names:
+            raise P.APIError(404, f"the model {name!r} does not exist: this server has {self.model_id!r}",
+                             "model", "model_not_found")
+
+    def piece(self, token: int) -> bytes:
+        return self.tokenizer.token_to_piece(token) if 0 <= token < self.tokenizer.vocab_size else b""
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def chat_ids(self, text: str) -> list[int]:
+        """The rendered conversation's ids: special tokens parsed, BOS added as the model asks
+        (and not twice when the template wrote it)."""
+        tok = self.tokenizer
+        bos = tok.tokens[tok.bos_id] if tok.bos_id is not None and tok.add_bos else None
+        if bos and text.startswith(bos):
+            text = text[len(bos):]
+        return tok.encode(text, add_special=True, parse_special=True)
+
+    def check_context(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
+        if n_prompt >= self.n_ctx:
+            raise P.bad(f"the prompt has {n_prompt} tokens but the context holds {self.n_ctx} (with room for "
+                        f"at least one new token): shorten it", param, "context_length_exceeded")
+        if max_tokens is not None and n_prompt + max_tokens > self.n_ctx:
+            raise P.bad(f"the prompt ({n_prompt} tokens) and max_tokens ({max_tokens}) are more than the "
+                        f"context of {self.n_ctx} tokens: lower max_tokens or shorten the prompt",
+                        "max_tokens", "context_length_exceeded")
+        return max_tokens if max_tokens is not None else self.n_ctx - n_prompt
+
+    def grammar(self, fmt: tuple[str, Any] | None) -> str | None:
+        """An llguidance grammar for `response_format` / `json_schema` / `grammar`, checked (400 if it
+        does not compile). Runs in a worker thread: the first one builds llguidance's vocabulary."""
+        if fmt is None:
+            return None
+        try:
+            import llguidance
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+        except ImportError:
+            raise P.bad("structured output (response_format, json_schema, grammar) needs llguidance: "
+                        "pip install 'purelm[server]'", "response_format", "unsupported") from None
+        kind, value = fmt
+        param = "grammar" if kind == "gbnf" else "response_format"
+        try:
+            if kind == "gbnf":
+                grammar = llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(value))
+            else:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(value)
+        except Exception as e:
+            raise P.bad(f"the {'grammar' if kind == 'gbnf' else 'JSON schema'} is invalid: {e}", param) from None
+        try:  # the chat template's end-of-turn tokens end a constrained reply too
+            stop_ids = frozenset(getattr(self.template, "stop_token_ids", ()) or ())
+        except P.APIError:
+            stop_ids = frozenset()
+        err = llguidance.LLMatcher.validate_grammar(grammar, self.engine.grammar_tokenizer(stop_ids))
+        if err and not err.startswith("WARNING"):
+            raise P.bad(f"the {'grammar' if kind == 'gbnf' else 'JSON schema'} is invalid: {err}", param)
+        return grammar
+
+    def submit(self, req: GenerationRequest) -> Handle:
+        try:
+            return self.engine.submit(req)
+        except QueueFullError as e:
+            raise P.APIError(503, str(e), None, "queue_full") from None
+        except EngineStoppedError as e:
+            raise P.APIError(503, str(e), None, "unavailable") from None
+        except ContextOverflowError as e:
+            raise P.bad(str(e), None, "context_length_exceeded") from None
+
+
+async def read_body(request: Request, limit: int) -> dict:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise P.APIError(413, f"the body is larger than this server takes ({limit} bytes)", None, "body_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise P.APIError(413, f"the body is larger than this server takes ({limit} bytes)", None,
+                             "body_too_large")
+    return P.json_object(bytes(raw))
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _merged(handles: list[Handle]) -> AsyncIterator[tuple[int, list[Piece]]]:
+    """(prompt index, pieces) from several handles as they come."""
+    if len(handles) == 1:
+        async for pieces in handles[0]:
+            yield 0, pieces
+        return
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, h: Handle) -> None:
+        try:
+            async for pieces in h:
+                q.put_nowait((i, pieces))
+            q.put_nowait((i, done))
+        except BaseException as e:  # noqa: B036 (handed to the consumer)
+            q.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        left = len(handles)
+        while left:
+            i, item = await q.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _watch_disconnect(request: Request, handles: list[Handle]):
+    """Cancel `handles` if the client leaves while a non-streaming answer is being made."""
+    async def watch() -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                for h in handles:
+                    h.cancel()
+                return
+
+    task = asyncio.ensure_future(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+@dataclass
+class _Choice:
+    """What one choice has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    sent_lp: int = 0  # logprob entries already streamed
+    offset: int = 0  # characters already produced (legacy text_offset)
+
+
+class _Reply:
+    """Accumulates the pieces of every choice of one request (prompt p, sample j: index p * n + j)."""
+
+    def __init__(self, n_choices: int) -> None:
+        self.choices = [_Choice() for _ in range(n_choices)]
+
+    def add(self, base: int, p: Piece) -> _Choice:
+        c = self.choices[base + p.index]
+        c.tokens += 1
+        if p.text:
+            c.text.append(p.text)
+        if p.logprob is not None and p.token is not None:
+            c.logprobs.append((p.token, p.logprob, p.top or []))
+        if p.finish_reason:
+            c.finish_reason = p.finish_reason
+        return c
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.tokens for c in self.choices)
+
+
+def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
+    """The ASGI app serving `llm` (a loaded `purelm.LLM`). Its engine thread starts with the app's
+    lifespan (uvicorn runs it) and stops with it."""
+    config = config or ServerConfig()
+    state = _State(llm, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if config.engine_thread:
+            state.engine.start()
+        try:
+            yield
+        finally:
+            if config.engine_thread:
+                state.engine.stop()
+
+    app = FastAPI(title="purelm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.purelm = state
+    app.add_middleware(_Gate, state=state)
+
+    @app.exception_handler(P.APIError)
+    async def api_error(request: Request, e: P.APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        msg = {404: f"no route {request.method} {request.url.path}",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return JSONResponse(P.APIError(e.status_code, msg, None, "not_found" if e.status_code == 404 else None).body(),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(PurelmError)
+    async def purelm_error(request: Request, e: PurelmError) -> JSONResponse:
+        status = 400 if isinstance(e, (UsageError, ContextOverflowError)) else 500
+        return JSONResponse(P.APIError(status, str(e)).body(), status_code=status)
+
+    # ---------------------------------------------------------------- llama.cpp's routes
+    @app.get("/health")
+    @app.get("/v1/health")
+    async def health() -> JSONResponse:
+        e = state.engine
+        if not e.running:
+            return JSONResponse(P.APIError(503, "the engine is not running", None, "unavailable").body(), 503)
+        return JSONResponse({"status": "ok", "slots_idle": e.parallel - e.slots_used,
+                             "slots_processing": e.slots_used, "requests_waiting": e.n_waiting})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(state.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body = await read_body(request, config.max_body)
+        content = P.get_str(body, "content")
+        if content is None:
+            raise P.bad("content is required (a string)", "content", "missing_required_parameter")
+        ids = state.tokenize(P.check_text(content, "content"), P.get_bool(body, "add_special", False),
+                             P.get_bool(body, "parse_special", True))
+        if P.get_bool(body, "with_pieces", False):
+            out = []
+            for i in ids:
+                b = state.piece(i)
+                try:
+                    piece: Any = b.decode("utf-8")
+                except UnicodeDecodeError:
+                    piece = list(b)
+                out.append({"id": i, "piece": piece})
+            return JSONResponse({"tokens": out})
+        return JSONResponse({"tokens": ids})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        body = await read_body(request, config.max_body)
+        ids = body.get("tokens", [])
+        if ids != []:
+            ids = P.token_ids(ids, state.tokenizer.vocab_size, "tokens")
+        return JSONResponse({"content": state.tokenizer.decode(ids)})
+
+    # ---------------------------------------------------------------- OpenAI's routes
+    @app.get("/v1/models")
+    @app.get("/models")
+    async def models() -> JSONResponse:
+        m = state.llm.model
+        return JSONResponse({"object": "list", "data": [{
+            "id": state.model_id, "object": "model", "created": state.created, "owned_by": "purelm",
+            "meta": {"n_ctx": state.n_ctx, "n_ctx_train": m.n_ctx_train, "n_vocab": state.n_vocab,
+                     "n_embd": getattr(m, "dim", None), "size": os.path.getsize(state.llm.path),
+                     "path": os.path.basename(state.llm.path), "aliases": sorted(state.names)}}]})
+
+    @app.post("/v1/embeddings")
+    @app.post("/embeddings")
+    async def embeddings(request: Request) -> JSONResponse:
+        body = await read_body(request, config.max_body)
+        state.check_model(body)
+        inp = body.get("input")
+        if isinstance(inp, str):
+            inputs: list = [inp]
+        elif isinstance(inp, list) and inp and all(isinstance(t, int) and not isinstance(t, bool) for t in inp):
+            inputs = [inp]
+        elif isinstance(inp, list) and inp:
+            inputs = inp
+        else:
+            raise P.bad("input must be a string, an array of strings or of token-id arrays (not empty)", "input",
+                        "invalid_type")
+        if len(inputs) > MAX_EMBED_INPUTS:
+            raise P.bad(f"input has {len(inputs)} items; at most {MAX_EMBED_INPUTS}", "input")
+        fmt = P.get_str(body, "encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise P.bad(f"encoding_format must be float or base64, got {fmt!r}", "encoding_format")
+        dims = P.get_int(body, "dimensions", 1, 2**31)
+        if dims is not None and dims != getattr(state.llm.model, "dim", dims):
+            raise P.bad(f"dimensions: this model's embeddings have {state.llm.model.dim}", "dimensions", "unsupported")
+        ids = []
+        for i, x in enumerate(inputs):
+            if isinstance(x, str):
+                t = state.tokenize(P.check_text(x, f"input[{i}]"))
+            else:
+                t = P.token_ids(x, state.n_vocab, f"input[{i}]")
+            if not t:
+                raise P.bad(f"input[{i}] is empty", "input")
+            if len(t) > state.n_ctx:
+                raise P.bad(f"input[{i}] has {len(t)} tokens but the context holds {state.n_ctx}", "input",
+                            "context_length_exceeded")
+            ids.append(t)
+        try:
+            handle = state.engine.submit_embeddings(ids)
+        except QueueFullError as e:
+            raise P.APIError(503, str(e), None, "queue_full") from None
+        vectors: dict[int, np.ndarray] = {}
+        async with _watch_disconnect(request, [handle]):
+            async for items in handle:
+                vectors.update(items)
+        data = []
+        for i in range(len(ids)):
+            v = vectors[i]
+            emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        n = sum(map(len, ids))
+        return JSONResponse({"object": "list", "data": data, "model": state.model_id,
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    @app.post("/v1/completions")
+    @app.post("/completions")
+    async def completions(request: Request) -> Response:
+        t0 = time.perf_counter()
+        body = await read_body(request, config.max_body)
+        state.check_model(body)
+        prompts = P.prompts(body, state.n_vocab)
+        gen = P.generation(body, state.n_vocab, state.n_ctx, config.parallel, chat=False)
+        k = P.get_int(body, "logprobs", 0, P.MAX_TOP_LOGPROBS)
+        if P.get_bool(body, "echo"):
+            raise P.bad("echo is not supported", "echo", "unsupported")
+        if P.get_str(body, "suffix"):
+            raise P.bad("suffix is not supported", "suffix", "unsupported")
+        fmt = P.response_format(body)
+        grammar = await asyncio.to_thread(state.grammar, fmt) if fmt else None
+        ids = [state.tokenize(p) if isinstance(p, str) else p for p in prompts]
+        reqs = []
+        for p in ids:
+            if not p:
+                raise P.bad("a prompt is empty (and the model adds no BOS token)", "prompt")
+            max_tokens = state.check_context(len(p), gen.max_tokens, "prompt")
+            reqs.append(GenerationRequest(p, max_tokens, gen.params, gen.n, gen.stop, frozenset(), gen.ignore_eos,
+                                          k, gen.logit_bias, grammar))
+        handles = _submit_all(state, reqs)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        reply = _Reply(len(reqs) * gen.n)
+        prompt_tokens = sum(map(len, ids))
+
+        def legacy_logprobs(c: _Choice, start: int) -> dict:
+            toks, lps, tops, offs = [], [], [], []
+            off = c.offset
+            for tok, lp, top in c.logprobs[start:]:
+                s = state.piece(tok).decode("utf-8", "replace")
+                toks.append(s)
+                lps.append(lp)
+                tops.append({state.piece(t).decode("utf-8", "replace"): v for t, v in top})
+                offs.append(off)
+                off += len(s)
+            c.offset = off
+            return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+        def usage() -> dict:
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": reply.completion_tokens,
+                    "total_tokens": prompt_tokens + reply.completion_tokens}
+
+        if gen.stream:
+            async def events() -> AsyncIterator[bytes]:
+                try:
+                    async for p_index, pieces in _merged(handles):
+                        for p in pieces:
+                            index = p_index * gen.n + p.index
+                            c = reply.add(p_index * gen.n, p)
+                            if not p.text and not p.finish_reason:
+                                continue
+                            lp = legacy_logprobs(c, c.sent_lp) if k is not None else None
+                            c.sent_lp = len(c.logprobs)
+                            yield sse({"id": rid, "object": "text_completion", "created": created,
+                                       "model": state.model_id, "choices": [
+                                           {"text": p.text, "index": index, "logprobs": lp,
+                                            "finish_reason": p.finish_reason}]})
+                    if gen.include_usage:
+                        yield sse({"id": rid, "object": "text_completion", "created": created,
+                                   "model": state.model_id, "choices": [], "usage": usage()})
+                    yield b"data: [DONE]\n\n"
+                except (PurelmError, P.APIError) as e:
+                    yield sse(_error_body(e))
+                finally:
+                    for h in handles:
+                        h.cancel()
+                    state.metrics.duration.observe(time.perf_counter() - t0)
+
+            return _stream(events())
+
+        try:
+            async with _watch_disconnect(request, handles):
+                async for p_index, pieces in _merged(handles):
+                    for p in pieces:
+                        reply.add(p_index * gen.n, p)
+        except PurelmError as e:
+            raise P.APIError(500, str(e), None, "generation_failed") from None
+        finally:
+            for h in handles:
+                h.cancel()
+        state.metrics.duration.observe(time.perf_counter() - t0)
+        return JSONResponse({
+            "id": rid, "object": "text_completion", "created": created, "model": state.model_id,
+            "choices": [{"text": "".join(c.text), "index": i,
+                         "logprobs": legacy_logprobs(c, 0) if k is not None else None,
+                         "finish_reason": c.finish_reason} for i, c in enumerate(reply.choices)],
+            "usage": usage()})
+
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        t0 = time.perf_counter()
+        body = await read_body(request, config.max_body)
+        state.check_model(body)
+        msgs = P.messages(body)
+        tools, tool_choice = P.tools(body)
+        gen = P.generation(body, state.n_vocab, state.n_ctx, config.parallel, chat=True)
+        want_lp = P.get_bool(body, "logprobs")
+        top_k = P.get_int(body, "top_logprobs", 0, P.MAX_TOP_LOGPROBS)
+        if top_k is not None and not want_lp:
+            raise P.bad("top_logprobs needs logprobs: true", "top_logprobs")
+        k = (top_k or 0) if want_lp else None
+        template = state.template
+        stop_ids = frozenset() if gen.ignore_eos else frozenset(getattr(template, "stop_token_ids", ()) or ())
+        fmt = P.response_format(body)
+        grammar = await asyncio.to_thread(state.grammar, fmt) if fmt else None
+        use_tools = tools if tools and tool_choice != "none" else None
+        extra = P.get_dict(body, "chat_template_kwargs") or {}
+        try:
+            text = template.render(msgs, add_generation_prompt=True, tools=use_tools, **extra)
+        except UsageError as e:  # a message the template layer refuses
+            raise P.bad(str(e), "messages") from None
+        except Exception as e:  # purelm.errors.TemplateError: the template raised, or its sandbox refused
+            raise P.bad(f"the chat template failed on these messages: {e}", "messages", "template_error") from None
+        ids = template.encode(text) if hasattr(template, "encode") else state.chat_ids(text)
+        max_tokens = state.check_context(len(ids), gen.max_tokens, "messages")
+        stops = list(gen.stop) + [s for s in (getattr(template, "stop_strings", ()) or ()) if s not in gen.stop]
+        req = GenerationRequest(ids, max_tokens, gen.params, gen.n, stops, stop_ids, gen.ignore_eos, k,
+                                gen.logit_bias, grammar)
+        handles = _submit_all(state, [req])
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        reply = _Reply(gen.n)
+
+        def lp_entries(c: _Choice, start: int) -> list[dict]:
+            out = []
+            for tok, lp, top in c.logprobs[start:]:
+                b = state.piece(tok)
+                out.append({"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b),
+                            "top_logprobs": [{"token": state.piece(t).decode("utf-8", "replace"), "logprob": v,
+                                              "bytes": list(state.piece(t))} for t, v in top]})
+            return out
+
+        def finish(c: _Choice) -> tuple[str | None, list[dict] | None, str | None]:
+            """content, tool calls and finish reason of a finished choice."""
+            content = "".join(c.text)
+            if use_tools and hasattr(template, "parse_tool_calls"):
+                try:
+                    content2, calls = template.parse_tool_calls(content, use_tools)
+                except Exception:  # an unparsable call: the text stays content
+                    log.exception("parsing tool calls failed")
+                    calls = None
+                if calls:
+                    return content2 or None, calls, "tool_calls"
+            return content, None, c.finish_reason
+
+        def usage() -> dict:
+            return {"prompt_tokens": len(ids), "completion_tokens": reply.completion_tokens,
+                    "total_tokens": len(ids) + reply.completion_tokens}
+
+        def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: Any = None) -> bytes:
+            return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_id,
+                        "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                     "finish_reason": finish_reason}]})
+
+        if gen.stream:
+            async def events() -> AsyncIterator[bytes]:
+                try:
+                    for j in range(gen.n):
+                        yield chunk(j, {"role": "assistant", "content": ""})
+                    async for _, pieces in _merged(handles):
+                        for p in pieces:
+                            c = reply.add(0, p)
+                            if use_tools:  # the reply is parsed for tool calls when it is whole
+                                if p.finish_reason:
+                                    content, calls, reason = finish(c)
+                                    delta: dict = {"content": content}
+                                    if calls:
+                                        delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
+                                    lp = {"content": lp_entries(c, 0)} if k is not None else None
+                                    yield chunk(p.index, delta, reason, lp)
+                                continue
+                            if not p.text and not p.finish_reason:
+                                continue
+                            lp = {"content": lp_entries(c, c.sent_lp)} if k is not None else None
+                            c.sent_lp = len(c.logprobs)
+                            yield chunk(p.index, {"content": p.text} if p.text else {}, p.finish_reason, lp)
+                    if gen.include_usage:
+                        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                   "model": state.model_id, "choices": [], "usage": usage()})
+                    yield b"data: [DONE]\n\n"
+                except (PurelmError, P.APIError) as e:
+                    yield sse(_error_body(e))
+                finally:
+                    for h in handles:
+                        h.cancel()
+                    state.metrics.duration.observe(time.perf_counter() - t0)
+
+            return _stream(events())
+
+        try:
+            async with _watch_disconnect(request, handles):
+                async for _, pieces in _merged(handles):
+                    for p in pieces:
+                        reply.add(0, p)
+        except PurelmError as e:
+            raise P.APIError(500, str(e), None, "generation_failed") from None
+        finally:
+            for h in handles:
+                h.cancel()
+        state.metrics.duration.observe(time.perf_counter() - t0)
+        choices = []
+        for i, c in enumerate(reply.choices):
+            content, calls, reason = finish(c)
+            message: dict = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            choices.append({"index": i, "message": message,
+                            "logprobs": {"content": lp_entries(c, 0)} if k is not None else None,
+                            "finish_reason": reason})
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_id,
+                             "choices": choices, "usage": usage()})
+
+    return app
+
+
+def _submit_all(state: _State, reqs: list[GenerationRequest]) -> list[Handle]:
+    handles: list[Handle] = []
+    try:
+        for r in reqs:
+            handles.append(state.submit(r))
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+    return handles
+
+
+def _error_body(e: Exception) -> dict:
+    return e.body() if isinstance(e, P.APIError) else P.APIError(500, str(e), None, "generation_failed").body()
+
+
+def _stream(events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _Gate:
+    """ASGI middleware: the API key (401 without it, when the server has one) and the request counter
+    of /metrics (by route and status)."""
+
+    def __init__(self, app: Any, state: _State) -> None:
+        self.app, self.state = app, state
+        self.routes = {"/health", "/v1/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/models",
+                       "/v1/embeddings", "/embeddings", "/v1/completions", "/completions", "/v1/chat/completions",
+                       "/chat/completions"}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in self.routes else "other"
+        status = [0]
+
+        async def send_(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            key = self.state.config.api_key
+            if key and path not in PUBLIC and not self._authorized(scope, key):
+                resp = JSONResponse(P.APIError(401, "a valid API key is required: Authorization: Bearer KEY",
+                                               None, "invalid_api_key").body(), status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+                return await resp(scope, receive, send_)
+            await self.app(scope, receive, send_)
+        finally:
+            self.state.metrics.requests.labels(route, str(status[0])).inc()
+
+    @staticmethod
+    def _authorized(scope: dict, key: str) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                v = value.decode("latin-1")
+                if v[:7].lower() == "bearer " and hmac.compare_digest(v[7:].strip().encode(), key.encode()):
+                    return True
+            if name == b"x-api-key" and hmac.compare_digest(value.strip(), key.encode()):
+                return True
+        return False

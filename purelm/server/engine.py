@@ -1,0 +1,618 @@
+"""The continuous-batching engine behind `purelm serve`.
+
+One background thread owns the model and one KV cache holding many sequences. Requests arrive from
+asyncio handlers through a thread-safe queue. Each step:
+
+1. drops cancelled requests (their client left) and frees their sequences;
+2. admits waiting requests, first come first served, while `parallel` slots are free (a request with
+   `n` samples takes `n` slots);
+3. runs ONE forward pass over one decode token of every running sample plus prompt chunks of the
+   requests still prefilling, at most `batch` prompt tokens in all (so a long prompt does not stall
+   the others' decoding for more than a chunk);
+4. samples each running sample's next token with its own sampler (seed, penalties, logit bias, an
+   llguidance grammar's token mask), computes logprobs where asked, and hands the pieces of text to
+   each request's asyncio queue (`loop.call_soon_threadsafe`).
+
+A request whose prompt is fully prefilled forks its sequence `n - 1` times (the samples share the
+prompt's cached blocks). A finished sample's sequence is kept (the last `parallel` of them, least
+recently used dropped first) so that a later prompt that starts with the same tokens (a system prompt,
+the earlier turns of a chat) forks it and evaluates only the rest. An exception in a step fails the
+requests that were in that step's pass; the engine goes on serving the others and the next ones.
+
+The backend computes each sequence's part of a pass as it would alone, so a decode token's logits do
+not depend on the other requests in the batch: a greedy reply is the same served alone or among others.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..embeddings import Pooling
+from ..errors import ContextOverflowError, PurelmError
+from ..generate import _Sample
+from ..sampling import Sampler, SamplingParams
+
+log = logging.getLogger("purelm.server")
+
+MIN_PREFIX = 16  # tokens a cached prefix must share with a new prompt to be reused
+
+
+class QueueFullError(PurelmError):
+    """The engine's waiting queue is full (the server answers 503)."""
+
+
+class EngineStoppedError(PurelmError):
+    """The engine was shut down."""
+
+
+class GenerationError(PurelmError):
+    """A request failed inside the engine (the server answers 500 with this message)."""
+
+
+@dataclass
+class GenerationRequest:
+    """What the engine needs to run one prompt: token ids and settings, all checked by the caller."""
+
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    stop_ids: frozenset[int] = frozenset()  # end-of-turn tokens besides the model's end-of-generation ones
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k likeliest
+    logit_bias: dict[int, float] | None = None
+    grammar: str | None = None  # an llguidance grammar (see Engine.grammar_tokenizer)
+
+
+@dataclass
+class Piece:
+    """One sampled token of one sample (`index` in 0..n-1): its text (may be empty while a UTF-8
+    character or a possible stop string is incomplete), and on a sample's last piece the reason it
+    ended. `token` is None on the piece that reports an end-of-generation token."""
+
+    index: int
+    text: str
+    token: int | None
+    finish_reason: str | None = None
+    logprob: float | None = None  # of the sampled token (the end-of-generation one included)
+    top: list[tuple[int, float]] | None = None  # the likeliest tokens and their logprobs
+    sampled: int | None = None  # the sampled token, end-of-generation ones included
+
+
+_CANCELLED = object()
+
+
+class Handle:
+    """The asyncio side of a request: iterate it for lists of pieces (or embedding vectors); cancel
+    it when the client leaves."""
+
+    def __init__(self, engine: "Engine", loop: asyncio.AbstractEventLoop, n_open: int) -> None:
+        self.engine, self.loop = engine, loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.n_open = n_open  # samples (or inputs) not finished
+        self.cancelled = False
+        self.finished = False
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+
+    def cancel(self) -> None:
+        """Stop generating for this request and free its cache (at the engine's next step); whoever
+        iterates the handle sees the end of it."""
+        if not self.finished and not self.cancelled:
+            self.cancelled = True
+            self.engine._wake()
+            self._push(_CANCELLED)
+
+    def _push(self, item: Any) -> None:  # engine thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening
+            self.cancelled = True
+
+    def __aiter__(self):
+        return self._events()
+
+    async def _events(self):
+        while self.n_open > 0:
+            item = await self.queue.get()
+            if item is _CANCELLED:
+                break
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            for p in item:
+                if isinstance(p, Piece) and p.finish_reason or not isinstance(p, Piece):
+                    self.n_open -= 1
+            yield item
+        self.finished = True
+
+
+@dataclass
+class _Slot:
+    """One sample being generated."""
+
+    job: "_Job"
+    index: int
+    seq: int
+    sample: _Sample
+    matcher: Any = None
+    pending: int | None = None  # the token to feed at the next step
+
+
+class _Job:
+    def __init__(self, req: GenerationRequest, handle: Handle) -> None:
+        self.req, self.handle = req, handle
+        self.seq: int | None = None
+        self.fed = 0  # prompt tokens stored in the cache
+        self.slots: list[_Slot] = []
+        self.n_running = 0
+        self.released = False  # its slots given back
+        self.reused = 0  # prompt tokens taken from a cached prefix
+
+
+class _EmbedJob:
+    def __init__(self, inputs: list[list[int]], handle: Handle) -> None:
+        self.inputs, self.handle = inputs, handle
+        self.index = 0
+        self.started = False
+        self.pooling: Pooling | None = None
+
+
+class Engine:
+    """See the module's docstring. `llm`: a loaded `purelm.LLM` (its model and tokenizer are used
+    from the engine's thread only; its own cache is left alone)."""
+
+    def __init__(self, llm: Any, parallel: int = 8, batch: int = 512, max_queue: int = 64,
+                 prefix_cache: bool = True, metrics: Any = None) -> None:
+        self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
+        self.n_ctx = llm.n_ctx
+        self.parallel, self.batch, self.max_queue = parallel, batch, max_queue
+        self.prefix_cache = prefix_cache
+        self.metrics = metrics
+        self.cache = self.model.new_cache(self.n_ctx)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting_count = 0
+        self._waiting: deque[_Job] = deque()
+        self._prefilling: list[_Job] = []
+        self._running: list[_Slot] = []
+        self._embeds: deque[_EmbedJob] = deque()
+        self._retained: OrderedDict[int, list[int]] = OrderedDict()  # finished sequences: seq -> tokens
+        self.slots_used = 0
+        self._stop = False
+        self._active = False
+        self._thread: threading.Thread | None = None
+        self._grammar_tok: Any = None
+        self._grammar_lock = threading.Lock()
+        self.steps = 0
+        self.tokens_generated = 0
+        self.prompt_tokens_evaluated = 0
+        self.prompt_tokens_reused = 0
+
+    # -- life
+    def start(self) -> "Engine":
+        """Run the engine in a background thread (see `run` for the faster way)."""
+        self._active = True
+        self._thread = threading.Thread(target=self.run, name="purelm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self, until: Any = None) -> None:
+        """Run the engine in the calling thread until `stop()` (or until `until()` is true; it is
+        asked at least every half second). numba's parallel kernels start 2-4x slower from a thread
+        other than the main one (OpenMP), which halves a single sequence's decode speed on 2 cores:
+        `purelm serve` runs the engine here, in the main thread, and the HTTP server beside it."""
+        self._active = True
+        try:
+            while not self._stop and not (until is not None and until()):
+                busy = bool(self._waiting or self._prefilling or self._running or self._embeds)
+                self._intake(block=not busy)
+                if self._stop:
+                    break
+                try:
+                    self._step()
+                except Exception:  # a bug outside any request's pass: log it, keep serving
+                    log.exception("engine step failed")
+        finally:
+            self._active = False
+            self._shutdown()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def n_waiting(self) -> int:
+        return self._waiting_count
+
+    @property
+    def running(self) -> bool:
+        return self._active and not self._stop
+
+    # -- submitting (event loop thread)
+    def submit(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+        """Queue a request; raises QueueFullError when `max_queue` requests are already waiting."""
+        if not self.running:
+            raise EngineStoppedError("the engine is not running")
+        if req.n > self.parallel:
+            raise ContextOverflowError(f"n = {req.n} is more than the server's {self.parallel} slots")
+        if len(req.prompt) >= self.n_ctx:
+            raise ContextOverflowError(f"the prompt has {len(req.prompt)} tokens but the context holds {self.n_ctx}")
+        handle = Handle(self, loop or asyncio.get_running_loop(), req.n)
+        self._enqueue(_Job(req, handle))
+        return handle
+
+    def submit_embeddings(self, inputs: list[list[int]], loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+        """Queue embedding inputs (token ids); the handle yields [(index, vector)] per input."""
+        if not self.running:
+            raise EngineStoppedError("the engine is not running")
+        handle = Handle(self, loop or asyncio.get_running_loop(), len(inputs))
+        self._enqueue(_EmbedJob(inputs, handle))
+        return handle
+
+    def _enqueue(self, job: Any) -> None:
+        with self._lock:
+            # slots free now take requests at the next step; beyond them `max_queue` may wait
+            if self._waiting_count >= self.max_queue + max(0, self.parallel - self.slots_used):
+                raise QueueFullError(f"the server is busy: {self._waiting_count} requests are waiting "
+                                     f"(--queue {self.max_queue}); try again later")
+            self._waiting_count += 1
+        self._inbox.put(job)
+
+    def _wake(self) -> None:
+        self._inbox.put(None)
+
+    def _dequeued(self) -> None:
+        with self._lock:
+            self._waiting_count -= 1
+
+    # -- constrained decoding
+    def grammar_tokenizer(self, extra_eos: frozenset[int] = frozenset()) -> Any:
+        """llguidance's view of the vocabulary (built once, ~0.3 s): every token's bytes, special
+        tokens marked as llguidance expects, the end-of-generation tokens as its EOS."""
+        with self._grammar_lock:
+            if self._grammar_tok is None:
+                import llguidance
+
+                tok = self.tokenizer
+                special = set(tok.special_ids)
+
+                class _Vocab:
+                    tokens = [(b"\xff" if i in special else b"") + tok.token_to_piece(i)
+                              for i in range(tok.vocab_size)]
+                    eos_token_id = tok.eos_id if tok.eos_id is not None else min(tok.eog_ids, default=0)
+                    bos_token_id = tok.bos_id
+                    special_token_ids = sorted(special)
+
+                    def __call__(self, data: bytes | str) -> list[int]:
+                        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+                        return tok.encode(text, add_special=False, parse_special=False)
+
+                eos = sorted(set(tok.eog_ids) | set(extra_eos)) or [_Vocab.eos_token_id]
+                self._grammar_tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab()),
+                                                           n_vocab=tok.vocab_size, eos_token=eos)
+            return self._grammar_tok
+
+    # -- the engine's thread
+    def _intake(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, _Job):
+                self._waiting.append(item)
+            elif isinstance(item, _EmbedJob):
+                self._embeds.append(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _shutdown(self) -> None:
+        err = EngineStoppedError("the server is shutting down")
+        for job in list(self._waiting) + self._prefilling + list({s.job: 0 for s in self._running}):
+            job.handle._push(err)
+        for ej in self._embeds:
+            ej.handle._push(err)
+        while True:  # and whatever was submitted but not taken in
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item.handle._push(err)
+        self._waiting.clear()
+        self._prefilling.clear()
+        self._running.clear()
+        self._embeds.clear()
+
+    def _step(self) -> None:
+        self._reap()
+        self._admit()
+        self._generate()
+        if self._embeds:
+            self._embed_step()
+        self.steps += 1
+
+    def _reap(self) -> None:
+        """Drop the requests whose clients left."""
+        for job in [j for j in self._waiting if j.handle.cancelled]:
+            self._waiting.remove(job)
+            self._dequeued()
+        for job in [j for j in self._prefilling if j.handle.cancelled]:
+            self._finish_job(job, None)
+        for job in {s.job: 0 for s in self._running if s.job.handle.cancelled}:
+            self._finish_job(job, None)
+        for ej in [e for e in self._embeds if e.handle.cancelled]:
+            self._embeds.remove(ej)
+            if ej.pooling is not None:
+                ej.pooling.close()
+            if not ej.started:
+                self._dequeued()
+
+    def _admit(self) -> None:
+        while self._waiting and self._waiting[0].req.n <= self.parallel - self.slots_used:
+            job = self._waiting.popleft()
+            self._dequeued()
+            self.slots_used += job.req.n
+            try:
+                job.seq, job.fed = self._new_sequence(job.req.prompt)
+            except Exception as e:
+                log.exception("admitting a request failed")
+                self._release(job)
+                job.handle._push(GenerationError(f"could not start the request: {e}"))
+                continue
+            job.reused = job.fed
+            self.prompt_tokens_reused += job.fed
+            self._prefilling.append(job)
+            if self.metrics:
+                self.metrics.admitted(job.fed)
+
+    def _new_sequence(self, prompt: list[int]) -> tuple[int, int]:
+        """A sequence for `prompt`: a fork of the retained one sharing its longest prefix (at least
+        MIN_PREFIX tokens, at most all but the prompt's last token), else a new one."""
+        best, best_n = None, 0
+        if self.prefix_cache and self._retained:
+            p = np.asarray(prompt[:-1], np.int64)
+            for seq, toks in self._retained.items():
+                m = min(len(p), len(toks))
+                if m <= best_n:
+                    continue
+                diff = np.flatnonzero(np.asarray(toks[:m], np.int64) != p[:m])
+                k = int(diff[0]) if len(diff) else m
+                if k > best_n:
+                    best, best_n = seq, k
+        if best is None or best_n < MIN_PREFIX:
+            return self.cache.add(), 0
+        self._retained.move_to_end(best)
+        seq = self.cache.fork(best)
+        self.cache.truncate(best_n, seq)
+        return seq, best_n
+
+    def _retain(self, seq: int, tokens: list[int]) -> None:
+        if not self.prefix_cache or self.cache.seqs[seq].n_past != len(tokens) or len(tokens) < MIN_PREFIX:
+            self.cache.remove(seq)
+            return
+        self._retained[seq] = tokens
+        while len(self._retained) > self.parallel:
+            old, _ = self._retained.popitem(last=False)
+            self.cache.remove(old)
+
+    def _generate(self) -> None:
+        runs: list[tuple[int, list[int], Any]] = [(s.seq, [s.pending], s) for s in self._running]
+        budget = self.batch
+        for job in self._prefilling:
+            if budget <= 0:
+                break
+            ids = job.req.prompt[job.fed:job.fed + budget]
+            runs.append((job.seq, ids, job))
+            budget -= len(ids)
+        if not runs:
+            return
+        try:
+            out = self.model.forward_batch(self.cache, [(seq, ids) for seq, ids, _ in runs])
+        except Exception as e:  # fail the requests of this pass, keep the engine
+            log.exception("forward pass failed")
+            err = GenerationError(f"the forward pass failed: {e}")
+            for job in {(o.job if isinstance(o, _Slot) else o): 0 for _, _, o in runs}:
+                self._finish_job(job, err)
+            return
+        pushes: dict[Handle, list[Piece]] = {}
+        failed: dict[_Job, Exception] = {}
+        for (seq, ids, owner), logits in zip(runs, out):
+            if isinstance(owner, _Slot):
+                if owner.job in failed:
+                    continue
+                try:
+                    self._sample(owner, logits, pushes)
+                except Exception as e:
+                    log.exception("sampling failed")
+                    failed[owner.job] = e
+            else:
+                job = owner
+                job.fed += len(ids)
+                self.prompt_tokens_evaluated += len(ids)
+                if self.metrics:
+                    self.metrics.prompt_tokens.inc(len(ids))
+                if job.fed == len(job.req.prompt):
+                    self._prefilling.remove(job)
+                    try:
+                        self._start_samples(job, logits, pushes)
+                    except Exception as e:
+                        log.exception("starting the samples failed")
+                        failed[job] = e
+        # free the finished samples first, so that a client told "finished" finds its slot free
+        done = [s for s in self._running if s.sample.finish_reason and s.job not in failed]
+        if done:
+            self._running = [s for s in self._running if not s.sample.finish_reason or s.job in failed]
+            for s in done:
+                self._end_slot(s, keep=True)
+        by_loop: dict[Any, list[tuple[Handle, list[Piece]]]] = {}
+        for handle, pieces in pushes.items():
+            if handle.t_first is None:
+                handle.t_first = time.perf_counter()
+                if self.metrics:
+                    self.metrics.ttft.observe(handle.t_first - handle.t_submit)
+            by_loop.setdefault(handle.loop, []).append((handle, pieces))
+        for loop, items in by_loop.items():  # one wake-up of each event loop per step
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                for handle, _ in items:
+                    handle.cancelled = True
+        for job, e in failed.items():
+            self._finish_job(job, GenerationError(f"sampling failed: {e}"))
+
+    def _start_samples(self, job: _Job, logits: np.ndarray, pushes: dict) -> None:
+        req = job.req
+        matchers: list[Any] = [None] * req.n
+        if req.grammar is not None:
+            import llguidance
+
+            for j in range(req.n):
+                matchers[j] = llguidance.LLMatcher(self.grammar_tokenizer(req.stop_ids), req.grammar)
+                if matchers[j].is_error():
+                    raise GenerationError(f"the grammar is invalid: {matchers[j].get_error()}")
+        for j in range(req.n):
+            seq = job.seq if j == req.n - 1 else self.cache.fork(job.seq)
+            seed = None if req.params.seed is None else req.params.seed + j
+            sampler = Sampler(dataclasses.replace(req.params, seed=seed))
+            sample = _Sample(self.tokenizer, sampler, req.prompt, req.stop, req.ignore_eos, req.max_tokens,
+                             req.stop_ids)
+            slot = _Slot(job, j, seq, sample, matchers[j])
+            job.slots.append(slot)
+            job.n_running += 1
+            self._running.append(slot)
+        job.seq = None  # owned by the last slot now
+        for slot in job.slots:
+            self._sample(slot, logits, pushes)
+
+    def _sample(self, slot: _Slot, logits: np.ndarray, pushes: dict) -> None:
+        req = slot.job.req
+        raw = logits
+        if req.logit_bias:
+            logits = logits.copy()
+            ids = np.fromiter(req.logit_bias.keys(), np.int64)
+            logits[ids] += np.fromiter(req.logit_bias.values(), np.float32)
+        if slot.matcher is not None:
+            logits = self._masked(slot.matcher, logits)
+        room = self.cache.seqs[slot.seq].n_past < self.n_ctx
+        chunk = slot.sample.next(logits, room)
+        token = slot.sample.last_token
+        piece = Piece(slot.index, chunk.text, chunk.token, chunk.finish_reason, sampled=token)
+        if req.logprobs is not None:
+            piece.logprob, piece.top = _logprobs(raw, token, req.logprobs)
+        if slot.matcher is not None and chunk.token is not None and not slot.sample.finish_reason:
+            if not slot.matcher.consume_token(chunk.token):
+                raise GenerationError(f"the grammar refused token {chunk.token}: {slot.matcher.get_error()}")
+        self.tokens_generated += 1
+        if self.metrics:
+            self.metrics.generated()
+        slot.pending = chunk.token
+        pushes.setdefault(slot.job.handle, []).append(piece)
+
+    def _masked(self, matcher: Any, logits: np.ndarray) -> np.ndarray:
+        import llguidance.numpy as lln
+
+        n_tok = self.tokenizer.vocab_size
+        mask = lln.allocate_token_bitmask(1, n_tok)
+        lln.fill_next_token_bitmask(matcher, mask, 0)
+        allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")[:n_tok].astype(bool)
+        out = np.full_like(logits, -np.inf)
+        out[:n_tok][allowed] = logits[:n_tok][allowed]
+        if not allowed.any():
+            raise GenerationError(f"the grammar allows no token: {matcher.get_error() or 'dead end'}")
+        return out
+
+    def _end_slot(self, slot: _Slot, keep: bool) -> None:
+        job = slot.job
+        job.n_running -= 1
+        if slot.seq in self.cache.seqs and slot.seq != job.seq:
+            if keep:
+                n = self.cache.seqs[slot.seq].n_past
+                self._retain(slot.seq, (job.req.prompt + slot.sample.tokens)[:n])
+            else:
+                self.cache.remove(slot.seq)
+        slot.seq = -1
+        if job.n_running == 0:
+            self._release(job)
+
+    def _release(self, job: _Job) -> None:
+        if not job.released:
+            job.released = True
+            self.slots_used -= job.req.n
+            if self.metrics:
+                self.metrics.finished()
+
+    def _finish_job(self, job: _Job, error: Exception | None) -> None:
+        """End a job early (cancelled: error None; failed: the error goes to its client)."""
+        if job in self._prefilling:
+            self._prefilling.remove(job)
+        mine = [s for s in self._running if s.job is job]
+        if mine:
+            self._running = [s for s in self._running if s.job is not job]
+            for s in mine:
+                self._end_slot(s, keep=False)
+        if job.seq is not None and job.seq in self.cache.seqs:  # still prefilling: it holds one sequence
+            self.cache.remove(job.seq)
+        job.seq = None
+        self._release(job)
+        if error is not None:
+            job.handle._push(error)
+
+    def _embed_step(self) -> None:
+        ej = self._embeds[0]
+        try:
+            if not ej.started:
+                ej.started = True
+                self._dequeued()
+            if ej.pooling is None:
+                ej.pooling = Pooling(self.model, self.cache, ej.inputs[ej.index], self.batch)
+            vec = ej.pooling.step()
+        except Exception as e:
+            log.exception("embedding failed")
+            self._embeds.popleft()
+            if ej.pooling is not None:
+                ej.pooling.close()
+            ej.handle._push(e if isinstance(e, PurelmError) else GenerationError(f"embedding failed: {e}"))
+            return
+        if vec is None:
+            return
+        ej.handle._push([(ej.index, vec)])
+        ej.index += 1
+        ej.pooling = None
+        if ej.index == len(ej.inputs):
+            self._embeds.popleft()
+
+
+def _deliver(items: list[tuple[Handle, list[Piece]]]) -> None:  # in the event loop
+    for handle, pieces in items:
+        handle.queue.put_nowait(pieces)
+
+
+def _logprobs(logits: np.ndarray, token: int | None, k: int) -> tuple[float | None, list[tuple[int, float]]]:
+    """log-softmax of the model's logits (before penalties, bias and temperature): the sampled
+    token's value and the k likeliest tokens', likeliest first."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        k = min(k, len(x))
+        ids = np.argpartition(-x, k - 1)[:k]
+        ids = ids[np.argsort(-x[ids], kind="stable")]
+        top = [(int(i), float(x[i] - lse)) for i in ids]
+    return (float(x[token] - lse) if token is not None else None), top

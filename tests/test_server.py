@@ -1,0 +1,534 @@
+"""`purelm serve` against the SmolLM2 file, driven by the official `openai` client (and httpx for what
+the client will not send): chat and completions, streaming and not, n=2, logprobs, JSON-schema output,
+tool calls; 32 concurrent streaming clients each getting the reply the same prompt gets alone; a client
+that leaves mid-stream freeing its slot; 4xx answers with OpenAI's error body for bad requests;
+llama.cpp's routes; embeddings equal to `LLM.embed`; the queue limit, the API key, an engine step that
+fails. The server runs in-process (uvicorn in a thread) on a free loopback port."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import purelm  # noqa: E402
+from purelm.server import ServerConfig, create_app  # noqa: E402
+
+N_CTX = 512
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+
+
+class Server:
+    def __init__(self, llm, config: ServerConfig) -> None:
+        import uvicorn
+
+        self.llm = llm
+        self.app = create_app(llm, config)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs=dict(sockets=[sock]), daemon=True)
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            assert time.monotonic() - t0 < 30 and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        self.state = self.app.state.purelm
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0, timeout=60)
+
+    def post(self, path, body=None, **kw):
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        return httpx.post(self.base + path, content=body, headers={"content-type": "application/json"},
+                          timeout=60, **kw)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the server did not stop: a request is still open"
+
+
+@pytest.fixture(scope="module")
+def srv(smollm2_path):
+    s = Server(purelm.load(smollm2_path, n_ctx=N_CTX), ServerConfig(parallel=8, max_queue=64))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def ref(smollm2_path):
+    """A second copy of the model for references (the server's copy belongs to its engine thread)."""
+    return purelm.load(smollm2_path, n_ctx=N_CTX)
+
+
+def wait_idle(srv, timeout=20):
+    t0 = time.monotonic()
+    while srv.state.engine.slots_used or srv.state.engine.n_waiting:
+        assert time.monotonic() - t0 < timeout, "slots were not freed"
+        time.sleep(0.02)
+
+
+def error_of(r, status):
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    return err
+
+
+# ------------------------------------------------------------------------------ completions and chat
+def test_completion_greedy_equals_generate_streaming_or_not(srv, ref):
+    prompt = "The capital of France is"
+    want = ref.generate(prompt, max_tokens=12, temperature=0)
+    r = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(ref.tokenize(prompt)) and r.usage.completion_tokens == 12
+    assert r.model == MODEL and r.object == "text_completion"
+    events = list(srv.client.completions.create(model=MODEL + ".gguf", prompt=prompt, max_tokens=12, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+    assert "".join(e.choices[0].text for e in events if e.choices) == want
+    assert [e.choices[0].finish_reason for e in events if e.choices][-1] == "length"
+    assert events[-1].usage.completion_tokens == 12 and not events[-1].choices
+
+
+def test_completion_prompts_as_token_ids_and_several_prompts(srv, ref):
+    a, b = ref.tokenize("Once upon a time"), ref.tokenize("def fib(n):")
+    r = srv.client.completions.create(model=MODEL, prompt=[a, b], max_tokens=6, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == [ref.generate(a, max_tokens=6, temperature=0),
+                                           ref.generate(b, max_tokens=6, temperature=0)]
+    assert r.usage.prompt_tokens == len(a) + len(b)
+
+
+def test_n2_samples_are_seeded_and_differ(srv, ref):
+    kw = dict(model=MODEL, prompt="My favourite animal is", max_tokens=10, temperature=1.0, seed=7, n=2)
+    r1 = srv.client.completions.create(**kw)
+    r2 = srv.client.completions.create(**kw)
+    texts = [c.text for c in r1.choices]
+    assert texts == [c.text for c in r2.choices] and len(texts) == 2 and texts[0] != texts[1]
+    # sample j uses seed + j, as generate_batch does
+    assert texts == [c.text for c in ref.generate_batch(["My favourite animal is"], n=2, max_tokens=10,
+                                                        temperature=1.0, seed=7)]
+    chat = srv.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}],
+                                              max_tokens=8, n=2, seed=3, temperature=1.0)
+    assert [c.index for c in chat.choices] == [0, 1] and all(c.message.role == "assistant" for c in chat.choices)
+
+
+def test_chat_streaming_and_not(srv, ref):
+    msgs = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"}]
+    want = ref.chat(msgs, max_tokens=24, temperature=0).content
+    r = srv.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == want and "Paris" in want
+    assert r.choices[0].finish_reason in ("stop", "length") and r.object == "chat.completion"
+    chunks = list(srv.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_logprobs_chat_and_legacy(srv):
+    r = srv.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count: 1, 2,"}],
+                                           max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) >= 1
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+    assert "".join(e.token for e in content).startswith(r.choices[0].message.content)
+    c = srv.client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=4, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert "".join(lp.tokens) == c.choices[0].text and lp.text_offset[0] == 0
+    assert all(max(t.values()) == pytest.approx(v) for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    # streamed: the same entries, piece by piece
+    s = srv.client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=4, temperature=0, logprobs=2,
+                                      stream=True)
+    toks = [t for e in s for t in (e.choices[0].logprobs.tokens if e.choices[0].logprobs else [])]
+    assert toks == lp.tokens
+
+
+def test_json_schema_response_parses_and_validates(srv):
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = srv.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=60,
+        temperature=0.7, seed=1, response_format={"type": "json_schema", "json_schema": {"name": "person",
+                                                                                          "schema": schema}})
+    obj = json.loads(r.choices[0].message.content)
+    assert set(obj) == {"name", "age"} and isinstance(obj["name"], str) and isinstance(obj["age"], int)
+    assert 0 <= obj["age"] <= 150 and len(obj["name"]) <= 20 and r.choices[0].finish_reason == "stop"
+    r = srv.client.completions.create(model=MODEL, prompt="A JSON object:", max_tokens=40, temperature=0,
+                                      extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(r.choices[0].text), dict)
+    err = error_of(srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                     "response_format": {"type": "json_schema", "json_schema": {
+                                                         "name": "x", "schema": {"type": "nonsense"}}}}), 400)
+    assert err["param"] == "response_format"
+
+
+def test_tool_calls_are_parsed_from_the_reply(srv):
+    pytest.importorskip("llguidance")
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    call = '<tool_call>\\n{\\"name\\": \\"get_weather\\", \\"arguments\\": {\\"city\\": \\"Paris\\"}}\\n</tool_call>'
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools,
+                max_tokens=60, temperature=0, extra_body={"grammar": f'root ::= "{call}"'})
+    r = srv.client.chat.completions.create(**body)
+    msg = r.choices[0]
+    assert msg.finish_reason == "tool_calls" and not msg.message.content
+    assert msg.message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(msg.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    chunks = list(srv.client.chat.completions.create(stream=True, **body))
+    calls = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
+    assert [c.function.name for c in calls] == ["get_weather"] and calls[0].index == 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+@pytest.mark.parametrize("source", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "{{ joiner.__init__.__globals__ }}",
+    "{{ raise_exception('roles must alternate') }}",
+])
+def test_a_hostile_or_failing_template_gets_a_clear_error(srv, source):
+    from purelm.chat import ChatTemplate
+
+    old = srv.state._template
+    srv.state._template = ChatTemplate(source, tokenizer=srv.llm.tokenizer)
+    try:
+        err = error_of(srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}), 400)
+        assert err["code"] == "template_error" and "chat template" in err["message"]
+    finally:
+        srv.state._template = old
+    r = srv.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.choices[0].message.role == "assistant"
+
+
+# ------------------------------------------------------------------------------ many clients at once
+def test_32_concurrent_streaming_clients_get_their_own_replies(srv, ref):
+    prompts = [f"Item {i}: the {w} is" for i, w in enumerate(
+        ["sky", "sea", "cat", "dog", "sun", "moon", "tree", "road"] * 4)]
+    want = [ref.generate(p, max_tokens=8, temperature=0, ignore_eos=True) for p in prompts]
+    client = openai.AsyncOpenAI(base_url=srv.base + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    async def one(p):
+        s = await client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+        return "".join([e.choices[0].text async for e in s])
+
+    async def main():
+        try:
+            return await asyncio.gather(*[one(p) for p in prompts])
+        finally:
+            await client.close()
+
+    got = asyncio.run(main())
+    assert got == want
+    wait_idle(srv)
+
+
+def test_a_client_that_leaves_frees_its_slot(srv):
+    wait_idle(srv)
+    body = {"prompt": "Tell me a very long story.", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=srv.base, timeout=60) as c:
+        streams = []
+        for _ in range(8):  # every slot
+            s = c.stream("POST", "/v1/completions", json=body)
+            r = s.__enter__()
+            streams.append((s, r.iter_lines()))
+        for _, lines in streams:  # each has started generating
+            assert next(line for line in lines if line.startswith("data: "))
+        assert srv.state.engine.slots_used == 8
+        for s, _ in streams:
+            s.__exit__(None, None, None)
+    t0 = time.monotonic()
+    r = srv.client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    assert time.monotonic() - t0 < 15  # 8 x 400 tokens would take minutes
+    wait_idle(srv)
+    # a non-streaming client that gives up: its request is dropped too
+    before = srv.state.engine.tokens_generated
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.base + "/v1/completions", json={**body, "stream": False, "max_tokens": 480}, timeout=0.5)
+    wait_idle(srv, timeout=5)
+    assert srv.state.engine.tokens_generated - before < 480
+    assert srv.client.models.list().data[0].id == MODEL  # and it keeps serving
+
+
+# ------------------------------------------------------------------------------ bad requests
+BAD = [
+    ("/v1/chat/completions", b"{", 400, "invalid_json"),
+    ("/v1/chat/completions", b"[1, 2]", 400, "invalid_type"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "invalid_json"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": Infinity}', 400, "invalid_json"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 1e999}', 400, "invalid_value"),
+    ("/v1/completions", b"\xff\xfe", 400, "invalid_json"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -5}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**30}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "invalid_type"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 3.5}, 400, "invalid_type"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, 400, "invalid_type"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": N_CTX}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "top_p": 2}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "top_k": -1}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "n": 10**9}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "seed": -7}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**70}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 1e6}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 100}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "invalid_type"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "invalid_type"),
+    ("/v1/completions", {"prompt": [1, -2]}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": [10**12]}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": []}, 400, "invalid_type"),
+    ("/v1/completions", {"prompt": {"a": 1}}, 400, "invalid_type"),
+    ("/v1/completions", {}, 400, "missing_required_parameter"),
+    ("/v1/completions", {"prompt": "hello " * 600}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}, 404, "model_not_found"),
+    ("/v1/completions", {"prompt": "x", "model": 5}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": []}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 600}]}, 400,
+     "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "nope"}, 404,
+     "model_not_found"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1}, 400,
+     "invalid_value"),
+    ("/v1/embeddings", {"input": []}, 400, "invalid_type"),
+    ("/v1/embeddings", {"input": "x", "model": "nope"}, 404, "model_not_found"),
+    ("/v1/embeddings", {"input": "hello " * 600}, 400, "context_length_exceeded"),
+    ("/tokenize", {"content": 5}, 400, "invalid_type"),
+    ("/detokenize", {"tokens": [-1]}, 400, "invalid_value"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,code", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_requests_get_4xx_with_an_openai_error_body(srv, path, body, status, code):
+    assert error_of(srv.post(path, body), status)["code"] == code
+
+
+def test_unknown_routes_and_methods_and_the_openai_client_errors(srv):
+    assert error_of(httpx.get(srv.base + "/v1/nothing"), 404)["code"] == "not_found"
+    error_of(httpx.get(srv.base + "/v1/completions"), 405)
+    with pytest.raises(openai.NotFoundError):
+        srv.client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        srv.client.completions.create(model=MODEL, prompt="x", max_tokens=-3)
+    assert "max_tokens" in str(e.value)
+    r = srv.client.completions.create(model=MODEL, prompt="x", max_tokens=2)  # still serving
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+# ------------------------------------------------------------------------------ llama.cpp's routes, models
+def test_tokenize_detokenize_health_models_metrics(srv, ref):
+    ids = srv.post("/tokenize", {"content": "Hello, world!"}).json()["tokens"]
+    assert ids == ref.tokenize("Hello, world!", add_special=False)
+    pieces = srv.post("/tokenize", {"content": "Hello", "with_pieces": True}).json()["tokens"]
+    assert pieces == [{"id": i, "piece": ref.detokenize([i])} for i in ref.tokenize("Hello", add_special=False)]
+    assert srv.post("/detokenize", {"tokens": ids}).json() == {"content": "Hello, world!"}
+    h = httpx.get(srv.base + "/health").json()
+    assert h["status"] == "ok" and h["slots_idle"] + h["slots_processing"] == 8
+    m = srv.client.models.list().data
+    assert [x.id for x in m] == [MODEL] and httpx.get(srv.base + "/models").status_code == 200
+    srv.client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    text = httpx.get(srv.base + "/metrics").text
+    for name in ("purelm_requests_total", "purelm_generated_tokens_total", "purelm_prompt_tokens_total",
+                 "purelm_requests_waiting", "purelm_slots_used", "purelm_time_to_first_token_seconds_bucket",
+                 "purelm_tokens_per_second"):
+        assert name in text, name
+    gen = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("purelm_generated_tokens_total")]
+    assert gen[0] >= 2
+    assert 'purelm_requests_total{route="/v1/completions",status="200"}' in text
+
+
+def test_embeddings_match_llm_embed(srv, ref):
+    texts = ["The cat sat on the mat.", "Stock markets fell sharply.", "The cat sat on the mat."]
+    r = srv.client.embeddings.create(model=MODEL, input=texts)  # the client asks for base64
+    vecs = np.array([d.embedding for d in r.data])
+    assert vecs.shape == (3, 576) and [d.index for d in r.data] == [0, 1, 2]
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+    assert np.array_equal(vecs[0], vecs[2])
+    want = ref.embed(texts)
+    assert np.allclose(vecs, want, atol=1e-5)
+    assert float(vecs[0] @ vecs[1]) < 0.99
+    f = srv.post("/v1/embeddings", {"input": "The cat sat on the mat.", "encoding_format": "float"}).json()
+    assert np.allclose(f["data"][0]["embedding"], want[0], atol=1e-5)
+    assert f["usage"]["prompt_tokens"] == len(ref.tokenize(texts[0]))
+
+
+def test_llm_embed_api(ref):
+    one = ref.embed("hello")
+    two = ref.embed(["hello", "world"])
+    assert one.shape == (576,) and two.shape == (2, 576) and one.dtype == np.float32
+    assert np.array_equal(one, two[0]) and abs(np.linalg.norm(one) - 1) < 1e-5
+    with pytest.raises(purelm.UsageError):
+        ref.embed(5)
+    with pytest.raises(purelm.ContextOverflowError):
+        ref.embed("hello " * 600)
+
+
+def test_prefix_of_a_finished_request_is_reused(srv, ref):
+    system = "You are a careful assistant who answers in one short sentence. " * 3
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}]
+    srv.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0)
+    before = srv.state.engine.prompt_tokens_reused
+    msgs2 = [{"role": "system", "content": system}, {"role": "user", "content": "Name a fruit."}]
+    r = srv.client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=8, temperature=0)
+    assert srv.state.engine.prompt_tokens_reused - before >= 30
+    assert r.choices[0].message.content == ref.chat(msgs2, max_tokens=8, temperature=0).content
+
+
+# ------------------------------------------------------------------------------ limits, key, failures
+@pytest.fixture(scope="module")
+def small(smollm2_path):
+    s = Server(purelm.load(smollm2_path, n_ctx=2048), ServerConfig(parallel=1, max_queue=1, api_key="sekret"))
+    yield s
+    s.stop()
+
+
+def test_api_key_queue_limit_and_a_failing_step(small):
+    assert httpx.get(small.base + "/health").status_code == 200  # public
+    assert error_of(httpx.get(small.base + "/v1/models"), 401)["code"] == "invalid_api_key"
+    auth = {"Authorization": "Bearer sekret"}
+    assert httpx.get(small.base + "/v1/models", headers=auth).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        small.client.models.list()
+    client = openai.OpenAI(base_url=small.base + "/v1", api_key="sekret", max_retries=0)
+
+    # one slot busy, one request waiting: the next is refused with 503
+    body = {"prompt": "Once", "max_tokens": 2000, "stream": True, "ignore_eos": True}  # seconds: they will not end
+    with httpx.Client(base_url=small.base, timeout=60, headers=auth) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r1:
+            next(line for line in r1.iter_lines() if line.startswith("data: "))
+            with c.stream("POST", "/v1/completions", json=body) as r2:
+                t0 = time.monotonic()
+                while small.state.engine.n_waiting < 1:
+                    assert time.monotonic() - t0 < 10, (small.state.engine.slots_used, r1.is_closed)
+                    time.sleep(0.01)
+                r3 = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+                assert error_of(r3, 503)["code"] == "queue_full"
+                assert r2.status_code == 200
+    t0 = time.monotonic()
+    while small.state.engine.slots_used or small.state.engine.n_waiting:
+        assert time.monotonic() - t0 < 20
+        time.sleep(0.02)
+
+    # a step that raises fails the request in it; the engine goes on
+    model = small.state.engine.model
+    real = model.forward_batch
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected failure")
+        return real(*a, **kw)
+
+    model.forward_batch = flaky
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model=MODEL, prompt="Hello", max_tokens=4)
+        assert "injected failure" in str(e.value)
+        chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, stream=True))
+        assert chunks[-1].choices[0].finish_reason == "length"
+    finally:
+        model.forward_batch = real
+    assert httpx.get(small.base + "/health").json()["slots_processing"] == 0
+
+
+def test_body_size_limit(small):
+    r = httpx.post(small.base + "/v1/completions", content=b"x" * (9 << 20),
+                   headers={"Authorization": "Bearer sekret"})
+    assert error_of(r, 413)["code"] == "body_too_large"
+
+
+# ------------------------------------------------------------------------------ the command line
+def test_cli_embed_and_serve_arguments(capsys, smollm2_path, ref):
+    from purelm.cli import main
+
+    assert main(["embed", "-m", str(smollm2_path), "-c", "64", "hello", "world"]) == 0  # -m MODEL TEXT...
+    lines = capsys.readouterr().out.splitlines()
+    vecs = np.array([json.loads(line) for line in lines])
+    assert vecs.shape == (2, 576) and np.allclose(vecs, ref.embed(["hello", "world"]), atol=1e-6)
+    assert main(["embed", str(smollm2_path), "-c", "64", "hello"]) == 0  # MODEL TEXT
+    assert np.allclose(json.loads(capsys.readouterr().out), ref.embed("hello"), atol=1e-6)
+    for cmd in ("serve", "embed"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0 and cmd in capsys.readouterr().out
+    import importlib.util
+
+    real = importlib.util.find_spec
+    try:  # without the server extra: one line naming the pip command
+        importlib.util.find_spec = lambda name, *a: None if name == "fastapi" else real(name, *a)
+        assert main(["serve", str(smollm2_path)]) == 1
+        assert "pip install 'purelm[server]'" in capsys.readouterr().err
+    finally:
+        importlib.util.find_spec = real
+    for args in (["--parallel", "0"], ["--port", "70000"], ["--batch", "0"], ["-t", "0"], ["-c", "0"]):
+        assert main(["serve", str(smollm2_path), *args]) == 2
+        assert "error" in capsys.readouterr().err
+
+
+def test_purelm_serve_command_serves_and_stops_on_sigterm(smollm2_path):
+    """`purelm serve` runs the engine in its main thread and uvicorn beside it: a request, then SIGTERM
+    ends it cleanly (exit 0); a port already taken is one error line and exit 1."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PURELM_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "purelm.cli", "serve", str(smollm2_path), "-c", "128", "-q",
+                             "--port", str(port), "--alias", "tiny"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() - t0 < 60, "the server did not start"
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3,
+                                                      "temperature": 0}, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        taken = subprocess.run([sys.executable, "-m", "purelm.cli", "serve", str(smollm2_path), "-c", "64", "-q",
+                                "--port", str(port)], env=env, capture_output=True, text=True, timeout=60)
+        assert taken.returncode == 1 and "purelm: error: could not serve" in taken.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
