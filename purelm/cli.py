@@ -84,6 +84,25 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                         "more than the model was trained on warns)")
 
 
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling flags (llama.cpp's names and defaults), shared by generate and chat."""
+    p.add_argument("--temp", type=float, default=0.8, help="temperature, >= 0; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens; 0 = all (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="sample from the likeliest tokens whose probabilities sum to p, 0..1; 1 = off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05,
+                   help="drop tokens less likely than p times the likeliest, 0..1; 0 = off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="scale down recent tokens' logits, > 0; 1 = off (default 1.0)")
+    p.add_argument("--repeat-last-n", type=int, default=64,
+                   help="how many recent tokens the penalties look at; -1 = all (default 64)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this times a recent token's count from its logit (default 0)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from every recent token's logit (default 0)")
+    p.add_argument("-s", "--seed", type=int, default=-1, help="random seed, >= 0; -1 = a random one (default)")
+
+
 def _check_runtime_args(a: argparse.Namespace) -> None:
     if a.threads is not None and a.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {a.threads}")
@@ -561,21 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(g)
     g.add_argument("-n", "--n-predict", type=int, default=128,
                    help="most tokens to generate, at least 1; -1: until the context is full (default 128)")
-    g.add_argument("--temp", type=float, default=0.8, help="temperature, >= 0; 0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens; 0 = all (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95,
-                   help="sample from the likeliest tokens whose probabilities sum to p, 0..1; 1 = off (default 0.95)")
-    g.add_argument("--min-p", type=float, default=0.05,
-                   help="drop tokens less likely than p times the likeliest, 0..1; 0 = off (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0,
-                   help="scale down recent tokens' logits, > 0; 1 = off (default 1.0)")
-    g.add_argument("--repeat-last-n", type=int, default=64,
-                   help="how many recent tokens the penalties look at; -1 = all (default 64)")
-    g.add_argument("--frequency-penalty", type=float, default=0.0,
-                   help="subtract this times a recent token's count from its logit (default 0)")
-    g.add_argument("--presence-penalty", type=float, default=0.0,
-                   help="subtract this from every recent token's logit (default 0)")
-    g.add_argument("-s", "--seed", type=int, default=-1, help="random seed, >= 0; -1 = a random one (default)")
+    _sampling_args(g)
     g.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-text tokens")
     g.add_argument("--truncate", action="store_true",
@@ -637,21 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("-n", "--n-predict", type=int, default=-1,
                     help="most tokens per reply, at least 1; -1: until the turn ends or the context is full "
                          "(default -1)")
-    ch.add_argument("--temp", type=float, default=0.8, help="temperature, >= 0; 0 = greedy (default 0.8)")
-    ch.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens; 0 = all (default 40)")
-    ch.add_argument("--top-p", type=float, default=0.95,
-                    help="sample from the likeliest tokens whose probabilities sum to p, 0..1; 1 = off (default 0.95)")
-    ch.add_argument("--min-p", type=float, default=0.05,
-                    help="drop tokens less likely than p times the likeliest, 0..1; 0 = off (default 0.05)")
-    ch.add_argument("--repeat-penalty", type=float, default=1.0,
-                    help="scale down recent tokens' logits, > 0; 1 = off (default 1.0)")
-    ch.add_argument("--repeat-last-n", type=int, default=64,
-                    help="how many recent tokens the penalties look at; -1 = all (default 64)")
-    ch.add_argument("--frequency-penalty", type=float, default=0.0,
-                    help="subtract this times a recent token's count from its logit (default 0)")
-    ch.add_argument("--presence-penalty", type=float, default=0.0,
-                    help="subtract this from every recent token's logit (default 0)")
-    ch.add_argument("-s", "--seed", type=int, default=-1, help="random seed, >= 0; -1 = a random one (default)")
+    _sampling_args(ch)
     ch.add_argument("--stop", action="append", default=[], help="also end a reply at this text (repeatable)")
     ch.set_defaults(func=cmd_chat)
 

@@ -449,31 +449,23 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
 
         if gen.stream:
             async def events() -> AsyncIterator[bytes]:
-                try:
-                    async for p_index, pieces in _merged(handles):
-                        for p in pieces:
-                            index = p_index * gen.n + p.index
-                            c = reply.add(p_index * gen.n, p)
-                            if not p.text and not p.finish_reason:
-                                continue
-                            lp = legacy_logprobs(c, c.sent_lp) if k is not None else None
-                            c.sent_lp = len(c.logprobs)
-                            yield sse({"id": rid, "object": "text_completion", "created": created,
-                                       "model": state.model_id, "choices": [
-                                           {"text": p.text, "index": index, "logprobs": lp,
-                                            "finish_reason": p.finish_reason}]})
-                    if gen.include_usage:
+                async for p_index, pieces in _merged(handles):
+                    for p in pieces:
+                        index = p_index * gen.n + p.index
+                        c = reply.add(p_index * gen.n, p)
+                        if not p.text and not p.finish_reason:
+                            continue
+                        lp = legacy_logprobs(c, c.sent_lp) if k is not None else None
+                        c.sent_lp = len(c.logprobs)
                         yield sse({"id": rid, "object": "text_completion", "created": created,
-                                   "model": state.model_id, "choices": [], "usage": usage()})
-                    yield b"data: [DONE]\n\n"
-                except (PurelmError, P.APIError) as e:
-                    yield sse(_error_body(e))
-                finally:
-                    for h in handles:
-                        h.cancel()
-                    state.metrics.duration.observe(time.perf_counter() - t0)
+                                   "model": state.model_id, "choices": [
+                                       {"text": p.text, "index": index, "logprobs": lp,
+                                        "finish_reason": p.finish_reason}]})
+                if gen.include_usage:
+                    yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_id,
+                               "choices": [], "usage": usage()})
 
-            return _stream(events())
+            return _stream(_ended(events(), handles, state, t0))
 
         try:
             async with _watch_disconnect(request, handles):
@@ -561,38 +553,30 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
 
         if gen.stream:
             async def events() -> AsyncIterator[bytes]:
-                try:
-                    for j in range(gen.n):
-                        yield chunk(j, {"role": "assistant", "content": ""})
-                    async for _, pieces in _merged(handles):
-                        for p in pieces:
-                            c = reply.add(0, p)
-                            if use_tools:  # the reply is parsed for tool calls when it is whole
-                                if p.finish_reason:
-                                    content, calls, reason = finish(c)
-                                    delta: dict = {"content": content}
-                                    if calls:
-                                        delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
-                                    lp = {"content": lp_entries(c, 0)} if k is not None else None
-                                    yield chunk(p.index, delta, reason, lp)
-                                continue
-                            if not p.text and not p.finish_reason:
-                                continue
-                            lp = {"content": lp_entries(c, c.sent_lp)} if k is not None else None
-                            c.sent_lp = len(c.logprobs)
-                            yield chunk(p.index, {"content": p.text} if p.text else {}, p.finish_reason, lp)
-                    if gen.include_usage:
-                        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                   "model": state.model_id, "choices": [], "usage": usage()})
-                    yield b"data: [DONE]\n\n"
-                except (PurelmError, P.APIError) as e:
-                    yield sse(_error_body(e))
-                finally:
-                    for h in handles:
-                        h.cancel()
-                    state.metrics.duration.observe(time.perf_counter() - t0)
+                for j in range(gen.n):
+                    yield chunk(j, {"role": "assistant", "content": ""})
+                async for _, pieces in _merged(handles):
+                    for p in pieces:
+                        c = reply.add(0, p)
+                        if use_tools:  # the reply is parsed for tool calls when it is whole
+                            if p.finish_reason:
+                                content, calls, reason = finish(c)
+                                delta: dict = {"content": content}
+                                if calls:
+                                    delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
+                                lp = {"content": lp_entries(c, 0)} if k is not None else None
+                                yield chunk(p.index, delta, reason, lp)
+                            continue
+                        if not p.text and not p.finish_reason:
+                            continue
+                        lp = {"content": lp_entries(c, c.sent_lp)} if k is not None else None
+                        c.sent_lp = len(c.logprobs)
+                        yield chunk(p.index, {"content": p.text} if p.text else {}, p.finish_reason, lp)
+                if gen.include_usage:
+                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_id,
+                               "choices": [], "usage": usage()})
 
-            return _stream(events())
+            return _stream(_ended(events(), handles, state, t0))
 
         try:
             async with _watch_disconnect(request, handles):
@@ -634,6 +618,21 @@ def _submit_all(state: _State, reqs: list[GenerationRequest]) -> list[Handle]:
 
 def _error_body(e: Exception) -> dict:
     return e.body() if isinstance(e, P.APIError) else P.APIError(500, str(e), None, "generation_failed").body()
+
+
+async def _ended(events: AsyncIterator[bytes], handles: list, state: Any, t0: float) -> AsyncIterator[bytes]:
+    """A streamed reply's events, then `[DONE]`; an error ends the stream with an error event. Its
+    requests are cancelled when it ends, also when the client left."""
+    try:
+        async for event in events:
+            yield event
+        yield b"data: [DONE]\n\n"
+    except (PurelmError, P.APIError) as e:
+        yield sse(_error_body(e))
+    finally:
+        for h in handles:
+            h.cancel()
+        state.metrics.duration.observe(time.perf_counter() - t0)
 
 
 def _stream(events: AsyncIterator[bytes]) -> StreamingResponse:
