@@ -3,8 +3,10 @@
 Weights stay packed on the device (packed.py: the file's bits regrouped into planes, never a float copy
 of the model). A few activation rows (decode, several sequences) multiply the planes directly with
 Triton kernels on CUDA; more rows (a prompt) dequantize a tile of weights at a time and use a matrix
-product in the activation dtype. Activations are bfloat16 on CUDA by default (float16 or float32 on
-request), float32 on the CPU. On CUDA a decode step is captured once per batch size and context bucket
+product in the activation dtype. Decode tokens attend over the paged cache in one Triton kernel; a
+prompt's tokens through torch's scaled_dot_product_attention (the causal mask, sliding window and ALiBi
+as its additive bias; Gemma 2's softcap written out). Activations are bfloat16 on CUDA by default
+(float16 or float32 on request), float32 on the CPU. On CUDA a decode step is captured once per batch size and context bucket
 as a CUDA graph and replayed (graphs.py), since one token is hundreds of small kernels.
 """
 from __future__ import annotations
@@ -297,6 +299,15 @@ class TorchBackend(Backend):
             masked = pos[None, :] > q_pos[:, None]
             if spec.window:
                 masked = masked | (pos[None, :] <= q_pos[:, None] - spec.window)
+            if not spec.softcap:  # torch's fused attention, with the mask (and ALiBi) as an additive bias
+                bias = torch.zeros((T, n), dtype=torch.float32, device=q.device).masked_fill(masked, float("-inf"))
+                if spec.alibi_slopes is not None:
+                    bias = bias + self._slopes(spec, n_kv, n_head)[:, None, None] * pos.float()
+                o = F.scaled_dot_product_attention(q[t0:t1].float().transpose(0, 1)[None], kr.transpose(0, 1)[None],
+                                                   vr.transpose(0, 1)[None], attn_mask=bias[None] if bias.ndim == 3
+                                                   else bias, scale=spec.scale, enable_gqa=n_kv != n_head)
+                out[t0:t1] = o[0].transpose(0, 1).reshape(T, -1).to(self.dtype)
+                continue
             qg = q[t0:t1].float().reshape(T, n_kv, n_head // n_kv, -1)
             scores = torch.einsum("tkgd,skd->kgts", qg, kr) * spec.scale
             scores = self._bias(scores, pos, spec, n_kv, n_head, q_axis=True)
