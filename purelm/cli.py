@@ -103,6 +103,18 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-s", "--seed", type=int, default=-1, help="random seed, >= 0; -1 = a random one (default)")
 
 
+def _sampling_params(a: argparse.Namespace):
+    """The sampling flags (_sampling_args) as checked SamplingParams; errors name the flags."""
+    from .sampling import SamplingParams
+
+    if a.seed < -1:
+        raise UsageError(f"--seed must be at least 0, or -1 for a random seed; got {a.seed}")
+    params = SamplingParams(a.temp, a.top_k, a.top_p, a.min_p, a.repeat_penalty, a.repeat_last_n,
+                            a.frequency_penalty, a.presence_penalty, None if a.seed == -1 else a.seed)
+    params.validate(_SAMPLING_FLAGS)
+    return params
+
+
 def _check_runtime_args(a: argparse.Namespace) -> None:
     if a.threads is not None and a.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {a.threads}")
@@ -139,17 +151,11 @@ _SAMPLING_FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from .sampling import SamplingParams
-
     # Check every argument before the (slow) load.
     _check_runtime_args(a)
     if a.n_predict < 1 and a.n_predict != -1:
         raise UsageError(f"-n must be at least 1, or -1 to generate until the context is full; got {a.n_predict}")
-    if a.seed < -1:
-        raise UsageError(f"--seed must be at least 0, or -1 for a random seed; got {a.seed}")
-    params = SamplingParams(a.temp, a.top_k, a.top_p, a.min_p, a.repeat_penalty, a.repeat_last_n,
-                            a.frequency_penalty, a.presence_penalty, None if a.seed == -1 else a.seed)
-    params.validate(_SAMPLING_FLAGS)
+    params = _sampling_params(a)
     if a.prompt is not None and a.prompt_pos is not None:
         raise UsageError("give the prompt once: as PROMPT or with -p, not both")
     prompt = a.prompt if a.prompt is not None else a.prompt_pos
@@ -389,7 +395,6 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     from .chat import fit_messages, validate_messages
     from .errors import ContextOverflowError
-    from .sampling import SamplingParams
 
     if a.model is not None and a.model_pos is not None:
         raise UsageError("give the model once: as MODEL or with -m, not both")
@@ -397,11 +402,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     _check_runtime_args(a)
     if a.n_predict < 1 and a.n_predict != -1:
         raise UsageError(f"-n must be at least 1, or -1 for replies until the end of the turn; got {a.n_predict}")
-    if a.seed < -1:
-        raise UsageError(f"--seed must be at least 0, or -1 for a random seed; got {a.seed}")
-    params = SamplingParams(a.temp, a.top_k, a.top_p, a.min_p, a.repeat_penalty, a.repeat_last_n,
-                            a.frequency_penalty, a.presence_penalty, None if a.seed == -1 else a.seed)
-    params.validate(_SAMPLING_FLAGS)
+    params = _sampling_params(a)
     system = _utf8(a.system, "--system") if a.system is not None else None
     stop = [_utf8(s, "--stop") for s in a.stop]
 

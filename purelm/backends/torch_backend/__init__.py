@@ -262,7 +262,7 @@ class TorchBackend(Backend):
                   spec: AttentionSpec) -> torch.Tensor:
         view = cache if isinstance(cache, StagedView) else as_view(cache, q.shape[0])
         check_attention(q, k, v, view, layer, spec)
-        meta: DeviceRuns = device_runs(view, self.device) if not isinstance(view, StagedView) else view._device_runs
+        meta: DeviceRuns = device_runs(view, self.device)  # a captured pass's view holds its own
         keys, values = view.k[layer], view.v[layer]
         if self.use_triton:
             _fused.store(keys, values, meta.write, k, v)
