@@ -129,28 +129,33 @@ def _multiply_add_pairs(builder, acc, w, x):
     return builder.add(acc, pairs)
 
 
-def _dot16_codegen(nibbles):
+def _dot16_codegen(nibbles, tokens=1):
+    """Load and widen the 64 weight bytes once, then multiply-add them into each token's accumulators.
+    Arguments: acc, one acc offset per token, qs, qs_at, then per token x_lo, x_hi (nibbles) or x4."""
     def codegen(context, builder, signature, args):
-        acc_ptr = builder.bitcast(_element_ptr(context, builder, signature.args[0], args[0], args[1]),
-                                  _V16I32.as_pointer())
-        acc_ptrs = (acc_ptr, builder.gep(acc_ptr, [ir.Constant(_I32, 1)]))
-        q = builder.load(builder.bitcast(_element_ptr(context, builder, signature.args[2], args[2], args[3]),
+        qs_type, qs, qs_at = signature.args[1 + tokens], args[1 + tokens], args[2 + tokens]
+        xs = args[3 + tokens:]
+        q = builder.load(builder.bitcast(_element_ptr(context, builder, qs_type, qs, qs_at),
                                          _V64I8.as_pointer()), align=1)
-        acc = [builder.load(p, align=4) for p in acc_ptrs]
         if nibbles:
-            parts = [(builder.and_(q, ir.Constant(_V64I8, [15] * 64)), args[4]),
-                     (builder.lshr(q, ir.Constant(_V64I8, [4] * 64)), args[5])]
+            values = [builder.and_(q, ir.Constant(_V64I8, [15] * 64)), builder.lshr(q, ir.Constant(_V64I8, [4] * 64))]
         else:
-            parts = [(q, args[4])]
+            values = [q]
         widen = builder.zext if nibbles else builder.sext
-        for values, x in parts:
-            xv = _broadcast_words(builder, x)
-            for i, lo in enumerate((0, 32)):  # rows 0-7, rows 8-15 of the 16
-                half = builder.shuffle_vector(values, values,
-                                              ir.Constant(ir.VectorType(_I32, 32), list(range(lo, lo + 32))))
-                acc[i] = _multiply_add_pairs(builder, acc[i], widen(half, ir.VectorType(_I32, 32)), xv)
-        for p, a in zip(acc_ptrs, acc):
-            builder.store(a, p, align=4)
+        wide = [[widen(builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 32), list(range(lo, lo + 32)))),
+                       ir.VectorType(_I32, 32)) for lo in (0, 32)]  # rows 0-7, rows 8-15 of the 16
+                for v in values]
+        for t in range(tokens):
+            acc_ptr = builder.bitcast(_element_ptr(context, builder, signature.args[0], args[0], args[1 + t]),
+                                      _V16I32.as_pointer())
+            acc_ptrs = (acc_ptr, builder.gep(acc_ptr, [ir.Constant(_I32, 1)]))
+            acc = [builder.load(p, align=4) for p in acc_ptrs]
+            for i, halves in enumerate(wide):
+                xv = _broadcast_words(builder, xs[t * len(wide) + i])
+                for h in range(2):
+                    acc[h] = _multiply_add_pairs(builder, acc[h], halves[h], xv)
+            for p, a in zip(acc_ptrs, acc):
+                builder.store(a, p, align=4)
         return context.get_dummy_value()
     return codegen
 
@@ -165,9 +170,22 @@ def dot16_nibbles(typingctx, acc, acc_at, qs, qs_at, x_lo, x_hi):
 
 
 @intrinsic
+def dot16_nibbles2(typingctx, acc, at_a, at_b, qs, qs_at, xa_lo, xa_hi, xb_lo, xb_hi):
+    """dot16_nibbles for two tokens (a into acc[at_a:], b into acc[at_b:]), the weights unpacked once.
+    Integer sums: each token's are the same as dot16_nibbles gives it alone."""
+    return types.void(acc, at_a, at_b, qs, qs_at, xa_lo, xa_hi, xb_lo, xb_hi), _dot16_codegen(True, 2)
+
+
+@intrinsic
 def dot16_bytes(typingctx, acc, acc_at, qs, qs_at, x4):
     """As dot16_nibbles for 4 int8 weights per row (the 64 bytes at qs[qs_at]) and 4 int16 in x4."""
     return types.void(acc, acc_at, qs, qs_at, x4), _dot16_codegen(nibbles=False)
+
+
+@intrinsic
+def dot16_bytes2(typingctx, acc, at_a, at_b, qs, qs_at, xa, xb):
+    """dot16_bytes for two tokens, the weights loaded once."""
+    return types.void(acc, at_a, at_b, qs, qs_at, xa, xb), _dot16_codegen(False, 2)
 
 
 def target_features() -> set[str] | None:
