@@ -177,6 +177,14 @@ def dot16_nibbles2(typingctx, acc, at_a, at_b, qs, qs_at, xa_lo, xa_hi, xb_lo, x
 
 
 @intrinsic
+def dot16_nibbles4(typingctx, acc, at_a, at_b, at_c, at_d, qs, qs_at, xa_lo, xa_hi, xb_lo, xb_hi, xc_lo, xc_hi,
+                   xd_lo, xd_hi):
+    """dot16_nibbles for four tokens, the weights unpacked once."""
+    return (types.void(acc, at_a, at_b, at_c, at_d, qs, qs_at, xa_lo, xa_hi, xb_lo, xb_hi, xc_lo, xc_hi, xd_lo, xd_hi),
+            _dot16_codegen(True, 4))
+
+
+@intrinsic
 def dot16_bytes(typingctx, acc, acc_at, qs, qs_at, x4):
     """As dot16_nibbles for 4 int8 weights per row (the 64 bytes at qs[qs_at]) and 4 int16 in x4."""
     return types.void(acc, acc_at, qs, qs_at, x4), _dot16_codegen(nibbles=False)
@@ -186,6 +194,12 @@ def dot16_bytes(typingctx, acc, acc_at, qs, qs_at, x4):
 def dot16_bytes2(typingctx, acc, at_a, at_b, qs, qs_at, xa, xb):
     """dot16_bytes for two tokens, the weights loaded once."""
     return types.void(acc, at_a, at_b, qs, qs_at, xa, xb), _dot16_codegen(False, 2)
+
+
+@intrinsic
+def dot16_bytes4(typingctx, acc, at_a, at_b, at_c, at_d, qs, qs_at, xa, xb, xc, xd):
+    """dot16_bytes for four tokens, the weights loaded once."""
+    return types.void(acc, at_a, at_b, at_c, at_d, qs, qs_at, xa, xb, xc, xd), _dot16_codegen(False, 4)
 
 
 def target_features() -> set[str] | None:

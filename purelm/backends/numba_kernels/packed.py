@@ -13,7 +13,8 @@ import numpy as np
 from numba import njit, prange
 
 from .common import OPTS, PARALLEL, PREFETCH_BYTES, at
-from .intrinsics import dot16_bytes, dot16_bytes2, dot16_nibbles, dot16_nibbles2, half_to_float, prefetch, wide_vectors
+from .intrinsics import (dot16_bytes, dot16_bytes2, dot16_bytes4, dot16_nibbles, dot16_nibbles2, dot16_nibbles4,
+                         half_to_float, prefetch, wide_vectors)
 from .packing import BYTES
 
 
@@ -406,7 +407,8 @@ def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
         wide_vectors()
         g, k, b0, b1 = split_range(item, n_split, n_sub)
         acc = np.zeros((n_tok, n_lanes), np.float32)
-        dots = np.empty(4 * n_lanes, np.int32)  # two tokens' lanes
+        L = 2 * n_lanes  # a token's int32 lanes in dots
+        dots = np.empty(4 * L, np.int32)  # four tokens' lanes
         dscale = np.empty(n_lanes, np.float32)  # this block's row scales (and minimums), once for all tokens
         mscale = np.empty(n_lanes, np.float32)
         for b in range(b0, b1):
@@ -424,30 +426,33 @@ def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
                 if mode == 1:
                     for r in range(n_lanes):
                         mscale[r] = half_to_float(m[g, b, r])
-            for t0 in range(0, n_tok, 2):  # tokens in pairs: each weight group unpacked once for both
-                two = t0 + 1 < n_tok
+            t0 = 0
+            while t0 < n_tok:  # tokens four, two or one at a time: each weight group unpacked once for them
+                n = 4 if t0 + 4 <= n_tok else (2 if t0 + 2 <= n_tok else 1)
                 dots[:] = 0
                 for j in range(n_quads):
-                    xa_lo = xq[t0, b * words + j]
-                    xb_lo = xq[t0 + 1, b * words + j] if two else xa_lo
-                    if mode == BYTES:
-                        for v in range(n_lanes // 16):
-                            if two:
-                                dot16_bytes2(dots, v * 32, 2 * n_lanes + v * 32, flat, at0 + j * width + v * 64,
-                                             xa_lo, xb_lo)
+                    lo, hi = b * words + j, b * words + n_quads + j  # byte 4j + i: weight 4j + i (low nibble), 16 + 4j + i (high)
+                    for v in range(n_lanes // 16):
+                        w_at, o = at0 + j * width + v * 64, v * 32
+                        if mode == BYTES:
+                            if n == 4:
+                                dot16_bytes4(dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at,
+                                             xq[t0, lo], xq[t0 + 1, lo], xq[t0 + 2, lo], xq[t0 + 3, lo])
+                            elif n == 2:
+                                dot16_bytes2(dots, o, L + o, flat, w_at, xq[t0, lo], xq[t0 + 1, lo])
                             else:
-                                dot16_bytes(dots, v * 32, flat, at0 + j * width + v * 64, xa_lo)
-                    else:  # byte 4j + i: weight 4j + i (low nibble), 16 + 4j + i (high)
-                        xa_hi = xq[t0, b * words + n_quads + j]
-                        xb_hi = xq[t0 + 1, b * words + n_quads + j] if two else xa_hi
-                        for v in range(n_lanes // 16):
-                            if two:
-                                dot16_nibbles2(dots, v * 32, 2 * n_lanes + v * 32, flat, at0 + j * width + v * 64,
-                                               xa_lo, xa_hi, xb_lo, xb_hi)
-                            else:
-                                dot16_nibbles(dots, v * 32, flat, at0 + j * width + v * 64, xa_lo, xa_hi)
-                for t in range(t0, t0 + 2 if two else t0 + 1):
-                    tok_dots = dots[(t - t0) * 2 * n_lanes:]
+                                dot16_bytes(dots, o, flat, w_at, xq[t0, lo])
+                        elif n == 4:
+                            dot16_nibbles4(dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at, xq[t0, lo], xq[t0, hi],
+                                           xq[t0 + 1, lo], xq[t0 + 1, hi], xq[t0 + 2, lo], xq[t0 + 2, hi],
+                                           xq[t0 + 3, lo], xq[t0 + 3, hi])
+                        elif n == 2:
+                            dot16_nibbles2(dots, o, L + o, flat, w_at, xq[t0, lo], xq[t0, hi], xq[t0 + 1, lo],
+                                           xq[t0 + 1, hi])
+                        else:
+                            dot16_nibbles(dots, o, flat, w_at, xq[t0, lo], xq[t0, hi])
+                for t in range(t0, t0 + n):
+                    tok_dots = dots[(t - t0) * L:]
                     # offsets and minimums multiply the sum of the same int16-rounded x as the products
                     s, xsum, row = dx[t, b], xq_sums[t, b], acc[t]
                     if mode == BYTES:
@@ -462,6 +467,7 @@ def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
                     else:
                         for r in range(n_lanes):
                             row[r] += dscale[r] * s * pair_sum(tok_dots, r) - mscale[r] * xsum
+                t0 += n
         store_group(acc, y, parts, g, k, n_lanes)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
