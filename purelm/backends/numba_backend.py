@@ -60,6 +60,7 @@ EMPTY = np.zeros(0, np.float32)
 # Kernels per repacked family (packing.py); their leading arguments are Packed.kernel_args.
 MATVEC = {"nibble": pk.matvec_nibble, "q8": pk.matvec_q8, "q6k": pk.matvec_q6k,
           "nibble_dot": pk.matvec_dot, "q8_dot": pk.matvec_dot}
+MATVEC_MANY = {"nibble_dot": pk.matvec_dot_batch, "q8_dot": pk.matvec_dot_batch}  # 2+ rows, where it differs
 UNPACK = {"nibble": pk.unpack_nibble, "q8": pk.unpack_q8, "q6k": pk.unpack_q6k,
           "nibble_dot": pk.unpack_dot, "q8_dot": pk.unpack_dot}
 NO_PARTS = np.zeros((0, 0, 0), np.float32)
@@ -71,7 +72,7 @@ class NumbaWeight:
     output widths of its parts, and no file rows."""
 
     __slots__ = ("qtype", "n_out", "n_in", "data", "packed", "splits", "column_splits", "pack_later", "kernel",
-                 "kernel_args")
+                 "kernel_many", "kernel_args")
 
     def __init__(self, qtype: GGMLType, n_out: int, n_in: int, data: np.ndarray | None = None,
                  packed: Packed | None = None, splits: tuple[int, ...] | None = None, threads: int = 1) -> None:
@@ -86,6 +87,7 @@ class NumbaWeight:
         self.packed = packed
         self.column_splits = column_splits(packed.n_groups, packed.n_sub, threads) if packed else 1
         self.kernel = MATVEC[packed.family] if packed else None
+        self.kernel_many = MATVEC_MANY.get(packed.family, self.kernel) if packed else None
         self.kernel_args = packed.kernel_args if packed else ()
 
     @property
@@ -407,7 +409,7 @@ class NumbaBackend(Backend):
         if w.kernel is not None:
             n, p = w.column_splits, w.packed
             parts = np.empty((n, x.shape[0], p.n_groups * p.lanes), np.float32) if n > 1 else NO_PARTS
-            w.kernel(*w.kernel_args, x, y, parts)
+            (w.kernel if x.shape[0] == 1 else w.kernel_many)(*w.kernel_args, x, y, parts)
         else:
             rk.matvec_rows(w.data, int(w.qtype), BLOCK_INFO[w.qtype][0], x, y)
         return y

@@ -386,15 +386,97 @@ def quantize_activations(x, width):
 
 
 @njit(**OPTS, inline="always")
-def pair_sum(dots, r):
-    """Row r's dot product: the sum of its two int32 lanes."""
-    return np.float32(np.int32(dots[at(2 * r)] + dots[at(2 * r + 1)]))  # int32: numba's sum is int64
+def pair_sum(dots, off, r):
+    """Row r's dot product: the sum of its two int32 lanes (a token's lanes start at dots[off])."""
+    return np.float32(np.int32(dots[at(off + 2 * r)] + dots[at(off + 2 * r + 1)]))  # int32: numba's sum is int64
+
+
+@njit(**OPTS, inline="always")
+def fold_dots(row, dots, off, mode, dscale, mscale, s, xsum, offset, n_lanes):
+    """One token's integer dots of one block into its float sums, with the block's scales; offsets and
+    minimums multiply the sum of the same int16-rounded x (xsum) as the products."""
+    if mode == BYTES:
+        for r in range(n_lanes):
+            row[r] += dscale[r] * s * pair_sum(dots, off, r)
+    elif mode == 0:
+        for r in range(n_lanes):
+            row[r] += dscale[r] * (s * pair_sum(dots, off, r) + offset * xsum)
+    elif mode == 1:
+        for r in range(n_lanes):
+            row[r] += dscale[r] * s * pair_sum(dots, off, r) + mscale[r] * xsum
+    else:
+        for r in range(n_lanes):
+            row[r] += dscale[r] * s * pair_sum(dots, off, r) - mscale[r] * xsum
 
 
 @njit(**PARALLEL)
 def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
     """Q4_0/Q4_1/Q4_K (scale modes 0-2 as in nibble_fold, two weights a byte) and Q8_0 (mode
     BYTES, a weight a byte) in the dot layouts."""
+    n_groups, n_sub, n_quads, width = qs.shape
+    n_lanes = width // 4
+    n_tok = x.shape[0]
+    n_split = max(1, parts.shape[0])
+    words = n_quads if mode == BYTES else 2 * n_quads  # int64 words (4 activations) per sub-block
+    xq, dx, xq_sums = quantize_activations(x, 4 * words)
+    flat = qs.reshape(-1)
+    step = n_sub * n_quads * width
+    for item in prange(n_groups * n_split):
+        wide_vectors()
+        g, k, b0, b1 = split_range(item, n_split, n_sub)
+        acc = np.zeros((n_tok, n_lanes), np.float32)
+        dots = np.empty(2 * n_lanes, np.int32)
+        dscale = np.empty(n_lanes, np.float32)  # this block's row scales (and minimums), once for all tokens
+        mscale = np.empty(n_lanes, np.float32)
+        for b in range(b0, b1):
+            at0 = g * step + b * n_quads * width
+            for c in range(0, n_quads * width, 64):
+                prefetch(flat, at0 + PREFETCH_BYTES + c)
+            if mode == 2:
+                sb = b // 8
+                for r in range(n_lanes):
+                    dscale[r] = half_to_float(d[g, sb, r]) * np.float32(sc[g, b, r])
+                    mscale[r] = half_to_float(m[g, sb, r]) * np.float32(mn[g, b, r])
+            else:
+                for r in range(n_lanes):
+                    dscale[r] = half_to_float(d[g, b, r])
+                if mode == 1:
+                    for r in range(n_lanes):
+                        mscale[r] = half_to_float(m[g, b, r])
+            for t in range(n_tok):
+                dots[:] = 0
+                for j in range(n_quads):
+                    x_lo = xq[t, b * words + j]
+                    if mode == BYTES:
+                        for v in range(n_lanes // 16):
+                            dot16_bytes(dots, v * 32, flat, at0 + j * width + v * 64, x_lo)
+                    else:  # byte 4j + i: weight 4j + i (low nibble), 16 + 4j + i (high)
+                        x_hi = xq[t, b * words + n_quads + j]
+                        for v in range(n_lanes // 16):
+                            dot16_nibbles(dots, v * 32, flat, at0 + j * width + v * 64, x_lo, x_hi)
+                # offsets and minimums multiply the sum of the same int16-rounded x as the products
+                s, xsum, row = dx[t, b], xq_sums[t, b], acc[t]
+                if mode == BYTES:
+                    for r in range(n_lanes):
+                        row[r] += dscale[r] * s * pair_sum(dots, 0, r)
+                elif mode == 0:
+                    for r in range(n_lanes):
+                        row[r] += dscale[r] * (s * pair_sum(dots, 0, r) + offset * xsum)
+                elif mode == 1:
+                    for r in range(n_lanes):
+                        row[r] += dscale[r] * s * pair_sum(dots, 0, r) + mscale[r] * xsum
+                else:
+                    for r in range(n_lanes):
+                        row[r] += dscale[r] * s * pair_sum(dots, 0, r) - mscale[r] * xsum
+        store_group(acc, y, parts, g, k, n_lanes)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot_batch(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    """matvec_dot for several tokens (x of 2+ rows): each weight group is loaded and unpacked once for
+    four or two tokens. Each token's integer dots and float steps are those matvec_dot gives it alone."""
     n_groups, n_sub, n_quads, width = qs.shape
     n_lanes = width // 4
     n_tok = x.shape[0]
@@ -427,8 +509,8 @@ def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
                     for r in range(n_lanes):
                         mscale[r] = half_to_float(m[g, b, r])
             t0 = 0
-            while t0 < n_tok:  # tokens four, two or one at a time: each weight group unpacked once for them
-                n = 4 if t0 + 4 <= n_tok else (2 if t0 + 2 <= n_tok else 1)
+            while t0 + 1 < n_tok:  # tokens four or two at a time: each weight group unpacked once for them
+                n = 4 if t0 + 4 <= n_tok else 2
                 dots[:] = 0
                 for j in range(n_quads):
                     lo, hi = b * words + j, b * words + n_quads + j  # byte 4j + i: weight 4j + i (low nibble), 16 + 4j + i (high)
@@ -438,36 +520,30 @@ def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
                             if n == 4:
                                 dot16_bytes4(dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at,
                                              xq[t0, lo], xq[t0 + 1, lo], xq[t0 + 2, lo], xq[t0 + 3, lo])
-                            elif n == 2:
-                                dot16_bytes2(dots, o, L + o, flat, w_at, xq[t0, lo], xq[t0 + 1, lo])
                             else:
-                                dot16_bytes(dots, o, flat, w_at, xq[t0, lo])
+                                dot16_bytes2(dots, o, L + o, flat, w_at, xq[t0, lo], xq[t0 + 1, lo])
                         elif n == 4:
                             dot16_nibbles4(dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at, xq[t0, lo], xq[t0, hi],
                                            xq[t0 + 1, lo], xq[t0 + 1, hi], xq[t0 + 2, lo], xq[t0 + 2, hi],
                                            xq[t0 + 3, lo], xq[t0 + 3, hi])
-                        elif n == 2:
+                        else:
                             dot16_nibbles2(dots, o, L + o, flat, w_at, xq[t0, lo], xq[t0, hi], xq[t0 + 1, lo],
                                            xq[t0 + 1, hi])
-                        else:
-                            dot16_nibbles(dots, o, flat, w_at, xq[t0, lo], xq[t0, hi])
                 for t in range(t0, t0 + n):
-                    tok_dots = dots[(t - t0) * L:]
-                    # offsets and minimums multiply the sum of the same int16-rounded x as the products
-                    s, xsum, row = dx[t, b], xq_sums[t, b], acc[t]
-                    if mode == BYTES:
-                        for r in range(n_lanes):
-                            row[r] += dscale[r] * s * pair_sum(tok_dots, r)
-                    elif mode == 0:
-                        for r in range(n_lanes):
-                            row[r] += dscale[r] * (s * pair_sum(tok_dots, r) + offset * xsum)
-                    elif mode == 1:
-                        for r in range(n_lanes):
-                            row[r] += dscale[r] * s * pair_sum(tok_dots, r) + mscale[r] * xsum
-                    else:
-                        for r in range(n_lanes):
-                            row[r] += dscale[r] * s * pair_sum(tok_dots, r) - mscale[r] * xsum
+                    fold_dots(acc[t], dots, (t - t0) * L, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
                 t0 += n
+            if t0 < n_tok:  # the last token alone (and a lone decode token: the loop as it always was)
+                dots[:] = 0
+                for j in range(n_quads):
+                    x_lo = xq[t0, b * words + j]
+                    if mode == BYTES:
+                        for v in range(n_lanes // 16):
+                            dot16_bytes(dots, v * 32, flat, at0 + j * width + v * 64, x_lo)
+                    else:
+                        x_hi = xq[t0, b * words + n_quads + j]
+                        for v in range(n_lanes // 16):
+                            dot16_nibbles(dots, v * 32, flat, at0 + j * width + v * 64, x_lo, x_hi)
+                fold_dots(acc[t0], dots, 0, mode, dscale, mscale, dx[t0, b], xq_sums[t0, b], offset, n_lanes)
         store_group(acc, y, parts, g, k, n_lanes)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
