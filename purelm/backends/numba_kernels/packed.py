@@ -476,7 +476,9 @@ def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
 @njit(**PARALLEL)
 def matvec_dot_batch(qs, d, m, sc, mn, mode, offset, x, y, parts):
     """matvec_dot for several tokens (x of 2+ rows): each weight group is loaded and unpacked once for
-    four or two tokens. Each token's integer dots and float steps are those matvec_dot gives it alone."""
+    four or two tokens. Each token's integer dots and float steps are those matvec_dot gives it alone.
+    A separate kernel, not a branch of matvec_dot: with the grouped loop in it, matvec_dot's lone-token
+    decode of the 1.1B fell from ~55 to ~47 tok/s (benchmarks/README.md, batched.py)."""
     n_groups, n_sub, n_quads, width = qs.shape
     n_lanes = width // 4
     n_tok = x.shape[0]
