@@ -104,8 +104,8 @@ def wide_vectors(typingctx):
 
 # -- integer dot products for the decode kernels over "dot" layouts (packing.py): activations rounded
 # to int16 per 32 weights, 4-byte groups of weights per row. Written as plain LLVM vector IR (widen,
-# multiply, add neighbouring pairs): LLVM selects vpmaddwd + vpaddd on x86 with AVX2 or AVX-512 (seen
-# in the kernels' assembly; in a small loop it also fuses them into AVX512-VNNI's vpdpwssd).
+# multiply, add neighbouring pairs): LLVM selects vpmaddwd + vpaddd on x86 with AVX2, and AVX512-VNNI's
+# vpdpwssd where the CPU has it (seen in the kernels' assembly).
 
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V16I32 = ir.VectorType(_I32, 16)
@@ -127,79 +127,6 @@ def _multiply_add_pairs(builder, acc, w, x):
     p = builder.mul(w, x)
     pairs = builder.add(builder.shuffle_vector(p, p, _EVEN), builder.shuffle_vector(p, p, _ODD))
     return builder.add(acc, pairs)
-
-
-def _dot16_codegen(nibbles, tokens=1):
-    """Load and widen the 64 weight bytes once, then multiply-add them into each token's accumulators.
-    Arguments: acc, one acc offset per token, qs, qs_at, then per token x_lo, x_hi (nibbles) or x4."""
-    def codegen(context, builder, signature, args):
-        qs_type, qs, qs_at = signature.args[1 + tokens], args[1 + tokens], args[2 + tokens]
-        xs = args[3 + tokens:]
-        q = builder.load(builder.bitcast(_element_ptr(context, builder, qs_type, qs, qs_at),
-                                         _V64I8.as_pointer()), align=1)
-        if nibbles:
-            values = [builder.and_(q, ir.Constant(_V64I8, [15] * 64)), builder.lshr(q, ir.Constant(_V64I8, [4] * 64))]
-        else:
-            values = [q]
-        widen = builder.zext if nibbles else builder.sext
-        wide = [[widen(builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 32), list(range(lo, lo + 32)))),
-                       ir.VectorType(_I32, 32)) for lo in (0, 32)]  # rows 0-7, rows 8-15 of the 16
-                for v in values]
-        for t in range(tokens):
-            acc_ptr = builder.bitcast(_element_ptr(context, builder, signature.args[0], args[0], args[1 + t]),
-                                      _V16I32.as_pointer())
-            acc_ptrs = (acc_ptr, builder.gep(acc_ptr, [ir.Constant(_I32, 1)]))
-            acc = [builder.load(p, align=4) for p in acc_ptrs]
-            for i, halves in enumerate(wide):
-                xv = _broadcast_words(builder, xs[t * len(wide) + i])
-                for h in range(2):
-                    acc[h] = _multiply_add_pairs(builder, acc[h], halves[h], xv)
-            for p, a in zip(acc_ptrs, acc):
-                builder.store(a, p, align=4)
-        return context.get_dummy_value()
-    return codegen
-
-
-@intrinsic
-def dot16_nibbles(typingctx, acc, acc_at, qs, qs_at, x_lo, x_hi):
-    """16 rows' integer dot products over 8 weights each. The 64 bytes at qs[qs_at] hold 4 bytes per
-    row (low nibbles: 4 weights, high nibbles: 4 more); x_lo and x_hi (int64) hold the 4 int16
-    activations each multiplies. acc[acc_at:acc_at + 32] (int32, two per row: the row's dot is their
-    sum) accumulates them."""
-    return types.void(acc, acc_at, qs, qs_at, x_lo, x_hi), _dot16_codegen(nibbles=True)
-
-
-@intrinsic
-def dot16_nibbles2(typingctx, acc, at_a, at_b, qs, qs_at, xa_lo, xa_hi, xb_lo, xb_hi):
-    """dot16_nibbles for two tokens (a into acc[at_a:], b into acc[at_b:]), the weights unpacked once.
-    Integer sums: each token's are the same as dot16_nibbles gives it alone."""
-    return types.void(acc, at_a, at_b, qs, qs_at, xa_lo, xa_hi, xb_lo, xb_hi), _dot16_codegen(True, 2)
-
-
-@intrinsic
-def dot16_nibbles4(typingctx, acc, at_a, at_b, at_c, at_d, qs, qs_at, xa_lo, xa_hi, xb_lo, xb_hi, xc_lo, xc_hi,
-                   xd_lo, xd_hi):
-    """dot16_nibbles for four tokens, the weights unpacked once."""
-    return (types.void(acc, at_a, at_b, at_c, at_d, qs, qs_at, xa_lo, xa_hi, xb_lo, xb_hi, xc_lo, xc_hi, xd_lo, xd_hi),
-            _dot16_codegen(True, 4))
-
-
-@intrinsic
-def dot16_bytes(typingctx, acc, acc_at, qs, qs_at, x4):
-    """As dot16_nibbles for 4 int8 weights per row (the 64 bytes at qs[qs_at]) and 4 int16 in x4."""
-    return types.void(acc, acc_at, qs, qs_at, x4), _dot16_codegen(nibbles=False)
-
-
-@intrinsic
-def dot16_bytes2(typingctx, acc, at_a, at_b, qs, qs_at, xa, xb):
-    """dot16_bytes for two tokens, the weights loaded once."""
-    return types.void(acc, at_a, at_b, qs, qs_at, xa, xb), _dot16_codegen(False, 2)
-
-
-@intrinsic
-def dot16_bytes4(typingctx, acc, at_a, at_b, at_c, at_d, qs, qs_at, xa, xb, xc, xd):
-    """dot16_bytes for four tokens, the weights loaded once."""
-    return types.void(acc, at_a, at_b, at_c, at_d, qs, qs_at, xa, xb, xc, xd), _dot16_codegen(False, 4)
 
 
 def target_features() -> set[str] | None:
@@ -226,3 +153,95 @@ def has_int16_dot() -> bool:
     the float32 kernels."""
     features = target_features() or set()
     return "avx2" in features
+
+
+# One call takes all the weight groups of a 32-weight sub-block (16 rows) for 1, 2 or 4 tokens: each
+# group is loaded and unpacked once for the tokens, and each token's accumulators stay in registers from
+# the first group to the last, stored once (per-group calls that accumulated through memory were
+# 1.4-3x slower at 8 tokens: benchmarks/README.md).
+
+NIBBLE_QUADS, BYTE_QUADS = 4, 8  # 4-byte weight groups per 32-weight sub-block in the dot layouts
+
+
+def _dot_block_codegen(nibbles, tokens):
+    """Arguments: dots, one dots offset per token, qs, w_at, w_stride, xs, one xs offset per token.
+    Group j's 64 weight bytes are at qs[w_at + j * w_stride]; token t's activation words for it at
+    xs[x_t + j] (and, nibbles, the high nibbles' at xs[x_t + NIBBLE_QUADS + j]). Token t's 16 rows' dots
+    (two int32 lanes each) are stored at dots[at_t:at_t + 32]."""
+    quads = NIBBLE_QUADS if nibbles else BYTE_QUADS
+
+    def codegen(context, builder, signature, args):
+        sig = signature.args
+        index = [context.cast(builder, v, t, types.intp) if isinstance(t, types.Integer) else v
+                 for v, t in zip(args, sig)]
+        dots_t, qs_t, xs_t = sig[0], sig[1 + tokens], sig[4 + tokens]
+        dots_at, x_at = index[1:1 + tokens], index[5 + tokens:5 + 2 * tokens]
+        qs, w_at, w_stride, xs = args[1 + tokens], index[2 + tokens], index[3 + tokens], args[4 + tokens]
+        zero = ir.Constant(_V16I32, [0] * 16)
+        acc = [[zero, zero] for _ in range(tokens)]
+        for j in range(quads):
+            at_j = builder.add(w_at, builder.mul(w_stride, ir.Constant(_I64, j)))
+            q = builder.load(builder.bitcast(_element_ptr(context, builder, qs_t, qs, at_j), _V64I8.as_pointer()),
+                             align=1)
+            if nibbles:
+                values = [builder.and_(q, ir.Constant(_V64I8, [15] * 64)), builder.lshr(q, ir.Constant(_V64I8, [4] * 64))]
+            else:
+                values = [q]
+            widen = builder.zext if nibbles else builder.sext
+            wide = [[widen(builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 32), list(range(lo, lo + 32)))),
+                           ir.VectorType(_I32, 32)) for lo in (0, 32)]  # rows 0-7, rows 8-15 of the 16
+                    for v in values]
+            for t in range(tokens):
+                for i, halves in enumerate(wide):
+                    word_at = builder.add(x_at[t], ir.Constant(_I64, j + i * quads))
+                    word = builder.load(_element_ptr(context, builder, xs_t, xs, word_at), align=8)
+                    xv = _broadcast_words(builder, word)
+                    for h in range(2):
+                        acc[t][h] = _multiply_add_pairs(builder, acc[t][h], halves[h], xv)
+        for t in range(tokens):
+            ptr = builder.bitcast(_element_ptr(context, builder, dots_t, args[0], dots_at[t]), _V16I32.as_pointer())
+            builder.store(acc[t][0], ptr, align=4)
+            builder.store(acc[t][1], builder.gep(ptr, [ir.Constant(_I32, 1)]), align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+def _dot_block(nibbles, tokens, *args):
+    return types.void(*args), _dot_block_codegen(nibbles, tokens)
+
+
+# numba's @intrinsic wants the arguments spelled out: one wrapper per token count.
+@intrinsic
+def dot_block_nibbles1(typingctx, dots, at_a, qs, w_at, w_stride, xs, x_a):
+    """A sub-block's dots for one token (nibble weights); see _dot_block_codegen."""
+    return _dot_block(True, 1, dots, at_a, qs, w_at, w_stride, xs, x_a)
+
+
+@intrinsic
+def dot_block_nibbles2(typingctx, dots, at_a, at_b, qs, w_at, w_stride, xs, x_a, x_b):
+    """dot_block_nibbles1 for two tokens, each weight group unpacked once for both."""
+    return _dot_block(True, 2, dots, at_a, at_b, qs, w_at, w_stride, xs, x_a, x_b)
+
+
+@intrinsic
+def dot_block_nibbles4(typingctx, dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d):
+    """dot_block_nibbles1 for four tokens."""
+    return _dot_block(True, 4, dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d)
+
+
+@intrinsic
+def dot_block_bytes1(typingctx, dots, at_a, qs, w_at, w_stride, xs, x_a):
+    """A sub-block's dots for one token (int8 weights)."""
+    return _dot_block(False, 1, dots, at_a, qs, w_at, w_stride, xs, x_a)
+
+
+@intrinsic
+def dot_block_bytes2(typingctx, dots, at_a, at_b, qs, w_at, w_stride, xs, x_a, x_b):
+    """dot_block_bytes1 for two tokens."""
+    return _dot_block(False, 2, dots, at_a, at_b, qs, w_at, w_stride, xs, x_a, x_b)
+
+
+@intrinsic
+def dot_block_bytes4(typingctx, dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d):
+    """dot_block_bytes1 for four tokens."""
+    return _dot_block(False, 4, dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d)

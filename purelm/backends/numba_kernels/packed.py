@@ -13,8 +13,9 @@ import numpy as np
 from numba import njit, prange
 
 from .common import OPTS, PARALLEL, PREFETCH_BYTES, at
-from .intrinsics import (dot16_bytes, dot16_bytes2, dot16_bytes4, dot16_nibbles, dot16_nibbles2, dot16_nibbles4,
-                         half_to_float, prefetch, wide_vectors)
+from .intrinsics import (BYTE_QUADS, NIBBLE_QUADS, dot_block_bytes1, dot_block_bytes2, dot_block_bytes4,
+                         dot_block_nibbles1, dot_block_nibbles2, dot_block_nibbles4, half_to_float, prefetch,
+                         wide_vectors)
 from .packing import BYTES
 
 
@@ -409,16 +410,34 @@ def fold_dots(row, dots, off, mode, dscale, mscale, s, xsum, offset, n_lanes):
             row[r] += dscale[r] * s * pair_sum(dots, off, r) - mscale[r] * xsum
 
 
+@njit(**OPTS, inline="always")
+def block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes):
+    """Sub-block b's row scales (and minimums) of group g, as fold_dots takes them."""
+    if mode == 2:
+        sb = b // 8
+        for r in range(n_lanes):
+            dscale[r] = half_to_float(d[g, sb, r]) * np.float32(sc[g, b, r])
+            mscale[r] = half_to_float(m[g, sb, r]) * np.float32(mn[g, b, r])
+    else:
+        for r in range(n_lanes):
+            dscale[r] = half_to_float(d[g, b, r])
+        if mode == 1:
+            for r in range(n_lanes):
+                mscale[r] = half_to_float(m[g, b, r])
+
+
 @njit(**PARALLEL)
 def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
     """Q4_0/Q4_1/Q4_K (scale modes 0-2 as in nibble_fold, two weights a byte) and Q8_0 (mode
-    BYTES, a weight a byte) in the dot layouts."""
+    BYTES, a weight a byte) in the dot layouts, for one token (decode)."""
     n_groups, n_sub, n_quads, width = qs.shape
+    assert n_quads == (BYTE_QUADS if mode == BYTES else NIBBLE_QUADS)  # dot_block_* unroll this loop
     n_lanes = width // 4
     n_tok = x.shape[0]
     n_split = max(1, parts.shape[0])
     words = n_quads if mode == BYTES else 2 * n_quads  # int64 words (4 activations) per sub-block
     xq, dx, xq_sums = quantize_activations(x, 4 * words)
+    xs, n_words = xq.reshape(-1), xq.shape[1]
     flat = qs.reshape(-1)
     step = n_sub * n_quads * width
     for item in prange(n_groups * n_split):
@@ -432,42 +451,15 @@ def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
             at0 = g * step + b * n_quads * width
             for c in range(0, n_quads * width, 64):
                 prefetch(flat, at0 + PREFETCH_BYTES + c)
-            if mode == 2:
-                sb = b // 8
-                for r in range(n_lanes):
-                    dscale[r] = half_to_float(d[g, sb, r]) * np.float32(sc[g, b, r])
-                    mscale[r] = half_to_float(m[g, sb, r]) * np.float32(mn[g, b, r])
-            else:
-                for r in range(n_lanes):
-                    dscale[r] = half_to_float(d[g, b, r])
-                if mode == 1:
-                    for r in range(n_lanes):
-                        mscale[r] = half_to_float(m[g, b, r])
+            block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes)
             for t in range(n_tok):
-                dots[:] = 0
-                for j in range(n_quads):
-                    x_lo = xq[t, b * words + j]
+                xb = t * n_words + b * words
+                for v in range(n_lanes // 16):
                     if mode == BYTES:
-                        for v in range(n_lanes // 16):
-                            dot16_bytes(dots, v * 32, flat, at0 + j * width + v * 64, x_lo)
-                    else:  # byte 4j + i: weight 4j + i (low nibble), 16 + 4j + i (high)
-                        x_hi = xq[t, b * words + n_quads + j]
-                        for v in range(n_lanes // 16):
-                            dot16_nibbles(dots, v * 32, flat, at0 + j * width + v * 64, x_lo, x_hi)
-                # offsets and minimums multiply the sum of the same int16-rounded x as the products
-                s, xsum, row = dx[t, b], xq_sums[t, b], acc[t]
-                if mode == BYTES:
-                    for r in range(n_lanes):
-                        row[r] += dscale[r] * s * pair_sum(dots, 0, r)
-                elif mode == 0:
-                    for r in range(n_lanes):
-                        row[r] += dscale[r] * (s * pair_sum(dots, 0, r) + offset * xsum)
-                elif mode == 1:
-                    for r in range(n_lanes):
-                        row[r] += dscale[r] * s * pair_sum(dots, 0, r) + mscale[r] * xsum
-                else:
-                    for r in range(n_lanes):
-                        row[r] += dscale[r] * s * pair_sum(dots, 0, r) - mscale[r] * xsum
+                        dot_block_bytes1(dots, v * 32, flat, at0 + v * 64, width, xs, xb)
+                    else:
+                        dot_block_nibbles1(dots, v * 32, flat, at0 + v * 64, width, xs, xb)
+                fold_dots(acc[t], dots, 0, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
         store_group(acc, y, parts, g, k, n_lanes)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
@@ -478,13 +470,17 @@ def matvec_dot_batch(qs, d, m, sc, mn, mode, offset, x, y, parts):
     """matvec_dot for several tokens (x of 2+ rows): each weight group is loaded and unpacked once for
     four or two tokens. Each token's integer dots and float steps are those matvec_dot gives it alone.
     A separate kernel, not a branch of matvec_dot: with the grouped loop in it, matvec_dot's lone-token
-    decode of the 1.1B fell from ~55 to ~47 tok/s (benchmarks/README.md, batched.py)."""
+    decode of the 1.1B fell from ~55 to ~47 tok/s (benchmarks/README.md, batched.py). One loop that
+    picks among 4, 2 and 1 tokens per step ran the batch at under half this speed: the last token
+    has its own loop."""
     n_groups, n_sub, n_quads, width = qs.shape
+    assert n_quads == (BYTE_QUADS if mode == BYTES else NIBBLE_QUADS)  # dot_block_* unroll this loop
     n_lanes = width // 4
     n_tok = x.shape[0]
     n_split = max(1, parts.shape[0])
     words = n_quads if mode == BYTES else 2 * n_quads  # int64 words (4 activations) per sub-block
     xq, dx, xq_sums = quantize_activations(x, 4 * words)
+    xs, n_words = xq.reshape(-1), xq.shape[1]
     flat = qs.reshape(-1)
     step = n_sub * n_quads * width
     for item in prange(n_groups * n_split):
@@ -499,52 +495,34 @@ def matvec_dot_batch(qs, d, m, sc, mn, mode, offset, x, y, parts):
             at0 = g * step + b * n_quads * width
             for c in range(0, n_quads * width, 64):
                 prefetch(flat, at0 + PREFETCH_BYTES + c)
-            if mode == 2:
-                sb = b // 8
-                for r in range(n_lanes):
-                    dscale[r] = half_to_float(d[g, sb, r]) * np.float32(sc[g, b, r])
-                    mscale[r] = half_to_float(m[g, sb, r]) * np.float32(mn[g, b, r])
-            else:
-                for r in range(n_lanes):
-                    dscale[r] = half_to_float(d[g, b, r])
-                if mode == 1:
-                    for r in range(n_lanes):
-                        mscale[r] = half_to_float(m[g, b, r])
+            block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes)
             t0 = 0
             while t0 + 1 < n_tok:  # tokens four or two at a time: each weight group unpacked once for them
                 n = 4 if t0 + 4 <= n_tok else 2
-                dots[:] = 0
-                for j in range(n_quads):
-                    lo, hi = b * words + j, b * words + n_quads + j  # byte 4j + i: weight 4j + i (low nibble), 16 + 4j + i (high)
-                    for v in range(n_lanes // 16):
-                        w_at, o = at0 + j * width + v * 64, v * 32
-                        if mode == BYTES:
-                            if n == 4:
-                                dot16_bytes4(dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at,
-                                             xq[t0, lo], xq[t0 + 1, lo], xq[t0 + 2, lo], xq[t0 + 3, lo])
-                            else:
-                                dot16_bytes2(dots, o, L + o, flat, w_at, xq[t0, lo], xq[t0 + 1, lo])
-                        elif n == 4:
-                            dot16_nibbles4(dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at, xq[t0, lo], xq[t0, hi],
-                                           xq[t0 + 1, lo], xq[t0 + 1, hi], xq[t0 + 2, lo], xq[t0 + 2, hi],
-                                           xq[t0 + 3, lo], xq[t0 + 3, hi])
+                xb = t0 * n_words + b * words  # token t0's words of this sub-block in xs
+                for v in range(n_lanes // 16):
+                    w_at, o = at0 + v * 64, v * 32
+                    if mode == BYTES:
+                        if n == 4:
+                            dot_block_bytes4(dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at, width, xs,
+                                             xb, xb + n_words, xb + 2 * n_words, xb + 3 * n_words)
                         else:
-                            dot16_nibbles2(dots, o, L + o, flat, w_at, xq[t0, lo], xq[t0, hi], xq[t0 + 1, lo],
-                                           xq[t0 + 1, hi])
+                            dot_block_bytes2(dots, o, L + o, flat, w_at, width, xs, xb, xb + n_words)
+                    elif n == 4:
+                        dot_block_nibbles4(dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at, width, xs,
+                                           xb, xb + n_words, xb + 2 * n_words, xb + 3 * n_words)
+                    else:
+                        dot_block_nibbles2(dots, o, L + o, flat, w_at, width, xs, xb, xb + n_words)
                 for t in range(t0, t0 + n):
                     fold_dots(acc[t], dots, (t - t0) * L, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
                 t0 += n
-            if t0 < n_tok:  # the last token alone (and a lone decode token: the loop as it always was)
-                dots[:] = 0
-                for j in range(n_quads):
-                    x_lo = xq[t0, b * words + j]
+            if t0 < n_tok:  # an odd batch's last token
+                xb = t0 * n_words + b * words
+                for v in range(n_lanes // 16):
                     if mode == BYTES:
-                        for v in range(n_lanes // 16):
-                            dot16_bytes(dots, v * 32, flat, at0 + j * width + v * 64, x_lo)
+                        dot_block_bytes1(dots, v * 32, flat, at0 + v * 64, width, xs, xb)
                     else:
-                        x_hi = xq[t0, b * words + n_quads + j]
-                        for v in range(n_lanes // 16):
-                            dot16_nibbles(dots, v * 32, flat, at0 + j * width + v * 64, x_lo, x_hi)
+                        dot_block_nibbles1(dots, v * 32, flat, at0 + v * 64, width, xs, xb)
                 fold_dots(acc[t0], dots, 0, mode, dscale, mscale, dx[t0, b], xq_sums[t0, b], offset, n_lanes)
         store_group(acc, y, parts, g, k, n_lanes)
     if parts.shape[0] > 0:
