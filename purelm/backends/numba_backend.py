@@ -475,8 +475,12 @@ class NumbaBackend(Backend):
         if (short or p is None or len(ws.splits) != 2 or ws.splits[0] != ws.splits[1]
                 or ws.splits[0] % p.lanes):  # decode, or halves not in whole groups of rows
             if isinstance(ws, NumbaWeight):
-                y = self._product(x2, ws, short)
-                gate, up = y[:, :ws.splits[0]], y[:, ws.splits[0]:]
+                y, n = self._product(x2, ws, short), ws.splits[0]
+                if y.shape[1] == 2 * n:  # gate|up side by side in each row of y: straight to the kernel
+                    out, flat = np.empty((y.shape[0], n), np.float32), y.reshape(-1)
+                    (ops.swiglu if act == "silu" else ops.geglu)(flat, 2 * n, flat[n:], 2 * n, out)
+                    return out
+                gate, up = y[:, :n], y[:, n:]
             else:
                 gate, up = (self._product(x2, w, short) for w in ws)
             return self.swiglu(gate, up) if act == "silu" else self.geglu(gate, up)
@@ -495,7 +499,7 @@ class NumbaBackend(Backend):
                 gate, up = buf[: n_tok * rows].reshape(n_tok, rows), buf[n_tok * rows:].reshape(n_tok, rows)
                 np.matmul(x2, fill(g0, g1), out=gate)
                 np.matmul(x2, fill(half + g0, half + g1), out=up)
-                kernel(gate, up, gate)  # in place, in cache; then one copy into the output's columns
+                kernel(gate.reshape(-1), rows, up.reshape(-1), rows, gate)  # in place, in cache; then one copy into the output's columns
                 out[:, g0 * lanes:g1 * lanes] = gate
             return run
 
@@ -712,23 +716,32 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
-def _gated(kernel: Callable[[np.ndarray, np.ndarray, np.ndarray], None], gate: np.ndarray,
-           up: np.ndarray) -> np.ndarray:
+def _gated(kernel: Callable[..., None], gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """act(gate) * up over (tokens, n) arrays whose rows may be strided (linear_many's column views)."""
     g, u = _strided_rows(gate), _strided_rows(up)
     if g.shape != u.shape:
         raise ShapeError(f"gated activation: gate {g.shape} and up {u.shape} differ")
     out = np.empty(g.shape, np.float32)
-    kernel(g, u, out)
+    kernel(*_flat_rows(g), *_flat_rows(u), out)
     return out.reshape(gate.shape)
 
 
 def _strided_rows(x: np.ndarray) -> np.ndarray:
     """x as float32 (rows, n) with unit stride along a row; rows may be apart (no copy then)."""
     x = np.asarray(x, np.float32)
-    if x.ndim != 2 or x.strides[1] != 4:
+    if x.ndim != 2 or x.strides[1] != 4 or x.strides[0] % 4 or x.strides[0] < 4 * x.shape[1]:
         x = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
     return x
+
+
+def _flat_rows(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """A (rows, n) float32 array with unit stride along a row as the kernels take it: a 1-D view from
+    its first element to its last, and the distance between rows in elements."""
+    rows, n = x.shape
+    if rows <= 1 or x.strides[0] == 4 * n:  # contiguous: a plain view (as_strided costs ~3 us a call)
+        return x.reshape(-1), n
+    stride = x.strides[0] // 4
+    return np.lib.stride_tricks.as_strided(x, ((rows - 1) * stride + n,), (4,)), stride
 
 
 def _elementwise(kernel: Callable[[np.ndarray, np.ndarray], None], x: np.ndarray) -> np.ndarray:

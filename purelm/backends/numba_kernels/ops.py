@@ -255,26 +255,34 @@ def attention_paged_parallel(q, keys, values, tables, pos, shift, scale, softcap
     paged_combine(first, pos, chunk, n_kv, part_max, part_sum, part_out, out)
 
 
+# The gated activations read rows that may lie apart (gate and up are column ranges of one product):
+# flat arrays and row strides, not 2-D views, which numba compiles as strided ("A") arrays and does
+# not vectorize (measured 18x slower for 8 rows of 1536).
+
 @njit(**OPTS)
-def swiglu(gate, up, out):
-    """silu(gate) * up, elementwise over (tokens, n) arrays (rows may be strided)."""
+def swiglu(gate, g_stride, up, u_stride, out):
+    """out[t] = silu(gate row t) * up row t, for the (tokens, n) out; row t of gate starts at
+    gate[t * g_stride], of up at up[t * u_stride]."""
     wide_vectors()
-    for t in range(gate.shape[0]):
-        for i in range(gate.shape[1]):
-            g = gate[t, i]
-            out[t, i] = g / (np.float32(1) + fast_exp(-g)) * up[t, i]
+    n = out.shape[1]
+    for t in range(out.shape[0]):
+        g, u, o = gate[t * g_stride:t * g_stride + n], up[t * u_stride:t * u_stride + n], out[t]
+        for i in range(n):
+            o[i] = g[i] / (np.float32(1) + fast_exp(-g[i])) * u[i]
 
 
 @njit(**OPTS)
-def geglu(gate, up, out):
-    """gelu(gate) * up (gelu as in `gelu`), over (tokens, n) arrays (rows may be strided)."""
+def geglu(gate, g_stride, up, u_stride, out):
+    """As swiglu with gelu (as in `gelu`) for silu."""
     wide_vectors()
     c = np.float32(2 * 0.7978845608028654)
-    for t in range(gate.shape[0]):
-        for i in range(gate.shape[1]):
-            v = gate[t, i]
+    n = out.shape[1]
+    for t in range(out.shape[0]):
+        g, u, o = gate[t * g_stride:t * g_stride + n], up[t * u_stride:t * u_stride + n], out[t]
+        for i in range(n):
+            v = g[i]
             y2 = c * (v + np.float32(0.044715) * v * v * v)
-            out[t, i] = v / (np.float32(1) + fast_exp(-y2)) * up[t, i]
+            o[i] = v / (np.float32(1) + fast_exp(-y2)) * u[i]
 
 
 @njit(**OPTS)
