@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -18,18 +19,22 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def numba_cache() -> Iterator[None]:
+def numba_cache(name: str, sources: Iterable[Path]) -> Iterator[None]:
     """While purelm's kernels are defined, numba caches them under cache_dir()/numba unless the user
     set NUMBA_CACHE_DIR. numba's own default is a __pycache__ beside the source: inside site-packages
     for an installed purelm, where `pip uninstall` leaves the folders behind and they shadow a later
     editable install. numba picks the folder when a cached function is defined, so the setting is
-    put back afterwards and other numba code in the process keeps its own."""
+    put back afterwards and other numba code in the process keeps its own.
+    numba checks only the file defining a cached function, not the files whose functions it calls, so
+    the folder is named `name` plus a digest of all the kernels' `sources`: after an upgrade that
+    changed any of them, the kernels compile afresh instead of loading stale code."""
     import numba
 
     if os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR:
         yield
         return
-    numba.config.CACHE_DIR = str(cache_dir() / "numba")
+    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in sorted(sources))).hexdigest()[:16]
+    numba.config.CACHE_DIR = str(cache_dir() / "numba" / f"{name}-{digest}")
     try:
         yield
     finally:

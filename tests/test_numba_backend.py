@@ -534,7 +534,7 @@ def test_int16_activations_only_for_cpus_measured_faster(monkeypatch):
     assert not has_int16_dot()
 
 
-def test_kernel_cache_folder_is_the_users_and_only_while_purelm_defines_kernels(monkeypatch, tmp_path):
+def test_kernel_cache_folder_is_the_users_per_version_of_the_sources_and_only_while_purelm_defines_kernels(monkeypatch, tmp_path):
     import numba
 
     from purelm.paths import numba_cache
@@ -542,11 +542,18 @@ def test_kernel_cache_folder_is_the_users_and_only_while_purelm_defines_kernels(
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.setenv("PURELM_CACHE", str(tmp_path))
     monkeypatch.setattr(numba.config, "CACHE_DIR", "")
-    with numba_cache():
-        assert numba.config.CACHE_DIR == str(tmp_path / "numba")
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    with numba_cache("kernels", [a, b]):
+        first = numba.config.CACHE_DIR
+        assert Path(first).parent == tmp_path / "numba" and Path(first).name.startswith("kernels-")
     assert numba.config.CACHE_DIR == ""  # other numba code in the process keeps numba's default
+    b.write_text("y = 3\n")  # a change to a file the kernels only call into: another folder
+    with numba_cache("kernels", [a, b]):
+        assert numba.config.CACHE_DIR != first
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
-    with numba_cache():
+    with numba_cache("kernels", [a, b]):
         assert numba.config.CACHE_DIR == ""  # the user's setting (read by numba at import) wins
 
 
