@@ -11,6 +11,8 @@ writer reaches it, so memory stays near the largest tensor (token_embd: 32000 x 
 Seeded: the same arguments give a byte-identical file.
 
     python benchmarks/make_synthetic.py /tmp/tinyllama-synth-q4_0.gguf
+    python benchmarks/make_synthetic.py /tmp/tinyllama-synth-f16.gguf --type f16 --output-type f16
+                                                    # unquantized (2.2 GB), e.g. for `purelm quantize`
     python benchmarks/make_synthetic.py tiny.gguf --hidden 64 --layers 2 --ffn 128 --heads 4 \
         --kv-heads 2 --vocab 512 --ctx 256          # a tiny one, for tests
 """
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--ctx", type=int, default=2048)
-    ap.add_argument("--type", default="Q4_0", help="type of the layer matrices (default Q4_0)")
+    ap.add_argument("--type", default="Q4_0", help="type of the layer matrices: Q4_0 (default), f16, f32, q8_0, ...")
     ap.add_argument("--output-type", default="Q8_0",
                     help="type of output.weight (default Q8_0; llama.cpp's own Q4_0 files use Q6_K, which "
                          "purelm cannot quantize)")

@@ -12,7 +12,7 @@ import numpy as np
 from .backends import BACKENDS, get_backend
 from .backends.base import Backend
 from .chat import ChatCompletion, ChatTemplate, parse_tool_calls
-from .formats.gguf import GGUFFile
+from .formats.ggml_legacy import open_model_file
 from .errors import ContextOverflowError, UsageError
 from .generate import Chunk, Completion, prefill, stream_batch, stream_tokens, truncate_prompt
 from .hub import resolve
@@ -85,7 +85,7 @@ class LLM:
                  dtype: str | None = None) -> None:
         _check_load_args(backend, n_ctx, threads)
         self.path = str(path)
-        self.file = GGUFFile(path)
+        self.file = open_model_file(path)  # GGUF, or a legacy ggml/ggmf/ggjt file
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, threads, device, dtype)
         self.model = build_model(self.file, self.backend)
         self.tokenizer = Tokenizer.from_gguf_metadata(self.file.metadata, path=self.file.path)
@@ -288,10 +288,10 @@ class LLM:
 def load(path_or_name: str | os.PathLike | None = None, backend: str | Backend | None = None,
          n_ctx: int | None = None, threads: int | None = None, device: str | None = None,
          dtype: str | None = None) -> LLM:
-    """Open a GGUF file (or a known model's name, pulled on first use; None: the default model).
-    `backend`: "numba", "numpy", "torch" or None (the fastest CPU backend); `device` ("cuda", "cuda:N",
-    "cpu") and `dtype` ("bf16", "fp16", "fp32") are the torch backend's. Bad arguments raise
-    `UsageError`; a bad file `FormatError`."""
+    """Open a GGUF file or a legacy ggml/ggmf/ggjt one (or a known model's name, pulled on first use;
+    None: the default model). `backend`: "numba", "numpy", "torch" or None (the fastest CPU backend);
+    `device` ("cuda", "cuda:N", "cpu") and `dtype` ("bf16", "fp16", "fp32") are the torch backend's. Bad
+    arguments raise `UsageError`; a bad file `FormatError`."""
     if not (path_or_name is None or isinstance(path_or_name, (str, os.PathLike))):
         raise UsageError(f"path_or_name must be a path, a model name or None, got {type(path_or_name).__name__}")
     _check_load_args(backend, n_ctx, threads)

@@ -236,10 +236,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from .formats.gguf import GGUFFile
+    from .formats.ggml_legacy import open_model_file
     from .hub import resolve
 
-    f = GGUFFile(resolve(a.model))
+    f = open_model_file(resolve(a.model))  # GGUF or a legacy ggml/ggjt file
     tensors = list(f.tensors.values())
     if a.json:  # json escapes control characters (and, with ensure_ascii, everything past ASCII)
         meta = {k: _short(f.metadata[k], 10**9) if k.startswith("tokenizer.ggml.") else _jsonable(f.metadata[k])
@@ -250,7 +250,8 @@ def cmd_info(a: argparse.Namespace) -> int:
         print()
         return 0
     # Keys, values and tensor names come from the file: every line goes through _safe.
-    print(_safe(f"{f.path}: GGUF v{f.version}, {_fmt_bytes(f.file_size)}, {len(f.metadata)} metadata keys, "
+    kind = getattr(f, "format_name", f"GGUF v{f.version}")
+    print(_safe(f"{f.path}: {kind}, {_fmt_bytes(f.file_size)}, {len(f.metadata)} metadata keys, "
                 f"{len(tensors)} tensors"))
     print("\nmetadata:")
     keys = {k: _safe(k) for k in f.metadata}
@@ -277,7 +278,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(a: argparse.Namespace) -> int:
-    from .formats.gguf import GGUFFile
+    from .formats.ggml_legacy import open_model_file
     from .hub import resolve
     from .tokenizer import Tokenizer
 
@@ -285,7 +286,7 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
         text = _read_stdin("the text", "give the text: purelm tokenize MODEL \"some text\" (or pipe it on stdin)")
     else:
         text = _utf8(a.text, "the text")
-    f = GGUFFile(resolve(a.model))
+    f = open_model_file(resolve(a.model))  # GGUF or a legacy ggml/ggjt file
     tok = Tokenizer.from_gguf_metadata(f.metadata, path=f.path)
     ids = tok.encode(text, add_special=not a.no_bos, parse_special=not a.no_parse_special)
     if a.ids:
@@ -539,10 +540,117 @@ def cmd_chat(a: argparse.Namespace) -> int:
         undo()
 
 
+def cmd_perplexity(a: argparse.Namespace) -> int:
+    """llama-perplexity's perplexity over a text file, or KL divergence from saved log-probabilities."""
+    from . import perplexity as ppl
+
+    _check_runtime_args(a)
+    if a.file_opt is not None and a.file is not None:
+        raise UsageError("give the text file once: as FILE or with -f, not both")
+    text_file = a.file if a.file is not None else a.file_opt
+    if a.chunks is not None and a.chunks < 1:
+        raise UsageError(f"--chunks must be at least 1, got {a.chunks}")
+    if a.batch < 1:
+        raise UsageError(f"-b/--batch must be at least 1, got {a.batch}")
+    if a.ctx is not None and a.ctx < 3:
+        raise UsageError(f"-c/--ctx-size must be at least 3 (each chunk scores its second half), got {a.ctx}")
+    if a.output and os.path.splitext(a.output)[1].lower() not in (".json", ".csv"):
+        raise UsageError(f"--output {a.output}: the name must end in .json or .csv")
+    if a.kl_divergence and not a.kl_divergence_base:
+        raise UsageError("--kl-divergence compares with saved log-probabilities: add --kl-divergence-base FILE "
+                         "(written by an earlier run without --kl-divergence)")
+    if not a.kl_divergence and text_file is None:
+        raise UsageError("give the text: purelm perplexity MODEL FILE")
+    out = sys.stdout
+
+    def note(message: str) -> None:
+        print(f"perplexity: {_safe(message)}", file=sys.stderr, flush=True)
+
+    def progress(c: int, n: int, row: dict) -> None:
+        if c == 0:
+            per_pass = min(n, max(1, a.batch // n_ctx))
+            note(f"{row['seconds']:.2f} seconds per pass of {per_pass} chunk(s) - ETA "
+                 f"{row['seconds'] * n / per_pass / 60:.2f} minutes")
+            if a.kl_divergence:
+                print(ppl.kld_table_header(), file=out)
+        if a.kl_divergence:
+            print(ppl.kld_table_line(row), file=out, flush=True)
+        else:
+            print(f"[{c + 1}]{row['ppl']:.4f},", end="", file=out, flush=True)
+
+    if a.kl_divergence:
+        if text_file is not None:
+            _warn(f"{text_file} is not read: the tokens come from {a.kl_divergence_base}")
+        n_ctx = _base_ctx(a.kl_divergence_base, a.ctx)
+        llm = _load(a, n_ctx)
+        note(f"KL divergence from {a.kl_divergence_base}: chunks of {n_ctx} tokens, {a.batch} tokens per pass")
+        result = ppl.kl_divergence(llm, a.kl_divergence_base, a.chunks, a.batch, progress)
+        print(file=out)
+        print(ppl.kld_report(result), file=out)
+    else:
+        n_ctx = a.ctx or 512
+        text = ppl.read_text(text_file)
+        llm = _load(a, n_ctx)
+        tokens = ppl.text_tokens(llm.tokenizer, text)
+        n_chunk = ppl.count_chunks(len(tokens), n_ctx, a.chunks)
+        note(f"{len(tokens)} tokens; {n_chunk} chunks of {n_ctx}, {a.batch} tokens per pass")
+        result = ppl.perplexity(llm, tokens, n_ctx, a.chunks, a.batch, a.kl_divergence_base, progress)
+        print(file=out)
+        print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_error:.5f}", file=out)
+        if a.kl_divergence_base:
+            note(f"log-probabilities saved to {a.kl_divergence_base}")
+    note(f"{result.n_scored} tokens scored in {result.seconds:.2f} s "
+         f"({result.n_chunks * result.n_ctx / result.seconds:.1f} tokens/s evaluated)")
+    if a.output:
+        ppl.write_table(a.output, result)
+        note(f"per-chunk table written to {a.output}")
+    return 0
+
+
+def _base_ctx(path: str, ctx: int | None) -> int:
+    """The context a KL-divergence base file was saved with (its header is checked again, whole, with
+    the model); -c, when given, must agree."""
+    from .errors import FormatError
+    from .perplexity import HEADER, MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER.size)
+    except OSError as e:
+        raise UsageError(f"--kl-divergence-base {path}: {e.strerror or e}") from None
+    if len(head) < HEADER.size or head[:8] != MAGIC:
+        raise FormatError(path, "header", "not a file of saved log-probabilities (no '_logits_' header)")
+    n_ctx = HEADER.unpack(head)[1]
+    if n_ctx < 3:
+        raise FormatError(path, "n_ctx", f"is {n_ctx}; it must be at least 3")
+    if ctx is not None and ctx != n_ctx:
+        raise UsageError(f"-c {ctx}: {path} was saved with a context of {n_ctx}; leave -c out or give -c {n_ctx}")
+    return n_ctx
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     from .convert import convert
+    from .formats.ggml_legacy import convert_legacy, is_legacy
 
-    print(_safe(str(convert(a.hf_dir, a.out, a.type))))
+    if is_legacy(a.hf_dir):  # an old ggml/ggmf/ggjt file: upgraded as it is, no --type
+        if a.type is not None:
+            raise UsageError("--type applies to Hugging Face checkpoints; a legacy file keeps its tensor types")
+        f = convert_legacy(a.hf_dir, a.out)
+        print(_safe(f"{a.out}: {f.format_name.split(' (')[0]} {f.architecture} file as GGUF"))
+        return 0
+    print(_safe(str(convert(a.hf_dir, a.out, a.type or "f16"))))
+    return 0
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from .quantize import quantize_file
+
+    if a.threads is not None and a.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {a.threads}")
+    summary = quantize_file(a.input, a.output, a.type, imatrix=a.imatrix, allow_requantize=a.allow_requantize,
+                            progress=not a.quiet, pure=a.pure, threads=a.threads, warn=_warn)
+    for line in summary.table().splitlines():
+        print(_safe(line))
     return 0
 
 
@@ -609,14 +717,33 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--all-tensors", action="store_true", help="list every tensor")
     i.set_defaults(func=cmd_info)
 
-    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint to GGUF",
+    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a legacy ggml/ggjt file to GGUF",
                        description="Convert a Hugging Face model directory (config.json, *.safetensors, "
-                                   "tokenizer.json) to GGUF, with the names and layout llama.cpp uses.")
-    c.add_argument("hf_dir")
+                                   "tokenizer.json) to GGUF, with the names and layout llama.cpp uses; or "
+                                   "upgrade a legacy ggml/ggmf/ggjt model file to GGUF (tensors kept as they are).")
+    c.add_argument("hf_dir", metavar="SOURCE", help="a Hugging Face model directory, or a ggml/ggmf/ggjt file")
     c.add_argument("out", help="the .gguf file to write")
-    c.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
-                   help="tensor type for the weight matrices (default f16; norms and biases stay f32)")
+    c.add_argument("--type", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
+                   help="tensor type for the weight matrices (default f16; norms and biases stay f32); "
+                        "Hugging Face checkpoints only")
     c.set_defaults(func=cmd_convert)
+
+    qz = sub.add_parser("quantize", help="quantize a GGUF model as llama-quantize does",
+                        description="Quantize a GGUF model (f32/f16/bf16) with llama-quantize's per-tensor type "
+                                    "choices. TYPE: q4_0 q4_1 q5_0 q5_1 q8_0 q2_K q3_K_S q3_K_M q3_K_L q4_K_S "
+                                    "q4_K_M q5_K_S q5_K_M q6_K iq4_nl f16 bf16 f32 (any case; q3_K, q4_K, q5_K "
+                                    "are the _M mixes, as in llama-quantize).")
+    qz.add_argument("input", help="the .gguf model to read")
+    qz.add_argument("output", help="the .gguf file to write")
+    qz.add_argument("type", metavar="TYPE", help="target type or mix (see above)")
+    qz.add_argument("--imatrix", default=None, metavar="FILE",
+                    help="importance matrix from llama-imatrix (GGUF, or the legacy .dat form)")
+    qz.add_argument("--allow-requantize", action="store_true",
+                    help="allow re-quantizing tensors that are already quantized (worse than from f16/f32)")
+    qz.add_argument("--pure", action="store_true", help="no mixes: every quantizable tensor gets TYPE's base type")
+    qz.add_argument("-t", "--threads", type=int, default=None, help="encoder threads (default: all cores)")
+    qz.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    qz.set_defaults(func=cmd_quantize)
 
     t = sub.add_parser("tokenize", help="show how text splits into tokens", description="Tokenize text.")
     _model_args(t, positional=True)
@@ -684,6 +811,31 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(e)
     _runtime_args(e)
     e.set_defaults(func=cmd_embed)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a text, or KL divergence between two models",
+                        description="Perplexity as llama.cpp's llama-perplexity computes it: the text in chunks "
+                                    "of -c tokens, each from an empty context (BOS first where the model adds "
+                                    "one), scoring each chunk's second half; PPL = exp(mean NLL) +/- its "
+                                    "standard error. --kl-divergence-base FILE saves the log-probabilities "
+                                    "(llama.cpp's format); adding --kl-divergence compares this model with them.")
+    _model_args(pp, positional=True)
+    pp.add_argument("file", nargs="?", default=None, metavar="FILE", help="the text file (or -f)")
+    pp.add_argument("-f", "--file", dest="file_opt", default=None, metavar="FILE", help="the text file")
+    _runtime_args(pp)
+    for action in pp._actions:  # -c means something else here: the chunk size, llama-perplexity's default
+        if "-c" in action.option_strings:
+            action.help = "tokens per chunk, at least 3 (default 512; also --ctx-size)"
+    pp.add_argument("--ctx-size", dest="ctx", type=int, default=None, help=argparse.SUPPRESS)
+    pp.add_argument("--chunks", type=int, default=None, help="score at most this many chunks (default: all)")
+    pp.add_argument("-b", "--batch", type=int, default=2048,
+                    help="tokens per forward pass; batch // ctx chunks are evaluated together (default 2048)")
+    pp.add_argument("--kl-divergence-base", default=None, metavar="FILE",
+                    help="save the log-probabilities here; with --kl-divergence, read them from here")
+    pp.add_argument("--kl-divergence", action="store_true",
+                    help="compare with the log-probabilities of --kl-divergence-base (its tokens and context)")
+    pp.add_argument("-o", "--output", default=None, metavar="FILE",
+                    help="write the per-chunk table (and for .json the summary) to FILE.json or FILE.csv")
+    pp.set_defaults(func=cmd_perplexity)
     return parser
 
 

@@ -870,6 +870,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("backend-matvec", run_matvec, warm_backend,
            doc="the backend's kernels (weight, linear, embed, vector) on every tensor of the file"),
     Target("selftest", run_selftest, format="raw", doc="checks the runner: crash, hang, oom, traceback on demand"),
+    Target("legacy-load+generate", run_generate, warm_backend, format="ggml",
+           doc="legacy ggml/ggmf/ggjt files (tests/fixtures/legacy): purelm.load then a short generation"),
 ]}
 
 def mutate_raw(rng: random.Random, seed: Seed, kind: str = "any") -> tuple[bytearray, list[str]]:
@@ -879,10 +881,89 @@ def mutate_raw(rng: random.Random, seed: Seed, kind: str = "any") -> tuple[bytea
     return buf, desc
 
 
+# ------------------------------------------------------------------ legacy ggml / ggmf / ggjt files
+# A small reader of their structure, independent of purelm's: where every i32 field sits, so that the
+# mutator can write extreme values over counts, lengths, type ids and dimensions.
+
+LEGACY_MAGICS = {b"lmgg": False, b"fmgg": True, b"tjgg": True}  # magic -> has a version and vocabulary scores
+# (hyperparameter words, index of n_vocab among them) of the seven architectures' layouts
+LEGACY_LAYOUTS = [(7, 0), (6, 0), (8, 0), (8, 4)]
+
+
+def legacy_fields(raw: bytes) -> tuple[list[tuple[int, int, tuple]], int]:
+    """(fields, end of the first tensor header) of a legacy file: (pos, 4, label) for the version, every
+    hyperparameter, the first vocabulary lengths and every tensor header's i32s. ([], 0) when the file
+    does not parse."""
+    if raw[:4] not in LEGACY_MAGICS:
+        return [], 0
+    versioned = LEGACY_MAGICS[raw[:4]]
+    start = 8 if versioned else 4
+    for n_words, at in LEGACY_LAYOUTS:
+        fields = [(4, 4, ("version",))] if versioned else []
+        try:
+            c = _Cursor(raw, start)
+            words = [c.take("<i") for _ in range(n_words)]
+            fields += [(start + 4 * i, 4, ("hparam", i)) for i in range(n_words)]
+            n_vocab = words[at]
+            if not 0 < n_vocab <= len(raw) // 4:
+                continue
+            for i in range(n_vocab):
+                if i < 8:
+                    fields.append((c.pos, 4, ("token", i, "length")))
+                c.pos += 4 + c.take("<I") + (4 if versioned else 0)
+            header_end, index = 0, 0
+            while c.pos < len(raw):
+                at_header = c.pos
+                n_dims, name_len, type_id = c.take("<i"), c.take("<i"), c.take("<i")
+                if not (1 <= n_dims <= 4 and 1 <= name_len <= 4096 and type_id in GGML_BLOCKS):
+                    raise ValueError("not a tensor header")
+                dims = [c.take("<i") for _ in range(n_dims)]
+                labels = ["n_dims", "name_len", "type"] + [f"dim{k}" for k in range(n_dims)]
+                fields += [(at_header + 4 * k, 4, ("tensor", index, lab)) for k, lab in enumerate(labels)]
+                c.pos += name_len
+                header_end = header_end or c.pos
+                if raw[:4] == b"tjgg":
+                    c.pos = -(-c.pos // 32) * 32
+                c.pos += _legacy_data_size(raw, c.pos, dims, type_id)
+                index += 1
+            if index:
+                return fields, header_end
+        except (ValueError, struct.error):
+            continue
+    return [], 0
+
+
+def _legacy_data_size(raw: bytes, pos: int, dims: list[int], type_id: int) -> int:
+    """Bytes of a tensor's data: GGUF's block size, or the f32-scale blocks of q4_0, q4_1 and q8_0 before
+    ggjt v3 (20, 24 and 36 bytes) when only that size ends at the file's end or at a tensor header."""
+    n = tensor_nbytes(dims, type_id)
+    sizes = [n]
+    if type_id in (2, 3, 8) and n > 0:
+        sizes.append(n // GGML_BLOCKS[type_id][1] * {2: 20, 3: 24, 8: 36}[type_id])
+    for size in sizes:
+        end = pos + size
+        if size >= 0 and (end == len(raw) or end + 12 <= len(raw) and 1 <= struct.unpack_from("<i", raw, end)[0] <= 4):
+            return size
+    raise ValueError("tensor data past the end")
+
+
+_LEGACY_FIELDS: dict[str, tuple[list, int]] = {}
+
+
+def mutate_ggml(rng: random.Random, seed: Seed, kind: str = "any") -> tuple[bytearray, list[str]]:
+    """Byte-level mutants of a legacy seed, the i32 fields of its structure favoured."""
+    if seed.path not in _LEGACY_FIELDS:
+        _LEGACY_FIELDS[seed.path] = legacy_fields(seed.raw)
+    fields, header_end = _LEGACY_FIELDS[seed.path]
+    buf = bytearray(seed.raw)
+    desc = [mutate_bytes(rng, buf, fields, header_end or 4096) for _ in range(rng.choice([1, 1, 1, 2, 3]))]
+    return buf, desc
+
+
 # Mutators by input format: (rng, seed, kind) -> (bytes or pieces, descriptions). A reader of a new
-# format (GGML/GGJT, safetensors) can start with "raw" and add a structure-aware mutator here later.
+# format (safetensors) can start with "raw" and add a structure-aware mutator here later.
 FORMATS: dict[str, Callable[[random.Random, Seed, str], tuple[Any, list[str]]]] = {
-    "gguf": mutate_gguf, "raw": mutate_raw}
+    "gguf": mutate_gguf, "raw": mutate_raw, "ggml": mutate_ggml}
 
 
 # ------------------------------------------------------------------------------------------- worker

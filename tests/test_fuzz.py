@@ -17,6 +17,7 @@ from purelm.errors import FormatError
 FIXTURES = Path(__file__).parent / "fixtures"
 # Four architectures, four tensor types: the CI run covers decoder families and kernel families.
 CI_SEEDS = ["llama-f32", "gemma2-q4_0", "gpt2-q8_0", "phi3-f16"]
+LEGACY_SEEDS = ["llama-q4_0.ggjtv1.bin", "mpt-q4_0.ggml-qnt1.bin"]
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +139,17 @@ def test_fuzz_backend_kernels(seeds, tmp_path):
     _assert_clean(report, tmp_path)
 
 
+def test_fuzz_legacy_files(tmp_path):
+    """Mutants of two legacy seeds (an old block layout converted on load; a ggml-example file) through
+    purelm.load and a generation."""
+    seeds = [fuzzlib.load_seed(FIXTURES / "legacy" / n, "ggml") for n in LEGACY_SEEDS]
+    assert all(fuzzlib.legacy_fields(s.raw)[0] for s in seeds)  # the mutator knows their fields
+    with fuzzlib.Runner("legacy-load+generate", workers=2, warm=[s.path for s in seeds], timeout=20) as runner:
+        report = fuzzlib.run_campaign(runner, fuzzlib.random_cases(seeds, 150, seed=0, fmt="ggml"), str(tmp_path))
+    assert report.cases == 150
+    _assert_clean(report, tmp_path)
+
+
 # -- property test of the reader, in process: any bytes either parse or raise FormatError
 
 _SMALL = [fuzzlib.load_seed(FIXTURES / n) for n in ("llama-q4_0.gguf", "tok_llama_spm.gguf", "falcon-q4_0.gguf")]
@@ -180,5 +192,36 @@ def test_reader_parses_or_raises_format_error(case_file, data):
     case_file.write_bytes(_blob(data))
     try:
         fuzzlib.touch_gguf(str(case_file))  # every value decoded, every tensor's first and last byte read
+    except FormatError:
+        pass
+
+
+_LEGACY = [fuzzlib.load_seed(FIXTURES / "legacy" / n, "ggml") for n in LEGACY_SEEDS]
+
+
+@settings(max_examples=200, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_legacy_reader_parses_or_raises_format_error(case_file, data):
+    from purelm.formats.ggml_legacy import LegacyFile
+
+    seed = data.draw(st.sampled_from(_LEGACY), "seed")
+    fields, header_end = fuzzlib.legacy_fields(seed.raw)
+    buf = bytearray(seed.raw)
+    if data.draw(st.booleans(), "field"):  # an extreme value over one i32 field
+        pos, _, _ = data.draw(st.sampled_from(fields), "field")
+        v = data.draw(st.sampled_from(fuzzlib.U32_EXTREMES) | st.integers(0, 2**32 - 1), "value")
+        struct.pack_into("<I", buf, pos, v)
+    else:
+        rng = random.Random(data.draw(st.integers(0, 2**32), "rng"))
+        for _ in range(data.draw(st.integers(1, 4), "n")):
+            fuzzlib.mutate_bytes(rng, buf, fields, header_end)
+    case_file.write_bytes(bytes(buf))
+    try:
+        f = LegacyFile(case_file)
+        for key in f.metadata:
+            f.metadata[key]
+        for t in f.tensors.values():
+            int(t.data.reshape(-1)[0]) + int(t.data.reshape(-1)[-1])
     except FormatError:
         pass

@@ -5,6 +5,7 @@
     python tools/fuzz.py --struct 20000 --out /tmp/fuzz-struct          # key/value and tensor-info mutants only
     python tools/fuzz.py --seeds ~/.cache/purelm/models/SmolLM2-135M-Instruct.Q4_1.gguf --cases 2000
     python tools/fuzz.py --target gguf-parse --cases 100000             # the reader alone
+    python tools/fuzz.py --target legacy-load+generate --cases 5000     # ggml/ggmf/ggjt files (tests/fixtures/legacy)
     python tools/fuzz.py --replay /tmp/fuzz-out                         # run the saved failures again
     python tools/fuzz.py --replay /tmp/fuzz-out/crash --workers 1       # ... in order, in one worker
 
@@ -36,7 +37,9 @@ import fuzzlib  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 
-def default_seeds() -> list[str]:
+def default_seeds(fmt: str = "gguf") -> list[str]:
+    if fmt == "ggml":  # the legacy containers (tools/write_ggml_legacy.py)
+        return sorted(glob.glob(str(ROOT / "tests/fixtures/legacy/*.bin")))
     return sorted(p for p in glob.glob(str(ROOT / "tests/fixtures/*.gguf")) if not Path(p).name.startswith("tok_"))
 
 
@@ -62,8 +65,8 @@ def make_runner(args: argparse.Namespace, target: str, warm: list[str]) -> fuzzl
 def fuzz(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    seed_paths = [os.path.expanduser(s) for s in (args.seeds or default_seeds())]
     fmt = fuzzlib.TARGETS[args.target].format
+    seed_paths = [os.path.expanduser(s) for s in (args.seeds or default_seeds(fmt))]
     seeds = []
     for p in seed_paths:
         try:
@@ -145,7 +148,8 @@ def replay(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", nargs="+", help="seed GGUF files (default: tests/fixtures/*.gguf)")
+    ap.add_argument("--seeds", nargs="+", help="seed files (default: tests/fixtures/*.gguf; for a legacy target "
+                                               "tests/fixtures/legacy/*.bin)")
     ap.add_argument("--cases", type=int, help="random mutants to run (default 1000, 0 with --hparams)")
     ap.add_argument("--hparams", type=int, metavar="N",
                     help="hyperparameter-level cases: every {arch}.*/tokenizer.ggml.* key x extreme value/wrong type")
