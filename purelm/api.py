@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from . import speculative
 from .backends import BACKENDS, get_backend
 from .backends.base import Backend
 from .chat import ChatCompletion, ChatTemplate, parse_tool_calls
@@ -91,6 +92,7 @@ class LLM:
         self.tokenizer = Tokenizer.from_gguf_metadata(self.file.metadata, path=self.file.path)
         self.n_ctx = n_ctx or min(self.model.n_ctx_train, DEFAULT_CTX)
         self.cache = self.model.new_cache(self.n_ctx)
+        self._draft: tuple[Any, LLM] | None = None  # the draft model a `draft=` path loaded
 
     # -- tokens
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -116,6 +118,7 @@ class LLM:
     # -- generation
     def stream_chunks(self, prompt: str | Sequence[int], max_tokens: int = 256, stop: Sequence[str] = (),
                       ignore_eos: bool = False, timings: dict | None = None, truncate: bool = False,
+                      lookup: int | None = None, draft: "str | os.PathLike | LLM | None" = None,
                       **sampling: Any) -> Iterator[Chunk]:
         """Chunks of generated text with their tokens; the last chunk carries the finish reason.
 
@@ -124,13 +127,35 @@ class LLM:
         `truncate`: drop the start of a prompt that leaves no room for `max_tokens` new tokens, keeping
         its last n_ctx - max_tokens tokens (at least 1), or half the context when max_tokens >= n_ctx;
         without it a prompt that does not fit raises `ContextOverflowError`.
-        Bad arguments raise `UsageError`."""
+        Speculative decoding (the same greedy output, the same distribution when sampling; see
+        purelm.speculative): `lookup=N` drafts up to N tokens a step from the prompt and the text so
+        far; `draft` (a path, a known name or an LLM sharing this model's vocabulary) drafts with a
+        smaller model. Bad arguments raise `UsageError`."""
         max_tokens, stops, params = _generation_options(max_tokens, stop, sampling)
+        drafter, n_draft = self._drafter(lookup, draft)
         ids = self._prompt_ids(prompt)
         if truncate:
             ids = truncate_prompt(ids, self.n_ctx, max_tokens)
         return stream_tokens(self.model, self.tokenizer, self.cache, ids, params, max_tokens, stops,
-                             ignore_eos, timings)
+                             ignore_eos, timings, drafter, n_draft)
+
+    def _drafter(self, lookup: object, draft: object) -> tuple[Any, int]:
+        """The drafter `lookup` / `draft` ask for, and the most tokens it may draft per step."""
+        if lookup is not None and draft is not None:
+            raise UsageError("give lookup or draft, not both")
+        if lookup is not None:
+            return speculative.LookupDrafter(), min(check_int("lookup", lookup, 1), speculative.max_drafts(self.model))
+        if draft is None:
+            return None, 0
+        if isinstance(draft, (str, os.PathLike)):
+            if self._draft is None or self._draft[0] != draft:  # loaded once, kept for the next calls
+                self._draft = (draft, LLM(resolve(draft), backend=self.backend, n_ctx=self.n_ctx))
+            draft = self._draft[1]
+        if not isinstance(draft, LLM) or draft is self:  # itself: both would write into one cache
+            raise UsageError(f"draft must be a model path, a known name or another LLM, got {type(draft).__name__}")
+        speculative.check_draft_vocabulary(self.tokenizer, draft.tokenizer, draft.path)
+        return (speculative.ModelDrafter(draft.model, draft.cache),
+                min(speculative.DRAFT_MAX, speculative.max_drafts(self.model)))
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         return self.tokenize(prompt) if isinstance(prompt, str) else _token_ids(prompt, self.n_vocab, "prompt", True)

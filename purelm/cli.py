@@ -165,6 +165,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     else:
         prompt = _utf8(prompt, "the prompt")
     stop = [_utf8(s, "--stop") for s in a.stop]
+    if a.lookup is not None and a.lookup < 1:
+        raise UsageError(f"--lookup must be at least 1 (draft tokens per step), got {a.lookup}")
+    if a.lookup is not None and a.draft is not None:
+        raise UsageError("give --lookup or --draft, not both")
 
     t0 = time.perf_counter()
     llm = _load(a, a.ctx)
@@ -177,7 +181,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     reason = None
     max_tokens = llm.n_ctx if a.n_predict == -1 else a.n_predict  # generation stops when the context is full
     for chunk in llm.stream_chunks(prompt, max_tokens=max_tokens, stop=stop, ignore_eos=a.ignore_eos,
-                                   timings=timings, truncate=a.truncate, **vars(params)):
+                                   timings=timings, truncate=a.truncate, lookup=a.lookup, draft=a.draft,
+                                   **vars(params)):
         if _interrupted:  # the KeyboardInterrupt was swallowed on its way here
             raise KeyboardInterrupt
         out.write(shown(chunk.text))
@@ -190,6 +195,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print(f"[load {load_s:.2f} s | prompt {n_p} tok {n_p / ps if ps else 0:.1f} tok/s | "
               f"generate {n_g} tok {n_g / gs if gs else 0:.1f} tok/s | backend {llm.backend.name} | "
               f"finish {reason}]", file=sys.stderr)
+        if "decode_steps" in timings:
+            steps, drafted, kept = (int(timings[k]) for k in ("decode_steps", "draft_tokens", "accepted_tokens"))
+            print(f"[speculative: {steps} steps, {drafted} drafted, {kept} accepted, "
+                  f"{n_g / max(1, steps):.2f} tokens per step]", file=sys.stderr)
     return 0
 
 
@@ -696,6 +705,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if the prompt leaves no room for -n new tokens, drop its start: keep its last "
                         "(context - n) tokens, or half the context when -n alone fills it")
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    g.add_argument("--lookup", type=int, default=None, metavar="N",
+                   help="speculative decoding by prompt lookup: draft up to N tokens a step from the prompt "
+                        "and the text so far (the same output; faster when the text repeats its prompt)")
+    g.add_argument("--draft", default=None, metavar="MODEL",
+                   help="speculative decoding with a smaller draft model sharing the vocabulary")
     g.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
     g.set_defaults(func=cmd_generate)
 

@@ -12,6 +12,7 @@ from .backends.base import KVCache
 from .errors import ContextOverflowError, UsageError
 from .models.common import Model
 from .sampling import Sampler, SamplingParams
+from .speculative import accept
 
 N_BATCH = 512  # prompt tokens per forward pass while prefilling
 
@@ -85,8 +86,9 @@ def truncate_prompt(ids: Sequence[int], n_ctx: int, max_tokens: int) -> list[int
 
 def stream_tokens(model: Model, tokenizer, cache: KVCache, prompt: Sequence[int], params: SamplingParams,
                   max_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False,
-                  timings: dict[str, float] | None = None) -> Iterator[Chunk]:
-    """Generate after `prompt`, reusing whatever prefix of it `cache` already holds."""
+                  timings: dict[str, float] | None = None, drafter=None, n_draft: int = 0) -> Iterator[Chunk]:
+    """Generate after `prompt`, reusing whatever prefix of it `cache` already holds. With a `drafter`
+    (purelm.speculative), up to `n_draft` guessed tokens are checked per forward pass."""
     prompt = list(prompt)
     if not prompt:
         raise UsageError("the prompt is empty: give at least one token (or let the tokenizer add BOS)")
@@ -111,16 +113,35 @@ def stream_tokens(model: Model, tokenizer, cache: KVCache, prompt: Sequence[int]
 
     sample = _Sample(tokenizer, sampler, prompt, stop, ignore_eos, max_tokens)
     t1 = time.perf_counter()
+    steps = drafted = accepted = 0
     try:
+        chunk = sample.next(logits, room=cache.n_past < cache.n_ctx)
         while True:
-            chunk = sample.next(logits, room=cache.n_past < cache.n_ctx)
             yield chunk
             if chunk.finish_reason:
                 return
-            logits = model.forward(np.array([chunk.token]), cache)
-            cache.tokens.append(chunk.token)
+            n0 = cache.n_past  # where chunk.token goes
+            # drafts must fit in the context, and past max_tokens they would be thrown away
+            k = min(n_draft, cache.n_ctx - n0 - 1, max_tokens - sample.n_gen - 1)
+            drafts = drafter.draft(sample.history, k)[:k] if drafter is not None and k > 0 else []
+            logits = model.forward(np.array([chunk.token, *drafts]), cache, all_logits=bool(drafts))
+            cache.tokens.extend([chunk.token, *drafts])
+            steps += 1
+            if not drafts:
+                chunk = sample.next(logits, room=cache.n_past < cache.n_ctx)
+                continue
+            tokens = accept(sampler, sample.history, logits, drafts)
+            drafted, accepted = drafted + len(drafts), accepted + len(tokens) - 1
+            for i, token in enumerate(tokens):  # each as if sampled one step at a time
+                chunk = sample.emit(token, room=n0 + 1 + i < cache.n_ctx)
+                if chunk.finish_reason or i == len(tokens) - 1:
+                    break
+                yield chunk
+            cache.truncate(n0 + 1 + i)  # keep the positions before the token just emitted
     finally:
         timings.update(generated_tokens=sample.n_gen, generate_s=time.perf_counter() - t1)
+        if drafter is not None:
+            timings.update(decode_steps=steps, draft_tokens=drafted, accepted_tokens=accepted)
 
 
 class _Sample:
@@ -142,7 +163,11 @@ class _Sample:
     def next(self, logits: np.ndarray, room: bool) -> Chunk:
         """Sample the next token from `logits`; `room`: whether the context takes one more after it.
         The chunk's finish_reason is set when this sequence is done."""
-        token = self.last_token = self.sampler(logits, self.history)
+        return self.emit(self.sampler(logits, self.history), room)
+
+    def emit(self, token: int, room: bool) -> Chunk:
+        """`next` for a token already chosen (a speculative step's accepted drafts)."""
+        self.last_token = token
         self.n_gen += 1
         if token in self.eog:
             return self._end(Chunk(self.stopper.feed(self.decoder.flush())[0] + self.stopper.flush(), None, "stop"))

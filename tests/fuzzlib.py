@@ -1070,8 +1070,9 @@ class _Worker:
         r = self.runner
         config = {"target": r.target, "warm": r.warm, "context": r.context}
         threads = str(max(1, r.context.get("threads", 1)))
+        # PURELM_PACK_CACHE=0: every mutated file would leave its repacked weights in the user's cache
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                   NUMBA_NUM_THREADS=threads, PURELM_NUM_THREADS=threads)
+                   NUMBA_NUM_THREADS=threads, PURELM_NUM_THREADS=threads, PURELM_PACK_CACHE="0")
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,

@@ -6,8 +6,8 @@ and in place (repack=False), on 1 and 2 threads. The other ops run on random dat
 an existing cache, a sliding window, softcap and ALiBi. Then the tiny model of every architecture, and
 the real SmolLM2 file (teacher-forced top-1 agreement).
 
-On x86 CPUs with AVX2, Q4_0/Q4_1/Q4_K/Q8_0 decode products take int16 activations (the "dot"
-kernels); they are held to 1e-5 * max|y| against the reference fed the same int16-rounded activations
+On x86 CPUs with AVX2, decode products of the repacked quantized types (packing.DOT_TYPES: Q4_0, Q4_1,
+Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) take int16 activations (the "dot" kernels); they are held to 1e-5 * max|y| against the reference fed the same int16-rounded activations
 (conftest.int16_activations, from the rule), and to 2e-4 against the exact product; the float kernels
 keep being tested through a backend with int16_dot=False.
 
@@ -34,7 +34,7 @@ from purelm.models.layers import alibi_slopes
 from purelm.quant import GGMLType as T
 from purelm.quant import quantize
 from purelm.quant.types import BLOCK_INFO
-from purelm.backends.numba_kernels.packing import PACKED_TYPES
+from purelm.backends.numba_kernels.packing import DOT_TYPES, PACKED_TYPES
 
 from purelm.backends.numba_kernels.intrinsics import has_int16_dot
 
@@ -115,7 +115,7 @@ def test_linear_matches_numpy(qtype, mode):
         check_product(be.linear(x[:1], w, bias), x[:1], w, lambda x: REF.linear(x, t, bias))
     close(be.linear(x, w, bias), REF.linear(x, t, bias))
     assert (w.packed is not None and w.packed.family.endswith("_dot")) == (
-        be.int16_dot and be.repack and qtype in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0))
+        be.int16_dot and be.repack and qtype in DOT_TYPES)
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0], ids=lambda t: t.name)

@@ -5,8 +5,9 @@ numba's prange. By default matrices are repacked at load so that R rows sit side
 are rows, x is broadcast); q|k|v and gate|up are merged into one matrix each so one pass serves all.
 The repacked copy replaces the file's pages in memory (they are released after repacking), so the
 resident size stays about the file's size. `repack=False` reads the mmap'd blocks in place. On x86
-CPUs with AVX2, Q4_0/Q4_1/Q4_K/Q8_0 decode products round the activations to int16 (per 32) and use
-integer multiply-adds (`int16_dot`, packing.py's dot layouts): 1.1-1.7x the float kernels' speed.
+CPUs with AVX2, decode products of every repacked quantized type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+Q5_K, Q6_K) round the activations to int16 (per 32) and use integer multiply-adds (`int16_dot`,
+packing.py's dot layouts): 1.1-3.5x the float kernels' speed (benchmarks/README.md).
 
 Prefill (many tokens): tiles of rows are dequantized to float32 and multiplied with BLAS, and attention
 is done as matrix products too. The work is split over our own pool of `threads` Python threads, each
@@ -20,6 +21,7 @@ rows.py (kernels over the file's own rows), ops.py (norms, rope, attention, acti
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -44,6 +46,7 @@ from .base import AttentionSpec, Backend, KVCache, PassView, Rope, as_view, chec
 from .kv_cache import BLOCK
 from .numba_kernels import ops, packed as pk, rows as rk
 from .numba_kernels.intrinsics import has_int16_dot
+from .pack_cache import PackCache
 from .pages import page_out_library, release_file_pages
 from .numba_kernels.packing import DEFAULT_LANES, PACKED_TYPES, Arena, Packed, column_splits, pack
 
@@ -59,10 +62,12 @@ MAX_LANES = 32  # running maxima side by side in the softmax's max (a runtime co
 EMPTY = np.zeros(0, np.float32)
 # Kernels per repacked family (packing.py); their leading arguments are Packed.kernel_args.
 MATVEC = {"nibble": pk.matvec_nibble, "q8": pk.matvec_q8, "q6k": pk.matvec_q6k,
-          "nibble_dot": pk.matvec_dot, "q8_dot": pk.matvec_dot}
-MATVEC_MANY = {"nibble_dot": pk.matvec_dot_batch, "q8_dot": pk.matvec_dot_batch}  # 2+ rows, where it differs
+          "nibble_dot": pk.matvec_dot_nibbles, "five_dot": pk.matvec_dot_five, "q6k_dot": pk.matvec_dot_six,
+          "q8_dot": pk.matvec_dot_bytes}
+MATVEC_MANY = {"nibble_dot": pk.matvec_dot_batch_nibbles, "five_dot": pk.matvec_dot_batch_five,  # 2+ rows,
+               "q6k_dot": pk.matvec_dot_batch_six, "q8_dot": pk.matvec_dot_batch_bytes}  # where it differs
 UNPACK = {"nibble": pk.unpack_nibble, "q8": pk.unpack_q8, "q6k": pk.unpack_q6k,
-          "nibble_dot": pk.unpack_dot, "q8_dot": pk.unpack_dot}
+          **{f: pk.unpack_dot for f in ("nibble_dot", "five_dot", "q6k_dot", "q8_dot")}}
 NO_PARTS = np.zeros((0, 0, 0), np.float32)
 
 
@@ -72,13 +77,14 @@ class NumbaWeight:
     output widths of its parts, and no file rows."""
 
     __slots__ = ("qtype", "n_out", "n_in", "data", "packed", "splits", "column_splits", "pack_later", "kernel",
-                 "kernel_many", "kernel_args")
+                 "kernel_many", "kernel_args", "source")
 
     def __init__(self, qtype: GGMLType, n_out: int, n_in: int, data: np.ndarray | None = None,
                  packed: Packed | None = None, splits: tuple[int, ...] | None = None, threads: int = 1) -> None:
         self.qtype, self.n_out, self.n_in = GGMLType(qtype), n_out, n_in
         self.data, self.splits = data, splits
         self.pack_later = False  # repack on first use in `linear` (a matrix only looked up stays as is)
+        self.source: list[Tensor] | None = None  # what pack_later repacks (names, offsets: the pack cache's key)
         self.set_packed(packed, threads)
 
     def set_packed(self, packed: Packed | None, threads: int) -> None:
@@ -165,7 +171,7 @@ class NumbaBackend(Backend):
     def __init__(self, threads: int | None = None, repack: bool = True, int16_dot: bool | None = None) -> None:
         self.threads = max(1, min(int(threads or os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS))
         self.repack = repack
-        # Decode products of Q4_0/Q4_1/Q4_K/Q8_0 with int16 activations and integer dot products where
+        # Decode products of the repacked quantized types with int16 activations and integer dot products where
         # they are faster (x86 with AVX2). None: $PURELM_INT16_DOT ("0": float32 kernels), else yes.
         if int16_dot is None:
             int16_dot = os.environ.get("PURELM_INT16_DOT", "1").strip().lower() not in ("0", "no", "off", "false")
@@ -177,6 +183,7 @@ class NumbaBackend(Backend):
         self._lock = threading.Lock()
         self._scratch = threading.local()
         self._arena = Arena()
+        self._pack_cache: PackCache | None | bool = False  # False: not opened yet (pack_cache.py)
         self._guard = ThreadGuard(self.threads)
         self._groups: tuple[dict, dict] = ({}, {})  # (the layouts they are for, row count -> groups)
         # numba's thread count before the pass in progress (per calling thread; put back at its end)
@@ -263,26 +270,39 @@ class NumbaBackend(Backend):
         # Repacked on first use in `linear`: a token embedding that is only looked up row by row (an
         # untied model's) never gets a copy.
         w.pack_later = self.repack and t.type in PACKED_TYPES
+        w.source = [dataclasses.replace(t, data=data)] if w.pack_later else None
         return w
 
     def _pack(self, w: NumbaWeight) -> None:
         with self._lock:
             if w.pack_later:
-                w.set_packed(pack(w.qtype, w.data, w.n_in, alloc=self._arena, release=release_file_pages,
-                                  dot=self.int16_dot), self.threads)
-                release_file_pages(w.data)
-                w.pack_later = False
+                w.set_packed(self._packed(w.source), self.threads)
+                w.pack_later, w.source = False, None
+
+    def _packed(self, ts: list[Tensor]) -> Packed:
+        """The repacked matrix of `ts` (rows concatenated): from the on-disk cache where it holds
+        them, else repacked (and stored there). The file's pages are handed back as they are copied."""
+        if self._pack_cache is False:
+            self._pack_cache = PackCache.open(DEFAULT_LANES, self.int16_dot)
+        cache, qtype, n_in = self._pack_cache, ts[0].type, ts[0].shape[-1]
+        packed = cache.load(qtype, ts, n_in) if cache else None
+        data = [t.data for t in ts]
+        if packed is None:
+            packed = pack(qtype, data if len(data) > 1 else data[0], n_in, alloc=self._arena,
+                          release=release_file_pages, dot=self.int16_dot)
+            if cache:
+                cache.store(qtype, ts, n_in, packed)
+        for d in data:  # the pages that straddled two chunks, or that reads of nearby tensors mapped
+            release_file_pages(d)
+        return packed
 
     def weights(self, ts: list[Tensor]) -> Any:
         same = len({(t.type, t.shape[-1]) for t in ts}) == 1 and all(len(t.shape) == 2 for t in ts)
         if not (self.repack and same and ts[0].type in PACKED_TYPES):
             return [self.weight(t) for t in ts]
-        qtype, n_in = ts[0].type, ts[0].shape[1]
-        data = [t.data for t in ts]
-        packed = pack(qtype, data, n_in, alloc=self._arena, release=release_file_pages, dot=self.int16_dot)
-        for d in data:  # the pages that straddled two chunks
-            release_file_pages(d)
-        return NumbaWeight(qtype, packed.n_out, n_in, None, packed, tuple(t.shape[0] for t in ts), self.threads)
+        packed = self._packed(ts)
+        return NumbaWeight(ts[0].type, packed.n_out, ts[0].shape[1], None, packed, tuple(t.shape[0] for t in ts),
+                           self.threads)
 
     # -- threads
 

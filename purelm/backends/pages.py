@@ -52,7 +52,7 @@ def page_out_library(name: str) -> int:
         libc = ctypes.CDLL(None, use_errno=True)
         madvise = libc.madvise
         madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        with open("/proc/self/smaps") as f:
+        with open("/proc/self/smaps", errors="surrogateescape") as f:  # paths are bytes
             smaps = f.read().splitlines()
     except (OSError, AttributeError):
         return 0

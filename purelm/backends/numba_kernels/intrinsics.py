@@ -160,15 +160,36 @@ def has_int16_dot() -> bool:
 # the first group to the last, stored once (per-group calls that accumulated through memory were
 # 1.4-3x slower at 8 tokens: benchmarks/README.md).
 
-NIBBLE_QUADS, BYTE_QUADS = 4, 8  # 4-byte weight groups per 32-weight sub-block in the dot layouts
+# 4-byte weight groups ("quads") per 32-weight sub-block in the dot layouts, which also name the kind:
+# nibbles; nibbles + a plane of high bits (5-bit weights); nibbles + two planes of 2-bit pairs (Q6_K);
+# a weight a byte (Q8_0).
+NIBBLE_QUADS, FIVE_QUADS, SIX_QUADS, BYTE_QUADS = 4, 5, 6, 8
 
 
-def _dot_block_codegen(nibbles, tokens):
+def _row_sums(builder, halves):
+    """Accumulators of rows 0-7 and 8-15 (two int32 lanes a row) -> one int32 a row, rows 0-15."""
+    a, b = halves
+    return builder.add(builder.shuffle_vector(a, b, _EVEN), builder.shuffle_vector(a, b, _ODD))
+
+
+def _dot_block_codegen(quads, tokens):
     """Arguments: dots, one dots offset per token, qs, w_at, w_stride, xs, one xs offset per token.
-    Group j's 64 weight bytes are at qs[w_at + j * w_stride]; token t's activation words for it at
-    xs[x_t + j] (and, nibbles, the high nibbles' at xs[x_t + NIBBLE_QUADS + j]). Token t's 16 rows' dots
-    (two int32 lanes each) are stored at dots[at_t:at_t + 32]."""
-    quads = NIBBLE_QUADS if nibbles else BYTE_QUADS
+    Group j's 64 weight bytes (16 rows x 4) are at qs[w_at + j * w_stride]; token t's activation words
+    for it at xs[x_t + j] (and, nibbles, the high nibbles' at xs[x_t + NIBBLE_QUADS + j]). Token t's 16
+    rows' dots (int32) are stored at dots[at_t:at_t + 16].
+
+    Planes (packing.py): byte i of a row's plane word holds, for nibble half h of group j (k = 2j + h),
+    the high bit(s) of weight 16h + 4j + i at bits k*b..k*b+b-1 of the plane's bytes (b = 1 or 2 bits;
+    Q6_K's two planes hold k = 0-3 and 4-7). Q6_K's weights are q - 32 (signed) and its two nibble
+    halves have their own scales: the high half's dots go to dots[at_t + w_stride // 4:] (w_stride // 4
+    = the rows of the matrix's groups: a token's dots of one half)."""
+    nibbles = quads != BYTE_QUADS
+    bits = {FIVE_QUADS: 1, SIX_QUADS: 2}.get(quads, 0)
+    halves = quads == SIX_QUADS
+    n_nib = NIBBLE_QUADS if nibbles else BYTE_QUADS
+
+    def vec(v):
+        return ir.Constant(_V64I8, [v] * 64)
 
     def codegen(context, builder, signature, args):
         sig = signature.args
@@ -177,71 +198,74 @@ def _dot_block_codegen(nibbles, tokens):
         dots_t, qs_t, xs_t = sig[0], sig[1 + tokens], sig[4 + tokens]
         dots_at, x_at = index[1:1 + tokens], index[5 + tokens:5 + 2 * tokens]
         qs, w_at, w_stride, xs = args[1 + tokens], index[2 + tokens], index[3 + tokens], args[4 + tokens]
-        zero = ir.Constant(_V16I32, [0] * 16)
-        acc = [[zero, zero] for _ in range(tokens)]
-        for j in range(quads):
+
+        def load_group(j):
             at_j = builder.add(w_at, builder.mul(w_stride, ir.Constant(_I64, j)))
-            q = builder.load(builder.bitcast(_element_ptr(context, builder, qs_t, qs, at_j), _V64I8.as_pointer()),
-                             align=1)
+            ptr = builder.bitcast(_element_ptr(context, builder, qs_t, qs, at_j), _V64I8.as_pointer())
+            return builder.load(ptr, align=1)
+
+        planes = [load_group(n_nib + p) for p in range(bits)]
+        zero = ir.Constant(_V16I32, [0] * 16)
+        acc = [[[zero, zero] for _ in range(2 if halves else 1)] for _ in range(tokens)]
+        for j in range(n_nib):
+            q = load_group(j)
             if nibbles:
-                values = [builder.and_(q, ir.Constant(_V64I8, [15] * 64)), builder.lshr(q, ir.Constant(_V64I8, [4] * 64))]
+                values = [builder.and_(q, vec(15)), builder.lshr(q, vec(4))]
             else:
                 values = [q]
-            widen = builder.zext if nibbles else builder.sext
+            if bits:
+                for h in range(2):
+                    pos = (2 * j + h) * bits
+                    high = builder.and_(builder.lshr(planes[pos // 8], vec(pos % 8)), vec((1 << bits) - 1))
+                    values[h] = builder.or_(values[h], builder.shl(high, vec(4)))
+                    if halves:
+                        values[h] = builder.sub(values[h], vec(32))
+            widen = builder.sext if (halves or not nibbles) else builder.zext
             wide = [[widen(builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 32), list(range(lo, lo + 32)))),
                            ir.VectorType(_I32, 32)) for lo in (0, 32)]  # rows 0-7, rows 8-15 of the 16
                     for v in values]
             for t in range(tokens):
-                for i, halves in enumerate(wide):
-                    word_at = builder.add(x_at[t], ir.Constant(_I64, j + i * quads))
+                for i, pair in enumerate(wide):
+                    word_at = builder.add(x_at[t], ir.Constant(_I64, j + i * NIBBLE_QUADS))
                     word = builder.load(_element_ptr(context, builder, xs_t, xs, word_at), align=8)
                     xv = _broadcast_words(builder, word)
+                    a = acc[t][i if halves else 0]
                     for h in range(2):
-                        acc[t][h] = _multiply_add_pairs(builder, acc[t][h], halves[h], xv)
+                        a[h] = _multiply_add_pairs(builder, a[h], pair[h], xv)
         for t in range(tokens):
-            ptr = builder.bitcast(_element_ptr(context, builder, dots_t, args[0], dots_at[t]), _V16I32.as_pointer())
-            builder.store(acc[t][0], ptr, align=4)
-            builder.store(acc[t][1], builder.gep(ptr, [ir.Constant(_I32, 1)]), align=4)
+            for i, a in enumerate(acc[t]):
+                at = dots_at[t]
+                if i:
+                    at = builder.add(at, builder.lshr(w_stride, ir.Constant(_I64, 2)))
+                ptr = builder.bitcast(_element_ptr(context, builder, dots_t, args[0], at), _V16I32.as_pointer())
+                builder.store(_row_sums(builder, a), ptr, align=4)
         return context.get_dummy_value()
     return codegen
 
 
-def _dot_block(nibbles, tokens, *args):
-    return types.void(*args), _dot_block_codegen(nibbles, tokens)
+def _dot_blocks(quads):
+    """The dot_block intrinsics of one kind for 1, 2 and 4 tokens (numba's @intrinsic wants the
+    arguments spelled out). The 2- and 4-token ones unpack each weight group once for all their tokens."""
+    def one(typingctx, dots, at_a, qs, w_at, w_stride, xs, x_a):
+        args = (dots, at_a, qs, w_at, w_stride, xs, x_a)
+        return types.void(*args), _dot_block_codegen(quads, 1)
+
+    def two(typingctx, dots, at_a, at_b, qs, w_at, w_stride, xs, x_a, x_b):
+        args = (dots, at_a, at_b, qs, w_at, w_stride, xs, x_a, x_b)
+        return types.void(*args), _dot_block_codegen(quads, 2)
+
+    def four(typingctx, dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d):
+        args = (dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d)
+        return types.void(*args), _dot_block_codegen(quads, 4)
+
+    kind = {NIBBLE_QUADS: "nibbles", FIVE_QUADS: "five", SIX_QUADS: "six", BYTE_QUADS: "bytes"}[quads]
+    for fn, n in ((one, 1), (two, 2), (four, 4)):
+        fn.__name__ = fn.__qualname__ = f"dot_block_{kind}{n}"
+    return intrinsic(one), intrinsic(two), intrinsic(four)
 
 
-# numba's @intrinsic wants the arguments spelled out: one wrapper per token count.
-@intrinsic
-def dot_block_nibbles1(typingctx, dots, at_a, qs, w_at, w_stride, xs, x_a):
-    """A sub-block's dots for one token (nibble weights); see _dot_block_codegen."""
-    return _dot_block(True, 1, dots, at_a, qs, w_at, w_stride, xs, x_a)
-
-
-@intrinsic
-def dot_block_nibbles2(typingctx, dots, at_a, at_b, qs, w_at, w_stride, xs, x_a, x_b):
-    """dot_block_nibbles1 for two tokens, each weight group unpacked once for both."""
-    return _dot_block(True, 2, dots, at_a, at_b, qs, w_at, w_stride, xs, x_a, x_b)
-
-
-@intrinsic
-def dot_block_nibbles4(typingctx, dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d):
-    """dot_block_nibbles1 for four tokens."""
-    return _dot_block(True, 4, dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d)
-
-
-@intrinsic
-def dot_block_bytes1(typingctx, dots, at_a, qs, w_at, w_stride, xs, x_a):
-    """A sub-block's dots for one token (int8 weights)."""
-    return _dot_block(False, 1, dots, at_a, qs, w_at, w_stride, xs, x_a)
-
-
-@intrinsic
-def dot_block_bytes2(typingctx, dots, at_a, at_b, qs, w_at, w_stride, xs, x_a, x_b):
-    """dot_block_bytes1 for two tokens."""
-    return _dot_block(False, 2, dots, at_a, at_b, qs, w_at, w_stride, xs, x_a, x_b)
-
-
-@intrinsic
-def dot_block_bytes4(typingctx, dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d):
-    """dot_block_bytes1 for four tokens."""
-    return _dot_block(False, 4, dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d)
+# A sub-block's dots (see _dot_block_codegen) for 1, 2, 4 tokens, per kind of weights.
+dot_block_nibbles1, dot_block_nibbles2, dot_block_nibbles4 = _dot_blocks(NIBBLE_QUADS)
+dot_block_five1, dot_block_five2, dot_block_five4 = _dot_blocks(FIVE_QUADS)
+dot_block_six1, dot_block_six2, dot_block_six4 = _dot_blocks(SIX_QUADS)
+dot_block_bytes1, dot_block_bytes2, dot_block_bytes4 = _dot_blocks(BYTE_QUADS)

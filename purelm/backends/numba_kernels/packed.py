@@ -13,10 +13,11 @@ import numpy as np
 from numba import njit, prange
 
 from .common import OPTS, PARALLEL, PREFETCH_BYTES, at
-from .intrinsics import (BYTE_QUADS, NIBBLE_QUADS, dot_block_bytes1, dot_block_bytes2, dot_block_bytes4,
-                         dot_block_nibbles1, dot_block_nibbles2, dot_block_nibbles4, half_to_float, prefetch,
-                         wide_vectors)
-from .packing import BYTES
+from .intrinsics import (BYTE_QUADS, FIVE_QUADS, NIBBLE_QUADS, SIX_QUADS, dot_block_bytes1, dot_block_bytes2,
+                         dot_block_bytes4, dot_block_five1, dot_block_five2, dot_block_five4, dot_block_nibbles1,
+                         dot_block_nibbles2, dot_block_nibbles4, dot_block_six1, dot_block_six2, dot_block_six4,
+                         half_to_float, prefetch, wide_vectors)
+from .packing import BYTES, SIX
 
 
 
@@ -337,6 +338,7 @@ def unpack_q6k(qs, qh, sc, d, g0, g1, out):
 # teacher-forced tokens unchanged, perplexity within 0.004%; int8 activations, as llama.cpp uses,
 # changed 5% of the top-1 tokens there).
 
+WORDS = 8  # int64 words (4 int16 activations each) per 32-weight sub-block
 ACT_MAX = 32767  # int16 activations: x = dx * q, |q| <= ACT_MAX
 FLOAT_MAX = np.float32(np.finfo(np.float32).max)
 FLOAT64_MAX = np.finfo(np.float64).max
@@ -387,33 +389,37 @@ def quantize_activations(x, width):
 
 
 @njit(**OPTS, inline="always")
-def pair_sum(dots, off, r):
-    """Row r's dot product: the sum of its two int32 lanes (a token's lanes start at dots[off])."""
-    return np.float32(np.int32(dots[at(off + 2 * r)] + dots[at(off + 2 * r + 1)]))  # int32: numba's sum is int64
-
-
-@njit(**OPTS, inline="always")
 def fold_dots(row, dots, off, mode, dscale, mscale, s, xsum, offset, n_lanes):
     """One token's integer dots of one block into its float sums, with the block's scales; offsets and
     minimums multiply the sum of the same int16-rounded x (xsum) as the products."""
     if mode == BYTES:
         for r in range(n_lanes):
-            row[r] += dscale[r] * s * pair_sum(dots, off, r)
+            row[r] += dscale[r] * s * np.float32(dots[at(off + r)])
+    elif mode == SIX:  # the two 16-weight halves, each with its scale; their dots n_lanes apart
+        for r in range(n_lanes):
+            row[r] += dscale[r] * s * np.float32(dots[at(off + r)]) + mscale[r] * s * np.float32(dots[at(off + n_lanes + r)])
     elif mode == 0:
         for r in range(n_lanes):
-            row[r] += dscale[r] * (s * pair_sum(dots, off, r) + offset * xsum)
+            row[r] += dscale[r] * (s * np.float32(dots[at(off + r)]) + offset * xsum)
     elif mode == 1:
         for r in range(n_lanes):
-            row[r] += dscale[r] * s * pair_sum(dots, off, r) + mscale[r] * xsum
+            row[r] += dscale[r] * s * np.float32(dots[at(off + r)]) + mscale[r] * xsum
     else:
         for r in range(n_lanes):
-            row[r] += dscale[r] * s * pair_sum(dots, off, r) - mscale[r] * xsum
+            row[r] += dscale[r] * s * np.float32(dots[at(off + r)]) - mscale[r] * xsum
 
 
 @njit(**OPTS, inline="always")
 def block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes):
-    """Sub-block b's row scales (and minimums) of group g, as fold_dots takes them."""
-    if mode == 2:
+    """Sub-block b's row scales (and minimums) of group g, as fold_dots takes them (Q6_K: the scales
+    of its two halves)."""
+    if mode == SIX:
+        sb = b // 8
+        for r in range(n_lanes):
+            dd = half_to_float(d[g, sb, r])
+            dscale[r] = dd * np.float32(sc[g, 2 * b, r])
+            mscale[r] = dd * np.float32(sc[g, 2 * b + 1, r])
+    elif mode == 2:
         sb = b // 8
         for r in range(n_lanes):
             dscale[r] = half_to_float(d[g, sb, r]) * np.float32(sc[g, b, r])
@@ -426,105 +432,214 @@ def block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes):
                 mscale[r] = half_to_float(m[g, b, r])
 
 
-@njit(**PARALLEL)
-def matvec_dot(qs, d, m, sc, mn, mode, offset, x, y, parts):
-    """Q4_0/Q4_1/Q4_K (scale modes 0-2 as in nibble_fold, two weights a byte) and Q8_0 (mode
-    BYTES, a weight a byte) in the dot layouts, for one token (decode)."""
-    n_groups, n_sub, n_quads, width = qs.shape
-    assert n_quads == (BYTE_QUADS if mode == BYTES else NIBBLE_QUADS)  # dot_block_* unroll this loop
+@njit(**OPTS, inline="always")
+def quads_fit(mode, n_quads):
+    """Whether a dot layout's 4-byte groups per sub-block fit its scale mode (dot_block_* unroll them)."""
+    if mode == BYTES:
+        return n_quads == BYTE_QUADS
+    if mode == SIX:
+        return n_quads == SIX_QUADS
+    return n_quads == NIBBLE_QUADS or n_quads == FIVE_QUADS
+
+
+# A sub-block's dots for 1, 2 or 4 tokens, by the kind of weights (named by the layout's 4-byte groups
+# per sub-block, see intrinsics.py).
+
+@njit(**OPTS, inline="always")
+def dot_block1(kind, dots, o, qs, w_at, width, xs, xa):
+    if kind == NIBBLE_QUADS:
+        dot_block_nibbles1(dots, o, qs, w_at, width, xs, xa)
+    elif kind == FIVE_QUADS:
+        dot_block_five1(dots, o, qs, w_at, width, xs, xa)
+    elif kind == SIX_QUADS:
+        dot_block_six1(dots, o, qs, w_at, width, xs, xa)
+    else:
+        dot_block_bytes1(dots, o, qs, w_at, width, xs, xa)
+
+
+@njit(**OPTS, inline="always")
+def dot_block2(kind, dots, oa, ob, qs, w_at, width, xs, xa, xb):
+    if kind == NIBBLE_QUADS:
+        dot_block_nibbles2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
+    elif kind == FIVE_QUADS:
+        dot_block_five2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
+    elif kind == SIX_QUADS:
+        dot_block_six2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
+    else:
+        dot_block_bytes2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
+
+
+@njit(**OPTS, inline="always")
+def dot_block4(kind, dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd):
+    if kind == NIBBLE_QUADS:
+        dot_block_nibbles4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
+    elif kind == FIVE_QUADS:
+        dot_block_five4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
+    elif kind == SIX_QUADS:
+        dot_block_six4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
+    else:
+        dot_block_bytes4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
+
+
+@njit(**OPTS, inline="always")
+def dot_item(kind, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width):
+    """matvec_dot_*'s work item: one group of rows (or a column range of it), token by token."""
+    n_tok = dx.shape[0]
     n_lanes = width // 4
-    n_tok = x.shape[0]
     n_split = max(1, parts.shape[0])
-    words = n_quads if mode == BYTES else 2 * n_quads  # int64 words (4 activations) per sub-block
-    xq, dx, xq_sums = quantize_activations(x, 4 * words)
-    xs, n_words = xq.reshape(-1), xq.shape[1]
-    flat = qs.reshape(-1)
-    step = n_sub * n_quads * width
-    for item in prange(n_groups * n_split):
-        wide_vectors()
-        g, k, b0, b1 = split_range(item, n_split, n_sub)
-        acc = np.zeros((n_tok, n_lanes), np.float32)
-        dots = np.empty(2 * n_lanes, np.int32)
-        dscale = np.empty(n_lanes, np.float32)  # this block's row scales (and minimums), once for all tokens
-        mscale = np.empty(n_lanes, np.float32)
-        for b in range(b0, b1):
-            at0 = g * step + b * n_quads * width
-            for c in range(0, n_quads * width, 64):
-                prefetch(flat, at0 + PREFETCH_BYTES + c)
-            block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes)
-            for t in range(n_tok):
-                xb = t * n_words + b * words
-                for v in range(n_lanes // 16):
-                    if mode == BYTES:
-                        dot_block_bytes1(dots, v * 32, flat, at0 + v * 64, width, xs, xb)
-                    else:
-                        dot_block_nibbles1(dots, v * 32, flat, at0 + v * 64, width, xs, xb)
-                fold_dots(acc[t], dots, 0, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
-        store_group(acc, y, parts, g, k, n_lanes)
+    wide_vectors()
+    g, k, b0, b1 = split_range(item, n_split, n_sub)
+    acc = np.zeros((n_tok, n_lanes), np.float32)
+    dots = np.empty(2 * n_lanes, np.int32)  # a row's dot (and Q6_K's second half's)
+    dscale = np.empty(n_lanes, np.float32)  # this block's row scales (and minimums), once for all tokens
+    mscale = np.empty(n_lanes, np.float32)
+    step = n_sub * kind * width
+    for b in range(b0, b1):
+        at0 = g * step + b * kind * width
+        for c in range(0, kind * width, 64):
+            prefetch(flat, at0 + PREFETCH_BYTES + c)
+        block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes)
+        for t in range(n_tok):
+            xb = t * n_words + b * WORDS
+            for v in range(n_lanes // 16):
+                dot_block1(kind, dots, v * 16, flat, at0 + v * 64, width, xs, xb)
+            fold_dots(acc[t], dots, 0, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
+    store_group(acc, y, parts, g, k, n_lanes)
+
+
+@njit(**OPTS, inline="always")
+def dot_batch_item(kind, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width):
+    """matvec_dot_batch_*'s work item: one group of rows (or a column range of it), tokens 4 or 2 at a time."""
+    n_tok = dx.shape[0]
+    n_lanes = width // 4
+    n_split = max(1, parts.shape[0])
+    wide_vectors()
+    g, k, b0, b1 = split_range(item, n_split, n_sub)
+    acc = np.zeros((n_tok, n_lanes), np.float32)
+    L = 2 * n_lanes  # a token's dots (a row's, and Q6_K's second half's)
+    dots = np.empty(4 * L, np.int32)  # four tokens' lanes
+    dscale = np.empty(n_lanes, np.float32)  # this block's row scales (and minimums), once for all tokens
+    mscale = np.empty(n_lanes, np.float32)
+    step = n_sub * kind * width
+    for b in range(b0, b1):
+        at0 = g * step + b * kind * width
+        for c in range(0, kind * width, 64):
+            prefetch(flat, at0 + PREFETCH_BYTES + c)
+        block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes)
+        t0 = 0
+        while t0 + 1 < n_tok:  # tokens four or two at a time: each weight group unpacked once for them
+            n = 4 if t0 + 4 <= n_tok else 2
+            xb = t0 * n_words + b * WORDS  # token t0's words of this sub-block in xs
+            for v in range(n_lanes // 16):
+                w_at, o = at0 + v * 64, v * 16
+                if n == 4:
+                    dot_block4(kind, dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at, width, xs,
+                               xb, xb + n_words, xb + 2 * n_words, xb + 3 * n_words)
+                else:
+                    dot_block2(kind, dots, o, L + o, flat, w_at, width, xs, xb, xb + n_words)
+            for t in range(t0, t0 + n):
+                fold_dots(acc[t], dots, (t - t0) * L, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
+            t0 += n
+        if t0 < n_tok:  # an odd batch's last token
+            xb = t0 * n_words + b * WORDS
+            for v in range(n_lanes // 16):
+                dot_block1(kind, dots, v * 16, flat, at0 + v * 64, width, xs, xb)
+            fold_dots(acc[t0], dots, 0, mode, dscale, mscale, dx[t0, b], xq_sums[t0, b], offset, n_lanes)
+    store_group(acc, y, parts, g, k, n_lanes)
+
+
+@njit(**OPTS, inline="always")
+def dot_setup(kind, qs, mode, x, parts):
+    """The kernels' entry check and shared start: x's int16 words, scales and sums (see dot_item)."""
+    n_groups, n_sub, n_quads, width = qs.shape
+    assert n_quads == kind and quads_fit(mode, kind)
+    xq, dx, xq_sums = quantize_activations(x, 4 * WORDS)
+    return n_groups * max(1, parts.shape[0]), qs.reshape(-1), xq.reshape(-1), xq.shape[1], dx, xq_sums, n_sub, width
+
+
+# The matrix-vector kernels of the dot layouts: Q4_0/Q4_1/Q4_K (nibbles) and Q5_0/Q5_1/Q5_K (nibbles and a
+# plane of high bits), scale modes 0-2 as in nibble_fold; Q6_K (mode SIX); Q8_0 (mode BYTES, a weight a
+# byte). matvec_dot_*: one token (decode), token by token; matvec_dot_batch_*: 2+ tokens, each weight
+# group loaded and unpacked once for four or two tokens, each token's integer dots and float steps those
+# matvec_dot_* gives it alone. Separate kernels, not branches of one:
+# - per kind: one kernel for all kinds compiled every kind's unrolled code for every type (a Q4_K_M
+#   file's first start went from ~27 to 100-160 s), and branching per sub-block cost 5-8% on Q4_0/Q4_K
+#   (a loop per kind with the kind a constant does not: but two such loops, or two branches to such
+#   code, in one kernel compiled ~2x as long as two kernels);
+# - single and batch: with the grouped loop in it, the lone-token decode of the 1.1B fell from ~55 to
+#   ~47 tok/s (benchmarks/README.md, batched.py). One loop that picks among 4, 2 and 1 tokens per step
+#   ran the batch at under half this speed: the last token has its own loop.
+
+@njit(**PARALLEL)
+def matvec_dot_nibbles(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(NIBBLE_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_item(NIBBLE_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
 
 
 @njit(**PARALLEL)
-def matvec_dot_batch(qs, d, m, sc, mn, mode, offset, x, y, parts):
-    """matvec_dot for several tokens (x of 2+ rows): each weight group is loaded and unpacked once for
-    four or two tokens. Each token's integer dots and float steps are those matvec_dot gives it alone.
-    A separate kernel, not a branch of matvec_dot: with the grouped loop in it, matvec_dot's lone-token
-    decode of the 1.1B fell from ~55 to ~47 tok/s (benchmarks/README.md, batched.py). One loop that
-    picks among 4, 2 and 1 tokens per step ran the batch at under half this speed: the last token
-    has its own loop."""
-    n_groups, n_sub, n_quads, width = qs.shape
-    assert n_quads == (BYTE_QUADS if mode == BYTES else NIBBLE_QUADS)  # dot_block_* unroll this loop
-    n_lanes = width // 4
-    n_tok = x.shape[0]
-    n_split = max(1, parts.shape[0])
-    words = n_quads if mode == BYTES else 2 * n_quads  # int64 words (4 activations) per sub-block
-    xq, dx, xq_sums = quantize_activations(x, 4 * words)
-    xs, n_words = xq.reshape(-1), xq.shape[1]
-    flat = qs.reshape(-1)
-    step = n_sub * n_quads * width
-    for item in prange(n_groups * n_split):
-        wide_vectors()
-        g, k, b0, b1 = split_range(item, n_split, n_sub)
-        acc = np.zeros((n_tok, n_lanes), np.float32)
-        L = 2 * n_lanes  # a token's int32 lanes in dots
-        dots = np.empty(4 * L, np.int32)  # four tokens' lanes
-        dscale = np.empty(n_lanes, np.float32)  # this block's row scales (and minimums), once for all tokens
-        mscale = np.empty(n_lanes, np.float32)
-        for b in range(b0, b1):
-            at0 = g * step + b * n_quads * width
-            for c in range(0, n_quads * width, 64):
-                prefetch(flat, at0 + PREFETCH_BYTES + c)
-            block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes)
-            t0 = 0
-            while t0 + 1 < n_tok:  # tokens four or two at a time: each weight group unpacked once for them
-                n = 4 if t0 + 4 <= n_tok else 2
-                xb = t0 * n_words + b * words  # token t0's words of this sub-block in xs
-                for v in range(n_lanes // 16):
-                    w_at, o = at0 + v * 64, v * 32
-                    if mode == BYTES:
-                        if n == 4:
-                            dot_block_bytes4(dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at, width, xs,
-                                             xb, xb + n_words, xb + 2 * n_words, xb + 3 * n_words)
-                        else:
-                            dot_block_bytes2(dots, o, L + o, flat, w_at, width, xs, xb, xb + n_words)
-                    elif n == 4:
-                        dot_block_nibbles4(dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at, width, xs,
-                                           xb, xb + n_words, xb + 2 * n_words, xb + 3 * n_words)
-                    else:
-                        dot_block_nibbles2(dots, o, L + o, flat, w_at, width, xs, xb, xb + n_words)
-                for t in range(t0, t0 + n):
-                    fold_dots(acc[t], dots, (t - t0) * L, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
-                t0 += n
-            if t0 < n_tok:  # an odd batch's last token
-                xb = t0 * n_words + b * words
-                for v in range(n_lanes // 16):
-                    if mode == BYTES:
-                        dot_block_bytes1(dots, v * 32, flat, at0 + v * 64, width, xs, xb)
-                    else:
-                        dot_block_nibbles1(dots, v * 32, flat, at0 + v * 64, width, xs, xb)
-                fold_dots(acc[t0], dots, 0, mode, dscale, mscale, dx[t0, b], xq_sums[t0, b], offset, n_lanes)
-        store_group(acc, y, parts, g, k, n_lanes)
+def matvec_dot_bytes(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(BYTE_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_item(BYTE_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot_five(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(FIVE_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_item(FIVE_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot_six(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(SIX_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_item(SIX_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot_batch_nibbles(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(NIBBLE_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_batch_item(NIBBLE_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot_batch_bytes(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(BYTE_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_batch_item(BYTE_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot_batch_five(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(FIVE_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_batch_item(FIVE_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+                       n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot_batch_six(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(SIX_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_batch_item(SIX_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+                       n_sub, width)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
 
@@ -543,13 +658,32 @@ def unpack_byte(words, at0, i, mode, scale, bias, out, lo, hi, c0, n_lanes):
             out[at(hi + i), at(c0 + r)] = scale[r] * np.float32(np.int32(q >> np.int32(4))) + bias[r]
 
 
+@njit(**OPTS, inline="always")
+def unpack_planed_byte(words, at0, pw_lo, pw_hi, i, sh_lo, sh_hi, mask, sub, scale, scale_hi, bias, out, lo, hi,
+                       c0, n_lanes):
+    """unpack_byte for 5- and 6-bit weights: the high bits of byte i's two weights come from the plane
+    words at pw_lo and pw_hi (bits sh_lo, sh_hi up of their byte i); the value is q - sub."""
+    for r in range(n_lanes):
+        q = np.int32(np.uint32(words[at(at0 + r)] >> np.uint32(8 * i)) & np.uint32(255))
+        p_lo = np.int32(np.uint32(words[at(pw_lo + r)] >> np.uint32(8 * i + sh_lo)) & np.uint32(mask))
+        p_hi = np.int32(np.uint32(words[at(pw_hi + r)] >> np.uint32(8 * i + sh_hi)) & np.uint32(mask))
+        q_lo = np.int32(np.int32(q & np.int32(15)) | np.int32(p_lo << np.int32(4)))
+        q_hi = np.int32(np.int32(q >> np.int32(4)) | np.int32(p_hi << np.int32(4)))
+        out[at(lo + i), at(c0 + r)] = scale[r] * np.float32(np.int32(q_lo - sub)) + bias[r]
+        out[at(hi + i), at(c0 + r)] = scale_hi[r] * np.float32(np.int32(q_hi - sub)) + bias[r]
+
+
 @njit(**OPTS)
 def unpack_dot(qs, d, m, sc, mn, mode, offset, g0, g1, out):
     n_groups, n_sub, n_quads, width = qs.shape
+    assert quads_fit(mode, n_quads)
     n_lanes = width // 4
-    per_sub = 4 * n_quads if mode == BYTES else 8 * n_quads  # weights per sub-block
+    n_bytes = BYTE_QUADS if mode == BYTES else NIBBLE_QUADS  # groups of weight bytes; the rest are planes
+    bits = n_quads - n_bytes  # 0, 1 (5-bit weights) or 2 (Q6_K)
+    sub = np.int32(32) if mode == SIX else np.int32(0)
     words = qs.reshape(-1).view(np.uint32)  # a row's 4 bytes as one word: contiguous loads over rows
     scale = np.empty(n_lanes, np.float32)
+    scale_hi = np.empty(n_lanes, np.float32)  # Q6_K's second 16 weights
     bias = np.zeros(n_lanes, np.float32)
     wide_vectors()
     for gi in range(g1 - g0):
@@ -558,14 +692,27 @@ def unpack_dot(qs, d, m, sc, mn, mode, offset, g0, g1, out):
             if mode == BYTES:
                 for r in range(n_lanes):
                     scale[r] = half_to_float(d[g, b, r])
+            elif mode == SIX:
+                block_scales(d, m, sc, mn, mode, g, b, scale, scale_hi, n_lanes)
             else:
                 nibble_scales(d, m, sc, mn, mode, offset, g, b, scale, bias, n_lanes)
-            for j in range(n_quads):
-                lo = b * per_sub + 4 * j  # weights lo..lo+3 (low nibbles, or bytes), hi..hi+3 (high)
-                hi = lo + 4 * n_quads
-                at0 = ((g * n_sub + b) * n_quads + j) * n_lanes
-                # byte i of each word, one call per byte: constant shifts stay on 32-bit lanes
-                unpack_byte(words, at0, 0, mode, scale, bias, out, lo, hi, c0, n_lanes)
-                unpack_byte(words, at0, 1, mode, scale, bias, out, lo, hi, c0, n_lanes)
-                unpack_byte(words, at0, 2, mode, scale, bias, out, lo, hi, c0, n_lanes)
-                unpack_byte(words, at0, 3, mode, scale, bias, out, lo, hi, c0, n_lanes)
+                scale_hi[:] = scale
+            first = (g * n_sub + b) * n_quads  # the sub-block's first 4-byte group
+            for j in range(n_bytes):
+                lo = b * 32 + 4 * j  # weights lo..lo+3 (low nibbles, or bytes), hi..hi+3 (high)
+                hi = lo + 16
+                at0 = (first + j) * n_lanes
+                if bits == 0:
+                    # byte i of each word, one call per byte: constant shifts stay on 32-bit lanes
+                    unpack_byte(words, at0, 0, mode, scale, bias, out, lo, hi, c0, n_lanes)
+                    unpack_byte(words, at0, 1, mode, scale, bias, out, lo, hi, c0, n_lanes)
+                    unpack_byte(words, at0, 2, mode, scale, bias, out, lo, hi, c0, n_lanes)
+                    unpack_byte(words, at0, 3, mode, scale, bias, out, lo, hi, c0, n_lanes)
+                else:
+                    pos_lo, pos_hi = 2 * j * bits, (2 * j + 1) * bits  # see _planes in packing.py
+                    pw_lo = (first + n_bytes + pos_lo // 8) * n_lanes
+                    pw_hi = (first + n_bytes + pos_hi // 8) * n_lanes
+                    mask = (1 << bits) - 1
+                    for i in range(4):
+                        unpack_planed_byte(words, at0, pw_lo, pw_hi, i, pos_lo % 8, pos_hi % 8, mask, sub, scale,
+                                           scale_hi, bias, out, lo, hi, c0, n_lanes)

@@ -16,10 +16,14 @@ Three families cover the types the kernels read:
 - Q6_K: per 32-weight sub-block 16 bytes of low nibbles (as above) and 8 bytes of high 2-bit pairs
   (byte j: weights j, j+8, j+16, j+24), int8 scales per 16 weights and f16 d per 256.
 
-"Dot" layouts (families nibble_dot for Q4_0, Q4_1, Q4_K and q8_dot for Q8_0), for the int16 kernels
-(x86 CPUs with AVX2, see intrinsics.has_int16_dot): the same fields, but the weight bytes of a group go 4 per row side by side,
-`qs[g, b, k, 4 * r + i]` = byte 4k + i of row r's sub-block, so that one 32-bit lane holds 4
-consecutive weights of one row (what vpmaddwd multiplies with 4 activations, two at a time).
+"Dot" layouts (families nibble_dot for Q4_0, Q4_1, Q4_K, five_dot for Q5_0, Q5_1, Q5_K, q6k_dot for Q6_K
+and q8_dot for Q8_0), for the int16 kernels (x86 CPUs with AVX2, see intrinsics.has_int16_dot): the same scale
+fields, but the weight bytes of a group go 4 per row side by side, `qs[g, b, k, 4 * r + i]` = byte
+4k + i of row r's sub-block, so that one 32-bit lane holds 4 consecutive weights of one row (what
+vpmaddwd multiplies with 4 activations, two at a time). 5- and 6-bit weights keep their low nibbles
+so, followed by one or two 4-byte "plane" words per row of their high bits (`_planes`): the sub-block
+stays the file's size, and the kernel ORs the bits back in registers. Q6_K's dot layout keeps int8
+scales per 16 weights (sc) and f16 d per 256.
 """
 from __future__ import annotations
 
@@ -33,8 +37,10 @@ from ...quant.types import BLOCK_INFO, GGMLType
 
 NIBBLE_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K)
 PACKED_TYPES = frozenset(NIBBLE_TYPES + (GGMLType.Q8_0, GGMLType.Q6_K))
-DOT_TYPES = frozenset((GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q8_0))  # no high bits
+DOT_TYPES = frozenset(NIBBLE_TYPES + (GGMLType.Q8_0, GGMLType.Q6_K))
 BYTES = 3  # scale mode of Q8_0 in the dot layout (a weight a byte); modes 0-2 are the nibble types'
+FIVE_BIT = (GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q5_K)
+SIX = 4  # scale mode of Q6_K in the dot layout: d * sc * (q - 32), sc per 16 weights
 
 # Rows per group: 64 keeps several independent vector accumulators in flight per weight column.
 DEFAULT_LANES = 64
@@ -46,7 +52,7 @@ class Packed:
     """A repacked matrix: `family` picks the kernel, `arrays` its fields (see the module doc)."""
 
     qtype: GGMLType
-    family: str  # "nibble", "q8", "q6k"
+    family: str  # "nibble", "q8", "q6k"; dot layouts "nibble_dot", "five_dot", "q6k_dot", "q8_dot"
     n_out: int
     n_in: int
     lanes: int
@@ -68,7 +74,7 @@ class Packed:
         a = self.arrays
         if self.family == "nibble":
             return a["qs"], a["qh"], a["d"], a["m"], a["sc"], a["mn"], self.mode, np.float32(self.offset)
-        if self.family.endswith("_dot"):  # one kernel for both dot layouts: Q8_0 is mode 3
+        if self.family.endswith("_dot"):  # the dot layouts' kernels share arguments (Q8_0: mode BYTES)
             return a["qs"], a["d"], a["m"], a["sc"], a["mn"], self.mode, np.float32(self.offset)
         if self.family == "q8":
             return a["qs"], a["d"]
@@ -160,6 +166,32 @@ def _fields(qtype: GGMLType, blocks: np.ndarray) -> dict[str, np.ndarray]:
     raise ValueError(f"{qtype.name} has no packed layout")
 
 
+def _planes(high: np.ndarray, bits: int) -> np.ndarray:
+    """(..., 32) high parts (< 2**bits) of a sub-block's weights in order -> (..., 4 * bits) plane bytes:
+    with k = 2j + h, weight 16h + 4j + i (nibble half h of 4-byte group j, byte i) has its bits at bit
+    (k * bits) % 8 of byte 4p + i, p = k * bits // 8 (the order intrinsics._dot_block_codegen reads)."""
+    shape = high.shape[:-1]
+    by_k = np.swapaxes(high.reshape(shape + (2, 4, 4)), -3, -2).reshape(shape + (8, 4)).astype(np.uint8)
+    planes = np.zeros(shape + (bits, 4), np.uint8)
+    for k in range(8):
+        planes[..., k * bits // 8, :] |= by_k[..., k, :] << np.uint8(k * bits % 8)
+    return planes.reshape(shape + (4 * bits,))
+
+
+def _dot_fields(qtype: GGMLType, fields: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """_fields' output -> the dot layouts' fields: 5- and 6-bit types' high bits move from qh into
+    plane bytes after each sub-block's nibble bytes in qs."""
+    if qtype in FIVE_BIT:
+        qh = fields.pop("qh")  # (rows, units) uint32, bit i: weight i
+        fields["qs"] = np.concatenate([fields["qs"], _planes((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1, 1)],
+                                      axis=-1)
+    elif qtype == GGMLType.Q6_K:
+        qh = fields.pop("qh")  # (rows, units, 8), byte j: weights j, j+8, j+16, j+24 at bits 0-1, 2-3, 4-5, 6-7
+        high = (qh[..., None, :] >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # [.., m, j]: weight 8m + j
+        fields["qs"] = np.concatenate([fields["qs"], _planes(high.reshape(qh.shape[:-1] + (32,)), 2)], axis=-1)
+    return fields
+
+
 def _to_groups(a: np.ndarray, lanes: int) -> np.ndarray:
     """(rows, ...) with rows a multiple of lanes -> (groups, ..., lanes), contiguous."""
     g = a.reshape((a.shape[0] // lanes, lanes) + a.shape[1:])
@@ -234,7 +266,7 @@ def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes:
     family = "nibble" if qtype in NIBBLE_TYPES else {GGMLType.Q8_0: "q8", GGMLType.Q6_K: "q6k"}[qtype]
     dot = dot and qtype in DOT_TYPES and lanes % 16 == 0  # the dot kernels take rows 16 at a time
     if dot:
-        family += "_dot"
+        family = "five_dot" if qtype in FIVE_BIT else family + "_dot"
     packed = Packed(qtype, family, n_out, n_in, lanes)
     chunk = max(1, CHUNK_BYTES // (parts[0].shape[1] * lanes)) * lanes
     for start, rows in _row_chunks(parts, chunk, release):
@@ -242,6 +274,8 @@ def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes:
         if n_rows != rows.shape[0]:
             rows = np.concatenate([rows, np.zeros((n_rows - rows.shape[0], rows.shape[1]), np.uint8)])
         fields = _fields(qtype, rows.reshape(n_rows, n_in // block, size))
+        if dot:
+            fields = _dot_fields(qtype, fields)
         del rows
         for name, value in fields.items():
             grouped = _to_dot_groups(value, lanes) if dot and name == "qs" else _to_groups(value, lanes)
@@ -249,8 +283,9 @@ def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes:
                 packed.arrays[name] = alloc((n_groups,) + grouped.shape[1:], grouped.dtype)
             g0 = start // lanes
             packed.arrays[name][g0:g0 + grouped.shape[0]] = grouped
-    if family in ("nibble", "nibble_dot", "q8_dot"):  # kernels taking the nibble family's fields
-        modes = {GGMLType.Q4_0: 0, GGMLType.Q5_0: 0, GGMLType.Q4_1: 1, GGMLType.Q5_1: 1, GGMLType.Q8_0: BYTES}
+    if family == "nibble" or dot:  # kernels taking the nibble family's fields
+        modes = {GGMLType.Q4_0: 0, GGMLType.Q5_0: 0, GGMLType.Q4_1: 1, GGMLType.Q5_1: 1, GGMLType.Q8_0: BYTES,
+                 GGMLType.Q6_K: SIX}
         packed.mode = modes.get(qtype, 2)
         packed.offset = {GGMLType.Q4_0: -8.0, GGMLType.Q5_0: -16.0}.get(qtype, 0.0)
         empty_u8 = np.zeros((n_groups, 0, lanes), np.uint8)  # fields a type does not have
@@ -258,7 +293,8 @@ def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes:
         packed.arrays.setdefault("m", np.zeros((n_groups, 0, lanes), np.uint16))
         packed.arrays.setdefault("sc", empty_u8)
         packed.arrays.setdefault("mn", empty_u8)
-    if family.startswith("nibble"):
+    if qtype in NIBBLE_TYPES:
         n_sub = n_in // 32
-        assert packed.arrays["qs"].shape == ((n_groups, n_sub, 4, 4 * lanes) if dot else (n_groups, n_sub, 16, lanes))
+        quads = 4 + (qtype in FIVE_BIT)  # + a plane of high bits
+        assert packed.arrays["qs"].shape == ((n_groups, n_sub, quads, 4 * lanes) if dot else (n_groups, n_sub, 16, lanes))
     return packed
