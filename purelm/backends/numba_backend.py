@@ -4,7 +4,9 @@ Decode (a few tokens): matrix-vector kernels read quantized weights directly, mu
 numba's prange. By default matrices are repacked at load so that R rows sit side by side (vector lanes
 are rows, x is broadcast); q|k|v and gate|up are merged into one matrix each so one pass serves all.
 The repacked copy replaces the file's pages in memory (they are released after repacking), so the
-resident size stays about the file's size. `repack=False` reads the mmap'd blocks in place. On x86
+resident size stays about the file's size; the repacked matrices of a large file are also written
+to an on-disk cache and memory-mapped from it on later loads (pack_cache.py; `PURELM_PACK_CACHE=0`
+turns it off). `repack=False` reads the mmap'd blocks in place. On x86
 CPUs with AVX2, decode products of every repacked quantized type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
 Q5_K, Q6_K) round the activations to int16 (per 32) and use integer multiply-adds (`int16_dot`,
 packing.py's dot layouts): 1.1-3.5x the float kernels' speed (benchmarks/README.md).
