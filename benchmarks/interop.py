@@ -32,7 +32,8 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--archs", nargs="*", default=["llama", "mistral_gqa", "qwen2", "gpt2"])
+    ap.add_argument("--archs", nargs="*", default=["llama", "mistral_gqa", "qwen2", "gpt2", "qwen3", "olmo2",
+                                                    "smollm3", "llama3rope", "phi4", "nemo"])
     ap.add_argument("--types", nargs="*", default=["f32", "f16", "q8_0", "q4_0"])
     ap.add_argument("--backend", default="numpy")
     a = ap.parse_args()

@@ -15,6 +15,13 @@ Seeded: the same arguments give a byte-identical file.
                                                     # unquantized (2.2 GB), e.g. for `purelm quantize`
     python benchmarks/make_synthetic.py tiny.gguf --hidden 64 --layers 2 --ffn 128 --heads 4 \
         --kv-heads 2 --vocab 512 --ctx 256          # a tiny one, for tests
+    python benchmarks/make_synthetic.py /tmp/qwen3moe-synth-q4_0.gguf --moe
+                                                    # Qwen3-MoE-shaped, 2.0B total, 0.38B active
+
+`--moe` writes a `qwen3moe` model instead (per-head q/k norms, a router and 3-D expert tensors in every
+layer): by default 24 layers of width 1024, 8 heads of 128 (4 kv heads), 64 experts of width 384 with 8
+picked per token. Each token reads as many weight bytes as the dense LLaMA of `--moe-dense-twin` (same
+attention, ffn = 8 x 384), which benchmarks/moe_bench.py decodes beside it.
 """
 from __future__ import annotations
 
@@ -64,11 +71,17 @@ def spm_vocab(n_vocab: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     return tokens, scores, np.asarray(types, np.int32)
 
 
+# --moe and --moe-dense-twin: Qwen3-MoE's proportions at 2.0B parameters (0.38B read per token)
+MOE_SHAPE = {"hidden": 1024, "layers": 24, "heads": 8, "kv_heads": 4, "ffn": 3072}
+
+
 def build_writer(path: str | Path, hidden: int = 2048, layers: int = 22, ffn: int = 5632, heads: int = 32,
                  kv_heads: int = 4, vocab: int = 32000, ctx: int = 2048, qtype: GGMLType = GGMLType.Q4_0,
                  output_type: GGMLType = GGMLType.Q8_0, embd_type: GGMLType | None = None,
-                 seed: int = 0, std: float = 0.02) -> GGUFWriter:
-    """A GGUFWriter holding the metadata and lazy (generated on write) tensors."""
+                 seed: int = 0, std: float = 0.02, experts: int = 0, experts_used: int = 0,
+                 expert_ffn: int = 0) -> GGUFWriter:
+    """A GGUFWriter holding the metadata and lazy (generated on write) tensors. With `experts`, a
+    qwen3moe model: every layer's feed-forward is `experts` experts of width `expert_ffn`."""
     embd_type = embd_type or qtype
     for t in (qtype, output_type, embd_type):
         if t not in SUPPORTED_QUANT:
@@ -79,23 +92,30 @@ def build_writer(path: str | Path, hidden: int = 2048, layers: int = 22, ffn: in
     head_dim = hidden // heads
     kv_dim = head_dim * kv_heads
 
+    if experts and not 1 <= experts_used <= experts:
+        raise ValueError("experts_used must be in [1, experts]")
+    arch = "qwen3moe" if experts else "llama"
     w = GGUFWriter(path)
     U32, F32 = ValueType.UINT32, ValueType.FLOAT32
-    w.add("general.architecture", "llama")
+    w.add("general.architecture", arch)
     w.add("general.type", "model")
-    w.add("general.name", f"synthetic-llama-{hidden}x{layers}")
+    w.add("general.name", f"synthetic-{arch}-{hidden}x{layers}")
     w.add("general.quantization_version", 2, U32)
     w.add("general.file_type", FILE_TYPES.get(qtype, 2), U32)
-    w.add("llama.vocab_size", vocab, U32)
-    w.add("llama.context_length", ctx, U32)
-    w.add("llama.embedding_length", hidden, U32)
-    w.add("llama.block_count", layers, U32)
-    w.add("llama.feed_forward_length", ffn, U32)
-    w.add("llama.rope.dimension_count", head_dim, U32)
-    w.add("llama.attention.head_count", heads, U32)
-    w.add("llama.attention.head_count_kv", kv_heads, U32)
-    w.add("llama.attention.layer_norm_rms_epsilon", 1e-5, F32)
-    w.add("llama.rope.freq_base", 10000.0, F32)
+    w.add(f"{arch}.vocab_size", vocab, U32)
+    w.add(f"{arch}.context_length", ctx, U32)
+    w.add(f"{arch}.embedding_length", hidden, U32)
+    w.add(f"{arch}.block_count", layers, U32)
+    w.add(f"{arch}.feed_forward_length", ffn, U32)
+    w.add(f"{arch}.rope.dimension_count", head_dim, U32)
+    w.add(f"{arch}.attention.head_count", heads, U32)
+    w.add(f"{arch}.attention.head_count_kv", kv_heads, U32)
+    w.add(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, F32)
+    w.add(f"{arch}.rope.freq_base", 10000.0, F32)
+    if experts:
+        w.add(f"{arch}.expert_count", experts, U32)
+        w.add(f"{arch}.expert_used_count", experts_used, U32)
+        w.add(f"{arch}.expert_feed_forward_length", expert_ffn, U32)
     tokens, scores, types = spm_vocab(vocab)
     w.add("tokenizer.ggml.model", "llama")
     w.add("tokenizer.ggml.pre", "default")
@@ -111,8 +131,11 @@ def build_writer(path: str | Path, hidden: int = 2048, layers: int = 22, ffn: in
 
     index = itertools.count()
 
-    def matrix(name: str, rows: int, cols: int, t: GGMLType) -> None:
+    def matrix(name: str, rows: int, cols: int, t: GGMLType, n: int = 0) -> None:
+        """A (rows, cols) matrix; with n, n of them stacked (n, rows, cols): experts."""
         key = next(index)  # each tensor its own stream: the file does not depend on write order
+        shape = (n, rows, cols) if n else (rows, cols)
+        rows = rows * max(n, 1)
 
         def make() -> np.ndarray:
             rng = np.random.default_rng([seed, key])
@@ -127,7 +150,7 @@ def build_writer(path: str | Path, hidden: int = 2048, layers: int = 22, ffn: in
                 out[r : r + len(q)] = q
             return out
 
-        w.add_tensor(name, make, t, (rows, cols))
+        w.add_tensor(name, make, t, shape)
 
     def norm(name: str, n: int) -> None:
         w.add_tensor(name, lambda: np.ones(n, np.float32), GGMLType.F32, (n,))
@@ -141,6 +164,14 @@ def build_writer(path: str | Path, hidden: int = 2048, layers: int = 22, ffn: in
         matrix(b + "attn_v.weight", kv_dim, hidden, qtype)
         matrix(b + "attn_output.weight", hidden, hidden, qtype)
         norm(b + "ffn_norm.weight", hidden)
+        if experts:  # llama.cpp keeps the router in F32
+            norm(b + "attn_q_norm.weight", head_dim)
+            norm(b + "attn_k_norm.weight", head_dim)
+            matrix(b + "ffn_gate_inp.weight", experts, hidden, GGMLType.F32)
+            matrix(b + "ffn_gate_exps.weight", expert_ffn, hidden, qtype, experts)
+            matrix(b + "ffn_up_exps.weight", expert_ffn, hidden, qtype, experts)
+            matrix(b + "ffn_down_exps.weight", hidden, expert_ffn, qtype, experts)
+            continue
         matrix(b + "ffn_gate.weight", ffn, hidden, qtype)
         matrix(b + "ffn_up.weight", ffn, hidden, qtype)
         matrix(b + "ffn_down.weight", hidden, ffn, qtype)
@@ -218,9 +249,24 @@ def main(argv: list[str] | None = None) -> int:
                          "purelm cannot quantize)")
     ap.add_argument("--embd-type", default=None, help="type of token_embd.weight (default: --type)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--moe", action="store_true", help="a Qwen3-MoE-shaped model (see above); the shape "
+                    "options still apply, with these defaults")
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--experts-used", type=int, default=8)
+    ap.add_argument("--expert-ffn", type=int, default=384)
+    ap.add_argument("--moe-dense-twin", action="store_true", help="the dense LLaMA that reads what one token "
+                    "of --moe reads: --moe's shape with ffn = experts-used x expert-ffn")
     ap.add_argument("--no-verify", action="store_true", help="skip the llama-cpp-python load check")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = ap.parse_args(argv)
+    given = set(a.lstrip("-").replace("-", "_").split("=")[0] for a in (argv if argv is not None else sys.argv[1:])
+                if a.startswith("--"))
+    if args.moe or args.moe_dense_twin:
+        for k, v in MOE_SHAPE.items():
+            if k not in given:
+                setattr(args, k, v)
+        if args.moe_dense_twin:
+            args.ffn = args.experts_used * args.expert_ffn
 
     def qt(name: str) -> GGMLType:
         try:
@@ -230,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 
     w = build_writer(args.out, args.hidden, args.layers, args.ffn, args.heads, args.kv_heads, args.vocab,
                      args.ctx, qt(args.type), qt(args.output_type),
-                     qt(args.embd_type) if args.embd_type else None, args.seed)
+                     qt(args.embd_type) if args.embd_type else None, args.seed,
+                     experts=args.experts if args.moe else 0, experts_used=args.experts_used,
+                     expert_ffn=args.expert_ffn)
     n_params = sum(int(np.prod(t.shape)) for t in w.tensors)
     t0 = time.perf_counter()
     last = [0.0]
@@ -249,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"path": str(args.out), "bytes": size, "params": n_params, "write_s": round(time.perf_counter() - t0, 2),
               "shape": {k: getattr(args, k) for k in ("hidden", "layers", "ffn", "heads", "kv_heads", "vocab", "ctx")},
               "type": args.type.upper(), "output_type": args.output_type.upper(), "seed": args.seed}
+    if args.moe:
+        report["experts"] = {"count": args.experts, "used": args.experts_used, "ffn": args.expert_ffn}
     if not args.no_verify:
         report["llama_cpp_check"] = verify_llama_cpp(args.out)
     import json

@@ -14,7 +14,7 @@ from .backends import BACKENDS, get_backend
 from .backends.base import Backend
 from .chat import ChatCompletion, ChatTemplate, parse_tool_calls
 from .formats.ggml_legacy import open_model_file
-from .errors import ContextOverflowError, UsageError
+from .errors import ContextOverflowError, FormatError, UsageError
 from .generate import Chunk, Completion, prefill, stream_batch, stream_tokens, truncate_prompt
 from .hub import resolve
 from .models import build_model
@@ -87,6 +87,9 @@ class LLM:
         _check_load_args(backend, n_ctx, threads)
         self.path = str(path)
         self.file = open_model_file(path)  # GGUF, or a legacy ggml/ggmf/ggjt file
+        if not self.file.tensors:  # llama.cpp's ggml-vocab-*.gguf: readable, but nothing to run
+            raise FormatError(self.path, "tensors", "none: a vocabulary-only file can tokenize "
+                              "(purelm tokenize, purelm.tokenizer.Tokenizer.from_file) but not run")
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, threads, device, dtype)
         self.model = build_model(self.file, self.backend)
         self.tokenizer = Tokenizer.from_gguf_metadata(self.file.metadata, path=self.file.path)

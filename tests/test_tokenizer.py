@@ -325,8 +325,8 @@ def test_merges_are_used():
 
 
 def test_unknown_model_is_an_error(spm_meta):
-    with pytest.raises(PurelmError, match="'bert'"):
-        Tokenizer.from_gguf_metadata(dict(spm_meta, **{"tokenizer.ggml.model": "bert"}))
+    with pytest.raises(PurelmError, match="'rwkv'"):
+        Tokenizer.from_gguf_metadata(dict(spm_meta, **{"tokenizer.ggml.model": "rwkv"}))
 
 
 def test_missing_pieces_are_errors(spm_meta):

@@ -152,7 +152,7 @@ MALFORMED = [
     # (what is wrong, the key, its value); the error must name that key
     ("model not a string", "tokenizer.ggml.model", 3),
     ("model as bytes", "tokenizer.ggml.model", b"llama"),
-    ("model unknown", "tokenizer.ggml.model", "bert"),
+    ("model unknown", "tokenizer.ggml.model", "rwkv"),
     ("model missing", "tokenizer.ggml.model", None),
     ("tokens missing", TOKENS, None),
     ("tokens empty", TOKENS, []),

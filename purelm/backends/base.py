@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,15 @@ def check_attention(q: Any, k: Any, v: Any, view: PassView, layer: int, spec: At
         raise ShapeError(f"attention: {len(spec.alibi_slopes)} ALiBi slopes for {q.shape[1]} heads")
 
 
+def expert_tensors(t: Tensor) -> list[Tensor]:
+    """A (n_expert, rows, cols) tensor as one (rows, cols) tensor per expert: views of its rows, each
+    with its own offset in the file (what a backend's pack cache keys on)."""
+    n_expert, rows = t.shape[0], t.shape[1]
+    step = rows * t.data.shape[1]  # bytes per expert
+    return [dataclasses.replace(t, shape=t.shape[1:], data=t.data[e * rows:(e + 1) * rows], offset=t.offset + e * step)
+            for e in range(n_expert)]
+
+
 class Backend(ABC):
     """The ops a transformer needs. x is (tokens, features) unless stated."""
 
@@ -153,6 +163,55 @@ class Backend(ABC):
         """Matrices that always multiply the same input (q|k|v, gate|up), for `linear_many`. A backend
         may merge them into one matrix so that one pass over x serves all."""
         return [self.weight(t) for t in ts]
+
+    # -- mixture of experts (models/experts.py)
+    def experts(self, gate: Tensor, up: Tensor, down: Tensor) -> tuple[list[Any], list[Any]]:
+        """A layer's experts from its 3-D tensors (n_expert, rows, cols): each expert's gate|up pair
+        (for `glu`) and its down matrix (for `linear`), made from views of its rows."""
+        pairs = zip(expert_tensors(gate), expert_tensors(up))
+        return [self.expert_weights([g, u]) for g, u in pairs], [self.expert_weights([d]) for d in expert_tensors(down)]
+
+    def expert_ffn(self, x: Any, gate_up: list[Any], down: list[Any], picks: np.ndarray, weights: np.ndarray,
+                   act: str) -> Any:
+        """One token's (x: (1, dim)) mixture Σ_k weights[k] · down[e](glu(x, gate_up[e])), e = picks[k]
+        ascending, added in that order (as mix_rows adds a token's experts: the same bits)."""
+        out = None
+        for e, w in zip(picks, weights):
+            y = self.linear(self.glu(x, gate_up[e], act), down[e]) * float(w)
+            out = y if out is None else out + y
+        return out
+
+    def expert_weights(self, ts: list[Tensor]) -> Any:
+        """One expert's matrices, views of its rows in the file: a pair [gate, up] as `weights` makes it
+        (for `glu`), one tensor as `weight` does. Most experts of a run may never be picked, so a
+        backend that repacks should do it on first use, not here."""
+        return self.weights(ts) if len(ts) > 1 else self.weight(ts[0])
+
+    @contextmanager
+    def gathered(self, n_rows: int, rows: np.ndarray) -> Iterator[None]:
+        """Ops inside work on `rows` (sorted) of the pass's n_rows activation rows, gathered: each
+        keeps the run it came from (a decode token stays a run of its own), so that each run's rows
+        are computed as they would be with the run alone (an expert's tokens, models/experts.py)."""
+        if len(rows) == n_rows:
+            yield
+            return
+        starts = [a for a, _ in self.row_runs(n_rows)]
+        counts = np.diff(np.searchsorted(rows, starts + [n_rows]))
+        saved = self.layouts
+        self.layouts = {**saved, len(rows): [int(c) for c in counts if c]}
+        try:
+            yield
+        finally:
+            self.layouts = saved
+
+    def mix_rows(self, n_rows: int, parts: list[tuple[np.ndarray, Any, np.ndarray]]) -> Any:
+        """Σ w[:, None] * y placed at rows `rows`, over parts (rows, y, w), in a (n_rows, width) array
+        of zeros: the experts' outputs mixed per token by their router weights (w: float32, numpy).
+        Parts are added in order, so a token's sum does not depend on the other tokens."""
+        out = np.zeros((n_rows, parts[0][1].shape[1]), np.float32)
+        for rows, y, w in parts:
+            out[rows] += np.asarray(y, np.float32) * w[:, None]
+        return out
 
     def vector(self, t: Tensor) -> Any:
         """A small float tensor (norm weight, bias) as float32."""

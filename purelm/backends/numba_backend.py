@@ -44,12 +44,14 @@ from ..formats.gguf import Tensor
 from ..quant import dequantize, dequantize_rows
 from ..quant.types import BLOCK_INFO, GGMLType
 from ..errors import ShapeError
-from .base import AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm, check_rope
+from .base import (AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm, check_rope,
+                   expert_tensors)
 from .kv_cache import BLOCK
 from .numba_kernels import ops, packed as pk, rows as rk
-from .numba_kernels.intrinsics import has_int16_dot
+from .numba_kernels.intrinsics import has_int8_dot, has_int16_dot
 from .pack_cache import PackCache
 from .pages import page_out_library, release_file_pages
+from .numba_kernels.experts import FUSED, ExpertStack, mix_picked
 from .numba_kernels.packing import DEFAULT_LANES, PACKED_TYPES, Arena, Packed, column_splits, pack
 
 # At most this many tokens go through the matrix-vector kernels; more take the dequantize+BLAS path.
@@ -68,6 +70,10 @@ MATVEC = {"nibble": pk.matvec_nibble, "q8": pk.matvec_q8, "q6k": pk.matvec_q6k,
           "q8_dot": pk.matvec_dot_bytes}
 MATVEC_MANY = {"nibble_dot": pk.matvec_dot_batch_nibbles, "five_dot": pk.matvec_dot_batch_five,  # 2+ rows,
                "q6k_dot": pk.matvec_dot_batch_six, "q8_dot": pk.matvec_dot_batch_bytes}  # where it differs
+# The int8-activation kernels (int8_dot) of the dot families that have them (Q6_K's keeps int16).
+MATVEC8 = {"nibble_dot": pk.matvec_dot8_nibbles, "five_dot": pk.matvec_dot8_five, "q8_dot": pk.matvec_dot8_bytes}
+MATVEC8_MANY = {"nibble_dot": pk.matvec_dot8_batch_nibbles, "five_dot": pk.matvec_dot8_batch_five,
+                "q8_dot": pk.matvec_dot8_batch_bytes}
 UNPACK = {"nibble": pk.unpack_nibble, "q8": pk.unpack_q8, "q6k": pk.unpack_q6k,
           **{f: pk.unpack_dot for f in ("nibble_dot", "five_dot", "q6k_dot", "q8_dot")}}
 NO_PARTS = np.zeros((0, 0, 0), np.float32)
@@ -82,26 +88,35 @@ class NumbaWeight:
                  "kernel_many", "kernel_args", "source")
 
     def __init__(self, qtype: GGMLType, n_out: int, n_in: int, data: np.ndarray | None = None,
-                 packed: Packed | None = None, splits: tuple[int, ...] | None = None, threads: int = 1) -> None:
+                 packed: Packed | None = None, splits: tuple[int, ...] | None = None, threads: int = 1,
+                 int8: bool = False) -> None:
         self.qtype, self.n_out, self.n_in = GGMLType(qtype), n_out, n_in
         self.data, self.splits = data, splits
         self.pack_later = False  # repack on first use in `linear` (a matrix only looked up stays as is)
         self.source: list[Tensor] | None = None  # what pack_later repacks (names, offsets: the pack cache's key)
-        self.set_packed(packed, threads)
+        self.set_packed(packed, threads, int8)
 
-    def set_packed(self, packed: Packed | None, threads: int) -> None:
-        """Use `packed` for products; its matrix-vector kernel and arguments are looked up once here
-        (a decode step makes ~4 products per layer: per-call lookups showed in profiles)."""
+    def set_packed(self, packed: Packed | None, threads: int, int8: bool = False) -> None:
+        """Use `packed` for products (`int8`: by the int8-activation kernels where its family has them);
+        its matrix-vector kernel and arguments are looked up once here (a decode step makes ~4
+        products per layer: per-call lookups showed in profiles)."""
         self.packed = packed
         self.column_splits = column_splits(packed.n_groups, packed.n_sub, threads) if packed else 1
-        self.kernel = MATVEC[packed.family] if packed else None
-        self.kernel_many = MATVEC_MANY.get(packed.family, self.kernel) if packed else None
+        one, many = (MATVEC8, MATVEC8_MANY) if int8 and packed and packed.family in MATVEC8 else (MATVEC, MATVEC_MANY)
+        self.kernel = one[packed.family] if packed else None
+        self.kernel_many = many.get(packed.family, self.kernel) if packed else None
         self.kernel_args = packed.kernel_args if packed else ()
 
     @property
     def nbytes(self) -> int:
         """Bytes this weight owns (the repacked copy; file rows belong to the mmap)."""
         return self.packed.nbytes if self.packed is not None else 0
+
+
+class ExpertWeight(NumbaWeight):
+    """One expert's matrix: repacked on its first use into its rows of the layer's ExpertStack."""
+
+    __slots__ = ("stack", "index")
 
 
 class ThreadGuard:
@@ -170,7 +185,8 @@ class NumbaBackend(Backend):
     name = "numba"
     short_run = MATVEC_MAX_TOKENS
 
-    def __init__(self, threads: int | None = None, repack: bool = True, int16_dot: bool | None = None) -> None:
+    def __init__(self, threads: int | None = None, repack: bool = True, int16_dot: bool | None = None,
+                 int8_dot: bool | None = None) -> None:
         self.threads = max(1, min(int(threads or os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS))
         self.repack = repack
         # Decode products of the repacked quantized types with int16 activations and integer dot products where
@@ -178,6 +194,11 @@ class NumbaBackend(Backend):
         if int16_dot is None:
             int16_dot = os.environ.get("PURELM_INT16_DOT", "1").strip().lower() not in ("0", "no", "off", "false")
         self.int16_dot = bool(int16_dot) and has_int16_dot()
+        # Of those, the types with unsigned weights (and Q8_0) take int8 activations where the CPU has
+        # AVX512-VNNI: twice the multiply-adds per instruction. None: $PURELM_INT8_DOT ("0": int16).
+        if int8_dot is None:
+            int8_dot = os.environ.get("PURELM_INT8_DOT", "1").strip().lower() not in ("0", "no", "off", "false")
+        self.int8_dot = bool(int8_dot) and self.int16_dot and has_int8_dot()
         self._pool: ThreadPoolExecutor | None = None
         self._blas: Any = None
         self._rope_tables: dict[Rope, tuple[np.ndarray, np.ndarray]] = {}
@@ -227,7 +248,7 @@ class NumbaBackend(Backend):
             rows = np.zeros((2 * DEFAULT_LANES, n_in // block * size), np.uint8)
             merged = NumbaWeight(qtype, rows.shape[0], n_in, None, None, (DEFAULT_LANES, DEFAULT_LANES), self.threads)
             if self.repack and qtype in PACKED_TYPES:
-                merged.set_packed(pack(qtype, rows, n_in, dot=self.int16_dot), self.threads)
+                merged.set_packed(pack(qtype, rows, n_in, dot=self.int16_dot), self.threads, self.int8_dot)
             else:
                 merged.data = rows
             rows.flags.writeable = False  # as the file's mmap'd rows are (numba types them apart)
@@ -278,7 +299,8 @@ class NumbaBackend(Backend):
     def _pack(self, w: NumbaWeight) -> None:
         with self._lock:
             if w.pack_later:
-                w.set_packed(self._packed(w.source), self.threads)
+                p = w.stack.fill(w.index, self._packed) if isinstance(w, ExpertWeight) else self._packed(w.source)
+                w.set_packed(p, self.threads, self.int8_dot)
                 w.pack_later, w.source = False, None
 
     def _packed(self, ts: list[Tensor]) -> Packed:
@@ -304,7 +326,66 @@ class NumbaBackend(Backend):
             return [self.weight(t) for t in ts]
         packed = self._packed(ts)
         return NumbaWeight(ts[0].type, packed.n_out, ts[0].shape[1], None, packed, tuple(t.shape[0] for t in ts),
-                           self.threads)
+                           self.threads, self.int8_dot)
+
+    def experts(self, gate: Tensor, up: Tensor, down: Tensor) -> tuple[list[Any], list[Any]]:
+        """Each 3-D tensor (gate|up as pairs) an ExpertStack: an expert is repacked into its rows
+        there on its first use, so decode can multiply all picked experts in one kernel call."""
+        if not (self.repack and gate.type == up.type and gate.type in PACKED_TYPES and down.type in PACKED_TYPES):
+            return super().experts(gate, up, down)
+        out = []
+        for ts in ([list(p) for p in zip(expert_tensors(gate), expert_tensors(up))], [[d] for d in expert_tensors(down)]):
+            stack = ExpertStack(ts)
+            ws = []
+            for e, parts in enumerate(ts):
+                w = ExpertWeight(parts[0].type, sum(t.shape[0] for t in parts), parts[0].shape[1], None, None,
+                                 tuple(t.shape[0] for t in parts) if len(parts) > 1 else None, self.threads)
+                w.pack_later, w.source, w.stack, w.index = True, parts, stack, e
+                ws.append(w)
+            out.append(ws)
+        return out[0], out[1]
+
+    def expert_ffn(self, x: Any, gate_up: list[Any], down: list[Any], picks: np.ndarray, weights: np.ndarray,
+                   act: str) -> Any:
+        g0, d0 = gate_up[picks[0]], down[picks[0]]
+        if not (isinstance(g0, ExpertWeight) and isinstance(d0, ExpertWeight)) or x.shape[0] != 1:
+            return super().expert_ffn(x, gate_up, down, picks, weights, act)
+        sg, sd = g0.stack, d0.stack
+        for stack, ws in ((sg, gate_up), (sd, down)):
+            if not stack.filled[picks].all():  # first uses: repack these experts into the stack
+                for e in picks:
+                    if ws[e].pack_later:
+                        self._pack(ws[e])
+        if not (_fusable(g0) and _fusable(d0)):
+            return super().expert_ffn(x, gate_up, down, picks, weights, act)
+        # one kernel call for all picked experts' gate|up rows, one for their down rows (see experts.py)
+        self._kernel_threads()
+        x2 = np.ascontiguousarray(x, np.float32).reshape(1, -1)
+        n2, dim = g0.n_out, d0.n_out
+        width_g, width_d = sg.groups * sg.big.lanes, sd.groups * sd.big.lanes
+        y = self._scratch_floats("experts_gate_up", sg.n_expert * width_g).reshape(1, -1)  # only picked rows written
+        FUSED[g0.kernel][0](*sg.big.kernel_args, x2, y, sg.group_ids(picks), NO_PARTS)
+        gu = y.reshape(sg.n_expert, width_g)[picks, :n2]
+        n, k = n2 // 2, len(picks)
+        h, flat = np.empty((k, n), np.float32), gu.reshape(-1)
+        (ops.swiglu if act == "silu" else ops.geglu)(flat, n2, flat[n:], n2, h)
+        yd = self._scratch_floats("experts_down", k * sd.n_expert * width_d).reshape(k, -1)
+        groups = sd.group_ids(picks)
+        FUSED[d0.kernel][1](*sd.big.kernel_args, h, yd, groups, sd.rows_of(k), NO_PARTS)
+        out = np.empty((1, dim), np.float32)
+        mix_picked(yd, picks, width_d, np.ascontiguousarray(weights, np.float32), out)
+        return out
+
+    def expert_weights(self, ts: list[Tensor]) -> Any:
+        """As `weights`, but a pair is repacked on its first product: an expert no token picks is
+        never read from the file (the pair's rows stay views of the mmap until then)."""
+        same = len({(t.type, t.shape[-1]) for t in ts}) == 1
+        if len(ts) == 1 or not (self.repack and same and ts[0].type in PACKED_TYPES):
+            return self.weight(ts[0]) if len(ts) == 1 else [self.weight(t) for t in ts]
+        w = NumbaWeight(ts[0].type, sum(t.shape[0] for t in ts), ts[0].shape[1], None, None,
+                        tuple(t.shape[0] for t in ts), self.threads)
+        w.pack_later, w.source = True, list(ts)
+        return w
 
     # -- threads
 
@@ -486,6 +567,8 @@ class NumbaBackend(Backend):
         return [(u0, min(u0 + per_tile, n_units)) for u0 in range(0, n_units, per_tile)]
 
     def glu(self, x: np.ndarray, ws: Any, act: str) -> np.ndarray:
+        if isinstance(ws, NumbaWeight) and ws.pack_later:  # an expert's pair, on its first use
+            self._pack(ws)
         x2 = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
         groups = self._row_groups(x2.shape[0])  # as in linear: short runs by the matrix-vector kernels
         parts = [self._glu_rows(x2[a:b], ws, act, short) for a, b, short in groups]
@@ -722,6 +805,13 @@ class NumbaBackend(Backend):
 
     def gelu_erf(self, x: np.ndarray) -> np.ndarray:
         return _elementwise(ops.gelu_erf, x)
+
+
+def _fusable(w: ExpertWeight) -> bool:
+    """Whether an expert's stack can go through one fused kernel call: repacked by a dot kernel with
+    no column splits (every expert of a stack has the same shape, type and kernel), so that the
+    fused products have the per-expert kernels' bits."""
+    return w.packed is not None and w.kernel in FUSED and w.column_splits == 1
 
 
 def _compile_progress(steps: Iterator[None], total: int) -> Iterator[None]:

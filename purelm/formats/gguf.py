@@ -215,10 +215,13 @@ class _Parser:
 
 
 class GGUFFile:
-    """A GGUF file opened read-only: `metadata` (Mapping), `tensors` (dict name -> Tensor)."""
+    """A GGUF file opened read-only: `metadata` (Mapping), `tensors` (dict name -> Tensor). The first
+    shard of a split model (split.py) opens the whole model: `shards` lists its files, each tensor a view
+    of its own shard; `join=False` opens one shard alone."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, join: bool = True) -> None:
         self.path = str(path)
+        self.shards = [self.path]
         try:
             if not stat.S_ISREG(os.stat(self.path).st_mode):  # a FIFO or a device would block or never end
                 raise FormatError(self.path, "file", "is not a regular file")
@@ -233,6 +236,10 @@ class GGUFFile:
         self.metadata = Metadata()
         self.tensors: dict[str, Tensor] = {}
         self._parse(memoryview(self._mmap))
+        if join and "split.count" in self.metadata:
+            from .split import join_shards
+
+            join_shards(self)
 
     def _parse(self, buf: memoryview) -> None:
         p = _Parser(self.path, buf)
@@ -288,6 +295,10 @@ class GGUFFile:
             infos.append((name, dims, type_id, offset))
 
         data_start = -(-p.pos // alignment) * alignment
+        if not infos and data_start > p.size:
+            # A vocabulary-only file (llama.cpp's models/ggml-vocab-*.gguf) ends right after its
+            # metadata, without the padding; llama.cpp and gguf-py read it, and it has no data to bound.
+            data_start = p.size
         if data_start > p.size:
             raise p.fail("tensor data", "file ends before the tensor data section (truncated?)")
         self.data_offset = data_start

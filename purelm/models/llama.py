@@ -1,8 +1,11 @@
-"""LLaMA and its family (Mistral, SmolLM, TinyLlama, Qwen2's biases): pre-norm decoder with RMSNorm,
-rotary embeddings, grouped-query attention and a SwiGLU feed-forward.
+"""LLaMA and its family (Mistral, SmolLM, TinyLlama, Qwen2's biases, Mixtral's experts): pre-norm decoder
+with RMSNorm, rotary embeddings, grouped-query attention and a SwiGLU feed-forward.
 
     h   = x + Wo · Attention(rope(Wq·n), rope(Wk·n), Wv·n),   n = RMSNorm(x)
     out = h + Wdown · (silu(Wgate·m) * Wup·m),                m = RMSNorm(h)
+
+Mixtral is this architecture in GGUF with a mixture of experts in place of the feed-forward (a layer with
+ffn_gate_inp: softmax router, top-k, weights renormalized; models/experts.py).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from ..backends.base import AttentionSpec, Backend, KVCache
 from ..convert_spec import ConvertSpec, hf_rope_parameters, permute_qk
 from ..formats.gguf import GGUFFile
 from .common import Model, Params, Weights
+from .experts import Experts, is_expert_tensor, read_counts, stacked_experts
 from .layers import Attention, Block, GatedFFN, Norm, output_head
 
 
@@ -36,8 +40,15 @@ class Llama(Model):
             attn_norm=Norm.rms_norm(self, w, f"blk.{i}.attn_norm"),
             attn=Attention.load(self, w, i, rope, spec),  # q/k/v biases: Qwen2's
             ffn_norm=Norm.rms_norm(self, w, f"blk.{i}.ffn_norm"),
-            ffn=GatedFFN.load(self, w, i, n_ff, "silu"),
+            ffn=self.feed_forward(p, w, i, n_ff),
         ) for i in range(self.n_layer)]
+
+    def feed_forward(self, p: Params, w: Weights, i: int, n_ff: int) -> GatedFFN | Experts:
+        """Layer i's SwiGLU, or its experts where it has a router (Mixtral: each expert n_ff wide)."""
+        if f"blk.{i}.ffn_gate_inp.weight" not in self.gguf.tensors:
+            return GatedFFN.load(self, w, i, n_ff, "silu")
+        n_expert, n_used = read_counts(p)
+        return Experts.load(self, w, i, n_expert, n_used, n_ff, normalize=True)
 
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
         x = self.ops.embed(self.tok_embd, ids)
@@ -97,6 +108,9 @@ def hparams(cfg: dict[str, Any]) -> dict[str, Any]:
     if rope.get("rope_type") == "linear":
         kv["rope.scaling.type"] = "linear"
         kv["rope.scaling.factor"] = float(rope["factor"])
+    if cfg.get("num_local_experts"):  # Mixtral
+        kv["expert_count"] = cfg["num_local_experts"]
+        kv["expert_used_count"] = cfg["num_experts_per_tok"]
     return kv
 
 
@@ -108,10 +122,25 @@ def llama_transform(name: str, x: np.ndarray, cfg: dict[str, Any]) -> np.ndarray
     return x
 
 
+# Mixtral: the router, and the experts stacked into 3-D tensors as llama.cpp's converter writes them
+MIXTRAL_TENSORS = [t for t in TENSORS if ".mlp." not in t[0]] + [
+    ("model.layers.{i}.block_sparse_moe.gate.weight", "blk.{i}.ffn_gate_inp.weight")]
+MIXTRAL_REQUIRED = [n for n in REQUIRED if not n.startswith("blk.0.ffn_") or n == "blk.0.ffn_norm.weight"] + [
+    f"blk.0.ffn_{n}.weight" for n in ("gate_inp", "gate_exps", "up_exps", "down_exps")]
+
+
+def mixtral_experts(ckpt: Any, cfg: dict[str, Any]):
+    return stacked_experts(ckpt, cfg, cfg["num_local_experts"], "model.layers.{i}.block_sparse_moe.experts",
+                           {"w1": "gate", "w3": "up", "w2": "down"})
+
+
 ARCHITECTURES = {"llama": Llama, "mistral": Llama, "qwen2": Qwen2}
 # llama.cpp converts Mistral checkpoints to the llama architecture (ignoring the sliding window).
 CONVERTERS = {
     "LlamaForCausalLM": ConvertSpec("llama", TENSORS, hparams, REQUIRED, llama_transform),
     "MistralForCausalLM": ConvertSpec("llama", TENSORS, hparams, REQUIRED, llama_transform),
     "Qwen2ForCausalLM": ConvertSpec("qwen2", TENSORS, hparams, REQUIRED),
+    "MixtralForCausalLM": ConvertSpec("llama", MIXTRAL_TENSORS, hparams, MIXTRAL_REQUIRED, llama_transform,
+                                      extra_tensors=mixtral_experts,
+                                      ignored=is_expert_tensor(".block_sparse_moe.experts.")),
 }

@@ -1,5 +1,7 @@
-"""Phi-3, Phi-3.5 and Phi-4 (mini): a LLaMA-like pre-norm decoder with RMSNorm, NeoX rotary embeddings
-(possibly partial), grouped-query attention, and the q|k|v and gate|up projections fused.
+"""Phi-3, Phi-3.5, Phi-4 and Phi-4-mini: a LLaMA-like pre-norm decoder with RMSNorm, NeoX rotary embeddings
+(possibly partial: Phi-4-mini), grouped-query attention (Phi-4: 40 query heads on 10 kv heads), and the
+q|k|v and gate|up projections fused. Phi-4 is Phi3ForCausalLM without a sliding window (the converter writes
+attention.sliding_window 0, as llama.cpp's does to tell Phi-4 apart).
 
     h   = x + Wo · Attention(rope(q), rope(k), v),   q|k|v = Wqkv · RMSNorm(x)
     out = h + Wdown · (silu(g) * u),                 g|u   = Wup · RMSNorm(h)   (gate first, as in HF)

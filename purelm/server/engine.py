@@ -198,6 +198,7 @@ class Engine:
         self.tokens_generated = 0
         self.prompt_tokens_evaluated = 0
         self.prompt_tokens_reused = 0
+        self.prefix_hits = 0  # requests that started from a cached prefix (per-replica stats under Ray)
 
     # -- life
     def start(self) -> "Engine":
@@ -377,6 +378,7 @@ class Engine:
                 continue
             job.reused = job.fed
             self.prompt_tokens_reused += job.fed
+            self.prefix_hits += job.fed > 0
             self._prefilling.append(job)
             if self.metrics:
                 self.metrics.admitted(job.fed)

@@ -7,3 +7,4 @@ from ...paths import numba_cache
 
 with numba_cache("backend", Path(__file__).parent.glob("*.py")):
     from . import common, intrinsics, ops, packed, packing, rows  # noqa: F401
+    from . import experts  # noqa: F401  (after packed: its kernels inline packed's work items)

@@ -112,6 +112,7 @@ _V16I32 = ir.VectorType(_I32, 16)
 _V64I8 = ir.VectorType(ir.IntType(8), 64)
 _EVEN = ir.Constant(ir.VectorType(_I32, 16), list(range(0, 32, 2)))
 _ODD = ir.Constant(ir.VectorType(_I32, 16), list(range(1, 32, 2)))
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 
 
 def _broadcast_words(builder, value):
@@ -146,6 +147,13 @@ def target_features() -> set[str] | None:
         return None
 
 
+def has_int8_dot() -> bool:
+    """Whether the CPU multiplies bytes with AVX512-VNNI's vpdpbusd (64 multiply-adds an instruction,
+    twice the int16 kernels' vpdpwssd): the int8-activation kernels need it and run nowhere else."""
+    features = target_features() or set()
+    return {"avx512vnni", "avx512bw"} <= features
+
+
 def has_int16_dot() -> bool:
     """Whether the int16 dot kernels beat the float32 ones on the target CPU: x86 with AVX2. Measured
     on this project's machine (AVX-512 with VNNI) compiling for it (1.3-1.7x the float32 kernels'
@@ -172,7 +180,23 @@ def _row_sums(builder, halves):
     return builder.add(builder.shuffle_vector(a, b, _EVEN), builder.shuffle_vector(a, b, _ODD))
 
 
-def _dot_block_codegen(quads, tokens):
+def _dpbusd(builder, acc, unsigned, signed):
+    """acc (16 x i32) + the sums of each 4 neighbouring products unsigned[i] * signed[i] (64 x i8 each):
+    AVX512-VNNI's vpdpbusd, called by name (LLVM does not form it from plain IR; measured)."""
+    fn = builder.module.globals.get(_VPDPBUSD)
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3), _VPDPBUSD)
+    return builder.call(fn, [acc, builder.bitcast(unsigned, _V16I32), builder.bitcast(signed, _V16I32)])
+
+
+def _broadcast_bytes(builder, value):
+    """An int32 holding 4 int8 -> those 4 repeated 16 times (64 x i8)."""
+    v4 = ir.VectorType(ir.IntType(8), 4)
+    return builder.shuffle_vector(builder.bitcast(value, v4), ir.Constant(v4, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, 64), [i % 4 for i in range(64)]))
+
+
+def _dot_block_codegen(quads, tokens, int8=False):
     """Arguments: dots, one dots offset per token, qs, w_at, w_stride, xs, one xs offset per token.
     Group j's 64 weight bytes (16 rows x 4) are at qs[w_at + j * w_stride]; token t's activation words
     for it at xs[x_t + j] (and, nibbles, the high nibbles' at xs[x_t + NIBBLE_QUADS + j]). Token t's 16
@@ -182,7 +206,13 @@ def _dot_block_codegen(quads, tokens):
     the high bit(s) of weight 16h + 4j + i at bits k*b..k*b+b-1 of the plane's bytes (b = 1 or 2 bits;
     Q6_K's two planes hold k = 0-3 and 4-7). Q6_K's weights are q - 32 (signed) and its two nibble
     halves have their own scales: the high half's dots go to dots[at_t + w_stride // 4:] (w_stride // 4
-    = the rows of the matrix's groups: a token's dots of one half)."""
+    = the rows of the matrix's groups: a token's dots of one half).
+
+    `int8`: xs holds int32 words of 4 int8 activations (else int64 words of 4 int16) and the products
+    are vpdpbusd's, unsigned weights times signed activations: nibbles and 5-bit weights are unsigned
+    already; a Q8_0 weight w enters as w + 128, and the fold takes 128 * sum(x) off (packed.fold_dots;
+    flipping signs instead was 2x slower). Q6_K keeps int16."""
+    assert not (int8 and quads == SIX_QUADS)
     nibbles = quads != BYTE_QUADS
     bits = {FIVE_QUADS: 1, SIX_QUADS: 2}.get(quads, 0)
     halves = quads == SIX_QUADS
@@ -220,6 +250,16 @@ def _dot_block_codegen(quads, tokens):
                     values[h] = builder.or_(values[h], builder.shl(high, vec(4)))
                     if halves:
                         values[h] = builder.sub(values[h], vec(32))
+            if int8:
+                for t in range(tokens):
+                    for i, v in enumerate(values):
+                        word_at = builder.add(x_at[t], ir.Constant(_I64, j + i * NIBBLE_QUADS))
+                        xv = _broadcast_bytes(builder, builder.load(
+                            _element_ptr(context, builder, xs_t, xs, word_at), align=4))
+                        if not nibbles:  # signed weights w as w + 128: the fold subtracts 128 * sum(x)
+                            v = builder.xor(v, vec(128))
+                        acc[t][0][0] = _dpbusd(builder, acc[t][0][0], v, xv)
+                continue
             widen = builder.sext if (halves or not nibbles) else builder.zext
             wide = [[widen(builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 32), list(range(lo, lo + 32)))),
                            ir.VectorType(_I32, 32)) for lo in (0, 32)]  # rows 0-7, rows 8-15 of the 16
@@ -233,6 +273,10 @@ def _dot_block_codegen(quads, tokens):
                     for h in range(2):
                         a[h] = _multiply_add_pairs(builder, a[h], pair[h], xv)
         for t in range(tokens):
+            if int8:  # one int32 a row already
+                ptr = builder.bitcast(_element_ptr(context, builder, dots_t, args[0], dots_at[t]), _V16I32.as_pointer())
+                builder.store(acc[t][0][0], ptr, align=4)
+                continue
             for i, a in enumerate(acc[t]):
                 at = dots_at[t]
                 if i:
@@ -243,24 +287,25 @@ def _dot_block_codegen(quads, tokens):
     return codegen
 
 
-def _dot_blocks(quads):
+def _dot_blocks(quads, int8=False):
     """The dot_block intrinsics of one kind for 1, 2 and 4 tokens (numba's @intrinsic wants the
-    arguments spelled out). The 2- and 4-token ones unpack each weight group once for all their tokens."""
+    arguments spelled out). The 2- and 4-token ones unpack each weight group once for all their tokens.
+    `int8`: the int8-activation ones (dot_block8_*)."""
     def one(typingctx, dots, at_a, qs, w_at, w_stride, xs, x_a):
         args = (dots, at_a, qs, w_at, w_stride, xs, x_a)
-        return types.void(*args), _dot_block_codegen(quads, 1)
+        return types.void(*args), _dot_block_codegen(quads, 1, int8)
 
     def two(typingctx, dots, at_a, at_b, qs, w_at, w_stride, xs, x_a, x_b):
         args = (dots, at_a, at_b, qs, w_at, w_stride, xs, x_a, x_b)
-        return types.void(*args), _dot_block_codegen(quads, 2)
+        return types.void(*args), _dot_block_codegen(quads, 2, int8)
 
     def four(typingctx, dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d):
         args = (dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d)
-        return types.void(*args), _dot_block_codegen(quads, 4)
+        return types.void(*args), _dot_block_codegen(quads, 4, int8)
 
     kind = {NIBBLE_QUADS: "nibbles", FIVE_QUADS: "five", SIX_QUADS: "six", BYTE_QUADS: "bytes"}[quads]
     for fn, n in ((one, 1), (two, 2), (four, 4)):
-        fn.__name__ = fn.__qualname__ = f"dot_block_{kind}{n}"
+        fn.__name__ = fn.__qualname__ = f"dot_block{'8' if int8 else ''}_{kind}{n}"
     return intrinsic(one), intrinsic(two), intrinsic(four)
 
 
@@ -269,3 +314,67 @@ dot_block_nibbles1, dot_block_nibbles2, dot_block_nibbles4 = _dot_blocks(NIBBLE_
 dot_block_five1, dot_block_five2, dot_block_five4 = _dot_blocks(FIVE_QUADS)
 dot_block_six1, dot_block_six2, dot_block_six4 = _dot_blocks(SIX_QUADS)
 dot_block_bytes1, dot_block_bytes2, dot_block_bytes4 = _dot_blocks(BYTE_QUADS)
+# The same with int8 activations (AVX512-VNNI only, has_int8_dot): Q6_K has none.
+dot_block8_nibbles1, dot_block8_nibbles2, dot_block8_nibbles4 = _dot_blocks(NIBBLE_QUADS, True)
+dot_block8_five1, dot_block8_five2, dot_block8_five4 = _dot_blocks(FIVE_QUADS, True)
+dot_block8_bytes1, dot_block8_bytes2, dot_block8_bytes4 = _dot_blocks(BYTE_QUADS, True)
+
+
+# -- 16-lane float steps of the dot kernels' fold (packed.fold_dots). Written as vector IR because
+# LLVM's loop vectorizer wants 64+ iterations (16 lanes x 4 interleaved) before it leaves the scalar
+# loop: over 16 rows it ran scalar (seen in the assembly; the fold then took half the int8 kernels' time).
+
+_V16F = ir.VectorType(ir.FloatType(), 16)
+
+
+def _vector_at(context, builder, array_type, array, index, vector_type):
+    return builder.bitcast(_element_ptr(context, builder, array_type, array, index), vector_type.as_pointer())
+
+
+def _fma(builder, a, b, c):
+    """a * b + c rounded once, always: left to LLVM, whether a multiply and an add fuse can differ
+    between kernels, and a token's bits would then depend on the kernel its batch took."""
+    fn = builder.module.globals.get("llvm.fma.v16f32")
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+    return builder.call(fn, [a, b, c])
+
+
+def _splat(builder, value):
+    vec = builder.insert_element(ir.Constant(_V16F, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vec, ir.Constant(_V16F, ir.Undefined), ir.Constant(_V16I32, [0] * 16))
+
+
+@intrinsic
+def add_scaled_dots16(typingctx, acc, acc_at, scale, scale_at, dots, dots_at, s):
+    """acc.flat[acc_at + i] += scale.flat[scale_at + i] * (s * float(dots.flat[dots_at + i])), i < 16
+    (float32 acc and scale, int32 dots, C arrays)."""
+    sig = types.void(acc, acc_at, scale, scale_at, dots, dots_at, s)
+
+    def codegen(context, builder, signature, args):
+        t = signature.args
+        idx = [context.cast(builder, a, ty, types.intp) if isinstance(ty, types.Integer) else a for a, ty in zip(args, t)]
+        pa = _vector_at(context, builder, t[0], args[0], idx[1], _V16F)
+        sc = builder.load(_vector_at(context, builder, t[2], args[2], idx[3], _V16F), align=4)
+        dv = builder.load(_vector_at(context, builder, t[4], args[4], idx[5], _V16I32), align=4)
+        sd = builder.fmul(_splat(builder, args[6]), builder.sitofp(dv, _V16F))
+        builder.store(_fma(builder, sc, sd, builder.load(pa, align=4)), pa, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def add_scaled16(typingctx, acc, acc_at, scale, scale_at, c):
+    """acc.flat[acc_at + i] += scale.flat[scale_at + i] * c, i < 16 (float32 C arrays)."""
+    sig = types.void(acc, acc_at, scale, scale_at, c)
+
+    def codegen(context, builder, signature, args):
+        t = signature.args
+        idx = [context.cast(builder, a, ty, types.intp) if isinstance(ty, types.Integer) else a for a, ty in zip(args, t)]
+        pa = _vector_at(context, builder, t[0], args[0], idx[1], _V16F)
+        sc = builder.load(_vector_at(context, builder, t[2], args[2], idx[3], _V16F), align=4)
+        builder.store(_fma(builder, sc, _splat(builder, args[4]), builder.load(pa, align=4)), pa, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen

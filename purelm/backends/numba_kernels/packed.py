@@ -13,7 +13,9 @@ import numpy as np
 from numba import njit, prange
 
 from .common import OPTS, PARALLEL, PREFETCH_BYTES, at
-from .intrinsics import (BYTE_QUADS, FIVE_QUADS, NIBBLE_QUADS, SIX_QUADS, dot_block_bytes1, dot_block_bytes2,
+from .intrinsics import (BYTE_QUADS, add_scaled16, add_scaled_dots16, FIVE_QUADS, NIBBLE_QUADS, SIX_QUADS, dot_block8_bytes1, dot_block8_bytes2,
+                         dot_block8_bytes4, dot_block8_five1, dot_block8_five2, dot_block8_five4, dot_block8_nibbles1,
+                         dot_block8_nibbles2, dot_block8_nibbles4, dot_block_bytes1, dot_block_bytes2,
                          dot_block_bytes4, dot_block_five1, dot_block_five2, dot_block_five4, dot_block_nibbles1,
                          dot_block_nibbles2, dot_block_nibbles4, dot_block_six1, dot_block_six2, dot_block_six4,
                          half_to_float, prefetch, wide_vectors)
@@ -340,23 +342,23 @@ def unpack_q6k(qs, qh, sc, d, g0, g1, out):
 
 WORDS = 8  # int64 words (4 int16 activations each) per 32-weight sub-block
 ACT_MAX = 32767  # int16 activations: x = dx * q, |q| <= ACT_MAX
+ACT8_MAX = 127  # int8 activations (the int8 kernels negate them: -128 is never used)
 FLOAT_MAX = np.float32(np.finfo(np.float32).max)
 FLOAT64_MAX = np.finfo(np.float64).max
 SMALLEST_SCALE = np.float32(1e-34)  # normal, and 1 / it fits a float32
 
 
 @njit(**OPTS)
-def quantize_activations(x, width):
-    """x (T, n_in) -> (q, dx, xq_sums): q int16 per `width` weights as int64 words of 4, (T, n_in // 4);
-    dx the scale per run, xq_sums dx * the sum of q per run (the sum of the rounded x).
-    A run holding inf or NaN gets a NaN scale, so the products it enters are NaN (as the reference's).
-    Runs of values below ~1e-30 are rounded in float64: their scale is subnormal, and its float32
-    reciprocal would overflow."""
+def round_activations(x, width, act_max, q):
+    """x (T, n_in) -> q (T * n_in integers, |q| <= act_max) and per run of `width` values dx (its scale)
+    and xq_sums (dx * the sum of q: the sum of the rounded x). A run holding inf or NaN gets a NaN
+    scale, so the products it enters are NaN (as the reference's). Runs of values below ~1e-30 are
+    rounded in float64: their scale is subnormal, and its float32 reciprocal would overflow."""
     n_tok, n_in = x.shape
     n_run = n_in // width
-    q = np.empty(n_tok * n_in, np.int16)
     dx = np.empty((n_tok, n_run), np.float32)
     xq_sums = np.empty((n_tok, n_run), np.float32)
+    top = np.float32(act_max)
     for t in range(n_tok):
         for b in range(n_run):
             amax = np.float32(0)
@@ -365,48 +367,64 @@ def quantize_activations(x, width):
                 v = x[t, b * width + j]
                 amax = max(amax, abs(v))
                 total += np.float64(v)
-            scale = amax / np.float32(ACT_MAX)
+            scale = amax / top
             if not (abs(total) <= FLOAT64_MAX and amax <= FLOAT_MAX):  # (np.isfinite is folded away here)
                 scale = np.float32(np.nan)
             qsum = np.int32(0)
             if scale >= SMALLEST_SCALE:  # finite values, and a float32 reciprocal that does not overflow
                 inv = np.float32(1) / scale
                 for j in range(width):
-                    v = min(max(np.rint(x[t, b * width + j] * inv), np.float32(-ACT_MAX)), np.float32(ACT_MAX))
-                    q[t * n_in + b * width + j] = np.int16(v)
+                    v = min(max(np.rint(x[t, b * width + j] * inv), -top), top)
+                    q[t * n_in + b * width + j] = v
                     qsum += np.int32(v)
             else:  # zeros, tiny values (a subnormal scale), inf or NaN: in float64, NaN-safe
                 inv64 = np.float64(1) / np.float64(scale) if scale > 0 else np.float64(0)
                 for j in range(width):
                     v64 = np.rint(np.float64(x[t, b * width + j]) * inv64)
-                    if not abs(v64) <= ACT_MAX:  # rounding at the edge, or NaN
-                        v64 = 0.0 if v64 != v64 else np.sign(v64) * ACT_MAX
-                    q[t * n_in + b * width + j] = np.int16(v64)
+                    if not abs(v64) <= act_max:  # rounding at the edge, or NaN
+                        v64 = 0.0 if v64 != v64 else np.sign(v64) * act_max
+                    q[t * n_in + b * width + j] = v64
                     qsum += np.int32(v64)
             dx[t, b] = scale
             xq_sums[t, b] = scale * np.float32(qsum)
-    return q.view(np.int64).reshape(n_tok, n_in // 4), dx, xq_sums
+    return dx, xq_sums
+
+
+@njit(**OPTS)
+def quantize_activations(x, width):
+    """x (T, n_in) -> (q, dx, xq_sums) for the int16 kernels: q int16 per `width` weights as int64 words
+    of 4, (T, n_in // 4); dx and xq_sums as round_activations gives them."""
+    q = np.empty(x.shape[0] * x.shape[1], np.int16)
+    dx, xq_sums = round_activations(x, width, ACT_MAX, q)
+    return q.view(np.int64).reshape(x.shape[0], x.shape[1] // 4), dx, xq_sums
+
+
+@njit(**OPTS)
+def quantize_activations8(x, width):
+    """quantize_activations for the int8 kernels: q int8, as int32 words of 4."""
+    q = np.empty(x.shape[0] * x.shape[1], np.int8)
+    dx, xq_sums = round_activations(x, width, ACT8_MAX, q)
+    return q.view(np.int32).reshape(x.shape[0], x.shape[1] // 4), dx, xq_sums
 
 
 @njit(**OPTS, inline="always")
-def fold_dots(row, dots, off, mode, dscale, mscale, s, xsum, offset, n_lanes):
-    """One token's integer dots of one block into its float sums, with the block's scales; offsets and
-    minimums multiply the sum of the same int16-rounded x (xsum) as the products."""
-    if mode == BYTES:
-        for r in range(n_lanes):
-            row[r] += dscale[r] * s * np.float32(dots[at(off + r)])
-    elif mode == SIX:  # the two 16-weight halves, each with its scale; their dots n_lanes apart
-        for r in range(n_lanes):
-            row[r] += dscale[r] * s * np.float32(dots[at(off + r)]) + mscale[r] * s * np.float32(dots[at(off + n_lanes + r)])
-    elif mode == 0:
-        for r in range(n_lanes):
-            row[r] += dscale[r] * (s * np.float32(dots[at(off + r)]) + offset * xsum)
-    elif mode == 1:
-        for r in range(n_lanes):
-            row[r] += dscale[r] * s * np.float32(dots[at(off + r)]) + mscale[r] * xsum
-    else:
-        for r in range(n_lanes):
-            row[r] += dscale[r] * s * np.float32(dots[at(off + r)]) - mscale[r] * xsum
+def fold_dots(int8, acc, t, dots, off, mode, dscale, mscale, s, xsum, offset, n_lanes):
+    """One token's integer dots of one block (dots[off:], 16 rows at a time) into its float sums
+    acc[t], with the block's scales; offsets and minimums multiply the sum of the same rounded x (xsum)
+    as the products. The int8 kernels' Q8_0 dots are of w + 128 (intrinsics.py)."""
+    for v in range(0, n_lanes, 16):
+        a = t * n_lanes + v
+        add_scaled_dots16(acc, a, dscale, v, dots, off + v, s)
+        if mode == SIX:  # the second 16-weight half's dots, n_lanes on
+            add_scaled_dots16(acc, a, mscale, v, dots, off + n_lanes + v, s)
+        elif mode == 0:
+            add_scaled16(acc, a, dscale, v, offset * xsum)
+        elif mode == 1:
+            add_scaled16(acc, a, mscale, v, xsum)
+        elif mode != BYTES:
+            add_scaled16(acc, a, mscale, v, -xsum)
+        elif int8:
+            add_scaled16(acc, a, dscale, v, np.float32(-128) * xsum)
 
 
 @njit(**OPTS, inline="always")
@@ -446,8 +464,15 @@ def quads_fit(mode, n_quads):
 # per sub-block, see intrinsics.py).
 
 @njit(**OPTS, inline="always")
-def dot_block1(kind, dots, o, qs, w_at, width, xs, xa):
-    if kind == NIBBLE_QUADS:
+def dot_block1(kind, int8, dots, o, qs, w_at, width, xs, xa):
+    if int8:
+        if kind == NIBBLE_QUADS:
+            dot_block8_nibbles1(dots, o, qs, w_at, width, xs, xa)
+        elif kind == FIVE_QUADS:
+            dot_block8_five1(dots, o, qs, w_at, width, xs, xa)
+        else:
+            dot_block8_bytes1(dots, o, qs, w_at, width, xs, xa)
+    elif kind == NIBBLE_QUADS:
         dot_block_nibbles1(dots, o, qs, w_at, width, xs, xa)
     elif kind == FIVE_QUADS:
         dot_block_five1(dots, o, qs, w_at, width, xs, xa)
@@ -458,8 +483,15 @@ def dot_block1(kind, dots, o, qs, w_at, width, xs, xa):
 
 
 @njit(**OPTS, inline="always")
-def dot_block2(kind, dots, oa, ob, qs, w_at, width, xs, xa, xb):
-    if kind == NIBBLE_QUADS:
+def dot_block2(kind, int8, dots, oa, ob, qs, w_at, width, xs, xa, xb):
+    if int8:
+        if kind == NIBBLE_QUADS:
+            dot_block8_nibbles2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
+        elif kind == FIVE_QUADS:
+            dot_block8_five2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
+        else:
+            dot_block8_bytes2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
+    elif kind == NIBBLE_QUADS:
         dot_block_nibbles2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
     elif kind == FIVE_QUADS:
         dot_block_five2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
@@ -470,8 +502,15 @@ def dot_block2(kind, dots, oa, ob, qs, w_at, width, xs, xa, xb):
 
 
 @njit(**OPTS, inline="always")
-def dot_block4(kind, dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd):
-    if kind == NIBBLE_QUADS:
+def dot_block4(kind, int8, dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd):
+    if int8:
+        if kind == NIBBLE_QUADS:
+            dot_block8_nibbles4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
+        elif kind == FIVE_QUADS:
+            dot_block8_five4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
+        else:
+            dot_block8_bytes4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
+    elif kind == NIBBLE_QUADS:
         dot_block_nibbles4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
     elif kind == FIVE_QUADS:
         dot_block_five4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
@@ -482,7 +521,7 @@ def dot_block4(kind, dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd):
 
 
 @njit(**OPTS, inline="always")
-def dot_item(kind, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width):
+def dot_item(kind, int8, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width):
     """matvec_dot_*'s work item: one group of rows (or a column range of it), token by token."""
     n_tok = dx.shape[0]
     n_lanes = width // 4
@@ -502,13 +541,13 @@ def dot_item(kind, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_s
         for t in range(n_tok):
             xb = t * n_words + b * WORDS
             for v in range(n_lanes // 16):
-                dot_block1(kind, dots, v * 16, flat, at0 + v * 64, width, xs, xb)
-            fold_dots(acc[t], dots, 0, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
+                dot_block1(kind, int8, dots, v * 16, flat, at0 + v * 64, width, xs, xb)
+            fold_dots(int8, acc, t, dots, 0, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
     store_group(acc, y, parts, g, k, n_lanes)
 
 
 @njit(**OPTS, inline="always")
-def dot_batch_item(kind, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width):
+def dot_batch_item(kind, int8, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width):
     """matvec_dot_batch_*'s work item: one group of rows (or a column range of it), tokens 4 or 2 at a time."""
     n_tok = dx.shape[0]
     n_lanes = width // 4
@@ -533,18 +572,18 @@ def dot_batch_item(kind, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx
             for v in range(n_lanes // 16):
                 w_at, o = at0 + v * 64, v * 16
                 if n == 4:
-                    dot_block4(kind, dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at, width, xs,
+                    dot_block4(kind, int8, dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at, width, xs,
                                xb, xb + n_words, xb + 2 * n_words, xb + 3 * n_words)
                 else:
-                    dot_block2(kind, dots, o, L + o, flat, w_at, width, xs, xb, xb + n_words)
+                    dot_block2(kind, int8, dots, o, L + o, flat, w_at, width, xs, xb, xb + n_words)
             for t in range(t0, t0 + n):
-                fold_dots(acc[t], dots, (t - t0) * L, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
+                fold_dots(int8, acc, t, dots, (t - t0) * L, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
             t0 += n
         if t0 < n_tok:  # an odd batch's last token
             xb = t0 * n_words + b * WORDS
             for v in range(n_lanes // 16):
-                dot_block1(kind, dots, v * 16, flat, at0 + v * 64, width, xs, xb)
-            fold_dots(acc[t0], dots, 0, mode, dscale, mscale, dx[t0, b], xq_sums[t0, b], offset, n_lanes)
+                dot_block1(kind, int8, dots, v * 16, flat, at0 + v * 64, width, xs, xb)
+            fold_dots(int8, acc, t0, dots, 0, mode, dscale, mscale, dx[t0, b], xq_sums[t0, b], offset, n_lanes)
     store_group(acc, y, parts, g, k, n_lanes)
 
 
@@ -554,6 +593,15 @@ def dot_setup(kind, qs, mode, x, parts):
     n_groups, n_sub, n_quads, width = qs.shape
     assert n_quads == kind and quads_fit(mode, kind)
     xq, dx, xq_sums = quantize_activations(x, 4 * WORDS)
+    return n_groups * max(1, parts.shape[0]), qs.reshape(-1), xq.reshape(-1), xq.shape[1], dx, xq_sums, n_sub, width
+
+
+@njit(**OPTS, inline="always")
+def dot8_setup(kind, qs, mode, x, parts):
+    """dot_setup for the int8 kernels: x's int8 words."""
+    n_groups, n_sub, n_quads, width = qs.shape
+    assert n_quads == kind and quads_fit(mode, kind) and kind != SIX_QUADS
+    xq, dx, xq_sums = quantize_activations8(x, 4 * WORDS)
     return n_groups * max(1, parts.shape[0]), qs.reshape(-1), xq.reshape(-1), xq.shape[1], dx, xq_sums, n_sub, width
 
 
@@ -574,7 +622,7 @@ def dot_setup(kind, qs, mode, x, parts):
 def matvec_dot_nibbles(qs, d, m, sc, mn, mode, offset, x, y, parts):
     n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(NIBBLE_QUADS, qs, mode, x, parts)
     for item in prange(n_items):
-        dot_item(NIBBLE_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
+        dot_item(NIBBLE_QUADS, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
 
@@ -583,7 +631,7 @@ def matvec_dot_nibbles(qs, d, m, sc, mn, mode, offset, x, y, parts):
 def matvec_dot_bytes(qs, d, m, sc, mn, mode, offset, x, y, parts):
     n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(BYTE_QUADS, qs, mode, x, parts)
     for item in prange(n_items):
-        dot_item(BYTE_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
+        dot_item(BYTE_QUADS, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
 
@@ -592,7 +640,7 @@ def matvec_dot_bytes(qs, d, m, sc, mn, mode, offset, x, y, parts):
 def matvec_dot_five(qs, d, m, sc, mn, mode, offset, x, y, parts):
     n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(FIVE_QUADS, qs, mode, x, parts)
     for item in prange(n_items):
-        dot_item(FIVE_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
+        dot_item(FIVE_QUADS, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
 
@@ -601,7 +649,7 @@ def matvec_dot_five(qs, d, m, sc, mn, mode, offset, x, y, parts):
 def matvec_dot_six(qs, d, m, sc, mn, mode, offset, x, y, parts):
     n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(SIX_QUADS, qs, mode, x, parts)
     for item in prange(n_items):
-        dot_item(SIX_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
+        dot_item(SIX_QUADS, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
 
@@ -610,7 +658,7 @@ def matvec_dot_six(qs, d, m, sc, mn, mode, offset, x, y, parts):
 def matvec_dot_batch_nibbles(qs, d, m, sc, mn, mode, offset, x, y, parts):
     n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(NIBBLE_QUADS, qs, mode, x, parts)
     for item in prange(n_items):
-        dot_batch_item(NIBBLE_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
+        dot_batch_item(NIBBLE_QUADS, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
 
@@ -619,7 +667,7 @@ def matvec_dot_batch_nibbles(qs, d, m, sc, mn, mode, offset, x, y, parts):
 def matvec_dot_batch_bytes(qs, d, m, sc, mn, mode, offset, x, y, parts):
     n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(BYTE_QUADS, qs, mode, x, parts)
     for item in prange(n_items):
-        dot_batch_item(BYTE_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
+        dot_batch_item(BYTE_QUADS, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
 
@@ -628,7 +676,7 @@ def matvec_dot_batch_bytes(qs, d, m, sc, mn, mode, offset, x, y, parts):
 def matvec_dot_batch_five(qs, d, m, sc, mn, mode, offset, x, y, parts):
     n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(FIVE_QUADS, qs, mode, x, parts)
     for item in prange(n_items):
-        dot_batch_item(FIVE_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+        dot_batch_item(FIVE_QUADS, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
                        n_sub, width)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
@@ -638,8 +686,71 @@ def matvec_dot_batch_five(qs, d, m, sc, mn, mode, offset, x, y, parts):
 def matvec_dot_batch_six(qs, d, m, sc, mn, mode, offset, x, y, parts):
     n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_setup(SIX_QUADS, qs, mode, x, parts)
     for item in prange(n_items):
-        dot_batch_item(SIX_QUADS, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+        dot_batch_item(SIX_QUADS, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
                        n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+# The int8-activation kernels (AVX512-VNNI's vpdpbusd: intrinsics.has_int8_dot): the same work items with
+# x rounded to int8 per 32, for every dot layout but Q6_K's (whose signed 6-bit weights keep int16).
+
+@njit(**PARALLEL)
+def matvec_dot8_nibbles(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot8_setup(NIBBLE_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_item(NIBBLE_QUADS, True, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+               n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot8_batch_nibbles(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot8_setup(NIBBLE_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_batch_item(NIBBLE_QUADS, True, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+               n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot8_five(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot8_setup(FIVE_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_item(FIVE_QUADS, True, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+               n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot8_batch_five(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot8_setup(FIVE_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_batch_item(FIVE_QUADS, True, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+               n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot8_bytes(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot8_setup(BYTE_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_item(BYTE_QUADS, True, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+               n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot8_batch_bytes(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot8_setup(BYTE_QUADS, qs, mode, x, parts)
+    for item in prange(n_items):
+        dot_batch_item(BYTE_QUADS, True, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+               n_sub, width)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
 

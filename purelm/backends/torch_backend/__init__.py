@@ -363,6 +363,18 @@ class TorchBackend(Backend):
     def clamp(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
         return torch.clamp(x, lo, hi)
 
+    def experts(self, gate: Tensor, up: Tensor, down: Tensor) -> tuple[list[Any], list[Any]]:
+        # the router's picks are read on the host (models/experts.py) every layer, which a captured
+        # CUDA graph could not replay: a model with experts runs its decode steps uncaptured
+        self.graphs = None
+        return super().experts(gate, up, down)
+
+    def mix_rows(self, n_rows: int, parts: list[tuple[np.ndarray, Any, np.ndarray]]) -> torch.Tensor:
+        out = torch.zeros((n_rows, parts[0][1].shape[1]), dtype=self.dtype, device=self.device)
+        for rows, y, w in parts:  # experts in order: a token's sum does not depend on its company
+            out.index_add_(0, self._index(rows), y * torch.from_numpy(w).to(self.device, self.dtype)[:, None])
+        return out
+
     def to_numpy(self, x: Any) -> np.ndarray:
         return x.float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
 

@@ -1,0 +1,135 @@
+"""One config for a purelm Ray Serve application: the model, the server inside each replica, and how
+Ray places and scales the replicas. It is a plain dict on the wire (the `args` of a `serve run` YAML
+file, the CLI's flags, Python), checked here once, field by field, before anything starts."""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ...errors import UsageError
+from ...sampling import check_int
+
+AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "target_ongoing_requests")
+
+
+@dataclass
+class RayServeConfig:
+    # the model, loaded once per replica
+    model: str | None = None  # a .gguf path (on every node) or a known name (pulled on each node); None: smollm2
+    n_ctx: int | None = None
+    backend: str | None = None  # None: numba on CPU replicas, torch on GPU replicas
+    device: str | None = None
+    dtype: str | None = None
+    threads: int | None = None  # CPU threads per replica (default: its num_cpus, at least 1)
+    # purelm's server inside each replica (see purelm.server.ServerConfig)
+    parallel: int = 8
+    batch: int = 512
+    max_queue: int = 64
+    api_key: str | None = None
+    model_name: str | None = None
+    prefix_cache: bool = True
+    # Ray Serve
+    name: str = "purelm"  # the application's name
+    route_prefix: str = "/"
+    replicas: int = 1  # fixed replica count (ignored when autoscaling is set)
+    autoscaling: dict | None = None  # {"min_replicas", "max_replicas", "target_ongoing_requests"}
+    num_cpus: float = 1.0  # per replica
+    num_gpus: float = 0.0  # per replica; > 0 puts the model on the torch backend's CUDA device
+    max_ongoing_requests: int | None = None  # per replica (default: 2 * parallel)
+    prefix_routing: bool = True  # route requests sharing a prompt prefix to the replica that cached it
+    imbalance: int | None = None  # queue-length gap past which prefix affinity yields (default: parallel)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "RayServeConfig":
+        if d is None:
+            return cls()
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, dict):
+            raise UsageError(f"the Ray Serve config must be a mapping, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise UsageError(f"unknown Ray Serve config key(s): {', '.join(map(str, unknown))} "
+                             f"(known: {', '.join(known)})")
+        c = cls(**d)
+        c.check()
+        return c
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check(self) -> None:
+        for name in ("model", "backend", "device", "dtype", "api_key", "model_name", "name", "route_prefix"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise UsageError(f"{name} must be a string, got {v!r}")
+        if not self.name:
+            raise UsageError("name must not be empty")
+        if not self.route_prefix.startswith("/"):
+            raise UsageError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+        if self.backend not in (None, "numba", "numpy", "torch"):
+            raise UsageError(f"backend must be numba, numpy, torch or None, got {self.backend!r}")
+        for name in ("prefix_cache", "prefix_routing"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, lo in (("parallel", 1), ("batch", 1), ("max_queue", 0), ("replicas", 1)):
+            check_int(name, getattr(self, name), lo)
+        for name in ("n_ctx", "threads", "max_ongoing_requests", "imbalance"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        self.num_cpus = _number("num_cpus", self.num_cpus, 0)
+        self.num_gpus = _number("num_gpus", self.num_gpus, 0)
+        if self.num_gpus > 0 and self.backend not in (None, "torch"):
+            raise UsageError(f"num_gpus = {self.num_gpus}: GPU replicas run the torch backend, not {self.backend}")
+        if self.autoscaling is not None:
+            a = self.autoscaling
+            if not isinstance(a, dict) or set(a) - set(AUTOSCALING_KEYS):
+                raise UsageError(f"autoscaling must be a mapping with keys among {', '.join(AUTOSCALING_KEYS)}, "
+                                 f"got {a!r}")
+            lo = check_int("autoscaling.min_replicas", a.get("min_replicas", 1), 0)
+            hi = check_int("autoscaling.max_replicas", a.get("max_replicas", max(lo, 1)), 1)
+            if hi < lo:
+                raise UsageError(f"autoscaling.max_replicas ({hi}) is less than min_replicas ({lo})")
+            if "target_ongoing_requests" in a:
+                _number("autoscaling.target_ongoing_requests", a["target_ongoing_requests"], 0, strict=True)
+
+    # -- what the pieces take
+    def load_kwargs(self) -> dict[str, Any]:
+        """purelm.load's arguments in a replica (or a Ray Data actor)."""
+        backend, device = self.backend, self.device
+        if self.num_gpus > 0:  # Ray sets CUDA_VISIBLE_DEVICES: "cuda" is this replica's GPU
+            backend, device = "torch", device or "cuda"
+        threads = self.threads or max(1, math.floor(self.num_cpus))
+        return dict(backend=backend, n_ctx=self.n_ctx, threads=threads, device=device, dtype=self.dtype)
+
+    def server_config(self) -> Any:
+        from ...server import ServerConfig
+
+        aliases = (self.model,) if self.model and not self.model.lower().endswith(".gguf") else ()
+        return ServerConfig(parallel=self.parallel, batch=self.batch, max_queue=self.max_queue,
+                            api_key=self.api_key, model_name=self.model_name, aliases=aliases,
+                            prefix_cache=self.prefix_cache)
+
+    def deployment_options(self) -> dict[str, Any]:
+        """The model deployment's Serve options: replicas or autoscaling, resources, queue depth."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests or 2 * self.parallel,
+        }
+        if self.autoscaling is not None:
+            a = dict(self.autoscaling)
+            a.setdefault("target_ongoing_requests", self.parallel)  # a replica's slots, kept busy
+            opts["autoscaling_config"] = a
+        else:
+            opts["num_replicas"] = self.replicas
+        return opts
+
+
+def _number(name: str, value: object, lo: float, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value < lo or (strict and value == lo):
+        raise UsageError(f"{name} must be a number {'>' if strict else '>='} {lo}, got {value!r}")
+    return float(value)

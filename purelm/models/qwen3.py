@@ -1,0 +1,89 @@
+"""Qwen3 (dense): LLaMA's pre-norm decoder with an RMSNorm of each query and key head before the rotary
+embedding, NeoX-style rotation, no biases, and a head size that need not be width / heads.
+
+    n   = RMSNorm(x)
+    h   = x + Wo · Attention(rope(N_q(Wq·n)), rope(N_k(Wk·n)), Wv·n)   N_q, N_k: RMSNorm over each head
+    out = h + Wdown · (silu(Wgate·m) * Wup·m),                         m = RMSNorm(h)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import AttentionSpec, Backend, KVCache, Rope
+from ..convert_spec import ConvertSpec, text_model_hparams
+from ..errors import PurelmError
+from ..formats.gguf import GGUFFile
+from .common import Model, Params, Weights
+from .layers import Attention, Block, GatedFFN, HeadNorm, Norm, output_head
+
+
+class Qwen3(Model):
+    rope_neox = True  # GGUF keeps HF's rotate-half q/k order
+
+    def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
+        super().__init__(gguf, backend)
+        p, w = Params(gguf), Weights(gguf, backend)
+        self.read_sizes(p, rms_norm=True)
+        n_ff = p.int("feed_forward_length")
+        rope = self.read_rope(p, neox=self.rope_neox)
+        spec = AttentionSpec(scale=1.0 / np.sqrt(self.head_dim))
+
+        self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
+        self.out_norm = Norm.rms_norm(self, w, "output_norm")
+        self.output, self.output_b = output_head(self, w)  # tied in the small Qwen3s
+        self.layers = [Block(
+            attn_norm=Norm.rms_norm(self, w, f"blk.{i}.attn_norm"),
+            attn=self.attention(w, i, rope, spec),
+            ffn_norm=Norm.rms_norm(self, w, f"blk.{i}.ffn_norm"),
+            ffn=GatedFFN.load(self, w, i, n_ff, "silu"),
+        ) for i in range(self.n_layer)]
+
+    def attention(self, w: Weights, i: int, rope: Rope, spec: AttentionSpec) -> Attention:
+        return Attention.load(self, w, i, rope, spec, bias="none",
+                              q_norm=HeadNorm.rms_norm(self, w, f"blk.{i}.attn_q_norm.weight", optional=False),
+                              k_norm=HeadNorm.rms_norm(self, w, f"blk.{i}.attn_k_norm.weight", optional=False))
+
+    def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
+        x = self.ops.embed(self.tok_embd, ids)
+        for L in self.layers:
+            x = x + L.attn(L.attn_norm(x), positions, cache)
+            x = x + L.ffn(L.ffn_norm(x))
+        return self.out_norm(x)
+
+
+# ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
+
+# the pre-norm decoder's tensors without biases: Qwen3's and SmolLM3's
+TENSORS = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+]
+REQUIRED = ["token_embd.weight", "output_norm.weight"] + [
+    f"blk.0.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                                  "ffn_gate", "ffn_up", "ffn_down")]
+QK_NORMS = [("model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),
+            ("model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight")]
+
+
+def hparams(cfg: dict[str, Any]) -> dict[str, Any]:
+    # llama.cpp's Qwen3 ignores a sliding window (Qwen3's configs ship it switched off)
+    if cfg.get("use_sliding_window"):
+        raise PurelmError("Qwen3 with use_sliding_window is not supported (llama.cpp's qwen3 has no window)")
+    return text_model_hparams(cfg, "Qwen3")
+
+
+ARCHITECTURES = {"qwen3": Qwen3}
+CONVERTERS = {"Qwen3ForCausalLM": ConvertSpec("qwen3", TENSORS + QK_NORMS, hparams,
+                                              REQUIRED + ["blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"])}
