@@ -20,8 +20,8 @@ Seeded: the same arguments give a byte-identical file.
 
 `--moe` writes a `qwen3moe` model instead (per-head q/k norms, a router and 3-D expert tensors in every
 layer): by default 24 layers of width 1024, 8 heads of 128 (4 kv heads), 64 experts of width 384 with 8
-picked per token. Each token reads as many weight bytes as the dense LLaMA of `--moe-dense-twin` (same
-attention, ffn = 8 x 384), which benchmarks/moe_bench.py decodes beside it.
+picked per token. Each token reads as many weight bytes as the dense model of `--moe-dense-twin` (the same
+attention and q/k norms, ffn = 8 x 384: a dense qwen3), which benchmarks/moe_bench.py decodes beside it.
 """
 from __future__ import annotations
 
@@ -79,9 +79,10 @@ def build_writer(path: str | Path, hidden: int = 2048, layers: int = 22, ffn: in
                  kv_heads: int = 4, vocab: int = 32000, ctx: int = 2048, qtype: GGMLType = GGMLType.Q4_0,
                  output_type: GGMLType = GGMLType.Q8_0, embd_type: GGMLType | None = None,
                  seed: int = 0, std: float = 0.02, experts: int = 0, experts_used: int = 0,
-                 expert_ffn: int = 0) -> GGUFWriter:
+                 expert_ffn: int = 0, qwen3: bool = False) -> GGUFWriter:
     """A GGUFWriter holding the metadata and lazy (generated on write) tensors. With `experts`, a
-    qwen3moe model: every layer's feed-forward is `experts` experts of width `expert_ffn`."""
+    qwen3moe model: every layer's feed-forward is `experts` experts of width `expert_ffn`; `qwen3`: a
+    dense qwen3 model (LLaMA with RMS norms of each q and k head)."""
     embd_type = embd_type or qtype
     for t in (qtype, output_type, embd_type):
         if t not in SUPPORTED_QUANT:
@@ -94,7 +95,7 @@ def build_writer(path: str | Path, hidden: int = 2048, layers: int = 22, ffn: in
 
     if experts and not 1 <= experts_used <= experts:
         raise ValueError("experts_used must be in [1, experts]")
-    arch = "qwen3moe" if experts else "llama"
+    arch = "qwen3moe" if experts else "qwen3" if qwen3 else "llama"
     w = GGUFWriter(path)
     U32, F32 = ValueType.UINT32, ValueType.FLOAT32
     w.add("general.architecture", arch)
@@ -164,9 +165,10 @@ def build_writer(path: str | Path, hidden: int = 2048, layers: int = 22, ffn: in
         matrix(b + "attn_v.weight", kv_dim, hidden, qtype)
         matrix(b + "attn_output.weight", hidden, hidden, qtype)
         norm(b + "ffn_norm.weight", hidden)
-        if experts:  # llama.cpp keeps the router in F32
+        if arch != "llama":
             norm(b + "attn_q_norm.weight", head_dim)
             norm(b + "attn_k_norm.weight", head_dim)
+        if experts:  # llama.cpp keeps the router in F32
             matrix(b + "ffn_gate_inp.weight", experts, hidden, GGMLType.F32)
             matrix(b + "ffn_gate_exps.weight", expert_ffn, hidden, qtype, experts)
             matrix(b + "ffn_up_exps.weight", expert_ffn, hidden, qtype, experts)
@@ -254,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--experts-used", type=int, default=8)
     ap.add_argument("--expert-ffn", type=int, default=384)
-    ap.add_argument("--moe-dense-twin", action="store_true", help="the dense LLaMA that reads what one token "
-                    "of --moe reads: --moe's shape with ffn = experts-used x expert-ffn")
+    ap.add_argument("--moe-dense-twin", action="store_true", help="the dense model that reads what one token "
+                    "of --moe reads: a qwen3 (--moe's attention) with ffn = experts-used x expert-ffn")
     ap.add_argument("--no-verify", action="store_true", help="skip the llama-cpp-python load check")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = ap.parse_args(argv)
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                      args.ctx, qt(args.type), qt(args.output_type),
                      qt(args.embd_type) if args.embd_type else None, args.seed,
                      experts=args.experts if args.moe else 0, experts_used=args.experts_used,
-                     expert_ffn=args.expert_ffn)
+                     expert_ffn=args.expert_ffn, qwen3=args.moe_dense_twin)
     n_params = sum(int(np.prod(t.shape)) for t in w.tensors)
     t0 = time.perf_counter()
     last = [0.0]

@@ -172,9 +172,10 @@ def main() -> None:
                        max_tokens=args.data_max_tokens).select_columns(["id", "completion_tokens"]).take_all()
         wall = time.perf_counter() - t0
         assert sorted(r["id"] for r in rows) == list(range(args.prompts)), "a prompt was lost or doubled"
+        generated = sum(r["completion_tokens"] for r in rows)
         res["ray_data_processor"] = {"prompts": args.prompts, "wall_s": round(wall, 2),
                                      "prompts_per_s": round(args.prompts / wall, 2),
-                                     "generated_tokens_per_s": round(sum(r["completion_tokens"] for r in rows) / wall, 1)}
+                                     "generated_tokens_per_s": round(generated / wall, 1)}
     finally:
         ray.shutdown()
     out["load_avg_end"] = round(load_avg(), 2)

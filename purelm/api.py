@@ -12,6 +12,7 @@ import numpy as np
 from . import speculative
 from .backends import BACKENDS, get_backend
 from .backends.base import Backend
+from .backends.kv_cache import check_cache_type
 from .chat import ChatCompletion, ChatTemplate, parse_tool_calls
 from .formats.ggml_legacy import open_model_file
 from .errors import ContextOverflowError, FormatError, UsageError
@@ -83,8 +84,9 @@ class LLM:
 
     def __init__(self, path: str | os.PathLike, backend: str | Backend | None = None,
                  n_ctx: int | None = None, threads: int | None = None, device: str | None = None,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, cache_type_k: str = "f32", cache_type_v: str = "f32") -> None:
         _check_load_args(backend, n_ctx, threads)
+        check_cache_type("cache_type_k", cache_type_k), check_cache_type("cache_type_v", cache_type_v)
         self.path = str(path)
         self.file = open_model_file(path)  # GGUF, or a legacy ggml/ggmf/ggjt file
         if not self.file.tensors:  # llama.cpp's ggml-vocab-*.gguf: readable, but nothing to run
@@ -92,6 +94,7 @@ class LLM:
                               "(purelm tokenize, purelm.tokenizer.Tokenizer.from_file) but not run")
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, threads, device, dtype)
         self.model = build_model(self.file, self.backend)
+        self.model.cache_type_k, self.model.cache_type_v = cache_type_k, cache_type_v  # every cache it makes
         self.tokenizer = Tokenizer.from_gguf_metadata(self.file.metadata, path=self.file.path)
         self.n_ctx = n_ctx or min(self.model.n_ctx_train, DEFAULT_CTX)
         self.cache = self.model.new_cache(self.n_ctx)
@@ -152,7 +155,9 @@ class LLM:
             return None, 0
         if isinstance(draft, (str, os.PathLike)):
             if self._draft is None or self._draft[0] != draft:  # loaded once, kept for the next calls
-                self._draft = (draft, LLM(resolve(draft), backend=self.backend, n_ctx=self.n_ctx))
+                self._draft = (draft, LLM(resolve(draft), backend=self.backend, n_ctx=self.n_ctx,
+                                                 cache_type_k=self.model.cache_type_k,
+                                                 cache_type_v=self.model.cache_type_v))
             draft = self._draft[1]
         if not isinstance(draft, LLM) or draft is self:  # itself: both would write into one cache
             raise UsageError(f"draft must be a model path, a known name or another LLM, got {type(draft).__name__}")
@@ -315,12 +320,16 @@ class LLM:
 
 def load(path_or_name: str | os.PathLike | None = None, backend: str | Backend | None = None,
          n_ctx: int | None = None, threads: int | None = None, device: str | None = None,
-         dtype: str | None = None) -> LLM:
+         dtype: str | None = None, cache_type_k: str = "f32", cache_type_v: str = "f32") -> LLM:
     """Open a GGUF file or a legacy ggml/ggmf/ggjt one (or a known model's name, pulled on first use;
     None: the default model). `backend`: "numba", "numpy", "torch" or None (the fastest CPU backend);
-    `device` ("cuda", "cuda:N", "cpu") and `dtype` ("bf16", "fp16", "fp32") are the torch backend's. Bad
-    arguments raise `UsageError`; a bad file `FormatError`."""
+    `device` ("cuda", "cuda:N", "cpu") and `dtype` ("bf16", "fp16", "fp32") are the torch backend's.
+    `cache_type_k`, `cache_type_v`: how the KV cache stores keys and values, "f32", "f16" (half the
+    bytes) or "q8_0" (about a quarter; numba and numpy backends), as llama.cpp's --cache-type-k/-v.
+    Bad arguments raise `UsageError`; a bad file `FormatError`."""
     if not (path_or_name is None or isinstance(path_or_name, (str, os.PathLike))):
         raise UsageError(f"path_or_name must be a path, a model name or None, got {type(path_or_name).__name__}")
     _check_load_args(backend, n_ctx, threads)
-    return LLM(resolve(path_or_name), backend=backend, n_ctx=n_ctx, threads=threads, device=device, dtype=dtype)
+    check_cache_type("cache_type_k", cache_type_k), check_cache_type("cache_type_v", cache_type_v)
+    return LLM(resolve(path_or_name), backend=backend, n_ctx=n_ctx, threads=threads, device=device, dtype=dtype,
+               cache_type_k=cache_type_k, cache_type_v=cache_type_v)

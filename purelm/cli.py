@@ -83,6 +83,10 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx", type=int, default=None,
                    help="context length in tokens, at least 1 (default: min(model's, 4096); "
                         "more than the model was trained on warns)")
+    for short, name in (("-ctk", "k"), ("-ctv", "v")):
+        p.add_argument(short, f"--cache-type-{name}", dest=f"cache_type_{name}", default="f32", metavar="TYPE",
+                       help=f"KV cache type for {'keys' if name == 'k' else 'values'}: f32 (default), f16 (half "
+                            "the memory) or q8_0 (about a quarter; numba and numpy backends)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -121,6 +125,9 @@ def _check_runtime_args(a: argparse.Namespace) -> None:
         raise UsageError(f"--threads must be at least 1, got {a.threads}")
     if a.ctx is not None and a.ctx < 1:
         raise UsageError(f"-c/--ctx must be at least 1, got {a.ctx}")
+    from .backends.kv_cache import check_cache_type
+
+    check_cache_type("-ctk/--cache-type-k", a.cache_type_k), check_cache_type("-ctv/--cache-type-v", a.cache_type_v)
 
 
 def _load(a: argparse.Namespace, n_ctx: int | None):
@@ -130,7 +137,8 @@ def _load(a: argparse.Namespace, n_ctx: int | None):
 
     if (a.device or a.dtype) and a.backend != "torch":
         raise UsageError("--device and --dtype are options of the torch backend: add --backend torch")
-    llm = load(a.model, backend=a.backend, n_ctx=n_ctx, threads=a.threads, device=a.device, dtype=a.dtype)
+    llm = load(a.model, backend=a.backend, n_ctx=n_ctx, threads=a.threads, device=a.device, dtype=a.dtype,
+               cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v)
     used = getattr(llm.backend, "threads", None)  # numba caps at NUMBA_NUM_THREADS (the cores by default)
     if a.threads is not None and used is None:
         _warn(f"--threads {a.threads}: the {llm.backend.name} backend leaves threads to BLAS; ignored")
@@ -211,6 +219,7 @@ def cmd_warmup(a: argparse.Namespace) -> int:
     llm = _load(a, a.ctx or 64)
     llm.logits([llm.tokenizer.bos_id or 0] * 16)  # prefill path (longer than the decode kernels take)
     llm.generate([llm.tokenizer.bos_id or 0], max_tokens=2, temperature=0, ignore_eos=True)  # decode path
+    getattr(llm.backend, "finish_compiling", lambda: None)()  # what a first start compiles in the background
     print(_safe(f"warm: {llm.backend.name} kernels for {llm.path} ready in {time.perf_counter() - t0:.1f} s"))
     return 0
 

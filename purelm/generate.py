@@ -101,12 +101,19 @@ def stream_tokens(model: Model, tokenizer, cache: KVCache, prompt: Sequence[int]
     timings = timings if timings is not None else {}
 
     t0 = time.perf_counter()
-    reuse = cache.tokens
-    keep = 0
-    while keep < min(len(reuse), len(prompt) - 1) and reuse[keep] == prompt[keep]:
-        keep += 1
-    cache.truncate(keep)
-    logits = prefill(model, cache, prompt[keep:])
+    reuse, seq = cache.tokens, cache.seqs[0]
+    held = seq.prompt_logits
+    if held is not None and held[0] == len(prompt) and reuse[:len(prompt)] == prompt:  # this prompt again
+        keep = len(prompt)
+        cache.truncate(keep)
+        logits = held[1].copy()
+    else:
+        keep = 0
+        while keep < min(len(reuse), len(prompt) - 1) and reuse[keep] == prompt[keep]:
+            keep += 1
+        cache.truncate(keep)
+        logits = prefill(model, cache, prompt[keep:])
+        seq.prompt_logits = (len(prompt), logits.copy())
     cache.tokens = list(prompt)
     timings.update(prompt_tokens=len(prompt), prompt_eval_tokens=len(prompt) - keep,
                    prompt_s=time.perf_counter() - t0)

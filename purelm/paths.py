@@ -46,9 +46,23 @@ def numba_cache(name: str, sources: Iterable[Path]) -> Iterator[None]:
     if os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR:
         yield
         return
-    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in sorted(sources))).hexdigest()[:16]
-    numba.config.CACHE_DIR = str(cache_dir() / "numba" / f"{name}-{digest}")
+    numba.config.CACHE_DIR = str(cache_dir() / "numba" / f"{name}-{_digest(sources)}")
     try:
         yield
     finally:
         numba.config.CACHE_DIR = ""
+
+
+def _digest(sources: Iterable[Path]) -> str:
+    return hashlib.sha256(b"".join(Path(f).read_bytes() for f in sorted(sources))).hexdigest()[:16]
+
+
+def numba_notes_dir(name: str, sources: Iterable[Path]) -> Path:
+    """A folder for purelm's own notes about the kernels numba_cache(name, sources) caches (which
+    warm-up steps have filled the cache): the cache's folder, or beside the kernels in
+    $NUMBA_CACHE_DIR. Named by the sources' digest as the cache is, so an upgrade starts afresh."""
+    user = os.environ.get("NUMBA_CACHE_DIR")
+    digest = _digest(sources)
+    if user:
+        return Path(user) / f"purelm-{name}-{digest}"
+    return cache_dir() / "numba" / f"{name}-{digest}" / "purelm-notes"

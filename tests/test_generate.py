@@ -156,3 +156,17 @@ def test_generation_stops_at_eos_and_streams_whole_characters():
 def test_smollm2_says_paris(smollm2_path):
     llm = purelm.load(smollm2_path, backend="numpy", n_ctx=128)
     assert llm.generate("The capital of France is", max_tokens=2, temperature=0).startswith(" Paris")
+
+
+def test_the_same_prompt_twice_gives_the_same_sample(fixtures):
+    """The second run reuses the cached prompt and its logits: not its last token run again as a
+    decode token (whose rounded activations would give other bits than the prompt pass)."""
+    import purelm
+
+    llm = purelm.load(fixtures / "llama-q8_0.gguf", backend="numba", threads=2, n_ctx=96)
+    prompt = list(range(30, 50))  # longer than a decode step: its pass is a matrix product
+    opts = dict(max_tokens=8, temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, ignore_eos=True)
+    runs = [llm.complete(prompt, seed=s, **opts).tokens for s in (1, 2, 3, 1, 2, 3)]
+    assert runs[:3] == runs[3:]
+    llm.reset()
+    assert llm.complete(prompt, seed=2, **opts).tokens == runs[1]  # as from an empty cache

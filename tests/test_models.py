@@ -23,7 +23,7 @@ def backends():
     from purelm.backends.numba_backend import NumbaBackend
 
     out = [NumpyBackend(), NumbaBackend(2, int16_dot=False)]
-    int16, int8 = NumbaBackend(2, int8_dot=False), NumbaBackend(2)
+    int16, int8 = NumbaBackend(2), NumbaBackend(2, int8_dot=True)
     return out + [b for b in (int16, int8) if b.int16_dot and (b is int16 or b.int8_dot)]
 
 

@@ -7,11 +7,11 @@ an existing cache, a sliding window, softcap and ALiBi. Then the tiny model of e
 the real SmolLM2 file (teacher-forced top-1 agreement).
 
 On x86 CPUs with AVX2, decode products of the repacked quantized types (packing.DOT_TYPES: Q4_0, Q4_1,
-Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) take int16 activations (the "dot" kernels), int8 ones where the CPU
-has AVX512-VNNI (all but Q6_K); they are held to 1e-5 * max|y| against the reference fed the same rounded
-activations (conftest.activation_rule, from the rule), and to 2e-4 (int16) or 2e-2 (int8) against the
-exact product; the int16 kernels are tested through a backend with int8_dot=False, the float kernels
-through one with int16_dot=False.
+Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) take int16 activations (the "dot" kernels), and optionally int8
+ones where the CPU has AVX512-VNNI (all but Q6_K, prompts too); they are held to 1e-5 * max|y| against
+the reference fed the same rounded activations (conftest.activation_rule, from the rule), and to 2e-4
+(int16) or 2e-2 (int8) against the exact product; the int8 kernels are tested through a backend with
+int8_dot=True, the float kernels through one with int16_dot=False.
 
 Tolerances: a matrix product agrees within 1e-5 * max|y| (float32 sums taken in another order; observed
 ~3e-7); attention within 1e-5 * max|out|; elementwise ops within rtol 2e-6 plus atol 1e-7 (4e-7 for
@@ -50,7 +50,7 @@ N_IN, N_OUT = 512, 131  # 131 rows: two full groups of 64 and three rows over
 SCALE_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q3_K: (108,), T.IQ4_NL: (0,)}
 
 REF = NumpyBackend()
-BACKENDS = {"repacked": NumbaBackend(2), "int16": NumbaBackend(2, int8_dot=False), "float": NumbaBackend(2, int16_dot=False),
+BACKENDS = {"repacked": NumbaBackend(2), "int8": NumbaBackend(2, int8_dot=True), "float": NumbaBackend(2, int16_dot=False),
             "in-place": NumbaBackend(2, repack=False), "1-thread": NumbaBackend(1)}
 FLOAT_BACKENDS = [BACKENDS["float"], BACKENDS["in-place"]]  # every product in float32
 
@@ -88,9 +88,11 @@ def inputs(n_tok: int, n_in: int = N_IN, seed: int = 1) -> np.ndarray:
 
 
 def rounding(w, x):
-    """The rounding of x that `linear(x, w)` applies (conftest.activation_rule), or None: exact x."""
+    """The rounding of x that `linear(x, w)` applies (conftest.activation_rule), or None: exact x.
+    The int8 kernels take every row count; the int16 ones decode rows (prompts go to float32 BLAS)."""
+    rule = activation_rule(w)
     short = x.size // x.shape[-1] <= numba_backend.MATVEC_MAX_TOKENS
-    return activation_rule(w) if short else None
+    return rule if short or rule is int8_activations else None
 
 
 def check_product(got, x, w, ref) -> None:
@@ -116,12 +118,12 @@ def test_linear_matches_numpy(qtype, mode):
         x = inputs(n_tok)
         check_product(be.linear(x, w), x, w, lambda x: REF.linear(x, t))
         check_product(be.linear(x[:1], w, bias), x[:1], w, lambda x: REF.linear(x, t, bias))
-    close(be.linear(x, w, bias), REF.linear(x, t, bias))
+    check_product(be.linear(x, w, bias), x, w, lambda x: REF.linear(x, t, bias))
     assert (w.packed is not None and w.packed.family.endswith("_dot")) == (
         be.int16_dot and be.repack and qtype in DOT_TYPES)
 
 
-@pytest.mark.parametrize("mode", ["repacked", "int16"])
+@pytest.mark.parametrize("mode", ["repacked", "int8"])
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0], ids=lambda t: t.name)
 def test_rounded_activations_keep_inf_nan_and_zero_runs(qtype, mode):
     be = BACKENDS[mode]
@@ -367,7 +369,7 @@ def test_tiny_models_match_numpy(arch, qtype):
     path = FIXTURES / f"{arch}-{qtype}.gguf"
     ref = build_model(GGUFFile(path), REF)
     want = ref.forward(ids, ref.new_cache(64), all_logits=True)
-    for be in FLOAT_BACKENDS + [BACKENDS["repacked"]]:
+    for be in FLOAT_BACKENDS + [BACKENDS["repacked"], BACKENDS["int8"]]:
         rel = logits_rel(be)
         model = build_model(GGUFFile(path), be)
         cache = model.new_cache(64)
@@ -410,7 +412,7 @@ def test_smollm2_agrees_with_numpy():
     ids = np.array(Tokenizer.from_gguf_metadata(ref.gguf.metadata).encode(TEXT), np.int64)
     assert len(ids) >= 250
     want = ref.forward(ids, ref.new_cache(512), all_logits=True)
-    for be in (BACKENDS["repacked"], BACKENDS["int16"], BACKENDS["in-place"]):
+    for be in (BACKENDS["repacked"], BACKENDS["int8"], BACKENDS["in-place"]):
         # int16 activations through 30 layers: 6.3e-3 measured (logits up to ~20); float32: < 1e-3;
         # int8 activations (llama.cpp's rounding) move logits by ~1 (up to ~35) and flip near-ties:
         # held to the distribution (KL divergence 0.003 measured over 268 decode steps) instead.
@@ -420,7 +422,8 @@ def test_smollm2_agrees_with_numpy():
         cache = model.new_cache(512)
         got = model.forward(ids, cache, all_logits=True)  # teacher-forced, prefill path
         agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
-        assert agree >= 0.99, agree
+        assert agree >= (0.97 if int8 else 0.99), agree  # int8: 0.987 measured (700 tokens)
+        assert kl_divergence(want, got) < (0.01 if int8 else 1e-4)  # int8: 0.0018 measured
         short = model.forward(ids[:12], model.new_cache(64), all_logits=True)
         assert np.abs(short - want[:12]).max() < tol
         assert np.mean(short.argmax(-1) == want[:12].argmax(-1)) >= (0.9 if int8 else 1.0)
@@ -537,14 +540,16 @@ def test_int16_activations_can_be_turned_off(monkeypatch):
     assert w.packed.family == "nibble"
     monkeypatch.setenv("PURELM_INT16_DOT", "1")
     assert NumbaBackend(1).int16_dot == has_int16_dot()
-    monkeypatch.setenv("PURELM_INT8_DOT", "0")
-    be = NumbaBackend(1)
+    monkeypatch.delenv("PURELM_INT8_DOT", raising=False)
+    be = NumbaBackend(1)  # int8 only when asked for
     assert not be.int8_dot and be.int16_dot == has_int16_dot()
     w = be.weight(tensor(T.Q4_0))
     be.linear(x, w)
     assert w.kernel not in numba_backend.MATVEC8.values()
     monkeypatch.setenv("PURELM_INT8_DOT", "1")
     assert NumbaBackend(1).int8_dot == (has_int16_dot() and has_int8_dot())
+    monkeypatch.setenv("PURELM_INT16_DOT", "0")  # no integer kernels at all
+    assert not NumbaBackend(1).int8_dot
 
 
 def test_int16_activations_only_for_cpus_measured_faster(monkeypatch):

@@ -33,6 +33,8 @@ from purelm.integrations.ray import RayServeConfig, build_app, process  # noqa: 
 from purelm.integrations.ray.router import PrefixTable, block_hashes, prompt_text  # noqa: E402
 from purelm.server import ServerConfig, create_app  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")  # Ray's own, from its internals
+
 N_CTX = 512
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 APP = "purelm-test"
@@ -78,8 +80,10 @@ def cluster(smollm2_path):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = {"model": str(smollm2_path), "n_ctx": N_CTX, "replicas": 2, "num_cpus": 1, "parallel": 8,
                "name": APP}
-        serve.run(build_app(cfg), name=APP, route_prefix="/")
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        serve.run(build_app(cfg), name=APP, route_prefix="/purelm")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/purelm/v1", api_key="none", max_retries=0,
+                               timeout=60)
+        client.port = port
         yield client
     finally:
         serve.shutdown()
@@ -167,8 +171,32 @@ def test_16_concurrent_streaming_clients_get_the_single_process_servers_greedy_r
     want = local.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0)
     assert r.choices[0].message.content == want.choices[0].message.content and r.usage == want.usage
     assert [m.id for m in cluster.models.list()] == [MODEL]
+    base = f"http://127.0.0.1:{cluster.port}/purelm"
+    health = httpx.get(base + "/health", timeout=30)
+    assert health.json()["status"] == "ok" and health.headers["x-purelm-replica"] in live
+    assert "purelm_generated_tokens_total" in httpx.get(base + "/metrics", timeout=30).text
     with pytest.raises(openai.NotFoundError, match="does not exist"):  # purelm's own errors come through
         cluster.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+
+
+def test_without_prefix_routing_the_replicas_are_the_ingress(cluster, fixtures):
+    """purelm's app under serve.ingress as the application's only deployment: Serve's proxy routes to it."""
+    model = str(fixtures / "llama-q8_0.gguf")
+    serve.run(build_app({"model": model, "prefix_routing": False, "num_cpus": 0.5, "name": "direct"}), name="direct",
+              route_prefix="/direct")
+    try:
+        base = f"http://127.0.0.1:{cluster.port}/direct"
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+        want = purelm.load(model, threads=1).generate("Hello there", max_tokens=6, temperature=0)
+        raw = client.completions.with_raw_response.create(model="llama-q8_0", prompt="Hello there", max_tokens=6,
+                                                          temperature=0, stream=True)
+        text, replica = _stream_text(raw)
+        assert text == want and replica
+        assert httpx.get(base + "/health", timeout=30).json()["status"] == "ok"
+        err = httpx.get(base + "/no-such-route", timeout=30)
+        assert err.status_code == 404 and err.json()["error"]["code"] == "not_found"
+    finally:
+        serve.delete("direct")
 
 
 def test_requests_sharing_a_prefix_land_on_the_replica_that_cached_it(cluster):
@@ -251,6 +279,7 @@ def test_ray_data_writes_every_completion_exactly_once(cluster, fixtures, tmp_pa
     for i in list(range(0, 1000, 97)) + [999]:
         prompt, text, n = by_id[i]
         assert prompt == rows[i]["prompt"]
+        llm.reset()  # from an empty cache, as the batch was (see chat() on continued prefixes)
         assert text == llm.generate(prompt, max_tokens=6, temperature=0), i
         assert 1 <= n <= 6
 
@@ -263,6 +292,7 @@ def test_ray_data_chat_and_embeddings_match_the_api(cluster, smollm2_path):
                   batch_size=4).take_all()
     assert sorted(r["id"] for r in got) == [0, 1, 2, 3]
     for r in got:
+        llm.reset()  # from an empty cache, as the batch was
         assert r["text"] == llm.chat(convs[r["id"]], max_tokens=12, temperature=0).text
     texts = ["a cat", "a dog sat on the mat"]
     emb = process(ray.data.from_items([{"t": t} for t in texts]), model=str(smollm2_path), task="embedding",
@@ -305,3 +335,39 @@ def test_router_keys_prompts_by_their_start():
     small = PrefixTable(max_blocks=3)
     small.add(ha, "r1")
     assert len(small.blocks["r1"]) == 3  # least recently used blocks dropped
+
+
+def test_cli_flags_make_the_config(tmp_path, fixtures):
+    from purelm.cli import build_parser
+    from purelm.integrations.ray.cli import config_from_args
+
+    model = str(fixtures / "llama-q8_0.gguf")
+    a = build_parser().parse_args(["serve", model, "--ray", "--replicas", "2", "--max-replicas", "5", "-c", "256",
+                                   "--replica-cpus", "2", "-np", "4", "--no-prefix-routing", "--alias", "tiny"])
+    a.model = a.model_pos
+    c = config_from_args(a)
+    assert (c.model, c.n_ctx, c.parallel, c.model_name, c.prefix_routing) == (model, 256, 4, "tiny", False)
+    assert c.deployment_options()["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5,
+                                                            "target_ongoing_requests": 4}
+    assert c.load_kwargs()["threads"] == 2
+    a = build_parser().parse_args(["serve", model, "--ray", "--replicas", "3", "--max-replicas", "2"])
+    a.model = a.model_pos
+    with pytest.raises(UsageError, match="--max-replicas"):
+        config_from_args(a)
+    with pytest.raises(UsageError, match="task"):
+        process(None, model=model, task="summarize")
+    with pytest.raises(UsageError, match="temperatur"):
+        process(None, model=model, temperatur=0.5)
+
+
+def test_without_ray_the_import_says_what_to_install():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['ray'] = None\nimport purelm.integrations.ray"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "RayMissingError" in r.stderr and "pip install 'purelm[ray]'" in r.stderr
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['ray'] = None\n"
+                        "from purelm.cli import main; sys.exit(main(['serve', 'x.gguf', '--ray']))"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "purelm[ray]" in r.stderr and "Traceback" not in r.stderr

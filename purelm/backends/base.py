@@ -217,8 +217,10 @@ class Backend(ABC):
         """A small float tensor (norm weight, bias) as float32."""
         return t.dequantize()
 
-    def kv_cache(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int) -> KVCache:
-        return KVCache(n_layers, n_ctx, n_kv_heads, k_dim, v_dim)
+    def kv_cache(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int,
+                 type_k: str = "f32", type_v: str = "f32") -> KVCache:
+        """An empty cache; `type_k`, `type_v`: its stores' types (kv_cache.CACHE_TYPES)."""
+        return KVCache(n_layers, n_ctx, n_kv_heads, k_dim, v_dim, type_k=type_k, type_v=type_v)
 
     # -- ops
     @abstractmethod

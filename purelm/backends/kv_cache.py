@@ -11,6 +11,15 @@ Layout: layer i keeps k[i] of shape (capacity * BLOCK, n_kv_heads, k_dim) (v[i] 
 is rows b*BLOCK ... b*BLOCK + BLOCK-1. A sequence maps position p to row
 blocks[p // BLOCK] * BLOCK + p % BLOCK. Kernels index rows through that table, or gather a run of
 rows for a matrix product.
+
+Storage types (llama.cpp's --cache-type-k/--cache-type-v): "f32" keeps float32 rows; "f16" keeps
+numpy float16 rows (half the bytes); "q8_0" keeps each head's row as llama.cpp's q8_0 blocks, 34 bytes
+per 32 values (an f16 scale, then 32 int8), in a uint8 store of k_dim / 32 * 34 bytes per head (about
+a quarter of f32's bytes). A key or value is rounded once, when it is stored, as llama.cpp rounds
+when it copies k and v into its cache: f16 to nearest-even, q8_0 as ggml's reference quantizer
+(quantize_row_q8_0_ref, gguf.quants: d = max|x| / 127, q = roundf(x / d)). ggml-cpu's AVX2 copy
+multiplies by 127 / max|x| and rounds half to even instead; the two differ by one step in rare values.
+Attention then reads the rounded values back as float32 (`decode_rows`).
 """
 from __future__ import annotations
 
@@ -21,8 +30,53 @@ from typing import Any
 import numpy as np
 
 from ..errors import ContextOverflowError, UsageError
+from ..quant.legacy import decode_q8_0, encode_q8_0
 
 BLOCK = 64  # positions per block: a power of two, and a divisor of the kernels' chunk of positions
+CACHE_TYPES = ("f32", "f16", "q8_0")
+Q8_0_VALUES, Q8_0_BYTES = 32, 34  # one q8_0 block: 32 values in an f16 scale and 32 int8
+
+
+def check_cache_type(name: str, value: object) -> str:
+    """`value` if it is a cache type, else a UsageError naming `name` (the argument or flag)."""
+    if not isinstance(value, str) or value not in CACHE_TYPES:
+        raise UsageError(f"{name} must be one of {', '.join(CACHE_TYPES)}, got {value!r}")
+    return value
+
+
+def store_width(kind: str, dim: int) -> int:
+    """Elements of a store's row per head for `dim` values: bytes for q8_0, whose blocks must not
+    straddle heads (llama.cpp's cache views rows per head too)."""
+    if kind != "q8_0":
+        return dim
+    if dim % Q8_0_VALUES:
+        raise UsageError(f"a q8_0 cache needs head sizes that are multiples of {Q8_0_VALUES}; this "
+                         f"model's are {dim} (use f16)")
+    return dim // Q8_0_VALUES * Q8_0_BYTES
+
+
+def encode_rows(kind: str, x: np.ndarray) -> np.ndarray:
+    """float rows (..., dim) as a store of type `kind` keeps them (f32: x itself)."""
+    if kind == "f32":
+        return x
+    x = np.asarray(x, np.float32)
+    if kind == "f16":
+        return x.astype(np.float16)
+    out = np.empty((x.size // Q8_0_VALUES, Q8_0_BYTES), np.uint8)
+    encode_q8_0(x.reshape(-1, Q8_0_VALUES), out)
+    return out.reshape(x.shape[:-1] + (store_width(kind, x.shape[-1]),))
+
+
+def decode_rows(kind: str, rows: np.ndarray, dim: int) -> np.ndarray:
+    """A store's rows (..., width) of type `kind` as float32 (..., dim) (f32: `rows` itself)."""
+    if kind == "f32":
+        return rows
+    if kind == "f16":
+        return rows.astype(np.float32)
+    blocks = np.ascontiguousarray(rows).reshape(-1, Q8_0_BYTES)
+    out = np.empty((len(blocks), Q8_0_VALUES), np.float32)
+    decode_q8_0(blocks, out)
+    return out.reshape(rows.shape[:-1] + (dim,))
 
 
 @dataclass
@@ -30,20 +84,27 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     n_past: int = 0  # positions stored
     tokens: list[int] = field(default_factory=list)  # the ids at 0..n_past-1, when the caller tracks them
+    # (n, logits after position n - 1) of the last prompt the caller ran, while those positions stay:
+    # the same prompt again takes them rather than running its last token once more, which would give
+    # other bits (a decode token's rounded activations, not the prompt pass's product)
+    prompt_logits: Any = None
 
 
 class KVCache:
     """Keys and values of every layer for any number of sequences of up to `n_ctx` positions each.
 
     Sequence 0 exists from the start; `n_past`, `tokens`, `truncate` and `commit` without a sequence
-    id are about it (one sequence is the common case). `add`, `fork` and `remove` manage others."""
+    id are about it (one sequence is the common case). `add`, `fork` and `remove` manage others.
+    `type_k`, `type_v`: the stores' types (CACHE_TYPES); "f32" is `dtype` (a device cache's float)."""
 
     def __init__(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int,
-                 dtype: Any = np.float32) -> None:
+                 dtype: Any = np.float32, type_k: str = "f32", type_v: str = "f32") -> None:
         self.n_layers, self.n_ctx, self.n_kv_heads = n_layers, n_ctx, n_kv_heads
         self.k_dim, self.v_dim, self.dtype = k_dim, v_dim, dtype
-        self.k = [self._zeros((0, n_kv_heads, k_dim)) for _ in range(n_layers)]
-        self.v = [self._zeros((0, n_kv_heads, v_dim)) for _ in range(n_layers)]
+        self.type_k, self.type_v = check_cache_type("type_k", type_k), check_cache_type("type_v", type_v)
+        k_width, v_width = store_width(type_k, k_dim), store_width(type_v, v_dim)
+        self.k = [self._zeros((0, n_kv_heads, k_width), type_k) for _ in range(n_layers)]
+        self.v = [self._zeros((0, n_kv_heads, v_width), type_v) for _ in range(n_layers)]
         self.refs = np.zeros(0, np.int32)  # sequences holding each block
         self.free_blocks: list[int] = []
         self.seqs: dict[int, Sequence] = {0: Sequence()}
@@ -80,6 +141,8 @@ class KVCache:
         s = self.seq(seq)
         s.n_past = max(0, min(s.n_past, n_past))
         del s.tokens[s.n_past:]
+        if s.prompt_logits is not None and s.prompt_logits[0] > s.n_past:
+            s.prompt_logits = None
         keep = -(-s.n_past // BLOCK)
         self._release(s.blocks[keep:])
         del s.blocks[keep:]
@@ -157,17 +220,18 @@ class KVCache:
 
     def _grow(self, capacity: int) -> None:
         old = self.capacity
-        for stores in (self.k, self.v):
+        for stores, kind in ((self.k, self.type_k), (self.v, self.type_v)):
             for i, store in enumerate(stores):
-                new = self._zeros((capacity * BLOCK,) + tuple(store.shape[1:]))
+                new = self._zeros((capacity * BLOCK,) + tuple(store.shape[1:]), kind)
                 new[: old * BLOCK] = store
                 stores[i] = new
         self.refs = np.concatenate([self.refs, np.zeros(capacity - old, np.int32)])
         self.free_blocks.extend(range(capacity - 1, old - 1, -1))  # lowest first
 
-    def _zeros(self, shape: tuple[int, ...]) -> Any:
-        """A zeroed store (a backend's cache subclass puts it on its device)."""
-        return np.zeros(shape, self.dtype)
+    def _zeros(self, shape: tuple[int, ...], kind: str) -> Any:
+        """A zeroed store of type `kind` (a backend's cache subclass puts it on its device). Zero
+        bytes read back as 0.0 in every type (a q8_0 block of scale 0)."""
+        return np.zeros(shape, {"f32": self.dtype, "f16": np.float16, "q8_0": np.uint8}[kind])
 
     @property
     def nbytes(self) -> int:
@@ -198,13 +262,14 @@ class PassView:
     """What the attention op of one forward pass sees of the cache: where each token's key and
     value go (`write_rows`), and per run of one sequence the rows of every position it attends to
     (`rows_upto[i]`: positions 0..p1-1) and its block table. Built once per pass, used by every
-    layer. The cache's sizes and per-layer stores (n_layers, n_kv_heads, k_dim, v_dim, n_ctx, k, v)
-    are copied here: the ops read them for every layer."""
+    layer. The cache's sizes, store types and per-layer stores (n_layers, n_kv_heads, k_dim, v_dim,
+    n_ctx, type_k, type_v, k, v) are copied here: the ops read them for every layer."""
 
     def __init__(self, cache: KVCache, runs: list[tuple[int, int]]) -> None:
         self.cache = cache
         self.n_layers, self.n_kv_heads, self.n_ctx = cache.n_layers, cache.n_kv_heads, cache.n_ctx
         self.k_dim, self.v_dim = cache.k_dim, cache.v_dim
+        self.type_k, self.type_v = cache.type_k, cache.type_v
         self.k, self.v = cache.k, cache.v  # the lists: a store that grows is replaced in them
         self.runs: list[Run] = []
         seen, t = set(), 0

@@ -9,10 +9,14 @@ to an on-disk cache and memory-mapped from it on later loads (pack_cache.py; `PU
 turns it off). `repack=False` reads the mmap'd blocks in place. On x86
 CPUs with AVX2, decode products of every repacked quantized type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
 Q5_K, Q6_K) round the activations to int16 (per 32) and use integer multiply-adds (`int16_dot`,
-packing.py's dot layouts): 1.1-3.5x the float kernels' speed (benchmarks/README.md).
+packing.py's dot layouts): 1.1-3.5x the float kernels' speed (benchmarks/README.md). Optionally, where
+the CPU has AVX512-VNNI, all of them but Q6_K round to int8 instead, prompts included (`int8_dot`,
+$PURELM_INT8_DOT=1): vpdpbusd does twice vpdpwssd's multiply-adds, at llama.cpp's rounding (its q8
+activations), which moves logits ~100x more than int16 and flips near-ties (README: Correctness).
 
-Prefill (many tokens): tiles of rows are dequantized to float32 and multiplied with BLAS, and attention
-is done as matrix products too. The work is split over our own pool of `threads` Python threads, each
+Prefill (many tokens): with int8_dot, the int8 kernels take PREFILL_INT8_TOKENS rows a call; other
+types' tiles of rows are dequantized to float32 and multiplied with BLAS. Attention is done as matrix
+products. The work is split over our own pool of `threads` Python threads, each
 running serial (GIL-free) numba kernels and single-threaded BLAS: numba's and OpenBLAS's spinning
 thread pools never run at the same time (measured: letting both spin was 3-10x slower on 2 cores).
 
@@ -27,6 +31,7 @@ import dataclasses
 import os
 import sys
 import threading
+from pathlib import Path
 from time import perf_counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
@@ -43,7 +48,7 @@ import numpy as np  # noqa: E402
 from ..formats.gguf import Tensor
 from ..quant import dequantize, dequantize_rows
 from ..quant.types import BLOCK_INFO, GGMLType
-from ..errors import ShapeError
+from ..errors import ShapeError, UsageError
 from .base import (AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm, check_rope,
                    expert_tensors)
 from .kv_cache import BLOCK
@@ -56,6 +61,8 @@ from .numba_kernels.packing import DEFAULT_LANES, PACKED_TYPES, Arena, Packed, c
 
 # At most this many tokens go through the matrix-vector kernels; more take the dequantize+BLAS path.
 MATVEC_MAX_TOKENS = 12
+# Prompt rows per call of the int8 kernels (int8_dot prefill): each call reads the weights once.
+PREFILL_INT8_TOKENS = 128
 # float32 weights per dequantized tile: 1 MiB, stays in L2 between the dequantize and the multiply.
 TILE_FLOATS = 1 << 18
 # Queries per block in prefill attention; key positions per work item in long-context decode.
@@ -194,10 +201,10 @@ class NumbaBackend(Backend):
         if int16_dot is None:
             int16_dot = os.environ.get("PURELM_INT16_DOT", "1").strip().lower() not in ("0", "no", "off", "false")
         self.int16_dot = bool(int16_dot) and has_int16_dot()
-        # Of those, the types with unsigned weights (and Q8_0) take int8 activations where the CPU has
-        # AVX512-VNNI: twice the multiply-adds per instruction. None: $PURELM_INT8_DOT ("0": int16).
+        # Optionally, all those but Q6_K's take int8 activations where the CPU has AVX512-VNNI (twice the
+        # multiply-adds per instruction; llama.cpp's rounding). None: $PURELM_INT8_DOT ("1": yes), else no.
         if int8_dot is None:
-            int8_dot = os.environ.get("PURELM_INT8_DOT", "1").strip().lower() not in ("0", "no", "off", "false")
+            int8_dot = os.environ.get("PURELM_INT8_DOT", "0").strip().lower() in ("1", "yes", "on", "true")
         self.int8_dot = bool(int8_dot) and self.int16_dot and has_int8_dot()
         self._pool: ThreadPoolExecutor | None = None
         self._blas: Any = None
@@ -213,6 +220,8 @@ class NumbaBackend(Backend):
         self._outer_threads: int | None = None
         self._numba_threads = numba.get_num_threads()
         self._prepared: set[GGMLType] | None = None
+        self._pending: dict[str, _CompileWorker] = {}  # warm-up steps a worker process still compiles
+        self._compile_lock = threading.Lock()
 
     # -- weights
 
@@ -220,70 +229,158 @@ class NumbaBackend(Backend):
         """Load (or compile) every kernel a model with tensors of `types` calls, by running each op
         once on tiny inputs through the same methods a forward pass uses, then hand LLVM's pages back
         to the OS: ~65 MB of the compiler that inference does not touch again. Done before the weights
-        are repacked, so those pages and the model are never resident together (peak RSS)."""
+        are repacked, so those pages and the model are never resident together (peak RSS).
+
+        On a first start (steps not yet in numba's cache, see _WarmNotes) the steps are compiled in
+        worker processes too (compile_worker: numba compiles in one thread per process), which fill
+        the on-disk cache that this process then loads from: the steps decode needs are waited for,
+        the prompt-only ones (batch products, prefill attention) go on in the background and are
+        waited for where first used (`_ready`)."""
         if self._prepared is not None and types <= self._prepared:
             return
         self._prepared = (self._prepared or set()) | set(types)
         guard, self._guard = self._guard, ThreadGuard(self.threads)  # warm-up steps are not decode steps
         outer = numba.get_num_threads()
         try:
-            steps = len(set(types) & set(rk.ROW_TYPES)) + 3
-            for _ in _compile_progress(self._warm_ops(types), steps):
-                pass
+            steps = self._warm_steps(types)
+            notes = _WarmNotes(self)
+            missing = [s for s in steps if not notes.done(s[0])]
+            mine = self._compile_apart(missing) if missing else None
+            if mine is not None:  # compile this process's share first, then wait for the workers' decode steps
+                for name, _, step in _compile_progress(iter(mine), len(mine)):
+                    step()
+                    notes.mark(name)
+                for name, critical, _ in steps:
+                    if critical:
+                        self._ready(name)
+            todo = [s for s in steps if s[0] not in self._pending]
+            for name, _, step in _compile_progress(iter(todo), len(todo)):
+                step()
+                notes.mark(name)
         finally:
             self._guard = guard
             self._enter(outer)  # the caller's thread count, as it was
         page_out_library("llvmlite")
 
-    def _warm_ops(self, types: set[GGMLType]) -> Iterator[None]:
-        """Runs the ops in steps (one per type, then norms, rope and attention), yielding after each."""
+    def _compile_apart(self, missing: list[tuple[str, bool, Callable[[], None]]]
+                       ) -> list[tuple[str, bool, Callable[[], None]]] | None:
+        """Start worker processes on a share of the `missing` steps: the decode steps split between
+        them and this process (longest first, each to the least loaded; this process's share is
+        returned), the prompt-only steps all to the workers. None (and no workers) where there is one
+        core or $PURELM_COMPILE_WORKERS is 0."""
+        n_workers = _compile_workers(len(missing))
+        if n_workers == 0:
+            return None
+        loads = [0.0] + [STEP_COSTS["start"]] * n_workers  # a worker first imports numba and purelm
+        shares: list[list[tuple[str, bool, Callable[[], None]]]] = [[] for _ in range(n_workers + 1)]
+
+        def cost(step: tuple[str, bool, Callable[[], None]], i: int) -> float:
+            # the first product step in a process also compiles what all share (row lookups, rounding x)
+            first = step[0].endswith(("-decode", "-batch")) and not step[0].startswith("attention") and not any(
+                s[0].endswith(("-decode", "-batch")) and not s[0].startswith("attention") for s in shares[i])
+            return _step_cost(step[0]) + (STEP_COSTS["shared"] if first else 0.0)
+
+        for step in sorted((s for s in missing if s[1]), key=lambda s: -_step_cost(s[0])):
+            i = min(range(n_workers + 1), key=lambda i: loads[i] + cost(step, i))
+            loads[i] += cost(step, i)
+            shares[i].append(step)
+        for step in (s for s in missing if not s[1]):  # prompt-only: workers, after their decode steps
+            i = min(range(1, n_workers + 1), key=lambda i: loads[i] + cost(step, i))
+            loads[i] += cost(step, i)
+            shares[i].append(step)
+        types = sorted({int(t) for t in self._prepared or ()})
+        for share in shares[1:]:
+            if share:
+                try:
+                    worker = _CompileWorker(self, types, [name for name, _, _ in share])
+                except OSError:  # no interpreter to start (an embedded Python): its steps compile here
+                    continue
+                for name, _, _ in share:
+                    self._pending[name] = worker
+        return shares[0]
+
+    def _ready(self, name: str) -> None:
+        """Wait until warm-up step `name`, compiled by a worker process, is in numba's cache (its
+        kernels then load from there instead of compiling here too)."""
+        with self._compile_lock:  # one reader of a worker's pipe at a time
+            worker = self._pending.get(name)
+            if worker is not None:
+                worker.wait_for(name, self._pending)
+
+    def finish_compiling(self) -> None:
+        """Wait for the background compiles of a first start (`purelm warmup`: every kernel cached)."""
+        for name in list(self._pending):
+            self._ready(name)
+
+    def _warm_steps(self, types: set[GGMLType]) -> list[tuple[str, bool, Callable[[], None]]]:
+        """The warm-up as named steps (name, whether decode needs it, run): per type its decode
+        products and lookups, and its products of 2+ tokens; norms and activations; rope; attention
+        of decode tokens, and of prompts. compile_worker runs the same steps by name."""
         rng = np.random.default_rng(0)
         n_in, n_many = 256, MATVEC_MAX_TOKENS + 1  # one K-quant block per row; tokens: decode and prefill
         x = rng.standard_normal((n_many, n_in)).astype(np.float32)
         ones = np.ones(n_in, np.float32)
-        for qtype in types:
-            if qtype not in rk.ROW_TYPES:
-                continue
-            block, size = BLOCK_INFO[qtype]
-            rows = np.zeros((2 * DEFAULT_LANES, n_in // block * size), np.uint8)
-            merged = NumbaWeight(qtype, rows.shape[0], n_in, None, None, (DEFAULT_LANES, DEFAULT_LANES), self.threads)
-            if self.repack and qtype in PACKED_TYPES:
-                merged.set_packed(pack(qtype, rows, n_in, dot=self.int16_dot), self.threads, self.int8_dot)
-            else:
-                merged.data = rows
-            rows.flags.writeable = False  # as the file's mmap'd rows are (numba types them apart)
-            self.embed(merged if merged.data is not None else NumbaWeight(qtype, 1, n_in, rows[:1]), np.zeros(1))
-            for n_tok in (1, 2, n_many):
-                for split in {1, merged.column_splits, 2}:
-                    merged.column_splits = split
-                    gate, up = self.linear_many(x[:n_tok], merged)
-                    self.swiglu(gate, up), self.geglu(gate, up)
-                    self.glu(x[:n_tok], merged, "silu"), self.glu(x[:n_tok], merged, "gelu")
-            self.to_numpy(x)
-            yield
-        for n_tok in (1, n_many):
-            xt = x[:n_tok]
-            self.rms_norm(xt, ones, 1e-5), self.layer_norm(xt, ones, ones, 1e-5), self.layer_norm(xt, None, None, 1e-5)
-            self.silu(xt), self.gelu(xt), self.gelu_erf(xt), self.swiglu(xt, xt), self.geglu(xt, xt)
-        yield
-        for neox in (False, True):
-            rope = Rope(n_dims=32, base=10000.0, neox=neox)
+        steps: list[tuple[str, bool, Callable[[], None]]] = []
+
+        def products(qtype: GGMLType, token_counts: tuple[int, ...], lookup: bool) -> Callable[[], None]:
+            def run() -> None:
+                block, size = BLOCK_INFO[qtype]
+                rows = np.zeros((2 * DEFAULT_LANES, n_in // block * size), np.uint8)
+                merged = NumbaWeight(qtype, rows.shape[0], n_in, None, None, (DEFAULT_LANES, DEFAULT_LANES),
+                                     self.threads)
+                if self.repack and qtype in PACKED_TYPES:
+                    merged.set_packed(pack(qtype, rows, n_in, dot=self.int16_dot), self.threads, self.int8_dot)
+                else:
+                    merged.data = rows
+                rows.flags.writeable = False  # as the file's mmap'd rows are (numba types them apart)
+                if lookup:
+                    self.embed(merged if merged.data is not None else NumbaWeight(qtype, 1, n_in, rows[:1]),
+                               np.zeros(1))
+                for n_tok in token_counts:
+                    for split in {1, merged.column_splits, 2}:
+                        merged.column_splits = split
+                        gate, up = self.linear_many(x[:n_tok], merged)
+                        self.swiglu(gate, up), self.geglu(gate, up)
+                        self.glu(x[:n_tok], merged, "silu"), self.glu(x[:n_tok], merged, "gelu")
+                self.to_numpy(x)
+            return run
+
+        for qtype in sorted(types):
+            if qtype in rk.ROW_TYPES:
+                steps.append((f"{qtype.name}-decode", True, products(qtype, (1,), True)))
+                steps.append((f"{qtype.name}-batch", False, products(qtype, (2, n_many), False)))
+
+        def norms() -> None:
             for n_tok in (1, n_many):
-                self.rope(x[:n_tok].reshape(n_tok, 4, 64), np.arange(n_tok), rope)
-                self.rope(x[:n_tok].reshape(n_tok, 4, 64), -np.ones(n_tok, np.int64), rope)
-        yield
-        # attention: prefill (matrix products), and the paged kernel (over more than one chunk)
-        cache = self.kv_cache(1, 2 * ATTENTION_CHUNK, 1, 64, 64)
+                xt = x[:n_tok]
+                self.rms_norm(xt, ones, 1e-5), self.layer_norm(xt, ones, ones, 1e-5)
+                self.layer_norm(xt, None, None, 1e-5)
+                self.silu(xt), self.gelu(xt), self.gelu_erf(xt), self.swiglu(xt, xt), self.geglu(xt, xt)
+
+        def rope() -> None:
+            for neox in (False, True):
+                r = Rope(n_dims=32, base=10000.0, neox=neox)
+                for n_tok in (1, n_many):
+                    self.rope(x[:n_tok].reshape(n_tok, 4, 64), np.arange(n_tok), r)
+                    self.rope(x[:n_tok].reshape(n_tok, 4, 64), -np.ones(n_tok, np.int64), r)
+
         spec = AttentionSpec(scale=0.125, alibi_slopes=np.ones(4, np.float32))
-        for n_tok in (n_many, 1):
-            cache.truncate(0)
-            q = x[:n_tok].reshape(n_tok, 4, 64)
-            self.attention(q, q[:, :1], q[:, :1], cache, 0, spec)
-            cache.commit(n_tok)
-        cache.n_past = 2 * ATTENTION_CHUNK - 1
-        q1, kv1 = x[:1].reshape(1, 4, 64), x[:1, :64].reshape(1, 1, 64)
-        self.attention(q1, kv1, kv1, cache, 0, spec)
-        yield
+
+        def attention(n_tok: int) -> Callable[[], None]:
+            def run() -> None:  # a prompt (matrix products), or decode: the paged kernel over 1 and 2 chunks
+                cache = self.kv_cache(1, 2 * ATTENTION_CHUNK, 1, 64, 64)
+                q = x[:n_tok].reshape(n_tok, 4, 64)
+                self.attention(q, q[:, :1], q[:, :1], cache, 0, spec)
+                if n_tok == 1:
+                    cache.commit(1)
+                    cache.n_past = 2 * ATTENTION_CHUNK - 1
+                    q1, kv1 = x[:1].reshape(1, 4, 64), x[:1, :64].reshape(1, 1, 64)
+                    self.attention(q1, kv1, kv1, cache, 0, spec)
+            return run
+
+        steps += [("norms", True, norms), ("rope", True, rope), ("attention-decode", True, attention(1)),
+                  ("attention-prompt", False, attention(n_many))]
+        return steps
 
     def weight(self, t: Tensor) -> NumbaWeight:
         n_in = t.shape[-1]
@@ -501,8 +598,22 @@ class NumbaBackend(Backend):
         if w.pack_later:
             self._pack(w)
         if short and (w.packed is not None or w.qtype in rk.ROW_TYPES):
+            if self._pending and x.shape[0] > 1:
+                self._ready(f"{w.qtype.name}-batch")
             return self._matvec_kernel(x, w)
+        if self._pending:
+            self._ready(f"{w.qtype.name}-batch")
+        if self._int8_prefill(w):
+            y = np.empty((x.shape[0], w.n_out), np.float32)
+            for t0 in range(0, x.shape[0], PREFILL_INT8_TOKENS):
+                y[t0:t0 + PREFILL_INT8_TOKENS] = self._matvec_kernel(x[t0:t0 + PREFILL_INT8_TOKENS], w)
+            return y
         return self._matmul(x, w)
+
+    def _int8_prefill(self, w: Any) -> bool:
+        """Whether long runs of rows (prompts) take the int8 kernels too, PREFILL_INT8_TOKENS rows a
+        call, rather than dequantize + float32 BLAS: vpdpbusd does 4x an FMA's multiply-adds."""
+        return isinstance(w, NumbaWeight) and w.kernel_many in MATVEC8_MANY.values()
 
     def _matvec_kernel(self, x: np.ndarray, w: NumbaWeight) -> np.ndarray:
         """x @ W.T by the matrix-vector kernels: the weight is read once for all rows of x, and each
@@ -571,14 +682,19 @@ class NumbaBackend(Backend):
             self._pack(ws)
         x2 = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
         groups = self._row_groups(x2.shape[0])  # as in linear: short runs by the matrix-vector kernels
+        if self._pending and isinstance(ws, NumbaWeight) and x2.shape[0] > 1:
+            self._ready(f"{ws.qtype.name}-batch")
         parts = [self._glu_rows(x2[a:b], ws, act, short) for a, b, short in groups]
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return out.reshape(x.shape[:-1] + (out.shape[-1],))
 
     def _glu_rows(self, x2: np.ndarray, ws: Any, act: str, short: bool) -> np.ndarray:
         p = ws.packed if isinstance(ws, NumbaWeight) else None
+        if not short and self._int8_prefill(ws) and x2.shape[0] > PREFILL_INT8_TOKENS:  # a run at a time
+            return np.concatenate([self._glu_rows(x2[t0:t0 + PREFILL_INT8_TOKENS], ws, act, short)
+                                   for t0 in range(0, x2.shape[0], PREFILL_INT8_TOKENS)])
         if (short or p is None or len(ws.splits) != 2 or ws.splits[0] != ws.splits[1]
-                or ws.splits[0] % p.lanes):  # decode, or halves not in whole groups of rows
+                or ws.splits[0] % p.lanes or self._int8_prefill(ws)):  # decode, or halves not in whole groups of rows
             if isinstance(ws, NumbaWeight):
                 y, n = self._product(x2, ws, short), ws.splits[0]
                 if y.shape[1] == 2 * n:  # gate|up side by side in each row of y: straight to the kernel
@@ -709,15 +825,22 @@ class NumbaBackend(Backend):
         view = as_view(cache, q.shape[0])
         check_attention(q, k, v, view, layer, spec)
         keys, values = view.k[layer], view.v[layer]
-        ops.store_rows(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32), keys, values,
-                       view.write_rows)
+        rounded = view.type_k != "f32" or view.type_v != "f32"
+        if rounded:  # the kernels take f16 stores as their bits (numba has no float16), q8_0 as int8
+            keys, values = _kernel_store(keys), _kernel_store(values)
+        store = ops.store_rows_rounded if rounded else ops.store_rows
+        store(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32), keys, values,
+              view.write_rows)
         q = np.ascontiguousarray(q, np.float32)
-        out = np.empty((q.shape[0], q.shape[1] * values.shape[2]), np.float32)
+        out = np.empty((q.shape[0], q.shape[1] * view.v_dim), np.float32)
         args = self._spec_args(spec)
         for i, run in enumerate(view.runs):
             if run.t1 - run.t0 > MATVEC_MAX_TOKENS:  # a prompt chunk: matrix products over its rows, gathered
+                if self._pending:
+                    self._ready("attention-prompt")
                 rows = view.rows_upto[i]
-                self._attention_blas(q[run.t0:run.t1], keys[rows], values[rows], run.p0, *args, out[run.t0:run.t1])
+                self._attention_blas(q[run.t0:run.t1], _gather(keys, rows, view.k_dim),
+                                     _gather(values, rows, view.v_dim), run.p0, *args, out[run.t0:run.t1])
         tokens, tables, pos = self._paged_tokens(view)
         if len(tokens):
             qt = q if len(tokens) == len(q) else q[tokens]
@@ -814,13 +937,135 @@ def _fusable(w: ExpertWeight) -> bool:
     return w.packed is not None and w.kernel in FUSED and w.column_splits == 1
 
 
-def _compile_progress(steps: Iterator[None], total: int) -> Iterator[None]:
+# Relative compile times of the warm-up steps (CPU seconds on the project's machine, roughly): how
+# _compile_apart shares them out. A type's decode and batch steps compile one int8/int16 kernel each.
+STEP_COSTS = {"decode": 3.5, "batch": 5.0, "attention-decode": 4.5, "attention-prompt": 1.0, "norms": 1.5,
+              "rope": 0.5, "shared": 2.5, "start": 1.5}
+MAX_COMPILE_WORKERS = 4  # each holds numba and LLVM (~250 MB) while it runs
+
+
+def _step_cost(name: str) -> float:
+    return STEP_COSTS.get(name, STEP_COSTS.get(name.rsplit("-", 1)[-1], 1.0))
+
+
+def _compile_workers(n_missing: int) -> int:
+    """Worker processes for a first start's compiles: $PURELM_COMPILE_WORKERS, else one per core
+    beside this process's (at most MAX_COMPILE_WORKERS), never more than the steps to compile."""
+    value = os.environ.get("PURELM_COMPILE_WORKERS", "").strip()
+    if value:
+        if not value.isdigit():
+            raise UsageError(f"PURELM_COMPILE_WORKERS must be a count of processes (0: none), got {value!r}")
+        n = int(value)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = min(cores - 1, MAX_COMPILE_WORKERS)
+    return max(0, min(n, n_missing))
+
+
+class _WarmNotes:
+    """Which warm-up steps numba's on-disk cache holds for a backend's settings: a file per step in
+    paths.numba_notes_dir (named by the kernels' digest), written once the step ran in some process.
+    A start that finds all of them loads every kernel in this process, as it always did."""
+
+    def __init__(self, backend: NumbaBackend) -> None:
+        import hashlib
+
+        from ..paths import numba_notes_dir
+        from . import numba_kernels
+
+        setting = repr((backend.repack, backend.int16_dot, backend.int8_dot, numba.__version__,
+                        numba.config.CPU_NAME, numba.config.CPU_FEATURES, sys.version_info[:2]))
+        self.key = hashlib.sha256(setting.encode()).hexdigest()[:12]
+        try:
+            self.dir: Path | None = numba_notes_dir("backend", Path(numba_kernels.__file__).parent.glob("*.py"))
+        except OSError:
+            self.dir = None
+
+    def done(self, name: str) -> bool:
+        return self.dir is not None and (self.dir / f"{name}-{self.key}").exists()
+
+    def mark(self, name: str) -> None:
+        if self.dir is None:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / f"{name}-{self.key}").touch()
+        except OSError:  # a read-only cache: the next start compiles in workers again, nothing worse
+            pass
+
+
+class _CompileWorker:
+    """A process running compile_worker on some warm-up steps; it says `done NAME` on its stdout
+    after each step, its kernels then in numba's cache. It finishes its steps even when this process
+    ends first (a short `purelm generate`), so the next start finds them all cached."""
+
+    def __init__(self, backend: NumbaBackend, types: list[int], names: list[str]) -> None:
+        import subprocess
+
+        root = str(Path(__file__).resolve().parents[2])  # the folder holding this purelm package
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        code = "import sys; from purelm.backends.numba_backend import compile_worker; compile_worker(sys.argv[1:])"
+        args = [str(backend.threads), str(int(backend.repack)), str(int(backend.int16_dot)),
+                str(int(backend.int8_dot)), ",".join(map(str, types)), ",".join(names)]
+        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+        self.done: set[str] = set()
+
+    def wait_for(self, name: str, pending: dict[str, _CompileWorker]) -> None:
+        """Wait until the worker finished step `name` or exited; drop what it finished (or, once it
+        exited, all its steps: what it left undone compiles in this process) from `pending`."""
+        ended = False
+        while name not in self.done:
+            line = self.proc.stdout.readline()
+            if not line:
+                ended = True
+                break
+            if line.startswith("done "):
+                self.done.add(line[5:].strip())
+        for n in [n for n, w in pending.items() if w is self and (ended or n in self.done)]:
+            del pending[n]
+
+
+def compile_worker(argv: list[str]) -> None:
+    """A worker process of NumbaBackend._compile_apart: argv = threads, repack, int16_dot, int8_dot
+    (0/1), the types (GGMLType numbers) and the steps to run, comma-separated."""
+    threads, repack, int16_dot, int8_dot = (int(a) for a in argv[:4])
+    types = {GGMLType(int(t)) for t in argv[4].split(",") if t}
+    backend = NumbaBackend(threads, bool(repack), bool(int16_dot), bool(int8_dot))
+    backend._prepared = set(types)
+    steps = {name: run for name, _, run in backend._warm_steps(types)}
+    notes = _WarmNotes(backend)
+    for name in argv[5].split(","):
+        steps[name]()
+        notes.mark(name)
+        try:
+            print("done", name, flush=True)
+        except OSError:  # the starting process is gone: its cache is filled all the same
+            pass
+
+
+def _compile_progress(steps: Iterator[Any], total: int) -> Iterator[Any]:
     """A progress bar on a terminal's stderr, shown only when loading the kernels takes over a
     second: numba compiling them for this CPU, on the first start after an install."""
     from tqdm import tqdm
 
     return tqdm(steps, total=total, delay=1.0, disable=None, file=sys.stderr, unit="step",
                 desc="purelm: compiling kernels for this CPU (once)")
+
+
+def _kernel_store(store: np.ndarray) -> np.ndarray:
+    """A cache store as the kernels take it: f16 as its bits, q8_0 bytes as int8, f32 as it is."""
+    return store.view(np.uint16) if store.dtype == np.float16 else store.view(np.int8) if store.dtype == np.uint8 \
+        else store
+
+
+def _gather(store: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
+    """Rows of a cache store (as _kernel_store gives it) as float32 (len(rows), n_kv, dim)."""
+    if store.dtype == np.float32:
+        return store[rows]
+    out = np.empty((len(rows), store.shape[1], dim), np.float32)
+    ops.gather_rows(store, rows, out)
+    return out
 
 
 def _rows(x: np.ndarray) -> np.ndarray:

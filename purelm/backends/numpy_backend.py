@@ -12,6 +12,7 @@ import numpy as np
 from ..formats.gguf import Tensor
 from ..quant import dequantize, dequantize_rows
 from .base import AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm, check_rope
+from .kv_cache import decode_rows, encode_rows
 
 SLAB_BYTES = 32 << 20  # float32 bytes of weight dequantized at once
 
@@ -76,10 +77,13 @@ class NumpyBackend(Backend):
         view = as_view(cache, q.shape[0])
         check_attention(q, k, v, view, layer, spec)
         keys, values = view.k[layer], view.v[layer]
-        keys[view.write_rows], values[view.write_rows] = k, v
-        out = np.empty((q.shape[0], q.shape[1] * values.shape[2]), np.float32)
+        # stored rounded to the cache's types (kv_cache.py), read back as float32
+        keys[view.write_rows] = encode_rows(view.type_k, k)
+        values[view.write_rows] = encode_rows(view.type_v, v)
+        out = np.empty((q.shape[0], q.shape[1] * view.v_dim), np.float32)
         for run, rows in zip(view.runs, view.rows_upto):  # each sequence over its own positions
-            out[run.t0:run.t1] = self._attend(q[run.t0:run.t1], keys[rows], values[rows], run.p0, spec)
+            out[run.t0:run.t1] = self._attend(q[run.t0:run.t1], decode_rows(view.type_k, keys[rows], view.k_dim),
+                                              decode_rows(view.type_v, values[rows], view.v_dim), run.p0, spec)
         return out
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, p0: int,

@@ -191,9 +191,16 @@ class Model:
         return Rope(n_dims=n_dims, base=p.float(base_key, base_default, lo=0.0, above=True), neox=neox,
                     freq_scale=freq_scale, freq_factors=factors, **extra)
 
+    # the KV cache's store types (kv_cache.CACHE_TYPES), for every cache new_cache makes
+    cache_type_k: str = "f32"
+    cache_type_v: str = "f32"
+
     def new_cache(self, n_ctx: int) -> KVCache:
-        """An empty KV cache for up to n_ctx positions: keys and values of head_dim per KV head."""
-        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim)
+        """An empty KV cache for up to n_ctx positions: keys and values of head_dim per KV head, stored
+        as cache_type_k / cache_type_v."""
+        types = {} if (self.cache_type_k, self.cache_type_v) == ("f32", "f32") else \
+            {"type_k": self.cache_type_k, "type_v": self.cache_type_v}  # a backend's kv_cache may predate types
+        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim, **types)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run `ids` (1-D) as the cache's sequence 0 at its next positions; return float32 logits for

@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
-from .common import OPTS, SOFTMAX_OPTS, SOFTMAX_PARALLEL
-from .intrinsics import bits_to_float, wide_vectors
+from .common import OPTS, SOFTMAX_OPTS, SOFTMAX_PARALLEL, at
+from .intrinsics import bits_to_float, half_to_float, load_f16, wide_vectors
 
 LOG2E = np.float32(1.4426950408889634)
 EXP_HI = np.float32(88.0)  # exp(88) is the largest power-of-two step that stays finite here
@@ -99,6 +100,171 @@ def rope(x, positions, cos, sin, n_dims, neox, out):
                 out[t, h, i] = x[t, h, i]
 
 
+# -- KV cache stores of other types (kv_cache.py): f16 rows as their uint16 bits, q8_0 rows as int8
+# bytes (blocks of an f16 scale and 32 int8; int8 rather than uint8, which converts to float 4x slower). The helpers are overloaded on the store's dtype and inlined,
+# so a float32 store compiles to the loops it always had.
+
+Q8_VALUES, Q8_BYTES = 32, 34
+
+
+@njit(cache=True)
+def half_bits(f):
+    """The IEEE half-precision bits of float32 f, rounded to nearest even (numpy's astype(float16),
+    ggml's FP32_TO_FP16 with F16C): F. Giesen's float_to_half_fast3_rtne. Exact float math only:
+    callers compile without fastmath."""
+    x = np.int64(np.float32(f).view(np.uint32))
+    sign = (x >> 16) & 0x8000
+    x &= 0x7FFFFFFF
+    if x >= 0x47800000:  # 65536 and up: inf (NaN stays NaN)
+        o = 0x7E00 if x > 0x7F800000 else 0x7C00
+    elif x < 0x38800000:  # below 2**-14: a subnormal half, rounded by adding 0.5 in float32
+        o = np.int64(np.float32(bits_to_float(np.uint32(x)) + np.float32(0.5)).view(np.uint32)) - 0x3F000000
+    else:  # rebias the exponent, round the 13 dropped mantissa bits to nearest even
+        o = (x - 0x38000000 + 0xFFF + ((x >> 13) & 1)) >> 13
+    return np.uint16(o | sign)
+
+
+def row_values(store):
+    """Values per head in a row of the cache store `store` (n_rows, n_kv, width)."""
+
+
+@overload(row_values, inline="always")
+def _row_values(store):
+    if store.dtype == types.int8:
+        return lambda store: store.shape[2] // Q8_BYTES * Q8_VALUES
+    return lambda store: store.shape[2]
+
+
+def row_dot(x, x0, store, base, n):
+    """sum over i < n of x[x0 + i] * value i of the store's row at flat index `base`."""
+
+
+@overload(row_dot, inline="always")
+def _row_dot(x, x0, store, base, n):
+    if store.dtype == types.float32:
+        def impl(x, x0, store, base, n):
+            dot = np.float32(0)
+            for i in range(n):
+                dot += x[at(x0 + i)] * store[at(base + i)]
+            return dot
+    elif store.dtype == types.uint16:
+        def impl(x, x0, store, base, n):
+            dot = np.float32(0)
+            for i in range(n):
+                dot += x[at(x0 + i)] * half_to_float(store[at(base + i)])
+            return dot
+    elif store.dtype == types.int8:
+        def impl(x, x0, store, base, n):
+            n_blocks = n // Q8_VALUES
+            step = n // n_blocks  # Q8_VALUES, unknown to LLVM: a loop of a constant 32 is unrolled, not vectorized (4x slower)
+            dot = np.float32(0)
+            for b in range(n_blocks):
+                o = base + b * Q8_BYTES
+                xb = x0 + b * step
+                part = np.float32(0)
+                for j in range(step):
+                    part += x[at(xb + j)] * np.float32(store[at(o + 2 + j)])
+                dot += load_f16(store, at(o)) * part
+            return dot
+    else:
+        return None
+    return impl
+
+
+def row_axpy(acc, a0, w, store, base, n):
+    """acc[a0 + i] += w * value i of the store's row at flat index `base`, for i < n."""
+
+
+@overload(row_axpy, inline="always")
+def _row_axpy(acc, a0, w, store, base, n):
+    if store.dtype == types.float32:
+        def impl(acc, a0, w, store, base, n):
+            for i in range(n):
+                acc[at(a0 + i)] += w * store[at(base + i)]
+    elif store.dtype == types.uint16:
+        def impl(acc, a0, w, store, base, n):
+            for i in range(n):
+                acc[at(a0 + i)] += w * half_to_float(store[at(base + i)])
+    elif store.dtype == types.int8:
+        def impl(acc, a0, w, store, base, n):
+            n_blocks = n // Q8_VALUES
+            step = n // n_blocks  # Q8_VALUES (see row_dot)
+            for b in range(n_blocks):
+                o = base + b * Q8_BYTES
+                ab = a0 + b * step
+                wd = w * load_f16(store, at(o))
+                for j in range(step):
+                    acc[at(ab + j)] += wd * np.float32(store[at(o + 2 + j)])
+    else:
+        return None
+    return impl
+
+
+def put_row(x, t, h, store, r):
+    """store[r, h] = x[t, h] rounded to the store's type."""
+
+
+# not inlined: numba's inliner trips over this helper's branches in loops (NumbaIRAssumptionWarning);
+# a call per head and row costs nothing beside the rounding
+@overload(put_row, jit_options=dict(error_model="numpy", boundscheck=False))
+def _put_row(x, t, h, store, r):
+    if store.dtype == types.float32:
+        def impl(x, t, h, store, r):
+            for i in range(x.shape[2]):
+                store[r, h, i] = x[t, h, i]
+    elif store.dtype == types.uint16:
+        def impl(x, t, h, store, r):
+            for i in range(x.shape[2]):
+                store[r, h, i] = half_bits(x[t, h, i])
+    elif store.dtype == types.int8:
+        def impl(x, t, h, store, r):  # quantize_row_q8_0_ref's steps (gguf.quants': the same bits)
+            for b in range(x.shape[2] // Q8_VALUES):
+                xb, o = b * Q8_VALUES, b * Q8_BYTES
+                amax = np.float32(0)
+                for j in range(Q8_VALUES):
+                    amax = max(amax, abs(x[t, h, xb + j]))
+                d = amax / np.float32(127)
+                inv = np.float32(1) / d if d != 0 else np.float32(0)
+                bits = half_bits(d)
+                store[r, h, o] = np.int8(bits & 0xFF)  # little-endian f16 (casts keep the low 8 bits)
+                store[r, h, o + 1] = np.int8(bits >> 8)
+                for j in range(Q8_VALUES):
+                    y = x[t, h, xb + j] * inv
+                    a = abs(y)
+                    q = np.floor(a)
+                    if a - q >= np.float32(0.5):  # roundf: halves away from zero
+                        q += np.float32(1)
+                    store[r, h, o + 2 + j] = np.int8(-q if y < 0 else q)
+    else:
+        return None
+    return impl
+
+
+@njit(cache=True, error_model="numpy", boundscheck=False, nogil=True)
+def store_rows_rounded(k, v, keys, values, rows):
+    """store_rows into stores of any type (f32, f16 bits, q8_0 int8 bytes), each value rounded as it is
+    stored. No fastmath: the rounding must be bit-exact (a division by 127 made a product, say)."""
+    for t in range(k.shape[0]):
+        r = rows[t]
+        for h in range(k.shape[1]):
+            put_row(k, t, h, keys, r)
+            put_row(v, t, h, values, r)
+
+
+@njit(**OPTS)
+def gather_rows(store, rows, out):
+    """out[s] = the float32 values of store row rows[s] (n_kv heads of out.shape[2]): a prompt chunk's
+    keys or values read back from an f16 or q8_0 store for its matrix products."""
+    n_kv, width, n = store.shape[1], store.shape[2], out.shape[2]
+    sf, of = store.reshape(-1), out.reshape(-1)
+    for s in range(rows.shape[0]):
+        for h in range(n_kv):
+            o0 = (s * n_kv + h) * n
+            for i in range(n):
+                of[o0 + i] = 0
+            row_axpy(of, o0, np.float32(1), sf, (rows[s] * n_kv + h) * width, n)
+
+
 @njit(**OPTS)
 def store_rows(k, v, keys, values, rows):
     """Write token t's key and value (k[t], v[t]) into row rows[t] of the cache's pools."""
@@ -117,9 +283,13 @@ def paged_item(q, keys, values, tables, pos, shift, t, kv, c, chunk, scale, soft
     """One work item of paged attention: token t's query heads that share KV head kv, over the key
     positions of chunk c (c*chunk .. up to the token's own position, within its window). Leaves the
     softmax partials (max, total, weighted sum of values) in part_*[item]. A
-    position p lives in row tables[t, p >> shift] << shift | p & mask of the pools."""
-    dim, v_dim = q.shape[2], values.shape[2]
-    group = q.shape[1] // keys.shape[1]
+    position p lives in row tables[t, p >> shift] << shift | p & mask of the pools. Each key and value
+    row is read once for all the group's heads, through flat views of the pools (2-D row views would
+    each cost a reference count update; flat indexes from 0 vectorize). The pools may be float32,
+    f16 bits (uint16) or q8_0 bytes (int8): row_dot and row_axpy read each type."""
+    n_kv, dim, v_dim = keys.shape[1], row_values(keys), row_values(values)
+    k_width, v_width = keys.shape[2], values.shape[2]  # a row's elements per head in each store
+    group = q.shape[1] // n_kv
     mask = (1 << shift) - 1
     p_t = pos[t]
     lo = max(0, p_t - window + 1) if window > 0 else 0
@@ -127,44 +297,47 @@ def paged_item(q, keys, values, tables, pos, shift, t, kv, c, chunk, scale, soft
     if a >= b:
         return
     n = b - a
+    kf, vf = keys.reshape(-1), values.reshape(-1)
     rows = np.empty(n, np.int64)
     for s in range(n):
         p = a + s
         rows[s] = (np.int64(tables[t, p >> shift]) << shift) | (p & mask)
-    scores = np.empty(n, np.float32)
-    acc = np.empty(v_dim, np.float32)
-    for gi in range(group):  # head by head: the chunk's keys stay in cache for the group's next head
+    qg = np.empty(group * dim, np.float32)  # the group's queries, scaled
+    for gi in range(group):
+        for i in range(dim):
+            qg[gi * dim + i] = q[t, kv * group + gi, i] * scale
+    scores = np.empty(group * n, np.float32)  # head gi's at gi * n
+    for s in range(n):
+        base = (rows[s] * n_kv + kv) * k_width
+        for gi in range(group):
+            scores[gi * n + s] = row_dot(qg, gi * dim, kf, base, dim)
+    for gi in range(group):
         h = kv * group + gi
-        for s in range(n):  # direct indexing, no row views: each view costs a reference-count update
-            r = rows[s]
-            dot = np.float32(0)
-            for i in range(dim):
-                dot += q[t, h, i] * keys[r, kv, i]
-            scores[s] = dot * scale
+        sc = scores[gi * n:gi * n + n]
         if softcap > 0:
             for s in range(n):
-                scores[s] = np.float32(math.tanh(scores[s] / softcap)) * softcap
+                sc[s] = np.float32(math.tanh(sc[s] / softcap)) * softcap
         if slopes.shape[0] > 0:
             for s in range(n):
-                scores[s] += slopes[h] * np.float32(a + s)
-        best = scores[0]
+                sc[s] += slopes[h] * np.float32(a + s)
+        best = sc[0]
         for s in range(1, n):
-            best = scores[s] if scores[s] > best else best
+            best = sc[s] if sc[s] > best else best
         total = np.float32(0)
         for s in range(n):
-            e = fast_exp(scores[s] - best)
-            scores[s] = e
+            e = fast_exp(sc[s] - best)
+            sc[s] = e
             total += e
         part_max[item, gi] = best
         part_sum[item, gi] = total
-        acc[:] = 0
-        for s in range(n):
-            r = rows[s]
-            w = scores[s]
-            for i in range(v_dim):
-                acc[i] += w * values[r, kv, i]
+    acc = np.zeros(group * v_dim, np.float32)
+    for s in range(n):
+        base = (rows[s] * n_kv + kv) * v_width
+        for gi in range(group):
+            row_axpy(acc, gi * v_dim, scores[gi * n + s], vf, base, v_dim)
+    for gi in range(group):
         for i in range(v_dim):
-            part_out[item, gi, i] = acc[i]
+            part_out[item, gi, i] = acc[gi * v_dim + i]
 
 
 @njit(**SOFTMAX_OPTS)
@@ -190,7 +363,7 @@ def paged_items(pos, n_kv, chunk):
 @njit(**SOFTMAX_OPTS)
 def paged_work(q, keys, values, pos, chunk):
     """The work items (paged_items) and room for their softmax partials."""
-    n_kv, group, v_dim = keys.shape[1], q.shape[1] // keys.shape[1], values.shape[2]
+    n_kv, group, v_dim = keys.shape[1], q.shape[1] // keys.shape[1], row_values(values)
     first, item_t, item_kv, item_c = paged_items(pos, n_kv, chunk)
     n = item_t.shape[0]
     part_max = np.full((n, group), -np.inf, np.float32)

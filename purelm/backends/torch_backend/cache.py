@@ -7,22 +7,32 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...errors import UsageError
 from ..kv_cache import BLOCK, KVCache, PassView
 
 
 class TorchKVCache(KVCache):
     """KVCache (same blocks, same bookkeeping) whose stores are tensors on `device`. Blocks for one
     sequence of n_ctx positions are allocated up front, so a single sequence never moves its stores
-    (a captured CUDA graph holds their addresses); `generation` counts the times they moved."""
+    (a captured CUDA graph holds their addresses); `generation` counts the times they moved.
+
+    Store types: "f32" is the backend's activation dtype (as before types existed: bf16 on CUDA),
+    "f16" is torch.float16 (attention stores with .to(float16), round to nearest even as numpy and
+    llama.cpp do, and reads rows back as float32). "q8_0" is refused: the attention reads the stores
+    as dense float tensors (Triton's kernels included), so blocks of int8 would need their own
+    kernels here."""
 
     def __init__(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, type_k: str = "f32", type_v: str = "f32") -> None:
+        if "q8_0" in (type_k, type_v):
+            raise UsageError("the torch backend keeps its KV cache as float tensors: cache types f32 "
+                             "or f16 (q8_0 runs on the numba and numpy backends)")
         self.device, self.generation = device, 0
-        super().__init__(n_layers, n_ctx, n_kv_heads, k_dim, v_dim, dtype)
+        super().__init__(n_layers, n_ctx, n_kv_heads, k_dim, v_dim, dtype, type_k, type_v)
         self._grow(max(4, -(-n_ctx // BLOCK)))
 
-    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+    def _zeros(self, shape: tuple[int, ...], kind: str) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float16 if kind == "f16" else self.dtype, device=self.device)
 
     def _grow(self, capacity: int) -> None:
         super()._grow(capacity)
@@ -93,6 +103,7 @@ class StagedView:
     def __init__(self, cache: KVCache, meta: DeviceRuns) -> None:
         self.cache, self.n_layers, self.n_kv_heads = cache, cache.n_layers, cache.n_kv_heads
         self.k_dim, self.v_dim, self.n_ctx = cache.k_dim, cache.v_dim, cache.n_ctx
+        self.type_k, self.type_v = cache.type_k, cache.type_v
         self.k, self.v = cache.k, cache.v
         self.n_tokens = meta.n_decode
         self._device_runs = meta

@@ -2,7 +2,7 @@
 
     ds = ray.data.read_parquet("prompts/")                         # larger than memory: streamed
     out = ds.map_batches(Processor, fn_constructor_kwargs=dict(model="smollm2", max_tokens=64),
-                         concurrency=4, batch_size=32, num_cpus=1)  # an actor pool, one model per actor
+                         compute=ray.data.ActorPoolStrategy(size=4), batch_size=32, num_cpus=1)
     out.write_parquet("completions/")
 
 Ray Data runs a pool of actors, each loading the model once, and streams blocks of rows through them
@@ -99,11 +99,21 @@ def process(ds: Any, model: str | None = None, concurrency: int = 1, batch_size:
             num_gpus: float = 0, **kwargs: Any) -> Any:
     """`ds.map_batches(Processor, ...)` with an actor pool of `concurrency` actors, each with
     `num_cpus` CPUs (threads, unless given) or `num_gpus` GPUs (the torch backend on CUDA)."""
+    from ...api import _generation_options
+
     check_int("concurrency", concurrency, 1)
     check_int("batch_size", batch_size, 1)
+    if kwargs.get("task", "completion") not in TASKS:  # checked here too: an actor's failure reads worse
+        raise UsageError(f"task must be one of {', '.join(TASKS)}, got {kwargs['task']!r}")
+    known = ("task", "column", "output_column", "n_ctx", "backend", "threads", "device", "dtype")
+    sampling = {k: v for k, v in kwargs.items() if k not in known + ("max_tokens", "stop")}
+    _generation_options(kwargs.get("max_tokens", 256), kwargs.get("stop", ()), sampling)
     if num_gpus:
         kwargs.setdefault("backend", "torch")
         kwargs.setdefault("device", "cuda")
     kwargs.setdefault("threads", max(1, int(num_cpus)))
-    return ds.map_batches(Processor, fn_constructor_kwargs=dict(model=model, **kwargs), concurrency=concurrency,
-                          batch_size=batch_size, num_cpus=num_cpus, num_gpus=num_gpus or None, batch_format="numpy")
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(Processor, fn_constructor_kwargs=dict(model=model, **kwargs),
+                          compute=ActorPoolStrategy(size=concurrency), batch_size=batch_size, num_cpus=num_cpus,
+                          num_gpus=num_gpus or None, batch_format="numpy")

@@ -87,14 +87,14 @@ class PurelmServer:
         return self.purelm_app.state.purelm.engine
 
     async def forward(self, request: dict) -> AsyncIterator[dict]:
-        """Run one HTTP request forwarded by the ingress ({"method", "path", "query_string",
-        "headers", "body"}) through the app; yields its ASGI messages. The caller cancelling the
-        stream (its client left) reads to the app as a disconnect."""
+        """Run one HTTP request forwarded by the ingress ({"method", "path", "root_path", "query_string",
+        "headers", "body"}) through the app; yields its ASGI messages. The caller cancelling the stream
+        (its client left) reads to the app as a disconnect."""
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
                  "method": request["method"], "scheme": "http", "path": request["path"],
-                 "raw_path": request["path"].encode(), "query_string": request.get("query_string", b""),
-                 "root_path": "", "headers": request.get("headers", []), "server": None, "client": None,
-                 "state": {}}
+                 "raw_path": request["path"].encode(), "root_path": request.get("root_path", ""),
+                 "query_string": request.get("query_string", b""), "headers": request.get("headers", []),
+                 "server": None, "client": None, "state": {}}
         body = request.get("body", b"")
         body_sent = False
         gone = asyncio.Event()
@@ -167,7 +167,8 @@ class PurelmIngress:
                 return _Relay(None, None, (413, f"the body is larger than this server takes ({self.max_body} bytes)",
                                            "body_too_large"))
         scope = request.scope
-        forwarded = {"method": scope["method"], "path": scope["path"], "query_string": scope.get("query_string", b""),
+        forwarded = {"method": scope["method"], "path": scope["path"], "root_path": scope.get("root_path", ""),
+                     "query_string": scope.get("query_string", b""),
                      "headers": [(bytes(k), bytes(v)) for k, v in scope.get("headers", [])], "body": bytes(body)}
         return _Relay(self.server, forwarded)
 

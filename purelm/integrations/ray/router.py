@@ -119,17 +119,15 @@ class PrefixRouter(RequestRouter):
     """Prefix affinity first, least loaded otherwise (see the module's docstring).
 
     Each request is routed for itself (no FIFO hand-over: a replica chosen for its prefix goes to
-    that request). Ranks returned to Serve: [the replicas with the longest matching prefix], then [all the others];
-    Serve takes the lowest queue among a rank's replicas that accept, and goes to the next rank when
-    all of them are full. Affinity yields to load when the preferred replica's queue is `imbalance`
-    requests longer than the shortest known queue."""
+    that request). Ranks returned to Serve: [the replicas with the longest matching prefix], then [all
+    the others]; Serve takes the lowest queue among a rank's replicas that accept, and goes to the next
+    rank when all of them are full. Affinity yields to load when the preferred replica's queue is
+    `imbalance` requests longer than the shortest known queue."""
 
-    def initialize_state(self, imbalance: int = 8, min_blocks: int = MIN_BLOCKS, max_blocks: int = MAX_BLOCKS,
-                         **_: Any) -> None:
+    def initialize_state(self, imbalance: int = 8, min_blocks: int = MIN_BLOCKS, max_blocks: int = MAX_BLOCKS) -> None:
         self.imbalance, self.min_blocks = imbalance, min_blocks
         self.table = PrefixTable(max_blocks)
         self._hashes: OrderedDict[str, list[int]] = OrderedDict()  # request id -> block hashes, until routed
-        self.routed = {"prefix": 0, "least_loaded": 0}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -143,9 +141,7 @@ class PrefixRouter(RequestRouter):
                 preferred = [r for s, r in scores if s == best]
                 if not self._overloaded(preferred, candidate_replicas):
                     others = [r for s, r in scores if s != best]
-                    self.routed["prefix"] += 1
                     return [preferred, others] if others else [preferred]
-        self.routed["least_loaded"] += 1
         # Serve takes the shortest queue, the first one on a tie: shuffled, idle replicas share the work
         return [random.sample(candidate_replicas, len(candidate_replicas))]
 

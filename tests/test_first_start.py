@@ -1,0 +1,99 @@
+"""A first start's compiles shared with worker processes (NumbaBackend.prepare, compile_worker): the
+workers fill numba's on-disk cache and a later process loads from it instead of compiling."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from purelm.backends import numba_backend as nb
+from purelm.errors import UsageError
+from purelm.quant.types import GGMLType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return dict(os.environ, NUMBA_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT))
+
+
+def test_worker_fills_the_cache_that_a_new_process_loads(tmp_path):
+    """A worker compiles the rope step into an empty cache, says so, leaves its note; a fresh
+    process then loads the rope kernel from that cache (hits, no compile) and gets the same values
+    as the reference backend."""
+    worker = subprocess.run(
+        [sys.executable, "-c", "import sys; from purelm.backends.numba_backend import compile_worker; "
+         "compile_worker(sys.argv[1:])", "1", "1", "1", "1", "", "rope"],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    assert worker.stdout.split("\n")[0] == "done rope"
+    assert list(tmp_path.rglob("ops.rope-*.nbi")), "no cache index for ops.rope"
+    notes = [p.name for p in tmp_path.glob("purelm-backend-*/*")]
+    assert len(notes) == 1 and notes[0].startswith("rope-")
+
+    check = """
+import json, numpy as np
+from purelm.backends.numba_backend import NumbaBackend
+from purelm.backends.numpy_backend import NumpyBackend
+from purelm.backends.base import Rope
+from purelm.backends.numba_kernels import ops
+x = np.random.default_rng(1).standard_normal((3, 4, 64)).astype(np.float32)
+r = Rope(n_dims=32, base=10000.0, neox=True)
+got = NumbaBackend(1).rope(x, np.arange(3), r)
+want = NumpyBackend().rope(x, np.arange(3), r)
+print(json.dumps({"hits": sum(ops.rope.stats.cache_hits.values()), "misses": sum(ops.rope.stats.cache_misses.values()),
+                  "err": float(np.abs(got - want).max())}))
+"""
+    run = subprocess.run([sys.executable, "-c", check], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().split("\n")[-1])
+    assert out["hits"] >= 1 and out["misses"] == 0, out
+    assert out["err"] < 1e-5
+
+
+def test_compile_workers_setting(monkeypatch):
+    monkeypatch.setenv("PURELM_COMPILE_WORKERS", "0")
+    assert nb._compile_workers(5) == 0
+    monkeypatch.setenv("PURELM_COMPILE_WORKERS", "3")
+    assert nb._compile_workers(5) == 3 and nb._compile_workers(2) == 2
+    monkeypatch.setenv("PURELM_COMPILE_WORKERS", "two")
+    with pytest.raises(UsageError, match="PURELM_COMPILE_WORKERS"):
+        nb._compile_workers(5)
+
+
+def test_steps_are_shared_out(monkeypatch):
+    """Every missing step goes to exactly one process; prompt-only steps only to workers."""
+    started = []
+
+    class FakeWorker:
+        def __init__(self, backend, types, names):
+            started.append(names)
+
+    monkeypatch.setattr(nb, "_CompileWorker", FakeWorker)
+    monkeypatch.setenv("PURELM_COMPILE_WORKERS", "2")
+    be = nb.NumbaBackend(2)
+    be._prepared = {GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0}
+    steps = be._warm_steps(be._prepared)
+    mine = [s[0] for s in be._compile_apart(steps)]
+    theirs = [n for names in started for n in names]
+    assert sorted(mine + theirs) == sorted(s[0] for s in steps)
+    critical = {s[0] for s in steps if s[1]}
+    assert set(mine) <= critical and mine
+    assert set(be._pending) == set(theirs)
+
+
+def test_a_worker_that_exits_leaves_its_steps_here():
+    """A worker that stops early (crash, killed) releases every step it had: they compile here."""
+    w = nb._CompileWorker.__new__(nb._CompileWorker)
+    w.proc = subprocess.Popen([sys.executable, "-c", "print('done a')"], stdout=subprocess.PIPE, text=True)
+    w.done = set()
+    pending = {"a": w, "b": w, "c": object()}
+    w.wait_for("a", pending)
+    assert set(pending) == {"b", "c"}
+    w.wait_for("b", pending)
+    assert set(pending) == {"c"}
+    w.proc.wait()
