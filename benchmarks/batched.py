@@ -49,10 +49,11 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
-def run_purelm(args: argparse.Namespace, threads: int) -> list[dict]:
+def run_purelm(args: argparse.Namespace, threads: int, int8: bool = False) -> list[dict]:
     cmd = [sys.executable, __file__, args.model, "--worker", "--threads", str(threads), "--npp", str(args.npp),
            "--ntg", str(args.ntg), "--npl", ",".join(map(str, args.npl))]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    env = dict(os.environ, PURELM_INT8_DOT="1" if int8 else "0")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
     if r.returncode:
         raise RuntimeError(f"purelm worker failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -88,6 +89,8 @@ def main() -> None:
     ap.add_argument("--npp", type=int, default=128, help="prompt tokens per sequence")
     ap.add_argument("--ntg", type=int, default=64, help="tokens each sequence decodes")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--int8", action="store_true",
+                    help="also run purelm with int8 activations (PURELM_INT8_DOT=1, llama.cpp's rounding)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -102,6 +105,8 @@ def main() -> None:
     for rep in range(args.reps):  # engines alternate run by run
         for threads in [int(t) for t in args.threads.split(",")]:
             engines = [("purelm", lambda t=threads: run_purelm(args, t))]
+            if args.int8:
+                engines.append(("purelm-int8", lambda t=threads: run_purelm(args, t, int8=True)))
             if args.llama_bin:
                 engines.append(("llama.cpp", lambda t=threads: run_llama(args, path, t)))
             for name, run in (engines if rep % 2 == 0 else engines[::-1]):
@@ -120,17 +125,17 @@ def main() -> None:
         one = by[(r["engine"], r["threads"], 1)]["speed_tg"] if (r["engine"], r["threads"], 1) in by else None
         r["tg_vs_one_sequence"] = r["speed_tg"] / one if one else None
         peer = by.get(("llama.cpp", r["threads"], r["pl"]))
-        if r["engine"] == "purelm" and peer:
+        if r["engine"].startswith("purelm") and peer:
             r["tg_vs_llama_cpp"] = r["speed_tg"] / peer["speed_tg"]
             r["pp_vs_llama_cpp"] = r["speed_pp"] / peer["speed_pp"]
     report = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv), model=path,
                   file_mb=os.path.getsize(path) / 2**20, cpu=cpu_name(), cores=os.cpu_count(),
                   time=time.strftime("%Y-%m-%d %H:%M:%S"), npp=args.npp, ntg=args.ntg, reps=args.reps, results=results)
-    print(f"{'engine':<10} {'thr':>3} {'seqs':>4} {'pp tok/s':>9} {'tg tok/s':>9} {'tg vs 1':>8} {'tg vs llama.cpp':>15}",
+    print(f"{'engine':<11} {'thr':>3} {'seqs':>4} {'pp tok/s':>9} {'tg tok/s':>9} {'tg vs 1':>8} {'tg vs llama.cpp':>15}",
           file=sys.stderr)
     for r in results:
         vs = r.get("tg_vs_llama_cpp")
-        print(f"{r['engine']:<10} {r['threads']:>3} {r['pl']:>4} {r['speed_pp']:>9.1f} {r['speed_tg']:>9.1f} "
+        print(f"{r['engine']:<11} {r['threads']:>3} {r['pl']:>4} {r['speed_pp']:>9.1f} {r['speed_tg']:>9.1f} "
               f"{r['tg_vs_one_sequence'] or 0:>7.2f}x {f'{vs:.2f}x' if vs else '':>15}", file=sys.stderr)
     text = json.dumps(report, indent=1)
     print(text)

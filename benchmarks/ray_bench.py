@@ -6,8 +6,8 @@
 Online: `--clients` concurrent clients (asyncio + httpx, non-streamed POST /v1/completions, temperature 0,
 `ignore_eos` so every reply is `--max-tokens` long, a prompt of its own each) send `--requests` requests in
 all, to
-  1. `purelm serve` (a subprocess, every core: the engine in its main thread),
-  2. the Ray Serve app with 1 replica (`--replica-cpus` = every core, as many threads),
+  1. `purelm serve` (a subprocess, `--threads` threads, every core by default; the engine in its main thread),
+  2. the Ray Serve app with 1 replica (as many CPUs and threads),
   3. the Ray Serve app with 2 replicas (half the cores each).
 Each is warmed up with one round of other prompts first. Reported: requests/s, generated tokens/s, and
 latency p50/p95 (request sent to the whole reply).
@@ -130,6 +130,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=1000)
     ap.add_argument("--data-max-tokens", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of the single server and of the 1-replica app (default: every core); 2 replicas "
+                         "and 2 Data actors get half as many each")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -140,7 +143,7 @@ def main() -> None:
     from purelm.integrations.ray import build_app, process
 
     path = str(resolve(args.model))
-    cores = os.cpu_count() or 1
+    cores = args.threads or os.cpu_count() or 1
     out: dict = {"model": os.path.basename(path), "cores": cores, "machine": platform.machine(),
                  "python": platform.python_version(), "ray": ray.__version__, "args": vars(args), "results": {}}
     res = out["results"]

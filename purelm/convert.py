@@ -189,9 +189,10 @@ def _special_tokens_kv(directory: Path, cfg: dict[str, Any], vocab: dict[str, in
 
 
 def out_type(name: str, shape: tuple[int, ...], target: GGMLType) -> GGMLType:
-    """llama.cpp's choice: 1-D tensors (biases) and norm weights (even 2-D per-head ones) stay F32; a row
-    that does not split into the target's blocks falls back to F16."""
-    if len(shape) < 2 or name.endswith("_norm.weight") or target == GGMLType.F32:
+    """llama.cpp's choice: 1-D tensors (biases), norm weights (even 2-D per-head ones) and MoE routers
+    (ffn_gate_inp: a rounded router picks other experts) stay F32; a row that does not split into the
+    target's blocks falls back to F16."""
+    if len(shape) < 2 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or target == GGMLType.F32:
         return GGMLType.F32
     if shape[-1] % BLOCK_INFO[target][0]:
         return GGMLType.F16
@@ -228,6 +229,9 @@ INT_KEYS: dict[str, tuple[int, str]] = {
     **dict.fromkeys(("max_position_embeddings", "original_max_position_embeddings", "n_positions", "n_ctx",
                      "max_seq_len", "seq_length"), (1, "context")),
     "sliding_window": (0, "context"),
+    # mixtures of experts: the experts' matrices are stacked (or stored) along a dimension of that size
+    **dict.fromkeys(("num_experts", "num_local_experts", "num_experts_per_tok"), (1, "dim")),
+    "decoder_sparse_step": (1, "tensors"),
 }
 HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads")
 KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "kv_n_heads")
@@ -279,6 +283,10 @@ def _check_config(path: Path, cfg: dict[str, Any], ckpt: Checkpoint, n_layer_key
         for key in KV_HEAD_KEYS:
             if n_head is not None and d.get(key) is not None and d[key] > n_head:
                 raise fail(prefix + key, f"{d[key]} key/value heads is more than the {n_head} attention heads")
+        n_expert = d.get("num_experts") or d.get("num_local_experts")
+        if n_expert is not None and d.get("num_experts_per_tok") is not None and d["num_experts_per_tok"] > n_expert:
+            raise fail(prefix + "num_experts_per_tok",
+                       f"{d['num_experts_per_tok']} experts per token is more than the {n_expert} experts")
 
     def check_numbers(d: dict[str, Any], prefix: str) -> None:
         for key, kind in FLOAT_KEYS.items():

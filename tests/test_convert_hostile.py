@@ -585,3 +585,12 @@ def test_cli_reports_one_line(tmp_path, capsys, make, word):
     assert err.startswith("purelm: error: ") and err.count("\n") == 1 and word in err
     assert "Traceback" not in err
     assert leftovers(tmp_path) == []
+
+
+def test_more_experts_per_token_than_experts_is_refused(tmp_path):
+    src = hf_dir(tmp_path, "qwen3moe")
+    cfg = json.loads((src / "config.json").read_text())
+    n = cfg.get("num_experts") or cfg["num_local_experts"]
+    d = edit_config(src, num_experts_per_tok=n + 1)
+    with pytest.raises(FormatError, match=f"num_experts_per_tok: {n + 1} experts per token is more than the {n}"):
+        convert(d, tmp_path / "m.gguf")

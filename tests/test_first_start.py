@@ -86,14 +86,54 @@ def test_steps_are_shared_out(monkeypatch):
     assert set(be._pending) == set(theirs)
 
 
+def _fake_worker(script: str, names: list[str]) -> nb._CompileWorker:
+    w = nb._CompileWorker.__new__(nb._CompileWorker)
+    w.proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    w.names, w.done, w.buffer = names, set(), b""
+    return w
+
+
 def test_a_worker_that_exits_leaves_its_steps_here():
     """A worker that stops early (crash, killed) releases every step it had: they compile here."""
-    w = nb._CompileWorker.__new__(nb._CompileWorker)
-    w.proc = subprocess.Popen([sys.executable, "-c", "print('done a')"], stdout=subprocess.PIPE, text=True)
-    w.done = set()
+    w = _fake_worker("print('done a')", ["a", "b"])
     pending = {"a": w, "b": w, "c": object()}
     w.wait_for("a", pending)
     assert set(pending) == {"b", "c"}
     w.wait_for("b", pending)
     assert set(pending) == {"c"}
     w.proc.wait()
+
+
+def test_a_step_the_worker_has_not_started_is_taken_here():
+    """Waited for: the step the worker is on. Not waited for: one it has not started (this process
+    compiles it), so the two never wait on each other's queue."""
+    script = "import time; print('done a', flush=True); time.sleep(1); print('done b', flush=True); time.sleep(30)"
+    w = _fake_worker(script, ["a", "b", "c"])
+    pending = {"a": w, "b": w, "c": w}
+    try:
+        w.wait_for("a", pending)  # its current step: waited for
+        assert set(pending) == {"b", "c"}
+        w.wait_for("c", pending)  # not started (it is on b): taken here at once
+        assert set(pending) == {"b"}
+        w.wait_for("b", pending)  # on it: waited for
+        assert pending == {} and w.done == {"a", "b"}
+    finally:
+        w.proc.kill()
+        w.proc.wait()
+
+
+def test_share_out_balances_and_keeps_each_step_once():
+    names = ["Q4_1-decode", "Q8_0-decode", "attention-decode", "norms", "rope"]
+    for n_workers in (1, 2, 3):
+        shares = nb._share_out(names, n_workers)
+        assert len(shares) == n_workers + 1
+        assert sorted(n for share in shares for n in share) == sorted(names)
+        finish = max(nb._share_cost(share, i > 0) for i, share in enumerate(shares))
+        alone = nb._share_cost(names, False)
+        assert finish < alone  # sharing finishes sooner than one process alone
+    # two cores: the product steps together (their shared kernels compile once), the rest beside them
+    main, worker = nb._share_out(names, 1)
+    assert {"Q4_1-decode", "Q8_0-decode"} <= set(main) or {"Q4_1-decode", "Q8_0-decode"} <= set(worker)
+    many = [f"T{i}-decode" for i in range(12)]  # too many to try every way: longest first
+    shares = nb._share_out(many, 1)
+    assert sorted(n for share in shares for n in share) == sorted(many) and all(shares)

@@ -18,7 +18,7 @@ from purelm.backends.kv_cache import BLOCK, KVCache
 from purelm.backends.numba_backend import NumbaBackend
 from purelm.backends.numba_kernels import ops
 from purelm.backends.numpy_backend import NumpyBackend
-from purelm.errors import PurelmError, UsageError
+from purelm.errors import UsageError
 
 from test_numba_backend import smollm2_path
 

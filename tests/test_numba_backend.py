@@ -369,7 +369,9 @@ def test_tiny_models_match_numpy(arch, qtype):
     path = FIXTURES / f"{arch}-{qtype}.gguf"
     ref = build_model(GGUFFile(path), REF)
     want = ref.forward(ids, ref.new_cache(64), all_logits=True)
-    for be in FLOAT_BACKENDS + [BACKENDS["repacked"], BACKENDS["int8"]]:
+    # int8 activations flip the expert picks of the mixtures of experts (test_models.py says more)
+    moe = arch in ("qwen3moe", "mixtral", "olmoe")
+    for be in FLOAT_BACKENDS + [BACKENDS["repacked"]] + ([] if moe else [BACKENDS["int8"]]):
         rel = logits_rel(be)
         model = build_model(GGUFFile(path), be)
         cache = model.new_cache(64)

@@ -28,6 +28,7 @@ rows.py (kernels over the file's own rows), ops.py (norms, rope, attention, acti
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
 import threading
@@ -265,28 +266,22 @@ class NumbaBackend(Backend):
     def _compile_apart(self, missing: list[tuple[str, bool, Callable[[], None]]]
                        ) -> list[tuple[str, bool, Callable[[], None]]] | None:
         """Start worker processes on a share of the `missing` steps: the decode steps split between
-        them and this process (longest first, each to the least loaded; this process's share is
-        returned), the prompt-only steps all to the workers. None (and no workers) where there is one
-        core or $PURELM_COMPILE_WORKERS is 0."""
+        them and this process so that all finish soonest (_share_out; this process's share is
+        returned), the prompt-only steps all to the workers, after their decode steps. None (and no
+        workers) where there is one core or $PURELM_COMPILE_WORKERS is 0."""
         n_workers = _compile_workers(len(missing))
         if n_workers == 0:
             return None
-        loads = [0.0] + [STEP_COSTS["start"]] * n_workers  # a worker first imports numba and purelm
-        shares: list[list[tuple[str, bool, Callable[[], None]]]] = [[] for _ in range(n_workers + 1)]
-
-        def cost(step: tuple[str, bool, Callable[[], None]], i: int) -> float:
-            # the first product step in a process also compiles what all share (row lookups, rounding x)
-            first = step[0].endswith(("-decode", "-batch")) and not step[0].startswith("attention") and not any(
-                s[0].endswith(("-decode", "-batch")) and not s[0].startswith("attention") for s in shares[i])
-            return _step_cost(step[0]) + (STEP_COSTS["shared"] if first else 0.0)
-
-        for step in sorted((s for s in missing if s[1]), key=lambda s: -_step_cost(s[0])):
-            i = min(range(n_workers + 1), key=lambda i: loads[i] + cost(step, i))
-            loads[i] += cost(step, i)
-            shares[i].append(step)
-        for step in (s for s in missing if not s[1]):  # prompt-only: workers, after their decode steps
-            i = min(range(1, n_workers + 1), key=lambda i: loads[i] + cost(step, i))
-            loads[i] += cost(step, i)
+        critical = [s for s in missing if s[1]]
+        shares = _share_out([s[0] for s in critical], n_workers)
+        by_name = {s[0]: s for s in missing}
+        shares = [[by_name[n] for n in share] for share in shares]
+        # prompt-only: workers, after their decode steps; the types' last first (a prompt needs the first
+        # type's first, and this process takes a step the worker has not started: `_ready`), then
+        # prefill attention (prompts over MATVEC_MAX_TOKENS tokens)
+        later = [s for s in missing if not s[1]]
+        for step in sorted(later, key=lambda s: (s[0].startswith("attention"), -later.index(s))):
+            i = min(range(1, n_workers + 1), key=lambda i: _share_cost([s[0] for s in shares[i]] + [step[0]], True))
             shares[i].append(step)
         types = sorted({int(t) for t in self._prepared or ()})
         for share in shares[1:]:
@@ -314,7 +309,7 @@ class NumbaBackend(Backend):
 
     def _warm_steps(self, types: set[GGMLType]) -> list[tuple[str, bool, Callable[[], None]]]:
         """The warm-up as named steps (name, whether decode needs it, run): per type its decode
-        products and lookups, and its products of 2+ tokens; norms and activations; rope; attention
+        products, and its products of 2+ tokens; row lookups; norms and activations; rope; attention
         of decode tokens, and of prompts. compile_worker runs the same steps by name."""
         rng = np.random.default_rng(0)
         n_in, n_many = 256, MATVEC_MAX_TOKENS + 1  # one K-quant block per row; tokens: decode and prefill
@@ -322,20 +317,26 @@ class NumbaBackend(Backend):
         ones = np.ones(n_in, np.float32)
         steps: list[tuple[str, bool, Callable[[], None]]] = []
 
-        def products(qtype: GGMLType, token_counts: tuple[int, ...], lookup: bool) -> Callable[[], None]:
+        def file_rows(qtype: GGMLType) -> np.ndarray:
+            block, size = BLOCK_INFO[qtype]
+            rows = np.zeros((2 * DEFAULT_LANES, n_in // block * size), np.uint8)
+            rows.flags.writeable = False  # as the file's mmap'd rows are (numba types them apart)
+            return rows
+
+        def lookups() -> None:  # one kernel for every type (the type is an argument)
+            for qtype in sorted(types):
+                if qtype in rk.ROW_TYPES:
+                    self.embed(NumbaWeight(qtype, 1, n_in, file_rows(qtype)[:1]), np.zeros(1))
+
+        def products(qtype: GGMLType, token_counts: tuple[int, ...]) -> Callable[[], None]:
             def run() -> None:
-                block, size = BLOCK_INFO[qtype]
-                rows = np.zeros((2 * DEFAULT_LANES, n_in // block * size), np.uint8)
+                rows = file_rows(qtype)
                 merged = NumbaWeight(qtype, rows.shape[0], n_in, None, None, (DEFAULT_LANES, DEFAULT_LANES),
                                      self.threads)
                 if self.repack and qtype in PACKED_TYPES:
                     merged.set_packed(pack(qtype, rows, n_in, dot=self.int16_dot), self.threads, self.int8_dot)
                 else:
                     merged.data = rows
-                rows.flags.writeable = False  # as the file's mmap'd rows are (numba types them apart)
-                if lookup:
-                    self.embed(merged if merged.data is not None else NumbaWeight(qtype, 1, n_in, rows[:1]),
-                               np.zeros(1))
                 for n_tok in token_counts:
                     for split in {1, merged.column_splits, 2}:
                         merged.column_splits = split
@@ -347,8 +348,10 @@ class NumbaBackend(Backend):
 
         for qtype in sorted(types):
             if qtype in rk.ROW_TYPES:
-                steps.append((f"{qtype.name}-decode", True, products(qtype, (1,), True)))
-                steps.append((f"{qtype.name}-batch", False, products(qtype, (2, n_many), False)))
+                steps.append((f"{qtype.name}-decode", True, products(qtype, (1,))))
+                steps.append((f"{qtype.name}-batch", False, products(qtype, (2, n_many))))
+        if any(t in rk.ROW_TYPES for t in types):
+            steps.append(("lookup", True, lookups))
 
         def norms() -> None:
             for n_tok in (1, n_many):
@@ -937,15 +940,48 @@ def _fusable(w: ExpertWeight) -> bool:
     return w.packed is not None and w.kernel in FUSED and w.column_splits == 1
 
 
-# Relative compile times of the warm-up steps (CPU seconds on the project's machine, roughly): how
-# _compile_apart shares them out. A type's decode and batch steps compile one int8/int16 kernel each.
-STEP_COSTS = {"decode": 3.5, "batch": 5.0, "attention-decode": 4.5, "attention-prompt": 1.0, "norms": 1.5,
-              "rope": 0.5, "shared": 2.5, "start": 1.5}
+# Compile times of the warm-up steps, CPU seconds measured on the project's machine (a Q4_K_M file's
+# steps one after another in a fresh process): how _compile_apart shares them out. "shared": what
+# the first product step in a process also compiles (rounding activations); "start": a worker's
+# interpreter, imports and numba's own helpers.
+STEP_COSTS = {"decode": 2.8, "batch": 4.7, "lookup": 1.7, "attention-decode": 4.8, "attention-prompt": 2.5,
+              "norms": 0.8, "rope": 0.5, "shared": 1.1, "start": 1.0}
 MAX_COMPILE_WORKERS = 4  # each holds numba and LLVM (~250 MB) while it runs
 
 
 def _step_cost(name: str) -> float:
     return STEP_COSTS.get(name, STEP_COSTS.get(name.rsplit("-", 1)[-1], 1.0))
+
+
+def _share_cost(names: list[str], worker: bool) -> float:
+    """The compile time of a process running the steps `names`: a worker first starts (STEP_COSTS);
+    the first product step in a process also compiles what they all share (rounding activations)."""
+    products = any(n.endswith(("-decode", "-batch")) and not n.startswith("attention") for n in names)
+    return (sum(_step_cost(n) for n in names) + STEP_COSTS["shared"] * products
+            + STEP_COSTS["start"] * worker)
+
+
+def _share_out(names: list[str], n_workers: int) -> list[list[str]]:
+    """The steps `names` shared between this process (first share) and n_workers workers so that the
+    last to finish finishes first: every assignment where there are few, else longest first to the
+    share it delays least."""
+    n = n_workers + 1
+
+    def finish(shares: list[list[str]]) -> float:
+        return max(_share_cost(share, i > 0) for i, share in enumerate(shares))
+
+    if n ** len(names) <= 4096:
+        best = None
+        for owners in itertools.product(range(n), repeat=len(names)):
+            shares = [[name for name, o in zip(names, owners) if o == i] for i in range(n)]
+            if best is None or finish(shares) < finish(best):
+                best = shares
+        return best or [[] for _ in range(n)]
+    shares = [[] for _ in range(n)]
+    for name in sorted(names, key=lambda m: -_step_cost(m)):
+        i = min(range(n), key=lambda i: _share_cost(shares[i] + [name], i > 0))
+        shares[i].append(name)
+    return shares
 
 
 def _compile_workers(n_missing: int) -> int:
@@ -1008,22 +1044,37 @@ class _CompileWorker:
         args = [str(backend.threads), str(int(backend.repack)), str(int(backend.int16_dot)),
                 str(int(backend.int8_dot)), ",".join(map(str, types)), ",".join(names)]
         self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
-        self.done: set[str] = set()
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        self.names, self.done, self.buffer = names, set(), b""
 
     def wait_for(self, name: str, pending: dict[str, _CompileWorker]) -> None:
-        """Wait until the worker finished step `name` or exited; drop what it finished (or, once it
-        exited, all its steps: what it left undone compiles in this process) from `pending`."""
-        ended = False
-        while name not in self.done:
-            line = self.proc.stdout.readline()
-            if not line:
-                ended = True
-                break
-            if line.startswith("done "):
-                self.done.add(line[5:].strip())
-        for n in [n for n, w in pending.items() if w is self and (ended or n in self.done)]:
+        """Step `name` is needed now: wait while the worker compiles it; if it has not started it yet,
+        leave it to this process (the worker then finds its kernels in the cache). Drops what the
+        worker finished (or, once it exited, all its steps: they compile here) from `pending`."""
+        alive = self._read(block=False)
+        current = next((n for n in self.names if n not in self.done), None)
+        if alive and name not in self.done and name != current:
+            del pending[name]
+            return
+        while alive and name not in self.done:
+            alive = self._read(block=True)
+        for n in [n for n, w in pending.items() if w is self and (not alive or n in self.done)]:
             del pending[n]
+
+    def _read(self, block: bool) -> bool:
+        """Take in what the worker said, waiting for a line if `block`; False once it exited."""
+        import select
+
+        fd = self.proc.stdout.fileno()
+        while block or select.select([fd], [], [], 0)[0]:
+            data = os.read(fd, 4096)
+            if not data:
+                return False
+            *lines, self.buffer = (self.buffer + data).split(b"\n")
+            self.done.update(line[5:].decode().strip() for line in lines if line.startswith(b"done "))
+            if block:
+                break
+        return True
 
 
 def compile_worker(argv: list[str]) -> None:

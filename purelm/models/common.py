@@ -198,9 +198,8 @@ class Model:
     def new_cache(self, n_ctx: int) -> KVCache:
         """An empty KV cache for up to n_ctx positions: keys and values of head_dim per KV head, stored
         as cache_type_k / cache_type_v."""
-        types = {} if (self.cache_type_k, self.cache_type_v) == ("f32", "f32") else \
-            {"type_k": self.cache_type_k, "type_v": self.cache_type_v}  # a backend's kv_cache may predate types
-        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim, **types)
+        return self.ops.kv_cache(self.n_layer, n_ctx, self.n_kv_head, self.head_dim, self.head_dim,
+                                 self.cache_type_k, self.cache_type_v)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run `ids` (1-D) as the cache's sequence 0 at its next positions; return float32 logits for

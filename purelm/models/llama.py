@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import AttentionSpec, Backend, KVCache
-from ..convert_spec import ConvertSpec, hf_rope_parameters, permute_qk
+from ..convert_spec import ConvertSpec, hf_rope_parameters, permute_qk, rope_freqs_tensor
 from ..formats.gguf import GGUFFile
 from .common import Model, Params, Weights
 from .experts import Experts, is_expert_tensor, read_counts, stacked_experts
@@ -137,8 +137,10 @@ def mixtral_experts(ckpt: Any, cfg: dict[str, Any]):
 ARCHITECTURES = {"llama": Llama, "mistral": Llama, "qwen2": Qwen2}
 # llama.cpp converts Mistral checkpoints to the llama architecture (ignoring the sliding window).
 CONVERTERS = {
-    "LlamaForCausalLM": ConvertSpec("llama", TENSORS, hparams, REQUIRED, llama_transform),
-    "MistralForCausalLM": ConvertSpec("llama", TENSORS, hparams, REQUIRED, llama_transform),
+    "LlamaForCausalLM": ConvertSpec("llama", TENSORS, hparams, REQUIRED, llama_transform,
+                                    extra_tensors=rope_freqs_tensor),
+    "MistralForCausalLM": ConvertSpec("llama", TENSORS, hparams, REQUIRED, llama_transform,
+                                      extra_tensors=rope_freqs_tensor),
     "Qwen2ForCausalLM": ConvertSpec("qwen2", TENSORS, hparams, REQUIRED),
     "MixtralForCausalLM": ConvertSpec("llama", MIXTRAL_TENSORS, hparams, MIXTRAL_REQUIRED, llama_transform,
                                       extra_tensors=mixtral_experts,

@@ -148,8 +148,9 @@ class TorchBackend(Backend):
     def vector(self, t: Tensor) -> torch.Tensor:
         return torch.from_numpy(t.dequantize()).to(self.device, self.dtype)
 
-    def kv_cache(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int) -> KVCache:
-        return TorchKVCache(n_layers, n_ctx, n_kv_heads, k_dim, v_dim, self.device, self.dtype)
+    def kv_cache(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int, type_k: str = "f32",
+                 type_v: str = "f32") -> KVCache:
+        return TorchKVCache(n_layers, n_ctx, n_kv_heads, k_dim, v_dim, self.device, self.dtype, type_k, type_v)
 
     # -- products
     def embed(self, w: Any, ids: Any) -> torch.Tensor:
