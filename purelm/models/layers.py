@@ -96,6 +96,22 @@ class HeadNorm:
 
 
 @dataclass
+class ProjectionNorm:
+    """An RMSNorm of q or k (tokens, heads, head_dim) over all its heads at once: OLMo 2's and OLMoE's,
+    on the whole projection before it splits into heads."""
+
+    norm: Norm
+
+    def __call__(self, x: Any) -> Any:
+        T, H, D = x.shape
+        return self.norm(x.reshape(T, H * D)).reshape(T, H, D)
+
+    @classmethod
+    def load(cls, m: Model, w: Weights, name: str, n_head: int) -> ProjectionNorm:
+        return cls(Norm(m.ops, True, m.eps, w.vector(name, n_head * m.head_dim)))
+
+
+@dataclass
 class Attention:
     """Causal self-attention with grouped KV heads (as many as the query heads: multi-head; one: multi-query):
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import AttentionSpec, Backend, KVCache
+from ..backends.base import AttentionSpec, Backend, KVCache, Rope
 from ..convert_spec import ConvertSpec, hf_rope_parameters, permute_qk, rope_freqs_tensor
 from ..formats.gguf import GGUFFile
 from .common import Model, Params, Weights
@@ -38,10 +38,14 @@ class Llama(Model):
         self.output, self.output_b = output_head(self, w)
         self.layers = [Block(
             attn_norm=Norm.rms_norm(self, w, f"blk.{i}.attn_norm"),
-            attn=Attention.load(self, w, i, rope, spec),  # q/k/v biases: Qwen2's
+            attn=self.attention(w, i, rope, spec),
             ffn_norm=Norm.rms_norm(self, w, f"blk.{i}.ffn_norm"),
             ffn=self.feed_forward(p, w, i, n_ff),
         ) for i in range(self.n_layer)]
+
+    def attention(self, w: Weights, i: int, rope: Rope, spec: AttentionSpec) -> Attention:
+        """Layer i's attention (q/k/v biases where the file has them: Qwen2's). Subclasses add norms."""
+        return Attention.load(self, w, i, rope, spec)
 
     def feed_forward(self, p: Params, w: Weights, i: int, n_ff: int) -> GatedFFN | Experts:
         """Layer i's SwiGLU, or its experts where it has a router (Mixtral: each expert n_ff wide)."""

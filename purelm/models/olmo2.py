@@ -8,7 +8,6 @@ N_q, N_k: RMSNorm over n_head·head_dim (n_kv_head·head_dim for k); P_a, P_f: R
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,22 +17,7 @@ from ..convert_spec import ConvertSpec, text_model_hparams
 from ..errors import PurelmError
 from ..formats.gguf import GGUFFile
 from .common import Model, Params, Weights
-from .layers import Attention, Block, GatedFFN, Norm, output_head
-
-
-@dataclass
-class ProjectionNorm:
-    """An RMSNorm of q or k (tokens, heads, head_dim) over all its heads at once."""
-
-    norm: Norm
-
-    def __call__(self, x: Any) -> Any:
-        T, H, D = x.shape
-        return self.norm(x.reshape(T, H * D)).reshape(T, H, D)
-
-    @classmethod
-    def load(cls, m: Model, w: Weights, name: str, n_head: int) -> ProjectionNorm:
-        return cls(Norm(m.ops, True, m.eps, w.vector(name, n_head * m.head_dim)))
+from .layers import Attention, Block, GatedFFN, Norm, ProjectionNorm, output_head
 
 
 class Olmo2(Model):

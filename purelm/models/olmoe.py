@@ -7,66 +7,32 @@ used as they are (no renormalization over the picked experts).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from ..backends.base import AttentionSpec, Backend, KVCache
+from ..backends.base import AttentionSpec, Rope
 from ..convert_spec import ConvertSpec
 from ..errors import PurelmError
-from ..formats.gguf import GGUFFile
-from .common import Model, Params, Weights
+from .common import Params, Weights
 from .experts import Experts, is_expert_tensor, read_counts, stacked_experts
-from .layers import Attention, Block, Norm, output_head
+from .layers import Attention, ProjectionNorm
+from .llama import Llama
 from .qwen3moe import EXPERT_MATRICES, EXPERTS, TENSORS, moe_hparams, n_experts
 
 
-@dataclass
-class ProjectionNorm:
-    """RMSNorm over all heads of q or k at once (tokens, heads, head_dim): OLMo's q/k norm, applied to
-    the whole projection before it splits into heads."""
+class Olmoe(Llama):
+    """LLaMA's layers (models/llama.py) with q/k norms over the whole projections and experts for the
+    feed-forward."""
 
-    norm: Norm
+    rope_neox = True
 
-    def __call__(self, x: Any) -> Any:
-        T, H, D = x.shape
-        return self.norm(x.reshape(T, H * D)).reshape(T, H, D)
+    def attention(self, w: Weights, i: int, rope: Rope, spec: AttentionSpec) -> Attention:
+        return Attention.load(self, w, i, rope, spec, bias="none",
+                              q_norm=ProjectionNorm.load(self, w, f"blk.{i}.attn_q_norm.weight", self.n_head),
+                              k_norm=ProjectionNorm.load(self, w, f"blk.{i}.attn_k_norm.weight", self.n_kv_head))
 
-    @classmethod
-    def load(cls, m: Model, w: Weights, name: str, n: int) -> ProjectionNorm:
-        return cls(Norm(m.ops, True, m.eps, w.vector(name, n)))
-
-
-class Olmoe(Model):
-    def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
-        super().__init__(gguf, backend)
-        p, w = Params(gguf), Weights(gguf, backend)
-        self.read_sizes(p, rms_norm=True)
-        n_expert, n_used = read_counts(p)
-        n_ff = p.int("feed_forward_length")  # each expert's width
-        rope = self.read_rope(p, neox=True)
-        spec = AttentionSpec(scale=1.0 / np.sqrt(self.head_dim))
-        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-
-        self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
-        self.out_norm = Norm.rms_norm(self, w, "output_norm")
-        self.output, self.output_b = output_head(self, w)
-        self.layers = [Block(
-            attn_norm=Norm.rms_norm(self, w, f"blk.{i}.attn_norm"),
-            attn=Attention.load(self, w, i, rope, spec, bias="none",
-                                q_norm=ProjectionNorm.load(self, w, f"blk.{i}.attn_q_norm.weight", q_dim),
-                                k_norm=ProjectionNorm.load(self, w, f"blk.{i}.attn_k_norm.weight", kv_dim)),
-            ffn_norm=Norm.rms_norm(self, w, f"blk.{i}.ffn_norm"),
-            ffn=Experts.load(self, w, i, n_expert, n_used, n_ff, normalize=False),
-        ) for i in range(self.n_layer)]
-
-    def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        x = self.ops.embed(self.tok_embd, ids)
-        for L in self.layers:
-            x = x + L.attn(L.attn_norm(x), positions, cache)
-            x = x + L.ffn(L.ffn_norm(x))
-        return self.out_norm(x)
+    def feed_forward(self, p: Params, w: Weights, i: int, n_ff: int) -> Experts:
+        n_expert, n_used = read_counts(p)  # n_ff: each expert's width
+        return Experts.load(self, w, i, n_expert, n_used, n_ff, normalize=False)
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)

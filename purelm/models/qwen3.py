@@ -9,48 +9,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from ..backends.base import AttentionSpec, Backend, KVCache, Rope
+from ..backends.base import AttentionSpec, Rope
 from ..convert_spec import ConvertSpec, text_model_hparams
 from ..errors import PurelmError
-from ..formats.gguf import GGUFFile
-from .common import Model, Params, Weights
-from .layers import Attention, Block, GatedFFN, HeadNorm, Norm, output_head
+from .common import Weights
+from .layers import Attention, HeadNorm
+from .llama import Llama
 
 
-class Qwen3(Model):
+class Qwen3(Llama):
+    """LLaMA's layers (models/llama.py) with the per-head q/k norms and without biases."""
+
     rope_neox = True  # GGUF keeps HF's rotate-half q/k order
-
-    def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
-        super().__init__(gguf, backend)
-        p, w = Params(gguf), Weights(gguf, backend)
-        self.read_sizes(p, rms_norm=True)
-        n_ff = p.int("feed_forward_length")
-        rope = self.read_rope(p, neox=self.rope_neox)
-        spec = AttentionSpec(scale=1.0 / np.sqrt(self.head_dim))
-
-        self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
-        self.out_norm = Norm.rms_norm(self, w, "output_norm")
-        self.output, self.output_b = output_head(self, w)  # tied in the small Qwen3s
-        self.layers = [Block(
-            attn_norm=Norm.rms_norm(self, w, f"blk.{i}.attn_norm"),
-            attn=self.attention(w, i, rope, spec),
-            ffn_norm=Norm.rms_norm(self, w, f"blk.{i}.ffn_norm"),
-            ffn=GatedFFN.load(self, w, i, n_ff, "silu"),
-        ) for i in range(self.n_layer)]
 
     def attention(self, w: Weights, i: int, rope: Rope, spec: AttentionSpec) -> Attention:
         return Attention.load(self, w, i, rope, spec, bias="none",
                               q_norm=HeadNorm.rms_norm(self, w, f"blk.{i}.attn_q_norm.weight", optional=False),
                               k_norm=HeadNorm.rms_norm(self, w, f"blk.{i}.attn_k_norm.weight", optional=False))
-
-    def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        x = self.ops.embed(self.tok_embd, ids)
-        for L in self.layers:
-            x = x + L.attn(L.attn_norm(x), positions, cache)
-            x = x + L.ffn(L.ffn_norm(x))
-        return self.out_norm(x)
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)

@@ -9,46 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from ..backends.base import AttentionSpec, Backend, KVCache
 from ..convert_spec import ConvertSpec, hf_rope_parameters
 from ..errors import PurelmError
-from ..formats.gguf import GGUFFile
-from .common import Model, Params, Weights
+from .common import Params, Weights
 from .experts import Experts, is_expert_tensor, read_counts, stacked_experts
-from .layers import Attention, Block, HeadNorm, Norm, output_head
+from .qwen3 import Qwen3
 
 
-class Qwen3Moe(Model):
-    def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
-        super().__init__(gguf, backend)
-        p, w = Params(gguf), Weights(gguf, backend)
-        self.read_sizes(p, rms_norm=True)
+class Qwen3Moe(Qwen3):
+    """Qwen3's layers (models/qwen3.py) with experts for the feed-forward."""
+
+    def feed_forward(self, p: Params, w: Weights, i: int, n_ff: int) -> Experts:
         n_expert, n_used = read_counts(p)
         # llama.cpp: expert_feed_forward_length, else feed_forward_length shared among the used experts
-        n_ff = p.int("expert_feed_forward_length", None) or p.int("feed_forward_length") // n_used
-        rope = self.read_rope(p, neox=True)
-        spec = AttentionSpec(scale=1.0 / np.sqrt(self.head_dim))
-
-        self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
-        self.out_norm = Norm.rms_norm(self, w, "output_norm")
-        self.output, self.output_b = output_head(self, w)
-        self.layers = [Block(
-            attn_norm=Norm.rms_norm(self, w, f"blk.{i}.attn_norm"),
-            attn=Attention.load(self, w, i, rope, spec, bias="none",
-                                q_norm=HeadNorm.rms_norm(self, w, f"blk.{i}.attn_q_norm.weight", optional=False),
-                                k_norm=HeadNorm.rms_norm(self, w, f"blk.{i}.attn_k_norm.weight", optional=False)),
-            ffn_norm=Norm.rms_norm(self, w, f"blk.{i}.ffn_norm"),
-            ffn=Experts.load(self, w, i, n_expert, n_used, n_ff, normalize=True),
-        ) for i in range(self.n_layer)]
-
-    def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        x = self.ops.embed(self.tok_embd, ids)
-        for L in self.layers:
-            x = x + L.attn(L.attn_norm(x), positions, cache)
-            x = x + L.ffn(L.ffn_norm(x))
-        return self.out_norm(x)
+        n_ff = p.int("expert_feed_forward_length", None) or n_ff // n_used
+        return Experts.load(self, w, i, n_expert, n_used, n_ff, normalize=True)
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
