@@ -11,7 +11,7 @@ after repetition (A B A B ...):
 
 Per run: wall seconds from spawn to exit, the process's own CPU seconds (user + system, wait4: not
 its workers') and peak RSS. After each cold run `purelm warmup` completes the cache (it waits for
-the background compiles), then the warm run starts. The load average before each run is recorded:
+the background compiles), and the warm run starts once no worker of the cold run is left. The load average before each run is recorded:
 the machine may be shared, and its other work slows cold starts most.
 
     python benchmarks/first_start.py --reps 3 > benchmarks/results/first_start.json
@@ -64,6 +64,25 @@ def timed(args: list[str], env: dict[str, str]) -> dict:
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "load_avg": round(load, 2), "text": out.strip()[:80]}
 
 
+def wait_for_workers(cache: Path, limit_s: float = 600.0) -> None:
+    """Wait until no compile worker of a run with this cache folder is left (they outlive a short
+    `purelm generate` to finish filling the cache), so that they do not slow the next run (Linux)."""
+    mark = f"NUMBA_CACHE_DIR={cache}".encode()
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        busy = False
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                busy = b"compile_worker" in (proc / "cmdline").read_bytes() and mark in (proc / "environ").read_bytes()
+            except OSError:
+                continue
+            if busy:
+                break
+        if not busy:
+            return
+        time.sleep(0.2)
+
+
 def one_rep(model: Path, mode: str, args: argparse.Namespace) -> dict:
     cache = Path(tempfile.mkdtemp(prefix="purelm-first-start-"))
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), **MODES[mode])
@@ -74,7 +93,9 @@ def one_rep(model: Path, mode: str, args: argparse.Namespace) -> dict:
     try:
         cold = timed(gen, env)
         timed(["warmup", "-m", str(model)] + (["-t", str(args.threads)] if args.threads else []), env)
+        wait_for_workers(cache)
         warm = timed(gen, env)
+        wait_for_workers(cache)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return {"cold": cold, "warm": warm}

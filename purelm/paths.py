@@ -43,26 +43,38 @@ def numba_cache(name: str, sources: Iterable[Path]) -> Iterator[None]:
     changed any of them, the kernels compile afresh instead of loading stale code."""
     import numba
 
+    sources = list(sources)
     if os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR:
+        _FOLDERS[name] = (Path(numba.config.CACHE_DIR or os.environ["NUMBA_CACHE_DIR"]), _digest(sources))
         yield
         return
     numba.config.CACHE_DIR = str(cache_dir() / "numba" / f"{name}-{_digest(sources)}")
+    _FOLDERS[name] = (Path(numba.config.CACHE_DIR), _digest(sources))
     try:
         yield
     finally:
         numba.config.CACHE_DIR = ""
 
 
+# name -> (the folder numba_cache(name, ...) had numba cache in, the kernels' sources' digest)
+_FOLDERS: dict[str, tuple[Path, str]] = {}
+
+
+def numba_cache_folder(name: str) -> Path | None:
+    """The folder numba caches the kernels defined under numba_cache(name, ...) in (None before)."""
+    return _FOLDERS[name][0] if name in _FOLDERS else None
+
+
 def _digest(sources: Iterable[Path]) -> str:
     return hashlib.sha256(b"".join(Path(f).read_bytes() for f in sorted(sources))).hexdigest()[:16]
 
 
-def numba_notes_dir(name: str, sources: Iterable[Path]) -> Path:
-    """A folder for purelm's own notes about the kernels numba_cache(name, sources) caches (which
-    warm-up steps have filled the cache): the cache's folder, or beside the kernels in
-    $NUMBA_CACHE_DIR. Named by the sources' digest as the cache is, so an upgrade starts afresh."""
-    user = os.environ.get("NUMBA_CACHE_DIR")
-    digest = _digest(sources)
-    if user:
-        return Path(user) / f"purelm-{name}-{digest}"
-    return cache_dir() / "numba" / f"{name}-{digest}" / "purelm-notes"
+def numba_notes_dir(name: str) -> Path | None:
+    """A folder for purelm's own notes about the kernels numba_cache(name, ...) caches (which warm-up
+    steps have filled the cache): inside the folder the kernels were defined to cache in (not where
+    cache_dir() points now), named by their digest (in a shared $NUMBA_CACHE_DIR, an upgrade's
+    kernels start afresh). A compile worker given that folder as NUMBA_CACHE_DIR finds the same one."""
+    if name not in _FOLDERS:
+        return None
+    folder, digest = _FOLDERS[name]
+    return folder / f"purelm-{name}-notes-{digest}"

@@ -4,6 +4,10 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# A first start compiles in worker processes (numba_backend.prepare); the tests compile in this one, as
+# they did, so that workers outliving a test neither race it for cores nor land in its warning checks
+# (tests/test_first_start.py runs the workers itself).
+os.environ.setdefault("PURELM_COMPILE_WORKERS", "0")
 
 
 def smollm2_file() -> Path:

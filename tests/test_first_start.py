@@ -137,3 +137,13 @@ def test_share_out_balances_and_keeps_each_step_once():
     many = [f"T{i}-decode" for i in range(12)]  # too many to try every way: longest first
     shares = nb._share_out(many, 1)
     assert sorted(n for share in shares for n in share) == sorted(many) and all(shares)
+
+
+def test_finish_compiling_waits_for_every_worker_to_end():
+    """`purelm warmup`: even steps this process took over are left to run to their end."""
+    w = _fake_worker("import time; print('done a', flush=True); time.sleep(0.5); print('done b', flush=True)",
+                     ["a", "b"])
+    be = nb.NumbaBackend(1)
+    be._pending, be._compilers = {"b": w}, [w]
+    be.finish_compiling()
+    assert be._pending == {} and w.done == {"a", "b"} and w.proc.returncode == 0

@@ -223,6 +223,7 @@ class NumbaBackend(Backend):
         self._prepared: set[GGMLType] | None = None
         self._pending: dict[str, _CompileWorker] = {}  # warm-up steps a worker process still compiles
         self._compile_lock = threading.Lock()
+        self._compilers: list[_CompileWorker] = []  # worker processes this backend started
 
     # -- weights
 
@@ -290,6 +291,7 @@ class NumbaBackend(Backend):
                     worker = _CompileWorker(self, types, [name for name, _, _ in share])
                 except OSError:  # no interpreter to start (an embedded Python): its steps compile here
                     continue
+                self._compilers.append(worker)
                 for name, _, _ in share:
                     self._pending[name] = worker
         return shares[0]
@@ -303,9 +305,14 @@ class NumbaBackend(Backend):
                 worker.wait_for(name, self._pending)
 
     def finish_compiling(self) -> None:
-        """Wait for the background compiles of a first start (`purelm warmup`: every kernel cached)."""
-        for name in list(self._pending):
-            self._ready(name)
+        """Wait for the worker processes of a first start to finish all their steps, including any
+        this process took over (`purelm warmup`: every kernel cached, every step noted)."""
+        with self._compile_lock:
+            for worker in set(self._pending.values()) | set(self._compilers):
+                while worker._read(block=True):
+                    pass
+                worker.proc.wait()
+            self._pending.clear()
 
     def _warm_steps(self, types: set[GGMLType]) -> list[tuple[str, bool, Callable[[], None]]]:
         """The warm-up as named steps (name, whether decode needs it, run): per type its decode
@@ -1000,22 +1007,18 @@ def _compile_workers(n_missing: int) -> int:
 
 class _WarmNotes:
     """Which warm-up steps numba's on-disk cache holds for a backend's settings: a file per step in
-    paths.numba_notes_dir (named by the kernels' digest), written once the step ran in some process.
+    paths.numba_notes_dir (beside the kernels' cache), written once the step ran in some process.
     A start that finds all of them loads every kernel in this process, as it always did."""
 
     def __init__(self, backend: NumbaBackend) -> None:
         import hashlib
 
         from ..paths import numba_notes_dir
-        from . import numba_kernels
 
         setting = repr((backend.repack, backend.int16_dot, backend.int8_dot, numba.__version__,
                         numba.config.CPU_NAME, numba.config.CPU_FEATURES, sys.version_info[:2]))
         self.key = hashlib.sha256(setting.encode()).hexdigest()[:12]
-        try:
-            self.dir: Path | None = numba_notes_dir("backend", Path(numba_kernels.__file__).parent.glob("*.py"))
-        except OSError:
-            self.dir = None
+        self.dir = numba_notes_dir("backend")
 
     def done(self, name: str) -> bool:
         return self.dir is not None and (self.dir / f"{name}-{self.key}").exists()
@@ -1030,6 +1033,9 @@ class _WarmNotes:
             pass
 
 
+_WORKERS: list = []  # every compile worker this process started
+
+
 class _CompileWorker:
     """A process running compile_worker on some warm-up steps; it says `done NAME` on its stdout
     after each step, its kernels then in numba's cache. It finishes its steps even when this process
@@ -1038,13 +1044,19 @@ class _CompileWorker:
     def __init__(self, backend: NumbaBackend, types: list[int], names: list[str]) -> None:
         import subprocess
 
+        from ..paths import numba_cache_folder
+
         root = str(Path(__file__).resolve().parents[2])  # the folder holding this purelm package
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        folder = numba_cache_folder("backend")
+        if folder is not None:  # this process's kernel cache, whatever PURELM_CACHE says by now
+            env["NUMBA_CACHE_DIR"] = str(folder)
         code = "import sys; from purelm.backends.numba_backend import compile_worker; compile_worker(sys.argv[1:])"
         args = [str(backend.threads), str(int(backend.repack)), str(int(backend.int16_dot)),
                 str(int(backend.int8_dot)), ",".join(map(str, types)), ",".join(names)]
         self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        _WORKERS.append(self.proc)  # held to the end: a dropped Popen of a running process warns
         self.names, self.done, self.buffer = names, set(), b""
 
     def wait_for(self, name: str, pending: dict[str, _CompileWorker]) -> None:
@@ -1087,8 +1099,9 @@ def compile_worker(argv: list[str]) -> None:
     steps = {name: run for name, _, run in backend._warm_steps(types)}
     notes = _WarmNotes(backend)
     for name in argv[5].split(","):
-        steps[name]()
-        notes.mark(name)
+        if not notes.done(name):  # else another process ran it meanwhile
+            steps[name]()
+            notes.mark(name)
         try:
             print("done", name, flush=True)
         except OSError:  # the starting process is gone: its cache is filled all the same
