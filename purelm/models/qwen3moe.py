@@ -13,7 +13,8 @@ from ..convert_spec import ConvertSpec, hf_rope_parameters
 from ..errors import PurelmError
 from .common import Params, Weights
 from .experts import Experts, is_expert_tensor, read_counts, stacked_experts
-from .qwen3 import Qwen3
+from .qwen3 import QK_NORMS, Qwen3
+from .qwen3 import TENSORS as QWEN3_TENSORS
 
 
 class Qwen3Moe(Qwen3):
@@ -28,20 +29,9 @@ class Qwen3Moe(Qwen3):
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
 
-TENSORS = [
-    ("model.embed_tokens.weight", "token_embd.weight"),
-    ("model.norm.weight", "output_norm.weight"),
-    ("lm_head.weight", "output.weight"),
-    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
-    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
-    ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
-    ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
-    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
-    ("model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),
-    ("model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
-    ("model.layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight"),
-]
+# Qwen3's attention tensors and norms (models/qwen3.py), then the router (the experts: extra_tensors)
+TENSORS = QWEN3_TENSORS[:8] + QK_NORMS + [QWEN3_TENSORS[8],
+                                         ("model.layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight")]
 REQUIRED = ["token_embd.weight", "output_norm.weight"] + [
     f"blk.0.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm",
                                   "attn_k_norm", "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
