@@ -1015,8 +1015,11 @@ class _WarmNotes:
 
         from ..paths import numba_notes_dir
 
+        # numba keys its cache entries by the sources' path too: another install of the same sources
+        # (a second venv, a clone) shares the folder but not the entries, so it has notes of its own
         setting = repr((backend.repack, backend.int16_dot, backend.int8_dot, numba.__version__,
-                        numba.config.CPU_NAME, numba.config.CPU_FEATURES, sys.version_info[:2]))
+                        numba.config.CPU_NAME, numba.config.CPU_FEATURES, sys.version_info[:2],
+                        str(Path(__file__).resolve().parent)))
         self.key = hashlib.sha256(setting.encode()).hexdigest()[:12]
         self.dir = numba_notes_dir("backend")
 
