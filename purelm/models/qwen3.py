@@ -14,7 +14,8 @@ from ..convert_spec import ConvertSpec, text_model_hparams
 from ..errors import PurelmError
 from .common import Weights
 from .layers import Attention, HeadNorm
-from .llama import Llama
+from .llama import REQUIRED, Llama
+from .llama import TENSORS as LLAMA_TENSORS
 
 
 class Qwen3(Llama):
@@ -30,24 +31,8 @@ class Qwen3(Llama):
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
 
-# the pre-norm decoder's tensors without biases: Qwen3's and SmolLM3's
-TENSORS = [
-    ("model.embed_tokens.weight", "token_embd.weight"),
-    ("model.norm.weight", "output_norm.weight"),
-    ("lm_head.weight", "output.weight"),
-    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
-    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
-    ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
-    ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
-    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
-    ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
-    ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
-    ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
-]
-REQUIRED = ["token_embd.weight", "output_norm.weight"] + [
-    f"blk.0.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
-                                  "ffn_gate", "ffn_up", "ffn_down")]
+# LLaMA's tensors without the biases: Qwen3's and SmolLM3's
+TENSORS = [t for t in LLAMA_TENSORS if not t[0].endswith(".bias")]
 QK_NORMS = [("model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),
             ("model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight")]
 
