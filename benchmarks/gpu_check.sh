@@ -4,9 +4,13 @@
 #   2. makes its models with make_synthetic.py: SmolLM2's shape (Q4_1 layers, Q8_0 embedding/output) and
 #      TinyLlama's 1.1B (Q4_0), since real files are too big to bring,
 #   3. runs the torch backend's tests on CUDA (PURELM_TEST_DEVICE=cuda),
-#   4. runs benchmarks/gpu_bench.py on both models (the GPU's copy bandwidth measured in the same run)
-#      and benchmarks/bench.py --engines torch on the small one.
-# Results go to $OUT (default /tmp/purelm-gpu-check): tests.log, gpu_bench.json, bench_torch.json.
+#   4. sweeps the packed product kernels' configurations on the 1.1B's shapes (benchmarks/gpu_kernels.py;
+#      its best per shape is the table the benchmarks then use: copy it to
+#      purelm/backends/torch_backend/configs/<GPU name>.json to ship it),
+#   5. runs benchmarks/gpu_bench.py on both models (the GPU's copy bandwidth measured in the same run),
+#      a decode step's kernels by device time (gpu_kernels.py), and bench.py --engines torch.
+# Results go to $OUT (default /tmp/purelm-gpu-check): tests.log, gpu_kernels.json, table.json,
+# gpu_bench.json, gpu_profile.json, bench_torch.json.
 #     bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,10 +39,16 @@ echo "== making models ($SECONDS s)"
 
 echo "== torch backend tests on CUDA ($SECONDS s)"
 PURELM_TEST_DEVICE=cuda timeout 300 $PY -m pytest -q -x -m "not slow" -p no:cacheprovider \
-    tests/test_torch_backend.py 2>&1 | tee "$OUT/tests.log" | tail -15
+    $($PY -c "import xdist" 2>/dev/null && echo "-n $(nproc)") tests/test_torch_backend.py 2>&1 | tee "$OUT/tests.log" | tail -15
+echo "== kernel sweep ($SECONDS s)"
+timeout 150 $PY benchmarks/gpu_kernels.py --jobs "$(nproc)" --out "$OUT/gpu_kernels.json" --table "$OUT/table.json" \
+    2>&1 | grep -v -i warn | tail -14
+[ -s "$OUT/table.json" ] && export PURELM_TRITON_CONFIGS="$OUT/table.json"
 wait
 echo "== gpu_bench ($SECONDS s)"
 timeout 300 $PY benchmarks/gpu_bench.py "$SMOL" "$BIG" --out "$OUT/gpu_bench.json" >/dev/null
+timeout 60 $PY benchmarks/gpu_kernels.py --no-sweep "$BIG" "$SMOL" --out "$OUT/gpu_profile.json" 2>&1 \
+    | grep -v -i warn | tail -30
 if [ "$SECONDS" -lt 420 ]; then
     echo "== bench.py --engines torch ($SECONDS s)"
     timeout 120 $PY benchmarks/bench.py "$SMOL" --engines torch --threads 1 --reps 3 --no-bandwidth \

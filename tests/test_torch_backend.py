@@ -127,22 +127,48 @@ def _triton_or_skip():
 
 
 @pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("rows", [1, 3, 17, "groups", "rows"])
 def test_triton_matvec_matches_a_float64_product(qtype, rows):
+    # "groups": one row through the kernel that scales whole groups of columns at once; "rows":
+    # several rows, a program each
     kernels = _triton_or_skip()
+    config = None
+    if rows == "groups":
+        rows, config = 1, ("groups", 8, 256, 4)
+    elif rows == "rows":
+        rows, config = 3, ("rows", 4, 256, 4)
     block = BLOCK_INFO[qtype][0]
     n_out, n_in = 20, 512 if block == 256 else 352  # partial tiles of outputs and of columns
     raw = random_blocks(qtype, n_out, n_in, seed=rows)
     w = gguf_dequantize(raw, qtype, (n_out, n_in)).astype(np.float64)
     x = np.random.default_rng(rows).standard_normal((rows, n_in)).astype(np.float32)
     p = pack(qtype, [(n_out, raw)], n_in, torch.device(DEVICE))
-    y = kernels.matvec(torch.from_numpy(x).to(DEVICE), p).cpu().numpy()
+    y = kernels.matvec(torch.from_numpy(x).to(DEVICE), p, config=config).cpu().numpy()
     ref = x.astype(np.float64) @ w.T
     assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max()
     # each activation row alone gives the same bits as in the batch (its program sees only its row)
     if rows > 1:
         one = kernels.matvec(torch.from_numpy(x[1:2]).to(DEVICE), p).cpu().numpy()
         assert np.abs(one[0] - y[1]).max() <= 2e-6 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_triton_glu_product_matches_a_float64_reference(qtype, act):
+    # gate|up stacked in one matrix: act(x gate.T) * (x up.T) in one kernel
+    kernels = _triton_or_skip()
+    rows = 1
+    n_ff, n_in = 12, 512
+    raw = random_blocks(qtype, 2 * n_ff, n_in, seed=rows)
+    w = gguf_dequantize(raw, qtype, (2 * n_ff, n_in)).astype(np.float64)
+    x = np.random.default_rng(rows).standard_normal((rows, n_in)).astype(np.float32)
+    p = pack(qtype, [(n_ff, raw[:n_ff]), (n_ff, raw[n_ff:])], n_in, torch.device(DEVICE))
+    y = kernels.matvec(torch.from_numpy(x).to(DEVICE), p, glu=act).cpu().numpy()
+    g, u = x.astype(np.float64) @ w[:n_ff].T, x.astype(np.float64) @ w[n_ff:].T
+    a = g * 0.5 * (1 + np.tanh(g / 2)) if act == "silu" else 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
+    ref = a * u
+    assert y.shape == (rows, n_ff)
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
@@ -155,6 +181,35 @@ def test_triton_dequantize_matches_gguf_quants(qtype):
     np.testing.assert_allclose(got, want, rtol=2e-7, atol=0)  # a fused multiply-add at most (GPU)
     bf16 = kernels.dequantize(p, torch.bfloat16).float().cpu().numpy()
     np.testing.assert_allclose(bf16, want, rtol=2 ** -7, atol=0)  # rounded (GPU) or cut (interpreter)
+
+
+@pytest.mark.parametrize("window", [None, 1000])
+def test_triton_decode_attention_splits_long_contexts(window):
+    # positions split over programs (several steps each) and joined: equal to a plain softmax
+    _triton_or_skip()
+    from purelm.backends.kv_cache import BLOCK
+    from purelm.backends.torch_backend import fused
+
+    rng = np.random.default_rng(0)
+    B, H, n_kv, D, n_blocks = 2, 4, 2, 16, 4096 // BLOCK
+    lens = np.array([700, 4000])
+    tables = np.stack([rng.permutation(2 * n_blocks)[:n_blocks] for _ in range(B)])
+    keys = rng.standard_normal((2 * n_blocks * BLOCK, n_kv, D)).astype(np.float32)
+    values = rng.standard_normal((2 * n_blocks * BLOCK, n_kv, D)).astype(np.float32)
+    q = rng.standard_normal((B, H, D)).astype(np.float32)
+    t = lambda a: torch.from_numpy(a).to(DEVICE)  # noqa: E731
+    out = torch.empty((B, H * D), device=DEVICE)
+    fused.decode_attention(t(q), t(keys), t(values), t(tables), t(lens), 0.25, None, window, None, out, BLOCK)
+    for b in range(B):
+        pos = np.arange(lens[b])
+        rows = tables[b][pos // BLOCK] * BLOCK + pos % BLOCK
+        seen = pos > lens[b] - 1 - window if window else pos >= 0
+        for h in range(H):
+            s = keys[rows, h // 2] @ q[b, h] * 0.25
+            s = np.where(seen, s, -np.inf)
+            p = np.exp(s - s.max())
+            want = p @ values[rows, h // 2] / p.sum()
+            np.testing.assert_allclose(out[b, h * D:(h + 1) * D].cpu().numpy(), want, rtol=1e-4, atol=1e-5)
 
 
 # the architectures that together use every variant (interpreted kernels are slow: not all of them)

@@ -51,18 +51,24 @@ class DeviceRuns:
     tables: torch.Tensor | None = None
     lens: torch.Tensor | None = None
     runs: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list)
-    gather: torch.Tensor | None = None
+    _gather: torch.Tensor | None = None
 
     @property
     def n_decode(self) -> int:
         return 0 if self.lens is None else len(self.lens)
 
     def derive(self) -> None:
-        """The decode tokens' gather rows from their block tables (device ops: in a captured graph
-        they run at each replay)."""
-        if self.tables is not None:
+        """Forget what was derived from the tables (a captured graph's step refills them)."""
+        self._gather = None
+
+    @property
+    def gather(self) -> torch.Tensor | None:
+        """The decode tokens' cache rows from their block tables, derived on the device where first
+        asked for (the plain torch attention; the Triton kernel reads the tables)."""
+        if self._gather is None and self.tables is not None:
             p = torch.arange(self.tables.shape[1] * BLOCK, device=self.tables.device)
-            self.gather = self.tables[:, p // BLOCK] * BLOCK + p % BLOCK
+            self._gather = self.tables[:, p // BLOCK] * BLOCK + p % BLOCK
+        return self._gather
 
 
 def decode_tables(view: PassView, n_decode: int, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,9 @@ import triton
 import triton.language as tl
 
 
+MAX_SPLITS = 32  # decode attention: position splits per (sequence, KV head) at most
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(n)
 
@@ -97,15 +100,17 @@ def store(keys: torch.Tensor, values: torch.Tensor, write: torch.Tensor, k: torc
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, keys_ptr, values_ptr, tables_ptr, lens_ptr, slopes_ptr, out_ptr,
-                             n_head, n_kv, D, DV, n_blocks, scale, softcap, window,
+def _decode_attention_kernel(q_ptr, keys_ptr, values_ptr, tables_ptr, lens_ptr, slopes_ptr, m_ptr, l_ptr, acc_ptr,
+                             n_head, n_kv, D, DV, n_blocks, scale, softcap, window, S,
                              GROUP: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                             L: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+                             BLOCK: tl.constexpr, BN: tl.constexpr, ITERS: tl.constexpr,
                              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr):
-    # program (b, kv head): the GROUP query heads sharing this KV head, over positions 0..len-1 of
-    # sequence b in chunks of BN, with a running softmax (flash-decoding without the split)
+    # program (b, kv head, split): the GROUP query heads sharing this KV head, over the ITERS * BN
+    # positions of this split (flash-decoding: the splits run in parallel, _combine_kernel joins
+    # them), with a running softmax; positions at or past the sequence's length are masked
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
+    sp = tl.program_id(2)
     g = tl.arange(0, BG)
     gm = g < GROUP
     heads = kh * GROUP + g
@@ -120,12 +125,12 @@ def _decode_attention_kernel(q_ptr, keys_ptr, values_ptr, tables_ptr, lens_ptr, 
     m_i = tl.full((BG,), float("-inf"), tl.float32)
     l_i = tl.zeros((BG,), tl.float32)
     acc = tl.zeros((BG, BDV), tl.float32)
-    for start in range(0, L, BN):
-        pos = start + tl.arange(0, BN)
+    for it in range(ITERS):
+        pos = (sp * ITERS + it) * BN + tl.arange(0, BN)
         valid = pos < n
         if WINDOW:
             valid = valid & (pos > q_pos - window)
-        blk = tl.load(tables_ptr + b * n_blocks + pos // BLOCK, mask=pos < L, other=0)
+        blk = tl.load(tables_ptr + b * n_blocks + pos // BLOCK, mask=valid, other=0)
         rows = blk.to(tl.int64) * BLOCK + pos % BLOCK
         k = tl.load(keys_ptr + (rows[:, None] * n_kv + kh) * D + d[None, :], mask=valid[:, None] & (d[None, :] < D),
                     other=0.0).to(tl.float32)
@@ -144,9 +149,26 @@ def _decode_attention_kernel(q_ptr, keys_ptr, values_ptr, tables_ptr, lens_ptr, 
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + (b * n_head + heads[:, None]) * DV + dv[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=gm[:, None] & (dv[None, :] < DV))
+    part = (b * n_head + heads) * S + sp  # this split's running max, sum and weighted values per head
+    tl.store(m_ptr + part, m_i, mask=gm)
+    tl.store(l_ptr + part, l_i, mask=gm)
+    tl.store(acc_ptr + part[:, None] * BDV + dv[None, :], acc, mask=gm[:, None])
+
+
+@triton.jit
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, DV, S, BS: tl.constexpr, BDV: tl.constexpr):
+    # program (b * n_head + h): the splits' partial softmaxes joined, rescaled to their common max
+    bh = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BS)
+    sm = s < S
+    dv = tl.arange(0, BDV)
+    m = tl.load(m_ptr + bh * S + s, mask=sm, other=float("-inf"))
+    top = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+    total = tl.sum(w * tl.load(l_ptr + bh * S + s, mask=sm, other=0.0), axis=0)
+    acc = tl.load(acc_ptr + (bh * S + s)[:, None] * BDV + dv[None, :], mask=sm[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, axis=0) / total
+    tl.store(out_ptr + bh * DV + dv, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
@@ -157,13 +179,21 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     n_kv, DV = keys.shape[1], values.shape[2]
     group = H // n_kv
     L = tables.shape[1] * block
-    BG, BD = max(2, _pow2(group)), _pow2(D)
+    BG, BD, BDV = max(2, _pow2(group)), _pow2(D), _pow2(DV)
     BN = max(16, min(64, 8192 // (BG * BD)))  # the (BG, BN, BD) products held at once
-    _decode_attention_kernel[(B, n_kv)](
-        q.contiguous(), keys, values, tables, lens, q if slopes is None else slopes, out,
-        H, n_kv, D, DV, tables.shape[1], scale, float(softcap or 1.0), int(window or 0),
-        GROUP=group, BG=BG, BD=BD, BDV=_pow2(DV), L=L, BLOCK=block, BN=BN,
+    # positions split over programs so that a short batch still fills the GPU (one program walking
+    # every position is a chain of dependent loads); at most MAX_SPLITS partials per head to join
+    iters = max(1, -(-L // (BN * MAX_SPLITS)))
+    S = -(-L // (BN * iters))
+    m = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    l_ = torch.empty_like(m)
+    acc = torch.empty((B, H, S, BDV), dtype=torch.float32, device=q.device)
+    _decode_attention_kernel[(B, n_kv, S)](
+        q.contiguous(), keys, values, tables, lens, q if slopes is None else slopes, m, l_, acc,
+        H, n_kv, D, DV, tables.shape[1], scale, float(softcap or 1.0), int(window or 0), S,
+        GROUP=group, BG=BG, BD=BD, BDV=BDV, BLOCK=block, BN=BN, ITERS=iters,
         SOFTCAP=bool(softcap), ALIBI=slopes is not None, WINDOW=bool(window), num_warps=4)
+    _combine_kernel[(B * H,)](m, l_, acc, out, DV, S, BS=_pow2(S), BDV=BDV, num_warps=1)
 
 
 @triton.jit

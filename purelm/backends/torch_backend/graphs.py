@@ -49,14 +49,29 @@ class GraphRunner:
         if entry is None:
             return self._capture(key, compute, host, cache)
         self.graphs.move_to_end(key)
-        for name, value in host.items():
-            entry["static"][name].copy_(torch.from_numpy(np.ascontiguousarray(value, np.int64)))
+        # the step's inputs in one copy from pinned memory (each small copy from pageable memory
+        # costs microseconds of host time); the last step's copy must be done before its buffer is
+        # written again
+        entry["copied"].synchronize()
+        at = 0
+        staging = entry["staging"].numpy()
+        for value in host.values():
+            flat = np.ravel(value)
+            staging[at:at + flat.size] = flat
+            at += flat.size
+        entry["flat"].copy_(entry["staging"], non_blocking=True)
+        entry["copied"].record()
         entry["graph"].replay()
         return entry["out"]
 
     def _capture(self, key: tuple, compute: Any, host: dict, cache: TorchKVCache) -> torch.Tensor:
         dev = self.backend.device
-        static = {name: torch.from_numpy(np.ascontiguousarray(v, np.int64)).to(dev) for name, v in host.items()}
+        arrays = {name: np.ascontiguousarray(v, np.int64) for name, v in host.items()}
+        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays.values()])).to(dev)
+        static, at = {}, 0
+        for name, a in arrays.items():  # views of one device buffer, filled by one copy per step
+            static[name] = flat[at:at + a.size].view(a.shape)
+            at += a.size
         meta = DeviceRuns(static["write"], static["tables"], static["lens"])
         view = StagedView(cache, meta)
 
@@ -82,7 +97,9 @@ class GraphRunner:
             self.backend.graphs = None
             torch.cuda.synchronize()
             return result
-        self.graphs[key] = {"graph": graph, "static": static, "out": out, "cache": weakref.ref(cache)}
+        self.graphs[key] = {"graph": graph, "static": static, "out": out, "cache": weakref.ref(cache), "flat": flat,
+                            "staging": torch.empty(flat.shape, dtype=torch.int64, pin_memory=True),
+                            "copied": torch.cuda.Event()}
         while len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
         return result

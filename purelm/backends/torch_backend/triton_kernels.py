@@ -1,15 +1,27 @@
 """Triton kernels that multiply packed planes (packed.py) by a few activation rows: the decode step.
 
-One kernel serves every block type: the layout's fields are compile-time constants, so each type gets
-its own specialised code. A program computes BN outputs of one activation row (one row: the weights
-are read once per token, the memory-bound case) or of BM rows at once (several sequences, or a short
-prompt chunk: the weights are unpacked once for all of them and multiplied with tl.dot in float32).
-Weights are unpacked with ggml's float steps in float32, and products accumulate in float32.
+One kernel family serves every block type: the layout's fields are compile-time constants, so each
+type gets its own specialised code. Three ways to cut the work (default_config): "pairs" reads a byte
+and a scale per pair of columns, for one activation row (the weights read once per token, the
+memory-bound case) or BM rows at once (unpacked once, multiplied with tl.dot in float32); "rows" is
+one program per activation row (a few sequences: each reads the weights, mostly from the L2 cache);
+"groups" sums whole groups of columns against x before scaling, and can fuse a gate|up pair with its
+activation. Weights are unpacked with ggml's float steps in float32; products accumulate in float32.
+
+How many outputs and columns a program takes, and with how many warps, decides the speed: a GPU's
+measured best per shape lives in configs/<GPU name>.json, written by benchmarks/gpu_kernels.py
+--table (PURELM_TRITON_CONFIGS names another file); other GPUs get the rule in default_config.
 
 Runs under Triton's interpreter (TRITON_INTERPRET=1) on the CPU too, which is how the tests check it
 without a GPU.
 """
 from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
 
 import torch
 import triton
@@ -17,9 +29,10 @@ import triton.language as tl
 
 from .packed import Packed, levels
 
-BN, BK = 16, 256  # outputs and weights per program step (BK: a multiple of every group size)
-BN_ONE, BK_ONE = 4, 1024  # one activation row: few outputs and long steps per program, so that many
-# programs each have many bytes in flight (the loop is memory-bound)
+KERNELS = ("pairs", "rows", "groups")  # see default_config
+BN, BK = 16, 256  # outputs and columns per program step (BK: a power of two, a multiple of every group)
+BN_ONE, BK_ONE = 1, 256  # one activation row: one output per program, so that there are many
+# programs, each with its own bytes in flight (the loop is memory-bound); the best on the H200
 BM = 16  # activation rows per program when there are several (tl.dot's smallest tile)
 
 
@@ -85,6 +98,91 @@ def _tile(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, r, 
 
 
 @triton.jit
+def _group_codes(lo_ptr, hi_ptr, r, kg, j, mask, K: tl.constexpr, LO_BITS: tl.constexpr, HI_BITS: tl.constexpr):
+    """The codes of the even and odd columns kg + 2j, kg + 2j + 1 of rows r (a (rows, groups, pairs)
+    tile, kg each group's first column): a pair shares its byte, so each byte is read once, and the
+    bytes of a group are contiguous (wide loads)."""
+    if LO_BITS == 4:
+        byte = tl.load(lo_ptr + r * (K // 2) + kg // 2 + j, mask=mask, other=0).to(tl.int32)
+        ce, co = byte & 15, byte >> 4
+    else:  # 2 bits: four codes a byte, two pairs
+        byte = tl.load(lo_ptr + r * (K // 4) + kg // 4 + j // 2, mask=mask, other=0).to(tl.int32)
+        sh = (j % 2) * 4
+        ce, co = (byte >> sh) & 3, (byte >> (sh + 2)) & 3
+    if HI_BITS > 0:
+        PER_H: tl.constexpr = 8 // HI_BITS
+        PAIRS_H: tl.constexpr = PER_H // 2
+        hb = tl.load(hi_ptr + r * (K // PER_H) + kg // PER_H + j // PAIRS_H, mask=mask, other=0).to(tl.int32)
+        sh = (j % PAIRS_H) * (2 * HI_BITS)
+        HMASK: tl.constexpr = (1 << HI_BITS) - 1
+        ce = ce | (((hb >> sh) & HMASK) << LO_BITS)
+        co = co | (((hb >> (sh + HI_BITS)) & HMASK) << LO_BITS)
+    return ce, co
+
+
+@triton.jit
+def _step_weights(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, r, rmask, kg,
+                  K: tl.constexpr, LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr,
+                  TABLE: tl.constexpr, SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr,
+                  HAS_MN: tl.constexpr, HAS_M: tl.constexpr):
+    """Rows r (BN, 1, 1) at the groups of G columns starting at kg (1, NG, 1): the codes' values of
+    the even and odd columns (BN, NG, G/2) (8-bit codes: all columns (BN, NG, G), twice), and each
+    group's scale s and offset c (BN, NG): w = v * s + c."""
+    NG: tl.constexpr = kg.shape[1]
+    mask = rmask & (kg < K)
+    if LO_BITS == 8:
+        j = tl.arange(0, G)[None, None, :]
+        ve = tl.load(lo_ptr + r * K + kg + j, mask=mask, other=0).to(tl.float32)
+        vo = ve
+    else:
+        j = tl.arange(0, G // 2)[None, None, :]
+        ce, co = _group_codes(lo_ptr, hi_ptr, r, kg, j, mask, K, LO_BITS, HI_BITS)
+        ve = _value(ce, table_ptr, mask, OFFSET, TABLE)
+        vo = _value(co, table_ptr, mask, OFFSET, TABLE)
+    r2 = tl.reshape(r, (r.shape[0], 1))
+    kg2 = tl.reshape(kg, (1, NG))
+    mask2 = tl.reshape(rmask, (r.shape[0], 1)) & (kg2 < K)
+    s, c = _scale(d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, r2, kg2, mask2, K, SUPER, G, HAS_SC, HAS_MN, HAS_M)
+    return ve, vo, s, c
+
+
+@triton.jit
+def _step_dot(ve, vo, s, c, x_ptr, xrow, xmask, kg, K: tl.constexpr, LO_BITS: tl.constexpr, G: tl.constexpr,
+              HAS_MIN: tl.constexpr):
+    """sum over a step's columns of w[r, k] * x[k], per row and group: (BN, NG) float32. A group's
+    values are summed against x first and scaled once (sum(w x) = s sum(v x) + c sum(x)), so scales
+    are applied once per group, not per weight."""
+    gmask = xmask & (kg < K)
+    if LO_BITS == 8:
+        j = tl.arange(0, G)[None, None, :]
+        xv = tl.load(x_ptr + xrow + kg + j, mask=gmask, other=0.0).to(tl.float32)
+        part = tl.sum(ve * xv, axis=2)
+        if HAS_MIN:
+            xs = tl.sum(xv, axis=2)
+    else:
+        j = tl.arange(0, G // 2)[None, None, :]
+        xe = tl.load(x_ptr + xrow + kg + 2 * j, mask=gmask, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + xrow + kg + 2 * j + 1, mask=gmask, other=0.0).to(tl.float32)
+        part = tl.sum(ve * xe + vo * xo, axis=2)
+        if HAS_MIN:
+            xs = tl.sum(xe + xo, axis=2)
+    part = part * s
+    if HAS_MIN:
+        part = part + c * xs
+    return part
+
+
+@triton.jit
+def _act(g, SILU: tl.constexpr):
+    if SILU:
+        a = g / (1.0 + tl.exp(-g))
+    else:  # GELU, tanh form: tanh(z) = 2 sigmoid(2z) - 1
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (2.0 / (1.0 + tl.exp(-2.0 * z)))
+    return a
+
+
+@triton.jit
 def _pair_tile(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, r, ke, mask, K: tl.constexpr,
                LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
                SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr,
@@ -110,7 +208,7 @@ def _pair_tile(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr
 
 
 @triton.jit
-def _matvec_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr,
+def _pairs_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr,
                    M, N, stride_x, stride_y, K: tl.constexpr,
                    LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
                    SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr,
@@ -151,6 +249,45 @@ def _matvec_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, d
         tl.store(y_ptr + ms[:, None].to(tl.int64) * stride_y + rows[None, :], acc2.to(y_ptr.dtype.element_ty), mask=ym)
 
 
+
+
+@triton.jit
+def _groups_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr,
+                   M, N, stride_x, stride_y, K: tl.constexpr,
+                   LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
+                   SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr,
+                   HAS_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GLU: tl.constexpr, SILU: tl.constexpr):
+    # program (i, j): outputs j*BN.. of activation row i, a tile of (BN, groups, columns of a group)
+    # per step. With GLU, output n is act(row n) * row (n + N) of the matrix (a gate|up pair): both
+    # halves in one pass.
+    NG: tl.constexpr = BK // G
+    m0 = tl.program_id(0)
+    rows = tl.program_id(1) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    r = rows[:, None, None].to(tl.int64)
+    rm3 = rmask[:, None, None]
+    acc = tl.zeros((BN, NG), tl.float32)
+    if GLU:
+        acc_u = tl.zeros((BN, NG), tl.float32)
+    HAS_MIN: tl.constexpr = HAS_M or HAS_MN
+    xrow = m0 * stride_x
+    for i in range(0, tl.cdiv(K, BK)):
+        kg = i * BK + tl.arange(0, NG)[None, :, None] * G  # each group's first column (a multiple of
+        # G: the compiler sees the loads' alignment)
+        ve, vo, s, c = _step_weights(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, r, rm3, kg,
+                                     K, LO_BITS, HI_BITS, OFFSET, TABLE, SUPER, G, HAS_SC, HAS_MN, HAS_M)
+        acc += _step_dot(ve, vo, s, c, x_ptr, xrow, m0 < M, kg, K, LO_BITS, G, HAS_MIN)
+        if GLU:
+            ue, uo, us, uc = _step_weights(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, r + N,
+                                           rm3, kg, K, LO_BITS, HI_BITS, OFFSET, TABLE, SUPER, G, HAS_SC, HAS_MN,
+                                           HAS_M)
+            acc_u += _step_dot(ue, uo, us, uc, x_ptr, xrow, m0 < M, kg, K, LO_BITS, G, HAS_MIN)
+    out = tl.sum(acc, axis=1)
+    if GLU:
+        out = _act(out, SILU) * tl.sum(acc_u, axis=1)
+    tl.store(y_ptr + m0 * stride_y + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
 @triton.jit
 def _dequant_kernel(y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, N,
                     K: tl.constexpr, LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr,
@@ -184,16 +321,76 @@ def dequantize(w: Packed, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
-def matvec(x: torch.Tensor, w: Packed, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """x (M, K) @ w.T -> (M, N) of out_dtype for a packed w, float32 accumulation. The caller checks
-    shapes."""
+_tables: dict[str, list[dict]] = {}
+
+
+def tuned(device: torch.device) -> list[dict]:
+    """The measured best configurations for this GPU: PURELM_TRITON_CONFIGS (a file that
+    benchmarks/gpu_kernels.py --table writes), else configs/<GPU name>.json shipped with purelm."""
+    name = os.environ.get("PURELM_TRITON_CONFIGS") or ""
+    if not name and device.type == "cuda":
+        gpu = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
+        name = str(Path(__file__).parent / "configs" / f"{gpu}.json")
+    if name not in _tables:
+        try:
+            entries = json.loads(Path(name).read_text())["entries"] if name else []
+            _tables[name] = [e for e in entries if _valid(e)]
+        except (OSError, ValueError, KeyError, TypeError):
+            _tables[name] = []
+    return _tables[name]
+
+
+def _valid(e: object) -> bool:
+    c = e.get("config") if isinstance(e, dict) else None
+    pow2 = lambda v: isinstance(v, int) and 0 < v <= 8192 and v & (v - 1) == 0  # noqa: E731
+    return (isinstance(c, list) and len(c) == 4 and c[0] in KERNELS and all(pow2(v) for v in c[1:])
+            and c[1] <= 64 and 16 <= c[2] and c[3] <= 16 and (c[0] == "groups" or not e.get("glu"))
+            and all(isinstance(e.get(k), int) and e[k] > 0 for k in ("rows", "n", "k")))
+
+
+def default_config(M: int, N: int, K: int, glu: bool = False, device: torch.device | None = None) -> tuple:
+    """(kernel, outputs per program, columns per step, warps) for M activation rows and an (N, K)
+    matrix: the tuned entry of the same row bucket and kind nearest in size, else the rule. With
+    `glu`, the product of a gate|up pair with the activation fused, or None where the tuning found
+    two steps (product, then activation) faster. Kernels: "pairs" reads a pair of columns per byte
+    (several rows: BM at a time, multiplied with tl.dot), "rows" the same with one program per row
+    (each reads the weights, through the L2 cache: fewer rows), "groups" scales whole groups of
+    columns at once (one row, and the fused gate|up product)."""
+    rows = 1 if M == 1 else min(BM, triton.next_power_of_2(M))
+    near = [e for e in tuned(device or torch.device("cpu")) if e["rows"] == rows and bool(e.get("glu")) == glu]
+    if near:
+        best = min(near, key=lambda e: abs(math.log(e["n"] * e["k"] / (N * K))))
+        return tuple(best["config"]) if not best.get("unfused") else None
+    if glu:
+        return None
+    if device is None or device.type != "cuda":  # Triton's interpreter: few, large programs
+        return ("pairs", 4, 1024, 4) if M == 1 else ("pairs", BN, BK, 4)
+    return ("pairs", BN_ONE, BK_ONE, 4) if M == 1 else ("rows", BN_ONE, 2 * BK_ONE, 4)
+
+
+def matvec(x: torch.Tensor, w: Packed, out_dtype: torch.dtype = torch.float32, glu: str | None = None,
+           config: tuple | None = None) -> torch.Tensor:
+    """x (M, K) @ w.T -> (M, N) of out_dtype for a packed w, float32 accumulation. `glu` ("silu" or
+    "gelu"), one activation row: w stacks gate and up rows, and the result is act(x @ gate.T) *
+    (x @ up.T), (1, N / 2). `config` (see default_config) overrides the choice by shape. The caller
+    checks shapes."""
     M, K = x.shape
-    N = w.shape[0]
+    N = w.shape[0] // 2 if glu else w.shape[0]
     x = x.contiguous()
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
-    rows, bn, bk = (1, BN_ONE, BK_ONE) if M == 1 else (BM, BN, BK)
+    if glu:
+        config = config or default_config(M, N, K, True, x.device) or ("groups", BN_ONE, BK_ONE, 4)
+        if M != 1 or config[0] != "groups":
+            raise ValueError("the fused gate|up product takes one activation row and the groups kernel")
+    kernel, bn, bk, warps = config or default_config(M, N, K, False, x.device)
     ptrs, consts = _args(w)
-    _matvec_kernel[(triton.cdiv(M, rows), triton.cdiv(N, bn))](
-        x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), ROWS=rows, BN=bn, BK=bk,
-        num_warps=4, **consts)
+    if kernel == "groups" and M == 1:
+        _groups_kernel[(1, triton.cdiv(N, bn))](
+            x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), BN=bn, BK=bk,
+            GLU=glu is not None, SILU=glu == "silu", num_warps=warps, **consts)
+    else:  # "pairs": several rows BM at a time through tl.dot; "rows": a program per row
+        rows = 1 if M == 1 or kernel == "rows" else BM
+        _pairs_kernel[(triton.cdiv(M, rows), triton.cdiv(N, bn))](
+            x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), ROWS=rows, BN=bn, BK=bk,
+            num_warps=warps, **consts)
     return y

@@ -1,0 +1,232 @@
+"""The torch backend's packed product kernels on a CUDA GPU, and where a decode step's time goes.
+
+    python benchmarks/gpu_kernels.py [model.gguf] --out gpu_kernels.json
+
+1. Sweep: for the matrix shapes of a model (the 1.1B's by default: q|k|v, o, gate|up with the fused
+   activation, down; Q4_0), each (outputs per program, columns per step, warps) configuration of the
+   Triton product is timed in a CUDA graph of 20 launches (launch cost aside), for one activation row
+   and for several; weight bytes read per second, and the best configuration per shape.
+2. With a model file: one decode step replayed from its CUDA graph against the whole step through
+   `model.forward` (host work: inputs copied in, logits out), and the step's kernels by device time
+   (torch.profiler), so the launch gaps show as the difference.
+JSON out (--out), a table on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from purelm.backends.torch_backend import TorchBackend, fused, triton_kernels  # noqa: E402
+from purelm.backends.torch_backend.packed import pack  # noqa: E402
+from purelm.formats.gguf import GGUFFile  # noqa: E402
+from purelm.models import build_model  # noqa: E402
+from purelm.quant.types import BLOCK_INFO, GGMLType  # noqa: E402
+
+# (name, outputs, inputs, glu): TinyLlama-1.1B's layer, the shapes make_synthetic.py gives it
+SHAPES_1B = [("qkv", 2560, 2048, None), ("o", 2048, 2048, None), ("gate_up", 2 * 5632, 2048, "silu"),
+             ("down", 2048, 5632, None)]
+ONE_ROW = ([("pairs", bn, bk, w) for bn in (1, 2, 4) for bk in (256, 512, 1024) for w in (2, 4, 8)]
+           + [("groups", bn, bk, w) for bn in (2, 4, 8) for bk in (512, 2048) for w in (4,)])
+MANY_ROWS = ([("pairs", bn, bk, 4) for bn in (8, 16) for bk in (128, 256)]
+             + [("rows", bn, 512, w) for bn in (1, 2, 4) for w in (4, 8)])
+
+
+def log(*a: object) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def graph_time(fn, launches: int = 20, reps: int = 10) -> float:
+    """Seconds per call of fn, from a CUDA graph of `launches` calls replayed `reps` times."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(launches):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        g.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / launches)
+    return statistics.median(times)
+
+
+def random_packed(qtype: GGMLType, n_out: int, n_in: int, dev: torch.device):
+    block, bpb = BLOCK_INFO[qtype]
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (n_out, n_in // block * bpb), dtype=np.uint8)
+    blocks = raw.reshape(-1, bpb)
+    blocks[:, 0:2] = np.array([0.01], np.float16).view(np.uint8)  # finite scales
+    return pack(qtype, [(n_out, raw)], n_in, dev)
+
+
+def product(x: torch.Tensor, w, glu: str | None, cfg: tuple) -> torch.Tensor:
+    """The product as the backend runs it: a gate|up pair fused (groups kernel) or in two steps."""
+    if glu and cfg[0] != "groups":
+        y = triton_kernels.matvec(x, w, torch.bfloat16, config=cfg)
+        half = y.shape[1] // 2
+        return fused.glu(y[:, :half], y[:, half:], silu=glu == "silu")
+    return triton_kernels.matvec(x, w, torch.bfloat16, glu=glu, config=cfg)
+
+
+def _compile(job: tuple) -> str | None:
+    """Compile one configuration (in a worker process: Triton keeps it in its on-disk cache)."""
+    qtype, n_out, n_in, glu, m, cfg = job
+    dev = torch.device("cuda")
+    try:
+        product(torch.zeros((m, n_in), dtype=torch.bfloat16, device=dev), random_packed(qtype, n_out, n_in, dev),
+                glu, cfg)
+        torch.cuda.synchronize()
+    except Exception as e:
+        return f"{cfg}: {type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
+def precompile(qtype: GGMLType, shapes: list, rows: list[int], jobs: int) -> None:
+    """Every configuration compiled by `jobs` processes at once (compiling is most of a sweep's time)."""
+    import multiprocessing
+
+    work = [(qtype, 2 * 64 if glu else 64, n_in, glu, m, cfg) for _, _, n_in, glu in
+            {(s[2], s[3]): s for s in shapes}.values() for m in rows if not (glu and m > 1)
+            for cfg in (ONE_ROW if m == 1 else MANY_ROWS)]
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        errors = [e for e in pool.map(_compile, work, chunksize=1) if e]
+    log(f"  compiled {len(work)} kernels in {time.perf_counter() - t0:.0f} s ({len(errors)} refused)")
+    for e in errors[:5]:
+        log("   ", e)
+
+
+def sweep(qtype: GGMLType, shapes: list, rows: list[int], dev: torch.device) -> list[dict]:
+    out = []
+    for name, n_out, n_in, glu in shapes:
+        w = random_packed(qtype, n_out, n_in, dev)
+        for m in rows:
+            if glu and m > 1:
+                continue  # (several rows: the two-step path, the same kernel as the other shapes)
+            x = torch.randn((m, n_in), dtype=torch.bfloat16, device=dev)
+            configs = ONE_ROW if m == 1 else MANY_ROWS
+            results = []
+            for cfg in configs:
+                try:
+                    t = graph_time(lambda: product(x, w, glu, cfg))
+                except Exception as e:  # a configuration the compiler refuses: say so, go on
+                    results.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    continue
+                results.append({"config": cfg, "us": round(t * 1e6, 2), "gb_s": round(w.nbytes / t / 1e9, 1)})
+            ok = [r for r in results if "us" in r]
+            best = min(ok, key=lambda r: r["us"]) if ok else None
+            want = triton_kernels.default_config(m, n_out // 2 if glu else n_out, n_in, glu is not None, dev)
+            want = want or ("pairs", triton_kernels.BN_ONE, triton_kernels.BK_ONE, 4)
+            default = next((r for r in ok if tuple(r["config"]) == want), None)
+            log(f"  {name:8s} {n_out:6d}x{n_in:<5d} rows {m:2d}: best {best and best['config']} "
+                f"{best and best['us']} us {best and best['gb_s']} GB/s; default {default and default['us']} us")
+            out.append({"shape": name, "n_out": n_out, "n_in": n_in, "glu": glu, "rows": m,
+                        "bytes": w.nbytes, "best": best, "default": default, "all": results})
+    return out
+
+
+def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
+    """One decode step of the file: through model.forward, as a bare graph replay, and its kernels."""
+    ops = TorchBackend(str(dev), "bf16")
+    model = build_model(GGUFFile(path), ops)
+    cache = model.new_cache(256)
+    ids = np.random.default_rng(0).integers(3, model.n_vocab, steps + 1)
+    model.forward(ids[:1], cache)  # captures the step's graph
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(1, steps):
+        model.forward(ids[i:i + 1], cache)
+    torch.cuda.synchronize()
+    forward_s = (time.perf_counter() - t0) / (steps - 1)
+    entry = next(reversed(ops.graphs.graphs.values()))
+    graph = entry["graph"]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    replay_s = (time.perf_counter() - t0) / steps
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA":
+            kernels.setdefault(ev.name[:60], []).append(ev.device_time_total if hasattr(ev, "device_time_total")
+                                                        else ev.cuda_time_total)
+    per_step = {k: (len(v) / 5, sum(v) / 5) for k, v in kernels.items()}  # (launches, us) per step
+    kernel_us = sum(us for _, us in per_step.values())
+    top = sorted(per_step.items(), key=lambda kv: -kv[1][1])[:15]
+    res = {"file": path, "forward_us": round(forward_s * 1e6, 1), "replay_us": round(replay_s * 1e6, 1),
+           "kernel_us": round(kernel_us, 1), "kernels_per_step": round(sum(n for n, _ in per_step.values()), 1),
+           "top_kernels": [{"name": k, "launches": n, "us": round(us, 1)} for k, (n, us) in top]}
+    log(f"  step: forward {res['forward_us']} us, graph replay {res['replay_us']} us, kernels "
+        f"{res['kernel_us']} us in {res['kernels_per_step']} launches")
+    for t in res["top_kernels"]:
+        log(f"    {t['us']:8.1f} us {t['launches']:6.1f}x {t['name']}")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--rows", default="1,2,4,16")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--jobs", type=int, default=8, help="processes compiling the sweep's kernels")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--table", default=None, help="write the best configuration per shape here (JSON)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        log("no CUDA device: this benchmark is for a GPU")
+        return 2
+    dev = torch.device("cuda")
+    report: dict = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if not args.no_sweep:
+        log("sweep (Q4_0, the 1.1B's shapes)")
+        if args.jobs > 1:
+            precompile(GGMLType.Q4_0, SHAPES_1B, [int(r) for r in args.rows.split(",")], args.jobs)
+        report["sweep"] = sweep(GGMLType.Q4_0, SHAPES_1B, [int(r) for r in args.rows.split(",")], dev)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        if args.table:  # what default_config reads (PURELM_TRITON_CONFIGS, or configs/<GPU>.json)
+            entries = [{"rows": min(16, 1 << (s["rows"] - 1).bit_length()), "glu": s["glu"] is not None,
+                        "n": s["n_out"] // 2 if s["glu"] else s["n_out"], "k": s["n_in"], "type": "Q4_0",
+                        "config": list(s["best"]["config"]), "gb_s": s["best"]["gb_s"],
+                        "unfused": bool(s["glu"]) and s["best"]["config"][0] != "groups"}
+                       for s in report["sweep"] if s["best"]]
+            Path(args.table).write_text(json.dumps({"gpu": report["gpu"], "command": report["command"],
+                                                    "date": report["date"], "entries": entries}, indent=1))
+    report["steps"] = []
+    for path in args.models:
+        log(path)
+        try:
+            report["steps"].append(step_profile(path, dev))
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            report["steps"].append({"file": path, "error": f"{type(e).__name__}: {e}"})
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
