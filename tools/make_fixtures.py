@@ -7,6 +7,11 @@ files `purelm convert` makes from it (f32, f16, q8_0, q4_0), and transformers' f
 id sequence plus 8 greedy steps with its KV cache. For f32 the reference is the original HF model; for
 the quantized files it is transformers loading that GGUF (it dequantizes to float32), so every
 comparison has an exact reference. With the SmolLM2 file: transformers' logits for a few prompts.
+
+With --kquant: the K-quant fixtures, `NAME-w256-q4_k_m.gguf` and `NAME-w256-ref-q4_k_m.npz`, for the
+tools/tiny modules' KQUANT models (the same families at widths of 256, since K-quants need rows of
+256-weight super-blocks): converted to f32 in a temporary folder, quantized by `purelm quantize ...
+Q4_K_M` (llama-quantize's mix), and the reference is the HF model running the dequantized GGUF weights.
 """
 from __future__ import annotations
 
@@ -31,12 +36,19 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PROMPT = "The quick brown fox jumps over the lazy dog. 12345 \t code()\n"
 N_GREEDY = 8
 TYPES = ("f32", "f16", "q8_0", "q4_0")
+KQUANT_MIX = "Q4_K_M"
+# The tiny models' weights are widened 8x at widths of 32-64; at 256 that would make every product
+# sqrt(8) times larger (logits ~3x those of the tiny models, and float rounding with them), so the
+# K-quant models are widened to the same logit range as the tiny ones instead.
+KQUANT_WIDEN = 8.0 / 8 ** 0.5
 
 
 
 # name -> untransform(gguf_name, array): tiny models whose quantized references are made by
 # reference_from_gguf_weights (a tools/tiny module's optional FROM_GGUF_WEIGHTS), filled by tiny_models
 FROM_GGUF_WEIGHTS: dict = {}
+# name -> (factory(vocab), untransform): the K-quant fixtures' models (a tools/tiny module's optional KQUANT)
+KQUANT: dict = {}
 
 
 def tiny_models() -> dict:
@@ -50,6 +62,7 @@ def tiny_models() -> dict:
         spec.loader.exec_module(mod)
         found.update(mod.TINY)
         FROM_GGUF_WEIGHTS.update(getattr(mod, "FROM_GGUF_WEIGHTS", {}))
+        KQUANT.update(getattr(mod, "KQUANT", {}))
     return found
 
 
@@ -113,23 +126,28 @@ def save_reference(path: Path, model: torch.nn.Module, ids: list[int]) -> None:
                         greedy_logits=steps)
 
 
-def make_tiny(name: str, factory) -> None:
+def write_checkpoint(factory, hf: Path, widen: float = 8.0) -> tuple[torch.nn.Module, list[int]]:
+    """A seeded random model from `factory` saved as a HF checkpoint in `hf`; returns it and the prompt ids."""
     torch.manual_seed(0)
     model = factory(VOCAB).eval()
     with torch.no_grad():  # random init is tiny; widen it so logits are far from zero and ties
         for p in model.parameters():
             if p.dim() > 1:
-                p.mul_(8.0)
+                p.mul_(widen)
             else:
                 p.add_(torch.randn_like(p) * 0.1)
-    hf = FIX / "hf" / name
     shutil.rmtree(hf, ignore_errors=True)
     model.save_pretrained(hf, safe_serialization=True)
     tok = tiny_tokenizer()
     tok.save(str(hf / "tokenizer.json"))
     (hf / "tokenizer_config.json").write_text('{"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", '
                                               '"add_bos_token": false}')
-    ids = tok.encode(PROMPT).ids
+    return model, tok.encode(PROMPT).ids
+
+
+def make_tiny(name: str, factory) -> None:
+    hf = FIX / "hf" / name
+    model, ids = write_checkpoint(factory, hf)
     save_reference(FIX / f"{name}-ref-f32.npz", model, ids)
     for t in TYPES:
         gguf = FIX / f"{name}-{t}.gguf"
@@ -142,6 +160,28 @@ def make_tiny(name: str, factory) -> None:
                 FIX, gguf_file=gguf.name, dtype=torch.float32).eval()
             save_reference(FIX / f"{name}-ref-{t}.npz", loaded, ids)
     print(f"{name}: {len(ids)} prompt ids, files in {FIX}")
+
+
+def make_kquant(name: str, factory, untransform) -> None:
+    """`NAME-q4_k_m.gguf` (purelm convert to f32, then purelm quantize Q4_K_M) and its reference: the HF
+    model with the dequantized GGUF weights swapped in. The checkpoint and the f32 file are not kept."""
+    from purelm.quantize import quantize_file
+
+    qtype = KQUANT_MIX.lower()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = Path(tmp) / name
+        _, ids = write_checkpoint(factory, hf, KQUANT_WIDEN)
+        convert(hf, Path(tmp) / "f32.gguf", "f32")
+        gguf = FIX / f"{name}-{qtype}.gguf"
+        summary = quantize_file(Path(tmp) / "f32.gguf", gguf, KQUANT_MIX, progress=False)
+        legacy = [f"{t.name} ({t.dst_type.name})" for t in summary.tensors
+                  if t.dst_type != t.src_type and t.dst_type.name[-2:] != "_K"]
+        if summary.n_fallback or legacy:  # a width that does not split into 256-weight blocks
+            raise RuntimeError(f"{name}: not every quantized tensor is a K-quant: {legacy}")
+        loaded = reference_from_gguf_weights(hf, gguf, untransform)
+        save_reference(FIX / f"{name}-ref-{qtype}.npz", loaded, ids)
+    types = ", ".join(f"{k} x{v[0]}" for k, v in summary.by_type.items())
+    print(f"{name}: {gguf.name} {gguf.stat().st_size} bytes ({types}), {len(ids)} prompt ids")
 
 
 def make_smollm2(path: Path) -> None:
@@ -175,9 +215,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smollm2", type=Path, default=None, help="the SmolLM2-135M-Instruct Q4_1 GGUF")
     ap.add_argument("--only", nargs="*", default=None, help="tiny architectures to make (default: all)")
+    ap.add_argument("--kquant", action="store_true", help=f"make the {KQUANT_MIX} fixtures at widths of 256 "
+                    "instead (--only then names those, e.g. qwen3-w256)")
     a = ap.parse_args()
     FIX.mkdir(parents=True, exist_ok=True)
     tiny = tiny_models()
+    if a.kquant:
+        for name in a.only or KQUANT:
+            make_kquant(name, *KQUANT[name])
+        return
     for name in a.only or tiny:
         make_tiny(name, tiny[name])
     if a.smollm2:
