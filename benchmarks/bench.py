@@ -5,6 +5,9 @@ settings never mix) and is timed on:
 
   pp   prefill of --pp fixed random token ids in one forward pass, from an empty context
   tg   decode of --tg tokens one at a time (fixed random ids), from an empty context
+  st   (asked for, e.g. numba:tg+st) decode of --tg tokens through each engine's streaming API after a
+       16-token prompt: sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05) and detokenizing
+       included, end of sequence banned; timed from the first generated token
 
 Tokenization and sampling are excluded. Each test is repeated --reps times, the engines taking turns
 within every repetition (A B A B ...) so that noise from other jobs on the machine hits all of them; the
@@ -36,7 +39,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 PURELM_ENGINES = ("numba", "numpy", "torch")  # torch: CUDA when torch sees a GPU, else its CPU device
 LLAMA = "llama.cpp"
-ALL_TESTS = ("pp", "tg")
+ALL_TESTS = ("pp", "tg", "st")
+DEFAULT_TESTS = ("pp", "tg")  # st (decode through the streaming API, sampling and detokenizing): asked for
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -114,9 +118,9 @@ def parse_engines(spec: str) -> list[tuple[str, tuple[str, ...]]]:
         name = {"llama_cpp": LLAMA, "llama": LLAMA, "llamacpp": LLAMA}.get(name.lower(), name.lower())
         if name not in (*PURELM_ENGINES, LLAMA):
             raise SystemExit(f"unknown engine {name!r} (choose from numba, numpy, torch, llama.cpp)")
-        chosen = tuple(t for t in ALL_TESTS if t in tests.split("+")) if tests else ALL_TESTS
+        chosen = tuple(t for t in ALL_TESTS if t in tests.split("+")) if tests else DEFAULT_TESTS
         if not chosen:
-            raise SystemExit(f"engine {item!r}: tests must be pp, tg or pp+tg")
+            raise SystemExit(f"engine {item!r}: tests must be pp, tg, st or a mix joined by + (pp+tg+st)")
         out.append((name, chosen))
     return out
 
@@ -147,8 +151,10 @@ class PurelmEngine:
         t0 = time.perf_counter()
         self.backend = get_backend(backend, threads)
         self.rss_runtime_mb = rss_mb()  # interpreter, numpy and the backend's imports: before any model
-        self.model = build_model(GGUFFile(path), self.backend)
+        self.file = GGUFFile(path)
+        self.model = build_model(self.file, self.backend)
         self.cache = self.model.new_cache(n_ctx)
+        self.tokenizer = None  # built for the st test only (not part of the load time)
         self.load_s = time.perf_counter() - t0
         c = self.cache  # its size once all n_ctx positions are used (it grows on demand)
         itemsize = c.k[0].element_size() if hasattr(c.k[0], "element_size") else np.dtype(c.dtype).itemsize
@@ -159,6 +165,19 @@ class PurelmEngine:
 
     def eval(self, ids: list[int]) -> None:
         self.model.forward(self.np.asarray(ids, self.np.int64), self.cache)
+
+    def stream(self, prompt: list[int], n: int) -> float:
+        """Seconds from the first generated token to the n-th through the streaming API (sampling,
+        detokenizing: what a user's `purelm generate` runs)."""
+        from purelm.generate import stream_tokens
+        from purelm.sampling import SamplingParams
+        from purelm.tokenizer import Tokenizer
+
+        if self.tokenizer is None:
+            self.tokenizer = Tokenizer.from_gguf_metadata(self.file.metadata, path=self.file.path)
+        params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, seed=0)
+        return _timed_stream(c.token for c in stream_tokens(self.model, self.tokenizer, self.cache, prompt, params,
+                                                             n, ignore_eos=True) if c.token is not None)
 
     def info(self) -> dict:
         import numpy as np
@@ -220,11 +239,29 @@ class LlamaEngine:
     def eval(self, ids: list[int]) -> None:
         self.llm.eval(ids)
 
+    def stream(self, prompt: list[int], n: int) -> float:
+        """As PurelmEngine.stream, through llama-cpp-python's create_completion(stream=True) with the
+        same sampling (end of sequence banned by a logit bias, as purelm's ignore_eos)."""
+        eos = self.llm.token_eos()
+        chunks = self.llm.create_completion(prompt, max_tokens=n, stream=True, temperature=0.8, top_k=40,
+                                            top_p=0.95, min_p=0.05, repeat_penalty=1.0, seed=0,
+                                            logit_bias={eos: -1e9} if eos >= 0 else None)
+        return _timed_stream(chunks)
+
     def info(self) -> dict:
         lc = self.llama_cpp
         return {"llama_cpp": lc.__version__, "system_info": lc.llama_print_system_info().decode().strip(),
                 "lib_path": os.environ.get("LLAMA_CPP_LIB_PATH") or str(Path(lc.__file__).parent / "lib"),
                 "use_extra_bufts": self.extra_bufts}
+
+
+def _timed_stream(items) -> float:
+    """Seconds from the first item to the last (the prompt's prefill before the first is not timed)."""
+    t0 = None
+    for _ in items:
+        if t0 is None:
+            t0 = time.perf_counter()
+    return time.perf_counter() - t0
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -274,6 +311,8 @@ def worker_main(args: argparse.Namespace) -> int:
                 for i in ids:
                     eng.eval([i])
                 dt = time.perf_counter() - t0
+            elif op == "st":  # tokens 2..n+1 after a 16-token prompt: n intervals
+                dt = eng.stream(ids[:16], len(ids) + 1)
             else:
                 raise ValueError(f"unknown command {op!r}")
             eng.reset()
@@ -373,34 +412,21 @@ def probe_llama(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def bandwidth_worker(args: argparse.Namespace) -> int:
-    """Read bandwidth: a parallel sum over a float32 buffer, best and median of several passes."""
+    """Read bandwidth: the maximum of a float32 buffer, in `threads` threads at once (numpy's SIMD
+    max releases the GIL and does one compare per float: the loads are the limit), best and median of
+    several passes. (Sums are compute-bound on an AMD EPYC VM: a numba prange float32 sum read 5 GB/s
+    a thread, numpy's pairwise sum 24, its max 39.)"""
     import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
 
     sizes = [int(s) for s in args.bandwidth_sizes.split(",") if s]
     out = {}
-    try:
-        import numba
-        from numba import njit, prange
+    pool = ThreadPoolExecutor(args.threads)
+    method = f"numpy float32 max of {args.threads * 4} chunks in {args.threads} thread(s)"
 
-        @njit(parallel=True, fastmath=True, cache=False)
-        def psum(a, n_chunks):
-            n = a.size
-            step = (n + n_chunks - 1) // n_chunks
-            parts = np.zeros(n_chunks, np.float32)
-            for c in prange(n_chunks):
-                s = np.float32(0)
-                for i in range(c * step, min(n, (c + 1) * step)):
-                    s += a[i]
-                parts[c] = s
-            return parts.sum()
+    def run(a):
+        return max(pool.map(np.max, np.array_split(a, args.threads * 4)))
 
-        numba.set_num_threads(args.threads)
-        method = f"numba parallel float32 sum, {args.threads} thread(s)"
-        run = lambda a: psum(a, args.threads * 4)  # noqa: E731
-        run(np.ones(1024, np.float32))
-    except ImportError:
-        method = "numpy float32 sum (one thread)"
-        run = np.sum
     for nbytes in sizes:
         a = np.ones(max(1, nbytes // 4), np.float32)
         passes = max(5, min(50, (8 << 30) // max(a.nbytes, 1)))  # ~8 GB read per size
@@ -666,12 +692,13 @@ def run_threads(args: argparse.Namespace, report: dict, model: dict, engines: li
                 res["peak_rss_within_bound"] = res["peak_rss_mb"] <= bound
                 res["peak_rss_above_runtime_mb"] = round(res["peak_rss_mb"] - res["rss_runtime_mb"], 1)
         bw = report["bandwidth"].get(str(threads), {})
-        if "tg" in res and bw.get("gb_s_limit"):
-            achieved = model["weight_bytes_per_token"] * res["tg"]["tok_s"] / 1e9
-            res["tg_weight_gb_s"] = round(achieved, 2)
-            res["tg_bandwidth_fraction"] = round(achieved / bw["gb_s_limit"], 3)
-            if bw.get("model_size_gb_s_limit"):
-                res["tg_bandwidth_fraction_model_size"] = round(achieved / bw["model_size_gb_s_limit"], 3)
+        for test in ("tg", "st"):
+            if test in res and bw.get("gb_s_limit"):
+                achieved = model["weight_bytes_per_token"] * res[test]["tok_s"] / 1e9
+                res[f"{test}_weight_gb_s"] = round(achieved, 2)
+                res[f"{test}_bandwidth_fraction"] = round(achieved / bw["gb_s_limit"], 3)
+                if bw.get("model_size_gb_s_limit"):
+                    res[f"{test}_bandwidth_fraction_model_size"] = round(achieved / bw["model_size_gb_s_limit"], 3)
     report["results"] += [results[e] for e, _ in engines]
 
     ref = results.get(LLAMA)
@@ -708,8 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", dest="model_opt", help=argparse.SUPPRESS)
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--engines", default="numba,llama.cpp",
-                    help="comma-separated: numba, numpy, llama.cpp; suffix :pp, :tg or :pp+tg to run only "
-                         "those tests (default numba,llama.cpp; numpy is slow, e.g. numpy:tg)")
+                    help="comma-separated: numba, numpy, llama.cpp; suffix :pp, :tg, :st or a mix (pp+tg+st) to "
+                         "run those tests (default pp+tg; st: decode through the streaming API with sampling and "
+                         "detokenizing, --tg tokens; numpy is slow, e.g. numpy:tg)")
     ap.add_argument("--pp", type=int, default=512, help="prompt tokens for the prefill test (default 512)")
     ap.add_argument("--tg", type=int, default=128, help="tokens for the decode test (default 128)")
     ap.add_argument("--reps", type=int, default=5, help="repetitions of each test (default 5)")
