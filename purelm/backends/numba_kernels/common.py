@@ -15,8 +15,9 @@ SOFTMAX_OPTS = dict(OPTS, fastmath=FASTMATH | {"nnan"})
 SOFTMAX_PARALLEL = dict(SOFTMAX_OPTS, parallel=True)
 
 # Bytes a kernel prefetches ahead of the block it works on: the hardware prefetcher alone leaves
-# these compute-heavy loops waiting on memory (measured: 2x slower without).
-PREFETCH_BYTES = 2048
+# these compute-heavy loops waiting on memory. 8 KiB ahead keeps more lines in flight than 2 KiB did;
+# 16 KiB was slower on small matrices (figures: benchmarks/README.md, "Prefetch distance").
+PREFETCH_BYTES = 8192
 
 
 @njit(cache=True, inline="always")
