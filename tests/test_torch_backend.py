@@ -171,6 +171,36 @@ def test_triton_glu_product_matches_a_float64_reference(qtype, act):
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+def test_tuned_product_configurations_are_read_checked_and_chosen_by_size(tmp_path, monkeypatch):
+    # configs/<GPU>.json (or PURELM_TRITON_CONFIGS): the entry of the same row bucket and kind nearest
+    # in size; malformed entries are ignored, an unreadable file gives the rule
+    import json
+
+    kernels = _triton_or_skip()
+    cuda = torch.device("cuda")  # (only its type is read when the file is named)
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"entries": [
+        {"rows": 1, "glu": False, "n": 2048, "k": 2048, "config": ["pairs", 1, 256, 4]},
+        {"rows": 1, "glu": False, "n": 2048, "k": 8192, "config": ["pairs", 2, 512, 8]},
+        {"rows": 4, "glu": False, "n": 2048, "k": 2048, "config": ["rows", 1, 512, 4]},
+        {"rows": 1, "glu": True, "n": 5632, "k": 2048, "config": ["pairs", 1, 256, 2], "unfused": True},
+        {"rows": 1, "glu": False, "n": 9, "k": 9, "config": ["pairs", 3, 256, 4]},  # not a power of two
+        {"rows": 1, "glu": False, "n": 9, "k": 9, "config": ["magic", 1, 256, 4]},
+        {"rows": 1, "glu": True, "n": 9, "k": 9, "config": ["pairs", 1, 256, 4]},  # fused needs groups
+        {"rows": "1", "n": 9, "k": 9, "config": ["pairs", 1, 256, 4]}, "junk"]}))
+    monkeypatch.setenv("PURELM_TRITON_CONFIGS", str(table))
+    assert kernels.default_config(1, 2560, 2048, device=cuda) == ("pairs", 1, 256, 4)
+    assert kernels.default_config(1, 2048, 6000, device=cuda) == ("pairs", 2, 512, 8)
+    assert kernels.default_config(3, 2048, 2048, device=cuda) == ("rows", 1, 512, 4)  # bucket of 4
+    assert kernels.default_config(1, 5632, 2048, glu=True, device=cuda) is None  # two steps were faster
+    assert kernels.default_config(16, 2048, 2048, device=cuda) == ("rows", 1, 512, 4)  # no entry: the rule
+    assert len(kernels.tuned(cuda)) == 4
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    monkeypatch.setenv("PURELM_TRITON_CONFIGS", str(broken))
+    assert kernels.tuned(cuda) == [] and kernels.default_config(1, 2048, 2048, device=cuda) == ("pairs", 1, 256, 4)
+
+
 @pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
 def test_triton_dequantize_matches_gguf_quants(qtype):
     kernels = _triton_or_skip()

@@ -344,7 +344,8 @@ def _valid(e: object) -> bool:
     c = e.get("config") if isinstance(e, dict) else None
     pow2 = lambda v: isinstance(v, int) and 0 < v <= 8192 and v & (v - 1) == 0  # noqa: E731
     return (isinstance(c, list) and len(c) == 4 and c[0] in KERNELS and all(pow2(v) for v in c[1:])
-            and c[1] <= 64 and 16 <= c[2] and c[3] <= 16 and (c[0] == "groups" or not e.get("glu"))
+            and c[1] <= 64 and 16 <= c[2] and c[3] <= 16
+            and (c[0] == "groups" or not e.get("glu") or e.get("unfused") is True)  # fused: groups only
             and all(isinstance(e.get(k), int) and e[k] > 0 for k in ("rows", "n", "k")))
 
 
