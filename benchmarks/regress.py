@@ -34,7 +34,8 @@ from purelm.backends import get_backend
 from purelm.formats.gguf import GGUFFile, Tensor
 from purelm.quant.types import BLOCK_INFO, GGMLType
 
-DEFAULT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "F32")
+DEFAULT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
+                 "IQ4_XS", "F16", "F32")
 # byte offsets of the float16 scale fields inside one block (everything else may be random bits)
 F16_FIELDS = {
     GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),

@@ -139,6 +139,22 @@ def test_fuzz_backend_kernels(seeds, tmp_path):
     _assert_clean(report, tmp_path)
 
 
+def test_fuzz_dot_only_kernels(tmp_path):
+    """Mutants of a file holding the types only the int16 kernels read (Q2_K, Q3_K, IQ4_NL, IQ4_XS:
+    tools/fuzz.py's dot_only_seed, as the long run adds it) through the backend's kernels."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fuzz_tool", Path(__file__).parents[1] / "tools" / "fuzz.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    seed = fuzzlib.load_seed(tool.dot_only_seed(tmp_path))
+    fuzzlib.run_matvec(seed.path, fuzzlib.WorkerContext())  # compiled here first: workers load them from the cache
+    with fuzzlib.Runner("backend-matvec", workers=2, timeout=20) as runner:
+        report = fuzzlib.run_campaign(runner, fuzzlib.random_cases([seed], 60, seed=3), str(tmp_path))
+    assert report.cases == 60
+    _assert_clean(report, tmp_path)
+
+
 def test_fuzz_legacy_files(tmp_path):
     """Mutants of two legacy seeds (an old block layout converted on load; a ggml-example file) through
     purelm.load and a generation."""

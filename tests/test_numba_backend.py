@@ -7,8 +7,9 @@ an existing cache, a sliding window, softcap and ALiBi. Then the tiny model of e
 the real SmolLM2 file (teacher-forced top-1 agreement).
 
 On x86 CPUs with AVX2, decode products of the repacked quantized types (packing.DOT_TYPES: Q4_0, Q4_1,
-Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) take int16 activations (the "dot" kernels), and optionally int8
-ones where the CPU has AVX512-VNNI (all but Q6_K, prompts too); they are held to 1e-5 * max|y| against
+Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, and Q2_K, Q3_K, IQ4_NL, IQ4_XS, which have no float32 kernels) take
+int16 activations (the "dot" kernels), and optionally int8 ones where the CPU has AVX512-VNNI (all but
+Q6_K and the dot-only types, prompts too); they are held to 1e-5 * max|y| against
 the reference fed the same rounded activations (conftest.activation_rule, from the rule), and to 2e-4
 (int16) or 2e-2 (int8) against the exact product; the int8 kernels are tested through a backend with
 int8_dot=True, the float kernels through one with int16_dot=False.
@@ -43,11 +44,13 @@ from purelm.backends.numba_kernels.intrinsics import has_int8_dot, has_int16_dot
 from conftest import activation_rule, int8_activations, logits_rel
 
 FIXTURES = Path(__file__).parent / "fixtures"
-KERNEL_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
-FALLBACK_TYPES = [T.Q3_K, T.IQ4_NL]  # no kernels: dequantize-then-matmul through purelm.quant
+KERNEL_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K,
+                T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]  # the last four: int16 kernels only
+FALLBACK_TYPES = [T.Q3_K, T.IQ4_NL]  # no float32 kernels: dequantize-then-matmul through purelm.quant
 N_IN, N_OUT = 512, 131  # 131 rows: two full groups of 64 and three rows over
 # Byte offsets of the f16 scales in a block, set to small finite values in random raw blocks.
-SCALE_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q3_K: (108,), T.IQ4_NL: (0,)}
+SCALE_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q3_K: (108,), T.IQ4_NL: (0,), T.Q2_K: (80, 82),
+                 T.IQ4_XS: (0,)}
 
 REF = NumpyBackend()
 BACKENDS = {"repacked": NumbaBackend(2), "int8": NumbaBackend(2, int8_dot=True), "float": NumbaBackend(2, int16_dot=False),
@@ -150,7 +153,7 @@ def test_linear_rejects_inputs_of_the_wrong_width():
 
 @pytest.mark.parametrize("qtype", FALLBACK_TYPES, ids=lambda t: t.name)
 def test_types_without_kernels_fall_back(qtype):
-    be = BACKENDS["repacked"]
+    be = BACKENDS["float"]  # (with int16 activations they have kernels: test_linear_matches_numpy)
     t = tensor(qtype, n_out=37, n_in=256)
     w = be.weight(t)
     for n_tok in (1, 9):
@@ -160,12 +163,13 @@ def test_types_without_kernels_fall_back(qtype):
     np.testing.assert_array_equal(be.embed(w, ids), REF.embed(t, ids))
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K, T.F16, T.Q2_K, T.IQ4_XS],
+                         ids=lambda t: t.name)
 def test_merged_weights_split_like_separate_ones(qtype):
     be = BACKENDS["repacked"]
     parts = [tensor(qtype, n, N_IN, seed=i) for i, n in enumerate((72, 40, 41))]
     merged = be.weights(parts)
-    if qtype in (T.F16,):
+    if qtype not in be.packed_types:
         assert isinstance(merged, list)  # float matrices are read in place, never merged
     else:
         assert isinstance(merged, NumbaWeight) and merged.splits == (72, 40, 41)
@@ -176,7 +180,7 @@ def test_merged_weights_split_like_separate_ones(qtype):
 
 
 @pytest.mark.parametrize("n_ffn", [320, 72])  # whole groups of 64 rows (fused prefill path), and not
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q6_K, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q6_K, T.F16, T.Q3_K], ids=lambda t: t.name)
 def test_glu_equals_gate_and_up_products(qtype, n_ffn):
     parts = [tensor(qtype, n_ffn, N_IN, seed=3), tensor(qtype, n_ffn, N_IN, seed=4)]
     for be in BACKENDS.values():
@@ -223,9 +227,9 @@ def test_repacked_size_is_the_files():
         t = tensor(qtype, n_out=128)  # whole groups: no padding rows
         w = be.weight(t)
         be.linear(inputs(1, t.shape[1]), w)  # matrices are repacked on first use
-        assert (w.packed is not None) == (qtype in PACKED_TYPES), qtype.name
+        assert (w.packed is not None) == (qtype in PACKED_TYPES or be.int16_dot and qtype in DOT_TYPES), qtype.name
         if w.packed is not None:
-            # f16 scales kept; K-quants' 6-bit scales take a byte each
+            # f16 scales kept; K-quants' 6-bit scales take a byte each (Q3_K: 114 bytes per 110)
             assert w.nbytes <= 1.05 * t.nbytes, qtype.name
 
 
@@ -665,7 +669,7 @@ def test_a_rows_product_does_not_depend_on_the_other_rows(kernels):
     ops = NumbaBackend(2, int16_dot=kernels != "float", int8_dot=kernels == "int8")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((MATVEC_MAX_TOKENS, 512)).astype(np.float32)
-    for qtype in sorted(rk.ROW_TYPES, key=int):
+    for qtype in sorted(rk.ROW_TYPES | (DOT_TYPES if ops.int16_dot else set()), key=int):
         w = ops.weight(Tensor("w", qtype, (64, 512), 0, _random_blocks(qtype, 64, 512, rng)))
         one = ops.linear(x[:1], w)
         assert np.isfinite(one).all(), qtype.name

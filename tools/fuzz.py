@@ -43,6 +43,27 @@ def default_seeds(fmt: str = "gguf") -> list[str]:
     return sorted(p for p in glob.glob(str(ROOT / "tests/fixtures/*.gguf")) if not Path(p).name.startswith("tok_"))
 
 
+def dot_only_seed(folder: str | os.PathLike) -> str:
+    """Writes a GGUF holding one 64x256 matrix of each type that only the int16 kernels read
+    (packing.DOT_ONLY_TYPES: Q2_K, Q3_K, IQ4_NL, IQ4_XS; no fixture holds them) into `folder`: the
+    backend-matvec target's mutants of it reach those kernels and their entry checks. Returns its path."""
+    import numpy as np
+
+    from purelm.backends.numba_kernels.packing import DOT_ONLY_TYPES
+    from purelm.formats.gguf import GGUFWriter
+    from purelm.quant import quantize
+
+    path = Path(folder) / "dot-only-kernels.gguf"
+    w = GGUFWriter(path)
+    w.add("general.architecture", "llama")
+    rng = np.random.default_rng(0)
+    for qtype in sorted(DOT_ONLY_TYPES, key=int):
+        x = rng.standard_normal((64, 256)).astype(np.float32)
+        w.add_tensor(f"{qtype.name.lower()}.weight", quantize(x, qtype), qtype, (64, 256))
+    w.write()
+    return str(path)
+
+
 def git_state() -> str:
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -67,6 +88,8 @@ def fuzz(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     fmt = fuzzlib.TARGETS[args.target].format
     seed_paths = [os.path.expanduser(s) for s in (args.seeds or default_seeds(fmt))]
+    if args.target == "backend-matvec" and not args.seeds:  # the fixtures lack the dot-only types
+        seed_paths.append(dot_only_seed(out))
     seeds = []
     for p in seed_paths:
         try:

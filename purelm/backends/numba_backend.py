@@ -7,8 +7,9 @@ The repacked copy replaces the file's pages in memory (they are released after r
 resident size stays about the file's size; the repacked matrices of a large file are also written
 to an on-disk cache and memory-mapped from it on later loads (pack_cache.py; `PURELM_PACK_CACHE=0`
 turns it off). `repack=False` reads the mmap'd blocks in place. On x86
-CPUs with AVX2, decode products of every repacked quantized type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
-Q5_K, Q6_K) round the activations to int16 (per 32) and use integer multiply-adds (`int16_dot`,
+CPUs with AVX2, decode products of every repacked quantized type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
+Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS; the last four and Q2_K repacked only for these kernels) round
+the activations to int16 (per 32) and use integer multiply-adds (`int16_dot`,
 packing.py's dot layouts): 1.1-3.5x the float kernels' speed (benchmarks/README.md). Optionally, where
 the CPU has AVX512-VNNI, all of them but Q6_K round to int8 instead, prompts included (`int8_dot`,
 $PURELM_INT8_DOT=1): vpdpbusd does twice vpdpwssd's multiply-adds, at llama.cpp's rounding (its q8
@@ -58,7 +59,7 @@ from .numba_kernels.intrinsics import has_int8_dot, has_int16_dot
 from .pack_cache import PackCache
 from .pages import page_out_library, release_file_pages
 from .numba_kernels.experts import FUSED, ExpertStack, mix_picked
-from .numba_kernels.packing import DEFAULT_LANES, PACKED_TYPES, Arena, Packed, column_splits, pack
+from .numba_kernels.packing import DEFAULT_LANES, DOT_ONLY_TYPES, PACKED_TYPES, Arena, Packed, column_splits, pack
 
 # At most this many tokens go through the matrix-vector kernels; more take the dequantize+BLAS path.
 MATVEC_MAX_TOKENS = 12
@@ -75,15 +76,19 @@ EMPTY = np.zeros(0, np.float32)
 # Kernels per repacked family (packing.py); their leading arguments are Packed.kernel_args.
 MATVEC = {"nibble": pk.matvec_nibble, "q8": pk.matvec_q8, "q6k": pk.matvec_q6k,
           "nibble_dot": pk.matvec_dot_nibbles, "five_dot": pk.matvec_dot_five, "q6k_dot": pk.matvec_dot_six,
-          "q8_dot": pk.matvec_dot_bytes}
+          "q8_dot": pk.matvec_dot_bytes, "q2k_dot": pk.matvec_dot_crumbs, "q3k_dot": pk.matvec_dot_crumbs3,
+          "iq4_dot": pk.matvec_dot_levels}
 MATVEC_MANY = {"nibble_dot": pk.matvec_dot_batch_nibbles, "five_dot": pk.matvec_dot_batch_five,  # 2+ rows,
-               "q6k_dot": pk.matvec_dot_batch_six, "q8_dot": pk.matvec_dot_batch_bytes}  # where it differs
+               "q6k_dot": pk.matvec_dot_batch_six, "q8_dot": pk.matvec_dot_batch_bytes,  # where it differs
+               "q2k_dot": pk.matvec_dot_batch_crumbs, "q3k_dot": pk.matvec_dot_batch_crumbs3,
+               "iq4_dot": pk.matvec_dot_batch_levels}
 # The int8-activation kernels (int8_dot) of the dot families that have them (Q6_K's keeps int16).
 MATVEC8 = {"nibble_dot": pk.matvec_dot8_nibbles, "five_dot": pk.matvec_dot8_five, "q8_dot": pk.matvec_dot8_bytes}
 MATVEC8_MANY = {"nibble_dot": pk.matvec_dot8_batch_nibbles, "five_dot": pk.matvec_dot8_batch_five,
                 "q8_dot": pk.matvec_dot8_batch_bytes}
 UNPACK = {"nibble": pk.unpack_nibble, "q8": pk.unpack_q8, "q6k": pk.unpack_q6k,
-          **{f: pk.unpack_dot for f in ("nibble_dot", "five_dot", "q6k_dot", "q8_dot")}}
+          **{f: pk.unpack_dot for f in ("nibble_dot", "five_dot", "q6k_dot", "q8_dot")},
+          "q2k_dot": pk.unpack_crumbs, "q3k_dot": pk.unpack_crumbs, "iq4_dot": pk.unpack_levels}
 NO_PARTS = np.zeros((0, 0, 0), np.float32)
 
 
@@ -207,6 +212,8 @@ class NumbaBackend(Backend):
         if int8_dot is None:
             int8_dot = os.environ.get("PURELM_INT8_DOT", "0").strip().lower() in ("1", "yes", "on", "true")
         self.int8_dot = bool(int8_dot) and self.int16_dot and has_int8_dot()
+        # Types repacked at load: the dot-only ones (Q2_K, Q3_K, IQ4_*) only for the int16 kernels
+        self.packed_types = PACKED_TYPES | DOT_ONLY_TYPES if self.int16_dot else PACKED_TYPES
         self._pool: ThreadPoolExecutor | None = None
         self._blas: Any = None
         self._rope_tables: dict[Rope, tuple[np.ndarray, np.ndarray]] = {}
@@ -340,7 +347,7 @@ class NumbaBackend(Backend):
                 rows = file_rows(qtype)
                 merged = NumbaWeight(qtype, rows.shape[0], n_in, None, None, (DEFAULT_LANES, DEFAULT_LANES),
                                      self.threads)
-                if self.repack and qtype in PACKED_TYPES:
+                if self.repack and qtype in self.packed_types:
                     merged.set_packed(pack(qtype, rows, n_in, dot=self.int16_dot), self.threads, self.int8_dot)
                 else:
                     merged.data = rows
@@ -354,7 +361,7 @@ class NumbaBackend(Backend):
             return run
 
         for qtype in sorted(types):
-            if qtype in rk.ROW_TYPES:
+            if qtype in rk.ROW_TYPES or (self.repack and qtype in self.packed_types):
                 steps.append((f"{qtype.name}-decode", True, products(qtype, (1,))))
                 steps.append((f"{qtype.name}-batch", False, products(qtype, (2, n_many))))
         if any(t in rk.ROW_TYPES for t in types):
@@ -399,7 +406,7 @@ class NumbaBackend(Backend):
         w = NumbaWeight(t.type, n_out, n_in, data)
         # Repacked on first use in `linear`: a token embedding that is only looked up row by row (an
         # untied model's) never gets a copy.
-        w.pack_later = self.repack and t.type in PACKED_TYPES
+        w.pack_later = self.repack and t.type in self.packed_types
         w.source = [dataclasses.replace(t, data=data)] if w.pack_later else None
         return w
 
@@ -429,7 +436,7 @@ class NumbaBackend(Backend):
 
     def weights(self, ts: list[Tensor]) -> Any:
         same = len({(t.type, t.shape[-1]) for t in ts}) == 1 and all(len(t.shape) == 2 for t in ts)
-        if not (self.repack and same and ts[0].type in PACKED_TYPES):
+        if not (self.repack and same and ts[0].type in self.packed_types):
             return [self.weight(t) for t in ts]
         packed = self._packed(ts)
         return NumbaWeight(ts[0].type, packed.n_out, ts[0].shape[1], None, packed, tuple(t.shape[0] for t in ts),
@@ -438,7 +445,7 @@ class NumbaBackend(Backend):
     def experts(self, gate: Tensor, up: Tensor, down: Tensor) -> tuple[list[Any], list[Any]]:
         """Each 3-D tensor (gate|up as pairs) an ExpertStack: an expert is repacked into its rows
         there on its first use, so decode can multiply all picked experts in one kernel call."""
-        if not (self.repack and gate.type == up.type and gate.type in PACKED_TYPES and down.type in PACKED_TYPES):
+        if not (self.repack and gate.type == up.type and gate.type in self.packed_types and down.type in self.packed_types):
             return super().experts(gate, up, down)
         out = []
         for ts in ([list(p) for p in zip(expert_tensors(gate), expert_tensors(up))], [[d] for d in expert_tensors(down)]):
@@ -487,7 +494,7 @@ class NumbaBackend(Backend):
         """As `weights`, but a pair is repacked on its first product: an expert no token picks is
         never read from the file (the pair's rows stay views of the mmap until then)."""
         same = len({(t.type, t.shape[-1]) for t in ts}) == 1
-        if len(ts) == 1 or not (self.repack and same and ts[0].type in PACKED_TYPES):
+        if len(ts) == 1 or not (self.repack and same and ts[0].type in self.packed_types):
             return self.weight(ts[0]) if len(ts) == 1 else [self.weight(t) for t in ts]
         w = NumbaWeight(ts[0].type, sum(t.shape[0] for t in ts), ts[0].shape[1], None, None,
                         tuple(t.shape[0] for t in ts), self.threads)
@@ -565,8 +572,13 @@ class NumbaBackend(Backend):
                 y = self._product(x2, w, groups[0][2])
             else:
                 y = np.empty((x2.shape[0], w.n_out), np.float32)
+                long = [(a, b) for a, b, short in groups if not short]
+                shared = len(long) > 1 and not self._int8_prefill(w)  # prompt chunks of several sequences
                 for a, b, short in groups:
-                    y[a:b] = self._product(x2[a:b], w, short)
+                    if short or not shared:
+                        y[a:b] = self._product(x2[a:b], w, short)
+                if shared:
+                    self._matmul(x2, w, long, y)
         if bias is not None:
             y += bias
         return y.reshape(lead + (w.n_out,)) if len(lead) != 1 else y
@@ -638,10 +650,15 @@ class NumbaBackend(Backend):
             rk.matvec_rows(w.data, int(w.qtype), BLOCK_INFO[w.qtype][0], x, y)
         return y
 
-    def _matmul(self, x: np.ndarray, w: NumbaWeight) -> np.ndarray:
-        """x @ W.T, W dequantized a tile at a time, tiles spread over the worker threads."""
+    def _matmul(self, x: np.ndarray, w: NumbaWeight, runs: list[tuple[int, int]] | None = None,
+                y: np.ndarray | None = None) -> np.ndarray:
+        """x @ W.T, W dequantized a tile at a time, tiles spread over the worker threads. `runs`: rows
+        a..b-1 of x that each get their own product with each tile, as if alone (the tiles do not
+        depend on x), into those rows of `y`: prompt chunks of several sequences in one pass
+        dequantize the weights once, not once a sequence."""
         n_tok = x.shape[0]
-        y = np.empty((n_tok, w.n_out), np.float32)
+        runs = runs or [(0, n_tok)]
+        y = np.empty((n_tok, w.n_out), np.float32) if y is None else y
         p = w.packed
         if p is not None:
             unit, n_units = p.lanes, p.n_groups
@@ -670,7 +687,8 @@ class NumbaBackend(Backend):
             def run() -> None:
                 wt = fill(u0, u1)
                 r0, r1 = u0 * unit, min(u1 * unit, w.n_out)
-                np.matmul(x, wt[:, : r1 - r0], out=y[:, r0:r1])
+                for a, b in runs:
+                    np.matmul(x[a:b], wt[:, : r1 - r0], out=y[a:b, r0:r1])
             return run
 
         tasks = [task(u0, u1) for u0, u1 in self._tile_ranges(n_units, unit, w.n_in)]
@@ -694,17 +712,30 @@ class NumbaBackend(Backend):
         groups = self._row_groups(x2.shape[0])  # as in linear: short runs by the matrix-vector kernels
         if self._pending and isinstance(ws, NumbaWeight) and x2.shape[0] > 1:
             self._ready(f"{ws.qtype.name}-batch")
-        parts = [self._glu_rows(x2[a:b], ws, act, short) for a, b, short in groups]
-        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        long = [(a, b) for a, b, short in groups if not short]
+        if len(long) > 1 and self._glu_tiles(ws):  # prompt chunks of several sequences: tiles shared
+            out = np.empty((x2.shape[0], ws.splits[0]), np.float32)
+            for a, b, short in groups:
+                if short:
+                    out[a:b] = self._glu_rows(x2[a:b], ws, act, short)
+            self._glu_tiled(x2, ws, act, long, out)
+        else:
+            parts = [self._glu_rows(x2[a:b], ws, act, short) for a, b, short in groups]
+            out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return out.reshape(x.shape[:-1] + (out.shape[-1],))
 
-    def _glu_rows(self, x2: np.ndarray, ws: Any, act: str, short: bool) -> np.ndarray:
+    def _glu_tiles(self, ws: Any) -> bool:
+        """Whether a prompt's gate|up product goes a tile of rows at a time (_glu_tiled): packed halves
+        in whole groups of rows, and no int8 prefill."""
         p = ws.packed if isinstance(ws, NumbaWeight) else None
+        return (p is not None and len(ws.splits) == 2 and ws.splits[0] == ws.splits[1]
+                and not ws.splits[0] % p.lanes and not self._int8_prefill(ws))
+
+    def _glu_rows(self, x2: np.ndarray, ws: Any, act: str, short: bool) -> np.ndarray:
         if not short and self._int8_prefill(ws) and x2.shape[0] > PREFILL_INT8_TOKENS:  # a run at a time
             return np.concatenate([self._glu_rows(x2[t0:t0 + PREFILL_INT8_TOKENS], ws, act, short)
                                    for t0 in range(0, x2.shape[0], PREFILL_INT8_TOKENS)])
-        if (short or p is None or len(ws.splits) != 2 or ws.splits[0] != ws.splits[1]
-                or ws.splits[0] % p.lanes or self._int8_prefill(ws)):  # decode, or halves not in whole groups of rows
+        if short or not self._glu_tiles(ws):  # decode, or halves not in whole groups of rows
             if isinstance(ws, NumbaWeight):
                 y, n = self._product(x2, ws, short), ws.splits[0]
                 if y.shape[1] == 2 * n:  # gate|up side by side in each row of y: straight to the kernel
@@ -715,23 +746,37 @@ class NumbaBackend(Backend):
             else:
                 gate, up = (self._product(x2, w, short) for w in ws)
             return self.swiglu(gate, up) if act == "silu" else self.geglu(gate, up)
-        # Prefill: per tile of gate rows, the same rows of up, then act(gate) * up straight into the
-        # output: no (tokens, 2 * ffn) product (23 MB for a 512-token prompt on a 1.1B model).
+        out = np.empty((x2.shape[0], ws.splits[0]), np.float32)
+        return self._glu_tiled(x2, ws, act, [(0, x2.shape[0])], out)
+
+    def _glu_tiled(self, x2: np.ndarray, ws: NumbaWeight, act: str, runs: list[tuple[int, int]],
+                   out: np.ndarray) -> np.ndarray:
+        """Prefill: per tile of gate rows, the same rows of up, then act(gate) * up straight into the
+        output: no (tokens, 2 * ffn) product (23 MB for a 512-token prompt on a 1.1B model). Each run
+        of rows a..b-1 is multiplied as if alone, with the tiles dequantized once for all of them."""
+        p = ws.packed
         kernel = ops.swiglu if act == "silu" else ops.geglu
-        n_tok, n, lanes = x2.shape[0], ws.splits[0], p.lanes
+        n, lanes = ws.splits[0], p.lanes
         half = n // lanes  # groups of gate rows; up's start right after
         fill = self._packed_filler(p)
-        out = np.empty((n_tok, n), np.float32)
+
+        total = sum(b - a for a, b in runs)
 
         def task(g0: int, g1: int) -> Callable[[], None]:
             def run() -> None:
                 rows = (g1 - g0) * lanes
-                buf = self._scratch_floats("products", 2 * n_tok * rows)
-                gate, up = buf[: n_tok * rows].reshape(n_tok, rows), buf[n_tok * rows:].reshape(n_tok, rows)
-                np.matmul(x2, fill(g0, g1), out=gate)
-                np.matmul(x2, fill(half + g0, half + g1), out=up)
+                buf = self._scratch_floats("products", 2 * total * rows)
+                gate, up = buf[: total * rows].reshape(total, rows), buf[total * rows:].reshape(total, rows)
+                for half_at, products in ((g0, gate), (half + g0, up)):  # (one tile buffer: gate's, then up's)
+                    tile, at = fill(half_at, half_at + g1 - g0), 0
+                    for a, b in runs:
+                        np.matmul(x2[a:b], tile, out=products[at:at + b - a])
+                        at += b - a
                 kernel(gate.reshape(-1), rows, up.reshape(-1), rows, gate)  # in place, in cache; then one copy into the output's columns
-                out[:, g0 * lanes:g1 * lanes] = gate
+                at = 0
+                for a, b in runs:
+                    out[a:b, g0 * lanes:g1 * lanes] = gate[at:at + b - a]
+                    at += b - a
             return run
 
         tasks = [task(g0, g1) for g0, g1 in self._tile_ranges(half, lanes, p.n_in)]

@@ -172,6 +172,12 @@ def has_int16_dot() -> bool:
 # nibbles; nibbles + a plane of high bits (5-bit weights); nibbles + two planes of 2-bit pairs (Q6_K);
 # a weight a byte (Q8_0).
 NIBBLE_QUADS, FIVE_QUADS, SIX_QUADS, BYTE_QUADS = 4, 5, 6, 8
+# Kinds from 16 up hold kind % 16 quads: 2-bit weights, 4 a byte (Q2_K: 2 quads; Q3_K: 3, with a plane of
+# third bits), both in two 16-weight halves with their own scales; and 4-bit codes of a table of levels
+# (IQ4_NL, IQ4_XS: the nibble layout, each code looked up with vpshufb before the multiply).
+CRUMB_KIND, CRUMB3_KIND, LEVEL_KIND = 16 + 2, 16 + 3, 16 + NIBBLE_QUADS
+# kvalues_iq4nl (ggml-common.h): the IQ4 types' 16 levels, int8
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 def _row_sums(builder, halves):
@@ -196,6 +202,28 @@ def _broadcast_bytes(builder, value):
                                   ir.Constant(ir.VectorType(_I32, 64), [i % 4 for i in range(64)]))
 
 
+def _level_lookup(builder, codes):
+    """IQ4_LEVELS[codes] for 64 codes < 16 (64 x i8): vpshufb, one 512-bit one with AVX512-BW, else two
+    256-bit ones (the table repeated in every 128-bit lane, as vpshufb indexes within a lane)."""
+    table = [IQ4_LEVELS[i % 16] for i in range(64)]
+    features = target_features() or set()
+    if "avx512bw" in features:
+        name, vt, parts = "llvm.x86.avx512.pshuf.b.512", _V64I8, 1
+    else:
+        name, vt, parts = "llvm.x86.avx2.pshuf.b", ir.VectorType(ir.IntType(8), 32), 2
+    fn = builder.module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(vt, [vt, vt]), name)
+    if parts == 1:
+        return builder.call(fn, [ir.Constant(_V64I8, table), codes])
+    n = 64 // parts
+    out = []
+    for p in range(parts):
+        idx = ir.Constant(ir.VectorType(_I32, n), list(range(p * n, p * n + n)))
+        out.append(builder.call(fn, [ir.Constant(vt, table[:n]), builder.shuffle_vector(codes, codes, idx)]))
+    return builder.shuffle_vector(out[0], out[1], ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
+
+
 def _dot_block_codegen(quads, tokens, int8=False):
     """Arguments: dots, one dots offset per token, qs, w_at, w_stride, xs, one xs offset per token.
     Group j's 64 weight bytes (16 rows x 4) are at qs[w_at + j * w_stride]; token t's activation words
@@ -211,12 +239,20 @@ def _dot_block_codegen(quads, tokens, int8=False):
     `int8`: xs holds int32 words of 4 int8 activations (else int64 words of 4 int16) and the products
     are vpdpbusd's, unsigned weights times signed activations: nibbles and 5-bit weights are unsigned
     already; a Q8_0 weight w enters as w + 128, and the fold takes 128 * sum(x) off (packed.fold_dots;
-    flipping signs instead was 2x slower). Q6_K keeps int16."""
-    assert not (int8 and quads == SIX_QUADS)
-    nibbles = quads != BYTE_QUADS
+    flipping signs instead was 2x slower). Q6_K keeps int16.
+
+    Kinds from 16 up (int16 only): crumbs (Q2_K, Q3_K) read 4 weights a byte, group j's bits 2c, 2c+1
+    holding word j + 2c (weights 4(j + 2c)..+3), words 0-3 and 4-7 the two halves (their dots stored
+    as Q6_K's); Q3_K's plane holds weight 4w + i's third bit at bit w of byte i, and its weights are q - 4.
+    Levels (IQ4) read the nibble layout and look each code up in IQ4_LEVELS."""
+    assert not (int8 and quads in (SIX_QUADS, CRUMB_KIND, CRUMB3_KIND, LEVEL_KIND))
+    levels = quads == LEVEL_KIND
+    crumbs = quads in (CRUMB_KIND, CRUMB3_KIND)  # group j, crumb c (bits 2c, 2c+1 of a byte): word j + 2c
+    quads %= 16
+    nibbles = quads != BYTE_QUADS and not crumbs
     bits = {FIVE_QUADS: 1, SIX_QUADS: 2}.get(quads, 0)
-    halves = quads == SIX_QUADS
-    n_nib = NIBBLE_QUADS if nibbles else BYTE_QUADS
+    halves = quads == SIX_QUADS or crumbs
+    n_nib = NIBBLE_QUADS if nibbles else (2 if crumbs else BYTE_QUADS)
 
     def vec(v):
         return ir.Constant(_V64I8, [v] * 64)
@@ -234,13 +270,20 @@ def _dot_block_codegen(quads, tokens, int8=False):
             ptr = builder.bitcast(_element_ptr(context, builder, qs_t, qs, at_j), _V64I8.as_pointer())
             return builder.load(ptr, align=1)
 
-        planes = [load_group(n_nib + p) for p in range(bits)]
+        planes = [load_group(n_nib + p) for p in range(quads - n_nib if crumbs else bits)]
         zero = ir.Constant(_V16I32, [0] * 16)
         acc = [[[zero, zero] for _ in range(2 if halves else 1)] for _ in range(tokens)]
         for j in range(n_nib):
             q = load_group(j)
-            if nibbles:
+            if crumbs:
+                values = [builder.and_(builder.lshr(q, vec(2 * c)), vec(3)) for c in range(4)]
+                for c in range(4 if planes else 0):  # Q3_K: the third bit from bit j + 2c of the plane; q - 4
+                    high = builder.and_(builder.lshr(planes[0], vec(j + 2 * c)), vec(1))
+                    values[c] = builder.sub(builder.or_(values[c], builder.shl(high, vec(2))), vec(4))
+            elif nibbles:
                 values = [builder.and_(q, vec(15)), builder.lshr(q, vec(4))]
+                if levels:
+                    values = [_level_lookup(builder, v) for v in values]
             else:
                 values = [q]
             if bits:
@@ -260,16 +303,16 @@ def _dot_block_codegen(quads, tokens, int8=False):
                             v = builder.xor(v, vec(128))
                         acc[t][0][0] = _dpbusd(builder, acc[t][0][0], v, xv)
                 continue
-            widen = builder.sext if (halves or not nibbles) else builder.zext
+            widen = builder.sext if (halves or not nibbles or levels) else builder.zext
             wide = [[widen(builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 32), list(range(lo, lo + 32)))),
                            ir.VectorType(_I32, 32)) for lo in (0, 32)]  # rows 0-7, rows 8-15 of the 16
                     for v in values]
             for t in range(tokens):
                 for i, pair in enumerate(wide):
-                    word_at = builder.add(x_at[t], ir.Constant(_I64, j + i * NIBBLE_QUADS))
+                    word_at = builder.add(x_at[t], ir.Constant(_I64, j + 2 * i if crumbs else j + i * NIBBLE_QUADS))
                     word = builder.load(_element_ptr(context, builder, xs_t, xs, word_at), align=8)
                     xv = _broadcast_words(builder, word)
-                    a = acc[t][i if halves else 0]
+                    a = acc[t][(i // 2 if crumbs else i) if halves else 0]
                     for h in range(2):
                         a[h] = _multiply_add_pairs(builder, a[h], pair[h], xv)
         for t in range(tokens):
@@ -303,7 +346,8 @@ def _dot_blocks(quads, int8=False):
         args = (dots, at_a, at_b, at_c, at_d, qs, w_at, w_stride, xs, x_a, x_b, x_c, x_d)
         return types.void(*args), _dot_block_codegen(quads, 4, int8)
 
-    kind = {NIBBLE_QUADS: "nibbles", FIVE_QUADS: "five", SIX_QUADS: "six", BYTE_QUADS: "bytes"}[quads]
+    kind = {NIBBLE_QUADS: "nibbles", FIVE_QUADS: "five", SIX_QUADS: "six", BYTE_QUADS: "bytes", CRUMB_KIND: "crumbs",
+            CRUMB3_KIND: "crumbs3", LEVEL_KIND: "levels"}[quads]
     for fn, n in ((one, 1), (two, 2), (four, 4)):
         fn.__name__ = fn.__qualname__ = f"dot_block{'8' if int8 else ''}_{kind}{n}"
     return intrinsic(one), intrinsic(two), intrinsic(four)
@@ -314,6 +358,9 @@ dot_block_nibbles1, dot_block_nibbles2, dot_block_nibbles4 = _dot_blocks(NIBBLE_
 dot_block_five1, dot_block_five2, dot_block_five4 = _dot_blocks(FIVE_QUADS)
 dot_block_six1, dot_block_six2, dot_block_six4 = _dot_blocks(SIX_QUADS)
 dot_block_bytes1, dot_block_bytes2, dot_block_bytes4 = _dot_blocks(BYTE_QUADS)
+dot_block_crumbs1, dot_block_crumbs2, dot_block_crumbs4 = _dot_blocks(CRUMB_KIND)
+dot_block_crumbs31, dot_block_crumbs32, dot_block_crumbs34 = _dot_blocks(CRUMB3_KIND)
+dot_block_levels1, dot_block_levels2, dot_block_levels4 = _dot_blocks(LEVEL_KIND)
 # The same with int8 activations (AVX512-VNNI only, has_int8_dot): Q6_K has none.
 dot_block8_nibbles1, dot_block8_nibbles2, dot_block8_nibbles4 = _dot_blocks(NIBBLE_QUADS, True)
 dot_block8_five1, dot_block8_five2, dot_block8_five4 = _dot_blocks(FIVE_QUADS, True)

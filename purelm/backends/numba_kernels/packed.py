@@ -19,7 +19,10 @@ from .intrinsics import (BYTE_QUADS, add_scaled16, add_scaled_dots16, FIVE_QUADS
                          dot_block_bytes4, dot_block_five1, dot_block_five2, dot_block_five4, dot_block_nibbles1,
                          dot_block_nibbles2, dot_block_nibbles4, dot_block_six1, dot_block_six2, dot_block_six4,
                          half_to_float, prefetch, wide_vectors)
-from .packing import BYTES, SIX
+from .intrinsics import (CRUMB_KIND, CRUMB3_KIND, IQ4_LEVELS, LEVEL_KIND, dot_block_crumbs1, dot_block_crumbs2,
+                         dot_block_crumbs4, dot_block_crumbs31, dot_block_crumbs32, dot_block_crumbs34,
+                         dot_block_levels1, dot_block_levels2, dot_block_levels4)
+from .packing import BYTES, LEVELS, LEVELS_K, SIX, THREE, TWO
 
 
 
@@ -408,35 +411,53 @@ def quantize_activations8(x, width):
 
 
 @njit(**OPTS, inline="always")
-def fold_dots(int8, acc, t, dots, off, mode, dscale, mscale, s, xsum, offset, n_lanes):
+def fold_dots(int8, acc, t, dots, off, mode, dscale, mscale, s, xq_sums, b, offset, n_lanes):
     """One token's integer dots of one block (dots[off:], 16 rows at a time) into its float sums
-    acc[t], with the block's scales; offsets and minimums multiply the sum of the same rounded x (xsum)
-    as the products. The int8 kernels' Q8_0 dots are of w + 128 (intrinsics.py)."""
+    acc[t], with the block's scales; offsets and minimums multiply the sum of the same rounded x
+    (xq_sums[t, b]; Q2_K: per 16 weights, [t, 2b] and [t, 2b + 1]) as the products. The int8 kernels'
+    Q8_0 dots are of w + 128 (intrinsics.py)."""
     for v in range(0, n_lanes, 16):
         a = t * n_lanes + v
         add_scaled_dots16(acc, a, dscale, v, dots, off + v, s)
-        if mode == SIX:  # the second 16-weight half's dots, n_lanes on
+        if mode == SIX or mode == THREE:  # the second 16-weight half's dots, n_lanes on
             add_scaled_dots16(acc, a, mscale, v, dots, off + n_lanes + v, s)
+        elif mode == TWO:  # halves: scales and minimums of each, n_lanes apart
+            add_scaled_dots16(acc, a, dscale, n_lanes + v, dots, off + n_lanes + v, s)
+            add_scaled16(acc, a, mscale, v, -xq_sums[t, 2 * b])
+            add_scaled16(acc, a, mscale, n_lanes + v, -xq_sums[t, 2 * b + 1])
         elif mode == 0:
-            add_scaled16(acc, a, dscale, v, offset * xsum)
+            add_scaled16(acc, a, dscale, v, offset * xq_sums[t, b])
         elif mode == 1:
-            add_scaled16(acc, a, mscale, v, xsum)
-        elif mode != BYTES:
-            add_scaled16(acc, a, mscale, v, -xsum)
-        elif int8:
-            add_scaled16(acc, a, dscale, v, np.float32(-128) * xsum)
+            add_scaled16(acc, a, mscale, v, xq_sums[t, b])
+        elif mode == 2:
+            add_scaled16(acc, a, mscale, v, -xq_sums[t, b])
+        elif int8 and mode == BYTES:
+            add_scaled16(acc, a, dscale, v, np.float32(-128) * xq_sums[t, b])
 
 
 @njit(**OPTS, inline="always")
 def block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes):
     """Sub-block b's row scales (and minimums) of group g, as fold_dots takes them (Q6_K: the scales
-    of its two halves)."""
-    if mode == SIX:
+    of its two halves; Q2_K: the halves' scales and minimums, n_lanes apart)."""
+    if mode == SIX or mode == THREE:
         sb = b // 8
         for r in range(n_lanes):
             dd = half_to_float(d[g, sb, r])
             dscale[r] = dd * np.float32(sc[g, 2 * b, r])
             mscale[r] = dd * np.float32(sc[g, 2 * b + 1, r])
+    elif mode == TWO:
+        sb = b // 8
+        for r in range(n_lanes):
+            dd, mm = half_to_float(d[g, sb, r]), half_to_float(m[g, sb, r])
+            lo, hi = np.int32(sc[g, 2 * b, r]), np.int32(sc[g, 2 * b + 1, r])
+            dscale[r] = dd * np.float32(np.int32(lo & np.int32(15)))
+            mscale[r] = mm * np.float32(np.int32(lo >> np.int32(4)))
+            dscale[n_lanes + r] = dd * np.float32(np.int32(hi & np.int32(15)))
+            mscale[n_lanes + r] = mm * np.float32(np.int32(hi >> np.int32(4)))
+    elif mode == LEVELS_K:
+        sb = b // 8
+        for r in range(n_lanes):
+            dscale[r] = half_to_float(d[g, sb, r]) * np.float32(sc[g, b, r])
     elif mode == 2:
         sb = b // 8
         for r in range(n_lanes):
@@ -452,12 +473,25 @@ def block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes):
 
 @njit(**OPTS, inline="always")
 def quads_fit(mode, n_quads):
-    """Whether a dot layout's 4-byte groups per sub-block fit its scale mode (dot_block_* unroll them)."""
+    """Whether a dot layout's 4-byte groups per sub-block fit its scale mode (dot_block_* unroll them).
+    The dot-only types' kinds (16 and up: intrinsics.py) fit only their own modes."""
     if mode == BYTES:
         return n_quads == BYTE_QUADS
     if mode == SIX:
         return n_quads == SIX_QUADS
-    return n_quads == NIBBLE_QUADS or n_quads == FIVE_QUADS
+    if mode == THREE:
+        return n_quads == CRUMB3_KIND
+    if mode == TWO:
+        return n_quads == CRUMB_KIND
+    if mode == LEVELS or mode == LEVELS_K:
+        return n_quads == LEVEL_KIND
+    return (mode == 0 or mode == 1 or mode == 2) and (n_quads == NIBBLE_QUADS or n_quads == FIVE_QUADS)
+
+
+@njit(**OPTS, inline="always")
+def kind_quads(kind):
+    """A kind's 4-byte groups per sub-block (intrinsics.py: kinds from 16 up hold kind % 16)."""
+    return kind % 16
 
 
 # A sub-block's dots for 1, 2 or 4 tokens, by the kind of weights (named by the layout's 4-byte groups
@@ -478,6 +512,12 @@ def dot_block1(kind, int8, dots, o, qs, w_at, width, xs, xa):
         dot_block_five1(dots, o, qs, w_at, width, xs, xa)
     elif kind == SIX_QUADS:
         dot_block_six1(dots, o, qs, w_at, width, xs, xa)
+    elif kind == CRUMB_KIND:
+        dot_block_crumbs1(dots, o, qs, w_at, width, xs, xa)
+    elif kind == CRUMB3_KIND:
+        dot_block_crumbs31(dots, o, qs, w_at, width, xs, xa)
+    elif kind == LEVEL_KIND:
+        dot_block_levels1(dots, o, qs, w_at, width, xs, xa)
     else:
         dot_block_bytes1(dots, o, qs, w_at, width, xs, xa)
 
@@ -497,6 +537,12 @@ def dot_block2(kind, int8, dots, oa, ob, qs, w_at, width, xs, xa, xb):
         dot_block_five2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
     elif kind == SIX_QUADS:
         dot_block_six2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
+    elif kind == CRUMB_KIND:
+        dot_block_crumbs2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
+    elif kind == CRUMB3_KIND:
+        dot_block_crumbs32(dots, oa, ob, qs, w_at, width, xs, xa, xb)
+    elif kind == LEVEL_KIND:
+        dot_block_levels2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
     else:
         dot_block_bytes2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
 
@@ -516,6 +562,12 @@ def dot_block4(kind, int8, dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc
         dot_block_five4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
     elif kind == SIX_QUADS:
         dot_block_six4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
+    elif kind == CRUMB_KIND:
+        dot_block_crumbs4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
+    elif kind == CRUMB3_KIND:
+        dot_block_crumbs34(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
+    elif kind == LEVEL_KIND:
+        dot_block_levels4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
     else:
         dot_block_bytes4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
 
@@ -530,19 +582,20 @@ def dot_item(kind, int8, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx
     g, k, b0, b1 = split_range(item, n_split, n_sub)
     acc = np.zeros((n_tok, n_lanes), np.float32)
     dots = np.empty(2 * n_lanes, np.int32)  # a row's dot (and Q6_K's second half's)
-    dscale = np.empty(n_lanes, np.float32)  # this block's row scales (and minimums), once for all tokens
-    mscale = np.empty(n_lanes, np.float32)
-    step = n_sub * kind * width
+    dscale = np.empty(2 * n_lanes, np.float32)  # this block's row scales (and minimums), once for all tokens
+    mscale = np.empty(2 * n_lanes, np.float32)  # (Q2_K: of both halves)
+    quads = kind_quads(kind)
+    step = n_sub * quads * width
     for b in range(b0, b1):
-        at0 = g * step + b * kind * width
-        for c in range(0, kind * width, 64):
+        at0 = g * step + b * quads * width
+        for c in range(0, quads * width, 64):
             prefetch(flat, at0 + PREFETCH_BYTES + c)
         block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes)
         for t in range(n_tok):
             xb = t * n_words + b * WORDS
             for v in range(n_lanes // 16):
                 dot_block1(kind, int8, dots, v * 16, flat, at0 + v * 64, width, xs, xb)
-            fold_dots(int8, acc, t, dots, 0, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
+            fold_dots(int8, acc, t, dots, 0, mode, dscale, mscale, dx[t, b], xq_sums, b, offset, n_lanes)
     store_group(acc, y, parts, g, k, n_lanes)
 
 
@@ -557,12 +610,13 @@ def dot_batch_item(kind, int8, item, flat, d, m, sc, mn, mode, offset, xs, n_wor
     acc = np.zeros((n_tok, n_lanes), np.float32)
     L = 2 * n_lanes  # a token's dots (a row's, and Q6_K's second half's)
     dots = np.empty(4 * L, np.int32)  # four tokens' lanes
-    dscale = np.empty(n_lanes, np.float32)  # this block's row scales (and minimums), once for all tokens
-    mscale = np.empty(n_lanes, np.float32)
-    step = n_sub * kind * width
+    dscale = np.empty(2 * n_lanes, np.float32)  # this block's row scales (and minimums), once for all tokens
+    mscale = np.empty(2 * n_lanes, np.float32)  # (Q2_K: of both halves)
+    quads = kind_quads(kind)
+    step = n_sub * quads * width
     for b in range(b0, b1):
-        at0 = g * step + b * kind * width
-        for c in range(0, kind * width, 64):
+        at0 = g * step + b * quads * width
+        for c in range(0, quads * width, 64):
             prefetch(flat, at0 + PREFETCH_BYTES + c)
         block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes)
         t0 = 0
@@ -577,22 +631,39 @@ def dot_batch_item(kind, int8, item, flat, d, m, sc, mn, mode, offset, xs, n_wor
                 else:
                     dot_block2(kind, int8, dots, o, L + o, flat, w_at, width, xs, xb, xb + n_words)
             for t in range(t0, t0 + n):
-                fold_dots(int8, acc, t, dots, (t - t0) * L, mode, dscale, mscale, dx[t, b], xq_sums[t, b], offset, n_lanes)
+                fold_dots(int8, acc, t, dots, (t - t0) * L, mode, dscale, mscale, dx[t, b], xq_sums, b, offset, n_lanes)
             t0 += n
         if t0 < n_tok:  # an odd batch's last token
             xb = t0 * n_words + b * WORDS
             for v in range(n_lanes // 16):
                 dot_block1(kind, int8, dots, v * 16, flat, at0 + v * 64, width, xs, xb)
-            fold_dots(int8, acc, t0, dots, 0, mode, dscale, mscale, dx[t0, b], xq_sums[t0, b], offset, n_lanes)
+            fold_dots(int8, acc, t0, dots, 0, mode, dscale, mscale, dx[t0, b], xq_sums, b, offset, n_lanes)
     store_group(acc, y, parts, g, k, n_lanes)
+
+
+@njit(**OPTS)
+def half_sums(xq, dx):
+    """xq_sums per 16 weights (the halves of each run of 32 that dx scales) from the int16 words xq."""
+    n_tok, n_words = xq.shape
+    q = xq.reshape(-1).view(np.int16)
+    out = np.empty((n_tok, n_words // 4), np.float32)
+    for t in range(n_tok):
+        for k in range(n_words // 4):
+            total = np.int32(0)
+            for j in range(16):
+                total += np.int32(q[t * 4 * n_words + 16 * k + j])
+            out[t, k] = dx[t, k // 2] * np.float32(total)
+    return out
 
 
 @njit(**OPTS, inline="always")
 def dot_setup(kind, qs, mode, x, parts):
     """The kernels' entry check and shared start: x's int16 words, scales and sums (see dot_item)."""
     n_groups, n_sub, n_quads, width = qs.shape
-    assert n_quads == kind and quads_fit(mode, kind)
+    assert n_quads == kind_quads(kind) and quads_fit(mode, kind)
     xq, dx, xq_sums = quantize_activations(x, 4 * WORDS)
+    if kind == CRUMB_KIND:  # Q2_K's minimums: sums per 16 weights
+        xq_sums = half_sums(xq, dx)
     return n_groups * max(1, parts.shape[0]), qs.reshape(-1), xq.reshape(-1), xq.shape[1], dx, xq_sums, n_sub, width
 
 
@@ -827,3 +898,164 @@ def unpack_dot(qs, d, m, sc, mn, mode, offset, g0, g1, out):
                     for i in range(4):
                         unpack_planed_byte(words, at0, pw_lo, pw_hi, i, pos_lo % 8, pos_hi % 8, mask, sub, scale,
                                            scale_hi, bias, out, lo, hi, c0, n_lanes)
+
+
+# The dot-only types' kernels (packing.DOT_ONLY_TYPES, int16 only): Q2_K (crumbs, mode TWO), Q3_K (crumbs
+# and a plane of third bits, mode THREE: Q6_K's scales and fold) and IQ4_NL/IQ4_XS (codes looked up in
+# IQ4_LEVELS, modes LEVELS/LEVELS_K), the same work items as the kernels above. On entry they check every
+# array they index against qs (scales per 256, 32 or 16 weights as the mode reads them, x, y, parts).
+
+@njit(**OPTS, inline="always")
+def scales_fit(mode, qs, d, m, sc):
+    """Whether the scale arrays hold what mode reads for every group and sub-block of qs."""
+    n_groups, n_sub, n_quads, width = qs.shape
+    n_lanes = width // 4
+    if d.shape[0] != n_groups or d.shape[2] != n_lanes:
+        return False
+    if mode == LEVELS:  # d per 32
+        return d.shape[1] == n_sub
+    per_sub = 2 if mode == TWO or mode == THREE else 1  # scales per 32 weights
+    ok = n_sub % 8 == 0 and d.shape[1] == n_sub // 8 and sc.shape[0] == n_groups and sc.shape[1] == per_sub * n_sub
+    ok = ok and sc.shape[2] == n_lanes
+    if mode == TWO:
+        ok = ok and m.shape[0] == n_groups and m.shape[1] == n_sub // 8 and m.shape[2] == n_lanes
+    return ok
+
+
+@njit(**OPTS, inline="always")
+def dot_only_setup(kind, qs, d, m, sc, mode, x, y, parts):
+    """dot_setup with the dot-only kernels' full entry check."""
+    n_groups, n_sub, n_quads, width = qs.shape
+    n_tok, n_rows = x.shape[0], n_groups * (width // 4)
+    assert quads_fit(mode, kind) and scales_fit(mode, qs, d, m, sc)
+    assert x.shape[1] == n_sub * 4 * WORDS and y.shape[0] == n_tok
+    assert parts.shape[0] == 0 or (parts.shape[1] == n_tok and parts.shape[2] == n_rows and y.shape[1] <= n_rows)
+    return dot_setup(kind, qs, mode, x, parts)
+
+@njit(**PARALLEL)
+def matvec_dot_crumbs(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_only_setup(CRUMB_KIND, qs, d, m, sc, mode, x, y, parts)
+    for item in prange(n_items):
+        dot_item(CRUMB_KIND, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub,
+                 width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot_crumbs3(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_only_setup(CRUMB3_KIND, qs, d, m, sc, mode, x, y, parts)
+    for item in prange(n_items):
+        dot_item(CRUMB3_KIND, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub,
+                 width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot_levels(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_only_setup(LEVEL_KIND, qs, d, m, sc, mode, x, y, parts)
+    for item in prange(n_items):
+        dot_item(LEVEL_KIND, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub,
+                 width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot_batch_crumbs(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_only_setup(CRUMB_KIND, qs, d, m, sc, mode, x, y, parts)
+    for item in prange(n_items):
+        dot_batch_item(CRUMB_KIND, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+                       n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot_batch_crumbs3(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_only_setup(CRUMB3_KIND, qs, d, m, sc, mode, x, y, parts)
+    for item in prange(n_items):
+        dot_batch_item(CRUMB3_KIND, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+                       n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+@njit(**PARALLEL)
+def matvec_dot_batch_levels(qs, d, m, sc, mn, mode, offset, x, y, parts):
+    n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_only_setup(LEVEL_KIND, qs, d, m, sc, mode, x, y, parts)
+    for item in prange(n_items):
+        dot_batch_item(LEVEL_KIND, False, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts,
+                       n_sub, width)
+    if parts.shape[0] > 0:
+        sum_parts(y, parts)
+
+
+LEVEL_VALUES = np.array(IQ4_LEVELS, np.float32)
+
+
+@njit(**OPTS)
+def unpack_crumbs(qs, d, m, sc, mn, mode, offset, g0, g1, out):
+    """unpack_dot for Q2_K and Q3_K: weight 4w + i of a sub-block from crumb w // 2 of byte i of its
+    group w % 2 (and, Q3_K, bit w of byte i of its plane); half w // 4's scale (and minimum)."""
+    n_groups, n_sub, n_quads, width = qs.shape
+    n_lanes = width // 4
+    assert quads_fit(mode, 16 + n_quads) and (mode == TWO or mode == THREE) and scales_fit(mode, qs, d, m, sc)
+    assert 0 <= g0 <= g1 <= n_groups and out.shape[0] == n_sub * 32 and out.shape[1] >= (g1 - g0) * n_lanes
+    words = qs.reshape(-1).view(np.uint32)
+    scale = np.empty(2 * n_lanes, np.float32)
+    bias = np.zeros(2 * n_lanes, np.float32)
+    wide_vectors()
+    for gi in range(g1 - g0):
+        g, c0 = g0 + gi, gi * n_lanes
+        for b in range(n_sub):
+            block_scales(d, m, sc, mn, mode, g, b, scale, bias, n_lanes)
+            if mode == THREE:  # the second half's scale is in bias (as Q6_K's): move it, no minimums
+                for r in range(n_lanes):
+                    scale[n_lanes + r] = bias[r]
+                    bias[r] = 0
+            first = (g * n_sub + b) * n_quads
+            for w in range(8):
+                at0 = (first + w % 2) * n_lanes
+                h = (w // 4) * n_lanes
+                for i in range(4):
+                    shift = np.uint32(8 * i + 2 * (w // 2))
+                    if mode == THREE:
+                        pw = (first + 2) * n_lanes
+                        for r in range(n_lanes):
+                            q = np.int32(np.uint32(words[at(at0 + r)] >> shift) & np.uint32(3))
+                            hb = np.int32(np.uint32(words[at(pw + r)] >> np.uint32(8 * i + w)) & np.uint32(1))
+                            q = np.int32(np.int32(q | np.int32(hb << np.int32(2))) - np.int32(4))
+                            out[at(b * 32 + 4 * w + i), at(c0 + r)] = scale[h + r] * np.float32(q)
+                    else:
+                        for r in range(n_lanes):
+                            q = np.int32(np.uint32(words[at(at0 + r)] >> shift) & np.uint32(3))
+                            out[at(b * 32 + 4 * w + i), at(c0 + r)] = scale[h + r] * np.float32(q) - bias[h + r]
+
+
+@njit(**OPTS)
+def unpack_levels(qs, d, m, sc, mn, mode, offset, g0, g1, out):
+    """unpack_dot for IQ4_NL and IQ4_XS: the nibble layout's codes, looked up in LEVEL_VALUES."""
+    n_groups, n_sub, n_quads, width = qs.shape
+    n_lanes = width // 4
+    assert quads_fit(mode, 16 + n_quads) and scales_fit(mode, qs, d, m, sc)
+    assert 0 <= g0 <= g1 <= n_groups and out.shape[0] == n_sub * 32 and out.shape[1] >= (g1 - g0) * n_lanes
+    words = qs.reshape(-1).view(np.uint32)
+    scale = np.empty(n_lanes, np.float32)
+    unused = np.empty(n_lanes, np.float32)
+    wide_vectors()
+    for gi in range(g1 - g0):
+        g, c0 = g0 + gi, gi * n_lanes
+        for b in range(n_sub):
+            block_scales(d, m, sc, mn, mode, g, b, scale, unused, n_lanes)
+            first = (g * n_sub + b) * n_quads
+            for j in range(n_quads):
+                at0 = (first + j) * n_lanes
+                for i in range(4):
+                    for r in range(n_lanes):
+                        q = np.uint32(words[at(at0 + r)] >> np.uint32(8 * i))
+                        lo = LEVEL_VALUES[at(q & np.uint32(15))]
+                        hi = LEVEL_VALUES[at(np.uint32(q >> np.uint32(4)) & np.uint32(15))]
+                        out[at(b * 32 + 4 * j + i), at(c0 + r)] = scale[r] * lo
+                        out[at(b * 32 + 16 + 4 * j + i), at(c0 + r)] = scale[r] * hi

@@ -24,6 +24,15 @@ vpmaddwd multiplies with 4 activations, two at a time). 5- and 6-bit weights kee
 so, followed by one or two 4-byte "plane" words per row of their high bits (`_planes`): the sub-block
 stays the file's size, and the kernel ORs the bits back in registers. Q6_K's dot layout keeps int8
 scales per 16 weights (sc) and f16 d per 256.
+
+Dot-only layouts (DOT_ONLY_TYPES: no float32 kernels read them, so they are repacked only where the int16
+kernels run), the same 4-bytes-a-row runs: Q2_K and Q3_K ("crumbs", q2k_dot/q3k_dot) keep 2 bits a
+weight, 8 bytes per 32 weights (_crumb_fields: byte 4j + i holds weights 4(j + 2c) + i, c = 0..3), Q3_K
+then 4 plane bytes of third bits; scales per 16 weights as Q6_K's (Q3_K: int8 sc - 32; Q2_K: the file's
+bytes, sc | mn << 4, with f16 d and dmin per 256). IQ4_NL and IQ4_XS (iq4_dot) keep the nibble layout
+of 4-bit codes, which the kernel turns into the 16 non-linear levels with one table shuffle (vpshufb);
+IQ4_XS's 6-bit scales become int8 per 32. Bytes per 256 weights against the file's: Q2_K 84 = 84,
+Q3_K 114 / 110, IQ4_NL 144 = 144, IQ4_XS 138 / 136.
 """
 from __future__ import annotations
 
@@ -37,10 +46,16 @@ from ...quant.types import BLOCK_INFO, GGMLType
 
 NIBBLE_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K)
 PACKED_TYPES = frozenset(NIBBLE_TYPES + (GGMLType.Q8_0, GGMLType.Q6_K))
-DOT_TYPES = frozenset(NIBBLE_TYPES + (GGMLType.Q8_0, GGMLType.Q6_K))
+# Types with a dot layout only (repacked only where the int16 kernels run; else read as the file's rows)
+DOT_ONLY_TYPES = frozenset((GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS))
+DOT_TYPES = frozenset(NIBBLE_TYPES + (GGMLType.Q8_0, GGMLType.Q6_K)) | DOT_ONLY_TYPES
 BYTES = 3  # scale mode of Q8_0 in the dot layout (a weight a byte); modes 0-2 are the nibble types'
 FIVE_BIT = (GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q5_K)
 SIX = 4  # scale mode of Q6_K in the dot layout: d * sc * (q - 32), sc per 16 weights
+# The dot-only types' scale modes: Q3_K d * sc * q (int8 sc per 16 weights, q - 4 in the kernel, as
+# SIX); Q2_K d * sc * q - dmin * mn, sc | mn << 4 per 16 weights (the file's bytes); IQ4_NL d * level
+# per 32; IQ4_XS d * sc * level, int8 sc per 32.
+THREE, TWO, LEVELS, LEVELS_K = 5, 6, 7, 8
 
 # Rows per group: 64 keeps several independent vector accumulators in flight per weight column.
 DEFAULT_LANES = 64
@@ -52,7 +67,8 @@ class Packed:
     """A repacked matrix: `family` picks the kernel, `arrays` its fields (see the module doc)."""
 
     qtype: GGMLType
-    family: str  # "nibble", "q8", "q6k"; dot layouts "nibble_dot", "five_dot", "q6k_dot", "q8_dot"
+    family: str  # "nibble", "q8", "q6k"; dot layouts "nibble_dot", "five_dot", "q6k_dot", "q8_dot",
+    # and the dot-only "q2k_dot", "q3k_dot", "iq4_dot"
     n_out: int
     n_in: int
     lanes: int
@@ -163,7 +179,45 @@ def _fields(qtype: GGMLType, blocks: np.ndarray) -> dict[str, np.ndarray]:
         qh_packed = h[..., 0:8] | (h[..., 8:16] << 2) | (h[..., 16:24] << 4) | (h[..., 24:32] << 6)
         scales = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).reshape(n, nb * 16)
         return {"d": _u16(blocks, 208), "sc": scales, "qs": _nibble_bytes(q), "qh": qh_packed.astype(np.uint8)}
+    if qtype in (GGMLType.Q2_K, GGMLType.Q3_K):
+        return _crumb_fields(qtype, blocks)
+    if qtype == GGMLType.IQ4_NL:  # qs as Q4_0's; no sc, but typed as IQ4_XS's (one compile of the kernels for both)
+        return {"d": _u16(blocks, 0), "sc": np.zeros((n, 0), np.int8),
+                "qs": np.ascontiguousarray(blocks[..., 2:18]).reshape(n, nb, 16)}
+    if qtype == GGMLType.IQ4_XS:
+        low = (blocks[..., 4:8, None] >> np.array([0, 4], np.uint8)) & 15  # 4 + 2 bits per 32 weights
+        high = (_u16(blocks, 2)[..., None] >> np.arange(0, 16, 2, dtype=np.uint16)).astype(np.uint8) & 3
+        sc = (low.reshape(n, nb, 8) | (high << 4)).astype(np.int8) - np.int8(32)
+        return {"d": _u16(blocks, 0), "sc": sc.reshape(n, nb * 8),
+                "qs": np.ascontiguousarray(blocks[..., 8:136]).reshape(n, nb * 8, 16)}
     raise ValueError(f"{qtype.name} has no packed layout")
+
+
+def _crumb_fields(qtype: GGMLType, blocks: np.ndarray) -> dict[str, np.ndarray]:
+    """Q2_K/Q3_K (rows, n_blocks, bytes) -> the crumb dot layout's fields: per 32 weights 8 bytes of
+    2-bit weights, byte 4j + i holding weight 4(j + 2c) + i at bits 2c, 2c+1 (so that a 4-byte group's
+    crumb c is 4 consecutive weights: intrinsics._dot_block_codegen), and Q3_K 4 plane bytes, bit w of
+    byte i weight 4w + i's third bit. Scales per 16 weights: Q3_K int8 (sc - 32), Q2_K the file's bytes."""
+    n, nb = blocks.shape[:2]
+    at = 16 if qtype == GGMLType.Q2_K else 32
+    qs = blocks[..., at:at + 64].reshape(n, nb, 2, 1, 32)
+    low = (qs >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # weight 128h + 32s + l
+    crumbs = low.reshape(n, nb * 8, 4, 2, 4)  # per 32 weights: [c, j, i] = weight 8c + 4j + i
+    out = {"qs": (crumbs << (2 * np.arange(4, dtype=np.uint8))[:, None, None]).sum(axis=2, dtype=np.uint8)
+           .reshape(n, nb * 8, 8)}
+    if qtype == GGMLType.Q2_K:
+        sc = np.ascontiguousarray(blocks[..., 0:16]).reshape(n, nb * 16)
+        out.update(d=_u16(blocks, 80), m=_u16(blocks, 82), sc=sc)
+        return out
+    hmask = blocks[..., 0:32]  # bit k of byte l: weight 32k + l
+    high = ((hmask[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1).reshape(n, nb * 8, 8, 4)  # [w, i]
+    plane = (high << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=2, dtype=np.uint8)  # byte i, bit w
+    out["qs"] = np.concatenate([out["qs"], plane], axis=-1)
+    scales = blocks[..., 96:108]
+    low4 = np.concatenate([scales[..., :8] & 15, scales[..., :8] >> 4], axis=-1)
+    high2 = ((scales[..., None, 8:12] >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(n, nb, 16)
+    out.update(d=_u16(blocks, 108), sc=((low4 | (high2 << 4)).astype(np.int8) - np.int8(32)).reshape(n, nb * 16))
+    return out
 
 
 def _planes(high: np.ndarray, bits: int) -> np.ndarray:
@@ -263,9 +317,14 @@ def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes:
     parts = list(data) if isinstance(data, (list, tuple)) else [data]
     n_out = sum(p.shape[0] for p in parts)
     n_groups = -(-n_out // lanes)
-    family = "nibble" if qtype in NIBBLE_TYPES else {GGMLType.Q8_0: "q8", GGMLType.Q6_K: "q6k"}[qtype]
     dot = dot and qtype in DOT_TYPES and lanes % 16 == 0  # the dot kernels take rows 16 at a time
-    if dot:
+    if qtype in DOT_ONLY_TYPES:
+        if not dot:
+            raise ValueError(f"{qtype.name} has only a dot layout (int16 kernels, lanes a multiple of 16)")
+        family = {GGMLType.Q2_K: "q2k_dot", GGMLType.Q3_K: "q3k_dot"}.get(qtype, "iq4_dot")
+    else:
+        family = "nibble" if qtype in NIBBLE_TYPES else {GGMLType.Q8_0: "q8", GGMLType.Q6_K: "q6k"}[qtype]
+    if dot and qtype not in DOT_ONLY_TYPES:
         family = "five_dot" if qtype in FIVE_BIT else family + "_dot"
     packed = Packed(qtype, family, n_out, n_in, lanes)
     chunk = max(1, CHUNK_BYTES // (parts[0].shape[1] * lanes)) * lanes
@@ -285,7 +344,8 @@ def pack(qtype: GGMLType, data: np.ndarray | list[np.ndarray], n_in: int, lanes:
             packed.arrays[name][g0:g0 + grouped.shape[0]] = grouped
     if family == "nibble" or dot:  # kernels taking the nibble family's fields
         modes = {GGMLType.Q4_0: 0, GGMLType.Q5_0: 0, GGMLType.Q4_1: 1, GGMLType.Q5_1: 1, GGMLType.Q8_0: BYTES,
-                 GGMLType.Q6_K: SIX}
+                 GGMLType.Q6_K: SIX, GGMLType.Q3_K: THREE, GGMLType.Q2_K: TWO, GGMLType.IQ4_NL: LEVELS,
+                 GGMLType.IQ4_XS: LEVELS_K}
         packed.mode = modes.get(qtype, 2)
         packed.offset = {GGMLType.Q4_0: -8.0, GGMLType.Q5_0: -16.0}.get(qtype, 0.0)
         empty_u8 = np.zeros((n_groups, 0, lanes), np.uint8)  # fields a type does not have
