@@ -932,6 +932,7 @@ def dot_only_setup(kind, qs, d, m, sc, mode, x, y, parts):
     assert parts.shape[0] == 0 or (parts.shape[1] == n_tok and parts.shape[2] == n_rows and y.shape[1] <= n_rows)
     return dot_setup(kind, qs, mode, x, parts)
 
+
 @njit(**PARALLEL)
 def matvec_dot_crumbs(qs, d, m, sc, mn, mode, offset, x, y, parts):
     n_items, flat, xs, n_words, dx, xq_sums, n_sub, width = dot_only_setup(CRUMB_KIND, qs, d, m, sc, mode, x, y, parts)
