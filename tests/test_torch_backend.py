@@ -175,6 +175,7 @@ def test_tuned_product_configurations_are_read_checked_and_chosen_by_size(tmp_pa
     # configs/<GPU>.json (or PURELM_TRITON_CONFIGS): the entry of the same row bucket and kind nearest
     # in size; malformed entries are ignored, an unreadable file gives the rule
     import json
+    from pathlib import Path
 
     kernels = _triton_or_skip()
     cuda = torch.device("cuda")  # (only its type is read when the file is named)
@@ -195,6 +196,9 @@ def test_tuned_product_configurations_are_read_checked_and_chosen_by_size(tmp_pa
     assert kernels.default_config(1, 5632, 2048, glu=True, device=cuda) is None  # two steps were faster
     assert kernels.default_config(16, 2048, 2048, device=cuda) == ("rows", 1, 512, 4)  # no entry: the rule
     assert len(kernels.tuned(cuda)) == 4
+    shipped = Path(kernels.__file__).parent / "configs" / "NVIDIA_H200.json"  # every entry of it valid
+    monkeypatch.setenv("PURELM_TRITON_CONFIGS", str(shipped))
+    assert len(kernels.tuned(cuda)) == len(json.loads(shipped.read_text())["entries"]) > 0
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     monkeypatch.setenv("PURELM_TRITON_CONFIGS", str(broken))

@@ -322,6 +322,7 @@ def dequantize(w: Packed, dtype: torch.dtype) -> torch.Tensor:
 
 
 _tables: dict[str, list[dict]] = {}
+_shipped: dict[torch.device, str] = {}  # a GPU's own table (asked for at every eager product: kept)
 
 
 def tuned(device: torch.device) -> list[dict]:
@@ -329,8 +330,10 @@ def tuned(device: torch.device) -> list[dict]:
     benchmarks/gpu_kernels.py --table writes), else configs/<GPU name>.json shipped with purelm."""
     name = os.environ.get("PURELM_TRITON_CONFIGS") or ""
     if not name and device.type == "cuda":
-        gpu = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
-        name = str(Path(__file__).parent / "configs" / f"{gpu}.json")
+        if device not in _shipped:
+            gpu = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
+            _shipped[device] = str(Path(__file__).parent / "configs" / f"{gpu}.json")
+        name = _shipped[device]
     if name not in _tables:
         try:
             entries = json.loads(Path(name).read_text())["entries"] if name else []
