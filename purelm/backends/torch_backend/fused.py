@@ -197,17 +197,24 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 @triton.jit
+def act(g, SILU: tl.constexpr):
+    """SiLU, or GELU in its tanh form (tanh(z) = 2 sigmoid(2z) - 1), in float32: the gate's activation
+    (here and in the fused gate|up product of triton_kernels.py)."""
+    if SILU:
+        a = g / (1.0 + tl.exp(-g))
+    else:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (2.0 / (1.0 + tl.exp(-2.0 * z)))
+    return a
+
+
+@triton.jit
 def _glu_kernel(g_ptr, u_ptr, y_ptr, N, SILU: tl.constexpr, B: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
     mask = i < N
     g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    if SILU:
-        a = g / (1.0 + tl.exp(-g))
-    else:  # GELU, tanh form: tanh(z) = 2 sigmoid(2z) - 1
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = 0.5 * g * (2.0 / (1.0 + tl.exp(-2.0 * z)))
-    tl.store(y_ptr + i, (a * u).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + i, (act(g, SILU) * u).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def glu(gate: torch.Tensor, up: torch.Tensor, silu: bool) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused import act
 from .packed import Packed, levels
 
 KERNELS = ("pairs", "rows", "groups")  # see default_config
@@ -173,16 +174,6 @@ def _step_dot(ve, vo, s, c, x_ptr, xrow, xmask, kg, K: tl.constexpr, LO_BITS: tl
 
 
 @triton.jit
-def _act(g, SILU: tl.constexpr):
-    if SILU:
-        a = g / (1.0 + tl.exp(-g))
-    else:  # GELU, tanh form: tanh(z) = 2 sigmoid(2z) - 1
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = 0.5 * g * (2.0 / (1.0 + tl.exp(-2.0 * z)))
-    return a
-
-
-@triton.jit
 def _pair_tile(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, r, ke, mask, K: tl.constexpr,
                LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
                SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr,
@@ -284,7 +275,7 @@ def _groups_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, d
             acc_u += _step_dot(ue, uo, us, uc, x_ptr, xrow, m0 < M, kg, K, LO_BITS, G, HAS_MIN)
     out = tl.sum(acc, axis=1)
     if GLU:
-        out = _act(out, SILU) * tl.sum(acc_u, axis=1)
+        out = act(out, SILU) * tl.sum(acc_u, axis=1)
     tl.store(y_ptr + m0 * stride_y + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
