@@ -26,11 +26,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from load_bench import run_child  # (benchmarks/: this script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = "import sys; from purelm.cli import main; sys.exit(main())"
@@ -47,19 +48,8 @@ def default_models() -> list[Path]:
 
 def timed(args: list[str], env: dict[str, str]) -> dict:
     """One CLI process: wall seconds, its own CPU seconds and peak RSS (MiB), from wait4."""
-    with tempfile.TemporaryFile("w+") as err:
-        load = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        p = subprocess.Popen([sys.executable, "-c", CLI, *args], env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
-        out = p.stdout.read()
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        p.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-        p.stdout.close()
-        if code != 0:
-            err.seek(0)
-            raise RuntimeError(f"purelm {args[0]} exited {code}: {err.read().strip()[-800:]}")
+    load = os.getloadavg()[0]
+    wall, usage, out = run_child([sys.executable, "-c", CLI, *args], env, cwd=ROOT)
     return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "load_avg": round(load, 2), "text": out.strip()[:80]}
 

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
@@ -51,11 +52,13 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Wall seconds from spawn to exit, peak RSS in MiB (the child's own, from wait4), stdout."""
+def run_child(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, Any, str]:
+    """Run cmd to its exit: wall seconds from spawn to exit, its own resource usage (wait4), stdout;
+    a RuntimeError with the end of its stderr when it fails."""
     with tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+        p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+                             cwd=cwd)
         out = p.stdout.read()
         _, status, usage = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
@@ -63,7 +66,13 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
         p.stdout.close()
         if code != 0:
             err.seek(0)
-            raise RuntimeError(f"{cmd[0]} exited {code}: {err.read().strip()[-500:]}")
+            raise RuntimeError(f"{' '.join(cmd[:4])} exited {code}: {err.read().strip()[-800:]}")
+    return wall, usage, out
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Wall seconds from spawn to exit, peak RSS in MiB (the child's own, from wait4), stdout."""
+    wall, usage, out = run_child(cmd, env)
     return wall, usage.ru_maxrss / 1024, out
 
 
