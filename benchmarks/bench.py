@@ -103,7 +103,11 @@ def start_neighbour(kind: str) -> subprocess.Popen | None:
 
 
 def thread_env(threads: int) -> dict[str, str]:
+    """The environment of an engine's process: `threads` for every thread pool, and Python's bytecode
+    written as it is for a pip-installed package (pip compiles it at install), so that an environment
+    with PYTHONDONTWRITEBYTECODE set does not time the compile of every module at each start."""
     env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
               "PURELM_NUM_THREADS"):
         env[k] = str(threads)

@@ -77,6 +77,7 @@ def one_rep(model: Path, mode: str, args: argparse.Namespace) -> dict:
     cache = Path(tempfile.mkdtemp(prefix="purelm-first-start-"))
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), **MODES[mode])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode as a pip install leaves it (bench.thread_env)
     gen = ["generate", "-m", str(model), args.prompt, "-n", str(args.n), "--temp", "0"]
     if args.threads:
         gen += ["-t", str(args.threads)]
