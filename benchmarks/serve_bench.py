@@ -3,6 +3,7 @@ and threads, servers alternating.
 
     python benchmarks/serve_bench.py smollm2 --llama-server PATH/llama-server --threads 2
     python benchmarks/serve_bench.py model.gguf --clients 1,8 --max-tokens 64 --reps 2 --out serve.json
+    python benchmarks/serve_bench.py smollm2 --prompts lookup --lookup 10 --clients 1,4,8 --max-tokens 256
 
 For each number of clients N (`--clients`, default 1,4,8,16) each server is started with N slots
 (`purelm serve --parallel N`, `llama-server -np N -cb`, each slot `--ctx` tokens), warmed up with one
@@ -18,6 +19,11 @@ was under `--quiet-load` (0.25). The
 servers run as subprocesses, one at a time, with OMP/OPENBLAS/NUMBA thread variables set to the thread
 count; the clients run in this process (asyncio + httpx), on the same machine. JSON on stdout (--out
 keeps a copy), a table on stderr.
+
+`--lookup N` adds `purelm serve --lookup N` (speculative decoding by prompt lookup) as a third server,
+purelm+lookup; `--prompts lookup` sends the greedy chat requests of benchmarks/prompts/lookup (answers
+that copy spans of their prompt, each to its end: tokens counted from the usage each stream reports)
+instead of the sampled stories.
 """
 from __future__ import annotations
 
@@ -39,6 +45,9 @@ TOPICS = ["a lighthouse keeper", "a lost robot", "the history of tea", "a mounta
           "a storm at sea", "a fox and a crow", "a train across the steppe", "the first snow", "a market day"]
 
 
+LOOKUP_PROMPTS: list = []  # (name, messages) of benchmarks/prompts/lookup, with --prompts lookup
+
+
 def prompt(i: int) -> str:
     return (f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]} (number {i}). Describe the places, "
             f"the people and what happens to them, from the beginning to the end.\n\nStory:")
@@ -54,9 +63,11 @@ def start_server(kind: str, args: argparse.Namespace, path: str, n: int, port: i
     env = dict(os.environ)
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "PURELM_NUM_THREADS"):
         env[k] = str(args.threads)
-    if kind == "purelm":
+    if kind.startswith("purelm"):
         cmd = [sys.executable, "-m", "purelm.cli", "serve", path, "--parallel", str(n), "-t", str(args.threads),
                "-c", str(args.ctx), "--port", str(port), "--queue", str(4 * n), "-q"]
+        if kind == "purelm+lookup":
+            cmd += ["--lookup", str(args.lookup)]
     else:
         cmd = [args.llama_server, "-m", path, "-np", str(n), "-cb", "-t", str(args.threads), "-tb",
                str(args.threads), "-c", str(args.ctx * n), "--port", str(port), "--host", "127.0.0.1",
@@ -83,14 +94,19 @@ async def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) ->
 
 
 def body(i: int, args: argparse.Namespace, max_tokens: int) -> dict:
+    if args.prompts == "lookup":  # a chat request of benchmarks/prompts/lookup, greedy, to its end
+        msgs = LOOKUP_PROMPTS[i % len(LOOKUP_PROMPTS)][1]
+        return {"messages": msgs, "max_tokens": max_tokens, "stream": True, "temperature": 0,
+                "stream_options": {"include_usage": True}}
     return {"prompt": prompt(i), "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
             "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 1000 + i}
 
 
 async def one_client(client, base: str, b: dict) -> dict:
     t0 = time.perf_counter()
-    first, events, reason = None, 0, None
-    async with client.stream("POST", base + "/v1/completions", json=b, timeout=600) as r:
+    first, events, reason, usage = None, 0, None, None
+    route = "/v1/chat/completions" if "messages" in b else "/v1/completions"
+    async with client.stream("POST", base + route, json=b, timeout=600) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:500]!r}")
         async for line in r.aiter_lines():
@@ -99,13 +115,15 @@ async def one_client(client, base: str, b: dict) -> dict:
             ev = json.loads(line[6:])
             if "error" in ev:
                 raise RuntimeError(f"error event: {ev['error']}")
+            usage = ev.get("usage") or usage
             for c in ev.get("choices") or []:
-                if c.get("text"):
+                if c.get("text") or (c.get("delta") or {}).get("content"):
                     events += 1
                     if first is None:
                         first = time.perf_counter()
                 reason = c.get("finish_reason") or reason
-    return dict(t0=t0, first=first, end=time.perf_counter(), events=events, finish_reason=reason)
+    return dict(t0=t0, first=first, end=time.perf_counter(), events=events, finish_reason=reason,
+                tokens=usage["completion_tokens"] if usage else None)
 
 
 def busy_ticks() -> int:
@@ -151,7 +169,8 @@ async def run_level(base: str, n: int, args: argparse.Namespace, server_pid: int
     t0 = min(r["t0"] for r in res)
     wall = max(r["end"] for r in res) - t0
     ttft = sorted(r["first"] - r["t0"] for r in res)
-    tokens = n * args.max_tokens
+    # ignore_eos replies are max_tokens long; the lookup prompts' end where the answer does (usage says)
+    tokens = n * args.max_tokens if args.prompts == "story" else sum(r["tokens"] or r["events"] for r in res)
     return dict(clients=n, wall_s=wall, tokens=tokens, tok_s=tokens / wall,
                 ttft_p50_s=statistics.median(ttft), ttft_p95_s=ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))],
                 per_client_tok_s=statistics.median(args.max_tokens / (r["end"] - r["t0"]) for r in res),
@@ -193,13 +212,23 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--quiet-load", type=float, default=0.25,
                     help="a rep is quiet when other processes kept fewer cores than this busy (default 0.25)")
+    ap.add_argument("--lookup", type=int, default=0, metavar="N",
+                    help="also run `purelm serve --lookup N` (prompt-lookup speculative decoding) as purelm+lookup")
+    ap.add_argument("--prompts", choices=("story", "lookup"), default="story",
+                    help="story: sampled stories of --max-tokens tokens (default); lookup: the greedy chat requests "
+                         "of benchmarks/prompts/lookup (edits, extraction, summaries), each to its end")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.prompts == "lookup":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from lookup_bench import PROMPTS, load_prompts
+
+        LOOKUP_PROMPTS[:] = load_prompts(PROMPTS)
     levels = [int(x) for x in args.clients.split(",")]
     from purelm.hub import resolve
 
     path = str(resolve(args.model))
-    servers = ["purelm"] + (["llama-server"] if args.llama_server else [])
+    servers = ["purelm"] + (["purelm+lookup"] if args.lookup else []) + (["llama-server"] if args.llama_server else [])
     runs: dict[tuple[str, int], list[dict]] = {}
     loadavg_start = os.getloadavg()
     t_start = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -245,7 +274,10 @@ def main() -> None:
         r["vs_one_client_quiet"] = r["tok_s_quiet"] / one["tok_s_quiet"] if one and one["tok_s_quiet"] and \
             r["tok_s_quiet"] else None
         peer = by.get(("llama-server", r["clients"]))
-        if r["server"] == "purelm" and peer:
+        plain = by.get(("purelm", r["clients"]))
+        if r["server"] == "purelm+lookup" and plain:
+            r["vs_purelm"] = r["tok_s"] / plain["tok_s"]
+        if r["server"].startswith("purelm") and peer:
             r["vs_llama_server"] = r["tok_s"] / peer["tok_s"]
             r["vs_llama_server_quiet"] = r["tok_s_quiet"] / peer["tok_s_quiet"] if r["tok_s_quiet"] and \
                 peer["tok_s_quiet"] else None
@@ -253,8 +285,9 @@ def main() -> None:
                   file_mb=os.path.getsize(path) / 2**20, time_start=t_start, time_end=time.strftime("%Y-%m-%d %H:%M:%S"),
                   machine=dict(machine(), loadavg_start=loadavg_start, loadavg_end=os.getloadavg()),
                   settings=dict(threads=args.threads, clients=levels, max_tokens=args.max_tokens, ctx_per_slot=args.ctx,
-                                reps=args.reps, llama_server=args.llama_server),
-                  results=sorted(results, key=lambda r: (r["server"] != "purelm", r["clients"])))
+                                reps=args.reps, llama_server=args.llama_server, prompts=args.prompts,
+                                lookup=args.lookup),
+                  results=sorted(results, key=lambda r: (servers.index(r["server"]), r["clients"])))
     print(f"{'server':<13} {'clients':>7} {'tok/s':>8} {'vs 1':>6} {'ttft p50':>9} {'ttft p95':>9} "
           f"{'vs llama-server':>15} {'quiet tok/s':>11}  other load per rep", file=sys.stderr)
     for r in report["results"]:
@@ -263,6 +296,9 @@ def main() -> None:
         print(f"{r['server']:<13} {r['clients']:>7} {r['tok_s']:>8.1f} {r['vs_one_client'] or 0:>5.2f}x "
               f"{r['ttft_p50_s']:>8.3f}s {r['ttft_p95_s']:>8.3f}s {f'{vs:.2f}x' if vs else '':>15} "
               f"{f'{q:.1f}' if q else '-':>11}  {r['other_load_reps']}", file=sys.stderr)
+    for r in report["results"]:
+        if "vs_purelm" in r:
+            print(f"purelm+lookup / purelm at {r['clients']} client(s): {r['vs_purelm']:.2f}x", file=sys.stderr)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

@@ -159,6 +159,21 @@ _SAMPLING_FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-
                    "seed": "--seed"}
 
 
+def _speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lookup", type=int, default=None, metavar="N",
+                   help="speculative decoding by prompt lookup: draft up to N tokens a step from the prompt "
+                        "and the text so far (the same output; faster when the text repeats its prompt)")
+    p.add_argument("--draft", default=None, metavar="MODEL",
+                   help="speculative decoding with a smaller draft model sharing the vocabulary")
+
+
+def _check_speculative_args(a: argparse.Namespace) -> None:
+    if a.lookup is not None and a.lookup < 1:
+        raise UsageError(f"--lookup must be at least 1 (draft tokens per step), got {a.lookup}")
+    if a.lookup is not None and a.draft is not None:
+        raise UsageError("give --lookup or --draft, not both")
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     # Check every argument before the (slow) load.
     _check_runtime_args(a)
@@ -174,10 +189,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     else:
         prompt = _utf8(prompt, "the prompt")
     stop = [_utf8(s, "--stop") for s in a.stop]
-    if a.lookup is not None and a.lookup < 1:
-        raise UsageError(f"--lookup must be at least 1 (draft tokens per step), got {a.lookup}")
-    if a.lookup is not None and a.draft is not None:
-        raise UsageError("give --lookup or --draft, not both")
+    _check_speculative_args(a)
 
     t0 = time.perf_counter()
     llm = _load(a, a.ctx)
@@ -363,7 +375,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise UsageError("give the model once: as MODEL or with -m, not both")
     a.model = a.model if a.model is not None else a.model_pos
     _check_runtime_args(a)
-    for flag, value, lo in (("--parallel", a.parallel, 1), ("--batch", a.batch, 1), ("--queue", a.queue, 0)):
+    for flag, value, lo in (("--parallel", a.parallel, 1), ("--batch", a.batch, 1), ("--queue", a.queue, 0),
+                            ("--lookup", 1 if a.lookup is None else a.lookup, 1)):
         if value < lo:
             raise UsageError(f"{flag} must be at least {lo}, got {value}")
     if not 0 <= a.port <= 65535:
@@ -382,7 +395,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     aliases = (a.model,) if a.model and not os.path.exists(a.model) else ()
     config = ServerConfig(parallel=a.parallel, batch=a.batch, max_queue=a.queue,
                           api_key=a.api_key or os.environ.get("PURELM_API_KEY") or None,
-                          model_name=a.alias, aliases=aliases, prefix_cache=not a.no_prefix_cache)
+                          model_name=a.alias, aliases=aliases, prefix_cache=not a.no_prefix_cache,
+                          lookup=a.lookup or 0)
     print(_safe(f"purelm: serving {llm.path} on http://{a.host}:{a.port}/v1 ({a.parallel} slots, context "
                 f"{llm.n_ctx} tokens each, backend {llm.backend.name})"), file=sys.stderr, flush=True)
     serve(llm, a.host, a.port, config, log_level="warning" if a.quiet else "info")
@@ -464,6 +478,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     params = _sampling_params(a)
     system = _utf8(a.system, "--system") if a.system is not None else None
     stop = [_utf8(s, "--stop") for s in a.stop]
+    _check_speculative_args(a)
 
     llm = _load(a, a.ctx)
     if a.chat_template is not None:
@@ -557,7 +572,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
                         f"this message and the system prompt take {len(ids)} tokens, more than the {budget} the "
                         f"context ({n_ctx}, -c) leaves beside a reply: shorten it or raise -c")
                 stream = llm.stream_chunks(ids, max_tokens=max_tokens, stop=[*template.stop_strings, *stop],
-                                           **vars(params))
+                                           lookup=a.lookup, draft=a.draft, **vars(params))
             except PurelmError as e:
                 messages.pop()
                 if not interactive:
@@ -776,11 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if the prompt leaves no room for -n new tokens, drop its start: keep its last "
                         "(context - n) tokens, or half the context when -n alone fills it")
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
-    g.add_argument("--lookup", type=int, default=None, metavar="N",
-                   help="speculative decoding by prompt lookup: draft up to N tokens a step from the prompt "
-                        "and the text so far (the same output; faster when the text repeats its prompt)")
-    g.add_argument("--draft", default=None, metavar="MODEL",
-                   help="speculative decoding with a smaller draft model sharing the vocabulary")
+    _speculative_args(g)
     g.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
     g.set_defaults(func=cmd_generate)
 
@@ -875,6 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default -1)")
     _sampling_args(ch)
     ch.add_argument("--stop", action="append", default=[], help="also end a reply at this text (repeatable)")
+    _speculative_args(ch)
     ch.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the server extra)",
@@ -901,6 +913,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the model id /v1/models shows (default: the file's name without .gguf)")
     sv.add_argument("--no-prefix-cache", action="store_true",
                     help="do not reuse the cached start of an earlier request's prompt")
+    sv.add_argument("--lookup", type=int, default=None, metavar="N",
+                    help="speculative decoding by prompt lookup: each reply drafts up to N tokens a step from its "
+                         "prompt and text so far (the same replies; faster when they repeat their prompt)")
     sv.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     ray_ = sv.add_argument_group("Ray Serve (--ray; needs pip install 'purelm[ray]', see docs/ray.md)")
     ray_.add_argument("--ray", action="store_true",

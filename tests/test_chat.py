@@ -493,7 +493,8 @@ def test_cli_chat_arguments(capsys):
         main(["chat", "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "/save" in out and "/load" in out and "--system" in out
-    for bad in (["-n", "0"], ["--seed", "-2"], ["--temp", "-1"], ["-c", "0"], ["-m", "a.gguf", "b.gguf"]):
+    for bad in (["-n", "0"], ["--seed", "-2"], ["--temp", "-1"], ["-c", "0"], ["-m", "a.gguf", "b.gguf"],
+                ["--lookup", "0"], ["--lookup", "4", "--draft", "d.gguf"]):
         assert main(["chat", *bad]) == 2  # refused before any model is loaded
         assert capsys.readouterr().err.count("\n") == 1
 
@@ -511,6 +512,9 @@ def test_cli_chat_piped_replies_as_the_api(smollm2_path, smollm2, tmp_path):
     lines = r.stdout.decode().splitlines()
     first = smollm2.chat(QUESTION, max_tokens=24, temperature=0)
     assert len(lines) == 2 and lines[0] == first.text and "Berlin" in lines[1]
+    r = chat_cli(smollm2_path, "--temp", "0", "-n", "24", "--lookup", "8",  # speculative: the same replies
+                 input=b"What is the capital of France?\n\nAnd of Germany?\n")
+    assert r.returncode == 0 and r.stdout.decode().splitlines() == lines, r.stderr
     assert json.loads(saved.read_text()) == QUESTION + [first.message]
     # /load continues the saved conversation; /reset starts over; /exit leaves.
     again = tmp_path / "again.json"

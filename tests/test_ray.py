@@ -315,7 +315,8 @@ def test_config_is_checked_and_maps_to_serve_options():
     for bad, what in (({"replicas": 0}, "replicas"), ({"num_cpus": -1}, "num_cpus"), ({"parallel": "8"}, "parallel"),
                       ({"replica": 2}, "unknown"), ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "max_"),
                       ({"autoscaling": {"size": 2}}, "autoscaling"), ({"num_gpus": 1, "backend": "numba"}, "torch"),
-                      ({"route_prefix": "v1"}, "route_prefix"), ({"num_cpus": float("nan")}, "num_cpus")):
+                      ({"route_prefix": "v1"}, "route_prefix"), ({"num_cpus": float("nan")}, "num_cpus"),
+                      ({"lookup": -1}, "lookup"), ({"lookup": 2.5}, "lookup")):
         with pytest.raises(UsageError, match=what):
             RayServeConfig.from_dict(bad)
 
@@ -343,10 +344,12 @@ def test_cli_flags_make_the_config(tmp_path, fixtures):
 
     model = str(fixtures / "llama-q8_0.gguf")
     a = build_parser().parse_args(["serve", model, "--ray", "--replicas", "2", "--max-replicas", "5", "-c", "256",
-                                   "--replica-cpus", "2", "-np", "4", "--no-prefix-routing", "--alias", "tiny"])
+                                   "--replica-cpus", "2", "-np", "4", "--no-prefix-routing", "--alias", "tiny",
+                                   "--lookup", "6"])
     a.model = a.model_pos
     c = config_from_args(a)
     assert (c.model, c.n_ctx, c.parallel, c.model_name, c.prefix_routing) == (model, 256, 4, "tiny", False)
+    assert c.lookup == 6 and c.server_config().lookup == 6
     assert c.deployment_options()["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5,
                                                             "target_ongoing_requests": 4}
     assert c.load_kwargs()["threads"] == 2

@@ -403,6 +403,64 @@ def test_prefix_of_a_finished_request_is_reused(srv, ref):
     assert r.choices[0].message.content == ref.chat(msgs2, max_tokens=8, temperature=0).content
 
 
+# ------------------------------------------------------------------------------ speculative decoding
+COPY_PROMPTS = [
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3,",
+    "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n    return a + b\n\n\ndef add(",
+    "The cat sat on the mat. The dog sat on the log. The cat sat on the mat. The dog sat on",
+    "Once upon a time",  # little to look up: mostly plain steps
+]
+
+
+def test_lookup_decoding_gives_the_replies_of_plain_decoding(srv, ref):
+    """`purelm serve --lookup N`: concurrent greedy replies (drafts checked in the same passes as other
+    requests' tokens) equal plain decoding's, token logprobs included; drafts are accepted on prompts
+    that repeat themselves; sampled requests still get their full length; /metrics counts the drafts."""
+    spec = Server(purelm.load(ref.path, n_ctx=N_CTX), ServerConfig(parallel=4, lookup=8))
+    try:
+        engine = spec.state.engine
+        assert engine.n_draft == 8
+
+        async def run_all():
+            async with httpx.AsyncClient(base_url=spec.base, timeout=120) as c:
+                async def one(prompt, stream):
+                    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "logprobs": 2, "stream": stream}
+                    if not stream:
+                        r = await c.post("/v1/completions", json=body)
+                        assert r.status_code == 200, r.text
+                        ch = r.json()["choices"][0]
+                        return ch["text"], ch["logprobs"]["token_logprobs"]
+                    texts, lps = [], []
+                    async with c.stream("POST", "/v1/completions", json=body) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {"):
+                                for ch in json.loads(line[6:])["choices"]:
+                                    texts.append(ch["text"])
+                                    lps += ch["logprobs"]["token_logprobs"] if ch.get("logprobs") else []
+                    return "".join(texts), lps
+                return await asyncio.gather(*[one(p, i % 2 == 1) for i, p in enumerate(COPY_PROMPTS)])
+
+        got = asyncio.run(run_all())
+        for prompt, (text, lps) in zip(COPY_PROMPTS, got):
+            assert text == ref.generate(prompt, max_tokens=40, temperature=0), prompt
+            plain = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, logprobs=2)
+            assert lps == plain.choices[0].logprobs.token_logprobs, prompt  # the same bits, verify pass or not
+        assert engine.accepted_tokens >= 20 and engine.draft_tokens >= engine.accepted_tokens, \
+            (engine.draft_tokens, engine.accepted_tokens)
+
+        r = spec.client.completions.create(model=MODEL, prompt=COPY_PROMPTS[0], max_tokens=30, temperature=0.8,
+                                           seed=3, n=2, extra_body={"ignore_eos": True})
+        assert [c.finish_reason for c in r.choices] == ["length", "length"] and r.usage.completion_tokens == 60
+        metrics = httpx.get(spec.base + "/metrics").text
+        assert f"purelm_draft_tokens_accepted {float(engine.accepted_tokens)}" in metrics
+        wait_idle(spec)
+        assert not spec.state.engine.cache.seqs or all(
+            s.n_past == len(toks) for s, toks in ((spec.state.engine.cache.seqs[q], t)
+                                                 for q, t in spec.state.engine._retained.items()))
+    finally:
+        spec.stop()
+
+
 # ------------------------------------------------------------------------------ limits, key, failures
 @pytest.fixture(scope="module")
 def small(smollm2_path):
@@ -490,7 +548,7 @@ def test_cli_embed_and_serve_arguments(capsys, smollm2_path, ref):
         assert "pip install 'purelm[server]'" in capsys.readouterr().err
     finally:
         importlib.util.find_spec = real
-    for args in (["--parallel", "0"], ["--port", "70000"], ["--batch", "0"], ["-t", "0"], ["-c", "0"]):
+    for args in (["--parallel", "0"], ["--port", "70000"], ["--batch", "0"], ["-t", "0"], ["-c", "0"], ["--lookup", "0"]):
         assert main(["serve", str(smollm2_path), *args]) == 2
         assert "error" in capsys.readouterr().err
 

@@ -44,6 +44,7 @@ class ServerConfig:
     model_name: str | None = None  # the id /v1/models shows (default: the file's name without .gguf)
     aliases: tuple[str, ...] = ()  # other names requests may use for the model
     prefix_cache: bool = True
+    lookup: int = 0  # draft tokens per sample and step by prompt lookup (speculative decoding; 0: off)
     engine_thread: bool = True  # the app's lifespan runs the engine in a thread (serve() runs it itself)
 
 
@@ -59,7 +60,7 @@ class _State:
         self.created = int(time.time())
         self.metrics = Metrics()
         self.engine = Engine(llm, parallel=config.parallel, batch=config.batch, max_queue=config.max_queue,
-                             prefix_cache=config.prefix_cache, metrics=self.metrics)
+                             prefix_cache=config.prefix_cache, metrics=self.metrics, lookup=config.lookup)
         self.metrics.bind(self.engine)
         self._template: Any = None
         self._template_error: Exception | None = None

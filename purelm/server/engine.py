@@ -13,6 +13,12 @@ asyncio handlers through a thread-safe queue. Each step:
    llguidance grammar's token mask), computes logprobs where asked, and hands the pieces of text to
    each request's asyncio queue (`loop.call_soon_threadsafe`).
 
+With `lookup` (`purelm serve --lookup N`), a running sample's decode token comes with up to N tokens
+drafted by prompt lookup from its prompt and text so far (purelm.speculative): the pass checks them
+all, the agreeing ones are kept (the rejection rule when sampling) and the cache forgets the rest, as
+`LLM.stream_chunks(lookup=N)` does for one sequence. Requests with a grammar or a logit bias decode
+one token a step.
+
 A request whose prompt is fully prefilled forks its sequence `n - 1` times (the samples share the
 prompt's cached blocks). A finished sample's sequence is kept (the last `parallel` of them, least
 recently used dropped first) so that a later prompt that starts with the same tokens (a system prompt,
@@ -40,6 +46,7 @@ from ..embeddings import Pooling
 from ..errors import ContextOverflowError, PurelmError
 from ..generate import _Sample
 from ..sampling import Sampler, SamplingParams
+from ..speculative import LookupDrafter, accept, max_drafts
 
 log = logging.getLogger("purelm.server")
 
@@ -147,6 +154,8 @@ class _Slot:
     sample: _Sample
     matcher: Any = None
     pending: int | None = None  # the token to feed at the next step
+    drafter: LookupDrafter | None = None  # prompt lookup (Engine's `lookup`), where the request allows it
+    drafts: list[int] = field(default_factory=list)  # the tokens drafted after `pending` in this step's pass
 
 
 class _Job:
@@ -173,7 +182,7 @@ class Engine:
     from the engine's thread only; its own cache is left alone)."""
 
     def __init__(self, llm: Any, parallel: int = 8, batch: int = 512, max_queue: int = 64,
-                 prefix_cache: bool = True, metrics: Any = None) -> None:
+                 prefix_cache: bool = True, metrics: Any = None, lookup: int = 0) -> None:
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
         self.n_ctx = llm.n_ctx
         self.parallel, self.batch, self.max_queue = parallel, batch, max_queue
@@ -199,6 +208,9 @@ class Engine:
         self.prompt_tokens_evaluated = 0
         self.prompt_tokens_reused = 0
         self.prefix_hits = 0  # requests that started from a cached prefix (per-replica stats under Ray)
+        self.n_draft = min(lookup, max_drafts(self.model))  # draft tokens per sample and step (0: none)
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
 
     # -- life
     def start(self) -> "Engine":
@@ -414,7 +426,10 @@ class Engine:
             self.cache.remove(old)
 
     def _generate(self) -> None:
-        runs: list[tuple[int, list[int], Any]] = [(s.seq, [s.pending], s) for s in self._running]
+        runs: list[tuple[int, list[int], Any]] = []
+        for s in self._running:
+            s.drafts = self._draft(s)
+            runs.append((s.seq, [s.pending, *s.drafts], s))
         budget = self.batch
         for job in self._prefilling:
             if budget <= 0:
@@ -425,7 +440,8 @@ class Engine:
         if not runs:
             return
         try:
-            out = self.model.forward_batch(self.cache, [(seq, ids) for seq, ids, _ in runs])
+            out = self.model.forward_batch(self.cache, [(seq, ids) for seq, ids, _ in runs],
+                                           all_logits=[len(ids) > 1 and isinstance(o, _Slot) for _, ids, o in runs])
         except Exception as e:  # fail the requests of this pass, keep the engine
             log.exception("forward pass failed")
             err = GenerationError(f"the forward pass failed: {e}")
@@ -439,7 +455,10 @@ class Engine:
                 if owner.job in failed:
                     continue
                 try:
-                    self._sample(owner, logits, pushes)
+                    if owner.drafts:
+                        self._accept(owner, logits, pushes)
+                    else:
+                        self._sample(owner, logits, pushes)
                 except Exception as e:
                     log.exception("sampling failed")
                     failed[owner.job] = e
@@ -495,6 +514,8 @@ class Engine:
             sample = _Sample(self.tokenizer, sampler, req.prompt, req.stop, req.ignore_eos, req.max_tokens,
                              req.stop_ids)
             slot = _Slot(job, j, seq, sample, matchers[j])
+            if self.n_draft and req.grammar is None and not req.logit_bias:
+                slot.drafter = LookupDrafter()
             job.slots.append(slot)
             job.n_running += 1
             self._running.append(slot)
@@ -512,7 +533,35 @@ class Engine:
         if slot.matcher is not None:
             logits = self._masked(slot.matcher, logits)
         room = self.cache.seqs[slot.seq].n_past < self.n_ctx
-        chunk = slot.sample.next(logits, room)
+        self._push(slot, slot.sample.next(logits, room), raw, pushes)
+
+    def _draft(self, slot: _Slot) -> list[int]:
+        """Tokens to check after the slot's pending one in this step's pass: as many as the context,
+        the reply's max_tokens (drafts past it would be thrown away) and `lookup` allow."""
+        if slot.drafter is None:
+            return []
+        sample = slot.sample
+        k = min(self.n_draft, self.n_ctx - self.cache.seqs[slot.seq].n_past - 1, sample.max_tokens - sample.n_gen - 1)
+        return slot.drafter.draft(sample.history, k)[:k] if k > 0 else []
+
+    def _accept(self, slot: _Slot, rows: np.ndarray, pushes: dict) -> None:
+        """A verify pass's rows (after the pending token and after each draft): the tokens the rule
+        keeps (speculative.accept), each emitted as if sampled alone; the cache keeps the positions
+        before the last one, which is fed at the next step."""
+        n0 = self.cache.seqs[slot.seq].n_past - len(rows)  # the pending token's position
+        tokens = accept(slot.sample.sampler, slot.sample.history, rows, slot.drafts)
+        self.draft_tokens += len(slot.drafts)
+        self.accepted_tokens += len(tokens) - 1
+        for i, token in enumerate(tokens):
+            self._push(slot, slot.sample.emit(token, room=n0 + 1 + i < self.n_ctx), rows[i], pushes)
+            if slot.sample.finish_reason:
+                break
+        self.cache.truncate(n0 + 1 + i, slot.seq)
+
+    def _push(self, slot: _Slot, chunk: Any, raw: np.ndarray, pushes: dict) -> None:
+        """A sampled token's piece (its logprobs from the model's logits `raw`) for the slot's client;
+        the token becomes the slot's pending one."""
+        req = slot.job.req
         token = slot.sample.last_token
         piece = Piece(slot.index, chunk.text, chunk.token, chunk.finish_reason, sampled=token)
         if req.logprobs is not None:

@@ -32,6 +32,10 @@ class Metrics:
         self.running = Gauge("purelm_requests_running", "Requests admitted and not finished", registry=r)
         self.tokens_per_second = Gauge("purelm_tokens_per_second", f"Tokens generated per second over the last "
                                        f"{WINDOW_S:.0f} s, all requests together", registry=r)
+        self.draft_tokens = Gauge("purelm_draft_tokens", "Tokens drafted by prompt lookup (--lookup) and checked, "
+                                  "since the start", registry=r)
+        self.accepted_tokens = Gauge("purelm_draft_tokens_accepted", "Drafted tokens the model agreed with, since "
+                                     "the start", registry=r)
         self._running = 0
         self._recent: deque[float] = deque()  # times of recent generated tokens
         self._lock = threading.Lock()
@@ -42,6 +46,8 @@ class Metrics:
         self.queue.set_function(lambda: engine.n_waiting)
         self.slots_used.set_function(lambda: engine.slots_used)
         self.slots_total.set(engine.parallel)
+        self.draft_tokens.set_function(lambda: engine.draft_tokens)
+        self.accepted_tokens.set_function(lambda: engine.accepted_tokens)
 
     # called from the engine thread
     def admitted(self, reused: int) -> None:

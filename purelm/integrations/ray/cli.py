@@ -27,7 +27,7 @@ def config_from_args(a: Any) -> RayServeConfig:
         model=model, n_ctx=a.ctx, backend=a.backend, device=a.device, dtype=a.dtype, threads=a.threads,
         parallel=a.parallel, batch=a.batch, max_queue=a.queue,
         api_key=a.api_key or os.environ.get("PURELM_API_KEY") or None, model_name=a.alias,
-        prefix_cache=not a.no_prefix_cache, replicas=a.replicas, autoscaling=autoscaling,
+        prefix_cache=not a.no_prefix_cache, lookup=a.lookup or 0, replicas=a.replicas, autoscaling=autoscaling,
         num_cpus=a.replica_cpus, num_gpus=a.replica_gpus, prefix_routing=not a.no_prefix_routing))
 
 

@@ -30,6 +30,7 @@ class RayServeConfig:
     api_key: str | None = None
     model_name: str | None = None
     prefix_cache: bool = True
+    lookup: int = 0  # prompt-lookup draft tokens per step (speculative decoding; 0: off)
     # Ray Serve
     name: str = "purelm"  # the application's name
     route_prefix: str = "/"
@@ -75,7 +76,7 @@ class RayServeConfig:
         for name in ("prefix_cache", "prefix_routing"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name, lo in (("parallel", 1), ("batch", 1), ("max_queue", 0), ("replicas", 1)):
+        for name, lo in (("parallel", 1), ("batch", 1), ("max_queue", 0), ("replicas", 1), ("lookup", 0)):
             check_int(name, getattr(self, name), lo)
         for name in ("n_ctx", "threads", "max_ongoing_requests", "imbalance"):
             if getattr(self, name) is not None:
@@ -111,7 +112,7 @@ class RayServeConfig:
         aliases = (self.model,) if self.model and not self.model.lower().endswith(".gguf") else ()
         return ServerConfig(parallel=self.parallel, batch=self.batch, max_queue=self.max_queue,
                             api_key=self.api_key, model_name=self.model_name, aliases=aliases,
-                            prefix_cache=self.prefix_cache)
+                            prefix_cache=self.prefix_cache, lookup=self.lookup)
 
     def deployment_options(self) -> dict[str, Any]:
         """The model deployment's Serve options: replicas or autoscaling, resources, queue depth."""
