@@ -92,10 +92,8 @@ def inputs(n_tok: int, n_in: int = N_IN, seed: int = 1) -> np.ndarray:
 
 def rounding(w, x):
     """The rounding of x that `linear(x, w)` applies (conftest.activation_rule), or None: exact x.
-    The int8 kernels take every row count; the int16 ones decode rows (prompts go to float32 BLAS)."""
-    rule = activation_rule(w)
-    short = x.size // x.shape[-1] <= numba_backend.MATVEC_MAX_TOKENS
-    return rule if short or rule is int8_activations else None
+    The integer kernels (int16 or int8 activations) take every row count, prompts included."""
+    return activation_rule(w)
 
 
 def check_product(got, x, w, ref) -> None:

@@ -15,9 +15,10 @@ the CPU has AVX512-VNNI, all of them but Q6_K round to int8 instead, prompts inc
 $PURELM_INT8_DOT=1): vpdpbusd does twice vpdpwssd's multiply-adds, at llama.cpp's rounding (its q8
 activations), which moves logits ~100x more than int16 and flips near-ties (README: Correctness).
 
-Prefill (many tokens): with int8_dot, the int8 kernels take PREFILL_INT8_TOKENS rows a call; other
-types' tiles of rows are dequantized to float32 and multiplied with BLAS. Attention is done as matrix
-products. The work is split over our own pool of `threads` Python threads, each
+Prefill (many tokens): the types with integer kernels (int16_dot, or int8_dot) take the prompt through
+the same kernels as decode, PREFILL_ROWS rows a call (each call reads the weights once; each row rounded
+as a decode token is: 1.4-1.7x float32 BLAS on this project's CPUs, benchmarks/README.md); other types'
+tiles of rows are dequantized to float32 and multiplied with BLAS. Attention is done as matrix products. The work is split over our own pool of `threads` Python threads, each
 running serial (GIL-free) numba kernels and single-threaded BLAS: numba's and OpenBLAS's spinning
 thread pools never run at the same time (measured: letting both spin was 3-10x slower on 2 cores).
 
@@ -63,8 +64,8 @@ from .numba_kernels.packing import DEFAULT_LANES, DOT_ONLY_TYPES, PACKED_TYPES, 
 
 # At most this many tokens go through the matrix-vector kernels; more take the dequantize+BLAS path.
 MATVEC_MAX_TOKENS = 12
-# Prompt rows per call of the int8 kernels (int8_dot prefill): each call reads the weights once.
-PREFILL_INT8_TOKENS = 128
+# Prompt rows per call of the integer kernels in prefill: each call reads the weights once.
+PREFILL_ROWS = 128
 # float32 weights per dequantized tile: 1 MiB, stays in L2 between the dequantize and the multiply.
 TILE_FLOATS = 1 << 18
 # Queries per block in prefill attention; key positions per work item in long-context decode.
@@ -86,6 +87,8 @@ MATVEC_MANY = {"nibble_dot": pk.matvec_dot_batch_nibbles, "five_dot": pk.matvec_
 MATVEC8 = {"nibble_dot": pk.matvec_dot8_nibbles, "five_dot": pk.matvec_dot8_five, "q8_dot": pk.matvec_dot8_bytes}
 MATVEC8_MANY = {"nibble_dot": pk.matvec_dot8_batch_nibbles, "five_dot": pk.matvec_dot8_batch_five,
                 "q8_dot": pk.matvec_dot8_batch_bytes}
+# The kernels that take prompts too (`_matvec_prefill`): the integer ones, int16 or int8 activations.
+PREFILL_KERNELS = frozenset(MATVEC_MANY.values()) | frozenset(MATVEC8_MANY.values())
 UNPACK = {"nibble": pk.unpack_nibble, "q8": pk.unpack_q8, "q6k": pk.unpack_q6k,
           **{f: pk.unpack_dot for f in ("nibble_dot", "five_dot", "q6k_dot", "q8_dot")},
           "q2k_dot": pk.unpack_crumbs, "q3k_dot": pk.unpack_crumbs, "iq4_dot": pk.unpack_levels}
@@ -573,7 +576,7 @@ class NumbaBackend(Backend):
             else:
                 y = np.empty((x2.shape[0], w.n_out), np.float32)
                 long = [(a, b) for a, b, short in groups if not short]
-                shared = len(long) > 1 and not self._int8_prefill(w)  # prompt chunks of several sequences
+                shared = len(long) > 1 and not self._matvec_prefill(w)  # prompt chunks of several sequences
                 for a, b, short in groups:
                     if short or not shared:
                         y[a:b] = self._product(x2[a:b], w, short)
@@ -625,17 +628,18 @@ class NumbaBackend(Backend):
             return self._matvec_kernel(x, w)
         if self._pending:
             self._ready(f"{w.qtype.name}-batch")
-        if self._int8_prefill(w):
+        if self._matvec_prefill(w):
             y = np.empty((x.shape[0], w.n_out), np.float32)
-            for t0 in range(0, x.shape[0], PREFILL_INT8_TOKENS):
-                y[t0:t0 + PREFILL_INT8_TOKENS] = self._matvec_kernel(x[t0:t0 + PREFILL_INT8_TOKENS], w)
+            for t0 in range(0, x.shape[0], PREFILL_ROWS):
+                y[t0:t0 + PREFILL_ROWS] = self._matvec_kernel(x[t0:t0 + PREFILL_ROWS], w)
             return y
         return self._matmul(x, w)
 
-    def _int8_prefill(self, w: Any) -> bool:
-        """Whether long runs of rows (prompts) take the int8 kernels too, PREFILL_INT8_TOKENS rows a
-        call, rather than dequantize + float32 BLAS: vpdpbusd does 4x an FMA's multiply-adds."""
-        return isinstance(w, NumbaWeight) and w.kernel_many in MATVEC8_MANY.values()
+    def _matvec_prefill(self, w: Any) -> bool:
+        """Whether long runs of rows (prompts) take the integer kernels too, PREFILL_ROWS rows a call,
+        rather than dequantize + float32 BLAS: vpdpwssd does 2x an FMA's multiply-adds (vpdpbusd 4x),
+        and a prompt's rows are then rounded as decode tokens are."""
+        return isinstance(w, NumbaWeight) and w.kernel_many in PREFILL_KERNELS
 
     def _matvec_kernel(self, x: np.ndarray, w: NumbaWeight) -> np.ndarray:
         """x @ W.T by the matrix-vector kernels: the weight is read once for all rows of x, and each
@@ -726,15 +730,15 @@ class NumbaBackend(Backend):
 
     def _glu_tiles(self, ws: Any) -> bool:
         """Whether a prompt's gate|up product goes a tile of rows at a time (_glu_tiled): packed halves
-        in whole groups of rows, and no int8 prefill."""
+        in whole groups of rows, and no prefill by the integer kernels (_matvec_prefill)."""
         p = ws.packed if isinstance(ws, NumbaWeight) else None
         return (p is not None and len(ws.splits) == 2 and ws.splits[0] == ws.splits[1]
-                and not ws.splits[0] % p.lanes and not self._int8_prefill(ws))
+                and not ws.splits[0] % p.lanes and not self._matvec_prefill(ws))
 
     def _glu_rows(self, x2: np.ndarray, ws: Any, act: str, short: bool) -> np.ndarray:
-        if not short and self._int8_prefill(ws) and x2.shape[0] > PREFILL_INT8_TOKENS:  # a run at a time
-            return np.concatenate([self._glu_rows(x2[t0:t0 + PREFILL_INT8_TOKENS], ws, act, short)
-                                   for t0 in range(0, x2.shape[0], PREFILL_INT8_TOKENS)])
+        if not short and self._matvec_prefill(ws) and x2.shape[0] > PREFILL_ROWS:  # PREFILL_ROWS at a time
+            return np.concatenate([self._glu_rows(x2[t0:t0 + PREFILL_ROWS], ws, act, short)
+                                   for t0 in range(0, x2.shape[0], PREFILL_ROWS)])
         if short or not self._glu_tiles(ws):  # decode, or halves not in whole groups of rows
             if isinstance(ws, NumbaWeight):
                 y, n = self._product(x2, ws, short), ws.splits[0]
