@@ -569,6 +569,8 @@ class NumbaBackend(Backend):
         x2 = np.ascontiguousarray(x.reshape(-1, w.n_in), np.float32)
         if w.packed is None and w.qtype not in rk.ROW_TYPES:
             y = self._matmul(x2, w)
+        elif self._matvec_prefill(w):  # all rows by the integer kernels, whatever runs they belong to
+            y = self._product(x2, w, x2.shape[0] <= PREFILL_ROWS)
         else:
             groups = self._row_groups(x2.shape[0])
             if len(groups) == 1:
@@ -628,7 +630,9 @@ class NumbaBackend(Backend):
             return self._matvec_kernel(x, w)
         if self._pending:
             self._ready(f"{w.qtype.name}-batch")
-        if self._matvec_prefill(w):
+        if self._matvec_prefill(w):  # each row's result is its own: any rows, PREFILL_ROWS a call
+            if x.shape[0] <= PREFILL_ROWS:
+                return self._matvec_kernel(x, w)
             y = np.empty((x.shape[0], w.n_out), np.float32)
             for t0 in range(0, x.shape[0], PREFILL_ROWS):
                 y[t0:t0 + PREFILL_ROWS] = self._matvec_kernel(x[t0:t0 + PREFILL_ROWS], w)
@@ -717,7 +721,9 @@ class NumbaBackend(Backend):
         if self._pending and isinstance(ws, NumbaWeight) and x2.shape[0] > 1:
             self._ready(f"{ws.qtype.name}-batch")
         long = [(a, b) for a, b, short in groups if not short]
-        if len(long) > 1 and self._glu_tiles(ws):  # prompt chunks of several sequences: tiles shared
+        if self._matvec_prefill(ws):  # all rows by the integer kernels, whatever runs they belong to (as in linear)
+            out = self._glu_rows(x2, ws, act, x2.shape[0] <= PREFILL_ROWS)
+        elif len(long) > 1 and self._glu_tiles(ws):  # prompt chunks of several sequences: tiles shared
             out = np.empty((x2.shape[0], ws.splits[0]), np.float32)
             for a, b, short in groups:
                 if short:
