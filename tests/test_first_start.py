@@ -147,3 +147,38 @@ def test_finish_compiling_waits_for_every_worker_to_end():
     be._pending, be._compilers = {"b": w}, [w]
     be.finish_compiling()
     assert be._pending == {} and w.done == {"a", "b"} and w.proc.returncode == 0
+
+
+def test_a_short_prompt_goes_row_by_row_while_a_worker_compiles_the_batch_kernel(monkeypatch):
+    """A first start's short prompt is not held up by the batch kernel a worker is still compiling: its
+    rows go one by one through the decode kernel (the same bits as the batch kernel gives them), and
+    nothing is waited for; a longer run waits (or takes the step over) as before."""
+    import numpy as np
+
+    from purelm.backends.numba_kernels.packing import pack
+    from purelm.quant.types import BLOCK_INFO
+
+    be = nb.NumbaBackend(1)
+    if not be.int16_dot:
+        pytest.skip("no int16 kernels on this CPU")
+    rng = np.random.default_rng(0)
+    block, size = BLOCK_INFO[GGMLType.Q8_0]
+    rows = rng.integers(0, 256, (64, 256 // block * size), dtype=np.uint8)
+    rows.reshape(64, -1, size)[:, :, 0:2] = rng.uniform(-0.02, 0.02, (64, 256 // block)).astype(np.float16)[..., None].view(np.uint8)
+    w = nb.NumbaWeight(GGMLType.Q8_0, 64, 256, rows)
+    w.set_packed(pack(GGMLType.Q8_0, rows, 256, dot=True), 1)
+    x = rng.standard_normal((5, 256)).astype(np.float32)
+    want = be.linear(x, w)  # the batch kernel
+    w_busy = _fake_worker("import time; time.sleep(30)", ["Q8_0-decode", "Q8_0-batch"])
+    waited = []
+    monkeypatch.setattr(be, "_ready", lambda name: waited.append(name))
+    try:
+        be._pending = {"Q8_0-batch": w_busy}
+        got = be.linear(x, w)
+        assert np.array_equal(got, want) and waited == [] and "Q8_0-batch" in be._pending
+        be.linear(rng.standard_normal((nb.MATVEC_MAX_TOKENS + 1, 256)).astype(np.float32), w)
+        assert waited == ["Q8_0-batch"]  # a prompt longer than the short runs: waited for
+    finally:
+        w_busy.proc.kill()
+        w_busy.proc.wait()
+        be._pending = {}

@@ -314,6 +314,19 @@ class NumbaBackend(Backend):
             if worker is not None:
                 worker.wait_for(name, self._pending)
 
+    def _compiled(self, name: str) -> bool:
+        """Whether warm-up step `name` is done (in numba's cache, or never left to a worker), without
+        waiting for it."""
+        with self._compile_lock:
+            worker = self._pending.get(name)
+            if worker is None:
+                return True
+            worker._read(block=False)
+            if name not in worker.done:
+                return False
+            del self._pending[name]
+            return True
+
     def finish_compiling(self) -> None:
         """Wait for the worker processes of a first start to finish all their steps, including any
         this process took over (`purelm warmup`: every kernel cached, every step noted)."""
@@ -625,7 +638,10 @@ class NumbaBackend(Backend):
         if w.pack_later:
             self._pack(w)
         if short and (w.packed is not None or w.qtype in rk.ROW_TYPES):
-            if self._pending and x.shape[0] > 1:
+            if self._pending and x.shape[0] > 1 and not self._compiled(f"{w.qtype.name}-batch"):
+                if x.shape[0] <= MATVEC_MAX_TOKENS:  # a first start's short prompt: row by row by the decode
+                    # kernel (each row's bits are the same), rather than wait for the batch kernel's compile
+                    return np.concatenate([self._matvec_kernel(x[t:t + 1], w) for t in range(x.shape[0])])
                 self._ready(f"{w.qtype.name}-batch")
             return self._matvec_kernel(x, w)
         if self._pending:
@@ -718,8 +734,8 @@ class NumbaBackend(Backend):
             self._pack(ws)
         x2 = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
         groups = self._row_groups(x2.shape[0])  # as in linear: short runs by the matrix-vector kernels
-        if self._pending and isinstance(ws, NumbaWeight) and x2.shape[0] > 1:
-            self._ready(f"{ws.qtype.name}-batch")
+        if self._pending and isinstance(ws, NumbaWeight) and x2.shape[0] > MATVEC_MAX_TOKENS:
+            self._ready(f"{ws.qtype.name}-batch")  # (short runs: _product sees to it)
         long = [(a, b) for a, b, short in groups if not short]
         if self._matvec_prefill(ws):  # all rows by the integer kernels, whatever runs they belong to (as in linear)
             out = self._glu_rows(x2, ws, act, x2.shape[0] <= PREFILL_ROWS)
@@ -1002,12 +1018,12 @@ def _fusable(w: ExpertWeight) -> bool:
     return w.packed is not None and w.kernel in FUSED and w.column_splits == 1
 
 
-# Compile times of the warm-up steps, CPU seconds measured on the project's machine (a Q4_K_M file's
-# steps one after another in a fresh process): how _compile_apart shares them out. "shared": what
+# Compile times of the warm-up steps, CPU seconds measured on the project's machine (SmolLM2's and a
+# Q4_K_M file's steps one after another in a fresh process, 2026-11-26): how _compile_apart shares them out. "shared": what
 # the first product step in a process also compiles (rounding activations); "start": a worker's
 # interpreter, imports and numba's own helpers.
-STEP_COSTS = {"decode": 2.8, "batch": 4.7, "lookup": 1.7, "attention-decode": 4.8, "attention-prompt": 2.5,
-              "norms": 0.8, "rope": 0.5, "shared": 1.1, "start": 1.0}
+STEP_COSTS = {"decode": 4.0, "batch": 5.7, "lookup": 1.5, "attention-decode": 4.5, "attention-prompt": 2.4,
+              "norms": 0.7, "rope": 0.3, "shared": 1.4, "start": 1.0}
 MAX_COMPILE_WORKERS = 4  # each holds numba and LLVM (~250 MB) while it runs
 
 
