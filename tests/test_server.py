@@ -420,6 +420,12 @@ def test_lookup_decoding_gives_the_replies_of_plain_decoding(srv, ref):
     try:
         engine = spec.state.engine
         assert engine.n_draft == 8
+        from purelm.errors import UsageError
+        from purelm.server.engine import Engine
+
+        for bad in (-1, 2.5, True):
+            with pytest.raises(UsageError, match="lookup"):
+                Engine(ref, lookup=bad)
 
         async def run_all():
             async with httpx.AsyncClient(base_url=spec.base, timeout=120) as c:

@@ -45,7 +45,7 @@ import numpy as np
 from ..embeddings import Pooling
 from ..errors import ContextOverflowError, PurelmError
 from ..generate import _Sample
-from ..sampling import Sampler, SamplingParams
+from ..sampling import Sampler, SamplingParams, check_int
 from ..speculative import LookupDrafter, accept, max_drafts
 
 log = logging.getLogger("purelm.server")
@@ -208,7 +208,7 @@ class Engine:
         self.prompt_tokens_evaluated = 0
         self.prompt_tokens_reused = 0
         self.prefix_hits = 0  # requests that started from a cached prefix (per-replica stats under Ray)
-        self.n_draft = min(lookup, max_drafts(self.model))  # draft tokens per sample and step (0: none)
+        self.n_draft = min(check_int("lookup", lookup, 0), max_drafts(self.model))  # per sample and step (0: none)
         self.draft_tokens = 0
         self.accepted_tokens = 0
 
