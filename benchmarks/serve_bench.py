@@ -228,7 +228,8 @@ def main() -> None:
     from purelm.hub import resolve
 
     path = str(resolve(args.model))
-    servers = ["purelm"] + (["purelm+lookup"] if args.lookup else []) + (["llama-server"] if args.llama_server else [])
+    servers = ["purelm"] + (["purelm+lookup"] if args.lookup else [])
+    servers += ["llama-server"] if args.llama_server else []
     runs: dict[tuple[str, int], list[dict]] = {}
     loadavg_start = os.getloadavg()
     t_start = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -170,7 +170,7 @@ def _speculative_args(p: argparse.ArgumentParser) -> None:
 def _check_speculative_args(a: argparse.Namespace) -> None:
     if a.lookup is not None and a.lookup < 1:
         raise UsageError(f"--lookup must be at least 1 (draft tokens per step), got {a.lookup}")
-    if a.lookup is not None and a.draft is not None:
+    if a.lookup is not None and getattr(a, "draft", None) is not None:  # (serve has no --draft)
         raise UsageError("give --lookup or --draft, not both")
 
 
@@ -375,10 +375,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise UsageError("give the model once: as MODEL or with -m, not both")
     a.model = a.model if a.model is not None else a.model_pos
     _check_runtime_args(a)
-    for flag, value, lo in (("--parallel", a.parallel, 1), ("--batch", a.batch, 1), ("--queue", a.queue, 0),
-                            ("--lookup", 1 if a.lookup is None else a.lookup, 1)):
+    for flag, value, lo in (("--parallel", a.parallel, 1), ("--batch", a.batch, 1), ("--queue", a.queue, 0)):
         if value < lo:
             raise UsageError(f"{flag} must be at least {lo}, got {value}")
+    _check_speculative_args(a)
     if not 0 <= a.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {a.port}")
     if a.ray:  # the same app as replicas on a Ray cluster (purelm.integrations.ray)

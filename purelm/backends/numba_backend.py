@@ -18,9 +18,9 @@ activations), which moves logits ~100x more than int16 and flips near-ties (READ
 Prefill (many tokens): the types with integer kernels (int16_dot, or int8_dot) take the prompt through
 the same kernels as decode, PREFILL_ROWS rows a call (each call reads the weights once; each row rounded
 as a decode token is: 1.4-1.7x float32 BLAS on this project's CPUs, benchmarks/README.md); other types'
-tiles of rows are dequantized to float32 and multiplied with BLAS. Attention is done as matrix products. The work is split over our own pool of `threads` Python threads, each
-running serial (GIL-free) numba kernels and single-threaded BLAS: numba's and OpenBLAS's spinning
-thread pools never run at the same time (measured: letting both spin was 3-10x slower on 2 cores).
+tiles of rows are dequantized to float32 and multiplied with BLAS. Attention is done as matrix products.
+The work is split over our own pool of `threads` Python threads, each running serial (GIL-free) numba
+kernels and single-threaded BLAS: numba's and OpenBLAS's spinning thread pools never run at the same time (measured: letting both spin was 3-10x slower on 2 cores).
 
 Threads: a decode step uses numba's `threads` threads, or one when that is faster (ThreadGuard: on a
 machine where another process keeps a core busy, spinning workers cost more than they bring).
@@ -1019,9 +1019,9 @@ def _fusable(w: ExpertWeight) -> bool:
 
 
 # Compile times of the warm-up steps, CPU seconds measured on the project's machine (SmolLM2's and a
-# Q4_K_M file's steps one after another in a fresh process, 2026-11-26): how _compile_apart shares them out. "shared": what
-# the first product step in a process also compiles (rounding activations); "start": a worker's
-# interpreter, imports and numba's own helpers.
+# Q4_K_M file's steps one after another in a fresh process, 2026-11-26): how _compile_apart shares
+# them out. "shared": what the first product step in a process also compiles (rounding activations);
+# "start": a worker's interpreter, imports and numba's own helpers.
 STEP_COSTS = {"decode": 4.0, "batch": 5.7, "lookup": 1.5, "attention-decode": 4.5, "attention-prompt": 2.4,
               "norms": 0.7, "rope": 0.3, "shared": 1.4, "start": 1.0}
 MAX_COMPILE_WORKERS = 4  # each holds numba and LLVM (~250 MB) while it runs
