@@ -217,8 +217,8 @@ def _store_value(store, i):
 
 
 # Four key (value) rows at a time: one pass over q (acc) for four positions. One row at a time, each
-# position's axpy reloads the sums the previous one just stored and waits on it: 4 rows a pass took
-# the decode attention of 8 sequences at ~160 positions from 113 to 85 us (one thread, measured).
+# position's axpy reloads the sums the previous one just stored and waits on them (benchmarks/README.md,
+# "Decode attention").
 
 def rows_dot4(x, x0, store, b0, b1, b2, b3, n, out, o):
     """out[o + j] = row_dot(x, x0, store, b_j, n) for the rows at b0..b3."""
@@ -363,36 +363,36 @@ def paged_item(q, keys, values, tables, pos, shift, t, kv, c, chunk, scale, soft
         return
     n = b - a
     kf, vf = keys.reshape(-1), values.reshape(-1)
-    rows = np.empty(n, np.int64)
+    # Rows four at a time (rows_dot4, rows_axpy4): the last four repeat the last row as needed, their
+    # scores unused and their weights 0; AHEAD more for the prefetch to read.
+    n4 = (n + 3) // 4 * 4
+    rows = np.empty(n4 + AHEAD, np.int64)
     for s in range(n):
         p = a + s
         rows[s] = (np.int64(tables[t, p >> shift]) << shift) | (p & mask)
+    for s in range(n, n4 + AHEAD):
+        rows[s] = rows[n - 1]
     qg = np.empty(group * dim, np.float32)  # the group's queries, scaled
     for gi in range(group):
         for i in range(dim):
             qg[gi * dim + i] = q[t, kv * group + gi, i] * scale
-    scores = np.empty(group * n, np.float32)  # head gi's at gi * n
+    scores = np.empty(group * n4, np.float32)  # head gi's at gi * n4
     k_line, v_line = 64 // kf.itemsize, 64 // vf.itemsize  # a cache line's elements
-    s = 0
-    while s + 4 <= n:
-        b0, b1 = (rows[s] * n_kv + kv) * k_width, (rows[s + 1] * n_kv + kv) * k_width
-        b2, b3 = (rows[s + 2] * n_kv + kv) * k_width, (rows[s + 3] * n_kv + kv) * k_width
-        for j in range(s + AHEAD, min(s + AHEAD + 4, n)):  # the pools are read from memory: hardware
-            for e in range(0, k_width, k_line):  # prefetch alone leaves this loop waiting on them
+    for s in range(0, n4, 4):
+        # the pools come from memory: the hardware prefetcher alone leaves this loop waiting on them
+        for j in range(s + AHEAD, s + AHEAD + 4):
+            for e in range(0, k_width, k_line):
                 prefetch(kf, (rows[j] * n_kv + kv) * k_width + e)
         for j in range(s, s + 4):  # the values, for after the softmax
             for e in range(0, v_width, v_line):
                 prefetch(vf, (rows[j] * n_kv + kv) * v_width + e)
+        b0, b1 = (rows[s] * n_kv + kv) * k_width, (rows[s + 1] * n_kv + kv) * k_width
+        b2, b3 = (rows[s + 2] * n_kv + kv) * k_width, (rows[s + 3] * n_kv + kv) * k_width
         for gi in range(group):
-            rows_dot4(qg, gi * dim, kf, b0, b1, b2, b3, dim, scores, gi * n + s)
-        s += 4
-    for s in range(s, n):
-        base = (rows[s] * n_kv + kv) * k_width
-        for gi in range(group):
-            scores[gi * n + s] = row_dot(qg, gi * dim, kf, base, dim)
+            rows_dot4(qg, gi * dim, kf, b0, b1, b2, b3, dim, scores, gi * n4 + s)
     for gi in range(group):
         h = kv * group + gi
-        sc = scores[gi * n:gi * n + n]
+        sc = scores[gi * n4:gi * n4 + n]
         if softcap > 0:
             for s in range(n):
                 sc[s] = np.float32(math.tanh(sc[s] / softcap)) * softcap
@@ -407,22 +407,18 @@ def paged_item(q, keys, values, tables, pos, shift, t, kv, c, chunk, scale, soft
             e = fast_exp(sc[s] - best)
             sc[s] = e
             total += e
+        for s in range(gi * n4 + n, gi * n4 + n4):
+            scores[s] = 0
         part_max[item, gi] = best
         part_sum[item, gi] = total
     acc = np.zeros(group * v_dim, np.float32)
-    s = 0
-    while s + 4 <= n:
+    for s in range(0, n4, 4):
         b0, b1 = (rows[s] * n_kv + kv) * v_width, (rows[s + 1] * n_kv + kv) * v_width
         b2, b3 = (rows[s + 2] * n_kv + kv) * v_width, (rows[s + 3] * n_kv + kv) * v_width
         for gi in range(group):
-            w = gi * n + s
+            w = gi * n4 + s
             rows_axpy4(acc, gi * v_dim, scores[w], scores[w + 1], scores[w + 2], scores[w + 3], vf, b0, b1, b2, b3,
                        v_dim)
-        s += 4
-    for s in range(s, n):
-        base = (rows[s] * n_kv + kv) * v_width
-        for gi in range(group):
-            row_axpy(acc, gi * v_dim, scores[gi * n + s], vf, base, v_dim)
     for gi in range(group):
         for i in range(v_dim):
             part_out[item, gi, i] = acc[gi * v_dim + i]
