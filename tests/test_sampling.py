@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from purelm.errors import UsageError
-from purelm.sampling import Sampler, SamplingParams
+from purelm.sampling import Sampler, SamplingParams, top_k_ids
 
 
 def softmax(x):
@@ -27,6 +27,23 @@ def test_top_k_keeps_the_k_largest():
     ids, p = Sampler(SamplingParams(temperature=1, top_k=3, top_p=1, min_p=0)).probabilities(LOGITS)
     assert ids.tolist() == [3, 6, 0]
     np.testing.assert_allclose(p, softmax(LOGITS[[3, 6, 0]]), rtol=1e-6)
+
+
+def test_top_k_ids_are_a_stable_sorts_first_k():
+    """Against numpy's stable sort: ties (at the cut too) go to the lowest ids; NaNs never enter
+    while there are numbers enough."""
+    rng = np.random.default_rng(0)
+    for trial in range(500):
+        n = int(rng.integers(2, 80))
+        k = int(rng.integers(1, n))
+        v = (rng.integers(-3, 3, n) if trial % 2 else rng.standard_normal(n)).astype(np.float32)
+        if trial % 5 == 0:
+            v[rng.integers(0, n, 1 + n // 4 if n - k > n // 4 else 0)] = np.nan
+        finite = np.flatnonzero(~np.isnan(v))
+        if len(finite) < k:
+            continue
+        expected = np.sort(finite[np.argsort(-v[finite], kind="stable")][:k])
+        assert np.array_equal(top_k_ids(v, k), expected), (v, k)
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
