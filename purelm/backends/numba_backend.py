@@ -572,6 +572,9 @@ class NumbaBackend(Backend):
     # -- matrix products
 
     def linear(self, x: np.ndarray, w: NumbaWeight, bias: np.ndarray | None = None) -> np.ndarray:
+        y = self._decode_product(x, w)
+        if y is not None:
+            return y if bias is None else y + bias
         if w.pack_later:
             self._pack(w)
         if not isinstance(x, np.ndarray):
@@ -674,6 +677,25 @@ class NumbaBackend(Backend):
             rk.matvec_rows(w.data, int(w.qtype), BLOCK_INFO[w.qtype][0], x, y)
         return y
 
+    def _decode_product(self, x: Any, w: Any) -> np.ndarray | None:
+        """x @ W.T for one decode token straight to the matrix-vector kernel, or None where linear's
+        general path is needed (several rows, an unpacked or not yet packed weight, a first start's
+        pending compiles, x not one contiguous float32 row). The same kernel as that path, with ~10
+        fewer Python calls: a decode step makes ~4 products a layer (benchmarks/README.md)."""
+        if (type(x) is not np.ndarray or type(w) is not NumbaWeight or w.kernel is None or w.pack_later
+                or self._pending or x.shape != (1, w.n_in) or x.dtype != np.float32 or not x.flags.c_contiguous):
+            return None
+        if self._outer_threads is None:
+            self._kernel_threads()
+        y = np.empty((1, w.n_out), np.float32)
+        n = w.column_splits
+        if n > 1:
+            p = w.packed
+            w.kernel(*w.kernel_args, x, y, np.empty((n, 1, p.n_groups * p.lanes), np.float32))
+        else:
+            w.kernel(*w.kernel_args, x, y, NO_PARTS)
+        return y
+
     def _matmul(self, x: np.ndarray, w: NumbaWeight, runs: list[tuple[int, int]] | None = None,
                 y: np.ndarray | None = None) -> np.ndarray:
         """x @ W.T, W dequantized a tile at a time, tiles spread over the worker threads. `runs`: rows
@@ -730,6 +752,14 @@ class NumbaBackend(Backend):
         return [(u0, min(u0 + per_tile, n_units)) for u0 in range(0, n_units, per_tile)]
 
     def glu(self, x: np.ndarray, ws: Any, act: str) -> np.ndarray:
+        splits = getattr(ws, "splits", None)
+        if splits is not None and len(splits) == 2 and splits[0] == splits[1]:  # gate|up side by side
+            y = self._decode_product(x, ws)
+            if y is not None:  # as _glu_rows does it
+                n = splits[0]
+                out, flat = np.empty((1, n), np.float32), y.reshape(-1)
+                (ops.swiglu if act == "silu" else ops.geglu)(flat, 2 * n, flat[n:], 2 * n, out)
+                return out
         if isinstance(ws, NumbaWeight) and ws.pack_later:  # an expert's pair, on its first use
             self._pack(ws)
         x2 = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
