@@ -685,16 +685,7 @@ class NumbaBackend(Backend):
         if (type(x) is not np.ndarray or type(w) is not NumbaWeight or w.kernel is None or w.pack_later
                 or self._pending or x.shape != (1, w.n_in) or x.dtype != np.float32 or not x.flags.c_contiguous):
             return None
-        if self._outer_threads is None:
-            self._kernel_threads()
-        y = np.empty((1, w.n_out), np.float32)
-        n = w.column_splits
-        if n > 1:
-            p = w.packed
-            w.kernel(*w.kernel_args, x, y, np.empty((n, 1, p.n_groups * p.lanes), np.float32))
-        else:
-            w.kernel(*w.kernel_args, x, y, NO_PARTS)
-        return y
+        return self._matvec_kernel(x, w)
 
     def _matmul(self, x: np.ndarray, w: NumbaWeight, runs: list[tuple[int, int]] | None = None,
                 y: np.ndarray | None = None) -> np.ndarray:
