@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError
-from .kv_cache import KVCache, PassView, as_view  # noqa: F401 (the interface's cache types)
+from .kv_cache import KVCache, PassView, as_view, rotate  # noqa: F401 (the interface's cache types)
 from ..formats.gguf import Tensor
 from ..quant.types import GGMLType
 
@@ -274,6 +274,11 @@ class Backend(ABC):
     def softcap(self, x: Any, cap: float) -> Any:
         """cap * tanh(x / cap) (gemma2's final logits)."""
         return np.tanh(x / np.float32(cap)) * np.float32(cap)
+
+    def rotate(self, x: Any, n: int) -> Any:
+        """x (..., dim) with each run of n values multiplied by the orthonormal Hadamard matrix of
+        size n: how a quantized KV cache stores keys and values (kv_cache.py, "Rotation")."""
+        return rotate(x, n)
 
     def clamp(self, x: Any, lo: float, hi: float) -> Any:
         """min(max(x, lo), hi) elementwise (MPT's clip_qkv, ggml_clamp)."""

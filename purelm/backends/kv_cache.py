@@ -20,6 +20,13 @@ when it copies k and v into its cache: f16 to nearest-even, q8_0 as ggml's refer
 (quantize_row_q8_0_ref, gguf.quants: d = max|x| / 127, q = roundf(x / d)). ggml-cpu's AVX2 copy
 multiplies by 127 / max|x| and rounds half to even instead; the two differ by one step in rare values.
 Attention then reads the rounded values back as float32 (`decode_rows`).
+
+Rotation (llama.cpp's attention rotation, its PR 21038, on whenever a store is quantized): a q8_0
+block's scale is set by its largest value, and a few outlier channels of the keys make the rest of
+their block coarse. An orthonormal Hadamard matrix H (symmetric, H·H = I) spreads them: the layer
+stores H·k and queries with H·q (dot products are unchanged, (Hq)·(Hk) = q·k), stores H·v and turns
+the output back with H (it is a sum of rotated values). `rotate_k`/`rotate_v` are H's sizes, 0 for
+none: for keys the largest power of two from 64 up that divides the head size, for values 64.
 """
 from __future__ import annotations
 
@@ -35,6 +42,34 @@ from ..quant.legacy import decode_q8_0, encode_q8_0
 BLOCK = 64  # positions per block: a power of two, and a divisor of the kernels' chunk of positions
 CACHE_TYPES = ("f32", "f16", "q8_0")
 Q8_0_VALUES, Q8_0_BYTES = 32, 34  # one q8_0 block: 32 values in an f16 scale and 32 int8
+
+
+ROTATION_MIN = 64  # the smallest Hadamard block; a head size it does not divide is not rotated
+
+
+def rotation_size(kind: str, dim: int, largest: bool) -> int:
+    """H's size for a store of type `kind` and heads of `dim` values (0: none; see the docstring)."""
+    if kind != "q8_0" or dim % ROTATION_MIN:
+        return 0
+    n = ROTATION_MIN
+    while largest and dim % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+@functools.cache
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal Walsh-Hadamard matrix of size n (a power of two), Sylvester's construction."""
+    h = np.ones((1, 1))
+    while len(h) < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(n)).astype(np.float32)
+
+
+def rotate(x: np.ndarray, n: int) -> np.ndarray:
+    """x (..., dim) with each run of n values multiplied by hadamard(n) (its own inverse)."""
+    x = np.asarray(x, np.float32)
+    return (x.reshape(-1, n) @ hadamard(n)).reshape(x.shape)
 
 
 def check_cache_type(name: str, value: object) -> str:
@@ -102,6 +137,7 @@ class KVCache:
         self.n_layers, self.n_ctx, self.n_kv_heads = n_layers, n_ctx, n_kv_heads
         self.k_dim, self.v_dim, self.dtype = k_dim, v_dim, dtype
         self.type_k, self.type_v = check_cache_type("type_k", type_k), check_cache_type("type_v", type_v)
+        self.rotate_k, self.rotate_v = rotation_size(type_k, k_dim, True), rotation_size(type_v, v_dim, False)
         k_width, v_width = store_width(type_k, k_dim), store_width(type_v, v_dim)
         self.k = [self._zeros((0, n_kv_heads, k_width), type_k) for _ in range(n_layers)]
         self.v = [self._zeros((0, n_kv_heads, v_width), type_v) for _ in range(n_layers)]
@@ -263,13 +299,14 @@ class PassView:
     value go (`write_rows`), and per run of one sequence the rows of every position it attends to
     (`rows_upto[i]`: positions 0..p1-1) and its block table. Built once per pass, used by every
     layer. The cache's sizes, store types and per-layer stores (n_layers, n_kv_heads, k_dim, v_dim,
-    n_ctx, type_k, type_v, k, v) are copied here: the ops read them for every layer."""
+    n_ctx, type_k, type_v, rotate_k, rotate_v, k, v) are copied here: the ops read them for every layer."""
 
     def __init__(self, cache: KVCache, runs: list[tuple[int, int]]) -> None:
         self.cache = cache
         self.n_layers, self.n_kv_heads, self.n_ctx = cache.n_layers, cache.n_kv_heads, cache.n_ctx
         self.k_dim, self.v_dim = cache.k_dim, cache.v_dim
         self.type_k, self.type_v = cache.type_k, cache.type_v
+        self.rotate_k, self.rotate_v = cache.rotate_k, cache.rotate_v
         self.k, self.v = cache.k, cache.v  # the lists: a store that grows is replaced in them
         self.runs: list[Run] = []
         seen, t = set(), 0

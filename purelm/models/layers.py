@@ -152,7 +152,14 @@ class Attention:
             k = self.k_norm(k)
         if rope is not None:
             q, k = ops.rope(q, positions, rope), ops.rope(k, positions, rope)
-        return ops.linear(ops.attention(q, k, v, cache, self.layer, self.spec), self.wo, self.bo)
+        if cache.rotate_k:  # a quantized cache holds H·k and H·v (kv_cache.py: Rotation); (Hq)·(Hk) = q·k
+            q, k = ops.rotate(q, cache.rotate_k), ops.rotate(k, cache.rotate_k)
+        if cache.rotate_v:
+            v = ops.rotate(v, cache.rotate_v)
+        out = ops.attention(q, k, v, cache, self.layer, self.spec)
+        if cache.rotate_v:  # a sum of rotated values, turned back (H·H = I)
+            out = ops.rotate(out, cache.rotate_v)
+        return ops.linear(out, self.wo, self.bo)
 
     @classmethod
     def load(cls, m: Model, w: Weights, i: int, rope: Rope | None = None, spec: AttentionSpec | None = None,

@@ -29,7 +29,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by test_torch_backend's subprocess check
     raise ImportError(f"the torch backend needs PyTorch ({e}): pip install 'purelm[torch]'") from None
 
-from ..kv_cache import BLOCK
+from ..kv_cache import BLOCK, hadamard
 from .cache import DeviceRuns, StagedView, TorchKVCache, device_runs
 from .packed import DENSE, DENSE_DTYPES, LAYOUTS, Packed, dequantize, pack
 
@@ -371,6 +371,10 @@ class TorchBackend(Backend):
 
     def softcap(self, x: torch.Tensor, cap: float) -> torch.Tensor:
         return (torch.tanh(x.float() / cap) * cap).to(self.dtype)
+
+    def rotate(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        h = torch.from_numpy(hadamard(n)).to(x.device, x.dtype)
+        return (x.reshape(-1, n) @ h).reshape(x.shape)
 
     def clamp(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
         return torch.clamp(x, lo, hi)

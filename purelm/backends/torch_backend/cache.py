@@ -110,6 +110,7 @@ class StagedView:
         self.cache, self.n_layers, self.n_kv_heads = cache, cache.n_layers, cache.n_kv_heads
         self.k_dim, self.v_dim, self.n_ctx = cache.k_dim, cache.v_dim, cache.n_ctx
         self.type_k, self.type_v = cache.type_k, cache.type_v
+        self.rotate_k, self.rotate_v = cache.rotate_k, cache.rotate_v
         self.k, self.v = cache.k, cache.v
         self.n_tokens = meta.n_decode
         self._device_runs = meta
