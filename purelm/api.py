@@ -313,6 +313,22 @@ class LLM:
         """Forget the cached context."""
         self.cache.truncate(0)
 
+    # -- sessions (purelm/session.py)
+    def save_session(self, path: str | os.PathLike, messages: list | None = None) -> None:
+        """Write the cached context (tokens, keys and values, the last prompt's logits) to `path`, with
+        `messages` (a chat's, any JSON) beside it. A later process that loads it goes on exactly as this
+        one would: a prompt that extends the saved tokens evaluates only what is new."""
+        from .session import save
+
+        save(self, path, messages)
+
+    def load_session(self, path: str | os.PathLike) -> Any:
+        """Replace the cached context by the one saved in `path` (by this model, with the same cache
+        types); returns the messages saved with it (None if none)."""
+        from .session import load
+
+        return load(self, path)
+
     @property
     def metadata(self):
         return self.file.metadata

@@ -167,6 +167,26 @@ def _speculative_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding with a smaller draft model sharing the vocabulary")
 
 
+def _session_args(p: argparse.ArgumentParser, when: str) -> None:
+    p.add_argument("--load-session", default=None, metavar="FILE",
+                   help="start from a session an earlier run saved (same model and cache types): the tokens "
+                        "it holds are not evaluated again; with the same FILE as --save-session, a missing "
+                        "FILE starts a new session")
+    p.add_argument("--save-session", default=None, metavar="FILE",
+                   help=f"save the session (tokens and KV cache{', and the conversation' if when == 'leaving' else ''}) "
+                        f"to FILE {when}, for --load-session")
+
+
+def _load_session(llm: Any, a: argparse.Namespace) -> Any:
+    """The session --load-session names, loaded into `llm` (None if there is none to load); returns its
+    messages."""
+    if a.load_session is None:
+        return None
+    if a.load_session == a.save_session and not os.path.exists(a.load_session):
+        return None  # the first run of a session that later runs load and save
+    return llm.load_session(a.load_session)
+
+
 def _check_speculative_args(a: argparse.Namespace) -> None:
     if a.lookup is not None and a.lookup < 1:
         raise UsageError(f"--lookup must be at least 1 (draft tokens per step), got {a.lookup}")
@@ -193,6 +213,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     llm = _load(a, a.ctx)
+    _load_session(llm, a)
     load_s = time.perf_counter() - t0
     timings: dict[str, float] = {}
     out = sys.stdout
@@ -210,6 +231,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         out.flush()
         reason = chunk.finish_reason
     out.write("\n")
+    if a.save_session is not None:
+        llm.save_session(a.save_session)
     if a.verbose:
         n_p, n_g = timings.get("prompt_eval_tokens", 0), timings.get("generated_tokens", 0)
         ps, gs = timings.get("prompt_s", 0.0), timings.get("generate_s", 0.0)
@@ -489,6 +512,12 @@ def cmd_chat(a: argparse.Namespace) -> int:
     shown = _terminal_text if out.isatty() else str  # piped output stays byte for byte
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
+    saved = _load_session(llm, a)
+    if saved is not None:
+        try:
+            messages = validate_messages(saved, object_arguments=False)
+        except UsageError as e:
+            raise UsageError(f"--load-session {a.load_session}: its messages: {e}") from None
     n_ctx = llm.n_ctx
     # Room kept for a reply: -n tokens (at most half the context), a quarter of the context for -n -1.
     reserve = min(a.n_predict, n_ctx // 2) if a.n_predict > 0 else n_ctx // 4
@@ -516,6 +545,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
             pass
         note(f"purelm chat: {llm.path} ({template.name} template, context {n_ctx} tokens). /help for commands; "
              f"Ctrl-C stops a reply, Ctrl-D leaves.")
+    if saved is not None:
+        note(f"(session {a.load_session}: {len(messages)} messages, {llm.cache.n_past} tokens cached)")
     undo = _chat_interrupts(state)
     try:
         while True:
@@ -611,6 +642,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
         return 0
     finally:
         undo()
+        if a.save_session is not None:
+            llm.save_session(a.save_session, messages)
+            note(f"(session saved to {a.save_session}: {len(messages)} messages)")
 
 
 def cmd_perplexity(a: argparse.Namespace) -> int:
@@ -792,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(context - n) tokens, or half the context when -n alone fills it")
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     _speculative_args(g)
+    _session_args(g, "after the generation")
     g.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
     g.set_defaults(func=cmd_generate)
 
@@ -887,6 +922,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(ch)
     ch.add_argument("--stop", action="append", default=[], help="also end a reply at this text (repeatable)")
     _speculative_args(ch)
+    _session_args(ch, "on leaving")
     ch.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the server extra)",

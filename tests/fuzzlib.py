@@ -960,10 +960,98 @@ def mutate_ggml(rng: random.Random, seed: Seed, kind: str = "any") -> tuple[byte
     return buf, desc
 
 
+# ------------------------------------------------------------------------------- purelm session files
+# magic (8), version u32, u32, header length u64, JSON header, padding, keys/values/logits (purelm/session.py)
+
+SESSION_MODEL = Path(__file__).parent / "fixtures" / "llama-q8_0.gguf"  # the model session seeds are made with
+SESSION_FIELDS = [(16, 8, ("header length",)), (8, 4, ("version",))]
+SESSION_VALUES = [0, 1, -1, 2**31, 2**63, -2**63, 10**30, 0.5, float("inf"), "7", True, None, [], {}, [[[[1]]]]]
+
+
+def _session_header(raw: bytes) -> tuple[dict, int] | None:
+    try:
+        n = struct.unpack_from("<Q", raw, 16)[0]
+        return json.loads(raw[24:24 + n]), 24 + n
+    except (struct.error, ValueError):
+        return None
+
+
+def mutate_session(rng: random.Random, seed: Seed, kind: str = "any") -> tuple[bytearray, list[str]]:
+    """A session file with one header value replaced (a number, list, type or nesting it must refuse),
+    or byte-level changes anywhere, the header length and version favoured."""
+    parsed = _session_header(seed.raw)
+    roll = rng.random()
+    if parsed is not None and roll < 0.2 and len(seed.raw) > parsed[1] + 8:  # the keys, values, logits: any bytes
+        buf = bytearray(seed.raw)
+        for _ in range(rng.choice([1, 4, 16])):
+            p = rng.randrange(parsed[1] + 8, len(buf))
+            buf[p] = rng.randrange(256)
+        return buf, ["data bytes"]
+    if parsed is None or roll < 0.5:
+        buf = bytearray(seed.raw)
+        desc = [mutate_bytes(rng, buf, SESSION_FIELDS, parsed[1] if parsed else 64)
+                for _ in range(rng.choice([1, 1, 2]))]
+        return buf, desc
+    header, end = parsed
+    paths = [(k,) for k in header] + [("model", k) for k in header["model"]] + [("cache", k) for k in header["cache"]]
+    paths += [("tokens", i) for i in (0, -1)] if header["tokens"] else []
+    where = rng.choice(paths)
+    value = rng.choice(SESSION_VALUES + ["x" * rng.choice([1, 1000])])
+    node = header
+    for key in where[:-1]:
+        node = node[key]
+    if rng.random() < 0.15 and where[0] == "tokens":
+        header["tokens"] = header["tokens"][:rng.randrange(len(header["tokens"]) + 1)] + [1] * rng.randrange(3)
+        desc = [f"tokens: {len(header['tokens'])} of them"]
+    else:
+        node[where[-1]] = value
+        desc = [f"{'.'.join(map(str, where))} = {value!r:.40}"]
+    head = json.dumps(header).encode()
+    data = seed.raw[end + (-end % 8):]
+    out = bytearray(seed.raw[:16] + struct.pack("<Q", len(head)) + head + b"\0" * (-(24 + len(head)) % 8) + data)
+    return out, desc
+
+
+def session_seeds(folder: str | os.PathLike) -> list[str]:
+    """Two session files of SESSION_MODEL written into `folder`: one after a prompt and a reply (the
+    last prompt's logits, a conversation), one empty. Returns their paths."""
+    import purelm
+    from purelm.backends.numpy_backend import NumpyBackend
+
+    llm = purelm.load(SESSION_MODEL, backend=NumpyBackend(), n_ctx=64)
+    llm.complete(list(range(5, 15)), max_tokens=4, temperature=0, ignore_eos=True)
+    paths = [str(Path(folder) / "session-a.kv"), str(Path(folder) / "session-b.kv")]
+    llm.save_session(paths[0], messages=[{"role": "user", "content": "hello"}])
+    llm.reset()
+    llm.save_session(paths[1])
+    return paths
+
+
+_SESSION_LLM: list = []
+
+
+def run_session(path: str, ctx: WorkerContext) -> str:
+    """purelm's session reader: load_session into a model (the one the seeds were saved with), then a
+    short greedy generation from the restored state."""
+    import purelm
+
+    if not _SESSION_LLM:
+        _SESSION_LLM.append(purelm.load(SESSION_MODEL, backend=ctx.get_backend(), n_ctx=64))
+    llm = _SESSION_LLM[0]
+    llm.reset()
+    llm.load_session(path)
+    return llm.generate(llm.cache.tokens + [1], max_tokens=ctx.max_tokens, temperature=0)
+
+
+TARGETS["session-load+generate"] = Target(
+    "session-load+generate", run_session, format="session",
+    doc="purelm session files (saved with tests/fixtures/llama-q8_0.gguf): load_session, then a short generation")
+
+
 # Mutators by input format: (rng, seed, kind) -> (bytes or pieces, descriptions). A reader of a new
 # format (safetensors) can start with "raw" and add a structure-aware mutator here later.
 FORMATS: dict[str, Callable[[random.Random, Seed, str], tuple[Any, list[str]]]] = {
-    "gguf": mutate_gguf, "raw": mutate_raw, "ggml": mutate_ggml}
+    "gguf": mutate_gguf, "raw": mutate_raw, "ggml": mutate_ggml, "session": mutate_session}
 
 
 # ------------------------------------------------------------------------------------------- worker

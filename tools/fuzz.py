@@ -6,6 +6,7 @@
     python tools/fuzz.py --seeds ~/.cache/purelm/models/SmolLM2-135M-Instruct.Q4_1.gguf --cases 2000
     python tools/fuzz.py --target gguf-parse --cases 100000             # the reader alone
     python tools/fuzz.py --target legacy-load+generate --cases 5000     # ggml/ggmf/ggjt files (tests/fixtures/legacy)
+    python tools/fuzz.py --target session-load+generate --cases 100000  # purelm session files (--load-session)
     python tools/fuzz.py --replay /tmp/fuzz-out                         # run the saved failures again
     python tools/fuzz.py --replay /tmp/fuzz-out/crash --workers 1       # ... in order, in one worker
 
@@ -26,6 +27,7 @@ import json
 import os
 import shlex
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,8 @@ from tqdm import tqdm  # noqa: E402
 def default_seeds(fmt: str = "gguf") -> list[str]:
     if fmt == "ggml":  # the legacy containers (tools/write_ggml_legacy.py)
         return sorted(glob.glob(str(ROOT / "tests/fixtures/legacy/*.bin")))
+    if fmt == "session":  # session files of the fixture model the target loads them into
+        return fuzzlib.session_seeds(tempfile.mkdtemp(prefix="purelm-sessions-"))
     return sorted(p for p in glob.glob(str(ROOT / "tests/fixtures/*.gguf")) if not Path(p).name.startswith("tok_"))
 
 

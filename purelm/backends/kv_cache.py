@@ -209,6 +209,29 @@ class KVCache:
     def tokens(self, value: list[int]) -> None:
         self.seqs[0].tokens = value
 
+    # -- a sequence's state, as a session file holds it (purelm/session.py)
+    def stored(self, seq: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Copies of `seq`'s keys and values per layer, (n_past, n_kv_heads, width) each, as numpy
+        arrays of the stores' types (f32 as float32)."""
+        rows = self.rows(seq, 0, self.seq(seq).n_past)
+        return [self._take(s, rows) for s in self.k], [self._take(s, rows) for s in self.v]
+
+    def restore(self, seq: int, keys: list[np.ndarray], values: list[np.ndarray], tokens: list[int]) -> None:
+        """`seq` becomes the sequence whose keys and values `stored` returned, and its `tokens`."""
+        self.truncate(0, seq)
+        self.reserve(len(tokens), seq)
+        rows = self.rows(seq, 0, len(tokens))
+        for store, x in zip(self.k + self.v, keys + values):
+            self._put(store, rows, x)
+        s = self.seq(seq)
+        s.n_past, s.tokens = len(tokens), list(tokens)
+
+    def _take(self, store: Any, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(store[rows], np.float32 if store.dtype == self.dtype else store.dtype)
+
+    def _put(self, store: Any, rows: np.ndarray, x: np.ndarray) -> None:
+        store[rows] = x
+
     # -- blocks
     @property
     def capacity(self) -> int:

@@ -38,6 +38,13 @@ class TorchKVCache(KVCache):
         super()._grow(capacity)
         self.generation += 1
 
+    def _take(self, store: torch.Tensor, rows: np.ndarray) -> np.ndarray:
+        x = store[torch.from_numpy(rows).to(self.device)]
+        return (x if x.dtype == torch.float16 else x.float()).cpu().numpy()
+
+    def _put(self, store: torch.Tensor, rows: np.ndarray, x: np.ndarray) -> None:
+        store[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, store.dtype)
+
 
 @dataclass
 class DeviceRuns:
