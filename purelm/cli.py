@@ -167,14 +167,15 @@ def _speculative_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding with a smaller draft model sharing the vocabulary")
 
 
-def _session_args(p: argparse.ArgumentParser, when: str) -> None:
+def _session_args(p: argparse.ArgumentParser, chat: bool) -> None:
     p.add_argument("--load-session", default=None, metavar="FILE",
                    help="start from a session an earlier run saved (same model and cache types): the tokens "
                         "it holds are not evaluated again; with the same FILE as --save-session, a missing "
                         "FILE starts a new session")
     p.add_argument("--save-session", default=None, metavar="FILE",
-                   help=f"save the session (tokens and KV cache{', and the conversation' if when == 'leaving' else ''}) "
-                        f"to FILE {when}, for --load-session")
+                   help=("save the session (the conversation, its tokens and KV cache) to FILE on leaving"
+                         if chat else "save the session (tokens and KV cache) to FILE after the generation")
+                   + ", for --load-session")
 
 
 def _load_session(llm: Any, a: argparse.Namespace) -> Any:
@@ -826,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(context - n) tokens, or half the context when -n alone fills it")
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     _speculative_args(g)
-    _session_args(g, "after the generation")
+    _session_args(g, chat=False)
     g.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
     g.set_defaults(func=cmd_generate)
 
@@ -922,7 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(ch)
     ch.add_argument("--stop", action="append", default=[], help="also end a reply at this text (repeatable)")
     _speculative_args(ch)
-    _session_args(ch, "on leaving")
+    _session_args(ch, chat=True)
     ch.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the server extra)",

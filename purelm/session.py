@@ -38,6 +38,12 @@ STORE_DTYPES = {"f32": np.float32, "f16": np.float16, "q8_0": np.uint8}
 FINGERPRINT_SPAN = 1 << 20  # bytes hashed at each end of the model file
 
 
+def _check_path(path: object) -> str:
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise UsageError(f"a session file's path must be a non-empty str or os.PathLike, got {path!r}")
+    return os.fspath(path)
+
+
 def model_fingerprint(path: str | os.PathLike) -> str:
     """A model file's identity, cheap for any size: sha256 of its size and its first and last MiB
     (the header, vocabulary and hyperparameters; the last tensors' weights)."""
@@ -63,6 +69,7 @@ def _identity(llm: Any) -> tuple[dict, dict]:
 def save(llm: Any, path: str | os.PathLike, messages: list | None = None) -> None:
     """Write `llm`'s sequence (tokens, keys and values, last prompt's logits) and `messages` (a chat's,
     any JSON) to `path`. Written to a temporary file first: `path` is never seen half written."""
+    path = Path(_check_path(path))
     cache, seq = llm.cache, llm.cache.seqs[0]
     if len(seq.tokens) != seq.n_past:
         raise UsageError(f"the cache holds {seq.n_past} positions but {len(seq.tokens)} known tokens: "
@@ -78,7 +85,6 @@ def save(llm: Any, path: str | os.PathLike, messages: list | None = None) -> Non
     except (TypeError, ValueError) as e:
         raise UsageError(f"messages must be JSON (lists, dicts, strings, numbers): {e}") from None
     keys, values = cache.stored(0)
-    path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -99,7 +105,7 @@ def save(llm: Any, path: str | os.PathLike, messages: list | None = None) -> Non
 
 def load(llm: Any, path: str | os.PathLike) -> Any:
     """Replace `llm`'s sequence by the one saved in `path`; returns the saved `messages`."""
-    path = str(path)
+    path = _check_path(path)
 
     def bad(field: str, problem: str) -> FormatError:
         return FormatError(path, field, problem)

@@ -181,6 +181,11 @@ def test_a_failed_save_leaves_no_file(tmp_path):
         llm.save_session(tmp_path / "no-such-dir" / "s.kv")
     with pytest.raises(UsageError, match="cannot read the session"):
         llm.load_session(tmp_path / "missing.kv")
+    for bad in (None, 3, b"s.kv", "", 1.5):
+        with pytest.raises(UsageError, match="path must be a non-empty str or os.PathLike"):
+            llm.save_session(bad)
+        with pytest.raises(UsageError, match="path must be a non-empty str or os.PathLike"):
+            llm.load_session(bad)
     assert os.listdir(tmp_path) == []
     llm.cache.n_past = 3  # positions whose tokens nobody recorded
     with pytest.raises(UsageError, match="only a sequence run through"):
