@@ -18,7 +18,7 @@ from purelm.backends.kv_cache import BLOCK, KVCache, hadamard, rotation_size
 from purelm.backends.numba_backend import NumbaBackend
 from purelm.backends.numba_kernels import ops
 from purelm.backends.numpy_backend import NumpyBackend
-from purelm.errors import UsageError
+from purelm.errors import ShapeError, UsageError
 
 from conftest import FIXTURES
 from purelm.formats.gguf import GGUFFile
@@ -175,6 +175,36 @@ def test_hadamard_is_walsh_hadamard(n):
     assert h.dtype == np.float32
     np.testing.assert_allclose(h, want, rtol=0, atol=1e-7)
     np.testing.assert_allclose(h @ h, np.eye(n), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS) + ["torch"])
+def test_rotate_op(backend):
+    """Each backend's rotate against x @ H per run of n values, H from the closed form; shapes it
+    cannot take are a ShapeError, not a wrong answer."""
+    if backend == "torch":
+        torch = pytest.importorskip("torch", reason="the torch backend needs PyTorch")
+        from purelm.backends.torch_backend import TorchBackend
+
+        torch_be = TorchBackend("cpu", "fp32")
+        be = type("TorchOnNumpy", (), {"rotate": staticmethod(
+            lambda x, n: torch_be.rotate(torch.from_numpy(np.asarray(x)), n).numpy())})
+    else:
+        be = BACKENDS[backend]
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((5, 3, 256)).astype(np.float32) * 10
+    for n in (1, 2, 8, 64, 128, 256):
+        i = np.arange(n)
+        h = (-1.0) ** np.vectorize(lambda a: bin(a).count("1"))(i[:, None] & i[None, :]) / np.sqrt(n)
+        want = (x.astype(np.float64).reshape(-1, n) @ h).reshape(x.shape)
+        got = be.rotate(x, n)
+        assert got.shape == x.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_allclose(be.rotate(got, n), x, rtol=0, atol=1e-5 * np.abs(x).max())  # its own inverse
+    for n in (0, -64, 3, 48, 512, 64.0, None):
+        with pytest.raises(ShapeError, match="rotate: a Hadamard block"):
+            be.rotate(x, n)
+    with pytest.raises(ShapeError):
+        be.rotate(np.zeros((2, 96), np.float32), 64)
 
 
 def test_rotation_sizes_follow_llama_cpp():

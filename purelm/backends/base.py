@@ -70,6 +70,12 @@ def check_norm(x: Any, w: Any, op: str, optional: bool = False) -> None:
         raise ShapeError(f"{op}: weight of shape {w.shape} for rows of {x.shape[-1]} features")
 
 
+def check_rotate(x: Any, n: int) -> None:
+    if not (isinstance(n, int) and n > 0 and n & (n - 1) == 0) or x.ndim < 1 or x.shape[-1] % n:
+        raise ShapeError(f"rotate: a Hadamard block of {n!r} for rows of {x.shape[-1] if x.ndim else 0} "
+                         f"(a power of two that divides them)")
+
+
 def check_rope(x: Any, positions: np.ndarray, rope: Rope) -> None:
     if x.ndim != 3 or len(positions) != x.shape[0]:
         raise ShapeError(f"rope: input of shape {x.shape} for {len(positions)} positions")
@@ -278,6 +284,7 @@ class Backend(ABC):
     def rotate(self, x: Any, n: int) -> Any:
         """x (..., dim) with each run of n values multiplied by the orthonormal Hadamard matrix of
         size n: how a quantized KV cache stores keys and values (kv_cache.py, "Rotation")."""
+        check_rotate(x, n)
         return rotate(x, n)
 
     def clamp(self, x: Any, lo: float, hi: float) -> Any:

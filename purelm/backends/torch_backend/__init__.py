@@ -21,7 +21,8 @@ import numpy as np
 from ...errors import PurelmError, ShapeError, UsageError
 from ...formats.gguf import Tensor
 from ...quant import dequantize_rows, dequantize as dequantize_np
-from ..base import AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm, check_rope
+from ..base import (AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm, check_rope,
+                    check_rotate)
 
 try:
     import torch
@@ -373,6 +374,7 @@ class TorchBackend(Backend):
         return (torch.tanh(x.float() / cap) * cap).to(self.dtype)
 
     def rotate(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        check_rotate(x, n)
         h = torch.from_numpy(hadamard(n)).to(x.device, x.dtype)
         return (x.reshape(-1, n) @ h).reshape(x.shape)
 
