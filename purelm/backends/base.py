@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError
+from . import malloc
 from .kv_cache import KVCache, PassView, as_view, rotate  # noqa: F401 (the interface's cache types)
 from ..formats.gguf import Tensor
 from ..quant.types import GGMLType
@@ -123,10 +124,11 @@ class Backend(ABC):
         run's rows as it would if the run were alone (the kernel it picks depends on the run, not
         on the batch), so a sequence's results do not depend on its company. Settings a backend
         changes for the pass (thread counts) are put back when it ends, also when an exception
-        ends it."""
+        ends it. A prompt's pass runs with malloc keeping freed blocks for reuse (malloc.py)."""
         self.begin_pass(segments, head_segments or segments)
         try:
-            yield
+            with malloc.keep_freed if sum(segments) >= malloc.MIN_TOKENS else nullcontext():
+                yield
         except BaseException:
             self.end_pass(failed=True)
             raise
