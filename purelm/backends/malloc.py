@@ -3,8 +3,7 @@
 A pass over a prompt allocates each layer's activations afresh (hundreds of KiB to tens of MiB). glibc
 serves a request over M_MMAP_THRESHOLD (128 KiB at start) with a new mapping and unmaps it on free, so
 every layer faults its temporaries' pages in again, zeroed by the kernel, and two threads doing so
-queue on the process's memory-map lock: measured ~25% of SmolLM2's 512-token prefill on 2 threads
-(benchmarks/README.md, "Prefill and malloc"). While a pass of more than a few tokens runs, `KeepFreed`
+queue on the process's memory-map lock (what that cost: benchmarks/README.md, "Prefill and malloc"). While a pass of more than a few tokens runs, `KeepFreed`
 raises M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to KEEP_BYTES, so freed temporaries stay in the heap for
 the next layer; when the last such pass ends it puts both back to glibc's starting values and returns
 the free memory to the system (malloc_trim): resident memory after the pass is what it was before.
