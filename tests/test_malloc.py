@@ -1,10 +1,13 @@
-"""purelm/backends/malloc.py: while a prompt's pass runs, a large temporary comes from glibc's heap (no
-mapping of its own) and is reused; before and after, glibc's starting behaviour (a large block gets its
-own mapping); the user's environment turns it off. glibc's own counters (mallinfo2) are the witness."""
+"""purelm/backends/malloc.py: while a prompt's pass runs, glibc's malloc keeps freed blocks (its mmap and
+trim thresholds raised), and after it glibc's starting values are back and the free memory returned;
+nesting and threads share one setting; the user's environment turns it off. The logic against a
+recording stand-in for libc; the effect on glibc itself in a fresh process, with glibc's own counters
+(mallinfo2) as the witness."""
 from __future__ import annotations
 
-import ctypes
 import platform
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -16,48 +19,47 @@ from purelm.backends.numba_backend import NumbaBackend
 from purelm.formats.gguf import GGUFFile
 from purelm.models import build_model
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="the setting is glibc's")
+RAISED = [("mallopt", malloc.M_MMAP_THRESHOLD, malloc.KEEP_BYTES), ("mallopt", malloc.M_TRIM_THRESHOLD, malloc.KEEP_BYTES)]
+PUT_BACK = [("mallopt", malloc.M_TRIM_THRESHOLD, malloc.GLIBC_START),
+            ("mallopt", malloc.M_MMAP_THRESHOLD, malloc.GLIBC_START), ("malloc_trim", 0)]
 
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
 
 
-def mapped_bytes() -> int:
-    """Bytes malloc holds in blocks of their own mapping (mallinfo2's hblkhd)."""
-    libc = ctypes.CDLL("libc.so.6")
-    if not hasattr(libc, "mallinfo2"):
-        pytest.skip("glibc before 2.33 has no mallinfo2")
-    libc.mallinfo2.restype = MallInfo2
-    return libc.mallinfo2().hblkhd
+def recording() -> tuple[malloc.KeepFreed, Recorder]:
+    keep, libc = malloc.KeepFreed(), Recorder()
+    keep.libc = libc
+    return keep, libc
 
 
-def mapped_by(n_bytes: int) -> int:
-    """How much more malloc holds in mappings while a block of n_bytes is alive."""
-    before = mapped_bytes()
-    block = np.empty(n_bytes, np.uint8)
-    grew = mapped_bytes() - before
-    del block
-    return grew
-
-
-def test_large_blocks_come_from_the_heap_only_inside():
-    keep = malloc.KeepFreed()
+def test_nested_passes_set_once_and_put_back_once():
+    keep, libc = recording()
     with keep:
-        if keep.libc is None:
-            pytest.skip("turned off in this environment")
-        assert mapped_by(8 << 20) == 0
-        with keep:  # nested: still on, and still on after the inner one ends
-            assert mapped_by(8 << 20) == 0
-        assert mapped_by(8 << 20) == 0
-    assert mapped_by(8 << 20) >= 8 << 20  # glibc's starting threshold again
+        assert libc.calls == RAISED
+        with keep:
+            pass
+        assert libc.calls == RAISED
+    assert libc.calls == RAISED + PUT_BACK and keep.depth == 0
+    with pytest.raises(KeyError):
+        with keep:
+            raise KeyError("a failed pass")
+    assert libc.calls == 2 * (RAISED + PUT_BACK) and keep.depth == 0
 
 
 def test_threads_share_one_setting():
-    keep, inside, done = malloc.KeepFreed(), threading.Event(), threading.Event()
+    keep, libc = recording()
+    inside, done = threading.Event(), threading.Event()
 
     def other():
         with keep:
@@ -69,42 +71,82 @@ def test_threads_share_one_setting():
     inside.wait(5)
     with keep:
         pass  # this thread leaves first: the other's pass still runs with the setting
-    if keep.libc is not None:
-        assert mapped_by(8 << 20) == 0
+    assert libc.calls == RAISED
     done.set()
     t.join()
-    assert mapped_by(8 << 20) >= 8 << 20
+    assert libc.calls == RAISED + PUT_BACK
 
 
 def test_the_environment_turns_it_off(monkeypatch):
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        assert malloc._libc() is None
+        return
+    assert malloc._libc() is not None
     for name, value in (("PURELM_MALLOC_KEEP", "0"), ("MALLOC_MMAP_THRESHOLD_", "65536"),
-                        ("MALLOC_TRIM_THRESHOLD_", "0")):
+                        ("MALLOC_TRIM_THRESHOLD_", "0"), ("MALLOC_TOP_PAD_", "0"), ("MALLOC_MMAP_MAX_", "0")):
         monkeypatch.setenv(name, value)
+        assert malloc._libc() is None, name
         keep = malloc.KeepFreed()
-        with keep:
+        with keep:  # nothing to call: a no-op
             assert keep.libc is None
-            assert mapped_by(8 << 20) >= 8 << 20
         monkeypatch.delenv(name)
 
 
-def test_a_prompt_pass_puts_glibc_back(monkeypatch):
+def test_only_prompt_passes_use_it(monkeypatch):
     """A model's prompt pass (and one that fails) turns the setting on for its duration only; a decode
-    step does not touch it."""
+    step and a short batch do not touch it."""
+    keep, libc = recording()
+    monkeypatch.setattr(malloc, "keep_freed", keep)
     model = build_model(GGUFFile(FIXTURES / "llama-q8_0.gguf"), NumbaBackend(2))
-    seen = []
-    real = malloc.KeepFreed.__enter__
-
-    def enter(self):
-        real(self)
-        seen.append(mapped_by(8 << 20))  # inside the pass
-
-    monkeypatch.setattr(malloc.KeepFreed, "__enter__", enter)
     cache = model.new_cache(64)
-    model.forward(np.arange(1, 21), cache)
+    model.forward(np.arange(1, malloc.MIN_TOKENS + 4), cache)
+    assert libc.calls == RAISED + PUT_BACK
     model.forward(np.array([5]), cache)
-    assert len(seen) == 1  # the prompt of 20 tokens, not the decode step
-    assert seen[0] == 0 or malloc.keep_freed.libc is None
-    assert mapped_by(8 << 20) >= 8 << 20
+    model.forward(np.arange(1, malloc.MIN_TOKENS), cache)  # 15 tokens
+    assert libc.calls == RAISED + PUT_BACK
     with pytest.raises(Exception):
         model.forward(np.full(30, 10**9), cache)  # a bad token id: the pass fails
-    assert malloc.keep_freed.depth == 0 and mapped_by(8 << 20) >= 8 << 20
+    assert keep.depth == 0 and libc.calls[-3:] == PUT_BACK
+
+
+WITNESS = r"""
+import ctypes, numpy as np
+from purelm.backends.malloc import KeepFreed
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+def mapped_by(n):  # how much more malloc holds in blocks of their own mapping while n bytes are alive
+    before = libc.mallinfo2().hblkhd
+    block = np.ones(n, np.uint8)
+    grew = libc.mallinfo2().hblkhd - before
+    del block
+    return grew
+
+keep = KeepFreed()
+out = [mapped_by(8 << 20)]
+with keep:
+    out.append(mapped_by(8 << 20))
+    with keep:
+        out.append(mapped_by(8 << 20))
+out.append(mapped_by(8 << 20))
+print(*out, keep.libc is not None)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's setting")
+def test_glibc_takes_it():
+    """In a fresh process: an 8 MiB block gets its own mapping before, comes from the heap during
+    (nested too), and gets its own mapping again after (the heap was trimmed back)."""
+    import ctypes
+
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("glibc before 2.33 has no mallinfo2")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("MALLOC_", "PURELM_MALLOC"))}
+    out = subprocess.run([sys.executable, "-c", WITNESS], capture_output=True, text=True, env=env, check=True)
+    before, during, nested, after, active = out.stdout.split()
+    assert active == "True"
+    assert int(before) >= 8 << 20 and int(during) == 0 and int(nested) == 0 and int(after) >= 8 << 20
