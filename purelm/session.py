@@ -33,7 +33,9 @@ from .backends.kv_cache import CACHE_TYPES, store_width
 
 MAGIC = b"PURELMKV"
 VERSION = 1
-HEADER_MAX = 1 << 28  # bytes of JSON: tokens and messages of any context a model has, with room
+# bytes of JSON at most: a 128k-token context's ids take ~1 MiB; a hostile header must not make the
+# parser build a list of tens of millions of items
+HEADER_MAX = 32 << 20
 STORE_DTYPES = {"f32": np.float32, "f16": np.float16, "q8_0": np.uint8}
 FINGERPRINT_SPAN = 1 << 20  # bytes hashed at each end of the model file
 
@@ -84,6 +86,9 @@ def save(llm: Any, path: str | os.PathLike, messages: list | None = None) -> Non
         head = json.dumps(header, ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise UsageError(f"messages must be JSON (lists, dicts, strings, numbers): {e}") from None
+    if len(head) > HEADER_MAX:
+        raise UsageError(f"the session's tokens and messages take {len(head)} bytes of JSON, more than a session "
+                         f"file holds ({HEADER_MAX})")
     keys, values = cache.stored(0)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:

@@ -15,6 +15,7 @@ from conftest import FIXTURES
 
 import fuzzlib
 import purelm
+from purelm import session
 from purelm.backends.numba_backend import NumbaBackend
 from purelm.backends.numpy_backend import NumpyBackend
 from purelm.cli import main
@@ -121,6 +122,8 @@ HOSTILE = {
     "version": lambda raw: raw[:8] + struct.pack("<I", 2) + raw[12:],
     "header length": lambda raw: raw[:16] + struct.pack("<Q", 2**63) + raw[24:],
     "header length, past the end": lambda raw: raw[:16] + struct.pack("<Q", len(raw)) + raw[24:],
+    "header length, over the limit": lambda raw: raw[:16] + struct.pack("<Q", (32 << 20) + 1) + raw[24:]
+    + b" " * (32 << 20),
     "header not JSON": lambda raw: raw[:24] + b"\xff{" + raw[26:],
     "header a list": lambda raw: raw[:16] + struct.pack("<Q", 2) + b"[]" + b"\0" * 6,
     "header nesting": lambda raw: raw[:16] + struct.pack("<Q", 200000) + b"[" * 100000 + b"]" * 100000,
@@ -181,6 +184,8 @@ def test_a_failed_save_leaves_no_file(tmp_path):
         llm.save_session(tmp_path / "no-such-dir" / "s.kv")
     with pytest.raises(UsageError, match="cannot read the session"):
         llm.load_session(tmp_path / "missing.kv")
+    with pytest.raises(UsageError, match="more than a session file holds"):
+        llm.save_session(tmp_path / "s.kv", messages=["x" * session.HEADER_MAX])
     for bad in (None, 3, b"s.kv", "", 1.5):
         with pytest.raises(UsageError, match="path must be a non-empty str or os.PathLike"):
             llm.save_session(bad)
