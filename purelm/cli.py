@@ -178,6 +178,14 @@ def _session_args(p: argparse.ArgumentParser, chat: bool) -> None:
                    + ", for --load-session")
 
 
+def _check_session_args(a: argparse.Namespace) -> None:
+    """Before the (slow) load: a --save-session FILE that could not be written fails now, not after the work."""
+    if a.save_session is not None:
+        folder = os.path.dirname(os.path.abspath(a.save_session)) if a.save_session else ""
+        if not a.save_session or os.path.isdir(a.save_session) or not os.path.isdir(folder):
+            raise UsageError(f"--save-session {a.save_session!r}: not a file in an existing folder")
+
+
 def _load_session(llm: Any, a: argparse.Namespace) -> Any:
     """The session --load-session names, loaded into `llm` (None if there is none to load); returns its
     messages."""
@@ -211,6 +219,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         prompt = _utf8(prompt, "the prompt")
     stop = [_utf8(s, "--stop") for s in a.stop]
     _check_speculative_args(a)
+    _check_session_args(a)
 
     t0 = time.perf_counter()
     llm = _load(a, a.ctx)
@@ -503,6 +512,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     system = _utf8(a.system, "--system") if a.system is not None else None
     stop = [_utf8(s, "--stop") for s in a.stop]
     _check_speculative_args(a)
+    _check_session_args(a)
 
     llm = _load(a, a.ctx)
     if a.chat_template is not None:

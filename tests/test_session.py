@@ -226,6 +226,11 @@ def test_cli_generate_saves_and_loads(tmp_path, capsys):
     assert "cannot read the session" in capsys.readouterr().err
     assert main(base + ["Hello", "--load-session", path, "-ctk", "f16"]) == 1
     assert "this model's cache is f16/f32" in capsys.readouterr().err
+    for bad in (str(tmp_path), str(tmp_path / "no-such-dir" / "s.kv"), ""):  # refused before any work
+        assert main(["generate", "-m", "no-such-model.gguf", "hi", "--save-session", bad]) == 2
+        assert "not a file in an existing folder" in capsys.readouterr().err
+        assert main(["chat", "-m", "no-such-model.gguf", "--save-session", bad]) == 2
+        assert "not a file in an existing folder" in capsys.readouterr().err
 
 
 def test_cli_chat_keeps_the_conversation(tmp_path, capsys, monkeypatch):
