@@ -32,6 +32,7 @@ from .errors import FormatError, UsageError
 from .backends.kv_cache import CACHE_TYPES, store_width
 
 MAGIC = b"PURELMKV"
+PREFIX = struct.Struct("<8sIIQ")  # magic, version, 0, header length
 VERSION = 1
 # bytes of JSON at most: a 128k-token context's ids take ~1 MiB; a hostile header must not make the
 # parser build a list of tens of millions of items
@@ -93,8 +94,8 @@ def save(llm: Any, path: str | os.PathLike, messages: list | None = None) -> Non
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<IIQ", VERSION, 0, len(head)) + head)
-            f.write(b"\0" * (-(len(MAGIC) + 16 + len(head)) % 8))
+            f.write(PREFIX.pack(MAGIC, VERSION, 0, len(head)) + head)
+            f.write(b"\0" * (-(PREFIX.size + len(head)) % 8))
             for k, v in zip(keys, values):
                 f.write(np.ascontiguousarray(k).tobytes())
                 f.write(np.ascontiguousarray(v).tobytes())
@@ -121,10 +122,10 @@ def load(llm: Any, path: str | os.PathLike) -> Any:
         raise UsageError(f"cannot read the session {path}: {e.strerror or e}") from None
     with f:
         size = os.fstat(f.fileno()).st_size
-        start = f.read(len(MAGIC) + 16)
-        if len(start) < len(MAGIC) + 16 or start[:len(MAGIC)] != MAGIC:
+        start = f.read(PREFIX.size)
+        if len(start) < PREFIX.size or start[:len(MAGIC)] != MAGIC:
             raise bad("magic", "not a purelm session file")
-        version, _, n_head = struct.unpack("<IIQ", start[len(MAGIC):])
+        _, version, _, n_head = PREFIX.unpack(start)
         if version != VERSION:
             raise bad("version", f"{version}; this purelm reads version {VERSION}")
         if n_head > min(HEADER_MAX, size - len(start)):
