@@ -65,6 +65,24 @@ def test_compile_workers_setting(monkeypatch):
         nb._compile_workers(5)
 
 
+def test_row_lookups_are_warmed_for_the_embeddings_types_only(monkeypatch):
+    """build_model names the embeddings' types (token_embd, position_embd); the warm-up compiles a
+    lookup kernel for those types alone (one per type: rows.dequant_rows), not for every row type."""
+    from purelm.formats.gguf import GGUFFile
+    from purelm.models import build_model
+
+    seen = []
+    monkeypatch.setattr(nb.NumbaBackend, "prepare", lambda self, types, lookups=frozenset(): seen.append(lookups))
+    path = next(p for p in sorted((ROOT / "tests" / "fixtures").rglob("*.gguf"))
+                if "token_embd.weight" in GGUFFile(p).tensors)
+    gguf = GGUFFile(path)
+    build_model(gguf, nb.NumbaBackend(1))
+    assert seen == [{gguf.tensors["token_embd.weight"].type}]
+    names = [s[0] for s in nb.NumbaBackend(1)._warm_steps({GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K},
+                                                           {GGMLType.Q8_0, GGMLType.Q4_K})]
+    assert [n for n in names if n.endswith("-lookup")] == ["Q8_0-lookup", "Q4_K-lookup"]
+
+
 def test_steps_are_shared_out(monkeypatch):
     """Every missing step goes to exactly one process; prompt-only steps only to workers."""
     started = []

@@ -237,9 +237,10 @@ class NumbaBackend(Backend):
 
     # -- weights
 
-    def prepare(self, types: set[GGMLType]) -> None:
+    def prepare(self, types: set[GGMLType], lookups: set[GGMLType] = frozenset()) -> None:
         """Load (or compile) every kernel a model with tensors of `types` calls, by running each op
-        once on tiny inputs through the same methods a forward pass uses, then hand LLVM's pages back
+        once on tiny inputs through the same methods a forward pass uses (row lookups for the types of
+        `lookups`, the embeddings' only), then hand LLVM's pages back
         to the OS: ~65 MB of the compiler that inference does not touch again. Done before the weights
         are repacked, so those pages and the model are never resident together (peak RSS).
 
@@ -254,7 +255,7 @@ class NumbaBackend(Backend):
         guard, self._guard = self._guard, ThreadGuard(self.threads)  # warm-up steps are not decode steps
         outer = numba.get_num_threads()
         try:
-            steps = self._warm_steps(types)
+            steps = self._warm_steps(types, lookups)
             notes = _WarmNotes(self)
             missing = [s for s in steps if not notes.done(s[0])]
             mine = self._compile_apart(missing) if missing else None
@@ -337,10 +338,12 @@ class NumbaBackend(Backend):
                 worker.proc.wait()
             self._pending.clear()
 
-    def _warm_steps(self, types: set[GGMLType]) -> list[tuple[str, bool, Callable[[], None]]]:
+    def _warm_steps(self, types: set[GGMLType], lookups: set[GGMLType] = frozenset()
+                    ) -> list[tuple[str, bool, Callable[[], None]]]:
         """The warm-up as named steps (name, whether decode needs it, run): per type its decode
-        products, and its products of 2+ tokens; row lookups; norms and activations; rope; attention
-        of decode tokens, and of prompts. compile_worker runs the same steps by name."""
+        products, and its products of 2+ tokens; row lookups of the types of `lookups`; norms and
+        activations; rope; attention of decode tokens, and of prompts. compile_worker runs the same
+        steps by name."""
         rng = np.random.default_rng(0)
         n_in, n_many = 256, MATVEC_MAX_TOKENS + 1  # one K-quant block per row; tokens: decode and prefill
         x = rng.standard_normal((n_many, n_in)).astype(np.float32)
@@ -353,10 +356,8 @@ class NumbaBackend(Backend):
             rows.flags.writeable = False  # as the file's mmap'd rows are (numba types them apart)
             return rows
 
-        def lookups() -> None:  # one kernel for every type (the type is an argument)
-            for qtype in sorted(types):
-                if qtype in rk.ROW_TYPES:
-                    self.embed(NumbaWeight(qtype, 1, n_in, file_rows(qtype)[:1]), np.zeros(1))
+        def lookup(qtype: GGMLType) -> Callable[[], None]:  # a kernel per type (rk.dequant_rows)
+            return lambda: self.embed(NumbaWeight(qtype, 1, n_in, file_rows(qtype)[:1]), np.zeros(1))
 
         def products(qtype: GGMLType, token_counts: tuple[int, ...]) -> Callable[[], None]:
             def run() -> None:
@@ -380,8 +381,7 @@ class NumbaBackend(Backend):
             if qtype in rk.ROW_TYPES or (self.repack and qtype in self.packed_types):
                 steps.append((f"{qtype.name}-decode", True, products(qtype, (1,))))
                 steps.append((f"{qtype.name}-batch", False, products(qtype, (2, n_many))))
-        if any(t in rk.ROW_TYPES for t in types):
-            steps.append(("lookup", True, lookups))
+        steps += [(f"{q.name}-lookup", True, lookup(q)) for q in sorted(lookups) if q in rk.ROW_TYPES]
 
         def norms() -> None:
             for n_tok in (1, n_many):
@@ -863,7 +863,7 @@ class NumbaBackend(Backend):
             out = dequantize_rows(w.data, w.qtype, w.n_in, ids)
         else:
             out = np.empty((ids.size, w.n_in), np.float32)
-            rk.dequant_rows(w.data, int(w.qtype), BLOCK_INFO[w.qtype][0], ids, out)
+            rk.dequant_rows(int(w.qtype))(w.data, BLOCK_INFO[w.qtype][0], ids, out)
         # A lookup maps the file's pages around each row too (the kernel's fault-around: 64 KiB), so a
         # prompt of scattered ids would keep megabytes of the table resident; the page cache keeps
         # them, a later lookup maps them again (measured: a 512-token prompt, 1.1B: ~20 MiB less RSS).
@@ -1043,7 +1043,7 @@ def _fusable(w: ExpertWeight) -> bool:
 # Q4_K_M file's steps one after another in a fresh process, 2026-11-26): how _compile_apart shares
 # them out. "shared": what the first product step in a process also compiles (rounding activations);
 # "start": a worker's interpreter, imports and numba's own helpers.
-STEP_COSTS = {"decode": 4.0, "batch": 5.7, "lookup": 1.5, "attention-decode": 4.5, "attention-prompt": 2.4,
+STEP_COSTS = {"decode": 3.5, "batch": 4.6, "lookup": 0.9, "attention-decode": 4.5, "attention-prompt": 2.4,
               "norms": 0.7, "rope": 0.3, "shared": 1.4, "start": 1.0}
 MAX_COMPILE_WORKERS = 4  # each holds numba and LLVM (~250 MB) while it runs
 
@@ -1191,7 +1191,7 @@ def compile_worker(argv: list[str]) -> None:
     types = {GGMLType(int(t)) for t in argv[4].split(",") if t}
     backend = NumbaBackend(threads, bool(repack), bool(int16_dot), bool(int8_dot))
     backend._prepared = set(types)
-    steps = {name: run for name, _, run in backend._warm_steps(types)}
+    steps = {name: run for name, _, run in backend._warm_steps(types, types)}  # the lookups asked for by name
     notes = _WarmNotes(backend)
     for name in argv[5].split(","):
         if not notes.done(name):  # else another process ran it meanwhile

@@ -29,5 +29,6 @@ def build_model(gguf: GGUFFile, backend: Backend) -> Model:
     if cls is None:
         raise FormatError(gguf.path, "general.architecture",
                           f"{arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})")
-    backend.prepare({t.type for t in gguf.tensors.values() if len(t.shape) >= 2})  # matrices' types
+    embeddings = {t.type for name, t in gguf.tensors.items() if name in ("token_embd.weight", "position_embd.weight")}
+    backend.prepare({t.type for t in gguf.tensors.values() if len(t.shape) >= 2}, embeddings)  # matrices' types
     return cls(gguf, backend)

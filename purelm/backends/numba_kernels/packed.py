@@ -13,15 +13,9 @@ import numpy as np
 from numba import njit, prange
 
 from .common import OPTS, PARALLEL, PREFETCH_BYTES, at
-from .intrinsics import (BYTE_QUADS, add_scaled16, add_scaled_dots16, FIVE_QUADS, NIBBLE_QUADS, SIX_QUADS, dot_block8_bytes1, dot_block8_bytes2,
-                         dot_block8_bytes4, dot_block8_five1, dot_block8_five2, dot_block8_five4, dot_block8_nibbles1,
-                         dot_block8_nibbles2, dot_block8_nibbles4, dot_block_bytes1, dot_block_bytes2,
-                         dot_block_bytes4, dot_block_five1, dot_block_five2, dot_block_five4, dot_block_nibbles1,
-                         dot_block_nibbles2, dot_block_nibbles4, dot_block_six1, dot_block_six2, dot_block_six4,
-                         half_to_float, prefetch, wide_vectors)
-from .intrinsics import (CRUMB_KIND, CRUMB3_KIND, IQ4_LEVELS, LEVEL_KIND, dot_block_crumbs1, dot_block_crumbs2,
-                         dot_block_crumbs4, dot_block_crumbs31, dot_block_crumbs32, dot_block_crumbs34,
-                         dot_block_levels1, dot_block_levels2, dot_block_levels4)
+from .intrinsics import (BYTE_QUADS, CRUMB_KIND, CRUMB3_KIND, FIVE_QUADS, IQ4_LEVELS, LEVEL_KIND, NIBBLE_QUADS, SIX_QUADS,
+                         add_scaled16, add_scaled_dots16, dot_block1, dot_block2, dot_block4, half_to_float, prefetch,
+                         wide_vectors)
 from .packing import BYTES, LEVELS, LEVELS_K, SIX, THREE, TWO
 
 
@@ -492,84 +486,6 @@ def quads_fit(mode, n_quads):
 def kind_quads(kind):
     """A kind's 4-byte groups per sub-block (intrinsics.py: kinds from 16 up hold kind % 16)."""
     return kind % 16
-
-
-# A sub-block's dots for 1, 2 or 4 tokens, by the kind of weights (named by the layout's 4-byte groups
-# per sub-block, see intrinsics.py).
-
-@njit(**OPTS, inline="always")
-def dot_block1(kind, int8, dots, o, qs, w_at, width, xs, xa):
-    if int8:
-        if kind == NIBBLE_QUADS:
-            dot_block8_nibbles1(dots, o, qs, w_at, width, xs, xa)
-        elif kind == FIVE_QUADS:
-            dot_block8_five1(dots, o, qs, w_at, width, xs, xa)
-        else:
-            dot_block8_bytes1(dots, o, qs, w_at, width, xs, xa)
-    elif kind == NIBBLE_QUADS:
-        dot_block_nibbles1(dots, o, qs, w_at, width, xs, xa)
-    elif kind == FIVE_QUADS:
-        dot_block_five1(dots, o, qs, w_at, width, xs, xa)
-    elif kind == SIX_QUADS:
-        dot_block_six1(dots, o, qs, w_at, width, xs, xa)
-    elif kind == CRUMB_KIND:
-        dot_block_crumbs1(dots, o, qs, w_at, width, xs, xa)
-    elif kind == CRUMB3_KIND:
-        dot_block_crumbs31(dots, o, qs, w_at, width, xs, xa)
-    elif kind == LEVEL_KIND:
-        dot_block_levels1(dots, o, qs, w_at, width, xs, xa)
-    else:
-        dot_block_bytes1(dots, o, qs, w_at, width, xs, xa)
-
-
-@njit(**OPTS, inline="always")
-def dot_block2(kind, int8, dots, oa, ob, qs, w_at, width, xs, xa, xb):
-    if int8:
-        if kind == NIBBLE_QUADS:
-            dot_block8_nibbles2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
-        elif kind == FIVE_QUADS:
-            dot_block8_five2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
-        else:
-            dot_block8_bytes2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
-    elif kind == NIBBLE_QUADS:
-        dot_block_nibbles2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
-    elif kind == FIVE_QUADS:
-        dot_block_five2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
-    elif kind == SIX_QUADS:
-        dot_block_six2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
-    elif kind == CRUMB_KIND:
-        dot_block_crumbs2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
-    elif kind == CRUMB3_KIND:
-        dot_block_crumbs32(dots, oa, ob, qs, w_at, width, xs, xa, xb)
-    elif kind == LEVEL_KIND:
-        dot_block_levels2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
-    else:
-        dot_block_bytes2(dots, oa, ob, qs, w_at, width, xs, xa, xb)
-
-
-@njit(**OPTS, inline="always")
-def dot_block4(kind, int8, dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd):
-    if int8:
-        if kind == NIBBLE_QUADS:
-            dot_block8_nibbles4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
-        elif kind == FIVE_QUADS:
-            dot_block8_five4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
-        else:
-            dot_block8_bytes4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
-    elif kind == NIBBLE_QUADS:
-        dot_block_nibbles4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
-    elif kind == FIVE_QUADS:
-        dot_block_five4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
-    elif kind == SIX_QUADS:
-        dot_block_six4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
-    elif kind == CRUMB_KIND:
-        dot_block_crumbs4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
-    elif kind == CRUMB3_KIND:
-        dot_block_crumbs34(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
-    elif kind == LEVEL_KIND:
-        dot_block_levels4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
-    else:
-        dot_block_bytes4(dots, oa, ob, oc, od, qs, w_at, width, xs, xa, xb, xc, xd)
 
 
 @njit(**OPTS, inline="always")
