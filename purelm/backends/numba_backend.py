@@ -60,7 +60,8 @@ from .numba_kernels.intrinsics import has_int8_dot, has_int16_dot
 from .pack_cache import PackCache
 from .pages import page_out_library, release_file_pages
 from .numba_kernels.experts import FUSED, ExpertStack, mix_picked
-from .numba_kernels.packing import DEFAULT_LANES, DOT_ONLY_TYPES, PACKED_TYPES, Arena, Packed, column_splits, pack
+from .numba_kernels.packing import (DEFAULT_LANES, DOT_ONLY_TYPES, PACKED_TYPES, Arena, Packed, column_splits, pack,
+                                    token_ranges)
 
 # At most this many tokens go through the matrix-vector kernels; more take the dequantize+BLAS path.
 MATVEC_MAX_TOKENS = 12
@@ -93,6 +94,16 @@ UNPACK = {"nibble": pk.unpack_nibble, "q8": pk.unpack_q8, "q6k": pk.unpack_q6k,
           **{f: pk.unpack_dot for f in ("nibble_dot", "five_dot", "q6k_dot", "q8_dot")},
           "q2k_dot": pk.unpack_crumbs, "q3k_dot": pk.unpack_crumbs, "iq4_dot": pk.unpack_levels}
 NO_PARTS = np.zeros((0, 0, 0), np.float32)
+_TOKEN_PARTS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _token_parts(n: int, columns: int) -> np.ndarray:
+    """The `parts` argument asking the dot kernels for n token ranges, each item summing the matrix's
+    column splits itself (packed.token_splits, column_ranges)."""
+    got = _TOKEN_PARTS.get((n, columns))
+    if got is None:
+        got = _TOKEN_PARTS[n, columns] = np.zeros((0, n, columns), np.float32)
+    return got
 
 
 class NumbaWeight:
@@ -404,6 +415,9 @@ class NumbaBackend(Backend):
                 cache = self.kv_cache(1, 2 * ATTENTION_CHUNK, 1, 64, 64)
                 q = x[:n_tok].reshape(n_tok, 4, 64)
                 self.attention(q, q[:, :1], q[:, :1], cache, 0, spec)
+                if n_tok > 1:  # heads the tiled prompt kernel does not take (ops.prompt_tiles_fit): BLAS
+                    q8 = x[:n_tok, :32].reshape(n_tok, 4, 8)
+                    self.attention(q8, q8[:, :1], q8[:, :1], self.kv_cache(1, 2 * ATTENTION_CHUNK, 1, 8, 8), 0, spec)
                 if n_tok == 1:
                     cache.commit(1)
                     cache.n_past = 2 * ATTENTION_CHUNK - 1
@@ -671,7 +685,11 @@ class NumbaBackend(Backend):
         y = np.empty((x.shape[0], w.n_out), np.float32)
         if w.kernel is not None:
             n, p = w.column_splits, w.packed
-            parts = np.empty((n, x.shape[0], p.n_groups * p.lanes), np.float32) if n > 1 else NO_PARTS
+            if x.shape[0] > MATVEC_MAX_TOKENS and w.kernel_many is not w.kernel:  # a prompt's rows: token
+                # ranges, each item adding up its column splits (no serial sum; a decode step's bits)
+                parts = _token_parts(token_ranges(p.n_groups, x.shape[0], self.threads), n)
+            else:
+                parts = np.empty((n, x.shape[0], p.n_groups * p.lanes), np.float32) if n > 1 else NO_PARTS
             (w.kernel if x.shape[0] == 1 else w.kernel_many)(*w.kernel_args, x, y, parts)
         else:
             rk.matvec_rows(w.data, int(w.qtype), BLOCK_INFO[w.qtype][0], x, y)
@@ -941,8 +959,12 @@ class NumbaBackend(Backend):
                 if self._pending:
                     self._ready("attention-prompt")
                 rows = view.rows_upto[i]
-                self._attention_blas(q[run.t0:run.t1], _gather(keys, rows, view.k_dim),
-                                     _gather(values, rows, view.v_dim), run.p0, *args, out[run.t0:run.t1])
+                k_run, v_run = _gather(keys, rows, view.k_dim), _gather(values, rows, view.v_dim)
+                if ops.prompt_tiles_fit(view.k_dim, view.v_dim):
+                    self._kernel_threads()
+                    ops.attention_prompt(q[run.t0:run.t1], k_run, v_run, run.p0, *args, MAX_LANES, out[run.t0:run.t1])
+                else:
+                    self._attention_blas(q[run.t0:run.t1], k_run, v_run, run.p0, *args, out[run.t0:run.t1])
         tokens, tables, pos = self._paged_tokens(view)
         if len(tokens):
             qt = q if len(tokens) == len(q) else q[tokens]

@@ -400,6 +400,40 @@ def _splat(builder, value):
 
 
 @intrinsic
+def tile4x32(typingctx, c, c_at, c_stride, a, a_at, a_stride, b, b_at, b_stride):
+    """C[r, 0:32] += sum over s < 16 of A[r, s] * B[s, 0:32], for r < 4: a 4 x 32 block of a float32
+    matrix product, 16 steps of the inner dimension (flat C arrays: row r of C at c_at + r * c_stride,
+    of A at a_at + r * a_stride, row s of B at b_at + s * b_stride). The 8 sums stay in registers over
+    the 16 steps; each step loads 2 vectors of B and broadcasts 4 values of A (prompt attention)."""
+    sig = types.void(c, c_at, c_stride, a, a_at, a_stride, b, b_at, b_stride)
+
+    def codegen(context, builder, signature, args):
+        t = signature.args
+        i = [context.cast(builder, v, ty, types.intp) if isinstance(ty, types.Integer) else v for v, ty in zip(args, t)]
+        c_at, c_stride, a_at, a_stride, b_at, b_stride = i[1], i[2], i[4], i[5], i[7], i[8]
+
+        def at(base, row, stride, col):
+            return builder.add(builder.add(base, builder.mul(ir.Constant(_I64, row), stride)), ir.Constant(_I64, col))
+
+        def vector(k, index):
+            return _vector_at(context, builder, t[k], args[k], index, _V16F)
+
+        acc = [[builder.load(vector(0, at(c_at, r, c_stride, 16 * h)), align=4) for h in range(2)] for r in range(4)]
+        for step in range(16):
+            row = [builder.load(vector(6, at(b_at, step, b_stride, 16 * h)), align=4) for h in range(2)]
+            for r in range(4):
+                x = builder.load(_element_ptr(context, builder, t[3], args[3], at(a_at, r, a_stride, step)), align=4)
+                xs = _splat(builder, x)
+                acc[r] = [_fma(builder, xs, row[h], acc[r][h]) for h in range(2)]
+        for r in range(4):
+            for h in range(2):
+                builder.store(acc[r][h], vector(0, at(c_at, r, c_stride, 16 * h)), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def add_scaled_dots16(typingctx, acc, acc_at, scale, scale_at, dots, dots_at, s):
     """acc.flat[acc_at + i] += scale.flat[scale_at + i] * (s * float(dots.flat[dots_at + i])), i < 16
     (float32 acc and scale, int32 dots, C arrays)."""

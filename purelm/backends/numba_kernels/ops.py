@@ -14,7 +14,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .common import OPTS, SOFTMAX_OPTS, SOFTMAX_PARALLEL, at
-from .intrinsics import bits_to_float, half_to_float, load_f16, prefetch, wide_vectors
+from .intrinsics import bits_to_float, half_to_float, load_f16, prefetch, tile4x32, wide_vectors
 
 LOG2E = np.float32(1.4426950408889634)
 EXP_HI = np.float32(88.0)  # exp(88) is the largest power-of-two step that stays finite here
@@ -559,6 +559,78 @@ def gelu(x, out):
         v = x[i]
         y2 = c * (v + np.float32(0.044715) * v * v * v)
         out[i] = v / (np.float32(1) + fast_exp(-y2))
+
+
+PROMPT_TILE = 16  # query tokens per work item of attention_prompt
+
+
+@njit(**OPTS)
+def prompt_tiles_fit(dim, v_dim):
+    """Whether attention_prompt takes heads of these widths (its blocks: 16 of q.k's, 32 of the values')."""
+    return dim % 16 == 0 and v_dim % 32 == 0 and dim > 0 and v_dim > 0
+
+
+@njit(**SOFTMAX_PARALLEL)
+def attention_prompt(q, keys, values, p0, scale, softcap, window, slopes, lanes, out):
+    """Causal attention of a prompt chunk (tokens at positions p0, p0 + 1, ...) over keys and values
+    (n_keys, n_kv, dim) of positions 0.., as blocked matrix products (tile4x32) with the masked softmax
+    (softmax_rows) between them. A work item is one KV head and PROMPT_TILE query tokens: its rows are
+    those tokens' query heads sharing the KV head (GQA), and it reads only the keys they may see."""
+    n_tok, n_head, dim = q.shape
+    n_keys, n_kv, v_dim = keys.shape[0], keys.shape[1], values.shape[2]
+    group = n_head // n_kv
+    assert n_head == group * n_kv and values.shape[0] == n_keys and values.shape[1] == n_kv
+    assert keys.shape[2] == dim and prompt_tiles_fit(dim, v_dim) and 0 <= p0 and p0 + n_tok <= n_keys
+    assert out.shape[0] == n_tok and out.shape[1] == n_head * v_dim
+    n_pad = (n_keys + 31) // 32 * 32
+    kt = np.zeros((n_kv, dim, n_pad), np.float32)  # keys transposed: a row of B per dimension
+    vp = np.zeros((n_kv, n_pad, v_dim), np.float32)  # values per KV head, zero rows up to n_pad
+    for hd in prange(n_kv * dim):  # written in order, read across rows (a head's keys stay in L1)
+        h, d = hd // dim, hd % dim
+        for j in range(n_keys):
+            kt[h, d, j] = keys[j, h, d]
+    for hj in prange(n_kv * n_keys):
+        h, j = hj // n_keys, hj % n_keys
+        for d in range(v_dim):
+            vp[h, j, d] = values[j, h, d]
+    ktf, vpf = kt.reshape(-1), vp.reshape(-1)
+    n_tiles = (n_tok + PROMPT_TILE - 1) // PROMPT_TILE
+    for item in prange(n_kv * n_tiles):
+        wide_vectors()
+        h, k = item % n_kv, item // n_kv
+        # tiles short and long alternate (0, last, 1, last - 1, ...): the threads' ranges of items
+        # then hold about the same number of keys
+        tile = k // 2 if k % 2 == 0 else n_tiles - 1 - k // 2
+        t0 = tile * PROMPT_TILE
+        t1 = min(n_tok, t0 + PROMPT_TILE)
+        rows = (t1 - t0) * group
+        rows4 = (rows + 3) // 4 * 4
+        lo = max(0, p0 + t0 - window + 1) if window > 0 else 0
+        k0 = lo // 32 * 32
+        n = (p0 + t1 - k0 + 31) // 32 * 32
+        qs = np.zeros(rows4 * dim, np.float32)
+        for t in range(t0, t1):
+            for g in range(group):
+                o = ((t - t0) * group + g) * dim
+                for d in range(dim):
+                    qs[o + d] = q[t, h * group + g, d] * scale
+        scores = np.zeros((rows4, n), np.float32)
+        sf = scores.reshape(-1)
+        for r in range(0, rows4, 4):
+            for j in range(0, n, 32):
+                for d in range(0, dim, 16):
+                    tile4x32(sf, r * n + j, n, qs, r * dim + d, dim, ktf, (h * dim + d) * n_pad + k0 + j, n_pad)
+        softmax_rows(scores[:rows], p0 + t0, group, k0, softcap, window, slopes, h * group, lanes)
+        acc = np.zeros(rows4 * v_dim, np.float32)
+        for r in range(0, rows4, 4):
+            for v in range(0, v_dim, 32):
+                for j in range(0, n, 16):
+                    tile4x32(acc, r * v_dim + v, v_dim, sf, r * n + j, n, vpf, (h * n_pad + k0 + j) * v_dim + v, v_dim)
+        for t in range(t0, t1):
+            for g in range(group):
+                o = ((t - t0) * group + g) * v_dim
+                for d in range(v_dim):
+                    out[t, (h * group + g) * v_dim + d] = acc[o + d]
 
 
 @njit(**SOFTMAX_OPTS)

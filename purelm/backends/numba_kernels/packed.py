@@ -84,17 +84,41 @@ def split_range(item, n_split, n_sub):
 
 
 @njit(**OPTS, inline="always")
-def store_group(acc, y, parts, g, k, n_lanes):
-    """A work item's sums: straight into y, or into its split's slot of `parts` (summed later)."""
-    n_tok, n_out = y.shape
+def store_group(acc, y, parts, g, k, n_lanes, t_lo, t_hi):
+    """A work item's sums of tokens t_lo..t_hi-1: straight into y, or into its split's slot of `parts`
+    (summed later)."""
+    n_out = y.shape[1]
     if parts.shape[0] == 0:
-        for t in range(n_tok):
+        for t in range(t_lo, t_hi):
             for r in range(min(n_lanes, n_out - g * n_lanes)):
                 y[t, at(g * n_lanes + r)] = acc[t, r]
     else:
-        for t in range(n_tok):
+        for t in range(t_lo, t_hi):
             for r in range(n_lanes):
                 parts[k, t, at(g * n_lanes + r)] = acc[t, r]
+
+
+@njit(**OPTS, inline="always")
+def token_splits(parts):
+    """The ranges the dot kernels cut a batch's tokens into: `parts` of shape (0, n, c) asks for n
+    (a prompt's rows: work items over row groups and token ranges need no sums of column ranges
+    added up afterwards, a serial step), any other `parts` for one."""
+    return max(1, parts.shape[1]) if parts.shape[0] == 0 else 1
+
+
+@njit(**OPTS, inline="always")
+def column_ranges(parts):
+    """With token ranges (parts of shape (0, n, c)): the c column ranges a batch item sums one after
+    another, as the column splits of the same matrix are summed (sum_parts), so that each token's
+    sums have the bits they have in a decode step."""
+    return max(1, parts.shape[2]) if parts.shape[0] == 0 else 1
+
+
+@njit(**OPTS, inline="always")
+def token_range(item, n_ranges, n_tok):
+    """Work item -> (its item over row groups and column splits, first token, end token)."""
+    k = item % n_ranges
+    return item // n_ranges, k * n_tok // n_ranges, (k + 1) * n_tok // n_ranges
 
 
 @njit(**OPTS, inline="always")
@@ -153,7 +177,7 @@ def matvec_nibble(qs, qh, d, m, sc, mn, mode, offset, x, y, parts):
                             s[t, r] += np.float32(np.int32(q & 15)) * xl + np.float32(np.int32(q >> 4)) * xh
             for t in range(n_tok):
                 nibble_fold(acc, s[t], d, m, sc, mn, mode, offset, g, b, xsum[t, b], t, n_lanes)
-        store_group(acc, y, parts, g, k, n_lanes)
+        store_group(acc, y, parts, g, k, n_lanes, 0, n_tok)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
 
@@ -184,7 +208,7 @@ def matvec_q8(qs, d, x, y, parts):
                         s[r] += np.float32(qs[g, b, j, r]) * xj
                 for r in range(n_lanes):
                     acc[t, r] += half_to_float(d[g, b, r]) * s[r]
-        store_group(acc, y, parts, g, k, n_lanes)
+        store_group(acc, y, parts, g, k, n_lanes, 0, n_tok)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
 
@@ -229,7 +253,7 @@ def matvec_q6k(qs, qh, sc, d, x, y, parts):
                     acc[t, r] += half_to_float(d[g, sup, r]) * (
                         np.float32(sc[g, 2 * b, r]) * (sa[r] - 32 * xa)
                         + np.float32(sc[g, 2 * b + 1, r]) * (sb[r] - 32 * xb))
-        store_group(acc, y, parts, g, k, n_lanes)
+        store_group(acc, y, parts, g, k, n_lanes, 0, n_tok)
     if parts.shape[0] > 0:
         sum_parts(y, parts)
 
@@ -495,6 +519,7 @@ def dot_item(kind, int8, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx
     n_lanes = width // 4
     n_split = max(1, parts.shape[0])
     wide_vectors()
+    item, t_lo, t_hi = token_range(item, token_splits(parts), n_tok)
     g, k, b0, b1 = split_range(item, n_split, n_sub)
     acc = np.zeros((n_tok, n_lanes), np.float32)
     dots = np.empty(2 * n_lanes, np.int32)  # a row's dot (and Q6_K's second half's)
@@ -507,54 +532,69 @@ def dot_item(kind, int8, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx
         for c in range(0, quads * width, 64):
             prefetch(flat, at0 + PREFETCH_BYTES + c)
         block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes)
-        for t in range(n_tok):
+        for t in range(t_lo, t_hi):
             xb = t * n_words + b * WORDS
             for v in range(n_lanes // 16):
                 dot_block1(kind, int8, dots, v * 16, flat, at0 + v * 64, width, xs, xb)
             fold_dots(int8, acc, t, dots, 0, mode, dscale, mscale, dx[t, b], xq_sums, b, offset, n_lanes)
-    store_group(acc, y, parts, g, k, n_lanes)
+    store_group(acc, y, parts, g, k, n_lanes, t_lo, t_hi)
 
 
 @njit(**OPTS, inline="always")
 def dot_batch_item(kind, int8, item, flat, d, m, sc, mn, mode, offset, xs, n_words, dx, xq_sums, y, parts, n_sub, width):
-    """matvec_dot_batch_*'s work item: one group of rows (or a column range of it), tokens 4 or 2 at a time."""
+    """matvec_dot_batch_*'s work item: one group of rows (or a column range of it), or one group and
+    one range of tokens (token_splits: then its column ranges one after another), tokens 4 or 2 at a
+    time."""
     n_tok = dx.shape[0]
     n_lanes = width // 4
     n_split = max(1, parts.shape[0])
     wide_vectors()
+    item, t_lo, t_hi = token_range(item, token_splits(parts), n_tok)
     g, k, b0, b1 = split_range(item, n_split, n_sub)
+    n_cols = column_ranges(parts)
     acc = np.zeros((n_tok, n_lanes), np.float32)
+    total = np.zeros((n_tok, n_lanes), np.float32) if n_cols > 1 else acc  # the column ranges' sum
     L = 2 * n_lanes  # a token's dots (a row's, and Q6_K's second half's)
     dots = np.empty(4 * L, np.int32)  # four tokens' lanes
     dscale = np.empty(2 * n_lanes, np.float32)  # this block's row scales (and minimums), once for all tokens
     mscale = np.empty(2 * n_lanes, np.float32)  # (Q2_K: of both halves)
     quads = kind_quads(kind)
     step = n_sub * quads * width
-    for b in range(b0, b1):
-        at0 = g * step + b * quads * width
-        for c in range(0, quads * width, 64):
-            prefetch(flat, at0 + PREFETCH_BYTES + c)
-        block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes)
-        t0 = 0
-        while t0 + 1 < n_tok:  # tokens four or two at a time: each weight group unpacked once for them
-            n = 4 if t0 + 4 <= n_tok else 2
-            xb = t0 * n_words + b * WORDS  # token t0's words of this sub-block in xs
-            for v in range(n_lanes // 16):
-                w_at, o = at0 + v * 64, v * 16
-                if n == 4:
-                    dot_block4(kind, int8, dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at, width, xs,
-                               xb, xb + n_words, xb + 2 * n_words, xb + 3 * n_words)
-                else:
-                    dot_block2(kind, int8, dots, o, L + o, flat, w_at, width, xs, xb, xb + n_words)
-            for t in range(t0, t0 + n):
-                fold_dots(int8, acc, t, dots, (t - t0) * L, mode, dscale, mscale, dx[t, b], xq_sums, b, offset, n_lanes)
-            t0 += n
-        if t0 < n_tok:  # an odd batch's last token
-            xb = t0 * n_words + b * WORDS
-            for v in range(n_lanes // 16):
-                dot_block1(kind, int8, dots, v * 16, flat, at0 + v * 64, width, xs, xb)
-            fold_dots(int8, acc, t0, dots, 0, mode, dscale, mscale, dx[t0, b], xq_sums, b, offset, n_lanes)
-    store_group(acc, y, parts, g, k, n_lanes)
+    for col in range(n_cols):
+        c0, c1 = b0 + col * (b1 - b0) // n_cols, b0 + (col + 1) * (b1 - b0) // n_cols
+        if n_cols > 1:
+            for t in range(t_lo, t_hi):
+                for r in range(n_lanes):
+                    acc[t, r] = 0
+        for b in range(c0, c1):
+            at0 = g * step + b * quads * width
+            for c in range(0, quads * width, 64):
+                prefetch(flat, at0 + PREFETCH_BYTES + c)
+            block_scales(d, m, sc, mn, mode, g, b, dscale, mscale, n_lanes)
+            t0 = t_lo
+            while t0 + 1 < t_hi:  # tokens four or two at a time: each weight group unpacked once for them
+                n = 4 if t0 + 4 <= t_hi else 2
+                xb = t0 * n_words + b * WORDS  # token t0's words of this sub-block in xs
+                for v in range(n_lanes // 16):
+                    w_at, o = at0 + v * 64, v * 16
+                    if n == 4:
+                        dot_block4(kind, int8, dots, o, L + o, 2 * L + o, 3 * L + o, flat, w_at, width, xs,
+                                   xb, xb + n_words, xb + 2 * n_words, xb + 3 * n_words)
+                    else:
+                        dot_block2(kind, int8, dots, o, L + o, flat, w_at, width, xs, xb, xb + n_words)
+                for t in range(t0, t0 + n):
+                    fold_dots(int8, acc, t, dots, (t - t0) * L, mode, dscale, mscale, dx[t, b], xq_sums, b, offset, n_lanes)
+                t0 += n
+            if t0 < t_hi:  # an odd batch's last token
+                xb = t0 * n_words + b * WORDS
+                for v in range(n_lanes // 16):
+                    dot_block1(kind, int8, dots, v * 16, flat, at0 + v * 64, width, xs, xb)
+                fold_dots(int8, acc, t0, dots, 0, mode, dscale, mscale, dx[t0, b], xq_sums, b, offset, n_lanes)
+        if n_cols > 1:
+            for t in range(t_lo, t_hi):
+                for r in range(n_lanes):
+                    total[t, r] += acc[t, r]
+    store_group(total, y, parts, g, k, n_lanes, t_lo, t_hi)
 
 
 @njit(**OPTS)
@@ -576,20 +616,22 @@ def half_sums(xq, dx):
 def dot_setup(kind, qs, mode, x, parts):
     """The kernels' entry check and shared start: x's int16 words, scales and sums (see dot_item)."""
     n_groups, n_sub, n_quads, width = qs.shape
-    assert n_quads == kind_quads(kind) and quads_fit(mode, kind)
+    assert n_quads == kind_quads(kind) and quads_fit(mode, kind) and token_splits(parts) <= max(1, x.shape[0])
     xq, dx, xq_sums = quantize_activations(x, 4 * WORDS)
     if kind == CRUMB_KIND:  # Q2_K's minimums: sums per 16 weights
         xq_sums = half_sums(xq, dx)
-    return n_groups * max(1, parts.shape[0]), qs.reshape(-1), xq.reshape(-1), xq.shape[1], dx, xq_sums, n_sub, width
+    n_items = n_groups * max(1, parts.shape[0]) * token_splits(parts)
+    return n_items, qs.reshape(-1), xq.reshape(-1), xq.shape[1], dx, xq_sums, n_sub, width
 
 
 @njit(**OPTS, inline="always")
 def dot8_setup(kind, qs, mode, x, parts):
     """dot_setup for the int8 kernels: x's int8 words."""
     n_groups, n_sub, n_quads, width = qs.shape
-    assert n_quads == kind and quads_fit(mode, kind) and kind != SIX_QUADS
+    assert n_quads == kind and quads_fit(mode, kind) and kind != SIX_QUADS and token_splits(parts) <= max(1, x.shape[0])
     xq, dx, xq_sums = quantize_activations8(x, 4 * WORDS)
-    return n_groups * max(1, parts.shape[0]), qs.reshape(-1), xq.reshape(-1), xq.shape[1], dx, xq_sums, n_sub, width
+    n_items = n_groups * max(1, parts.shape[0]) * token_splits(parts)
+    return n_items, qs.reshape(-1), xq.reshape(-1), xq.shape[1], dx, xq_sums, n_sub, width
 
 
 # The matrix-vector kernels of the dot layouts: Q4_0/Q4_1/Q4_K (nibbles) and Q5_0/Q5_1/Q5_K (nibbles and a

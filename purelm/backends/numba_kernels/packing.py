@@ -113,6 +113,17 @@ def column_splits(n_groups: int, n_sub: int, threads: int) -> int:
     return 4
 
 
+def token_ranges(n_groups: int, n_tok: int, threads: int) -> int:
+    """How many token ranges to cut a prompt's rows into instead (packed.token_splits): as evenly
+    spread, with no sums of column ranges to add up afterwards; 8 tokens a range at least."""
+    for n in range(1, 9):
+        items = n_groups * n
+        rounds = -(-items // threads)
+        if items / (rounds * threads) >= 0.95 or 8 * (n + 1) > n_tok:
+            return n
+    return 8
+
+
 def _u16(blocks: np.ndarray, offset: int) -> np.ndarray:
     """The uint16 at byte `offset` of every block (..., nbytes) -> (...)."""
     return np.ascontiguousarray(blocks[..., offset:offset + 2]).view("<u2")[..., 0]
