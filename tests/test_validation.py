@@ -166,6 +166,42 @@ def test_norm_entry_check(backend):
             ops.layer_norm(x, None, w, 1e-5)
 
 
+def test_prompt_attention_kernel_entry_check():
+    """ops.attention_prompt (the tiled prompt attention) refuses shapes that do not fit: keys short of
+    the queries' positions, query heads that do not share the KV heads evenly, head sizes it does not
+    take, an output of the wrong shape."""
+    from purelm.backends.numba_kernels import ops as kernels
+
+    def run(n_tok=4, n_head=4, n_kv=2, dim=16, v_dim=32, n_keys=6, p0=2, out=None):
+        q = np.ones((n_tok, n_head, dim), np.float32)
+        k, v = np.ones((n_keys, n_kv, dim), np.float32), np.ones((n_keys, n_kv, v_dim), np.float32)
+        out = np.empty((n_tok, n_head * v_dim), np.float32) if out is None else out
+        kernels.attention_prompt(q, k, v, p0, np.float32(0.25), np.float32(0), 0, np.zeros(0, np.float32), 32, out)
+        return out
+
+    np.testing.assert_allclose(run(), 1.0)  # every value row is ones
+    for bad in (dict(n_keys=5), dict(p0=-1), dict(n_head=5), dict(dim=24), dict(v_dim=16),
+                dict(out=np.empty((4, 64), np.float32))):
+        with pytest.raises(AssertionError):
+            run(**bad)
+
+
+def test_dot_kernels_refuse_more_token_ranges_than_tokens():
+    from purelm.backends.numba_backend import _token_parts
+    from purelm.quant import GGMLType, quantize
+    from purelm.formats.gguf import Tensor
+
+    be = NumbaBackend(threads=1)
+    w = be.weight(Tensor("w", GGMLType.Q4_0, (64, 256), 0, quantize(np.ones((64, 256), np.float32), GGMLType.Q4_0)))
+    be.linear(np.ones((1, 256), np.float32), w)
+    if w.packed is None or not w.packed.family.endswith("_dot"):
+        pytest.skip("no dot kernels on this CPU")
+    x, y = np.ones((3, 256), np.float32), np.empty((3, 64), np.float32)
+    w.kernel_many(*w.kernel_args, x, y, _token_parts(3, 1))
+    with pytest.raises(AssertionError):
+        w.kernel_many(*w.kernel_args, x, y, _token_parts(4, 1))
+
+
 def test_gated_activation_entry_check():
     ops = make_backend("numba")
     with pytest.raises(ShapeError, match="gate"):

@@ -17,8 +17,10 @@ activations), which moves logits ~100x more than int16 and flips near-ties (READ
 
 Prefill (many tokens): the types with integer kernels (int16_dot, or int8_dot) take the prompt through
 the same kernels as decode, PREFILL_ROWS rows a call (each call reads the weights once; each row rounded
-as a decode token is: 1.4-1.7x float32 BLAS on this project's CPUs, benchmarks/README.md); other types'
-tiles of rows are dequantized to float32 and multiplied with BLAS. Attention is done as matrix products.
+as a decode token is: 1.4-1.7x float32 BLAS on this project's CPUs, benchmarks/README.md), their rows
+cut into token ranges rather than column ranges (packed.token_splits: a decode step's bits, no serial
+sum); other types' tiles of rows are dequantized to float32 and multiplied with BLAS. Attention is done
+as matrix products: blocked in numba (ops.attention_prompt) where head sizes fit, else with BLAS.
 The work is split over our own pool of `threads` Python threads, each running serial (GIL-free) numba
 kernels and single-threaded BLAS: numba's and OpenBLAS's spinning thread pools never run at the same time (measured: letting both spin was 3-10x slower on 2 cores).
 

@@ -105,23 +105,23 @@ class Packed:
 def column_splits(n_groups: int, n_sub: int, threads: int) -> int:
     """How many column ranges to cut each group into so that the work items spread evenly over the
     threads (a matrix of 9 groups on 2 threads would otherwise leave one idle a ninth of the time)."""
-    for n_split in range(1, 5):
-        items = n_groups * n_split
-        rounds = -(-items // threads)
-        if items / (rounds * threads) >= 0.95 or 2 * (n_split + 1) > n_sub:
-            return n_split
-    return 4
+    return _even_cuts(n_groups, threads, min(4, max(1, n_sub // 2)))
 
 
 def token_ranges(n_groups: int, n_tok: int, threads: int) -> int:
     """How many token ranges to cut a prompt's rows into instead (packed.token_splits): as evenly
     spread, with no sums of column ranges to add up afterwards; 8 tokens a range at least."""
-    for n in range(1, 9):
+    return _even_cuts(n_groups, threads, min(8, max(1, n_tok // 8)))
+
+
+def _even_cuts(n_groups: int, threads: int, most: int) -> int:
+    """The fewest cuts of each group, up to `most`, that spread the work items over the threads
+    to within 5% of even."""
+    for n in range(1, most):
         items = n_groups * n
-        rounds = -(-items // threads)
-        if items / (rounds * threads) >= 0.95 or 8 * (n + 1) > n_tok:
+        if items / (-(-items // threads) * threads) >= 0.95:
             return n
-    return 8
+    return most
 
 
 def _u16(blocks: np.ndarray, offset: int) -> np.ndarray:
