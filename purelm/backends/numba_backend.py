@@ -687,8 +687,8 @@ class NumbaBackend(Backend):
         y = np.empty((x.shape[0], w.n_out), np.float32)
         if w.kernel is not None:
             n, p = w.column_splits, w.packed
-            if x.shape[0] > MATVEC_MAX_TOKENS and w.kernel_many is not w.kernel:  # a prompt's rows: token
-                # ranges, each item adding up its column splits (no serial sum; a decode step's bits)
+            if x.shape[0] > MATVEC_MAX_TOKENS and self._matvec_prefill(w):  # a prompt's rows (dot kernels):
+                # token ranges, each item adding up its column splits (no serial sum; a decode step's bits)
                 parts = _token_parts(token_ranges(p.n_groups, x.shape[0], self.threads), n)
             else:
                 parts = np.empty((n, x.shape[0], p.n_groups * p.lanes), np.float32) if n > 1 else NO_PARTS

@@ -635,7 +635,7 @@ def attention_prompt(q, keys, values, p0, scale, softcap, window, slopes, lanes,
 
 @njit(**SOFTMAX_OPTS)
 def softmax_rows(scores, pos0, group, k0, softcap, window, slopes, head0, lanes):
-    """Turn (already scaled) q.k scores into attention weights in place, for prefill's BLAS attention.
+    """Turn (already scaled) q.k scores into attention weights in place, for prefill attention (tiled or BLAS).
 
     scores (rows, n_keys): row i is query (token pos0 + i // group, head head0 + i % group), column c
     key position k0 + c. Applies softcap and ALiBi, then softmax over the keys the query may see
