@@ -37,8 +37,11 @@ def test_wheel_install_then_editable_install(tmp_path):
     installed = site / "purelm"
     before = {p for p in installed.rglob("*") if "__pycache__" not in p.parts}
     # a run that compiles and caches a kernel (the whole model would take a minute to compile)
-    code = ("import numpy as np, purelm; from purelm.backends.numba_backend import NumbaBackend; "
-            "NumbaBackend(1).rms_norm(np.ones((1, 8), np.float32), np.ones(8, np.float32), 1e-5); "
+    # (and an embedding lookup: its kernels are closures, one per type, rows.dequant_rows)
+    code = ("import numpy as np, purelm; from purelm.backends.numba_backend import NumbaBackend, NumbaWeight; "
+            "from purelm.quant import GGMLType; be = NumbaBackend(1); "
+            "be.rms_norm(np.ones((1, 8), np.float32), np.ones(8, np.float32), 1e-5); "
+            "be.embed(NumbaWeight(GGMLType.F32, 2, 8, np.zeros((2, 32), np.uint8)), np.zeros(1)); "
             "print(purelm.__file__)")
     assert run([str(py), "-c", code], env).strip() == str(installed / "__init__.py")
     assert list((tmp_path / "cache" / "numba").rglob("*.nbi")), "numba cached nothing in the user cache"

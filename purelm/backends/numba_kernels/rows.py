@@ -147,23 +147,29 @@ def decode_row(w, qtype, block, out):
 
 
 _decode_row_inline = njit(**OPTS, inline="always")(decode_row.py_func)
-_lookups: dict[int, object] = {}
+
+
+def _lookup_of(qtype: int):
+    """dequant_rows' kernel for `qtype`, a constant of the compiled function (its closure: numba keys
+    the cache by closure values too), so that only that type's branch of decode_row is compiled."""
+    def lookup(data, block, rows, out):
+        for i in range(rows.shape[0]):
+            _decode_row_inline(data[rows[i]], qtype, block, out[i])
+    return njit(**OPTS)(lookup)
+
+
+# Defined with the module, not on first use: numba picks a cached function's folder when the function
+# is defined (purelm.paths.numba_cache), and compiles it only when it is first called.
+_LOOKUPS = {int(t): _lookup_of(int(t)) for t in sorted(ROW_TYPES)}
 
 
 def dequant_rows(qtype: int):
     """The embedding lookup of one type: f(data, block, rows, out) sets out[i] = row rows[i] of data
-    (n_rows, row_bytes), dequantized. `qtype` is a constant of the compiled function (numba keys its
-    cache by closure values too), so only that type's branch of decode_row is compiled: 0.7-0.8 s on a
-    first start against 1.4-1.5 s for every type's."""
-    lookup = _lookups.get(qtype)
+    (n_rows, row_bytes), dequantized. A kernel per type: 0.7-0.8 s of compiling on a first start
+    against 1.4-1.5 s for a kernel of every type's branches."""
+    lookup = _LOOKUPS.get(qtype)
     if lookup is None:
-        if qtype not in ROW_TYPES:
-            raise ValueError(f"dequant_rows: no row kernel for type {qtype}")
-
-        def lookup(data, block, rows, out):
-            for i in range(rows.shape[0]):
-                _decode_row_inline(data[rows[i]], qtype, block, out[i])
-        lookup = _lookups[qtype] = njit(**OPTS)(lookup)
+        raise ValueError(f"dequant_rows: no row kernel for type {qtype}")
     return lookup
 
 
