@@ -337,8 +337,8 @@ DOT8_KINDS = (NIBBLE_QUADS, FIVE_QUADS, BYTE_QUADS)  # with int8 activations (AV
 def _dot_block_typer(tokens):
     """The typer of dot_block{tokens}: `kind` and `int8` must be compile-time constants (a kernel
     passes module constants and literals), and only that kind's code is generated. One call
-    branching over every kind at run time generated all eleven kinds' vector code into each kernel
-    and its compile took 1.5x as long (matvec_dot_nibbles: 3.7 against 2.2-2.5 s)."""
+    branching over every kind at run time generated all eleven kinds' vector code into each kernel,
+    a longer compile on a first start (benchmarks/README.md, "First start")."""
     def typer(kind, int8, args):
         if not isinstance(kind, types.IntegerLiteral) or not isinstance(int8, types.BooleanLiteral):
             return None  # numba tries again with the literal types

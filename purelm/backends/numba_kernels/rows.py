@@ -165,8 +165,8 @@ _LOOKUPS = {int(t): _lookup_of(int(t)) for t in sorted(ROW_TYPES)}
 
 def dequant_rows(qtype: int):
     """The embedding lookup of one type: f(data, block, rows, out) sets out[i] = row rows[i] of data
-    (n_rows, row_bytes), dequantized. A kernel per type: 0.7-0.8 s of compiling on a first start
-    against 1.4-1.5 s for a kernel of every type's branches."""
+    (n_rows, row_bytes), dequantized. A kernel per type: a first start compiles the embeddings' type
+    only, not every type's branches (benchmarks/README.md, "First start")."""
     lookup = _LOOKUPS.get(qtype)
     if lookup is None:
         raise ValueError(f"dequant_rows: no row kernel for type {qtype}")
