@@ -687,9 +687,11 @@ class NumbaBackend(Backend):
         y = np.empty((x.shape[0], w.n_out), np.float32)
         if w.kernel is not None:
             n, p = w.column_splits, w.packed
-            if x.shape[0] > MATVEC_MAX_TOKENS and self._matvec_prefill(w):  # a prompt's rows (dot kernels):
-                # token ranges, each item adding up its column splits (no serial sum; a decode step's bits)
-                parts = _token_parts(token_ranges(p.n_groups, x.shape[0], self.threads), n)
+            ranges = token_ranges(p.n_groups, x.shape[0], self.threads) if self._matvec_prefill(w) else 1
+            if ranges > 1 and (n > 1 or x.shape[0] > MATVEC_MAX_TOKENS):  # a prompt's rows, or a batch
+                # of a matrix with column splits (dot kernels): token ranges, each item adding up its
+                # column splits (no serial sum; a decode step's bits)
+                parts = _token_parts(ranges, n)
             else:
                 parts = np.empty((n, x.shape[0], p.n_groups * p.lanes), np.float32) if n > 1 else NO_PARTS
             (w.kernel if x.shape[0] == 1 else w.kernel_many)(*w.kernel_args, x, y, parts)
@@ -975,9 +977,12 @@ class NumbaBackend(Backend):
             # parallel kernel compile the same items differently (reductions reassociated), so a
             # token's bits would depend on the company it keeps. With one numba thread the parallel
             # kernel runs its items serially, the same code.
-            kernel = ops.attention_paged if self.threads == 1 else ops.attention_paged_parallel
             self._kernel_threads()
-            kernel(qt, keys, values, tables, pos, BLOCK_SHIFT, *args, ATTENTION_CHUNK, ot)
+            if self.threads == 1:
+                ops.attention_paged(qt, keys, values, tables, pos, BLOCK_SHIFT, *args, ATTENTION_CHUNK, ot)
+            else:
+                ops.attention_paged_parallel(qt, keys, values, tables, pos, BLOCK_SHIFT, *args, ATTENTION_CHUNK,
+                                             self.threads, ot)
             if ot is not out:
                 out[tokens] = ot
         return out

@@ -14,7 +14,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .common import OPTS, SOFTMAX_OPTS, SOFTMAX_PARALLEL, at
-from .intrinsics import bits_to_float, half_to_float, load_f16, prefetch, tile4x32, wide_vectors
+from .intrinsics import bits_to_float, half_to_float, key_dots16, load_f16, prefetch, tile4x32, value_axpy16, wide_vectors
 
 LOG2E = np.float32(1.4426950408889634)
 EXP_HI = np.float32(88.0)  # exp(88) is the largest power-of-two step that stays finite here
@@ -105,7 +105,7 @@ def rope(x, positions, cos, sin, n_dims, neox, out):
 # store's dtype and inlined, so a float32 store compiles to the loops it always had.
 
 Q8_VALUES, Q8_BYTES = 32, 34
-AHEAD = 16  # key rows paged attention prefetches ahead of the four it works on
+AHEAD = 16  # key rows paged attention prefetches ahead of the 16 it works on
 
 
 @njit(cache=True)
@@ -203,68 +203,6 @@ def _row_axpy(acc, a0, w, store, base, n):
     return impl
 
 
-def store_value(store, i):
-    """Value i of a float32 or f16 (uint16 bits) store, as float32."""
-
-
-@overload(store_value, inline="always")
-def _store_value(store, i):
-    if store.dtype == types.float32:
-        return lambda store, i: store[i]
-    if store.dtype == types.uint16:
-        return lambda store, i: half_to_float(store[i])
-    return None
-
-
-# Four key (value) rows at a time: one pass over q (acc) for four positions. One row at a time, each
-# position's axpy reloads the sums the previous one just stored and waits on them (benchmarks/README.md,
-# "Decode attention").
-
-def rows_dot4(x, x0, store, b0, b1, b2, b3, n, out, o):
-    """out[o + j] = row_dot(x, x0, store, b_j, n) for the rows at b0..b3."""
-
-
-@overload(rows_dot4, inline="always")
-def _rows_dot4(x, x0, store, b0, b1, b2, b3, n, out, o):
-    if store.dtype == types.int8:
-        def impl(x, x0, store, b0, b1, b2, b3, n, out, o):
-            bases = (b0, b1, b2, b3)
-            for j in range(4):  # one inlined row_dot: four copies trip numba's inliner (as put_row's)
-                out[o + j] = row_dot(x, x0, store, bases[j], n)
-        return impl
-
-    def impl(x, x0, store, b0, b1, b2, b3, n, out, o):
-        d0 = d1 = d2 = d3 = np.float32(0)
-        for i in range(n):
-            v = x[at(x0 + i)]
-            d0 += v * store_value(store, at(b0 + i))
-            d1 += v * store_value(store, at(b1 + i))
-            d2 += v * store_value(store, at(b2 + i))
-            d3 += v * store_value(store, at(b3 + i))
-        out[o], out[o + 1], out[o + 2], out[o + 3] = d0, d1, d2, d3
-    return impl
-
-
-def rows_axpy4(acc, a0, w0, w1, w2, w3, store, b0, b1, b2, b3, n):
-    """row_axpy of the rows at b0..b3 with weights w0..w3, in one pass over acc."""
-
-
-@overload(rows_axpy4, inline="always")
-def _rows_axpy4(acc, a0, w0, w1, w2, w3, store, b0, b1, b2, b3, n):
-    if store.dtype == types.int8:
-        def impl(acc, a0, w0, w1, w2, w3, store, b0, b1, b2, b3, n):
-            bases, weights = (b0, b1, b2, b3), (w0, w1, w2, w3)
-            for j in range(4):
-                row_axpy(acc, a0, weights[j], store, bases[j], n)
-        return impl
-
-    def impl(acc, a0, w0, w1, w2, w3, store, b0, b1, b2, b3, n):
-        for i in range(n):
-            acc[at(a0 + i)] += ((w0 * store_value(store, at(b0 + i)) + w1 * store_value(store, at(b1 + i)))
-                                + (w2 * store_value(store, at(b2 + i)) + w3 * store_value(store, at(b3 + i))))
-    return impl
-
-
 def put_row(x, t, h, store, r):
     """store[r, h] = x[t, h] rounded to the store's type."""
 
@@ -343,15 +281,18 @@ def store_rows(k, v, keys, values, rows):
 
 
 @njit(**SOFTMAX_OPTS, inline="always")
-def paged_item(q, keys, values, tables, pos, shift, t, kv, c, chunk, scale, softcap, window, slopes,
-               part_max, part_sum, part_out, item):
-    """One work item of paged attention: token t's query heads that share KV head kv, over the key
+def paged_item(q, keys, values, tables, pos, shift, t, c, kv0, kv1, chunk, scale, softcap, window, slopes,
+               part_max, part_sum, part_out, slot, scratch):
+    """One work item of paged attention: token t's query heads of KV heads kv0..kv1-1, over the key
     positions of chunk c (c*chunk .. up to the token's own position, within its window). Leaves the
-    softmax partials (max, total, weighted sum of values) in part_*[item]. A
-    position p lives in row tables[t, p >> shift] << shift | p & mask of the pools. Each key and value
-    row is read once for all the group's heads, through flat views of the pools (2-D row views would
-    each cost a reference count update; flat indexes from 0 vectorize). The pools may be float32,
-    f16 bits (uint16) or q8_0 bytes (int8): row_dot and row_axpy read each type."""
+    softmax partials (max, total, weighted sum of values) of each head h in part_*[slot, h]. A
+    position p lives in row tables[t, p >> shift] << shift | p & mask of the pools. Rows go 16 at a
+    time, all the item's KV heads of each row in turn (a row's heads lie side by side in the pools:
+    the reads run along memory), each head's keys and values read once for the query heads sharing
+    it (GQA), through flat views of the pools. The pools may be float32, f16 bits (uint16) or q8_0
+    bytes (int8): key_dots16 and value_axpy16 read each type. A head's sums never depend on the other
+    heads of its item, so any split of the KV heads into items gives the same bits. `scratch`:
+    paged_scratch's arrays, overwritten (allocated once per thread, not per item)."""
     n_kv, dim, v_dim = keys.shape[1], row_values(keys), row_values(values)
     k_width, v_width = keys.shape[2], values.shape[2]  # a row's elements per head in each store
     group = q.shape[1] // n_kv
@@ -363,36 +304,43 @@ def paged_item(q, keys, values, tables, pos, shift, t, kv, c, chunk, scale, soft
         return
     n = b - a
     kf, vf = keys.reshape(-1), values.reshape(-1)
-    # Rows four at a time (rows_dot4, rows_axpy4): the last four repeat the last row as needed, their
-    # scores unused and their weights 0; AHEAD more for the prefetch to read.
-    n4 = (n + 3) // 4 * 4
-    rows = np.empty(n4 + AHEAD, np.int64)
-    for s in range(n):
-        p = a + s
-        rows[s] = (np.int64(tables[t, p >> shift]) << shift) | (p & mask)
-    for s in range(n, n4 + AHEAD):
-        rows[s] = rows[n - 1]
-    qg = np.empty(group * dim, np.float32)  # the group's queries, scaled
-    for gi in range(group):
+    # Each position's row as its element offset in the flat pools; the last 16 rows repeat the last
+    # one as needed (their scores unused, their weights 0), and AHEAD more for the prefetch to read.
+    n16 = (n + 15) // 16 * 16
+    k_rows, v_rows, qg, scores, acc = scratch
+    for s in range(n16 + AHEAD):
+        p = a + min(s, n - 1)
+        row = (np.int64(tables[t, p >> shift]) << shift) | (p & mask)
+        k_rows[s] = row * n_kv * k_width
+        if s < n16:
+            v_rows[s] = row * n_kv * v_width
+    h0, n_h = kv0 * group, (kv1 - kv0) * group  # the item's query heads: h0 + hi, hi < n_h
+    for hi in range(n_h):  # their queries, scaled
         for i in range(dim):
-            qg[gi * dim + i] = q[t, kv * group + gi, i] * scale
-    scores = np.empty(group * n4, np.float32)  # head gi's at gi * n4
+            qg[hi * dim + i] = q[t, h0 + hi, i] * scale
+    # Head sizes that are not multiples of 16: the last dim % 16 values row by row (f32 and f16; a
+    # q8_0 row holds whole blocks of 32)
+    k16, v16 = dim // 16 * 16, v_dim // 16 * 16
     k_line, v_line = 64 // kf.itemsize, 64 // vf.itemsize  # a cache line's elements
-    for s in range(0, n4, 4):
+    for s in range(0, n16, 16):  # scores: head hi's at hi * n16
         # the pools come from memory: the hardware prefetcher alone leaves this loop waiting on them
-        for j in range(s + AHEAD, s + AHEAD + 4):
-            for e in range(0, k_width, k_line):
-                prefetch(kf, (rows[j] * n_kv + kv) * k_width + e)
-        for j in range(s, s + 4):  # the values, for after the softmax
-            for e in range(0, v_width, v_line):
-                prefetch(vf, (rows[j] * n_kv + kv) * v_width + e)
-        b0, b1 = (rows[s] * n_kv + kv) * k_width, (rows[s + 1] * n_kv + kv) * k_width
-        b2, b3 = (rows[s + 2] * n_kv + kv) * k_width, (rows[s + 3] * n_kv + kv) * k_width
-        for gi in range(group):
-            rows_dot4(qg, gi * dim, kf, b0, b1, b2, b3, dim, scores, gi * n4 + s)
-    for gi in range(group):
-        h = kv * group + gi
-        sc = scores[gi * n4:gi * n4 + n]
+        for j in range(s + AHEAD, s + AHEAD + 16):
+            for e in range(kv0 * k_width, kv1 * k_width, k_line):
+                prefetch(kf, k_rows[j] + e)
+        for j in range(s, s + 16):  # the values, for after the softmax
+            for e in range(kv0 * v_width, kv1 * v_width, v_line):
+                prefetch(vf, v_rows[j] + e)
+        for kv in range(kv0, kv1):
+            for gi in range(group):
+                hi = (kv - kv0) * group + gi
+                key_dots16(scores, hi * n16 + s, qg, hi * dim, kf, k_rows, s, kv * k_width, dim // 16)
+                if k16 < dim:
+                    for j in range(16):
+                        scores[hi * n16 + s + j] += row_dot(qg, hi * dim + k16, kf, k_rows[s + j] + kv * k_width + k16,
+                                                            dim - k16)
+    for hi in range(n_h):
+        h = h0 + hi
+        sc = scores[hi * n16:hi * n16 + n]
         if softcap > 0:
             for s in range(n):
                 sc[s] = np.float32(math.tanh(sc[s] / softcap)) * softcap
@@ -407,109 +355,135 @@ def paged_item(q, keys, values, tables, pos, shift, t, kv, c, chunk, scale, soft
             e = fast_exp(sc[s] - best)
             sc[s] = e
             total += e
-        for s in range(gi * n4 + n, gi * n4 + n4):
+        for s in range(hi * n16 + n, hi * n16 + n16):
             scores[s] = 0
-        part_max[item, gi] = best
-        part_sum[item, gi] = total
-    acc = np.zeros(group * v_dim, np.float32)
-    for s in range(0, n4, 4):
-        b0, b1 = (rows[s] * n_kv + kv) * v_width, (rows[s + 1] * n_kv + kv) * v_width
-        b2, b3 = (rows[s + 2] * n_kv + kv) * v_width, (rows[s + 3] * n_kv + kv) * v_width
-        for gi in range(group):
-            w = gi * n4 + s
-            rows_axpy4(acc, gi * v_dim, scores[w], scores[w + 1], scores[w + 2], scores[w + 3], vf, b0, b1, b2, b3,
-                       v_dim)
-    for gi in range(group):
+        part_max[slot, h] = best
+        part_sum[slot, h] = total
+    for i in range(n_h * v_dim):
+        acc[i] = 0
+    for s in range(0, n16, 16):
+        for kv in range(kv0, kv1):
+            for gi in range(group):
+                hi = (kv - kv0) * group + gi
+                value_axpy16(acc, hi * v_dim, scores, hi * n16 + s, vf, v_rows, s, kv * v_width, v_dim // 16)
+                if v16 < v_dim:
+                    for j in range(16):
+                        row_axpy(acc, hi * v_dim + v16, scores[hi * n16 + s + j], vf, v_rows[s + j] + kv * v_width + v16,
+                                 v_dim - v16)
+    for hi in range(n_h):
         for i in range(v_dim):
-            part_out[item, gi, i] = acc[gi * v_dim + i]
+            part_out[slot, h0 + hi, i] = acc[hi * v_dim + i]
+
+
+@njit(**SOFTMAX_OPTS, inline="always")
+def paged_scratch(q, keys, values, chunk):
+    """One thread's working arrays for paged_item: key and value row offsets, the scaled queries of
+    every head, their scores, their weighted values."""
+    n_head, dim, v_dim = q.shape[1], row_values(keys), row_values(values)
+    n16 = (chunk + 15) // 16 * 16
+    return (np.empty(n16 + AHEAD, np.int64), np.empty(n16, np.int64), np.empty(n_head * dim, np.float32),
+            np.empty(n_head * n16, np.float32), np.empty(n_head * v_dim, np.float32))
 
 
 @njit(**SOFTMAX_OPTS)
-def paged_items(pos, n_kv, chunk):
-    """The work items of paged attention: per token, per KV head, per chunk of `chunk` positions up to
-    its own; returns (first item of each token, token, KV head and chunk of each item)."""
+def paged_work(q, values, pos, chunk, n_kv, kv_split):
+    """The work items of paged attention, per token, per chunk of `chunk` positions up to its own and
+    per range of KV heads (kv_split of them), and room for their softmax partials, a slot per token
+    and chunk: returns (first slot of each token, then each item's token, chunk, first and end KV
+    head, slot; the partials)."""
     n_tok = pos.shape[0]
     first = np.empty(n_tok + 1, np.int64)
     first[0] = 0
     for t in range(n_tok):
-        first[t + 1] = first[t] + n_kv * (pos[t] // chunk + 1)
-    n = first[n_tok]
-    item_t, item_kv, item_c = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+        first[t + 1] = first[t] + pos[t] // chunk + 1
+    n_slots = first[n_tok]
+    n = n_slots * kv_split
+    items = np.empty((5, n), np.int64)
+    i = 0
     for t in range(n_tok):
-        n_chunks = pos[t] // chunk + 1
-        for j in range(first[t + 1] - first[t]):
-            item_t[first[t] + j] = t
-            item_kv[first[t] + j] = j // n_chunks
-            item_c[first[t] + j] = j % n_chunks
-    return first, item_t, item_kv, item_c
+        for c in range(first[t + 1] - first[t]):
+            for r in range(kv_split):
+                items[0, i], items[1, i], items[4, i] = t, c, first[t] + c
+                items[2, i], items[3, i] = r * n_kv // kv_split, (r + 1) * n_kv // kv_split
+                i += 1
+    n_head, v_dim = q.shape[1], row_values(values)
+    part_max = np.full((n_slots, n_head), -np.inf, np.float32)
+    part_sum = np.zeros((n_slots, n_head), np.float32)
+    part_out = np.zeros((n_slots, n_head, v_dim), np.float32)
+    return first, items, part_max, part_sum, part_out
 
 
 @njit(**SOFTMAX_OPTS)
-def paged_work(q, keys, values, pos, chunk):
-    """The work items (paged_items) and room for their softmax partials."""
-    n_kv, group, v_dim = keys.shape[1], q.shape[1] // keys.shape[1], row_values(values)
-    first, item_t, item_kv, item_c = paged_items(pos, n_kv, chunk)
-    n = item_t.shape[0]
-    part_max = np.full((n, group), -np.inf, np.float32)
-    part_sum = np.zeros((n, group), np.float32)
-    part_out = np.zeros((n, group, v_dim), np.float32)
-    return first, item_t, item_kv, item_c, part_max, part_sum, part_out
-
-
-@njit(**SOFTMAX_OPTS)
-def paged_combine(first, pos, chunk, n_kv, part_max, part_sum, part_out, out):
+def paged_combine(first, pos, chunk, part_max, part_sum, part_out, out):
     """out[t, h*Dv:] from the partials of token t's chunks (the same order whoever ran the items)."""
-    n_head = out.shape[1] // part_out.shape[2]
-    group, v_dim = n_head // n_kv, part_out.shape[2]
+    n_head, v_dim = part_out.shape[1], part_out.shape[2]
     for t in range(pos.shape[0]):
         n_chunks = pos[t] // chunk + 1
+        base = first[t]
         for h in range(n_head):
-            kv, gi = h // group, h % group
-            base = first[t] + kv * n_chunks
-            best = part_max[base, gi]
+            best = part_max[base, h]
             for c in range(1, n_chunks):
-                best = max(best, part_max[base + c, gi])
+                best = max(best, part_max[base + c, h])
             total = np.float32(0)
             for i in range(v_dim):
                 out[t, h * v_dim + i] = 0
             for c in range(n_chunks):
-                if part_sum[base + c, gi] == 0:
+                if part_sum[base + c, h] == 0:
                     continue  # a chunk the window left empty
-                w = fast_exp(part_max[base + c, gi] - best)
-                total += w * part_sum[base + c, gi]
+                w = fast_exp(part_max[base + c, h] - best)
+                total += w * part_sum[base + c, h]
                 for i in range(v_dim):
-                    out[t, h * v_dim + i] += w * part_out[base + c, gi, i]
+                    out[t, h * v_dim + i] += w * part_out[base + c, h, i]
             inv = np.float32(1) / total
             for i in range(v_dim):
                 out[t, h * v_dim + i] *= inv
 
 
 @njit(**SOFTMAX_OPTS)
+def paged_share(q, keys, values, tables, pos, shift, scale, softcap, window, slopes, chunk, items,
+                part_max, part_sum, part_out, w, n_workers):
+    """Worker w's work items of paged attention, items w, w + n_workers, ... (neighbouring items are
+    one token's chunks and heads, alike in size), with its own scratch arrays. One compiled function
+    for both kernels: the serial one and each thread of the parallel one run the same code, so a
+    token's bits never depend on the thread count (and the parallel kernel's own compile stays small)."""
+    wide_vectors()
+    scratch = paged_scratch(q, keys, values, chunk)
+    for i in range(w, items.shape[1], n_workers):
+        paged_item(q, keys, values, tables, pos, shift, items[0, i], items[1, i], items[2, i], items[3, i], chunk,
+                   scale, softcap, window, slopes, part_max, part_sum, part_out, items[4, i], scratch)
+
+
+@njit(**SOFTMAX_OPTS)
 def attention_paged(q, keys, values, tables, pos, shift, scale, softcap, window, slopes, chunk, out):
     """Attention of tokens at positions `pos` (any sequences: token t's blocks are tables[t]) over
-    their cached keys and values, serially: a "split-K" work item per (token, KV head, chunk of
-    positions) reads each key and value row once for all the query heads sharing it (GQA). Each
-    token's result depends on its own query, positions and chunks only, not on the other tokens or
-    the thread count: attention_paged_parallel computes the same items on numba's threads."""
-    wide_vectors()
-    n_kv = keys.shape[1]
-    first, item_t, item_kv, item_c, part_max, part_sum, part_out = paged_work(q, keys, values, pos, chunk)
-    for item in range(item_t.shape[0]):
-        paged_item(q, keys, values, tables, pos, shift, item_t[item], item_kv[item], item_c[item], chunk, scale,
-                   softcap, window, slopes, part_max, part_sum, part_out, item)
-    paged_combine(first, pos, chunk, n_kv, part_max, part_sum, part_out, out)
+    their cached keys and values, serially: a "split-K" work item per (token, chunk of positions)
+    reads each key and value row once for all the query heads sharing it (GQA). Each token's result
+    depends on its own query, positions and chunks only, not on the other tokens or the thread
+    count: attention_paged_parallel computes the same sums on numba's threads."""
+    first, items, part_max, part_sum, part_out = paged_work(q, values, pos, chunk, keys.shape[1], 1)
+    paged_share(q, keys, values, tables, pos, shift, scale, softcap, window, slopes, chunk, items, part_max,
+                part_sum, part_out, np.int64(0), np.int64(1))  # (typed as the parallel kernel's)
+    paged_combine(first, pos, chunk, part_max, part_sum, part_out, out)
 
 
 @njit(**SOFTMAX_PARALLEL)
-def attention_paged_parallel(q, keys, values, tables, pos, shift, scale, softcap, window, slopes, chunk, out):
-    """attention_paged with the work items spread over numba's threads (same results)."""
-    n_kv = keys.shape[1]
-    first, item_t, item_kv, item_c, part_max, part_sum, part_out = paged_work(q, keys, values, pos, chunk)
-    for item in prange(item_t.shape[0]):
-        wide_vectors()
-        paged_item(q, keys, values, tables, pos, shift, item_t[item], item_kv[item], item_c[item], chunk, scale,
-                   softcap, window, slopes, part_max, part_sum, part_out, item)
-    paged_combine(first, pos, chunk, n_kv, part_max, part_sum, part_out, out)
+def attention_paged_parallel(q, keys, values, tables, pos, shift, scale, softcap, window, slopes, chunk, n_workers,
+                             out):
+    """attention_paged with the work items shared out over `n_workers` (numba's threads): the same
+    results. A token and chunk is one item where there are enough to share (a batch), else it is
+    split by KV heads (one sequence's decode step) until there are two items a worker."""
+    n_kv, n_slots = keys.shape[1], 0
+    for t in range(pos.shape[0]):
+        n_slots += pos[t] // chunk + 1
+    kv_split = 1
+    while kv_split < n_kv and n_slots * kv_split < 2 * n_workers:
+        kv_split += 1
+    first, items, part_max, part_sum, part_out = paged_work(q, values, pos, chunk, n_kv, kv_split)
+    n_workers = max(1, min(items.shape[1], n_workers))
+    for w in prange(n_workers):
+        paged_share(q, keys, values, tables, pos, shift, scale, softcap, window, slopes, chunk, items, part_max,
+                    part_sum, part_out, np.int64(w), n_workers)
+    paged_combine(first, pos, chunk, part_max, part_sum, part_out, out)
 
 
 # The gated activations read rows that may lie apart (gate and up are column ranges of one product):

@@ -109,9 +109,10 @@ def column_splits(n_groups: int, n_sub: int, threads: int) -> int:
 
 
 def token_ranges(n_groups: int, n_tok: int, threads: int) -> int:
-    """How many token ranges to cut a prompt's rows into instead (packed.token_splits): as evenly
-    spread, with no sums of column ranges to add up afterwards; 8 tokens a range at least."""
-    return _even_cuts(n_groups, threads, min(8, max(1, n_tok // 8)))
+    """How many token ranges to cut a batch's rows into instead (packed.token_splits): as evenly
+    spread, with no sums of column ranges to add up afterwards; 4 tokens a range at least (the
+    batch kernels' step), at most 8 ranges."""
+    return _even_cuts(n_groups, threads, min(8, max(1, n_tok // 4)))
 
 
 def _even_cuts(n_groups: int, threads: int, most: int) -> int:
