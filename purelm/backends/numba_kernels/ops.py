@@ -327,9 +327,6 @@ def paged_item(q, keys, values, tables, pos, shift, t, c, kv0, kv1, chunk, scale
         for j in range(s + AHEAD, s + AHEAD + 16):
             for e in range(kv0 * k_width, kv1 * k_width, k_line):
                 prefetch(kf, k_rows[j] + e)
-        for j in range(s, s + 16):  # the values, for after the softmax
-            for e in range(kv0 * v_width, kv1 * v_width, v_line):
-                prefetch(vf, v_rows[j] + e)
         for kv in range(kv0, kv1):
             for gi in range(group):
                 hi = (kv - kv0) * group + gi
@@ -362,6 +359,9 @@ def paged_item(q, keys, values, tables, pos, shift, t, c, kv0, kv1, chunk, scale
     for i in range(n_h * v_dim):
         acc[i] = 0
     for s in range(0, n16, 16):
+        for j in range(s + AHEAD, min(s + AHEAD + 16, n16)):
+            for e in range(kv0 * v_width, kv1 * v_width, v_line):
+                prefetch(vf, v_rows[j] + e)
         for kv in range(kv0, kv1):
             for gi in range(group):
                 hi = (kv - kv0) * group + gi
@@ -470,14 +470,12 @@ def attention_paged(q, keys, values, tables, pos, shift, scale, softcap, window,
 def attention_paged_parallel(q, keys, values, tables, pos, shift, scale, softcap, window, slopes, chunk, n_workers,
                              out):
     """attention_paged with the work items shared out over `n_workers` (numba's threads): the same
-    results. A token and chunk is one item where there are enough to share (a batch), else it is
-    split by KV heads (one sequence's decode step) until there are two items a worker."""
+    results. A token and chunk is one item where there are two or more a worker (a batch), else an
+    item per KV head (one sequence's decode step: with fewer, their sizes would be uneven)."""
     n_kv, n_slots = keys.shape[1], 0
     for t in range(pos.shape[0]):
         n_slots += pos[t] // chunk + 1
-    kv_split = 1
-    while kv_split < n_kv and n_slots * kv_split < 2 * n_workers:
-        kv_split += 1
+    kv_split = 1 if n_slots >= 2 * n_workers else n_kv
     first, items, part_max, part_sum, part_out = paged_work(q, values, pos, chunk, n_kv, kv_split)
     n_workers = max(1, min(items.shape[1], n_workers))
     for w in prange(n_workers):
