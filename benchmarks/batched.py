@@ -9,6 +9,9 @@ B prompts of npp tokens are prefilled, then every sequence decodes ntg tokens, o
 step for all of them. Reported per B: prefill and decode tokens/s summed over the sequences (medians
 of --reps runs), decode's speed-up over one sequence, and the ratio to llama.cpp. JSON on stdout
 (--out keeps a copy), a table on stderr. `../shared/peers/build-llama-cpp.sh` builds the peer.
+
+The KV cache is each engine's default (purelm float32, llama.cpp f16) unless `--cache-type` sets one
+type for both (`-ctk`/`-ctv` for llama.cpp).
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ def worker(args: argparse.Namespace) -> None:
 
     import purelm
 
-    llm = purelm.load(args.model, threads=args.threads, n_ctx=args.npp + args.ntg)
+    ct = args.cache_type or "f32"
+    llm = purelm.load(args.model, threads=args.threads, n_ctx=args.npp + args.ntg, cache_type_k=ct, cache_type_v=ct)
     model, rng = llm.model, np.random.default_rng(0)
     cache = model.new_cache(args.npp + args.ntg)  # warm-up: first passes load kernels and repack weights
     for ids in (rng.integers(0, model.n_vocab, args.npp), [1], [2]):
@@ -52,6 +56,8 @@ def worker(args: argparse.Namespace) -> None:
 def run_purelm(args: argparse.Namespace, threads: int, int8: bool = False) -> list[dict]:
     cmd = [sys.executable, __file__, args.model, "--worker", "--threads", str(threads), "--npp", str(args.npp),
            "--ntg", str(args.ntg), "--npl", ",".join(map(str, args.npl))]
+    if args.cache_type:
+        cmd += ["--cache-type", args.cache_type]
     env = dict(os.environ, PURELM_INT8_DOT="1" if int8 else "0")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
     if r.returncode:
@@ -64,6 +70,8 @@ def run_llama(args: argparse.Namespace, path: str, threads: int) -> list[dict]:
     cmd = [str(exe), "-m", path, "-c", str(max(args.npl) * (args.npp + args.ntg)), "-b", "2048", "-ub", "512",
            "-npp", str(args.npp), "-ntg", str(args.ntg), "-npl", ",".join(map(str, args.npl)), "-t", str(threads),
            "--output-format", "jsonl"]
+    if args.cache_type:
+        cmd += ["-ctk", args.cache_type, "-ctv", args.cache_type]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if r.returncode:
         raise RuntimeError(f"llama-batched-bench failed: {r.stderr[-2000:]}")
@@ -91,6 +99,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--int8", action="store_true",
                     help="also run purelm with int8 activations (PURELM_INT8_DOT=1, llama.cpp's rounding)")
+    ap.add_argument("--cache-type", choices=("f32", "f16", "q8_0"), default=None,
+                    help="KV cache type of both engines (default: each its own, purelm f32 and llama.cpp f16)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -18,7 +18,8 @@ the first event with text), the speed-up over one client, and purelm's ratio to 
 was under `--quiet-load` (0.25). The
 servers run as subprocesses, one at a time, with OMP/OPENBLAS/NUMBA thread variables set to the thread
 count; the clients run in this process (asyncio + httpx), on the same machine. JSON on stdout (--out
-keeps a copy), a table on stderr.
+keeps a copy), a table on stderr. The KV cache is each server's default (purelm float32, llama-server
+f16) unless `--cache-type` gives both the same `-ctk`/`-ctv`.
 
 `--lookup N` adds `purelm serve --lookup N` (speculative decoding by prompt lookup) as a third server,
 purelm+lookup; `--prompts lookup` sends the greedy chat requests of benchmarks/prompts/lookup (answers
@@ -72,6 +73,8 @@ def start_server(kind: str, args: argparse.Namespace, path: str, n: int, port: i
         cmd = [args.llama_server, "-m", path, "-np", str(n), "-cb", "-t", str(args.threads), "-tb",
                str(args.threads), "-c", str(args.ctx * n), "--port", str(port), "--host", "127.0.0.1",
                "--no-webui", "--log-disable"]
+    if args.cache_type:  # the same flags in both
+        cmd += ["-ctk", args.cache_type, "-ctv", args.cache_type]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -217,6 +220,8 @@ def main() -> None:
     ap.add_argument("--prompts", choices=("story", "lookup"), default="story",
                     help="story: sampled stories of --max-tokens tokens (default); lookup: the greedy chat requests "
                          "of benchmarks/prompts/lookup (edits, extraction, summaries), each to its end")
+    ap.add_argument("--cache-type", choices=("f32", "f16", "q8_0"), default=None,
+                    help="KV cache type of every server (default: each its own, purelm f32 and llama-server f16)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.prompts == "lookup":
