@@ -49,7 +49,8 @@ def worker(args: argparse.Namespace) -> None:
         for _ in range(args.ntg):
             model.forward_batch(cache, [(s, [int(rng.integers(0, model.n_vocab))]) for s in seqs])
         t2 = time.perf_counter()
-        out.append(dict(pl=n_seq, speed_pp=n_seq * args.npp / (t1 - t0), speed_tg=n_seq * args.ntg / (t2 - t1)))
+        out.append(dict(pl=n_seq, speed_pp=n_seq * args.npp / (t1 - t0), speed_tg=n_seq * args.ntg / (t2 - t1),
+                        cache_type=cache.type_k))
     print(json.dumps(out))
 
 
@@ -130,6 +131,8 @@ def main() -> None:
                                 speed_pp=statistics.median(r["speed_pp"] for r in rows),
                                 speed_tg=statistics.median(r["speed_tg"] for r in rows),
                                 speed_tg_reps=[round(r["speed_tg"], 2) for r in rows]))
+            if "cache_type" in rows[0]:  # purelm's cache as the worker made it
+                results[-1]["cache_type"] = rows[0]["cache_type"]
     by = {(r["engine"], r["threads"], r["pl"]): r for r in results}
     for r in results:
         one = by[(r["engine"], r["threads"], 1)]["speed_tg"] if (r["engine"], r["threads"], 1) in by else None
@@ -140,7 +143,8 @@ def main() -> None:
             r["pp_vs_llama_cpp"] = r["speed_pp"] / peer["speed_pp"]
     report = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv), model=path,
                   file_mb=os.path.getsize(path) / 2**20, cpu=cpu_name(), cores=os.cpu_count(),
-                  time=time.strftime("%Y-%m-%d %H:%M:%S"), npp=args.npp, ntg=args.ntg, reps=args.reps, results=results)
+                  time=time.strftime("%Y-%m-%d %H:%M:%S"), npp=args.npp, ntg=args.ntg, reps=args.reps,
+                  cache_type=args.cache_type, results=results)
     print(f"{'engine':<11} {'thr':>3} {'seqs':>4} {'pp tok/s':>9} {'tg tok/s':>9} {'tg vs 1':>8} {'tg vs llama.cpp':>15}",
           file=sys.stderr)
     for r in results:

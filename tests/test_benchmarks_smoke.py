@@ -143,3 +143,27 @@ def test_batched_bench_reports_every_sequence_count(tiny_model: Path, tmp_path: 
     assert set(rows) == {("purelm", 1), ("purelm", 3)}
     assert all(x["speed_tg"] > 0 and x["speed_pp"] > 0 for x in rows.values())
     assert rows[("purelm", 1)]["tg_vs_one_sequence"] == 1.0
+
+
+def test_batched_bench_cache_type_reaches_the_engine(tiny_model: Path, tmp_path: Path) -> None:
+    """--cache-type f16: the worker's cache stores f16 (its report says so), and the run still works."""
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, str(BENCH / "batched.py"), str(tiny_model), "--threads", "1", "--npl", "2",
+                        "--npp", "8", "--ntg", "2", "--reps", "1", "--cache-type", "f16", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert "--cache-type f16" in report["command"]
+    assert [x["cache_type"] for x in report["results"]] == ["f16"]
+
+
+def test_attention_bench_reports_each_store_and_case(tmp_path: Path) -> None:
+    out = tmp_path / "a.json"
+    r = subprocess.run([sys.executable, str(BENCH / "attention_bench.py"), "--seqs", "2", "--ctx", "70",
+                        "--heads", "4,2,32", "--threads", "1,2", "--reps", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=BENCH)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    got = {(x["store"], x["threads"], x["case"]) for x in report["results"]}
+    assert got == {(s, t, c) for s in ("f32", "f16", "q8_0") for t in (1, 2) for c in ("cached", "memory")}
+    assert all(x["us_per_layer"] > 0 and x["gb_s"] > 0 for x in report["results"])
