@@ -973,10 +973,9 @@ class NumbaBackend(Backend):
         if len(tokens):
             qt = q if len(tokens) == len(q) else q[tokens]
             ot = out if len(tokens) == len(q) else np.empty((len(tokens), out.shape[1]), np.float32)
-            # One kernel per backend, whatever the batch or ThreadGuard's choice: the serial and the
-            # parallel kernel compile the same items differently (reductions reassociated), so a
-            # token's bits would depend on the company it keeps. With one numba thread the parallel
-            # kernel runs its items serially, the same code.
+            # Both kernels run their items through one compiled function (ops.paged_share), so a
+            # token's bits depend neither on the kernel nor on the batch or ThreadGuard's choice; a
+            # one-thread backend takes the serial one and never compiles the parallel wrapper.
             self._kernel_threads()
             if self.threads == 1:
                 ops.attention_paged(qt, keys, values, tables, pos, BLOCK_SHIFT, *args, ATTENTION_CHUNK, ot)
