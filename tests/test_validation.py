@@ -186,6 +186,35 @@ def test_prompt_attention_kernel_entry_check():
             run(**bad)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_paged_attention_kernel_entry_check(parallel):
+    """ops.attention_paged(_parallel), the decode attention over cache blocks, refuses shapes that do not
+    fit: query heads that do not share the KV heads evenly, head sizes or an output unlike the pools',
+    a position past its block table, a block outside the pools, mismatched tokens."""
+    from purelm.backends.numba_kernels import ops as kernels
+
+    def run(n_head=4, n_kv=2, dim=16, n_rows=128, pos=(3, 70), tables=((0, 1), (1, 0)), out=None, q_dim=None,
+            v_kv=None):
+        q = np.ones((len(pos), n_head, q_dim or dim), np.float32)
+        k = np.ones((n_rows, n_kv, dim), np.float32)
+        v = np.ones((n_rows, v_kv or n_kv, dim), np.float32)
+        out = np.empty((len(pos), n_head * dim), np.float32) if out is None else out
+        args = (q, k, v, np.array(tables, np.int32), np.array(pos, np.int64), 6, np.float32(0.25), np.float32(0), 0,
+                np.zeros(0, np.float32), 256)
+        if parallel:
+            kernels.attention_paged_parallel(*args, 2, out)
+        else:
+            kernels.attention_paged(*args, out)
+        return out
+
+    np.testing.assert_allclose(run(), 1.0)  # every value row is ones
+    for bad in (dict(n_head=5), dict(q_dim=8), dict(v_kv=1), dict(out=np.empty((2, 32), np.float32)),
+                dict(pos=(3, 128)), dict(pos=(-1, 3)), dict(tables=((0, 1), (2, 0))), dict(tables=((0, 1), (1, -1))),
+                dict(n_rows=100), dict(tables=((0, 1),))):
+        with pytest.raises(AssertionError):
+            run(**bad)
+
+
 def test_dot_kernels_refuse_more_token_ranges_than_tokens():
     from purelm.backends.numba_backend import _token_parts
     from purelm.quant import GGMLType, quantize

@@ -385,6 +385,23 @@ def paged_scratch(q, keys, values, chunk):
             np.empty(n_head * n16, np.float32), np.empty(n_head * v_dim, np.float32))
 
 
+@njit(**SOFTMAX_OPTS, inline="always")
+def paged_check(q, keys, values, tables, pos, shift, chunk, out):
+    """The paged kernels' entry check: query heads that share the KV heads evenly, head sizes and
+    the output as the pools have them, and every block a token reads up to its position inside the
+    pools."""
+    n_tok, n_head, dim = q.shape
+    n_kv, n_rows = keys.shape[1], keys.shape[0]
+    assert n_kv > 0 and n_head % n_kv == 0 and values.shape[0] == n_rows and values.shape[1] == n_kv
+    assert row_values(keys) == dim and chunk > 0 and 0 <= shift < 31
+    assert pos.shape[0] == n_tok and tables.shape[0] == n_tok
+    assert out.shape[0] == n_tok and out.shape[1] == n_head * row_values(values)
+    for t in range(n_tok):
+        assert 0 <= pos[t] and (pos[t] >> shift) < tables.shape[1]
+        for blk in range((pos[t] >> shift) + 1):
+            assert 0 <= tables[t, blk] and (np.int64(tables[t, blk]) + 1) << shift <= n_rows
+
+
 @njit(**SOFTMAX_OPTS)
 def paged_work(q, values, pos, chunk, n_kv, kv_split):
     """The work items of paged attention, per token, per chunk of `chunk` positions up to its own and
@@ -460,6 +477,7 @@ def attention_paged(q, keys, values, tables, pos, shift, scale, softcap, window,
     reads each key and value row once for all the query heads sharing it (GQA). Each token's result
     depends on its own query, positions and chunks only, not on the other tokens or the thread
     count: attention_paged_parallel computes the same sums on numba's threads."""
+    paged_check(q, keys, values, tables, pos, shift, chunk, out)
     first, items, part_max, part_sum, part_out = paged_work(q, values, pos, chunk, keys.shape[1], 1)
     paged_share(q, keys, values, tables, pos, shift, scale, softcap, window, slopes, chunk, items, part_max,
                 part_sum, part_out, np.int64(0), np.int64(1))  # (typed as the parallel kernel's)
@@ -472,6 +490,7 @@ def attention_paged_parallel(q, keys, values, tables, pos, shift, scale, softcap
     """attention_paged with the work items shared out over `n_workers` (numba's threads): the same
     results. A token and chunk is one item where there are two or more a worker (a batch), else an
     item per KV head (one sequence's decode step: with fewer, their sizes would be uneven)."""
+    paged_check(q, keys, values, tables, pos, shift, chunk, out)
     n_kv, n_slots = keys.shape[1], 0
     for t in range(pos.shape[0]):
         n_slots += pos[t] // chunk + 1
