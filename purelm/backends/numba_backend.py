@@ -687,10 +687,12 @@ class NumbaBackend(Backend):
         y = np.empty((x.shape[0], w.n_out), np.float32)
         if w.kernel is not None:
             n, p = w.column_splits, w.packed
-            ranges = token_ranges(p.n_groups, x.shape[0], self.threads) if self._matvec_prefill(w) else 1
-            if ranges > 1 and (n > 1 or x.shape[0] > MATVEC_MAX_TOKENS):  # a prompt's rows, or a batch
-                # of a matrix with column splits (dot kernels): token ranges, each item adding up its
-                # column splits (no serial sum; a decode step's bits)
+            ranges = 1
+            if x.shape[0] > 1 and (n > 1 or x.shape[0] > MATVEC_MAX_TOKENS) and self._matvec_prefill(w):
+                # a prompt's rows, or a batch of a matrix with column splits (dot kernels): token ranges,
+                # each item adding up its column splits (no serial sum; a decode step's bits)
+                ranges = token_ranges(p.n_groups, x.shape[0], self.threads)
+            if ranges > 1:
                 parts = _token_parts(ranges, n)
             else:
                 parts = np.empty((n, x.shape[0], p.n_groups * p.lanes), np.float32) if n > 1 else NO_PARTS

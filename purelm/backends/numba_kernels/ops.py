@@ -403,17 +403,19 @@ def paged_check(q, keys, values, tables, pos, shift, chunk, out):
 
 
 @njit(**SOFTMAX_OPTS)
-def paged_work(q, values, pos, chunk, n_kv, kv_split):
-    """The work items of paged attention, per token, per chunk of `chunk` positions up to its own and
-    per range of KV heads (kv_split of them), and room for their softmax partials, a slot per token
-    and chunk: returns (first slot of each token, then each item's token, chunk, first and end KV
-    head, slot; the partials)."""
+def paged_work(q, values, pos, chunk, n_kv, n_workers):
+    """The work items of paged attention for `n_workers`, per token, per chunk of `chunk` positions up
+    to its own, and per KV head where there are fewer than two tokens and chunks a worker (one
+    sequence's decode step on several threads: fewer, uneven splits would leave a thread waiting),
+    and room for their softmax partials, a slot per token and chunk: returns (first slot of each
+    token, then each item's token, chunk, first and end KV head, slot; the partials)."""
     n_tok = pos.shape[0]
     first = np.empty(n_tok + 1, np.int64)
     first[0] = 0
     for t in range(n_tok):
         first[t + 1] = first[t] + pos[t] // chunk + 1
     n_slots = first[n_tok]
+    kv_split = 1 if n_workers == 1 or n_slots >= 2 * n_workers else n_kv
     n = n_slots * kv_split
     items = np.empty((5, n), np.int64)
     i = 0
@@ -478,7 +480,7 @@ def attention_paged(q, keys, values, tables, pos, shift, scale, softcap, window,
     depends on its own query, positions and chunks only, not on the other tokens or the thread
     count: attention_paged_parallel computes the same sums on numba's threads."""
     paged_check(q, keys, values, tables, pos, shift, chunk, out)
-    first, items, part_max, part_sum, part_out = paged_work(q, values, pos, chunk, keys.shape[1], 1)
+    first, items, part_max, part_sum, part_out = paged_work(q, values, pos, chunk, keys.shape[1], np.int64(1))
     paged_share(q, keys, values, tables, pos, shift, scale, softcap, window, slopes, chunk, items, part_max,
                 part_sum, part_out, np.int64(0), np.int64(1))  # (typed as the parallel kernel's)
     paged_combine(first, pos, chunk, part_max, part_sum, part_out, out)
@@ -488,15 +490,11 @@ def attention_paged(q, keys, values, tables, pos, shift, scale, softcap, window,
 def attention_paged_parallel(q, keys, values, tables, pos, shift, scale, softcap, window, slopes, chunk, n_workers,
                              out):
     """attention_paged with the work items shared out over `n_workers` (numba's threads): the same
-    results. A token and chunk is one item where there are two or more a worker (a batch), else an
-    item per KV head (one sequence's decode step: with fewer, their sizes would be uneven)."""
+    results (paged_work shares the work out)."""
     paged_check(q, keys, values, tables, pos, shift, chunk, out)
-    n_kv, n_slots = keys.shape[1], 0
-    for t in range(pos.shape[0]):
-        n_slots += pos[t] // chunk + 1
-    kv_split = 1 if n_slots >= 2 * n_workers else n_kv
-    first, items, part_max, part_sum, part_out = paged_work(q, values, pos, chunk, n_kv, kv_split)
-    n_workers = max(1, min(items.shape[1], n_workers))
+    n_workers = max(1, n_workers)
+    first, items, part_max, part_sum, part_out = paged_work(q, values, pos, chunk, keys.shape[1], n_workers)
+    n_workers = min(items.shape[1], n_workers)
     for w in prange(n_workers):
         paged_share(q, keys, values, tables, pos, shift, scale, softcap, window, slopes, chunk, items, part_max,
                     part_sum, part_out, np.int64(w), n_workers)
