@@ -67,8 +67,8 @@ def run(kind: str, threads: int, n_seq: int, ctx: int, n_head: int, n_kv: int, d
         best = min(best, (time.perf_counter() - t0) / layers)
     row_bytes = stores[0][0].shape[2] * stores[0][0].itemsize * n_kv
     return {"store": kind, "threads": threads, "layers": layers, "us_per_layer": round(best * 1e6, 1),
-            "gmac_s": round(2 * n_seq * n_head * ctx * dim / best / 1e9, 1),
-            "gb_s": round(2 * n_seq * ctx * row_bytes / best / 1e9, 1)}
+            "gmac_s": round(2 * n_seq * n_head * ctx * dim / best / 1e9, 3),
+            "gb_s": round(2 * n_seq * ctx * row_bytes / best / 1e9, 3)}
 
 
 def main() -> None:

@@ -160,7 +160,7 @@ def test_batched_bench_cache_type_reaches_the_engine(tiny_model: Path, tmp_path:
 def test_attention_bench_reports_each_store_and_case(tmp_path: Path) -> None:
     out = tmp_path / "a.json"
     r = subprocess.run([sys.executable, str(BENCH / "attention_bench.py"), "--seqs", "2", "--ctx", "70",
-                        "--heads", "4,2,32", "--threads", "1,2", "--reps", "1", "--out", str(out)],
+                        "--heads", "4,2,32", "--threads", "1,2", "--reps", "2", "--out", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=BENCH)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
