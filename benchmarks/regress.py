@@ -3,7 +3,9 @@
 Times, on one backend and thread count:
   * the matrix-vector product (`backend.linear` of one token) for every weight type the backend handles,
     on random packed weights of typical shapes (default 2048x2048 and 5632x2048, out x in);
-  * a short SmolLM2 decode (and a short prefill) through the whole model.
+  * a short SmolLM2 decode (and a short prefill) through the whole model;
+  * one sampled token from 49152 logits (top-k 40, top-p 0.95, min-p 0.05), what each token of each
+    sequence costs besides the forward pass.
 
 Prints JSON and, given a baseline, compares: an entry more than --threshold (default 10%) slower than
 the baseline is a regression, and the exit code is 1. Timings are the best of --reps runs by default
@@ -152,6 +154,21 @@ def bench_model(backend, path: Path, pp: int, tg: int, reps: int, seed: int) -> 
     return out
 
 
+def bench_sampling(reps: int, seed: int, vocab: int = 49152) -> dict:
+    """One sampled token from a vocabulary's logits with the settings of `purelm serve`'s clients and
+    bench.py's stream test (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05): what every token of
+    every sequence costs after its forward pass."""
+    from purelm.sampling import Sampler, SamplingParams
+
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal(vocab) * 2.5).astype(np.float32)
+    sampler = Sampler(SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=seed))
+    key = f"sample/{vocab}/k40"
+    out = {key: stats(timed(lambda: sampler(logits, [1, 2, 3]), reps, min_time=0.002))}
+    log(f"regress: {key:32s} {out[key]['s_min'] * 1e6:10.1f} us")
+    return out
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -244,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     timings, skipped = bench_kernels(backend, types, shapes, batches, args.reps, args.seed)
+    timings.update(bench_sampling(args.reps, args.seed))
     model_path = None
     if not args.no_model:
         from purelm.hub import resolve
@@ -278,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
                     again, _ = bench_kernels(backend, [name], parse_shapes(shape), [int(b[1:])], args.reps,
                                              args.seed)
                     for kk, s in again.items():
+                        if s[stat] < timings[kk][stat]:
+                            timings[kk] = s
+                if any(k.startswith("sample/") for k in keys):
+                    for kk, s in bench_sampling(args.reps, args.seed).items():
                         if s[stat] < timings[kk][stat]:
                             timings[kk] = s
                 if any(k.startswith("model/") for k in keys) and model_path:

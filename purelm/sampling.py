@@ -32,10 +32,27 @@ def check_float(name: str, value: object, rule: str = "a finite number",
     return float(value)
 
 
+PREFILTER_ROWS = 128  # top_k_ids' prefilter: the logits as 128 rows
+
+
 def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
     """The ids of the k largest logits (0 < k < len), ascending; of tied logits at the cut, the lowest
-    ids. The k-th largest value by a partition of the values, then one pass: half the time of
-    argpartition over a 49k vocabulary (measured)."""
+    ids. Over a large vocabulary, first a lower bound of the k-th largest: the logits as 128 rows of
+    n // 128, the k-th largest of the columns' maxima (k columns hold a value at least that large), so
+    that the exact selection runs over the few hundred logits that reach it, not all 49k (the
+    sampler's largest cost)."""
+    n_cols = len(logits) // PREFILTER_ROWS
+    if n_cols >= 4 * k:
+        maxima = logits[:n_cols * PREFILTER_ROWS].reshape(PREFILTER_ROWS, n_cols).max(0)
+        if not np.isnan(maxima).any():  # a column's NaN hides its maximum: the full selection decides
+            candidates = np.flatnonzero(logits >= np.partition(maxima, n_cols - k)[n_cols - k])
+            return candidates[_top_k_ids(logits[candidates], k)] if len(candidates) > k else candidates
+    return _top_k_ids(logits, k)
+
+
+def _top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
+    """top_k_ids without the prefilter: the k-th largest value by a partition of the values, then one
+    pass (half the time of argpartition, measured)."""
     cut = np.partition(logits, len(logits) - k)[len(logits) - k]
     ids = np.flatnonzero(logits > cut)
     if len(ids) < k:
@@ -43,6 +60,14 @@ def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
     if len(ids) == k:
         return ids
     return np.sort(np.argsort(-logits, kind="stable")[:k])  # NaNs: the partition counts them largest, a sort last
+
+
+def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
+    """An index drawn with probabilities `probs`: the same draw as rng.choice(len(probs), p=probs)
+    (its cumulative sum and one uniform number; tests check it) without choice's checks of p."""
+    cdf = np.cumsum(probs)
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(rng.random(), side="right"))
 
 
 @dataclass
@@ -124,4 +149,4 @@ class Sampler:
         ids, probs = self.probabilities(logits, history)
         if len(ids) == 1:
             return int(ids[0])
-        return int(ids[self.rng.choice(len(ids), p=probs)])
+        return int(ids[draw(self.rng, probs)])

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UsageError
-from .sampling import Sampler, check_int
+from .sampling import Sampler, check_int, draw
 
 LOOKUP_NGRAM_MAX = 3  # n-grams indexed: 2 and 3 tokens (a 1-token match is too weak to draft on)
 LOOKUP_NGRAM_MIN = 2
@@ -133,7 +133,7 @@ def accept(sampler: Sampler, history: Sequence[int], rows: np.ndarray, drafts: S
     for i, row in enumerate(rows):
         ids, probs = sampler.probabilities(row, hist)
         if i == len(drafts):
-            out.append(int(ids[0]) if len(ids) == 1 else int(ids[sampler.rng.choice(len(ids), p=probs)]))
+            out.append(int(ids[0]) if len(ids) == 1 else int(ids[draw(sampler.rng, probs)]))
             return out
         d = int(drafts[i])
         if len(ids) == 1:  # greedy (or one candidate left): accept exactly the model's token
@@ -144,7 +144,7 @@ def accept(sampler: Sampler, history: Sequence[int], rows: np.ndarray, drafts: S
                 token = d
             else:  # the residual max(0, p - q) with q a point mass on d: p without d, renormalized
                 rest = np.where(ids == d, 0.0, probs)
-                token = int(ids[sampler.rng.choice(len(ids), p=rest / rest.sum())])
+                token = int(ids[draw(sampler.rng, rest / rest.sum())])
         out.append(token)
         if token != d:
             return out

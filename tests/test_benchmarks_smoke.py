@@ -123,7 +123,8 @@ def test_regress_tiny_roundtrip(tmp_path: Path) -> None:
     r = subprocess.run(cmd + ["--save-baseline", str(base)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     saved = json.loads(base.read_text())
-    assert {"linear/Q4_0/64x256/b1", "linear/Q6_K/64x256/b1", "linear/F16/64x256/b1"} <= set(saved["timings"])
+    assert {"linear/Q4_0/64x256/b1", "linear/Q6_K/64x256/b1", "linear/F16/64x256/b1",
+            "sample/49152/k40"} <= set(saved["timings"])
     r = subprocess.run(cmd + ["--baseline", str(base), "--threshold", "100"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

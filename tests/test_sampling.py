@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from purelm.errors import UsageError
-from purelm.sampling import Sampler, SamplingParams, top_k_ids
+from purelm.sampling import Sampler, SamplingParams, draw, top_k_ids
 
 
 def softmax(x):
@@ -44,6 +44,49 @@ def test_top_k_ids_are_a_stable_sorts_first_k():
             continue
         expected = np.sort(finite[np.argsort(-v[finite], kind="stable")][:k])
         assert np.array_equal(top_k_ids(v, k), expected), (v, k)
+
+
+def test_top_k_ids_over_a_vocabulary_with_the_prefilter():
+    """The column-maxima prefilter (vocabularies of 128 rows of 4k columns and more) picks what a stable sort
+    does: ties at the cut, in one block or spread over many, values of a few levels, infinities, a
+    tail past the last whole block, and NaNs (the full selection then)."""
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        n = int(rng.choice([49152, 49152 + 77, 32000, 151936 // 4]))
+        k = int(rng.choice([1, 2, 40, 50, 100]))
+        style = trial % 6
+        if style == 0:
+            v = rng.standard_normal(n).astype(np.float32) * 3
+        elif style == 1:  # few levels: many ties at the cut
+            v = rng.integers(-5, 5, n).astype(np.float32)
+        elif style == 2:  # ties of the top values packed in one block, and in the tail
+            v = rng.standard_normal(n).astype(np.float32)
+            v[256:256 + k + 5] = 9.0
+            v[-3:] = 9.0
+        elif style == 3:
+            v = rng.standard_normal(n).astype(np.float32)
+            v[rng.integers(0, n, 3)] = np.inf
+            v[rng.integers(0, n, 1000)] = -np.inf
+        elif style == 4:  # NaNs
+            v = rng.standard_normal(n).astype(np.float32)
+            v[rng.integers(0, n, 5)] = np.nan
+        else:  # everything equal
+            v = np.full(n, -2.5, np.float32)
+        finite = np.flatnonzero(~np.isnan(v))
+        expected = np.sort(finite[np.argsort(-v[finite], kind="stable")][:k])
+        assert np.array_equal(top_k_ids(v, k), expected), (trial, n, k, style)
+
+
+def test_draw_is_numpys_choice():
+    """The sampler's draw takes the same index as Generator.choice(p=) from the same state, so a seed
+    gives the tokens it gave before draw replaced choice."""
+    rng = np.random.default_rng(2)
+    for _ in range(2000):
+        n = int(rng.integers(1, 60))
+        p = rng.random(n) ** 3 + 1e-12
+        p /= p.sum()
+        seed = int(rng.integers(0, 2 ** 31))
+        assert draw(np.random.default_rng(seed), p) == np.random.default_rng(seed).choice(n, p=p)
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
