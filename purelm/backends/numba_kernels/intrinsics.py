@@ -224,6 +224,35 @@ def _level_lookup(builder, codes):
     return builder.shuffle_vector(out[0], out[1], ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
 
 
+_V32I16 = ir.VectorType(_I16, 32)
+_PAIRS = [ir.Constant(ir.VectorType(_I32, 32), [a, b] * 16) for a, b in ((0, 2), (1, 3))]
+
+
+def _nibble_dots(builder, acc, q, words):
+    """acc (16 x i32, row r in lane r) + 16 rows' dots of one 4-byte group of nibbles q (64 x i8: row
+    r's bytes at 4r..4r+3, byte i holding weights 4j+i low and 16+4j+i high) with the activations of
+    those weights (words[0] low, words[1] high: int64s of 4 int16). q is read as 16-bit words, word
+    2r + k holding bytes 2k, 2k+1 of row r, so each nibble is a shift and a mask away from a 16-bit
+    lane, and the multiply-add of neighbouring pairs meets the activations of weights (0, 2) or (1, 3):
+    no byte widening (AVX2's vpmovzxbw and lane extracts, cross-lane) before vpmaddwd / vpdpwssd.
+    Integer sums: the dots of the byte-wise widening, to the bit. (Q8_0's bytes the same way, a shift
+    pair each, measured no faster on AVX2: they keep the widening.)"""
+    w = builder.bitcast(q, _V32I16)
+
+    def splat(n):
+        return ir.Constant(_V32I16, [n] * 32)
+
+    parts = [builder.and_(w, splat(15)), builder.and_(builder.lshr(w, splat(8)), splat(15)),  # low nibbles
+             builder.and_(builder.lshr(w, splat(4)), splat(15)), builder.lshr(w, splat(12))]  # high ones
+    for h, word in enumerate(words):
+        x4 = builder.bitcast(word, ir.VectorType(_I16, 4))
+        for k in range(2):
+            x = builder.shuffle_vector(x4, ir.Constant(ir.VectorType(_I16, 4), ir.Undefined), _PAIRS[k])
+            acc = _multiply_add_pairs(builder, acc, builder.zext(parts[2 * h + k], ir.VectorType(_I32, 32)),
+                                      builder.sext(x, ir.VectorType(_I32, 32)))
+    return acc
+
+
 def _dot_block_codegen(quads, tokens, int8=False):
     """Arguments: dots, one dots offset per token, qs, w_at, w_stride, xs, one xs offset per token.
     Group j's 64 weight bytes (16 rows x 4) are at qs[w_at + j * w_stride]; token t's activation words
@@ -272,6 +301,18 @@ def _dot_block_codegen(quads, tokens, int8=False):
 
         planes = [load_group(n_nib + p) for p in range(quads - n_nib if crumbs else bits)]
         zero = ir.Constant(_V16I32, [0] * 16)
+        if nibbles and not (levels or bits or int8):  # Q4_0, Q4_1, Q4_K: see _nibble_dots
+            rows = [zero] * tokens
+            for j in range(n_nib):
+                q = load_group(j)
+                for t in range(tokens):
+                    words = [builder.load(_element_ptr(context, builder, xs_t, xs, builder.add(
+                        x_at[t], ir.Constant(_I64, j + h * NIBBLE_QUADS))), align=8) for h in range(2)]
+                    rows[t] = _nibble_dots(builder, rows[t], q, words)
+            for t in range(tokens):
+                ptr = builder.bitcast(_element_ptr(context, builder, dots_t, args[0], dots_at[t]), _V16I32.as_pointer())
+                builder.store(rows[t], ptr, align=4)
+            return context.get_dummy_value()
         acc = [[[zero, zero] for _ in range(2 if halves else 1)] for _ in range(tokens)]
         for j in range(n_nib):
             q = load_group(j)
