@@ -228,29 +228,41 @@ _V32I16 = ir.VectorType(_I16, 32)
 _PAIRS = [ir.Constant(ir.VectorType(_I32, 32), [a, b] * 16) for a, b in ((0, 2), (1, 3))]
 
 
-def _nibble_dots(builder, acc, q, words):
-    """acc (16 x i32, row r in lane r) + 16 rows' dots of one 4-byte group of nibbles q (64 x i8: row
-    r's bytes at 4r..4r+3, byte i holding weights 4j+i low and 16+4j+i high) with the activations of
-    those weights (words[0] low, words[1] high: int64s of 4 int16). q is read as 16-bit words, word
-    2r + k holding bytes 2k, 2k+1 of row r, so each nibble is a shift and a mask away from a 16-bit
-    lane, and the multiply-add of neighbouring pairs meets the activations of weights (0, 2) or (1, 3):
-    no byte widening (AVX2's vpmovzxbw and lane extracts, cross-lane) before vpmaddwd / vpdpwssd.
-    Integer sums: the dots of the byte-wise widening, to the bit. (Q8_0's bytes the same way, a shift
-    pair each, measured no faster on AVX2: they keep the widening.)"""
+def _nibble_dots(builder, accs, q, planes, j, bits, words):
+    """accs (16 x i32 each, row r in lane r; two for Q6_K, its halves) + 16 rows' dots of group j of a
+    nibble layout: q (64 x i8: row r's bytes at 4r..4r+3, byte i holding weights 4j+i low and
+    16+4j+i high) and, for 5- and 6-bit weights, the planes of their high `bits` (_dot_block_codegen),
+    with the activations of those weights (words[0] low, words[1] high: int64s of 4 int16). The bytes
+    are read as 16-bit words, word 2r + k holding bytes 2k, 2k+1 of row r, so each weight is shifts
+    and masks away from a 16-bit lane, and the multiply-add of neighbouring pairs meets the
+    activations of weights (0, 2) or (1, 3): no byte widening (AVX2's vpmovzxbw and lane extracts,
+    cross-lane) before vpmaddwd / vpdpwssd. Integer sums: the dots of the byte-wise widening, to the
+    bit. (Q8_0's bytes the same way, a shift pair each, measured no faster on AVX2: they keep it.)"""
     w = builder.bitcast(q, _V32I16)
+    plane_words = [builder.bitcast(p, _V32I16) for p in planes]
+    six = bits == 2  # Q6_K: q - 32, signed, and a sum per half
 
     def splat(n):
         return ir.Constant(_V32I16, [n] * 32)
 
-    parts = [builder.and_(w, splat(15)), builder.and_(builder.lshr(w, splat(8)), splat(15)),  # low nibbles
-             builder.and_(builder.lshr(w, splat(4)), splat(15)), builder.lshr(w, splat(12))]  # high ones
-    for h, word in enumerate(words):
-        x4 = builder.bitcast(word, ir.VectorType(_I16, 4))
-        for k in range(2):
+    for h in range(2):  # low nibbles (weights 4j + i), high nibbles (16 + 4j + i)
+        x4 = builder.bitcast(words[h], ir.VectorType(_I16, 4))
+        for k in range(2):  # bytes 0 and 2 of each row's 4 (the words' low bytes), bytes 1 and 3
+            shift = 4 * h + 8 * k
+            v = builder.lshr(w, splat(shift)) if shift else w
+            if shift != 12:
+                v = builder.and_(v, splat(15))
+            if bits:
+                pos = (2 * j + h) * bits
+                high = builder.and_(builder.lshr(plane_words[pos // 8], splat(pos % 8 + 8 * k)), splat((1 << bits) - 1))
+                v = builder.or_(v, builder.shl(high, splat(4)))
+                if six:
+                    v = builder.sub(v, splat(32))
+            v = (builder.sext if six else builder.zext)(v, ir.VectorType(_I32, 32))
             x = builder.shuffle_vector(x4, ir.Constant(ir.VectorType(_I16, 4), ir.Undefined), _PAIRS[k])
-            acc = _multiply_add_pairs(builder, acc, builder.zext(parts[2 * h + k], ir.VectorType(_I32, 32)),
-                                      builder.sext(x, ir.VectorType(_I32, 32)))
-    return acc
+            a = h if six else 0
+            accs[a] = _multiply_add_pairs(builder, accs[a], v, builder.sext(x, ir.VectorType(_I32, 32)))
+    return accs
 
 
 def _dot_block_codegen(quads, tokens, int8=False):
@@ -301,17 +313,19 @@ def _dot_block_codegen(quads, tokens, int8=False):
 
         planes = [load_group(n_nib + p) for p in range(quads - n_nib if crumbs else bits)]
         zero = ir.Constant(_V16I32, [0] * 16)
-        if nibbles and not (levels or bits or int8):  # Q4_0, Q4_1, Q4_K: see _nibble_dots
-            rows = [zero] * tokens
+        if nibbles and not (levels or int8):  # Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K: see _nibble_dots
+            rows = [[zero] * (2 if halves else 1) for _ in range(tokens)]
             for j in range(n_nib):
                 q = load_group(j)
                 for t in range(tokens):
                     words = [builder.load(_element_ptr(context, builder, xs_t, xs, builder.add(
                         x_at[t], ir.Constant(_I64, j + h * NIBBLE_QUADS))), align=8) for h in range(2)]
-                    rows[t] = _nibble_dots(builder, rows[t], q, words)
+                    rows[t] = _nibble_dots(builder, rows[t], q, planes, j, bits, words)
             for t in range(tokens):
-                ptr = builder.bitcast(_element_ptr(context, builder, dots_t, args[0], dots_at[t]), _V16I32.as_pointer())
-                builder.store(rows[t], ptr, align=4)
+                for i, a in enumerate(rows[t]):  # Q6_K's second half: w_stride // 4 on (see above)
+                    at = builder.add(dots_at[t], builder.lshr(w_stride, ir.Constant(_I64, 2))) if i else dots_at[t]
+                    ptr = builder.bitcast(_element_ptr(context, builder, dots_t, args[0], at), _V16I32.as_pointer())
+                    builder.store(a, ptr, align=4)
             return context.get_dummy_value()
         acc = [[[zero, zero] for _ in range(2 if halves else 1)] for _ in range(tokens)]
         for j in range(n_nib):
