@@ -341,13 +341,11 @@ def _dot_block_codegen(quads, tokens, int8=False):
                     values = [_level_lookup(builder, v) for v in values]
             else:
                 values = [q]
-            if bits:
+            if bits:  # here only the int8 kernels' 5-bit weights (the int16 ones: _nibble_dots)
                 for h in range(2):
                     pos = (2 * j + h) * bits
                     high = builder.and_(builder.lshr(planes[pos // 8], vec(pos % 8)), vec((1 << bits) - 1))
                     values[h] = builder.or_(values[h], builder.shl(high, vec(4)))
-                    if halves:
-                        values[h] = builder.sub(values[h], vec(32))
             if int8:
                 for t in range(tokens):
                     for i, v in enumerate(values):
