@@ -37,7 +37,7 @@ from purelm.models.layers import alibi_slopes
 from purelm.quant import GGMLType as T
 from purelm.quant import quantize
 from purelm.quant.types import BLOCK_INFO
-from purelm.backends.numba_kernels.packing import DOT_TYPES, PACKED_TYPES
+from purelm.backends.numba_kernels.packing import DOT_TYPES, PACKED_TYPES, column_splits, token_ranges
 
 from purelm.backends.numba_kernels.intrinsics import has_int8_dot, has_int16_dot
 
@@ -169,6 +169,16 @@ def test_token_ranges_keep_each_tokens_bits(qtype, mode):
     prompt = be.linear(x, w)  # the backend's own choice for a prompt's rows: a decode step's bits
     for t in (0, 5, 36):
         np.testing.assert_array_equal(prompt[t:t + 1], be.linear(x[t:t + 1], w))
+
+
+def test_work_is_cut_only_where_groups_leave_threads_idle():
+    """Column splits (a decode token's items) only where whole groups leave the threads under 75%
+    busy; token ranges (several tokens) where they leave them under 95%, never under 4 tokens a range."""
+    assert [column_splits(g, 18, 2) for g in (1, 2, 3, 9, 15, 48)] == [2, 1, 1, 1, 1, 1]
+    assert column_splits(1, 18, 4) == 3 and column_splits(5, 18, 4) == 2 and column_splits(1, 2, 4) == 1
+    assert all(column_splits(g, 18, 1) == 1 for g in (1, 9, 768))
+    assert [token_ranges(9, n, 2) for n in (1, 4, 7, 8, 16)] == [1, 1, 1, 2, 2]
+    assert token_ranges(48, 8, 2) == 1 and token_ranges(15, 8, 2) == 2 and token_ranges(9, 8, 1) == 1
 
 
 def test_linear_rejects_inputs_of_the_wrong_width():

@@ -688,9 +688,9 @@ class NumbaBackend(Backend):
         if w.kernel is not None:
             n, p = w.column_splits, w.packed
             ranges = 1
-            if x.shape[0] > 1 and (n > 1 or x.shape[0] > MATVEC_MAX_TOKENS) and self._matvec_prefill(w):
-                # a prompt's rows, or a batch of a matrix with column splits (dot kernels): token ranges,
-                # each item adding up its column splits (no serial sum; a decode step's bits)
+            if x.shape[0] > 1 and self._matvec_prefill(w):
+                # several tokens (dot kernels): token ranges where the groups alone would leave a thread
+                # idle, each item adding up the column splits (no serial sum; a decode step's bits)
                 ranges = token_ranges(p.n_groups, x.shape[0], self.threads)
             if ranges > 1:
                 parts = _token_parts(ranges, n)

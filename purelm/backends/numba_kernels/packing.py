@@ -103,24 +103,27 @@ class Packed:
 
 
 def column_splits(n_groups: int, n_sub: int, threads: int) -> int:
-    """How many column ranges to cut each group into so that the work items spread evenly over the
-    threads (a matrix of 9 groups on 2 threads would otherwise leave one idle a ninth of the time)."""
-    return _even_cuts(n_groups, threads, min(4, max(1, n_sub // 2)))
+    """How many column ranges to cut each group into so that a decode token's work items spread
+    over the threads. Only where whole groups would leave the threads under 75% busy (one group on
+    two threads): each cut adds items and a serial sum of their parts, and SmolLM2's 9-group
+    matrices decoded faster uncut on 2 threads (benchmarks/README.md, "Column splits")."""
+    return _even_cuts(n_groups, threads, min(4, max(1, n_sub // 2)), 0.75)
 
 
 def token_ranges(n_groups: int, n_tok: int, threads: int) -> int:
-    """How many token ranges to cut a batch's rows into instead (packed.token_splits): as evenly
-    spread, with no sums of column ranges to add up afterwards; 4 tokens a range at least (the
-    batch kernels' step), at most 8 ranges."""
-    return _even_cuts(n_groups, threads, min(8, max(1, n_tok // 4)))
+    """How many token ranges to cut a batch's rows into (packed.token_splits) so that its work items
+    spread over the threads to within 5% of even; each token's sums stay those of a decode step, and
+    no sums of column ranges are added up afterwards. 4 tokens a range at least (the batch kernels'
+    step), at most 8 ranges."""
+    return _even_cuts(n_groups, threads, min(8, max(1, n_tok // 4)), 0.95)
 
 
-def _even_cuts(n_groups: int, threads: int, most: int) -> int:
-    """The fewest cuts of each group, up to `most`, that spread the work items over the threads
-    to within 5% of even."""
+def _even_cuts(n_groups: int, threads: int, most: int, even: float) -> int:
+    """The fewest cuts of each group, up to `most`, that keep the threads busy for at least the
+    fraction `even` of the time the slowest takes."""
     for n in range(1, most):
         items = n_groups * n
-        if items / (-(-items // threads) * threads) >= 0.95:
+        if items / (-(-items // threads) * threads) >= even:
             return n
     return most
 
