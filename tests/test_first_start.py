@@ -32,7 +32,7 @@ def test_worker_fills_the_cache_that_a_new_process_loads(tmp_path):
     assert worker.returncode == 0, worker.stderr[-2000:]
     assert worker.stdout.split("\n")[0] == "done rope"
     assert list(tmp_path.rglob("ops.rope-*.nbi")), "no cache index for ops.rope"
-    notes = [p.name for p in tmp_path.glob("purelm-backend-*/*")]
+    notes = [p.name for p in tmp_path.glob("purelm-backend-*/*") if p.suffix != ".lock"]
     assert len(notes) == 1 and notes[0].startswith("rope-")
 
     check = """
@@ -138,6 +138,74 @@ def test_a_step_the_worker_has_not_started_is_taken_here():
     finally:
         w.proc.kill()
         w.proc.wait()
+
+
+def test_a_step_another_process_compiles_is_waited_for_not_repeated(tmp_path):
+    """While one process compiles a step (holding its lock file), a worker given the same step waits,
+    then finds it done and skips it; the starting process loads it (runs it) all the same. Two
+    opens of the lock file hold separate flocks, as two processes would."""
+    import threading
+    import time
+
+    notes = object.__new__(nb._WarmNotes)
+    notes.dir, notes.key = tmp_path, "k"
+    ran, started = [], threading.Event()
+
+    def first() -> None:
+        def step() -> None:
+            started.set()
+            time.sleep(0.5)
+            ran.append("first")
+        notes.run("rope", step, load=False)
+
+    holder = threading.Thread(target=first)
+    holder.start()
+    assert started.wait(10)
+    assert not notes.run("rope", lambda: ran.append("never"), load=False, wait=False)  # held: not run
+    t0 = time.perf_counter()
+    notes.run("rope", lambda: ran.append("second"), load=False)
+    waited = time.perf_counter() - t0
+    assert notes.run("rope", lambda: ran.append("never"), load=False, wait=False)  # done by now: no wait
+    holder.join()
+    notes.run("rope", lambda: ran.append("third"), load=True)
+    assert ran == ["first", "third"] and waited > 0.3
+    assert notes.done("rope") and (tmp_path / "rope-k.lock").exists()
+    notes.dir = None  # no folder: no lock, the step runs
+    notes.run("norms", lambda: ran.append("norms"), load=False)
+    assert ran[-1] == "norms"
+
+
+def _line(proc: subprocess.Popen, timeout: float) -> str:
+    """The process's next stdout line, or a failure (not a hang) after `timeout` seconds."""
+    import select
+
+    assert select.select([proc.stdout], [], [], timeout)[0], "no line from the worker"
+    return proc.stdout.readline().strip()
+
+
+def test_a_worker_compiles_other_steps_while_another_process_holds_one(tmp_path):
+    """A worker whose first step another process is compiling (its lock held) compiles the next step
+    meanwhile, then waits for the first and, the cache still lacking it, compiles it."""
+    import fcntl
+
+    cmd = [sys.executable, "-c", "import sys; from purelm.backends.numba_backend import compile_worker; "
+           "compile_worker(sys.argv[1:])", "1", "1", "1", "1", ""]
+    first = subprocess.run(cmd + ["rope"], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    [lock] = tmp_path.glob("purelm-backend-*/rope-*.lock")
+    Path(str(lock)[:-len(".lock")]).unlink()  # its note gone: the step counts as not compiled
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = subprocess.Popen(cmd + ["rope,norms"], env=_env(tmp_path), stdout=subprocess.PIPE, text=True)
+        try:
+            assert _line(worker, 300) == "done norms"
+            fcntl.flock(held, fcntl.LOCK_UN)
+            assert _line(worker, 300) == "done rope"
+            assert worker.wait(300) == 0
+        finally:
+            worker.kill()
+            worker.wait()
+    assert Path(str(lock)[:-len(".lock")]).exists()
 
 
 def test_share_out_balances_and_keeps_each_step_once():

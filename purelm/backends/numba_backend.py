@@ -31,6 +31,7 @@ rows.py (kernels over the file's own rows), ops.py (norms, rope, attention, acti
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -40,6 +41,11 @@ from pathlib import Path
 from time import perf_counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: warm-up steps are not locked
+    fcntl = None
 
 # numba's OpenMP workers spin-wait this long after a kernel before sleeping (libgomp reads it when
 # numba first starts its threads). The default spins for milliseconds, taking a core from whatever
@@ -274,15 +280,13 @@ class NumbaBackend(Backend):
             mine = self._compile_apart(missing) if missing else None
             if mine is not None:  # compile this process's share first, then wait for the workers' decode steps
                 for name, _, step in _compile_progress(iter(mine), len(mine)):
-                    step()
-                    notes.mark(name)
+                    notes.run(name, step, load=True)
                 for name, critical, _ in steps:
                     if critical:
                         self._ready(name)
             todo = [s for s in steps if s[0] not in self._pending]
             for name, _, step in _compile_progress(iter(todo), len(todo)):
-                step()
-                notes.mark(name)
+                notes.run(name, step, load=True)
         finally:
             self._guard = guard
             self._enter(outer)  # the caller's thread count, as it was
@@ -1157,6 +1161,45 @@ class _WarmNotes:
         except OSError:  # a read-only cache: the next start compiles in workers again, nothing worse
             pass
 
+    def run(self, name: str, step: Callable[[], None], load: bool, wait: bool = True) -> bool:
+        """Run warm-up step `name` (its kernels compiled into the cache, or loaded from it) and note it
+        done, holding the step's lock file meanwhile: a step another process is compiling (say the
+        background worker of a start that has already exited) is waited for, then loaded from the
+        cache, not compiled a second time beside it. `load`: run the step even where the cache has it
+        (this process needs its kernels; a worker does not). `wait=False`: return False at once,
+        running nothing, where another process holds the step."""
+        with self._locked(name, wait) as held:
+            if not held:
+                return False
+            if load or not self.done(name):
+                step()
+                self.mark(name)
+        return True
+
+    @contextlib.contextmanager
+    def _locked(self, name: str, wait: bool) -> Iterator[bool]:
+        """An exclusive flock on the step's lock file while the block runs (the kernel drops it if the
+        process dies); yields whether this process holds it. Where the step is done, or there is no
+        folder, no fcntl or no way to open the file: no lock, as before locks."""
+        if self.dir is None or fcntl is None or self.done(name):
+            yield True
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.dir / f"{name}-{self.key}.lock", "a")
+        except OSError:
+            yield True
+            return
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            except OSError:  # a file system without locks
+                pass
+            yield True
+
 
 _WORKERS: list = []  # every compile worker this process started
 
@@ -1223,14 +1266,22 @@ def compile_worker(argv: list[str]) -> None:
     backend._prepared = set(types)
     steps = {name: run for name, _, run in backend._warm_steps(types, types)}  # the lookups asked for by name
     notes = _WarmNotes(backend)
+    busy = []  # steps another process was compiling: waited for after the others
     for name in argv[5].split(","):
-        if not notes.done(name):  # else another process ran it meanwhile
-            steps[name]()
-            notes.mark(name)
-        try:
-            print("done", name, flush=True)
-        except OSError:  # the starting process is gone: its cache is filled all the same
-            pass
+        if notes.run(name, steps[name], load=False, wait=False):  # (skipped where the cache has it)
+            _say_done(name)
+        else:
+            busy.append(name)
+    for name in busy:
+        notes.run(name, steps[name], load=False)
+        _say_done(name)
+
+
+def _say_done(name: str) -> None:
+    try:
+        print("done", name, flush=True)
+    except OSError:  # the starting process is gone: its cache is filled all the same
+        pass
 
 
 def _compile_progress(steps: Iterator[Any], total: int) -> Iterator[Any]:
