@@ -2,8 +2,8 @@
 
 Repacking touches every weight byte and writes a new copy (seconds for a 1B model); a cached copy is
 mapped from the page cache instead: no copy, no new memory. (It is mapped with the file system's pages:
-4 KiB on ext4, where a copy repacked in memory gets 2 MiB pages; SmolLM2's decode measured within
-0.99-1.05x of that copy's, benchmarks/README.md.)
+4 KiB on ext4, where a copy repacked in memory gets 2 MiB pages; SmolLM2's decode showed no clear
+difference, benchmarks/README.md.)
 One file per matrix (a merged q|k|v is one), under cache_dir()/packed/<model>/ where <model> names the
 GGUF file by path, device and inode. A file holds the arrays (the largest first, at offset 0), then a
 JSON trailer with its key, then the trailer's length and a magic number. The key names the GGUF file's

@@ -106,7 +106,7 @@ def column_splits(n_groups: int, n_sub: int, threads: int) -> int:
     """How many column ranges to cut each group into so that a decode token's work items spread
     over the threads. Only where whole groups would leave the threads under 75% busy (one group on
     two threads): each cut adds items and a serial sum of their parts, and SmolLM2's 9-group
-    matrices decoded faster uncut on 2 threads (benchmarks/README.md, "Column splits")."""
+    matrices decoded faster uncut on 2 threads (benchmarks/README.md, "A decode token's column splits")."""
     return _even_cuts(n_groups, threads, min(4, max(1, n_sub // 2)), 0.75)
 
 
