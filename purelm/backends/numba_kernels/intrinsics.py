@@ -113,14 +113,15 @@ _V64I8 = ir.VectorType(ir.IntType(8), 64)
 _EVEN = ir.Constant(ir.VectorType(_I32, 16), list(range(0, 32, 2)))
 _ODD = ir.Constant(ir.VectorType(_I32, 16), list(range(1, 32, 2)))
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+_PMADDWD = "llvm.x86.avx2.pmadd.wd"
 
 
 def _broadcast_words(builder, value):
-    """An int64 holding 4 int16 -> those 4 repeated 8 times, as <32 x i32> (each int16 widened)."""
+    """An int64 holding 4 int16 -> those 4 repeated 8 times (32 x i16)."""
     v8 = ir.VectorType(_I64, 8)
     vec = builder.insert_element(ir.Constant(v8, ir.Undefined), value, ir.Constant(_I32, 0))
     vec = builder.shuffle_vector(vec, ir.Constant(v8, ir.Undefined), ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
-    return builder.sext(builder.bitcast(vec, ir.VectorType(_I16, 32)), ir.VectorType(_I32, 32))
+    return builder.bitcast(vec, ir.VectorType(_I16, 32))
 
 
 def _multiply_add_pairs(builder, acc, w, x):
@@ -225,19 +226,27 @@ def _level_lookup(builder, codes):
 
 
 _V32I16 = ir.VectorType(_I16, 32)
-_PAIRS = [ir.Constant(ir.VectorType(_I32, 32), [a, b] * 16) for a, b in ((0, 2), (1, 3))]
 
 
-def _nibble_dots(builder, accs, q, planes, j, bits, words):
+def _splat32(builder, value):
+    """An int32 repeated 16 times (16 x i32)."""
+    vec = builder.insert_element(ir.Constant(_V16I32, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vec, ir.Constant(_V16I32, ir.Undefined), ir.Constant(_V16I32, [0] * 16))
+
+
+def _nibble_dots(builder, accs, q, planes, j, bits, pairs):
     """accs (16 x i32 each, row r in lane r; two for Q6_K, its halves) + 16 rows' dots of group j of a
     nibble layout: q (64 x i8: row r's bytes at 4r..4r+3, byte i holding weights 4j+i low and
     16+4j+i high) and, for 5- and 6-bit weights, the planes of their high `bits` (_dot_block_codegen),
-    with the activations of those weights (words[0] low, words[1] high: int64s of 4 int16). The bytes
-    are read as 16-bit words, word 2r + k holding bytes 2k, 2k+1 of row r, so each weight is shifts
-    and masks away from a 16-bit lane, and the multiply-add of neighbouring pairs meets the
-    activations of weights (0, 2) or (1, 3): no byte widening (AVX2's vpmovzxbw and lane extracts,
-    cross-lane) before vpmaddwd / vpdpwssd. Integer sums: the dots of the byte-wise widening, to the
-    bit. (Q8_0's bytes the same way, a shift pair each, measured no faster on AVX2: they keep it.)"""
+    with the activations of those weights: pairs[h][k] (h = 0 low, 1 high) the int32 holding the
+    int16 activations of weights (0, 2) (k = 0) or (1, 3) (k = 1) of the four, as dot_setup lays
+    them out (pair_words). The bytes are read as 16-bit words, word 2r + k holding bytes 2k, 2k+1 of
+    row r, so each weight is shifts and masks away from a 16-bit lane, and the multiply-add of
+    neighbouring pairs meets the activations of weights (0, 2) or (1, 3): no byte widening (AVX2's
+    vpmovzxbw and lane extracts, cross-lane) before vpmaddwd / vpdpwssd, and each pair is broadcast
+    as it is loaded (vpbroadcastd), not shuffled out of a word (vpshuflw + vpbroadcastd). Integer
+    sums: the dots of the byte-wise widening, to the bit. (Q8_0's bytes the same way, a shift pair
+    each, measured no faster on AVX2: they keep it.)"""
     w = builder.bitcast(q, _V32I16)
     plane_words = [builder.bitcast(p, _V32I16) for p in planes]
     six = bits == 2  # Q6_K: q - 32, signed, and a sum per half
@@ -246,7 +255,6 @@ def _nibble_dots(builder, accs, q, planes, j, bits, words):
         return ir.Constant(_V32I16, [n] * 32)
 
     for h in range(2):  # low nibbles (weights 4j + i), high nibbles (16 + 4j + i)
-        x4 = builder.bitcast(words[h], ir.VectorType(_I16, 4))
         for k in range(2):  # bytes 0 and 2 of each row's 4 (the words' low bytes), bytes 1 and 3
             shift = 4 * h + 8 * k
             v = builder.lshr(w, splat(shift)) if shift else w
@@ -258,11 +266,31 @@ def _nibble_dots(builder, accs, q, planes, j, bits, words):
                 v = builder.or_(v, builder.shl(high, splat(4)))
                 if six:
                     v = builder.sub(v, splat(32))
-            v = (builder.sext if six else builder.zext)(v, ir.VectorType(_I32, 32))
-            x = builder.shuffle_vector(x4, ir.Constant(ir.VectorType(_I16, 4), ir.Undefined), _PAIRS[k])
+            x = builder.bitcast(_splat32(builder, pairs[h][k]), _V32I16)
             a = h if six else 0
-            accs[a] = _multiply_add_pairs(builder, accs[a], v, builder.sext(x, ir.VectorType(_I32, 32)))
+            accs[a] = _multiply_add_words(builder, accs[a], v, x)
     return accs
+
+
+def _multiply_add_words(builder, acc, w, x, plain=False):
+    """acc (16 x i32) + the sums of neighbouring pairs of w * x (32 x i16 each, the products in int32).
+    Where the CPU has AVX-512 BW, the plain IR of _multiply_add_pairs (LLVM forms vpdpwssd from it
+    with VNNI). Else AVX2's vpmaddwd by name, on 16-bit halves: from the plain IR LLVM widened the
+    loop-invariant activations of a one-token kernel to 32 bits outside its loop and narrowed them
+    back before each vpmaddwd (vpmovsxwd, vpackssdw, vpermq: 3 instructions a pair, seen in the
+    assembly). The same integer sums either way. `plain`: the plain IR on every CPU."""
+    if plain or "avx512bw" in (target_features() or set()):
+        wide = ir.VectorType(_I32, 32)
+        return _multiply_add_pairs(builder, acc, builder.sext(w, wide), builder.sext(x, wide))
+    v16, v8 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+    fn = builder.module.globals.get(_PMADDWD)
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(v8, [v16, v16]), _PMADDWD)
+    halves = []
+    for lo in (0, 16):
+        pick = ir.Constant(ir.VectorType(_I32, 16), list(range(lo, lo + 16)))
+        halves.append(builder.call(fn, [builder.shuffle_vector(w, w, pick), builder.shuffle_vector(x, x, pick)]))
+    return builder.add(acc, builder.shuffle_vector(halves[0], halves[1], ir.Constant(_V16I32, list(range(16)))))
 
 
 def _dot_block_codegen(quads, tokens, int8=False):
@@ -318,9 +346,11 @@ def _dot_block_codegen(quads, tokens, int8=False):
             for j in range(n_nib):
                 q = load_group(j)
                 for t in range(tokens):
-                    words = [builder.load(_element_ptr(context, builder, xs_t, xs, builder.add(
-                        x_at[t], ir.Constant(_I64, j + h * NIBBLE_QUADS))), align=8) for h in range(2)]
-                    rows[t] = _nibble_dots(builder, rows[t], q, planes, j, bits, words)
+                    words = [builder.bitcast(_element_ptr(context, builder, xs_t, xs, builder.add(
+                        x_at[t], ir.Constant(_I64, j + h * NIBBLE_QUADS))), _I32.as_pointer()) for h in range(2)]
+                    pairs = [[builder.load(builder.gep(w, [ir.Constant(_I32, k)]), align=4) for k in range(2)]
+                             for w in words]
+                    rows[t] = _nibble_dots(builder, rows[t], q, planes, j, bits, pairs)
             for t in range(tokens):
                 for i, a in enumerate(rows[t]):  # Q6_K's second half: w_stride // 4 on (see above)
                     at = builder.add(dots_at[t], builder.lshr(w_stride, ir.Constant(_I64, 2))) if i else dots_at[t]
@@ -357,8 +387,10 @@ def _dot_block_codegen(quads, tokens, int8=False):
                         acc[t][0][0] = _dpbusd(builder, acc[t][0][0], v, xv)
                 continue
             widen = builder.sext if (halves or not nibbles or levels) else builder.zext
+            # Q2_K keeps the plain IR on AVX2 too: its 8-token kernel was 0.89x with vpmaddwd by name
+            q2k = crumbs and quads == CRUMB_KIND % 16
             wide = [[widen(builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 32), list(range(lo, lo + 32)))),
-                           ir.VectorType(_I32, 32)) for lo in (0, 32)]  # rows 0-7, rows 8-15 of the 16
+                           _V32I16) for lo in (0, 32)]  # rows 0-7, rows 8-15 of the 16
                     for v in values]
             for t in range(tokens):
                 for i, pair in enumerate(wide):
@@ -367,7 +399,7 @@ def _dot_block_codegen(quads, tokens, int8=False):
                     xv = _broadcast_words(builder, word)
                     a = acc[t][(i // 2 if crumbs else i) if halves else 0]
                     for h in range(2):
-                        a[h] = _multiply_add_pairs(builder, a[h], pair[h], xv)
+                        a[h] = _multiply_add_words(builder, a[h], pair[h], xv, plain=q2k)
         for t in range(tokens):
             if int8:  # one int32 a row already
                 ptr = builder.bitcast(_element_ptr(context, builder, dots_t, args[0], dots_at[t]), _V16I32.as_pointer())

@@ -412,12 +412,24 @@ def round_activations(x, width, act_max, q):
 
 
 @njit(**OPTS)
-def quantize_activations(x, width):
+def quantize_activations(x, width, pairs):
     """x (T, n_in) -> (q, dx, xq_sums) for the int16 kernels: q int16 per `width` weights as int64 words
-    of 4, (T, n_in // 4); dx and xq_sums as round_activations gives them."""
+    of 4, (T, n_in // 4); dx and xq_sums as round_activations gives them. `pairs`: each word holds its
+    four values in the order 0, 2, 1, 3 (pair_words)."""
     q = np.empty(x.shape[0] * x.shape[1], np.int16)
     dx, xq_sums = round_activations(x, width, ACT_MAX, q)
+    if pairs:
+        for i in range(0, q.shape[0], 4):
+            q[i + 1], q[i + 2] = q[i + 2], q[i + 1]
     return q.view(np.int64).reshape(x.shape[0], x.shape[1] // 4), dx, xq_sums
+
+
+@njit(**OPTS, inline="always")
+def pair_words(kind):
+    """Whether kind's int16 kernels take the activation words as pairs: values 0, 2 then 1, 3, the
+    activations of the weights that meet in a multiply-add of neighbouring 16-bit lanes (the nibble
+    layouts: intrinsics._nibble_dots), each pair an int32 that the kernel broadcasts as it loads it."""
+    return kind == NIBBLE_QUADS or kind == FIVE_QUADS or kind == SIX_QUADS
 
 
 @njit(**OPTS)
@@ -617,7 +629,7 @@ def dot_setup(kind, qs, mode, x, parts):
     """The kernels' entry check and shared start: x's int16 words, scales and sums (see dot_item)."""
     n_groups, n_sub, n_quads, width = qs.shape
     assert n_quads == kind_quads(kind) and quads_fit(mode, kind) and token_splits(parts) <= max(1, x.shape[0])
-    xq, dx, xq_sums = quantize_activations(x, 4 * WORDS)
+    xq, dx, xq_sums = quantize_activations(x, 4 * WORDS, pair_words(kind))
     if kind == CRUMB_KIND:  # Q2_K's minimums: sums per 16 weights
         xq_sums = half_sums(xq, dx)
     n_items = n_groups * max(1, parts.shape[0]) * token_splits(parts)
