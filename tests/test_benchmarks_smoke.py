@@ -168,3 +168,25 @@ def test_attention_bench_reports_each_store_and_case(tmp_path: Path) -> None:
     got = {(x["store"], x["threads"], x["case"]) for x in report["results"]}
     assert got == {(s, t, c) for s in ("f32", "f16", "q8_0") for t in (1, 2) for c in ("cached", "memory")}
     assert all(x["us_per_layer"] > 0 and x["gb_s"] > 0 for x in report["results"])
+
+
+def test_ab_exports_the_base_and_alternates_the_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ab.py: the base revision's package is the commit's own files, under another name; the two
+    variants run in turns whose order flips each round; medians and the base/new ratio."""
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: ab.py exports a revision with git")
+    ab = load_script("ab")
+    monkeypatch.setattr(ab.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    commit = ab.base_package("HEAD")
+    base = tmp_path / f"purelm-ab-{commit[:12]}" / "purelm_base"
+    shown = subprocess.run(["git", "show", f"{commit}:purelm/backends/numba_backend.py"], cwd=ROOT,
+                           capture_output=True, check=True).stdout
+    assert (base / "backends" / "numba_backend.py").read_bytes() == shown
+    assert ab.base_package("HEAD") == commit  # exported once, then reused
+    order: list[str] = []
+    times = ab.alternate({"base": lambda: order.append("base") or 2.0, "new": lambda: order.append("new") or 1.0}, 4)
+    assert order == ["base", "new", "new", "base", "base", "new", "new", "base"]
+    assert ab.summary(times) == {"base_us": 2e6, "new_us": 1e6, "new_speedup": 2.0, "rounds_new_faster": 4, "rounds": 4}
+    per_s = ab.summary(times, 8)
+    assert (per_s["base_per_s"], per_s["new_per_s"]) == (4.0, 8.0)
