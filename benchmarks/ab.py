@@ -176,6 +176,8 @@ def main() -> int:
     unknown = set(tests) - {"products", "decode", "prefill", "batch"}
     if unknown:
         ap.error(f"unknown tests: {', '.join(sorted(unknown))}")
+    if min(args.threads, args.rounds, args.calls) < 1:
+        ap.error("--threads, --rounds and --calls must be at least 1")
     commit = base_package(args.base)
     import numba
     from bench import machine_info
