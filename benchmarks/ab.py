@@ -2,7 +2,7 @@
 
 On a shared VM the speed of the same code moves by up to 2x within minutes, so two runs one after the
 other say little about a kernel change. This script imports the revision's `purelm` package as
-`purelm_base` (a copy made with `git archive`, numba's cache kept apart by the copy's own paths) beside
+`purelm_base` (a copy made with `git archive`; numba keys its cache entries by the copy's own paths) beside
 the working tree's, and times both in turns: first checking that they give the same bits (the check
 fails the run where they do not, `--allow-different` to time anyway), then alternating the order
 round by round, so a slow phase of the machine hits both. Medians and base/new ratios, JSON on stdout.
@@ -41,8 +41,8 @@ def log(*a: object) -> None:
 
 def base_package(rev: str) -> str:
     """The revision's purelm/ as the package `purelm_base`, exported once per commit into a folder
-    of the temp dir that later runs reuse (numba's cache of the copy's kernels with it); returns the
-    commit."""
+    of the temp dir that later runs reuse (so the copy's kernels, cached by numba under their paths,
+    load instead of compiling again); returns the commit."""
     commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout.strip()
     folder = Path(tempfile.gettempdir()) / f"purelm-ab-{commit[:12]}"
