@@ -85,9 +85,7 @@ def products(backends: dict, args: argparse.Namespace) -> dict:
 
     out = {}
     rng = np.random.default_rng(0)
-    for case in args.cases.split(","):
-        name, shape = case.split(":")
-        rows, cols = (int(v) for v in shape.split("x"))
+    for name, rows, cols in args.cases:
         t = random_tensor(GGMLType[name], rows, cols, rng)
         weights = {k: b.weight(t) for k, b in backends.items()}
         for n in (int(v) for v in args.tokens.split(",")):
@@ -160,6 +158,21 @@ def model_tests(backends: dict, args: argparse.Namespace, tests: list[str]) -> d
     return out
 
 
+def parse_case(ap: argparse.ArgumentParser, case: str) -> tuple[str, int, int]:
+    """--cases' TYPE:ROWSxCOLS -> (type name, rows, cols), or an argument error."""
+    from purelm.quant.types import GGMLType
+
+    try:
+        name, shape = case.split(":")
+        rows, cols = (int(v) for v in shape.split("x"))
+        GGMLType[name]
+    except (ValueError, KeyError):
+        ap.error(f"--cases: {case!r} is not TYPE:ROWSxCOLS with a GGML type name (Q4_1:3072x576)")
+    if rows < 1 or cols < 1 or rows * cols > 1 << 28:
+        ap.error(f"--cases: {case!r} needs 1 to 2**28 weights")
+    return name, rows, cols
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="HEAD", help="git revision to compare the working tree with (default HEAD)")
@@ -178,6 +191,13 @@ def main() -> int:
         ap.error(f"unknown tests: {', '.join(sorted(unknown))}")
     if min(args.threads, args.rounds, args.calls) < 1:
         ap.error("--threads, --rounds and --calls must be at least 1")
+    args.cases = [parse_case(ap, c) for c in args.cases.split(",") if c]
+    try:
+        tokens = [int(v) for v in args.tokens.split(",") if v]
+    except ValueError:
+        tokens = []
+    if not tokens or min(tokens) < 1:
+        ap.error(f"--tokens: comma-separated counts of at least 1, got {args.tokens!r}")
     commit = base_package(args.base)
     import numba
     from bench import machine_info
