@@ -14,7 +14,7 @@ round by round, so a slow phase of the machine hits both. Medians and base/new r
 Tests: `products` (backend.linear of random packed weights, --cases TYPE:ROWSxCOLS, --tokens), `decode`
 (SmolLM2 greedy decode through LLM.stream_chunks, 8-token blocks alternating within one generation),
 `prefill` (a 512-token prompt's logits), `batch` (8 sequences with LLM.stream_batch). The model is
-SmolLM2 from purelm's cache unless --model says otherwise.
+SmolLM2 from purelm's cache unless --model says otherwise, its KV cache float32 unless --cache-type says otherwise.
 """
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def model_tests(backends: dict, args: argparse.Namespace, tests: list[str]) -> d
     from purelm.backends.base import Backend
 
     Backend.register(type(backends["base"]))  # the base's Backend class is another class object
-    llms = {k: purelm.load(args.model, backend=b, n_ctx=2048) for k, b in backends.items()}
+    ct = args.cache_type
+    llms = {k: purelm.load(args.model, backend=b, n_ctx=2048, cache_type_k=ct, cache_type_v=ct) for k, b in backends.items()}
     ids = llms["new"].tokenize((ROOT / "tests/fixtures/agreement.txt").read_text())[:512]
     out = {}
     if "decode" in tests:
@@ -183,6 +184,7 @@ def main() -> int:
     ap.add_argument("--tokens", default="1,2,8", help="tokens per product (default 1,2,8)")
     ap.add_argument("--calls", type=int, default=5, help="products per timed sample (default 5)")
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--cache-type", choices=("f32", "f16", "q8_0"), default="f32", help="KV cache type of the model tests")
     ap.add_argument("--allow-different", action="store_true", help="time base and new even where their results differ")
     args = ap.parse_args()
     tests = [t for t in args.tests.split(",") if t]
@@ -207,6 +209,7 @@ def main() -> int:
 
     backends = {"base": BaseBackend(args.threads), "new": NumbaBackend(args.threads)}
     result = {"base": args.base, "base_commit": commit, "threads": args.threads, "rounds": args.rounds,
+              "cache_type": args.cache_type,
               "machine": machine_info(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     if "products" in tests:

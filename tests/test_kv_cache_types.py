@@ -166,6 +166,46 @@ def test_paged_kernels_serial_and_parallel(kind, dim):
                 np.testing.assert_allclose(outs[0][t, h * dim:(h + 1) * dim], want, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("kind,dim", [("f32", 64), ("f16", 32), ("q8_0", 96)])
+def test_attention_row_intrinsics_at_both_widths(monkeypatch, lanes, kind, dim):
+    """key_dots16 and value_axpy16 as compiled for AVX2 (groups of 8 rows of 8 lanes) and for AVX-512
+    (16 rows of 16 lanes), whichever CPU runs the test: 16 rows' scores and weighted values against
+    numpy's over the reference-rounded rows."""
+    from numba import njit
+    from numba.extending import intrinsic
+
+    from purelm.backends.numba_kernels import intrinsics
+
+    monkeypatch.setattr(intrinsics, "_attention_lanes", lambda: lanes)
+    key_dots16, value_axpy16 = intrinsic(intrinsics._key_dots16), intrinsic(intrinsics._value_axpy16)
+
+    @njit(cache=False)
+    def run(out, q, store, bases, acc, w, n_chunks):  # compiled here, with the patched width
+        key_dots16(out, 1, q, 3, store, bases, 2, 0, n_chunks)
+        value_axpy16(acc, 5, w, 1, store, bases, 2, 0, n_chunks)
+
+    rng = np.random.default_rng(lanes + dim)
+    rows = 40
+    x = rng.standard_normal((rows, 1, dim)).astype(np.float32) * 2
+    store_dtype = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}[kind]
+    width = dim // 32 * 34 if kind == "q8_0" else dim
+    keys, values = np.zeros((rows, 1, width), store_dtype), np.zeros((rows, 1, width), store_dtype)
+    ops.store_rows_rounded(x, x, keys, values, np.arange(rows))
+    picked = rng.permutation(rows)[:16]
+    bases = np.concatenate([[0, 0], picked * width]).astype(np.int64)  # read from index 2 on
+    q = rng.standard_normal(3 + dim).astype(np.float32)
+    w = rng.standard_normal(17).astype(np.float32)
+    out, acc = np.zeros(17, np.float32), np.ones(5 + dim, np.float32)
+    run(out, q, keys.reshape(-1), bases, acc, w, dim // 16)
+    assert f"fma.v{lanes}f32" in "".join(run.inspect_llvm().values())  # the width asked for, not a cached one
+    xr = rounded(kind, x)[picked, 0].astype(np.float64)
+    np.testing.assert_allclose(out[1:], xr @ q[3:], rtol=0, atol=1e-4)
+    assert out[0] == 0
+    np.testing.assert_allclose(acc[5:], 1 + w[1:] @ xr, rtol=0, atol=1e-4)
+    assert (acc[:5] == 1).all()
+
+
 @pytest.mark.parametrize("kind", TYPES)
 def test_forks_and_truncation(kind):
     """Forked sequences share blocks and copy the one a child writes into; truncation then new

@@ -473,15 +473,17 @@ def _vector_at(context, builder, array_type, array, index, vector_type):
 def _fma(builder, a, b, c):
     """a * b + c rounded once, always: left to LLVM, whether a multiply and an add fuse can differ
     between kernels, and a token's bits would then depend on the kernel its batch took."""
-    fn = builder.module.globals.get("llvm.fma.v16f32")
+    name = f"llvm.fma.v{a.type.count}f32"
+    fn = builder.module.globals.get(name)
     if fn is None:
-        fn = ir.Function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+        fn = ir.Function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name)
     return builder.call(fn, [a, b, c])
 
 
-def _splat(builder, value):
-    vec = builder.insert_element(ir.Constant(_V16F, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(vec, ir.Constant(_V16F, ir.Undefined), ir.Constant(_V16I32, [0] * 16))
+def _splat(builder, value, lanes=16):
+    vt = ir.VectorType(ir.FloatType(), lanes)
+    vec = builder.insert_element(ir.Constant(vt, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vec, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
 
 
 @intrinsic
@@ -555,105 +557,126 @@ def add_scaled16(typingctx, acc, acc_at, scale, scale_at, c):
 
 # -- decode attention over cache rows, 16 rows at a time (ops.paged_item). The rows of one KV head are
 # apart in the pools (row-major: position, head, value), so a dot product per row would end in a
-# horizontal sum of its own; here 16 rows' products stay lane-wise over the head's values and one
-# tree of shuffles sums all 16 at the end. The stores are float32, f16 bits (uint16) or q8_0 bytes
+# horizontal sum of its own; here the rows' products stay lane-wise over the head's values and one
+# tree of shuffles sums them all at the end. The stores are float32, f16 bits (uint16) or q8_0 bytes
 # (int8: blocks of an f16 scale and 32 int8, whose products q * d are exact in float32).
+#
+# With AVX-512, 16 rows' sums of 16 lanes each fill 16 of its 32 registers. AVX2 has 16 registers of
+# 8 floats: there the 16 rows go as two groups of 8 rows of 8 lanes, so the sums and the rows' addresses
+# stay in registers (16 lanes there spilled about half of them to the stack at every step).
 
-_V16H, _V16I16, _V16I8 = ir.VectorType(ir.HalfType(), 16), ir.VectorType(_I16, 16), ir.VectorType(ir.IntType(8), 16)
+
+def _attention_lanes() -> int:
+    """Lanes of the decode-attention kernels' vectors: 16 with AVX-512 (or an unknown CPU), else 8."""
+    features = target_features()
+    return 16 if features is None or "avx512f" in features else 8
 
 
-def _row_chunk(context, builder, store_type, store, base, c):
-    """Values 16c..16c+15 of the cache row whose first element is store.flat[base], as 16 floats."""
+def _row_chunk(context, builder, store_type, store, base, c, lanes=16):
+    """Values lanes*c .. lanes*c + lanes-1 of the cache row whose first element is store.flat[base],
+    as floats."""
     dtype = store_type.dtype
-    if dtype == types.float32:
-        at = builder.add(base, builder.mul(c, ir.Constant(_I64, 16)))
-        return builder.load(_vector_at(context, builder, store_type, store, at, _V16F), align=4)
-    if dtype == types.uint16:
-        at = builder.add(base, builder.mul(c, ir.Constant(_I64, 16)))
-        bits = builder.load(_vector_at(context, builder, store_type, store, at, _V16I16), align=2)
-        return builder.fpext(builder.bitcast(bits, _V16H), _V16F)
-    # q8_0: chunk c is half (c & 1) of block c >> 1
-    block = builder.add(base, builder.mul(builder.lshr(c, ir.Constant(_I64, 1)), ir.Constant(_I64, 34)))
+    vf = ir.VectorType(ir.FloatType(), lanes)
+    if dtype in (types.float32, types.uint16):
+        at = builder.add(base, builder.mul(c, ir.Constant(_I64, lanes)))
+        if dtype == types.float32:
+            return builder.load(_vector_at(context, builder, store_type, store, at, vf), align=4)
+        bits = builder.load(_vector_at(context, builder, store_type, store, at, ir.VectorType(_I16, lanes)), align=2)
+        return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), lanes)), vf)
+    # q8_0: chunk c is part c % per_block of block c // per_block
+    per_block = 32 // lanes
+    shift = per_block.bit_length() - 1
+    block = builder.add(base, builder.mul(builder.lshr(c, ir.Constant(_I64, shift)), ir.Constant(_I64, 34)))
     scale_ptr = builder.bitcast(_element_ptr(context, builder, store_type, store, block), ir.HalfType().as_pointer())
     scale = builder.fpext(builder.load(scale_ptr, align=1), ir.FloatType())
     at = builder.add(builder.add(block, ir.Constant(_I64, 2)),
-                     builder.mul(builder.and_(c, ir.Constant(_I64, 1)), ir.Constant(_I64, 16)))
-    q = builder.load(_vector_at(context, builder, store_type, store, at, _V16I8), align=1)
-    return builder.fmul(builder.sitofp(q, _V16F), _splat(builder, scale))
+                     builder.mul(builder.and_(c, ir.Constant(_I64, per_block - 1)), ir.Constant(_I64, lanes)))
+    q = builder.load(_vector_at(context, builder, store_type, store, at, ir.VectorType(ir.IntType(8), lanes)), align=1)
+    return builder.fmul(builder.sitofp(q, vf), _splat(builder, scale, lanes))
 
 
 def _lane_sums(builder, vectors):
-    """16 vectors -> one whose lane r is the sum of vectors[r]'s lanes: four levels of pairwise
-    shuffles and adds (15 of each pair), a fixed order."""
-    levels = [  # (low lanes, high lanes) of each level's pair shuffles
-        ([*range(0, 8), *range(16, 24)], [*range(8, 16), *range(24, 32)]),
-        ([*range(0, 4), *range(8, 12), *range(16, 20), *range(24, 28)],
-         [*range(4, 8), *range(12, 16), *range(20, 24), *range(28, 32)]),
-        ([i + j for i in range(0, 32, 4) for j in (0, 1)], [i + j for i in range(0, 32, 4) for j in (2, 3)]),
-        (list(range(0, 32, 2)), list(range(1, 32, 2))),
-    ]
-    for lo, hi in levels:
-        lo, hi = ir.Constant(_V16I32, lo), ir.Constant(_V16I32, hi)
+    """n vectors of n lanes -> one whose lane r is the sum of vectors[r]'s lanes: log2(n) levels of
+    pairwise shuffles and adds (n - 1 of each pair), a fixed order."""
+    n = len(vectors)
+    h = n // 2
+    while h:  # lanes of each pair (a, b) of vectors: 2n lanes, a's then b's
+        lo = ir.Constant(ir.VectorType(_I32, n), [i for i in range(2 * n) if i % (2 * h) < h])
+        hi = ir.Constant(ir.VectorType(_I32, n), [i + h for i in range(2 * n) if i % (2 * h) < h])
         vectors = [builder.fadd(builder.shuffle_vector(a, b, lo), builder.shuffle_vector(a, b, hi))
                    for a, b in zip(vectors[0::2], vectors[1::2])]
+        h //= 2
     return vectors[0]
 
 
-def _row_bases(context, builder, bases_type, bases, b_at, offset):
-    """bases.flat[b_at + r] + offset for r < 16 (int64 element offsets of 16 cache rows)."""
-    ptr = _vector_at(context, builder, bases_type, bases, b_at, ir.VectorType(_I64, 16))
+def _row_bases(context, builder, bases_type, bases, b_at, offset, rows=16):
+    """bases.flat[b_at + r] + offset for r < rows (int64 element offsets of cache rows)."""
+    ptr = _vector_at(context, builder, bases_type, bases, b_at, ir.VectorType(_I64, rows))
     vec = builder.load(ptr, align=8)
-    return [builder.add(builder.extract_element(vec, ir.Constant(_I32, r)), offset) for r in range(16)]
+    return [builder.add(builder.extract_element(vec, ir.Constant(_I32, r)), offset) for r in range(rows)]
 
 
-@intrinsic
-def key_dots16(typingctx, out, out_at, q, q_at, store, bases, b_at, offset, n_chunks):
+def _key_dots16(typingctx, out, out_at, q, q_at, store, bases, b_at, offset, n_chunks):
     """out.flat[out_at + r] = sum over i < 16 * n_chunks of q.flat[q_at + i] * value i of the cache row
     at store.flat[bases.flat[b_at + r] + offset], for r < 16: 16 keys' scores against one query."""
     sig = types.void(out, out_at, q, q_at, store, bases, b_at, offset, n_chunks)
+    lanes = _attention_lanes()
 
     def codegen(context, builder, signature, args):
         t = signature.args
         i = [context.cast(builder, v, ty, types.intp) if isinstance(ty, types.Integer) else v for v, ty in zip(args, t)]
-        rows = _row_bases(context, builder, t[5], args[5], i[6], i[7])
-        zero = ir.Constant(_V16F, [0.0] * 16)
-        acc = [cgutils.alloca_once_value(builder, zero) for _ in range(16)]
-        with cgutils.for_range(builder, i[8]) as loop:
-            c = loop.index
-            qv = builder.load(_vector_at(context, builder, t[2], args[2],
-                                         builder.add(i[3], builder.mul(c, ir.Constant(_I64, 16))), _V16F), align=4)
-            for r in range(16):
-                v = _row_chunk(context, builder, t[4], args[4], rows[r], c)
-                builder.store(_fma(builder, v, qv, builder.load(acc[r])), acc[r])
-        sums = _lane_sums(builder, [builder.load(a) for a in acc])
-        builder.store(sums, _vector_at(context, builder, t[0], args[0], i[1], _V16F), align=4)
+        vf = ir.VectorType(ir.FloatType(), lanes)
+        steps = builder.mul(i[8], ir.Constant(_I64, 16 // lanes))
+        for g in range(0, 16, lanes):  # groups of `lanes` rows
+            rows = _row_bases(context, builder, t[5], args[5], builder.add(i[6], ir.Constant(_I64, g)), i[7], lanes)
+            acc = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes)) for _ in range(lanes)]
+            with cgutils.for_range(builder, steps) as loop:
+                c = loop.index
+                qv = builder.load(_vector_at(context, builder, t[2], args[2],
+                                             builder.add(i[3], builder.mul(c, ir.Constant(_I64, lanes))), vf), align=4)
+                for r in range(lanes):
+                    v = _row_chunk(context, builder, t[4], args[4], rows[r], c, lanes)
+                    builder.store(_fma(builder, v, qv, builder.load(acc[r])), acc[r])
+            sums = _lane_sums(builder, [builder.load(a) for a in acc])
+            builder.store(sums, _vector_at(context, builder, t[0], args[0], builder.add(i[1], ir.Constant(_I64, g)), vf),
+                          align=4)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
-@intrinsic
-def value_axpy16(typingctx, acc, acc_at, w, w_at, store, bases, b_at, offset, n_chunks):
+def _value_axpy16(typingctx, acc, acc_at, w, w_at, store, bases, b_at, offset, n_chunks):
     """acc.flat[acc_at + i] += sum over r < 16 of w.flat[w_at + r] * value i of the cache row at
     store.flat[bases.flat[b_at + r] + offset], for i < 16 * n_chunks: 16 values' rows weighted into
-    one sum (the even and the odd rows in two chains, added last)."""
+    one sum (per group of rows, the even and the odd rows in two chains, added last)."""
     sig = types.void(acc, acc_at, w, w_at, store, bases, b_at, offset, n_chunks)
+    lanes = _attention_lanes()
 
     def codegen(context, builder, signature, args):
         t = signature.args
         i = [context.cast(builder, v, ty, types.intp) if isinstance(ty, types.Integer) else v for v, ty in zip(args, t)]
-        rows = _row_bases(context, builder, t[5], args[5], i[6], i[7])
-        weights = [_splat(builder, builder.load(_element_ptr(context, builder, t[2], args[2],
-                                                             builder.add(i[3], ir.Constant(_I64, r))), align=4))
-                   for r in range(16)]
-        with cgutils.for_range(builder, i[8]) as loop:
-            c = loop.index
-            ptr = _vector_at(context, builder, t[0], args[0], builder.add(i[1], builder.mul(c, ir.Constant(_I64, 16))), _V16F)
-            sums = [builder.load(ptr, align=4), ir.Constant(_V16F, [0.0] * 16)]
-            for r in range(16):
-                v = _row_chunk(context, builder, t[4], args[4], rows[r], c)
-                sums[r % 2] = _fma(builder, weights[r], v, sums[r % 2])
-            builder.store(builder.fadd(sums[0], sums[1]), ptr, align=4)
+        vf = ir.VectorType(ir.FloatType(), lanes)
+        steps = builder.mul(i[8], ir.Constant(_I64, 16 // lanes))
+        for g in range(0, 16, lanes):  # groups of `lanes` rows
+            rows = _row_bases(context, builder, t[5], args[5], builder.add(i[6], ir.Constant(_I64, g)), i[7], lanes)
+            weights = [_splat(builder, builder.load(_element_ptr(context, builder, t[2], args[2],
+                                                                 builder.add(i[3], ir.Constant(_I64, g + r))), align=4),
+                              lanes) for r in range(lanes)]
+            with cgutils.for_range(builder, steps) as loop:
+                c = loop.index
+                ptr = _vector_at(context, builder, t[0], args[0], builder.add(i[1], builder.mul(c, ir.Constant(_I64, lanes))),
+                                 vf)
+                sums = [builder.load(ptr, align=4), ir.Constant(vf, [0.0] * lanes)]
+                for r in range(lanes):
+                    v = _row_chunk(context, builder, t[4], args[4], rows[r], c, lanes)
+                    sums[r % 2] = _fma(builder, weights[r], v, sums[r % 2])
+                builder.store(builder.fadd(sums[0], sums[1]), ptr, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# (the typers above stay plain functions: a test makes fresh intrinsics of them at both widths, since
+# numba keeps an intrinsic's code per argument types once it has made it)
+key_dots16 = intrinsic(_key_dots16)
+value_axpy16 = intrinsic(_value_axpy16)
