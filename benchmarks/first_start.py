@@ -6,8 +6,11 @@ after repetition (A B A B ...):
 
   serial   PURELM_COMPILE_WORKERS=0: every kernel compiled in the process itself (the behaviour
            before worker processes)
-  workers  the default: the decode kernels compiled by this process and worker processes together,
-           the prompt-only ones in the background (NumbaBackend.prepare)
+  wait     PURELM_COMPILE_WAIT=1: the decode kernels compiled by this process and worker processes
+           together before the first token, the prompt-only ones in the background
+  workers  the default: every kernel compiled by worker processes, this process answering through
+           the numpy backend's ops until they have the decode kernels (NumbaBackend.prepare,
+           backends/interim.py)
 
 Per run: wall seconds from spawn to exit, the process's own CPU seconds (user + system, wait4: not
 its workers') and peak RSS. After each cold run `purelm warmup` completes the cache (it waits for
@@ -35,7 +38,7 @@ from load_bench import run_child  # (benchmarks/: this script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = "import sys; from purelm.cli import main; sys.exit(main())"
-MODES = {"serial": {"PURELM_COMPILE_WORKERS": "0"}, "workers": {}}
+MODES = {"serial": {"PURELM_COMPILE_WORKERS": "0"}, "wait": {"PURELM_COMPILE_WAIT": "1"}, "workers": {}}
 
 
 def default_models() -> list[Path]:
@@ -103,7 +106,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="*", type=Path, help="GGUF files (default: SmolLM2 and /tmp/k-synth-q4km.gguf)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--modes", default="serial,workers", help="comma-separated: serial, workers")
+    ap.add_argument("--modes", default="serial,wait,workers", help="comma-separated: serial, wait, workers")
     ap.add_argument("--prompt", default="Hello")
     ap.add_argument("-n", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="purelm's -t (default: its own choice)")

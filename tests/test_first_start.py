@@ -104,8 +104,8 @@ def test_steps_are_shared_out(monkeypatch):
     assert set(be._pending) == set(theirs)
 
 
-def _fake_worker(script: str, names: list[str]) -> nb._CompileWorker:
-    w = nb._CompileWorker.__new__(nb._CompileWorker)
+def _fake_worker(script: str, names: list[str], cls: type = nb._CompileWorker) -> nb._CompileWorker:
+    w = cls.__new__(cls)
     w.proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     w.names, w.done, w.buffer = names, set(), b""
     return w
@@ -268,3 +268,65 @@ def test_a_short_prompt_goes_row_by_row_while_a_worker_compiles_the_batch_kernel
         w_busy.proc.kill()
         w_busy.proc.wait()
         be._pending = {}
+
+
+def test_a_first_start_answers_through_the_numpy_ops_until_the_workers_have_the_kernels(monkeypatch, tmp_path):
+    """With every step missing from the cache, prepare() compiles nothing here: the ops run as the
+    numpy backend's (interim.py), the same logits as a NumpyBackend model, until the workers say
+    they are done; the next pass then switches to the kernels, the same bits as a warm NumbaBackend
+    model, and the ops are the class's again. With PURELM_COMPILE_WAIT=1, or for a model of more than
+    INTERIM_MAX_WEIGHTS weights, there is no interim."""
+    import numpy as np
+
+    import purelm
+    from purelm.backends.numpy_backend import NumpyBackend
+
+    path = ROOT / "tests/fixtures/llama-q4_0.gguf"
+    ids = list(range(3, 20))
+    want_numpy = purelm.load(path, backend=NumpyBackend()).logits(ids)
+    want_numba = purelm.load(path, backend=nb.NumbaBackend(1)).logits(ids)
+
+    flag = tmp_path / "go"
+    started = []
+
+    def fake_worker(backend, types, names):  # says it compiled its steps once `flag` exists
+        script = (f"import os, time\nwhile not os.path.exists({str(flag)!r}): time.sleep(0.02)\n"
+                  f"for n in {names!r}: print('done', n, flush=True)")
+        started.append(_fake_worker(script, names, real_worker))
+        return started[-1]
+
+    real_worker = nb._CompileWorker
+    monkeypatch.setattr(nb, "_CompileWorker", fake_worker)
+    monkeypatch.setattr(nb._WarmNotes, "done", lambda self, name: False)  # a first start: nothing cached
+    monkeypatch.setenv("PURELM_COMPILE_WORKERS", "1")
+    monkeypatch.setenv("PURELM_COMPILE_WAIT", "1")
+    flag.touch()
+    assert purelm.load(path, backend=nb.NumbaBackend(1)).model.ops._interim is None
+    monkeypatch.delenv("PURELM_COMPILE_WAIT")
+    monkeypatch.setattr(nb, "INTERIM_MAX_WEIGHTS", 1000)  # a model larger than that waits too
+    assert purelm.load(path, backend=nb.NumbaBackend(1)).model.ops._interim is None
+    monkeypatch.undo()  # (everything above: set again below)
+    monkeypatch.setattr(nb, "_CompileWorker", fake_worker)
+    monkeypatch.setattr(nb._WarmNotes, "done", lambda self, name: False)
+    monkeypatch.setenv("PURELM_COMPILE_WORKERS", "1")
+    for w in started:
+        w.proc.kill(), w.proc.wait()
+    started.clear()
+    flag.unlink()
+
+    be = nb.NumbaBackend(1)
+    llm = purelm.load(path, backend=be)
+    try:
+        assert be._interim is not None and "linear" in vars(be) and len(started) == 1
+        assert {name for name, _ in be._interim_steps} <= set(started[0].names)
+        got = llm.logits(ids)
+        np.testing.assert_allclose(got, want_numpy, rtol=0, atol=1e-5)
+        assert be._interim is not None  # the worker has not said done: still the numpy ops
+        flag.touch()
+        started[0].proc.wait(timeout=60)
+        got = llm.logits(ids)
+        assert be._interim is None and "linear" not in vars(be)
+        assert np.array_equal(got, want_numba)
+    finally:
+        for w in started:
+            w.proc.kill(), w.proc.wait()

@@ -159,10 +159,10 @@ class Backend(ABC):
         return compute(ids, view.positions, view, rows)
 
     # -- weights, prepared once at load
-    def prepare(self, types: set[GGMLType], lookups: set[GGMLType] = frozenset()) -> None:
+    def prepare(self, types: set[GGMLType], lookups: set[GGMLType] = frozenset(), n_weights: int = 0) -> None:
         """Called before a model whose matrices (2-D tensors) have `types` builds its weights, and
-        whose embeddings (looked up row by row) have `lookups`: a backend that compiles kernels can
-        make them ready here."""
+        whose embeddings (looked up row by row) have `lookups`; `n_weights`: the matrices' elements
+        in all (0: unknown). A backend that compiles kernels can make them ready here."""
 
     @abstractmethod
     def weight(self, t: Tensor) -> Any:

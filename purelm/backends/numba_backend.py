@@ -63,6 +63,7 @@ from ..errors import ShapeError, UsageError
 from .base import (AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm, check_rope,
                    expert_tensors)
 from .kv_cache import BLOCK
+from .interim import OPS as INTERIM_OPS, Interim
 from .numba_kernels import ops, packed as pk, rows as rk
 from .numba_kernels.intrinsics import has_int8_dot, has_int16_dot
 from .pack_cache import PackCache
@@ -120,7 +121,7 @@ class NumbaWeight:
     output widths of its parts, and no file rows."""
 
     __slots__ = ("qtype", "n_out", "n_in", "data", "packed", "splits", "column_splits", "pack_later", "kernel",
-                 "kernel_many", "kernel_args", "source")
+                 "kernel_many", "kernel_args", "source", "tensors")
 
     def __init__(self, qtype: GGMLType, n_out: int, n_in: int, data: np.ndarray | None = None,
                  packed: Packed | None = None, splits: tuple[int, ...] | None = None, threads: int = 1,
@@ -129,6 +130,7 @@ class NumbaWeight:
         self.data, self.splits = data, splits
         self.pack_later = False  # repack on first use in `linear` (a matrix only looked up stays as is)
         self.source: list[Tensor] | None = None  # what pack_later repacks (names, offsets: the pack cache's key)
+        self.tensors: list[Tensor] | None = None  # the file's 2-D tensors it was made from (interim.py)
         self.set_packed(packed, threads, int8)
 
     def set_packed(self, packed: Packed | None, threads: int, int8: bool = False) -> None:
@@ -253,10 +255,12 @@ class NumbaBackend(Backend):
         self._pending: dict[str, _CompileWorker] = {}  # warm-up steps a worker process still compiles
         self._compile_lock = threading.Lock()
         self._compilers: list[_CompileWorker] = []  # worker processes this backend started
+        self._interim: Interim | None = None  # a first start's numpy ops while workers compile (interim.py)
+        self._interim_steps: list[tuple[str, Callable[[], None]]] = []  # the decode steps it waits for
 
     # -- weights
 
-    def prepare(self, types: set[GGMLType], lookups: set[GGMLType] = frozenset()) -> None:
+    def prepare(self, types: set[GGMLType], lookups: set[GGMLType] = frozenset(), n_weights: int = 0) -> None:
         """Load (or compile) every kernel a model with tensors of `types` calls, by running each op
         once on tiny inputs through the same methods a forward pass uses (row lookups for the types of
         `lookups`, the embeddings' only), then hand LLVM's pages back
@@ -264,10 +268,14 @@ class NumbaBackend(Backend):
         are repacked, so those pages and the model are never resident together (peak RSS).
 
         On a first start (steps not yet in numba's cache, see _WarmNotes) the steps are compiled in
-        worker processes too (compile_worker: numba compiles in one thread per process), which fill
-        the on-disk cache that this process then loads from: the steps decode needs are waited for,
-        the prompt-only ones (batch products, prefill attention) go on in the background and are
-        waited for where first used (`_ready`)."""
+        worker processes (compile_worker: numba compiles in one thread per process), which fill the
+        on-disk cache that this process then loads from. By default this process compiles nothing
+        meanwhile: its ops run as the numpy backend's (interim.py) until the workers have every step
+        decode needs, and it switches to the kernels between two passes (`_leave_interim`). For a
+        model of more than INTERIM_MAX_WEIGHTS weights (`n_weights`; 0: unknown), or with
+        $PURELM_COMPILE_WAIT=1, it takes a share of the decode steps itself and waits for the rest
+        before returning. Either way the prompt-only steps (batch products, prefill attention) go on
+        in the background and are waited for where first used (`_ready`)."""
         if self._prepared is not None and types <= self._prepared:
             return
         self._prepared = (self._prepared or set()) | set(types)
@@ -277,6 +285,12 @@ class NumbaBackend(Backend):
             steps = self._warm_steps(types, lookups)
             notes = _WarmNotes(self)
             missing = [s for s in steps if not notes.done(s[0])]
+            fresh = [s for s in missing if s[0] not in self._pending]
+            small = 0 < n_weights <= INTERIM_MAX_WEIGHTS
+            if fresh and (self._interim is not None or (small and any(s[1] for s in fresh) and _answer_while_compiling())):
+                if self._compile_apart(fresh, here=False) is not None:
+                    self._begin_interim(notes, [(name, step) for name, critical, step in steps if critical])
+                    return
             mine = self._compile_apart(missing) if missing else None
             if mine is not None:  # compile this process's share first, then wait for the workers' decode steps
                 for name, _, step in _compile_progress(iter(mine), len(mine)):
@@ -292,17 +306,19 @@ class NumbaBackend(Backend):
             self._enter(outer)  # the caller's thread count, as it was
         page_out_library("llvmlite")
 
-    def _compile_apart(self, missing: list[tuple[str, bool, Callable[[], None]]]
+    def _compile_apart(self, missing: list[tuple[str, bool, Callable[[], None]]], here: bool = True
                        ) -> list[tuple[str, bool, Callable[[], None]]] | None:
         """Start worker processes on a share of the `missing` steps: the decode steps split between
-        them and this process so that all finish soonest (_share_out; this process's share is
-        returned), the prompt-only steps all to the workers, after their decode steps. None (and no
-        workers) where there is one core or $PURELM_COMPILE_WORKERS is 0."""
+        them and this process (`here`; else between the workers alone) so that all finish soonest
+        (_share_out; this process's share is returned), the prompt-only steps all to the workers,
+        after their decode steps. None (and no workers) where there is one core or
+        $PURELM_COMPILE_WORKERS is 0."""
         n_workers = _compile_workers(len(missing))
         if n_workers == 0:
             return None
         critical = [s for s in missing if s[1]]
-        shares = _share_out([s[0] for s in critical], n_workers)
+        names = [s[0] for s in critical]
+        shares = _share_out(names, n_workers) if here else [[]] + _share_out(names, n_workers - 1)
         by_name = {s[0]: s for s in missing}
         shares = [[by_name[n] for n in share] for share in shares]
         # prompt-only: workers, after their decode steps; the types' last first (a prompt needs the first
@@ -345,6 +361,43 @@ class NumbaBackend(Backend):
             del self._pending[name]
             return True
 
+    def _begin_interim(self, notes: _WarmNotes, steps: list[tuple[str, Callable[[], None]]]) -> None:
+        """Run the ops as the numpy backend's until the workers have compiled `steps` (interim.py):
+        the ops that call kernels are shadowed on this instance, so the kernels' own path pays
+        nothing for it afterwards."""
+        if self._interim is None:
+            self._interim = Interim(self)
+            for name in INTERIM_OPS:
+                setattr(self, name, getattr(self._interim, name))
+            if sys.stderr.isatty():
+                print("purelm: compiling kernels for this CPU in the background (once); slower until then",
+                      file=sys.stderr, flush=True)
+        self._interim_notes = notes
+        self._interim_steps = steps
+
+    def _leave_interim(self) -> None:
+        """Back to the kernels where the workers have compiled every decode step, loading them from
+        numba's cache (a second or two); a step whose worker exited without it compiles here. Else
+        nothing: the next pass asks again."""
+        with self._compile_lock:
+            for name, _ in self._interim_steps:
+                worker = self._pending.get(name)
+                if worker is not None and worker._read(block=False) and name not in worker.done:
+                    return
+        for name in INTERIM_OPS:
+            self.__dict__.pop(name, None)
+        self._interim = None
+        self._guard = ThreadGuard(self.threads)  # (what it timed so far was the numpy ops)
+        outer = numba.get_num_threads()
+        try:
+            for name, step in self._interim_steps:
+                self._ready(name)
+                self._interim_notes.run(name, step, load=True)
+        finally:
+            self._guard = ThreadGuard(self.threads)  # warm-up steps are not decode steps
+            self._enter(outer)
+        page_out_library("llvmlite")
+
     def finish_compiling(self) -> None:
         """Wait for the worker processes of a first start to finish all their steps, including any
         this process took over (`purelm warmup`: every kernel cached, every step noted)."""
@@ -354,6 +407,8 @@ class NumbaBackend(Backend):
                     pass
                 worker.proc.wait()
             self._pending.clear()
+        if self._interim is not None:
+            self._leave_interim()
 
     def _warm_steps(self, types: set[GGMLType], lookups: set[GGMLType] = frozenset()
                     ) -> list[tuple[str, bool, Callable[[], None]]]:
@@ -440,6 +495,7 @@ class NumbaBackend(Backend):
         n_out = t.n_elements // n_in  # leading dims flattened into rows
         data = t.data.reshape(n_out, -1)
         w = NumbaWeight(t.type, n_out, n_in, data)
+        w.tensors = [dataclasses.replace(t, shape=(n_out, n_in), data=data)]
         # Repacked on first use in `linear`: a token embedding that is only looked up row by row (an
         # untied model's) never gets a copy.
         w.pack_later = self.repack and t.type in self.packed_types
@@ -475,8 +531,10 @@ class NumbaBackend(Backend):
         if not (self.repack and same and ts[0].type in self.packed_types):
             return [self.weight(t) for t in ts]
         packed = self._packed(ts)
-        return NumbaWeight(ts[0].type, packed.n_out, ts[0].shape[1], None, packed, tuple(t.shape[0] for t in ts),
-                           self.threads, self.int8_dot)
+        w = NumbaWeight(ts[0].type, packed.n_out, ts[0].shape[1], None, packed, tuple(t.shape[0] for t in ts),
+                        self.threads, self.int8_dot)
+        w.tensors = list(ts)
+        return w
 
     def experts(self, gate: Tensor, up: Tensor, down: Tensor) -> tuple[list[Any], list[Any]]:
         """Each 3-D tensor (gate|up as pairs) an ExpertStack: an expert is repacked into its rows
@@ -491,6 +549,7 @@ class NumbaBackend(Backend):
                 w = ExpertWeight(parts[0].type, sum(t.shape[0] for t in parts), parts[0].shape[1], None, None,
                                  tuple(t.shape[0] for t in parts) if len(parts) > 1 else None, self.threads)
                 w.pack_later, w.source, w.stack, w.index = True, parts, stack, e
+                w.tensors = list(parts)
                 ws.append(w)
             out.append(ws)
         return out[0], out[1]
@@ -535,11 +594,14 @@ class NumbaBackend(Backend):
         w = NumbaWeight(ts[0].type, sum(t.shape[0] for t in ts), ts[0].shape[1], None, None,
                         tuple(t.shape[0] for t in ts), self.threads)
         w.pack_later, w.source = True, list(ts)
+        w.tensors = list(ts)
         return w
 
     # -- threads
 
     def begin_pass(self, segments: list[int], head_segments: list[int]) -> None:
+        if self._interim is not None:
+            self._leave_interim()
         super().begin_pass(segments, head_segments)
         self._outer_threads = self._numba_threads = numba.get_num_threads()
         self._enter(self._guard.begin(sum(segments)))
@@ -1080,6 +1142,10 @@ def _fusable(w: ExpertWeight) -> bool:
 STEP_COSTS = {"decode": 3.5, "batch": 4.6, "lookup": 0.9, "attention-decode": 4.5, "attention-prompt": 2.4,
               "norms": 0.7, "rope": 0.3, "shared": 1.4, "start": 1.0}
 MAX_COMPILE_WORKERS = 4  # each holds numba and LLVM (~250 MB) while it runs
+# Largest model (matrices' weights) a first start answers through the numpy ops while its kernels
+# compile: they dequantize every weight for each token, so a larger model's first tokens would come
+# later than by waiting for the kernels (benchmarks/README.md, "First start without waiting")
+INTERIM_MAX_WEIGHTS = 500_000_000
 
 
 def _step_cost(name: str) -> float:
@@ -1117,9 +1183,17 @@ def _share_out(names: list[str], n_workers: int) -> list[list[str]]:
     return shares
 
 
+def _answer_while_compiling() -> bool:
+    """Whether a first start answers through the numpy ops while workers compile (the default), or
+    waits for its decode kernels ($PURELM_COMPILE_WAIT=1)."""
+    return os.environ.get("PURELM_COMPILE_WAIT", "0").strip().lower() not in ("1", "yes", "on", "true")
+
+
 def _compile_workers(n_missing: int) -> int:
     """Worker processes for a first start's compiles: $PURELM_COMPILE_WORKERS, else one per core
-    beside this process's (at most MAX_COMPILE_WORKERS), never more than the steps to compile."""
+    beside this process's (at most MAX_COMPILE_WORKERS), never more than the steps to compile. (Where
+    this process answers through the interim ops meanwhile, it keeps its core for them: one worker
+    per core made a first `generate -n 8` 1.7x slower on 2 cores, and a long one only 1.1x faster.)"""
     value = os.environ.get("PURELM_COMPILE_WORKERS", "").strip()
     if value:
         if not value.isdigit():

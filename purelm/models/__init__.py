@@ -30,5 +30,6 @@ def build_model(gguf: GGUFFile, backend: Backend) -> Model:
         raise FormatError(gguf.path, "general.architecture",
                           f"{arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})")
     embeddings = {t.type for name, t in gguf.tensors.items() if name in ("token_embd.weight", "position_embd.weight")}
-    backend.prepare({t.type for t in gguf.tensors.values() if len(t.shape) >= 2}, embeddings)  # matrices' types
+    matrices = [t for t in gguf.tensors.values() if len(t.shape) >= 2]
+    backend.prepare({t.type for t in matrices}, embeddings, sum(t.n_elements for t in matrices))
     return cls(gguf, backend)
