@@ -72,7 +72,8 @@ def test_row_lookups_are_warmed_for_the_embeddings_types_only(monkeypatch):
     from purelm.models import build_model
 
     seen = []
-    monkeypatch.setattr(nb.NumbaBackend, "prepare", lambda self, types, lookups=frozenset(): seen.append(lookups))
+    monkeypatch.setattr(nb.NumbaBackend, "prepare",
+                        lambda self, types, lookups=frozenset(), n_weights=0: seen.append(lookups))
     path = next(p for p in sorted((ROOT / "tests" / "fixtures").rglob("*.gguf"))
                 if "token_embd.weight" in GGUFFile(p).tensors)
     gguf = GGUFFile(path)
