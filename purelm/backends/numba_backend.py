@@ -287,7 +287,8 @@ class NumbaBackend(Backend):
             missing = [s for s in steps if not notes.done(s[0])]
             fresh = [s for s in missing if s[0] not in self._pending]
             small = 0 < n_weights <= INTERIM_MAX_WEIGHTS
-            if fresh and (self._interim is not None or (small and any(s[1] for s in fresh) and _answer_while_compiling())):
+            first = small and any(s[1] for s in fresh) and _answer_while_compiling()
+            if fresh and (self._interim is not None or first):
                 if self._compile_apart(fresh, here=False) is not None:
                     self._begin_interim(notes, [(name, step) for name, critical, step in steps if critical])
                     return

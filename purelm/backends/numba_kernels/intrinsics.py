@@ -483,7 +483,8 @@ def _fma(builder, a, b, c):
 def _splat(builder, value, lanes=16):
     vt = ir.VectorType(ir.FloatType(), lanes)
     vec = builder.insert_element(ir.Constant(vt, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(vec, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
+    zeros = ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes)
+    return builder.shuffle_vector(vec, ir.Constant(vt, ir.Undefined), zeros)
 
 
 @intrinsic
