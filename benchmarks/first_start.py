@@ -82,6 +82,8 @@ def one_rep(model: Path, mode: str, args: argparse.Namespace) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode as a pip install leaves it (bench.thread_env)
     gen = ["generate", "-m", str(model), args.prompt, "-n", str(args.n), "--temp", "0"]
+    if args.ignore_eos:
+        gen.append("--ignore-eos")
     if args.threads:
         gen += ["-t", str(args.threads)]
     try:
@@ -109,6 +111,7 @@ def main() -> int:
     ap.add_argument("--modes", default="serial,wait,workers", help="comma-separated: serial, wait, workers")
     ap.add_argument("--prompt", default="Hello")
     ap.add_argument("-n", type=int, default=8)
+    ap.add_argument("--ignore-eos", action="store_true", help="generate all -n tokens (a long first generation)")
     ap.add_argument("--threads", type=int, default=0, help="purelm's -t (default: its own choice)")
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -119,7 +122,8 @@ def main() -> int:
     if not models:
         ap.error("no model: give a GGUF file (or `purelm pull smollm2`)")
     result = {"cpus": len(os.sched_getaffinity(0)), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": f"purelm generate MODEL {args.prompt!r} -n {args.n}", "models": {}}
+              "command": f"purelm generate MODEL {args.prompt!r} -n {args.n}" + " --ignore-eos" * args.ignore_eos,
+              "models": {}}
     for model in models:
         runs: dict[str, list[dict]] = {m: [] for m in modes}
         for rep in range(args.reps):
