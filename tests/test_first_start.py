@@ -331,3 +331,23 @@ def test_a_first_start_answers_through_the_numpy_ops_until_the_workers_have_the_
     finally:
         for w in started:
             w.proc.kill(), w.proc.wait()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tests/fixtures").glob("*-q4_0.gguf")), ids=lambda p: p.stem)
+def test_the_interim_ops_run_every_architecture(path, monkeypatch):
+    """Every architecture's fixture through a NumbaBackend held in its interim (the numpy ops on its
+    weights' tensors): the logits of a NumpyBackend model, within 1e-5."""
+    import numpy as np
+
+    import purelm
+    from purelm.backends.numpy_backend import NumpyBackend
+
+    ids = list(range(3, 14))
+    want = purelm.load(path, backend=NumpyBackend()).logits(ids)
+    be = nb.NumbaBackend(1)
+    be._begin_interim(nb._WarmNotes(be), [])
+    monkeypatch.setattr(be, "_leave_interim", lambda: None)  # stays interim: no worker will say done
+    llm = purelm.load(path, backend=be)
+    got = llm.logits(ids)
+    assert be._interim is not None
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

@@ -286,11 +286,17 @@ class NumbaBackend(Backend):
             notes = _WarmNotes(self)
             missing = [s for s in steps if not notes.done(s[0])]
             fresh = [s for s in missing if s[0] not in self._pending]
+            critical = [(name, step) for name, needed, step in steps if needed]
+            if self._interim is not None:  # another model meanwhile: its steps join (loaded at the switch)
+                if fresh:
+                    self._compile_apart(fresh, here=False)  # (no workers: compiled here at the switch)
+                known = {name for name, _ in self._interim_steps}
+                self._begin_interim(notes, self._interim_steps + [s for s in critical if s[0] not in known])
+                return
             small = 0 < n_weights <= INTERIM_MAX_WEIGHTS
-            first = small and any(s[1] for s in fresh) and _answer_while_compiling()
-            if fresh and (self._interim is not None or first):
+            if fresh and small and any(s[1] for s in fresh) and _answer_while_compiling():
                 if self._compile_apart(fresh, here=False) is not None:
-                    self._begin_interim(notes, [(name, step) for name, critical, step in steps if critical])
+                    self._begin_interim(notes, critical)
                     return
             mine = self._compile_apart(missing) if missing else None
             if mine is not None:  # compile this process's share first, then wait for the workers' decode steps
