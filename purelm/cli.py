@@ -261,6 +261,8 @@ def cmd_warmup(a: argparse.Namespace) -> int:
     forward pass over the model's own tensor types."""
     _check_runtime_args(a)
     t0 = time.perf_counter()
+    # compile in this process too, no interim numpy ops (backends/interim.py): nothing to answer here
+    os.environ["PURELM_COMPILE_WAIT"] = "1"
     llm = _load(a, a.ctx or 64)
     llm.logits([llm.tokenizer.bos_id or 0] * 16)  # prefill path (longer than the decode kernels take)
     llm.generate([llm.tokenizer.bos_id or 0], max_tokens=2, temperature=0, ignore_eos=True)  # decode path
