@@ -262,8 +262,15 @@ def cmd_warmup(a: argparse.Namespace) -> int:
     _check_runtime_args(a)
     t0 = time.perf_counter()
     # compile in this process too, no interim numpy ops (backends/interim.py): nothing to answer here
+    saved = os.environ.get("PURELM_COMPILE_WAIT")
     os.environ["PURELM_COMPILE_WAIT"] = "1"
-    llm = _load(a, a.ctx or 64)
+    try:
+        llm = _load(a, a.ctx or 64)
+    finally:  # (main() may run in a caller's process: its environment as it was)
+        if saved is None:
+            del os.environ["PURELM_COMPILE_WAIT"]
+        else:
+            os.environ["PURELM_COMPILE_WAIT"] = saved
     llm.logits([llm.tokenizer.bos_id or 0] * 16)  # prefill path (longer than the decode kernels take)
     llm.generate([llm.tokenizer.bos_id or 0], max_tokens=2, temperature=0, ignore_eos=True)  # decode path
     getattr(llm.backend, "finish_compiling", lambda: None)()  # what a first start compiles in the background

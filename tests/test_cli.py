@@ -62,8 +62,10 @@ def test_help_everywhere():
 
 
 def test_warmup_runs_both_paths(capsys, fixtures):
+    before = os.environ.get("PURELM_COMPILE_WAIT")
     code, out, _ = run(capsys, "warmup", "-m", fixtures / "llama-q8_0.gguf", "--backend", "numba", "-t", "1")
     assert code == 0 and out.startswith("warm: numba kernels")
+    assert os.environ.get("PURELM_COMPILE_WAIT") == before  # set while it loads, then put back
 
 
 # --- a new user never meets a traceback ----------------------------------------------------------

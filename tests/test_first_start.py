@@ -290,8 +290,10 @@ def test_a_first_start_answers_through_the_numpy_ops_until_the_workers_have_the_
     flag = tmp_path / "go"
     started = []
 
-    def fake_worker(backend, types, names):  # says it compiled its steps once `flag` exists
-        script = (f"import os, time\nwhile not os.path.exists({str(flag)!r}): time.sleep(0.02)\n"
+    def fake_worker(backend, types, names):  # says it compiled its steps once `flag` exists (gives up in 120 s)
+        script = (f"import os, time\nend = time.time() + 120\n"
+                  f"while not os.path.exists({str(flag)!r}):\n    time.sleep(0.02)\n"
+                  f"    if time.time() > end: raise SystemExit(1)\n"
                   f"for n in {names!r}: print('done', n, flush=True)")
         started.append(_fake_worker(script, names, real_worker))
         return started[-1]
@@ -310,6 +312,7 @@ def test_a_first_start_answers_through_the_numpy_ops_until_the_workers_have_the_
     monkeypatch.setattr(nb, "_CompileWorker", fake_worker)
     monkeypatch.setattr(nb._WarmNotes, "done", lambda self, name: False)
     monkeypatch.setenv("PURELM_COMPILE_WORKERS", "1")
+    monkeypatch.delenv("PURELM_COMPILE_WAIT", raising=False)
     for w in started:
         w.proc.kill(), w.proc.wait()
     started.clear()
