@@ -1200,7 +1200,7 @@ def _compile_workers(n_missing: int) -> int:
     """Worker processes for a first start's compiles: $PURELM_COMPILE_WORKERS, else one per core
     beside this process's (at most MAX_COMPILE_WORKERS), never more than the steps to compile. (Where
     this process answers through the interim ops meanwhile, it keeps its core for them: one worker
-    per core made a first `generate -n 8` 1.7x slower on 2 cores, and a long one only 1.1x faster.)"""
+    per core slowed a short first start more than it sped up a long one, benchmarks/README.md.)"""
     value = os.environ.get("PURELM_COMPILE_WORKERS", "").strip()
     if value:
         if not value.isdigit():
