@@ -354,3 +354,43 @@ def test_the_interim_ops_run_every_architecture(path, monkeypatch):
     got = llm.logits(ids)
     assert be._interim is not None
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_past_its_time_the_interim_ends_with_this_process_joining_the_compiles(monkeypatch, tmp_path):
+    """After INTERIM_SECONDS the next pass stops waiting for the workers alone: it waits for the step
+    the worker is on (here the worker finishes it and exits), takes the others (here they load from
+    the test process's cache), and runs on the kernels: a warm NumbaBackend model's bits."""
+    import threading
+
+    import numpy as np
+
+    import purelm
+
+    path = ROOT / "tests/fixtures/llama-q4_0.gguf"
+    ids = list(range(3, 20))
+    want = purelm.load(path, backend=nb.NumbaBackend(1)).logits(ids)
+    flag, started, real_worker = tmp_path / "go", [], nb._CompileWorker
+
+    def fake_worker(backend, types, names):  # finishes its first step once `flag` exists, exits 1.5 s later
+        script = (f"import os, time\nend = time.time() + 120\n"
+                  f"while not os.path.exists({str(flag)!r}) and time.time() < end:\n    time.sleep(0.02)\n"
+                  f"print('done', {names[0]!r}, flush=True)\ntime.sleep(1.5)")
+        started.append(_fake_worker(script, names, real_worker))
+        return started[-1]
+
+    monkeypatch.setattr(nb, "_CompileWorker", fake_worker)
+    monkeypatch.setattr(nb._WarmNotes, "done", lambda self, name: False)
+    monkeypatch.setenv("PURELM_COMPILE_WORKERS", "1")
+    monkeypatch.delenv("PURELM_COMPILE_WAIT", raising=False)
+    be = nb.NumbaBackend(1)
+    llm = purelm.load(path, backend=be)
+    try:
+        assert be._interim is not None and len(started) == 1 and len(started[0].names) > 1
+        be._interim_until = 0.0  # its time is up
+        threading.Timer(0.3, flag.touch).start()
+        got = llm.logits(ids)
+        assert be._interim is None and "linear" not in vars(be)
+        assert np.array_equal(got, want)
+    finally:
+        for w in started:
+            w.proc.kill(), w.proc.wait()

@@ -38,7 +38,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from time import perf_counter
+from time import monotonic, perf_counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
@@ -257,6 +257,7 @@ class NumbaBackend(Backend):
         self._compilers: list[_CompileWorker] = []  # worker processes this backend started
         self._interim: Interim | None = None  # a first start's numpy ops while workers compile (interim.py)
         self._interim_steps: list[tuple[str, Callable[[], None]]] = []  # the decode steps it waits for
+        self._interim_until = 0.0  # (monotonic seconds) when it stops waiting for the workers alone
 
     # -- weights
 
@@ -379,17 +380,22 @@ class NumbaBackend(Backend):
             if sys.stderr.isatty():
                 print("purelm: compiling kernels for this CPU in the background (once); slower until then",
                       file=sys.stderr, flush=True)
+            self._interim_until = monotonic() + INTERIM_SECONDS
         self._interim_notes = notes
         self._interim_steps = steps
 
     def _leave_interim(self) -> None:
         """Back to the kernels where the workers have compiled every decode step, loading them from
         numba's cache (a second or two); a step whose worker exited without it compiles here. Else
-        nothing: the next pass asks again."""
+        nothing (the next pass asks again), until INTERIM_SECONDS have passed: then this process
+        waits for the steps the workers are on and compiles those they have not started, as a start
+        with $PURELM_COMPILE_WAIT=1 does (the interim's slow tokens would otherwise hold a core
+        that the compiles need, and a long first generation would end later)."""
         with self._compile_lock:
             for name, _ in self._interim_steps:
                 worker = self._pending.get(name)
-                if worker is not None and worker._read(block=False) and name not in worker.done:
+                if (worker is not None and worker._read(block=False) and name not in worker.done
+                        and monotonic() < self._interim_until):
                     return
         for name in INTERIM_OPS:
             self.__dict__.pop(name, None)
@@ -397,7 +403,10 @@ class NumbaBackend(Backend):
         self._guard = ThreadGuard(self.threads)  # (what it timed so far was the numpy ops)
         outer = numba.get_num_threads()
         try:
-            for name, step in self._interim_steps:
+            # last first: a worker goes through its steps in order, so this process takes the ones it
+            # has not started while it finishes its current one (in order, each next step would be
+            # the one the worker just started, and waited for)
+            for name, step in reversed(self._interim_steps):
                 self._ready(name)
                 self._interim_notes.run(name, step, load=True)
         finally:
@@ -1153,6 +1162,7 @@ MAX_COMPILE_WORKERS = 4  # each holds numba and LLVM (~250 MB) while it runs
 # compile: they dequantize every weight for each token, so a larger model's first tokens would come
 # later than by waiting for the kernels (benchmarks/README.md, "First start without waiting")
 INTERIM_MAX_WEIGHTS = 500_000_000
+INTERIM_SECONDS = 8.0  # how long the interim ops answer before this process joins the compiles
 
 
 def _step_cost(name: str) -> float:
