@@ -4,8 +4,10 @@
 
 1. Sweep: for the matrix shapes of a model (the 1.1B's by default: q|k|v, o, gate|up with the fused
    activation, down; Q4_0), each (outputs per program, columns per step, warps) configuration of the
-   Triton product is timed in a CUDA graph of 20 launches (launch cost aside), for one activation row
-   and for several; weight bytes read per second, and the best configuration per shape.
+   Triton product is timed in a CUDA graph that cycles through copies of the weights totalling four
+   times the GPU's L2 cache (each launch reads its weights from device memory, as in a model's step;
+   launch cost aside), for one activation row and for several; weight bytes read per second, and the
+   best configuration per shape.
 2. With a model file: one decode step replayed from its CUDA graph against the whole step through
    `model.forward` (host work: inputs copied in, logits out), and the step's kernels by device time
    (torch.profiler), so the launch gaps show as the difference.
@@ -26,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from purelm.backends.torch_backend import TorchBackend, fused, triton_kernels  # noqa: E402
-from purelm.backends.torch_backend.packed import pack  # noqa: E402
+from purelm.backends.torch_backend.packed import Packed, pack  # noqa: E402
 from purelm.formats.gguf import GGUFFile  # noqa: E402
 from purelm.models import build_model  # noqa: E402
 from purelm.quant.types import BLOCK_INFO, GGMLType  # noqa: E402
@@ -34,24 +36,26 @@ from purelm.quant.types import BLOCK_INFO, GGMLType  # noqa: E402
 # (name, outputs, inputs, glu): TinyLlama-1.1B's layer, the shapes make_synthetic.py gives it
 SHAPES_1B = [("qkv", 2560, 2048, None), ("o", 2048, 2048, None), ("gate_up", 2 * 5632, 2048, "silu"),
              ("down", 2048, 5632, None)]
-ONE_ROW = ([("pairs", bn, bk, w) for bn in (1, 2, 4) for bk in (256, 512, 1024) for w in (2, 4, 8)]
-           + [("groups", bn, bk, w) for bn in (2, 4, 8) for bk in (512, 2048) for w in (4,)])
-MANY_ROWS = ([("pairs", bn, bk, 4) for bn in (8, 16) for bk in (128, 256)]
-             + [("rows", bn, 512, w) for bn in (1, 2, 4) for w in (4, 8)])
+ONE_ROW = ([("wide", bn, bk, w) for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048) for w in (2, 4, 8)]
+           + [("pairs", 1, 256, w) for w in (2, 4)] + [("pairs", 1, 512, 8), ("groups", 4, 512, 4)])
+MANY_ROWS = ([("wide", bn, bk, w) for bn in (1, 2, 4, 8) for bk in (256, 512, 1024) for w in (4, 8)]
+             + [("pairs", 16, 256, 4), ("rows", 1, 512, 4), ("rows", 1, 512, 8)])
 
 
 def log(*a: object) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def graph_time(fn, launches: int = 20, reps: int = 10) -> float:
-    """Seconds per call of fn, from a CUDA graph of `launches` calls replayed `reps` times."""
-    fn()
+def graph_time(fns: list, reps: int = 10) -> float:
+    """Seconds per call, from a CUDA graph of one call of each of fns (at least 20 in all), replayed
+    `reps` times."""
+    launches = max(20, len(fns))
+    fns[0]()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(launches):
-            fn()
+        for i in range(launches):
+            fns[i % len(fns)]()
     g.replay()
     torch.cuda.synchronize()
     times = []
@@ -111,8 +115,11 @@ def precompile(qtype: GGMLType, shapes: list, rows: list[int], jobs: int) -> Non
 
 def sweep(qtype: GGMLType, shapes: list, rows: list[int], dev: torch.device) -> list[dict]:
     out = []
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or 64 << 20
     for name, n_out, n_in, glu in shapes:
         w = random_packed(qtype, n_out, n_in, dev)
+        copies = [w] + [Packed(w.type, w.shape, {k: p.clone() for k, p in w.planes.items()})
+                        for _ in range(-(-4 * l2 // w.nbytes) - 1)]  # together 4x the L2 cache
         for m in rows:
             if glu and m > 1:
                 continue  # (several rows: the two-step path, the same kernel as the other shapes)
@@ -121,7 +128,7 @@ def sweep(qtype: GGMLType, shapes: list, rows: list[int], dev: torch.device) -> 
             results = []
             for cfg in configs:
                 try:
-                    t = graph_time(lambda: product(x, w, glu, cfg))
+                    t = graph_time([lambda c=c: product(x, c, glu, cfg) for c in copies])
                 except Exception as e:  # a configuration the compiler refuses: say so, go on
                     results.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                     continue
@@ -129,7 +136,7 @@ def sweep(qtype: GGMLType, shapes: list, rows: list[int], dev: torch.device) -> 
             ok = [r for r in results if "us" in r]
             best = min(ok, key=lambda r: r["us"]) if ok else None
             want = triton_kernels.default_config(m, n_out // 2 if glu else n_out, n_in, glu is not None, dev)
-            want = want or ("pairs", triton_kernels.BN_ONE, triton_kernels.BK_ONE, 4)
+            want = want or triton_kernels.default_config(m, n_out // 2 if glu else n_out, n_in, False, dev)
             default = next((r for r in ok if tuple(r["config"]) == want), None)
             log(f"  {name:8s} {n_out:6d}x{n_in:<5d} rows {m:2d}: best {best and best['config']} "
                 f"{best and best['us']} us {best and best['gb_s']} GB/s; default {default and default['us']} us")

@@ -127,16 +127,19 @@ def _triton_or_skip():
 
 
 @pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, 3, 17, "groups", "rows"])
+@pytest.mark.parametrize("rows", [1, 3, 17, "groups", "rows", "wide"])
 def test_triton_matvec_matches_a_float64_product(qtype, rows):
-    # "groups": one row through the kernel that scales whole groups of columns at once; "rows":
-    # several rows, a program each
+    # one row: "wide" (the interpreter's default); 3 and 17 rows: "pairs"; "groups": one row through
+    # the kernel that scales whole groups of columns at once; "rows": several rows, a program each;
+    # "wide": several rows from the same unpacked weights, in steps of fewer columns than a row has
     kernels = _triton_or_skip()
     config = None
     if rows == "groups":
         rows, config = 1, ("groups", 8, 256, 4)
     elif rows == "rows":
         rows, config = 3, ("rows", 4, 256, 4)
+    elif rows == "wide":
+        rows, config = 3, ("wide", 8, 128, 4)
     block = BLOCK_INFO[qtype][0]
     n_out, n_in = 20, 512 if block == 256 else 352  # partial tiles of outputs and of columns
     raw = random_blocks(qtype, n_out, n_in, seed=rows)
@@ -194,7 +197,8 @@ def test_tuned_product_configurations_are_read_checked_and_chosen_by_size(tmp_pa
     assert kernels.default_config(1, 2048, 6000, device=cuda) == ("pairs", 2, 512, 8)
     assert kernels.default_config(3, 2048, 2048, device=cuda) == ("rows", 1, 512, 4)  # bucket of 4
     assert kernels.default_config(1, 5632, 2048, glu=True, device=cuda) is None  # two steps were faster
-    assert kernels.default_config(16, 2048, 2048, device=cuda) == ("rows", 1, 512, 4)  # no entry: the rule
+    rule = ("wide", kernels.BN_WIDE, kernels.BK_WIDE, 4)
+    assert kernels.default_config(16, 2048, 2048, device=cuda) == rule  # no entry: the rule
     assert len(kernels.tuned(cuda)) == 4
     shipped = Path(kernels.__file__).parent / "configs" / "NVIDIA_H200.json"  # every entry of it valid
     monkeypatch.setenv("PURELM_TRITON_CONFIGS", str(shipped))
@@ -202,7 +206,7 @@ def test_tuned_product_configurations_are_read_checked_and_chosen_by_size(tmp_pa
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     monkeypatch.setenv("PURELM_TRITON_CONFIGS", str(broken))
-    assert kernels.tuned(cuda) == [] and kernels.default_config(1, 2048, 2048, device=cuda) == ("pairs", 1, 256, 4)
+    assert kernels.tuned(cuda) == [] and kernels.default_config(1, 2048, 2048, device=cuda) == rule
 
 
 @pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)

@@ -1,12 +1,14 @@
 """Triton kernels that multiply packed planes (packed.py) by a few activation rows: the decode step.
 
 One kernel family serves every block type: the layout's fields are compile-time constants, so each
-type gets its own specialised code. Three ways to cut the work (default_config): "pairs" reads a byte
-and a scale per pair of columns, for one activation row (the weights read once per token, the
-memory-bound case) or BM rows at once (unpacked once, multiplied with tl.dot in float32); "rows" is
-one program per activation row (a few sequences: each reads the weights, mostly from the L2 cache);
-"groups" sums whole groups of columns against x before scaling, and can fuse a gate|up pair with its
-activation. Weights are unpacked with ggml's float steps in float32; products accumulate in float32.
+type gets its own specialised code. Four ways to cut the work (default_config): "wide" reads each
+program's rows of bytes whole (16-byte loads), turns codes into floats without a conversion
+instruction (_exact), sums each group of columns against x before scaling it, and takes every
+activation row (up to 16) from the same unpacked weights, so the weights are read once per step;
+"pairs" reads a byte and a scale per pair of columns, for one activation row or BM rows at once
+(multiplied with tl.dot in float32); "rows" is one program per activation row (each reads the
+weights, mostly from the L2 cache); "groups" is "wide" with scattered loads, and can fuse a gate|up
+pair with its activation. Products accumulate in float32.
 
 How many outputs and columns a program takes, and with how many warps, decides the speed: a GPU's
 measured best per shape lives in configs/<GPU name>.json, written by benchmarks/gpu_kernels.py
@@ -30,11 +32,12 @@ import triton.language as tl
 from .fused import act
 from .packed import Packed, levels
 
-KERNELS = ("pairs", "rows", "groups")  # see default_config
+KERNELS = ("pairs", "rows", "groups", "wide")  # see default_config
 BN, BK = 16, 256  # outputs and columns per program step (BK: a power of two, a multiple of every group)
 BN_ONE, BK_ONE = 1, 256  # one activation row: one output per program, so that there are many
 # programs, each with its own bytes in flight (the loop is memory-bound); the best on the H200
 BM = 16  # activation rows per program when there are several (tl.dot's smallest tile)
+BN_WIDE, BK_WIDE = 4, 1024  # "wide": outputs per program, columns per step, where no table says
 
 
 @triton.jit
@@ -243,6 +246,122 @@ def _pairs_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dm
 
 
 @triton.jit
+def _exact(code, OFFSET: tl.constexpr):
+    """code - OFFSET as float32 for integer codes in [0, 2**23): the code's bits under the exponent of
+    2**23, less 2**23 + OFFSET (exact; one OR and one subtraction where a conversion is slower)."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
+def _byte_value(code, table_ptr, OFFSET: tl.constexpr, TABLE: tl.constexpr):
+    if TABLE:
+        v = tl.load(table_ptr + code)
+    else:
+        v = _exact(code, OFFSET)
+    return v
+
+
+@triton.jit
+def _wide_values(lo_ptr, hi_ptr, table_ptr, r, rmask, k0, K: tl.constexpr, LO_BITS: tl.constexpr,
+                 HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr, BK: tl.constexpr):
+    """The values (code - offset, or the table's level) of rows r (BN, 1) at columns k0..k0+BK, read as
+    whole bytes of the lo plane (wide contiguous loads): (BN, BK / PER) per code of a byte, PER =
+    8 / LO_BITS of them (four, unused ones repeat the first), code i of byte u being column u*PER + i."""
+    PER: tl.constexpr = 8 // LO_BITS
+    BU: tl.constexpr = BK // PER
+    u = k0 // PER + tl.arange(0, BU)[None, :]
+    mask = rmask & (u < K // PER)
+    b = tl.load(lo_ptr + r * (K // PER) + u, mask=mask, other=0).to(tl.int32)
+    if LO_BITS == 8:
+        c0 = b + 128  # int8 codes, shifted to be non-negative (undone by the offset below)
+        c1, c2, c3 = c0, c0, c0
+    elif LO_BITS == 4:
+        c0, c1 = b & 15, b >> 4
+        c2, c3 = c0, c1
+    else:
+        c0, c1, c2, c3 = b & 3, (b >> 2) & 3, (b >> 4) & 3, b >> 6
+    if HI_BITS > 0:  # a hi byte holds the high bits of UPH lo bytes: read once, spread to each
+        PER_H: tl.constexpr = 8 // HI_BITS
+        UPH: tl.constexpr = PER_H // PER
+        BN: tl.constexpr = r.shape[0]
+        uh = k0 // PER_H + tl.arange(0, BU // UPH)[None, :]
+        hb = tl.load(hi_ptr + r * (K // PER_H) + uh, mask=rmask & (uh < K // PER_H), other=0).to(tl.int32)
+        hb = tl.reshape(tl.broadcast_to(hb[:, :, None], (BN, BU // UPH, UPH)), (BN, BU))
+        sh = (tl.arange(0, BU) % UPH)[None, :] * (PER * HI_BITS)
+        HM: tl.constexpr = (1 << HI_BITS) - 1
+        c0 = c0 | (((hb >> sh) & HM) << LO_BITS)
+        c1 = c1 | (((hb >> (sh + HI_BITS)) & HM) << LO_BITS)
+        if PER == 4:
+            c2 = c2 | (((hb >> (sh + 2 * HI_BITS)) & HM) << LO_BITS)
+            c3 = c3 | (((hb >> (sh + 3 * HI_BITS)) & HM) << LO_BITS)
+    OFF: tl.constexpr = 128 if LO_BITS == 8 else OFFSET
+    v0 = _byte_value(c0, table_ptr, OFF, TABLE)
+    v1, v2, v3 = v0, v0, v0
+    if PER >= 2:
+        v1 = _byte_value(c1, table_ptr, OFF, TABLE)
+    if PER == 4:
+        v2 = _byte_value(c2, table_ptr, OFF, TABLE)
+        v3 = _byte_value(c3, table_ptr, OFF, TABLE)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _wide_row(v0, v1, v2, v3, s, c, x_ptr, xrow, xok, k0, K: tl.constexpr, LO_BITS: tl.constexpr,
+              G: tl.constexpr, HAS_MIN: tl.constexpr, BK: tl.constexpr):
+    """One activation row's sums over the step's columns, per weight row: (BN,). x is read whole and
+    split like the bytes' codes; a group's products are summed, then scaled once."""
+    PER: tl.constexpr = 8 // LO_BITS
+    BU: tl.constexpr = BK // PER
+    NG: tl.constexpr = BK // G
+    BN: tl.constexpr = v0.shape[0]
+    k = k0 + tl.arange(0, BK)
+    xv = tl.load(x_ptr + xrow + k, mask=xok & (k < K), other=0.0).to(tl.float32)
+    if PER == 1:
+        p = v0 * xv[None, :]
+    elif PER == 2:
+        x0, x1 = tl.split(tl.reshape(xv, (BU, 2)))
+        p = v0 * x0[None, :] + v1 * x1[None, :]
+    else:
+        a, b = tl.split(tl.reshape(xv, (BU, 2, 2)))  # a: columns 4u, 4u+2; b: 4u+1, 4u+3
+        x0, x2 = tl.split(a)
+        x1, x3 = tl.split(b)
+        p = v0 * x0[None, :] + v1 * x1[None, :] + v2 * x2[None, :] + v3 * x3[None, :]
+    part = tl.sum(tl.reshape(p, (BN, NG, G // PER)), axis=2) * s
+    if HAS_MIN:
+        part += c * tl.sum(tl.reshape(xv, (NG, G)), axis=1)[None, :]
+    return tl.sum(part, axis=1)
+
+
+@triton.jit
+def _wide_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr,
+                 M, N, stride_x, stride_y, K: tl.constexpr,
+                 LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
+                 SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr,
+                 HAS_M: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # program j: outputs j*BN.. of every activation row (up to ROWS), so the weights are read once.
+    # A step reads BN rows' bytes for BK columns whole (16-byte loads), turns codes into floats once,
+    # and takes each activation row's sums from them.
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = (rows < N)[:, None]
+    r = rows[:, None].to(tl.int64)
+    NG: tl.constexpr = BK // G
+    HAS_MIN: tl.constexpr = HAS_M or HAS_MN
+    ms = tl.arange(0, ROWS)
+    acc = tl.zeros((ROWS, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        v0, v1, v2, v3 = _wide_values(lo_ptr, hi_ptr, table_ptr, r, rmask, k0, K, LO_BITS, HI_BITS, OFFSET,
+                                      TABLE, BK)
+        kg = k0 + tl.arange(0, NG)[None, :] * G
+        s, c = _scale(d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, r, kg, rmask & (kg < K), K, SUPER, G, HAS_SC,
+                      HAS_MN, HAS_M)
+        for i in tl.static_range(ROWS):
+            part = _wide_row(v0, v1, v2, v3, s, c, x_ptr, i * stride_x, i < M, k0, K, LO_BITS, G, HAS_MIN, BK)
+            acc = tl.where(ms[:, None] == i, acc + part[None, :], acc)
+    ym = (ms[:, None] < M) & (rows[None, :] < N)
+    tl.store(y_ptr + ms[:, None].to(tl.int64) * stride_y + rows[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
+
+
+@triton.jit
 def _groups_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr,
                    M, N, stride_x, stride_y, K: tl.constexpr,
                    LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
@@ -359,8 +478,8 @@ def default_config(M: int, N: int, K: int, glu: bool = False, device: torch.devi
     if glu:
         return None
     if device is None or device.type != "cuda":  # Triton's interpreter: few, large programs
-        return ("pairs", 4, 1024, 4) if M == 1 else ("pairs", BN, BK, 4)
-    return ("pairs", BN_ONE, BK_ONE, 4) if M == 1 else ("rows", BN_ONE, 2 * BK_ONE, 4)
+        return ("wide", 8, 1024, 4) if M == 1 else ("pairs", BN, BK, 4)
+    return ("wide", BN_WIDE, BK_WIDE, 4)
 
 
 def matvec(x: torch.Tensor, w: Packed, out_dtype: torch.dtype = torch.float32, glu: str | None = None,
@@ -378,8 +497,14 @@ def matvec(x: torch.Tensor, w: Packed, out_dtype: torch.dtype = torch.float32, g
         if M != 1 or config[0] != "groups":
             raise ValueError("the fused gate|up product takes one activation row and the groups kernel")
     kernel, bn, bk, warps = config or default_config(M, N, K, False, x.device)
+    if kernel == "wide" and M > BM:
+        raise ValueError(f"the wide kernel takes up to {BM} activation rows, not {M}")
     ptrs, consts = _args(w)
-    if kernel == "groups" and M == 1:
+    if kernel == "wide":  # every row (up to 16) in each program: the weights read once
+        _wide_kernel[(triton.cdiv(N, bn),)](
+            x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), ROWS=triton.next_power_of_2(M),
+            BN=bn, BK=max(bk, w.layout.group if w.layout.has_sc else w.layout.super), num_warps=warps, **consts)
+    elif kernel == "groups" and M == 1:
         _groups_kernel[(1, triton.cdiv(N, bn))](
             x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), BN=bn, BK=bk,
             GLU=glu is not None, SILU=glu == "silu", num_warps=warps, **consts)
