@@ -65,7 +65,7 @@ echo "== torch backend tests on CUDA ($SECONDS s)"
 PURELM_TEST_DEVICE=cuda timeout 300 $PY -m pytest -q -x -m "not slow" -p no:cacheprovider \
     $($PY -c "import xdist" 2>/dev/null && echo "-n $(nproc)") tests/test_torch_backend.py 2>&1 | tee "$OUT/tests.log" | tail -15
 echo "== kernel sweep ($SECONDS s)"
-timeout 150 $PY benchmarks/gpu_kernels.py --jobs "$(nproc)" --rows 1,2,4,8,16 --out "$OUT/gpu_kernels.json" --table "$OUT/table.json" \
+timeout 200 $PY benchmarks/gpu_kernels.py --jobs "$(nproc)" --rows 1,2,4,8,16 --out "$OUT/gpu_kernels.json" --table "$OUT/table.json" \
     2>&1 | grep -v -i warn | tail -26
 [ -s "$OUT/table.json" ] && export PURELM_TRITON_CONFIGS="$OUT/table.json"
 [ -n "$MAKE_PIDS" ] && wait $MAKE_PIDS
