@@ -7,15 +7,17 @@
 #   4. sweeps the packed product kernels' configurations on the 1.1B's shapes (benchmarks/gpu_kernels.py;
 #      its best per shape is the table the benchmarks then use: copy it to
 #      purelm/backends/torch_backend/configs/<GPU name>.json to ship it),
-#   5. runs benchmarks/gpu_bench.py on both models (the GPU's copy bandwidth measured in the same run),
-#      a decode step's kernels by device time (gpu_kernels.py), and bench.py --engines torch,
+#   5. profiles a decode step and a prompt of 512 tokens (gpu_kernels.py --no-sweep), then (once the
+#      llama.cpp build below is done, so that its load on the CPU is not in the timings) runs
+#      benchmarks/gpu_bench.py on both models (the GPU's copy bandwidth measured in the same run),
+#      llama-bench, and bench.py --engines torch,
 #   6. where .lcpp/llama-cpp-src.tar.xz holds a trimmed copy of llama.cpp's sources (CMake files, ggml
 #      with its CPU and CUDA backends, src, include, common, vendor, tools/llama-bench and
 #      tools/batched-bench), builds llama.cpp with CUDA for sm_90 in the background from the start
 #      (FlashAttention kernels left out: GGML_CUDA_FA=OFF, the build's longest part) and, if it is done
-#      in time, runs `llama-bench -ngl 99` on the same two files.
+#      in time (LLAMA_WAIT seconds into the script), runs `llama-bench -ngl 99` on the same two files.
 # Results go to $OUT (default /tmp/purelm-gpu-check): tests.log, gpu_kernels.json, table.json,
-# gpu_bench.json, gpu_profile.json, bench_torch.json, llama_build.log, llama_bench.json.
+# gpu_bench.json, gpu_profile.json, bench_torch.json, llama_build.log, llama_bench.json, gpu_bench_again.json.
 #     bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,26 +71,28 @@ timeout 200 $PY benchmarks/gpu_kernels.py --jobs "$(nproc)" --rows 1,2,4,8,16 --
     2>&1 | grep -v -i warn | tail -26
 [ -s "$OUT/table.json" ] && export PURELM_TRITON_CONFIGS="$OUT/table.json"
 [ -n "$MAKE_PIDS" ] && wait $MAKE_PIDS
+timeout 90 $PY benchmarks/gpu_kernels.py --no-sweep "$BIG" "$SMOL" --out "$OUT/gpu_profile.json" 2>&1 \
+    | grep -v -i warn | tail -40
+if [ -n "${LLAMA_PID:-}" ]; then  # the timings below without the build's load on the CPU
+    echo "== waiting for the llama.cpp build until ${LLAMA_WAIT:-480} s ($SECONDS s)"
+    while kill -0 "$LLAMA_PID" 2>/dev/null && [ "$SECONDS" -lt "${LLAMA_WAIT:-480}" ]; do sleep 2; done
+    tail -2 "$OUT/llama_build.log"
+fi
 echo "== gpu_bench ($SECONDS s)"
 timeout 300 $PY benchmarks/gpu_bench.py "$SMOL" "$BIG" --out "$OUT/gpu_bench.json" >/dev/null
-timeout 60 $PY benchmarks/gpu_kernels.py --no-sweep "$BIG" "$SMOL" --out "$OUT/gpu_profile.json" 2>&1 \
-    | grep -v -i warn | tail -30
+if [ -x "$LLAMA/build/bin/llama-bench" ]; then
+    echo "== llama-bench -ngl 99 ($SECONDS s)"
+    timeout 90 "$LLAMA/build/bin/llama-bench" -m "$SMOL" -m "$BIG" -ngl 99 -fa 0 -p 512 -n 128 -r 3 -o json \
+        >"$OUT/llama_bench.json" 2>>"$OUT/llama_build.log"
+    $PY -c "import json,sys; [print(r['model_filename'].split('/')[-1], r['n_prompt'], r['n_gen'], round(r['avg_ts'], 1)) for r in json.load(open(sys.argv[1]))]" "$OUT/llama_bench.json"
+    echo "== gpu_bench again, after llama-bench (engines alternating) ($SECONDS s)"
+    timeout 120 $PY benchmarks/gpu_bench.py "$BIG" "$SMOL" --batch 1 --out "$OUT/gpu_bench_again.json" >/dev/null
+elif [ -n "${LLAMA_PID:-}" ]; then
+    echo "llama-bench not built in time"; grep -c "Building" "$OUT/llama_build.log"
+fi
 if [ "$SECONDS" -lt "${BENCH_BEFORE:-420}" ]; then
     echo "== bench.py --engines torch ($SECONDS s)"
     timeout 120 $PY benchmarks/bench.py "$SMOL" --engines torch --threads 1 --reps 3 --no-bandwidth \
         --out "$OUT/bench_torch.json" 2>&1 | tail -8
-fi
-if [ -n "${LLAMA_PID:-}" ]; then
-    echo "== waiting for the llama.cpp build until ${LLAMA_WAIT:-480} s ($SECONDS s)"
-    while kill -0 "$LLAMA_PID" 2>/dev/null && [ "$SECONDS" -lt "${LLAMA_WAIT:-480}" ]; do sleep 5; done
-    tail -3 "$OUT/llama_build.log"
-    if [ -x "$LLAMA/build/bin/llama-bench" ]; then
-        echo "== llama-bench -ngl 99 ($SECONDS s)"
-        timeout 90 "$LLAMA/build/bin/llama-bench" -m "$SMOL" -m "$BIG" -ngl 99 -fa 0 -p 512 -n 128 -r 3 -o json \
-            >"$OUT/llama_bench.json" 2>>"$OUT/llama_build.log"
-        $PY -c "import json,sys; [print(r['model_filename'].split('/')[-1], r['n_prompt'], r['n_gen'], round(r['avg_ts'], 1)) for r in json.load(open(sys.argv[1]))]" "$OUT/llama_bench.json"
-    else
-        echo "llama-bench not built in time"; grep -c "Building" "$OUT/llama_build.log"
-    fi
 fi
 echo "== done in $SECONDS s"

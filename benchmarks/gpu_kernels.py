@@ -10,7 +10,8 @@
    best configuration per shape.
 2. With a model file: one decode step replayed from its CUDA graph against the whole step through
    `model.forward` (host work: inputs copied in, logits out), and the step's kernels by device time
-   (torch.profiler), so the launch gaps show as the difference.
+   (torch.profiler), so the launch gaps show as the difference; then a 512-token prompt (no graph):
+   its wall time against its kernels' device time, and the host operators that take the most time.
 JSON out (--out), a table on stderr.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from purelm.backends.torch_backend import TorchBackend, fused, triton_kernels  # noqa: E402
+from purelm.backends.torch_backend import TorchBackend, triton_kernels  # noqa: E402
+from purelm.backends.torch_backend import fused as fused_kernels  # noqa: E402
 from purelm.backends.torch_backend.packed import Packed, pack  # noqa: E402
 from purelm.formats.gguf import GGUFFile  # noqa: E402
 from purelm.models import build_model  # noqa: E402
@@ -36,10 +38,18 @@ from purelm.quant.types import BLOCK_INFO, GGMLType  # noqa: E402
 # (name, outputs, inputs, glu): TinyLlama-1.1B's layer, the shapes make_synthetic.py gives it
 SHAPES_1B = [("qkv", 2560, 2048, None), ("o", 2048, 2048, None), ("gate_up", 2 * 5632, 2048, "silu"),
              ("down", 2048, 5632, None)]
-ONE_ROW = ([("wide", bn, bk, w) for bn in (1, 2, 4, 8) for bk in (512, 1024, 2048) for w in (2, 4, 8)]
+ONE_ROW = ([("wide", bn, bk, w) for bn in (2, 4, 8, 16, 32) for bk in (1024, 2048, 4096) for w in (2, 4, 8)]
            + [("pairs", 1, 256, w) for w in (2, 4)] + [("pairs", 1, 512, 8), ("groups", 4, 512, 4)])
-MANY_ROWS = ([("wide", bn, bk, w) for bn in (1, 2, 4, 8) for bk in (256, 512, 1024) for w in (4, 8)]
+MANY_ROWS = ([("wide", bn, bk, w) for bn in (1, 2, 4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8)]
              + [("pairs", 16, 256, 4), ("rows", 1, 512, 4), ("rows", 1, 512, 8)])
+FUSES = ("groups", "wide")  # kernels that can apply a gate|up pair's activation themselves
+
+
+def configs(m: int, glu: str | None) -> list[tuple[tuple, bool]]:
+    """(configuration, fused) to time for m activation rows: a gate|up pair (one row) both fused, where
+    the kernel can, and in two steps."""
+    return [(cfg, fused) for cfg in (ONE_ROW if m == 1 else MANY_ROWS)
+            for fused in ((False, True) if glu and cfg[0] in FUSES else (False,))]
 
 
 def log(*a: object) -> None:
@@ -76,22 +86,22 @@ def random_packed(qtype: GGMLType, n_out: int, n_in: int, dev: torch.device):
     return pack(qtype, [(n_out, raw)], n_in, dev)
 
 
-def product(x: torch.Tensor, w, glu: str | None, cfg: tuple) -> torch.Tensor:
-    """The product as the backend runs it: a gate|up pair fused (groups kernel) or in two steps."""
-    if glu and cfg[0] != "groups":
+def product(x: torch.Tensor, w, glu: str | None, cfg: tuple, fused: bool = False) -> torch.Tensor:
+    """The product as the backend runs it: a gate|up pair fused or in two steps."""
+    if glu and not fused:
         y = triton_kernels.matvec(x, w, torch.bfloat16, config=cfg)
         half = y.shape[1] // 2
-        return fused.glu(y[:, :half], y[:, half:], silu=glu == "silu")
+        return fused_kernels.glu(y[:, :half], y[:, half:], silu=glu == "silu")
     return triton_kernels.matvec(x, w, torch.bfloat16, glu=glu, config=cfg)
 
 
 def _compile(job: tuple) -> str | None:
     """Compile one configuration (in a worker process: Triton keeps it in its on-disk cache)."""
-    qtype, n_out, n_in, glu, m, cfg = job
+    qtype, n_out, n_in, glu, m, (cfg, fused) = job
     dev = torch.device("cuda")
     try:
         product(torch.zeros((m, n_in), dtype=torch.bfloat16, device=dev), random_packed(qtype, n_out, n_in, dev),
-                glu, cfg)
+                glu, cfg, fused)
         torch.cuda.synchronize()
     except Exception as e:
         return f"{cfg}: {type(e).__name__}: {str(e)[:200]}"
@@ -104,7 +114,7 @@ def precompile(qtype: GGMLType, shapes: list, rows: list[int], jobs: int) -> Non
 
     work = [(qtype, 2 * 64 if glu else 64, n_in, glu, m, cfg) for _, _, n_in, glu in
             {(s[2], s[3]): s for s in shapes}.values() for m in rows if not (glu and m > 1)
-            for cfg in (ONE_ROW if m == 1 else MANY_ROWS)]
+            for cfg in configs(m, glu)]
     t0 = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         errors = [e for e in pool.map(_compile, work, chunksize=1) if e]
@@ -124,21 +134,23 @@ def sweep(qtype: GGMLType, shapes: list, rows: list[int], dev: torch.device) -> 
             if glu and m > 1:
                 continue  # (several rows: the two-step path, the same kernel as the other shapes)
             x = torch.randn((m, n_in), dtype=torch.bfloat16, device=dev)
-            configs = ONE_ROW if m == 1 else MANY_ROWS
             results = []
-            for cfg in configs:
+            for cfg, fused in configs(m, glu):
                 try:
-                    t = graph_time([lambda c=c: product(x, c, glu, cfg) for c in copies])
+                    t = graph_time([lambda c=c: product(x, c, glu, cfg, fused) for c in copies])
                 except Exception as e:  # a configuration the compiler refuses: say so, go on
-                    results.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    results.append({"config": cfg, "fused": fused, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                     continue
-                results.append({"config": cfg, "us": round(t * 1e6, 2), "gb_s": round(w.nbytes / t / 1e9, 1)})
+                results.append({"config": cfg, "fused": fused, "us": round(t * 1e6, 2),
+                                "gb_s": round(w.nbytes / t / 1e9, 1)})
             ok = [r for r in results if "us" in r]
             best = min(ok, key=lambda r: r["us"]) if ok else None
             want = triton_kernels.default_config(m, n_out // 2 if glu else n_out, n_in, glu is not None, dev)
+            fused = want is not None and glu is not None
             want = want or triton_kernels.default_config(m, n_out // 2 if glu else n_out, n_in, False, dev)
-            default = next((r for r in ok if tuple(r["config"]) == want), None)
-            log(f"  {name:8s} {n_out:6d}x{n_in:<5d} rows {m:2d}: best {best and best['config']} "
+            default = next((r for r in ok if tuple(r["config"]) == want and r["fused"] == fused), None)
+            log(f"  {name:8s} {n_out:6d}x{n_in:<5d} rows {m:2d}: best {best and best['config']}"
+                f"{' fused' if best and best['fused'] else ''} "
                 f"{best and best['us']} us {best and best['gb_s']} GB/s; default {default and default['us']} us")
             out.append({"shape": name, "n_out": n_out, "n_in": n_in, "glu": glu, "rows": m,
                         "bytes": w.nbytes, "best": best, "default": default, "all": results})
@@ -166,18 +178,7 @@ def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
         graph.replay()
     torch.cuda.synchronize()
     replay_s = (time.perf_counter() - t0) / steps
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            graph.replay()
-        torch.cuda.synchronize()
-    kernels: dict[str, list[float]] = {}
-    for ev in prof.events():
-        if ev.device_type.name == "CUDA":
-            kernels.setdefault(ev.name[:60], []).append(ev.device_time_total if hasattr(ev, "device_time_total")
-                                                        else ev.cuda_time_total)
-    per_step = {k: (len(v) / 5, sum(v) / 5) for k, v in kernels.items()}  # (launches, us) per step
+    per_step, _ = profiled(graph.replay, 5)
     kernel_us = sum(us for _, us in per_step.values())
     top = sorted(per_step.items(), key=lambda kv: -kv[1][1])[:15]
     res = {"file": path, "forward_us": round(forward_s * 1e6, 1), "replay_us": round(replay_s * 1e6, 1),
@@ -187,7 +188,58 @@ def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
         f"{res['kernel_us']} us in {res['kernels_per_step']} launches")
     for t in res["top_kernels"]:
         log(f"    {t['us']:8.1f} us {t['launches']:6.1f}x {t['name']}")
+
+    # a prompt of 512 tokens (eager: no graph): its wall time against its kernels' device time, and the
+    # host's busiest operators, to show whether the GPU or the host sets its pace
+    prompt = np.random.default_rng(1).integers(3, model.n_vocab, 512)
+
+    def prefill() -> None:
+        cache.truncate(0)
+        model.forward(prompt, cache)
+        torch.cuda.synchronize()
+
+    prefill()
+    walls = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        prefill()
+        walls.append(time.perf_counter() - t0)
+    per_pass, host = profiled(prefill, 2, cpu=True)
+    top = sorted(per_pass.items(), key=lambda kv: -kv[1][1])[:10]
+    res["prefill_512"] = {
+        "wall_ms": round(statistics.median(walls) * 1e3, 2),
+        "kernel_ms": round(sum(us for _, us in per_pass.values()) / 1e3, 2),
+        "launches": round(sum(n for n, _ in per_pass.values()), 1),
+        "top_kernels": [{"name": k, "launches": n, "us": round(us, 1)} for k, (n, us) in top],
+        "top_host_ops": host[:12]}
+    pf = res["prefill_512"]
+    log(f"  prefill of 512: wall {pf['wall_ms']} ms, kernels {pf['kernel_ms']} ms in {pf['launches']} launches")
+    for t in pf["top_kernels"][:6]:
+        log(f"    {t['us']:8.1f} us {t['launches']:6.1f}x {t['name']}")
+    for t in pf["top_host_ops"][:8]:
+        log(f"    host {t['self_ms']:7.2f} ms {t['calls']:6.1f}x {t['name']}")
     return res
+
+
+def profiled(fn, reps: int, cpu: bool = False) -> tuple[dict, list]:
+    """Per call of fn: {kernel: (launches, device us)}, and (with `cpu`) the host operators by their own
+    time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA":
+            kernels.setdefault(ev.name[:60], []).append(ev.device_time_total if hasattr(ev, "device_time_total")
+                                                        else ev.cuda_time_total)
+    host = []
+    if cpu:
+        for a in sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:20]:
+            host.append({"name": a.key[:60], "calls": a.count / reps, "self_ms": round(a.self_cpu_time_total / reps / 1e3, 2)})
+    return {k: (len(v) / reps, sum(v) / reps) for k, v in kernels.items()}, host
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             entries = [{"rows": min(16, 1 << (s["rows"] - 1).bit_length()), "glu": s["glu"] is not None,
                         "n": s["n_out"] // 2 if s["glu"] else s["n_out"], "k": s["n_in"], "type": "Q4_0",
                         "config": list(s["best"]["config"]), "gb_s": s["best"]["gb_s"],
-                        "unfused": bool(s["glu"]) and s["best"]["config"][0] != "groups"}
+                        "unfused": bool(s["glu"]) and not s["best"]["fused"]}
                        for s in report["sweep"] if s["best"]]
             Path(args.table).write_text(json.dumps({"gpu": report["gpu"], "command": report["command"],
                                                     "date": report["date"], "entries": entries}, indent=1))

@@ -157,7 +157,8 @@ def test_triton_matvec_matches_a_float64_product(qtype, rows):
 
 @pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("act", ["silu", "gelu"])
-def test_triton_glu_product_matches_a_float64_reference(qtype, act):
+@pytest.mark.parametrize("kernel", ["wide", "groups"])
+def test_triton_glu_product_matches_a_float64_reference(qtype, act, kernel):
     # gate|up stacked in one matrix: act(x gate.T) * (x up.T) in one kernel
     kernels = _triton_or_skip()
     rows = 1
@@ -166,7 +167,7 @@ def test_triton_glu_product_matches_a_float64_reference(qtype, act):
     w = gguf_dequantize(raw, qtype, (2 * n_ff, n_in)).astype(np.float64)
     x = np.random.default_rng(rows).standard_normal((rows, n_in)).astype(np.float32)
     p = pack(qtype, [(n_ff, raw[:n_ff]), (n_ff, raw[n_ff:])], n_in, torch.device(DEVICE))
-    y = kernels.matvec(torch.from_numpy(x).to(DEVICE), p, glu=act).cpu().numpy()
+    y = kernels.matvec(torch.from_numpy(x).to(DEVICE), p, glu=act, config=(kernel, 8, 256, 4)).cpu().numpy()
     g, u = x.astype(np.float64) @ w[:n_ff].T, x.astype(np.float64) @ w[n_ff:].T
     a = g * 0.5 * (1 + np.tanh(g / 2)) if act == "silu" else 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
     ref = a * u
@@ -190,7 +191,7 @@ def test_tuned_product_configurations_are_read_checked_and_chosen_by_size(tmp_pa
         {"rows": 1, "glu": True, "n": 5632, "k": 2048, "config": ["pairs", 1, 256, 2], "unfused": True},
         {"rows": 1, "glu": False, "n": 9, "k": 9, "config": ["pairs", 3, 256, 4]},  # not a power of two
         {"rows": 1, "glu": False, "n": 9, "k": 9, "config": ["magic", 1, 256, 4]},
-        {"rows": 1, "glu": True, "n": 9, "k": 9, "config": ["pairs", 1, 256, 4]},  # fused needs groups
+        {"rows": 1, "glu": True, "n": 9, "k": 9, "config": ["pairs", 1, 256, 4]},  # fused: groups or wide
         {"rows": "1", "n": 9, "k": 9, "config": ["pairs", 1, 256, 4]}, "junk"]}))
     monkeypatch.setenv("PURELM_TRITON_CONFIGS", str(table))
     assert kernels.default_config(1, 2560, 2048, device=cuda) == ("pairs", 1, 256, 4)

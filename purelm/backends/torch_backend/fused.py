@@ -134,6 +134,8 @@ def _decode_attention_kernel(q_ptr, keys_ptr, values_ptr, tables_ptr, lens_ptr, 
         rows = blk.to(tl.int64) * BLOCK + pos % BLOCK
         k = tl.load(keys_ptr + (rows[:, None] * n_kv + kh) * D + d[None, :], mask=valid[:, None] & (d[None, :] < D),
                     other=0.0).to(tl.float32)
+        v = tl.load(values_ptr + (rows[:, None] * n_kv + kh) * DV + dv[None, :],
+                    mask=valid[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)  # (in flight with k)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (BG, BN)
         if SOFTCAP:
             s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
@@ -144,8 +146,6 @@ def _decode_attention_kernel(q_ptr, keys_ptr, values_ptr, tables_ptr, lens_ptr, 
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        v = tl.load(values_ptr + (rows[:, None] * n_kv + kh) * DV + dv[None, :],
-                    mask=valid[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new

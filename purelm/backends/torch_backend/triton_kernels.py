@@ -337,10 +337,12 @@ def _wide_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmi
                  M, N, stride_x, stride_y, K: tl.constexpr,
                  LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
                  SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr,
-                 HAS_M: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 HAS_M: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GLU: tl.constexpr, SILU: tl.constexpr):
     # program j: outputs j*BN.. of every activation row (up to ROWS), so the weights are read once.
     # A step reads BN rows' bytes for BK columns whole (16-byte loads), turns codes into floats once,
-    # and takes each activation row's sums from them.
+    # and takes each activation row's sums from them. With GLU, output n is act(row n) * row (n + N)
+    # of the matrix (a gate|up pair): both halves in one pass, the activation applied on the way out.
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = (rows < N)[:, None]
     r = rows[:, None].to(tl.int64)
@@ -348,15 +350,27 @@ def _wide_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmi
     HAS_MIN: tl.constexpr = HAS_M or HAS_MN
     ms = tl.arange(0, ROWS)
     acc = tl.zeros((ROWS, BN), tl.float32)
+    acc_u = tl.zeros((ROWS, BN), tl.float32)
     for k0 in range(0, K, BK):
+        kg = k0 + tl.arange(0, NG)[None, :] * G
         v0, v1, v2, v3 = _wide_values(lo_ptr, hi_ptr, table_ptr, r, rmask, k0, K, LO_BITS, HI_BITS, OFFSET,
                                       TABLE, BK)
-        kg = k0 + tl.arange(0, NG)[None, :] * G
         s, c = _scale(d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, r, kg, rmask & (kg < K), K, SUPER, G, HAS_SC,
                       HAS_MN, HAS_M)
+        if GLU:
+            u0, u1, u2, u3 = _wide_values(lo_ptr, hi_ptr, table_ptr, r + N, rmask, k0, K, LO_BITS, HI_BITS,
+                                          OFFSET, TABLE, BK)
+            us, uc = _scale(d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, r + N, kg, rmask & (kg < K), K, SUPER, G,
+                            HAS_SC, HAS_MN, HAS_M)
         for i in tl.static_range(ROWS):
             part = _wide_row(v0, v1, v2, v3, s, c, x_ptr, i * stride_x, i < M, k0, K, LO_BITS, G, HAS_MIN, BK)
             acc = tl.where(ms[:, None] == i, acc + part[None, :], acc)
+            if GLU:
+                part = _wide_row(u0, u1, u2, u3, us, uc, x_ptr, i * stride_x, i < M, k0, K, LO_BITS, G, HAS_MIN,
+                                 BK)
+                acc_u = tl.where(ms[:, None] == i, acc_u + part[None, :], acc_u)
+    if GLU:
+        acc = act(acc, SILU) * acc_u
     ym = (ms[:, None] < M) & (rows[None, :] < N)
     tl.store(y_ptr + ms[:, None].to(tl.int64) * stride_y + rows[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
 
@@ -458,7 +472,7 @@ def _valid(e: object) -> bool:
     pow2 = lambda v: isinstance(v, int) and 0 < v <= 8192 and v & (v - 1) == 0  # noqa: E731
     return (isinstance(c, list) and len(c) == 4 and c[0] in KERNELS and all(pow2(v) for v in c[1:])
             and c[1] <= 64 and 16 <= c[2] and c[3] <= 16
-            and (c[0] == "groups" or not e.get("glu") or e.get("unfused") is True)  # fused: groups only
+            and (c[0] in ("groups", "wide") or not e.get("glu") or e.get("unfused") is True)  # fused: these
             and all(isinstance(e.get(k), int) and e[k] > 0 for k in ("rows", "n", "k")))
 
 
@@ -493,9 +507,9 @@ def matvec(x: torch.Tensor, w: Packed, out_dtype: torch.dtype = torch.float32, g
     x = x.contiguous()
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     if glu:
-        config = config or default_config(M, N, K, True, x.device) or ("groups", BN_ONE, BK_ONE, 4)
-        if M != 1 or config[0] != "groups":
-            raise ValueError("the fused gate|up product takes one activation row and the groups kernel")
+        config = config or default_config(M, N, K, True, x.device) or ("wide", BN_WIDE, BK_WIDE, 4)
+        if M != 1 or config[0] not in ("groups", "wide"):
+            raise ValueError("the fused gate|up product takes one activation row and the groups or wide kernel")
     kernel, bn, bk, warps = config or default_config(M, N, K, False, x.device)
     if kernel == "wide" and M > BM:
         raise ValueError(f"the wide kernel takes up to {BM} activation rows, not {M}")
@@ -503,7 +517,8 @@ def matvec(x: torch.Tensor, w: Packed, out_dtype: torch.dtype = torch.float32, g
     if kernel == "wide":  # every row (up to 16) in each program: the weights read once
         _wide_kernel[(triton.cdiv(N, bn),)](
             x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), ROWS=triton.next_power_of_2(M),
-            BN=bn, BK=max(bk, w.layout.group if w.layout.has_sc else w.layout.super), num_warps=warps, **consts)
+            BN=bn, BK=max(bk, w.layout.group if w.layout.has_sc else w.layout.super), GLU=glu is not None,
+            SILU=glu == "silu", num_warps=warps, **consts)
     elif kernel == "groups" and M == 1:
         _groups_kernel[(1, triton.cdiv(N, bn))](
             x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), BN=bn, BK=bk,
