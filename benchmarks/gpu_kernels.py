@@ -161,7 +161,7 @@ def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
     """One decode step of the file: through model.forward, as a bare graph replay, and its kernels."""
     ops = TorchBackend(str(dev), "bf16")
     model = build_model(GGUFFile(path), ops)
-    cache = model.new_cache(256)
+    cache = model.new_cache(1024)  # (the 512-token prompt below too)
     ids = np.random.default_rng(0).integers(3, model.n_vocab, steps + 1)
     model.forward(ids[:1], cache)  # captures the step's graph
     torch.cuda.synchronize()
