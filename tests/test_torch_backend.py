@@ -155,6 +155,20 @@ def test_triton_matvec_matches_a_float64_product(qtype, rows):
         assert np.abs(one[0] - y[1]).max() <= 2e-6 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q6_K], ids=lambda t: t.name)
+def test_triton_wide_product_takes_more_rows_than_a_program_holds(qtype):
+    # 17 rows: programs of 16 rows and of 1 (a tuned table may name "wide" for any row count)
+    kernels = _triton_or_skip()
+    n_out, n_in = 12, 512
+    raw = random_blocks(qtype, n_out, n_in, seed=5)
+    w = gguf_dequantize(raw, qtype, (n_out, n_in)).astype(np.float64)
+    x = np.random.default_rng(5).standard_normal((17, n_in)).astype(np.float32)
+    p = pack(qtype, [(n_out, raw)], n_in, torch.device(DEVICE))
+    y = kernels.matvec(torch.from_numpy(x).to(DEVICE), p, config=("wide", 8, 256, 4)).cpu().numpy()
+    ref = x.astype(np.float64) @ w.T
+    assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("act", ["silu", "gelu"])
 @pytest.mark.parametrize("kernel", ["wide", "groups"])

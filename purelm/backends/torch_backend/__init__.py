@@ -178,21 +178,26 @@ class TorchBackend(Backend):
         """x @ w.T a tile of weight rows at a time; on the CPU each run of the pass separately (as
         alone: BLAS rounds by shape), on CUDA all rows at once."""
         n_out, n_in = w.shape
-        y = torch.empty((x.shape[0], n_out), dtype=self.dtype, device=x.device)
         runs = self.row_runs(x.shape[0]) if self.device.type == "cpu" else [(0, x.shape[0])]
         step = max(1, TILE_FLOATS // n_in)
+        if n_out <= step and len(runs) == 1:  # one tile: the product is the result (no copy)
+            return x @ self._tile(w, 0, n_out).T
+        y = torch.empty((x.shape[0], n_out), dtype=self.dtype, device=x.device)
         for r in range(0, n_out, step):
             r1 = min(n_out, r + step)
-            if isinstance(w, Packed):
-                wt = self._dequantize(w.slice(r, r1))
-            elif isinstance(w, torch.Tensor):
-                wt = w[r:r1].to(self.dtype)
-            else:
-                rows = w.data[r:r1]
-                wt = torch.from_numpy(dequantize_np(rows, w.type, (rows.shape[0], n_in))).to(self.device, self.dtype)
+            wt = self._tile(w, r, r1)
             for a, b in runs:
                 y[a:b, r:r1] = x[a:b] @ wt.T
         return y
+
+    def _tile(self, w: Any, r: int, r1: int) -> torch.Tensor:
+        """Rows r..r1 of a matrix as a dense tensor of the activation dtype."""
+        if isinstance(w, Packed):
+            return self._dequantize(w.slice(r, r1))
+        if isinstance(w, torch.Tensor):
+            return w[r:r1].to(self.dtype)
+        rows = w.data[r:r1]
+        return torch.from_numpy(dequantize_np(rows, w.type, (rows.shape[0], w.shape[1]))).to(self.device, self.dtype)
 
     def _dequantize(self, w: Packed) -> torch.Tensor:
         if self.use_triton:
@@ -304,23 +309,22 @@ class TorchBackend(Backend):
             probs = torch.softmax(scores, dim=-1)
             out[:B] = torch.einsum("bkgl,blkd->bkgd", probs, vd).reshape(B, -1).to(self.dtype)
         for t0, t1, p0, rows in meta.runs:
+            n, T = len(rows), t1 - t0
+            if not spec.softcap:  # torch's fused attention: causal, else a mask (ALiBi: an additive bias)
+                dt = self.dtype if spec.alibi_slopes is None else torch.float32  # (bias * positions: float32)
+                kr, vr = keys[rows].to(dt), values[rows].to(dt)  # (n, kv, dim)
+                mask = self._prompt_mask(T, n, p0, spec, n_kv, n_head)
+                o = F.scaled_dot_product_attention(q[t0:t1].to(dt).transpose(0, 1)[None], kr.transpose(0, 1)[None],
+                                                   vr.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+                                                   scale=spec.scale, enable_gqa=n_kv != n_head)
+                out[t0:t1] = o[0].transpose(0, 1).reshape(T, -1).to(self.dtype)
+                continue
             kr, vr = keys[rows].float(), values[rows].float()  # (n, kv, dim)
-            n = kr.shape[0]
-            T = t1 - t0
             pos = torch.arange(n, device=q.device)
             q_pos = p0 + torch.arange(T, device=q.device)
             masked = pos[None, :] > q_pos[:, None]
             if spec.window:
                 masked = masked | (pos[None, :] <= q_pos[:, None] - spec.window)
-            if not spec.softcap:  # torch's fused attention, with the mask (and ALiBi) as an additive bias
-                bias = torch.zeros((T, n), dtype=torch.float32, device=q.device).masked_fill(masked, float("-inf"))
-                if spec.alibi_slopes is not None:
-                    bias = bias + self._slopes(spec, n_kv, n_head)[:, None, None] * pos.float()
-                o = F.scaled_dot_product_attention(q[t0:t1].float().transpose(0, 1)[None], kr.transpose(0, 1)[None],
-                                                   vr.transpose(0, 1)[None], attn_mask=bias[None] if bias.ndim == 3
-                                                   else bias, scale=spec.scale, enable_gqa=n_kv != n_head)
-                out[t0:t1] = o[0].transpose(0, 1).reshape(T, -1).to(self.dtype)
-                continue
             qg = q[t0:t1].float().reshape(T, n_kv, n_head // n_kv, -1)
             scores = torch.einsum("tkgd,skd->kgts", qg, kr) * spec.scale
             scores = self._bias(scores, pos, spec, n_kv, n_head, q_axis=True)
@@ -328,6 +332,29 @@ class TorchBackend(Backend):
             probs = torch.softmax(scores, dim=-1)
             out[t0:t1] = torch.einsum("kgts,skd->tkgd", probs, vr).reshape(T, -1).to(self.dtype)
         return out
+
+    def _prompt_mask(self, T: int, n: int, p0: int, spec: AttentionSpec, n_kv: int, n_head: int) -> Any:
+        """What scaled_dot_product_attention takes for T queries at positions p0.. over keys 0..n-1: None
+        where its own causal mask is the one (no earlier positions, no window, no ALiBi), else a boolean
+        mask (True: attended), or with ALiBi a float32 bias (heads, T, n). Made once per pass: every
+        layer of the pass shares it."""
+        if p0 == 0 and n == T and not spec.window and spec.alibi_slopes is None:
+            return None
+        key = ("prompt_mask", T, n, p0, spec.window, id(spec) if spec.alibi_slopes is not None else None)
+        hit = self._scratch.get(key)
+        if hit is not None:
+            return hit
+        pos = torch.arange(n, device=self.device)
+        q_pos = p0 + torch.arange(T, device=self.device)
+        keep = pos[None, :] <= q_pos[:, None]
+        if spec.window:
+            keep = keep & (pos[None, :] > q_pos[:, None] - spec.window)
+        mask: Any = keep
+        if spec.alibi_slopes is not None:
+            bias = torch.zeros((T, n), dtype=torch.float32, device=self.device).masked_fill(~keep, float("-inf"))
+            mask = (bias + self._slopes(spec, n_kv, n_head)[:, None, None] * pos.float())[None]
+        self._scratch[key] = mask
+        return mask
 
     def _bias(self, scores: torch.Tensor, pos: torch.Tensor, spec: AttentionSpec, n_kv: int, n_head: int,
               q_axis: bool) -> torch.Tensor:

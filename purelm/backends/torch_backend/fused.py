@@ -45,11 +45,14 @@ def norm(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: f
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, D, HALF, NEOX: tl.constexpr, BD: tl.constexpr):
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, D, HALF, stride_t, stride_h, NEOX: tl.constexpr,
+                 BD: tl.constexpr):
     # program (t, h): one head of one token. Feature i of the first 2*HALF rotates with its partner
     # (i +- HALF: NEOX; i +- 1: adjacent pairs) by the angle of pair j; the rest pass through.
     t = tl.program_id(0).to(tl.int64)
-    base = (t * H + tl.program_id(1)) * D
+    h = tl.program_id(1)
+    src = t * stride_t + h * stride_h
+    base = (t * H + h) * D
     i = tl.arange(0, BD)
     inside = i < D
     rot = i < 2 * HALF
@@ -61,8 +64,8 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, D, HALF, NEOX: tl.constexpr,
         first = i % 2 == 0
         j = i // 2
         partner = tl.where(first, i + 1, i - 1)
-    x = tl.load(x_ptr + base + i, mask=inside, other=0.0).to(tl.float32)
-    xp = tl.load(x_ptr + base + partner, mask=rot, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + src + i, mask=inside, other=0.0).to(tl.float32)
+    xp = tl.load(x_ptr + src + partner, mask=rot, other=0.0).to(tl.float32)
     c = tl.load(cos_ptr + t * HALF + j, mask=rot, other=0.0)
     s = tl.load(sin_ptr + t * HALF + j, mask=rot, other=0.0)
     # first of a pair: a*c - b*s; second: a*s + b*c (a the first, b the second)
@@ -71,32 +74,42 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, D, HALF, NEOX: tl.constexpr,
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_dims: int, neox: bool) -> torch.Tensor:
-    """x (T, H, D); cos, sin (T, n_dims / 2) float32."""
-    x = x.contiguous()
+    """x (T, H, D), read through its strides (a column slice of a product: no copy); cos, sin
+    (T, n_dims / 2) float32. Returns a contiguous (T, H, D)."""
+    if x.stride(2) != 1:
+        x = x.contiguous()
     T, H, D = x.shape
-    y = torch.empty_like(x)
-    _rope_kernel[(T, H)](x, cos.contiguous(), sin.contiguous(), y, H, D, n_dims // 2, NEOX=neox,
-                         BD=_pow2(D), num_warps=1)
+    y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
+    _rope_kernel[(T, H)](x, cos.contiguous(), sin.contiguous(), y, H, D, n_dims // 2, x.stride(0), x.stride(1),
+                         NEOX=neox, BD=_pow2(D), num_warps=1)
     return y
 
 
 @triton.jit
-def _store_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, write_ptr, KD, VD, BK: tl.constexpr, BV: tl.constexpr):
+def _store_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, write_ptr, KD, VD, stride_k, stride_v, BK: tl.constexpr,
+                  BV: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     row = tl.load(write_ptr + t)
     i = tl.arange(0, BK)
-    tl.store(keys_ptr + row * KD + i, tl.load(k_ptr + t * KD + i, mask=i < KD).to(keys_ptr.dtype.element_ty),
+    tl.store(keys_ptr + row * KD + i, tl.load(k_ptr + t * stride_k + i, mask=i < KD).to(keys_ptr.dtype.element_ty),
              mask=i < KD)
     j = tl.arange(0, BV)
-    tl.store(values_ptr + row * VD + j, tl.load(v_ptr + t * VD + j, mask=j < VD).to(values_ptr.dtype.element_ty),
-             mask=j < VD)
+    tl.store(values_ptr + row * VD + j,
+             tl.load(v_ptr + t * stride_v + j, mask=j < VD).to(values_ptr.dtype.element_ty), mask=j < VD)
 
 
 def store(keys: torch.Tensor, values: torch.Tensor, write: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """keys[write[t]] = k[t], values[write[t]] = v[t] for each token t (rows of kv_heads * dim)."""
-    k, v = k.contiguous(), v.contiguous()
+    """keys[write[t]] = k[t], values[write[t]] = v[t] for each token t (rows of kv_heads * dim; a token's
+    row must be contiguous, the tokens may be apart: column slices of a product are read in place)."""
+    k, v = _rows(k), _rows(v)
     KD, VD = k[0].numel(), v[0].numel()
-    _store_kernel[(k.shape[0],)](k, v, keys, values, write, KD, VD, BK=_pow2(KD), BV=_pow2(VD), num_warps=1)
+    _store_kernel[(k.shape[0],)](k, v, keys, values, write, KD, VD, k.stride(0), v.stride(0), BK=_pow2(KD),
+                                 BV=_pow2(VD), num_warps=1)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x with each row (the first axis) contiguous in memory, copied only where it is not."""
+    return x if x[:1].is_contiguous() or x.shape[0] == 0 else x.contiguous()
 
 
 @triton.jit
@@ -209,17 +222,24 @@ def act(g, SILU: tl.constexpr):
 
 
 @triton.jit
-def _glu_kernel(g_ptr, u_ptr, y_ptr, N, SILU: tl.constexpr, B: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
+def _glu_kernel(g_ptr, u_ptr, y_ptr, N, stride_g, stride_u, SILU: tl.constexpr, B: tl.constexpr):
+    # program (t, j): columns j*B.. of row t
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * B + tl.arange(0, B)
     mask = i < N
-    g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + i, (act(g, SILU) * u).to(y_ptr.dtype.element_ty), mask=mask)
+    g = tl.load(g_ptr + t * stride_g + i, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + t * stride_u + i, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * N + i, (act(g, SILU) * u).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def glu(gate: torch.Tensor, up: torch.Tensor, silu: bool) -> torch.Tensor:
-    gate, up = gate.contiguous(), up.contiguous()
-    y = torch.empty_like(gate)
-    n = gate.numel()
-    _glu_kernel[(triton.cdiv(n, 1024),)](gate, up, y, n, SILU=silu, B=1024, num_warps=4)
-    return y
+    """act(gate) * up for (rows, N) tensors whose rows are contiguous (the halves of a gate|up product
+    are read in place); any other shape is flattened."""
+    shape = gate.shape
+    if gate.ndim != 2 or gate.stride(1) != 1 or up.stride(1) != 1:
+        gate, up = gate.contiguous().reshape(1, -1), up.contiguous().reshape(1, -1)
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    T, n = gate.shape
+    _glu_kernel[(T, triton.cdiv(n, 1024))](gate, up, y, n, gate.stride(0), up.stride(0), SILU=silu, B=1024,
+                                          num_warps=4)
+    return y.reshape(shape)

@@ -339,7 +339,8 @@ def _wide_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmi
                  SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr,
                  HAS_M: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  GLU: tl.constexpr, SILU: tl.constexpr):
-    # program j: outputs j*BN.. of every activation row (up to ROWS), so the weights are read once.
+    # program (j, i): outputs j*BN.. of activation rows i*ROWS.. (every row, where there are at most
+    # ROWS: the weights read once).
     # A step reads BN rows' bytes for BK columns whole (16-byte loads), turns codes into floats once,
     # and takes each activation row's sums from them. With GLU, output n is act(row n) * row (n + N)
     # of the matrix (a gate|up pair): both halves in one pass, the activation applied on the way out.
@@ -348,6 +349,7 @@ def _wide_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmi
     r = rows[:, None].to(tl.int64)
     NG: tl.constexpr = BK // G
     HAS_MIN: tl.constexpr = HAS_M or HAS_MN
+    m0 = tl.program_id(1) * ROWS
     ms = tl.arange(0, ROWS)
     acc = tl.zeros((ROWS, BN), tl.float32)
     acc_u = tl.zeros((ROWS, BN), tl.float32)
@@ -363,16 +365,17 @@ def _wide_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmi
             us, uc = _scale(d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, r + N, kg, rmask & (kg < K), K, SUPER, G,
                             HAS_SC, HAS_MN, HAS_M)
         for i in tl.static_range(ROWS):
-            part = _wide_row(v0, v1, v2, v3, s, c, x_ptr, i * stride_x, i < M, k0, K, LO_BITS, G, HAS_MIN, BK)
+            xrow = (m0 + i).to(tl.int64) * stride_x
+            part = _wide_row(v0, v1, v2, v3, s, c, x_ptr, xrow, m0 + i < M, k0, K, LO_BITS, G, HAS_MIN, BK)
             acc = tl.where(ms[:, None] == i, acc + part[None, :], acc)
             if GLU:
-                part = _wide_row(u0, u1, u2, u3, us, uc, x_ptr, i * stride_x, i < M, k0, K, LO_BITS, G, HAS_MIN,
-                                 BK)
+                part = _wide_row(u0, u1, u2, u3, us, uc, x_ptr, xrow, m0 + i < M, k0, K, LO_BITS, G, HAS_MIN, BK)
                 acc_u = tl.where(ms[:, None] == i, acc_u + part[None, :], acc_u)
     if GLU:
         acc = act(acc, SILU) * acc_u
-    ym = (ms[:, None] < M) & (rows[None, :] < N)
-    tl.store(y_ptr + ms[:, None].to(tl.int64) * stride_y + rows[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
+    ym = (m0 + ms[:, None] < M) & (rows[None, :] < N)
+    tl.store(y_ptr + (m0 + ms[:, None]).to(tl.int64) * stride_y + rows[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=ym)
 
 
 @triton.jit
@@ -511,12 +514,11 @@ def matvec(x: torch.Tensor, w: Packed, out_dtype: torch.dtype = torch.float32, g
         if M != 1 or config[0] not in ("groups", "wide"):
             raise ValueError("the fused gate|up product takes one activation row and the groups or wide kernel")
     kernel, bn, bk, warps = config or default_config(M, N, K, False, x.device)
-    if kernel == "wide" and M > BM:
-        raise ValueError(f"the wide kernel takes up to {BM} activation rows, not {M}")
     ptrs, consts = _args(w)
-    if kernel == "wide":  # every row (up to 16) in each program: the weights read once
-        _wide_kernel[(triton.cdiv(N, bn),)](
-            x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), ROWS=triton.next_power_of_2(M),
+    if kernel == "wide":  # every row (up to BM) in each program: the weights read once
+        rows = min(BM, triton.next_power_of_2(M))
+        _wide_kernel[(triton.cdiv(N, bn), triton.cdiv(M, rows))](
+            x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), ROWS=rows,
             BN=bn, BK=max(bk, w.layout.group if w.layout.has_sc else w.layout.super), GLU=glu is not None,
             SILU=glu == "silu", num_warps=warps, **consts)
     elif kernel == "groups" and M == 1:
