@@ -11,14 +11,13 @@
 #      llama.cpp build below is done, so that its load on the CPU is not in the timings) runs
 #      benchmarks/gpu_bench.py on both models (the GPU's copy bandwidth measured in the same run),
 #      llama-bench, and bench.py --engines torch,
-#   6. where .lcpp/llama-cpp-src.tar.xz holds a trimmed copy of llama.cpp's sources (CMake files, ggml
-#      with its CPU and CUDA backends, src, include, common, vendor, tools/llama-bench and
-#      tools/batched-bench), builds llama.cpp with CUDA for sm_90 in the background from the start
+#   6. where .lcpp/llama-cpp-src.tar.xz holds a trimmed copy of llama.cpp's sources (made here by
+#      benchmarks/trim_llama_cpp.sh), builds llama.cpp with CUDA for sm_90 in the background from the start
 #      (FlashAttention kernels left out: GGML_CUDA_FA=OFF, the build's longest part) and, if it is done
 #      in time (LLAMA_WAIT seconds into the script), runs `llama-bench -ngl 99` on the same two files.
 # Results go to $OUT (default /tmp/purelm-gpu-check): tests.log, gpu_kernels.json, table.json,
 # gpu_bench.json, gpu_profile.json, bench_torch.json, llama_build.log, llama_bench.json, gpu_bench_again.json.
-#     bash benchmarks/gpu_check.sh
+#     bash benchmarks/gpu_check.sh      (with the device tool: carry .whl and .lcpp, OUT=$OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/purelm-gpu-check}

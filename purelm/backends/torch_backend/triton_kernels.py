@@ -34,10 +34,8 @@ from .packed import Packed, levels
 
 KERNELS = ("pairs", "rows", "groups", "wide")  # see default_config
 BN, BK = 16, 256  # outputs and columns per program step (BK: a power of two, a multiple of every group)
-BN_ONE, BK_ONE = 1, 256  # one activation row: one output per program, so that there are many
-# programs, each with its own bytes in flight (the loop is memory-bound); the best on the H200
 BM = 16  # activation rows per program when there are several (tl.dot's smallest tile)
-BN_WIDE, BK_WIDE = 4, 1024  # "wide": outputs per program, columns per step, where no table says
+BN_WIDE, BK_WIDE = 4, 2048  # "wide" where no table says: the H200's best for one row on most shapes
 
 
 @triton.jit
@@ -483,10 +481,9 @@ def default_config(M: int, N: int, K: int, glu: bool = False, device: torch.devi
     """(kernel, outputs per program, columns per step, warps) for M activation rows and an (N, K)
     matrix: the tuned entry of the same row bucket and kind nearest in size, else the rule. With
     `glu`, the product of a gate|up pair with the activation fused, or None where the tuning found
-    two steps (product, then activation) faster. Kernels: "pairs" reads a pair of columns per byte
-    (several rows: BM at a time, multiplied with tl.dot), "rows" the same with one program per row
-    (each reads the weights, through the L2 cache: fewer rows), "groups" scales whole groups of
-    columns at once (one row, and the fused gate|up product)."""
+    two steps (product, then activation) faster. Kernels (module docstring): "wide" (the rule on a
+    GPU: any number of rows, and the fused gate|up product), "pairs" (the interpreter's rule for
+    several rows), "rows", "groups"."""
     rows = 1 if M == 1 else min(BM, triton.next_power_of_2(M))
     near = [e for e in tuned(device or torch.device("cpu")) if e["rows"] == rows and bool(e.get("glu")) == glu]
     if near:
