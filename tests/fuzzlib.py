@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 FAILURES = ("crash", "hang", "traceback", "oom")
+CONFIRM_TIMES = 10  # a hang's confirmation runs alone with this many times the timeout (see Runner)
 OUTCOMES = ("ok", "purelm_error") + FAILURES
 
 # ------------------------------------------------------------------------------------------ GGUF format
@@ -1238,18 +1239,21 @@ class Runner:
         with Runner("model-build+generate", workers=2, warm=seed_paths) as r:
             for case, record in r.run(cases): ...
 
-    A crash or hang is confirmed by running the case again alone in a fresh worker (a hang with 3x the
-    time). A crash that does not happen again keeps outcome "crash" with `reproducible: False`, what the
+    A crash or hang is confirmed by running the case again alone in a fresh worker (a hang with
+    `confirm_times` the time, CONFIRM_TIMES unless told: a case that reaches a kernel no earlier case compiled spends its first run
+    compiling it, and a killed worker leaves nothing in numba's cache, so the confirmation compiles it
+    again from the start). A crash that does not happen again keeps outcome "crash" with `reproducible: False`, what the
     case gives alone, and `previous_files`: the worker's previous cases, the likely culprits (an
     out-of-bounds write in a kernel can corrupt memory and crash a later case)."""
 
     def __init__(self, target: str = "model-build+generate", workers: int = 2, backend: str = "numba",
                  threads: int = 1, timeout: float = 20.0, rss_limit_mb: float = 2048, warm: Iterable[str] = (),
                  work_dir: str | None = None, log_dir: str | None = None, warm_timeout: float = 900.0,
-                 confirm: bool = True, **context: Any) -> None:
+                 confirm: bool = True, confirm_times: float = CONFIRM_TIMES, **context: Any) -> None:
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
         self.target, self.timeout, self.rss_limit_mb, self.warm_timeout = target, timeout, rss_limit_mb, warm_timeout
+        self.confirm_times = confirm_times
         self.confirm = confirm
         self.warm = [str(p) for p in warm]
         self.context = dict(backend_name=backend, threads=threads, **context)
@@ -1380,7 +1384,7 @@ class Runner:
                 raise RuntimeError(f"fuzz worker did not start within {self.warm_timeout} s:\n{w.log_tail()}")
             return
         elapsed = time.monotonic() - w.sent
-        timeout = self.timeout * (3 if w.first is not None else 1)
+        timeout = self.timeout * (self.confirm_times if w.first is not None else 1)
         rss = rss_mb(w.proc.pid)
         w.peak_rss = max(w.peak_rss, rss)
         if elapsed > timeout or rss > self.rss_limit_mb:

@@ -87,7 +87,7 @@ def test_every_hyperparameter_gets_every_value(seeds):
 def test_runner_classifies_every_outcome(tmp_path):
     words = ["fine", "segv", "fine", "hang", "oom", "raise", "purelm", "exit", "fine"]
     cases = [fuzzlib.Case(f"{i}-{w}", "", [w], make=lambda w=w: w.encode() + b" x") for i, w in enumerate(words)]
-    with fuzzlib.Runner("selftest", workers=2, timeout=1.5, rss_limit_mb=300) as runner:
+    with fuzzlib.Runner("selftest", workers=2, timeout=1.5, rss_limit_mb=300, confirm_times=3) as runner:
         got = {case.id.split("-")[1]: rec for case, rec in runner.run(cases)}
         report = fuzzlib.run_campaign(runner, [fuzzlib.Case("again", "", [], make=lambda: b"segv x")], str(tmp_path))
     assert {w: r["outcome"] for w, r in got.items()} == {

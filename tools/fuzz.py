@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds before a case counts as a hang")
     ap.add_argument("--rss-limit-mb", type=float, default=2048, help="resident memory that counts as oom")
     ap.add_argument("--no-confirm", dest="confirm", action="store_false",
-                    help="do not run a crashed or hung case again alone (in a fresh worker, a hang with 3x the "
-                         "time) to confirm it")
+                    help="do not run a crashed or hung case again alone (in a fresh worker, a hang with "
+                         "fuzzlib.CONFIRM_TIMES the time) to confirm it")
     ap.add_argument("--out", default="/tmp/purelm-fuzz")
     ap.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same cases")
     ap.add_argument("--start", type=int, default=0, help="index of the first random case (to split a run)")
