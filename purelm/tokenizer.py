@@ -333,19 +333,22 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
     """Merges a SentencePiece vocabulary implies: every split of a token into two tokens, best
     token score first (the order transformers' `generate_merges` produces, ties included).
     Tokens longer than MAX_MERGE_TOKEN_LEN get none."""
+    # one sort of plain tuples: score, then the left part's and the right part's length, all
+    # descending; ties in the token order, then by the parts' ids (transformers' order)
     found = []
-    for piece, score in scores.items():
-        if len(piece) > MAX_MERGE_TOKEN_LEN:
+    token_id = vocab.get
+    for index, (piece, score) in enumerate(scores.items()):
+        n = len(piece)
+        if n > MAX_MERGE_TOKEN_LEN:
             continue
-        pairs = [
-            (piece[:cut], piece[cut:], score)
-            for cut in range(1, len(piece))
-            if piece[:cut] in vocab and piece[cut:] in vocab
-        ]
-        pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-        found.extend(pairs)
-    found.sort(key=lambda pair: (pair[2], len(pair[0]), len(pair[1])), reverse=True)
-    return [(left, right) for left, right, _ in found]
+        for cut in range(1, n):
+            left = token_id(piece[:cut])
+            if left is not None:
+                right = token_id(piece[cut:])
+                if right is not None:
+                    found.append((-score, -cut, cut - n, index, left, right, piece, cut))
+    found.sort()
+    return [(key[6][:key[7]], key[6][key[7]:]) for key in found]
 
 
 def _split_merges(merges: list[str], vocab: dict[str, int], path: str) -> list[tuple[str, str]]:
