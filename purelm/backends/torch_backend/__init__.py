@@ -320,11 +320,8 @@ class TorchBackend(Backend):
                 out[t0:t1] = o[0].transpose(0, 1).reshape(T, -1).to(self.dtype)
                 continue
             kr, vr = keys[rows].float(), values[rows].float()  # (n, kv, dim)
-            pos = torch.arange(n, device=q.device)
-            q_pos = p0 + torch.arange(T, device=q.device)
-            masked = pos[None, :] > q_pos[:, None]
-            if spec.window:
-                masked = masked | (pos[None, :] <= q_pos[:, None] - spec.window)
+            pos, keep = self._attended(T, n, p0, spec.window)
+            masked = ~keep
             qg = q[t0:t1].float().reshape(T, n_kv, n_head // n_kv, -1)
             scores = torch.einsum("tkgd,skd->kgts", qg, kr) * spec.scale
             scores = self._bias(scores, pos, spec, n_kv, n_head, q_axis=True)
@@ -344,17 +341,23 @@ class TorchBackend(Backend):
         hit = self._scratch.get(key)
         if hit is not None:
             return hit
-        pos = torch.arange(n, device=self.device)
-        q_pos = p0 + torch.arange(T, device=self.device)
-        keep = pos[None, :] <= q_pos[:, None]
-        if spec.window:
-            keep = keep & (pos[None, :] > q_pos[:, None] - spec.window)
+        pos, keep = self._attended(T, n, p0, spec.window)
         mask: Any = keep
         if spec.alibi_slopes is not None:
             bias = torch.zeros((T, n), dtype=torch.float32, device=self.device).masked_fill(~keep, float("-inf"))
             mask = (bias + self._slopes(spec, n_kv, n_head)[:, None, None] * pos.float())[None]
         self._scratch[key] = mask
         return mask
+
+    def _attended(self, T: int, n: int, p0: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key positions 0..n-1, and which of them each of T queries at positions p0.. attends (T, n):
+        its own and earlier ones, within the window where there is one."""
+        pos = torch.arange(n, device=self.device)
+        q_pos = p0 + torch.arange(T, device=self.device)
+        keep = pos[None, :] <= q_pos[:, None]
+        if window:
+            keep = keep & (pos[None, :] > q_pos[:, None] - window)
+        return pos, keep
 
     def _bias(self, scores: torch.Tensor, pos: torch.Tensor, spec: AttentionSpec, n_kv: int, n_head: int,
               q_axis: bool) -> torch.Tensor:
