@@ -6,8 +6,9 @@
    activation, down; Q4_0), each (outputs per program, columns per step, warps) configuration of the
    Triton product is timed in a CUDA graph that cycles through copies of the weights totalling four
    times the GPU's L2 cache (each launch reads its weights from device memory, as in a model's step;
-   launch cost aside), for one activation row and for several; weight bytes read per second, and the
-   best configuration per shape.
+   launch cost aside), for one activation row, for several (2-16: batched decode) and for a prompt's
+   512; weight bytes read per second (and multiply-adds per second), and the best configuration per
+   shape and row count.
 2. With a model file: one decode step replayed from its CUDA graph against the whole step through
    `model.forward` (host work: inputs copied in, logits out), and the step's kernels by device time
    (torch.profiler), so the launch gaps show as the difference; then a 512-token prompt (no graph):
@@ -21,6 +22,8 @@ import json
 import statistics
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,18 +41,22 @@ from purelm.quant.types import BLOCK_INFO, GGMLType  # noqa: E402
 # (name, outputs, inputs, glu): TinyLlama-1.1B's layer, the shapes make_synthetic.py gives it
 SHAPES_1B = [("qkv", 2560, 2048, None), ("o", 2048, 2048, None), ("gate_up", 2 * 5632, 2048, "silu"),
              ("down", 2048, 5632, None)]
-ONE_ROW = ([("wide", bn, bk, w) for bn in (2, 4, 8, 16, 32) for bk in (1024, 2048, 4096) for w in (2, 4, 8)]
-           + [("pairs", 1, 256, w) for w in (2, 4)] + [("pairs", 1, 512, 8), ("groups", 4, 512, 4)])
-MANY_ROWS = ([("wide", bn, bk, w) for bn in (1, 2, 4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8)]
-             + [("pairs", 16, 256, 4), ("rows", 1, 512, 4), ("rows", 1, 512, 8)])
-FUSES = ("groups", "wide")  # kernels that can apply a gate|up pair's activation themselves
+ONE_ROW = ([("wide", bn, bk, w) for bn in (2, 4, 8, 16) for bk in (1024, 2048) for w in (2, 4, 8)]
+           + [("pairs", 1, 256, 4), ("groups", 4, 512, 4)]
+           + [("dot", bn, bk, 4, 16) for bn in (16, 32, 64) for bk in (256, 512)])
+MANY_ROWS = ([("wide", bn, bk, w) for bn in (1, 4, 8, 16) for bk in (1024, 2048) for w in (4, 8)]
+             + [("pairs", 16, 256, 4), ("rows", 1, 512, 4)]
+             + [("dot", bn, bk, 4, 16) for bn in (16, 32, 64) for bk in (128, 256, 512)])
+PROMPT_ROWS = [("dot", bn, bk, w, bm) for bm in (64, 128) for bn in (64, 128) for bk in (64, 128) for w in (4, 8)]
+FUSES = triton_kernels.FUSES  # kernels that can apply a gate|up pair's activation themselves
 
 
 def configs(m: int, glu: str | None) -> list[tuple[tuple, bool]]:
-    """(configuration, fused) to time for m activation rows: a gate|up pair (one row) both fused, where
-    the kernel can, and in two steps."""
-    return [(cfg, fused) for cfg in (ONE_ROW if m == 1 else MANY_ROWS)
-            for fused in ((False, True) if glu and cfg[0] in FUSES else (False,))]
+    """(configuration, fused) to time for m activation rows: a gate|up pair both fused, where the
+    kernel can for m rows, and in two steps."""
+    cfgs = ONE_ROW if m == 1 else PROMPT_ROWS if m > triton_kernels.BM else MANY_ROWS
+    return [(cfg, fused) for cfg in cfgs
+            for fused in ((False, True) if glu and cfg[0] in FUSES and (m == 1 or cfg[0] == "dot") else (False,))]
 
 
 def log(*a: object) -> None:
@@ -89,10 +96,10 @@ def random_packed(qtype: GGMLType, n_out: int, n_in: int, dev: torch.device):
 def product(x: torch.Tensor, w, glu: str | None, cfg: tuple, fused: bool = False) -> torch.Tensor:
     """The product as the backend runs it: a gate|up pair fused or in two steps."""
     if glu and not fused:
-        y = triton_kernels.matvec(x, w, torch.bfloat16, config=cfg)
+        y = triton_kernels.product(x, w, torch.bfloat16, config=cfg)
         half = y.shape[1] // 2
         return fused_kernels.glu(y[:, :half], y[:, half:], silu=glu == "silu")
-    return triton_kernels.matvec(x, w, torch.bfloat16, glu=glu, config=cfg)
+    return triton_kernels.product(x, w, torch.bfloat16, glu=glu, config=cfg)
 
 
 def _compile(job: tuple) -> str | None:
@@ -113,8 +120,8 @@ def precompile(qtype: GGMLType, shapes: list, rows: list[int], jobs: int) -> Non
     import multiprocessing
 
     work = [(qtype, 2 * 64 if glu else 64, n_in, glu, m, cfg) for _, _, n_in, glu in
-            {(s[2], s[3]): s for s in shapes}.values() for m in rows if not (glu and m > 1)
-            for cfg in configs(m, glu)]
+            {(s[2], s[3]): s for s in shapes}.values() for m in rows if not (glu and 1 < m <= triton_kernels.BM)
+            for cfg in configs(m, glu)]  # (n_out: a tile's worth; the kernels compile per K, not N)
     t0 = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         errors = [e for e in pool.map(_compile, work, chunksize=1) if e]
@@ -123,16 +130,17 @@ def precompile(qtype: GGMLType, shapes: list, rows: list[int], jobs: int) -> Non
         log("   ", e)
 
 
-def sweep(qtype: GGMLType, shapes: list, rows: list[int], dev: torch.device) -> list[dict]:
-    out = []
+def sweep(qtype: GGMLType, shapes: list, rows: list[int], dev: torch.device, save=lambda out: None) -> list[dict]:
+    """Each shape at each row count; `save(results so far)` after each (a run cut short keeps them)."""
+    out: list[dict] = []
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or 64 << 20
     for name, n_out, n_in, glu in shapes:
         w = random_packed(qtype, n_out, n_in, dev)
         copies = [w] + [Packed(w.type, w.shape, {k: p.clone() for k, p in w.planes.items()})
                         for _ in range(-(-4 * l2 // w.nbytes) - 1)]  # together 4x the L2 cache
         for m in rows:
-            if glu and m > 1:
-                continue  # (several rows: the two-step path, the same kernel as the other shapes)
+            if glu and 1 < m <= triton_kernels.BM:
+                continue  # (2-16 rows: the two-step path, the same kernel as the other shapes)
             x = torch.randn((m, n_in), dtype=torch.bfloat16, device=dev)
             results = []
             for cfg, fused in configs(m, glu):
@@ -142,18 +150,27 @@ def sweep(qtype: GGMLType, shapes: list, rows: list[int], dev: torch.device) -> 
                     results.append({"config": cfg, "fused": fused, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                     continue
                 results.append({"config": cfg, "fused": fused, "us": round(t * 1e6, 2),
-                                "gb_s": round(w.nbytes / t / 1e9, 1)})
+                                "gb_s": round(w.nbytes / t / 1e9, 1), "tflops": round(2 * m * n_out * n_in / t / 1e12, 1)})
             ok = [r for r in results if "us" in r]
             best = min(ok, key=lambda r: r["us"]) if ok else None
+            tiled = None
+            if m > triton_kernels.BM:  # the path before "dot": the matrix dequantized, then cuBLAS
+                def two_steps(c):
+                    y = x @ triton_kernels.dequantize(c, torch.bfloat16).T
+                    return fused_kernels.glu(y[:, :n_out // 2], y[:, n_out // 2:], silu=glu == "silu") if glu else y
+                t = graph_time([lambda c=c: two_steps(c) for c in copies])
+                tiled = {"us": round(t * 1e6, 2), "tflops": round(2 * m * n_out * n_in / t / 1e12, 1)}
             want = triton_kernels.default_config(m, n_out // 2 if glu else n_out, n_in, glu is not None, dev)
             fused = want is not None and glu is not None
             want = want or triton_kernels.default_config(m, n_out // 2 if glu else n_out, n_in, False, dev)
             default = next((r for r in ok if tuple(r["config"]) == want and r["fused"] == fused), None)
             log(f"  {name:8s} {n_out:6d}x{n_in:<5d} rows {m:2d}: best {best and best['config']}"
                 f"{' fused' if best and best['fused'] else ''} "
-                f"{best and best['us']} us {best and best['gb_s']} GB/s; default {default and default['us']} us")
-            out.append({"shape": name, "n_out": n_out, "n_in": n_in, "glu": glu, "rows": m,
-                        "bytes": w.nbytes, "best": best, "default": default, "all": results})
+                f"{best and best['us']} us {best and best['gb_s']} GB/s {best and best['tflops']} TFLOP/s; "
+                f"default {default and default['us']} us" + (f"; dequantize + mm {tiled['us']} us" if tiled else ""))
+            out.append({"shape": name, "n_out": n_out, "n_in": n_in, "glu": glu, "rows": m, "bytes": w.nbytes,
+                        "best": best, "default": default, "dequantize_mm": tiled, "all": results})
+            save(out)
     return out
 
 
@@ -204,16 +221,43 @@ def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
         t0 = time.perf_counter()
         prefill()
         walls.append(time.perf_counter() - t0)
+    # the host's part: time until the logits are asked for (every kernel queued by then, unless the
+    # pass waited on the GPU on its way: each such wait is counted, with the line that made it)
+    real_to_numpy, queued = ops.to_numpy, []
+
+    def to_numpy(x):
+        queued.append(time.perf_counter())
+        return real_to_numpy(x)
+    ops.to_numpy = to_numpy
+    syncs: dict[str, int] = {}
+    torch.cuda.set_sync_debug_mode("warn")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "purelm" in f.filename and "benchmarks" not in f.filename]
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+        syncs[where] = syncs.get(where, 0) + 1
+    try:
+        with warnings.catch_warnings():  # (puts showwarning back)
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            t0 = time.perf_counter()
+            prefill()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        ops.to_numpy = real_to_numpy
+    enqueue_ms = (queued[0] - t0) * 1e3 if queued else None
     per_pass, host = profiled(prefill, 2, cpu=True)
     top = sorted(per_pass.items(), key=lambda kv: -kv[1][1])[:10]
     res["prefill_512"] = {
         "wall_ms": round(statistics.median(walls) * 1e3, 2),
         "kernel_ms": round(sum(us for _, us in per_pass.values()) / 1e3, 2),
         "launches": round(sum(n for n, _ in per_pass.values()), 1),
+        "queued_ms": enqueue_ms and round(enqueue_ms, 2), "waits_on_gpu": syncs,
         "top_kernels": [{"name": k, "launches": n, "us": round(us, 1)} for k, (n, us) in top],
         "top_host_ops": host[:12]}
     pf = res["prefill_512"]
-    log(f"  prefill of 512: wall {pf['wall_ms']} ms, kernels {pf['kernel_ms']} ms in {pf['launches']} launches")
+    log(f"  prefill of 512: wall {pf['wall_ms']} ms, kernels {pf['kernel_ms']} ms in {pf['launches']} launches, "
+        f"queued by the host in {pf['queued_ms']} ms; waits on the GPU: {syncs}")
     for t in pf["top_kernels"][:6]:
         log(f"    {t['us']:8.1f} us {t['launches']:6.1f}x {t['name']}")
     for t in pf["top_host_ops"][:8]:
@@ -245,7 +289,7 @@ def profiled(fn, reps: int, cpu: bool = False) -> tuple[dict, list]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="*")
-    ap.add_argument("--rows", default="1,2,4,16")
+    ap.add_argument("--rows", default="1,2,4,16,512", help="activation rows (more than 16: a prompt's)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--jobs", type=int, default=8, help="processes compiling the sweep's kernels")
     ap.add_argument("--out", default=None)
@@ -261,25 +305,26 @@ def main(argv: list[str] | None = None) -> int:
         log("sweep (Q4_0, the 1.1B's shapes)")
         if args.jobs > 1:
             precompile(GGMLType.Q4_0, SHAPES_1B, [int(r) for r in args.rows.split(",")], args.jobs)
-        report["sweep"] = sweep(GGMLType.Q4_0, SHAPES_1B, [int(r) for r in args.rows.split(",")], dev)
-        if args.out:
-            Path(args.out).write_text(json.dumps(report, indent=1))
-        if args.table:  # what default_config reads (PURELM_TRITON_CONFIGS, or configs/<GPU>.json)
-            entries = [{"rows": min(16, 1 << (s["rows"] - 1).bit_length()), "glu": s["glu"] is not None,
-                        "n": s["n_out"] // 2 if s["glu"] else s["n_out"], "k": s["n_in"], "type": "Q4_0",
-                        "config": list(s["best"]["config"]), "gb_s": s["best"]["gb_s"],
-                        "unfused": bool(s["glu"]) and not s["best"]["fused"]}
-                       for s in report["sweep"] if s["best"]]
-            Path(args.table).write_text(json.dumps({"gpu": report["gpu"], "command": report["command"],
-                                                    "date": report["date"], "entries": entries}, indent=1))
+        def save(results: list[dict]) -> None:
+            report["sweep"] = results
+            if args.out:
+                Path(args.out).write_text(json.dumps(report, indent=1))
+            if args.table:  # what default_config reads (PURELM_TRITON_CONFIGS, or configs/<GPU>.json)
+                entries = [{"rows": triton_kernels.bucket(s["rows"]), "glu": s["glu"] is not None,
+                            "n": s["n_out"] // 2 if s["glu"] else s["n_out"], "k": s["n_in"], "type": "Q4_0",
+                            "config": list(s["best"]["config"]), "gb_s": s["best"]["gb_s"],
+                            "unfused": bool(s["glu"]) and not s["best"]["fused"]}
+                           for s in results if s["best"]]
+                Path(args.table).write_text(json.dumps({"gpu": report["gpu"], "command": report["command"],
+                                                        "date": report["date"], "entries": entries}, indent=1))
+
+        sweep(GGMLType.Q4_0, SHAPES_1B, [int(r) for r in args.rows.split(",")], dev, save)
     report["steps"] = []
     for path in args.models:
         log(path)
         try:
             report["steps"].append(step_profile(path, dev))
         except Exception as e:
-            import traceback
-
             traceback.print_exc()
             report["steps"].append({"file": path, "error": f"{type(e).__name__}: {e}"})
         if args.out:

@@ -128,10 +128,11 @@ def _triton_or_skip():
 
 @pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 3, 17, "groups", "rows", "wide"])
-def test_triton_matvec_matches_a_float64_product(qtype, rows):
-    # one row: "wide" (the interpreter's default); 3 and 17 rows: "pairs"; "groups": one row through
-    # the kernel that scales whole groups of columns at once; "rows": several rows, a program each;
-    # "wide": several rows from the same unpacked weights, in steps of fewer columns than a row has
+def test_triton_product_matches_a_float64_product(qtype, rows):
+    # one row: "wide" (the interpreter's default); 3 rows: "pairs"; 17: "dot" (more than 16 rows: a
+    # prompt); "groups": one row through the kernel that scales whole groups of columns at once;
+    # "rows": several rows, a program each; "wide": several rows from the same unpacked weights, in
+    # steps of fewer columns than a row has
     kernels = _triton_or_skip()
     config = None
     if rows == "groups":
@@ -146,13 +147,34 @@ def test_triton_matvec_matches_a_float64_product(qtype, rows):
     w = gguf_dequantize(raw, qtype, (n_out, n_in)).astype(np.float64)
     x = np.random.default_rng(rows).standard_normal((rows, n_in)).astype(np.float32)
     p = pack(qtype, [(n_out, raw)], n_in, torch.device(DEVICE))
-    y = kernels.matvec(torch.from_numpy(x).to(DEVICE), p, config=config).cpu().numpy()
+    y = kernels.product(torch.from_numpy(x).to(DEVICE), p, config=config).cpu().numpy()
     ref = x.astype(np.float64) @ w.T
     assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max()
     # each activation row alone gives the same bits as in the batch (its program sees only its row)
     if rows > 1:
-        one = kernels.matvec(torch.from_numpy(x[1:2]).to(DEVICE), p).cpu().numpy()
+        one = kernels.product(torch.from_numpy(x[1:2]).to(DEVICE), p).cpu().numpy()
         assert np.abs(one[0] - y[1]).max() <= 2e-6 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("qtype", list(LAYOUTS), ids=lambda t: t.name)
+def test_triton_dot_product_in_16_bit_activations(qtype):
+    # a prompt's product in the activation dtype: weights rounded to it, float32 accumulation, in
+    # tiles of 16 rows by 16 outputs (partial ones at both edges); float16 here, bfloat16 on CUDA too
+    # (Triton's interpreter multiplies bfloat16 tiles wrongly: its numpy has no bfloat16)
+    kernels = _triton_or_skip()
+    block = BLOCK_INFO[qtype][0]
+    n_out, n_in = 40, 512 if block == 256 else 352
+    raw = random_blocks(qtype, n_out, n_in, seed=7)
+    w = gguf_dequantize(raw, qtype, (n_out, n_in)).astype(np.float64)
+    x = np.random.default_rng(7).standard_normal((21, n_in)).astype(np.float32)
+    p = pack(qtype, [(n_out, raw)], n_in, torch.device(DEVICE))
+    for dtype in (torch.float16,) + ((torch.bfloat16,) if DEVICE != "cpu" else ()):
+        xt = torch.from_numpy(x).to(DEVICE, dtype)
+        y = kernels.product(xt, p, torch.float32, config=("dot", 16, 64, 4, 16)).cpu().numpy()
+        w16 = torch.from_numpy(w).to(dtype).double().numpy()  # what the kernel multiplies
+        ref = xt.double().cpu().numpy() @ w16.T
+        assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), dtype
+        assert np.abs(y - x @ w.T).max() <= 2e-2 * np.abs(ref).max(), dtype
 
 
 @pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q6_K], ids=lambda t: t.name)
@@ -164,24 +186,25 @@ def test_triton_wide_product_takes_more_rows_than_a_program_holds(qtype):
     w = gguf_dequantize(raw, qtype, (n_out, n_in)).astype(np.float64)
     x = np.random.default_rng(5).standard_normal((17, n_in)).astype(np.float32)
     p = pack(qtype, [(n_out, raw)], n_in, torch.device(DEVICE))
-    y = kernels.matvec(torch.from_numpy(x).to(DEVICE), p, config=("wide", 8, 256, 4)).cpu().numpy()
+    y = kernels.product(torch.from_numpy(x).to(DEVICE), p, config=("wide", 8, 256, 4)).cpu().numpy()
     ref = x.astype(np.float64) @ w.T
     assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("act", ["silu", "gelu"])
-@pytest.mark.parametrize("kernel", ["wide", "groups"])
+@pytest.mark.parametrize("kernel", ["wide", "groups", "dot"])
 def test_triton_glu_product_matches_a_float64_reference(qtype, act, kernel):
-    # gate|up stacked in one matrix: act(x gate.T) * (x up.T) in one kernel
+    # gate|up stacked in one matrix: act(x gate.T) * (x up.T) in one kernel (a prompt's rows: "dot")
     kernels = _triton_or_skip()
-    rows = 1
+    rows = 20 if kernel == "dot" else 1
     n_ff, n_in = 12, 512
     raw = random_blocks(qtype, 2 * n_ff, n_in, seed=rows)
     w = gguf_dequantize(raw, qtype, (2 * n_ff, n_in)).astype(np.float64)
     x = np.random.default_rng(rows).standard_normal((rows, n_in)).astype(np.float32)
     p = pack(qtype, [(n_ff, raw[:n_ff]), (n_ff, raw[n_ff:])], n_in, torch.device(DEVICE))
-    y = kernels.matvec(torch.from_numpy(x).to(DEVICE), p, glu=act, config=(kernel, 8, 256, 4)).cpu().numpy()
+    config = ("dot", 16, 256, 4, 16) if kernel == "dot" else (kernel, 8, 256, 4)
+    y = kernels.product(torch.from_numpy(x).to(DEVICE), p, glu=act, config=config).cpu().numpy()
     g, u = x.astype(np.float64) @ w[:n_ff].T, x.astype(np.float64) @ w[n_ff:].T
     a = g * 0.5 * (1 + np.tanh(g / 2)) if act == "silu" else 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
     ref = a * u
@@ -203,6 +226,9 @@ def test_tuned_product_configurations_are_read_checked_and_chosen_by_size(tmp_pa
         {"rows": 1, "glu": False, "n": 2048, "k": 8192, "config": ["pairs", 2, 512, 8]},
         {"rows": 4, "glu": False, "n": 2048, "k": 2048, "config": ["rows", 1, 512, 4]},
         {"rows": 1, "glu": True, "n": 5632, "k": 2048, "config": ["pairs", 1, 256, 2], "unfused": True},
+        {"rows": 512, "glu": True, "n": 5632, "k": 2048, "config": ["dot", 64, 64, 4, 64]},  # a prompt's
+        {"rows": 512, "glu": False, "n": 9, "k": 9, "config": ["dot", 8, 64, 4, 64]},  # tl.dot: 16 at least
+        {"rows": 512, "glu": False, "n": 9, "k": 9, "config": ["wide", 8, 64, 4, 64]},  # 5: "dot" only
         {"rows": 1, "glu": False, "n": 9, "k": 9, "config": ["pairs", 3, 256, 4]},  # not a power of two
         {"rows": 1, "glu": False, "n": 9, "k": 9, "config": ["magic", 1, 256, 4]},
         {"rows": 1, "glu": True, "n": 9, "k": 9, "config": ["pairs", 1, 256, 4]},  # fused: groups or wide
@@ -214,7 +240,9 @@ def test_tuned_product_configurations_are_read_checked_and_chosen_by_size(tmp_pa
     assert kernels.default_config(1, 5632, 2048, glu=True, device=cuda) is None  # two steps were faster
     rule = ("wide", kernels.BN_WIDE, kernels.BK_WIDE, 4)
     assert kernels.default_config(16, 2048, 2048, device=cuda) == rule  # no entry: the rule
-    assert len(kernels.tuned(cuda)) == 4
+    assert kernels.default_config(300, 5632, 2048, glu=True, device=cuda) == ("dot", 64, 64, 4, 64)
+    assert kernels.default_config(17, 2048, 2048, device=cuda) == kernels.DOT_RULE  # no entry: the rule
+    assert len(kernels.tuned(cuda)) == 5
     shipped = Path(kernels.__file__).parent / "configs" / "NVIDIA_H200.json"  # every entry of it valid
     monkeypatch.setenv("PURELM_TRITON_CONFIGS", str(shipped))
     assert len(kernels.tuned(cuda)) == len(json.loads(shipped.read_text())["entries"]) > 0

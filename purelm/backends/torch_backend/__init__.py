@@ -1,9 +1,9 @@
 """The torch backend: the same model code on a CUDA GPU, or on torch's CPU device.
 
 Weights stay packed on the device (packed.py: the file's bits regrouped into planes, never a float copy
-of the model). A few activation rows (decode, several sequences) multiply the planes directly with
-Triton kernels on CUDA; more rows (a prompt) dequantize a tile of weights at a time and use a matrix
-product in the activation dtype. Decode tokens attend over the paged cache in one Triton kernel; a
+of the model). Activation rows multiply the planes directly with Triton kernels on CUDA (a few rows:
+decode steps; a prompt's rows through tensor cores, triton_kernels.py); without Triton a tile of
+weights at a time is dequantized for a matrix product in the activation dtype. Decode tokens attend over the paged cache in one Triton kernel; a
 prompt's tokens through torch's scaled_dot_product_attention (the causal mask, sliding window and ALiBi
 as its additive bias; Gemma 2's softcap written out). Activations are bfloat16 on CUDA by default
 (float16 or float32 on request), float32 on the CPU. On CUDA a decode step is captured once per batch size and context bucket
@@ -37,7 +37,6 @@ from .packed import DENSE, DENSE_DTYPES, LAYOUTS, Packed, dequantize, pack
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 TILE_FLOATS = 8 << 20  # weights dequantized at once for a matrix product (32 MiB of float32)
-MATVEC_MAX_ROWS = 16  # up to this many activation rows use the packed Triton kernels
 
 
 _fused: Any = None  # the Triton kernels' modules, imported where Triton is usable (_triton_ok)
@@ -168,8 +167,8 @@ class TorchBackend(Backend):
             w = w.w
         if x.ndim != 2 or x.shape[1] != w.shape[1]:
             raise ShapeError(f"linear: input of shape {tuple(x.shape)} for a matrix of shape {tuple(w.shape)}")
-        if isinstance(w, Packed) and self.use_triton and x.shape[0] <= MATVEC_MAX_ROWS:
-            y = _kernels.matvec(x, w, self.dtype)
+        if isinstance(w, Packed) and self.use_triton:
+            y = _kernels.product(x, w, self.dtype)
         else:
             y = self._tiled(x, w)
         return y if bias is None else y + bias
@@ -205,14 +204,14 @@ class TorchBackend(Backend):
         return dequantize(w, self.dtype)
 
     def glu(self, x: torch.Tensor, w_gate_up: Any, act: str) -> torch.Tensor:
-        # one row, where this GPU's tuning found it faster: one kernel reads the gate and up rows of
-        # each output together and writes act(gate) * up, so the two halves never go through memory
+        # where the kernels' choice says so (a prompt; one row where this GPU's tuning found it faster):
+        # one kernel reads the gate and up rows of each output together and writes act(gate) * up, so
+        # the two halves never go through memory
         if isinstance(w_gate_up, Merged) and isinstance(w_gate_up.w, Packed) and self.use_triton \
-                and x.ndim == 2 and x.shape[0] == 1 and w_gate_up.sizes[0] == w_gate_up.sizes[1] \
-                and x.shape[1] == w_gate_up.shape[1]:
-            config = _kernels.default_config(1, w_gate_up.sizes[0], x.shape[1], True, self.device)
+                and x.ndim == 2 and w_gate_up.sizes[0] == w_gate_up.sizes[1] and x.shape[1] == w_gate_up.shape[1]:
+            config = _kernels.default_config(x.shape[0], w_gate_up.sizes[0], x.shape[1], True, self.device)
             if config is not None:
-                return _kernels.matvec(x, w_gate_up.w, self.dtype, glu=act, config=config)
+                return _kernels.product(x.to(self.dtype), w_gate_up.w, self.dtype, glu=act, config=config)
         return super().glu(x, w_gate_up, act)
 
     def linear_many(self, x: torch.Tensor, ws: Any) -> list[torch.Tensor]:

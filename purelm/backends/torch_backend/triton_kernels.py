@@ -1,14 +1,16 @@
-"""Triton kernels that multiply packed planes (packed.py) by a few activation rows: the decode step.
+"""Triton kernels that multiply packed planes (packed.py) by activation rows: decode steps and prompts.
 
 One kernel family serves every block type: the layout's fields are compile-time constants, so each
-type gets its own specialised code. Four ways to cut the work (default_config): "wide" reads each
+type gets its own specialised code. Five ways to cut the work (default_config): "wide" reads each
 program's rows of bytes whole (16-byte loads), turns codes into floats without a conversion
 instruction (_exact), sums each group of columns against x before scaling it, and takes every
 activation row (up to 16) from the same unpacked weights, so the weights are read once per step;
+"dot" unpacks the bytes as "wide" does into weights of the activation dtype and multiplies a tile of
+activation rows with tl.dot (tensor cores), so a prompt never writes a dequantized copy of a matrix;
 "pairs" reads a byte and a scale per pair of columns, for one activation row or BM rows at once
 (multiplied with tl.dot in float32); "rows" is one program per activation row (each reads the
-weights, mostly from the L2 cache); "groups" is "wide" with scattered loads, and can fuse a gate|up
-pair with its activation. Products accumulate in float32.
+weights, mostly from the L2 cache); "groups" is "wide" with scattered loads. "wide", "groups" and
+"dot" can fuse a gate|up pair with its activation. Products accumulate in float32.
 
 How many outputs and columns a program takes, and with how many warps, decides the speed: a GPU's
 measured best per shape lives in configs/<GPU name>.json, written by benchmarks/gpu_kernels.py
@@ -32,10 +34,13 @@ import triton.language as tl
 from .fused import act
 from .packed import Packed, levels
 
-KERNELS = ("pairs", "rows", "groups", "wide")  # see default_config
+KERNELS = ("pairs", "rows", "groups", "wide", "dot")  # see default_config
+FUSES = ("groups", "wide", "dot")  # kernels that can apply a gate|up pair's activation themselves
 BN, BK = 16, 256  # outputs and columns per program step (BK: a power of two, a multiple of every group)
 BM = 16  # activation rows per program when there are several (tl.dot's smallest tile)
 BN_WIDE, BK_WIDE = 4, 2048  # "wide" where no table says: the H200's best for one row on most shapes
+DOT_RULE = ("dot", 128, 64, 8, 128)  # "dot" for a prompt where no table says
+MANY = 512  # the row bucket of more than BM rows (a prompt)
 
 
 @triton.jit
@@ -377,6 +382,99 @@ def _wide_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmi
 
 
 @triton.jit
+def _dot_weights(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, r, rmask, k0, K: tl.constexpr,
+                 LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
+                 SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr,
+                 HAS_M: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
+    """Rows r (BN, 1) at columns k0..k0+BK as weights of dtype DT, split like _wide_values' codes:
+    w_i (BN, BK / PER) holds column u*PER + i at u (ggml's float steps: v * s + c in float32)."""
+    PER: tl.constexpr = 8 // LO_BITS
+    BU: tl.constexpr = BK // PER
+    NG: tl.constexpr = BK // G
+    BN: tl.constexpr = r.shape[0]
+    v0, v1, v2, v3 = _wide_values(lo_ptr, hi_ptr, table_ptr, r, rmask, k0, K, LO_BITS, HI_BITS, OFFSET, TABLE, BK)
+    kg = k0 + tl.arange(0, NG)[None, :] * G
+    s, c = _scale(d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, r, kg, rmask & (kg < K), K, SUPER, G, HAS_SC, HAS_MN, HAS_M)
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (BN, NG, G // PER)), (BN, BU))  # each byte's group
+    c = tl.reshape(tl.broadcast_to(c[:, :, None], (BN, NG, G // PER)), (BN, BU))
+    HAS_MIN: tl.constexpr = HAS_M or HAS_MN
+    w0, w1, w2, w3 = v0 * s, v1 * s, v2 * s, v3 * s
+    if HAS_MIN:
+        w0, w1, w2, w3 = w0 + c, w1 + c, w2 + c, w3 + c
+    return w0.to(DT), w1.to(DT), w2.to(DT), w3.to(DT)
+
+
+@triton.jit
+def _dot_step(acc, x0, x1, x2, x3, w0, w1, w2, w3, PER: tl.constexpr, IEEE: tl.constexpr):
+    """acc + x @ w.T over one step, the columns taken in the codes' split (tensor cores: tl.dot)."""
+    if IEEE:
+        acc = tl.dot(x0, tl.trans(w0), acc, input_precision="ieee")
+        if PER >= 2:
+            acc = tl.dot(x1, tl.trans(w1), acc, input_precision="ieee")
+        if PER == 4:
+            acc = tl.dot(x2, tl.trans(w2), acc, input_precision="ieee")
+            acc = tl.dot(x3, tl.trans(w3), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x0, tl.trans(w0), acc)
+        if PER >= 2:
+            acc = tl.dot(x1, tl.trans(w1), acc)
+        if PER == 4:
+            acc = tl.dot(x2, tl.trans(w2), acc)
+            acc = tl.dot(x3, tl.trans(w3), acc)
+    return acc
+
+
+@triton.jit
+def _dot_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr,
+                M, N, stride_x, stride_y, K: tl.constexpr,
+                LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
+                SUPER: tl.constexpr, G: tl.constexpr, HAS_SC: tl.constexpr, HAS_MN: tl.constexpr,
+                HAS_M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                GLU: tl.constexpr, SILU: tl.constexpr):
+    # program (i, j): activation rows i*BM.. by outputs j*BN.., i varying fastest, so the programs that
+    # read the same weights run together (the weights come from device memory about once). A step
+    # unpacks BN rows' bytes for BK columns whole (as "wide" does), scales them into weights of x's
+    # dtype, and multiplies them with tl.dot (tensor cores; float32 activations: exact float32
+    # products), accumulating in float32. With GLU, output n is act(row n) * row (n + N).
+    PER: tl.constexpr = 8 // LO_BITS
+    BU: tl.constexpr = BK // PER
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    IEEE: tl.constexpr = DT == tl.float32
+    ms = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = tl.program_id(1) * BN + tl.arange(0, BN)
+    rmask = (rows < N)[:, None]
+    r = rows[:, None].to(tl.int64)
+    xrow = x_ptr + ms[:, None].to(tl.int64) * stride_x
+    acc = tl.zeros((BM, BN), tl.float32)
+    acc_u = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)[None, :]
+        xv = tl.load(xrow + k, mask=(ms[:, None] < M) & (k < K), other=0.0)
+        if PER == 1:
+            x0 = xv
+            x1, x2, x3 = x0, x0, x0
+        elif PER == 2:
+            x0, x1 = tl.split(tl.reshape(xv, (BM, BU, 2)))
+            x2, x3 = x0, x1
+        else:
+            a, b = tl.split(tl.reshape(xv, (BM, BU, 2, 2)))  # a: columns 4u, 4u+2; b: 4u+1, 4u+3
+            x0, x2 = tl.split(a)
+            x1, x3 = tl.split(b)
+        w0, w1, w2, w3 = _dot_weights(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, r, rmask, k0,
+                                      K, LO_BITS, HI_BITS, OFFSET, TABLE, SUPER, G, HAS_SC, HAS_MN, HAS_M, BK, DT)
+        acc = _dot_step(acc, x0, x1, x2, x3, w0, w1, w2, w3, PER, IEEE)
+        if GLU:
+            w0, w1, w2, w3 = _dot_weights(lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr, r + N,
+                                          rmask, k0, K, LO_BITS, HI_BITS, OFFSET, TABLE, SUPER, G, HAS_SC, HAS_MN,
+                                          HAS_M, BK, DT)
+            acc_u = _dot_step(acc_u, x0, x1, x2, x3, w0, w1, w2, w3, PER, IEEE)
+    if GLU:
+        acc = act(acc, SILU) * acc_u
+    ym = (ms[:, None] < M) & (rows[None, :] < N)
+    tl.store(y_ptr + ms[:, None].to(tl.int64) * stride_y + rows[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
+
+
+@triton.jit
 def _groups_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_ptr, table_ptr,
                    M, N, stride_x, stride_y, K: tl.constexpr,
                    LO_BITS: tl.constexpr, HI_BITS: tl.constexpr, OFFSET: tl.constexpr, TABLE: tl.constexpr,
@@ -471,53 +569,69 @@ def tuned(device: torch.device) -> list[dict]:
 def _valid(e: object) -> bool:
     c = e.get("config") if isinstance(e, dict) else None
     pow2 = lambda v: isinstance(v, int) and 0 < v <= 8192 and v & (v - 1) == 0  # noqa: E731
-    return (isinstance(c, list) and len(c) == 4 and c[0] in KERNELS and all(pow2(v) for v in c[1:])
-            and c[1] <= 64 and 16 <= c[2] and c[3] <= 16
-            and (c[0] in ("groups", "wide") or not e.get("glu") or e.get("unfused") is True)  # fused: these
+    return (isinstance(c, list) and (len(c) == 4 or len(c) == 5 and c[0] == "dot") and c[0] in KERNELS
+            and all(pow2(v) for v in c[1:]) and c[1] <= 256 and 16 <= c[2] and c[3] <= 16
+            and (c[0] != "dot" or c[1] >= 16 and c[2] >= 64 and (len(c) == 4 or 16 <= c[4] <= 256))
+            and (c[0] in FUSES or not e.get("glu") or e.get("unfused") is True)
             and all(isinstance(e.get(k), int) and e[k] > 0 for k in ("rows", "n", "k")))
 
 
-def default_config(M: int, N: int, K: int, glu: bool = False, device: torch.device | None = None) -> tuple:
-    """(kernel, outputs per program, columns per step, warps) for M activation rows and an (N, K)
-    matrix: the tuned entry of the same row bucket and kind nearest in size, else the rule. With
-    `glu`, the product of a gate|up pair with the activation fused, or None where the tuning found
-    two steps (product, then activation) faster. Kernels (module docstring): "wide" (the rule on a
-    GPU: any number of rows, and the fused gate|up product), "pairs" (the interpreter's rule for
-    several rows), "rows", "groups"."""
-    rows = 1 if M == 1 else min(BM, triton.next_power_of_2(M))
+def bucket(M: int) -> int:
+    """The row count whose tuned entries serve M activation rows: 1, 2, 4, 8, 16, or MANY (a prompt)."""
+    return 1 if M == 1 else triton.next_power_of_2(M) if M <= BM else MANY
+
+
+def default_config(M: int, N: int, K: int, glu: bool = False, device: torch.device | None = None) -> tuple | None:
+    """(kernel, outputs per program, columns per step, warps[, activation rows per program: "dot"]) for
+    M activation rows and an (N, K) matrix: the tuned entry of the same row bucket and kind nearest in
+    size, else the rule. With `glu`, the product of a gate|up pair with the activation fused, or None
+    where two steps (product, then activation) are the choice. Kernels (module docstring): "wide" (the
+    rule on a GPU up to 16 rows, and the fused gate|up product of one row), "dot" (the rule for more
+    rows, fused gate|up included), "pairs" (the interpreter's rule for 2-16 rows), "rows", "groups"."""
+    rows = bucket(M)
     near = [e for e in tuned(device or torch.device("cpu")) if e["rows"] == rows and bool(e.get("glu")) == glu]
     if near:
         best = min(near, key=lambda e: abs(math.log(e["n"] * e["k"] / (N * K))))
         return tuple(best["config"]) if not best.get("unfused") else None
+    cuda = device is not None and device.type == "cuda"
+    if M > BM:
+        return DOT_RULE if cuda else ("dot", 32, 128, 4, 32)
     if glu:
         return None
-    if device is None or device.type != "cuda":  # Triton's interpreter: few, large programs
+    if not cuda:  # Triton's interpreter: few, large programs
         return ("wide", 8, 1024, 4) if M == 1 else ("pairs", BN, BK, 4)
     return ("wide", BN_WIDE, BK_WIDE, 4)
 
 
-def matvec(x: torch.Tensor, w: Packed, out_dtype: torch.dtype = torch.float32, glu: str | None = None,
-           config: tuple | None = None) -> torch.Tensor:
+def product(x: torch.Tensor, w: Packed, out_dtype: torch.dtype = torch.float32, glu: str | None = None,
+            config: tuple | None = None) -> torch.Tensor:
     """x (M, K) @ w.T -> (M, N) of out_dtype for a packed w, float32 accumulation. `glu` ("silu" or
-    "gelu"), one activation row: w stacks gate and up rows, and the result is act(x @ gate.T) *
-    (x @ up.T), (1, N / 2). `config` (see default_config) overrides the choice by shape. The caller
-    checks shapes."""
+    "gelu"): w stacks gate and up rows, and the result is act(x @ gate.T) * (x @ up.T), (M, N / 2).
+    `config` (see default_config) overrides the choice by shape. The caller checks shapes."""
     M, K = x.shape
     N = w.shape[0] // 2 if glu else w.shape[0]
     x = x.contiguous()
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     if glu:
         config = config or default_config(M, N, K, True, x.device) or ("wide", BN_WIDE, BK_WIDE, 4)
-        if M != 1 or config[0] not in ("groups", "wide"):
-            raise ValueError("the fused gate|up product takes one activation row and the groups or wide kernel")
-    kernel, bn, bk, warps = config or default_config(M, N, K, False, x.device)
+        if config[0] not in FUSES or M != 1 and config[0] != "dot":
+            raise ValueError("the fused gate|up product takes the dot kernel, or for one activation row "
+                             "the groups or wide kernel")
+    kernel, bn, bk, warps = (config or default_config(M, N, K, False, x.device))[:4]
     ptrs, consts = _args(w)
-    if kernel == "wide":  # every row (up to BM) in each program: the weights read once
+    lay = w.layout
+    bk = max(bk, lay.group if lay.has_sc else lay.super)  # whole groups (and super-blocks) per step
+    if kernel == "dot":  # tensor cores: rows padded to tl.dot's 16
+        bm = config[4] if config and len(config) > 4 else (BM if M <= BM else DOT_RULE[4])
+        bm = min(bm, max(BM, triton.next_power_of_2(M)))
+        _dot_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+            x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), BM=bm, BN=bn,
+            BK=max(bk, 16 * (8 // lay.lo_bits)), GLU=glu is not None, SILU=glu == "silu", num_warps=warps, **consts)
+    elif kernel == "wide":  # every row (up to BM) in each program: the weights read once
         rows = min(BM, triton.next_power_of_2(M))
         _wide_kernel[(triton.cdiv(N, bn), triton.cdiv(M, rows))](
             x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), ROWS=rows,
-            BN=bn, BK=max(bk, w.layout.group if w.layout.has_sc else w.layout.super), GLU=glu is not None,
-            SILU=glu == "silu", num_warps=warps, **consts)
+            BN=bn, BK=bk, GLU=glu is not None, SILU=glu == "silu", num_warps=warps, **consts)
     elif kernel == "groups" and M == 1:
         _groups_kernel[(1, triton.cdiv(N, bn))](
             x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), BN=bn, BK=bk,
