@@ -5,7 +5,7 @@
 #      TinyLlama's 1.1B (Q4_0), since real files are too big to bring,
 #   3. runs the torch backend's tests on CUDA (PURELM_TEST_DEVICE=cuda),
 #   4. sweeps the packed product kernels' configurations on the 1.1B's shapes for 1-16 rows and a prompt's
-#      512 (benchmarks/gpu_kernels.py, SWEEP_S seconds at most;
+#      512 (benchmarks/gpu_kernels.py, SWEEP_S seconds at most, 0: none;
 #      its best per shape is the table the benchmarks then use: copy it to
 #      purelm/backends/torch_backend/configs/<GPU name>.json to ship it),
 #   5. profiles a decode step and a prompt of 512 tokens (gpu_kernels.py --no-sweep), then (once the
@@ -66,8 +66,7 @@ fi
 echo "== torch backend tests on CUDA ($SECONDS s)"
 PURELM_TEST_DEVICE=cuda timeout 300 $PY -m pytest -q -x -m "not slow" -p no:cacheprovider \
     $($PY -c "import xdist" 2>/dev/null && echo "-n $(nproc)") tests/test_torch_backend.py 2>&1 | tee "$OUT/tests.log" | tail -15
-echo "== kernel sweep ($SECONDS s)"
-timeout "${SWEEP_S:-300}" $PY benchmarks/gpu_kernels.py --jobs "$(nproc)" --rows 1,512,16,8,4,2 --out "$OUT/gpu_kernels.json" --table "$OUT/table.json" \
+[ "${SWEEP_S:-300}" -gt 0 ] && echo "== kernel sweep ($SECONDS s)" && timeout "${SWEEP_S:-300}" $PY benchmarks/gpu_kernels.py --jobs "$(nproc)" --rows 1,512,16,8,4,2 --out "$OUT/gpu_kernels.json" --table "$OUT/table.json" \
     2>&1 | grep -v -i warn | tail -30
 [ -s "$OUT/table.json" ] && export PURELM_TRITON_CONFIGS="$OUT/table.json"
 [ -n "$MAKE_PIDS" ] && wait $MAKE_PIDS

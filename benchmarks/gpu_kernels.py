@@ -265,6 +265,32 @@ def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
     return res
 
 
+def launch_cost(dev: torch.device, calls: int = 300) -> dict:
+    """Host microseconds per call (nothing waits for the GPU): a product through the backend's
+    wrapper, the same Triton kernel launched bare, and a torch add, for one row of a 2048x2048 Q4_0."""
+    w = random_packed(GGMLType.Q4_0, 2048, 2048, dev)
+    x = torch.randn((1, 2048), dtype=torch.bfloat16, device=dev)
+    y = torch.empty((1, 2048), dtype=torch.bfloat16, device=dev)
+    ptrs, consts = triton_kernels._args(w)
+    table = triton_kernels.levels(dev)
+
+    def bare() -> None:
+        triton_kernels._wide_kernel[(512, 1)](x, y, *ptrs, table, 1, 2048, 2048, 2048, ROWS=1, BN=4, BK=2048,
+                                              GLU=False, SILU=False, num_warps=4, **consts)
+    out = {}
+    for name, fn in (("product", lambda: triton_kernels.product(x, w, torch.bfloat16)), ("bare_triton", bare),
+                     ("torch_add", lambda: torch.add(x, x))):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out[name] = round((time.perf_counter() - t0) / calls * 1e6, 2)
+        torch.cuda.synchronize()
+    log(f"  host time per call: {out} us")
+    return out
+
+
 def profiled(fn, reps: int, cpu: bool = False) -> tuple[dict, list]:
     """Per call of fn: {kernel: (launches, device us)}, and (with `cpu`) the host operators by their own
     time."""
@@ -319,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         "date": report["date"], "entries": entries}, indent=1))
 
         sweep(GGMLType.Q4_0, SHAPES_1B, [int(r) for r in args.rows.split(",")], dev, save)
+    report["launch_us"] = launch_cost(dev)
     report["steps"] = []
     for path in args.models:
         log(path)

@@ -288,8 +288,10 @@ class TorchBackend(Backend):
             values[meta.write] = v.to(values.dtype)
         n_tok, n_head, _ = q.shape
         n_kv = keys.shape[1]
-        out = torch.empty((n_tok, n_head * values.shape[2]), dtype=self.dtype, device=q.device)
         B = meta.n_decode
+        if not B and len(meta.runs) == 1 and not spec.softcap:  # one prompt run: its result is the output
+            return self._prompt_attention(q, k, v, keys, values, meta.runs[0], spec, n_kv, n_head)
+        out = torch.empty((n_tok, n_head * values.shape[2]), dtype=self.dtype, device=q.device)
         if B and self.use_triton:
             _fused.decode_attention(q[:B], keys, values, meta.tables, meta.lens, spec.scale, spec.softcap,
                                    spec.window, self._slopes(spec, n_kv, n_head), out[:B], BLOCK)
@@ -307,16 +309,11 @@ class TorchBackend(Backend):
             scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             out[:B] = torch.einsum("bkgl,blkd->bkgd", probs, vd).reshape(B, -1).to(self.dtype)
-        for t0, t1, p0, rows in meta.runs:
+        for run in meta.runs:
+            t0, t1, p0, rows = run
             n, T = len(rows), t1 - t0
-            if not spec.softcap:  # torch's fused attention: causal, else a mask (ALiBi: an additive bias)
-                dt = self.dtype if spec.alibi_slopes is None else torch.float32  # (bias * positions: float32)
-                kr, vr = keys[rows].to(dt), values[rows].to(dt)  # (n, kv, dim)
-                mask = self._prompt_mask(T, n, p0, spec, n_kv, n_head)
-                o = F.scaled_dot_product_attention(q[t0:t1].to(dt).transpose(0, 1)[None], kr.transpose(0, 1)[None],
-                                                   vr.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
-                                                   scale=spec.scale, enable_gqa=n_kv != n_head)
-                out[t0:t1] = o[0].transpose(0, 1).reshape(T, -1).to(self.dtype)
+            if not spec.softcap:
+                out[t0:t1] = self._prompt_attention(q, k, v, keys, values, run, spec, n_kv, n_head)
                 continue
             kr, vr = keys[rows].float(), values[rows].float()  # (n, kv, dim)
             pos, keep = self._attended(T, n, p0, spec.window)
@@ -328,6 +325,24 @@ class TorchBackend(Backend):
             probs = torch.softmax(scores, dim=-1)
             out[t0:t1] = torch.einsum("kgts,skd->tkgd", probs, vr).reshape(T, -1).to(self.dtype)
         return out
+
+    def _prompt_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                          values: torch.Tensor, run: tuple, spec: AttentionSpec, n_kv: int, n_head: int) -> torch.Tensor:
+        """One run of T tokens through torch's fused attention: causal, else a mask (ALiBi: an additive
+        bias); (T, heads * dim). A run that starts its sequence attends to exactly its own keys and
+        values, which are k and v as stored where the stores have their dtype (no gather)."""
+        t0, t1, p0, rows = run
+        n, T = len(rows), t1 - t0
+        dt = self.dtype if spec.alibi_slopes is None else torch.float32  # (bias * positions: float32)
+        if p0 == 0 and n == T and keys.dtype == k.dtype and values.dtype == v.dtype:
+            kr, vr = k[t0:t1].to(dt), v[t0:t1].to(dt)
+        else:
+            kr, vr = keys[rows].to(dt), values[rows].to(dt)  # (n, kv, dim)
+        mask = self._prompt_mask(T, n, p0, spec, n_kv, n_head)
+        o = F.scaled_dot_product_attention(q[t0:t1].to(dt).transpose(0, 1)[None], kr.transpose(0, 1)[None],
+                                           vr.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+                                           scale=spec.scale, enable_gqa=n_kv != n_head)
+        return o[0].transpose(0, 1).reshape(T, -1).to(self.dtype)
 
     def _prompt_mask(self, T: int, n: int, p0: int, spec: AttentionSpec, n_kv: int, n_head: int) -> Any:
         """What scaled_dot_product_attention takes for T queries at positions p0.. over keys 0..n-1: None

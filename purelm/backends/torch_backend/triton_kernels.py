@@ -526,6 +526,15 @@ def _dequant_kernel(y_ptr, lo_ptr, hi_ptr, d_ptr, sc_ptr, mn_ptr, m_ptr, dmin_pt
 
 
 def _args(w: Packed) -> tuple[list, dict]:
+    """The planes and the layout's constants as the kernels take them (made once per matrix: a prompt
+    launches hundreds of products, and each launch's host time adds up)."""
+    hit = w.__dict__.get("_kernel_args")
+    if hit is None:
+        hit = w.__dict__["_kernel_args"] = _make_args(w)
+    return hit
+
+
+def _make_args(w: Packed) -> tuple[list, dict]:
     lay, p = w.layout, w.planes
     d = p["d"]
     ptrs = [p["lo"], p.get("hi", d), d, p.get("sc", d), p.get("mn", d), p.get("m", d), p.get("dmin", d)]
@@ -588,8 +597,19 @@ def default_config(M: int, N: int, K: int, glu: bool = False, device: torch.devi
     where two steps (product, then activation) are the choice. Kernels (module docstring): "wide" (the
     rule on a GPU up to 16 rows, and the fused gate|up product of one row), "dot" (the rule for more
     rows, fused gate|up included), "pairs" (the interpreter's rule for 2-16 rows), "rows", "groups"."""
+    table = tuned(device or torch.device("cpu"))
+    key = (id(table), bucket(M), N, K, glu, device is not None and device.type == "cuda")
+    if key not in _chosen:
+        _chosen[key] = _choose(table, M, N, K, glu, device)
+    return _chosen[key]
+
+
+_chosen: dict[tuple, tuple | None] = {}  # default_config's answers (asked at every product)
+
+
+def _choose(table: list[dict], M: int, N: int, K: int, glu: bool, device: torch.device | None) -> tuple | None:
     rows = bucket(M)
-    near = [e for e in tuned(device or torch.device("cpu")) if e["rows"] == rows and bool(e.get("glu")) == glu]
+    near = [e for e in table if e["rows"] == rows and bool(e.get("glu")) == glu]
     if near:
         best = min(near, key=lambda e: abs(math.log(e["n"] * e["k"] / (N * K))))
         return tuple(best["config"]) if not best.get("unfused") else None
