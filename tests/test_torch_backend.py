@@ -360,3 +360,54 @@ def test_the_command_line_takes_backend_device_and_dtype():
     assert want.returncode == got.returncode == 0 and got.stdout == want.stdout, got.stderr
     bad = run("--device", "cpu")
     assert bad.returncode == 2 and "--backend torch" in bad.stderr
+
+
+def test_fast_launches_reuse_a_compiled_kernel_only_for_the_same_specialization(monkeypatch):
+    # launch.fast: Triton's path once per (constants, argument types and specialization), then the
+    # compiled kernel directly, with every parameter in the kernel's order
+    _triton_or_skip()
+    from types import SimpleNamespace
+
+    from purelm.backends.torch_backend import launch
+
+    log = []
+
+    class Compiled:
+        function, packed_metadata = "f", "meta"
+
+        def run(self, *a):
+            log.append(("direct", a))
+
+    class Kernel:
+        arg_names = ["x", "n", "eps", "BLOCK", "FLAG"]
+
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                log.append(("triton", grid, args, kwargs))
+                return Compiled()
+            return call
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=7))
+    k, x = launch.Launcher(Kernel()), torch.zeros(4)
+    k[(2,)](x, 32, 0.5, BLOCK=64, FLAG=True, num_warps=4)
+    k[(3, 2)](x, 48, 0.25, BLOCK=64, FLAG=True, num_warps=4)  # same specialization: direct
+    assert [e[0] for e in log] == ["triton", "direct"]
+    assert log[1][1] == (3, 2, 1, 7, "f", "meta", None, None, None, x, 48, 0.25, 64, True)
+    for n, kw in ((33, {}), (1, {}), (32, {"BLOCK": 128}), (32, {"num_warps": 8}), (2 ** 40, {})):
+        log.clear()
+        k[(1,)](x, n, 0.5, **{"BLOCK": 64, "FLAG": True, "num_warps": 4, **kw})
+        assert [e[0] for e in log] == ["triton"], (n, kw)  # another specialization: through Triton
+    log.clear()
+    k[(1,)](x.double(), 32, 0.5, BLOCK=64, FLAG=True, num_warps=4)  # another dtype
+    k[(1,)](x[1:], 32, 0.5, BLOCK=64, FLAG=True, num_warps=4)  # a pointer not 16-byte aligned
+    assert [e[0] for e in log] == ["triton", "triton"]
+    from triton import knobs
+
+    hook = lambda *a: None  # noqa: E731  (a profiler's launch hook: every launch through Triton)
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        log.clear()
+        k[(2,)](x, 32, 0.5, BLOCK=64, FLAG=True, num_warps=4)
+        assert [e[0] for e in log] == ["triton"]
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
