@@ -15,7 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from triton import knobs
+
+try:
+    from triton import knobs
+except ImportError:  # a Triton before 3.4: every launch through Triton
+    knobs = None
 
 _launchers: dict[Any, "Launcher"] = {}
 
@@ -37,8 +41,8 @@ def _spec(a: Any) -> Any:
 
 def _hooked() -> bool:
     """Whether Triton's launch hooks are set (a HookChain with calls, or a plain hook)."""
-    return any(h is not None and getattr(h, "calls", True)
-               for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+    return knobs is None or any(h is not None and getattr(h, "calls", True)
+                                for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
 
 
 class Launcher:
@@ -67,8 +71,13 @@ class Launcher:
         compiled, rest_names = hit
         g = tuple(grid) + (1, 1)
         stream = torch.cuda.current_stream().cuda_stream
-        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *args, *[kwargs[n] for n in rest_names])
+        try:
+            compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *args, *[kwargs[n] for n in rest_names])
+        except TypeError:  # a Triton whose launcher takes other arguments: through Triton from now on
+            self.names = []
+            self.compiled.clear()
+            self.kernel[grid](*args, **kwargs)
 
 
 def fast(kernel: Any) -> Launcher:
