@@ -15,11 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-try:
-    from triton import knobs
-except ImportError:  # a Triton before 3.4: every launch through Triton
-    knobs = None
+from triton import knobs
 
 _launchers: dict[Any, "Launcher"] = {}
 
@@ -41,8 +37,8 @@ def _spec(a: Any) -> Any:
 
 def _hooked() -> bool:
     """Whether Triton's launch hooks are set (a HookChain with calls, or a plain hook)."""
-    return knobs is None or any(h is not None and getattr(h, "calls", True)
-                                for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+    return any(h is not None and getattr(h, "calls", True)
+               for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
 
 
 class Launcher:
@@ -71,13 +67,8 @@ class Launcher:
         compiled, rest_names = hit
         g = tuple(grid) + (1, 1)
         stream = torch.cuda.current_stream().cuda_stream
-        try:
-            compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *args, *[kwargs[n] for n in rest_names])
-        except TypeError:  # a Triton whose launcher takes other arguments: through Triton from now on
-            self.names = []
-            self.compiled.clear()
-            self.kernel[grid](*args, **kwargs)
+        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *[kwargs[n] for n in rest_names])
 
 
 def fast(kernel: Any) -> Launcher:
