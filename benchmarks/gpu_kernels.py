@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from purelm.backends.torch_backend import TorchBackend, triton_kernels  # noqa: E402
 from purelm.backends.torch_backend import fused as fused_kernels  # noqa: E402
-from purelm.backends.torch_backend.launch import fast  # noqa: E402
 from purelm.backends.torch_backend.packed import Packed, pack  # noqa: E402
 from purelm.formats.gguf import GGUFFile  # noqa: E402
 from purelm.models import build_model  # noqa: E402
@@ -268,20 +267,18 @@ def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
 
 def launch_cost(dev: torch.device, calls: int = 300) -> dict:
     """Host microseconds per call (nothing waits for the GPU): a product through the backend's
-    wrapper, the same Triton kernel launched bare through Triton and through launch.fast, and a torch
-    add, for one row of a 2048x2048 Q4_0."""
+    wrapper, the same Triton kernel launched bare, and a torch add, for one row of a 2048x2048 Q4_0."""
     w = random_packed(GGMLType.Q4_0, 2048, 2048, dev)
     x = torch.randn((1, 2048), dtype=torch.bfloat16, device=dev)
     y = torch.empty((1, 2048), dtype=torch.bfloat16, device=dev)
     ptrs, consts = triton_kernels._args(w)
     table = triton_kernels.levels(dev)
 
-    def bare(kernel=triton_kernels._wide_kernel) -> None:
-        kernel[(512, 1)](x, y, *ptrs, table, 1, 2048, 2048, 2048, ROWS=1, BN=4, BK=2048, GLU=False, SILU=False,
-                         num_warps=4, **consts)
+    def bare() -> None:
+        triton_kernels._wide_kernel[(512, 1)](x, y, *ptrs, table, 1, 2048, 2048, 2048, ROWS=1, BN=4, BK=2048,
+                                              GLU=False, SILU=False, num_warps=4, **consts)
     out = {}
     for name, fn in (("product", lambda: triton_kernels.product(x, w, torch.bfloat16)), ("bare_triton", bare),
-                     ("bare_fast", lambda: bare(fast(triton_kernels._wide_kernel))),
                      ("torch_add", lambda: torch.add(x, x))):
         fn()
         torch.cuda.synchronize()

@@ -8,8 +8,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import fast
-
 
 MAX_SPLITS = 32  # decode attention: position splits per (sequence, KV head) at most
 
@@ -41,7 +39,7 @@ def norm(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: f
     x = x.contiguous()
     D = x.shape[-1]
     y = torch.empty_like(x)
-    fast(_norm_kernel)[(x.numel() // D,)](x, x if w is None else w, x if b is None else b, y, D, eps, RMS=rms,
+    _norm_kernel[(x.numel() // D,)](x, x if w is None else w, x if b is None else b, y, D, eps, RMS=rms,
                                     HAS_W=w is not None, HAS_B=b is not None, BD=_pow2(D), num_warps=4)
     return y
 
@@ -82,7 +80,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_dims: int, neo
         x = x.contiguous()
     T, H, D = x.shape
     y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
-    fast(_rope_kernel)[(T, H)](x, cos.contiguous(), sin.contiguous(), y, H, D, n_dims // 2, x.stride(0), x.stride(1),
+    _rope_kernel[(T, H)](x, cos.contiguous(), sin.contiguous(), y, H, D, n_dims // 2, x.stride(0), x.stride(1),
                          NEOX=neox, BD=_pow2(D), num_warps=1)
     return y
 
@@ -105,7 +103,7 @@ def store(keys: torch.Tensor, values: torch.Tensor, write: torch.Tensor, k: torc
     row must be contiguous, the tokens may be apart: column slices of a product are read in place)."""
     k, v = _rows(k), _rows(v)
     KD, VD = k[0].numel(), v[0].numel()
-    fast(_store_kernel)[(k.shape[0],)](k, v, keys, values, write, KD, VD, k.stride(0), v.stride(0), BK=_pow2(KD),
+    _store_kernel[(k.shape[0],)](k, v, keys, values, write, KD, VD, k.stride(0), v.stride(0), BK=_pow2(KD),
                                  BV=_pow2(VD), num_warps=1)
 
 
@@ -203,12 +201,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     m = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     l_ = torch.empty_like(m)
     acc = torch.empty((B, H, S, BDV), dtype=torch.float32, device=q.device)
-    fast(_decode_attention_kernel)[(B, n_kv, S)](
+    _decode_attention_kernel[(B, n_kv, S)](
         q.contiguous(), keys, values, tables, lens, q if slopes is None else slopes, m, l_, acc,
         H, n_kv, D, DV, tables.shape[1], scale, float(softcap or 1.0), int(window or 0), S,
         GROUP=group, BG=BG, BD=BD, BDV=BDV, BLOCK=block, BN=BN, ITERS=iters,
         SOFTCAP=bool(softcap), ALIBI=slopes is not None, WINDOW=bool(window), num_warps=4)
-    fast(_combine_kernel)[(B * H,)](m, l_, acc, out, DV, S, BS=_pow2(S), BDV=BDV, num_warps=1)
+    _combine_kernel[(B * H,)](m, l_, acc, out, DV, S, BS=_pow2(S), BDV=BDV, num_warps=1)
 
 
 @triton.jit
@@ -242,6 +240,6 @@ def glu(gate: torch.Tensor, up: torch.Tensor, silu: bool) -> torch.Tensor:
         gate, up = gate.contiguous().reshape(1, -1), up.contiguous().reshape(1, -1)
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     T, n = gate.shape
-    fast(_glu_kernel)[(T, triton.cdiv(n, 1024))](gate, up, y, n, gate.stride(0), up.stride(0), SILU=silu, B=1024,
+    _glu_kernel[(T, triton.cdiv(n, 1024))](gate, up, y, n, gate.stride(0), up.stride(0), SILU=silu, B=1024,
                                           num_warps=4)
     return y.reshape(shape)

@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from .fused import act
-from .launch import fast
 from .packed import Packed, levels
 
 KERNELS = ("pairs", "rows", "groups", "wide", "dot")  # see default_config
@@ -549,7 +548,7 @@ def dequantize(w: Packed, dtype: torch.dtype) -> torch.Tensor:
     N, K = w.shape
     y = torch.empty((N, K), dtype=dtype, device=w.planes["lo"].device)
     ptrs, consts = _args(w)
-    fast(_dequant_kernel)[(triton.cdiv(N, BN), triton.cdiv(K, BK))](y, *ptrs, levels(y.device), N, BN=BN, BK=BK,
+    _dequant_kernel[(triton.cdiv(N, BN), triton.cdiv(K, BK))](y, *ptrs, levels(y.device), N, BN=BN, BK=BK,
                                                               num_warps=4, **consts)
     return y
 
@@ -645,21 +644,21 @@ def product(x: torch.Tensor, w: Packed, out_dtype: torch.dtype = torch.float32, 
     if kernel == "dot":  # tensor cores: rows padded to tl.dot's 16
         bm = config[4] if config and len(config) > 4 else (BM if M <= BM else DOT_RULE[4])
         bm = min(bm, max(BM, triton.next_power_of_2(M)))
-        fast(_dot_kernel)[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        _dot_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), BM=bm, BN=bn,
             BK=max(bk, 16 * (8 // lay.lo_bits)), GLU=glu is not None, SILU=glu == "silu", num_warps=warps, **consts)
     elif kernel == "wide":  # every row (up to BM) in each program: the weights read once
         rows = min(BM, triton.next_power_of_2(M))
-        fast(_wide_kernel)[(triton.cdiv(N, bn), triton.cdiv(M, rows))](
+        _wide_kernel[(triton.cdiv(N, bn), triton.cdiv(M, rows))](
             x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), ROWS=rows,
             BN=bn, BK=bk, GLU=glu is not None, SILU=glu == "silu", num_warps=warps, **consts)
     elif kernel == "groups" and M == 1:
-        fast(_groups_kernel)[(1, triton.cdiv(N, bn))](
+        _groups_kernel[(1, triton.cdiv(N, bn))](
             x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), BN=bn, BK=bk,
             GLU=glu is not None, SILU=glu == "silu", num_warps=warps, **consts)
     else:  # "pairs": several rows BM at a time through tl.dot; "rows": a program per row
         rows = 1 if M == 1 or kernel == "rows" else BM
-        fast(_pairs_kernel)[(triton.cdiv(M, rows), triton.cdiv(N, bn))](
+        _pairs_kernel[(triton.cdiv(M, rows), triton.cdiv(N, bn))](
             x, y, *ptrs, levels(x.device), M, N, x.stride(0), y.stride(0), ROWS=rows, BN=bn, BK=bk,
             num_warps=warps, **consts)
     return y
