@@ -12,7 +12,10 @@
 2. With a model file: one decode step replayed from its CUDA graph against the whole step through
    `model.forward` (host work: inputs copied in, logits out), and the step's kernels by device time
    (torch.profiler), so the launch gaps show as the difference; then a 512-token prompt (no graph):
-   its wall time against its kernels' device time, and the host operators that take the most time.
+   its wall time against its kernels' device time, when the host had queued them all, the pass's
+   waits on the GPU, and the host operators that take the most time.
+3. Host time per launch (`launch_us`): a product through the backend, the same Triton kernel bare, a
+   torch add.
 JSON out (--out), a table on stderr.
 """
 from __future__ import annotations
