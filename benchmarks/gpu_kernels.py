@@ -14,8 +14,8 @@
    (torch.profiler), so the launch gaps show as the difference; then a 512-token prompt (no graph):
    its wall time against its kernels' device time, when the host had queued them all, the pass's
    waits on the GPU, and the host operators that take the most time.
-3. Host time per launch (`launch_us`): a product through the backend, the same Triton kernel bare, a
-   torch add.
+3. Host time per launch (`launch_us`): a product through the backend, the same Triton kernel through
+   Triton and called directly, a torch add.
 JSON out (--out), a table on stderr.
 """
 from __future__ import annotations
@@ -269,20 +269,37 @@ def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
 
 
 def launch_cost(dev: torch.device, calls: int = 300) -> dict:
-    """Host microseconds per call (nothing waits for the GPU): a product through the backend's
-    wrapper, the same Triton kernel launched bare, and a torch add, for one row of a 2048x2048 Q4_0."""
+    """Host microseconds per call (nothing waits for the GPU), for one row of a 2048x2048 Q4_0: a
+    product through the backend's wrapper, the same Triton kernel launched through Triton, the kernel
+    Triton compiled called directly (its launcher, as Triton calls it: tensors, whose every pointer the
+    launcher checks with the driver; and with the pointers as integers, which it takes as they are),
+    and a torch add. Where the direct call does not work with this Triton, its error instead."""
+    kernel = triton_kernels._wide_kernel
     w = random_packed(GGMLType.Q4_0, 2048, 2048, dev)
     x = torch.randn((1, 2048), dtype=torch.bfloat16, device=dev)
     y = torch.empty((1, 2048), dtype=torch.bfloat16, device=dev)
     ptrs, consts = triton_kernels._args(w)
-    table = triton_kernels.levels(dev)
+    args = [x, y, *ptrs, triton_kernels.levels(dev), 1, 2048, 2048, 2048]
+    kwargs = dict(ROWS=1, BN=4, BK=2048, GLU=False, SILU=False, **consts)
+    fns = {"product": lambda: triton_kernels.product(x, w, torch.bfloat16),
+           "through_triton": lambda: kernel[(512, 1)](*args, num_warps=4, **kwargs),
+           "torch_add": lambda: torch.add(x, x)}
+    out: dict = {}
+    try:
+        compiled = kernel[(512, 1)](*args, num_warps=4, **kwargs)
+        rest = [kwargs[n] for n in kernel.arg_names[len(args):]]
+        ints = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
 
-    def bare() -> None:
-        triton_kernels._wide_kernel[(512, 1)](x, y, *ptrs, table, 1, 2048, 2048, 2048, ROWS=1, BN=4, BK=2048,
-                                              GLU=False, SILU=False, num_warps=4, **consts)
-    out = {}
-    for name, fn in (("product", lambda: triton_kernels.product(x, w, torch.bfloat16)), ("bare_triton", bare),
-                     ("torch_add", lambda: torch.add(x, x))):
+        def direct(values: list) -> None:
+            stream = torch.cuda.current_stream().cuda_stream
+            compiled.run(512, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *values, *rest)
+        direct(args)
+        fns["direct_tensors"] = lambda: direct(args)
+        fns["direct_int_pointers"] = lambda: direct(ints)
+    except Exception as e:  # another Triton's launcher
+        out["direct_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    for name, fn in fns.items():
         fn()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -290,6 +307,11 @@ def launch_cost(dev: torch.device, calls: int = 300) -> dict:
             fn()
         out[name] = round((time.perf_counter() - t0) / calls * 1e6, 2)
         torch.cuda.synchronize()
+    if "direct_int_pointers" in out:  # the same result as through Triton
+        y0 = y.clone()
+        y.zero_()
+        fns["direct_int_pointers"]()
+        out["direct_same_result"] = bool(torch.equal(y, y0))
     log(f"  host time per call: {out} us")
     return out
 
@@ -348,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                                                         "date": report["date"], "entries": entries}, indent=1))
 
         sweep(GGMLType.Q4_0, SHAPES_1B, [int(r) for r in args.rows.split(",")], dev, save)
-    report["launch_us"] = launch_cost(dev)
+    try:
+        report["launch_us"] = launch_cost(dev)
+    except Exception as e:
+        report["launch_us"] = {"error": f"{type(e).__name__}: {e}"}
     report["steps"] = []
     for path in args.models:
         log(path)
