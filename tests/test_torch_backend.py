@@ -175,6 +175,7 @@ def test_triton_dot_product_in_16_bit_activations(qtype):
         ref = xt.double().cpu().numpy() @ w16.T
         assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), dtype
         assert np.abs(y - x @ w.T).max() <= 2e-2 * np.abs(ref).max(), dtype
+    assert kernels.product(torch.zeros((0, n_in), device=DEVICE), p).shape == (0, n_out)  # no rows: nothing to launch
 
 
 @pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q6_K], ids=lambda t: t.name)

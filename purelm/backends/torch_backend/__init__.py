@@ -3,9 +3,10 @@
 Weights stay packed on the device (packed.py: the file's bits regrouped into planes, never a float copy
 of the model). Activation rows multiply the planes directly with Triton kernels on CUDA (a few rows:
 decode steps; a prompt's rows through tensor cores, triton_kernels.py); without Triton a tile of
-weights at a time is dequantized for a matrix product in the activation dtype. Decode tokens attend over the paged cache in one Triton kernel; a
-prompt's tokens through torch's scaled_dot_product_attention (the causal mask, sliding window and ALiBi
-as its additive bias; Gemma 2's softcap written out). Activations are bfloat16 on CUDA by default
+weights at a time is dequantized for a matrix product in the activation dtype. Decode tokens attend
+over the paged cache in one Triton kernel; a prompt's tokens through torch's
+scaled_dot_product_attention (the causal mask, sliding window and ALiBi as its additive bias; Gemma 2's
+softcap written out). Activations are bfloat16 on CUDA by default
 (float16 or float32 on request), float32 on the CPU. On CUDA a decode step is captured once per batch size and context bucket
 as a CUDA graph and replayed (graphs.py), since one token is hundreds of small kernels.
 """

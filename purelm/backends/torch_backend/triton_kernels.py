@@ -632,6 +632,8 @@ def product(x: torch.Tensor, w: Packed, out_dtype: torch.dtype = torch.float32, 
     N = w.shape[0] // 2 if glu else w.shape[0]
     x = x.contiguous()
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y  # (no programs to launch)
     if glu:
         config = config or default_config(M, N, K, True, x.device) or ("wide", BN_WIDE, BK_WIDE, 4)
         if config[0] not in FUSES or M != 1 and config[0] != "dot":
