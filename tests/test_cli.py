@@ -343,3 +343,24 @@ def test_generated_text_on_a_terminal_cannot_drive_it():
     assert shown == "ok\\x1b]0;pwned\\x07\\x1b[2J\\rX\\u202eY"
     text = "line one\n\tindented, café, 👩\u200d💻, 日本語"  # what a model normally says passes as is
     assert _terminal_text(text) == text
+
+
+def test_the_command_ends_without_the_interpreters_shutdown_but_with_its_exit_handlers():
+    # run(): after main, exit handlers run and output is flushed, then the process ends at once,
+    # with main's code; while another (non-daemon) thread is at work, the interpreter's own exit
+    # waits for it as usual
+    script = ("import atexit, sys, threading, time; atexit.register(lambda: print('handler ran', flush=True)); "
+              "kept = type('Kept', (), {'__del__': lambda self: print('torn down', flush=True)})(); "
+              "sys.argv = ['purelm'] + sys.argv[1:]; from purelm import cli; "
+              "real = cli.main; cli.main = lambda: (threading.Thread(target=lambda: (time.sleep(0.5), "
+              "print('thread done', flush=True))).start() if '--thread' in sys.argv else None, "
+              "real([a for a in sys.argv[1:] if a != '--thread']))[1]; cli.run()")
+
+    def call(*args):
+        return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = call("info", F)  # (an object the shutdown would free is not torn down)
+    assert r.returncode == 0 and "general.architecture" in r.stdout and r.stdout.endswith("handler ran\n")
+    r = call("info", "no-such-file.gguf")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stdout == "handler ran\n"
+    r = call("info", F, "--thread")
+    assert r.returncode == 0 and r.stdout.endswith("thread done\nhandler ran\ntorn down\n")
