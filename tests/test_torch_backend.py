@@ -230,6 +230,9 @@ def test_tuned_product_configurations_are_read_checked_and_chosen_by_size(tmp_pa
         {"rows": 512, "glu": True, "n": 5632, "k": 2048, "config": ["dot", 64, 64, 4, 64]},  # a prompt's
         {"rows": 512, "glu": False, "n": 9, "k": 9, "config": ["dot", 8, 64, 4, 64]},  # tl.dot: 16 at least
         {"rows": 512, "glu": False, "n": 9, "k": 9, "config": ["wide", 8, 64, 4, 64]},  # 5: "dot" only
+        {"rows": 512, "glu": False, "n": 9, "k": 9, "config": ["wide", 128, 64, 4]},  # 128 outputs: "dot" only
+        {"rows": 1, "glu": False, "n": 9, "k": 9, "config": ["wide", 8, 256, True]},  # warps: not a bool
+        {"rows": 1, "glu": False, "n": 9, "k": 9, "config": ["wide", 8, 256.0, 4]},  # nor a float
         {"rows": 1, "glu": False, "n": 9, "k": 9, "config": ["pairs", 3, 256, 4]},  # not a power of two
         {"rows": 1, "glu": False, "n": 9, "k": 9, "config": ["magic", 1, 256, 4]},
         {"rows": 1, "glu": True, "n": 9, "k": 9, "config": ["pairs", 1, 256, 4]},  # fused: groups or wide

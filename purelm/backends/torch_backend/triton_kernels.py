@@ -577,9 +577,9 @@ def tuned(device: torch.device) -> list[dict]:
 
 def _valid(e: object) -> bool:
     c = e.get("config") if isinstance(e, dict) else None
-    pow2 = lambda v: isinstance(v, int) and 0 < v <= 8192 and v & (v - 1) == 0  # noqa: E731
+    pow2 = lambda v: type(v) is int and 0 < v <= 8192 and v & (v - 1) == 0  # noqa: E731
     return (isinstance(c, list) and (len(c) == 4 or len(c) == 5 and c[0] == "dot") and c[0] in KERNELS
-            and all(pow2(v) for v in c[1:]) and c[1] <= 256 and 16 <= c[2] and c[3] <= 16
+            and all(pow2(v) for v in c[1:]) and c[1] <= (256 if c[0] == "dot" else 64) and 16 <= c[2] and c[3] <= 16
             and (c[0] != "dot" or c[1] >= 16 and c[2] >= 64 and (len(c) == 4 or 16 <= c[4] <= 256))
             and (c[0] in FUSES or not e.get("glu") or e.get("unfused") is True)
             and all(isinstance(e.get(k), int) and e[k] > 0 for k in ("rows", "n", "k")))
