@@ -600,16 +600,19 @@ def test_int16_activations_can_be_turned_off(monkeypatch):
 def test_int16_activations_only_for_cpus_measured_faster(monkeypatch):
     from numba.core import config
 
-    from purelm.backends.numba_kernels.intrinsics import has_int8_dot, has_int16_dot
+    from purelm.backends.numba_kernels.intrinsics import (BYTE_QUADS, FIVE_QUADS, NIBBLE_QUADS, has_int8_dot,
+                                                          has_int16_dot, int8_kinds)
 
     monkeypatch.setattr(config, "CPU_NAME", "generic")
     monkeypatch.setattr(config, "CPU_FEATURES", "+sse4.2,+popcnt")
     assert not has_int16_dot()
     monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+fma,+f16c")
     assert has_int16_dot()
-    assert not has_int8_dot()  # vpdpbusd needs AVX512-VNNI
+    assert has_int8_dot() and int8_kinds() == (NIBBLE_QUADS, FIVE_QUADS)  # vpmaddubsw; Q8_0's needs vpdpbusd
+    assert numba_backend.int8_families() == {"nibble_dot", "five_dot"}
     monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vnni")
-    assert has_int8_dot()
+    assert has_int8_dot() and int8_kinds() == (NIBBLE_QUADS, FIVE_QUADS, BYTE_QUADS)
+    assert numba_backend.int8_families() == set(numba_backend.MATVEC8)
     monkeypatch.setattr(config, "CPU_FEATURES", None)  # a named CPU without its features: unknown
     assert not has_int16_dot() and not has_int8_dot()
 

@@ -10,10 +10,11 @@ turns it off). `repack=False` reads the mmap'd blocks in place. On x86
 CPUs with AVX2, decode products of every repacked quantized type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
 Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS; the last four and Q2_K repacked only for these kernels) round
 the activations to int16 (per 32) and use integer multiply-adds (`int16_dot`,
-packing.py's dot layouts): 1.1-3.5x the float kernels' speed (benchmarks/README.md). Optionally, where
-the CPU has AVX512-VNNI, all of them but Q6_K round to int8 instead, prompts included (`int8_dot`,
-$PURELM_INT8_DOT=1): vpdpbusd does twice vpdpwssd's multiply-adds, at llama.cpp's rounding (its q8
-activations), which moves logits ~100x more than int16 and flips near-ties (README: Correctness).
+packing.py's dot layouts): 1.1-3.5x the float kernels' speed (benchmarks/README.md). Optionally
+(`int8_dot`, $PURELM_INT8_DOT=1) they round to int8 instead, prompts included, at llama.cpp's rounding
+(its q8 activations), which moves logits ~100x more than int16 and flips near-ties (README:
+Correctness): with AVX512-VNNI all but Q6_K (vpdpbusd does twice vpdpwssd's multiply-adds), with AVX2
+alone the 4- and 5-bit types (vpmaddubsw, int16 sums: int8_families).
 
 Prefill (many tokens): the types with integer kernels (int16_dot, or int8_dot) take the prompt through
 the same kernels as decode, PREFILL_ROWS rows a call (each call reads the weights once; each row rounded
@@ -65,7 +66,7 @@ from .base import (AttentionSpec, Backend, KVCache, PassView, Rope, as_view, che
 from .kv_cache import BLOCK
 from .interim import OPS as INTERIM_OPS, Interim
 from .numba_kernels import ops, packed as pk, rows as rk
-from .numba_kernels.intrinsics import has_int8_dot, has_int16_dot
+from .numba_kernels.intrinsics import has_int8_bytes, has_int8_dot, has_int16_dot
 from .pack_cache import PackCache
 from .pages import page_out_library, release_file_pages
 from .numba_kernels.experts import FUSED, ExpertStack, mix_picked
@@ -97,6 +98,14 @@ MATVEC_MANY = {"nibble_dot": pk.matvec_dot_batch_nibbles, "five_dot": pk.matvec_
 MATVEC8 = {"nibble_dot": pk.matvec_dot8_nibbles, "five_dot": pk.matvec_dot8_five, "q8_dot": pk.matvec_dot8_bytes}
 MATVEC8_MANY = {"nibble_dot": pk.matvec_dot8_batch_nibbles, "five_dot": pk.matvec_dot8_batch_five,
                 "q8_dot": pk.matvec_dot8_batch_bytes}
+
+
+def int8_families() -> frozenset[str]:
+    """The families of MATVEC8 whose int8 kernels run on this CPU (intrinsics.int8_kinds: with AVX2
+    alone, not Q8_0's)."""
+    return frozenset(MATVEC8) if has_int8_bytes() else frozenset(MATVEC8) - {"q8_dot"}
+
+
 # The kernels that take prompts too (`_matvec_prefill`): the integer ones, int16 or int8 activations.
 PREFILL_KERNELS = frozenset(MATVEC_MANY.values()) | frozenset(MATVEC8_MANY.values())
 UNPACK = {"nibble": pk.unpack_nibble, "q8": pk.unpack_q8, "q6k": pk.unpack_q6k,
@@ -139,7 +148,7 @@ class NumbaWeight:
         products per layer: per-call lookups showed in profiles)."""
         self.packed = packed
         self.column_splits = column_splits(packed.n_groups, packed.n_sub, threads) if packed else 1
-        one, many = (MATVEC8, MATVEC8_MANY) if int8 and packed and packed.family in MATVEC8 else (MATVEC, MATVEC_MANY)
+        one, many = (MATVEC8, MATVEC8_MANY) if int8 and packed and packed.family in int8_families() else (MATVEC, MATVEC_MANY)
         self.kernel = one[packed.family] if packed else None
         self.kernel_many = many.get(packed.family, self.kernel) if packed else None
         self.kernel_args = packed.kernel_args if packed else ()
@@ -231,7 +240,7 @@ class NumbaBackend(Backend):
         if int16_dot is None:
             int16_dot = os.environ.get("PURELM_INT16_DOT", "1").strip().lower() not in ("0", "no", "off", "false")
         self.int16_dot = bool(int16_dot) and has_int16_dot()
-        # Optionally, all those but Q6_K's take int8 activations where the CPU has AVX512-VNNI (twice the
+        # Optionally, int8 activations where the CPU has int8 kernels (int8_families; twice the
         # multiply-adds per instruction; llama.cpp's rounding). None: $PURELM_INT8_DOT ("1": yes), else no.
         if int8_dot is None:
             int8_dot = os.environ.get("PURELM_INT8_DOT", "0").strip().lower() in ("1", "yes", "on", "true")

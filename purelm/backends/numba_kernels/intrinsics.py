@@ -149,10 +149,24 @@ def target_features() -> set[str] | None:
 
 
 def has_int8_dot() -> bool:
-    """Whether the CPU multiplies bytes with AVX512-VNNI's vpdpbusd (64 multiply-adds an instruction,
-    twice the int16 kernels' vpdpwssd): the int8-activation kernels need it and run nowhere else."""
-    features = target_features() or set()
-    return {"avx512vnni", "avx512bw"} <= features
+    """Whether the int8-activation kernels run here: AVX512-VNNI's vpdpbusd (64 multiply-adds an
+    instruction, twice the int16 kernels' vpdpwssd), or AVX2's vpmaddubsw (32 multiply-adds of bytes,
+    _byte_pairs: 1.45-1.6x the int16 kernels' speed on an AVX2 Zen 3, benchmarks/README.md) for the
+    kinds of int8_kinds()."""
+    return has_int8_bytes() or "avx2" in (target_features() or set())
+
+
+def has_int8_bytes() -> bool:
+    """Whether Q8_0's int8 kernel runs here: with vpdpbusd only (its weights enter as w + 128, whose
+    pair sums would overflow vpmaddubsw's int16)."""
+    return {"avx512vnni", "avx512bw"} <= (target_features() or set())
+
+
+def int8_kinds() -> tuple[int, ...]:
+    """The dot kinds with int8 kernels on this CPU (none where has_int8_dot() is False)."""
+    if not has_int8_dot():
+        return ()
+    return DOT8_KINDS if has_int8_bytes() else (NIBBLE_QUADS, FIVE_QUADS)
 
 
 def has_int16_dot() -> bool:
@@ -194,6 +208,37 @@ def _dpbusd(builder, acc, unsigned, signed):
     if fn is None:
         fn = ir.Function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3), _VPDPBUSD)
     return builder.call(fn, [acc, builder.bitcast(unsigned, _V16I32), builder.bitcast(signed, _V16I32)])
+
+
+_PMADDUBSW = "llvm.x86.avx2.pmadd.ub.sw"
+
+
+def _byte_pairs(builder, unsigned, signed):
+    """AVX2's vpmaddubsw on both 32-byte halves of 64 x i8: the sums of neighbouring byte products as
+    two 16 x i16 (int16: exact while a pair's sum fits, as unsigned weights of up to 5 bits and
+    |x| <= 127 keep it: at most 31 * 127 * 2)."""
+    v32, v16 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(_I16, 16)
+    fn = builder.module.globals.get(_PMADDUBSW)
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(v16, [v32, v32]), _PMADDUBSW)
+    out = []
+    for lo in (0, 32):
+        pick = ir.Constant(ir.VectorType(_I32, 32), list(range(lo, lo + 32)))
+        out.append(builder.call(fn, [builder.shuffle_vector(unsigned, unsigned, pick),
+                                     builder.shuffle_vector(signed, signed, pick)]))
+    return out
+
+
+def _widen_pairs(builder, pairs):
+    """Two 16 x i16 of pair sums -> 16 x i32 sums of 4 (vpmaddwd by ones): the rows' dots."""
+    v16, v8 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+    fn = builder.module.globals.get(_PMADDWD)
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(v8, [v16, v16]), _PMADDWD)
+    ones = ir.Constant(v16, [1] * 16)
+    halves = [builder.call(fn, [p, ones]) for p in pairs]
+    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(_V16I32, list(range(16))))
+
 
 
 def _broadcast_bytes(builder, value):
@@ -358,6 +403,10 @@ def _dot_block_codegen(quads, tokens, int8=False):
                     builder.store(a, ptr, align=4)
             return context.get_dummy_value()
         acc = [[[zero, zero] for _ in range(2 if halves else 1)] for _ in range(tokens)]
+        # int8 without VNNI (_byte_pairs): pair sums added in int16, at most short_max of them (4-bit
+        # weights: 8 * 15 * 127 * 2 = 30480, 5-bit: 4 * 31 * 127 * 2), before widening to int32
+        byte_pairs = int8 and not has_int8_bytes()
+        short, short_max = [[None, 0] for _ in range(tokens)], 4 if bits else 8
         for j in range(n_nib):
             q = load_group(j)
             if crumbs:
@@ -384,7 +433,16 @@ def _dot_block_codegen(quads, tokens, int8=False):
                             _element_ptr(context, builder, xs_t, xs, word_at), align=4))
                         if not nibbles:  # signed weights w as w + 128: the fold subtracts 128 * sum(x)
                             v = builder.xor(v, vec(128))
-                        acc[t][0][0] = _dpbusd(builder, acc[t][0][0], v, xv)
+                        if not byte_pairs:
+                            acc[t][0][0] = _dpbusd(builder, acc[t][0][0], v, xv)
+                            continue
+                        pairs = _byte_pairs(builder, v, xv)
+                        if short[t][0] is not None:
+                            pairs = [builder.add(a, b) for a, b in zip(short[t][0], pairs)]
+                        short[t] = [pairs, short[t][1] + 1]
+                        if short[t][1] == short_max:
+                            acc[t][0][0] = builder.add(acc[t][0][0], _widen_pairs(builder, pairs))
+                            short[t] = [None, 0]
                 continue
             widen = builder.sext if (halves or not nibbles or levels) else builder.zext
             # Q2_K keeps the plain IR on AVX2 too: its 8-token kernel was 0.89x with vpmaddwd by name
@@ -401,6 +459,8 @@ def _dot_block_codegen(quads, tokens, int8=False):
                     for h in range(2):
                         a[h] = _multiply_add_words(builder, a[h], pair[h], xv, plain=q2k)
         for t in range(tokens):
+            if int8 and short[t][0] is not None:
+                acc[t][0][0] = builder.add(acc[t][0][0], _widen_pairs(builder, short[t][0]))
             if int8:  # one int32 a row already
                 ptr = builder.bitcast(_element_ptr(context, builder, dots_t, args[0], dots_at[t]), _V16I32.as_pointer())
                 builder.store(acc[t][0][0], ptr, align=4)
@@ -416,7 +476,7 @@ def _dot_block_codegen(quads, tokens, int8=False):
 
 
 DOT_KINDS = (NIBBLE_QUADS, FIVE_QUADS, SIX_QUADS, BYTE_QUADS, CRUMB_KIND, CRUMB3_KIND, LEVEL_KIND)
-DOT8_KINDS = (NIBBLE_QUADS, FIVE_QUADS, BYTE_QUADS)  # with int8 activations (AVX512-VNNI): Q6_K has none
+DOT8_KINDS = (NIBBLE_QUADS, FIVE_QUADS, BYTE_QUADS)  # with int8 activations (VNNI; AVX2: int8_kinds): Q6_K has none
 
 
 def _dot_block_typer(tokens):
@@ -428,7 +488,7 @@ def _dot_block_typer(tokens):
         if not isinstance(kind, types.IntegerLiteral) or not isinstance(int8, types.BooleanLiteral):
             return None  # numba tries again with the literal types
         quads, i8 = kind.literal_value, int8.literal_value
-        if quads not in (DOT8_KINDS if i8 else DOT_KINDS):
+        if quads not in (int8_kinds() if i8 else DOT_KINDS):
             raise TypeError(f"dot_block{tokens}: no {'int8 ' if i8 else ''}kernel for kind {quads}")
         inner = _dot_block_codegen(quads, tokens, i8)
 
