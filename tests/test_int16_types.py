@@ -81,10 +81,14 @@ def extreme_blocks(qtype, n_out):
     one = np.frombuffer(np.float16(1).tobytes(), np.uint8)
     top = rng.integers(0, 2, n_out).astype(bool)[:, None, None]  # per row: all q at max, or at 0
     full = np.where(top, 255, 0).astype(np.uint8)
-    if qtype in (T.Q5_0, T.Q5_1):
+    if qtype in (T.Q5_0, T.Q5_1, T.Q4_0, T.Q4_1):
         raw[..., 0:2] = one
-        at = 4 if qtype == T.Q5_1 else 2
-        raw[..., at:] = full  # high bits and nibbles
+        at = 4 if qtype in (T.Q5_1, T.Q4_1) else 2
+        raw[..., at:] = full  # (high bits and) nibbles
+    elif qtype == T.Q4_K:
+        raw[..., 0:2] = one
+        raw[..., 4:16] = 255  # scales and mins 63
+        raw[..., 16:] = full
     elif qtype == T.Q5_K:
         raw[..., 0:2] = one
         raw[..., 4:16] = 255  # scales and mins 63
@@ -112,8 +116,11 @@ def extreme_blocks(qtype, n_out):
 
 
 @needs_int16
-@pytest.mark.parametrize("qtype,int8", KERNELS)
+@pytest.mark.parametrize("qtype,int8", KERNELS + [pytest.param(t, i, id=f"{t.name}-{'int8' if i else 'int16'}")
+                                                 for t in (T.Q4_0, T.Q4_1, T.Q4_K) for i in (True, False)])
 def test_products_at_the_weights_extremes(qtype, int8):
+    """(With AVX2 alone the int8 kernels add up to 8 pair sums of 4-bit weights, 4 of 5-bit ones, in
+    int16 before widening: intrinsics._byte_pairs. Rows of 15s or 31s times +-127 are its largest.)"""
     be = NumbaBackend(1, int8_dot=int8)
     t = Tensor("w", qtype, (64, N_IN), 0, extreme_blocks(qtype, 64))
     w = be.weight(t)
