@@ -116,6 +116,14 @@ _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 _PMADDWD = "llvm.x86.avx2.pmadd.wd"
 
 
+def _declared(builder, name, result, args):
+    """The LLVM function `name` (an intrinsic) in the builder's module, declared on first use."""
+    fn = builder.module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(result, args), name)
+    return fn
+
+
 def _broadcast_words(builder, value):
     """An int64 holding 4 int16 -> those 4 repeated 8 times (32 x i16)."""
     v8 = ir.VectorType(_I64, 8)
@@ -204,9 +212,7 @@ def _row_sums(builder, halves):
 def _dpbusd(builder, acc, unsigned, signed):
     """acc (16 x i32) + the sums of each 4 neighbouring products unsigned[i] * signed[i] (64 x i8 each):
     AVX512-VNNI's vpdpbusd, called by name (LLVM does not form it from plain IR; measured)."""
-    fn = builder.module.globals.get(_VPDPBUSD)
-    if fn is None:
-        fn = ir.Function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3), _VPDPBUSD)
+    fn = _declared(builder, _VPDPBUSD, _V16I32, [_V16I32] * 3)
     return builder.call(fn, [acc, builder.bitcast(unsigned, _V16I32), builder.bitcast(signed, _V16I32)])
 
 
@@ -218,9 +224,7 @@ def _byte_pairs(builder, unsigned, signed):
     two 16 x i16 (int16: exact while a pair's sum fits, as unsigned weights of up to 5 bits and
     |x| <= 127 keep it: at most 31 * 127 * 2)."""
     v32, v16 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(_I16, 16)
-    fn = builder.module.globals.get(_PMADDUBSW)
-    if fn is None:
-        fn = ir.Function(builder.module, ir.FunctionType(v16, [v32, v32]), _PMADDUBSW)
+    fn = _declared(builder, _PMADDUBSW, v16, [v32, v32])
     out = []
     for lo in (0, 32):
         pick = ir.Constant(ir.VectorType(_I32, 32), list(range(lo, lo + 32)))
@@ -231,14 +235,11 @@ def _byte_pairs(builder, unsigned, signed):
 
 def _widen_pairs(builder, pairs):
     """Two 16 x i16 of pair sums -> 16 x i32 sums of 4 (vpmaddwd by ones): the rows' dots."""
-    v16, v8 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
-    fn = builder.module.globals.get(_PMADDWD)
-    if fn is None:
-        fn = ir.Function(builder.module, ir.FunctionType(v8, [v16, v16]), _PMADDWD)
+    v16 = ir.VectorType(_I16, 16)
+    fn = _declared(builder, _PMADDWD, ir.VectorType(_I32, 8), [v16, v16])
     ones = ir.Constant(v16, [1] * 16)
     halves = [builder.call(fn, [p, ones]) for p in pairs]
     return builder.shuffle_vector(halves[0], halves[1], ir.Constant(_V16I32, list(range(16))))
-
 
 
 def _broadcast_bytes(builder, value):
@@ -257,9 +258,7 @@ def _level_lookup(builder, codes):
         name, vt, parts = "llvm.x86.avx512.pshuf.b.512", _V64I8, 1
     else:
         name, vt, parts = "llvm.x86.avx2.pshuf.b", ir.VectorType(ir.IntType(8), 32), 2
-    fn = builder.module.globals.get(name)
-    if fn is None:
-        fn = ir.Function(builder.module, ir.FunctionType(vt, [vt, vt]), name)
+    fn = _declared(builder, name, vt, [vt, vt])
     if parts == 1:
         return builder.call(fn, [ir.Constant(_V64I8, table), codes])
     n = 64 // parts
@@ -327,10 +326,8 @@ def _multiply_add_words(builder, acc, w, x, plain=False):
     if plain or "avx512bw" in (target_features() or set()):
         wide = ir.VectorType(_I32, 32)
         return _multiply_add_pairs(builder, acc, builder.sext(w, wide), builder.sext(x, wide))
-    v16, v8 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
-    fn = builder.module.globals.get(_PMADDWD)
-    if fn is None:
-        fn = ir.Function(builder.module, ir.FunctionType(v8, [v16, v16]), _PMADDWD)
+    v16 = ir.VectorType(_I16, 16)
+    fn = _declared(builder, _PMADDWD, ir.VectorType(_I32, 8), [v16, v16])
     halves = []
     for lo in (0, 16):
         pick = ir.Constant(ir.VectorType(_I32, 16), list(range(lo, lo + 16)))
@@ -533,10 +530,7 @@ def _vector_at(context, builder, array_type, array, index, vector_type):
 def _fma(builder, a, b, c):
     """a * b + c rounded once, always: left to LLVM, whether a multiply and an add fuse can differ
     between kernels, and a token's bits would then depend on the kernel its batch took."""
-    name = f"llvm.fma.v{a.type.count}f32"
-    fn = builder.module.globals.get(name)
-    if fn is None:
-        fn = ir.Function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name)
+    fn = _declared(builder, f"llvm.fma.v{a.type.count}f32", a.type, [a.type] * 3)
     return builder.call(fn, [a, b, c])
 
 
