@@ -4,7 +4,9 @@ of the GPU's measured bandwidth that decode reaches. JSON out (--out), a table o
     python benchmarks/gpu_bench.py model.gguf [more.gguf ...] --out gpu_bench.json
 
 For each file: prefill of --pp tokens and decode of --tg tokens from an empty context (medians of --reps
-after one untimed run, llama-bench's tests), decode again with CUDA graphs off (what the graphs buy), the
+after one untimed run, llama-bench's tests; the first run's time, which captures the prompt's CUDA graph, is
+kept apart), a prompt 17 tokens shorter (the same graph, padded), decode and prefill again with CUDA graphs
+off (what the graphs buy), the
 aggregate decode rate of 1, 2, 4, 8, 16 sequences decoding together (each after a 32-token prompt),
 torch.cuda.max_memory_allocated against the file plus the KV cache, and decode's weight bytes read per
 second over the device-to-device copy bandwidth measured in the same run (bytes read + written).
@@ -105,8 +107,12 @@ def bytes_per_token(model: object) -> int:
     return total
 
 
-def timed(fn, reps: int) -> list[float]:
+def timed(fn, reps: int, first: list[float] | None = None) -> list[float]:
+    t0 = time.perf_counter()
     fn()  # untimed: compiles kernels, captures graphs
+    cuda().synchronize()
+    if first is not None:
+        first.append(time.perf_counter() - t0)
     out = []
     for _ in range(reps):
         cuda().synchronize()
@@ -161,16 +167,29 @@ def bench_file(path: str, args: argparse.Namespace, bandwidth: float) -> dict:
         model.forward(ids[:args.pp], cache)
 
     cuda().reset_peak_memory_stats()
-    pp = timed(prefill, args.reps)
+    first: list[float] = []
+    pp = timed(prefill, args.reps, first)
     res["prefill_tok_s"] = round(args.pp / statistics.median(pp), 1)
+    res["prefill_first_s"] = round(first[0], 4)  # the untimed first run: compiles, captures the prompt's graph
     res["prefill_max_allocated_mb"] = round((cuda().max_memory_allocated() - base) / 2**20, 1)
-    log(f"  prefill {res['prefill_tok_s']} tok/s")
+    res["prefill_memory_over_file_plus_kv"] = round(res["prefill_max_allocated_mb"] / (file_mb + kv_mb), 3)
+    log(f"  prefill {res['prefill_tok_s']} tok/s (first run {res['prefill_first_s']} s)")
 
-    runner, ops.graphs = ops.graphs, None  # the same decode, every kernel launched from Python
+    def prefill_shorter() -> None:  # another length in the same bucket of 64 tokens: the same graph
+        cache.truncate(0)
+        model.forward(ids[:args.pp - 17], cache)
+
+    res["prefill_shorter_tok_s"] = round((args.pp - 17) / statistics.median(timed(prefill_shorter, args.reps)), 1)
+    log(f"  prefill of {args.pp - 17} tokens {res['prefill_shorter_tok_s']} tok/s")
+
+    runner, ops.graphs = ops.graphs, None  # the same passes, every kernel launched from Python
     tg_eager = timed(decode, max(1, args.reps // 2))
+    pp_eager = timed(prefill, args.reps)
     ops.graphs = runner
     res["decode_no_graphs_tok_s"] = round(args.tg / statistics.median(tg_eager), 1)
-    log(f"  decode without CUDA graphs {res['decode_no_graphs_tok_s']} tok/s")
+    res["prefill_no_graphs_tok_s"] = round(args.pp / statistics.median(pp_eager), 1)
+    log(f"  without CUDA graphs: decode {res['decode_no_graphs_tok_s']} tok/s, "
+        f"prefill {res['prefill_no_graphs_tok_s']} tok/s")
 
     batched = {}
     for n_seq in args.batch:

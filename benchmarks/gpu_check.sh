@@ -66,6 +66,7 @@ fi
 echo "== torch backend tests on CUDA ($SECONDS s)"
 PURELM_TEST_DEVICE=cuda timeout 300 $PY -m pytest -q -x -m "not slow" -p no:cacheprovider \
     $($PY -c "import xdist" 2>/dev/null && echo "-n $(nproc)") tests/test_torch_backend.py 2>&1 | tee "$OUT/tests.log" | tail -15
+echo "passes that could not be captured (warnings 'CUDA graphs are off'): $(grep -c 'CUDA graphs are off' "$OUT/tests.log")"
 [ "${SWEEP_S:-300}" -gt 0 ] && echo "== kernel sweep ($SECONDS s)" && timeout "${SWEEP_S:-300}" $PY benchmarks/gpu_kernels.py --jobs "$(nproc)" --rows 1,512,16,8,4,2 --out "$OUT/gpu_kernels.json" --table "$OUT/table.json" \
     2>&1 | grep -v -i warn | tail -30
 [ -s "$OUT/table.json" ] && export PURELM_TRITON_CONFIGS="$OUT/table.json"

@@ -11,9 +11,9 @@
    shape and row count.
 2. With a model file: one decode step replayed from its CUDA graph against the whole step through
    `model.forward` (host work: inputs copied in, logits out), and the step's kernels by device time
-   (torch.profiler), so the launch gaps show as the difference; then a 512-token prompt (no graph):
-   its wall time against its kernels' device time, when the host had queued them all, the pass's
-   waits on the GPU, and the host operators that take the most time.
+   (torch.profiler), so the launch gaps show as the difference; then a 512-token prompt: its wall time
+   replayed as a graph, and uncaptured its wall time against its kernels' device time, when the host
+   had queued them all, the pass's waits on the GPU, and the host operators that take the most time.
 3. Host time per launch (`launch_us`): a product through the backend, the same Triton kernel through
    Triton and called directly, a torch add.
 JSON out (--out), a table on stderr.
@@ -209,8 +209,9 @@ def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
     for t in res["top_kernels"]:
         log(f"    {t['us']:8.1f} us {t['launches']:6.1f}x {t['name']}")
 
-    # a prompt of 512 tokens (eager: no graph): its wall time against its kernels' device time, and the
-    # host's busiest operators, to show whether the GPU or the host sets its pace
+    # a prompt of 512 tokens: its wall time replayed as a CUDA graph, then uncaptured (every kernel
+    # launched from Python) its wall time against its kernels' device time, and the host's busiest
+    # operators, to show whether the GPU or the host sets the pace of an uncaptured prompt
     prompt = np.random.default_rng(1).integers(3, model.n_vocab, 512)
 
     def prefill() -> None:
@@ -218,12 +219,18 @@ def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
         model.forward(prompt, cache)
         torch.cuda.synchronize()
 
-    prefill()
-    walls = []
-    for _ in range(3):
-        t0 = time.perf_counter()
+    def walls() -> list[float]:
         prefill()
-        walls.append(time.perf_counter() - t0)
+        out = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            prefill()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    graph_walls = walls()
+    runner, ops.graphs = ops.graphs, None
+    eager_walls = walls()
     # the host's part: time until the logits are asked for (every kernel queued by then, unless the
     # pass waited on the GPU on its way: each such wait is counted, with the line that made it)
     real_to_numpy, queued = ops.to_numpy, []
@@ -250,16 +257,19 @@ def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
         ops.to_numpy = real_to_numpy
     enqueue_ms = (queued[0] - t0) * 1e3 if queued else None
     per_pass, host = profiled(prefill, 2, cpu=True)
+    ops.graphs = runner
     top = sorted(per_pass.items(), key=lambda kv: -kv[1][1])[:10]
     res["prefill_512"] = {
-        "wall_ms": round(statistics.median(walls) * 1e3, 2),
+        "graph_wall_ms": round(statistics.median(graph_walls) * 1e3, 2),
+        "wall_ms": round(statistics.median(eager_walls) * 1e3, 2),
         "kernel_ms": round(sum(us for _, us in per_pass.values()) / 1e3, 2),
         "launches": round(sum(n for n, _ in per_pass.values()), 1),
         "queued_ms": enqueue_ms and round(enqueue_ms, 2), "waits_on_gpu": syncs,
         "top_kernels": [{"name": k, "launches": n, "us": round(us, 1)} for k, (n, us) in top],
         "top_host_ops": host[:12]}
     pf = res["prefill_512"]
-    log(f"  prefill of 512: wall {pf['wall_ms']} ms, kernels {pf['kernel_ms']} ms in {pf['launches']} launches, "
+    log(f"  prefill of 512: replayed as a graph {pf['graph_wall_ms']} ms; uncaptured: wall {pf['wall_ms']} ms, "
+        f"kernels {pf['kernel_ms']} ms in {pf['launches']} launches, "
         f"queued by the host in {pf['queued_ms']} ms; waits on the GPU: {syncs}")
     for t in pf["top_kernels"][:6]:
         log(f"    {t['us']:8.1f} us {t['launches']:6.1f}x {t['name']}")

@@ -314,6 +314,56 @@ def test_models_through_the_triton_kernels(arch):
             assert np.abs(g - w).max() < 1e-4, (arch, seq)
 
 
+# -- prompts through CUDA graphs (graphs.py)
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mpt", "gpt2", "phi3_longrope"])
+def test_a_prompt_padded_as_its_graph_runs_computes_what_it_would_alone(arch, ops):
+    # a graph runs a prompt padded to a multiple of 64 tokens (ids and positions 0, keys and values
+    # into the rest of the sequence's last block): run uncaptured through the same staged view, the
+    # real tokens' logits and the next decode token equal the plain pass's (causal attention, the
+    # softcap's path through the cache, ALiBi, learned positions, LongRoPE)
+    from purelm.backends.torch_backend.graphs import prompt_inputs, staged
+
+    model = build_model(GGUFFile(FIXTURES / f"{arch}-q4_0.gguf"), ops)
+    ids = tokens(9, 2)
+    plain = model.new_cache(160)
+    want = model.forward(ids, plain, True)
+    want_next = model.forward(ids[:1], plain)
+    cache = model.new_cache(160)
+    cache.add()  # another sequence holds blocks too: the padding stays in sequence 1's own
+    model.forward(tokens(5, 3), cache)
+    view = cache.view([(1, len(ids))])
+    host = prompt_inputs(ids, view, None)
+    assert len(host["ids"]) == len(host["positions"]) == len(host["write"]) == 64 and len(host["rows"]) == 9
+    assert set(host["write"] // 64) == {cache.table(1)[0]}
+    other = [x.clone() for x in cache.k]
+    static, _, staged_view = staged(host, cache, ops.device)
+    with ops.forward_pass([9]):
+        got = ops.to_numpy(model.logits_of(static["ids"], static["positions"], staged_view, static["rows"]))
+    view.commit()
+    assert np.abs(got - want).max() < 1e-5
+    assert all(torch.equal(a[:64], b[:64]) for a, b in zip(cache.k, other))  # sequence 0's block untouched
+    assert np.abs(model.forward_batch(cache, [(1, ids[:1])])[0] - want_next).max() < 1e-5
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs are CUDA's (the padded pass they replay is tested "
+                    "above on every device)")
+def test_prompts_replay_their_graphs_as_they_run_eagerly():
+    f = GGUFFile(FIXTURES / "llama-q4_0.gguf")
+    ops = torch_backend()
+    model, eager = build_model(f, ops), build_model(f, TorchBackend(DEVICE, "fp32", graphs=False))
+    cache, eager_cache = model.new_cache(256), eager.new_cache(256)
+    for n, all_logits in ((9, False), (30, False), (70, True), (9, False), (64, False)):
+        ids = tokens(n, n)
+        cache.truncate(0), eager_cache.truncate(0)
+        got, want = model.forward(ids, cache, all_logits), eager.forward(ids, eager_cache, all_logits)
+        assert np.abs(got - want).max() < 1e-4, n
+        nxt, want_nxt = model.forward(ids[:1], cache), eager.forward(ids[:1], eager_cache)
+        assert np.abs(nxt - want_nxt).max() < 1e-4, n
+    # one graph per (bucket of 64 tokens, logits asked for): 9, 30 and 64 tokens share the first
+    assert sorted(k[3:5] for k in ops.graphs.prompts) == [(64, 1), (128, 70)]
+
+
 # -- the real model, choices and errors
 
 @pytest.mark.slow

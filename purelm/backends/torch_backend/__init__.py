@@ -7,8 +7,9 @@ weights at a time is dequantized for a matrix product in the activation dtype. D
 over the paged cache in one Triton kernel; a prompt's tokens through torch's
 scaled_dot_product_attention (the causal mask, sliding window and ALiBi as its additive bias; Gemma 2's
 softcap written out). Activations are bfloat16 on CUDA by default
-(float16 or float32 on request), float32 on the CPU. On CUDA a decode step is captured once per batch size and context bucket
-as a CUDA graph and replayed (graphs.py), since one token is hundreds of small kernels.
+(float16 or float32 on request), float32 on the CPU. On CUDA a decode step (once per batch size and context
+bucket) and a prompt that starts its sequence (once per bucket of 64 tokens) are captured as CUDA graphs and
+replayed (graphs.py), since a pass is hundreds of small kernels whose launches cost more than their work.
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class TorchBackend(Backend):
 
     def run(self, compute: Any, ids: np.ndarray, view: PassView, rows: np.ndarray | None) -> Any:
         if self.graphs is not None and self.graphs.eligible(view, rows):
-            return self.graphs.run(compute, ids, view)
+            return self.graphs.run(compute, ids, view, rows)
         return compute(self._index(ids), self._index(view.positions), view,
                        None if rows is None else self._index(rows))
 

@@ -110,17 +110,17 @@ def device_runs(view: PassView, device: torch.device) -> DeviceRuns:
 
 
 class StagedView:
-    """A decode pass's view for a captured graph: the cache's sizes and stores, and addressing held
-    in static device tensors that each replay refills."""
+    """A captured pass's view (graphs.py): the cache's sizes and stores, and addressing held in static
+    device tensors that each replay refills."""
 
-    def __init__(self, cache: KVCache, meta: DeviceRuns) -> None:
+    def __init__(self, cache: KVCache, meta: DeviceRuns, n_tokens: int) -> None:
         self.cache, self.n_layers, self.n_kv_heads = cache, cache.n_layers, cache.n_kv_heads
         self.k_dim, self.v_dim, self.n_ctx = cache.k_dim, cache.v_dim, cache.n_ctx
         self.type_k, self.type_v = cache.type_k, cache.type_v
         self.rotate_k, self.rotate_v = cache.rotate_k, cache.rotate_v
         self.k, self.v = cache.k, cache.v
-        self.n_tokens = meta.n_decode
+        self.n_tokens = n_tokens
         self._device_runs = meta
 
     def __getattr__(self, name: str) -> Any:
-        raise AttributeError(f"{name}: a captured decode pass only has device addressing")
+        raise AttributeError(f"{name}: a captured pass only has device addressing")
