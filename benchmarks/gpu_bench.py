@@ -4,8 +4,8 @@ of the GPU's measured bandwidth that decode reaches. JSON out (--out), a table o
     python benchmarks/gpu_bench.py model.gguf [more.gguf ...] --out gpu_bench.json
 
 For each file: prefill of --pp tokens and decode of --tg tokens from an empty context (medians of --reps
-after one untimed run, llama-bench's tests; the first run's time, which captures the prompt's CUDA graph, is
-kept apart), a prompt 17 tokens shorter (the same graph, padded), decode and prefill again with CUDA graphs
+after one untimed run, llama-bench's tests; a prompt runs uncaptured the first time, and the second
+time is captured as a CUDA graph: both runs' times are kept apart), a prompt 17 tokens shorter (the same graph, padded), decode and prefill again with CUDA graphs
 off (what the graphs buy), the
 aggregate decode rate of 1, 2, 4, 8, 16 sequences decoding together (each after a 32-token prompt),
 torch.cuda.max_memory_allocated against the file plus the KV cache, and decode's weight bytes read per
@@ -168,12 +168,15 @@ def bench_file(path: str, args: argparse.Namespace, bandwidth: float) -> dict:
 
     cuda().reset_peak_memory_stats()
     first: list[float] = []
-    pp = timed(prefill, args.reps, first)
+    capture: list[float] = []
+    timed(prefill, 0, first)  # the first prompt of its shape runs uncaptured (and compiles its kernels)
+    pp = timed(prefill, args.reps, capture)  # (its untimed run captures the prompt's graph)
     res["prefill_tok_s"] = round(args.pp / statistics.median(pp), 1)
-    res["prefill_first_s"] = round(first[0], 4)  # the untimed first run: compiles, captures the prompt's graph
+    res["prefill_first_s"], res["prefill_capture_s"] = round(first[0], 4), round(capture[0], 4)
     res["prefill_max_allocated_mb"] = round((cuda().max_memory_allocated() - base) / 2**20, 1)
     res["prefill_memory_over_file_plus_kv"] = round(res["prefill_max_allocated_mb"] / (file_mb + kv_mb), 3)
-    log(f"  prefill {res['prefill_tok_s']} tok/s (first run {res['prefill_first_s']} s)")
+    log(f"  prefill {res['prefill_tok_s']} tok/s (first run {res['prefill_first_s']} s, "
+        f"the one that captures {res['prefill_capture_s']} s)")
 
     def prefill_shorter() -> None:  # another length in the same bucket of 64 tokens: the same graph
         cache.truncate(0)

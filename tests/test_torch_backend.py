@@ -346,21 +346,50 @@ def test_a_prompt_padded_as_its_graph_runs_computes_what_it_would_alone(arch, op
     assert np.abs(model.forward_batch(cache, [(1, ids[:1])])[0] - want_next).max() < 1e-5
 
 
+def test_prompts_are_captured_from_the_second_of_a_shape_on(ops):
+    # which passes a graph runner takes: decode steps always; a prompt that starts its sequence once a
+    # prompt of the same bucket of 64 tokens and logit rows has run (a one-off prompt stays uncaptured)
+    from purelm.backends.torch_backend.graphs import GraphRunner
+
+    runner, cache = GraphRunner(ops), build_model(GGUFFile(FIXTURES / "llama-q4_0.gguf"), ops).new_cache(256)
+    cache.add()
+
+    def view(*runs, p0=0):
+        cache.truncate(p0, 0), cache.truncate(0, 1)
+        if p0:
+            cache.reserve(p0, 0)
+            cache.seqs[0].n_past = p0
+        return cache.view(list(runs))
+
+    last = lambda n: np.array([n - 1])  # noqa: E731  (the rows whose logits a prompt asks for)
+    assert not runner.eligible(view((0, 9)), last(9))  # first of its shape
+    assert runner.eligible(view((0, 30)), last(30))  # the same bucket and number of logit rows
+    assert runner.eligible(view((0, 64)), last(64))
+    assert not runner.eligible(view((0, 30)), None)  # every row's logits: a shape of its own
+    assert runner.eligible(view((0, 30)), None)
+    assert not runner.eligible(view((0, 65)), last(65))  # the next bucket
+    assert not runner.eligible(view((0, 9), p0=5), None) and not runner.eligible(view((0, 9), p0=5), None)  # continues
+    assert not runner.eligible(view((0, 9), (1, 9)), None) and not runner.eligible(view((0, 9), (1, 9)), None)
+    assert runner.eligible(view((0, 1), (1, 1)), None)  # a decode step
+
+
 @pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs are CUDA's (the padded pass they replay is tested "
                     "above on every device)")
-def test_prompts_replay_their_graphs_as_they_run_eagerly():
-    f = GGUFFile(FIXTURES / "llama-q4_0.gguf")
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mpt", "gpt2", "phi3_longrope", "qwen3"])
+def test_prompts_replay_their_graphs_as_they_run_eagerly(arch):
+    f = GGUFFile(FIXTURES / f"{arch}-q4_0.gguf")
     ops = torch_backend()
     model, eager = build_model(f, ops), build_model(f, TorchBackend(DEVICE, "fp32", graphs=False))
     cache, eager_cache = model.new_cache(256), eager.new_cache(256)
-    for n, all_logits in ((9, False), (30, False), (70, True), (9, False), (64, False)):
+    for n, all_logits in ((9, False), (30, False), (70, True), (9, False), (64, False), (70, True), (70, True)):
         ids = tokens(n, n)
         cache.truncate(0), eager_cache.truncate(0)
         got, want = model.forward(ids, cache, all_logits), eager.forward(ids, eager_cache, all_logits)
-        assert np.abs(got - want).max() < 1e-4, n
+        assert np.abs(got - want).max() < 1e-4, (arch, n)
         nxt, want_nxt = model.forward(ids[:1], cache), eager.forward(ids[:1], eager_cache)
-        assert np.abs(nxt - want_nxt).max() < 1e-4, n
-    # one graph per (bucket of 64 tokens, logits asked for): 9, 30 and 64 tokens share the first
+        assert np.abs(nxt - want_nxt).max() < 1e-4, (arch, n)
+    # one graph per (bucket of 64 tokens, logits asked for), captured at the second prompt of its shape:
+    # 9, 30 and 64 tokens share the first
     assert sorted(k[3:5] for k in ops.graphs.prompts) == [(64, 1), (128, 70)]
 
 

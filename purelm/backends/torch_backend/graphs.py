@@ -1,5 +1,6 @@
 """CUDA graphs: a decode step captured once per (cache, batch size, context bucket), and a prompt that
-starts its sequence once per (cache, bucket of BLOCK tokens, logits asked for); replayed after.
+starts its sequence once per (cache, bucket of BLOCK tokens, logits asked for), when a second prompt of
+that shape comes; replayed after.
 
 A decode step of a small model is hundreds of small kernels whose launches cost more than their work,
 and a prompt's launches cost more host time than its kernels take on the GPU. The pass's inputs (token
@@ -28,7 +29,10 @@ BUCKET = 256  # positions: a multiple of BLOCK
 MAX_GRAPHS = 32  # captured decode graphs kept (least recently used dropped)
 MAX_BATCH = 64
 MAX_PROMPT = 4096  # tokens: a longer prompt runs uncaptured (its launches are a small part of its time)
-MAX_PROMPT_GRAPHS = 8  # captured prompt graphs kept, apart from the decode ones
+# captured prompt graphs kept, apart from the decode ones: every bucket up to MAX_PROMPT, since a bucket
+# dropped and met again pays its capture again (~0.1 s, several uncaptured prompts' time); the graphs
+# share one memory pool, so more of them cost little memory
+MAX_PROMPT_GRAPHS = MAX_PROMPT // BLOCK
 
 
 def is_prompt(view: PassView) -> bool:
@@ -70,15 +74,28 @@ class GraphRunner:
         self.backend = backend
         self.graphs: OrderedDict[tuple, dict] = OrderedDict()  # decode steps
         self.prompts: OrderedDict[tuple, dict] = OrderedDict()
+        self.seen: set[tuple] = set()  # prompt shapes met once
         self.pool = None
 
     def eligible(self, view: PassView, rows: Any) -> bool:
-        """Decode passes (every run one token, logits of every row) and prompts that start their
-        sequence (is_prompt), with a cache on this device."""
+        """Decode passes (every run one token, logits of every row), and prompts that start their
+        sequence (is_prompt) from the second one of the same shape (bucket, logit rows) on: a capture
+        costs several uncaptured prompts' time, so a one-off prompt (a single `generate`) runs
+        uncaptured. A cache on this device."""
         if not isinstance(view.cache, TorchKVCache) or not view.runs:
             return False
-        decode = rows is None and len(view.runs) <= MAX_BATCH and view.n_tokens == len(view.runs)
-        return decode or is_prompt(view)
+        if rows is None and len(view.runs) <= MAX_BATCH and view.n_tokens == len(view.runs):
+            return True
+        if not is_prompt(view):
+            return False
+        shape = (id(view.cache), view.cache.generation, -(-view.n_tokens // BLOCK),
+                 view.n_tokens if rows is None else len(rows))
+        if shape in self.seen:
+            return True
+        if len(self.seen) >= 4096:
+            self.seen.clear()
+        self.seen.add(shape)
+        return False
 
     def run(self, compute: Any, ids: np.ndarray, view: PassView, rows: Any = None) -> torch.Tensor:
         cache = view.cache
