@@ -184,12 +184,26 @@ def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
     cache = model.new_cache(1024)  # (the 512-token prompt below too)
     ids = np.random.default_rng(0).integers(3, model.n_vocab, steps + 1)
     model.forward(ids[:1], cache)  # captures the step's graph
+    # the host's part of a step: inside ops.run (inputs staged, the replay queued: no wait), inside
+    # to_numpy (the wait for the GPU, then the logits' copy), and the rest (the model's Python)
+    split = {"run": 0.0, "to_numpy": 0.0}
+    real_run, real_to_numpy = ops.run, ops.to_numpy
+
+    def timing(name, fn):
+        def timed_call(*a):
+            t = time.perf_counter()
+            out = fn(*a)
+            split[name] += time.perf_counter() - t
+            return out
+        return timed_call
+    ops.run, ops.to_numpy = timing("run", real_run), timing("to_numpy", real_to_numpy)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(1, steps):
         model.forward(ids[i:i + 1], cache)
     torch.cuda.synchronize()
     forward_s = (time.perf_counter() - t0) / (steps - 1)
+    ops.run, ops.to_numpy = real_run, real_to_numpy
     entry = next(reversed(ops.graphs.graphs.values()))
     graph = entry["graph"]
     torch.cuda.synchronize()
@@ -201,10 +215,13 @@ def step_profile(path: str, dev: torch.device, steps: int = 64) -> dict:
     per_step, _ = profiled(graph.replay, 5)
     kernel_us = sum(us for _, us in per_step.values())
     top = sorted(per_step.items(), key=lambda kv: -kv[1][1])[:15]
-    res = {"file": path, "forward_us": round(forward_s * 1e6, 1), "replay_us": round(replay_s * 1e6, 1),
+    host = {k: round(v / (steps - 1) * 1e6, 1) for k, v in split.items()}
+    host["rest"] = round(forward_s * 1e6 - host["run"] - host["to_numpy"], 1)
+    res = {"file": path, "forward_us": round(forward_s * 1e6, 1), "forward_split_us": host,
+           "replay_us": round(replay_s * 1e6, 1),
            "kernel_us": round(kernel_us, 1), "kernels_per_step": round(sum(n for n, _ in per_step.values()), 1),
            "top_kernels": [{"name": k, "launches": n, "us": round(us, 1)} for k, (n, us) in top]}
-    log(f"  step: forward {res['forward_us']} us, graph replay {res['replay_us']} us, kernels "
+    log(f"  step: forward {res['forward_us']} us ({host}), graph replay {res['replay_us']} us, kernels "
         f"{res['kernel_us']} us in {res['kernels_per_step']} launches")
     for t in res["top_kernels"]:
         log(f"    {t['us']:8.1f} us {t['launches']:6.1f}x {t['name']}")
