@@ -37,7 +37,12 @@ MAX_PROMPT_GRAPHS = MAX_PROMPT // BLOCK
 
 def is_prompt(view: PassView) -> bool:
     """One run that starts its sequence (position 0) and whose padded length fits MAX_PROMPT."""
-    return len(view.runs) == 1 and view.runs[0].p0 == 0 and 1 < view.n_tokens <= MAX_PROMPT
+    return len(view.runs) == 1 and view.runs[0].p0 == 0 and 1 < view.n_tokens and padded(view.n_tokens) <= MAX_PROMPT
+
+
+def padded(n_tokens: int) -> int:
+    """A prompt's length in its graph: the next multiple of BLOCK."""
+    return -(-n_tokens // BLOCK) * BLOCK
 
 
 def prompt_inputs(ids: np.ndarray, view: PassView, rows: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -46,7 +51,7 @@ def prompt_inputs(ids: np.ndarray, view: PassView, rows: np.ndarray | None) -> d
     rows of positions T.. of the sequence's last block, the sequence's own (reserved for position
     T-1 and, at position 0, copied from no one). `rows`: the hidden rows whose logits are wanted."""
     run, T = view.runs[0], view.n_tokens
-    n = -(-T // BLOCK) * BLOCK
+    n = padded(T)
     pad = np.zeros(n - T, np.int64)
     return {"ids": np.concatenate([ids, pad]), "positions": np.concatenate([view.positions, pad]),
             "write": view.cache.rows(run.seq, 0, n), "rows": np.arange(T) if rows is None else rows}
@@ -88,7 +93,7 @@ class GraphRunner:
             return True
         if not is_prompt(view):
             return False
-        shape = (id(view.cache), view.cache.generation, -(-view.n_tokens // BLOCK),
+        shape = (id(view.cache), view.cache.generation, padded(view.n_tokens),
                  view.n_tokens if rows is None else len(rows))
         if shape in self.seen:
             return True
