@@ -40,20 +40,58 @@ def numba_cache(name: str, sources: Iterable[Path]) -> Iterator[None]:
     put back afterwards and other numba code in the process keeps its own.
     numba checks only the file defining a cached function, not the files whose functions it calls, so
     the folder is named `name` plus a digest of all the kernels' `sources`: after an upgrade that
-    changed any of them, the kernels compile afresh instead of loading stale code."""
+    changed any of them, the kernels compile afresh instead of loading stale code.
+    Inside the folder, numba would name each source folder's cache by its absolute path, so a new
+    virtual environment or another clone of the same sources would compile everything again; the
+    kernels' subfolder is named by the digest instead (_sources_locator)."""
     import numba
 
-    sources = list(sources)
-    if os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR:
-        _FOLDERS[name] = (Path(numba.config.CACHE_DIR or os.environ["NUMBA_CACHE_DIR"]), _digest(sources))
-        yield
-        return
-    numba.config.CACHE_DIR = str(cache_dir() / "numba" / f"{name}-{_digest(sources)}")
-    _FOLDERS[name] = (Path(numba.config.CACHE_DIR), _digest(sources))
+    sources = [Path(f) for f in sources]
+    digest = _digest(sources)
+    user_set = bool(os.environ.get("NUMBA_CACHE_DIR") or numba.config.CACHE_DIR)
+    if not user_set:
+        numba.config.CACHE_DIR = str(cache_dir() / "numba" / f"{name}-{digest}")
+    _FOLDERS[name] = (Path(numba.config.CACHE_DIR or os.environ["NUMBA_CACHE_DIR"]), digest)
+    locators = _locator_classes()
+    locator = _sources_locator(sources, digest)
+    locators.insert(0, locator)
     try:
         yield
     finally:
-        numba.config.CACHE_DIR = ""
+        locators.remove(locator)
+        if not user_set:
+            numba.config.CACHE_DIR = ""
+
+
+def _locator_classes() -> list:
+    """The list of locator classes numba tries for a cached function, in order (numba >= 0.60:
+    CacheImpl; older: _CacheImpl)."""
+    from numba.core import caching
+
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
+    return impl._locator_classes
+
+
+def _sources_locator(sources: list[Path], digest: str) -> type:
+    """numba's locator for a CACHE_DIR (UserProvidedCacheLocator), for the functions of `sources` only,
+    their cache in a subfolder named by the source's folder and the sources' digest rather than by its
+    absolute path. numba still checks each function's own file by content (its source stamp)."""
+    from numba.core.caching import UserProvidedCacheLocator
+
+    files = {os.path.abspath(f) for f in sources}
+
+    class SourcesLocator(UserProvidedCacheLocator):
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.abspath(py_file) not in files:
+                return None
+            return super().from_function(py_func, py_file)
+
+        @classmethod
+        def get_suitable_cache_subpath(cls, py_file):
+            return f"{os.path.basename(os.path.dirname(os.path.abspath(py_file)))}-{digest}"
+
+    return SourcesLocator
 
 
 # name -> (the folder numba_cache(name, ...) had numba cache in, the kernels' sources' digest)

@@ -640,6 +640,34 @@ def test_kernel_cache_folder_is_the_users_per_version_of_the_sources_and_only_wh
         assert numba.config.CACHE_DIR == ""  # the user's setting (read by numba at import) wins
 
 
+def test_the_same_kernels_elsewhere_load_the_compiled_code(monkeypatch, tmp_path):
+    """Another clone or virtual environment of the same sources finds their kernels in the cache (numba
+    alone names the cache by the source's absolute path); a changed source compiles afresh."""
+    import importlib.util
+
+    import numba
+    from purelm.paths import _locator_classes, numba_cache
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("PURELM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    locators = list(_locator_classes())
+    source = "from numba import njit\n\n\n@njit(cache=True)\ndef twice(x):\n    return {} * x\n"
+    stats = {}
+    for where, factor in (("clone", 2), ("venv", 2), ("changed", 3)):
+        f = tmp_path / where / "kernels" / "k.py"
+        f.parent.mkdir(parents=True)
+        f.write_text(source.format(factor))
+        with numba_cache("test", [f]):
+            spec = importlib.util.spec_from_file_location(f"purelm_test_k_{where}", f)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        assert module.twice(21) == 21 * factor
+        stats[where] = (sum(module.twice.stats.cache_hits.values()), sum(module.twice.stats.cache_misses.values()))
+    assert stats == {"clone": (0, 1), "venv": (1, 0), "changed": (0, 1)}
+    assert _locator_classes() == locators  # numba's own locators afterwards, for other code
+
+
 def test_first_compile_shows_progress_on_a_terminal_only(monkeypatch):
     import io
     import time
