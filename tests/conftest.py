@@ -10,6 +10,24 @@ FIXTURES = Path(__file__).parent / "fixtures"
 os.environ.setdefault("PURELM_COMPILE_WORKERS", "0")
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): a process per core, at most 4. Each test file runs whole in one
+    process (--dist loadfile), so a file's fixtures (a Ray cluster, a server) are made once and files
+    that start servers or subprocesses never share their state."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+# The longest test files (seconds on a 2-core machine), started first so that the processes finish
+# together rather than one of them running a long file alone at the end.
+LONG_FILES = ["test_torch_backend.py", "test_ray.py", "test_kv_cache_types.py", "test_cli.py", "test_chat.py",
+              "test_server.py", "test_numba_backend.py", "test_fuzz.py", "test_install.py"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    first = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+
+
 def smollm2_file() -> Path:
     """The real SmolLM2 Q4_1 file: $PURELM_SMOLLM2, else the purelm cache (pulled if absent, so these
     tests run rather than skip; `purelm pull smollm2` beforehand avoids the download inside the run)."""
