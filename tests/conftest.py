@@ -14,7 +14,9 @@ def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (pyproject's addopts): a process per core, at most 4. Each test file runs whole in one
     process (--dist loadfile), so a file's fixtures (a Ray cluster, a server) are made once and files
     that start servers or subprocesses never share their state."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    from purelm.backends import usable_cores
+
+    return min(4, usable_cores())
 
 
 # The longest test files (seconds on a 2-core machine), started first so that the processes finish
@@ -24,8 +26,8 @@ LONG_FILES = ["test_torch_backend.py", "test_ray.py", "test_kv_cache_types.py", 
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    first = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 def smollm2_file() -> Path:

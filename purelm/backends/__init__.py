@@ -10,6 +10,11 @@ from .base import Backend
 BACKENDS = ("numba", "numpy", "torch")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_threads() -> int:
     env = os.environ.get("PURELM_NUM_THREADS")
     if env:
@@ -20,7 +25,7 @@ def default_threads() -> int:
         if n < 1:
             raise PurelmError(f"PURELM_NUM_THREADS must be at least 1, got {n}")
         return n
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 def get_backend(name: str | None = None, threads: int | None = None, device: str | None = None,

@@ -61,6 +61,7 @@ from ..formats.gguf import Tensor
 from ..quant import dequantize, dequantize_rows
 from ..quant.types import BLOCK_INFO, GGMLType
 from ..errors import ShapeError, UsageError
+from . import usable_cores
 from .base import (AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm, check_rope,
                    expert_tensors)
 from .kv_cache import BLOCK
@@ -1226,8 +1227,7 @@ def _compile_workers(n_missing: int) -> int:
             raise UsageError(f"PURELM_COMPILE_WORKERS must be a count of processes (0: none), got {value!r}")
         n = int(value)
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = min(cores - 1, MAX_COMPILE_WORKERS)
+        n = min(usable_cores() - 1, MAX_COMPILE_WORKERS)
     return max(0, min(n, n_missing))
 
 
