@@ -39,6 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 PURELM_ENGINES = ("numba", "numpy", "torch")  # torch: CUDA when torch sees a GPU, else its CPU device
 LLAMA = "llama.cpp"
+LLAMA_CACHE_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # --cache-type -> llama.cpp's ggml_type
 ALL_TESTS = ("pp", "tg", "st")
 DEFAULT_TESTS = ("pp", "tg")  # st (decode through the streaming API, sampling and detokenizing): asked for
 
@@ -136,7 +137,7 @@ def parse_engines(spec: str) -> list[tuple[str, tuple[str, ...]]]:
 
 
 class PurelmEngine:
-    def __init__(self, backend: str, path: str, threads: int, n_ctx: int) -> None:
+    def __init__(self, backend: str, path: str, threads: int, n_ctx: int, cache_type: str | None = None) -> None:
         t0 = time.perf_counter()
         import numpy as np
 
@@ -157,12 +158,14 @@ class PurelmEngine:
         self.rss_runtime_mb = rss_mb()  # interpreter, numpy and the backend's imports: before any model
         self.file = GGUFFile(path)
         self.model = build_model(self.file, self.backend)
+        if cache_type:
+            self.model.cache_type_k = self.model.cache_type_v = cache_type
         self.cache = self.model.new_cache(n_ctx)
         self.tokenizer = None  # built for the st test only (not part of the load time)
         self.load_s = time.perf_counter() - t0
         c = self.cache  # its size once all n_ctx positions are used (it grows on demand)
-        itemsize = c.k[0].element_size() if hasattr(c.k[0], "element_size") else np.dtype(c.dtype).itemsize
-        self.kv_cache_mb = c.n_layers * n_ctx * c.n_kv_heads * (c.k_dim + c.v_dim) * itemsize / 2**20
+        itemsize = c.k[0].element_size() if hasattr(c.k[0], "element_size") else c.k[0].itemsize
+        self.kv_cache_mb = c.n_layers * n_ctx * c.n_kv_heads * (c.k[0].shape[-1] + c.v[0].shape[-1]) * itemsize / 2**20
 
     def reset(self) -> None:
         self.cache.truncate(0)
@@ -212,7 +215,8 @@ class PurelmEngine:
 
 
 class LlamaEngine:
-    def __init__(self, path: str, threads: int, n_ctx: int, n_batch: int, extra_bufts: bool) -> None:
+    def __init__(self, path: str, threads: int, n_ctx: int, n_batch: int, extra_bufts: bool,
+                 cache_type: str | None = None) -> None:
         t0 = time.perf_counter()
         import llama_cpp
 
@@ -232,8 +236,9 @@ class LlamaEngine:
         self.rss_runtime_mb = rss_mb()
         self.kv_cache_mb = None  # (llama.cpp's f16 cache: not needed, the bound is checked for purelm)
         t0 = time.perf_counter()
+        kv = {} if not cache_type else {"type_k": LLAMA_CACHE_TYPES[cache_type], "type_v": LLAMA_CACHE_TYPES[cache_type]}
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                   n_batch=n_batch, verbose=False)
+                                   n_batch=n_batch, verbose=False, **kv)
         self.load_s = time.perf_counter() - t0
         self.extra_bufts = extra_bufts
 
@@ -279,9 +284,10 @@ def worker_main(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     try:
         if args.worker == LLAMA:
-            eng = LlamaEngine(args.model, args.threads, args.n_ctx, args.n_batch, args.extra_bufts == "on")
+            eng = LlamaEngine(args.model, args.threads, args.n_ctx, args.n_batch, args.extra_bufts == "on",
+                              args.cache_type)
         else:
-            eng = PurelmEngine(args.worker, args.model, args.threads, args.n_ctx)
+            eng = PurelmEngine(args.worker, args.model, args.threads, args.n_ctx, args.cache_type)
         t0 = time.perf_counter()
         eng.reset()
         eng.eval([args.first_id])
@@ -339,6 +345,8 @@ class Worker:
         cmd = [python, str(HERE), "--worker", engine, "--model", str(args.model_path), "--threads", str(threads),
                "--n-ctx", str(n_ctx), "--n-batch", str(args.n_batch), "--first-id", str(first_id),
                "--llama-extra-bufts", extra_bufts]
+        if getattr(args, "cache_type", None):
+            cmd += ["--cache-type", args.cache_type]
         env = thread_env(threads)
         if engine == LLAMA and args.llama_lib:
             env["LLAMA_CPP_LIB_PATH"] = args.llama_lib
@@ -578,7 +586,7 @@ def run(args: argparse.Namespace) -> dict:
     report: dict = {"machine": machine_info(), "model": model,
                     "settings": {"threads": threads_list, "engines": [f"{e}:{'+'.join(t)}" for e, t in engines],
                                  "pp": args.pp, "tg": args.tg, "reps": args.reps, "warmup": args.warmup,
-                                 "n_ctx": n_ctx, "n_batch_llama": args.n_batch, "seed": args.seed,
+                                 "cache_type": args.cache_type, "n_ctx": n_ctx, "n_batch_llama": args.n_batch, "seed": args.seed,
                                  "order": "engines alternate within each repetition (A B A B)",
                                  "page_cache": "warm (file read once before the workers start)"},
                     "bandwidth": {}, "results": [], "ratios": [], "notes": []}
@@ -763,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run a competing process during the tests, to see how each engine copes with a "
                          "busy machine: spin (one core busy in a loop), stream (one core reading a 256 MiB "
                          "array over and over: memory bandwidth); default none")
+    ap.add_argument("--cache-type", choices=sorted(LLAMA_CACHE_TYPES), default=None,
+                    help="both engines' KV cache type (default: each engine's own, purelm f32, llama.cpp f16)")
     ap.add_argument("--out", help="also write the JSON here")
     # internal
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -34,7 +34,7 @@ import bench  # noqa: E402  (its worker processes and helpers)
 
 def worker(engine: str, path: Path, args: argparse.Namespace, threads: int) -> bench.Worker:
     wargs = argparse.Namespace(model_path=path, llama_python=args.llama_python, llama_lib=args.llama_lib,
-                               n_batch=64)
+                               n_batch=64, cache_type=args.cache_type)
     w = bench.Worker(engine, wargs, threads, args.n_ctx, 1, "auto" if engine != bench.LLAMA else args.extra_bufts)
     if not w.hello.get("ready"):
         raise SystemExit(f"{engine} on {path.name} failed to start: {w.hello.get('error')}")
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra-bufts", default="on", choices=["on", "off"],
                     help="llama.cpp's weight repacking (its default: on)")
     ap.add_argument("--llama-dense", action="store_true", help="also time llama.cpp on the dense file")
+    ap.add_argument("--cache-type", choices=sorted(bench.LLAMA_CACHE_TYPES), default=None,
+                    help="both engines' KV cache type (default: each engine's own, purelm f32, llama.cpp f16)")
     args = ap.parse_args(argv)
     rng = random.Random(0)
     ids = [rng.randrange(300, 30000) for _ in range(args.tg)]
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.warm_file(path)
     report = {"machine": bench.machine_info(), "moe_file": str(args.moe), "dense_file": str(args.dense),
               "moe_model": bench.model_info(args.moe), "dense_model": bench.model_info(args.dense),
-              "tg": args.tg, "reps": args.reps, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+              "tg": args.tg, "reps": args.reps, "cache_type": args.cache_type, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     report["active_bytes_per_token"] = {"moe": active_bytes(args.moe), "dense": active_bytes(args.dense)}
     report["memory"] = short_prompt_memory(args, [rng.randrange(300, 30000) for _ in range(max(args.short, 9))])
     bench.log("memory:", json.dumps(report["memory"]))

@@ -102,11 +102,12 @@ def test_one_layer_equals_transformers_sparse_moe_block(fixtures, name):
         assert np.abs(layer(x) - want).max() > 1e-2 * np.abs(want).max()
 
 
-def test_router_follows_llama_cpps_rule():
+@pytest.mark.parametrize("backend", [NumpyBackend(), NumbaBackend(1)], ids=["numpy", "numba"])
+def test_router_follows_llama_cpps_rule(backend):
     # build_moe_ffn: probs = softmax (or sigmoid) of the logits, top-k of probs, weights = the picked
     # probs, divided by their sum (clamped below at 6.1e-5) where the family normalizes
     logits = np.array([[2.0, -1.0, 0.5, 3.0], [0.0, 0.0, 0.1, -0.1], [-40, -41, -42, -43]], np.float32)
-    layer = Experts(NumpyBackend(), None, [], [], n_used=2)
+    layer = Experts(backend, None, [], [], n_used=2)
     top, w = layer.route(logits)
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
@@ -121,6 +122,27 @@ def test_router_follows_llama_cpps_rule():
     assert top.tolist() == [[3, 0], [2, 0], [0, 1]]
     picked = np.take_along_axis(s, top, 1)
     np.testing.assert_allclose(w, picked / np.maximum(picked.sum(1, keepdims=True), 6.103515625e-5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("gating,normalize", [("softmax", True), ("softmax", False), ("sigmoid", True)])
+def test_numba_router_picks_as_the_reference_and_alone_as_in_a_batch(gating, normalize):
+    # numba routes with one compiled kernel a row at a time: the numpy reference's experts (ties to the
+    # lower expert), its weights to float32 rounding, and each row's bits whatever rows share the call
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((64, 60)) * 3).astype(np.float32)
+    logits[0, [5, 9, 40]] = logits[0].max() + 1  # a three-way tie at the top
+    logits[1] = 0.5  # all equal
+    want_top, want_w = NumpyBackend().route(logits, 8, gating, normalize)
+    numba = NumbaBackend(1)
+    top, w = numba.route(logits, 8, gating, normalize)
+    assert top.tolist() == want_top.tolist() and top[0, :3].tolist() == [5, 9, 40] and top[1].tolist() == list(range(8))
+    np.testing.assert_allclose(w, want_w, rtol=2e-6)
+    assert w.dtype == np.float32
+    for t in (0, 17, 63):
+        alone = numba.route(logits[t:t + 1], 8, gating, normalize)
+        assert alone[0].tolist() == top[t:t + 1].tolist() and alone[1].tobytes() == w[t:t + 1].tobytes()
+    with pytest.raises(PurelmError):
+        numba.route(logits, 61, gating, normalize)
 
 
 def test_experts_are_repacked_on_first_use_only(fixtures):

@@ -100,6 +100,17 @@ def check_attention(q: Any, k: Any, v: Any, view: PassView, layer: int, spec: At
         raise ShapeError(f"attention: {len(spec.alibi_slopes)} ALiBi slopes for {q.shape[1]} heads")
 
 
+MIN_EXPERT_SUM = 6.103515625e-5  # llama.cpp clamps the sum of the picked weights to this (the smallest f16 normal)
+GATING = ("softmax", "sigmoid")
+
+
+def check_route(logits: np.ndarray, n_used: int, gating: str) -> None:
+    if logits.ndim != 2 or not 1 <= n_used <= logits.shape[1]:
+        raise ShapeError(f"route: {n_used} experts of router logits shaped {logits.shape}")
+    if gating not in GATING:
+        raise ValueError(f"gating: {gating!r}")
+
+
 def expert_tensors(t: Tensor) -> list[Tensor]:
     """A (n_expert, rows, cols) tensor as one (rows, cols) tensor per expert: views of its rows, each
     with its own offset in the file (what a backend's pack cache keys on)."""
@@ -179,6 +190,25 @@ class Backend(ABC):
         (for `glu`) and its down matrix (for `linear`), made from views of its rows."""
         pairs = zip(expert_tensors(gate), expert_tensors(up))
         return [self.expert_weights([g, u]) for g, u in pairs], [self.expert_weights([d]) for d in expert_tensors(down)]
+
+    def route(self, logits: np.ndarray, n_used: int, gating: str, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Each token's picked experts (tokens, n_used), best first, and their float32 weights, from its
+        router logits (tokens, n_expert), as llama.cpp's build_moe_ffn: p = softmax (or sigmoid) of the
+        logits, the n_used largest p (equal ones: the lower expert first), divided by their sum (at least
+        MIN_EXPERT_SUM) where `normalize`. Numpy arrays in and out; a token's result is its own alone."""
+        logits = np.asarray(logits, np.float32)
+        check_route(logits, n_used, gating)
+        if gating == "softmax":
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+        else:
+            with np.errstate(over="ignore"):  # exp(-x) = inf: p = 0
+                p = np.float32(1) / (np.float32(1) + np.exp(-logits))
+        top = np.argsort(-p, axis=1, kind="stable")[:, :n_used]
+        w = np.take_along_axis(p, top, axis=1)
+        if normalize:
+            w /= np.maximum(w.sum(axis=1, keepdims=True), np.float32(MIN_EXPERT_SUM))
+        return top, w.astype(np.float32, copy=False)
 
     def expert_ffn(self, x: Any, gate_up: list[Any], down: list[Any], picks: np.ndarray, weights: np.ndarray,
                    act: str) -> Any:

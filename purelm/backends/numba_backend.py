@@ -62,15 +62,15 @@ from ..quant import dequantize, dequantize_rows
 from ..quant.types import BLOCK_INFO, GGMLType
 from ..errors import ShapeError, UsageError
 from . import usable_cores
-from .base import (AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm, check_rope,
-                   expert_tensors)
+from .base import (MIN_EXPERT_SUM, AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm,
+                   check_rope, check_route, expert_tensors)
 from .kv_cache import BLOCK
 from .interim import OPS as INTERIM_OPS, Interim
 from .numba_kernels import ops, packed as pk, rows as rk
 from .numba_kernels.intrinsics import has_int8_bytes, has_int8_dot, has_int16_dot
 from .pack_cache import PackCache
 from .pages import page_out_library, release_file_pages
-from .numba_kernels.experts import FUSED, ExpertStack, mix_picked
+from .numba_kernels.experts import FUSED, ExpertStack, expert_groups, glu_picked, mix_picked, route_rows
 from .numba_kernels.packing import (DEFAULT_LANES, DOT_ONLY_TYPES, PACKED_TYPES, Arena, Packed, column_splits, pack,
                                     token_ranges)
 
@@ -580,33 +580,41 @@ class NumbaBackend(Backend):
             out.append(ws)
         return out[0], out[1]
 
+    def route(self, logits: np.ndarray, n_used: int, gating: str, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+        logits = np.ascontiguousarray(logits, np.float32)
+        check_route(logits, n_used, gating)
+        top = np.empty((logits.shape[0], n_used), np.int64)
+        w = np.empty((logits.shape[0], n_used), np.float32)
+        route_rows(logits, n_used, gating == "sigmoid", normalize, np.float32(MIN_EXPERT_SUM), top, w)
+        return top, w
+
     def expert_ffn(self, x: Any, gate_up: list[Any], down: list[Any], picks: np.ndarray, weights: np.ndarray,
                    act: str) -> Any:
         g0, d0 = gate_up[picks[0]], down[picks[0]]
-        if not (isinstance(g0, ExpertWeight) and isinstance(d0, ExpertWeight)) or x.shape[0] != 1:
+        if not (type(g0) is ExpertWeight and type(d0) is ExpertWeight) or x.shape[0] != 1:
             return super().expert_ffn(x, gate_up, down, picks, weights, act)
         sg, sd = g0.stack, d0.stack
-        for stack, ws in ((sg, gate_up), (sd, down)):
-            if not stack.filled[picks].all():  # first uses: repack these experts into the stack
+        picks = np.ascontiguousarray(picks, np.int64)
+        groups, groups_d = expert_groups(picks, sg.filled, sg.groups, sd.filled, sd.groups)
+        if not len(groups):  # first uses: repack these experts into the stacks
+            for ws in (gate_up, down):
                 for e in picks:
                     if ws[e].pack_later:
                         self._pack(ws[e])
+            groups, groups_d = sg.group_ids(picks), sd.group_ids(picks)
         if not (_fusable(g0) and _fusable(d0)):
             return super().expert_ffn(x, gate_up, down, picks, weights, act)
         # one kernel call for all picked experts' gate|up rows, one for their down rows (see experts.py)
         self._kernel_threads()
         x2 = np.ascontiguousarray(x, np.float32).reshape(1, -1)
-        n2, dim = g0.n_out, d0.n_out
+        n2, dim, k = g0.n_out, d0.n_out, len(picks)
         width_g, width_d = sg.groups * sg.big.lanes, sd.groups * sd.big.lanes
-        y = self._scratch_floats("experts_gate_up", sg.n_expert * width_g).reshape(1, -1)  # only picked rows written
-        FUSED[g0.kernel][0](*sg.big.kernel_args, x2, y, sg.group_ids(picks), NO_PARTS)
-        gu = y.reshape(sg.n_expert, width_g)[picks, :n2]
-        n, k = n2 // 2, len(picks)
-        h, flat = np.empty((k, n), np.float32), gu.reshape(-1)
-        (ops.swiglu if act == "silu" else ops.geglu)(flat, n2, flat[n:], n2, h)
+        y = self._scratch_floats("experts_gate_up", sg.n_expert * width_g)  # only picked rows written
+        FUSED[g0.kernel][0](*sg.big.kernel_args, x2, y.reshape(1, -1), groups, NO_PARTS)
+        h = np.empty((k, n2 // 2), np.float32)
+        glu_picked(y, picks, width_g, n2 // 2, act == "silu", h)
         yd = self._scratch_floats("experts_down", k * sd.n_expert * width_d).reshape(k, -1)
-        groups = sd.group_ids(picks)
-        FUSED[d0.kernel][1](*sd.big.kernel_args, h, yd, groups, sd.rows_of(k), NO_PARTS)
+        FUSED[d0.kernel][1](*sd.big.kernel_args, h, yd, groups_d, sd.rows_of(k), NO_PARTS)
         out = np.empty((1, dim), np.float32)
         mix_picked(yd, picks, width_d, np.ascontiguousarray(weights, np.float32), out)
         return out

@@ -19,11 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import Backend
+from ..backends.base import GATING, Backend
 from .common import Model, Params, Weights
 
-GATING = ("softmax", "sigmoid")
-MIN_SUM = 6.103515625e-5  # llama.cpp clamps the sum of the picked weights to this (the smallest f16 normal)
 
 
 def read_counts(p: Params) -> tuple[int, int]:
@@ -48,35 +46,7 @@ class Experts:
 
     def route(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each token's picked experts (tokens, k), best first, and their weights (float32)."""
-        logits = np.asarray(logits, np.float32)
-        if len(logits) == 1:  # one token: the same steps on its row (a few us less per layer)
-            top, w = self.route_one(logits[0])
-            return top[None], w[None]
-        if self.gating == "softmax":
-            p = np.exp(logits - logits.max(axis=1, keepdims=True))
-            p /= p.sum(axis=1, keepdims=True)
-        else:
-            with np.errstate(over="ignore"):  # exp(-x) = inf: p = 0
-                p = np.float32(1) / (np.float32(1) + np.exp(-logits))
-        top = np.argsort(-p, axis=1, kind="stable")[:, :self.n_used]
-        w = np.take_along_axis(p, top, axis=1)
-        if self.normalize:
-            w /= np.maximum(w.sum(axis=1, keepdims=True), np.float32(MIN_SUM))
-        return top, w.astype(np.float32, copy=False)
-
-    def route_one(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`route` for one token's logits (n_expert,): the same steps, with less numpy overhead."""
-        if self.gating == "softmax":
-            p = np.exp(logits - logits.max())
-            p /= p.sum()
-        else:
-            with np.errstate(over="ignore"):
-                p = np.float32(1) / (np.float32(1) + np.exp(-logits))
-        top = np.argsort(-p, kind="stable")[:self.n_used]
-        w = p[top]
-        if self.normalize:
-            w /= max(w.sum(), np.float32(MIN_SUM))
-        return top, w
+        return self.ops.route(logits, self.n_used, self.gating, self.normalize)
 
     def __call__(self, x: Any) -> Any:
         ops = self.ops

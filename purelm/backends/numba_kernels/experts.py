@@ -23,6 +23,7 @@ from ...formats.gguf import Tensor
 from . import packed as pk
 from .common import OPTS, PARALLEL
 from .intrinsics import BYTE_QUADS, FIVE_QUADS, NIBBLE_QUADS, SIX_QUADS
+from .ops import geglu, swiglu
 from ..pages import release_file_pages
 from .packing import Packed
 
@@ -207,3 +208,73 @@ def mix_picked(y, picks, width, w, out):
         base = picks[j] * width
         for c in range(n):
             out[0, c] = out[0, c] + y[j, base + c] * w[j]
+
+
+@njit(**OPTS)
+def route_rows(logits, n_used, sigmoid, normalize, min_sum, top, w):
+    """Backend.route for each row of logits (tokens, n_expert) into top and w (tokens, n_used): the same
+    steps as the numpy reference, a row at a time, so that a token's experts and weights are the same
+    whatever rows share the call."""
+    n_expert = logits.shape[1]
+    p = np.empty(n_expert, np.float32)
+    taken = np.empty(n_expert, np.bool_)
+    one = np.float32(1)
+    for t in range(logits.shape[0]):
+        row = logits[t]
+        if sigmoid:
+            for e in range(n_expert):
+                p[e] = one / (one + np.exp(-row[e]))
+        else:
+            top_logit = row[0]
+            for e in range(1, n_expert):
+                top_logit = max(top_logit, row[e])
+            total = np.float32(0)
+            for e in range(n_expert):
+                p[e] = np.exp(row[e] - top_logit)
+                total += p[e]
+            for e in range(n_expert):
+                p[e] = p[e] / total
+        taken[:] = False
+        for k in range(n_used):  # the largest untaken p; equal ones (and NaN, never larger): lower expert first
+            best = -1
+            for e in range(n_expert):
+                if not taken[e] and (best < 0 or p[e] > p[best]):
+                    best = e
+            taken[best] = True
+            top[t, k] = best
+            w[t, k] = p[best]
+        if normalize:
+            total = np.float32(0)
+            for k in range(n_used):
+                total += w[t, k]
+            total = max(total, min_sum)
+            for k in range(n_used):
+                w[t, k] = w[t, k] / total
+
+
+@njit(**OPTS)
+def expert_groups(picks, filled_a, groups_a, filled_b, groups_b):
+    """ExpertStack.group_ids of the picked experts in two stacks (gate|up, down), or two empty arrays
+    where one of them is not yet repacked in either stack."""
+    ids_a, ids_b = np.empty(picks.size * groups_a, np.int64), np.empty(picks.size * groups_b, np.int64)
+    for j in range(picks.size):
+        e = picks[j]
+        if not (filled_a[e] and filled_b[e]):
+            return ids_a[:0], ids_b[:0]
+        for g in range(groups_a):
+            ids_a[j * groups_a + g] = e * groups_a + g
+        for g in range(groups_b):
+            ids_b[j * groups_b + g] = e * groups_b + g
+    return ids_a, ids_b
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def glu_picked(y, picks, width, n, silu, out):
+    """out[j] = act(gate) * up of picked expert j's gate|up products, y[picks[j] * width:][:2n] (gate, then
+    up): each row by ops.swiglu / ops.geglu, as for the rows of one expert."""
+    for j in range(picks.size):
+        at = picks[j] * width
+        if silu:
+            swiglu(y[at:at + n], 0, y[at + n:at + 2 * n], 0, out[j:j + 1])
+        else:
+            geglu(y[at:at + n], 0, y[at + n:at + 2 * n], 0, out[j:j + 1])
