@@ -49,10 +49,11 @@ except ImportError:  # Windows: warm-up steps are not locked
     fcntl = None
 
 # numba's OpenMP workers spin-wait this long after a kernel before sleeping (libgomp reads it when
-# numba first starts its threads). The default spins for milliseconds, taking a core from whatever
-# runs next (another process, or BLAS threads); ~0.5 ms still covers the gaps between decode kernels
-# (measured: same decode speed). A value the user set wins.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# numba first starts its threads). It must cover the gaps between a decode step's kernels: a worker
+# that sleeps in them is woken by a system call, in a VM tens of microseconds, at every kernel
+# (10000 made SmolLM2's 2-thread decode ~17% slower than 100000: benchmarks/README.md). libgomp's own
+# default, 300000, spins longer still after the last kernel. A value the user set wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
