@@ -105,13 +105,18 @@ def test_bench_tiny_numpy(tiny_model: Path) -> None:
     assert 0 < res["rss_runtime_mb"] < res["peak_rss_mb"]
 
 
+def bench_tg(model: Path, *options: str) -> dict:
+    """bench.py's report of a short numpy decode test on `model`, with `options`."""
+    r = subprocess.run([sys.executable, str(BENCH / "bench.py"), str(model), "--engines", "numpy:tg", "--threads", "1",
+                        "--pp", "8", "--reps", "1", "--warmup", "0", "--no-bandwidth", *options],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
 def test_bench_cache_type_reaches_the_engine(tiny_model: Path) -> None:
     # --cache-type f16: the purelm worker's cache stores halves (its size says so), and the run works
-    r = subprocess.run([sys.executable, str(BENCH / "bench.py"), str(tiny_model), "--engines", "numpy:tg",
-                        "--threads", "1", "--pp", "8", "--tg", "4", "--reps", "1", "--warmup", "0",
-                        "--no-bandwidth", "--cache-type", "f16"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    report = json.loads(r.stdout)
+    report = bench_tg(tiny_model, "--tg", "4", "--cache-type", "f16")
     assert report["settings"]["cache_type"] == "f16"
     (res,) = report["results"]
     assert res["kv_cache_mb"] == pytest.approx(2 * 2 * report["settings"]["n_ctx"] * 2 * 16 * 2 / 2**20, abs=1e-4)
@@ -119,11 +124,7 @@ def test_bench_cache_type_reaches_the_engine(tiny_model: Path) -> None:
 
 
 def test_bench_neighbour_runs_beside_the_tests(tiny_model: Path) -> None:
-    r = subprocess.run([sys.executable, str(BENCH / "bench.py"), str(tiny_model), "--engines", "numpy:tg",
-                        "--threads", "1", "--pp", "8", "--tg", "64", "--reps", "1", "--warmup", "0",
-                        "--no-bandwidth", "--neighbour", "spin"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    report = json.loads(r.stdout)
+    report = bench_tg(tiny_model, "--tg", "64", "--neighbour", "spin")
     assert any("--neighbour spin" in n for n in report["notes"])
     (res,) = report["results"]
     assert res["tg"]["tok_s"] > 0
