@@ -49,11 +49,10 @@ except ImportError:  # Windows: warm-up steps are not locked
     fcntl = None
 
 # numba's OpenMP workers spin-wait this long after a kernel before sleeping (libgomp reads it when
-# numba first starts its threads). It must cover the gaps between a decode step's kernels: a worker
-# that sleeps in them is woken by a system call, in a VM tens of microseconds, at every kernel
-# (10000 made SmolLM2's 2-thread decode ~17% slower than 100000: benchmarks/README.md). libgomp's own
-# default, 300000, spins longer still after the last kernel. A value the user set wins.
-os.environ.setdefault("GOMP_SPINCOUNT", "100000")
+# numba first starts its threads). Longer spins cover more of the gaps between a decode step's kernels
+# but take a core from whatever else runs (another process, BLAS threads); the trade-off, measured, is
+# in benchmarks/README.md ("numba's spin count"). A value the user set wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
