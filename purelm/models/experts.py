@@ -23,7 +23,6 @@ from ..backends.base import GATING, Backend
 from .common import Model, Params, Weights
 
 
-
 def read_counts(p: Params) -> tuple[int, int]:
     """expert_count and expert_used_count (1 <= used <= count)."""
     n_expert = p.int("expert_count", hi=1 << 16)
