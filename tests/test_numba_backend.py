@@ -745,3 +745,18 @@ def test_a_rows_product_does_not_depend_on_the_other_rows(kernels):
         assert np.isfinite(one).all(), qtype.name
         for n in range(2, MATVEC_MAX_TOKENS + 1):
             np.testing.assert_array_equal(ops.linear(x[:n], w)[:1], one, err_msg=f"{qtype.name}, {n} rows")
+
+
+@pytest.mark.parametrize("user_value", [None, "7"])
+def test_the_spin_count_default_yields_to_the_users(user_value):
+    # purelm's default (README, "Defaults purelm sets"), set before numba starts its threads, unless the
+    # environment already says otherwise
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if user_value is not None:
+        env["GOMP_SPINCOUNT"] = user_value
+    code = "import os, purelm.backends.numba_backend; print(os.environ['GOMP_SPINCOUNT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == (user_value or "100000")

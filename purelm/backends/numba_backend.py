@@ -49,10 +49,11 @@ except ImportError:  # Windows: warm-up steps are not locked
     fcntl = None
 
 # numba's OpenMP workers spin-wait this long after a kernel before sleeping (libgomp reads it when
-# numba first starts its threads). Longer spins cover more of the gaps between a decode step's kernels
-# but take a core from whatever else runs (another process, BLAS threads); the trade-off, measured, is
-# in benchmarks/README.md ("numba's spin count"). A value the user set wins.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# numba first starts its threads). A decode step's kernels come tens of microseconds apart: a worker
+# that has fallen asleep is late for each, as llama.cpp's polling threads are not. The cost is a core
+# taken from whatever else runs meanwhile (another busy process: README, "Defaults purelm sets");
+# measured in benchmarks/README.md ("numba's spin count"). A value the user set wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
