@@ -378,7 +378,7 @@ def test_activations():
 def test_thread_guard_follows_the_faster_way(monkeypatch, single_is_faster):
     clock = [0.0]
     monkeypatch.setattr(numba_backend, "perf_counter", lambda: clock[0])
-    guard = ThreadGuard(2)
+    guard = ThreadGuard(2, others=lambda: 0.0, cores=2)
     seconds = {2: 0.010, 1: 0.008 if single_is_faster else 0.016}
     used = []
     for _ in range(400):
@@ -394,8 +394,61 @@ def test_thread_guard_follows_the_faster_way(monkeypatch, single_is_faster):
 
 
 def test_thread_guard_is_off_for_one_thread():
-    guard = ThreadGuard(1)
+    guard = ThreadGuard(1, others=lambda: 2.0, cores=2)
     assert {guard.begin(1) for _ in range(100)} == {1}
+
+
+def test_thread_guard_leaves_the_cores_other_processes_hold(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(numba_backend, "perf_counter", lambda: clock[0])
+    load = [0.0]
+    guard = ThreadGuard(2, others=lambda: load[0], cores=2)
+    for busy, want in ((0.4, 2), (0.6, 1), (1.8, 1), (0.2, 2)):
+        load[0] = busy
+        assert guard.begin(1) == want, busy
+        clock[0] += 1.0  # a slow step: timed only when not crowded
+        guard.end()
+    assert guard.step_time == {2: 1.0}  # the crowded steps said nothing about 2 threads or 1
+    assert guard.begin(9) == 2  # prompts: every thread, as before
+    # 16 threads of 32 cores: others first fill the 16 cores these threads leave
+    big = ThreadGuard(16, others=lambda: load[0], cores=32)
+    for busy, want in ((15.0, 16), (18.2, 14), (40.0, 1)):
+        load[0] = busy
+        assert big.begin(1) == want, busy
+
+
+def test_other_load_counts_other_processes_only(monkeypatch):
+    # the CPU set's busy seconds less this process's own, per second of the window, read at most every
+    # CHECK_SECONDS
+    load = numba_backend.OtherLoad()
+    clock, busy, own = [100.0], [50.0], [3.0]
+    monkeypatch.setattr(numba_backend, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(load, "busy_seconds", lambda: busy[0])
+    monkeypatch.setattr(numba_backend.os, "times", lambda: os.times_result((own[0], 0.0, 9.0, 9.0, 0.0)))
+    assert load() == 0.0  # nothing to compare with yet
+    clock[0] += 2.0
+    busy[0] += 3.0  # 1.5 cores busy over 2 s, 1.0 of them this process
+    own[0] += 2.0
+    assert load() == pytest.approx(0.5)
+    clock[0] += 0.1
+    busy[0] += 10.0
+    assert load() == pytest.approx(0.5)  # too soon to read again
+    clock[0] += 0.9  # 1 s since the last reading: 10 busy seconds, none of them this process's
+    assert load() == pytest.approx(10.0)
+    busy[0] = None  # the OS stops saying
+    clock[0] += 1.0
+    assert load() == 0.0
+
+
+def test_other_load_reads_the_machines_busy_time():
+    load = numba_backend.OtherLoad()
+    before = load.busy_seconds()
+    if before is None:
+        pytest.skip("no /proc/stat here: other processes' load reads as 0")
+    t0 = os.times()
+    while os.times().user - t0.user < 0.3:  # this process busy for 0.3 s of CPU
+        pass
+    assert load.busy_seconds() - before >= 0.25  # (the CPU set's busy time includes this process's)
 
 
 # -- whole models

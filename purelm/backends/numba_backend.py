@@ -25,8 +25,9 @@ as matrix products: blocked in numba (ops.attention_prompt) where head sizes fit
 The work is split over our own pool of `threads` Python threads, each running serial (GIL-free) numba
 kernels and single-threaded BLAS: numba's and OpenBLAS's spinning thread pools never run at the same time (measured: letting both spin was 3-10x slower on 2 cores).
 
-Threads: a decode step uses numba's `threads` threads, or one when that is faster (ThreadGuard: on a
-machine where another process keeps a core busy, spinning workers cost more than they bring).
+Threads: a decode step uses numba's `threads` threads, or one when that is faster, or as many as other
+processes leave free (ThreadGuard: where another process keeps a core busy, spinning workers cost more
+than they bring).
 Kernels live in numba_kernels/: packing.py (repacked layouts), packed.py (kernels over them),
 rows.py (kernels over the file's own rows), ops.py (norms, rope, attention, activations).
 """
@@ -167,22 +168,73 @@ class ExpertWeight(NumbaWeight):
     __slots__ = ("stack", "index")
 
 
-class ThreadGuard:
-    """Picks, per decode step, whether numba's kernels use all `threads` or the calling thread alone.
+class OtherLoad:
+    """The cores of this process's CPU set that other processes kept busy, averaged over the last
+    CHECK_SECONDS or more (/proc/stat's lines of those CPUs, less this process's own CPU time); 0 where
+    the OS does not say. Read at most once per CHECK_SECONDS."""
 
-    numba's worker threads spin between kernels and meet at a barrier after each one. When another
-    busy process holds a core, the spinning workers and that process crowd out the thread running the
-    model: measured 10-20 tok/s on 2 threads against 73 on one. So whole decode steps (one token,
-    embed to logits) are timed. Now and then a step runs the other way (a probe); the other way takes
-    over when its probe beats the usual way's running time by 10%. While probes keep losing they come
-    less often. A single slow step moves the running time at most 2x, so a hiccup cannot flip it."""
+    CHECK_SECONDS = 0.5
+
+    def __init__(self) -> None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        self.lines = {f"cpu{c}" for c in cpus}
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.last: tuple[float, float, float] | None = None
+        self.value = 0.0
+
+    def busy_seconds(self) -> float | None:
+        """CPU seconds the CPU set has spent busy since boot (user, nice, system, irq, softirq)."""
+        try:
+            with open("/proc/stat") as f:
+                total = 0
+                for line in f:
+                    if not line.startswith("cpu"):
+                        break
+                    head = line.split()
+                    if head[0] in self.lines:
+                        total += sum(int(v) for v in head[1:4]) + sum(int(v) for v in head[6:8])
+            return total / self.tick if self.lines else None
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __call__(self) -> float:
+        now = monotonic()
+        if self.last is not None and now - self.last[0] < self.CHECK_SECONDS:
+            return self.value
+        busy = self.busy_seconds()
+        if busy is None:
+            return 0.0
+        times = os.times()
+        own = times.user + times.system  # all of this process's threads; its children count as others
+        if self.last is not None:
+            t0, busy0, own0 = self.last
+            self.value = max(0.0, ((busy - busy0) - (own - own0)) / (now - t0))
+        self.last = (now, busy, own)
+        return self.value
+
+
+class ThreadGuard:
+    """Picks, per decode step, how many of `threads` numba's kernels use.
+
+    numba's worker threads spin between kernels and meet at a barrier after each one. Where other
+    processes keep cores of this CPU set busy (another purelm decoding, say), a spinning worker and
+    that process take turns on a core and both crawl: two purelm decodes of SmolLM2 side by side, each
+    on 2 threads of 2 cores, ran 16-27 tok/s each against 67-69 alone (benchmarks/README.md). So a
+    decode step uses only the cores the others leave free (`others`: their load, OtherLoad), untimed.
+
+    Otherwise whole decode steps (one token, embed to logits) are timed, all threads or the calling
+    thread alone: now and then a step runs the other way (a probe); the other way takes over when its
+    probe beats the usual way's running time by 10%. While probes keep losing they come less often. A
+    single slow step moves the running time at most 2x, so a hiccup cannot flip it."""
 
     ALPHA = 0.3
     MARGIN = 0.9
     PROBE_MIN, PROBE_MAX = 16, 128  # decode steps between probes
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, others: Callable[[], float] | None = None, cores: int | None = None) -> None:
         self.threads = threads
+        self.others = others if others is not None else OtherLoad()
+        self.cores = cores or usable_cores()
         self.mode = threads  # the usual way
         self.step_time: dict[int, float] = {}  # thread count -> seconds per decode step
         self.steps = 0
@@ -200,6 +252,11 @@ class ThreadGuard:
         if self.threads == 1 or n_tokens != 1:
             self.current = self.threads
             return self.current
+        crowd = self.others() - max(0, self.cores - self.threads)  # beyond the cores these threads leave
+        free = max(1, self.threads - int(max(0.0, crowd) + 0.5))
+        if free < self.threads:  # others hold cores these threads need: what is left, and no timing
+            self.current = free
+            return free
         self.steps += 1
         self.current = self.other() if self.steps >= self.next_probe else self.mode
         self.started = perf_counter()
