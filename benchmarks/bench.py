@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -88,11 +89,13 @@ def cpu_busy_s() -> tuple[float, float] | None:
     return busy / hz, (v[7] if len(v) > 7 else 0) / hz
 
 
-# Competing processes for --neighbour (one core each; the tests run while they do).
+# Competing processes for --neighbour (one core each; the tests run while they do). "twin" is not a
+# snippet: a second worker of the engine being timed decodes over and over meanwhile (run_threads).
 NEIGHBOURS = {
     "none": None,
     "spin": "while True:\n    pass\n",
     "stream": "import numpy as np\na = np.ones(64 << 20, np.float32)\nwhile True:\n    a.sum()\n",
+    "twin": None,
 }
 
 
@@ -647,15 +650,34 @@ def run_threads(args: argparse.Namespace, report: dict, model: dict, engines: li
             workers[engine] = w
         results[engine] = res
     live = [(e, t) for e, t in engines if e in workers]
+    twins: dict[str, Worker] = {}
+    if args.neighbour == "twin":  # the same engine, threads and file, decoding while each run goes
+        for engine, _ in live:
+            twin = Worker(engine, args, threads, n_ctx, first_id, extra)
+            if twin.hello.get("ready"):
+                twins[engine] = twin
+            else:
+                raise SystemExit(f"bench: {engine}'s twin failed to start: {twin.hello.get('error')}")
 
     def step(engine: str, test: str) -> tuple[float, float | None] | None:
         """Seconds of one run, and the other jobs' load meanwhile (cores they kept busy or
         the hypervisor stole, on average; None where it cannot be measured)."""
         ids = pp_ids if test == "pp" else tg_ids
         w = workers[engine]
+        stop, busy = threading.Event(), None
+        if engine in twins:
+            def decode_until_stopped(twin: Worker = twins[engine]) -> None:
+                while not stop.is_set():
+                    twin.ask(cmd="tg", ids=tg_ids)
+            busy = threading.Thread(target=decode_until_stopped, daemon=True)
+            busy.start()
+            time.sleep(1.0)  # (the twin past its first tokens, as a neighbour already running would be)
         b0, c0, p0, t0 = cpu_busy_s(), w.cpu_s(), time.process_time(), time.perf_counter()
         r = w.ask(cmd=test, ids=ids)
         b1, c1, p1, wall = cpu_busy_s(), w.cpu_s(), time.process_time(), time.perf_counter() - t0
+        if busy is not None:
+            stop.set()
+            busy.join()
         if not r.get("ok"):
             results[engine].setdefault("errors", []).append(f"{test}: {r.get('error')}")
             log(f"bench: {engine} {test} failed: {r.get('error')}")
@@ -694,6 +716,8 @@ def run_threads(args: argparse.Namespace, report: dict, model: dict, engines: li
             if (engine, test) in times:
                 res[test] = summarize(times[(engine, test)], args.pp if test == "pp" else args.tg,
                                       loads[(engine, test)], args.quiet_load)
+        if engine in twins:
+            twins[engine].close()
         final = workers[engine].close()
         if final.get("ok"):
             res["peak_rss_mb"] = round(final["peak_rss_mb"], 1)
@@ -770,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--neighbour", choices=sorted(NEIGHBOURS), default="none",
                     help="run a competing process during the tests, to see how each engine copes with a "
                          "busy machine: spin (one core busy in a loop), stream (one core reading a 256 MiB "
-                         "array over and over: memory bandwidth); default none")
+                         "array over and over: memory bandwidth), twin (a second worker of the engine being "
+                         "timed, same file and threads, decoding over and over); default none")
     ap.add_argument("--cache-type", choices=sorted(LLAMA_CACHE_TYPES), default=None,
                     help="both engines' KV cache type (default: each engine's own, purelm f32, llama.cpp f16)")
     ap.add_argument("--out", help="also write the JSON here")

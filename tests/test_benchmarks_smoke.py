@@ -130,6 +130,15 @@ def test_bench_neighbour_runs_beside_the_tests(tiny_model: Path) -> None:
     assert res["tg"]["tok_s"] > 0
 
 
+def test_bench_twin_decodes_beside_each_run(tiny_model: Path) -> None:
+    # a second worker of the timed engine decodes while each run goes: its CPU shows as other load
+    report = bench_tg(tiny_model, "--tg", "256", "--neighbour", "twin")
+    assert any("--neighbour twin" in n for n in report["notes"])
+    (res,) = report["results"]
+    assert res["tg"]["tok_s"] > 0
+    assert res["tg"]["other_load_reps"][0] >= 0.5, res["tg"]
+
+
 def test_regress_tiny_roundtrip(tmp_path: Path) -> None:
     base = tmp_path / "base.json"
     cmd = [sys.executable, str(BENCH / "regress.py"), "--backend", "numpy", "--types", "Q4_0,Q6_K,F16",
