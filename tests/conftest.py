@@ -12,6 +12,10 @@ os.environ.setdefault("PURELM_COMPILE_WORKERS", "0")
 # cores from each other (the suite took ~1.6x as long with purelm's default of 100000). The spin count
 # moves timing only, never results.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# Passes take every thread they were given, whatever the other test process is doing: else the suite's
+# processes would send each other's passes to one thread at random, and the tests of the threaded paths
+# would run them only sometimes.
+os.environ.setdefault("PURELM_WATCH_LOAD", "0")
 
 
 def pytest_xdist_auto_num_workers(config) -> int:

@@ -409,12 +409,22 @@ def test_thread_guard_leaves_the_cores_other_processes_hold(monkeypatch):
         clock[0] += 1.0  # a slow step: timed only when not crowded
         guard.end()
     assert guard.step_time == {2: 1.0}  # the crowded steps said nothing about 2 threads or 1
-    assert guard.begin(9) == 2  # prompts: every thread, as before
+    assert guard.begin(9) == 2  # a prompt: every thread where the others leave them
+    load[0] = 1.0
+    assert guard.begin(9) == 1  # else the cores left
     # 16 threads of 32 cores: others first fill the 16 cores these threads leave
     big = ThreadGuard(16, others=lambda: load[0], cores=32)
     for busy, want in ((15.0, 16), (18.2, 14), (40.0, 1)):
         load[0] = busy
         assert big.begin(1) == want, busy
+
+
+def test_watching_other_processes_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("PURELM_WATCH_LOAD", "1")
+    assert isinstance(ThreadGuard(2).others, numba_backend.OtherLoad)
+    monkeypatch.setenv("PURELM_WATCH_LOAD", "0")  # (the suite's own setting: tests/conftest.py)
+    guard = ThreadGuard(2, cores=2)
+    assert guard.others() == 0.0 and guard.begin(9) == 2
 
 
 def test_other_load_counts_other_processes_only(monkeypatch):

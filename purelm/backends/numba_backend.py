@@ -25,9 +25,9 @@ as matrix products: blocked in numba (ops.attention_prompt) where head sizes fit
 The work is split over our own pool of `threads` Python threads, each running serial (GIL-free) numba
 kernels and single-threaded BLAS: numba's and OpenBLAS's spinning thread pools never run at the same time (measured: letting both spin was 3-10x slower on 2 cores).
 
-Threads: a decode step uses numba's `threads` threads, or one when that is faster, or as many as other
-processes leave free (ThreadGuard: where another process keeps a core busy, spinning workers cost more
-than they bring).
+Threads: a pass uses numba's `threads` threads, or as many as other processes leave free, and a decode
+step one thread where that is faster (ThreadGuard: where another process keeps a core busy, spinning
+workers cost more than they bring).
 Kernels live in numba_kernels/: packing.py (repacked layouts), packed.py (kernels over them),
 rows.py (kernels over the file's own rows), ops.py (norms, rope, attention, activations).
 """
@@ -220,7 +220,8 @@ class ThreadGuard:
     processes keep cores of this CPU set busy (another purelm decoding, say), a spinning worker and
     that process take turns on a core and both crawl: two purelm decodes of SmolLM2 side by side, each
     on 2 threads of 2 cores, ran 16-27 tok/s each against 67-69 alone (benchmarks/README.md). So a
-    decode step uses only the cores the others leave free (`others`: their load, OtherLoad), untimed.
+    pass uses only the cores the others leave free (`others`: their load, OtherLoad); such decode steps
+    are not timed.
 
     Otherwise whole decode steps (one token, embed to logits) are timed, all threads or the calling
     thread alone: now and then a step runs the other way (a probe); the other way takes over when its
@@ -233,7 +234,9 @@ class ThreadGuard:
 
     def __init__(self, threads: int, others: Callable[[], float] | None = None, cores: int | None = None) -> None:
         self.threads = threads
-        self.others = others if others is not None else OtherLoad()
+        if others is None:  # $PURELM_WATCH_LOAD=0: every thread, whatever else runs
+            others = OtherLoad() if os.environ.get("PURELM_WATCH_LOAD", "1").strip() != "0" else (lambda: 0.0)
+        self.others = others
         self.cores = cores or usable_cores()
         self.mode = threads  # the usual way
         self.step_time: dict[int, float] = {}  # thread count -> seconds per decode step
@@ -249,13 +252,13 @@ class ThreadGuard:
     def begin(self, n_tokens: int) -> int:
         """A forward pass starts; returns the thread count for its kernels."""
         self.started = None
-        if self.threads == 1 or n_tokens != 1:
-            self.current = self.threads
-            return self.current
+        if self.threads == 1:
+            self.current = 1
+            return 1
         crowd = self.others() - max(0, self.cores - self.threads)  # beyond the cores these threads leave
         free = max(1, self.threads - int(max(0.0, crowd) + 0.5))
-        if free < self.threads:  # others hold cores these threads need: what is left, and no timing
-            self.current = free
+        if free < self.threads or n_tokens != 1:  # others hold cores these threads need, or a prompt's
+            self.current = free  # pass (never timed): the cores left
             return free
         self.steps += 1
         self.current = self.other() if self.steps >= self.next_probe else self.mode
