@@ -651,6 +651,7 @@ def run_threads(args: argparse.Namespace, report: dict, model: dict, engines: li
         results[engine] = res
     live = [(e, t) for e, t in engines if e in workers]
     twins: dict[str, Worker] = {}
+    twin_runs: dict[str, int] = {}
     if args.neighbour == "twin":  # the same engine, threads and file, decoding while each run goes
         for engine, _ in live:
             twin = Worker(engine, args, threads, n_ctx, first_id, extra)
@@ -668,7 +669,8 @@ def run_threads(args: argparse.Namespace, report: dict, model: dict, engines: li
         if engine in twins:
             def decode_until_stopped(twin: Worker = twins[engine]) -> None:
                 while not stop.is_set():
-                    twin.ask(cmd="tg", ids=tg_ids)
+                    if twin.ask(cmd="tg", ids=tg_ids).get("ok"):
+                        twin_runs[engine] = twin_runs.get(engine, 0) + 1
             busy = threading.Thread(target=decode_until_stopped, daemon=True)
             busy.start()
             time.sleep(1.0)  # (the twin past its first tokens, as a neighbour already running would be)
@@ -718,6 +720,7 @@ def run_threads(args: argparse.Namespace, report: dict, model: dict, engines: li
                                       loads[(engine, test)], args.quiet_load)
         if engine in twins:
             twins[engine].close()
+            res["twin_runs"] = twin_runs.get(engine, 0)  # the twin's decodes, warm-up and timed runs
         final = workers[engine].close()
         if final.get("ok"):
             res["peak_rss_mb"] = round(final["peak_rss_mb"], 1)

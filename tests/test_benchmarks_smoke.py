@@ -131,12 +131,12 @@ def test_bench_neighbour_runs_beside_the_tests(tiny_model: Path) -> None:
 
 
 def test_bench_twin_decodes_beside_each_run(tiny_model: Path) -> None:
-    # a second worker of the timed engine decodes while each run goes: its CPU shows as other load
-    report = bench_tg(tiny_model, "--tg", "256", "--neighbour", "twin")
+    # a second worker of the timed engine decodes while each run goes (from a second before it)
+    report = bench_tg(tiny_model, "--tg", "64", "--neighbour", "twin")
     assert any("--neighbour twin" in n for n in report["notes"])
     (res,) = report["results"]
     assert res["tg"]["tok_s"] > 0
-    assert res["tg"]["other_load_reps"][0] >= 0.5, res["tg"]
+    assert res["twin_runs"] >= 2, res  # several 64-token decodes in that second
 
 
 def test_regress_tiny_roundtrip(tmp_path: Path) -> None:
