@@ -9,7 +9,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # (tests/test_first_start.py runs the workers itself).
 os.environ.setdefault("PURELM_COMPILE_WORKERS", "0")
 # The suite runs a process per core, each with kernels on every core: spinning workers would take the
-# cores from each other (the suite took ~1.6x as long with purelm's default of 100000). The spin count
+# cores from each other (test_batch.py and test_models.py took 1.6x as long with purelm's default of 100000). The spin count
 # moves timing only, never results.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 # Passes take every thread they were given, whatever the other test process is doing: else the suite's

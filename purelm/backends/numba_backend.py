@@ -184,6 +184,8 @@ class OtherLoad:
 
     def busy_seconds(self) -> float | None:
         """CPU seconds the CPU set has spent busy since boot (user, nice, system, irq, softirq)."""
+        if not self.lines:
+            return None
         try:
             with open("/proc/stat") as f:
                 total = 0
@@ -193,7 +195,7 @@ class OtherLoad:
                     head = line.split()
                     if head[0] in self.lines:
                         total += sum(int(v) for v in head[1:4]) + sum(int(v) for v in head[6:8])
-            return total / self.tick if self.lines else None
+            return total / self.tick
         except (OSError, ValueError, IndexError):
             return None
 
@@ -214,7 +216,7 @@ class OtherLoad:
 
 
 class ThreadGuard:
-    """Picks, per decode step, how many of `threads` numba's kernels use.
+    """Picks, per forward pass, how many of `threads` numba's kernels use.
 
     numba's worker threads spin between kernels and meet at a barrier after each one. Where other
     processes keep cores of this CPU set busy (another purelm decoding, say), a spinning worker and
