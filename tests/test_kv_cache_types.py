@@ -393,14 +393,13 @@ def teacher_forced(model, ids: np.ndarray, n_decode: int, chunk: int = 256) -> t
     tops, margins, nll = [], [], 0.0
     cuts = list(range(0, len(ids) - n_decode, chunk)) + list(range(len(ids) - n_decode, len(ids) + 1))
     for a, b in zip(cuts, cuts[1:]):
-        logits = np.atleast_2d(model.forward(ids[a:b], cache, all_logits=True)).astype(np.float64)
+        logits = np.atleast_2d(model.forward(ids[a:b], cache, all_logits=True))
         tops.append(logits.argmax(-1))
-        two = np.sort(logits, -1)[:, -2:]
+        two = np.partition(logits, -2, axis=-1)[:, -2:].astype(np.float64)  # the second largest, then the largest
         margins.append(two[:, 1] - two[:, 0])
-        z = logits - logits.max(-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        targets = ids[a + 1:b + 1]
-        nll -= logp[np.arange(len(targets)), targets].sum()
+        rows, targets = np.arange(b - a)[:len(ids) - 1 - a], ids[a + 1:b + 1]
+        z = logits[rows].astype(np.float64) - two[rows, 1:]
+        nll -= (z[rows, targets] - np.log(np.exp(z).sum(-1))).sum()
     return np.concatenate(tops), np.concatenate(margins), float(np.exp(nll / (len(ids) - 1)))
 
 

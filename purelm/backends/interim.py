@@ -17,7 +17,7 @@ from .numpy_backend import NumpyBackend
 
 # The NumbaBackend methods that run numba kernels: shadowed on the instance while it is interim
 OPS = ("embed", "linear", "linear_many", "glu", "rms_norm", "layer_norm", "rope", "attention", "silu", "gelu",
-       "swiglu", "geglu", "gelu_erf", "expert_ffn")
+       "swiglu", "geglu", "gelu_erf", "expert_ffn", "rotate")
 
 
 def tensors(w: Any) -> list[Tensor]:

@@ -65,7 +65,7 @@ from ..quant.types import BLOCK_INFO, GGMLType
 from ..errors import ShapeError, UsageError
 from . import usable_cores
 from .base import (MIN_EXPERT_SUM, AttentionSpec, Backend, KVCache, PassView, Rope, as_view, check_attention, check_norm,
-                   check_rope, check_route, expert_tensors)
+                   check_rope, check_rotate, check_route, expert_tensors)
 from .kv_cache import BLOCK
 from .interim import OPS as INTERIM_OPS, Interim
 from .numba_kernels import ops, packed as pk, rows as rk
@@ -550,6 +550,7 @@ class NumbaBackend(Backend):
                 self.rms_norm(xt, ones, 1e-5), self.layer_norm(xt, ones, ones, 1e-5)
                 self.layer_norm(xt, None, None, 1e-5)
                 self.silu(xt), self.gelu(xt), self.gelu_erf(xt), self.swiglu(xt, xt), self.geglu(xt, xt)
+                self.rotate(xt, 64)
 
         def rope() -> None:
             for neox in (False, True):
@@ -1064,6 +1065,13 @@ class NumbaBackend(Backend):
         check_norm(x2, w, "rms_norm")
         out = np.empty_like(x2)
         ops.rms_norm(x2, w, np.float32(eps), out)
+        return out.reshape(x.shape)
+
+    def rotate(self, x: np.ndarray, n: int) -> np.ndarray:
+        check_rotate(x, n)
+        rows = _rows(x).reshape(-1, n)
+        out = np.empty_like(rows)
+        ops.hadamard_rows(rows, np.float32(1 / np.sqrt(n)), out)
         return out.reshape(x.shape)
 
     def layer_norm(self, x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: float) -> np.ndarray:

@@ -501,6 +501,44 @@ def attention_paged_parallel(q, keys, values, tables, pos, shift, scale, softcap
     paged_combine(first, pos, chunk, part_max, part_sum, part_out, out)
 
 
+@njit(**OPTS)
+def hadamard_rows(x, scale, out):
+    """out = each row of x (R, n), n a power of two, times the orthonormal Hadamard matrix of size n
+    (Sylvester's order, kv_cache.hadamard): the fast Walsh-Hadamard transform's n log n additions, its
+    first three stages written out for each run of 8 values (loops of 1, 2 and 4 pairs do not
+    vectorize), then `scale` (1/sqrt(n)). No BLAS: a numpy product inside a pass woke BLAS's threads,
+    whose spinning took the cores from the other kernels. Each row alone, in one order, whatever rows
+    share the call."""
+    wide_vectors()
+    n = x.shape[1]
+    for r in range(x.shape[0]):
+        xr, o = x[r], out[r]
+        h = 1
+        if n >= 8:
+            h = 8
+            for i in range(0, n, 8):
+                i = at(i)
+                b0, b1 = xr[i] + xr[i + 1], xr[i] - xr[i + 1]
+                b2, b3 = xr[i + 2] + xr[i + 3], xr[i + 2] - xr[i + 3]
+                b4, b5 = xr[i + 4] + xr[i + 5], xr[i + 4] - xr[i + 5]
+                b6, b7 = xr[i + 6] + xr[i + 7], xr[i + 6] - xr[i + 7]
+                c0, c1, c2, c3 = b0 + b2, b1 + b3, b0 - b2, b1 - b3
+                c4, c5, c6, c7 = b4 + b6, b5 + b7, b4 - b6, b5 - b7
+                o[i], o[i + 1], o[i + 2], o[i + 3] = c0 + c4, c1 + c5, c2 + c6, c3 + c7
+                o[i + 4], o[i + 5], o[i + 6], o[i + 7] = c0 - c4, c1 - c5, c2 - c6, c3 - c7
+        else:
+            for i in range(n):
+                o[i] = xr[i]
+        while h < n:
+            for i in range(0, n, 2 * h):
+                for j in range(i, i + h):
+                    a, b = o[at(j)], o[at(j + h)]
+                    o[at(j)], o[at(j + h)] = a + b, a - b
+            h *= 2
+        for i in range(n):
+            o[i] *= scale
+
+
 # The gated activations read rows that may lie apart (gate and up are column ranges of one product):
 # flat arrays and row strides, not 2-D views, which numba compiles as strided ("A") arrays and does
 # not vectorize (measured 18x slower for 8 rows of 1536).
