@@ -240,6 +240,8 @@ class LlamaEngine:
         self.kv_cache_mb = None  # (llama.cpp's f16 cache: not needed, the bound is checked for purelm)
         t0 = time.perf_counter()
         kv = {} if not cache_type else {"type_k": LLAMA_CACHE_TYPES[cache_type], "type_v": LLAMA_CACHE_TYPES[cache_type]}
+        if cache_type == "q8_0":  # llama.cpp keeps a quantized V cache only with flash attention
+            kv["flash_attn"] = True
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                    n_batch=n_batch, verbose=False, **kv)
         self.load_s = time.perf_counter() - t0
