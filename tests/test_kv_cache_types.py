@@ -416,7 +416,9 @@ def test_smollm2_fidelity_of_cache_types():
     the BLAS one it replaced, each flip a near-tie of the float32 cache (top-2 within 0.07). So the
     agreement is taken over the three chunkings: at least 99% on average, 98.5% in each (measured
     99.06% on average, 98.83% at 256; 98.7% unrotated with BLAS at 256; on an AVX2 CPU since its
-    decode attention sums rows 8 lanes wide, 99.41%, 99.22% and 99.32%, perplexity within 0.09%)."""
+    decode attention sums rows 8 lanes wide, 99.41%, 99.22% and 99.32%, perplexity within 0.09%; there
+    with the rotation a fast Walsh-Hadamard transform rather than a BLAS product, 99.22%, 98.93% and
+    99.12%, within 0.07%)."""
     be = NumbaBackend(2, int16_dot=False)  # every product in float32
     llm = purelm.load(smollm2_path(), backend=be, n_ctx=1024, cache_type_k="q8_0", cache_type_v="q8_0")
     assert (llm.cache.type_k, llm.cache.type_v) == ("q8_0", "q8_0")
@@ -425,11 +427,12 @@ def test_smollm2_fidelity_of_cache_types():
     agreements = {"f16": [], "q8_0": []}
     for chunk in (128, 256, 512):
         results = {}
-        for kind in ("f32", "f16", "q8_0"):
+        # f16 at one chunking: it agrees at 100% (no near-tie flips to average over)
+        for kind in ("f32", "f16", "q8_0") if chunk == 256 else ("f32", "q8_0"):
             llm.model.cache_type_k = llm.model.cache_type_v = kind
             results[kind] = teacher_forced(llm.model, ids, n_decode=32, chunk=chunk)
         top_f32, margin, ppl_f32 = results["f32"]
-        for kind in ("f16", "q8_0"):
+        for kind in sorted(results.keys() - {"f32"}):
             top, _, ppl = results[kind]
             same = top == top_f32
             agreements[kind].append(same.mean())
