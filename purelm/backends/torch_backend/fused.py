@@ -46,16 +46,16 @@ def norm(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: f
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, D, HALF, stride_t, stride_h, NEOX: tl.constexpr,
-                 BD: tl.constexpr):
-    # program (t, h): one head of one token. Feature i of the first 2*HALF rotates with its partner
-    # (i +- HALF: NEOX; i +- 1: adjacent pairs) by the angle of pair j; the rest pass through.
+                 BH: tl.constexpr, BD: tl.constexpr):
+    # program t: every head of one token (a program per head too was ~9x the programs, each of one
+    # row: what Triton's interpreter, the CPU tests' way to run the kernels, pays per program). Feature
+    # i of the first 2*HALF rotates with its partner (i +- HALF: NEOX; i +- 1: adjacent pairs) by the
+    # angle of pair j; the rest pass through.
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    src = t * stride_t + h * stride_h
-    base = (t * H + h) * D
-    i = tl.arange(0, BD)
-    inside = i < D
-    rot = i < 2 * HALF
+    h = tl.arange(0, BH)[:, None]
+    i = tl.arange(0, BD)[None, :]
+    inside = (h < H) & (i < D)
+    rot = (h < H) & (i < 2 * HALF)
     if NEOX:
         first = i < HALF
         j = tl.where(first, i, i - HALF)
@@ -64,13 +64,14 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, D, HALF, stride_t, stride_h,
         first = i % 2 == 0
         j = i // 2
         partner = tl.where(first, i + 1, i - 1)
+    src = t * stride_t + h * stride_h
     x = tl.load(x_ptr + src + i, mask=inside, other=0.0).to(tl.float32)
     xp = tl.load(x_ptr + src + partner, mask=rot, other=0.0).to(tl.float32)
-    c = tl.load(cos_ptr + t * HALF + j, mask=rot, other=0.0)
-    s = tl.load(sin_ptr + t * HALF + j, mask=rot, other=0.0)
+    c = tl.load(cos_ptr + t * HALF + j, mask=i < 2 * HALF, other=0.0)
+    s = tl.load(sin_ptr + t * HALF + j, mask=i < 2 * HALF, other=0.0)
     # first of a pair: a*c - b*s; second: a*s + b*c (a the first, b the second)
     y = tl.where(first, x * c - xp * s, xp * s + x * c)
-    tl.store(y_ptr + base + i, tl.where(rot, y, x).to(y_ptr.dtype.element_ty), mask=inside)
+    tl.store(y_ptr + (t * H + h) * D + i, tl.where(rot, y, x).to(y_ptr.dtype.element_ty), mask=inside)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_dims: int, neox: bool) -> torch.Tensor:
@@ -80,8 +81,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_dims: int, neo
         x = x.contiguous()
     T, H, D = x.shape
     y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
-    _rope_kernel[(T, H)](x, cos.contiguous(), sin.contiguous(), y, H, D, n_dims // 2, x.stride(0), x.stride(1),
-                         NEOX=neox, BD=_pow2(D), num_warps=1)
+    BH, BD = _pow2(H), _pow2(D)
+    _rope_kernel[(T,)](x, cos.contiguous(), sin.contiguous(), y, H, D, n_dims // 2, x.stride(0), x.stride(1),
+                       NEOX=neox, BH=BH, BD=BD, num_warps=1 if BH * BD <= 1024 else 4)
     return y
 
 
