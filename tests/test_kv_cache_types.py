@@ -285,6 +285,17 @@ def test_rotate_op(backend):
         be.rotate(np.zeros((2, 96), np.float32), 64)
 
 
+def test_numba_rotate_gives_each_row_its_bits_whatever_rows_share_the_call():
+    """A decode token's rotation is bit for bit its rotation inside a prompt or a batch (the batched
+    engine's guarantee; a BLAS product may sum a lone row in another order than a block of rows)."""
+    x = np.random.default_rng(4).standard_normal((37, 3, 128)).astype(np.float32)
+    be = BACKENDS["numba-1"]
+    for n in (64, 128):
+        whole = be.rotate(x, n)
+        assert all(np.array_equal(be.rotate(x[t:t + 1], n), whole[t:t + 1]) for t in (0, 17, 36))
+        assert np.array_equal(be.rotate(x[:, 1:2], n), whole[:, 1:2])  # a strided view: one head
+
+
 def test_rotation_sizes_follow_llama_cpp():
     """Rotation where a store is quantized and 64 divides the head: keys by the largest power of two
     dividing the head size, values by 64 (llama.cpp's llama_kv_cache::build_input_{k,v}_rot)."""
