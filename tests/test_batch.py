@@ -46,12 +46,13 @@ def test_each_sequence_of_a_batch_equals_it_alone(arch, qtype, backend):
                 assert np.abs(g - w).max() <= 1e-5 * scale, (arch, qtype, seq)
 
 
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "falcon_mqa"])
-def test_a_rotated_cache_keeps_each_decode_tokens_bits_in_a_batch(arch):
+def test_a_rotated_cache_keeps_each_decode_tokens_bits_in_a_batch(arch, backend):
     """As above with the cache rotating keys and values (what a q8_0 cache does; the fixtures' heads
     are too narrow for q8_0 blocks, so a float32 cache is made to rotate, by the largest power of two
     dividing the head): a decode token's rotations, and so its logits, are the same bits in a batch."""
-    model = build_model(GGUFFile(FIXTURES / f"{arch}-q8_0.gguf"), NumbaBackend(2))
+    model = build_model(GGUFFile(FIXTURES / f"{arch}-q8_0.gguf"), make_backend(backend))
     new_cache = model.new_cache
 
     def rotating(n_ctx):
@@ -65,7 +66,7 @@ def test_a_rotated_cache_keeps_each_decode_tokens_bits_in_a_batch(arch):
     for seq in want:
         for w, g in zip(want[seq], got[seq]):
             if len(w) == 1:
-                np.testing.assert_array_equal(g, w, err_msg=f"{arch} sequence {seq}")
+                np.testing.assert_array_equal(g, w, err_msg=f"{arch} {backend} sequence {seq}")
 
 
 @pytest.mark.parametrize("backend", ["numba", "numpy", "torch"])

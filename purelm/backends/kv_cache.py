@@ -67,9 +67,20 @@ def hadamard(n: int) -> np.ndarray:
 
 
 def rotate(x: np.ndarray, n: int) -> np.ndarray:
-    """x (..., dim) with each run of n values multiplied by hadamard(n) (its own inverse)."""
+    """x (..., dim) with each run of n values multiplied by hadamard(n) (its own inverse): the fast
+    Walsh-Hadamard transform, stage by stage over all rows at once, so that a row gets the same bits
+    alone as among others (a BLAS product sums a lone row in another order than a block of rows)."""
     x = np.asarray(x, np.float32)
-    return (x.reshape(-1, n) @ hadamard(n)).reshape(x.shape)
+    y, h = np.array(x, np.float32, order="C"), 1
+    while h < n:  # pairs (j, j + h) of each run of 2h values: their sum, then their difference
+        pairs = y.reshape(-1, n // (2 * h), 2, h)
+        first, second = pairs[:, :, 0], pairs[:, :, 1]
+        a = first.copy()
+        first += second
+        np.subtract(a, second, out=second)
+        h *= 2
+    y *= np.float32(1 / np.sqrt(n))
+    return y
 
 
 def check_cache_type(name: str, value: object) -> str:
