@@ -27,8 +27,8 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return min(4, usable_cores())
 
 
-# The longest test files, longest first (seconds on a 2-core machine with the kernels compiled: about 205,
-# 125, 105, 50 (420 with none compiled), 85, 55, 55, 45, 35, 33, 31, 30, 30, 22, 22), started first so
+# The longest test files, longest first as timed on a 2-core machine with the kernels compiled
+# (test_numba_backend.py is the longest of all while it compiles them the first time), started first so
 # that the processes finish together rather than one of them running a long file alone at the end.
 LONG_FILES = ["test_torch_backend.py", "test_ray.py", "test_kv_cache_types.py", "test_numba_backend.py",
               "test_speculative.py", "test_batch.py", "test_server.py", "test_models.py", "test_chat.py",

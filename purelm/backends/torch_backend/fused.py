@@ -47,7 +47,7 @@ def norm(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: f
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, D, HALF, stride_t, stride_h, NEOX: tl.constexpr,
                  BH: tl.constexpr, BD: tl.constexpr):
-    # program t: every head of one token (a program per head too was ~9x the programs, each of one
+    # program t: every head of one token (a program per head made H times the programs, each of one
     # row: what Triton's interpreter, the CPU tests' way to run the kernels, pays per program). Feature
     # i of the first 2*HALF rotates with its partner (i +- HALF: NEOX; i +- 1: adjacent pairs) by the
     # angle of pair j; the rest pass through.
