@@ -221,9 +221,8 @@ class ThreadGuard:
 
     numba's worker threads spin between kernels and meet at a barrier after each one. Where other
     processes keep cores of this CPU set busy (another purelm decoding, say), a spinning worker and
-    that process take turns on a core and both crawl: two purelm decodes of SmolLM2 side by side, each
-    on 2 threads of 2 cores, ran 16-27 tok/s each against 67-69 alone (benchmarks/README.md). So a
-    pass uses only the cores the others leave free (`others`: their load, OtherLoad); such decode steps
+    that process take turns on a core and both crawl (two purelm decodes side by side on 2 cores:
+    benchmarks/README.md, "Other processes on the same cores"). So a pass uses only the cores the others leave free (`others`: their load, OtherLoad); such decode steps
     are not timed.
 
     Otherwise whole decode steps (one token, embed to logits) are timed, all threads or the calling
