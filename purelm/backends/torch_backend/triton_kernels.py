@@ -615,11 +615,11 @@ def _choose(table: list[dict], M: int, N: int, K: int, glu: bool, device: torch.
         return tuple(best["config"]) if not best.get("unfused") else None
     cuda = device is not None and device.type == "cuda"
     if M > BM:
-        return DOT_RULE if cuda else ("dot", 32, 128, 4, 32)
+        return DOT_RULE if cuda else ("dot", 64, 128, 4, 64)
     if glu:
         return None
     if not cuda:  # Triton's interpreter: few, large programs
-        return ("wide", 8, 1024, 4) if M == 1 else ("pairs", BN, BK, 4)
+        return ("wide", 64, 1024, 4) if M == 1 else ("pairs", 64, BK, 4)
     return ("wide", BN_WIDE, BK_WIDE, 4)
 
 
