@@ -27,9 +27,13 @@ def check_float(name: str, value: object, rule: str = "a finite number",
     """`value` as a float if it is a finite real number (bools are not) that passes `ok`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise UsageError(f"{name} must be a number ({rule}), got {value!r}")
-    if not (math.isfinite(value) and ok(float(value))):
+    try:
+        v = float(value)
+    except OverflowError:  # an integer past float's range (Python's have any number of digits)
+        raise UsageError(f"{name} must be {rule}, got an integer beyond a float's range") from None
+    if not (math.isfinite(v) and ok(v)):
         raise UsageError(f"{name} must be {rule}, got {value!r}")
-    return float(value)
+    return v
 
 
 PREFILTER_ROWS = 128  # top_k_ids' prefilter: the logits as 128 rows

@@ -152,6 +152,8 @@ def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
     (dict(repeat_penalty=0.0), "repeat_penalty must be > 0"),
     (dict(repeat_last_n=-2), "repeat_last_n must be >= -1"),
     (dict(frequency_penalty=float("inf")), "frequency_penalty must be a finite number"),
+    (dict(top_p=10**400), "top_p must be between 0 and 1, got an integer beyond a float's range"),
+    (dict(presence_penalty=-10**400), "presence_penalty must be a finite number, got an integer beyond"),
     (dict(seed=1.5), "seed must be a whole number"),
     (dict(seed=-1), "seed must be >= 0, or None"),
     (dict(seed=False), "seed must be a whole number"),

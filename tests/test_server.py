@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -21,7 +23,9 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import purelm  # noqa: E402
+from purelm.sampling import Sampler  # noqa: E402
 from purelm.server import ServerConfig, create_app  # noqa: E402
+from purelm.server import protocol as P  # noqa: E402
 
 N_CTX = 512
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
@@ -280,6 +284,9 @@ BAD = [
     ("/v1/completions", b'{"prompt": "x", "temperature": Infinity}', 400, "invalid_json"),
     ("/v1/completions", b'{"prompt": "x", "temperature": 1e999}', 400, "invalid_value"),
     ("/v1/completions", b"\xff\xfe", 400, "invalid_json"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 1' + b"0" * 400 + b"}", 400, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"1": -1' + b"0" * 400 + b"}}", 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1" * 5000: 1}}, 400, "invalid_value"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -5}, 400, "invalid_value"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "invalid_value"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 10**30}, 400, "invalid_value"),
@@ -342,6 +349,86 @@ def test_unknown_routes_and_methods_and_the_openai_client_errors(srv):
     assert "max_tokens" in str(e.value)
     r = srv.client.completions.create(model=MODEL, prompt="x", max_tokens=2)  # still serving
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+# Any JSON a client may send: every field the routes read (and some they do not), each with a plausible
+# or a hostile value. max_tokens stays small or invalid so that no request runs long.
+_WEIRD = st.sampled_from([None, True, False, -1, 0, 1, 2, 2**31, 2**63, -2**63, 10**30, 0.5, -0.0, 1e308, -1e308,
+                          "", "x", "\ud800", "\x00", "<|im_end|>", "{{ raise_exception('x') }}", "a" * 2000])
+_JSON = st.recursive(_WEIRD | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+                     | st.text(max_size=12), lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.sampled_from(["type", "role", "content", "name", "text", "function",
+                                                        "arguments", "json_schema", "schema", "a"]), inner, max_size=3),
+                     max_leaves=6)
+_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", "developer", "wizard"]) | _JSON,
+     "content": st.sampled_from(["hi", "", None, [{"type": "text", "text": "hi"}], [{"type": "image_url"}]]) | _JSON},
+    optional={"tool_calls": _JSON, "name": _JSON, "tool_call_id": _JSON})
+_SMALL = st.sampled_from([1, 2, 3, 0, -1, 10**30, "2", 2.5, True])  # never None: a reply to the context end
+_NAMES = ["temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
+          "repeat_penalty", "repeat_last_n", "logprobs", "top_logprobs", "stream", "stream_options", "response_format",
+          "grammar", "tools", "tool_choice", "logit_bias", "echo", "model", "user", "add_special", "with_pieces",
+          "suffix", "encoding_format", "dimensions", "parallel_tool_calls"]
+_NUMBER = st.integers(-2**70, 2**70) | st.sampled_from([-1, 0, 1, 2, 5, 0.5, -0.5, 1e308]) | st.floats(-10, 10)
+# a few fields at a time (most requests with many hostile fields stop at the first), numbers more often
+# than other values: they reach the checks behind the first ones
+_FIELDS = st.dictionaries(st.sampled_from(_NAMES), _NUMBER | _NUMBER | _JSON | st.booleans(), max_size=3).map(
+    lambda d: {k: v for k, v in d.items() if not (k == "n" and isinstance(v, int) and v > 4)})  # n: time
+_BODIES = st.one_of(
+    st.fixed_dictionaries({"prompt": st.sampled_from(["Hello", ["a", "b"], [1, 2, 3], "\ud800x"]) | _JSON,
+                           "max_tokens": _SMALL, "fields": _FIELDS}).map(lambda b: ("/v1/completions", b)),
+    st.fixed_dictionaries({"messages": st.lists(_MESSAGE, min_size=1, max_size=3) | _JSON,
+                           "max_completion_tokens": _SMALL, "fields": _FIELDS}).map(
+                               lambda b: ("/v1/chat/completions", b)),
+    st.fixed_dictionaries({"input": st.sampled_from(["hi", ["a", "b"], [1, 2], [[1, 2]]]) | _JSON,
+                           "fields": _FIELDS}).map(lambda b: ("/v1/embeddings", b)),
+    st.fixed_dictionaries({"content": st.sampled_from(["hi", "\ud800"]) | _JSON, "fields": _FIELDS}).map(
+        lambda b: ("/tokenize", b)),
+    st.fixed_dictionaries({"tokens": st.sampled_from([[1, 2], [2**40]]) | _JSON}).map(lambda b: ("/detokenize", b)))
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(body=st.dictionaries(st.sampled_from(_NAMES + ["max_tokens", "max_completion_tokens", "best_of", "ignore_eos",
+                                                     "prompt", "messages", "json_schema"]),
+                            _NUMBER | _NUMBER | _JSON | st.booleans() | st.just(10**400), max_size=4),
+       chat=st.booleans())
+def test_request_fields_are_refused_with_a_4xx_or_taken_by_the_sampler(body, chat):
+    """The routes' field checks (protocol.py), a thousand bodies without a server: each
+    refuses with a 4xx naming the field, or hands on values the engine's own checks (Sampler) accept."""
+    calls = [lambda: P.generation(body, 49152, 512, 8, chat), lambda: P.prompts(body, 49152),
+             lambda: P.messages(body), lambda: P.tools(body), lambda: P.response_format(body)]
+    for call in calls:
+        try:
+            got = call()
+        except P.APIError as e:
+            assert 400 <= e.status < 500 and e.body()["error"]["message"], e.body()
+            continue
+        if isinstance(got, P.Generation):
+            Sampler(got.params)
+            assert got.max_tokens is None or 1 <= got.max_tokens <= 512
+            assert 1 <= got.n <= 8 and all(isinstance(s, str) for s in got.stop)
+            assert all(0 <= k < 49152 and -100 <= v <= 100 for k, v in (got.logit_bias or {}).items())
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(case=_BODIES)
+def test_any_request_gets_a_reply_or_a_4xx_and_the_server_goes_on(srv, case):
+    """Whatever the JSON, an answer (a JSON body, or a stream that ends with [DONE]) or a 4xx with
+    OpenAI's error body: never a 500, a dropped connection or a stuck slot."""
+    path, body = case
+    body = {**body, **body.pop("fields", {})}
+    with httpx.stream("POST", srv.base + path, content=json.dumps(body), timeout=60,
+                      headers={"content-type": "application/json"}) as r:
+        text = r.read().decode()
+    assert r.status_code in (200, 400, 404), (r.status_code, text[:300], body)
+    if r.status_code != 200:
+        err = json.loads(text)["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        assert text.rstrip().endswith("data: [DONE]"), text[-300:]
+    else:
+        assert isinstance(json.loads(text), dict)
+    wait_idle(srv, timeout=20)
 
 
 # ------------------------------------------------------------------------------ llama.cpp's routes, models

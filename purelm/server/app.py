@@ -22,6 +22,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import ContextOverflowError, PurelmError, UsageError
 from . import protocol as P
@@ -160,14 +161,18 @@ class _State:
 
 async def read_body(request: Request, limit: int) -> dict:
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
+    # (int() of a header of thousands of digits, or of non-ASCII digits, would raise: 500)
+    if length is not None and not (length.isascii() and length.isdigit() and len(length) < 20 and int(length) <= limit):
         raise P.APIError(413, f"the body is larger than this server takes ({limit} bytes)", None, "body_too_large")
     raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise P.APIError(413, f"the body is larger than this server takes ({limit} bytes)", None,
-                             "body_too_large")
+    try:
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise P.APIError(413, f"the body is larger than this server takes ({limit} bytes)", None,
+                                 "body_too_large")
+    except ClientDisconnect:  # gone before its body ended: an answer nobody reads, not a traceback in the log
+        raise P.bad("the client left before the end of its body", None, "client_disconnected") from None
     return P.json_object(bytes(raw))
 
 

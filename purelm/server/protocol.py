@@ -76,7 +76,7 @@ def get_int(body: dict, name: str, lo: int, hi: int, default: Any = None) -> Any
     if isinstance(v, bool) or not isinstance(v, int):
         raise bad(f"{name} must be an integer, got {_kind(v)}", name, "invalid_type")
     if not lo <= v <= hi:
-        raise bad(f"{name} must be between {lo} and {hi}, got {v}", name)
+        raise bad(f"{name} must be between {lo} and {hi}, got {_short(v)}", name)
     return v
 
 
@@ -86,9 +86,24 @@ def get_float(body: dict, name: str, lo: float, hi: float, default: Any = None) 
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise bad(f"{name} must be a number, got {_kind(v)}", name, "invalid_type")
-    if not math.isfinite(v) or not lo <= v <= hi:
-        raise bad(f"{name} must be between {lo:g} and {hi:g}, got {v!r}", name)
+    if not _within(v, lo, hi):
+        raise bad(f"{name} must be between {lo:g} and {hi:g}, got {_short(v)}", name)
     return float(v)
+
+
+def _within(v: int | float, lo: float, hi: float) -> bool:
+    """lo <= v <= hi for a finite v. An integer is compared as it is: JSON integers have any number of
+    digits, and one past float's range would overflow a conversion (math.isfinite(10**400) raises)."""
+    return (isinstance(v, int) or math.isfinite(v)) and lo <= v <= hi
+
+
+def _short(v: Any) -> str:
+    """A value for an error message: long integers by their size (repr would print every digit, or
+    raise past Python's 4300)."""
+    if isinstance(v, int) and abs(v) >= 10**30:
+        return f"an integer of about {int(abs(v).bit_length() * 0.30103) + 1} digits"
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def get_bool(body: dict, name: str, default: bool = False) -> bool:
@@ -197,10 +212,10 @@ def generation(body: dict, n_vocab: int, n_ctx: int, max_n: int, chat: bool) -> 
             raise bad(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}", "logit_bias")
         logit_bias = {}
         for k, v in bias.items():
-            if not (k.isascii() and k.isdigit()) or int(k) >= n_vocab:
+            if not (k.isascii() and k.isdigit() and len(k) < 20) or int(k) >= n_vocab:  # (int() of 5000 digits raises)
                 raise bad(f"logit_bias: {k!r} is not a token id (0 to {n_vocab - 1})", "logit_bias")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not -100 <= v <= 100:
-                raise bad(f"logit_bias[{k}] must be a number between -100 and 100, got {v!r}", "logit_bias")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _within(v, -100, 100):
+                raise bad(f"logit_bias[{k}] must be a number between -100 and 100, got {_short(v)}", "logit_bias")
             logit_bias[int(k)] = float(v)
     return Generation(params, max_tokens, n, stops, stream, include_usage, get_bool(body, "ignore_eos"), logit_bias)
 
@@ -210,7 +225,7 @@ def token_ids(v: Any, n_vocab: int, param: str) -> list[int]:
         raise bad(f"{param} must be a non-empty array of token ids", param, "invalid_type")
     for t in v:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
-            raise bad(f"{param}: {t!r} is not a token id (0 to {n_vocab - 1})", param)
+            raise bad(f"{param}: {_short(t)} is not a token id (0 to {n_vocab - 1})", param)
     return list(v)
 
 
