@@ -604,6 +604,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
                         note(f"(loaded {len(messages)} messages from {arg})")
                     except (OSError, ValueError) as e:  # UsageError is a ValueError, and so is bad JSON
                         fail(ValueError(f"/load {arg}: {getattr(e, 'strerror', None) or e}"))
+                    except RecursionError:
+                        fail(ValueError(f"/load {arg}: JSON nested too deeply"))
                 elif command == "/help":
                     print(_CHAT_HELP, file=sys.stderr)
                 else:

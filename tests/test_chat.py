@@ -388,6 +388,7 @@ def test_tool_calls_are_read_from_each_format(text, content, calls):
     '{"city": "Paris"}',  # JSON, but not a call
     '{"name": "get_weather", "parameters": {"city": "Paris"}} and then some text',
     "[" * 100000,
+    '{"name": "get_weather", "arguments": "' + "[" * 100000 + "]" * 100000 + '"}',  # arguments nested too deeply
     "",
 ])
 def test_malformed_tool_calls_stay_content(text):
@@ -529,6 +530,9 @@ def test_cli_chat_piped_replies_as_the_api(smollm2_path, smollm2, tmp_path):
     assert json.loads((tmp_path / "empty.json").read_text()) == []
     r = chat_cli(smollm2_path, input=f"/load {tmp_path / 'missing.json'}\n".encode())
     assert r.returncode == 1 and b"missing.json" in r.stderr and b"Traceback" not in r.stderr
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's stack
+    r = chat_cli(smollm2_path, input=f"/load {tmp_path / 'deep.json'}\n".encode())
+    assert r.returncode == 1 and b"nested too deeply" in r.stderr and b"Traceback" not in r.stderr
 
 
 def test_cli_chat_keeps_going_past_the_context(smollm2_path):

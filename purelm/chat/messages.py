@@ -53,7 +53,7 @@ def _tool_calls(calls: Any, what: str, object_arguments: bool = True) -> list[di
             # write them with |tojson and expect the object, as llama.cpp hands it to them.
             try:
                 parsed = json.loads(args) if object_arguments else None
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested deeper than the stack: kept as text
                 parsed = None
             args = parsed if isinstance(parsed, dict) else args
         elif not isinstance(args, Mapping):

@@ -46,7 +46,7 @@ def _make_call(obj: Any, names: set[str] | None = None, mistral: bool = False) -
     if isinstance(args, str):
         try:
             json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     else:
         try:

@@ -86,7 +86,7 @@ def _messages(x: Any, column: str, i: int) -> list[dict]:
     if isinstance(x, (str, bytes)):
         try:
             x = json.loads(x)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise UsageError(f"{column}[{i}] is not JSON messages: {e}") from None
     if isinstance(x, np.ndarray):
         x = list(x)
