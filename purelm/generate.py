@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends.base import KVCache
+from .backends.kv_cache import BLOCK
 from .errors import ContextOverflowError, UsageError
 from .models.common import Model
 from .sampling import Sampler, SamplingParams
@@ -202,6 +203,11 @@ def stream_batch(model: Model, tokenizer, n_ctx: int, prompts: Sequence[Sequence
     sequence). Sample i uses seed + i when a seed is given, so each is reproducible and they differ."""
     timings = timings if timings is not None else {}
     cache = model.new_cache(n_ctx)
+    # the most blocks it can take: each prompt's once, then each sample's own positions in a copy of
+    # the prompt's last block (copy-on-write) and after; checked before any work, so a huge n fails at once
+    own = -(-(min(max_tokens, n_ctx) + BLOCK - 1) // BLOCK)
+    cache.check_room(sum(-(-len(p) // BLOCK) for p in prompts) + len(prompts) * n * own,
+                     f"{len(prompts)} prompt(s) x n = {n} samples of up to {max_tokens} tokens")
     t0 = time.perf_counter()
     seqs = [cache.add() for _ in prompts]
     pending = [list(p) for p in prompts]

@@ -44,6 +44,18 @@ CACHE_TYPES = ("f32", "f16", "q8_0")
 Q8_0_VALUES, Q8_0_BYTES = 32, 34  # one q8_0 block: 32 values in an f16 scale and 32 int8
 
 
+def available_memory() -> int | None:
+    """Bytes the host can still give without swapping (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 ROTATION_MIN = 64  # the smallest Hadamard block; a head size it does not divide is not rotated
 
 
@@ -123,6 +135,12 @@ def decode_rows(kind: str, rows: np.ndarray, dim: int) -> np.ndarray:
     out = np.empty((len(blocks), Q8_0_VALUES), np.float32)
     decode_q8_0(blocks, out)
     return out.reshape(rows.shape[:-1] + (dim,))
+
+
+def _row_bytes(store: Any) -> int:
+    """Bytes of one row (position) of a numpy or torch store."""
+    item = store.element_size() if hasattr(store, "element_size") else store.itemsize
+    return int(np.prod(store.shape[1:])) * item
 
 
 @dataclass
@@ -275,6 +293,24 @@ class KVCache:
     def table(self, seq: int) -> np.ndarray:
         return np.asarray(self.seq(seq).blocks, np.int32)
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block of positions: keys and values of every layer."""
+        return BLOCK * sum(_row_bytes(store) for store in self.k + self.v)
+
+    def available_bytes(self) -> int | None:
+        """Memory the stores can still grow into (None: unknown, no check): the host's, here."""
+        return available_memory()
+
+    def check_room(self, n_blocks: int, what: str) -> None:
+        """A UsageError, before any allocation, when `n_blocks` more blocks would not fit in the memory
+        available: numpy's zeroed stores take address space at once and pages as they are written, so
+        an oversized cache would otherwise end in the kernel's OOM killer mid-generation."""
+        need, free = n_blocks * self.block_bytes, self.available_bytes()
+        if free is not None and need > free:
+            raise UsageError(f"{what} needs up to {need / 2**30:.1f} GiB of KV cache ({n_blocks} blocks of {BLOCK} "
+                             f"positions), and {free / 2**30:.1f} GiB of memory is available")
+
     def _allocate(self) -> int:
         if not self.free_blocks:
             self._grow(max(4, 2 * self.capacity))
@@ -290,6 +326,7 @@ class KVCache:
 
     def _grow(self, capacity: int) -> None:
         old = self.capacity
+        self.check_room(capacity - old, f"growing the KV cache to {capacity * BLOCK} positions")
         for stores, kind in ((self.k, self.type_k), (self.v, self.type_v)):
             for i, store in enumerate(stores):
                 new = self._zeros((capacity * BLOCK,) + tuple(store.shape[1:]), kind)

@@ -31,6 +31,11 @@ class TorchKVCache(KVCache):
         super().__init__(n_layers, n_ctx, n_kv_heads, k_dim, v_dim, dtype, type_k, type_v)
         self._grow(max(4, -(-n_ctx // BLOCK)))
 
+    def available_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        return super().available_bytes()
+
     def _zeros(self, shape: tuple[int, ...], kind: str) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float16 if kind == "f16" else self.dtype, device=self.device)
 
