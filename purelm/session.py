@@ -73,6 +73,8 @@ def save(llm: Any, path: str | os.PathLike, messages: list | None = None) -> Non
     """Write `llm`'s sequence (tokens, keys and values, last prompt's logits) and `messages` (a chat's,
     any JSON) to `path`. Written to a temporary file first: `path` is never seen half written."""
     path = Path(_check_path(path))
+    if not path.name or path.is_dir():
+        raise UsageError(f"cannot write the session {path}: it is a directory; give a file's path")
     cache, seq = llm.cache, llm.cache.seqs[0]
     if len(seq.tokens) != seq.n_past:
         raise UsageError(f"the cache holds {seq.n_past} positions but {len(seq.tokens)} known tokens: "
@@ -85,7 +87,7 @@ def save(llm: Any, path: str | os.PathLike, messages: list | None = None) -> Non
               "logits_at": None if logits is None else int(seq.prompt_logits[0]), "messages": messages}
     try:
         head = json.dumps(header, ensure_ascii=False).encode("utf-8")
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise UsageError(f"messages must be JSON (lists, dicts, strings, numbers): {e}") from None
     if len(head) > HEADER_MAX:
         raise UsageError(f"the session's tokens and messages take {len(head)} bytes of JSON, more than a session "

@@ -182,6 +182,14 @@ def test_a_failed_save_leaves_no_file(tmp_path):
         llm.save_session(tmp_path / "s.kv", messages=[object()])
     with pytest.raises(UsageError, match="cannot write the session"):
         llm.save_session(tmp_path / "no-such-dir" / "s.kv")
+    for folder in ("/", tmp_path):
+        with pytest.raises(UsageError, match="it is a directory"):
+            llm.save_session(folder)
+    deep: list = []
+    for _ in range(100_000):  # nested deeper than Python's stack
+        deep = [deep]
+    with pytest.raises(UsageError, match="messages must be JSON"):
+        llm.save_session(tmp_path / "s.kv", messages=deep)
     with pytest.raises(UsageError, match="cannot read the session"):
         llm.load_session(tmp_path / "missing.kv")
     with pytest.raises(UsageError, match="more than a session file holds"):
