@@ -206,8 +206,9 @@ def stream_batch(model: Model, tokenizer, n_ctx: int, prompts: Sequence[Sequence
     # the most blocks it can take: each prompt's once, then each sample's own positions in a copy of
     # the prompt's last block (copy-on-write) and after; checked before any work, so a huge n fails at once
     own = -(-(min(max_tokens, n_ctx) + BLOCK - 1) // BLOCK)
-    cache.check_room(sum(-(-len(p) // BLOCK) for p in prompts) + len(prompts) * n * own,
-                     f"{len(prompts)} prompt(s) x n = {n} samples of up to {max_tokens} tokens")
+    blocks = sum(-(-len(p) // BLOCK) for p in prompts) + len(prompts) * n * own
+    cache.check_room(blocks * cache.block_bytes, f"{len(prompts)} prompt(s) x n = {n} samples of up to "
+                     f"{max_tokens} tokens ({blocks} blocks of {BLOCK} positions)")
     t0 = time.perf_counter()
     seqs = [cache.add() for _ in prompts]
     pending = [list(p) for p in prompts]

@@ -302,14 +302,19 @@ class KVCache:
         """Memory the stores can still grow into (None: unknown, no check): the host's, here."""
         return available_memory()
 
-    def check_room(self, n_blocks: int, what: str) -> None:
-        """A UsageError, before any allocation, when `n_blocks` more blocks would not fit in the memory
-        available: numpy's zeroed stores take address space at once and pages as they are written, so
-        an oversized cache would otherwise end in the kernel's OOM killer mid-generation."""
-        need, free = n_blocks * self.block_bytes, self.available_bytes()
+    def check_room(self, need: int, what: str) -> None:
+        """A UsageError, before any allocation, when `need` more bytes would not fit in the memory
+        available (else the kernel's OOM killer ends the process mid-generation)."""
+        free = self.available_bytes()
         if free is not None and need > free:
-            raise UsageError(f"{what} needs up to {need / 2**30:.1f} GiB of KV cache ({n_blocks} blocks of {BLOCK} "
-                             f"positions), and {free / 2**30:.1f} GiB of memory is available")
+            raise UsageError(f"{what} needs up to {need / 2**30:.1f} GiB of KV cache, and {free / 2**30:.1f} GiB "
+                             f"of memory is available")
+
+    def _growth_bytes(self, old: int, capacity: int) -> int:
+        """The memory a growth from `old` to `capacity` blocks takes at once. numpy's zeroed stores are
+        pages the kernel hands out as they are written (calloc): the block asked for, and the copy of
+        the largest store while its old array still lives. (A device store takes all of it at once.)"""
+        return self.block_bytes + old * BLOCK * max(_row_bytes(store) for store in self.k + self.v)
 
     def _allocate(self) -> int:
         if not self.free_blocks:
@@ -326,7 +331,7 @@ class KVCache:
 
     def _grow(self, capacity: int) -> None:
         old = self.capacity
-        self.check_room(capacity - old, f"growing the KV cache to {capacity * BLOCK} positions")
+        self.check_room(self._growth_bytes(old, capacity), f"growing the KV cache to {capacity * BLOCK} positions")
         for stores, kind in ((self.k, self.type_k), (self.v, self.type_v)):
             for i, store in enumerate(stores):
                 new = self._zeros((capacity * BLOCK,) + tuple(store.shape[1:]), kind)

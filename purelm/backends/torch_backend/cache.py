@@ -36,6 +36,9 @@ class TorchKVCache(KVCache):
             return torch.cuda.mem_get_info(self.device)[0]
         return super().available_bytes()
 
+    def _growth_bytes(self, old: int, capacity: int) -> int:
+        return (capacity - old) * self.block_bytes  # device memory is taken when allocated
+
     def _zeros(self, shape: tuple[int, ...], kind: str) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float16 if kind == "f16" else self.dtype, device=self.device)
 
