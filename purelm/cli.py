@@ -586,6 +586,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
                 if command == "/reset":
                     messages = list(start)
                     note("(the conversation starts over)")
+                elif command == "/save" and arg and os.path.exists(arg) and os.path.samefile(arg, llm.path):
+                    fail(ValueError(f"/save {arg}: it is the model file; give another path"))
                 elif command == "/save" and arg:
                     try:
                         with open(arg, "w", encoding="utf-8") as f:
@@ -670,6 +672,15 @@ def cmd_chat(a: argparse.Namespace) -> int:
             note(f"(session saved to {a.save_session}: {len(messages)} messages)")
 
 
+def _not_an_input(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
+    """A UsageError where a file to write is one of the files read (the model, the text): it would be
+    overwritten."""
+    for flag, out in outputs.items():
+        for what, path in inputs.items():
+            if out and path and os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path):
+                raise UsageError(f"{flag} {out} is the {what}: writing there would overwrite it")
+
+
 def cmd_perplexity(a: argparse.Namespace) -> int:
     """llama-perplexity's perplexity over a text file, or KL divergence from saved log-probabilities."""
     from . import perplexity as ppl
@@ -713,6 +724,7 @@ def cmd_perplexity(a: argparse.Namespace) -> int:
             _warn(f"{text_file} is not read: the tokens come from {a.kl_divergence_base}")
         n_ctx = _base_ctx(a.kl_divergence_base, a.ctx)
         llm = _load(a, n_ctx)
+        _not_an_input({"-o/--output": a.output}, {"model file": llm.path, "--kl-divergence-base file": a.kl_divergence_base})
         note(f"KL divergence from {a.kl_divergence_base}: chunks of {n_ctx} tokens, {a.batch} tokens per pass")
         result = ppl.kl_divergence(llm, a.kl_divergence_base, a.chunks, a.batch, progress)
         print(file=out)
@@ -721,6 +733,8 @@ def cmd_perplexity(a: argparse.Namespace) -> int:
         n_ctx = a.ctx or 512
         text = ppl.read_text(text_file)
         llm = _load(a, n_ctx)
+        _not_an_input({"--kl-divergence-base": a.kl_divergence_base, "-o/--output": a.output},
+                      {"model file": llm.path, "text file": text_file})
         tokens = ppl.text_tokens(llm.tokenizer, text)
         n_chunk = ppl.count_chunks(len(tokens), n_ctx, a.chunks)
         note(f"{len(tokens)} tokens; {n_chunk} chunks of {n_ctx}, {a.batch} tokens per pass")

@@ -75,6 +75,9 @@ def save(llm: Any, path: str | os.PathLike, messages: list | None = None) -> Non
     path = Path(_check_path(path))
     if not path.name or path.is_dir():
         raise UsageError(f"cannot write the session {path}: it is a directory; give a file's path")
+    for model_file in getattr(llm.file, "shards", None) or [llm.file.path]:
+        if path.exists() and os.path.exists(model_file) and os.path.samefile(path, model_file):
+            raise UsageError(f"cannot write the session {path}: it is the model file; give another path")
     cache, seq = llm.cache, llm.cache.seqs[0]
     if len(seq.tokens) != seq.n_past:
         raise UsageError(f"the cache holds {seq.n_past} positions but {len(seq.tokens)} known tokens: "

@@ -530,6 +530,11 @@ def test_cli_chat_piped_replies_as_the_api(smollm2_path, smollm2, tmp_path):
     assert json.loads((tmp_path / "empty.json").read_text()) == []
     r = chat_cli(smollm2_path, input=f"/load {tmp_path / 'missing.json'}\n".encode())
     assert r.returncode == 1 and b"missing.json" in r.stderr and b"Traceback" not in r.stderr
+    model = tmp_path / "tiny.gguf"  # /save never writes over the model it talks to
+    model.write_bytes((FIXTURES / "llama-q8_0.gguf").read_bytes())
+    r = chat_cli(model, "-n", "2", input=f"Hi\n/save {model}\n".encode())
+    assert r.returncode == 1 and b"it is the model file" in r.stderr
+    assert model.read_bytes() == (FIXTURES / "llama-q8_0.gguf").read_bytes()
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's stack
     r = chat_cli(smollm2_path, input=f"/load {tmp_path / 'deep.json'}\n".encode())
     assert r.returncode == 1 and b"nested too deeply" in r.stderr and b"Traceback" not in r.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import struct
 
 import numpy as np
@@ -289,6 +290,19 @@ def test_cli_errors(args, code, message, tmp_path, capsys, monkeypatch):
     errors = [line for line in err.splitlines() if not line.startswith("purelm: warning")]
     assert len(errors) == 1 and errors[0].startswith("purelm: error") and message in errors[0]
     assert list(tmp_path.iterdir()) == []  # no partial output
+
+
+def test_cli_never_writes_over_the_model_or_the_text(tmp_path, capsys):
+    model, text = tmp_path / "m.gguf", tmp_path / "t.csv"
+    shutil.copy(FIXTURES / "llama-f32.gguf", model)
+    shutil.copy(FIXTURES / "agreement.txt", text)
+    before = model.read_bytes(), text.read_bytes()
+    for out, what in ((model, "model file"), (text, "text file")):
+        assert main(["perplexity", str(model), str(text), "-c", "64", "--kl-divergence-base", str(out)]) == 2
+        assert f"{out} is the {what}: writing there would overwrite it" in capsys.readouterr().err
+    assert main(["perplexity", str(model), str(text), "-c", "64", "-o", str(text)]) == 2
+    assert "-o/--output" in capsys.readouterr().err
+    assert (model.read_bytes(), text.read_bytes()) == before
 
 
 def test_cli_hostile_base_and_context_mismatch(tmp_path, capsys, f32):

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,6 +175,16 @@ def test_cache_type_mismatch_says_which(tmp_path):
     with pytest.raises(FormatError, match=r"stored as q8_0/q8_0; this model's cache is f32/f32 .*-ctk q8_0 -ctv q8_0"):
         fresh(model=MODEL_32).load_session(path)
     assert fresh(kind="q8_0").load_session(path) == [{"role": "user", "content": "x"}]
+
+
+def test_a_session_is_never_written_over_the_model(tmp_path):
+    model = tmp_path / "m.gguf"
+    shutil.copy(MODEL, model)
+    llm = fresh(model=model)
+    llm.complete(ids(5, 9), max_tokens=2, temperature=0)
+    with pytest.raises(UsageError, match="it is the model file"):
+        llm.save_session(model)
+    assert model.read_bytes() == Path(MODEL).read_bytes()
 
 
 def test_a_failed_save_leaves_no_file(tmp_path):
