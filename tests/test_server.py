@@ -431,6 +431,19 @@ def test_any_request_gets_a_reply_or_a_4xx_and_the_server_goes_on(srv, case):
     wait_idle(srv, timeout=20)
 
 
+def test_a_request_needing_more_kv_cache_than_the_memory_gets_503(srv, monkeypatch):
+    from purelm.backends import kv_cache
+
+    wait_idle(srv)
+    block = srv.state.engine.cache.block_bytes
+    monkeypatch.setattr(kv_cache, "available_memory", lambda: 3 * block)  # the host, as the engine sees it
+    # a prompt's block, and 3 blocks for each of 4 samples of up to 150 tokens: 13
+    err = error_of(srv.post("/v1/completions", {"prompt": "Hi", "max_tokens": 150, "n": 4}), 503)
+    assert err["code"] == "insufficient_memory" and "GiB of KV cache" in err["message"], err
+    monkeypatch.undo()
+    assert srv.client.completions.create(model=MODEL, prompt="Hi", max_tokens=150, n=4).usage.completion_tokens > 4
+
+
 # ------------------------------------------------------------------------------ llama.cpp's routes, models
 def test_tokenize_detokenize_health_models_metrics(srv, ref):
     ids = srv.post("/tokenize", {"content": "Hello, world!"}).json()["tokens"]

@@ -157,6 +157,8 @@ class _State:
             raise P.APIError(503, str(e), None, "unavailable") from None
         except ContextOverflowError as e:
             raise P.bad(str(e), None, "context_length_exceeded") from None
+        except UsageError as e:  # more KV cache than the memory available (KVCache.check_room)
+            raise P.APIError(503, str(e), None, "insufficient_memory") from None
 
 
 async def read_body(request: Request, limit: int) -> dict:
