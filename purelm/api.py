@@ -12,6 +12,7 @@ import numpy as np
 from . import speculative
 from .backends import BACKENDS, get_backend
 from .backends.base import Backend
+from .backends import kv_cache
 from .backends.kv_cache import check_cache_type
 from .chat import ChatCompletion, ChatTemplate, parse_tool_calls
 from .formats.ggml_legacy import open_model_file
@@ -118,6 +119,10 @@ class LLM:
         ids = self.tokenize(ids) if isinstance(ids, str) else _token_ids(ids, self.n_vocab, "ids", text_ok=True)
         if not ids:
             raise UsageError("ids is empty: give at least one token")
+        need, free = 4 * len(ids) * self.n_vocab, kv_cache.available_memory()  # the float32 logits alone
+        if free is not None and need > free:
+            raise UsageError(f"the logits of {len(ids)} positions take {need / 2**30:.1f} GiB, and {free / 2**30:.1f} "
+                             f"GiB of memory is available: ask for fewer positions at a time")
         cache = self.model.new_cache(max(self.n_ctx, len(ids)))
         return prefill(self.model, cache, list(ids), all_logits=True)
 

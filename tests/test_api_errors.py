@@ -103,6 +103,8 @@ def test_a_batch_or_cache_larger_than_memory_is_refused_before_any_work(tiny, mo
     with pytest.raises(UsageError, match=rf"1 prompt\(s\) x n = {n} samples .* blocks .* GiB of KV cache, and 1.0 GiB"):
         tiny.generate_batch(["x"], n=n, max_tokens=2)  # at once: no sampler, fork or pass made first
     assert len(tiny.generate_batch(["x"], n=3, max_tokens=2)) == 3
+    with pytest.raises(UsageError, match="the logits of 900000 positions take 1.1 GiB, and 1.0 GiB"):
+        tiny.logits([1] * 900_000)  # 900,000 x 320 float32
     # any growth of a cache past the memory available: an error, the cache as it was
     cache = tiny.model.new_cache(64)
     cache.reserve(64)
