@@ -189,7 +189,8 @@ def _check_session_args(a: argparse.Namespace) -> None:
 
 def _load_session(llm: Any, a: argparse.Namespace) -> Any:
     """The session --load-session names, loaded into `llm` (None if there is none to load); returns its
-    messages."""
+    messages. Also refuses, before any work, a --save-session FILE that is the model file."""
+    _not_an_input({"--save-session": a.save_session}, {"model file": llm.path})
     if a.load_session is None:
         return None
     if a.load_session == a.save_session and not os.path.exists(a.load_session):

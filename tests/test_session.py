@@ -177,13 +177,17 @@ def test_cache_type_mismatch_says_which(tmp_path):
     assert fresh(kind="q8_0").load_session(path) == [{"role": "user", "content": "x"}]
 
 
-def test_a_session_is_never_written_over_the_model(tmp_path):
+def test_a_session_is_never_written_over_the_model(tmp_path, capsys):
     model = tmp_path / "m.gguf"
     shutil.copy(MODEL, model)
     llm = fresh(model=model)
     llm.complete(ids(5, 9), max_tokens=2, temperature=0)
     with pytest.raises(UsageError, match="it is the model file"):
         llm.save_session(model)
+    # the command line refuses it before generating anything
+    assert main(["generate", "-m", str(model), "-n", "2", "--save-session", str(model), "Hi"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--save-session" in err and "is the model file" in err
     assert model.read_bytes() == Path(MODEL).read_bytes()
 
 
