@@ -435,10 +435,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     _server_deps()
     from .server import ServerConfig, serve
 
+    if a.api_key is not None and not a.api_key.strip() and not os.environ.get("PURELM_API_KEY"):
+        _warn("--api-key is empty (an unset variable?): the server takes requests without a key")
     llm = _load(a, a.ctx)
     aliases = (a.model,) if a.model and not os.path.exists(a.model) else ()
     config = ServerConfig(parallel=a.parallel, batch=a.batch, max_queue=a.queue,
-                          api_key=a.api_key or os.environ.get("PURELM_API_KEY") or None,
+                          api_key=(a.api_key or "").strip() or os.environ.get("PURELM_API_KEY") or None,
                           model_name=a.alias, aliases=aliases, prefix_cache=not a.no_prefix_cache,
                           lookup=a.lookup or 0)
     print(_safe(f"purelm: serving {llm.path} on http://{a.host}:{a.port}/v1 ({a.parallel} slots, context "

@@ -632,7 +632,7 @@ def test_body_size_limit(small):
 
 
 # ------------------------------------------------------------------------------ the command line
-def test_cli_embed_and_serve_arguments(capsys, smollm2_path, ref):
+def test_cli_embed_and_serve_arguments(capsys, monkeypatch, smollm2_path, ref):
     from purelm.cli import main
 
     assert main(["embed", "-m", str(smollm2_path), "-c", "64", "hello", "world"]) == 0  # -m MODEL TEXT...
@@ -657,6 +657,19 @@ def test_cli_embed_and_serve_arguments(capsys, smollm2_path, ref):
     for args in (["--parallel", "0"], ["--port", "70000"], ["--batch", "0"], ["-t", "0"], ["-c", "0"], ["--lookup", "0"]):
         assert main(["serve", str(smollm2_path), *args]) == 2
         assert "error" in capsys.readouterr().err
+    import purelm.server
+
+    configs = []
+    monkeypatch.delenv("PURELM_API_KEY", raising=False)
+    real_serve = purelm.server.serve
+    try:  # an empty --api-key (an unset shell variable) serves without a key, and says so
+        purelm.server.serve = lambda llm, host, port, config, **kw: configs.append(config)
+        for key, warned in (("", True), ("  ", True), ("sekret", False)):
+            assert main(["serve", str(smollm2_path), "-c", "64", "--api-key", key]) == 0
+            assert ("--api-key is empty" in capsys.readouterr().err) == warned
+        assert [c.api_key for c in configs] == [None, None, "sekret"]
+    finally:
+        purelm.server.serve = real_serve
 
 
 def test_purelm_serve_command_serves_and_stops_on_sigterm(smollm2_path):
