@@ -727,7 +727,8 @@ def cmd_perplexity(a: argparse.Namespace) -> int:
             _warn(f"{text_file} is not read: the tokens come from {a.kl_divergence_base}")
         n_ctx = _base_ctx(a.kl_divergence_base, a.ctx)
         llm = _load(a, n_ctx)
-        _not_an_input({"-o/--output": a.output}, {"model file": llm.path, "--kl-divergence-base file": a.kl_divergence_base})
+        _not_an_input({"-o/--output": a.output},
+                      {"model file": llm.path, "--kl-divergence-base file": a.kl_divergence_base})
         note(f"KL divergence from {a.kl_divergence_base}: chunks of {n_ctx} tokens, {a.batch} tokens per pass")
         result = ppl.kl_divergence(llm, a.kl_divergence_base, a.chunks, a.batch, progress)
         print(file=out)
