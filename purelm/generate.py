@@ -203,10 +203,8 @@ def stream_batch(model: Model, tokenizer, n_ctx: int, prompts: Sequence[Sequence
     sequence). Sample i uses seed + i when a seed is given, so each is reproducible and they differ."""
     timings = timings if timings is not None else {}
     cache = model.new_cache(n_ctx)
-    # the most blocks it can take: each prompt's once, then each sample's own positions in a copy of
-    # the prompt's last block (copy-on-write) and after; checked before any work, so a huge n fails at once
-    own = -(-(min(max_tokens, n_ctx) + BLOCK - 1) // BLOCK)
-    blocks = sum(-(-len(p) // BLOCK) for p in prompts) + len(prompts) * n * own
+    # checked before any work, so that a huge n fails at once
+    blocks = cache.samples_blocks([len(p) for p in prompts], n, max_tokens)
     cache.check_room(blocks * cache.block_bytes, f"{len(prompts)} prompt(s) x n = {n} samples of up to "
                      f"{max_tokens} tokens ({blocks} blocks of {BLOCK} positions)")
     t0 = time.perf_counter()

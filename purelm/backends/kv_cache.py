@@ -310,6 +310,12 @@ class KVCache:
             raise UsageError(f"{what} needs up to {need / 2**30:.1f} GiB of KV cache, and {free / 2**30:.1f} GiB "
                              f"of memory is available")
 
+    def samples_blocks(self, prompt_lengths: list[int], n: int, max_tokens: int) -> int:
+        """The most blocks `n` samples of each prompt can take: each prompt's blocks once, then each
+        sample's own positions, from a copy of its prompt's last block (copy-on-write) on."""
+        own = -(-(min(max_tokens, self.n_ctx) + BLOCK - 1) // BLOCK)
+        return sum(-(-p // BLOCK) for p in prompt_lengths) + len(prompt_lengths) * n * own
+
     def _growth_bytes(self, old: int, capacity: int) -> int:
         """The memory a growth from `old` to `capacity` blocks takes at once. numpy's zeroed stores are
         pages the kernel hands out as they are written (calloc): the block asked for, and the copy of

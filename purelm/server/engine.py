@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.kv_cache import BLOCK
 from ..embeddings import Pooling
 from ..errors import ContextOverflowError, PurelmError
 from ..generate import _Sample
@@ -264,9 +263,7 @@ class Engine:
             raise ContextOverflowError(f"n = {req.n} is more than the server's {self.parallel} slots")
         if len(req.prompt) >= self.n_ctx:
             raise ContextOverflowError(f"the prompt has {len(req.prompt)} tokens but the context holds {self.n_ctx}")
-        # its most blocks: the prompt's, then each sample's own positions (as stream_batch counts them)
-        own = -(-(min(req.max_tokens, self.n_ctx) + BLOCK - 1) // BLOCK)
-        blocks = -(-len(req.prompt) // BLOCK) + req.n * own
+        blocks = self.cache.samples_blocks([len(req.prompt)], req.n, req.max_tokens)
         self.cache.check_room(blocks * self.cache.block_bytes, f"n = {req.n} samples of up to {req.max_tokens} tokens")
         handle = Handle(self, loop or asyncio.get_running_loop(), req.n)
         self._enqueue(_Job(req, handle))
