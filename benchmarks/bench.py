@@ -48,6 +48,11 @@ DEFAULT_TESTS = ("pp", "tg")  # st (decode through the streaming API, sampling a
 # ------------------------------------------------------------------------------------------ helpers
 
 
+def _significant(x: float) -> float:
+    """Three significant digits: a tiny model's bandwidth fraction must not round to 0."""
+    return float(f"{x:.3g}")
+
+
 def log(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
 
@@ -736,10 +741,11 @@ def run_threads(args: argparse.Namespace, report: dict, model: dict, engines: li
         for test in ("tg", "st"):
             if test in res and bw.get("gb_s_limit"):
                 achieved = model["weight_bytes_per_token"] * res[test]["tok_s"] / 1e9
-                res[f"{test}_weight_gb_s"] = round(achieved, 2)
-                res[f"{test}_bandwidth_fraction"] = round(achieved / bw["gb_s_limit"], 3)
+                res[f"{test}_weight_gb_s"] = _significant(achieved)
+                res[f"{test}_bandwidth_fraction"] = _significant(achieved / bw["gb_s_limit"])
                 if bw.get("model_size_gb_s_limit"):
-                    res[f"{test}_bandwidth_fraction_model_size"] = round(achieved / bw["model_size_gb_s_limit"], 3)
+                    res[f"{test}_bandwidth_fraction_model_size"] = _significant(
+                        achieved / bw["model_size_gb_s_limit"])
     report["results"] += [results[e] for e, _ in engines]
 
     ref = results.get(LLAMA)
