@@ -26,6 +26,11 @@ class UsageError(PurelmError, ValueError):
     Also a ValueError, so code written against the standard exception keeps working."""
 
 
+class MemoryLimitError(UsageError):
+    """More memory is asked for than the host (or the device) has available: a KV cache for more
+    sequences or positions than fit. Raised before the allocation, never by the OOM killer."""
+
+
 class TemplateError(PurelmError):
     """A chat template failed to compile or render: a syntax error, an error it raised itself
     (`raise_exception`), something the sandbox refuses (a model file is untrusted input), or a limit

@@ -444,6 +444,59 @@ def test_a_request_needing_more_kv_cache_than_the_memory_gets_503(srv, monkeypat
     assert srv.client.completions.create(model=MODEL, prompt="Hi", max_tokens=150, n=4).usage.completion_tokens > 4
 
 
+def test_requests_that_fit_alone_but_not_together_get_their_reply_or_503_never_500(smollm2_path, monkeypatch):
+    """The host's memory ends at the cache's present size (its growth refused): the retained prefix
+    is dropped, then each request either finishes or gets 503 insufficient_memory, and the requests
+    that finish are the same as alone (greedy); the pass never fails them all with a 500."""
+    from purelm.errors import MemoryLimitError
+
+    s = Server(purelm.load(smollm2_path, n_ctx=N_CTX), ServerConfig(parallel=8, max_queue=64))
+    try:
+        body = {"prompt": "Hi", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+        alone = s.post("/v1/completions", body).json()["choices"][0]["text"]  # 3 of the 4 blocks the cache grew to
+        wait_idle(s)
+        cache = s.state.engine.cache
+        (retained,) = s.state.engine._retained
+        assert cache.capacity == 4
+
+        def full(capacity):
+            raise MemoryLimitError(f"growing the KV cache to {capacity * 64} positions: no memory (the test's host)")
+
+        monkeypatch.setattr(cache, "_grow", full)
+        results: list = [None] * 3
+
+        def one(i):
+            results[i] = s.post("/v1/completions", {**body, "stream": i == 2})
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        done = 0
+        for r in results[:2]:
+            if r.status_code == 200:
+                done += 1
+                assert r.json()["choices"][0]["text"] == alone
+            else:
+                assert error_of(r, 503)["code"] == "insufficient_memory"
+        events = [json.loads(line[6:]) for line in results[2].text.splitlines()
+                  if line.startswith("data: {")]
+        if "error" in events[-1]:
+            assert events[-1]["error"]["code"] == "insufficient_memory", events[-1]
+        else:
+            done += 1
+            assert "".join(e["choices"][0]["text"] for e in events if e.get("choices")) == alone
+        assert 1 <= done < 3 and retained not in s.state.engine._retained
+        wait_idle(s)
+        monkeypatch.undo()
+        r = s.client.completions.create(model=MODEL, prompt="Hi", max_tokens=150, n=3, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert [c.text for c in r.choices] == [alone] * 3
+    finally:
+        s.stop()
+
+
 # ------------------------------------------------------------------------------ llama.cpp's routes, models
 def test_tokenize_detokenize_health_models_metrics(srv, ref):
     ids = srv.post("/tokenize", {"content": "Hello, world!"}).json()["tokens"]

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ContextOverflowError, UsageError
+from ..errors import ContextOverflowError, MemoryLimitError, UsageError
 from ..quant.legacy import decode_q8_0, encode_q8_0
 
 BLOCK = 64  # positions per block: a power of two, and a divisor of the kernels' chunk of positions
@@ -303,11 +303,11 @@ class KVCache:
         return available_memory()
 
     def check_room(self, need: int, what: str) -> None:
-        """A UsageError, before any allocation, when `need` more bytes would not fit in the memory
-        available (else the kernel's OOM killer ends the process mid-generation)."""
+        """A MemoryLimitError, before any allocation, when `need` more bytes would not fit in the
+        memory available (else the kernel's OOM killer ends the process mid-generation)."""
         free = self.available_bytes()
         if free is not None and need > free:
-            raise UsageError(f"{what} needs up to {need / 2**30:.1f} GiB of KV cache, and {free / 2**30:.1f} GiB "
+            raise MemoryLimitError(f"{what} needs up to {need / 2**30:.1f} GiB of KV cache, and {free / 2**30:.1f} GiB "
                              f"of memory is available")
 
     def samples_blocks(self, prompt_lengths: list[int], n: int, max_tokens: int) -> int:

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..errors import ContextOverflowError, PurelmError, UsageError
+from ..errors import ContextOverflowError, MemoryLimitError, PurelmError, UsageError
 from . import protocol as P
 from .engine import Engine, EngineStoppedError, GenerationRequest, Handle, Piece, QueueFullError
 from .metrics import Metrics
@@ -157,8 +157,8 @@ class _State:
             raise P.APIError(503, str(e), None, "unavailable") from None
         except ContextOverflowError as e:
             raise P.bad(str(e), None, "context_length_exceeded") from None
-        except UsageError as e:  # more KV cache than the memory available (KVCache.check_room)
-            raise P.APIError(503, str(e), None, "insufficient_memory") from None
+        except MemoryLimitError as e:
+            raise _out_of_memory(e) from None
 
 
 async def read_body(request: Request, limit: int) -> dict:
@@ -300,8 +300,11 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
 
     @app.exception_handler(PurelmError)
     async def purelm_error(request: Request, e: PurelmError) -> JSONResponse:
-        status = 400 if isinstance(e, (UsageError, ContextOverflowError)) else 500
-        return JSONResponse(P.APIError(status, str(e)).body(), status_code=status)
+        if isinstance(e, MemoryLimitError):
+            err = _out_of_memory(e)
+        else:
+            err = P.APIError(400 if isinstance(e, (UsageError, ContextOverflowError)) else 500, str(e))
+        return JSONResponse(err.body(), status_code=err.status)
 
     # ---------------------------------------------------------------- llama.cpp's routes
     @app.get("/health")
@@ -481,7 +484,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                     for p in pieces:
                         reply.add(p_index * gen.n, p)
         except PurelmError as e:
-            raise P.APIError(500, str(e), None, "generation_failed") from None
+            raise _failed(e) from None
         finally:
             for h in handles:
                 h.cancel()
@@ -592,7 +595,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                     for p in pieces:
                         reply.add(0, p)
         except PurelmError as e:
-            raise P.APIError(500, str(e), None, "generation_failed") from None
+            raise _failed(e) from None
         finally:
             for h in handles:
                 h.cancel()
@@ -624,8 +627,18 @@ def _submit_all(state: _State, reqs: list[GenerationRequest]) -> list[Handle]:
     return handles
 
 
+def _out_of_memory(e: MemoryLimitError) -> P.APIError:
+    return P.APIError(503, str(e), None, "insufficient_memory")
+
+
+def _failed(e: Exception) -> P.APIError:
+    """The error a client gets for a request that failed in the engine: 503 when the memory ran
+    out (a retry later may fit), else 500."""
+    return _out_of_memory(e) if isinstance(e, MemoryLimitError) else P.APIError(500, str(e), None, "generation_failed")
+
+
 def _error_body(e: Exception) -> dict:
-    return e.body() if isinstance(e, P.APIError) else P.APIError(500, str(e), None, "generation_failed").body()
+    return (e if isinstance(e, P.APIError) else _failed(e)).body()
 
 
 async def _ended(events: AsyncIterator[bytes], handles: list, state: Any, t0: float) -> AsyncIterator[bytes]:

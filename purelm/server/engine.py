@@ -25,6 +25,12 @@ recently used dropped first) so that a later prompt that starts with the same to
 the earlier turns of a chat) forks it and evaluates only the rest. An exception in a step fails the
 requests that were in that step's pass; the engine goes on serving the others and the next ones.
 
+Memory: a request is refused at submission when its worst case (`n` samples of `max_tokens`) does
+not fit in the memory available. Requests that each fit but not all together take their cache
+blocks before each pass (`_reserve`): retained prefixes are dropped first, a prompt waits for the
+blocks that running requests free as they end, and a sample that finds none ends its own request
+with a MemoryLimitError (503); the pass, and the other requests in it, go on.
+
 The backend computes each sequence's part of a pass as it would alone, so a decode token's logits do
 not depend on the other requests in the batch: a greedy reply is the same served alone or among others.
 """
@@ -43,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from ..embeddings import Pooling
-from ..errors import ContextOverflowError, PurelmError
+from ..errors import ContextOverflowError, MemoryLimitError, PurelmError
 from ..generate import _Sample
 from ..sampling import Sampler, SamplingParams, check_int
 from ..speculative import LookupDrafter, accept, max_drafts
@@ -439,6 +445,7 @@ class Engine:
             ids = job.req.prompt[job.fed:job.fed + budget]
             runs.append((job.seq, ids, job))
             budget -= len(ids)
+        runs = self._reserve(runs)
         if not runs:
             return
         try:
@@ -446,7 +453,7 @@ class Engine:
                                            all_logits=[len(ids) > 1 and isinstance(o, _Slot) for _, ids, o in runs])
         except Exception as e:  # fail the requests of this pass, keep the engine
             log.exception("forward pass failed")
-            err = GenerationError(f"the forward pass failed: {e}")
+            err = e if isinstance(e, MemoryLimitError) else GenerationError(f"the forward pass failed: {e}")
             for job in {(o.job if isinstance(o, _Slot) else o): 0 for _, _, o in runs}:
                 self._finish_job(job, err)
             return
@@ -498,6 +505,41 @@ class Engine:
                     handle.cancelled = True
         for job, e in failed.items():
             self._finish_job(job, GenerationError(f"sampling failed: {e}"))
+
+    def _reserve(self, runs: list[tuple[int, list[int], Any]]) -> list[tuple[int, list[int], Any]]:
+        """The runs of this step's pass whose cache blocks could be taken now, before the pass, so
+        that memory running out fails no pass: the retained prefixes go first (oldest first); then a
+        prompt chunk waits for a later step while other requests run (they free blocks as they end),
+        and a sample that finds no block for its next token ends its request with the
+        MemoryLimitError (the server's 503)."""
+        kept, failed = [], {}
+        for run in runs:
+            seq, ids, owner = run
+            job = owner.job if isinstance(owner, _Slot) else owner
+            if job in failed:
+                continue
+            try:
+                self._reserve_positions(seq, self.cache.seqs[seq].n_past + len(ids))
+            except MemoryLimitError as e:
+                if isinstance(owner, _Slot) or not (self._running or kept):
+                    failed[job] = e
+                continue
+            except Exception:  # the pass meets it too, and fails this step's requests
+                pass
+            kept.append(run)
+        for job, e in failed.items():
+            self._finish_job(job, e)
+        return [run for run in kept if (run[2].job if isinstance(run[2], _Slot) else run[2]) not in failed]
+
+    def _reserve_positions(self, seq: int, n_positions: int) -> None:
+        while True:
+            try:
+                return self.cache.reserve(n_positions, seq)
+            except MemoryLimitError:
+                if not self._retained:
+                    raise
+                old, _ = self._retained.popitem(last=False)
+                self.cache.remove(old)
 
     def _start_samples(self, job: _Job, logits: np.ndarray, pushes: dict) -> None:
         req = job.req
