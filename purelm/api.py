@@ -16,7 +16,7 @@ from .backends import kv_cache
 from .backends.kv_cache import check_cache_type
 from .chat import ChatCompletion, ChatTemplate, parse_tool_calls
 from .formats.ggml_legacy import open_model_file
-from .errors import ContextOverflowError, FormatError, UsageError
+from .errors import ContextOverflowError, FormatError, MemoryLimitError, UsageError
 from .generate import Chunk, Completion, prefill, stream_batch, stream_tokens, truncate_prompt
 from .hub import resolve
 from .models import build_model
@@ -121,7 +121,7 @@ class LLM:
             raise UsageError("ids is empty: give at least one token")
         need, free = 4 * len(ids) * self.n_vocab, kv_cache.available_memory()  # the float32 logits alone
         if free is not None and need > free:
-            raise UsageError(f"the logits of {len(ids)} positions take {need / 2**30:.1f} GiB, and {free / 2**30:.1f} "
+            raise MemoryLimitError(f"the logits of {len(ids)} positions take {need / 2**30:.1f} GiB, and {free / 2**30:.1f} "
                              f"GiB of memory is available: ask for fewer positions at a time")
         cache = self.model.new_cache(max(self.n_ctx, len(ids)))
         return prefill(self.model, cache, list(ids), all_logits=True)

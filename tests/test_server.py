@@ -11,6 +11,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from purelm.server import ServerConfig, create_app  # noqa: E402
 from purelm.server import protocol as P  # noqa: E402
 
 N_CTX = 512
+ROOT = Path(__file__).resolve().parent.parent
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 
 
@@ -163,6 +165,58 @@ def test_logprobs_chat_and_legacy(srv):
                                       stream=True)
     toks = [t for e in s for t in (e.choices[0].logprobs.tokens if e.choices[0].logprobs else [])]
     assert toks == lp.tokens
+
+
+def _log_softmax(z):
+    z = z.astype(np.float64)
+    return z - (np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) + z.max(-1, keepdims=True))
+
+
+def test_echo_scores_the_prompt_as_llm_logits(srv, ref):
+    """echo (lm-evaluation-harness's loglikelihood requests: echo, logprobs, max_tokens 0 or 1): each
+    choice's text starts with its prompt, and its logprobs with the prompt tokens' ones (the first
+    None), those LLM.logits gives; a 300-token prompt goes in several chunks. Streamed, the same."""
+    long_ids = ref.tokenize((ROOT / "README.md").read_text()[:1500])[:300]
+    text = ref.detokenize(long_ids)
+    short = "The capital of France is"
+    r = srv.client.completions.create(model=MODEL, prompt=[short, text], max_tokens=2, temperature=0, echo=True,
+                                      logprobs=2, n=2)
+    assert len(r.choices) == 4 and r.usage.completion_tokens == 8
+    for i, c in enumerate(r.choices):
+        prompt = [short, text][i // 2]
+        ids = ref.tokenize(prompt)
+        assert c.text == prompt + ref.generate(prompt, max_tokens=2, temperature=0)
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(ids) + 2
+        assert lp.tokens[:len(ids)] == [ref.tokenizer.token_to_piece(t).decode("utf-8", "replace") for t in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        want = _log_softmax(ref.logits(ids))
+        got = np.array(lp.token_logprobs[1:len(ids)])
+        np.testing.assert_allclose(got, want[np.arange(len(ids) - 1), ids[1:]], atol=2e-3)
+        for j in range(1, len(ids)):  # the likeliest two, the chosen token's own value where it is one of them
+            assert sorted(lp.top_logprobs[j].values(), reverse=True) == pytest.approx(np.sort(want[j - 1])[::-1][:2],
+                                                                                      abs=2e-3)
+        assert lp.text_offset[len(ids)] == len(prompt)
+    # lm-evaluation-harness's request: token ids, max_tokens 1, the continuation's logprobs at [ctxlen:-1]
+    ctx, cont = long_ids[:200], long_ids[200:]
+    e = srv.post("/v1/completions", {"prompt": long_ids, "max_tokens": 1, "temperature": 0, "echo": True,
+                                     "logprobs": 1}).json()["choices"][0]
+    want = _log_softmax(ref.logits(long_ids))
+    scores = e["logprobs"]["token_logprobs"][len(ctx):-1]
+    np.testing.assert_allclose(scores, want[np.arange(199, 299), cont], atol=2e-3)
+    assert e["text"].startswith(ref.detokenize(long_ids))
+    # max_tokens 0: the prompt alone; streamed, one event with the prompt, then the pieces
+    z = srv.client.completions.create(model=MODEL, prompt=short, max_tokens=0, echo=True, logprobs=0)
+    assert z.choices[0].text == short and z.usage.completion_tokens == 0 and z.choices[0].finish_reason == "length"
+    assert z.choices[0].logprobs.token_logprobs == r.choices[0].logprobs.token_logprobs[:len(ref.tokenize(short))]
+    for k in (None, 2):
+        events = list(srv.client.completions.create(model=MODEL, prompt=short, max_tokens=2, temperature=0,
+                                                    echo=True, logprobs=k, stream=True))
+        assert events[0].choices[0].text == short and "".join(e.choices[0].text for e in events) == r.choices[0].text
+        if k:
+            assert [v for e in events for v in e.choices[0].logprobs.token_logprobs] == r.choices[0].logprobs.token_logprobs
+            assert [v for e in events for v in e.choices[0].logprobs.text_offset] == r.choices[0].logprobs.text_offset
+    assert error_of(srv.post("/v1/completions", {"prompt": short, "max_tokens": 0}), 400)["param"] == "max_tokens"
 
 
 def test_json_schema_response_parses_and_validates(srv):

@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import ContextOverflowError, MemoryLimitError, PurelmError, UsageError
 from . import protocol as P
-from .engine import Engine, EngineStoppedError, GenerationRequest, Handle, Piece, QueueFullError
+from .engine import Engine, EngineStoppedError, GenerationRequest, Handle, Piece, PromptLogprobs, QueueFullError
 from .metrics import Metrics
 
 log = logging.getLogger("purelm.server")
@@ -253,7 +253,7 @@ class _Reply:
 
     def add(self, base: int, p: Piece) -> _Choice:
         c = self.choices[base + p.index]
-        c.tokens += 1
+        c.tokens += p.sampled is not None
         if p.text:
             c.text.append(p.text)
         if p.logprob is not None and p.token is not None:
@@ -261,6 +261,11 @@ class _Reply:
         if p.finish_reason:
             c.finish_reason = p.finish_reason
         return c
+
+    def add_prompt(self, base: int, n: int, p: PromptLogprobs) -> None:
+        """A prompt's logprobs, the same for each of its n choices."""
+        for j in range(n):
+            self.choices[base + j].logprobs.extend(p.entries)
 
     @property
     def completion_tokens(self) -> int:
@@ -420,10 +425,9 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         body = await read_body(request, config.max_body)
         state.check_model(body)
         prompts = P.prompts(body, state.n_vocab)
-        gen = P.generation(body, state.n_vocab, state.n_ctx, config.parallel, chat=False)
+        echo = P.get_bool(body, "echo")
+        gen = P.generation(body, state.n_vocab, state.n_ctx, config.parallel, chat=False, echo=echo)
         k = P.get_int(body, "logprobs", 0, P.MAX_TOP_LOGPROBS)
-        if P.get_bool(body, "echo"):
-            raise P.bad("echo is not supported", "echo", "unsupported")
         if P.get_str(body, "suffix"):
             raise P.bad("suffix is not supported", "suffix", "unsupported")
         fmt = P.response_format(body)
@@ -435,24 +439,39 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                 raise P.bad("a prompt is empty (and the model adds no BOS token)", "prompt")
             max_tokens = state.check_context(len(p), gen.max_tokens, "prompt")
             reqs.append(GenerationRequest(p, max_tokens, gen.params, gen.n, gen.stop, frozenset(), gen.ignore_eos,
-                                          k, gen.logit_bias, grammar))
+                                          k, gen.logit_bias, grammar, prompt_logprobs=k if echo else None))
+        # echo: each choice's text starts with its prompt (as sent, or the ids' text), and with logprobs
+        # its prompt tokens' logprobs come first (the first token's None), as OpenAI's legacy API does
+        echoed = [(p if isinstance(p, str) else state.tokenizer.decode(t)) if echo else ""
+                  for p, t in zip(prompts, ids)]
         handles = _submit_all(state, reqs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         reply = _Reply(len(reqs) * gen.n)
         prompt_tokens = sum(map(len, ids))
 
-        def legacy_logprobs(c: _Choice, start: int) -> dict:
+        def legacy_logprobs(c: _Choice, start: int, stop: int | None = None) -> dict:
             toks, lps, tops, offs = [], [], [], []
             off = c.offset
-            for tok, lp, top in c.logprobs[start:]:
+            for tok, lp, top in c.logprobs[start:stop]:
                 s = state.piece(tok).decode("utf-8", "replace")
                 toks.append(s)
                 lps.append(lp)
-                tops.append({state.piece(t).decode("utf-8", "replace"): v for t, v in top})
+                tops.append({state.piece(t).decode("utf-8", "replace"): v for t, v in top} if lp is not None else None)
                 offs.append(off)
                 off += len(s)
             c.offset = off
             return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+        def echo_event(p_index: int) -> list[dict]:
+            """The prompt's text (and with logprobs, its tokens' ones) for each of its choices."""
+            out = []
+            for j in range(gen.n):
+                c = reply.choices[p_index * gen.n + j]
+                lp = legacy_logprobs(c, 0) if k is not None else None
+                c.sent_lp, c.offset = len(c.logprobs), len(echoed[p_index])  # (offsets: in the text sent)
+                out.append({"text": echoed[p_index], "index": p_index * gen.n + j, "logprobs": lp,
+                            "finish_reason": None})
+            return out
 
         def usage() -> dict:
             return {"prompt_tokens": prompt_tokens, "completion_tokens": reply.completion_tokens,
@@ -460,8 +479,18 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
 
         if gen.stream:
             async def events() -> AsyncIterator[bytes]:
+                if echo and k is None:
+                    for p_index in range(len(reqs)):
+                        yield sse({"id": rid, "object": "text_completion", "created": created,
+                                   "model": state.model_id, "choices": echo_event(p_index)})
                 async for p_index, pieces in _merged(handles):
                     for p in pieces:
+                        if isinstance(p, PromptLogprobs):
+                            reply.add_prompt(p_index * gen.n, gen.n, p)
+                            if len(reply.choices[p_index * gen.n].logprobs) == len(reqs[p_index].prompt):
+                                yield sse({"id": rid, "object": "text_completion", "created": created,
+                                           "model": state.model_id, "choices": echo_event(p_index)})
+                            continue
                         index = p_index * gen.n + p.index
                         c = reply.add(p_index * gen.n, p)
                         if not p.text and not p.finish_reason:
@@ -482,19 +511,31 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             async with _watch_disconnect(request, handles):
                 async for p_index, pieces in _merged(handles):
                     for p in pieces:
-                        reply.add(p_index * gen.n, p)
+                        if isinstance(p, PromptLogprobs):
+                            reply.add_prompt(p_index * gen.n, gen.n, p)
+                        else:
+                            reply.add(p_index * gen.n, p)
         except PurelmError as e:
             raise _failed(e) from None
         finally:
             for h in handles:
                 h.cancel()
         state.metrics.duration.observe(time.perf_counter() - t0)
+
+        def choice(i: int, c: _Choice) -> dict:
+            lp = None
+            if k is not None:
+                n_prompt = len(reqs[i // gen.n].prompt) if echo else 0
+                lp = legacy_logprobs(c, 0, n_prompt)
+                c.offset = len(echoed[i // gen.n])
+                for key, values in legacy_logprobs(c, n_prompt).items():
+                    lp[key] += values
+            return {"text": echoed[i // gen.n] + "".join(c.text), "index": i, "logprobs": lp,
+                    "finish_reason": c.finish_reason}
+
         return JSONResponse({
             "id": rid, "object": "text_completion", "created": created, "model": state.model_id,
-            "choices": [{"text": "".join(c.text), "index": i,
-                         "logprobs": legacy_logprobs(c, 0) if k is not None else None,
-                         "finish_reason": c.finish_reason} for i, c in enumerate(reply.choices)],
-            "usage": usage()})
+            "choices": [choice(i, c) for i, c in enumerate(reply.choices)], "usage": usage()})
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")

@@ -11,7 +11,8 @@ asyncio handlers through a thread-safe queue. Each step:
    the others' decoding for more than a chunk);
 4. samples each running sample's next token with its own sampler (seed, penalties, logit bias, an
    llguidance grammar's token mask), computes logprobs where asked, and hands the pieces of text to
-   each request's asyncio queue (`loop.call_soon_threadsafe`).
+   each request's asyncio queue (`loop.call_soon_threadsafe`). A request asking for its prompt's
+   logprobs (the server's `echo`) gets them chunk by chunk as its prompt is evaluated.
 
 With `lookup` (`purelm serve --lookup N`), a running sample's decode token comes with up to N tokens
 drafted by prompt lookup from its prompt and text so far (purelm.speculative): the pass checks them
@@ -85,6 +86,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k likeliest
     logit_bias: dict[int, float] | None = None
     grammar: str | None = None  # an llguidance grammar (see Engine.grammar_tokenizer)
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob and the k likeliest
 
 
 @dataclass
@@ -101,6 +103,17 @@ class Piece:
     top: list[tuple[int, float]] | None = None  # the likeliest tokens and their logprobs
     sampled: int | None = None  # the sampled token, end-of-generation ones included
 
+
+@dataclass
+class PromptLogprobs:
+    """The logprobs of prompt tokens fed..fed+len(entries) (GenerationRequest.prompt_logprobs), each
+    (token, logprob, the likeliest tokens and their logprobs) given the tokens before it; the prompt's
+    first token has none (logprob None). Sent as the prompt is evaluated, before the samples' pieces."""
+
+    entries: list[tuple[int, float | None, list[tuple[int, float]]]]
+
+
+PROMPT_LOGPROBS_CHUNK = 128  # prompt tokens a step for a request asking its prompt's logprobs (their logits: 25 MB)
 
 _CANCELLED = object()
 
@@ -144,7 +157,7 @@ class Handle:
                 self.finished = True
                 raise item
             for p in item:
-                if isinstance(p, Piece) and p.finish_reason or not isinstance(p, Piece):
+                if p.finish_reason if isinstance(p, Piece) else not isinstance(p, PromptLogprobs):
                     self.n_open -= 1
             yield item
         self.finished = True
@@ -389,8 +402,9 @@ class Engine:
             job = self._waiting.popleft()
             self._dequeued()
             self.slots_used += job.req.n
-            try:
-                job.seq, job.fed = self._new_sequence(job.req.prompt)
+            try:  # (a prompt's logprobs need its every position evaluated: no cached prefix)
+                job.seq, job.fed = self._new_sequence(job.req.prompt) if job.req.prompt_logprobs is None \
+                    else (self.cache.add(), 0)
             except Exception as e:
                 log.exception("admitting a request failed")
                 self._release(job)
@@ -442,15 +456,16 @@ class Engine:
         for job in self._prefilling:
             if budget <= 0:
                 break
-            ids = job.req.prompt[job.fed:job.fed + budget]
+            chunk = budget if job.req.prompt_logprobs is None else min(budget, PROMPT_LOGPROBS_CHUNK)
+            ids = job.req.prompt[job.fed:job.fed + chunk]
             runs.append((job.seq, ids, job))
             budget -= len(ids)
         runs = self._reserve(runs)
         if not runs:
             return
         try:
-            out = self.model.forward_batch(self.cache, [(seq, ids) for seq, ids, _ in runs],
-                                           all_logits=[len(ids) > 1 and isinstance(o, _Slot) for _, ids, o in runs])
+            out = self.model.forward_batch(self.cache, [(seq, ids) for seq, ids, _ in runs], all_logits=[
+                len(ids) > 1 and (isinstance(o, _Slot) or o.req.prompt_logprobs is not None) for _, ids, o in runs])
         except Exception as e:  # fail the requests of this pass, keep the engine
             log.exception("forward pass failed")
             err = e if isinstance(e, MemoryLimitError) else GenerationError(f"the forward pass failed: {e}")
@@ -473,6 +488,10 @@ class Engine:
                     failed[owner.job] = e
             else:
                 job = owner
+                if job.req.prompt_logprobs is not None:
+                    logits = np.atleast_2d(logits)
+                    pushes.setdefault(job.handle, []).append(self._prompt_logprobs(job, logits))
+                    logits = logits[-1]
                 job.fed += len(ids)
                 self.prompt_tokens_evaluated += len(ids)
                 if self.metrics:
@@ -492,7 +511,7 @@ class Engine:
                 self._end_slot(s, keep=True)
         by_loop: dict[Any, list[tuple[Handle, list[Piece]]]] = {}
         for handle, pieces in pushes.items():
-            if handle.t_first is None:
+            if handle.t_first is None and any(isinstance(p, Piece) for p in pieces):
                 handle.t_first = time.perf_counter()
                 if self.metrics:
                     self.metrics.ttft.observe(handle.t_first - handle.t_submit)
@@ -541,8 +560,27 @@ class Engine:
                 old, _ = self._retained.popitem(last=False)
                 self.cache.remove(old)
 
+    def _prompt_logprobs(self, job: _Job, rows: np.ndarray) -> PromptLogprobs:
+        """The logprobs of the prompt tokens that a chunk's logits `rows` predict (the chunk's last
+        row predicts the first sampled token, not a prompt token); the first token has none."""
+        prompt, k = job.req.prompt, job.req.prompt_logprobs
+        entries: list[tuple[int, float | None, list[tuple[int, float]]]] = []
+        if job.fed == 0:
+            entries.append((prompt[0], None, []))
+        for i in range(min(len(rows), len(prompt) - 1 - job.fed)):
+            token = prompt[job.fed + i + 1]
+            lp, top = _logprobs(rows[i], token, k)
+            entries.append((token, lp, top))
+        return PromptLogprobs(entries)
+
     def _start_samples(self, job: _Job, logits: np.ndarray, pushes: dict) -> None:
         req = job.req
+        if req.max_tokens == 0:  # the prompt alone (its logprobs, an echo): each sample ends at once
+            pushes.setdefault(job.handle, []).extend(Piece(j, "", None, "length") for j in range(req.n))
+            self._retain(job.seq, list(req.prompt))
+            job.seq = None
+            self._release(job)
+            return
         matchers: list[Any] = [None] * req.n
         if req.grammar is not None:
             import llguidance

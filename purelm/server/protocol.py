@@ -156,9 +156,10 @@ class Generation:
     extra: dict = field(default_factory=dict)
 
 
-def generation(body: dict, n_vocab: int, n_ctx: int, max_n: int, chat: bool) -> Generation:
+def generation(body: dict, n_vocab: int, n_ctx: int, max_n: int, chat: bool, echo: bool = False) -> Generation:
     """Sampling and stopping fields. Absent sampling fields take llama.cpp's (and `purelm generate`'s)
-    defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05."""
+    defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05. max_tokens may be 0 with `echo`
+    (a completion that only scores its prompt)."""
     d = SamplingParams()
     seed = get_int(body, "seed", -INT64, 2**64 - 1)
     if seed is not None and seed < 0:
@@ -178,7 +179,7 @@ def generation(body: dict, n_vocab: int, n_ctx: int, max_n: int, chat: bool) -> 
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     max_tokens = None
     for name in names:
-        v = get_int(body, name, 1, 2**62)
+        v = get_int(body, name, 0 if echo else 1, 2**62)
         if v is not None and max_tokens is None:
             if v > n_ctx:
                 raise bad(f"{name} = {v} is more than the context of {n_ctx} tokens", name,
