@@ -436,14 +436,16 @@ def test_smollm2_fidelity_of_cache_types():
     ids = np.array(llm.tokenize(AGREEMENT_TEXT.read_text())[:1024], np.int64)
     assert len(ids) == 1024
     agreements = {"f16": [], "q8_0": []}
+    llm.model.cache_type_k = llm.model.cache_type_v = "f32"
+    # the float32 cache's top-1 tokens are the same at chunks of 128, 256 and 512 (measured): one reference
+    top_f32, margin, ppl_f32 = teacher_forced(llm.model, ids, n_decode=32, chunk=256)
     for chunk in (128, 256, 512):
         results = {}
         # f16 at one chunking: it agrees at 100% (no near-tie flips to average over)
-        for kind in ("f32", "f16", "q8_0") if chunk == 256 else ("f32", "q8_0"):
+        for kind in ("f16", "q8_0") if chunk == 256 else ("q8_0",):
             llm.model.cache_type_k = llm.model.cache_type_v = kind
             results[kind] = teacher_forced(llm.model, ids, n_decode=32, chunk=chunk)
-        top_f32, margin, ppl_f32 = results["f32"]
-        for kind in sorted(results.keys() - {"f32"}):
+        for kind in sorted(results):
             top, _, ppl = results[kind]
             same = top == top_f32
             agreements[kind].append(same.mean())
