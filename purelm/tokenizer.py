@@ -204,6 +204,13 @@ _EOT_TEXTS = ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endofte
 _EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
               "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
               "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>"}
+# Fill-in-the-middle tokens (llama.cpp's spellings, its order), for `/infill` and a completion's `suffix`
+_FIM_PRE_TEXTS = ["<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
+                  "<|code_prefix|>", "<|prefix|>"]
+_FIM_SUF_TEXTS = ["<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>",
+                  "<|code_suffix|>", "<|suffix|>"]
+_FIM_MID_TEXTS = ["<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>",
+                  "<|code_middle|>", "<|middle|>"]
 _FIM_PAD_TEXTS = ["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"]
 _FIM_REP_TEXTS = ["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"]
 _FIM_SEP_TEXTS = ["<|file_sep|>"]
@@ -526,7 +533,7 @@ class Tokenizer:
                                r.flag("tokenizer.ggml.normalizer.lowercase", True))),
             extra_ids={
                 key: r.token_id(f"tokenizer.ggml.{key}_token_id", count)
-                for key in ("eot", "eom", "fim_pad", "fim_rep", "fim_sep")
+                for key in ("eot", "eom", "fim_pre", "fim_suf", "fim_mid", "fim_pad", "fim_rep", "fim_sep")
             },
             path=r.path,
         )
@@ -535,7 +542,8 @@ class Tokenizer:
         """Special ids (for skipping) and end-of-generation ids, in one pass over the vocabulary."""
         found: dict[str, int] = {}  # id of each text of interest (the last one, as llama.cpp's map keeps)
         defaults = self._default_specials()
-        looked_for = _EOG_TEXTS.union(_EOT_TEXTS, _FIM_PAD_TEXTS, _FIM_REP_TEXTS, _FIM_SEP_TEXTS, defaults)
+        looked_for = _EOG_TEXTS.union(_EOT_TEXTS, _FIM_PRE_TEXTS, _FIM_SUF_TEXTS, _FIM_MID_TEXTS, _FIM_PAD_TEXTS,
+                                      _FIM_REP_TEXTS, _FIM_SEP_TEXTS, defaults)
         for index, text in enumerate(self.tokens):
             if text in looked_for:
                 found[text] = index
@@ -547,6 +555,11 @@ class Tokenizer:
             return next((found[t] for t in texts if t in found), None)
 
         self.eot_id = id_for("eot", _EOT_TEXTS)
+        self.fim_pre_id = id_for("fim_pre", _FIM_PRE_TEXTS)
+        self.fim_suf_id = id_for("fim_suf", _FIM_SUF_TEXTS)
+        self.fim_mid_id = id_for("fim_mid", _FIM_MID_TEXTS)
+        self.fim_rep_id = id_for("fim_rep", _FIM_REP_TEXTS)
+        self.fim_sep_id = id_for("fim_sep", _FIM_SEP_TEXTS)
         eom_id = id_for("eom", ["<|eom_id|>"])
         eog = {index for text, index in found.items() if text in _EOG_TEXTS}
         for key, texts in (("fim_pad", _FIM_PAD_TEXTS), ("fim_rep", _FIM_REP_TEXTS), ("fim_sep", _FIM_SEP_TEXTS)):

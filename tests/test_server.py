@@ -551,6 +551,84 @@ def test_requests_that_fit_alone_but_not_together_get_their_reply_or_503_never_5
         s.stop()
 
 
+# ------------------------------------------------------------------------------ fill in the middle
+@pytest.fixture(scope="module")
+def fim_path(smollm2_path, tmp_path_factory):
+    """SmolLM2 with three of its special tokens declared as FIM prefix / suffix / middle and its
+    <file_sep> as FIM_SEP (its <reponame> is found as FIM_REP by its text, as llama.cpp finds it)."""
+    from conftest import rewrite_gguf
+    from purelm.formats.gguf import ValueType
+
+    keys = {"fim_pre": 11, "fim_suf": 12, "fim_mid": 13, "fim_sep": 5}
+    return rewrite_gguf(smollm2_path, tmp_path_factory.mktemp("fim") / "fim.gguf",
+                        {f"tokenizer.ggml.{k}_token_id": (v, ValueType.UINT32) for k, v in keys.items()})
+
+
+def test_infill_prompt_is_llama_cpps(fim_path, smollm2_path):
+    """infill_ids lays the prompt out as llama-server's /infill does (benchmarks/infill_check.py
+    compares the two servers' prompts token for token): repository and files first, then
+    [PRE] prefix prompt [SUF] suffix [MID], each part cut to its budget."""
+    from purelm.errors import UsageError
+    from purelm.infill import infill_ids
+
+    tok = purelm.load(fim_path, n_ctx=64).tokenizer
+    assert (tok.fim_pre_id, tok.fim_suf_id, tok.fim_mid_id, tok.fim_rep_id, tok.fim_sep_id) == (11, 12, 13, 4, 5)
+
+    def enc(text):
+        return tok.encode(text, add_special=False, parse_special=False)
+
+    ids = infill_ids(tok, "def f(x):\n    ", "\nprint(f(2))\n", "return", [("a.py", "import os\n")], n_ctx=8192)
+    assert ids == [4, *enc("myproject\n"), 5, *enc("a.py\n"), *enc("import os\n"), 5, *enc("filename\n"),
+                   11, *enc("def f(x):\n    "), *enc("return"), 12, *enc("\nprint(f(2))\n"), 13]
+    # budgets of a 2048-token batch: the prefix's last 1536 tokens, the suffix's first 512 - 2 - 1
+    # (a 1-token prompt), and what the context leaves of the extra files (their last tokens)
+    long = infill_ids(tok, "a " * 3000, "b " * 3000, "c", [("x", "d " * 3000)], n_ctx=4096)
+    extra = [4, *enc("myproject\n"), 5, *enc("x\n"), *enc("d " * 3000), 5, *enc("filename\n")]
+    assert long == [*extra[-(4096 - 2048 + 2):], 11, *enc("a " * 3000)[-1536:], *enc("c"), 12,
+                    *enc("b " * 3000)[:509], 13]
+    with pytest.raises(UsageError, match="no fill-in-the-middle prefix/suffix/middle token"):
+        infill_ids(purelm.load(smollm2_path, n_ctx=64).tokenizer, "a", "b")
+
+
+def test_infill_and_llama_cpps_completion_routes(fim_path, srv):
+    """/infill, /completion (llama.cpp's own API: n_predict, content, stop_type, no [DONE]) and
+    /v1/completions with a suffix give the greedy reply LLM.generate gives the same ids; a model
+    without FIM tokens answers 501 and 400."""
+    from purelm.infill import infill_ids
+
+    s = Server(purelm.load(fim_path, n_ctx=N_CTX), ServerConfig(parallel=2))
+    try:
+        ref = purelm.load(fim_path, n_ctx=N_CTX)
+        body = {"input_prefix": "def add(a, b):\n    ", "input_suffix": "\n\nprint(add(1, 2))\n", "n_predict": 8,
+                "temperature": 0, "input_extra": [{"filename": "util.py", "text": "import os\n"}]}
+        ids = infill_ids(ref.tokenizer, body["input_prefix"], body["input_suffix"], "", [("util.py", "import os\n")],
+                         n_ctx=N_CTX)
+        want = ref.complete(ids, max_tokens=8, temperature=0)
+        r = s.post("/infill", body).json()
+        assert r["content"] == want.text and r["stop"] is True and r["tokens_evaluated"] == len(ids)
+        assert r["stop_type"] == {"length": "limit", "stop": "eos"}[want.finish_reason]
+        assert r["tokens_predicted"] == len(want.tokens) + (want.finish_reason == "stop")  # the EOG token counts
+        events = s.post("/infill", {**body, "stream": True}).text.strip().split("\n\n")
+        parts = [json.loads(e[6:]) for e in events]
+        assert "".join(p["content"] for p in parts) == want.text and "[DONE]" not in events[-1]
+        assert [p["stop"] for p in parts] == [False] * (len(parts) - 1) + [True]
+        c = s.client.completions.create(model="fim", prompt=body["input_prefix"], suffix=body["input_suffix"],
+                                        max_tokens=8, temperature=0)
+        assert c.choices[0].text == ref.generate(infill_ids(ref.tokenizer, body["input_prefix"], body["input_suffix"],
+                                                            n_ctx=N_CTX), max_tokens=8, temperature=0)
+        plain = s.post("/completion", {"prompt": "The capital of France is", "n_predict": 6, "temperature": 0}).json()
+        assert plain["content"] == ref.generate("The capital of France is", max_tokens=6, temperature=0)
+        assert plain["stop_type"] == "limit" and plain["tokens_predicted"] == 6
+        assert error_of(s.post("/infill", {"input_suffix": "x"}), 400)["param"] == "input_prefix"
+        assert error_of(s.post("/infill", {**body, "input_extra": [{"text": 1}]}), 400)["param"] == "input_extra"
+        assert error_of(s.post("/completion", {"prompt": "x", "n_predict": 0}), 400)["param"] == "n_predict"
+    finally:
+        s.stop()
+    assert error_of(srv.post("/infill", body), 501)["code"] == "not_supported"
+    err = error_of(srv.post("/v1/completions", {"prompt": "def f(", "suffix": ")", "max_tokens": 2}), 400)
+    assert err["param"] == "suffix" and "fill-in-the-middle" in err["message"]
+
+
 # ------------------------------------------------------------------------------ llama.cpp's routes, models
 def test_tokenize_detokenize_health_models_metrics(srv, ref):
     ids = srv.post("/tokenize", {"content": "Hello, world!"}).json()["tokens"]

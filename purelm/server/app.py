@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..errors import ContextOverflowError, MemoryLimitError, PurelmError, UsageError
+from ..infill import check_fim, infill_ids
 from . import protocol as P
 from .engine import Engine, EngineStoppedError, GenerationRequest, Handle, Piece, PromptLogprobs, QueueFullError
 from .metrics import Metrics
@@ -243,6 +244,7 @@ class _Choice:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     sent_lp: int = 0  # logprob entries already streamed
     offset: int = 0  # characters already produced (legacy text_offset)
+    ended_on_eog: bool = False  # finished by an end-of-generation token (not a stop string, not the length)
 
 
 class _Reply:
@@ -260,6 +262,7 @@ class _Reply:
             c.logprobs.append((p.token, p.logprob, p.top or []))
         if p.finish_reason:
             c.finish_reason = p.finish_reason
+            c.ended_on_eog = p.finish_reason == "stop" and p.token is None
         return c
 
     def add_prompt(self, base: int, n: int, p: PromptLogprobs) -> None:
@@ -355,6 +358,100 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             ids = P.token_ids(ids, state.tokenizer.vocab_size, "tokens")
         return JSONResponse({"content": state.tokenizer.decode(ids)})
 
+    async def native(request: Request, body: dict, prompt: list[int]) -> Response:
+        """llama.cpp's own completion API (`/completion`, `/infill`): its field names (`n_predict`),
+        one reply, and its response: `content`, `stop`, `stop_type`, `tokens_predicted`, ...; streamed,
+        an event per piece and a last one with `stop: true`, no `[DONE]`."""
+        t0 = time.perf_counter()
+        for name in ("n", "echo", "suffix"):  # OpenAI's, not this API's
+            body.pop(name, None)
+        n_predict = P.get_int(body, "n_predict", -1, 2**62)
+        if n_predict == 0:
+            raise P.bad("n_predict must be -1 (until the context is full) or at least 1", "n_predict")
+        if n_predict is not None and n_predict > 0 and "max_tokens" not in body:
+            body["max_tokens"] = n_predict
+        gen = P.generation(body, state.n_vocab, state.n_ctx, 1, chat=False)
+        if not prompt:
+            raise P.bad("the prompt is empty (and the model adds no BOS token)", "prompt")
+        max_tokens = state.check_context(len(prompt), gen.max_tokens, "prompt")
+        (handle,) = _submit_all(state, [GenerationRequest(prompt, max_tokens, gen.params, 1, gen.stop, frozenset(),
+                                                          gen.ignore_eos, None, gen.logit_bias)])
+        reply = _Reply(1)
+
+        def final() -> dict:
+            c = reply.choices[0]
+            kind = {"length": "limit", "stop": "eos" if c.ended_on_eog else "word"}.get(c.finish_reason or "", "none")
+            elapsed = time.perf_counter() - t0
+            return {"index": 0, "content": "" if gen.stream else "".join(c.text), "tokens": [], "id_slot": -1,
+                    "stop": True, "model": state.model_id, "tokens_predicted": c.tokens,
+                    "tokens_evaluated": len(prompt), "truncated": False, "stop_type": kind,
+                    "stopping_word": "", "has_new_line": "\n" in "".join(c.text),
+                    "timings": {"prompt_n": len(prompt), "predicted_n": c.tokens,
+                                "predicted_per_second": c.tokens / elapsed if elapsed > 0 else 0.0}}
+
+        if gen.stream:
+            async def events() -> AsyncIterator[bytes]:
+                async for _, pieces in _merged([handle]):
+                    for p in pieces:
+                        c = reply.add(0, p)
+                        if p.text:
+                            yield sse({"index": 0, "content": p.text, "tokens": [] if p.token is None else [p.token],
+                                       "stop": False, "id_slot": -1, "tokens_predicted": c.tokens,
+                                       "tokens_evaluated": len(prompt)})
+                yield sse(final())
+
+            return _stream(_ended(events(), [handle], state, t0, done=False))
+        try:
+            async with _watch_disconnect(request, [handle]):
+                async for _, pieces in _merged([handle]):
+                    for p in pieces:
+                        reply.add(0, p)
+        except PurelmError as e:
+            raise _failed(e) from None
+        finally:
+            handle.cancel()
+        state.metrics.duration.observe(time.perf_counter() - t0)
+        return JSONResponse(final())
+
+    @app.post("/completion")
+    async def completion(request: Request) -> Response:
+        body = await read_body(request, config.max_body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            ids = state.tokenize(P.check_text(prompt, "prompt"))
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = P.token_ids(prompt, state.n_vocab, "prompt")
+        else:
+            raise P.bad("prompt must be a string or an array of token ids", "prompt", "invalid_type")
+        return await native(request, body, ids)
+
+    @app.post("/infill")
+    async def infill(request: Request) -> Response:
+        """llama.cpp's fill-in-the-middle route (its editor plug-ins: llama.vim, llama.vscode)."""
+        body = await read_body(request, config.max_body)
+        try:
+            check_fim(state.tokenizer)
+        except UsageError as e:
+            raise P.APIError(501, f"infill is not supported by this model: {e}", None, "not_supported") from None
+        texts = {}
+        for name in ("input_prefix", "input_suffix", "prompt"):
+            v = body.get(name, "" if name == "prompt" else None)
+            if not isinstance(v, str):
+                raise P.bad(f"{name} must be a string" + ("" if name == "prompt" else " (required)"), name,
+                            "invalid_type" if v is not None else "missing_required_parameter")
+            texts[name] = P.check_text(v, name)
+        extra = body.get("input_extra", [])
+        if not isinstance(extra, list) or len(extra) > P.MAX_PROMPTS or not all(
+                isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("filename", ""), str)
+                for c in extra):
+            raise P.bad(f"input_extra must be an array of at most {P.MAX_PROMPTS} {{\"filename\": string, "
+                        "\"text\": string}", "input_extra", "invalid_type")
+        chunks = [(P.check_text(c.get("filename", "tmp"), "input_extra"), P.check_text(c["text"], "input_extra"))
+                  for c in extra]
+        ids = infill_ids(state.tokenizer, texts["input_prefix"], texts["input_suffix"], texts["prompt"], chunks,
+                         n_ctx=state.n_ctx)
+        return await native(request, body, ids)
+
     # ---------------------------------------------------------------- OpenAI's routes
     @app.get("/v1/models")
     @app.get("/models")
@@ -428,11 +525,20 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         echo = P.get_bool(body, "echo")
         gen = P.generation(body, state.n_vocab, state.n_ctx, config.parallel, chat=False, echo=echo)
         k = P.get_int(body, "logprobs", 0, P.MAX_TOP_LOGPROBS)
-        if P.get_str(body, "suffix"):
-            raise P.bad("suffix is not supported", "suffix", "unsupported")
+        suffix = P.get_str(body, "suffix")
         fmt = P.response_format(body)
         grammar = await asyncio.to_thread(state.grammar, fmt) if fmt else None
-        ids = [state.tokenize(p) if isinstance(p, str) else p for p in prompts]
+        if suffix:  # fill in the middle: the prompt before the gap, the suffix after it (as /infill)
+            if echo or not all(isinstance(p, str) for p in prompts):
+                raise P.bad("suffix takes text prompts, without echo", "suffix")
+            try:
+                check_fim(state.tokenizer)
+            except UsageError as e:
+                raise P.bad(str(e), "suffix", "unsupported") from None
+            suffix = P.check_text(suffix, "suffix")
+            ids = [infill_ids(state.tokenizer, p, suffix, n_ctx=state.n_ctx) for p in prompts]
+        else:
+            ids = [state.tokenize(p) if isinstance(p, str) else p for p in prompts]
         reqs = []
         for p in ids:
             if not p:
@@ -682,13 +788,15 @@ def _error_body(e: Exception) -> dict:
     return (e if isinstance(e, P.APIError) else _failed(e)).body()
 
 
-async def _ended(events: AsyncIterator[bytes], handles: list, state: Any, t0: float) -> AsyncIterator[bytes]:
-    """A streamed reply's events, then `[DONE]`; an error ends the stream with an error event. Its
-    requests are cancelled when it ends, also when the client left."""
+async def _ended(events: AsyncIterator[bytes], handles: list, state: Any, t0: float,
+                 done: bool = True) -> AsyncIterator[bytes]:
+    """A streamed reply's events, then `[DONE]` (OpenAI's routes); an error ends the stream with an
+    error event. Its requests are cancelled when it ends, also when the client left."""
     try:
         async for event in events:
             yield event
-        yield b"data: [DONE]\n\n"
+        if done:
+            yield b"data: [DONE]\n\n"
     except (PurelmError, P.APIError) as e:
         yield sse(_error_body(e))
     finally:
@@ -710,7 +818,7 @@ class _Gate:
         self.app, self.state = app, state
         self.routes = {"/health", "/v1/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/models",
                        "/v1/embeddings", "/embeddings", "/v1/completions", "/completions", "/v1/chat/completions",
-                       "/chat/completions"}
+                       "/chat/completions", "/completion", "/infill"}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
