@@ -1,6 +1,6 @@
 """`purelm serve` against the SmolLM2 file, driven by the official `openai` client (and httpx for what
-the client will not send): chat and completions, streaming and not, n=2, logprobs, JSON-schema output,
-tool calls; 32 concurrent streaming clients each getting the reply the same prompt gets alone; a client
+the client will not send): chat and completions, streaming and not, n=2, logprobs, echo, JSON-schema
+output, tool calls, the Responses API; fill in the middle; memory shared by requests; 32 concurrent streaming clients each getting the reply the same prompt gets alone; a client
 that leaves mid-stream freeing its slot; 4xx answers with OpenAI's error body for bad requests;
 llama.cpp's routes; embeddings equal to `LLM.embed`; the queue limit, the API key, an engine step that
 fails. The server runs in-process (uvicorn in a thread) on a free loopback port."""
@@ -259,6 +259,50 @@ def test_tool_calls_are_parsed_from_the_reply(srv):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
+def test_responses_api_replies_as_chat(srv):
+    """/v1/responses through the official client: the reply chat gives the same messages (instructions
+    as the system message, input items as messages), streamed events that the client's stream helper
+    accumulates into the same response, function calls out and their outputs back in."""
+    msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Say hi"}]
+    chat = srv.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=64, temperature=0)
+    r = srv.client.responses.create(model=MODEL, instructions="Answer briefly.", input="Say hi",
+                                    max_output_tokens=64, temperature=0)
+    assert r.output_text == chat.choices[0].message.content and r.status == "completed"
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == chat.usage.completion_tokens
+    with srv.client.responses.stream(model=MODEL, instructions="Answer briefly.", max_output_tokens=64,
+                                     input=[{"role": "user", "content": [{"type": "input_text", "text": "Say hi"}]}],
+                                     temperature=0) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == r.output_text and final.status == "completed"
+    short = srv.client.responses.create(model=MODEL, input="Say hi", max_output_tokens=3, temperature=0)
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+
+    pytest.importorskip("llguidance")
+    tools = [{"type": "function", "name": "get_weather", "description": "The weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    call = '<tool_call>\\n{\\"name\\": \\"get_weather\\", \\"arguments\\": {\\"city\\": \\"Paris\\"}}\\n</tool_call>'
+    r = srv.client.responses.create(model=MODEL, input="Weather in Paris?", tools=tools, max_output_tokens=60,
+                                    temperature=0, extra_body={"grammar": f'root ::= "{call}"'})
+    (fc,) = r.output
+    assert fc.type == "function_call" and fc.name == "get_weather" and json.loads(fc.arguments) == {"city": "Paris"}
+    items = [{"role": "user", "content": "Weather in Paris?"},
+             {"type": "function_call", "call_id": fc.call_id, "name": fc.name, "arguments": fc.arguments},
+             {"type": "function_call_output", "call_id": fc.call_id, "output": "Sunny, 24 C"}]
+    after = srv.client.responses.create(model=MODEL, input=items, tools=tools, max_output_tokens=24, temperature=0)
+    chat = srv.client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, tools=[
+        {"type": "function", "function": {k: v for k, v in tools[0].items() if k != "type"}}], messages=[
+        items[0], {"role": "assistant", "content": None, "tool_calls": [
+            {"id": fc.call_id, "type": "function", "function": {"name": fc.name, "arguments": fc.arguments}}]},
+        {"role": "tool", "tool_call_id": fc.call_id, "content": "Sunny, 24 C"}])
+    assert after.output_text == chat.choices[0].message.content
+    for body, param in [({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+                        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"), ({}, "input"),
+                        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+                         "input[0]")]:
+        assert error_of(srv.post("/v1/responses", body), 400)["param"] == param
+
+
 @pytest.mark.parametrize("source", [
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",
     "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
@@ -438,6 +482,12 @@ _BODIES = st.one_of(
                            "fields": _FIELDS}).map(lambda b: ("/v1/embeddings", b)),
     st.fixed_dictionaries({"content": st.sampled_from(["hi", "\ud800"]) | _JSON, "fields": _FIELDS}).map(
         lambda b: ("/tokenize", b)),
+    st.fixed_dictionaries({"input": st.sampled_from(["hi", [{"role": "user", "content": "hi"}],
+                                                     [{"type": "function_call_output", "call_id": "c", "output": "x"}]])
+                           | _JSON, "max_output_tokens": _SMALL, "fields": _FIELDS}).map(lambda b: ("/v1/responses", b)),
+    st.fixed_dictionaries({"prompt": st.sampled_from(["Hello", [1, 2, 3]]) | _JSON,
+                           "n_predict": st.sampled_from([1, 2, 0, -2, 10**30, "2", 2.5, True]),  # not -1: no limit
+                           "fields": _FIELDS}).map(lambda b: ("/completion", b)),
     st.fixed_dictionaries({"tokens": st.sampled_from([[1, 2], [2**40]]) | _JSON}).map(lambda b: ("/detokenize", b)))
 
 
@@ -464,11 +514,12 @@ def test_request_fields_are_refused_with_a_4xx_or_taken_by_the_sampler(body, cha
             assert all(0 <= k < 49152 and -100 <= v <= 100 for k, v in (got.logit_bias or {}).items())
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(case=_BODIES)
 def test_any_request_gets_a_reply_or_a_4xx_and_the_server_goes_on(srv, case):
-    """Whatever the JSON, an answer (a JSON body, or a stream that ends with [DONE]) or a 4xx with
-    OpenAI's error body: never a 500, a dropped connection or a stuck slot."""
+    """Whatever the JSON, an answer (a JSON body, or a stream that ends as its API ends one: [DONE],
+    the Responses API's last event, llama.cpp's `stop: true`) or a 4xx with OpenAI's error body:
+    never a 500, a dropped connection or a stuck slot."""
     path, body = case
     body = {**body, **body.pop("fields", {})}
     with httpx.stream("POST", srv.base + path, content=json.dumps(body), timeout=60,
@@ -479,7 +530,13 @@ def test_any_request_gets_a_reply_or_a_4xx_and_the_server_goes_on(srv, case):
         err = json.loads(text)["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"], err
     elif r.headers["content-type"].startswith("text/event-stream"):
-        assert text.rstrip().endswith("data: [DONE]"), text[-300:]
+        last = text.rstrip().rsplit("\n\n", 1)[-1]
+        if path == "/v1/responses":
+            assert last.split("\n")[0] in ("event: response.completed", "event: response.incomplete"), text[-300:]
+        elif path == "/completion":
+            assert json.loads(last[6:])["stop"] is True, text[-300:]
+        else:
+            assert last == "data: [DONE]", text[-300:]
     else:
         assert isinstance(json.loads(text), dict)
     wait_idle(srv, timeout=20)

@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 from ..errors import ContextOverflowError, MemoryLimitError, PurelmError, UsageError
 from ..infill import check_fim, infill_ids
 from . import protocol as P
+from . import responses as R
 from .engine import Engine, EngineStoppedError, GenerationRequest, Handle, Piece, PromptLogprobs, QueueFullError
 from .metrics import Metrics
 
@@ -643,11 +644,9 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             "id": rid, "object": "text_completion", "created": created, "model": state.model_id,
             "choices": [choice(i, c) for i, c in enumerate(reply.choices)], "usage": usage()})
 
-    @app.post("/v1/chat/completions")
-    @app.post("/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        t0 = time.perf_counter()
-        body = await read_body(request, config.max_body)
+    async def chat_turn(body: dict) -> _ChatTurn:
+        """A chat request's checked fields, rendered prompt and engine request (the chat route's, and
+        the Responses API's once its body is put in chat's terms)."""
         state.check_model(body)
         msgs = P.messages(body)
         tools, tool_choice = P.tools(body)
@@ -674,7 +673,16 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         stops = list(gen.stop) + [s for s in (getattr(template, "stop_strings", ()) or ()) if s not in gen.stop]
         req = GenerationRequest(ids, max_tokens, gen.params, gen.n, stops, stop_ids, gen.ignore_eos, k,
                                 gen.logit_bias, grammar)
-        handles = _submit_all(state, [req])
+        return _ChatTurn(gen, k, ids, req, template, use_tools)
+
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        t0 = time.perf_counter()
+        body = await read_body(request, config.max_body)
+        turn = await chat_turn(body)
+        gen, k, ids, use_tools, template = turn.gen, turn.k, turn.ids, turn.use_tools, turn.template
+        handles = _submit_all(state, [turn.req])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         reply = _Reply(gen.n)
 
@@ -689,16 +697,8 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
 
         def finish(c: _Choice) -> tuple[str | None, list[dict] | None, str | None]:
             """content, tool calls and finish reason of a finished choice."""
-            content = "".join(c.text)
-            if use_tools and hasattr(template, "parse_tool_calls"):
-                try:
-                    content2, calls = template.parse_tool_calls(content, use_tools)
-                except Exception:  # an unparsable call: the text stays content
-                    log.exception("parsing tool calls failed")
-                    calls = None
-                if calls:
-                    return content2 or None, calls, "tool_calls"
-            return content, None, c.finish_reason
+            content, calls = turn.tool_calls("".join(c.text))
+            return (content, calls, "tool_calls") if calls else (content, None, c.finish_reason)
 
         def usage() -> dict:
             return {"prompt_tokens": len(ids), "completion_tokens": reply.completion_tokens,
@@ -759,7 +759,117 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_id,
                              "choices": choices, "usage": usage()})
 
+    @app.post("/v1/responses")
+    @app.post("/responses")
+    async def responses(request: Request) -> Response:
+        """OpenAI's Responses API, over the chat route (purelm.server.responses)."""
+        t0 = time.perf_counter()
+        body = await read_body(request, config.max_body)
+        turn = await chat_turn(R.to_chat(body))
+        (handle,) = _submit_all(state, [turn.req])
+        b = R.Builder(body, state.model_id)
+        reply = _Reply(1)
+
+        def done() -> tuple[str, list[dict], dict, str | None]:
+            """status, output items, usage and the reason it is incomplete (None: it is not)."""
+            c = reply.choices[0]
+            content, calls = turn.tool_calls("".join(c.text))
+            incomplete = "max_output_tokens" if c.finish_reason == "length" and not calls else None
+            return ("incomplete" if incomplete else "completed", b.output(content, calls),
+                    b.usage(len(turn.ids), c.tokens), incomplete)
+
+        if turn.gen.stream:
+            def text_start(index: int) -> list[bytes]:
+                return [b.event("response.output_item.added", output_index=index,
+                                item={**b.message("", "in_progress"), "content": []}),
+                        b.event("response.content_part.added", item_id=b.message_id, output_index=index,
+                                content_index=0, part={"type": "output_text", "text": "", "annotations": [],
+                                                       "logprobs": []})]
+
+            async def events() -> AsyncIterator[bytes]:
+                yield b.event("response.created", response=b.response("in_progress", []))
+                yield b.event("response.in_progress", response=b.response("in_progress", []))
+                streaming = False  # text deltas sent (a request with tools gets its reply whole, parsed)
+                try:
+                    async for _, pieces in _merged([handle]):
+                        for p in pieces:
+                            reply.add(0, p)
+                            if turn.use_tools or not p.text:
+                                continue
+                            if not streaming:
+                                streaming = True
+                                for e in text_start(0):
+                                    yield e
+                            yield b.event("response.output_text.delta", item_id=b.message_id, output_index=0,
+                                          content_index=0, delta=p.text, logprobs=[])
+                except PurelmError as e:
+                    yield b.event("error", code=_failed(e).code, message=str(e), param=None)
+                    return
+                status, output, usage, incomplete = done()
+                for i, item in enumerate(output):
+                    if item["type"] == "message":
+                        part = item["content"][0]
+                        if not streaming:
+                            for e in text_start(i):
+                                yield e
+                            yield b.event("response.output_text.delta", item_id=item["id"], output_index=i,
+                                          content_index=0, delta=part["text"], logprobs=[])
+                        yield b.event("response.output_text.done", item_id=item["id"], output_index=i,
+                                      content_index=0, text=part["text"], logprobs=[])
+                        yield b.event("response.content_part.done", item_id=item["id"], output_index=i,
+                                      content_index=0, part=part)
+                    else:
+                        yield b.event("response.output_item.added", output_index=i,
+                                      item={**item, "arguments": "", "status": "in_progress"})
+                        yield b.event("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
+                                      delta=item["arguments"])
+                        yield b.event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                                      name=item["name"], arguments=item["arguments"])
+                    yield b.event("response.output_item.done", output_index=i, item=item)
+                yield b.event("response.incomplete" if incomplete else "response.completed",
+                              response=b.response(status, output, usage, incomplete))
+
+            return _stream(_ended(events(), [handle], state, t0, done=False))
+
+        try:
+            async with _watch_disconnect(request, [handle]):
+                async for _, pieces in _merged([handle]):
+                    for p in pieces:
+                        reply.add(0, p)
+        except PurelmError as e:
+            raise _failed(e) from None
+        finally:
+            handle.cancel()
+        state.metrics.duration.observe(time.perf_counter() - t0)
+        status, output, usage, incomplete = done()
+        return JSONResponse(b.response(status, output, usage, incomplete))
+
     return app
+
+
+@dataclass
+class _ChatTurn:
+    """What create_app's chat_turn makes of a chat request."""
+
+    gen: P.Generation
+    k: int | None  # top logprobs (None: no logprobs)
+    ids: list[int]
+    req: GenerationRequest
+    template: Any
+    use_tools: list[dict] | None
+
+    def tool_calls(self, text: str) -> tuple[str | None, list[dict] | None]:
+        """A finished reply's content and tool calls (chat's format), parsed in the template family's
+        format when the request has tools; an unparsable call stays content."""
+        if self.use_tools and hasattr(self.template, "parse_tool_calls"):
+            try:
+                content, calls = self.template.parse_tool_calls(text, self.use_tools)
+            except Exception:
+                log.exception("parsing tool calls failed")
+                calls = None
+            if calls:
+                return content or None, calls
+        return text, None
 
 
 def _submit_all(state: _State, reqs: list[GenerationRequest]) -> list[Handle]:
@@ -818,7 +928,7 @@ class _Gate:
         self.app, self.state = app, state
         self.routes = {"/health", "/v1/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/models",
                        "/v1/embeddings", "/embeddings", "/v1/completions", "/completions", "/v1/chat/completions",
-                       "/chat/completions", "/completion", "/infill"}
+                       "/chat/completions", "/completion", "/infill", "/v1/responses", "/responses"}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
