@@ -19,6 +19,7 @@ from .formats.ggml_legacy import open_model_file
 from .errors import ContextOverflowError, FormatError, MemoryLimitError, UsageError
 from .generate import Chunk, Completion, prefill, stream_batch, stream_tokens, truncate_prompt
 from .hub import resolve
+from .infill import infill_ids
 from .models import build_model
 from .sampling import SamplingParams, check_int
 from .tokenizer import Tokenizer
@@ -192,6 +193,19 @@ class LLM:
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> str:
         """The generated text (see `stream_chunks` for the options)."""
         return self.complete(prompt, **kwargs).text
+
+    def infill(self, prefix: str, suffix: str, extra: Sequence[tuple[str, str]] = (), **kwargs: Any) -> str:
+        """The text a code model writes between `prefix` and `suffix` (fill in the middle), the prompt
+        built as llama-server's `/infill` builds it (purelm.infill); `extra` files as (name, text)
+        before it. The model needs FIM tokens (a UsageError says which are missing). Options as
+        `generate`'s."""
+        for name, value in (("prefix", prefix), ("suffix", suffix)):
+            if not isinstance(value, str):
+                raise UsageError(f"{name} must be a string, got {type(value).__name__}")
+        if not all(isinstance(e, (tuple, list)) and len(e) == 2 and all(isinstance(x, str) for x in e)
+                   for e in extra):
+            raise UsageError("extra must be (filename, text) pairs of strings")
+        return self.generate(infill_ids(self.tokenizer, prefix, suffix, extra=list(extra), n_ctx=self.n_ctx), **kwargs)
 
     def stream_batch(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 256,
                      stop: Sequence[str] = (), ignore_eos: bool = False, timings: dict | None = None,

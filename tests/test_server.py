@@ -669,6 +669,8 @@ def test_infill_and_llama_cpps_completion_routes(fim_path, srv):
         parts = [json.loads(e[6:]) for e in events]
         assert "".join(p["content"] for p in parts) == want.text and "[DONE]" not in events[-1]
         assert [p["stop"] for p in parts] == [False] * (len(parts) - 1) + [True]
+        assert ref.infill(body["input_prefix"], body["input_suffix"], [("util.py", "import os\n")], max_tokens=8,
+                          temperature=0) == want.text  # the Python API
         c = s.client.completions.create(model="fim", prompt=body["input_prefix"], suffix=body["input_suffix"],
                                         max_tokens=8, temperature=0)
         assert c.choices[0].text == ref.generate(infill_ids(ref.tokenizer, body["input_prefix"], body["input_suffix"],
