@@ -43,15 +43,17 @@ class _StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.matched: str | None = None  # the stop string that cut the text
 
     def feed(self, text: str) -> tuple[str, bool]:
         self.pending += text
         if not self.stops:
             out, self.pending = self.pending, ""
             return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, k) for k, i in enumerate(self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
-            out = self.pending[: min(hits)]
+            at, k = min(hits)
+            out, self.matched = self.pending[:at], self.stops[k]
             self.pending = ""
             return out, True
         hold = 0

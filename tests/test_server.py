@@ -678,6 +678,9 @@ def test_infill_and_llama_cpps_completion_routes(fim_path, srv):
         plain = s.post("/completion", {"prompt": "The capital of France is", "n_predict": 6, "temperature": 0}).json()
         assert plain["content"] == ref.generate("The capital of France is", max_tokens=6, temperature=0)
         assert plain["stop_type"] == "limit" and plain["tokens_predicted"] == 6
+        word = s.post("/completion", {"prompt": "The capital of France is", "n_predict": 6, "temperature": 0,
+                                      "stop": ["zzz", plain["content"][:6]]}).json()
+        assert (word["content"], word["stop_type"], word["stopping_word"]) == ("", "word", plain["content"][:6])
         assert error_of(s.post("/infill", {"input_suffix": "x"}), 400)["param"] == "input_prefix"
         assert error_of(s.post("/infill", {**body, "input_extra": [{"text": 1}]}), 400)["param"] == "input_extra"
         assert error_of(s.post("/completion", {"prompt": "x", "n_predict": 0}), 400)["param"] == "n_predict"

@@ -245,7 +245,7 @@ class _Choice:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     sent_lp: int = 0  # logprob entries already streamed
     offset: int = 0  # characters already produced (legacy text_offset)
-    ended_on_eog: bool = False  # finished by an end-of-generation token (not a stop string, not the length)
+    stop: str | None = None  # the stop string that ended it
 
 
 class _Reply:
@@ -263,7 +263,7 @@ class _Reply:
             c.logprobs.append((p.token, p.logprob, p.top or []))
         if p.finish_reason:
             c.finish_reason = p.finish_reason
-            c.ended_on_eog = p.finish_reason == "stop" and p.token is None
+            c.stop = p.stop
         return c
 
     def add_prompt(self, base: int, n: int, p: PromptLogprobs) -> None:
@@ -381,12 +381,12 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
 
         def final() -> dict:
             c = reply.choices[0]
-            kind = {"length": "limit", "stop": "eos" if c.ended_on_eog else "word"}.get(c.finish_reason or "", "none")
+            kind = {"length": "limit", "stop": "word" if c.stop else "eos"}.get(c.finish_reason or "", "none")
             elapsed = time.perf_counter() - t0
             return {"index": 0, "content": "" if gen.stream else "".join(c.text), "tokens": [], "id_slot": -1,
                     "stop": True, "model": state.model_id, "tokens_predicted": c.tokens,
                     "tokens_evaluated": len(prompt), "truncated": False, "stop_type": kind,
-                    "stopping_word": "", "has_new_line": "\n" in "".join(c.text),
+                    "stopping_word": c.stop or "", "has_new_line": "\n" in "".join(c.text),
                     "timings": {"prompt_n": len(prompt), "predicted_n": c.tokens,
                                 "predicted_per_second": c.tokens / elapsed if elapsed > 0 else 0.0}}
 

@@ -102,6 +102,7 @@ class Piece:
     logprob: float | None = None  # of the sampled token (the end-of-generation one included)
     top: list[tuple[int, float]] | None = None  # the likeliest tokens and their logprobs
     sampled: int | None = None  # the sampled token, end-of-generation ones included
+    stop: str | None = None  # on the last piece of a sample that a stop string ended: that string
 
 
 @dataclass
@@ -645,7 +646,8 @@ class Engine:
         the token becomes the slot's pending one."""
         req = slot.job.req
         token = slot.sample.last_token
-        piece = Piece(slot.index, chunk.text, chunk.token, chunk.finish_reason, sampled=token)
+        piece = Piece(slot.index, chunk.text, chunk.token, chunk.finish_reason, sampled=token,
+                      stop=slot.sample.stopper.matched if chunk.finish_reason else None)
         if req.logprobs is not None:
             piece.logprob, piece.top = _logprobs(raw, token, req.logprobs)
         if slot.matcher is not None and chunk.token is not None and not slot.sample.finish_reason:
