@@ -122,8 +122,8 @@ class LLM:
             raise UsageError("ids is empty: give at least one token")
         need, free = 4 * len(ids) * self.n_vocab, kv_cache.available_memory()  # the float32 logits alone
         if free is not None and need > free:
-            raise MemoryLimitError(f"the logits of {len(ids)} positions take {need / 2**30:.1f} GiB, and {free / 2**30:.1f} "
-                             f"GiB of memory is available: ask for fewer positions at a time")
+            raise MemoryLimitError(f"the logits of {len(ids)} positions take {need / 2**30:.1f} GiB, and "
+                                   f"{free / 2**30:.1f} GiB of memory is available: ask for fewer positions at a time")
         cache = self.model.new_cache(max(self.n_ctx, len(ids)))
         return prefill(self.model, cache, list(ids), all_logits=True)
 

@@ -4,7 +4,8 @@ The prompt is built as llama.cpp's server builds it for `/infill` (`format_promp
 repository-level pattern of Qwen2.5-Coder's report), so that an editor plug-in written for llama.cpp
 gets the same prompt, token for token:
 
-    [FIM_REP]myproject\n [FIM_SEP]name\n text ... [FIM_SEP]filename\n [BOS] [FIM_PRE]prefix prompt [FIM_SUF]suffix [FIM_MID]
+    [FIM_REP]myproject\n [FIM_SEP]name\n text ... [FIM_SEP]filename\n
+    [BOS] [FIM_PRE]prefix prompt [FIM_SUF]suffix [FIM_MID]
 
 with at most 3/4 of a batch of the prefix's last tokens, the suffix's first tokens in the rest of a
 quarter batch, and the extra files' last tokens in what the context has left. Files without FIM_REP /

@@ -1,9 +1,10 @@
 """`purelm serve` against the SmolLM2 file, driven by the official `openai` client (and httpx for what
 the client will not send): chat and completions, streaming and not, n=2, logprobs, echo, JSON-schema
-output, tool calls, the Responses API; fill in the middle; memory shared by requests; 32 concurrent streaming clients each getting the reply the same prompt gets alone; a client
-that leaves mid-stream freeing its slot; 4xx answers with OpenAI's error body for bad requests;
-llama.cpp's routes; embeddings equal to `LLM.embed`; the queue limit, the API key, an engine step that
-fails. The server runs in-process (uvicorn in a thread) on a free loopback port."""
+output, tool calls, the Responses and Messages APIs; fill in the middle; memory shared by requests; 32
+concurrent streaming clients each getting the reply the same prompt gets alone; a client that leaves
+mid-stream freeing its slot; 4xx answers with OpenAI's error body for bad requests; llama.cpp's routes;
+embeddings equal to `LLM.embed`; the queue limit, the API key, an engine step that fails. The server
+runs in-process (uvicorn in a thread) on a free loopback port."""
 from __future__ import annotations
 
 import asyncio
@@ -214,7 +215,8 @@ def test_echo_scores_the_prompt_as_llm_logits(srv, ref):
                                                     echo=True, logprobs=k, stream=True))
         assert events[0].choices[0].text == short and "".join(e.choices[0].text for e in events) == r.choices[0].text
         if k:
-            assert [v for e in events for v in e.choices[0].logprobs.token_logprobs] == r.choices[0].logprobs.token_logprobs
+            got = [v for e in events for v in e.choices[0].logprobs.token_logprobs]
+            assert got == r.choices[0].logprobs.token_logprobs
             assert [v for e in events for v in e.choices[0].logprobs.text_offset] == r.choices[0].logprobs.text_offset
     assert error_of(srv.post("/v1/completions", {"prompt": short, "max_tokens": 0}), 400)["param"] == "max_tokens"
 
@@ -301,6 +303,70 @@ def test_responses_api_replies_as_chat(srv):
                         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
                          "input[0]")]:
         assert error_of(srv.post("/v1/responses", body), 400)["param"] == param
+
+
+def _sse_events(text: str) -> list[tuple[str, dict]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        head, data = block.split("\n", 1)
+        out.append((head.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return out
+
+
+def test_messages_api_replies_as_chat(srv):
+    """/v1/messages (Anthropic's API, as llama-server offers it): the reply chat gives the same
+    conversation, streamed as Anthropic's events, its stop reasons, tool_use blocks out and
+    tool_result blocks back in, count_tokens equal to the reply's input_tokens."""
+    msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Say hi"}]
+    chat = srv.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=64, temperature=0)
+    body = {"model": MODEL, "max_tokens": 64, "temperature": 0, "system": [{"type": "text", "text": "Answer briefly."}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hi"}]}]}
+    m = srv.post("/v1/messages", body).json()
+    assert m["type"] == "message" and m["role"] == "assistant" and m["content"][0]["text"] == chat.choices[0].message.content
+    assert m["stop_reason"] == {"stop": "end_turn", "length": "max_tokens"}[chat.choices[0].finish_reason]
+    assert m["usage"] == {"input_tokens": chat.usage.prompt_tokens, "output_tokens": chat.usage.completion_tokens}
+    assert srv.post("/v1/messages/count_tokens", {k: v for k, v in body.items() if k != "max_tokens"}).json() \
+        == {"input_tokens": chat.usage.prompt_tokens}
+    events = _sse_events(srv.post("/v1/messages", {**body, "stream": True}).text)
+    kinds = [k for k, _ in events]
+    assert kinds[:2] == ["message_start", "content_block_start"] and kinds[-3:] == ["content_block_stop",
+                                                                                    "message_delta", "message_stop"]
+    assert "".join(e["delta"]["text"] for k, e in events if k == "content_block_delta") == m["content"][0]["text"]
+    assert events[-2][1]["delta"]["stop_reason"] == m["stop_reason"]
+    cut = m["content"][0]["text"][:4]
+    stopped = srv.post("/v1/messages", {**body, "stop_sequences": ["zzz", cut]}).json()
+    assert (stopped["content"], stopped["stop_reason"], stopped["stop_sequence"]) == ([], "stop_sequence", cut)
+
+    pytest.importorskip("llguidance")
+    tools = [{"name": "get_weather", "description": "The weather in a city",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    call = '<tool_call>\\n{\\"name\\": \\"get_weather\\", \\"arguments\\": {\\"city\\": \\"Paris\\"}}\\n</tool_call>'
+    ask = {"model": MODEL, "max_tokens": 60, "temperature": 0, "tools": tools,
+           "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    used = srv.post("/v1/messages", {**ask, "grammar": f'root ::= "{call}"'}).json()
+    (block,) = used["content"]
+    assert used["stop_reason"] == "tool_use" and block["type"] == "tool_use"
+    assert block["name"] == "get_weather" and block["input"] == {"city": "Paris"}
+    streamed = _sse_events(srv.post("/v1/messages", {**ask, "grammar": f'root ::= "{call}"', "stream": True}).text)
+    starts = [e["content_block"] for k, e in streamed if k == "content_block_start"]
+    assert [b["type"] for b in starts] == ["tool_use"] and starts[0]["name"] == "get_weather"
+    assert json.loads("".join(e["delta"]["partial_json"] for k, e in streamed if k == "content_block_delta")) \
+        == {"city": "Paris"}
+    after = srv.post("/v1/messages", {**ask, "max_tokens": 24, "messages": [
+        ask["messages"][0], {"role": "assistant", "content": [block]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block["id"], "content": "Sunny, 24 C"}]}]}).json()
+    chat = srv.client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, tools=[
+        {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                          "parameters": tools[0]["input_schema"]}}], messages=[
+        ask["messages"][0], {"role": "assistant", "content": None, "tool_calls": [
+            {"id": block["id"], "type": "function", "function": {"name": "get_weather",
+                                                                 "arguments": json.dumps({"city": "Paris"})}}]},
+        {"role": "tool", "tool_call_id": block["id"], "content": "Sunny, 24 C"}])
+    assert after["content"][0]["text"] == chat.choices[0].message.content
+    for bad, param in [({**body, "max_tokens": None}, "max_tokens"),
+                       ({**body, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+                        "messages[0].content[0]"), ({**body, "tools": [{"type": "web_search_20250305"}]}, "tools")]:
+        assert error_of(srv.post("/v1/messages", {k: v for k, v in bad.items() if v is not None}), 400)["param"] == param
 
 
 @pytest.mark.parametrize("source", [
@@ -484,7 +550,10 @@ _BODIES = st.one_of(
         lambda b: ("/tokenize", b)),
     st.fixed_dictionaries({"input": st.sampled_from(["hi", [{"role": "user", "content": "hi"}],
                                                      [{"type": "function_call_output", "call_id": "c", "output": "x"}]])
-                           | _JSON, "max_output_tokens": _SMALL, "fields": _FIELDS}).map(lambda b: ("/v1/responses", b)),
+                           | _JSON, "max_output_tokens": _SMALL, "fields": _FIELDS}).map(
+                               lambda b: ("/v1/responses", b)),
+    st.fixed_dictionaries({"messages": st.lists(_MESSAGE, min_size=1, max_size=2) | _JSON, "max_tokens": _SMALL,
+                           "fields": _FIELDS}).map(lambda b: ("/v1/messages", b)),
     st.fixed_dictionaries({"prompt": st.sampled_from(["Hello", [1, 2, 3]]) | _JSON,
                            "n_predict": st.sampled_from([1, 2, 0, -2, 10**30, "2", 2.5, True]),  # not -1: no limit
                            "fields": _FIELDS}).map(lambda b: ("/completion", b)),
@@ -514,7 +583,7 @@ def test_request_fields_are_refused_with_a_4xx_or_taken_by_the_sampler(body, cha
             assert all(0 <= k < 49152 and -100 <= v <= 100 for k, v in (got.logit_bias or {}).items())
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(case=_BODIES)
 def test_any_request_gets_a_reply_or_a_4xx_and_the_server_goes_on(srv, case):
     """Whatever the JSON, an answer (a JSON body, or a stream that ends as its API ends one: [DONE],
@@ -533,6 +602,8 @@ def test_any_request_gets_a_reply_or_a_4xx_and_the_server_goes_on(srv, case):
         last = text.rstrip().rsplit("\n\n", 1)[-1]
         if path == "/v1/responses":
             assert last.split("\n")[0] in ("event: response.completed", "event: response.incomplete"), text[-300:]
+        elif path == "/v1/messages":
+            assert last.split("\n")[0] == "event: message_stop", text[-300:]
         elif path == "/completion":
             assert json.loads(last[6:])["stop"] is True, text[-300:]
         else:

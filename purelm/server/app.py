@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import ContextOverflowError, MemoryLimitError, PurelmError, UsageError
 from ..infill import check_fim, infill_ids
+from . import anthropic as A
 from . import protocol as P
 from . import responses as R
 from .engine import Engine, EngineStoppedError, GenerationRequest, Handle, Piece, PromptLogprobs, QueueFullError
@@ -420,7 +421,8 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             ids = state.tokenize(P.check_text(prompt, "prompt"))
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in prompt):
             ids = P.token_ids(prompt, state.n_vocab, "prompt")
         else:
             raise P.bad("prompt must be a string or an array of token ids", "prompt", "invalid_type")
@@ -844,6 +846,85 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         status, output, usage, incomplete = done()
         return JSONResponse(b.response(status, output, usage, incomplete))
 
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        """Anthropic's Messages API, over the chat route (purelm.server.anthropic)."""
+        t0 = time.perf_counter()
+        body = await read_body(request, config.max_body)
+        turn = await chat_turn(A.to_chat(body))
+        (handle,) = _submit_all(state, [turn.req])
+        mid = f"msg_{uuid.uuid4().hex}"
+        reply = _Reply(1)
+
+        def done() -> tuple[list[dict], str, str | None]:
+            """content blocks, stop reason and stop sequence of the finished reply."""
+            c = reply.choices[0]
+            content, calls = turn.tool_calls("".join(c.text))
+            return A.content_blocks(content, calls), A.stop_reason(c.finish_reason, c.stop, calls), \
+                None if calls else c.stop
+
+        if turn.gen.stream:
+            async def events() -> AsyncIterator[bytes]:
+                yield A.event("message_start", message=A.message(state.model_id, [], None, None, len(turn.ids), 0, mid))
+                streaming = False  # a text block open (a request with tools gets its reply whole, parsed)
+                try:
+                    async for _, pieces in _merged([handle]):
+                        for p in pieces:
+                            reply.add(0, p)
+                            if turn.use_tools or not p.text:
+                                continue
+                            if not streaming:
+                                streaming = True
+                                yield A.event("content_block_start", index=0,
+                                              content_block={"type": "text", "text": ""})
+                            yield A.event("content_block_delta", index=0, delta={"type": "text_delta", "text": p.text})
+                except PurelmError as e:
+                    err = _failed(e)
+                    yield A.event("error", error={"type": "overloaded_error" if err.status == 503 else "api_error",
+                                                  "message": str(e)})
+                    return
+                blocks, reason, stop = done()
+                if streaming:  # the text block, sent already
+                    yield A.event("content_block_stop", index=0)
+                    blocks = blocks[1:]
+                for index, block in enumerate(blocks, start=int(streaming)):
+                    if block["type"] == "text":
+                        yield A.event("content_block_start", index=index, content_block={"type": "text", "text": ""})
+                        yield A.event("content_block_delta", index=index,
+                                      delta={"type": "text_delta", "text": block["text"]})
+                    else:
+                        yield A.event("content_block_start", index=index, content_block={**block, "input": {}})
+                        yield A.event("content_block_delta", index=index, delta={
+                            "type": "input_json_delta", "partial_json": json.dumps(block["input"])})
+                    yield A.event("content_block_stop", index=index)
+                yield A.event("message_delta", delta={"stop_reason": reason, "stop_sequence": stop},
+                              usage={"output_tokens": reply.choices[0].tokens})
+                yield A.event("message_stop")
+
+            return _stream(_ended(events(), [handle], state, t0, done=False))
+
+        try:
+            async with _watch_disconnect(request, [handle]):
+                async for _, pieces in _merged([handle]):
+                    for p in pieces:
+                        reply.add(0, p)
+        except PurelmError as e:
+            raise _failed(e) from None
+        finally:
+            handle.cancel()
+        state.metrics.duration.observe(time.perf_counter() - t0)
+        blocks, reason, stop = done()
+        return JSONResponse(A.message(state.model_id, blocks, reason, stop, len(turn.ids), reply.choices[0].tokens,
+                                      mid))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> JSONResponse:
+        """The prompt's length as /v1/messages would render it."""
+        body = await read_body(request, config.max_body)
+        chat = A.to_chat(body, count_only=True)
+        chat.pop("stream", None)
+        return JSONResponse({"input_tokens": len((await chat_turn(chat)).ids)})
+
     return app
 
 
@@ -928,7 +1009,8 @@ class _Gate:
         self.app, self.state = app, state
         self.routes = {"/health", "/v1/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/models",
                        "/v1/embeddings", "/embeddings", "/v1/completions", "/completions", "/v1/chat/completions",
-                       "/chat/completions", "/completion", "/infill", "/v1/responses", "/responses"}
+                       "/chat/completions", "/completion", "/infill", "/v1/responses", "/responses",
+                       "/v1/messages", "/v1/messages/count_tokens"}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

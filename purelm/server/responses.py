@@ -106,7 +106,7 @@ def _content(content: Any, where: str) -> str:
     if isinstance(content, list):
         texts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            if not (isinstance(part, dict) and part.get("type") in TEXT_PARTS and isinstance(part.get("text"), str)):
                 kind = part.get("type") if isinstance(part, dict) else P._kind(part)
                 raise P.bad(f"{where}: content parts of type {kind!r} are not supported (input_text, output_text)",
                             where, "unsupported")
@@ -172,5 +172,5 @@ class Builder:
     def event(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return f"event: {kind}\ndata: ".encode() + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() \
-            + b"\n\n"
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        return f"event: {kind}\ndata: {text}\n\n".encode()
