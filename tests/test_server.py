@@ -762,6 +762,48 @@ def test_infill_and_llama_cpps_completion_routes(fim_path, srv):
     assert err["param"] == "suffix" and "fill-in-the-middle" in err["message"]
 
 
+def test_a_reply_short_of_blocks_restarts_a_prompt_still_prefilling(ref, monkeypatch):
+    """The engine stepped by hand, its cache held at 4 blocks: reply A (200 tokens) reaches a block
+    boundary while prompt B (200 tokens, 8 a step) holds the other 3. B gives its blocks back and
+    starts again (each time A needs one), A goes on, B finishes once A has: both greedy replies are
+    those each gets alone, and B's prompt was evaluated more than once."""
+    from purelm.errors import MemoryLimitError
+    from purelm.server.engine import Engine, GenerationRequest, Handle, _Job
+
+    engine = Engine(ref, parallel=4, batch=8, prefix_cache=False)
+    engine.cache._grow(4)
+
+    def full(capacity):
+        raise MemoryLimitError("no memory (the test's host)")
+
+    monkeypatch.setattr(engine.cache, "_grow", full)
+    loop = asyncio.new_event_loop()
+    params = P.SamplingParams(temperature=0.0)
+    prompt_b = ref.tokenize((ROOT / "README.md").read_text()[:2000])[:200]
+    jobs = {}
+    for name, prompt, n in (("a", ref.tokenize("Hi"), 200), ("b", prompt_b, 5)):
+        jobs[name] = _Job(GenerationRequest(prompt, n, params, ignore_eos=True), Handle(engine, loop, 1))
+    engine._waiting.append(jobs["a"])
+    for _ in range(40):  # A decodes to position 41
+        engine._step()
+    engine._waiting.append(jobs["b"])
+    for _ in range(2000):
+        engine._step()
+        if not (engine._running or engine._prefilling or engine._waiting):
+            break
+    loop.run_until_complete(asyncio.sleep(0))
+    for name, job in jobs.items():
+        pieces = []
+        while not job.handle.queue.empty():
+            item = job.handle.queue.get_nowait()
+            assert not isinstance(item, BaseException), (name, item)
+            pieces += item
+        want = ref.complete(job.req.prompt, max_tokens=job.req.max_tokens, temperature=0, ignore_eos=True)
+        assert "".join(p.text for p in pieces) == want.text and pieces[-1].finish_reason == "length", name
+    assert engine.prompt_tokens_evaluated > 200 + 1 + 200  # B's prompt went in again after a restart
+    loop.close()
+
+
 # ------------------------------------------------------------------------------ llama.cpp's routes, models
 def test_tokenize_detokenize_health_models_metrics(srv, ref):
     ids = srv.post("/tokenize", {"content": "Hello, world!"}).json()["tokens"]

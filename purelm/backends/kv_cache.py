@@ -269,7 +269,8 @@ class KVCache:
 
     def reserve(self, n_positions: int, seq: int = 0) -> None:
         """Make positions n_past .. n_positions-1 of `seq` writable: blocks allocated, and shared
-        blocks among them copied (copy-on-write)."""
+        blocks among them copied (copy-on-write). When the memory runs out (MemoryLimitError) no new
+        block is left taken."""
         if n_positions > self.n_ctx:
             raise ContextOverflowError(f"{n_positions} positions do not fit in the context of {self.n_ctx}")
         s = self.seq(seq)
@@ -282,8 +283,14 @@ class KVCache:
                     store[new * BLOCK:(new + 1) * BLOCK] = store[b * BLOCK:(b + 1) * BLOCK]
                 self.refs[b] -= 1
                 s.blocks[i] = new
-        while len(s.blocks) * BLOCK < n_positions:
-            s.blocks.append(self._allocate())
+        n_had = len(s.blocks)
+        try:
+            while len(s.blocks) * BLOCK < n_positions:
+                s.blocks.append(self._allocate())
+        except MemoryLimitError:  # all or nothing: the blocks taken so far go back
+            self._release(s.blocks[n_had:])
+            del s.blocks[n_had:]
+            raise
 
     def rows(self, seq: int, p0: int, p1: int) -> np.ndarray:
         """Pool rows of positions p0..p1-1 of `seq` (allocated: see reserve)."""

@@ -28,9 +28,11 @@ requests that were in that step's pass; the engine goes on serving the others an
 
 Memory: a request is refused at submission when its worst case (`n` samples of `max_tokens`) does
 not fit in the memory available. Requests that each fit but not all together take their cache
-blocks before each pass (`_reserve`): retained prefixes are dropped first, a prompt waits for the
-blocks that running requests free as they end, and a sample that finds none ends its own request
-with a MemoryLimitError (503); the pass, and the other requests in it, go on.
+blocks before each pass (`_reserve`): retained prefixes are dropped first, then a sample's drafts,
+then prompts still prefilling give their blocks back and start again later (vLLM's preemption by
+recomputation); a prompt waits for the blocks that running requests free as they end, and a sample
+that still finds none ends its own request with a MemoryLimitError (503); the pass, and the other
+requests in it, go on.
 
 The backend computes each sequence's part of a pass as it would alone, so a decode token's logits do
 not depend on the other requests in the batch: a greedy reply is the same served alone or among others.
@@ -528,38 +530,58 @@ class Engine:
 
     def _reserve(self, runs: list[tuple[int, list[int], Any]]) -> list[tuple[int, list[int], Any]]:
         """The runs of this step's pass whose cache blocks could be taken now, before the pass, so
-        that memory running out fails no pass: the retained prefixes go first (oldest first); then a
-        prompt chunk waits for a later step while other requests run (they free blocks as they end),
-        and a sample that finds no block for its next token ends its request with the
-        MemoryLimitError (the server's 503)."""
-        kept, failed = [], {}
-        for run in runs:
-            seq, ids, owner = run
+        that memory running out fails no pass. When blocks run short: the retained prefixes go first
+        (oldest first); a sample drops its drafts; prompts still prefilling give their blocks back and
+        start again later (newest first; not those sending their prompt's logprobs); then the sample
+        that finds no block ends its request with the MemoryLimitError (the server's 503). A prompt
+        chunk that finds none waits for a later step while other requests run (they free blocks as
+        they end), and fails when nothing else runs."""
+        kept: list[tuple[int, list[int], Any]] = []
+        restarted: set[int] = set()
+        for seq, ids, owner in runs:
             job = owner.job if isinstance(owner, _Slot) else owner
-            if job in failed:
-                continue
+            gone = owner not in self._running if isinstance(owner, _Slot) else job not in self._prefilling
+            if gone or id(job) in restarted:
+                continue  # failed, or restarted, earlier in this loop
             try:
-                self._reserve_positions(seq, self.cache.seqs[seq].n_past + len(ids))
+                self._reserve_positions(seq, ids, owner, kept, restarted)
             except MemoryLimitError as e:
                 if isinstance(owner, _Slot) or not (self._running or kept):
-                    failed[job] = e
+                    self._finish_job(job, e)  # its blocks are free for the runs after it
+                    kept = [r for r in kept if (r[2].job if isinstance(r[2], _Slot) else r[2]) is not job]
                 continue
             except Exception:  # the pass meets it too, and fails this step's requests
                 pass
-            kept.append(run)
-        for job, e in failed.items():
-            self._finish_job(job, e)
-        return [run for run in kept if (run[2].job if isinstance(run[2], _Slot) else run[2]) not in failed]
+            if isinstance(owner, _Slot):
+                ids = [owner.pending, *owner.drafts]
+            kept.append((seq, ids, owner))
+        return kept
 
-    def _reserve_positions(self, seq: int, n_positions: int) -> None:
+    def _reserve_positions(self, seq: int, ids: list[int], owner: Any, kept: list, restarted: set[int]) -> None:
+        """cache.reserve for a run, making room as _reserve says when the memory runs out."""
         while True:
             try:
-                return self.cache.reserve(n_positions, seq)
+                return self.cache.reserve(self.cache.seqs[seq].n_past + len(ids), seq)
             except MemoryLimitError:
-                if not self._retained:
+                if self._retained:
+                    old, _ = self._retained.popitem(last=False)
+                    self.cache.remove(old)
+                    continue
+                if not isinstance(owner, _Slot):
                     raise
-                old, _ = self._retained.popitem(last=False)
-                self.cache.remove(old)
+                if owner.drafts:
+                    owner.drafts = []
+                    ids = [owner.pending]
+                    continue
+                busy = {id(r[2]) for r in kept}
+                victims = [j for j in self._prefilling if j.req.prompt_logprobs is None and j.seq is not None
+                           and id(j) not in busy and id(j) not in restarted]
+                if not victims:
+                    raise
+                victim = victims[-1]
+                self.cache.remove(victim.seq)
+                victim.seq, victim.fed = self.cache.add(), 0
+                restarted.add(id(victim))
 
     def _prompt_logprobs(self, job: _Job, rows: np.ndarray) -> PromptLogprobs:
         """The logprobs of the prompt tokens that a chunk's logits `rows` predict (the chunk's last
