@@ -198,6 +198,7 @@ def test_echo_scores_the_prompt_as_llm_logits(srv, ref):
             assert sorted(lp.top_logprobs[j].values(), reverse=True) == pytest.approx(np.sort(want[j - 1])[::-1][:2],
                                                                                       abs=2e-3)
         assert lp.text_offset[len(ids)] == len(prompt)
+        assert [c.text[a:b] for a, b in zip(lp.text_offset, lp.text_offset[1:])] == lp.tokens[:-1]
     # lm-evaluation-harness's request: token ids, max_tokens 1, the continuation's logprobs at [ctxlen:-1]
     ctx, cont = long_ids[:200], long_ids[200:]
     e = srv.post("/v1/completions", {"prompt": long_ids, "max_tokens": 1, "temperature": 0, "echo": True,
@@ -279,6 +280,11 @@ def test_responses_api_replies_as_chat(srv):
     assert "".join(deltas) == final.output_text == r.output_text and final.status == "completed"
     short = srv.client.responses.create(model=MODEL, input="Say hi", max_output_tokens=3, temperature=0)
     assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+    assert short.output[0].status == "incomplete"
+    for stream in ("false", "true"):  # fields repeated in the reply, with text JSON allows and UTF-8 does not
+        r = srv.post("/v1/responses", '{"input": "hi", "max_output_tokens": 2, "metadata": {"k": "\\ud800"}, '
+                                      f'"text": {{"format": {{"type": "text", "x": "\\ud800"}}}}, "stream": {stream}}}')
+        assert r.status_code == 200 and "response.incomplete" in r.text if stream == "true" else r.json()["metadata"]
 
     pytest.importorskip("llguidance")
     tools = [{"type": "function", "name": "get_weather", "description": "The weather in a city",
@@ -532,7 +538,8 @@ _SMALL = st.sampled_from([1, 2, 3, 0, -1, 10**30, "2", 2.5, True])  # never None
 _NAMES = ["temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
           "repeat_penalty", "repeat_last_n", "logprobs", "top_logprobs", "stream", "stream_options", "response_format",
           "grammar", "tools", "tool_choice", "logit_bias", "echo", "model", "user", "add_special", "with_pieces",
-          "suffix", "encoding_format", "dimensions", "parallel_tool_calls"]
+          "suffix", "encoding_format", "dimensions", "parallel_tool_calls", "metadata", "instructions", "text",
+          "system", "stop_sequences"]
 _NUMBER = st.integers(-2**70, 2**70) | st.sampled_from([-1, 0, 1, 2, 5, 0.5, -0.5, 1e308]) | st.floats(-10, 10)
 # a few fields at a time (most requests with many hostile fields stop at the first), numbers more often
 # than other values: they reach the checks behind the first ones
@@ -752,6 +759,13 @@ def test_infill_and_llama_cpps_completion_routes(fim_path, srv):
         word = s.post("/completion", {"prompt": "The capital of France is", "n_predict": 6, "temperature": 0,
                                       "stop": ["zzz", plain["content"][:6]]}).json()
         assert (word["content"], word["stop_type"], word["stopping_word"]) == ("", "word", plain["content"][:6])
+        long = s.post("/completion", {"prompt": ref.tokenize((ROOT / "README.md").read_text())[:N_CTX - 5],
+                                      "n_predict": 10 * N_CTX, "temperature": 0}).json()  # stops at the context's end
+        assert long["stop_type"] == "limit" and long["tokens_predicted"] == 5
+        pytest.importorskip("llguidance")
+        yes_no = s.post("/completion", {"prompt": "Is Paris in France? Answer:", "n_predict": 4,
+                                        "grammar": 'root ::= " yes" | " no"'}).json()
+        assert yes_no["content"] in (" yes", " no")
         assert error_of(s.post("/infill", {"input_suffix": "x"}), 400)["param"] == "input_prefix"
         assert error_of(s.post("/infill", {**body, "input_extra": [{"text": 1}]}), 400)["param"] == "input_extra"
         assert error_of(s.post("/completion", {"prompt": "x", "n_predict": 0}), 400)["param"] == "n_predict"

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -371,13 +372,16 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         if n_predict == 0:
             raise P.bad("n_predict must be -1 (until the context is full) or at least 1", "n_predict")
         if n_predict is not None and n_predict > 0 and "max_tokens" not in body:
-            body["max_tokens"] = n_predict
+            body["max_tokens"] = min(n_predict, state.n_ctx)
         gen = P.generation(body, state.n_vocab, state.n_ctx, 1, chat=False)
         if not prompt:
             raise P.bad("the prompt is empty (and the model adds no BOS token)", "prompt")
-        max_tokens = state.check_context(len(prompt), gen.max_tokens, "prompt")
+        # as llama-server: a reply that would pass the context's end stops there (no 400)
+        max_tokens = min(state.check_context(len(prompt), None, "prompt"), gen.max_tokens or state.n_ctx)
+        fmt = P.response_format(body)
+        grammar = await asyncio.to_thread(state.grammar, fmt) if fmt else None
         (handle,) = _submit_all(state, [GenerationRequest(prompt, max_tokens, gen.params, 1, gen.stop, frozenset(),
-                                                          gen.ignore_eos, None, gen.logit_bias)])
+                                                          gen.ignore_eos, None, gen.logit_bias, grammar)])
         reply = _Reply(1)
 
         def final() -> dict:
@@ -453,6 +457,9 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                   for c in extra]
         ids = infill_ids(state.tokenizer, texts["input_prefix"], texts["input_suffix"], texts["prompt"], chunks,
                          n_ctx=state.n_ctx)
+        if len(ids) >= state.n_ctx:  # llama.cpp's budgets left no room for a reply here: no extra files then
+            ids = infill_ids(state.tokenizer, texts["input_prefix"], texts["input_suffix"], texts["prompt"], chunks,
+                             n_ctx=state.n_ctx, n_predict=state.n_ctx)
         return await native(request, body, ids)
 
     # ---------------------------------------------------------------- OpenAI's routes
@@ -549,24 +556,24 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             max_tokens = state.check_context(len(p), gen.max_tokens, "prompt")
             reqs.append(GenerationRequest(p, max_tokens, gen.params, gen.n, gen.stop, frozenset(), gen.ignore_eos,
                                           k, gen.logit_bias, grammar, prompt_logprobs=k if echo else None))
-        # echo: each choice's text starts with its prompt (as sent, or the ids' text), and with logprobs
-        # its prompt tokens' logprobs come first (the first token's None), as OpenAI's legacy API does
-        echoed = [(p if isinstance(p, str) else state.tokenizer.decode(t)) if echo else ""
-                  for p, t in zip(prompts, ids)]
+        # echo: each choice's text starts with its prompt, as its tokens spell it (special tokens as no
+        # text), and with logprobs its prompt tokens' logprobs come first (the first token's None), as
+        # OpenAI's legacy API does; text_offset counts in that text
+        echoed, echo_offsets = zip(*(_spelled(state.tokenizer, t) if echo else ("", []) for t in ids))
         handles = _submit_all(state, reqs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         reply = _Reply(len(reqs) * gen.n)
         prompt_tokens = sum(map(len, ids))
 
-        def legacy_logprobs(c: _Choice, start: int, stop: int | None = None) -> dict:
+        def legacy_logprobs(c: _Choice, start: int, stop: int | None = None, offsets: list[int] | None = None) -> dict:
             toks, lps, tops, offs = [], [], [], []
             off = c.offset
-            for tok, lp, top in c.logprobs[start:stop]:
+            for i, (tok, lp, top) in enumerate(c.logprobs[start:stop]):
                 s = state.piece(tok).decode("utf-8", "replace")
                 toks.append(s)
                 lps.append(lp)
                 tops.append({state.piece(t).decode("utf-8", "replace"): v for t, v in top} if lp is not None else None)
-                offs.append(off)
+                offs.append(off if offsets is None else offsets[i])
                 off += len(s)
             c.offset = off
             return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
@@ -576,7 +583,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             out = []
             for j in range(gen.n):
                 c = reply.choices[p_index * gen.n + j]
-                lp = legacy_logprobs(c, 0) if k is not None else None
+                lp = legacy_logprobs(c, 0, offsets=echo_offsets[p_index]) if k is not None else None
                 c.sent_lp, c.offset = len(c.logprobs), len(echoed[p_index])  # (offsets: in the text sent)
                 out.append({"text": echoed[p_index], "index": p_index * gen.n + j, "logprobs": lp,
                             "finish_reason": None})
@@ -635,7 +642,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             lp = None
             if k is not None:
                 n_prompt = len(reqs[i // gen.n].prompt) if echo else 0
-                lp = legacy_logprobs(c, 0, n_prompt)
+                lp = legacy_logprobs(c, 0, n_prompt, echo_offsets[i // gen.n])
                 c.offset = len(echoed[i // gen.n])
                 for key, values in legacy_logprobs(c, n_prompt).items():
                     lp[key] += values
@@ -777,8 +784,8 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             c = reply.choices[0]
             content, calls = turn.tool_calls("".join(c.text))
             incomplete = "max_output_tokens" if c.finish_reason == "length" and not calls else None
-            return ("incomplete" if incomplete else "completed", b.output(content, calls),
-                    b.usage(len(turn.ids), c.tokens), incomplete)
+            status = "incomplete" if incomplete else "completed"
+            return status, b.output(content, calls, status), b.usage(len(turn.ids), c.tokens), incomplete
 
         if turn.gen.stream:
             def text_start(index: int) -> list[bytes]:
@@ -965,6 +972,14 @@ def _submit_all(state: _State, reqs: list[GenerationRequest]) -> list[Handle]:
     return handles
 
 
+def _spelled(tokenizer: Any, ids: list[int]) -> tuple[str, list[int]]:
+    """The text `ids` spell (special tokens as none) and where each token starts in it."""
+    dec = tokenizer.stream_decoder(skip_special=True)
+    parts = [dec.feed(t) for t in ids]
+    parts[-1] += dec.flush()
+    return "".join(parts), list(itertools.accumulate((len(x) for x in parts[:-1]), initial=0))
+
+
 def _out_of_memory(e: MemoryLimitError) -> P.APIError:
     return P.APIError(503, str(e), None, "insufficient_memory")
 
@@ -990,6 +1005,9 @@ async def _ended(events: AsyncIterator[bytes], handles: list, state: Any, t0: fl
             yield b"data: [DONE]\n\n"
     except (PurelmError, P.APIError) as e:
         yield sse(_error_body(e))
+    except Exception as e:  # a bug: the client gets an error event rather than a dropped connection
+        log.exception("a streamed reply failed")
+        yield sse(P.APIError(500, f"the reply failed: {e}", None, "generation_failed").body())
     finally:
         for h in handles:
             h.cancel()

@@ -24,6 +24,10 @@ TEXT_PARTS = ("input_text", "output_text", "text")
 
 def to_chat(body: dict) -> dict:
     """The chat-completions body a Responses request stands for (a 400 naming the field otherwise)."""
+    metadata = P.get_dict(body, "metadata")
+    if metadata is not None and (len(metadata) > 16 or not all(isinstance(v, str) for v in metadata.values())):
+        raise P.bad("metadata must be at most 16 string values", "metadata")
+    P.get_bool(body, "parallel_tool_calls")
     if body.get("previous_response_id") is not None:
         raise P.bad("previous_response_id is not supported: this server stores no responses; send the whole "
                     "conversation in input", "previous_response_id", "unsupported")
@@ -129,6 +133,18 @@ def _tools(tools: Any) -> list[dict]:
     return out
 
 
+def _echo(value: Any) -> Any:
+    """A request's value as the reply repeats it: text that cannot be written as UTF-8 (a lone
+    surrogate from a JSON escape) replaced, so that echoing it cannot fail."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, list):
+        return [_echo(v) for v in value]
+    if isinstance(value, dict):
+        return {_echo(k): _echo(v) for k, v in value.items()}
+    return value
+
+
 class Builder:
     """A Response object and its stream's events, for one request."""
 
@@ -140,7 +156,7 @@ class Builder:
 
     def response(self, status: str, output: list[dict], usage: dict | None = None,
                  incomplete: str | None = None) -> dict:
-        b = self.body
+        b = _echo(self.body)
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None,
                 "incomplete_details": {"reason": incomplete} if incomplete else None,
                 "instructions": b.get("instructions"), "max_output_tokens": b.get("max_output_tokens"),
@@ -160,8 +176,8 @@ class Builder:
         return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
                 "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
 
-    def output(self, content: str | None, calls: list[dict] | None) -> list[dict]:
-        items = [self.message(content)] if content else []
+    def output(self, content: str | None, calls: list[dict] | None, status: str = "completed") -> list[dict]:
+        items = [self.message(content, status)] if content else []
         return items + [self.function_call(c) for c in calls or []]
 
     @staticmethod
