@@ -968,8 +968,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the server extra)",
                         description="Serve a model over HTTP with OpenAI's routes (/v1/chat/completions, "
-                                    "/v1/completions, /v1/embeddings, /v1/models) and llama.cpp's (/tokenize, "
-                                    "/detokenize, /health, /metrics); requests are batched continuously. "
+                                    "/v1/completions, /v1/responses, /v1/embeddings, /v1/models), Anthropic's "
+                                    "(/v1/messages) and llama.cpp's (/completion, /infill, /tokenize, "
+                                    "/detokenize, /props, /health, /metrics); requests are batched continuously. "
                                     "Needs: pip install 'purelm[server]'.")
     sv.add_argument("model_pos", nargs="?", metavar="MODEL",
                     help="a .gguf file or a known model name (default: smollm2; or -m)")

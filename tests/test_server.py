@@ -825,6 +825,9 @@ def test_tokenize_detokenize_health_models_metrics(srv, ref):
     pieces = srv.post("/tokenize", {"content": "Hello", "with_pieces": True}).json()["tokens"]
     assert pieces == [{"id": i, "piece": ref.detokenize([i])} for i in ref.tokenize("Hello", add_special=False)]
     assert srv.post("/detokenize", {"tokens": ids}).json() == {"content": "Hello, world!"}
+    props = httpx.get(srv.base + "/props").json()
+    assert props["default_generation_settings"]["n_ctx"] == N_CTX and props["total_slots"] == 8
+    assert props["chat_template"] == srv.llm.chat_template.source and props["model_alias"] == MODEL
     h = httpx.get(srv.base + "/health").json()
     assert h["status"] == "ok" and h["slots_idle"] + h["slots_processing"] == 8
     m = srv.client.models.list().data

@@ -25,8 +25,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from .. import __version__
 from ..errors import ContextOverflowError, MemoryLimitError, PurelmError, UsageError
 from ..infill import check_fim, infill_ids
+from ..sampling import SamplingParams
 from . import anthropic as A
 from . import protocol as P
 from . import responses as R
@@ -326,6 +328,24 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             return JSONResponse(P.APIError(503, "the engine is not running", None, "unavailable").body(), 503)
         return JSONResponse({"status": "ok", "slots_idle": e.parallel - e.slots_used,
                              "slots_processing": e.slots_used, "requests_waiting": e.n_waiting})
+
+    @app.get("/props")
+    async def props() -> JSONResponse:
+        """llama-server's settings route, as its web UI and tools read it."""
+        d = SamplingParams()
+        try:
+            t = state.template
+            template, bos, eos = t.source, t.bos_token, t.eos_token
+        except P.APIError:
+            template, bos, eos = "", "", ""
+        return JSONResponse({
+            "default_generation_settings": {"n_ctx": state.n_ctx, "params": {
+                "n_predict": -1, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "min_p": d.min_p,
+                "repeat_penalty": d.repeat_penalty, "repeat_last_n": d.repeat_last_n, "seed": -1}},
+            "total_slots": config.parallel, "model_alias": state.model_id, "model_path": state.llm.path,
+            "modalities": {"vision": False, "video": False, "audio": False}, "chat_template": template,
+            "bos_token": bos or "", "eos_token": eos or "", "build_info": f"purelm {__version__}",
+            "endpoint_slots": False, "endpoint_props": False, "endpoint_metrics": True, "is_sleeping": False})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -1028,7 +1048,7 @@ class _Gate:
         self.routes = {"/health", "/v1/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/models",
                        "/v1/embeddings", "/embeddings", "/v1/completions", "/completions", "/v1/chat/completions",
                        "/chat/completions", "/completion", "/infill", "/v1/responses", "/responses",
-                       "/v1/messages", "/v1/messages/count_tokens"}
+                       "/v1/messages", "/v1/messages/count_tokens", "/props"}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
