@@ -34,7 +34,7 @@ def to_chat(body: dict, count_only: bool = False) -> dict:
     messages: list[dict] = []
     system = body.get("system")
     if system is not None:
-        messages.append({"role": "system", "content": _text(system, "system")})
+        messages.append({"role": "system", "content": P.text_of(system, "system")})
     items = body.get("messages")
     if not isinstance(items, list) or not items:
         raise P.bad("messages must be a non-empty array", "messages",
@@ -56,21 +56,6 @@ def to_chat(body: dict, count_only: bool = False) -> dict:
             raise P.bad('tool_choice must be {"type": "auto"}, {"type": "any"}, {"type": "none"} or {"type": "tool", '
                         '"name": ...}', "tool_choice")
     return chat
-
-
-def _text(content: Any, where: str) -> str:
-    """A string, or text blocks (anything else is refused)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        out = []
-        for block in content:
-            if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-                kind = block.get("type") if isinstance(block, dict) else P._kind(block)
-                raise P.bad(f"{where}: blocks of type {kind!r} are not supported here (text)", where, "unsupported")
-            out.append(block["text"])
-        return "".join(out)
-    raise P.bad(f"{where} must be a string or an array of text blocks", where, "invalid_type")
 
 
 def _message(m: Any, where: str) -> list[dict]:
@@ -98,7 +83,7 @@ def _message(m: Any, where: str) -> list[dict]:
         elif kind == "tool_result" and role == "user":
             if not isinstance(block.get("tool_use_id"), str):
                 raise P.bad(f"{at}: a tool_result block needs tool_use_id (a string)", at)
-            text = _text(block.get("content", ""), at)
+            text = P.text_of(block.get("content", ""), at)
             if block.get("is_error") is True:
                 text = f"Error: {text}"
             results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})

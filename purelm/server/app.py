@@ -427,16 +427,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                 yield sse(final())
 
             return _stream(_ended(events(), [handle], state, t0, done=False))
-        try:
-            async with _watch_disconnect(request, [handle]):
-                async for _, pieces in _merged([handle]):
-                    for p in pieces:
-                        reply.add(0, p)
-        except PurelmError as e:
-            raise _failed(e) from None
-        finally:
-            handle.cancel()
-        state.metrics.duration.observe(time.perf_counter() - t0)
+        await _collect(request, [handle], reply, 1, state, t0)
         return JSONResponse(final())
 
     @app.post("/completion")
@@ -643,20 +634,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
 
             return _stream(_ended(events(), handles, state, t0))
 
-        try:
-            async with _watch_disconnect(request, handles):
-                async for p_index, pieces in _merged(handles):
-                    for p in pieces:
-                        if isinstance(p, PromptLogprobs):
-                            reply.add_prompt(p_index * gen.n, gen.n, p)
-                        else:
-                            reply.add(p_index * gen.n, p)
-        except PurelmError as e:
-            raise _failed(e) from None
-        finally:
-            for h in handles:
-                h.cancel()
-        state.metrics.duration.observe(time.perf_counter() - t0)
+        await _collect(request, handles, reply, gen.n, state, t0)
 
         def choice(i: int, c: _Choice) -> dict:
             lp = None
@@ -765,17 +743,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
 
             return _stream(_ended(events(), handles, state, t0))
 
-        try:
-            async with _watch_disconnect(request, handles):
-                async for _, pieces in _merged(handles):
-                    for p in pieces:
-                        reply.add(0, p)
-        except PurelmError as e:
-            raise _failed(e) from None
-        finally:
-            for h in handles:
-                h.cancel()
-        state.metrics.duration.observe(time.perf_counter() - t0)
+        await _collect(request, handles, reply, gen.n, state, t0)
         choices = []
         for i, c in enumerate(reply.choices):
             content, calls, reason = finish(c)
@@ -820,17 +788,13 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                 yield b.event("response.in_progress", response=b.response("in_progress", []))
                 streaming = False  # text deltas sent (a request with tools gets its reply whole, parsed)
                 try:
-                    async for _, pieces in _merged([handle]):
-                        for p in pieces:
-                            reply.add(0, p)
-                            if turn.use_tools or not p.text:
-                                continue
-                            if not streaming:
-                                streaming = True
-                                for e in text_start(0):
-                                    yield e
-                            yield b.event("response.output_text.delta", item_id=b.message_id, output_index=0,
-                                          content_index=0, delta=p.text, logprobs=[])
+                    async for text in _texts(handle, reply, whole=bool(turn.use_tools)):
+                        if not streaming:
+                            streaming = True
+                            for e in text_start(0):
+                                yield e
+                        yield b.event("response.output_text.delta", item_id=b.message_id, output_index=0,
+                                      content_index=0, delta=text, logprobs=[])
                 except PurelmError as e:
                     yield b.event("error", code=_failed(e).code, message=str(e), param=None)
                     return
@@ -860,16 +824,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
 
             return _stream(_ended(events(), [handle], state, t0, done=False))
 
-        try:
-            async with _watch_disconnect(request, [handle]):
-                async for _, pieces in _merged([handle]):
-                    for p in pieces:
-                        reply.add(0, p)
-        except PurelmError as e:
-            raise _failed(e) from None
-        finally:
-            handle.cancel()
-        state.metrics.duration.observe(time.perf_counter() - t0)
+        await _collect(request, [handle], reply, 1, state, t0)
         status, output, usage, incomplete = done()
         return JSONResponse(b.response(status, output, usage, incomplete))
 
@@ -895,16 +850,11 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                 yield A.event("message_start", message=A.message(state.model_id, [], None, None, len(turn.ids), 0, mid))
                 streaming = False  # a text block open (a request with tools gets its reply whole, parsed)
                 try:
-                    async for _, pieces in _merged([handle]):
-                        for p in pieces:
-                            reply.add(0, p)
-                            if turn.use_tools or not p.text:
-                                continue
-                            if not streaming:
-                                streaming = True
-                                yield A.event("content_block_start", index=0,
-                                              content_block={"type": "text", "text": ""})
-                            yield A.event("content_block_delta", index=0, delta={"type": "text_delta", "text": p.text})
+                    async for text in _texts(handle, reply, whole=bool(turn.use_tools)):
+                        if not streaming:
+                            streaming = True
+                            yield A.event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+                        yield A.event("content_block_delta", index=0, delta={"type": "text_delta", "text": text})
                 except PurelmError as e:
                     err = _failed(e)
                     yield A.event("error", error={"type": "overloaded_error" if err.status == 503 else "api_error",
@@ -930,16 +880,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
 
             return _stream(_ended(events(), [handle], state, t0, done=False))
 
-        try:
-            async with _watch_disconnect(request, [handle]):
-                async for _, pieces in _merged([handle]):
-                    for p in pieces:
-                        reply.add(0, p)
-        except PurelmError as e:
-            raise _failed(e) from None
-        finally:
-            handle.cancel()
-        state.metrics.duration.observe(time.perf_counter() - t0)
+        await _collect(request, [handle], reply, 1, state, t0)
         blocks, reason, stop = done()
         return JSONResponse(A.message(state.model_id, blocks, reason, stop, len(turn.ids), reply.choices[0].tokens,
                                       mid))
@@ -978,6 +919,35 @@ class _ChatTurn:
             if calls:
                 return content or None, calls
         return text, None
+
+
+async def _collect(request: Request, handles: list[Handle], reply: _Reply, n: int, state: _State, t0: float) -> None:
+    """Whole replies into `reply` (prompt i's n choices from index i * n on); a failed one raises its
+    503 or 500, a client that leaves cancels them all."""
+    try:
+        async with _watch_disconnect(request, handles):
+            async for p_index, pieces in _merged(handles):
+                for p in pieces:
+                    if isinstance(p, PromptLogprobs):
+                        reply.add_prompt(p_index * n, n, p)
+                    else:
+                        reply.add(p_index * n, p)
+    except PurelmError as e:
+        raise _failed(e) from None
+    finally:
+        for h in handles:
+            h.cancel()
+    state.metrics.duration.observe(time.perf_counter() - t0)
+
+
+async def _texts(handle: Handle, reply: _Reply, whole: bool) -> AsyncIterator[str]:
+    """One reply's pieces into `reply`, their text yielded as it comes (none when `whole`: a reply
+    with tools is parsed once complete)."""
+    async for _, pieces in _merged([handle]):
+        for p in pieces:
+            reply.add(0, p)
+            if p.text and not whole:
+                yield p.text
 
 
 def _submit_all(state: _State, reqs: list[GenerationRequest]) -> list[Handle]:

@@ -363,3 +363,21 @@ def response_format(body: dict) -> tuple[str, Any] | None:
     if grammar:
         return "gbnf", grammar
     return None
+
+
+def text_of(content: Any, where: str, part_types: tuple[str, ...] = ("text",)) -> str:
+    """A string, or an array of text parts of `part_types` joined (the Responses and Messages APIs'
+    content); any other part is refused, naming `where`."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") in part_types and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else _kind(part)
+                raise bad(f"{where}: parts of type {kind!r} are not supported here ({', '.join(part_types)})", where,
+                          "unsupported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad(f"{where} must be a string or an array of text parts", where, "invalid_type")
+

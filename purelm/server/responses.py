@@ -81,7 +81,7 @@ def _messages(items: Any) -> list[dict]:
             raise P.bad(f"{where} must be an object", where, "invalid_type")
         kind = item.get("type", "message")
         if kind == "message":
-            out.append({"role": item.get("role"), "content": _content(item.get("content"), where)})
+            out.append({"role": item.get("role"), "content": P.text_of(item.get("content"), where, TEXT_PARTS)})
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
@@ -95,28 +95,14 @@ def _messages(items: Any) -> list[dict]:
             output = item.get("output")
             if not isinstance(item.get("call_id"), str) or not isinstance(output, (str, list)):
                 raise P.bad(f"{where}: a function_call_output needs call_id and output (strings)", where)
-            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": _content(output, where)})
+            out.append({"role": "tool", "tool_call_id": item["call_id"],
+                        "content": P.text_of(output, where, TEXT_PARTS)})
         elif kind == "reasoning":
             continue  # a reasoning model's summary: not shown to the model again
         else:
             raise P.bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
                         "function_call_output)", where, "unsupported")
     return out
-
-
-def _content(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") in TEXT_PARTS and isinstance(part.get("text"), str)):
-                kind = part.get("type") if isinstance(part, dict) else P._kind(part)
-                raise P.bad(f"{where}: content parts of type {kind!r} are not supported (input_text, output_text)",
-                            where, "unsupported")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise P.bad(f"{where}: content must be a string or an array of text parts", where, "invalid_type")
 
 
 def _tools(tools: Any) -> list[dict]:
