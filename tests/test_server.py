@@ -777,15 +777,15 @@ def test_infill_and_llama_cpps_completion_routes(fim_path, srv):
 
 
 def test_a_reply_short_of_blocks_restarts_a_prompt_still_prefilling(ref, monkeypatch):
-    """The engine stepped by hand, its cache held at 4 blocks: reply A (200 tokens) reaches a block
-    boundary while prompt B (200 tokens, 8 a step) holds the other 3. B gives its blocks back and
-    starts again (each time A needs one), A goes on, B finishes once A has: both greedy replies are
-    those each gets alone, and B's prompt was evaluated more than once."""
+    """The engine stepped by hand, its cache held at 3 blocks: reply A (100 tokens) reaches a block
+    boundary while prompt B (130 tokens, 4 a step) holds the other 2. B gives its blocks back and
+    starts again, A goes on, B finishes once A has: both greedy replies are those each gets alone,
+    and B's prompt was evaluated more than once."""
     from purelm.errors import MemoryLimitError
     from purelm.server.engine import Engine, GenerationRequest, Handle, _Job
 
-    engine = Engine(ref, parallel=4, batch=8, prefix_cache=False)
-    engine.cache._grow(4)
+    engine = Engine(ref, parallel=4, batch=4, prefix_cache=False)
+    engine.cache._grow(3)
 
     def full(capacity):
         raise MemoryLimitError("no memory (the test's host)")
@@ -793,9 +793,9 @@ def test_a_reply_short_of_blocks_restarts_a_prompt_still_prefilling(ref, monkeyp
     monkeypatch.setattr(engine.cache, "_grow", full)
     loop = asyncio.new_event_loop()
     params = P.SamplingParams(temperature=0.0)
-    prompt_b = ref.tokenize((ROOT / "README.md").read_text()[:2000])[:200]
+    prompt_b = ref.tokenize((ROOT / "README.md").read_text()[:2000])[:130]
     jobs = {}
-    for name, prompt, n in (("a", ref.tokenize("Hi"), 200), ("b", prompt_b, 5)):
+    for name, prompt, n in (("a", ref.tokenize("Hi"), 100), ("b", prompt_b, 5)):
         jobs[name] = _Job(GenerationRequest(prompt, n, params, ignore_eos=True), Handle(engine, loop, 1))
     engine._waiting.append(jobs["a"])
     for _ in range(40):  # A decodes to position 41
@@ -814,7 +814,7 @@ def test_a_reply_short_of_blocks_restarts_a_prompt_still_prefilling(ref, monkeyp
             pieces += item
         want = ref.complete(job.req.prompt, max_tokens=job.req.max_tokens, temperature=0, ignore_eos=True)
         assert "".join(p.text for p in pieces) == want.text and pieces[-1].finish_reason == "length", name
-    assert engine.prompt_tokens_evaluated > 200 + 1 + 200  # B's prompt went in again after a restart
+    assert engine.prompt_tokens_evaluated > 1 + 130 + 4  # B's prompt went in again after a restart
     loop.close()
 
 
