@@ -260,10 +260,13 @@ def test_a_killed_replica_fails_its_request_retryably_and_is_replaced(cluster):
     assert answered == set(replicas())
 
 
+N_ITEMS = 500  # 8 blocks, batches of 64, two actors
+
+
 def test_ray_data_writes_every_completion_exactly_once(cluster, fixtures, tmp_path):
     model = str(fixtures / "llama-q8_0.gguf")
     rows = [{"id": i, "prompt": f"Item {i}: the {['red', 'green', 'blue', 'odd'][i % 4]} one is"}
-            for i in range(1000)]
+            for i in range(N_ITEMS)]
     ds = ray.data.from_items(rows, override_num_blocks=8).random_shuffle(seed=1)
     out = process(ds, model=model, concurrency=2, batch_size=64, num_cpus=1, max_tokens=6)
     out.write_parquet(str(tmp_path / "out"))
@@ -271,12 +274,12 @@ def test_ray_data_writes_every_completion_exactly_once(cluster, fixtures, tmp_pa
 
     table = pq.read_table(str(tmp_path / "out"))
     ids = table.column("id").to_pylist()
-    assert sorted(ids) == list(range(1000)), "a prompt was lost or written twice"
+    assert sorted(ids) == list(range(N_ITEMS)), "a prompt was lost or written twice"
     by_id = {i: (p, t, n) for i, p, t, n in zip(ids, table.column("prompt").to_pylist(),
                                                 table.column("text").to_pylist(),
                                                 table.column("completion_tokens").to_pylist())}
     llm = purelm.load(model, threads=1)  # as each actor (num_cpus 1)
-    for i in list(range(0, 1000, 97)) + [999]:
+    for i in list(range(0, N_ITEMS, 47)) + [N_ITEMS - 1]:
         prompt, text, n = by_id[i]
         assert prompt == rows[i]["prompt"]
         llm.reset()  # from an empty cache, as the batch was (see chat() on continued prefixes)
