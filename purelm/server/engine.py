@@ -540,7 +540,7 @@ class Engine:
         restarted: set[int] = set()
         for seq, ids, owner in runs:
             job = owner.job if isinstance(owner, _Slot) else owner
-            gone = owner not in self._running if isinstance(owner, _Slot) else job not in self._prefilling
+            gone = owner.seq < 0 if isinstance(owner, _Slot) else job.seq is None  # (_end_slot, _finish_job)
             if gone or id(job) in restarted:
                 continue  # failed, or restarted, earlier in this loop
             try:
