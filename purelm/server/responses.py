@@ -20,6 +20,8 @@ from . import protocol as P
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
             "repeat_penalty", "repeat_last_n", "logit_bias", "stop", "ignore_eos", "chat_template_kwargs", "grammar")
 TEXT_PARTS = ("input_text", "output_text", "text")
+ECHOED = ("instructions", "max_output_tokens", "parallel_tool_calls", "temperature", "top_p", "text", "tool_choice",
+          "tools", "metadata")
 
 
 def to_chat(body: dict) -> dict:
@@ -135,14 +137,16 @@ class Builder:
     """A Response object and its stream's events, for one request."""
 
     def __init__(self, body: dict, model: str) -> None:
-        self.body, self.model = body, model
+        # the request's fields the reply repeats, made safe once (not the input: it is not repeated)
+        self.body = {k: _echo(body[k]) for k in ECHOED if k in body}
+        self.model = model
         self.id, self.created = f"resp_{uuid.uuid4().hex}", time.time()
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.sequence = 0
 
     def response(self, status: str, output: list[dict], usage: dict | None = None,
                  incomplete: str | None = None) -> dict:
-        b = _echo(self.body)
+        b = self.body
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None,
                 "incomplete_details": {"reason": incomplete} if incomplete else None,
                 "instructions": b.get("instructions"), "max_output_tokens": b.get("max_output_tokens"),
