@@ -844,6 +844,21 @@ def test_tokenize_detokenize_health_models_metrics(srv, ref):
     assert 'purelm_requests_total{route="/v1/completions",status="200"}' in text
 
 
+def test_apply_template_renders_the_prompt_the_chat_route_runs(srv):
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    prompt = srv.post("/apply-template", {"messages": msgs}).json()["prompt"]
+    # SmolLM2's template: ChatML with its default system prompt (the file's tokenizer.chat_template)
+    assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                      "<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
+    chat = srv.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 8, "temperature": 0}).json()
+    native = srv.post("/completion", {"prompt": prompt, "n_predict": 8, "temperature": 0,
+                                      "stop": ["<|im_end|>"]}).json()
+    assert native["content"] == chat["choices"][0]["message"]["content"]
+    assert native["tokens_evaluated"] == chat["usage"]["prompt_tokens"]
+    bad = srv.post("/apply-template", {"messages": "hi"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+
+
 def test_embeddings_match_llm_embed(srv, ref):
     texts = ["The cat sat on the mat.", "Stock markets fell sharply.", "The cat sat on the mat."]
     r = srv.client.embeddings.create(model=MODEL, input=texts)  # the client asks for base64

@@ -651,6 +651,24 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             "id": rid, "object": "text_completion", "created": created, "model": state.model_id,
             "choices": [choice(i, c) for i, c in enumerate(reply.choices)], "usage": usage()})
 
+    def render(body: dict, msgs: list[dict], tools: list[dict] | None) -> str:
+        """The chat template's prompt for these messages and tools (`chat_template_kwargs` passed on)."""
+        extra = P.get_dict(body, "chat_template_kwargs") or {}
+        try:
+            return state.template.render(msgs, add_generation_prompt=True, tools=tools, **extra)
+        except UsageError as e:  # a message the template layer refuses
+            raise P.bad(str(e), "messages") from None
+        except Exception as e:  # purelm.errors.TemplateError: the template raised, or its sandbox refused
+            raise P.bad(f"the chat template failed on these messages: {e}", "messages", "template_error") from None
+
+    @app.post("/apply-template")
+    async def apply_template(request: Request) -> JSONResponse:
+        """llama-server's route: the prompt a chat request would run, rendered and not run."""
+        body = await read_body(request, config.max_body)
+        tools, tool_choice = P.tools(body)
+        use_tools = tools if tools and tool_choice != "none" else None
+        return JSONResponse({"prompt": render(body, P.messages(body), use_tools)})
+
     async def chat_turn(body: dict) -> _ChatTurn:
         """A chat request's checked fields, rendered prompt and engine request (the chat route's, and
         the Responses API's once its body is put in chat's terms)."""
@@ -668,13 +686,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         fmt = P.response_format(body)
         grammar = await asyncio.to_thread(state.grammar, fmt) if fmt else None
         use_tools = tools if tools and tool_choice != "none" else None
-        extra = P.get_dict(body, "chat_template_kwargs") or {}
-        try:
-            text = template.render(msgs, add_generation_prompt=True, tools=use_tools, **extra)
-        except UsageError as e:  # a message the template layer refuses
-            raise P.bad(str(e), "messages") from None
-        except Exception as e:  # purelm.errors.TemplateError: the template raised, or its sandbox refused
-            raise P.bad(f"the chat template failed on these messages: {e}", "messages", "template_error") from None
+        text = render(body, msgs, use_tools)
         ids = template.encode(text) if hasattr(template, "encode") else state.chat_ids(text)
         max_tokens = state.check_context(len(ids), gen.max_tokens, "messages")
         stops = list(gen.stop) + [s for s in (getattr(template, "stop_strings", ()) or ()) if s not in gen.stop]
