@@ -565,7 +565,9 @@ _BODIES = st.one_of(
     st.fixed_dictionaries({"prompt": st.sampled_from(["Hello", [1, 2, 3]]) | _JSON,
                            "n_predict": st.sampled_from([1, 2, 0, -2, 10**30, "2", 2.5, True]),  # not -1: no limit
                            "fields": _FIELDS}).map(lambda b: ("/completion", b)),
-    st.fixed_dictionaries({"tokens": st.sampled_from([[1, 2], [2**40]]) | _JSON}).map(lambda b: ("/detokenize", b)))
+    st.fixed_dictionaries({"tokens": st.sampled_from([[1, 2], [2**40]]) | _JSON}).map(lambda b: ("/detokenize", b)),
+    st.fixed_dictionaries({"messages": st.lists(_MESSAGE, min_size=1, max_size=2) | _JSON,
+                           "fields": _FIELDS}).map(lambda b: ("/apply-template", b)))
 
 
 @settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -857,6 +859,23 @@ def test_apply_template_renders_the_prompt_the_chat_route_runs(srv):
     assert native["tokens_evaluated"] == chat["usage"]["prompt_tokens"]
     bad = srv.post("/apply-template", {"messages": "hi"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+
+
+def test_apply_template_writes_what_a_template_echoes_of_the_request(smollm2_path):
+    """A template that shows a chat_template_kwargs value: a lone surrogate in it (valid JSON) comes
+    back replaced, not as a 500."""
+    from purelm.chat import ChatTemplate
+
+    llm = purelm.load(smollm2_path, n_ctx=256)
+    llm.chat_template = ChatTemplate("{% for m in messages %}{{ m.content }}{% endfor %}|{{ note }}",
+                                     tokenizer=llm.tokenizer)
+    s = Server(llm, ServerConfig(parallel=1))
+    try:
+        body = '{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"note": "\\ud800!"}}'
+        r = s.post("/apply-template", body)
+        assert r.status_code == 200 and r.json() == {"prompt": "hi|?!"}, r.text
+    finally:
+        s.stop()
 
 
 def test_embeddings_match_llm_embed(srv, ref):

@@ -667,7 +667,9 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         body = await read_body(request, config.max_body)
         tools, tool_choice = P.tools(body)
         use_tools = tools if tools and tool_choice != "none" else None
-        return JSONResponse({"prompt": render(body, P.messages(body), use_tools)})
+        prompt = render(body, P.messages(body), use_tools)
+        # a lone surrogate of chat_template_kwargs that the template echoes cannot be written as UTF-8
+        return JSONResponse({"prompt": prompt.encode("utf-8", "replace").decode("utf-8")})
 
     async def chat_turn(body: dict) -> _ChatTurn:
         """A chat request's checked fields, rendered prompt and engine request (the chat route's, and
