@@ -16,6 +16,7 @@ import purelm
 from conftest import FIXTURES, rewrite_gguf
 from purelm.chat import (ChatTemplate, detect_builtin, detect_family, fit_messages, parse_tool_calls,
                          validate_messages)
+from purelm.chat.tool_calls import ContentStream
 from purelm.cli import main
 from purelm.errors import TemplateError, UsageError
 from purelm.formats.gguf import GGUFFile
@@ -343,7 +344,7 @@ def test_mistral_renders_tools_natively():
                    '[TOOL_RESULTS] {"content": 20 C, "call_id": "abcDEF123"}[/TOOL_RESULTS]')
 
 
-@pytest.mark.parametrize("text, content, calls", [
+_FORMATS = [
     # Hermes / Qwen 2.5
     ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "",
      [("get_weather", {"city": "Paris"})]),
@@ -361,7 +362,10 @@ def test_mistral_renders_tools_natively():
      [("get_weather", {"city": "Rome"})]),
     ('{"name": "get_weather", "parameters": {"city": "A"}}; {"name": "get_weather", "parameters": {"city": "B"}}', "",
      [("get_weather", {"city": "A"}), ("get_weather", {"city": "B"})]),
-])
+]
+
+
+@pytest.mark.parametrize("text, content, calls", _FORMATS)
 def test_tool_calls_are_read_from_each_format(text, content, calls):
     got_content, got = parse_tool_calls(text, WEATHER + [{"type": "function", "function": {"name": n}}
                                                          for n in ("a", "b")])
@@ -403,6 +407,29 @@ def test_tool_call_parsing_never_raises():
         text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 30)))
         content, calls = parse_tool_calls(text)
         assert isinstance(content, str) and isinstance(calls, list)
+
+
+def test_a_stream_shows_the_content_of_a_reply_with_tools_and_never_a_call():
+    """ContentStream over every format's replies (above) and random ones, cut into pieces anywhere:
+    what it shows before the end, then `rest`, adds up to parse_tool_calls' content (leading spaces
+    aside: a reply with calls has them stripped), and never shows a call's text."""
+    rng = random.Random(1)
+    words = ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "{", "}", "[", " ", "\n", "<", "a",
+             "Sure.", '{"name": "a", "arguments": {}}', '"parameters": {}', "tool", "_call>"]
+    texts = [t for t, _, _ in _FORMATS] + ["The weather is nice.", "  Hi!", "a < b <tool", "x\n\n", "[1] first"]
+    texts += ["".join(rng.choice(words) for _ in range(rng.randrange(1, 12))) for _ in range(300)]
+    tools = WEATHER + [{"type": "function", "function": {"name": "a"}}]
+    for text in texts:
+        content, calls = parse_tool_calls(text, tools)
+        for _ in range(5):
+            shown, sent, at = ContentStream(), "", 0
+            while at < len(text):
+                n = rng.randrange(1, 6)
+                sent += shown.add(text[at:at + n])
+                at += n
+            assert (sent + shown.rest(content)).lstrip() == content.lstrip(), (text, sent)
+            if calls:  # what was shown early is content's start, no call's markup
+                assert content.lstrip().startswith(sent.lstrip()), (text, sent)
 
 
 # --- long conversations ----------------------------------------------------------------------------

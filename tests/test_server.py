@@ -263,6 +263,43 @@ def test_tool_calls_are_parsed_from_the_reply(srv):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
+@pytest.mark.parametrize("lead", ["Let me look that up for you now.", "It is sunny there, as it was all week."])
+def test_a_reply_with_tools_streams_its_text_before_a_call(srv, lead):
+    """With tools, the text before a tool call (or a whole reply without one) streams as it comes, on
+    the chat, Responses and Messages routes; what was streamed adds up to the reply given whole."""
+    pytest.importorskip("llguidance")
+    call = '<tool_call>\\n{\\"name\\": \\"get_weather\\", \\"arguments\\": {\\"city\\": \\"Paris\\"}}\\n</tool_call>'
+    with_call = lead.startswith("Let")
+    grammar = f'root ::= "{lead}\\n{call}"' if with_call else f'root ::= "{lead}"'
+    fn = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    body = dict(model=MODEL, messages=msgs, tools=[{"type": "function", "function": fn}], max_tokens=80,
+                temperature=0, extra_body={"grammar": grammar})
+    whole = srv.client.chat.completions.create(**body).choices[0]
+    assert whole.message.content == lead and bool(whole.message.tool_calls) == with_call
+    chunks = [c.choices[0] for c in srv.client.chat.completions.create(stream=True, **body) if c.choices]
+    early = [c.delta.content for c in chunks if c.delta.content and not c.finish_reason]
+    assert len(early) >= 3, early  # in pieces as generated, not in one chunk at the end
+    assert "".join(c.delta.content or "" for c in chunks) == lead
+    assert [t.function.name for c in chunks for t in c.delta.tool_calls or []] == ["get_weather"] * with_call
+    assert chunks[-1].finish_reason == ("tool_calls" if with_call else "stop")
+
+    ask = {"input": "Weather in Paris?", "tools": [{"type": "function", **fn}], "max_output_tokens": 80,
+           "temperature": 0, "grammar": grammar, "stream": True}
+    events = _sse_events(srv.post("/v1/responses", ask).text)
+    deltas = [e["delta"] for k, e in events if k == "response.output_text.delta"]
+    assert len(deltas) >= 3 and "".join(deltas) == lead
+    done = events[-1][1]["response"]["output"]
+    assert [o["type"] for o in done] == ["message"] + ["function_call"] * with_call
+    ask = {"messages": msgs, "max_tokens": 80, "temperature": 0, "grammar": grammar, "stream": True,
+           "tools": [{"name": fn["name"], "input_schema": fn["parameters"]}]}
+    events = _sse_events(srv.post("/v1/messages", ask).text)
+    deltas = [e["delta"]["text"] for k, e in events if k == "content_block_delta" and e["index"] == 0]
+    assert len(deltas) >= 3 and "".join(deltas) == lead
+    starts = [e["content_block"]["type"] for k, e in events if k == "content_block_start"]
+    assert starts == ["text"] + ["tool_use"] * with_call
+
+
 def test_responses_api_replies_as_chat(srv):
     """/v1/responses through the official client: the reply chat gives the same messages (instructions
     as the system message, input items as messages), streamed events that the client's stream helper

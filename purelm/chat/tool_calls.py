@@ -153,3 +153,51 @@ def _parse_calls(text: str, names: set[str] | None) -> tuple[str, list[dict]]:
         if calls:
             return "", calls
     return text, []
+
+
+_MARKERS = ("<tool_call>", "[TOOL_CALLS]")
+_PYTHON_TAG = "<|python_tag|>"
+
+
+class ContentStream:
+    """The part of a reply with tools that can be shown as content while it is generated, in the
+    formats `parse_tool_calls` reads: text up to a call's marker (`<tool_call>`, `[TOOL_CALLS]`, or
+    the start of something that may be one), with its trailing spaces held back (a call after them
+    strips them). A reply that opens as a call may (Llama 3's JSON, `[`, `<|python_tag|>`) is held
+    whole. `add` gives each piece's part to send; `rest` what is left of the final content."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.sent = 0
+
+    def add(self, piece: str) -> str:
+        self.text += piece
+        end = self._shown()
+        out = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+    def rest(self, content: str | None) -> str:
+        """The final content's part not sent yet (its leading spaces may differ from what was sent:
+        the parsed content of a reply with calls is stripped)."""
+        content, sent = content or "", self.text[:self.sent].lstrip()
+        body = content.lstrip()
+        return body[len(sent):] if body.startswith(sent) else ""
+
+    def _shown(self) -> int:
+        t = self.text
+        s = t.lstrip()
+        if not s or s.startswith(("{", "[")) or s.startswith(_PYTHON_TAG) or _PYTHON_TAG.startswith(s):
+            return 0
+        end = len(t)
+        for m in _MARKERS:
+            at = t.find(m)
+            if at >= 0:
+                end = min(end, at)
+            for k in range(min(len(m) - 1, len(t)), 0, -1):  # a marker's first characters at the end
+                if t.endswith(m[:k]):
+                    end = min(end, len(t) - k)
+                    break
+        while end > 0 and t[end - 1].isspace():
+            end -= 1
+        return end

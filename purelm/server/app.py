@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
+from ..chat.tool_calls import ContentStream
 from ..errors import ContextOverflowError, MemoryLimitError, PurelmError, UsageError
 from ..infill import check_fim, infill_ids
 from ..sampling import SamplingParams
@@ -734,16 +735,24 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             async def events() -> AsyncIterator[bytes]:
                 for j in range(gen.n):
                     yield chunk(j, {"role": "assistant", "content": ""})
+                shown = [ContentStream() for _ in range(gen.n)] if use_tools else None
                 async for _, pieces in _merged(handles):
                     for p in pieces:
                         c = reply.add(0, p)
-                        if use_tools:  # the reply is parsed for tool calls when it is whole
+                        if shown is not None:  # text before a tool call as it comes; the calls once whole
+                            text = shown[p.index].add(p.text) if p.text else ""
+                            delta: dict = {}
+                            reason = None
                             if p.finish_reason:
                                 content, calls, reason = finish(c)
-                                delta: dict = {"content": content}
+                                text += shown[p.index].rest(content)
                                 if calls:
                                     delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
-                                lp = {"content": lp_entries(c, 0)} if k is not None else None
+                            if text:
+                                delta = {"content": text, **delta}
+                            if delta or reason:
+                                lp = {"content": lp_entries(c, c.sent_lp)} if k is not None else None
+                                c.sent_lp = len(c.logprobs)
                                 yield chunk(p.index, delta, reason, lp)
                             continue
                         if not p.text and not p.finish_reason:
@@ -800,9 +809,10 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             async def events() -> AsyncIterator[bytes]:
                 yield b.event("response.created", response=b.response("in_progress", []))
                 yield b.event("response.in_progress", response=b.response("in_progress", []))
-                streaming = False  # text deltas sent (a request with tools gets its reply whole, parsed)
+                streaming = False  # text deltas sent (with tools: the text before a call, as ContentStream shows it)
+                shown = ContentStream() if turn.use_tools else None
                 try:
-                    async for text in _texts(handle, reply, whole=bool(turn.use_tools)):
+                    async for text in _texts(handle, reply, shown):
                         if not streaming:
                             streaming = True
                             for e in text_start(0):
@@ -816,11 +826,13 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                 for i, item in enumerate(output):
                     if item["type"] == "message":
                         part = item["content"][0]
+                        rest = part["text"] if not streaming else shown.rest(part["text"]) if shown else ""
                         if not streaming:
                             for e in text_start(i):
                                 yield e
+                        if rest:
                             yield b.event("response.output_text.delta", item_id=item["id"], output_index=i,
-                                          content_index=0, delta=part["text"], logprobs=[])
+                                          content_index=0, delta=rest, logprobs=[])
                         yield b.event("response.output_text.done", item_id=item["id"], output_index=i,
                                       content_index=0, text=part["text"], logprobs=[])
                         yield b.event("response.content_part.done", item_id=item["id"], output_index=i,
@@ -862,9 +874,10 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         if turn.gen.stream:
             async def events() -> AsyncIterator[bytes]:
                 yield A.event("message_start", message=A.message(state.model_id, [], None, None, len(turn.ids), 0, mid))
-                streaming = False  # a text block open (a request with tools gets its reply whole, parsed)
+                streaming = False  # a text block open (with tools: the text before a call, as ContentStream shows it)
+                shown = ContentStream() if turn.use_tools else None
                 try:
-                    async for text in _texts(handle, reply, whole=bool(turn.use_tools)):
+                    async for text in _texts(handle, reply, shown):
                         if not streaming:
                             streaming = True
                             yield A.event("content_block_start", index=0, content_block={"type": "text", "text": ""})
@@ -875,7 +888,10 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                                                   "message": str(e)})
                     return
                 blocks, reason, stop = done()
-                if streaming:  # the text block, sent already
+                if streaming:  # the text block, sent already but for what `shown` held back
+                    rest = shown.rest(blocks[0]["text"]) if shown and blocks and blocks[0]["type"] == "text" else ""
+                    if rest:
+                        yield A.event("content_block_delta", index=0, delta={"type": "text_delta", "text": rest})
                     yield A.event("content_block_stop", index=0)
                     blocks = blocks[1:]
                 for index, block in enumerate(blocks, start=int(streaming)):
@@ -954,14 +970,15 @@ async def _collect(request: Request, handles: list[Handle], reply: _Reply, n: in
     state.metrics.duration.observe(time.perf_counter() - t0)
 
 
-async def _texts(handle: Handle, reply: _Reply, whole: bool) -> AsyncIterator[str]:
-    """One reply's pieces into `reply`, their text yielded as it comes (none when `whole`: a reply
-    with tools is parsed once complete)."""
+async def _texts(handle: Handle, reply: _Reply, shown: ContentStream | None) -> AsyncIterator[str]:
+    """One reply's pieces into `reply`, their text yielded as it comes (a reply with tools: what
+    `shown` lets through of it, the rest is parsed once the reply is whole)."""
     async for _, pieces in _merged([handle]):
         for p in pieces:
             reply.add(0, p)
-            if p.text and not whole:
-                yield p.text
+            text = shown.add(p.text) if shown is not None and p.text else p.text
+            if text:
+                yield text
 
 
 def _submit_all(state: _State, reqs: list[GenerationRequest]) -> list[Handle]:
