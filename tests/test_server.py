@@ -263,6 +263,87 @@ def test_tool_calls_are_parsed_from_the_reply(srv):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
+_TIME = {"type": "function", "function": {"name": "get_time", "description": "The time in a time zone",
+                                         "parameters": {"type": "object", "properties": {
+                                             "tz": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["tz"],
+                                             "additionalProperties": False}}}
+_WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"], "additionalProperties": False}}}
+
+
+def test_tool_choice_required_or_named_makes_the_reply_a_call(srv):
+    """tool_choice "required" or a named function: a grammar lets the reply be only a call (of that
+    function), its arguments following the parameters' schema, on the chat, Responses and Messages
+    routes; requests that cannot be forced get a 400 naming the field."""
+    pytest.importorskip("llguidance")
+    msgs = [{"role": "user", "content": "Hello! How are you today?"}]  # a question no tool answers
+    base = dict(model=MODEL, messages=msgs, tools=[_WEATHER, _TIME], max_tokens=60, temperature=0)
+    free = srv.client.chat.completions.create(**base).choices[0]
+    assert free.finish_reason != "tool_calls"  # left free, this model answers in words
+    named = srv.client.chat.completions.create(tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                               **base).choices[0]
+    assert named.finish_reason == "tool_calls" and [t.function.name for t in named.message.tool_calls] == ["get_time"]
+    assert json.loads(named.message.tool_calls[0].function.arguments)["tz"] in ("UTC", "CET")
+    required = srv.client.chat.completions.create(tool_choice="required", **base).choices[0]
+    assert required.finish_reason == "tool_calls" and len(required.message.tool_calls) == 1
+    call = required.message.tool_calls[0].function
+    assert call.name in ("get_weather", "get_time") and isinstance(json.loads(call.arguments), dict)
+    streamed = [c.choices[0] for c in srv.client.chat.completions.create(
+        stream=True, tool_choice={"type": "function", "function": {"name": "get_time"}}, **base) if c.choices]
+    assert [t.function.name for c in streamed for t in c.delta.tool_calls or []] == ["get_time"]
+
+    r = srv.client.responses.create(model=MODEL, input=msgs[0]["content"], max_output_tokens=60, temperature=0,
+                                    tools=[{"type": "function", **_TIME["function"]}],
+                                    tool_choice={"type": "function", "name": "get_time"})
+    assert [(o.type, o.name) for o in r.output] == [("function_call", "get_time")]
+    m = srv.post("/v1/messages", {"messages": msgs, "max_tokens": 60, "temperature": 0,
+                                  "tools": [{"name": "get_time", "input_schema": _TIME["function"]["parameters"]}],
+                                  "tool_choice": {"type": "tool", "name": "get_time"}}).json()
+    assert m["stop_reason"] == "tool_use" and [b["type"] for b in m["content"]] == ["tool_use"]
+    assert m["content"][0]["input"]["tz"] in ("UTC", "CET")
+
+    plain = {"messages": msgs, "max_tokens": 4}
+    for body, param in [({"tool_choice": "required"}, "tool_choice"),
+                        ({"tools": [_TIME], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                         "tool_choice"),
+                        ({"tools": [_TIME], "tool_choice": "required", "response_format": {"type": "json_object"}},
+                         "tool_choice"),
+                        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+                          "tool_choice": "required"}, "tools")]:
+        assert error_of(srv.post("/v1/chat/completions", {**plain, **body}), 400)["param"] == param, body
+
+
+def test_the_forced_call_grammar_takes_each_format_parse_tool_calls_reads(srv):
+    """call_grammar in each format: a call of the named function, written as parse_tool_calls reads
+    that format, is a whole sentence of it; another function's call, or text first, is not."""
+    llguidance = pytest.importorskip("llguidance")
+    from purelm.chat import ChatTemplate
+    from purelm.chat.tool_calls import call_grammar, parse_tool_calls
+
+    tok = srv.state.engine.grammar_tokenizer()
+    calls = {"hermes": '<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>',
+             "mistral": '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "CET"}}]',
+             "llama3": '{"name": "get_time", "parameters": {"tz": "CET"}}'}
+
+    def accepts(grammar: str, text: str) -> bool:
+        m = llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_lark(grammar))
+        return m.consume_tokens(tok.tokenize_str(text)) and m.is_accepting()
+
+    for fmt, text in calls.items():
+        assert parse_tool_calls(text, [_TIME])[1][0]["function"]["name"] == "get_time"
+        assert accepts(call_grammar(fmt, [_WEATHER, _TIME], "get_time"), text), fmt
+        assert accepts(call_grammar(fmt, [_WEATHER, _TIME]), text), fmt
+        assert not accepts(call_grammar(fmt, [_WEATHER, _TIME], "get_weather"), text), fmt
+        assert not accepts(call_grammar(fmt, [_TIME]), text.replace('"CET"', '"EST"')), fmt  # not in the enum
+        assert not accepts(call_grammar(fmt, [_TIME]), "Sure. " + text), fmt
+    assert ChatTemplate.builtin("chatml").call_format == "hermes"  # purelm's polyfill shows Hermes' format
+    assert ChatTemplate.builtin("mistral").call_format == "mistral"
+    llama31 = ("{% if tools %}Use a tool as {\"name\": function name, \"parameters\": ...}{% endif %}"
+               "<|start_header_id|>user<|end_header_id|>{{ messages[0].content }}<|eot_id|>")
+    assert ChatTemplate(llama31).call_format == "llama3"
+
+
 @pytest.mark.parametrize("lead", ["Let me look that up for you now.", "It is sunny there, as it was all week."])
 def test_a_reply_with_tools_streams_its_text_before_a_call(srv, lead):
     """With tools, the text before a tool call (or a whole reply without one) streams as it comes, on

@@ -201,6 +201,18 @@ class ChatTemplate:
         """`render`, then `encode`: the prompt's token ids."""
         return self.encode(self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **extra))
 
+    @property
+    def call_format(self) -> str:
+        """The format this template shows the model for tool calls: the template's own where it
+        renders tools (Mistral's `[TOOL_CALLS]`, Llama 3's JSON, else Hermes' `<tool_call>`), else the
+        Hermes format that purelm's polyfill describes."""
+        source = self._tool_use_source or self.source
+        if not re.search(r"\btools\b", source):
+            return "hermes"
+        if "[TOOL_CALLS]" in source:
+            return "mistral"
+        return "llama3" if self.name == "llama-3" else "hermes"
+
     def parse_tool_calls(self, text: str, tools: Any = None) -> tuple[str, list[dict]]:
         """See the module function `parse_tool_calls`."""
         return parse_tool_calls(text, tools)

@@ -201,3 +201,21 @@ class ContentStream:
         while end > 0 and t[end - 1].isspace():
             end -= 1
         return end
+
+
+def call_grammar(fmt: str, tools: list[dict], name: str | None = None) -> str:
+    """A Lark grammar (llguidance's: JSON schemas inline with %json) whose only sentences are one call,
+    in the format `fmt` the model was shown ("hermes", "mistral" or "llama3", as parse_tool_calls reads
+    them), of the function `name`, or of any of `tools` (OpenAI's tool_choice "required"), with
+    arguments that follow the function's parameters schema."""
+    args = "parameters" if fmt == "llama3" else "arguments"
+    schemas = [{"type": "object", "properties": {"name": {"const": f["name"]},
+                                                 args: f.get("parameters") or {"type": "object"}},
+                "required": ["name", args], "additionalProperties": False}
+               for f in (t["function"] for t in validate_tools(tools) or ()) if name is None or f["name"] == name]
+    if not schemas:
+        raise UsageError(f"tool_choice names {name!r}, which is not among the tools")
+    call = "%json " + json.dumps(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
+    start = {"hermes": '"<tool_call>\\n" call "\\n</tool_call>"', "mistral": '"[TOOL_CALLS] [" call "]"',
+             "llama3": "call"}[fmt]
+    return f"start: {start}\ncall: {call}\n"

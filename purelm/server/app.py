@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..chat.tool_calls import ContentStream
+from ..chat.tool_calls import ContentStream, call_grammar
 from ..errors import ContextOverflowError, MemoryLimitError, PurelmError, UsageError
 from ..infill import check_fim, infill_ids
 from ..sampling import SamplingParams
@@ -135,24 +135,27 @@ class _State:
             import llguidance
             from llguidance.gbnf_to_lark import gbnf_to_lark
         except ImportError:
-            raise P.bad("structured output (response_format, json_schema, grammar) needs llguidance: "
-                        "pip install 'purelm[server]'", "response_format", "unsupported") from None
-        kind, value = fmt
-        param = "grammar" if kind == "gbnf" else "response_format"
+            raise P.bad("structured output (response_format, json_schema, grammar, a tool_choice that forces a "
+                        "call) needs llguidance: pip install 'purelm[server]'", "response_format", "unsupported") from None
+        kind, value = fmt  # ("gbnf", text), ("json_schema", schema), or ("lark", text): a forced tool call
+        param = {"gbnf": "grammar", "lark": "tools"}.get(kind, "response_format")
+        what = {"gbnf": "grammar", "lark": "tools' parameters schema"}.get(kind, "JSON schema")
         try:
             if kind == "gbnf":
                 grammar = llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(value))
+            elif kind == "lark":
+                grammar = llguidance.LLMatcher.grammar_from_lark(value)
             else:
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(value)
         except Exception as e:
-            raise P.bad(f"the {'grammar' if kind == 'gbnf' else 'JSON schema'} is invalid: {e}", param) from None
+            raise P.bad(f"the {what} is invalid: {e}", param) from None
         try:  # the chat template's end-of-turn tokens end a constrained reply too
             stop_ids = frozenset(getattr(self.template, "stop_token_ids", ()) or ())
         except P.APIError:
             stop_ids = frozenset()
         err = llguidance.LLMatcher.validate_grammar(grammar, self.engine.grammar_tokenizer(stop_ids))
         if err and not err.startswith("WARNING"):
-            raise P.bad(f"the {'grammar' if kind == 'gbnf' else 'JSON schema'} is invalid: {err}", param)
+            raise P.bad(f"the {what} is invalid: {err}", param)
         return grammar
 
     def submit(self, req: GenerationRequest) -> Handle:
@@ -672,6 +675,20 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         # a lone surrogate of chat_template_kwargs that the template echoes cannot be written as UTF-8
         return JSONResponse({"prompt": prompt.encode("utf-8", "replace").decode("utf-8")})
 
+    def forced_call(template: Any, tools: list[dict] | None, tool_choice: Any, fmt: Any) -> str:
+        """The grammar of tool_choice "required" or a named function: the reply is one call, in the
+        format the template shows the model (llama-server and vLLM force it likewise)."""
+        if not tools:
+            raise P.bad("tool_choice asks for a tool call, but the request has no tools", "tool_choice")
+        if fmt:
+            raise P.bad("a tool_choice that forces a call cannot be combined with response_format, json_schema "
+                        "or grammar", "tool_choice")
+        name = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
+        try:
+            return call_grammar(getattr(template, "call_format", "hermes"), tools, name)
+        except UsageError as e:
+            raise P.bad(str(e), "tool_choice") from None
+
     async def chat_turn(body: dict) -> _ChatTurn:
         """A chat request's checked fields, rendered prompt and engine request (the chat route's, and
         the Responses API's once its body is put in chat's terms)."""
@@ -687,6 +704,8 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         template = state.template
         stop_ids = frozenset() if gen.ignore_eos else frozenset(getattr(template, "stop_token_ids", ()) or ())
         fmt = P.response_format(body)
+        if tool_choice == "required" or isinstance(tool_choice, dict):  # the reply is a call: a grammar says so
+            fmt = ("lark", forced_call(template, tools, tool_choice, fmt))
         grammar = await asyncio.to_thread(state.grammar, fmt) if fmt else None
         use_tools = tools if tools and tool_choice != "none" else None
         text = render(body, msgs, use_tools)
