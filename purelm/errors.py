@@ -37,6 +37,11 @@ class TemplateError(PurelmError):
     on its work or output."""
 
 
+class GenerationError(PurelmError):
+    """Generation could not go on: a grammar that allows no next token, a forward pass that failed
+    inside the server's engine (which answers 500 with this message)."""
+
+
 class DownloadError(PurelmError):
     """A model download failed, was interrupted or does not match its checksum."""
 

@@ -5,6 +5,7 @@ import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -158,8 +159,9 @@ class _Sample:
     """One sequence being generated: its sampler, the tokens so far, their text, the stop strings."""
 
     def __init__(self, tokenizer, sampler: Sampler, prompt: Sequence[int], stop: Sequence[str],
-                 ignore_eos: bool, max_tokens: int, stop_ids: Iterable[int] = ()) -> None:
+                 ignore_eos: bool, max_tokens: int, stop_ids: Iterable[int] = (), constraint: Any = None) -> None:
         self.sampler, self.max_tokens = sampler, max_tokens
+        self.constraint = constraint  # purelm.grammar.Constraint: the tokens a grammar allows
         self.history = list(prompt)
         self.decoder = tokenizer.stream_decoder()
         self.stopper = _StopMatcher(stop)
@@ -173,6 +175,8 @@ class _Sample:
     def next(self, logits: np.ndarray, room: bool) -> Chunk:
         """Sample the next token from `logits`; `room`: whether the context takes one more after it.
         The chunk's finish_reason is set when this sequence is done."""
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
         return self.emit(self.sampler(logits, self.history), room)
 
     def emit(self, token: int, room: bool) -> Chunk:
@@ -189,6 +193,8 @@ class _Sample:
         if self.n_gen >= self.max_tokens or not room:
             return self._end(Chunk(text + self.stopper.feed(self.decoder.flush())[0] + self.stopper.flush(),
                                    token, "length"))
+        if self.constraint is not None:  # a token the reply goes on after
+            self.constraint.accept(token)
         return Chunk(text, token)
 
     def _end(self, chunk: Chunk) -> Chunk:

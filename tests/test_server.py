@@ -321,7 +321,9 @@ def test_the_forced_call_grammar_takes_each_format_parse_tool_calls_reads(srv):
     from purelm.chat import ChatTemplate
     from purelm.chat.tool_calls import call_grammar, parse_tool_calls
 
-    tok = srv.state.engine.grammar_tokenizer()
+    from purelm.grammar import grammar_tokenizer
+
+    tok = grammar_tokenizer(srv.llm.tokenizer)
     calls = {"hermes": '<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>',
              "mistral": '[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "CET"}}]',
              "llama3": '{"name": "get_time", "parameters": {"tz": "CET"}}'}

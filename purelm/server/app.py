@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 from .. import __version__
 from ..chat.tool_calls import ContentStream, call_grammar
 from ..errors import ContextOverflowError, MemoryLimitError, PurelmError, UsageError
+from ..grammar import compile_grammar
 from ..infill import check_fim, infill_ids
 from ..sampling import SamplingParams
 from . import anthropic as A
@@ -127,36 +128,21 @@ class _State:
         return max_tokens if max_tokens is not None else self.n_ctx - n_prompt
 
     def grammar(self, fmt: tuple[str, Any] | None) -> str | None:
-        """An llguidance grammar for `response_format` / `json_schema` / `grammar`, checked (400 if it
-        does not compile). Runs in a worker thread: the first one builds llguidance's vocabulary."""
+        """The compiled grammar of `response_format` / `json_schema` / `grammar` / a forced tool call
+        (400 if it does not compile). Runs in a worker thread: the first one builds llguidance's
+        vocabulary."""
         if fmt is None:
             return None
-        try:
-            import llguidance
-            from llguidance.gbnf_to_lark import gbnf_to_lark
-        except ImportError:
-            raise P.bad("structured output (response_format, json_schema, grammar, a tool_choice that forces a "
-                        "call) needs llguidance: pip install 'purelm[server]'", "response_format", "unsupported") from None
         kind, value = fmt  # ("gbnf", text), ("json_schema", schema), or ("lark", text): a forced tool call
-        param = {"gbnf": "grammar", "lark": "tools"}.get(kind, "response_format")
-        what = {"gbnf": "grammar", "lark": "tools' parameters schema"}.get(kind, "JSON schema")
-        try:
-            if kind == "gbnf":
-                grammar = llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(value))
-            elif kind == "lark":
-                grammar = llguidance.LLMatcher.grammar_from_lark(value)
-            else:
-                grammar = llguidance.LLMatcher.grammar_from_json_schema(value)
-        except Exception as e:
-            raise P.bad(f"the {what} is invalid: {e}", param) from None
         try:  # the chat template's end-of-turn tokens end a constrained reply too
             stop_ids = frozenset(getattr(self.template, "stop_token_ids", ()) or ())
         except P.APIError:
             stop_ids = frozenset()
-        err = llguidance.LLMatcher.validate_grammar(grammar, self.engine.grammar_tokenizer(stop_ids))
-        if err and not err.startswith("WARNING"):
-            raise P.bad(f"the {what} is invalid: {err}", param)
-        return grammar
+        try:
+            return compile_grammar(self.tokenizer, kind, value, stop_ids)
+        except UsageError as e:
+            code = "unsupported" if "needs llguidance" in str(e) else "invalid_value"
+            raise P.bad(str(e), {"gbnf": "grammar", "lark": "tools"}.get(kind, "response_format"), code) from None
 
     def submit(self, req: GenerationRequest) -> Handle:
         try:

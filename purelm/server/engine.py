@@ -52,8 +52,9 @@ from typing import Any
 import numpy as np
 
 from ..embeddings import Pooling
-from ..errors import ContextOverflowError, MemoryLimitError, PurelmError
+from ..errors import ContextOverflowError, GenerationError, MemoryLimitError, PurelmError
 from ..generate import _Sample
+from ..grammar import Constraint
 from ..sampling import Sampler, SamplingParams, check_int
 from ..speculative import LookupDrafter, accept, max_drafts
 
@@ -70,10 +71,6 @@ class EngineStoppedError(PurelmError):
     """The engine was shut down."""
 
 
-class GenerationError(PurelmError):
-    """A request failed inside the engine (the server answers 500 with this message)."""
-
-
 @dataclass
 class GenerationRequest:
     """What the engine needs to run one prompt: token ids and settings, all checked by the caller."""
@@ -87,7 +84,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k likeliest
     logit_bias: dict[int, float] | None = None
-    grammar: str | None = None  # an llguidance grammar (see Engine.grammar_tokenizer)
+    grammar: str | None = None  # a compiled grammar (purelm.grammar.compile_grammar)
     prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob and the k likeliest
 
 
@@ -174,7 +171,6 @@ class _Slot:
     index: int
     seq: int
     sample: _Sample
-    matcher: Any = None
     pending: int | None = None  # the token to feed at the next step
     drafter: LookupDrafter | None = None  # prompt lookup (Engine's `lookup`), where the request allows it
     drafts: list[int] = field(default_factory=list)  # the tokens drafted after `pending` in this step's pass
@@ -223,8 +219,6 @@ class Engine:
         self._stop = False
         self._active = False
         self._thread: threading.Thread | None = None
-        self._grammar_tok: Any = None
-        self._grammar_lock = threading.Lock()
         self.steps = 0
         self.tokens_generated = 0
         self.prompt_tokens_evaluated = 0
@@ -316,32 +310,6 @@ class Engine:
             self._waiting_count -= 1
 
     # -- constrained decoding
-    def grammar_tokenizer(self, extra_eos: frozenset[int] = frozenset()) -> Any:
-        """llguidance's view of the vocabulary (built once, ~0.3 s): every token's bytes, special
-        tokens marked as llguidance expects, the end-of-generation tokens as its EOS."""
-        with self._grammar_lock:
-            if self._grammar_tok is None:
-                import llguidance
-
-                tok = self.tokenizer
-                special = set(tok.special_ids)
-
-                class _Vocab:
-                    tokens = [(b"\xff" if i in special else b"") + tok.token_to_piece(i)
-                              for i in range(tok.vocab_size)]
-                    eos_token_id = tok.eos_id if tok.eos_id is not None else min(tok.eog_ids, default=0)
-                    bos_token_id = tok.bos_id
-                    special_token_ids = sorted(special)
-
-                    def __call__(self, data: bytes | str) -> list[int]:
-                        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-                        return tok.encode(text, add_special=False, parse_special=False)
-
-                eos = sorted(set(tok.eog_ids) | set(extra_eos)) or [_Vocab.eos_token_id]
-                self._grammar_tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab()),
-                                                           n_vocab=tok.vocab_size, eos_token=eos)
-            return self._grammar_tok
-
     # -- the engine's thread
     def _intake(self, block: bool) -> None:
         try:
@@ -604,21 +572,15 @@ class Engine:
             job.seq = None
             self._release(job)
             return
-        matchers: list[Any] = [None] * req.n
-        if req.grammar is not None:
-            import llguidance
-
-            for j in range(req.n):
-                matchers[j] = llguidance.LLMatcher(self.grammar_tokenizer(req.stop_ids), req.grammar)
-                if matchers[j].is_error():
-                    raise GenerationError(f"the grammar is invalid: {matchers[j].get_error()}")
+        constraints = [None if req.grammar is None else Constraint(self.tokenizer, req.grammar, req.stop_ids)
+                       for _ in range(req.n)]
         for j in range(req.n):
             seq = job.seq if j == req.n - 1 else self.cache.fork(job.seq)
             seed = None if req.params.seed is None else req.params.seed + j
             sampler = Sampler(dataclasses.replace(req.params, seed=seed))
             sample = _Sample(self.tokenizer, sampler, req.prompt, req.stop, req.ignore_eos, req.max_tokens,
-                             req.stop_ids)
-            slot = _Slot(job, j, seq, sample, matchers[j])
+                             req.stop_ids, constraints[j])
+            slot = _Slot(job, j, seq, sample)
             if self.n_draft and req.grammar is None and not req.logit_bias:
                 slot.drafter = LookupDrafter()
             job.slots.append(slot)
@@ -635,8 +597,6 @@ class Engine:
             logits = logits.copy()
             ids = np.fromiter(req.logit_bias.keys(), np.int64)
             logits[ids] += np.fromiter(req.logit_bias.values(), np.float32)
-        if slot.matcher is not None:
-            logits = self._masked(slot.matcher, logits)
         room = self.cache.seqs[slot.seq].n_past < self.n_ctx
         self._push(slot, slot.sample.next(logits, room), raw, pushes)
 
@@ -672,27 +632,11 @@ class Engine:
                       stop=slot.sample.stopper.matched if chunk.finish_reason else None)
         if req.logprobs is not None:
             piece.logprob, piece.top = _logprobs(raw, token, req.logprobs)
-        if slot.matcher is not None and chunk.token is not None and not slot.sample.finish_reason:
-            if not slot.matcher.consume_token(chunk.token):
-                raise GenerationError(f"the grammar refused token {chunk.token}: {slot.matcher.get_error()}")
         self.tokens_generated += 1
         if self.metrics:
             self.metrics.generated()
         slot.pending = chunk.token
         pushes.setdefault(slot.job.handle, []).append(piece)
-
-    def _masked(self, matcher: Any, logits: np.ndarray) -> np.ndarray:
-        import llguidance.numpy as lln
-
-        n_tok = self.tokenizer.vocab_size
-        mask = lln.allocate_token_bitmask(1, n_tok)
-        lln.fill_next_token_bitmask(matcher, mask, 0)
-        allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")[:n_tok].astype(bool)
-        out = np.full_like(logits, -np.inf)
-        out[:n_tok][allowed] = logits[:n_tok][allowed]
-        if not allowed.any():
-            raise GenerationError(f"the grammar allows no token: {matcher.get_error() or 'dead end'}")
-        return out
 
     def _end_slot(self, slot: _Slot, keep: bool) -> None:
         job = slot.job
