@@ -15,9 +15,11 @@ from .backends.base import Backend
 from .backends import kv_cache
 from .backends.kv_cache import check_cache_type
 from .chat import ChatCompletion, ChatTemplate, parse_tool_calls
+from .chat.tool_calls import call_grammar
 from .formats.ggml_legacy import open_model_file
 from .errors import ContextOverflowError, FormatError, MemoryLimitError, UsageError
 from .generate import Chunk, Completion, prefill, stream_batch, stream_tokens, truncate_prompt
+from .grammar import Constraint, compile_grammar
 from .hub import resolve
 from .infill import infill_ids
 from .models import build_model
@@ -131,6 +133,7 @@ class LLM:
     def stream_chunks(self, prompt: str | Sequence[int], max_tokens: int = 256, stop: Sequence[str] = (),
                       ignore_eos: bool = False, timings: dict | None = None, truncate: bool = False,
                       lookup: int | None = None, draft: "str | os.PathLike | LLM | None" = None,
+                      grammar: str | None = None, json_schema: dict | None = None,
                       **sampling: Any) -> Iterator[Chunk]:
         """Chunks of generated text with their tokens; the last chunk carries the finish reason.
 
@@ -142,14 +145,32 @@ class LLM:
         Speculative decoding (the same greedy output, the same distribution when sampling; see
         purelm.speculative): `lookup=N` drafts up to N tokens a step from the prompt and the text so
         far; `draft` (a path, a known name or an LLM sharing this model's vocabulary) drafts with a
-        smaller model. Bad arguments raise `UsageError`."""
+        smaller model. Structured output (purelm.grammar; needs llguidance): `json_schema` (a dict) or
+        `grammar` (llama.cpp's GBNF text) allows only the tokens that keep the reply inside it, and the
+        reply ends where it does. Bad arguments raise `UsageError`."""
+        return self._stream_chunks(prompt, self._constraint(grammar, json_schema), max_tokens, stop, ignore_eos,
+                                   timings, truncate, lookup, draft, sampling)
+
+    def _stream_chunks(self, prompt: str | Sequence[int], constraint: Any, max_tokens: int, stop: Sequence[str],
+                       ignore_eos: bool, timings: dict | None, truncate: bool, lookup: int | None, draft: Any,
+                       sampling: dict) -> Iterator[Chunk]:
         max_tokens, stops, params = _generation_options(max_tokens, stop, sampling)
         drafter, n_draft = self._drafter(lookup, draft)
         ids = self._prompt_ids(prompt)
         if truncate:
             ids = truncate_prompt(ids, self.n_ctx, max_tokens)
         return stream_tokens(self.model, self.tokenizer, self.cache, ids, params, max_tokens, stops,
-                             ignore_eos, timings, drafter, n_draft)
+                             ignore_eos, timings, drafter, n_draft, constraint() if constraint else None)
+
+    def _constraint(self, grammar: object, json_schema: object, lark: str | None = None) -> Any:
+        """A function that makes a Constraint of the grammar asked for (compiled once), or None."""
+        asked = [(k, v) for k, v in (("gbnf", grammar), ("json_schema", json_schema), ("lark", lark)) if v is not None]
+        if not asked:
+            return None
+        if len(asked) > 1:
+            raise UsageError("give one of grammar and json_schema (a chat's forced tool call is a grammar too)")
+        compiled = compile_grammar(self.tokenizer, *asked[0])
+        return lambda: Constraint(self.tokenizer, compiled)
 
     def _drafter(self, lookup: object, draft: object) -> tuple[Any, int]:
         """The drafter `lookup` / `draft` ask for, and the most tokens it may draft per step."""
@@ -209,6 +230,7 @@ class LLM:
 
     def stream_batch(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 256,
                      stop: Sequence[str] = (), ignore_eos: bool = False, timings: dict | None = None,
+                     grammar: str | None = None, json_schema: dict | None = None,
                      **sampling: Any) -> Iterator[tuple[int, Chunk]]:
         """`n` continuations of each prompt, generated together (one forward pass per step for all of
         them): yields (index, chunk) with index = prompt * n + sample j, in the order they are made; a
@@ -216,6 +238,7 @@ class LLM:
         sample j of every prompt uses seed + j (as a single `generate` with that seed would). The
         samples of a prompt share its cached positions."""
         max_tokens, stops, params = _generation_options(max_tokens, stop, sampling)
+        constraint = self._constraint(grammar, json_schema)
         n = check_int("n", n, 1)
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
             raise UsageError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
@@ -226,7 +249,7 @@ class LLM:
             if len(p) >= self.n_ctx:
                 raise ContextOverflowError(f"prompt {i} has {len(p)} tokens but the context holds {self.n_ctx}")
         return stream_batch(self.model, self.tokenizer, self.n_ctx, ids, n, params, max_tokens, stops,
-                            ignore_eos, timings)
+                            ignore_eos, timings, constraint)
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], n: int = 1, **kwargs: Any) -> list[Completion]:
         """Completions of every prompt, `n` each (prompt 0's n samples first), generated together."""
@@ -299,18 +322,35 @@ class LLM:
 
     def stream_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
                     chat_template_kwargs: dict | None = None, stop: str | Sequence[str] = (),
-                    **kwargs: Any) -> Iterator[Chunk]:
+                    tool_choice: str | dict | None = None, grammar: str | None = None,
+                    json_schema: dict | None = None, max_tokens: int = 256, ignore_eos: bool = False,
+                    timings: dict | None = None, truncate: bool = False, lookup: int | None = None,
+                    draft: "str | os.PathLike | LLM | None" = None, **sampling: Any) -> Iterator[Chunk]:
         """The assistant's reply to `messages` (a list of {"role": ..., "content": ...}), chunk by chunk
         as in `stream_chunks` (same options); it stops at the end of the turn (the vocabulary's end
-        tokens, the template's end-of-turn texts, and `stop`). A prompt that extends the previous one
-        (the same conversation, one turn later) is not evaluated again. A malformed message raises
-        UsageError, a template that fails TemplateError."""
-        ids = self.chat_prompt(messages, tools, chat_template_kwargs)
-        return self.stream_chunks(ids, stop=[*self.chat_template.stop_strings, *_stops(stop)], **kwargs)
+        tokens, the template's end-of-turn texts, and `stop`). `tool_choice` (OpenAI's): "auto" (the
+        default), "none" (the tools left out), "required" or {"type": "function", "function": {"name":
+        ...}}: the reply is one call (of that function), in the format the template shows the model, its
+        arguments following the tool's parameters schema (a grammar: needs llguidance). A prompt that
+        extends the previous one (the same conversation, one turn later) is not evaluated again. A
+        malformed message raises UsageError, a template that fails TemplateError."""
+        forced = None
+        if tool_choice == "required" or isinstance(tool_choice, dict):
+            name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+            if not tools or (isinstance(tool_choice, dict) and not isinstance(name, str)):
+                raise UsageError("tool_choice asks for a call: give tools, and a function's name "
+                                 "({'type': 'function', 'function': {'name': ...}})")
+            forced = call_grammar(self.chat_template.call_format, list(tools), name)
+        elif tool_choice not in (None, "auto", "none"):
+            raise UsageError(f"tool_choice must be 'auto', 'none', 'required' or a function, got {tool_choice!r:.80}")
+        ids = self.chat_prompt(messages, None if tool_choice == "none" else tools, chat_template_kwargs)
+        return self._stream_chunks(ids, self._constraint(grammar, json_schema, forced), max_tokens,
+                                   [*self.chat_template.stop_strings, *_stops(stop)], ignore_eos, timings,
+                                   truncate, lookup, draft, sampling)
 
     def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
              chat_template_kwargs: dict | None = None, **kwargs: Any) -> ChatCompletion:
-        """The assistant's reply to `messages` (options as in `stream_chunks`): a `ChatCompletion` with
+        """The assistant's reply to `messages` (options as in `stream_chat`): a `ChatCompletion` with
         the text, the tool calls read from it when `tools` were given (content without them), the finish
         reason ("stop", "length" or "tool_calls") and token counts. `.message` is the reply as a message
         to append to the conversation."""

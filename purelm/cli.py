@@ -168,6 +168,50 @@ def _speculative_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding with a smaller draft model sharing the vocabulary")
 
 
+def _grammar_args(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's structured-output flags: the reply stays inside a GBNF grammar or a JSON schema."""
+    p.add_argument("--grammar", default=None, metavar="GBNF", help="constrain the reply to a GBNF grammar "
+                   "(llama.cpp's; needs llguidance), e.g. 'root ::= \"yes\" | \"no\"'")
+    p.add_argument("--grammar-file", default=None, metavar="FILE", help="--grammar, read from FILE")
+    p.add_argument("-j", "--json-schema", default=None, metavar="JSON",
+                   help="constrain the reply to JSON that follows this JSON schema, e.g. '{\"type\": \"object\"}'")
+    p.add_argument("-jf", "--json-schema-file", default=None, metavar="FILE", help="--json-schema, read from FILE")
+
+
+MAX_GRAMMAR_BYTES = 1 << 20
+
+
+def _grammar_options(a: argparse.Namespace) -> dict:
+    """The grammar flags as generate's grammar= / json_schema= (read and parsed, before the load)."""
+    given = {k: v for k, v in (("--grammar", a.grammar), ("--grammar-file", a.grammar_file),
+                               ("--json-schema", a.json_schema), ("--json-schema-file", a.json_schema_file))
+             if v is not None}
+    if len(given) > 1:
+        raise UsageError(f"give one of {', '.join(given)}")
+    if not given:
+        return {}
+    (flag, value), = given.items()
+    if flag.endswith("-file"):
+        try:
+            with open(value, "rb") as f:
+                data = f.read(MAX_GRAMMAR_BYTES + 1)
+        except OSError as e:
+            raise UsageError(f"{flag} {value!r}: {e.strerror or e}") from None
+        if len(data) > MAX_GRAMMAR_BYTES:
+            raise UsageError(f"{flag} {value!r}: larger than {MAX_GRAMMAR_BYTES >> 20} MiB")
+        value = data
+    text = _utf8(value, flag)
+    if "json-schema" not in flag:
+        return {"grammar": text}
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise UsageError(f"{flag}: not JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"{flag}: a JSON schema is an object, got {type(schema).__name__}")
+    return {"json_schema": schema}
+
+
 def _session_args(p: argparse.ArgumentParser, chat: bool) -> None:
     p.add_argument("--load-session", default=None, metavar="FILE",
                    help="start from a session an earlier run saved (same model and cache types): the tokens "
@@ -222,6 +266,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     stop = [_utf8(s, "--stop") for s in a.stop]
     _check_speculative_args(a)
     _check_session_args(a)
+    grammar = _grammar_options(a)
 
     t0 = time.perf_counter()
     llm = _load(a, a.ctx)
@@ -236,7 +281,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     max_tokens = llm.n_ctx if a.n_predict == -1 else a.n_predict  # generation stops when the context is full
     for chunk in llm.stream_chunks(prompt, max_tokens=max_tokens, stop=stop, ignore_eos=a.ignore_eos,
                                    timings=timings, truncate=a.truncate, lookup=a.lookup, draft=a.draft,
-                                   **vars(params)):
+                                   **grammar, **vars(params)):
         if _interrupted:  # the KeyboardInterrupt was swallowed on its way here
             raise KeyboardInterrupt
         out.write(shown(chunk.text))
@@ -526,6 +571,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     stop = [_utf8(s, "--stop") for s in a.stop]
     _check_speculative_args(a)
     _check_session_args(a)
+    grammar = _grammar_options(a)
 
     llm = _load(a, a.ctx)
     if a.chat_template is not None:
@@ -631,7 +677,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
                         f"this message and the system prompt take {len(ids)} tokens, more than the {budget} the "
                         f"context ({n_ctx}, -c) leaves beside a reply: shorten it or raise -c")
                 stream = llm.stream_chunks(ids, max_tokens=max_tokens, stop=[*template.stop_strings, *stop],
-                                           lookup=a.lookup, draft=a.draft, **vars(params))
+                                           lookup=a.lookup, draft=a.draft, **grammar, **vars(params))
             except PurelmError as e:
                 messages.pop()
                 if not interactive:
@@ -860,6 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-n", "--n-predict", type=int, default=128,
                    help="most tokens to generate, at least 1; -1: until the context is full (default 128)")
     _sampling_args(g)
+    _grammar_args(g)
     g.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-text tokens")
     g.add_argument("--truncate", action="store_true",
@@ -961,6 +1008,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="most tokens per reply, at least 1; -1: until the turn ends or the context is full "
                          "(default -1)")
     _sampling_args(ch)
+    _grammar_args(ch)
     ch.add_argument("--stop", action="append", default=[], help="also end a reply at this text (repeatable)")
     _speculative_args(ch)
     _session_args(ch, chat=True)

@@ -90,9 +90,11 @@ def truncate_prompt(ids: Sequence[int], n_ctx: int, max_tokens: int) -> list[int
 
 def stream_tokens(model: Model, tokenizer, cache: KVCache, prompt: Sequence[int], params: SamplingParams,
                   max_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False,
-                  timings: dict[str, float] | None = None, drafter=None, n_draft: int = 0) -> Iterator[Chunk]:
+                  timings: dict[str, float] | None = None, drafter=None, n_draft: int = 0,
+                  constraint: Any = None) -> Iterator[Chunk]:
     """Generate after `prompt`, reusing whatever prefix of it `cache` already holds. With a `drafter`
-    (purelm.speculative), up to `n_draft` guessed tokens are checked per forward pass."""
+    (purelm.speculative), up to `n_draft` guessed tokens are checked per forward pass; with a
+    `constraint` (purelm.grammar.Constraint), only the tokens its grammar allows are sampled."""
     prompt = list(prompt)
     if not prompt:
         raise UsageError("the prompt is empty: give at least one token (or let the tokenizer add BOS)")
@@ -101,6 +103,8 @@ def stream_tokens(model: Model, tokenizer, cache: KVCache, prompt: Sequence[int]
             f"the prompt has {len(prompt)} tokens but the context holds {cache.n_ctx}: shorten the prompt, "
             f"raise n_ctx (-c; the model was trained with {model.n_ctx_train}) or let it be cut "
             f"(truncate=True, --truncate)")
+    if constraint is not None and drafter is not None:  # drafts are checked without the grammar's mask
+        raise UsageError("speculative decoding (lookup, draft) cannot be combined with a grammar or JSON schema")
     sampler = Sampler(params)
     timings = timings if timings is not None else {}
 
@@ -122,7 +126,7 @@ def stream_tokens(model: Model, tokenizer, cache: KVCache, prompt: Sequence[int]
     timings.update(prompt_tokens=len(prompt), prompt_eval_tokens=len(prompt) - keep,
                    prompt_s=time.perf_counter() - t0)
 
-    sample = _Sample(tokenizer, sampler, prompt, stop, ignore_eos, max_tokens)
+    sample = _Sample(tokenizer, sampler, prompt, stop, ignore_eos, max_tokens, constraint=constraint)
     t1 = time.perf_counter()
     steps = drafted = accepted = 0
     try:
@@ -167,6 +171,8 @@ class _Sample:
         self.stopper = _StopMatcher(stop)
         # end-of-generation tokens, and `stop_ids` (a chat template's end-of-turn tokens) even with ignore_eos
         self.eog = (set() if ignore_eos else set(tokenizer.eog_ids)) | set(stop_ids)
+        if constraint is not None:  # where the grammar ends, the reply ends (ignore_eos or not)
+            self.eog |= constraint.eos
         self.n_gen = 0
         self.tokens: list[int] = []
         self.last_token: int | None = None  # the token sampled last (an end-of-generation one included)
@@ -204,10 +210,10 @@ class _Sample:
 
 def stream_batch(model: Model, tokenizer, n_ctx: int, prompts: Sequence[Sequence[int]], n: int,
                  params: SamplingParams, max_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False,
-                 timings: dict[str, float] | None = None) -> Iterator[tuple[int, Chunk]]:
+                 timings: dict[str, float] | None = None, constraint: Any = None) -> Iterator[tuple[int, Chunk]]:
     """Generate `n` continuations of each prompt together, every step one forward pass over all the
     sequences still going. Yields (index, chunk), index = prompt * n + sample; a sequence's last chunk
-    has its finish_reason. The samples of one prompt share its cached positions (forks of one
+    has its finish_reason. `constraint`: a function that makes each sample its grammar's Constraint. The samples of one prompt share its cached positions (forks of one
     sequence). Sample i uses seed + i when a seed is given, so each is reproducible and they differ."""
     timings = timings if timings is not None else {}
     cache = model.new_cache(n_ctx)
@@ -239,7 +245,8 @@ def stream_batch(model: Model, tokenizer, n_ctx: int, prompts: Sequence[Sequence
             seq = seqs[p] if j == n - 1 else cache.fork(seqs[p])
             seed = None if params.seed is None else params.seed + j
             sampler = Sampler(dataclasses.replace(params, seed=seed))
-            samples.append(_Sample(tokenizer, sampler, prompt, stop, ignore_eos, max_tokens))
+            samples.append(_Sample(tokenizer, sampler, prompt, stop, ignore_eos, max_tokens,
+                                   constraint=constraint() if constraint is not None else None))
             active[p * n + j] = (seq, samples[-1])
             logits_of[p * n + j] = last[p]
     try:

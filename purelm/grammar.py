@@ -96,6 +96,7 @@ class Constraint:
     def __init__(self, tokenizer: Any, grammar: str, extra_eos: frozenset[int] = frozenset()) -> None:
         llguidance = _llguidance()
         self.n_vocab = tokenizer.vocab_size
+        self.eos = set(tokenizer.eog_ids) | set(extra_eos)  # the tokens that end a reply the grammar ends
         self.matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer, extra_eos), grammar)
         if self.matcher.is_error():
             raise UsageError(f"the grammar is invalid: {self.matcher.get_error()}")

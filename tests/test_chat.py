@@ -567,6 +567,16 @@ def test_cli_chat_piped_replies_as_the_api(smollm2_path, smollm2, tmp_path):
     assert r.returncode == 1 and b"nested too deeply" in r.stderr and b"Traceback" not in r.stderr
 
 
+def test_cli_chat_with_a_json_schema_replies_as_the_api(smollm2_path, smollm2):
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"greeting": {"type": "string", "maxLength": 30}},
+              "required": ["greeting"], "additionalProperties": False}
+    r = chat_cli(smollm2_path, "--temp", "0", "-n", "40", "-j", json.dumps(schema), input=b"Hi there\n")
+    assert r.returncode == 0, r.stderr
+    want = smollm2.chat([{"role": "user", "content": "Hi there"}], json_schema=schema, max_tokens=40, temperature=0)
+    assert r.stdout.decode() == want.text + "\n" and set(json.loads(want.text)) == {"greeting"}
+
+
 def test_cli_chat_keeps_going_past_the_context(smollm2_path):
     questions = ["Name a color.", "Name an animal.", "Name a fruit.", "Name a city.", "Name a number.", "Say hi."]
     r = chat_cli(smollm2_path, "--temp", "0", "-n", "12", "-c", "112", "--system", "Answer with one word.",

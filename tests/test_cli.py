@@ -43,6 +43,27 @@ def test_generate_greedy_matches_the_api(capsys, fixtures):
     assert code == 0 and out == llm.generate("The quick", max_tokens=6, temperature=0, ignore_eos=True) + "\n"
 
 
+def test_generate_with_a_grammar_or_json_schema(capsys, tmp_path, smollm2_path):
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "g.gbnf").write_text('root ::= "yes" | "no"')
+    base = ["generate", "-m", smollm2_path, "--temp", "0", "-n", "40", "-p", "Is water wet?"]
+    llm = purelm.load(smollm2_path)
+    for flags, kwargs in [(["-jf", tmp_path / "s.json"], {"json_schema": schema}),
+                          (["--grammar-file", tmp_path / "g.gbnf"], {"grammar": 'root ::= "yes" | "no"'})]:
+        code, out, _ = run(capsys, *base, *flags)
+        assert code == 0 and out == llm.generate("Is water wet?", max_tokens=40, temperature=0, **kwargs) + "\n"
+    assert json.loads(run(capsys, *base, "-j", json.dumps(schema))[1]) in ({"ok": True}, {"ok": False})
+    for flags, message in [(["-j", "[1"], "--json-schema: not JSON"), (["-j", "[1]"], "a JSON schema is an object"),
+                           (["--grammar", "root ::= nope"], "Rule 'nope' not found"),
+                           (["--grammar", "a", "-j", "{}"], "give one of --grammar, --json-schema"),
+                           (["-jf", tmp_path / "missing.json"], "--json-schema-file")]:
+        code, _, err = run(capsys, *base, *flags)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
 def test_errors_are_one_line_and_nonzero(capsys, tmp_path, fixtures):
     code, _, err = run(capsys, "info", tmp_path / "missing.gguf")
     assert code == 1 and err.count("\n") == 1 and "no such file or known model" in err
