@@ -238,6 +238,10 @@ def test_json_schema_response_parses_and_validates(srv):
     r = srv.client.completions.create(model=MODEL, prompt="A JSON object:", max_tokens=40, temperature=0,
                                       extra_body={"response_format": {"type": "json_object"}})
     assert isinstance(json.loads(r.choices[0].text), dict)
+    # ignore_eos would run past the grammar's end: the reply ends there all the same
+    r = srv.client.completions.create(model=MODEL, prompt="x", max_tokens=10, temperature=0,
+                                      extra_body={"grammar": 'root ::= "a" "b"', "ignore_eos": True})
+    assert r.choices[0].text == "ab" and r.choices[0].finish_reason == "stop"
     err = error_of(srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                      "response_format": {"type": "json_schema", "json_schema": {
                                                          "name": "x", "schema": {"type": "nonsense"}}}}), 400)
