@@ -15,11 +15,10 @@ from .backends.base import Backend
 from .backends import kv_cache
 from .backends.kv_cache import check_cache_type
 from .chat import ChatCompletion, ChatTemplate, parse_tool_calls
-from .chat.tool_calls import call_grammar
 from .formats.ggml_legacy import open_model_file
 from .errors import ContextOverflowError, FormatError, MemoryLimitError, UsageError
 from .generate import Chunk, Completion, prefill, stream_batch, stream_tokens, truncate_prompt
-from .grammar import Constraint, compile_grammar
+from .grammar import Constraint, compile_grammar, forced_call
 from .hub import resolve
 from .infill import infill_ids
 from .models import build_model
@@ -76,7 +75,8 @@ def _generation_options(max_tokens: object, stop: object, sampling: dict) -> tup
     unknown = set(sampling).difference(_SAMPLING_KEYS)
     if unknown:
         raise UsageError(f"unknown generation option(s): {', '.join(sorted(unknown))} (known: max_tokens, "
-                         f"stop, ignore_eos, timings, truncate, {', '.join(_SAMPLING_KEYS)})")
+                         f"stop, ignore_eos, timings, truncate, lookup, draft, grammar, json_schema, "
+                         f"{', '.join(_SAMPLING_KEYS)}; chat: tools, tool_choice, chat_template_kwargs)")
     params = SamplingParams(**sampling)
     params.validate()
     return check_int("max_tokens", max_tokens, 1), _stops(stop), params
@@ -162,14 +162,16 @@ class LLM:
         return stream_tokens(self.model, self.tokenizer, self.cache, ids, params, max_tokens, stops,
                              ignore_eos, timings, drafter, n_draft, constraint() if constraint else None)
 
-    def _constraint(self, grammar: object, json_schema: object, lark: str | None = None) -> Any:
-        """A function that makes a Constraint of the grammar asked for (compiled once), or None."""
-        asked = [(k, v) for k, v in (("gbnf", grammar), ("json_schema", json_schema), ("lark", lark)) if v is not None]
+    def _constraint(self, grammar: object, json_schema: object, call: tuple | None = None) -> Any:
+        """A function that makes a Constraint of the grammar asked for (compiled once), or None.
+        `call`: a chat's forced tool call, (format, tools, name) as grammar.forced_call takes them."""
+        asked = [(k, v) for k, v in (("gbnf", grammar), ("json_schema", json_schema), ("call", call)) if v is not None]
         if not asked:
             return None
         if len(asked) > 1:
             raise UsageError("give one of grammar and json_schema (a chat's forced tool call is a grammar too)")
-        compiled = compile_grammar(self.tokenizer, *asked[0])
+        kind, value = asked[0]
+        compiled = forced_call(self.tokenizer, *value) if kind == "call" else compile_grammar(self.tokenizer, kind, value)
         return lambda: Constraint(self.tokenizer, compiled)
 
     def _drafter(self, lookup: object, draft: object) -> tuple[Any, int]:
@@ -336,11 +338,12 @@ class LLM:
         malformed message raises UsageError, a template that fails TemplateError."""
         forced = None
         if tool_choice == "required" or isinstance(tool_choice, dict):
-            name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+            fn = tool_choice.get("function") if isinstance(tool_choice, dict) else {}
+            name = fn.get("name") if isinstance(fn, dict) else None
             if not tools or (isinstance(tool_choice, dict) and not isinstance(name, str)):
                 raise UsageError("tool_choice asks for a call: give tools, and a function's name "
                                  "({'type': 'function', 'function': {'name': ...}})")
-            forced = call_grammar(self.chat_template.call_format, list(tools), name)
+            forced = (self.chat_template.call_format, list(tools), name)
         elif tool_choice not in (None, "auto", "none"):
             raise UsageError(f"tool_choice must be 'auto', 'none', 'required' or a function, got {tool_choice!r:.80}")
         ids = self.chat_prompt(messages, None if tool_choice == "none" else tools, chat_template_kwargs)
@@ -356,6 +359,8 @@ class LLM:
         to append to the conversation."""
         timings = kwargs.pop("timings", None)
         timings = timings if timings is not None else {}
+        if kwargs.get("tool_choice") == "none":  # the tools were left out: nothing to read calls of
+            tools = None
         texts, tokens, reason = [], [], "length"
         for chunk in self.stream_chat(messages, tools, chat_template_kwargs, timings=timings, **kwargs):
             texts.append(chunk.text)

@@ -190,6 +190,8 @@ def _grammar_options(a: argparse.Namespace) -> dict:
         raise UsageError(f"give one of {', '.join(given)}")
     if not given:
         return {}
+    if a.lookup is not None or getattr(a, "draft", None) is not None:
+        raise UsageError(f"{next(iter(given))} cannot be combined with --lookup or --draft (speculative decoding)")
     (flag, value), = given.items()
     if flag.endswith("-file"):
         try:
@@ -574,6 +576,11 @@ def cmd_chat(a: argparse.Namespace) -> int:
     grammar = _grammar_options(a)
 
     llm = _load(a, a.ctx)
+    if grammar:  # checked once, before the first turn (each reply then compiles it again: milliseconds)
+        from .grammar import compile_grammar
+
+        compile_grammar(llm.tokenizer, *(("gbnf", grammar["grammar"]) if "grammar" in grammar
+                                         else ("json_schema", grammar["json_schema"])))
     if a.chat_template is not None:
         llm.chat_template = a.chat_template
     template = llm.chat_template  # compiled now: a broken template fails before the first message

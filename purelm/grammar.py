@@ -1,11 +1,9 @@
 """Constrained decoding: every generated token must keep the reply inside a grammar, a JSON schema or
 llama.cpp's GBNF, applied token by token with llguidance (the library llama.cpp and vLLM use; it
 reads purelm's vocabulary as bytes). `compile_grammar` checks a grammar once; a `Constraint` per
-sequence masks the logits before each sample and follows the tokens taken.
-
-    from purelm.grammar import compile_grammar
-    g = compile_grammar(llm.tokenizer, "json_schema", {"type": "object"})
-    llm.generate("A JSON object:", grammar=g)      # or json_schema=..., or a GBNF string as grammar="root ::= ..."
+sequence masks the logits before each sample and follows the tokens taken. The API takes them as
+`llm.generate("A JSON object:", json_schema={"type": "object"})` or `grammar='root ::= "yes" | "no"'`
+(GBNF text); `forced_call` is the grammar of a chat's tool_choice "required" or a named function.
 """
 from __future__ import annotations
 
@@ -16,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from .chat.tool_calls import call_grammar
 from .errors import GenerationError, UsageError
 
 KINDS = ("json_schema", "gbnf", "lark")  # a JSON schema (dict), llama.cpp's GBNF, llguidance's Lark (str)
 _WHAT = {"json_schema": "JSON schema", "gbnf": "grammar", "lark": "grammar"}
 _vocabularies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {eos ids: LLTokenizer}
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards _vocabularies; each vocabulary is built under a lock of its own key
 
 
 def _llguidance() -> Any:
@@ -42,8 +41,11 @@ def grammar_tokenizer(tokenizer: Any, extra_eos: frozenset[int] = frozenset()) -
     eos = tuple(sorted(set(tokenizer.eog_ids) | set(extra_eos)))
     with _lock:
         known = _vocabularies.setdefault(tokenizer, {})
-        if eos not in known:
+        entry = known.setdefault(eos, [threading.Lock(), None])
+    with entry[0]:  # one build per key; other keys (and their users) do not wait for it
+        if entry[1] is None:
             special = set(tokenizer.special_ids)
+            owner = weakref.ref(tokenizer)  # the cache must not keep the tokenizer alive
 
             class _Vocab:
                 tokens = [(b"\xff" if i in special else b"") + tokenizer.token_to_piece(i)
@@ -54,11 +56,12 @@ def grammar_tokenizer(tokenizer: Any, extra_eos: frozenset[int] = frozenset()) -
 
                 def __call__(self, data: bytes | str) -> list[int]:
                     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-                    return tokenizer.encode(text, add_special=False, parse_special=False)
+                    tok = owner()
+                    return [] if tok is None else tok.encode(text, add_special=False, parse_special=False)
 
-            known[eos] = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab()), n_vocab=tokenizer.vocab_size,
-                                                eos_token=list(eos) or [_Vocab.eos_token_id])
-        return known[eos]
+            entry[1] = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab()), n_vocab=tokenizer.vocab_size,
+                                              eos_token=list(eos) or [_Vocab.eos_token_id])
+        return entry[1]
 
 
 def compile_grammar(tokenizer: Any, kind: str, value: Any, extra_eos: frozenset[int] = frozenset()) -> str:
@@ -87,6 +90,28 @@ def compile_grammar(tokenizer: Any, kind: str, value: Any, extra_eos: frozenset[
     if err and not err.startswith("WARNING"):
         raise UsageError(f"the {what} is invalid: {err}")
     return grammar
+
+
+def forced_call(tokenizer: Any, fmt: str, tools: list[dict], name: str | None = None,
+                extra_eos: frozenset[int] = frozenset()) -> str:
+    """The compiled grammar of a reply that is one tool call (chat.tool_calls.call_grammar) in the
+    format `fmt`, of the function `name` or of any of `tools`; a tool whose parameters do not compile
+    is named in the UsageError."""
+    from .chat.messages import validate_tools
+
+    tools = validate_tools(tools) or []
+    for i, t in enumerate(tools):
+        if name is None or t["function"]["name"] == name:
+            try:
+                compile_grammar(tokenizer, "json_schema", t["function"].get("parameters") or {"type": "object"})
+            except UsageError as e:
+                raise UsageError(f"tools[{i}] ({t['function']['name']!r:.80}): {e}") from None
+    markers = {}
+    for text in ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]"):
+        ids = tokenizer.encode(text, add_special=False, parse_special=True)
+        if len(ids) == 1 and ids[0] in tokenizer.special_ids:  # a control token: by id, as it is sampled
+            markers[text] = f"<[{ids[0]}]>"
+    return compile_grammar(tokenizer, "lark", call_grammar(fmt, tools, name, markers), extra_eos)
 
 
 class Constraint:

@@ -411,8 +411,8 @@ def test_tool_call_parsing_never_raises():
 
 def test_a_stream_shows_the_content_of_a_reply_with_tools_and_never_a_call():
     """ContentStream over every format's replies (above) and random ones, cut into pieces anywhere:
-    what it shows before the end, then `rest`, adds up to parse_tool_calls' content (leading spaces
-    aside: a reply with calls has them stripped), and never shows a call's text."""
+    what it shows before the end, then `rest`, adds up to parse_tool_calls' content without its
+    leading spaces (as the server gives a reply with tools), and never shows a call's text."""
     rng = random.Random(1)
     words = ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "{", "}", "[", " ", "\n", "<", "a",
              "Sure.", '{"name": "a", "arguments": {}}', '"parameters": {}', "tool", "_call>"]
@@ -427,9 +427,8 @@ def test_a_stream_shows_the_content_of_a_reply_with_tools_and_never_a_call():
                 n = rng.randrange(1, 6)
                 sent += shown.add(text[at:at + n])
                 at += n
-            assert (sent + shown.rest(content)).lstrip() == content.lstrip(), (text, sent)
-            if calls:  # what was shown early is content's start, no call's markup
-                assert content.lstrip().startswith(sent.lstrip()), (text, sent)
+            assert sent + shown.rest(content) == content.lstrip(), (text, sent)  # the server's content
+            assert content.lstrip().startswith(sent), (text, sent)  # shown early: content's start, no markup
 
 
 # --- long conversations ----------------------------------------------------------------------------

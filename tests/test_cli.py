@@ -59,6 +59,7 @@ def test_generate_with_a_grammar_or_json_schema(capsys, tmp_path, smollm2_path):
     for flags, message in [(["-j", "[1"], "--json-schema: not JSON"), (["-j", "[1]"], "a JSON schema is an object"),
                            (["--grammar", "root ::= nope"], "Rule 'nope' not found"),
                            (["--grammar", "a", "-j", "{}"], "give one of --grammar, --json-schema"),
+                           (["--grammar", "a", "--lookup", "4"], "cannot be combined with --lookup"),
                            (["-jf", tmp_path / "missing.json"], "--json-schema-file")]:
         code, _, err = run(capsys, *base, *flags)
         assert code == 2 and message in err and err.count("\n") == 1, err

@@ -65,6 +65,29 @@ def test_chat_with_a_schema_or_a_forced_tool_call(llm):
         assert json.loads(c.tool_calls[0]["function"]["arguments"])["tz"] in ("UTC", "CET")
     none = llm.chat(msgs, tools=[TIME], tool_choice="none", max_tokens=8, temperature=0)
     assert none.prompt_tokens == llm.chat(msgs, max_tokens=8, temperature=0).prompt_tokens  # tools left out
+    call = '<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>'
+    none = llm.chat(msgs, tools=[TIME], tool_choice="none", grammar=f"root ::= {json.dumps(call)}", max_tokens=40)
+    assert none.content == call and not none.tool_calls  # "none": the reply is not read for calls
+    # parameters as pydantic writes them ($defs and $ref): each tool's schema is the root of its own rule
+    zone = {"type": "function", "function": {"name": "set_zone", "parameters": {
+        "type": "object", "properties": {"zone": {"$ref": "#/$defs/Zone"}}, "required": ["zone"],
+        "additionalProperties": False, "$defs": {"Zone": {"type": "string", "enum": ["UTC", "CET"]}}}}}
+    c = llm.chat(msgs, tools=[TIME, zone], tool_choice={"type": "function", "function": {"name": "set_zone"}},
+                 max_tokens=40, temperature=0)
+    assert c.finish_reason == "tool_calls" and json.loads(c.tool_calls[0]["function"]["arguments"]) in (
+        {"zone": "UTC"}, {"zone": "CET"})
+
+
+def test_a_grammar_does_not_keep_its_model_alive(smollm2_path):
+    import gc
+    import weakref
+
+    llm = purelm.load(smollm2_path, n_ctx=64)
+    assert llm.generate("x", grammar='root ::= "a"', max_tokens=4) == "a"
+    tokenizer = weakref.ref(llm.tokenizer)
+    del llm
+    gc.collect()
+    assert tokenizer() is None  # the vocabulary llguidance keeps for it goes with it
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -82,7 +105,12 @@ def test_bad_grammars_are_refused_before_any_work(llm, kwargs, message):
 
 def test_bad_tool_choice_is_refused(llm):
     msgs = [{"role": "user", "content": "hi"}]
+    odd = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "enum": {1, 2}}}}
     for tools, choice, message in [(None, "required", "give tools"), ([TIME], "always", "tool_choice must be"),
-                                   ([TIME], {"type": "function", "function": {"name": "nope"}}, "not among the tools")]:
+                                   ([TIME], {"type": "function", "function": {"name": "nope"}}, "not among the tools"),
+                                   ([TIME], {"type": "function", "function": "get_time"}, "a function's name"),
+                                   ([TIME], {"function": None}, "a function's name"),
+                                   ([odd], "required", "f"),
+                                   ([{"type": "function", "function": {"name": "f g"}}], "required", "letters")]:
         with pytest.raises(UsageError, match=message):
             llm.chat(msgs, tools=tools, tool_choice=choice, max_tokens=4)

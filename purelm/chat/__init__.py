@@ -203,14 +203,14 @@ class ChatTemplate:
 
     @property
     def call_format(self) -> str:
-        """The format this template shows the model for tool calls: the template's own where it
-        renders tools (Mistral's `[TOOL_CALLS]`, Llama 3's JSON, else Hermes' `<tool_call>`), else the
-        Hermes format that purelm's polyfill describes."""
+        """The format this template shows the model for tool calls (chat.tool_calls.call_grammar's
+        `fmt`): the template's own where it renders tools (Mistral's `[TOOL_CALLS]`, Llama 3's JSON,
+        else Hermes' `<tool_call>`), else the Hermes format that purelm's polyfill describes."""
         source = self._tool_use_source or self.source
         if not re.search(r"\btools\b", source):
             return "hermes"
-        if "[TOOL_CALLS]" in source:
-            return "mistral"
+        if "[TOOL_CALLS]" in source:  # v0.3's [{"name": ..., "arguments": ...}], or later ones' name[ARGS]{...}
+            return "mistral_args" if "[ARGS]" in source else "mistral"
         return "llama3" if self.name == "llama-3" else "hermes"
 
     def parse_tool_calls(self, text: str, tools: Any = None) -> tuple[str, list[dict]]:

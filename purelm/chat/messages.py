@@ -112,6 +112,10 @@ def validate_tools(tools: Any) -> list[dict] | None:
                 tool.get("type", "function") != "function":
             raise UsageError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': str, "
                              f"'description': ..., 'parameters': {{...}}}}}}")
+        try:  # templates and the tool-call grammar write them as JSON
+            json.dumps(fn)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise UsageError(f"tools[{i}] ({fn['name']!r:.80}) cannot be written as JSON: {e}") from None
         out.append({**tool, "type": "function", "function": dict(fn)})
     return out or None
 

@@ -162,9 +162,10 @@ _PYTHON_TAG = "<|python_tag|>"
 class ContentStream:
     """The part of a reply with tools that can be shown as content while it is generated, in the
     formats `parse_tool_calls` reads: text up to a call's marker (`<tool_call>`, `[TOOL_CALLS]`, or
-    the start of something that may be one), with its trailing spaces held back (a call after them
-    strips them). A reply that opens as a call may (Llama 3's JSON, `[`, `<|python_tag|>`) is held
-    whole. `add` gives each piece's part to send; `rest` what is left of the final content."""
+    the start of something that may be one), without its leading spaces and with its trailing ones held
+    back (a reply with calls has its content stripped; the server strips the start of one without). A
+    reply that opens as a call may (Llama 3's JSON, `[`, `<|python_tag|>`) is held whole. `add` gives
+    each piece's part to send; `rest` what is left of the final content."""
 
     def __init__(self) -> None:
         self.text = ""
@@ -173,15 +174,15 @@ class ContentStream:
     def add(self, piece: str) -> str:
         self.text += piece
         end = self._shown()
-        out = self.text[self.sent:end] if end > self.sent else ""
+        start = max(self.sent, len(self.text) - len(self.text.lstrip()))
+        out = self.text[start:end] if end > start else ""
         self.sent = max(self.sent, end)
         return out
 
     def rest(self, content: str | None) -> str:
-        """The final content's part not sent yet (its leading spaces may differ from what was sent:
-        the parsed content of a reply with calls is stripped)."""
-        content, sent = content or "", self.text[:self.sent].lstrip()
-        body = content.lstrip()
+        """The part of `content` (the reply's, as `content` gives it) not sent yet."""
+        sent = self.text[:self.sent].lstrip()
+        body = (content or "").lstrip()
         return body[len(sent):] if body.startswith(sent) else ""
 
     def _shown(self) -> int:
@@ -203,19 +204,46 @@ class ContentStream:
         return end
 
 
-def call_grammar(fmt: str, tools: list[dict], name: str | None = None) -> str:
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+
+
+def call_grammar(fmt: str, tools: list[dict], name: str | None = None, markers: dict[str, str] | None = None) -> str:
     """A Lark grammar (llguidance's: JSON schemas inline with %json) whose only sentences are one call,
-    in the format `fmt` the model was shown ("hermes", "mistral" or "llama3", as parse_tool_calls reads
-    them), of the function `name`, or of any of `tools` (OpenAI's tool_choice "required"), with
-    arguments that follow the function's parameters schema."""
+    in the format `fmt` the model was shown ("hermes", "mistral", "mistral_args" or "llama3", as
+    parse_tool_calls reads them), of the function `name`, or of any of `tools` (OpenAI's tool_choice
+    "required"), with arguments that follow the function's parameters schema (each the root of its own
+    %json, so that its "$ref"s resolve), written without free whitespace. `markers`: the grammar
+    text of a marker (`<tool_call>`, `[TOOL_CALLS]`, ...) where the vocabulary has it as one special
+    token (`<[id]>`), which a quoted string never matches."""
+    markers = markers or {}
+
+    def lit(text: str) -> str:
+        return markers.get(text) or json.dumps(text)
+
     args = "parameters" if fmt == "llama3" else "arguments"
-    schemas = [{"type": "object", "properties": {"name": {"const": f["name"]},
-                                                 args: f.get("parameters") or {"type": "object"}},
-                "required": ["name", args], "additionalProperties": False}
-               for f in (t["function"] for t in validate_tools(tools) or ()) if name is None or f["name"] == name]
-    if not schemas:
-        raise UsageError(f"tool_choice names {name!r}, which is not among the tools")
-    call = "%json " + json.dumps(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
-    start = {"hermes": '"<tool_call>\\n" call "\\n</tool_call>"', "mistral": '"[TOOL_CALLS] [" call "]"',
+    rules, alts = [], []
+    for f in (t["function"] for t in validate_tools(tools) or ()):
+        if name is not None and f["name"] != name:
+            continue
+        if not _NAME.fullmatch(f["name"]):
+            raise UsageError(f"tool {f['name']!r:.80}: a call can be forced only for names of letters, digits, "
+                             "'_', '.' and '-'")
+        schema = dict(f.get("parameters") or {"type": "object"})
+        schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+        try:
+            text = json.dumps(schema)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise UsageError(f"tool {f['name']!r}: its parameters are not a JSON schema ({e})") from None
+        i = len(alts)
+        if fmt == "mistral_args":
+            alts.append(f'{json.dumps(f["name"])} {lit("[ARGS]")} args_{i}')
+        else:
+            alts.append(f'{json.dumps("{" + json.dumps("name") + ": " + json.dumps(f["name"]) + ", " + json.dumps(args) + ": ")} '
+                        f'args_{i} "}}"')
+        rules.append(f"args_{i}: %json {text}")
+    if not alts:
+        raise UsageError(f"tool_choice names {name!r:.80}, which is not among the tools")
+    start = {"hermes": f'{lit("<tool_call>")} "\\n" call "\\n" {lit("</tool_call>")}',
+             "mistral": f'{lit("[TOOL_CALLS]")} " [" call "]"', "mistral_args": f'{lit("[TOOL_CALLS]")} call',
              "llama3": "call"}[fmt]
-    return f"start: {start}\ncall: {call}\n"
+    return "\n".join([f"start: {start}", "call: " + " | ".join(alts), *rules]) + "\n"

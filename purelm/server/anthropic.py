@@ -48,8 +48,8 @@ def to_chat(body: dict, count_only: bool = False) -> dict:
     choice = body.get("tool_choice")
     if choice is not None:
         kind = choice.get("type") if isinstance(choice, dict) else None
-        if kind == "tool":
-            chat["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+        if kind == "tool" and isinstance(choice.get("name"), str):
+            chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
         elif kind in CHOICES:
             chat["tool_choice"] = CHOICES[kind]
         else:

@@ -26,9 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..chat.tool_calls import ContentStream, call_grammar
+from ..chat.tool_calls import ContentStream
 from ..errors import ContextOverflowError, MemoryLimitError, PurelmError, UsageError
-from ..grammar import compile_grammar
+from ..grammar import compile_grammar, forced_call
 from ..infill import check_fim, infill_ids
 from ..sampling import SamplingParams
 from . import anthropic as A
@@ -127,22 +127,21 @@ class _State:
                         "max_tokens", "context_length_exceeded")
         return max_tokens if max_tokens is not None else self.n_ctx - n_prompt
 
-    def grammar(self, fmt: tuple[str, Any] | None) -> str | None:
+    def grammar(self, fmt: tuple[str, Any] | None, stop_ids: frozenset[int] = frozenset()) -> str | None:
         """The compiled grammar of `response_format` / `json_schema` / `grammar` / a forced tool call
-        (400 if it does not compile). Runs in a worker thread: the first one builds llguidance's
-        vocabulary."""
+        (`("call", (format, tools, name))`), for a request whose end-of-turn tokens are `stop_ids` (so
+        that the engine finds its vocabulary built); 400 if it does not compile. Runs in a worker
+        thread: the first one builds llguidance's vocabulary."""
         if fmt is None:
             return None
-        kind, value = fmt  # ("gbnf", text), ("json_schema", schema), or ("lark", text): a forced tool call
-        try:  # the chat template's end-of-turn tokens end a constrained reply too
-            stop_ids = frozenset(getattr(self.template, "stop_token_ids", ()) or ())
-        except P.APIError:
-            stop_ids = frozenset()
+        kind, value = fmt
         try:
+            if kind == "call":
+                return forced_call(self.tokenizer, *value, extra_eos=stop_ids)
             return compile_grammar(self.tokenizer, kind, value, stop_ids)
         except UsageError as e:
             code = "unsupported" if "needs llguidance" in str(e) else "invalid_value"
-            raise P.bad(str(e), {"gbnf": "grammar", "lark": "tools"}.get(kind, "response_format"), code) from None
+            raise P.bad(str(e), {"gbnf": "grammar", "call": "tools"}.get(kind, "response_format"), code) from None
 
     def submit(self, req: GenerationRequest) -> Handle:
         try:
@@ -661,19 +660,18 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         # a lone surrogate of chat_template_kwargs that the template echoes cannot be written as UTF-8
         return JSONResponse({"prompt": prompt.encode("utf-8", "replace").decode("utf-8")})
 
-    def forced_call(template: Any, tools: list[dict] | None, tool_choice: Any, fmt: Any) -> str:
-        """The grammar of tool_choice "required" or a named function: the reply is one call, in the
-        format the template shows the model (llama-server and vLLM force it likewise)."""
+    def forced(template: Any, tools: list[dict] | None, tool_choice: Any, fmt: Any) -> tuple[str, Any]:
+        """tool_choice "required" or a named function as a grammar to compile: the reply is one call, in
+        the format the template shows the model (llama-server and vLLM force it likewise)."""
         if not tools:
             raise P.bad("tool_choice asks for a tool call, but the request has no tools", "tool_choice")
         if fmt:
             raise P.bad("a tool_choice that forces a call cannot be combined with response_format, json_schema "
                         "or grammar", "tool_choice")
         name = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
-        try:
-            return call_grammar(getattr(template, "call_format", "hermes"), tools, name)
-        except UsageError as e:
-            raise P.bad(str(e), "tool_choice") from None
+        if name is not None and name not in {t["function"]["name"] for t in tools}:
+            raise P.bad(f"tool_choice names {name!r:.80}, which is not among the tools", "tool_choice")
+        return "call", (getattr(template, "call_format", "hermes"), tools, name)
 
     async def chat_turn(body: dict) -> _ChatTurn:
         """A chat request's checked fields, rendered prompt and engine request (the chat route's, and
@@ -691,8 +689,8 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         stop_ids = frozenset() if gen.ignore_eos else frozenset(getattr(template, "stop_token_ids", ()) or ())
         fmt = P.response_format(body)
         if tool_choice == "required" or isinstance(tool_choice, dict):  # the reply is a call: a grammar says so
-            fmt = ("lark", forced_call(template, tools, tool_choice, fmt))
-        grammar = await asyncio.to_thread(state.grammar, fmt) if fmt else None
+            fmt = forced(template, tools, tool_choice, fmt)
+        grammar = await asyncio.to_thread(state.grammar, fmt, stop_ids) if fmt else None
         use_tools = tools if tools and tool_choice != "none" else None
         text = render(body, msgs, use_tools)
         ids = template.encode(text) if hasattr(template, "encode") else state.chat_ids(text)
@@ -944,7 +942,8 @@ class _ChatTurn:
 
     def tool_calls(self, text: str) -> tuple[str | None, list[dict] | None]:
         """A finished reply's content and tool calls (chat's format), parsed in the template family's
-        format when the request has tools; an unparsable call stays content."""
+        format when the request has tools; an unparsable call stays content. With tools, content has
+        no leading spaces, as ContentStream streams it (a reply with calls has them stripped anyway)."""
         if self.use_tools and hasattr(self.template, "parse_tool_calls"):
             try:
                 content, calls = self.template.parse_tool_calls(text, self.use_tools)
@@ -953,7 +952,7 @@ class _ChatTurn:
                 calls = None
             if calls:
                 return content or None, calls
-        return text, None
+        return (text.lstrip() if self.use_tools else text), None
 
 
 async def _collect(request: Request, handles: list[Handle], reply: _Reply, n: int, state: _State, t0: float) -> None:
@@ -1054,7 +1053,7 @@ class _Gate:
         self.routes = {"/health", "/v1/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/models",
                        "/v1/embeddings", "/embeddings", "/v1/completions", "/completions", "/v1/chat/completions",
                        "/chat/completions", "/completion", "/infill", "/v1/responses", "/responses",
-                       "/v1/messages", "/v1/messages/count_tokens", "/props"}
+                       "/v1/messages", "/v1/messages/count_tokens", "/props", "/apply-template"}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
