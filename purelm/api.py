@@ -171,7 +171,10 @@ class LLM:
         if len(asked) > 1:
             raise UsageError("give one of grammar and json_schema (a chat's forced tool call is a grammar too)")
         kind, value = asked[0]
-        compiled = forced_call(self.tokenizer, *value) if kind == "call" else compile_grammar(self.tokenizer, kind, value)
+        if kind == "call":
+            compiled = forced_call(self.tokenizer, *value)
+        else:
+            compiled = compile_grammar(self.tokenizer, kind, value)
         return lambda: Constraint(self.tokenizer, compiled)
 
     def _drafter(self, lookup: object, draft: object) -> tuple[Any, int]:

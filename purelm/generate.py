@@ -213,8 +213,9 @@ def stream_batch(model: Model, tokenizer, n_ctx: int, prompts: Sequence[Sequence
                  timings: dict[str, float] | None = None, constraint: Any = None) -> Iterator[tuple[int, Chunk]]:
     """Generate `n` continuations of each prompt together, every step one forward pass over all the
     sequences still going. Yields (index, chunk), index = prompt * n + sample; a sequence's last chunk
-    has its finish_reason. `constraint`: a function that makes each sample its grammar's Constraint. The samples of one prompt share its cached positions (forks of one
-    sequence). Sample i uses seed + i when a seed is given, so each is reproducible and they differ."""
+    has its finish_reason. The samples of one prompt share its cached positions (forks of one
+    sequence). Sample i uses seed + i when a seed is given, so each is reproducible and they differ.
+    `constraint`: a function that makes each sample its grammar's Constraint."""
     timings = timings if timings is not None else {}
     cache = model.new_cache(n_ctx)
     # checked before any work, so that a huge n fails at once

@@ -212,7 +212,8 @@ def call_grammar(fmt: str, tools: list[dict], name: str | None = None, markers: 
     in the format `fmt` the model was shown ("hermes", "mistral", "mistral_args" or "llama3", as
     parse_tool_calls reads them), of the function `name`, or of any of `tools` (OpenAI's tool_choice
     "required"), with arguments that follow the function's parameters schema (each the root of its own
-    %json, so that its "$ref"s resolve), written without free whitespace. `markers`: the grammar
+    %json, so that its "$ref"s resolve), with json.dumps' separators and no other whitespace (a
+    model left free spends its tokens on newlines and indents). `markers`: the grammar
     text of a marker (`<tool_call>`, `[TOOL_CALLS]`, ...) where the vocabulary has it as one special
     token (`<[id]>`), which a quoted string never matches."""
     markers = markers or {}
@@ -237,9 +238,9 @@ def call_grammar(fmt: str, tools: list[dict], name: str | None = None, markers: 
         i = len(alts)
         if fmt == "mistral_args":
             alts.append(f'{json.dumps(f["name"])} {lit("[ARGS]")} args_{i}')
-        else:
-            alts.append(f'{json.dumps("{" + json.dumps("name") + ": " + json.dumps(f["name"]) + ", " + json.dumps(args) + ": ")} '
-                        f'args_{i} "}}"')
+        else:  # {"name": "f", "arguments": <args>}, as json.dumps writes it
+            head = "{" + json.dumps("name") + ": " + json.dumps(f["name"]) + ", " + json.dumps(args) + ": "
+            alts.append(f'{json.dumps(head)} args_{i} "}}"')
         rules.append(f"args_{i}: %json {text}")
     if not alts:
         raise UsageError(f"tool_choice names {name!r:.80}, which is not among the tools")
