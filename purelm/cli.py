@@ -106,6 +106,21 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="subtract this times a recent token's count from its logit (default 0)")
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="subtract this from every recent token's logit (default 0)")
+    p.add_argument("--top-nsigma", type=float, default=-1.0, dest="top_n_sigma",
+                   help="keep tokens within n standard deviations of the top logit; <= 0 = off (default -1)")
+    p.add_argument("--typical", type=float, default=1.0, dest="typical_p",
+                   help="locally typical sampling, 0..1; 1 = off (default 1.0)")
+    p.add_argument("--xtc-probability", type=float, default=0.0,
+                   help="how often XTC removes the likeliest tokens, 0..1; 0 = off (default 0)")
+    p.add_argument("--xtc-threshold", type=float, default=0.1,
+                   help="XTC removes tokens this likely but the least likely of them; > 0.5 = off (default 0.1)")
+    p.add_argument("--mirostat", type=int, default=0,
+                   help="Mirostat sampling 1 or 2, in place of top-k/p, min-p, typical, XTC and the penalties; "
+                        "0 = off (default)")
+    p.add_argument("--mirostat-ent", type=float, default=5.0, dest="mirostat_tau",
+                   help="Mirostat's target entropy (tau, bits; default 5.0)")
+    p.add_argument("--mirostat-lr", type=float, default=0.1, dest="mirostat_eta",
+                   help="Mirostat's learning rate (eta; default 0.1)")
     p.add_argument("-s", "--seed", type=int, default=-1, help="random seed, >= 0; -1 = a random one (default)")
 
 
@@ -116,7 +131,10 @@ def _sampling_params(a: argparse.Namespace):
     if a.seed < -1:
         raise UsageError(f"--seed must be at least 0, or -1 for a random seed; got {a.seed}")
     params = SamplingParams(a.temp, a.top_k, a.top_p, a.min_p, a.repeat_penalty, a.repeat_last_n,
-                            a.frequency_penalty, a.presence_penalty, None if a.seed == -1 else a.seed)
+                            a.frequency_penalty, a.presence_penalty, None if a.seed == -1 else a.seed,
+                            top_n_sigma=a.top_n_sigma, typical_p=a.typical_p, xtc_probability=a.xtc_probability,
+                            xtc_threshold=a.xtc_threshold, mirostat=a.mirostat, mirostat_tau=a.mirostat_tau,
+                            mirostat_eta=a.mirostat_eta)
     params.validate(_SAMPLING_FLAGS)
     return params
 
@@ -157,7 +175,9 @@ def _load(a: argparse.Namespace, n_ctx: int | None):
 _SAMPLING_FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
                    "repeat_penalty": "--repeat-penalty", "repeat_last_n": "--repeat-last-n",
                    "frequency_penalty": "--frequency-penalty", "presence_penalty": "--presence-penalty",
-                   "seed": "--seed"}
+                   "seed": "--seed", "top_n_sigma": "--top-nsigma", "typical_p": "--typical",
+                   "xtc_probability": "--xtc-probability", "xtc_threshold": "--xtc-threshold",
+                   "mirostat": "--mirostat", "mirostat_tau": "--mirostat-ent", "mirostat_eta": "--mirostat-lr"}
 
 
 def _speculative_args(p: argparse.ArgumentParser) -> None:

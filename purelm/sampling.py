@@ -1,4 +1,5 @@
-"""Turning logits into the next token: penalties, temperature, top-k, top-p, min-p (llama.cpp's order)."""
+"""Turning logits into the next token, as llama.cpp's default sampler chain does: penalties, top-n-sigma,
+top-k, typical-p, top-p, min-p, XTC, temperature; or Mirostat (1 or 2), which takes the place of them all."""
 from __future__ import annotations
 
 import math
@@ -85,6 +86,13 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None  # None: a fresh random seed
+    top_n_sigma: float = -1.0  # <= 0 disables; keeps the logits within n standard deviations of the largest
+    typical_p: float = 1.0  # 1 disables; locally typical sampling
+    xtc_probability: float = 0.0  # 0 disables; how often XTC removes the likeliest tokens ("exclude top choices")
+    xtc_threshold: float = 0.1  # XTC removes those of probability >= this, but the least likely of them; > 0.5 disables
+    mirostat: int = 0  # 0 off, 1 or 2: Mirostat's version, in place of penalties and every filter (as llama.cpp)
+    mirostat_tau: float = 5.0  # Mirostat's target surprise, in bits
+    mirostat_eta: float = 0.1  # Mirostat's learning rate
 
     def validate(self, names: Mapping[str, str] | None = None) -> None:
         """Raise UsageError for a value of the wrong type or out of range. `names`: how to call each
@@ -100,13 +108,25 @@ class SamplingParams:
         check_float(n["presence_penalty"], self.presence_penalty)
         if self.seed is not None:
             check_int(n["seed"], self.seed, 0, ">= 0, or None for a random seed")
+        check_float(n["top_n_sigma"], self.top_n_sigma, "a finite number; <= 0 is off")
+        check_float(n["typical_p"], self.typical_p, "between 0 and 1; 1 is off", lambda v: 0 <= v <= 1)
+        check_float(n["xtc_probability"], self.xtc_probability, "between 0 and 1; 0 is off", lambda v: 0 <= v <= 1)
+        check_float(n["xtc_threshold"], self.xtc_threshold, "between 0 and 1; above 0.5 is off", lambda v: 0 <= v <= 1)
+        if check_int(n["mirostat"], self.mirostat, 0, "0, 1 or 2") > 2:
+            raise UsageError(f"{n['mirostat']} must be 0 (off), 1 or 2 (Mirostat's version), got {self.mirostat}")
+        check_float(n["mirostat_tau"], self.mirostat_tau, ">= 0", lambda v: v >= 0)
+        check_float(n["mirostat_eta"], self.mirostat_eta, ">= 0", lambda v: v >= 0)
 
 
 class Sampler:
+    """One sequence's sampler: its parameters, its random generator and, with Mirostat, its running
+    target (mu)."""
+
     def __init__(self, params: SamplingParams) -> None:
         params.validate()
         self.p = params
         self.rng = np.random.default_rng(params.seed)
+        self.mu = 2.0 * params.mirostat_tau  # Mirostat's maximum surprise, moved after each token
 
     def apply_penalties(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         p = self.p
@@ -125,32 +145,107 @@ class Sampler:
         return logits
 
     def probabilities(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate ids and their probabilities after every filter (for tests and logprobs)."""
+        """Candidate ids, likeliest first, and their probabilities after every filter (what a token is
+        drawn from; speculative decoding and tests read it). XTC draws from the sampler's generator."""
         p = self.p
-        logits = self.apply_penalties(np.asarray(logits, np.float32), history)
+        logits = np.asarray(logits, np.float32)
         if p.temperature == 0:
-            best = int(np.argmax(logits))
+            best = int(np.argmax(logits if p.mirostat else self.apply_penalties(logits, history)))
             return np.array([best]), np.array([1.0])
+        if p.mirostat:
+            return self._mirostat(logits)
+        logits = self.apply_penalties(logits, history)
+        if p.top_n_sigma > 0:
+            logits = _top_n_sigma(logits, p.top_n_sigma)
         if 0 < p.top_k < len(logits):
             ids = top_k_ids(logits, p.top_k)
         else:
             ids = np.arange(len(logits))
         ids = ids[np.argsort(-logits[ids], kind="stable")]
         x = logits[ids].astype(np.float64)
-        # top-p and min-p look at the untempered distribution; temperature comes last, as in llama.cpp.
-        probs = np.exp(x - x[0])
-        probs /= probs.sum()
+        # every filter looks at the untempered distribution of the tokens still in; temperature comes last
+        probs = _softmax(x)
+        if p.typical_p < 1.0:
+            keep = np.sort(_typical(probs, p.typical_p))  # positions in ids: still likeliest first
+            ids, x = ids[keep], x[keep]
+            probs = _softmax(x)
         keep = len(ids)
         if p.top_p < 1.0:
             keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p) + 1))
         if p.min_p > 0.0:
             keep = min(keep, int(np.count_nonzero(probs >= p.min_p * probs[0])))
-        ids, x = ids[:keep], x[:keep] / p.temperature
-        probs = np.exp(x - x[0])
-        return ids, probs / probs.sum()
+        keep = max(1, min(keep, int(np.count_nonzero(probs))))  # tokens masked to -inf are never candidates
+        ids, x = ids[:keep], x[:keep]
+        if p.xtc_probability > 0 and p.xtc_threshold <= 0.5 and len(ids) >= 2 \
+                and self.rng.random() <= p.xtc_probability:
+            # all the tokens at least as likely as the threshold but the least likely of them go
+            over = int(np.count_nonzero(_softmax(x) >= p.xtc_threshold))
+            if over > 1:
+                ids, x = ids[over - 1:], x[over - 1:]
+        return ids, _softmax(x / p.temperature)
+
+    def _mirostat(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mirostat's candidates at the current mu (version 1: the top k of a Zipf estimate over the 100
+        likeliest tokens; version 2: the tokens of surprise at most mu), after temperature."""
+        p = self.p
+        x = logits.astype(np.float64) / p.temperature
+        n = len(x)
+        if p.mirostat == 1:
+            top = top_k_ids(x, min(100, n))
+            top = top[np.argsort(-x[top], kind="stable")]
+            top = top[np.isfinite(x[top])]
+            b = x[top[:-1]] - x[top[1:]]  # log(p_i / p_i+1)
+            t = np.log(np.arange(2, len(top) + 1) / np.arange(1, len(top)))
+            with np.errstate(all="ignore"):
+                s_hat = np.float64((t * b).sum()) / (t * t).sum()  # numpy scalars: inf and NaN, no exceptions
+                eps = s_hat - 1
+                k = float(np.power((eps * np.exp2(self.mu)) / (1 - np.power(np.float64(n), -eps)), 1 / s_hat))
+            k = int(min(k, n)) if math.isfinite(k) else n if k > 0 else 1  # (NaN: 1)
+            ids = top_k_ids(x, max(1, k)) if 1 < k < n else np.arange(n) if k >= n else np.array([np.argmax(x)])
+        else:
+            log_p = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+            ids = np.flatnonzero(-log_p / math.log(2) <= self.mu)
+            if len(ids) == 0:
+                ids = np.array([np.argmax(x)])
+        ids = ids[np.argsort(-x[ids], kind="stable")]
+        return ids, _softmax(x[ids])
+
+    def chosen(self, token: int, ids: np.ndarray, probs: np.ndarray) -> None:
+        """The sequence goes on with `token`, drawn from (ids, probs): Mirostat moves mu by the gap
+        between the token's surprise and its target."""
+        if self.p.mirostat and self.p.temperature > 0:
+            at = np.flatnonzero(ids == token)
+            if len(at):
+                surprise = -math.log2(max(float(probs[at[0]]), 1e-300))
+                self.mu -= self.p.mirostat_eta * (surprise - self.p.mirostat_tau)
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         ids, probs = self.probabilities(logits, history)
-        if len(ids) == 1:
-            return int(ids[0])
-        return int(ids[draw(self.rng, probs)])
+        token = int(ids[0]) if len(ids) == 1 else int(ids[draw(self.rng, probs)])
+        self.chosen(token, ids, probs)
+        return token
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """Probabilities of float64 logits, largest first (x[0] is the largest, or -inf where all are)."""
+    probs = np.exp(x - x.max())
+    return probs / probs.sum()
+
+
+def _top_n_sigma(logits: np.ndarray, n: float) -> np.ndarray:
+    """Logits below the largest minus n standard deviations of the finite ones set to -inf."""
+    finite = logits[np.isfinite(logits)]
+    if len(finite) <= 1:
+        return logits
+    x = finite.astype(np.float64)
+    return np.where(logits < x.max() - n * x.std(), np.float32(-np.inf), logits)
+
+
+def _typical(probs: np.ndarray, mass: float) -> np.ndarray:
+    """Locally typical sampling: positions of the tokens whose surprise is closest to the entropy,
+    closest first, until their probabilities sum to more than `mass` (at least one)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        surprise = -np.log(probs)
+        entropy = float(np.nansum(probs * np.where(probs > 0, surprise, 0.0)))
+    order = np.argsort(np.abs(surprise - entropy), kind="stable")
+    return order[:min(len(order), int(np.searchsorted(np.cumsum(probs[order]), mass, side="right")) + 1)]

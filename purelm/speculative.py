@@ -134,6 +134,7 @@ def accept(sampler: Sampler, history: Sequence[int], rows: np.ndarray, drafts: S
         ids, probs = sampler.probabilities(row, hist)
         if i == len(drafts):
             out.append(int(ids[0]) if len(ids) == 1 else int(ids[draw(sampler.rng, probs)]))
+            sampler.chosen(out[-1], ids, probs)
             return out
         d = int(drafts[i])
         if len(ids) == 1:  # greedy (or one candidate left): accept exactly the model's token
@@ -146,6 +147,7 @@ def accept(sampler: Sampler, history: Sequence[int], rows: np.ndarray, drafts: S
                 rest = np.where(ids == d, 0.0, probs)
                 token = int(ids[draw(sampler.rng, rest / rest.sum())])
         out.append(token)
+        sampler.chosen(token, ids, probs)  # (Mirostat's next row is read at the mu this token leaves)
         if token != d:
             return out
         hist.append(token)

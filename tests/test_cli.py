@@ -43,6 +43,22 @@ def test_generate_greedy_matches_the_api(capsys, fixtures):
     assert code == 0 and out == llm.generate("The quick", max_tokens=6, temperature=0, ignore_eos=True) + "\n"
 
 
+def test_generate_takes_llama_cpps_other_samplers(capsys, fixtures):
+    """--mirostat, --typical, --top-nsigma and XTC's flags reach the sampler: the same text as the API
+    with the same seed, and not the text of the default chain."""
+    f = fixtures / "llama-f32.gguf"
+    llm = purelm.load(f, backend="numpy")
+    default = llm.generate("The quick", max_tokens=12, seed=5, ignore_eos=True)
+    for flags, options in [(["--mirostat", "2", "--mirostat-ent", "3", "--mirostat-lr", "0.2"],
+                            dict(mirostat=2, mirostat_tau=3.0, mirostat_eta=0.2)),
+                           (["--typical", "0.3", "--top-nsigma", "1", "--xtc-probability", "1", "--xtc-threshold",
+                             "0.02"], dict(typical_p=0.3, top_n_sigma=1.0, xtc_probability=1.0, xtc_threshold=0.02))]:
+        code, out, _ = run(capsys, "generate", "-m", f, "--backend", "numpy", "-s", "5", "-n", "12", "--ignore-eos",
+                           *flags, "The quick")
+        want = llm.generate("The quick", max_tokens=12, seed=5, ignore_eos=True, **options)
+        assert code == 0 and out == want + "\n" and want != default, flags
+
+
 def test_generate_with_a_grammar_or_json_schema(capsys, tmp_path, smollm2_path):
     pytest.importorskip("llguidance")
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
@@ -122,6 +138,13 @@ def test_tokenize_takes_options_between_and_after_positionals(capsys, fixtures):
     (["--top-p", "1.5"], "--top-p must be between 0 and 1"),
     (["--min-p", "nan"], "--min-p must be between 0 and 1"),
     (["--repeat-penalty", "0"], "--repeat-penalty must be > 0"),
+    (["--typical", "1.5"], "--typical must be between 0 and 1"),
+    (["--top-nsigma", "inf"], "--top-nsigma must be a finite number"),
+    (["--xtc-probability", "-0.1"], "--xtc-probability must be between 0 and 1"),
+    (["--xtc-threshold", "2"], "--xtc-threshold must be between 0 and 1"),
+    (["--mirostat", "3"], "--mirostat must be 0 (off), 1 or 2"),
+    (["--mirostat-ent", "-1"], "--mirostat-ent must be >= 0"),
+    (["--mirostat-lr", "nan"], "--mirostat-lr must be >= 0"),
     (["-p", "twice"], "give the prompt once"),
 ])
 def test_bad_generate_arguments_name_the_flag(capsys, fixtures, args, message):

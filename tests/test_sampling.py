@@ -1,3 +1,10 @@
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -171,3 +178,111 @@ def test_validate_names_the_callers_spelling():
 def test_edge_values_are_accepted():
     SamplingParams(temperature=0, top_k=0, top_p=0.0, min_p=1.0, repeat_last_n=-1, seed=np.int64(3)).validate()
     assert Sampler(SamplingParams(temperature=0.0, top_p=0.0))(LOGITS) == 3
+
+
+# ------------------------------------------------------------------ against llama.cpp's own samplers
+SAMPLERS = Path(__file__).parent / "fixtures" / "samplers.npz"
+
+
+def ours_like_llama_cpp(case: dict, logits: list[np.ndarray], result: dict) -> None:
+    """purelm's sampler on a case of tests/llama_samplers.py: the same candidates (and probabilities)
+    as llama.cpp's chain left; for Mirostat, step after step with the tokens llama.cpp drew."""
+    if case["kind"] == "filters":
+        p = SamplingParams(temperature=case["temperature"], top_k=case["top_k"], top_p=case["top_p"],
+                           min_p=case["min_p"], top_n_sigma=case["top_n_sigma"], typical_p=case["typical_p"],
+                           xtc_probability=1.0 if case["xtc"] else 0.0, xtc_threshold=case["xtc_threshold"], seed=0)
+        ids, probs = Sampler(p).probabilities(logits[0])
+        assert ids.tolist() == result["ids"], case
+        np.testing.assert_allclose(probs, result["probs"], rtol=1e-5, atol=1e-7)
+        return
+    sampler = Sampler(SamplingParams(temperature=case["temperature"], mirostat=int(case["kind"][-1]),
+                                     mirostat_tau=case["tau"], mirostat_eta=case["eta"]))
+    for i, (row, step) in enumerate(zip(logits, result["steps"])):
+        ids, probs = sampler.probabilities(row)
+        assert sorted(ids.tolist()) == sorted(step["ids"]), (case["kind"], i, len(ids), len(step["ids"]))
+        assert step["token"] in ids
+        sampler.chosen(step["token"], ids, probs)
+
+
+def test_filters_and_mirostat_leave_the_candidates_llama_cpp_leaves():
+    """tests/fixtures/samplers.npz, made by llama.cpp's samplers (tests/llama_samplers.py): top-n-sigma,
+    typical-p and XTC alone and with top-k, top-p, min-p, temperature; Mirostat 1 and 2 over 6 steps."""
+    ref = np.load(SAMPLERS)
+    cases, results = json.loads(str(ref["cases"])), json.loads(str(ref["results"]))
+    rows = iter(ref["logits"].astype(np.float32))
+    kinds = Counter()
+    for case, result in zip(cases, results):
+        logits = [next(rows) for _ in range(1 if case["kind"] == "filters" else 6)]
+        ours_like_llama_cpp(case, logits, result)
+        kinds[case["kind"]] += 1
+    assert kinds == {"filters": 20, "mirostat1": 10, "mirostat2": 10}
+
+
+PEERS = Path(os.environ.get("PURELM_LLAMA_CPP_DIR",
+                            Path.home() / ".cache/purelm-peers/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+
+
+def test_fresh_cases_leave_the_candidates_llama_cpp_leaves():
+    """200 new cases (another seed) through llama.cpp's samplers in a child process, where
+    ../shared/peers/build-llama-cpp.sh has built the library."""
+    lib, package = PEERS / "build" / "bin", PEERS.parent.parent
+    if not (lib / "libllama.so").is_file() or not (package / "llama_cpp").is_dir():
+        pytest.skip(f"llama.cpp's library or llama-cpp-python's package is not at {PEERS} (set PURELM_LLAMA_CPP_DIR)")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llama_samplers import make_cases
+
+    cases = make_cases(seed=1, n=200)
+    env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lib), PYTHONPATH=str(package))
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "llama_samplers.py")], input=json.dumps(cases),
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for case, result in zip(cases, json.loads(done.stdout), strict=True):
+        ours_like_llama_cpp(case, [np.asarray(r, np.float32) for r in case["logits"]], result)
+
+
+def test_xtc_removes_the_likeliest_tokens_as_often_as_its_probability():
+    """Three tokens above the threshold: XTC leaves only the least likely of them, in 30% of the draws."""
+    logits = np.array([5.0, 4.8, 4.5, 1.0, 0.5, 0.0], np.float32)
+    s = Sampler(SamplingParams(temperature=1, top_k=0, top_p=1, min_p=0, xtc_probability=0.3, xtc_threshold=0.1, seed=4))
+    firsts = Counter(int(s.probabilities(logits)[0][0]) for _ in range(4000))
+    assert set(firsts) == {0, 2} and abs(firsts[2] / 4000 - 0.3) < 0.03, firsts
+    ids, _ = Sampler(SamplingParams(top_k=0, top_p=1, min_p=0, xtc_probability=1.0, xtc_threshold=0.6)).probabilities(
+        logits)  # a threshold above 0.5 turns XTC off (two tokens cannot both pass it)
+    assert ids[0] == 0
+
+
+def test_mirostat_moves_its_target_by_each_tokens_surprise():
+    """mu starts at 2 tau and moves by eta times (surprise - tau) per token, drawn or accepted by
+    speculative decoding's rule (speculative.accept)."""
+    from purelm.speculative import accept
+
+    rng = np.random.default_rng(0)
+    rows = (rng.standard_normal((3, 64)) * 2).astype(np.float32)
+    rows[0, 7] = rows[1, 9] = 30  # drafts the rule accepts
+    for version in (1, 2):
+        p = SamplingParams(temperature=1.0, mirostat=version, mirostat_tau=3.0, mirostat_eta=0.5, seed=1)
+        a, b = Sampler(p), Sampler(p)
+        assert a.mu == 6.0
+        tokens = accept(a, [1, 2], rows, [7, 9])
+        assert tokens[:2] == [7, 9] and len(tokens) == 3
+        for row, token in zip(rows, tokens):
+            ids, probs = b.probabilities(row)
+            before = b.mu
+            b.chosen(token, ids, probs)
+            assert b.mu == pytest.approx(before - 0.5 * (-np.log2(probs[ids == token][0]) - 3.0))
+        assert a.mu == pytest.approx(b.mu) and a.mu != 6.0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("typical_p", 1.5, "typical_p must be between 0 and 1"),
+    ("top_n_sigma", float("nan"), "top_n_sigma must be a finite number"),
+    ("xtc_probability", -0.5, "xtc_probability must be between 0 and 1"),
+    ("xtc_threshold", "0.1", "xtc_threshold must be a number"),
+    ("mirostat", 3, "mirostat must be 0 (off), 1 or 2"),
+    ("mirostat", 1.0, "mirostat must be a whole number"),
+    ("mirostat_tau", -1.0, "mirostat_tau must be >= 0"),
+    ("mirostat_eta", float("inf"), "mirostat_eta must be >= 0"),
+])
+def test_other_samplers_settings_are_checked(field, value, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Sampler(SamplingParams(**{field: value}))

@@ -330,7 +330,10 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         return JSONResponse({
             "default_generation_settings": {"n_ctx": state.n_ctx, "params": {
                 "n_predict": -1, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "min_p": d.min_p,
-                "repeat_penalty": d.repeat_penalty, "repeat_last_n": d.repeat_last_n, "seed": -1}},
+                "repeat_penalty": d.repeat_penalty, "repeat_last_n": d.repeat_last_n, "seed": -1,
+                "top_n_sigma": d.top_n_sigma, "typical_p": d.typical_p, "xtc_probability": d.xtc_probability,
+                "xtc_threshold": d.xtc_threshold, "mirostat": d.mirostat, "mirostat_tau": d.mirostat_tau,
+                "mirostat_eta": d.mirostat_eta}},
             "total_slots": config.parallel, "model_alias": state.model_id, "model_path": state.llm.path,
             "modalities": {"vision": False, "video": False, "audio": False}, "chat_template": template,
             "bos_token": bos or "", "eos_token": eos or "", "build_info": f"purelm {__version__}",

@@ -175,7 +175,14 @@ def generation(body: dict, n_vocab: int, n_ctx: int, max_n: int, chat: bool, ech
         repeat_last_n=get_int(body, "repeat_last_n", -1, 2**31 - 1, d.repeat_last_n),
         frequency_penalty=get_float(body, "frequency_penalty", -2.0, 2.0, d.frequency_penalty),
         presence_penalty=get_float(body, "presence_penalty", -2.0, 2.0, d.presence_penalty),
-        seed=seed)
+        seed=seed,
+        top_n_sigma=get_float(body, "top_n_sigma", -1e6, 1e6, d.top_n_sigma),
+        typical_p=get_float(body, "typical_p", 0.0, 1.0, d.typical_p),
+        xtc_probability=get_float(body, "xtc_probability", 0.0, 1.0, d.xtc_probability),
+        xtc_threshold=get_float(body, "xtc_threshold", 0.0, 1.0, d.xtc_threshold),
+        mirostat=get_int(body, "mirostat", 0, 2, d.mirostat),
+        mirostat_tau=get_float(body, "mirostat_tau", 0.0, 1e6, d.mirostat_tau),
+        mirostat_eta=get_float(body, "mirostat_eta", 0.0, 1e6, d.mirostat_eta))
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     max_tokens = None
     for name in names:

@@ -1,0 +1,130 @@
+"""llama.cpp's own samplers on given logits: the reference for purelm.sampling's filters and Mirostat.
+
+Run as a script with llama-cpp-python's package importable and LLAMA_CPP_LIB_PATH at a llama.cpp build
+(tests/test_sampling.py runs it in a child process where ../shared/peers/build-llama-cpp.sh has built
+one). It reads cases (JSON) on stdin and writes, per case, what llama.cpp's chain left:
+
+- "filters": llama.cpp's default chain without penalties (top-n-sigma, top-k, typical, top-p, min-p, XTC
+  with probability 1, temperature): the ids left, likeliest first, and their probabilities;
+- "mirostat" (1 or 2): per step, the candidates the step drew from and the token it drew, steps run in
+  one sampler so that its mu carries over.
+
+    python tests/llama_samplers.py --write tests/fixtures/samplers.npz   # the committed reference
+
+(there the logits are one float16 array, the cases' rows in order: 1 row a "filters" case, 6 a Mirostat one).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+
+import numpy as np
+
+
+def _array(lc, logits: np.ndarray):
+    data = (lc.llama_token_data * len(logits))()
+    for i, v in enumerate(logits.tolist()):
+        data[i].id, data[i].logit, data[i].p = i, v, 0.0
+    return data, lc.llama_token_data_array(data, len(logits), -1, False)
+
+
+def _left(arr) -> tuple[list[int], list[float]]:
+    items = [(arr.data[i].id, arr.data[i].logit) for i in range(arr.size)]
+    items = [(i, x) for i, x in items if x != float("-inf")]
+    items.sort(key=lambda t: (-t[1], t[0]))
+    x = np.array([v for _, v in items], np.float64)
+    p = np.exp(x - x.max())
+    return [i for i, _ in items], (p / p.sum()).tolist()
+
+
+def run(cases: list[dict]) -> list[dict]:
+    import llama_cpp as lc
+
+    lc.llama_backend_init()
+    out = []
+    for case in cases:
+        logits = [np.asarray(row, np.float32) for row in case["logits"]]  # float16 values: exact in JSON
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if case["kind"] == "filters":
+            add(lc.llama_sampler_init_top_n_sigma(case["top_n_sigma"]))
+            add(lc.llama_sampler_init_top_k(case["top_k"]))
+            add(lc.llama_sampler_init_typical(case["typical_p"], 0))
+            add(lc.llama_sampler_init_top_p(case["top_p"], 0))
+            add(lc.llama_sampler_init_min_p(case["min_p"], 0))
+            add(lc.llama_sampler_init_xtc(1.0 if case["xtc"] else 0.0, case["xtc_threshold"], 0, 1))
+            add(lc.llama_sampler_init_temp(case["temperature"]))
+            data, arr = _array(lc, logits[0])
+            lc.llama_sampler_apply(chain, ctypes.byref(arr))
+            ids, probs = _left(arr)
+            out.append({"ids": ids, "probs": probs})
+        else:
+            add(lc.llama_sampler_init_temp(case["temperature"]))
+            if case["kind"] == "mirostat1":
+                add(lc.llama_sampler_init_mirostat(len(logits[0]), case["seed"], case["tau"], case["eta"], 100))
+            else:
+                add(lc.llama_sampler_init_mirostat_v2(case["seed"], case["tau"], case["eta"]))
+            steps = []
+            for row in logits:
+                data, arr = _array(lc, row)
+                lc.llama_sampler_apply(chain, ctypes.byref(arr))
+                ids, _ = _left(arr)
+                steps.append({"ids": ids, "token": arr.data[arr.selected].id})
+            out.append({"steps": steps})
+        lc.llama_sampler_free(chain)
+    return out
+
+
+def make_cases(seed: int, n: int, vocab: int = 256) -> list[dict]:
+    """Logits shaped like a model's (a few likely tokens, a long tail), and settings drawn around the
+    ones people use: each filter on alone and several at once."""
+    rng = np.random.default_rng(seed)
+
+    def row():
+        x = np.sort(rng.standard_normal(vocab))[::-1] * rng.uniform(1, 4)
+        x[:rng.integers(1, 6)] += rng.uniform(0, 6)
+        return rng.permutation(x).astype(np.float16).astype(np.float32).tolist()
+
+    cases = []
+    for i in range(n):
+        kind = ["filters", "filters", "mirostat1", "mirostat2"][i % 4]
+        if kind == "filters":
+            on = rng.random(5) < 0.5 if i >= 8 else np.arange(5) == i % 5
+            # llama.cpp's typical-p after top-n-sigma takes the -inf logits the latter leaves in the array
+            # into its entropy (0 * log 0: NaN) and keeps tokens at random: never both
+            on[2] &= not on[0]
+            cases.append({"kind": kind, "logits": [row()], "temperature": float(rng.choice([0.5, 0.8, 1.0, 1.5])),
+                          "top_n_sigma": float(rng.uniform(0.5, 3)) if on[0] else -1.0,
+                          "top_k": int(rng.integers(5, 200)) if on[1] else 0,
+                          "typical_p": float(rng.uniform(0.2, 0.95)) if on[2] else 1.0,
+                          "top_p": float(rng.uniform(0.5, 0.99)) if on[3] else 1.0,
+                          "min_p": float(rng.uniform(0.01, 0.2)) if rng.random() < 0.5 else 0.0,
+                          "xtc": bool(on[4]), "xtc_threshold": float(rng.uniform(0.02, 0.5))})
+        else:
+            cases.append({"kind": kind, "logits": [row() for _ in range(6)], "seed": int(rng.integers(1 << 30)),
+                          "temperature": float(rng.choice([0.7, 1.0, 1.3])), "tau": float(rng.uniform(2, 8)),
+                          "eta": float(rng.uniform(0.05, 0.5))})
+    return cases
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--write", help="make cases, run them and write cases and results to this .npz")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cases", type=int, default=40)
+    a = ap.parse_args()
+    if a.write:
+        cases = make_cases(a.seed, a.cases)
+        results = run(cases)
+        logits = np.array([row for c in cases for row in c.pop("logits")], np.float16)  # rows in case order
+        np.savez_compressed(a.write, logits=logits, cases=json.dumps(cases), results=json.dumps(results),
+                            made_with=f"tests/llama_samplers.py --write {a.write} --seed {a.seed} --cases {a.cases}"
+                                      " (llama.cpp of llama-cpp-python 0.3.36)")
+    else:
+        json.dump(run(json.load(sys.stdin)), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
