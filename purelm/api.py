@@ -139,7 +139,8 @@ class LLM:
 
         `sampling`: the fields of `SamplingParams` (temperature, top_k, top_p, min_p, repeat_penalty,
         repeat_last_n, frequency_penalty, presence_penalty, seed, top_n_sigma, typical_p, xtc_probability,
-        xtc_threshold, mirostat, mirostat_tau, mirostat_eta). `stop`: a string or a list of them.
+        xtc_threshold, mirostat, mirostat_tau, mirostat_eta, dry_multiplier, dry_base, dry_allowed_length,
+        dry_penalty_last_n, dry_sequence_breakers). `stop`: a string or a list of them.
         `truncate`: drop the start of a prompt that leaves no room for `max_tokens` new tokens, keeping
         its last n_ctx - max_tokens tokens (at least 1), or half the context when max_tokens >= n_ctx;
         without it a prompt that does not fit raises `ContextOverflowError`.

@@ -121,6 +121,17 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="Mirostat's target entropy (tau, bits; default 5.0)")
     p.add_argument("--mirostat-lr", type=float, default=0.1, dest="mirostat_eta",
                    help="Mirostat's learning rate (eta; default 0.1)")
+    p.add_argument("--dry-multiplier", type=float, default=0.0,
+                   help="DRY: penalize tokens that would extend a repeat of the text's end; 0 = off (default 0)")
+    p.add_argument("--dry-base", type=float, default=1.75,
+                   help="DRY's penalty is multiplier * base^(repeat length - allowed length), >= 1 (default 1.75)")
+    p.add_argument("--dry-allowed-length", type=int, default=2,
+                   help="DRY: repeats this long go unpenalized (default 2)")
+    p.add_argument("--dry-penalty-last-n", type=int, default=64,
+                   help="DRY looks at this many recent tokens; 0 = off (default 64)")
+    p.add_argument("--dry-sequence-breaker", action="append", metavar="TEXT", dest="dry_sequence_breakers",
+                   help="DRY: no repeat runs across TEXT; each one given replaces the default breakers "
+                        "(newline, ':', '\"', '*'); 'none': no breakers")
     p.add_argument("-s", "--seed", type=int, default=-1, help="random seed, >= 0; -1 = a random one (default)")
 
 
@@ -134,7 +145,10 @@ def _sampling_params(a: argparse.Namespace):
                             a.frequency_penalty, a.presence_penalty, None if a.seed == -1 else a.seed,
                             top_n_sigma=a.top_n_sigma, typical_p=a.typical_p, xtc_probability=a.xtc_probability,
                             xtc_threshold=a.xtc_threshold, mirostat=a.mirostat, mirostat_tau=a.mirostat_tau,
-                            mirostat_eta=a.mirostat_eta)
+                            mirostat_eta=a.mirostat_eta, dry_multiplier=a.dry_multiplier, dry_base=a.dry_base,
+                            dry_allowed_length=a.dry_allowed_length, dry_penalty_last_n=a.dry_penalty_last_n)
+    if a.dry_sequence_breakers is not None:
+        params.dry_sequence_breakers = () if a.dry_sequence_breakers == ["none"] else tuple(a.dry_sequence_breakers)
     params.validate(_SAMPLING_FLAGS)
     return params
 
@@ -177,7 +191,10 @@ _SAMPLING_FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-
                    "frequency_penalty": "--frequency-penalty", "presence_penalty": "--presence-penalty",
                    "seed": "--seed", "top_n_sigma": "--top-nsigma", "typical_p": "--typical",
                    "xtc_probability": "--xtc-probability", "xtc_threshold": "--xtc-threshold",
-                   "mirostat": "--mirostat", "mirostat_tau": "--mirostat-ent", "mirostat_eta": "--mirostat-lr"}
+                   "mirostat": "--mirostat", "mirostat_tau": "--mirostat-ent", "mirostat_eta": "--mirostat-lr",
+                   "dry_multiplier": "--dry-multiplier", "dry_base": "--dry-base",
+                   "dry_allowed_length": "--dry-allowed-length", "dry_penalty_last_n": "--dry-penalty-last-n",
+                   "dry_sequence_breakers": "--dry-sequence-breaker"}
 
 
 def _speculative_args(p: argparse.ArgumentParser) -> None:

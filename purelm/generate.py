@@ -105,7 +105,7 @@ def stream_tokens(model: Model, tokenizer, cache: KVCache, prompt: Sequence[int]
             f"(truncate=True, --truncate)")
     if constraint is not None and drafter is not None:  # drafts are checked without the grammar's mask
         raise UsageError("speculative decoding (lookup, draft) cannot be combined with a grammar or JSON schema")
-    sampler = Sampler(params)
+    sampler = Sampler(params, tokenizer)
     timings = timings if timings is not None else {}
 
     t0 = time.perf_counter()
@@ -245,7 +245,7 @@ def stream_batch(model: Model, tokenizer, n_ctx: int, prompts: Sequence[Sequence
         for j in range(n):
             seq = seqs[p] if j == n - 1 else cache.fork(seqs[p])
             seed = None if params.seed is None else params.seed + j
-            sampler = Sampler(dataclasses.replace(params, seed=seed))
+            sampler = Sampler(dataclasses.replace(params, seed=seed), tokenizer)
             samples.append(_Sample(tokenizer, sampler, prompt, stop, ignore_eos, max_tokens,
                                    constraint=constraint() if constraint is not None else None))
             active[p * n + j] = (seq, samples[-1])

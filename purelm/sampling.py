@@ -1,12 +1,16 @@
-"""Turning logits into the next token, as llama.cpp's default sampler chain does: penalties, top-n-sigma,
-top-k, typical-p, top-p, min-p, XTC, temperature; or Mirostat (1 or 2), which takes the place of them all."""
+"""Turning logits into the next token, as llama.cpp's default sampler chain does: penalties, DRY,
+top-n-sigma, top-k, typical-p, top-p, min-p, XTC, temperature; or Mirostat (1 or 2), which takes the place
+of them all."""
 from __future__ import annotations
 
 import math
 import numbers
+import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +79,10 @@ def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
     return int(cdf.searchsorted(rng.random(), side="right"))
 
 
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's default
+MAX_BREAKERS, MAX_BREAKER_CHARS = 16, 40
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 0.8  # 0 means greedy
@@ -93,6 +101,11 @@ class SamplingParams:
     mirostat: int = 0  # 0 off, 1 or 2: Mirostat's version, in place of penalties and every filter (as llama.cpp)
     mirostat_tau: float = 5.0  # Mirostat's target surprise, in bits
     mirostat_eta: float = 0.1  # Mirostat's learning rate
+    dry_multiplier: float = 0.0  # 0 disables DRY ("don't repeat yourself"): a token that would extend a
+    dry_base: float = 1.75  # repeat of n >= dry_allowed_length tokens loses multiplier * base^(n - allowed)
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64  # how many recent tokens DRY looks at; 0 disables
+    dry_sequence_breakers: Sequence[str] = DRY_BREAKERS  # texts no repeat runs across (needs a tokenizer)
 
     def validate(self, names: Mapping[str, str] | None = None) -> None:
         """Raise UsageError for a value of the wrong type or out of range. `names`: how to call each
@@ -116,17 +129,34 @@ class SamplingParams:
             raise UsageError(f"{n['mirostat']} must be 0 (off), 1 or 2 (Mirostat's version), got {self.mirostat}")
         check_float(n["mirostat_tau"], self.mirostat_tau, ">= 0", lambda v: v >= 0)
         check_float(n["mirostat_eta"], self.mirostat_eta, ">= 0", lambda v: v >= 0)
+        check_float(n["dry_multiplier"], self.dry_multiplier, ">= 0; 0 is off", lambda v: v >= 0)
+        check_float(n["dry_base"], self.dry_base, ">= 1", lambda v: v >= 1)
+        check_int(n["dry_allowed_length"], self.dry_allowed_length, 0)
+        check_int(n["dry_penalty_last_n"], self.dry_penalty_last_n, 0, ">= 0; 0 is off")
+        b = self.dry_sequence_breakers
+        if isinstance(b, str) or not isinstance(b, Sequence) or len(b) > MAX_BREAKERS or not all(
+                isinstance(t, str) and 0 < len(t) <= MAX_BREAKER_CHARS for t in b):
+            raise UsageError(f"{n['dry_sequence_breakers']} must be a list of at most {MAX_BREAKERS} strings of 1 to "
+                             f"{MAX_BREAKER_CHARS} characters, got {b!r:.200}")
 
 
 class Sampler:
     """One sequence's sampler: its parameters, its random generator and, with Mirostat, its running
     target (mu)."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, tokenizer: Any = None) -> None:
+        """`tokenizer`: the model's, where DRY's sequence breakers (texts) are to be found among its
+        tokens; without one DRY runs without breakers."""
         params.validate()
         self.p = params
         self.rng = np.random.default_rng(params.seed)
         self.mu = 2.0 * params.mirostat_tau  # Mirostat's maximum surprise, moved after each token
+        self.breakers: dict[int, list[tuple[int, ...]]] = {}
+        if self._dry_on() and tokenizer is not None and params.dry_sequence_breakers:
+            self.breakers = dry_breakers(tokenizer, tuple(params.dry_sequence_breakers))
+
+    def _dry_on(self) -> bool:
+        return self.p.dry_multiplier != 0 and self.p.dry_penalty_last_n != 0 and not self.p.mirostat
 
     def apply_penalties(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         p = self.p
@@ -139,9 +169,48 @@ class Sampler:
         logits = logits.copy()
         ids = np.fromiter(counts.keys(), np.int64)
         n = np.fromiter(counts.values(), np.float32)
-        sel = logits[ids]
-        sel = np.where(sel > 0, sel / p.repeat_penalty, sel * p.repeat_penalty)
-        logits[ids] = sel - n * p.frequency_penalty - p.presence_penalty
+        sel = logits[ids].astype(np.float64)
+        with np.errstate(all="ignore"):
+            new = np.where(sel > 0, sel / p.repeat_penalty, sel * p.repeat_penalty) - n * p.frequency_penalty \
+                - p.presence_penalty
+        logits[ids] = _within_float32(new, sel)
+        return logits
+
+    def apply_dry(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """DRY (llama.cpp's port of koboldcpp's): over the last dry_penalty_last_n tokens, each token
+        that would extend a repeat of the text's end at least dry_allowed_length long loses
+        multiplier * base^(length - allowed); a repeat never reaches back past the last sequence breaker,
+        and a breaker of one token is never penalized."""
+        p = self.p
+        last = list(history[max(0, len(history) - p.dry_penalty_last_n):])
+        n = len(last)
+        if n <= p.dry_allowed_length:
+            return logits
+        limit = n  # the repeats' longest: up to the last breaker
+        for i in range(n):  # i tokens back from the end
+            tails = self.breakers.get(last[n - 1 - i])
+            if tails is None:
+                continue
+            longest = max((len(t) for t in tails if len(t) <= i and list(t) == last[n - i:n - i + len(t)]),
+                          default=-1)
+            if longest >= 0:
+                limit = i - longest
+                break
+        if limit < p.dry_allowed_length:
+            return logits
+        z = _z_array(last[::-1])  # z[k]: how many tokens before n - k match the text's end
+        longest_after: dict[int, int] = {}
+        for k in range(1, n):
+            length = min(z[k], limit)
+            if length >= p.dry_allowed_length and longest_after.get(last[n - k], -1) < length:
+                longest_after[last[n - k]] = length
+        max_exponent = int(88.7228391 / math.log(p.dry_base)) if p.dry_base > 1.000001 else 0  # float32's range
+        logits = logits.copy()
+        for token, length in longest_after.items():
+            if () not in self.breakers.get(token, ()):
+                e = length - p.dry_allowed_length
+                penalty = p.dry_multiplier * p.dry_base ** (min(e, max_exponent) if max_exponent else e)
+                logits[token] = _within_float32(np.float64(logits[token]) - penalty, logits[token])
         return logits
 
     def probabilities(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
@@ -155,6 +224,8 @@ class Sampler:
         if p.mirostat:
             return self._mirostat(logits)
         logits = self.apply_penalties(logits, history)
+        if self._dry_on():
+            logits = self.apply_dry(logits, history)
         if p.top_n_sigma > 0:
             logits = _top_n_sigma(logits, p.top_n_sigma)
         if 0 < p.top_k < len(logits):
@@ -224,6 +295,65 @@ class Sampler:
         token = int(ids[0]) if len(ids) == 1 else int(ids[draw(self.rng, probs)])
         self.chosen(token, ids, probs)
         return token
+
+
+def _within_float32(new: Any, old: Any) -> Any:
+    """Penalized logits kept finite where they were (a huge penalty must not leave only -inf or NaN to
+    draw from); -inf (a grammar's mask) stays."""
+    big = np.finfo(np.float32).max
+    return np.where(np.isfinite(old), np.clip(np.nan_to_num(new, nan=-big), -big, big), old).astype(np.float32)
+
+
+def _z_array(s: Sequence[int]) -> list[int]:
+    """z[k]: the length of the longest common prefix of s and s[k:] (z[0] = 0), in linear time."""
+    n = len(s)
+    z, left, right = [0] * n, 0, 0
+    for k in range(1, n):
+        if k < right:
+            z[k] = min(right - k, z[k - left])
+        while k + z[k] < n and s[z[k]] == s[k + z[k]]:
+            z[k] += 1
+        if k + z[k] > right:
+            left, right = k, k + z[k]
+    return z
+
+
+_breakers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {breakers: heads}
+_breakers_lock = threading.Lock()
+MAX_TAIL = 20  # tokens of a breaker after its first (llama.cpp's bound on the scan)
+MAX_BREAKER_SETS = 8
+
+
+def dry_breakers(tokenizer: Any, texts: tuple[str, ...]) -> dict[int, list[tuple[int, ...]]]:
+    """DRY's sequence breakers as tokens, found as llama.cpp finds them: each token whose text holds a
+    breaker is one with nothing after it (()); a token whose text ends with the start of a breaker is
+    one followed by the tokens of the breaker's rest. Built once per tokenizer and breakers."""
+    with _breakers_lock:
+        known = _breakers.setdefault(tokenizer, {})
+        if texts in known:
+            known[texts] = known.pop(texts)  # the most recently used last
+            return known[texts]
+        while len(known) >= MAX_BREAKER_SETS:  # requests may each bring their own: keep the few used last
+            known.pop(next(iter(known)))
+        pieces = [tokenizer.token_to_piece(i) for i in range(tokenizer.vocab_size)]
+        heads: dict[int, list[tuple[int, ...]]] = {}
+        for text in texts:
+            b = text.encode("utf-8")
+            rests = {j: tuple(tokenizer.encode(b[j:].decode("utf-8", "replace"), add_special=False,
+                                               parse_special=False)[:MAX_TAIL]) for j in range(1, len(b))}
+            starts = tuple(b[:j] for j in rests)
+            for token, word in enumerate(pieces):
+                if b in word:
+                    tails = [()]
+                elif starts and word.endswith(starts):
+                    tails = [rests[j] for j in rests if j <= len(word) and word.endswith(b[:j])]
+                else:
+                    continue
+                for tail in tails:
+                    if tail not in heads.setdefault(token, []):
+                        heads[token].append(tail)
+        known[texts] = heads
+        return heads
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -7,9 +7,11 @@ one). It reads cases (JSON) on stdin and writes, per case, what llama.cpp's chai
 - "filters": llama.cpp's default chain without penalties (top-n-sigma, top-k, typical, top-p, min-p, XTC
   with probability 1, temperature): the ids left, likeliest first, and their probabilities;
 - "mirostat" (1 or 2): per step, the candidates the step drew from and the token it drew, steps run in
-  one sampler so that its mu carries over.
+  one sampler so that its mu carries over;
+- "dry": the penalty DRY takes from each token's logit after a history of tokens, with the
+  vocabulary of a model file (its sequence breakers are found among the tokens' texts).
 
-    python tests/llama_samplers.py --write tests/fixtures/samplers.npz   # the committed reference
+    python tests/llama_samplers.py --write tests/fixtures/samplers.npz --dry-model SMOLLM2.gguf   # the committed reference
 
 (there the logits are one float16 array, the cases' rows in order: 1 row a "filters" case, 6 a Mirostat one).
 """
@@ -23,15 +25,24 @@ import sys
 import numpy as np
 
 
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+
+
 def _array(lc, logits: np.ndarray):
-    data = (lc.llama_token_data * len(logits))()
-    for i, v in enumerate(logits.tolist()):
-        data[i].id, data[i].logit, data[i].p = i, v, 0.0
-    return data, lc.llama_token_data_array(data, len(logits), -1, False)
+    data = np.zeros(len(logits), TOKEN_DATA)
+    data["id"], data["logit"] = np.arange(len(logits)), logits
+    ptr = data.ctypes.data_as(ctypes.POINTER(lc.llama_token_data))
+    return data, lc.llama_token_data_array(ptr, len(logits), -1, False)
+
+
+def _items(arr) -> np.ndarray:
+    """The array's entries as llama.cpp left them (a sampler may move its start: read from arr.data)."""
+    base = ctypes.cast(arr.data, ctypes.c_void_p).value
+    return np.frombuffer((ctypes.c_char * (arr.size * TOKEN_DATA.itemsize)).from_address(base), TOKEN_DATA).copy()
 
 
 def _left(arr) -> tuple[list[int], list[float]]:
-    items = [(arr.data[i].id, arr.data[i].logit) for i in range(arr.size)]
+    items = [(int(i), float(x)) for i, x in zip(_items(arr)["id"], _items(arr)["logit"])]
     items = [(i, x) for i, x in items if x != float("-inf")]
     items.sort(key=lambda t: (-t[1], t[0]))
     x = np.array([v for _, v in items], np.float64)
@@ -43,8 +54,11 @@ def run(cases: list[dict]) -> list[dict]:
     import llama_cpp as lc
 
     lc.llama_backend_init()
-    out = []
+    out, vocabs = [], {}
     for case in cases:
+        if case["kind"] == "dry":
+            out.append({"penalties": _dry(lc, vocabs, case)})
+            continue
         logits = [np.asarray(row, np.float32) for row in case["logits"]]  # float16 values: exact in JSON
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
@@ -71,10 +85,54 @@ def run(cases: list[dict]) -> list[dict]:
                 data, arr = _array(lc, row)
                 lc.llama_sampler_apply(chain, ctypes.byref(arr))
                 ids, _ = _left(arr)
-                steps.append({"ids": ids, "token": arr.data[arr.selected].id})
+                steps.append({"ids": ids, "token": int(_items(arr)["id"][arr.selected])})
             out.append({"steps": steps})
         lc.llama_sampler_free(chain)
     return out
+
+
+def _dry(lc, vocabs: dict, case: dict) -> dict[str, float]:
+    if case["model"] not in vocabs:
+        params = lc.llama_model_default_params()
+        params.vocab_only = True
+        model = lc.llama_model_load_from_file(case["model"].encode(), params)
+        assert model, case["model"]
+        vocabs[case["model"]] = (model, lc.llama_model_get_vocab(model))
+    vocab = vocabs[case["model"]][1]
+    texts = [t.encode() for t in case["breakers"]]
+    breakers = (ctypes.c_char_p * max(1, len(texts)))(*texts)
+    dry = lc.llama_sampler_init_dry(vocab, case["multiplier"], case["base"], case["allowed"], case["last_n"],
+                                    breakers, len(texts))
+    for token in case["history"]:
+        lc.llama_sampler_accept(dry, token)
+    data, arr = _array(lc, np.zeros(lc.llama_vocab_n_tokens(vocab), np.float32))
+    lc.llama_sampler_apply(dry, ctypes.byref(arr))
+    lc.llama_sampler_free(dry)
+    items = _items(arr)
+    hit = items[items["logit"] != 0]
+    return {str(int(i)): -float(x) for i, x in zip(hit["id"], hit["logit"])}
+
+
+DRY_PHRASES = ["Hello world", "\n", ": ", "\"quoted\"", " *bold*", " the end", "###", " and so on", " abab",
+               " the cat sat", "\n\n", " x: 1", " ab"]
+DRY_BREAKERS = [["\n", ":", "\"", "*"], ["\n", " the end", "###", "ab"], [], [" cat sat"]]
+
+
+def make_dry_cases(tokenizer, model: str, seed: int, n: int) -> list[dict]:
+    """Histories of phrases that repeat, with and without sequence breakers, over the tokenizer's ids."""
+    rng = np.random.default_rng(seed)
+    phrases = [tokenizer.encode(t, add_special=False, parse_special=False) for t in DRY_PHRASES]
+    cases = []
+    for _ in range(n):
+        pieces = [phrases[i] for i in rng.choice(len(phrases), rng.integers(2, 6), replace=False)]
+        history, length = [], rng.integers(8, 150)
+        while len(history) < length:
+            history += pieces[rng.integers(len(pieces))] if rng.random() < 0.9 else [int(rng.integers(1000))]
+        cases.append({"kind": "dry", "model": model, "history": [int(t) for t in history],
+                      "breakers": DRY_BREAKERS[rng.integers(len(DRY_BREAKERS))],
+                      "multiplier": float(rng.uniform(0.3, 2)), "base": float(rng.choice([1.0, 1.3, 1.75, 3.0, 40.0])),
+                      "allowed": int(rng.integers(0, 5)), "last_n": int(rng.choice([8, 32, 64, 1000]))})
+    return cases
 
 
 def make_cases(seed: int, n: int, vocab: int = 256) -> list[dict]:
@@ -114,13 +172,21 @@ def main() -> None:
     ap.add_argument("--write", help="make cases, run them and write cases and results to this .npz")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cases", type=int, default=40)
+    ap.add_argument("--dry-model", help="with --write: DRY cases over this model's vocabulary too")
     a = ap.parse_args()
     if a.write:
         cases = make_cases(a.seed, a.cases)
+        if a.dry_model:
+            from purelm.tokenizer import Tokenizer
+
+            cases += make_dry_cases(Tokenizer.from_file(a.dry_model), a.dry_model, a.seed, a.cases)
         results = run(cases)
-        logits = np.array([row for c in cases for row in c.pop("logits")], np.float16)  # rows in case order
+        logits = np.array([row for c in cases for row in c.pop("logits", [])], np.float16)  # rows in case order
+        for c in cases:
+            c.pop("model", None)  # (the tests give their own path)
         np.savez_compressed(a.write, logits=logits, cases=json.dumps(cases), results=json.dumps(results),
                             made_with=f"tests/llama_samplers.py --write {a.write} --seed {a.seed} --cases {a.cases}"
+                                      f"{' --dry-model SmolLM2' if a.dry_model else ''}"
                                       " (llama.cpp of llama-cpp-python 0.3.36)")
     else:
         json.dump(run(json.load(sys.stdin)), sys.stdout)

@@ -44,15 +44,19 @@ def test_generate_greedy_matches_the_api(capsys, fixtures):
 
 
 def test_generate_takes_llama_cpps_other_samplers(capsys, fixtures):
-    """--mirostat, --typical, --top-nsigma and XTC's flags reach the sampler: the same text as the API
-    with the same seed, and not the text of the default chain."""
+    """--mirostat, --typical, --top-nsigma, XTC's and DRY's flags reach the sampler: the same text as
+    the API with the same seed, and not the text of the default chain."""
     f = fixtures / "llama-f32.gguf"
     llm = purelm.load(f, backend="numpy")
     default = llm.generate("The quick", max_tokens=12, seed=5, ignore_eos=True)
     for flags, options in [(["--mirostat", "2", "--mirostat-ent", "3", "--mirostat-lr", "0.2"],
                             dict(mirostat=2, mirostat_tau=3.0, mirostat_eta=0.2)),
                            (["--typical", "0.3", "--top-nsigma", "1", "--xtc-probability", "1", "--xtc-threshold",
-                             "0.02"], dict(typical_p=0.3, top_n_sigma=1.0, xtc_probability=1.0, xtc_threshold=0.02))]:
+                             "0.02"], dict(typical_p=0.3, top_n_sigma=1.0, xtc_probability=1.0, xtc_threshold=0.02)),
+                           (["--dry-multiplier", "9", "--dry-base", "2", "--dry-allowed-length", "0",
+                             "--dry-penalty-last-n", "32", "--dry-sequence-breaker", "none"],
+                            dict(dry_multiplier=9.0, dry_base=2.0, dry_allowed_length=0, dry_penalty_last_n=32,
+                                 dry_sequence_breakers=()))]:
         code, out, _ = run(capsys, "generate", "-m", f, "--backend", "numpy", "-s", "5", "-n", "12", "--ignore-eos",
                            *flags, "The quick")
         want = llm.generate("The quick", max_tokens=12, seed=5, ignore_eos=True, **options)
@@ -145,6 +149,9 @@ def test_tokenize_takes_options_between_and_after_positionals(capsys, fixtures):
     (["--mirostat", "3"], "--mirostat must be 0 (off), 1 or 2"),
     (["--mirostat-ent", "-1"], "--mirostat-ent must be >= 0"),
     (["--mirostat-lr", "nan"], "--mirostat-lr must be >= 0"),
+    (["--dry-base", "0.5"], "--dry-base must be >= 1"),
+    (["--dry-allowed-length", "-1"], "--dry-allowed-length must be >= 0"),
+    (["--dry-sequence-breaker", ""], "--dry-sequence-breaker must be a list of at most 16 strings"),
     (["-p", "twice"], "give the prompt once"),
 ])
 def test_bad_generate_arguments_name_the_flag(capsys, fixtures, args, message):

@@ -10,6 +10,7 @@ import pytest
 
 from purelm.errors import UsageError
 from purelm.sampling import Sampler, SamplingParams, draw, top_k_ids
+from purelm.tokenizer import Tokenizer
 
 
 def softmax(x):
@@ -184,9 +185,18 @@ def test_edge_values_are_accepted():
 SAMPLERS = Path(__file__).parent / "fixtures" / "samplers.npz"
 
 
-def ours_like_llama_cpp(case: dict, logits: list[np.ndarray], result: dict) -> None:
+def ours_like_llama_cpp(case: dict, logits: list[np.ndarray], result: dict, tokenizer=None) -> None:
     """purelm's sampler on a case of tests/llama_samplers.py: the same candidates (and probabilities)
-    as llama.cpp's chain left; for Mirostat, step after step with the tokens llama.cpp drew."""
+    as llama.cpp's chain left; for Mirostat, step after step with the tokens llama.cpp drew; for DRY,
+    the same penalties."""
+    if case["kind"] == "dry":
+        p = SamplingParams(dry_multiplier=case["multiplier"], dry_base=case["base"], dry_allowed_length=case["allowed"],
+                           dry_penalty_last_n=case["last_n"], dry_sequence_breakers=case["breakers"])
+        got = -Sampler(p, tokenizer).apply_dry(np.zeros(tokenizer.vocab_size, np.float32), case["history"])
+        want = np.zeros_like(got)
+        want[[int(t) for t in result["penalties"]]] = list(result["penalties"].values())
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str(case))
+        return
     if case["kind"] == "filters":
         p = SamplingParams(temperature=case["temperature"], top_k=case["top_k"], top_p=case["top_p"],
                            min_p=case["min_p"], top_n_sigma=case["top_n_sigma"], typical_p=case["typical_p"],
@@ -204,40 +214,46 @@ def ours_like_llama_cpp(case: dict, logits: list[np.ndarray], result: dict) -> N
         sampler.chosen(step["token"], ids, probs)
 
 
-def test_filters_and_mirostat_leave_the_candidates_llama_cpp_leaves():
+def test_samplers_leave_the_candidates_and_penalties_llama_cpp_leaves(smollm2_path):
     """tests/fixtures/samplers.npz, made by llama.cpp's samplers (tests/llama_samplers.py): top-n-sigma,
-    typical-p and XTC alone and with top-k, top-p, min-p, temperature; Mirostat 1 and 2 over 6 steps."""
+    typical-p and XTC alone and with top-k, top-p, min-p, temperature; Mirostat 1 and 2 over 6 steps;
+    DRY over SmolLM2's vocabulary, with llama.cpp's sequence breakers, others and none."""
+    tokenizer = Tokenizer.from_file(smollm2_path)
     ref = np.load(SAMPLERS)
     cases, results = json.loads(str(ref["cases"])), json.loads(str(ref["results"]))
     rows = iter(ref["logits"].astype(np.float32))
     kinds = Counter()
-    for case, result in zip(cases, results):
-        logits = [next(rows) for _ in range(1 if case["kind"] == "filters" else 6)]
-        ours_like_llama_cpp(case, logits, result)
+    for case, result in zip(cases, results, strict=True):
+        logits = [next(rows) for _ in range({"filters": 1, "dry": 0}.get(case["kind"], 6))]
+        ours_like_llama_cpp(case, logits, result, tokenizer)
         kinds[case["kind"]] += 1
-    assert kinds == {"filters": 20, "mirostat1": 10, "mirostat2": 10}
+    assert kinds == {"filters": 20, "mirostat1": 10, "mirostat2": 10, "dry": 40}
+    penalized = [len(r["penalties"]) for c, r in zip(cases, results) if c["kind"] == "dry"]
+    assert sum(n > 0 for n in penalized) >= 20 and max(penalized) >= 3  # the cases reach the penalties
 
 
 PEERS = Path(os.environ.get("PURELM_LLAMA_CPP_DIR",
                             Path.home() / ".cache/purelm-peers/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 
 
-def test_fresh_cases_leave_the_candidates_llama_cpp_leaves():
-    """200 new cases (another seed) through llama.cpp's samplers in a child process, where
-    ../shared/peers/build-llama-cpp.sh has built the library."""
+def test_fresh_cases_leave_the_candidates_llama_cpp_leaves(smollm2_path):
+    """New cases (another seed: 200 of the filters and Mirostat, 80 of DRY) through llama.cpp's samplers
+    in a child process, where ../shared/peers/build-llama-cpp.sh has built the library."""
     lib, package = PEERS / "build" / "bin", PEERS.parent.parent
     if not (lib / "libllama.so").is_file() or not (package / "llama_cpp").is_dir():
         pytest.skip(f"llama.cpp's library or llama-cpp-python's package is not at {PEERS} (set PURELM_LLAMA_CPP_DIR)")
     sys.path.insert(0, str(Path(__file__).parent))
-    from llama_samplers import make_cases
+    from llama_samplers import make_cases, make_dry_cases
 
-    cases = make_cases(seed=1, n=200)
+    tokenizer = Tokenizer.from_file(smollm2_path)
+
+    cases = make_cases(seed=1, n=200) + make_dry_cases(tokenizer, str(smollm2_path), seed=1, n=80)
     env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lib), PYTHONPATH=str(package))
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "llama_samplers.py")], input=json.dumps(cases),
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     for case, result in zip(cases, json.loads(done.stdout), strict=True):
-        ours_like_llama_cpp(case, [np.asarray(r, np.float32) for r in case["logits"]], result)
+        ours_like_llama_cpp(case, [np.asarray(r, np.float32) for r in case.get("logits", [])], result, tokenizer)
 
 
 def test_xtc_removes_the_likeliest_tokens_as_often_as_its_probability():
@@ -282,7 +298,29 @@ def test_mirostat_moves_its_target_by_each_tokens_surprise():
     ("mirostat", 1.0, "mirostat must be a whole number"),
     ("mirostat_tau", -1.0, "mirostat_tau must be >= 0"),
     ("mirostat_eta", float("inf"), "mirostat_eta must be >= 0"),
+    ("dry_multiplier", -1.0, "dry_multiplier must be >= 0"),
+    ("dry_base", 0.5, "dry_base must be >= 1"),
+    ("dry_allowed_length", -1, "dry_allowed_length must be >= 0"),
+    ("dry_penalty_last_n", 2.0, "dry_penalty_last_n must be a whole number"),
+    ("dry_sequence_breakers", "\n", "dry_sequence_breakers must be a list of at most 16 strings"),
+    ("dry_sequence_breakers", [""], "dry_sequence_breakers must be a list"),
+    ("dry_sequence_breakers", ["x"] * 17, "dry_sequence_breakers must be a list"),
+    ("dry_sequence_breakers", [3], "dry_sequence_breakers must be a list"),
 ])
 def test_other_samplers_settings_are_checked(field, value, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Sampler(SamplingParams(**{field: value}))
+
+
+def test_dry_penalizes_the_tokens_that_would_extend_a_repeat():
+    """llama.cpp's own example: after a b c c b c y a b c, c would extend "a b c" (3 tokens), y "b c"
+    (2), b "c" (1, within the allowed length): multiplier * base^(length - allowed) off c and y only."""
+    a, b, c, y = 1, 2, 3, 9
+    history = [a, b, c, c, b, c, y, a, b, c]
+    s = Sampler(SamplingParams(dry_multiplier=0.5, dry_base=2.0, dry_allowed_length=2, dry_penalty_last_n=64))
+    out = s.apply_dry(np.zeros(16, np.float32), history)
+    assert {i: float(v) for i, v in enumerate(out) if v} == {c: -0.5 * 2.0, y: -0.5}
+    # only the last dry_penalty_last_n tokens count: y a b c holds no repeat
+    s = Sampler(SamplingParams(dry_multiplier=0.5, dry_allowed_length=2, dry_penalty_last_n=4))
+    assert not s.apply_dry(np.zeros(16, np.float32), history).any()
+    assert s.probabilities(np.zeros(16, np.float32), history)[0].size == 16  # nothing penalized, nothing cut

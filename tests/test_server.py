@@ -131,19 +131,22 @@ def test_n2_samples_are_seeded_and_differ(srv, ref):
 
 
 def test_llama_cpps_other_sampler_fields_reach_the_sampler(srv, ref):
-    """mirostat, typical_p, top_n_sigma and XTC's fields (llama-server's names): the API's text for the
-    same seed, on the OpenAI route and llama.cpp's /completion."""
+    """mirostat, typical_p, top_n_sigma, XTC's and DRY's fields (llama-server's names): the API's text
+    for the same seed, on the OpenAI route and llama.cpp's /completion."""
     prompt, kw = "My favourite animal is", dict(max_tokens=10, temperature=1.0, seed=7)
     plain = srv.client.completions.create(model=MODEL, prompt=prompt, **kw).choices[0].text
     for extra in [dict(mirostat=2, mirostat_tau=2.0, mirostat_eta=0.3), dict(mirostat=1),
-                  dict(typical_p=0.4, top_n_sigma=1.5, xtc_probability=1.0, xtc_threshold=0.05)]:
+                  dict(typical_p=0.4, top_n_sigma=1.5, xtc_probability=1.0, xtc_threshold=0.05),
+                  dict(dry_multiplier=5.0, dry_base=3.0, dry_allowed_length=0, dry_sequence_breakers=["\n"])]:
         want = ref.generate_batch([prompt], n=1, **kw, **extra)[0].text
         got = srv.client.completions.create(model=MODEL, prompt=prompt, extra_body=extra, **kw).choices[0].text
         r = httpx.post(srv.base + "/completion", json={"prompt": prompt, "n_predict": 10, "temperature": 1.0,
                                                        "seed": 7, **extra}, timeout=60)
         assert got == want == r.json()["content"] and want != plain, extra
-    r = httpx.post(srv.base + "/v1/completions", json={"prompt": prompt, "mirostat": 3}, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "mirostat"
+    for field, value in [("mirostat", 3), ("dry_sequence_breakers", []), ("dry_sequence_breakers", ["x" * 41]),
+                         ("dry_base", 0.5), ("dry_penalty_last_n", -1)]:
+        r = httpx.post(srv.base + "/v1/completions", json={"prompt": prompt, field: value}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, value)
 
 
 def test_chat_streaming_and_not(srv, ref):
@@ -681,7 +684,8 @@ _NAMES = ["temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "presen
           "grammar", "tools", "tool_choice", "logit_bias", "echo", "model", "user", "add_special", "with_pieces",
           "suffix", "encoding_format", "dimensions", "parallel_tool_calls", "metadata", "instructions", "text",
           "system", "stop_sequences", "top_n_sigma", "typical_p", "xtc_probability", "xtc_threshold", "mirostat",
-          "mirostat_tau", "mirostat_eta"]
+          "mirostat_tau", "mirostat_eta", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+          "dry_sequence_breakers"]
 _NUMBER = st.integers(-2**70, 2**70) | st.sampled_from([-1, 0, 1, 2, 5, 0.5, -0.5, 1e308]) | st.floats(-10, 10)
 # a few fields at a time (most requests with many hostile fields stop at the first), numbers more often
 # than other values: they reach the checks behind the first ones

@@ -577,7 +577,7 @@ class Engine:
         for j in range(req.n):
             seq = job.seq if j == req.n - 1 else self.cache.fork(job.seq)
             seed = None if req.params.seed is None else req.params.seed + j
-            sampler = Sampler(dataclasses.replace(req.params, seed=seed))
+            sampler = Sampler(dataclasses.replace(req.params, seed=seed), self.tokenizer)
             sample = _Sample(self.tokenizer, sampler, req.prompt, req.stop, req.ignore_eos, req.max_tokens,
                              req.stop_ids, constraints[j])
             slot = _Slot(job, j, seq, sample)

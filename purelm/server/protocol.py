@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sampling import SamplingParams
+from ..sampling import MAX_BREAKER_CHARS, MAX_BREAKERS, SamplingParams
 
 MAX_STOPS = 16
 MAX_PROMPTS = 64  # prompts in one completions request
@@ -156,6 +157,19 @@ class Generation:
     extra: dict = field(default_factory=dict)
 
 
+def _breakers(value: Any, default: Sequence[str]) -> Sequence[str]:
+    """llama-server's dry_sequence_breakers: a non-empty array of strings."""
+    if value is None:
+        return default
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+        raise bad(f"dry_sequence_breakers must be a non-empty array of strings, got {_kind(value)}",
+                  "dry_sequence_breakers", "invalid_type")
+    if len(value) > MAX_BREAKERS or not all(0 < len(t) <= MAX_BREAKER_CHARS for t in value):
+        raise bad(f"dry_sequence_breakers takes at most {MAX_BREAKERS} strings of 1 to {MAX_BREAKER_CHARS} characters",
+                  "dry_sequence_breakers")
+    return tuple(value)
+
+
 def generation(body: dict, n_vocab: int, n_ctx: int, max_n: int, chat: bool, echo: bool = False) -> Generation:
     """Sampling and stopping fields. Absent sampling fields take llama.cpp's (and `purelm generate`'s)
     defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05. max_tokens may be 0 with `echo`
@@ -182,7 +196,12 @@ def generation(body: dict, n_vocab: int, n_ctx: int, max_n: int, chat: bool, ech
         xtc_threshold=get_float(body, "xtc_threshold", 0.0, 1.0, d.xtc_threshold),
         mirostat=get_int(body, "mirostat", 0, 2, d.mirostat),
         mirostat_tau=get_float(body, "mirostat_tau", 0.0, 1e6, d.mirostat_tau),
-        mirostat_eta=get_float(body, "mirostat_eta", 0.0, 1e6, d.mirostat_eta))
+        mirostat_eta=get_float(body, "mirostat_eta", 0.0, 1e6, d.mirostat_eta),
+        dry_multiplier=get_float(body, "dry_multiplier", 0.0, 1e6, d.dry_multiplier),
+        dry_base=get_float(body, "dry_base", 1.0, 1e6, d.dry_base),
+        dry_allowed_length=get_int(body, "dry_allowed_length", 0, 2**31 - 1, d.dry_allowed_length),
+        dry_penalty_last_n=get_int(body, "dry_penalty_last_n", 0, 2**31 - 1, d.dry_penalty_last_n),
+        dry_sequence_breakers=_breakers(body.get("dry_sequence_breakers"), d.dry_sequence_breakers))
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     max_tokens = None
     for name in names:
