@@ -91,7 +91,7 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    """The sampling flags (llama.cpp's names and defaults), shared by generate and chat."""
+    """The sampling flags (llama.cpp's names and defaults), shared by generate, chat and serve."""
     p.add_argument("--temp", type=float, default=0.8, help="temperature, >= 0; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens; 0 = all (default 40)")
     p.add_argument("--top-p", type=float, default=0.95,
@@ -218,6 +218,56 @@ def _grammar_args(p: argparse.ArgumentParser) -> None:
 MAX_GRAMMAR_BYTES = 1 << 20
 
 
+def _read_small_file(flag: str, path: str, limit: int = MAX_GRAMMAR_BYTES) -> str:
+    """A text file a flag names (a grammar, a schema, a chat template), at most `limit` bytes of UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise UsageError(f"{flag} {path!r}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise UsageError(f"{flag} {path!r}: larger than {limit >> 20} MiB")
+    return _utf8(data, flag)
+
+
+def _chat_template_args(p: argparse.ArgumentParser) -> None:
+    from .chat import ChatTemplate
+
+    p.add_argument("--chat-template", default=None, metavar="NAME",
+                   help=f"use this built-in template instead of the model's own ({', '.join(ChatTemplate.builtin_names())})")
+    p.add_argument("--chat-template-file", default=None, metavar="FILE",
+                   help="use the Jinja template in FILE instead of the model's own (rendered in the same sandbox)")
+
+
+def _chat_template_option(a: argparse.Namespace) -> tuple[str, str] | None:
+    """The chat template flags, checked before the load: ("name", NAME) or ("text", the file's text)."""
+    from .chat.builtins import canonical_name
+
+    if a.chat_template is not None and a.chat_template_file is not None:
+        raise UsageError("give one of --chat-template and --chat-template-file")
+    if a.chat_template is not None:
+        if canonical_name(a.chat_template) is None:
+            from .chat import ChatTemplate
+
+            raise UsageError(f"--chat-template {a.chat_template!r}: not a built-in template "
+                             f"({', '.join(ChatTemplate.builtin_names())}); a Jinja file: --chat-template-file")
+        return "name", a.chat_template
+    if a.chat_template_file is not None:
+        return "text", _read_small_file("--chat-template-file", a.chat_template_file)
+    return None
+
+
+def _use_chat_template(llm: Any, option: tuple[str, str] | None) -> Any:
+    """Give the loaded model the template the flags chose; return its template, compiled now (a broken
+    template fails before the first message)."""
+    if option is not None:
+        from .chat import ChatTemplate
+
+        kind, value = option
+        llm.chat_template = value if kind == "name" else ChatTemplate.from_text(value, llm.tokenizer)
+    return llm.chat_template
+
+
 def _grammar_options(a: argparse.Namespace) -> dict:
     """The grammar flags as generate's grammar= / json_schema= (read and parsed, before the load)."""
     given = {k: v for k, v in (("--grammar", a.grammar), ("--grammar-file", a.grammar_file),
@@ -230,16 +280,7 @@ def _grammar_options(a: argparse.Namespace) -> dict:
     if a.lookup is not None or getattr(a, "draft", None) is not None:
         raise UsageError(f"{next(iter(given))} cannot be combined with --lookup or --draft (speculative decoding)")
     (flag, value), = given.items()
-    if flag.endswith("-file"):
-        try:
-            with open(value, "rb") as f:
-                data = f.read(MAX_GRAMMAR_BYTES + 1)
-        except OSError as e:
-            raise UsageError(f"{flag} {value!r}: {e.strerror or e}") from None
-        if len(data) > MAX_GRAMMAR_BYTES:
-            raise UsageError(f"{flag} {value!r}: larger than {MAX_GRAMMAR_BYTES >> 20} MiB")
-        value = data
-    text = _utf8(value, flag)
+    text = _read_small_file(flag, value) if flag.endswith("-file") else _utf8(value, flag)
     if "json-schema" not in flag:
         return {"grammar": text}
     try:
@@ -509,6 +550,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     _check_speculative_args(a)
     if not 0 <= a.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {a.port}")
+    if a.n_predict < 1 and a.n_predict != -1:
+        raise UsageError(f"-n must be at least 1, or -1 for replies until the context is full; got {a.n_predict}")
+    params = _sampling_params(a)
+    template_option = _chat_template_option(a)
+    from .sampling import SamplingParams
+
+    if a.ray and (params != SamplingParams() or a.n_predict != -1 or template_option):
+        raise UsageError("the request defaults (sampling flags, -n) and --chat-template(-file) are not passed to "
+                         "Ray replicas yet: leave them out with --ray (requests can still set every field)")
     if a.ray:  # the same app as replicas on a Ray cluster (purelm.integrations.ray)
         _server_deps()
         from .integrations.ray.cli import serve_on_ray
@@ -522,11 +572,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.api_key is not None and not a.api_key.strip() and not os.environ.get("PURELM_API_KEY"):
         _warn("--api-key is empty (an unset variable?): the server takes requests without a key")
     llm = _load(a, a.ctx)
+    _use_chat_template(llm, template_option)
     aliases = (a.model,) if a.model and not os.path.exists(a.model) else ()
     config = ServerConfig(parallel=a.parallel, batch=a.batch, max_queue=a.queue,
                           api_key=(a.api_key or "").strip() or os.environ.get("PURELM_API_KEY") or None,
                           model_name=a.alias, aliases=aliases, prefix_cache=not a.no_prefix_cache,
-                          lookup=a.lookup or 0)
+                          lookup=a.lookup or 0, sampling=params,
+                          n_predict=None if a.n_predict == -1 else a.n_predict)
     print(_safe(f"purelm: serving {llm.path} on http://{a.host}:{a.port}/v1 ({a.parallel} slots, context "
                 f"{llm.n_ctx} tokens each, backend {llm.backend.name})"), file=sys.stderr, flush=True)
     serve(llm, a.host, a.port, config, log_level="warning" if a.quiet else "info")
@@ -611,6 +663,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     _check_speculative_args(a)
     _check_session_args(a)
     grammar = _grammar_options(a)
+    template_option = _chat_template_option(a)
 
     llm = _load(a, a.ctx)
     if grammar:  # checked once, before the first turn (each reply then compiles it again: milliseconds)
@@ -618,9 +671,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
         compile_grammar(llm.tokenizer, *(("gbnf", grammar["grammar"]) if "grammar" in grammar
                                          else ("json_schema", grammar["json_schema"])))
-    if a.chat_template is not None:
-        llm.chat_template = a.chat_template
-    template = llm.chat_template  # compiled now: a broken template fails before the first message
+    template = _use_chat_template(llm, template_option)
     interactive = sys.stdin is not None and sys.stdin.isatty()
     out = sys.stdout
     shown = _terminal_text if out.isatty() else str  # piped output stays byte for byte
@@ -1045,9 +1096,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(ch)
     _runtime_args(ch)
     ch.add_argument("--system", default=None, help="the system prompt")
-    ch.add_argument("--chat-template", default=None, choices=["chatml", "llama-2", "llama-3", "gemma", "phi-3",
-                                                              "mistral"],
-                    help="use this built-in template instead of the model's own")
+    _chat_template_args(ch)
     ch.add_argument("-n", "--n-predict", type=int, default=-1,
                     help="most tokens per reply, at least 1; -1: until the turn ends or the context is full "
                          "(default -1)")
@@ -1087,6 +1136,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="speculative decoding by prompt lookup: each reply drafts up to N tokens a step from its "
                          "prompt and text so far (the same replies; faster when they repeat their prompt)")
     sv.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    _chat_template_args(sv)
+    defaults = sv.add_argument_group("request defaults (for the fields a request leaves out, as llama-server's)")
+    defaults.add_argument("-n", "--n-predict", type=int, default=-1,
+                          help="most tokens per reply; -1: until the context is full (default -1)")
+    _sampling_args(defaults)
     ray_ = sv.add_argument_group("Ray Serve (--ray; needs pip install 'purelm[ray]', see docs/ray.md)")
     ray_.add_argument("--ray", action="store_true",
                       help="serve replicas of this server on a Ray cluster, with prefix-aware routing")

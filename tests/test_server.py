@@ -25,7 +25,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import purelm  # noqa: E402
-from purelm.sampling import Sampler  # noqa: E402
+from purelm.sampling import Sampler, SamplingParams  # noqa: E402
 from purelm.server import ServerConfig, create_app  # noqa: E402
 from purelm.server import protocol as P  # noqa: E402
 
@@ -284,6 +284,36 @@ def test_tool_calls_are_parsed_from_the_reply(srv):
     calls = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
     assert [c.function.name for c in calls] == ["get_weather"] and calls[0].index == 0
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_parallel_tool_calls_false_keeps_a_replys_first_call(srv):
+    """A reply with two calls gives both; with parallel_tool_calls false (the Responses API's too,
+    Anthropic's disable_parallel_tool_use) only the first."""
+    pytest.importorskip("llguidance")
+    fn = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    one = '<tool_call>\\n{\\"name\\": \\"get_weather\\", \\"arguments\\": {\\"city\\": \\"%s\\"}}\\n</tool_call>'
+    grammar = f'root ::= "{one % "Paris"}\\n{one % "Rome"}"'
+    msgs = [{"role": "user", "content": "Weather in Paris and Rome?"}]
+    body = dict(model=MODEL, messages=msgs, tools=[{"type": "function", "function": fn}], max_tokens=80,
+                temperature=0)
+    for parallel, stream, cities in ((None, False, ["Paris", "Rome"]), (False, False, ["Paris"]),
+                                     (False, True, ["Paris"])):
+        extra = {"grammar": grammar} | ({} if parallel is None else {"parallel_tool_calls": parallel})
+        if stream:
+            chunks = list(srv.client.chat.completions.create(stream=True, extra_body=extra, **body))
+            calls = [t.function for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+        else:
+            calls = [t.function for t in
+                     srv.client.chat.completions.create(extra_body=extra, **body).choices[0].message.tool_calls]
+        assert [json.loads(f.arguments)["city"] for f in calls] == cities, (parallel, stream)
+    out = srv.post("/v1/responses", {"input": msgs[0]["content"], "tools": [{"type": "function", **fn}],
+                                     "max_output_tokens": 80, "temperature": 0, "grammar": grammar,
+                                     "parallel_tool_calls": False}).json()
+    assert [o["type"] for o in out["output"]].count("function_call") == 1 and out["parallel_tool_calls"] is False
+    m = srv.post("/v1/messages", {"messages": msgs, "max_tokens": 80, "temperature": 0, "grammar": grammar,
+                                  "tools": [{"name": fn["name"], "input_schema": fn["parameters"]}],
+                                  "tool_choice": {"type": "auto", "disable_parallel_tool_use": True}}).json()
+    assert [c["type"] for c in m["content"]].count("tool_use") == 1, m
 
 
 _TIME = {"type": "function", "function": {"name": "get_time", "description": "The time in a time zone",
@@ -1189,7 +1219,7 @@ def test_body_size_limit(small):
 
 
 # ------------------------------------------------------------------------------ the command line
-def test_cli_embed_and_serve_arguments(capsys, monkeypatch, smollm2_path, ref):
+def test_cli_embed_and_serve_arguments(capsys, monkeypatch, tmp_path, smollm2_path, ref):
     from purelm.cli import main
 
     assert main(["embed", "-m", str(smollm2_path), "-c", "64", "hello", "world"]) == 0  # -m MODEL TEXT...
@@ -1211,22 +1241,66 @@ def test_cli_embed_and_serve_arguments(capsys, monkeypatch, smollm2_path, ref):
         assert "pip install 'purelm[server]'" in capsys.readouterr().err
     finally:
         importlib.util.find_spec = real
-    for args in (["--parallel", "0"], ["--port", "70000"], ["--batch", "0"], ["-t", "0"], ["-c", "0"], ["--lookup", "0"]):
+    for args, says in ((["--parallel", "0"], "--parallel"), (["--port", "70000"], "--port"), (["--batch", "0"], "--batch"),
+                       (["-t", "0"], "--threads"), (["-c", "0"], "--ctx"), (["--lookup", "0"], "--lookup"),
+                       (["-n", "0"], "-n must be"), (["--temp", "-1"], "--temp"), (["--mirostat", "5"], "--mirostat"),
+                       (["--chat-template", "nope"], "not a built-in template"),
+                       (["--chat-template-file", "/no/such/file"], "--chat-template-file"),
+                       (["--chat-template", "chatml", "--chat-template-file", "x"], "give one of"),
+                       (["--ray", "--temp", "0"], "not passed to Ray replicas"),
+                       (["--ray", "-n", "5"], "not passed to Ray replicas")):
         assert main(["serve", str(smollm2_path), *args]) == 2
-        assert "error" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.startswith("purelm: error: ") and says in err, (args, err)
     import purelm.server
 
     configs = []
     monkeypatch.delenv("PURELM_API_KEY", raising=False)
     real_serve = purelm.server.serve
     try:  # an empty --api-key (an unset shell variable) serves without a key, and says so
-        purelm.server.serve = lambda llm, host, port, config, **kw: configs.append(config)
+        purelm.server.serve = lambda llm, host, port, config, **kw: configs.append((llm, config))
         for key, warned in (("", True), ("  ", True), ("sekret", False)):
             assert main(["serve", str(smollm2_path), "-c", "64", "--api-key", key]) == 0
             assert ("--api-key is empty" in capsys.readouterr().err) == warned
-        assert [c.api_key for c in configs] == [None, None, "sekret"]
+        assert [c.api_key for _, c in configs] == [None, None, "sekret"]
+        assert configs[0][1].sampling == SamplingParams() and configs[0][1].n_predict is None
+        template = tmp_path / "t.jinja"
+        template.write_text("{% for m in messages %}Q: {{ m.content }}\n{% endfor %}A:")
+        assert main(["serve", str(smollm2_path), "-c", "64", "--temp", "0", "--top-k", "5", "-n", "7", "-s", "3",
+                     "--dry-multiplier", "0.5", "--chat-template-file", str(template)]) == 0
+        llm, config = configs[-1]
+        assert config.sampling == SamplingParams(temperature=0, top_k=5, seed=3, dry_multiplier=0.5)
+        assert config.n_predict == 7
+        assert llm.chat_template.render([{"role": "user", "content": "hi"}]) == "Q: hi\nA:"
+        assert main(["serve", str(smollm2_path), "-c", "64", "--chat-template", "llama3"]) == 0
+        assert configs[-1][0].chat_template.name == "llama-3"
     finally:
         purelm.server.serve = real_serve
+
+
+def test_the_servers_request_defaults_fill_the_fields_a_request_leaves_out(srv, ref):
+    """ServerConfig.sampling and n_predict (purelm serve's sampling flags and -n, as llama-server's):
+    a request without temperature or max_tokens gets them; one that gives its own keeps its own; /props
+    shows them."""
+    config = srv.state.config
+    try:
+        config.sampling, config.n_predict = SamplingParams(temperature=0, seed=11), 5
+        prompt = "The capital of France is"
+        want = ref.generate(prompt, max_tokens=5, temperature=0)
+        r = srv.client.completions.create(model=MODEL, prompt=prompt)
+        assert r.choices[0].text == want and r.usage.completion_tokens == 5
+        r = httpx.post(srv.base + "/completion", json={"prompt": prompt}, timeout=60).json()
+        assert r["content"] == want
+        msgs = [{"role": "user", "content": "Say hi"}]
+        chat = srv.client.chat.completions.create(model=MODEL, messages=msgs)
+        assert chat.choices[0].message.content == ref.chat(msgs, max_tokens=5, temperature=0).content
+        r = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=1.0)
+        assert r.usage.completion_tokens == 3
+        assert r.choices[0].text == ref.generate(prompt, max_tokens=3, temperature=1.0, seed=11)  # the default seed
+        props = httpx.get(srv.base + "/props", timeout=10).json()["default_generation_settings"]["params"]
+        assert props["temperature"] == 0 and props["n_predict"] == 5 and props["seed"] == 11
+    finally:
+        config.sampling, config.n_predict = SamplingParams(), None
 
 
 def test_purelm_serve_command_serves_and_stops_on_sigterm(smollm2_path):

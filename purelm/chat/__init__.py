@@ -127,11 +127,19 @@ class ChatTemplate:
                                       getattr(tokenizer, "model", None))
                 return cls.builtin(name, tokenizer)
             source, tool_use = tool_use, None
+        return cls.from_text(source, tokenizer, tool_use)
+
+    @classmethod
+    def from_text(cls, source: str, tokenizer: Any, tool_use_source: str | None = None) -> "ChatTemplate":
+        """A template's Jinja text (a file's, or one given on the command line, as untrusted as any),
+        with the tokenizer's BOS/EOS texts; a text that is a built-in's name is that built-in."""
+        if not isinstance(source, str):
+            raise UsageError(f"a chat template must be a str, got {type(source).__name__}")
         named = canonical_name(source) if len(source) < 32 else None
         if named is not None:
             return cls.builtin(named, tokenizer)
         bos, eos = _special_texts(tokenizer)
-        return cls(source, bos_token=bos, eos_token=eos, tokenizer=tokenizer, tool_use_source=tool_use,
+        return cls(source, bos_token=bos, eos_token=eos, tokenizer=tokenizer, tool_use_source=tool_use_source,
                    extra_tokens=_extra_texts(tokenizer))
 
     # -- rendering

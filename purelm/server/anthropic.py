@@ -13,7 +13,7 @@ from typing import Any
 
 from . import protocol as P
 
-SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "stream", "grammar")
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "stream", "grammar", *P.LLAMA_SAMPLING)
 CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 
 
@@ -55,6 +55,7 @@ def to_chat(body: dict, count_only: bool = False) -> dict:
         else:
             raise P.bad('tool_choice must be {"type": "auto"}, {"type": "any"}, {"type": "none"} or {"type": "tool", '
                         '"name": ...}', "tool_choice")
+        chat["parallel_tool_calls"] = not P.get_bool(choice, "disable_parallel_tool_use")
     return chat
 
 

@@ -55,6 +55,8 @@ class ServerConfig:
     prefix_cache: bool = True
     lookup: int = 0  # draft tokens per sample and step by prompt lookup (speculative decoding; 0: off)
     engine_thread: bool = True  # the app's lifespan runs the engine in a thread (serve() runs it itself)
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # for the fields a request leaves out
+    n_predict: int | None = None  # most tokens of a reply that gives no max_tokens (None: until the context is full)
 
 
 class _State:
@@ -321,7 +323,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/props")
     async def props() -> JSONResponse:
         """llama-server's settings route, as its web UI and tools read it."""
-        d = SamplingParams()
+        d = config.sampling
         try:
             t = state.template
             template, bos, eos = t.source, t.bos_token, t.eos_token
@@ -329,8 +331,9 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             template, bos, eos = "", "", ""
         return JSONResponse({
             "default_generation_settings": {"n_ctx": state.n_ctx, "params": {
-                "n_predict": -1, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "min_p": d.min_p,
-                "repeat_penalty": d.repeat_penalty, "repeat_last_n": d.repeat_last_n, "seed": -1,
+                "n_predict": config.n_predict or -1, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "min_p": d.min_p,
+                "repeat_penalty": d.repeat_penalty, "repeat_last_n": d.repeat_last_n,
+                "seed": -1 if d.seed is None else d.seed,
                 "top_n_sigma": d.top_n_sigma, "typical_p": d.typical_p, "xtc_probability": d.xtc_probability,
                 "xtc_threshold": d.xtc_threshold, "mirostat": d.mirostat, "mirostat_tau": d.mirostat_tau,
                 "mirostat_eta": d.mirostat_eta, "dry_multiplier": d.dry_multiplier, "dry_base": d.dry_base,
@@ -387,7 +390,8 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             raise P.bad("n_predict must be -1 (until the context is full) or at least 1", "n_predict")
         if n_predict is not None and n_predict > 0 and "max_tokens" not in body:
             body["max_tokens"] = min(n_predict, state.n_ctx)
-        gen = P.generation(body, state.n_vocab, state.n_ctx, 1, chat=False)
+        gen = P.generation(body, state.n_vocab, state.n_ctx, 1, chat=False, defaults=config.sampling,
+                           n_predict=None if n_predict == -1 else config.n_predict)
         if not prompt:
             raise P.bad("the prompt is empty (and the model adds no BOS token)", "prompt")
         # as llama-server: a reply that would pass the context's end stops there (no 400)
@@ -538,7 +542,8 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         state.check_model(body)
         prompts = P.prompts(body, state.n_vocab)
         echo = P.get_bool(body, "echo")
-        gen = P.generation(body, state.n_vocab, state.n_ctx, config.parallel, chat=False, echo=echo)
+        gen = P.generation(body, state.n_vocab, state.n_ctx, config.parallel, chat=False, echo=echo,
+                           defaults=config.sampling, n_predict=config.n_predict)
         k = P.get_int(body, "logprobs", 0, P.MAX_TOP_LOGPROBS)
         suffix = P.get_str(body, "suffix")
         fmt = P.response_format(body)
@@ -684,7 +689,8 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         state.check_model(body)
         msgs = P.messages(body)
         tools, tool_choice = P.tools(body)
-        gen = P.generation(body, state.n_vocab, state.n_ctx, config.parallel, chat=True)
+        gen = P.generation(body, state.n_vocab, state.n_ctx, config.parallel, chat=True, defaults=config.sampling,
+                           n_predict=config.n_predict)
         want_lp = P.get_bool(body, "logprobs")
         top_k = P.get_int(body, "top_logprobs", 0, P.MAX_TOP_LOGPROBS)
         if top_k is not None and not want_lp:
@@ -703,7 +709,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         stops = list(gen.stop) + [s for s in (getattr(template, "stop_strings", ()) or ()) if s not in gen.stop]
         req = GenerationRequest(ids, max_tokens, gen.params, gen.n, stops, stop_ids, gen.ignore_eos, k,
                                 gen.logit_bias, grammar)
-        return _ChatTurn(gen, k, ids, req, template, use_tools)
+        return _ChatTurn(gen, k, ids, req, template, use_tools, P.get_bool(body, "parallel_tool_calls", True))
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
@@ -944,6 +950,7 @@ class _ChatTurn:
     req: GenerationRequest
     template: Any
     use_tools: list[dict] | None
+    parallel: bool = True  # parallel_tool_calls: false keeps a reply's first call only
 
     def tool_calls(self, text: str) -> tuple[str | None, list[dict] | None]:
         """A finished reply's content and tool calls (chat's format), parsed in the template family's
@@ -956,7 +963,7 @@ class _ChatTurn:
                 log.exception("parsing tool calls failed")
                 calls = None
             if calls:
-                return content or None, calls
+                return content or None, calls if self.parallel else calls[:1]
         return (text.lstrip() if self.use_tools else text), None
 
 

@@ -157,6 +157,13 @@ class Generation:
     extra: dict = field(default_factory=dict)
 
 
+# llama-server's sampling fields beyond OpenAI's (generation() reads them; the Responses and Messages
+# routes pass them on)
+LLAMA_SAMPLING = ("typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold", "mirostat", "mirostat_tau",
+                  "mirostat_eta", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+                  "dry_sequence_breakers")
+
+
 def _breakers(value: Any, default: Sequence[str]) -> Sequence[str]:
     """llama-server's dry_sequence_breakers: a non-empty array of strings."""
     if value is None:
@@ -170,13 +177,17 @@ def _breakers(value: Any, default: Sequence[str]) -> Sequence[str]:
     return tuple(value)
 
 
-def generation(body: dict, n_vocab: int, n_ctx: int, max_n: int, chat: bool, echo: bool = False) -> Generation:
-    """Sampling and stopping fields. Absent sampling fields take llama.cpp's (and `purelm generate`'s)
-    defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05. max_tokens may be 0 with `echo`
-    (a completion that only scores its prompt)."""
-    d = SamplingParams()
+def generation(body: dict, n_vocab: int, n_ctx: int, max_n: int, chat: bool, echo: bool = False,
+               defaults: SamplingParams | None = None, n_predict: int | None = None) -> Generation:
+    """Sampling and stopping fields. Absent sampling fields take `defaults` (the server's, else llama.cpp's
+    and `purelm generate`'s: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05), an absent max_tokens
+    `n_predict` (None: until the context is full). max_tokens may be 0 with `echo` (a completion that
+    only scores its prompt)."""
+    d = defaults or SamplingParams()
     seed = get_int(body, "seed", -INT64, 2**64 - 1)
-    if seed is not None and seed < 0:
+    if seed is None:
+        seed = d.seed
+    elif seed < 0:
         if seed != -1:
             raise bad(f"seed must be >= 0, or -1 for a random one; got {seed}", "seed")
         seed = None
@@ -211,6 +222,8 @@ def generation(body: dict, n_vocab: int, n_ctx: int, max_n: int, chat: bool, ech
                 raise bad(f"{name} = {v} is more than the context of {n_ctx} tokens", name,
                           "context_length_exceeded")
             max_tokens = v
+    if max_tokens is None and n_predict is not None:
+        max_tokens = min(n_predict, n_ctx)
     n = get_int(body, "n", 1, 2**62, 1)
     if n > max_n:
         raise bad(f"n = {n} is more than this server's {max_n} slots (--parallel)", "n")

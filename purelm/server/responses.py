@@ -18,7 +18,8 @@ from . import protocol as P
 
 # sampling fields passed on to the chat route as they are (llama.cpp's extras included)
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-            "repeat_penalty", "repeat_last_n", "logit_bias", "stop", "ignore_eos", "chat_template_kwargs", "grammar")
+            "repeat_penalty", "repeat_last_n", "logit_bias", "stop", "ignore_eos", "chat_template_kwargs", "grammar",
+            *P.LLAMA_SAMPLING)
 TEXT_PARTS = ("input_text", "output_text", "text")
 ECHOED = ("instructions", "max_output_tokens", "parallel_tool_calls", "temperature", "top_p", "text", "tool_choice",
           "tools", "metadata")
@@ -29,11 +30,11 @@ def to_chat(body: dict) -> dict:
     metadata = P.get_dict(body, "metadata")
     if metadata is not None and (len(metadata) > 16 or not all(isinstance(v, str) for v in metadata.values())):
         raise P.bad("metadata must be at most 16 string values", "metadata")
-    P.get_bool(body, "parallel_tool_calls")
     if body.get("previous_response_id") is not None:
         raise P.bad("previous_response_id is not supported: this server stores no responses; send the whole "
                     "conversation in input", "previous_response_id", "unsupported")
     chat: dict[str, Any] = {k: body[k] for k in SAMPLING if k in body}
+    chat["parallel_tool_calls"] = P.get_bool(body, "parallel_tool_calls", True)
     if "model" in body:
         chat["model"] = body["model"]
     limit = P.get_int(body, "max_output_tokens", 1, 2**62)
