@@ -70,7 +70,8 @@ def _stops(stop: object) -> list[str]:
     return stops
 
 
-def _generation_options(max_tokens: object, stop: object, sampling: dict) -> tuple[int, list[str], SamplingParams]:
+def _generation_options(max_tokens: object, stop: object, sampling: dict,
+                        n_vocab: int) -> tuple[int, list[str], SamplingParams]:
     """The options every generation call takes, checked: max_tokens, stop strings, sampling."""
     unknown = set(sampling).difference(_SAMPLING_KEYS)
     if unknown:
@@ -79,6 +80,9 @@ def _generation_options(max_tokens: object, stop: object, sampling: dict) -> tup
                          f"{', '.join(_SAMPLING_KEYS)}; chat: tools, tool_choice, chat_template_kwargs)")
     params = SamplingParams(**sampling)
     params.validate()
+    outside = [k for k in params.logit_bias or () if k >= n_vocab]
+    if outside:
+        raise UsageError(f"logit_bias: token {outside[0]} is outside the vocabulary (0 to {n_vocab - 1})")
     return check_int("max_tokens", max_tokens, 1), _stops(stop), params
 
 
@@ -140,7 +144,8 @@ class LLM:
         `sampling`: the fields of `SamplingParams` (temperature, top_k, top_p, min_p, repeat_penalty,
         repeat_last_n, frequency_penalty, presence_penalty, seed, top_n_sigma, typical_p, xtc_probability,
         xtc_threshold, mirostat, mirostat_tau, mirostat_eta, dry_multiplier, dry_base, dry_allowed_length,
-        dry_penalty_last_n, dry_sequence_breakers). `stop`: a string or a list of them.
+        dry_penalty_last_n, dry_sequence_breakers, logit_bias: {token id: added to its logit}). `stop`:
+        a string or a list of them.
         `truncate`: drop the start of a prompt that leaves no room for `max_tokens` new tokens, keeping
         its last n_ctx - max_tokens tokens (at least 1), or half the context when max_tokens >= n_ctx;
         without it a prompt that does not fit raises `ContextOverflowError`.
@@ -156,7 +161,7 @@ class LLM:
     def _stream_chunks(self, prompt: str | Sequence[int], constraint: Any, max_tokens: int, stop: Sequence[str],
                        ignore_eos: bool, timings: dict | None, truncate: bool, lookup: int | None, draft: Any,
                        sampling: dict) -> Iterator[Chunk]:
-        max_tokens, stops, params = _generation_options(max_tokens, stop, sampling)
+        max_tokens, stops, params = _generation_options(max_tokens, stop, sampling, self.n_vocab)
         drafter, n_draft = self._drafter(lookup, draft)
         ids = self._prompt_ids(prompt)
         if truncate:
@@ -244,7 +249,7 @@ class LLM:
         sequence's last chunk carries its finish reason. Options as in `stream_chunks`; with a seed,
         sample j of every prompt uses seed + j (as a single `generate` with that seed would). The
         samples of a prompt share its cached positions."""
-        max_tokens, stops, params = _generation_options(max_tokens, stop, sampling)
+        max_tokens, stops, params = _generation_options(max_tokens, stop, sampling, self.n_vocab)
         constraint = self._constraint(grammar, json_schema)
         n = check_int("n", n, 1)
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):

@@ -132,6 +132,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-sequence-breaker", action="append", metavar="TEXT", dest="dry_sequence_breakers",
                    help="DRY: no repeat runs across TEXT; each one given replaces the default breakers "
                         "(newline, ':', '\"', '*'); 'none': no breakers")
+    p.add_argument("-l", "--logit-bias", action="append", metavar="TOKEN_ID(+/-)BIAS", default=None,
+                   help="add BIAS to a token's logit, e.g. 15043+1 or 15043-inf (never) (repeatable)")
     p.add_argument("-s", "--seed", type=int, default=-1, help="random seed, >= 0; -1 = a random one (default)")
 
 
@@ -149,8 +151,23 @@ def _sampling_params(a: argparse.Namespace):
                             dry_allowed_length=a.dry_allowed_length, dry_penalty_last_n=a.dry_penalty_last_n)
     if a.dry_sequence_breakers is not None:
         params.dry_sequence_breakers = () if a.dry_sequence_breakers == ["none"] else tuple(a.dry_sequence_breakers)
+    if a.logit_bias:
+        params.logit_bias = dict(_logit_bias(v) for v in a.logit_bias)
     params.validate(_SAMPLING_FLAGS)
     return params
+
+
+def _logit_bias(value: str) -> tuple[int, float]:
+    """llama.cpp's --logit-bias TOKEN_ID(+/-)BIAS."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d{1,12})\s*([+-])\s*(inf|[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*", value)
+    if m is None:
+        raise UsageError(f"--logit-bias {value!r}: give TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1, 15043-inf)")
+    bias = float(m[3]) * (-1 if m[2] == "-" else 1)
+    if bias == math.inf:
+        raise UsageError(f"--logit-bias {value!r}: +inf would leave only that token; give a finite bias")
+    return int(m[1]), bias
 
 
 def _check_runtime_args(a: argparse.Namespace) -> None:
@@ -194,7 +211,7 @@ _SAMPLING_FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-
                    "mirostat": "--mirostat", "mirostat_tau": "--mirostat-ent", "mirostat_eta": "--mirostat-lr",
                    "dry_multiplier": "--dry-multiplier", "dry_base": "--dry-base",
                    "dry_allowed_length": "--dry-allowed-length", "dry_penalty_last_n": "--dry-penalty-last-n",
-                   "dry_sequence_breakers": "--dry-sequence-breaker"}
+                   "dry_sequence_breakers": "--dry-sequence-breaker", "logit_bias": "--logit-bias"}
 
 
 def _speculative_args(p: argparse.ArgumentParser) -> None:
@@ -216,6 +233,7 @@ def _grammar_args(p: argparse.ArgumentParser) -> None:
 
 
 MAX_GRAMMAR_BYTES = 1 << 20
+MAX_PROMPT_FILE_BYTES = 64 << 20
 
 
 def _read_small_file(flag: str, path: str, limit: int = MAX_GRAMMAR_BYTES) -> str:
@@ -335,10 +353,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.n_predict < 1 and a.n_predict != -1:
         raise UsageError(f"-n must be at least 1, or -1 to generate until the context is full; got {a.n_predict}")
     params = _sampling_params(a)
-    if a.prompt is not None and a.prompt_pos is not None:
-        raise UsageError("give the prompt once: as PROMPT or with -p, not both")
+    if sum(x is not None for x in (a.prompt, a.prompt_pos, a.file)) > 1:
+        raise UsageError("give the prompt once: as PROMPT, with -p or with -f, not more")
     prompt = a.prompt if a.prompt is not None else a.prompt_pos
-    if prompt is None:
+    if a.file is not None:
+        prompt = _read_small_file("-f/--file", a.file, MAX_PROMPT_FILE_BYTES)
+    elif prompt is None:
         prompt = _read_stdin("the prompt", "give a prompt: purelm generate \"Once upon a time\" "
                                            "(or -p, or pipe it on stdin)")
     else:
@@ -996,6 +1016,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt, streaming the text.")
     g.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or -p, or stdin)")
     g.add_argument("-p", "--prompt", default=None, help="the prompt (instead of PROMPT)")
+    g.add_argument("-f", "--file", default=None, metavar="FILE", help="read the prompt from FILE (UTF-8)")
     _model_args(g)
     _runtime_args(g)
     g.add_argument("-n", "--n-predict", type=int, default=128,

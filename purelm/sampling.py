@@ -106,6 +106,7 @@ class SamplingParams:
     dry_allowed_length: int = 2
     dry_penalty_last_n: int = 64  # how many recent tokens DRY looks at; 0 disables
     dry_sequence_breakers: Sequence[str] = DRY_BREAKERS  # texts no repeat runs across (needs a tokenizer)
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit first (-inf: never)
 
     def validate(self, names: Mapping[str, str] | None = None) -> None:
         """Raise UsageError for a value of the wrong type or out of range. `names`: how to call each
@@ -133,6 +134,12 @@ class SamplingParams:
         check_float(n["dry_base"], self.dry_base, ">= 1", lambda v: v >= 1)
         check_int(n["dry_allowed_length"], self.dry_allowed_length, 0)
         check_int(n["dry_penalty_last_n"], self.dry_penalty_last_n, 0, ">= 0; 0 is off")
+        bias = self.logit_bias
+        if bias is not None and (not isinstance(bias, Mapping) or not all(
+                isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 0 and isinstance(v, numbers.Real)
+                and not isinstance(v, bool) and (math.isfinite(v) or v == -math.inf) for k, v in bias.items())):
+            raise UsageError(f"{n['logit_bias']} must map token ids (>= 0) to numbers (finite, or -inf to ban a "
+                             f"token), got {bias!r:.200}")
         b = self.dry_sequence_breakers
         if isinstance(b, str) or not isinstance(b, Sequence) or len(b) > MAX_BREAKERS or not all(
                 isinstance(t, str) and 0 < len(t) <= MAX_BREAKER_CHARS for t in b):
@@ -152,6 +159,9 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         self.mu = 2.0 * params.mirostat_tau  # Mirostat's maximum surprise, moved after each token
         self.breakers: dict[int, list[tuple[int, ...]]] = {}
+        bias = params.logit_bias or {}
+        self._bias_ids = np.fromiter((int(k) for k in bias), np.int64, len(bias))
+        self._bias = np.fromiter((float(v) for v in bias.values()), np.float32, len(bias))
         if self._dry_on() and tokenizer is not None and params.dry_sequence_breakers:
             self.breakers = dry_breakers(tokenizer, tuple(params.dry_sequence_breakers))
 
@@ -218,6 +228,12 @@ class Sampler:
         drawn from; speculative decoding and tests read it). XTC draws from the sampler's generator."""
         p = self.p
         logits = np.asarray(logits, np.float32)
+        if len(self._bias):
+            if self._bias_ids.max() >= len(logits):
+                raise UsageError(f"logit_bias names token {int(self._bias_ids.max())}, outside the vocabulary "
+                                 f"({len(logits)} tokens)")
+            logits = logits.copy()
+            logits[self._bias_ids] += self._bias
         if p.temperature == 0:
             best = int(np.argmax(logits if p.mirostat else self.apply_penalties(logits, history)))
             return np.array([best]), np.array([1.0])

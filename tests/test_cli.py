@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import select
 import signal
@@ -61,6 +62,21 @@ def test_generate_takes_llama_cpps_other_samplers(capsys, fixtures):
                            *flags, "The quick")
         want = llm.generate("The quick", max_tokens=12, seed=5, ignore_eos=True, **options)
         assert code == 0 and out == want + "\n" and want != default, flags
+
+
+def test_generate_takes_a_prompt_file_and_logit_biases(capsys, fixtures, tmp_path):
+    f = fixtures / "llama-f32.gguf"
+    llm = purelm.load(f, backend="numpy")
+    prompt = "The quick brown fox\njumps"
+    (tmp_path / "p.txt").write_bytes(prompt.encode())
+    tokens = [c.token for c in llm.stream_chunks(prompt, max_tokens=6, temperature=0, ignore_eos=True)]
+    bias = {tokens[0]: -math.inf, tokens[2]: 2.5}
+    want = llm.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True, logit_bias=bias)
+    code, out, _ = run(capsys, "generate", "-m", f, "--backend", "numpy", "--temp", "0", "-n", "6", "--ignore-eos",
+                       "-f", tmp_path / "p.txt", "-l", f"{tokens[0]}-inf", "--logit-bias", f"{tokens[2]}+2.5")
+    assert code == 0 and out == want + "\n" and not out.startswith(llm.detokenize(tokens[:1]))
+    code, out, err = run(capsys, "generate", "-m", f, "--backend", "numpy", "-f", tmp_path / "none.txt")
+    assert code == 2 and out == "" and "-f/--file" in err and "No such file" in err
 
 
 def test_generate_with_a_grammar_or_json_schema(capsys, tmp_path, smollm2_path):
@@ -152,6 +168,10 @@ def test_tokenize_takes_options_between_and_after_positionals(capsys, fixtures):
     (["--dry-base", "0.5"], "--dry-base must be >= 1"),
     (["--dry-allowed-length", "-1"], "--dry-allowed-length must be >= 0"),
     (["--dry-sequence-breaker", ""], "--dry-sequence-breaker must be a list of at most 16 strings"),
+    (["-l", "12"], "--logit-bias '12': give TOKEN_ID+BIAS"),
+    (["-l", "12+inf"], "+inf would leave only that token"),
+    (["-l", "99999+1"], "logit_bias: token 99999 is outside the vocabulary"),
+    (["-f", "/no/such/file"], "give the prompt once: as PROMPT, with -p or with -f"),  # (and "hi")
     (["-p", "twice"], "give the prompt once"),
 ])
 def test_bad_generate_arguments_name_the_flag(capsys, fixtures, args, message):

@@ -324,3 +324,18 @@ def test_dry_penalizes_the_tokens_that_would_extend_a_repeat():
     s = Sampler(SamplingParams(dry_multiplier=0.5, dry_allowed_length=2, dry_penalty_last_n=4))
     assert not s.apply_dry(np.zeros(16, np.float32), history).any()
     assert s.probabilities(np.zeros(16, np.float32), history)[0].size == 16  # nothing penalized, nothing cut
+
+
+def test_logit_bias_comes_first_and_minus_inf_bans():
+    """llama.cpp's chain starts with the logit bias: before penalties, greedy and every filter;
+    -inf bans a token; an id outside the logits is refused rather than read."""
+    assert Sampler(SamplingParams(temperature=0, logit_bias={3: -1.5}))(LOGITS) == 6  # 3.0 - 1.5 < 2.5
+    s = Sampler(SamplingParams(temperature=1, top_k=2, top_p=1, min_p=0, logit_bias={3: -np.inf, 7: 10.0}))
+    ids, p = s.probabilities(LOGITS)
+    assert ids.tolist() == [7, 6]  # -3 + 10 = 7 leads; 3 is gone
+    np.testing.assert_allclose(p, softmax(np.array([7.0, 2.5])), rtol=1e-6)
+    with pytest.raises(UsageError, match="outside the vocabulary"):
+        Sampler(SamplingParams(logit_bias={8: 1.0})).probabilities(LOGITS)
+    for bad in ({-1: 1.0}, {1: float("nan")}, {1: float("inf")}, {True: 1.0}, {1: "2"}, [(1, 2.0)]):
+        with pytest.raises(UsageError, match="logit_bias must map token ids"):
+            Sampler(SamplingParams(logit_bias=bad))

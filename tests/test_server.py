@@ -765,7 +765,7 @@ def test_request_fields_are_refused_with_a_4xx_or_taken_by_the_sampler(body, cha
             Sampler(got.params)
             assert got.max_tokens is None or 1 <= got.max_tokens <= 512
             assert 1 <= got.n <= 8 and all(isinstance(s, str) for s in got.stop)
-            assert all(0 <= k < 49152 and -100 <= v <= 100 for k, v in (got.logit_bias or {}).items())
+            assert all(0 <= k < 49152 and -100 <= v <= 100 for k, v in (got.params.logit_bias or {}).items())
 
 
 @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -1146,6 +1146,16 @@ def test_lookup_decoding_gives_the_replies_of_plain_decoding(srv, ref):
         assert [c.finish_reason for c in r.choices] == ["length", "length"] and r.usage.completion_tokens == 60
         metrics = httpx.get(spec.base + "/metrics").text
         assert f"purelm_draft_tokens_accepted {float(engine.accepted_tokens)}" in metrics
+        # a logit_bias applies to drafts too (speculative decoding checks them against the biased logits)
+        tokens = [c.token for c in ref.stream_chunks(COPY_PROMPTS[0], max_tokens=40, temperature=0)]
+        bias = {tokens[7]: -100.0, tokens[13]: 3.0}  # "6" never, "8" more
+        assert len(bias) == 2
+        want = ref.generate(COPY_PROMPTS[0], max_tokens=40, temperature=0, logit_bias=bias)
+        before = engine.draft_tokens
+        r = spec.client.completions.create(model=MODEL, prompt=COPY_PROMPTS[0], max_tokens=40, temperature=0,
+                                           logit_bias={str(k): v for k, v in bias.items()})
+        assert r.choices[0].text == want != ref.generate(COPY_PROMPTS[0], max_tokens=40, temperature=0)
+        assert engine.draft_tokens > before
         wait_idle(spec)
         assert not spec.state.engine.cache.seqs or all(
             s.n_past == len(toks) for s, toks in ((spec.state.engine.cache.seqs[q], t)

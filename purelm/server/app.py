@@ -399,7 +399,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         fmt = P.response_format(body)
         grammar = await asyncio.to_thread(state.grammar, fmt) if fmt else None
         (handle,) = _submit_all(state, [GenerationRequest(prompt, max_tokens, gen.params, 1, gen.stop, frozenset(),
-                                                          gen.ignore_eos, None, gen.logit_bias, grammar)])
+                                                          gen.ignore_eos, None, grammar)])
         reply = _Reply(1)
 
         def final() -> dict:
@@ -565,7 +565,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                 raise P.bad("a prompt is empty (and the model adds no BOS token)", "prompt")
             max_tokens = state.check_context(len(p), gen.max_tokens, "prompt")
             reqs.append(GenerationRequest(p, max_tokens, gen.params, gen.n, gen.stop, frozenset(), gen.ignore_eos,
-                                          k, gen.logit_bias, grammar, prompt_logprobs=k if echo else None))
+                                          k, grammar, prompt_logprobs=k if echo else None))
         # echo: each choice's text starts with its prompt, as its tokens spell it (special tokens as no
         # text), and with logprobs its prompt tokens' logprobs come first (the first token's None), as
         # OpenAI's legacy API does; text_offset counts in that text
@@ -707,8 +707,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         ids = template.encode(text) if hasattr(template, "encode") else state.chat_ids(text)
         max_tokens = state.check_context(len(ids), gen.max_tokens, "messages")
         stops = list(gen.stop) + [s for s in (getattr(template, "stop_strings", ()) or ()) if s not in gen.stop]
-        req = GenerationRequest(ids, max_tokens, gen.params, gen.n, stops, stop_ids, gen.ignore_eos, k,
-                                gen.logit_bias, grammar)
+        req = GenerationRequest(ids, max_tokens, gen.params, gen.n, stops, stop_ids, gen.ignore_eos, k, grammar)
         return _ChatTurn(gen, k, ids, req, template, use_tools, P.get_bool(body, "parallel_tool_calls", True))
 
     @app.post("/v1/chat/completions")

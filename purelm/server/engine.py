@@ -17,8 +17,8 @@ asyncio handlers through a thread-safe queue. Each step:
 With `lookup` (`purelm serve --lookup N`), a running sample's decode token comes with up to N tokens
 drafted by prompt lookup from its prompt and text so far (purelm.speculative): the pass checks them
 all, the agreeing ones are kept (the rejection rule when sampling) and the cache forgets the rest, as
-`LLM.stream_chunks(lookup=N)` does for one sequence. Requests with a grammar or a logit bias decode
-one token a step.
+`LLM.stream_chunks(lookup=N)` does for one sequence (the sampler's logit bias and penalties apply to
+the drafts' rows too). Requests with a grammar decode one token a step.
 
 A request whose prompt is fully prefilled forks its sequence `n - 1` times (the samples share the
 prompt's cached blocks). A finished sample's sequence is kept (the last `parallel` of them, least
@@ -83,7 +83,6 @@ class GenerationRequest:
     stop_ids: frozenset[int] = frozenset()  # end-of-turn tokens besides the model's end-of-generation ones
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k likeliest
-    logit_bias: dict[int, float] | None = None
     grammar: str | None = None  # a compiled grammar (purelm.grammar.compile_grammar)
     prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob and the k likeliest
 
@@ -581,7 +580,7 @@ class Engine:
             sample = _Sample(self.tokenizer, sampler, req.prompt, req.stop, req.ignore_eos, req.max_tokens,
                              req.stop_ids, constraints[j])
             slot = _Slot(job, j, seq, sample)
-            if self.n_draft and req.grammar is None and not req.logit_bias:
+            if self.n_draft and req.grammar is None:
                 slot.drafter = LookupDrafter()
             job.slots.append(slot)
             job.n_running += 1
@@ -591,14 +590,8 @@ class Engine:
             self._sample(slot, logits, pushes)
 
     def _sample(self, slot: _Slot, logits: np.ndarray, pushes: dict) -> None:
-        req = slot.job.req
-        raw = logits
-        if req.logit_bias:
-            logits = logits.copy()
-            ids = np.fromiter(req.logit_bias.keys(), np.int64)
-            logits[ids] += np.fromiter(req.logit_bias.values(), np.float32)
         room = self.cache.seqs[slot.seq].n_past < self.n_ctx
-        self._push(slot, slot.sample.next(logits, room), raw, pushes)
+        self._push(slot, slot.sample.next(logits, room), logits, pushes)
 
     def _draft(self, slot: _Slot) -> list[int]:
         """Tokens to check after the slot's pending one in this step's pass: as many as the context,

@@ -152,7 +152,6 @@ class Generation:
     stream: bool
     include_usage: bool
     ignore_eos: bool
-    logit_bias: dict[int, float] | None
     grammar: str | None = None  # llguidance grammar
     extra: dict = field(default_factory=dict)
 
@@ -257,7 +256,8 @@ def generation(body: dict, n_vocab: int, n_ctx: int, max_n: int, chat: bool, ech
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not _within(v, -100, 100):
                 raise bad(f"logit_bias[{k}] must be a number between -100 and 100, got {_short(v)}", "logit_bias")
             logit_bias[int(k)] = float(v)
-    return Generation(params, max_tokens, n, stops, stream, include_usage, get_bool(body, "ignore_eos"), logit_bias)
+    params.logit_bias = logit_bias
+    return Generation(params, max_tokens, n, stops, stream, include_usage, get_bool(body, "ignore_eos"))
 
 
 def token_ids(v: Any, n_vocab: int, param: str) -> list[int]:
