@@ -71,8 +71,9 @@ def _stops(stop: object) -> list[str]:
 
 
 def _generation_options(max_tokens: object, stop: object, sampling: dict,
-                        n_vocab: int) -> tuple[int, list[str], SamplingParams]:
-    """The options every generation call takes, checked: max_tokens, stop strings, sampling."""
+                        n_vocab: int | None = None) -> tuple[int, list[str], SamplingParams]:
+    """The options every generation call takes, checked: max_tokens, stop strings, sampling (with
+    `n_vocab`, the logit bias's token ids too)."""
     unknown = set(sampling).difference(_SAMPLING_KEYS)
     if unknown:
         raise UsageError(f"unknown generation option(s): {', '.join(sorted(unknown))} (known: max_tokens, "
@@ -80,7 +81,7 @@ def _generation_options(max_tokens: object, stop: object, sampling: dict,
                          f"{', '.join(_SAMPLING_KEYS)}; chat: tools, tool_choice, chat_template_kwargs)")
     params = SamplingParams(**sampling)
     params.validate()
-    outside = [k for k in params.logit_bias or () if k >= n_vocab]
+    outside = [k for k in params.logit_bias or () if n_vocab is not None and k >= n_vocab]
     if outside:
         raise UsageError(f"logit_bias: token {outside[0]} is outside the vocabulary (0 to {n_vocab - 1})")
     return check_int("max_tokens", max_tokens, 1), _stops(stop), params

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import GenerationError, UsageError
 
 
 def check_int(name: str, value: object, lo: int, rule: str = "") -> int:
@@ -80,7 +80,7 @@ def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
 
 
 DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's default
-MAX_BREAKERS, MAX_BREAKER_CHARS = 16, 40
+MAX_BREAKERS, MAX_BREAKER_BYTES = 16, 40  # (llama.cpp cuts a breaker at 40 bytes)
 
 
 @dataclass
@@ -136,15 +136,17 @@ class SamplingParams:
         check_int(n["dry_penalty_last_n"], self.dry_penalty_last_n, 0, ">= 0; 0 is off")
         bias = self.logit_bias
         if bias is not None and (not isinstance(bias, Mapping) or not all(
-                isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 0 and isinstance(v, numbers.Real)
-                and not isinstance(v, bool) and (math.isfinite(v) or v == -math.inf) for k, v in bias.items())):
-            raise UsageError(f"{n['logit_bias']} must map token ids (>= 0) to numbers (finite, or -inf to ban a "
-                             f"token), got {bias!r:.200}")
+                isinstance(k, numbers.Integral) and not isinstance(k, bool) and 0 <= k < 2**31
+                and isinstance(v, numbers.Real) and not isinstance(v, bool) and (abs(v) <= 1e30 or v == -math.inf)
+                for k, v in bias.items())):
+            raise UsageError(f"{n['logit_bias']} must map token ids (>= 0) to numbers (at most 1e30 in size, or -inf "
+                             f"to ban a token), got {bias!r:.200}")
         b = self.dry_sequence_breakers
         if isinstance(b, str) or not isinstance(b, Sequence) or len(b) > MAX_BREAKERS or not all(
-                isinstance(t, str) and 0 < len(t) <= MAX_BREAKER_CHARS for t in b):
+                isinstance(t, str) and 0 < len(t.encode("utf-8", "replace")) <= MAX_BREAKER_BYTES
+                and not any("\ud800" <= c <= "\udfff" for c in t) for t in b):
             raise UsageError(f"{n['dry_sequence_breakers']} must be a list of at most {MAX_BREAKERS} strings of 1 to "
-                             f"{MAX_BREAKER_CHARS} characters, got {b!r:.200}")
+                             f"{MAX_BREAKER_BYTES} bytes of UTF-8, got {b!r:.200}")
 
 
 class Sampler:
@@ -161,7 +163,7 @@ class Sampler:
         self.breakers: dict[int, list[tuple[int, ...]]] = {}
         bias = params.logit_bias or {}
         self._bias_ids = np.fromiter((int(k) for k in bias), np.int64, len(bias))
-        self._bias = np.fromiter((float(v) for v in bias.values()), np.float32, len(bias))
+        self._bias = np.fromiter((float(v) for v in bias.values()), np.float64, len(bias))
         if self._dry_on() and tokenizer is not None and params.dry_sequence_breakers:
             self.breakers = dry_breakers(tokenizer, tuple(params.dry_sequence_breakers))
 
@@ -233,15 +235,20 @@ class Sampler:
                 raise UsageError(f"logit_bias names token {int(self._bias_ids.max())}, outside the vocabulary "
                                  f"({len(logits)} tokens)")
             logits = logits.copy()
-            logits[self._bias_ids] += self._bias
-        if p.temperature == 0:
-            best = int(np.argmax(logits if p.mirostat else self.apply_penalties(logits, history)))
-            return np.array([best]), np.array([1.0])
+            logits[self._bias_ids] = np.where(  # -inf bans; other sums stay within float32
+                self._bias == -np.inf, -np.inf,
+                _within_float32(logits[self._bias_ids].astype(np.float64) + self._bias, logits[self._bias_ids]))
+        if not np.isfinite(logits.max()):
+            raise GenerationError("no token is left to sample: the grammar and logit_bias exclude every one"
+                                  if logits.max() == -np.inf else "the logits are not finite numbers")
         if p.mirostat:
-            return self._mirostat(logits)
+            return greedy(logits) if p.temperature == 0 else self._mirostat(logits)
         logits = self.apply_penalties(logits, history)
         if self._dry_on():
             logits = self.apply_dry(logits, history)
+        xtc = p.xtc_probability > 0 and p.xtc_threshold <= 0.5
+        if p.temperature == 0 and p.top_n_sigma <= 0 and p.typical_p >= 1 and not xtc:
+            return greedy(logits)  # (top-k, top-p and min-p always keep the likeliest token)
         if p.top_n_sigma > 0:
             logits = _top_n_sigma(logits, p.top_n_sigma)
         if 0 < p.top_k < len(logits):
@@ -263,30 +270,28 @@ class Sampler:
             keep = min(keep, int(np.count_nonzero(probs >= p.min_p * probs[0])))
         keep = max(1, min(keep, int(np.count_nonzero(probs))))  # tokens masked to -inf are never candidates
         ids, x = ids[:keep], x[:keep]
-        if p.xtc_probability > 0 and p.xtc_threshold <= 0.5 and len(ids) >= 2 \
-                and self.rng.random() <= p.xtc_probability:
+        if xtc and len(ids) >= 2 and self.rng.random() <= p.xtc_probability:
             # all the tokens at least as likely as the threshold but the least likely of them go
             over = int(np.count_nonzero(_softmax(x) >= p.xtc_threshold))
             if over > 1:
                 ids, x = ids[over - 1:], x[over - 1:]
-        return ids, _softmax(x / p.temperature)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            scaled = x / p.temperature
+        if p.temperature == 0 or np.isinf(scaled[0]):  # the likeliest of the tokens the filters left (as
+            return ids[:1], np.array([1.0])            # llama.cpp's temperature 0; or one so near 0 it overflowed)
+        return ids, _softmax(scaled)
 
     def _mirostat(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mirostat's candidates at the current mu (version 1: the top k of a Zipf estimate over the 100
         likeliest tokens; version 2: the tokens of surprise at most mu), after temperature."""
         p = self.p
-        x = logits.astype(np.float64) / p.temperature
+        with np.errstate(over="ignore"):
+            x = logits.astype(np.float64) / p.temperature
+        if np.isinf(x.max()):  # a temperature so near 0 that the logits overflowed: the likeliest
+            return greedy(logits)
         n = len(x)
         if p.mirostat == 1:
-            top = top_k_ids(x, min(100, n))
-            top = top[np.argsort(-x[top], kind="stable")]
-            top = top[np.isfinite(x[top])]
-            b = x[top[:-1]] - x[top[1:]]  # log(p_i / p_i+1)
-            t = np.log(np.arange(2, len(top) + 1) / np.arange(1, len(top)))
-            with np.errstate(all="ignore"):
-                s_hat = np.float64((t * b).sum()) / (t * t).sum()  # numpy scalars: inf and NaN, no exceptions
-                eps = s_hat - 1
-                k = float(np.power((eps * np.exp2(self.mu)) / (1 - np.power(np.float64(n), -eps)), 1 / s_hat))
+            k = self.mirostat_k(x)
             k = int(min(k, n)) if math.isfinite(k) else n if k > 0 else 1  # (NaN: 1)
             ids = top_k_ids(x, max(1, k)) if 1 < k < n else np.arange(n) if k >= n else np.array([np.argmax(x)])
         else:
@@ -296,6 +301,20 @@ class Sampler:
                 ids = np.array([np.argmax(x)])
         ids = ids[np.argsort(-x[ids], kind="stable")]
         return ids, _softmax(x[ids])
+
+    def mirostat_k(self, x: np.ndarray) -> float:
+        """Mirostat 1's k at the current mu for tempered logits x: from the Zipf exponent (s_hat) the
+        100 likeliest tokens fit. (Where k passes 2^31, llama.cpp's int32 of it overflows and it keeps
+        one token; here k over the vocabulary keeps them all.)"""
+        top = top_k_ids(x, min(100, len(x)))
+        top = top[np.argsort(-x[top], kind="stable")]
+        top = top[np.isfinite(x[top])]
+        b = x[top[:-1]] - x[top[1:]]  # log(p_i / p_i+1)
+        t = np.log(np.arange(2, len(top) + 1) / np.arange(1, len(top)))
+        with np.errstate(all="ignore"):
+            s_hat = np.float64((t * b).sum()) / (t * t).sum()  # numpy scalars: inf and NaN, no exceptions
+            eps = s_hat - 1
+            return float(np.power((eps * np.exp2(self.mu)) / (1 - np.power(np.float64(len(x)), -eps)), 1 / s_hat))
 
     def chosen(self, token: int, ids: np.ndarray, probs: np.ndarray) -> None:
         """The sequence goes on with `token`, drawn from (ids, probs): Mirostat moves mu by the gap
@@ -343,37 +362,48 @@ MAX_BREAKER_SETS = 8
 def dry_breakers(tokenizer: Any, texts: tuple[str, ...]) -> dict[int, list[tuple[int, ...]]]:
     """DRY's sequence breakers as tokens, found as llama.cpp finds them: each token whose text holds a
     breaker is one with nothing after it (()); a token whose text ends with the start of a breaker is
-    one followed by the tokens of the breaker's rest. Built once per tokenizer and breakers."""
+    one followed by the tokens of the breaker's rest. A token's text is llama.cpp's detokenization of
+    it alone (a SentencePiece vocabulary's leading space dropped). Built once per tokenizer and
+    breakers (the last few sets kept), the vocabulary scanned outside the lock."""
     with _breakers_lock:
         known = _breakers.setdefault(tokenizer, {})
         if texts in known:
             known[texts] = known.pop(texts)  # the most recently used last
             return known[texts]
+    strip = getattr(tokenizer, "model", None) == "llama" and getattr(tokenizer, "add_space_prefix", False)
+    pieces = [tokenizer.token_to_piece(i) for i in range(tokenizer.vocab_size)]
+    if strip:
+        pieces = [w[1:] if w.startswith(b" ") else w for w in pieces]
+    heads: dict[int, list[tuple[int, ...]]] = {}
+    for text in texts:
+        b = text.encode("utf-8")
+        rests = {j: tuple(tokenizer.encode(b[j:].decode("utf-8", "replace"), add_special=False,
+                                           parse_special=False)[:MAX_TAIL]) for j in range(1, len(b))}
+        starts = tuple(b[:j] for j in rests)
+        for token, word in enumerate(pieces):
+            if b in word:
+                tails = [()]
+            elif starts and word.endswith(starts):
+                tails = [rests[j] for j in rests if j <= len(word) and word.endswith(b[:j])]
+            else:
+                continue
+            for tail in tails:
+                if tail not in heads.setdefault(token, []):
+                    heads[token].append(tail)
+    with _breakers_lock:
+        known = _breakers.setdefault(tokenizer, {})
         while len(known) >= MAX_BREAKER_SETS:  # requests may each bring their own: keep the few used last
             known.pop(next(iter(known)))
-        pieces = [tokenizer.token_to_piece(i) for i in range(tokenizer.vocab_size)]
-        heads: dict[int, list[tuple[int, ...]]] = {}
-        for text in texts:
-            b = text.encode("utf-8")
-            rests = {j: tuple(tokenizer.encode(b[j:].decode("utf-8", "replace"), add_special=False,
-                                               parse_special=False)[:MAX_TAIL]) for j in range(1, len(b))}
-            starts = tuple(b[:j] for j in rests)
-            for token, word in enumerate(pieces):
-                if b in word:
-                    tails = [()]
-                elif starts and word.endswith(starts):
-                    tails = [rests[j] for j in rests if j <= len(word) and word.endswith(b[:j])]
-                else:
-                    continue
-                for tail in tails:
-                    if tail not in heads.setdefault(token, []):
-                        heads[token].append(tail)
         known[texts] = heads
-        return heads
+    return heads
+
+
+def greedy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([int(np.argmax(logits))]), np.array([1.0])
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-    """Probabilities of float64 logits, largest first (x[0] is the largest, or -inf where all are)."""
+    """Probabilities of float64 logits, at least one of them finite."""
     probs = np.exp(x - x.max())
     return probs / probs.sum()
 

@@ -63,6 +63,10 @@ def run(cases: list[dict]) -> list[dict]:
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
         if case["kind"] == "filters":
+            bias = case.get("logit_bias", {})
+            if bias:
+                items = (lc.llama_logit_bias * len(bias))(*[lc.llama_logit_bias(int(k), v) for k, v in bias.items()])
+                add(lc.llama_sampler_init_logit_bias(len(logits[0]), len(bias), items))
             add(lc.llama_sampler_init_top_n_sigma(case["top_n_sigma"]))
             add(lc.llama_sampler_init_top_k(case["top_k"]))
             add(lc.llama_sampler_init_typical(case["typical_p"], 0))
@@ -153,7 +157,14 @@ def make_cases(seed: int, n: int, vocab: int = 256) -> list[dict]:
             # llama.cpp's typical-p after top-n-sigma takes the -inf logits the latter leaves in the array
             # into its entropy (0 * log 0: NaN) and keeps tokens at random: never both
             on[2] &= not on[0]
-            cases.append({"kind": kind, "logits": [row()], "temperature": float(rng.choice([0.5, 0.8, 1.0, 1.5])),
+            logits = row()
+            if not on[2] and rng.random() < 0.3:  # a grammar's mask (not with typical-p, for the same reason)
+                for i in rng.choice(vocab, vocab // 2, replace=False)[1:]:
+                    logits[i] = float("-inf")
+            bias = {str(i): float(rng.choice([-np.inf, rng.uniform(-5, 5)]))
+                    for i in rng.choice(vocab, rng.integers(0, 4), replace=False)} if not on[2] else {}
+            cases.append({"kind": kind, "logits": [logits], "logit_bias": bias,
+                          "temperature": float(rng.choice([0.0, 0.5, 0.8, 1.0, 1.5])),
                           "top_n_sigma": float(rng.uniform(0.5, 3)) if on[0] else -1.0,
                           "top_k": int(rng.integers(5, 200)) if on[1] else 0,
                           "typical_p": float(rng.uniform(0.2, 0.95)) if on[2] else 1.0,

@@ -576,21 +576,25 @@ def test_cli_chat_with_a_json_schema_replies_as_the_api(smollm2_path, smollm2):
     assert r.stdout.decode() == want.text + "\n" and set(json.loads(want.text)) == {"greeting"}
 
 
-def test_cli_chat_with_a_template_file_replies_as_the_api_with_that_template(smollm2_path, tmp_path):
+def test_cli_chat_with_a_template_file_replies_as_the_api_with_that_template(smollm2_path, smollm2, tmp_path, capsys):
     text = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
     (tmp_path / "t.jinja").write_text(text)
     r = chat_cli(smollm2_path, "--temp", "0", "-n", "12", "--chat-template-file", tmp_path / "t.jinja",
                  input=b"What is the capital of France?\n")
     assert r.returncode == 0, r.stderr
-    llm = purelm.load(smollm2_path)
-    llm.chat_template = ChatTemplate.from_text(text, llm.tokenizer)
-    want = llm.chat(QUESTION, max_tokens=12, temperature=0).text
-    assert r.stdout.decode() == want + "\n" and want != purelm.load(smollm2_path).chat(
-        QUESTION, max_tokens=12, temperature=0).text  # not the file's own template's reply
+    own = smollm2.chat_template
+    try:
+        smollm2.chat_template = ChatTemplate.from_text(text, smollm2.tokenizer)
+        want = smollm2.chat(QUESTION, max_tokens=12, temperature=0).text
+    finally:
+        smollm2.chat_template = own
+    assert r.stdout.decode() == want + "\n" and want != smollm2.chat(QUESTION, max_tokens=12, temperature=0).text
     (tmp_path / "bad.jinja").write_text("{% for %}")
-    r = chat_cli(smollm2_path, "--chat-template-file", tmp_path / "bad.jinja", input=b"hi\n")
-    err = r.stderr.decode()
-    assert r.returncode != 0 and r.stdout == b"" and err.startswith("purelm: error:") and err.count("\n") == 1, err
+    from purelm.cli import main
+
+    code = main(["chat", "-m", str(tmp_path / "no-model-read.gguf"), "--chat-template-file", str(tmp_path / "bad.jinja")])
+    out, err = capsys.readouterr()  # refused before the model is read
+    assert code == 1 and out == "" and err.startswith("purelm: error:") and "template" in err and err.count("\n") == 1, err
 
 
 def test_cli_chat_keeps_going_past_the_context(smollm2_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import threading
 import time
@@ -296,16 +297,11 @@ def test_parallel_tool_calls_false_keeps_a_replys_first_call(srv):
     msgs = [{"role": "user", "content": "Weather in Paris and Rome?"}]
     body = dict(model=MODEL, messages=msgs, tools=[{"type": "function", "function": fn}], max_tokens=80,
                 temperature=0)
-    for parallel, stream, cities in ((None, False, ["Paris", "Rome"]), (False, False, ["Paris"]),
-                                     (False, True, ["Paris"])):
+    for parallel, cities in ((None, ["Paris", "Rome"]), (False, ["Paris"])):  # (streamed: the same _ChatTurn)
         extra = {"grammar": grammar} | ({} if parallel is None else {"parallel_tool_calls": parallel})
-        if stream:
-            chunks = list(srv.client.chat.completions.create(stream=True, extra_body=extra, **body))
-            calls = [t.function for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
-        else:
-            calls = [t.function for t in
-                     srv.client.chat.completions.create(extra_body=extra, **body).choices[0].message.tool_calls]
-        assert [json.loads(f.arguments)["city"] for f in calls] == cities, (parallel, stream)
+        calls = [t.function for t in
+                 srv.client.chat.completions.create(extra_body=extra, **body).choices[0].message.tool_calls]
+        assert [json.loads(f.arguments)["city"] for f in calls] == cities, parallel
     out = srv.post("/v1/responses", {"input": msgs[0]["content"], "tools": [{"type": "function", **fn}],
                                      "max_output_tokens": 80, "temperature": 0, "grammar": grammar,
                                      "parallel_tool_calls": False}).json()
@@ -1309,6 +1305,18 @@ def test_the_servers_request_defaults_fill_the_fields_a_request_leaves_out(srv, 
         assert r.choices[0].text == ref.generate(prompt, max_tokens=3, temperature=1.0, seed=11)  # the default seed
         props = httpx.get(srv.base + "/props", timeout=10).json()["default_generation_settings"]["params"]
         assert props["temperature"] == 0 and props["n_predict"] == 5 and props["seed"] == 11
+        # a default logit bias holds unless a request gives its own; false bans a token, as in llama-server
+        first = next(c.token for c in ref.stream_chunks(prompt, max_tokens=1, temperature=0))
+        banned = ref.generate(prompt, max_tokens=5, temperature=0, logit_bias={first: -math.inf})
+        assert banned != want
+        config.sampling = SamplingParams(temperature=0, logit_bias={first: -math.inf})
+        assert srv.client.completions.create(model=MODEL, prompt=prompt).choices[0].text == banned
+        assert srv.client.completions.create(model=MODEL, prompt=prompt, logit_bias={}).choices[0].text == want
+        props = httpx.get(srv.base + "/props", timeout=10).json()["default_generation_settings"]["params"]
+        assert props["logit_bias"] == [[first, False]]
+        config.sampling = SamplingParams(temperature=0)
+        r = httpx.post(srv.base + "/completion", json={"prompt": prompt, "logit_bias": {str(first): False}}).json()
+        assert r["content"] == banned
     finally:
         config.sampling, config.n_predict = SamplingParams(), None
 

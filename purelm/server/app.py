@@ -12,6 +12,7 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -30,7 +31,7 @@ from ..chat.tool_calls import ContentStream
 from ..errors import ContextOverflowError, MemoryLimitError, PurelmError, UsageError
 from ..grammar import compile_grammar, forced_call
 from ..infill import check_fim, infill_ids
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, dry_breakers
 from . import anthropic as A
 from . import protocol as P
 from . import responses as R
@@ -128,6 +129,18 @@ class _State:
                         f"context of {self.n_ctx} tokens: lower max_tokens or shorten the prompt",
                         "max_tokens", "context_length_exceeded")
         return max_tokens if max_tokens is not None else self.n_ctx - n_prompt
+
+    async def generation(self, body: dict, max_n: int, chat: bool, echo: bool = False,
+                         n_predict: int | None = None) -> P.Generation:
+        """A request's generation fields (protocol.generation, with this server's defaults). A new set of
+        DRY sequence breakers is found in the vocabulary here, in a worker thread, so that the engine
+        thread finds it made (a scan of the vocabulary: up to a second)."""
+        gen = P.generation(body, self.n_vocab, self.n_ctx, max_n, chat, echo, self.config.sampling,
+                           n_predict)
+        p = gen.params
+        if p.dry_multiplier and p.dry_penalty_last_n and not p.mirostat and p.dry_sequence_breakers:
+            await asyncio.to_thread(dry_breakers, self.tokenizer, tuple(p.dry_sequence_breakers))
+        return gen
 
     def grammar(self, fmt: tuple[str, Any] | None, stop_ids: frozenset[int] = frozenset()) -> str | None:
         """The compiled grammar of `response_format` / `json_schema` / `grammar` / a forced tool call
@@ -338,7 +351,9 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                 "xtc_threshold": d.xtc_threshold, "mirostat": d.mirostat, "mirostat_tau": d.mirostat_tau,
                 "mirostat_eta": d.mirostat_eta, "dry_multiplier": d.dry_multiplier, "dry_base": d.dry_base,
                 "dry_allowed_length": d.dry_allowed_length, "dry_penalty_last_n": d.dry_penalty_last_n,
-                "dry_sequence_breakers": list(d.dry_sequence_breakers)}},
+                "dry_sequence_breakers": list(d.dry_sequence_breakers),
+                # (JSON has no -inf: a banned token shows false, as llama-server's requests write it)
+                "logit_bias": [[k, v if v != -math.inf else False] for k, v in (d.logit_bias or {}).items()]}},
             "total_slots": config.parallel, "model_alias": state.model_id, "model_path": state.llm.path,
             "modalities": {"vision": False, "video": False, "audio": False}, "chat_template": template,
             "bos_token": bos or "", "eos_token": eos or "", "build_info": f"purelm {__version__}",
@@ -390,8 +405,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             raise P.bad("n_predict must be -1 (until the context is full) or at least 1", "n_predict")
         if n_predict is not None and n_predict > 0 and "max_tokens" not in body:
             body["max_tokens"] = min(n_predict, state.n_ctx)
-        gen = P.generation(body, state.n_vocab, state.n_ctx, 1, chat=False, defaults=config.sampling,
-                           n_predict=None if n_predict == -1 else config.n_predict)
+        gen = await state.generation(body, 1, chat=False, n_predict=None if n_predict == -1 else config.n_predict)
         if not prompt:
             raise P.bad("the prompt is empty (and the model adds no BOS token)", "prompt")
         # as llama-server: a reply that would pass the context's end stops there (no 400)
@@ -542,8 +556,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         state.check_model(body)
         prompts = P.prompts(body, state.n_vocab)
         echo = P.get_bool(body, "echo")
-        gen = P.generation(body, state.n_vocab, state.n_ctx, config.parallel, chat=False, echo=echo,
-                           defaults=config.sampling, n_predict=config.n_predict)
+        gen = await state.generation(body, config.parallel, chat=False, echo=echo, n_predict=config.n_predict)
         k = P.get_int(body, "logprobs", 0, P.MAX_TOP_LOGPROBS)
         suffix = P.get_str(body, "suffix")
         fmt = P.response_format(body)
@@ -689,8 +702,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         state.check_model(body)
         msgs = P.messages(body)
         tools, tool_choice = P.tools(body)
-        gen = P.generation(body, state.n_vocab, state.n_ctx, config.parallel, chat=True, defaults=config.sampling,
-                           n_predict=config.n_predict)
+        gen = await state.generation(body, config.parallel, chat=True, n_predict=config.n_predict)
         want_lp = P.get_bool(body, "logprobs")
         top_k = P.get_int(body, "top_logprobs", 0, P.MAX_TOP_LOGPROBS)
         if top_k is not None and not want_lp:

@@ -573,10 +573,11 @@ class Engine:
             return
         constraints = [None if req.grammar is None else Constraint(self.tokenizer, req.grammar, req.stop_ids)
                        for _ in range(req.n)]
-        for j in range(req.n):
+        # each sample's sampler before any fork of the sequence: a sampler that fails leaves no fork behind
+        samplers = [Sampler(dataclasses.replace(req.params, seed=None if req.params.seed is None
+                                                else req.params.seed + j), self.tokenizer) for j in range(req.n)]
+        for j, sampler in enumerate(samplers):
             seq = job.seq if j == req.n - 1 else self.cache.fork(job.seq)
-            seed = None if req.params.seed is None else req.params.seed + j
-            sampler = Sampler(dataclasses.replace(req.params, seed=seed), self.tokenizer)
             sample = _Sample(self.tokenizer, sampler, req.prompt, req.stop, req.ignore_eos, req.max_tokens,
                              req.stop_ids, constraints[j])
             slot = _Slot(job, j, seq, sample)

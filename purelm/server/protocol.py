@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sampling import MAX_BREAKER_CHARS, MAX_BREAKERS, SamplingParams
+from ..sampling import MAX_BREAKER_BYTES, MAX_BREAKERS, SamplingParams
 
 MAX_STOPS = 16
 MAX_PROMPTS = 64  # prompts in one completions request
@@ -170,9 +170,10 @@ def _breakers(value: Any, default: Sequence[str]) -> Sequence[str]:
     if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
         raise bad(f"dry_sequence_breakers must be a non-empty array of strings, got {_kind(value)}",
                   "dry_sequence_breakers", "invalid_type")
-    if len(value) > MAX_BREAKERS or not all(0 < len(t) <= MAX_BREAKER_CHARS for t in value):
-        raise bad(f"dry_sequence_breakers takes at most {MAX_BREAKERS} strings of 1 to {MAX_BREAKER_CHARS} characters",
-                  "dry_sequence_breakers")
+    if len(value) > MAX_BREAKERS or not all(0 < len(check_text(t, "dry_sequence_breakers").encode()) <= MAX_BREAKER_BYTES
+                                            for t in value):
+        raise bad(f"dry_sequence_breakers takes at most {MAX_BREAKERS} strings of 1 to {MAX_BREAKER_BYTES} bytes "
+                  "(UTF-8)", "dry_sequence_breakers")
     return tuple(value)
 
 
@@ -253,10 +254,13 @@ def generation(body: dict, n_vocab: int, n_ctx: int, max_n: int, chat: bool, ech
         for k, v in bias.items():
             if not (k.isascii() and k.isdigit() and len(k) < 20) or int(k) >= n_vocab:  # (int() of 5000 digits raises)
                 raise bad(f"logit_bias: {k!r} is not a token id (0 to {n_vocab - 1})", "logit_bias")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _within(v, -100, 100):
-                raise bad(f"logit_bias[{k}] must be a number between -100 and 100, got {_short(v)}", "logit_bias")
+            if v is False:  # llama-server's way to ban a token
+                v = -math.inf
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not _within(v, -100, 100):
+                raise bad(f"logit_bias[{k}] must be a number between -100 and 100 (or false: never), got "
+                          f"{_short(v)}", "logit_bias")
             logit_bias[int(k)] = float(v)
-    params.logit_bias = logit_bias
+    params.logit_bias = logit_bias if body.get("logit_bias") is not None else d.logit_bias
     return Generation(params, max_tokens, n, stops, stream, include_usage, get_bool(body, "ignore_eos"))
 
 
