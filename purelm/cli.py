@@ -252,7 +252,8 @@ def _chat_template_args(p: argparse.ArgumentParser) -> None:
     from .chat import ChatTemplate
 
     p.add_argument("--chat-template", default=None, metavar="NAME",
-                   help=f"use this built-in template instead of the model's own ({', '.join(ChatTemplate.builtin_names())})")
+                   help="use this built-in template instead of the model's own "
+                        f"({', '.join(ChatTemplate.builtin_names())})")
     p.add_argument("--chat-template-file", default=None, metavar="FILE",
                    help="use the Jinja template in FILE instead of the model's own (rendered in the same sandbox)")
 

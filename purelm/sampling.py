@@ -174,7 +174,8 @@ class Sampler:
         p = self.p
         if p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0:
             return logits
-        recent = history if p.repeat_last_n < 0 else history[len(history) - p.repeat_last_n :] if p.repeat_last_n else []
+        n_last = len(history) if p.repeat_last_n < 0 else p.repeat_last_n
+        recent = history[max(0, len(history) - n_last):] if n_last else []
         counts = Counter(recent)
         if not counts:
             return logits

@@ -11,7 +11,8 @@ one). It reads cases (JSON) on stdin and writes, per case, what llama.cpp's chai
 - "dry": the penalty DRY takes from each token's logit after a history of tokens, with the
   vocabulary of a model file (its sequence breakers are found among the tokens' texts).
 
-    python tests/llama_samplers.py --write tests/fixtures/samplers.npz --dry-model SMOLLM2.gguf   # the committed reference
+    # the committed reference:
+    python tests/llama_samplers.py --write tests/fixtures/samplers.npz --dry-model SMOLLM2.gguf
 
 (there the logits are one float16 array, the cases' rows in order: 1 row a "filters" case, 6 a Mirostat one).
 """

@@ -592,9 +592,10 @@ def test_cli_chat_with_a_template_file_replies_as_the_api_with_that_template(smo
     (tmp_path / "bad.jinja").write_text("{% for %}")
     from purelm.cli import main
 
-    code = main(["chat", "-m", str(tmp_path / "no-model-read.gguf"), "--chat-template-file", str(tmp_path / "bad.jinja")])
-    out, err = capsys.readouterr()  # refused before the model is read
-    assert code == 1 and out == "" and err.startswith("purelm: error:") and "template" in err and err.count("\n") == 1, err
+    code = main(["chat", "-m", str(tmp_path / "none.gguf"), "--chat-template-file", str(tmp_path / "bad.jinja")])
+    out, err = capsys.readouterr()  # refused before the model (there is none) is read
+    assert code == 1 and out == "" and err.startswith("purelm: error:") and "template" in err, err
+    assert err.count("\n") == 1, err
 
 
 def test_cli_chat_keeps_going_past_the_context(smollm2_path):

@@ -128,6 +128,10 @@ def test_repeat_penalty_window():
     s = Sampler(SamplingParams(repeat_penalty=2.0, repeat_last_n=1))
     out = s.apply_penalties(LOGITS, [0, 6])
     assert out[0] == LOGITS[0] and out[6] == pytest.approx(1.25)
+    # a history shorter than the window but longer than half of it: every token of it counts
+    s = Sampler(SamplingParams(frequency_penalty=1.0, repeat_last_n=4))
+    out = s.apply_penalties(LOGITS, [0, 1, 6])
+    assert (out[[0, 1, 6]] == LOGITS[[0, 1, 6]] - 1).all()
 
 
 def test_frequency_and_presence_penalties():
@@ -268,7 +272,8 @@ def test_fresh_cases_leave_the_candidates_llama_cpp_leaves(smollm2_path):
 def test_xtc_removes_the_likeliest_tokens_as_often_as_its_probability():
     """Three tokens above the threshold: XTC leaves only the least likely of them, in 30% of the draws."""
     logits = np.array([5.0, 4.8, 4.5, 1.0, 0.5, 0.0], np.float32)
-    s = Sampler(SamplingParams(temperature=1, top_k=0, top_p=1, min_p=0, xtc_probability=0.3, xtc_threshold=0.1, seed=4))
+    s = Sampler(SamplingParams(temperature=1, top_k=0, top_p=1, min_p=0, xtc_probability=0.3, xtc_threshold=0.1,
+                               seed=4))
     firsts = Counter(int(s.probabilities(logits)[0][0]) for _ in range(4000))
     assert set(firsts) == {0, 2} and abs(firsts[2] / 4000 - 0.3) < 0.03, firsts
     ids, _ = Sampler(SamplingParams(top_k=0, top_p=1, min_p=0, xtc_probability=1.0, xtc_threshold=0.6)).probabilities(

@@ -1247,7 +1247,8 @@ def test_cli_embed_and_serve_arguments(capsys, monkeypatch, tmp_path, smollm2_pa
         assert "pip install 'purelm[server]'" in capsys.readouterr().err
     finally:
         importlib.util.find_spec = real
-    for args, says in ((["--parallel", "0"], "--parallel"), (["--port", "70000"], "--port"), (["--batch", "0"], "--batch"),
+    for args, says in ((["--parallel", "0"], "--parallel"), (["--port", "70000"], "--port"),
+                       (["--batch", "0"], "--batch"),
                        (["-t", "0"], "--threads"), (["-c", "0"], "--ctx"), (["--lookup", "0"], "--lookup"),
                        (["-n", "0"], "-n must be"), (["--temp", "-1"], "--temp"), (["--mirostat", "5"], "--mirostat"),
                        (["--chat-template", "nope"], "not a built-in template"),

@@ -344,7 +344,8 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             template, bos, eos = "", "", ""
         return JSONResponse({
             "default_generation_settings": {"n_ctx": state.n_ctx, "params": {
-                "n_predict": config.n_predict or -1, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "min_p": d.min_p,
+                "n_predict": config.n_predict or -1, "temperature": d.temperature, "top_k": d.top_k,
+                "top_p": d.top_p, "min_p": d.min_p,
                 "repeat_penalty": d.repeat_penalty, "repeat_last_n": d.repeat_last_n,
                 "seed": -1 if d.seed is None else d.seed,
                 "top_n_sigma": d.top_n_sigma, "typical_p": d.typical_p, "xtc_probability": d.xtc_probability,

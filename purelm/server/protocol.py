@@ -170,8 +170,8 @@ def _breakers(value: Any, default: Sequence[str]) -> Sequence[str]:
     if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
         raise bad(f"dry_sequence_breakers must be a non-empty array of strings, got {_kind(value)}",
                   "dry_sequence_breakers", "invalid_type")
-    if len(value) > MAX_BREAKERS or not all(0 < len(check_text(t, "dry_sequence_breakers").encode()) <= MAX_BREAKER_BYTES
-                                            for t in value):
+    if len(value) > MAX_BREAKERS or not all(
+            0 < len(check_text(t, "dry_sequence_breakers").encode()) <= MAX_BREAKER_BYTES for t in value):
         raise bad(f"dry_sequence_breakers takes at most {MAX_BREAKERS} strings of 1 to {MAX_BREAKER_BYTES} bytes "
                   "(UTF-8)", "dry_sequence_breakers")
     return tuple(value)
