@@ -51,9 +51,24 @@ def _left(arr) -> tuple[list[int], list[float]]:
     return [i for i, _ in items], (p / p.sum()).tolist()
 
 
-def run(cases: list[dict]) -> list[dict]:
-    import llama_cpp as lc
+def _bindings():
+    """llama-cpp-python's ctypes bindings (llama_cpp.llama_cpp) alone: its package's __init__ imports the
+    high-level API and its dependencies (diskcache, ...), which the tests' environment need not have."""
+    import importlib
+    import importlib.util
+    import types
 
+    spec = importlib.util.find_spec("llama_cpp")  # found on the path, not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llama-cpp-python's llama_cpp package is not on the path (PYTHONPATH)")
+    package = types.ModuleType("llama_cpp")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["llama_cpp"] = package
+    return importlib.import_module("llama_cpp.llama_cpp")
+
+
+def run(cases: list[dict]) -> list[dict]:
+    lc = _bindings()
     lc.llama_backend_init()
     out, vocabs = [], {}
     for case in cases:
