@@ -81,9 +81,8 @@ def _generation_options(max_tokens: object, stop: object, sampling: dict,
                          f"{', '.join(_SAMPLING_KEYS)}; chat: tools, tool_choice, chat_template_kwargs)")
     params = SamplingParams(**sampling)
     params.validate()
-    outside = [k for k in params.logit_bias or () if n_vocab is not None and k >= n_vocab]
-    if outside:
-        raise UsageError(f"logit_bias: token {outside[0]} is outside the vocabulary (0 to {n_vocab - 1})")
+    if n_vocab is not None:
+        params.check_bias_ids(n_vocab)
     return check_int("max_tokens", max_tokens, 1), _stops(stop), params
 
 

@@ -260,20 +260,17 @@ def _chat_template_args(p: argparse.ArgumentParser) -> None:
 
 def _chat_template_option(a: argparse.Namespace) -> tuple[str, str] | None:
     """The chat template flags, checked before the load: ("name", NAME) or ("text", the file's text)."""
+    from .chat import ChatTemplate
     from .chat.builtins import canonical_name
 
     if a.chat_template is not None and a.chat_template_file is not None:
         raise UsageError("give one of --chat-template and --chat-template-file")
     if a.chat_template is not None:
         if canonical_name(a.chat_template) is None:
-            from .chat import ChatTemplate
-
             raise UsageError(f"--chat-template {a.chat_template!r}: not a built-in template "
                              f"({', '.join(ChatTemplate.builtin_names())}); a Jinja file: --chat-template-file")
         return "name", a.chat_template
     if a.chat_template_file is not None:
-        from .chat import ChatTemplate
-
         text = _read_small_file("--chat-template-file", a.chat_template_file)
         ChatTemplate(text)  # compiled once before the (slow) load: a broken file fails at once
         return "text", text
@@ -598,9 +595,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         _warn("--api-key is empty (an unset variable?): the server takes requests without a key")
     llm = _load(a, a.ctx)
     _use_chat_template(llm, template_option)
-    outside = [k for k in params.logit_bias or () if k >= llm.n_vocab]
-    if outside:
-        raise UsageError(f"--logit-bias: token {outside[0]} is outside the vocabulary (0 to {llm.n_vocab - 1})")
+    params.check_bias_ids(llm.n_vocab, "--logit-bias")
     aliases = (a.model,) if a.model and not os.path.exists(a.model) else ()
     config = ServerConfig(parallel=a.parallel, batch=a.batch, max_queue=a.queue,
                           api_key=(a.api_key or "").strip() or os.environ.get("PURELM_API_KEY") or None,

@@ -108,6 +108,16 @@ class SamplingParams:
     dry_sequence_breakers: Sequence[str] = DRY_BREAKERS  # texts no repeat runs across (needs a tokenizer)
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit first (-inf: never)
 
+    def uses_dry(self) -> bool:
+        """Whether DRY runs (Mirostat's chain has none)."""
+        return self.dry_multiplier != 0 and self.dry_penalty_last_n != 0 and not self.mirostat
+
+    def check_bias_ids(self, n_vocab: int, name: str = "logit_bias") -> None:
+        """A UsageError for a logit_bias token outside a vocabulary of n_vocab tokens."""
+        outside = [k for k in self.logit_bias or () if k >= n_vocab]
+        if outside:
+            raise UsageError(f"{name}: token {outside[0]} is outside the vocabulary (0 to {n_vocab - 1})")
+
     def validate(self, names: Mapping[str, str] | None = None) -> None:
         """Raise UsageError for a value of the wrong type or out of range. `names`: how to call each
         field in the message (the command line passes its flags)."""
@@ -164,11 +174,8 @@ class Sampler:
         bias = params.logit_bias or {}
         self._bias_ids = np.fromiter((int(k) for k in bias), np.int64, len(bias))
         self._bias = np.fromiter((float(v) for v in bias.values()), np.float64, len(bias))
-        if self._dry_on() and tokenizer is not None and params.dry_sequence_breakers:
+        if params.uses_dry() and tokenizer is not None and params.dry_sequence_breakers:
             self.breakers = dry_breakers(tokenizer, tuple(params.dry_sequence_breakers))
-
-    def _dry_on(self) -> bool:
-        return self.p.dry_multiplier != 0 and self.p.dry_penalty_last_n != 0 and not self.p.mirostat
 
     def apply_penalties(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         p = self.p
@@ -245,7 +252,7 @@ class Sampler:
         if p.mirostat:
             return greedy(logits) if p.temperature == 0 else self._mirostat(logits)
         logits = self.apply_penalties(logits, history)
-        if self._dry_on():
+        if p.uses_dry():
             logits = self.apply_dry(logits, history)
         xtc = p.xtc_probability > 0 and p.xtc_threshold <= 0.5
         if p.temperature == 0 and p.top_n_sigma <= 0 and p.typical_p >= 1 and not xtc:

@@ -43,7 +43,8 @@ def _items(arr) -> np.ndarray:
 
 
 def _left(arr) -> tuple[list[int], list[float]]:
-    items = [(int(i), float(x)) for i, x in zip(_items(arr)["id"], _items(arr)["logit"])]
+    left = _items(arr)
+    items = [(int(i), float(x)) for i, x in zip(left["id"], left["logit"])]
     items = [(i, x) for i, x in items if x != float("-inf")]
     items.sort(key=lambda t: (-t[1], t[0]))
     x = np.array([v for _, v in items], np.float64)

@@ -138,7 +138,7 @@ class _State:
         gen = P.generation(body, self.n_vocab, self.n_ctx, max_n, chat, echo, self.config.sampling,
                            n_predict)
         p = gen.params
-        if p.dry_multiplier and p.dry_penalty_last_n and not p.mirostat and p.dry_sequence_breakers:
+        if p.uses_dry() and p.dry_sequence_breakers:
             await asyncio.to_thread(dry_breakers, self.tokenizer, tuple(p.dry_sequence_breakers))
         return gen
 
