@@ -171,6 +171,9 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         self.mu = 2.0 * params.mirostat_tau  # Mirostat's maximum surprise, moved after each token
         self.breakers: dict[int, list[tuple[int, ...]]] = {}
+        # a list: chosen() appends each token's candidates and probabilities to it (the server's
+        # post-sampling probabilities); None keeps nothing
+        self.drawn: list[tuple[np.ndarray, np.ndarray]] | None = None
         bias = params.logit_bias or {}
         self._bias_ids = np.fromiter((int(k) for k in bias), np.int64, len(bias))
         self._bias = np.fromiter((float(v) for v in bias.values()), np.float64, len(bias))
@@ -327,6 +330,8 @@ class Sampler:
     def chosen(self, token: int, ids: np.ndarray, probs: np.ndarray) -> None:
         """The sequence goes on with `token`, drawn from (ids, probs): Mirostat moves mu by the gap
         between the token's surprise and its target."""
+        if self.drawn is not None:
+            self.drawn.append((ids, probs))
         if self.p.mirostat and self.p.temperature > 0:
             at = np.flatnonzero(ids == token)
             if len(at):

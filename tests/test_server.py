@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -711,7 +713,7 @@ _NAMES = ["temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "presen
           "suffix", "encoding_format", "dimensions", "parallel_tool_calls", "metadata", "instructions", "text",
           "system", "stop_sequences", "top_n_sigma", "typical_p", "xtc_probability", "xtc_threshold", "mirostat",
           "mirostat_tau", "mirostat_eta", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
-          "dry_sequence_breakers"]
+          "dry_sequence_breakers", "n_probs", "post_sampling_probs"]
 _NUMBER = st.integers(-2**70, 2**70) | st.sampled_from([-1, 0, 1, 2, 5, 0.5, -0.5, 1e308]) | st.floats(-10, 10)
 # a few fields at a time (most requests with many hostile fields stop at the first), numbers more often
 # than other values: they reach the checks behind the first ones
@@ -1359,3 +1361,108 @@ def test_purelm_serve_command_serves_and_stops_on_sigterm(smollm2_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_native_completion_lists_each_tokens_probabilities(srv, ref):
+    """/completion's n_probs (llama-server's completion_probabilities): each token's logprob and its
+    likeliest candidates' from the model's logits; with post_sampling_probs, the probabilities the
+    sampler drew from (here: top_k 5, min_p 0.05, temperature 0.8); streamed, one event per token."""
+    prompt = "The capital of France is"
+    r = srv.post("/completion", {"prompt": prompt, "n_predict": 5, "temperature": 0, "n_probs": 3}).json()
+    entries = r["completion_probabilities"]
+    assert len(entries) == r["tokens_predicted"] == 5
+    ids = ref.tokenize(prompt)
+    for e in entries:
+        want = _log_softmax(ref.logits(ids)[-1].astype(np.float64))
+        top = np.argsort(-want, kind="stable")[:3]
+        assert e["id"] == top[0] and [t["id"] for t in e["top_logprobs"]] == list(top)
+        assert math.isclose(e["logprob"], want[e["id"]], abs_tol=1e-4)
+        for t in e["top_logprobs"]:
+            assert math.isclose(t["logprob"], want[t["id"]], abs_tol=1e-4)
+            assert bytes(t["bytes"]) == ref.tokenizer.token_to_piece(t["id"]) and t["token"] == bytes(t["bytes"]).decode()
+        ids.append(e["id"])
+    assert "".join(e["token"] for e in entries) == r["content"]
+
+    body = {"prompt": prompt, "n_predict": 1, "temperature": 0.8, "top_k": 5, "n_probs": 3,
+            "post_sampling_probs": True, "seed": 3}
+    (e,) = srv.post("/completion", body).json()["completion_probabilities"]
+    cand, probs = Sampler(SamplingParams(temperature=0.8, top_k=5)).probabilities(ref.logits(prompt)[-1])
+    assert set(e) == {"id", "token", "bytes", "prob", "top_probs"} and e["id"] in cand
+    assert [t["id"] for t in e["top_probs"]] == list(cand[:3])
+    np.testing.assert_allclose([t["prob"] for t in e["top_probs"]], probs[:3], rtol=1e-9)
+    assert math.isclose(e["prob"], probs[list(cand).index(e["id"])], rel_tol=1e-9)
+
+    stop = srv.post("/completion", {"prompt": prompt, "n_predict": 8, "temperature": 0, "n_probs": 1,
+                                    "stop": [".\n"]}).json()  # the stop string's tokens are left out
+    assert stop["stop_type"] == "word" and [e["token"] for e in stop["completion_probabilities"]] == [" Paris"]
+
+    events = []
+    with httpx.stream("POST", srv.base + "/completion", timeout=60,
+                      json={"prompt": prompt, "n_predict": 5, "temperature": 0, "logprobs": 3, "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert [e["completion_probabilities"] for e in events[:-1]] == [[e] for e in entries]
+    assert "completion_probabilities" not in events[-1]
+    for bad in ({"n_probs": -1}, {"n_probs": P.MAX_N_PROBS + 1}, {"n_probs": "3"}, {"post_sampling_probs": 1}):
+        name = next(iter(bad))
+        assert error_of(srv.post("/completion", {"prompt": prompt, **bad}), 400)["param"] == name
+
+
+LLAMA_BIN = Path(os.environ.get("PURELM_LLAMA_CPP_DIR", Path.home() / ".cache/purelm-peers/llama_cpp_python-0.3.36"
+                                "/vendor/llama.cpp")) / "build" / "bin"
+
+
+def test_native_completion_probabilities_match_llama_servers(srv, smollm2_path):
+    """The same /completion requests to llama-server (built by ../shared/peers/build-llama-cpp.sh) on the
+    same file: the same fields at every level, the same tokens (greedy), logprobs within 0.15 (two
+    engines' rounding), the end-of-generation token listed and a stop string's tokens left out alike."""
+    exe = LLAMA_BIN / "llama-server"
+    if not exe.is_file():
+        pytest.skip(f"llama-server is not at {exe} (set PURELM_LLAMA_CPP_DIR)")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([str(exe), "-m", str(smollm2_path), "--port", str(port), "-c", str(N_CTX), "-np", "1",
+                             "-t", "1", "--no-warmup"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None and time.monotonic() - t0 < 60, "llama-server did not start"
+            try:
+                if httpx.get(base + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        chat = "<|im_start|>user\nWhat is 2+2? Reply with a number only.<|im_end|>\n<|im_start|>assistant\n"
+        bodies = [{"prompt": "The capital of France is", "n_predict": 4, "n_probs": 3},
+                  {"prompt": "The capital of France is", "n_predict": 8, "n_probs": 1, "stop": [".\n"]},
+                  {"prompt": chat, "n_predict": 40, "logprobs": 2}]
+        for body in bodies:
+            body = {"temperature": 0, **body}
+            ours = srv.post("/completion", body).json()
+            theirs = httpx.post(base + "/completion", json=body, timeout=60).json()
+            assert (ours["content"], ours["stop_type"]) == (theirs["content"], theirs["stop_type"])
+            a, b = ours["completion_probabilities"], theirs["completion_probabilities"]
+            assert len(a) == len(b) and [set(e) for e in a] == [set(e) for e in b]
+            for x, y in zip(a, b):
+                assert (x["id"], x["token"], x["bytes"]) == (y["id"], y["token"], y["bytes"])
+                assert abs(x["logprob"] - y["logprob"]) < 0.15
+                assert [set(t) for t in x["top_logprobs"]] == [set(t) for t in y["top_logprobs"]]
+                assert x["top_logprobs"][0]["id"] == y["top_logprobs"][0]["id"]
+        assert a[-1]["token"] == "" and a[-1]["bytes"] == []  # the end of the turn, a control token
+        # sampled: each engine draws its own token; the candidates it drew from are the same
+        body = {"prompt": "The capital of France is", "n_predict": 1, "n_probs": 3, "post_sampling_probs": True,
+                "temperature": 0.8, "top_k": 5}
+        (x,) = srv.post("/completion", body).json()["completion_probabilities"]
+        (y,) = httpx.post(base + "/completion", json=body, timeout=60).json()["completion_probabilities"]
+        assert set(x) == set(y) and [set(t) for t in x["top_probs"]] == [set(t) for t in y["top_probs"]]
+        assert [t["id"] for t in x["top_probs"]] == [t["id"] for t in y["top_probs"]]
+        assert np.allclose([t["prob"] for t in x["top_probs"]], [t["prob"] for t in y["top_probs"]], atol=0.02)
+        assert x["id"] in [t["id"] for t in x["top_probs"]]
+    finally:
+        proc.terminate()
+        proc.wait(30)

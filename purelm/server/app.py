@@ -16,7 +16,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from ..errors import ContextOverflowError, MemoryLimitError, PurelmError, UsageE
 from ..grammar import compile_grammar, forced_call
 from ..infill import check_fim, infill_ids
 from ..sampling import SamplingParams, dry_breakers
+from ..tokenizer import TOKEN_CONTROL
 from . import anthropic as A
 from . import protocol as P
 from . import responses as R
@@ -406,6 +407,11 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             raise P.bad("n_predict must be -1 (until the context is full) or at least 1", "n_predict")
         if n_predict is not None and n_predict > 0 and "max_tokens" not in body:
             body["max_tokens"] = min(n_predict, state.n_ctx)
+        # each token's probability and its likeliest candidates' (llama.cpp: "logprobs" stands for n_probs)
+        n_probs = P.get_int(body, "n_probs", 0, P.MAX_N_PROBS)
+        if n_probs is None:
+            n_probs = P.get_int(body, "logprobs", 0, P.MAX_N_PROBS, 0)
+        post = P.get_bool(body, "post_sampling_probs")
         gen = await state.generation(body, 1, chat=False, n_predict=None if n_predict == -1 else config.n_predict)
         if not prompt:
             raise P.bad("the prompt is empty (and the model adds no BOS token)", "prompt")
@@ -414,33 +420,54 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         fmt = P.response_format(body)
         grammar = await asyncio.to_thread(state.grammar, fmt) if fmt else None
         (handle,) = _submit_all(state, [GenerationRequest(prompt, max_tokens, gen.params, 1, gen.stop, frozenset(),
-                                                          gen.ignore_eos, None, grammar)])
+                                                          gen.ignore_eos, n_probs or None, grammar,
+                                                          post_sampling_probs=post)])
         reply = _Reply(1)
+        probs: list[dict] = []  # completion_probabilities, a token each (end-of-generation ones included)
+        value = "prob" if post else "logprob"
+
+        def entry(token: int, lp: float) -> dict:
+            b = state.tokenizer.token_to_piece(token) if state.tokenizer.token_types[token] != TOKEN_CONTROL else b""
+            return {"id": token, "token": _utf8_prefix(b), "bytes": list(b), value: math.exp(lp) if post else lp}
+
+        def add(p: Piece) -> None:
+            if p.sampled is not None and p.logprob is not None:
+                probs.append({**entry(p.sampled, p.logprob),
+                              "top_probs" if post else "top_logprobs": [entry(t, v) for t, v in p.top or []]})
 
         def final() -> dict:
             c = reply.choices[0]
             kind = {"length": "limit", "stop": "word" if c.stop else "eos"}.get(c.finish_reason or "", "none")
             elapsed = time.perf_counter() - t0
-            return {"index": 0, "content": "" if gen.stream else "".join(c.text), "tokens": [], "id_slot": -1,
-                    "stop": True, "model": state.model_id, "tokens_predicted": c.tokens,
-                    "tokens_evaluated": len(prompt), "truncated": False, "stop_type": kind,
-                    "stopping_word": c.stop or "", "has_new_line": "\n" in "".join(c.text),
-                    "timings": {"prompt_n": len(prompt), "predicted_n": c.tokens,
-                                "predicted_per_second": c.tokens / elapsed if elapsed > 0 else 0.0}}
+            out = {"index": 0, "content": "" if gen.stream else "".join(c.text), "tokens": [], "id_slot": -1,
+                   "stop": True, "model": state.model_id, "tokens_predicted": c.tokens,
+                   "tokens_evaluated": len(prompt), "truncated": False, "stop_type": kind,
+                   "stopping_word": c.stop or "", "has_new_line": "\n" in "".join(c.text),
+                   "timings": {"prompt_n": len(prompt), "predicted_n": c.tokens,
+                               "predicted_per_second": c.tokens / elapsed if elapsed > 0 else 0.0}}
+            if n_probs and not gen.stream:  # without the stop string's tokens, as llama-server
+                cut = min(len(probs), len(state.tokenize(c.stop, False, False))) if c.stop else 0
+                out["completion_probabilities"] = probs[:len(probs) - cut]
+            return out
 
         if gen.stream:
             async def events() -> AsyncIterator[bytes]:
                 async for _, pieces in _merged([handle]):
                     for p in pieces:
                         c = reply.add(0, p)
-                        if p.text:
-                            yield sse({"index": 0, "content": p.text, "tokens": [] if p.token is None else [p.token],
-                                       "stop": False, "id_slot": -1, "tokens_predicted": c.tokens,
-                                       "tokens_evaluated": len(prompt)})
+                        add(p)
+                        if p.text or probs:  # with n_probs, an event for every token
+                            event = {"index": 0, "content": p.text, "tokens": [] if p.token is None else [p.token],
+                                     "stop": False, "id_slot": -1, "tokens_predicted": c.tokens,
+                                     "tokens_evaluated": len(prompt)}
+                            if probs:
+                                event["completion_probabilities"] = probs[:]
+                                probs.clear()
+                            yield sse(event)
                 yield sse(final())
 
             return _stream(_ended(events(), [handle], state, t0, done=False))
-        await _collect(request, [handle], reply, 1, state, t0)
+        await _collect(request, [handle], reply, 1, state, t0, add)
         return JSONResponse(final())
 
     @app.post("/completion")
@@ -979,9 +1006,21 @@ class _ChatTurn:
         return (text.lstrip() if self.use_tools else text), None
 
 
-async def _collect(request: Request, handles: list[Handle], reply: _Reply, n: int, state: _State, t0: float) -> None:
-    """Whole replies into `reply` (prompt i's n choices from index i * n on); a failed one raises its
-    503 or 500, a client that leaves cancels them all."""
+def _utf8_prefix(b: bytes) -> str:
+    """The text of a token's bytes up to a UTF-8 character they end inside (llama.cpp's
+    validate_utf8): a byte token of a longer character gives ""."""
+    for end in range(len(b), max(len(b) - 4, -1), -1):
+        try:
+            return b[:end].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return b.decode("utf-8", "replace")
+
+
+async def _collect(request: Request, handles: list[Handle], reply: _Reply, n: int, state: _State, t0: float,
+                   each: Callable[[Piece], None] | None = None) -> None:
+    """Whole replies into `reply` (prompt i's n choices from index i * n on), each piece also to
+    `each`; a failed one raises its 503 or 500, a client that leaves cancels them all."""
     try:
         async with _watch_disconnect(request, handles):
             async for p_index, pieces in _merged(handles):
@@ -990,6 +1029,8 @@ async def _collect(request: Request, handles: list[Handle], reply: _Reply, n: in
                         reply.add_prompt(p_index * n, n, p)
                     else:
                         reply.add(p_index * n, p)
+                        if each is not None:
+                            each(p)
     except PurelmError as e:
         raise _failed(e) from None
     finally:

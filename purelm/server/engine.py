@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -85,6 +86,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k likeliest
     grammar: str | None = None  # a compiled grammar (purelm.grammar.compile_grammar)
     prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob and the k likeliest
+    post_sampling_probs: bool = False  # logprobs from the candidates the sampler drew from, not the model's
 
 
 @dataclass
@@ -577,6 +579,8 @@ class Engine:
         samplers = [Sampler(dataclasses.replace(req.params, seed=None if req.params.seed is None
                                                 else req.params.seed + j), self.tokenizer) for j in range(req.n)]
         for j, sampler in enumerate(samplers):
+            if req.post_sampling_probs:
+                sampler.drawn = []
             seq = job.seq if j == req.n - 1 else self.cache.fork(job.seq)
             sample = _Sample(self.tokenizer, sampler, req.prompt, req.stop, req.ignore_eos, req.max_tokens,
                              req.stop_ids, constraints[j])
@@ -624,7 +628,9 @@ class Engine:
         token = slot.sample.last_token
         piece = Piece(slot.index, chunk.text, chunk.token, chunk.finish_reason, sampled=token,
                       stop=slot.sample.stopper.matched if chunk.finish_reason else None)
-        if req.logprobs is not None:
+        if req.logprobs is not None and req.post_sampling_probs:
+            piece.logprob, piece.top = _drawn_logprobs(slot.sample.sampler, token, req.logprobs)
+        elif req.logprobs is not None:
             piece.logprob, piece.top = _logprobs(raw, token, req.logprobs)
         self.tokens_generated += 1
         if self.metrics:
@@ -711,3 +717,14 @@ def _logprobs(logits: np.ndarray, token: int | None, k: int) -> tuple[float | No
         ids = ids[np.argsort(-x[ids], kind="stable")]
         top = [(int(i), float(x[i] - lse)) for i in ids]
     return (float(x[token] - lse) if token is not None else None), top
+
+
+def _drawn_logprobs(sampler: Sampler, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log of the probability the sampler gave `token` after its whole chain (bias, penalties,
+    filters, temperature), and of its k likeliest candidates with a probability above 0, as
+    llama-server's `post_sampling_probs`."""
+    ids, probs = sampler.drawn.pop(0) if sampler.drawn else (np.array([token]), np.array([1.0]))
+    at = np.flatnonzero(ids == token)
+    p = float(probs[at[0]]) if len(at) else 1.0  # (always there: the token was drawn from them; 1 as llama.cpp)
+    top = [(int(i), math.log(float(q))) for i, q in zip(ids[:k], probs[:k]) if q > 0]
+    return math.log(max(p, 5e-324)), top

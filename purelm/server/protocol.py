@@ -14,6 +14,7 @@ MAX_STOPS = 16
 MAX_PROMPTS = 64  # prompts in one completions request
 MAX_LOGIT_BIAS = 1024
 MAX_TOP_LOGPROBS = 20
+MAX_N_PROBS = 100  # llama.cpp's /completion: candidates listed per token
 INT64 = 2**63
 
 
