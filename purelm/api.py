@@ -337,23 +337,27 @@ class LLM:
                     tool_choice: str | dict | None = None, grammar: str | None = None,
                     json_schema: dict | None = None, max_tokens: int = 256, ignore_eos: bool = False,
                     timings: dict | None = None, truncate: bool = False, lookup: int | None = None,
-                    draft: "str | os.PathLike | LLM | None" = None, **sampling: Any) -> Iterator[Chunk]:
+                    draft: "str | os.PathLike | LLM | None" = None, parallel_tool_calls: bool = True,
+                    **sampling: Any) -> Iterator[Chunk]:
         """The assistant's reply to `messages` (a list of {"role": ..., "content": ...}), chunk by chunk
         as in `stream_chunks` (same options); it stops at the end of the turn (the vocabulary's end
         tokens, the template's end-of-turn texts, and `stop`). `tool_choice` (OpenAI's): "auto" (the
         default), "none" (the tools left out), "required" or {"type": "function", "function": {"name":
-        ...}}: the reply is one call (of that function), in the format the template shows the model, its
-        arguments following the tool's parameters schema (a grammar: needs llguidance). A prompt that
+        ...}}: the reply is a call (of that function), in the format the template shows the model, its
+        arguments following the tool's parameters schema (a grammar: needs llguidance); "required" allows
+        several calls unless `parallel_tool_calls` is False, a named function one. A prompt that
         extends the previous one (the same conversation, one turn later) is not evaluated again. A
         malformed message raises UsageError, a template that fails TemplateError."""
         forced = None
+        if not isinstance(parallel_tool_calls, bool):
+            raise UsageError(f"parallel_tool_calls must be True or False, got {parallel_tool_calls!r:.80}")
         if tool_choice == "required" or isinstance(tool_choice, dict):
             fn = tool_choice.get("function") if isinstance(tool_choice, dict) else {}
             name = fn.get("name") if isinstance(fn, dict) else None
             if not tools or (isinstance(tool_choice, dict) and not isinstance(name, str)):
                 raise UsageError("tool_choice asks for a call: give tools, and a function's name "
                                  "({'type': 'function', 'function': {'name': ...}})")
-            forced = (self.chat_template.call_format, list(tools), name)
+            forced = (self.chat_template.call_format, list(tools), name, name is None and parallel_tool_calls)
         elif tool_choice not in (None, "auto", "none"):
             raise UsageError(f"tool_choice must be 'auto', 'none', 'required' or a function, got {tool_choice!r:.80}")
         ids = self.chat_prompt(messages, None if tool_choice == "none" else tools, chat_template_kwargs)
@@ -379,6 +383,8 @@ class LLM:
             reason = chunk.finish_reason or reason
         text = "".join(texts)
         content, calls = parse_tool_calls(text, tools) if tools else (text, [])
+        if kwargs.get("parallel_tool_calls") is False:
+            calls = calls[:1]
         return ChatCompletion(text, content, calls, "tool_calls" if calls else reason,
                               int(timings.get("prompt_tokens", 0)), int(timings.get("generated_tokens", len(tokens))),
                               tokens, timings)

@@ -93,11 +93,11 @@ def compile_grammar(tokenizer: Any, kind: str, value: Any, extra_eos: frozenset[
     return grammar
 
 
-def forced_call(tokenizer: Any, fmt: str, tools: list[dict], name: str | None = None,
+def forced_call(tokenizer: Any, fmt: str, tools: list[dict], name: str | None = None, several: bool = False,
                 extra_eos: frozenset[int] = frozenset()) -> str:
-    """The compiled grammar of a reply that is one tool call (chat.tool_calls.call_grammar) in the
-    format `fmt`, of the function `name` or of any of `tools`; a tool whose parameters do not compile
-    is named in the UsageError."""
+    """The compiled grammar of a reply that is one tool call (with `several`, one or more;
+    chat.tool_calls.call_grammar) in the format `fmt`, of the function `name` or of any of `tools`; a
+    tool whose parameters do not compile is named in the UsageError."""
     from .chat.messages import validate_tools
 
     tools = validate_tools(tools) or []
@@ -112,7 +112,7 @@ def forced_call(tokenizer: Any, fmt: str, tools: list[dict], name: str | None = 
         ids = tokenizer.encode(text, add_special=False, parse_special=True)
         if len(ids) == 1 and ids[0] in tokenizer.special_ids:  # a control token: by id, as it is sampled
             markers[text] = f"<[{ids[0]}]>"
-    return compile_grammar(tokenizer, "lark", call_grammar(fmt, tools, name, markers), extra_eos)
+    return compile_grammar(tokenizer, "lark", call_grammar(fmt, tools, name, markers, several), extra_eos)
 
 
 class Constraint:

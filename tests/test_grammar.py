@@ -78,6 +78,20 @@ def test_chat_with_a_schema_or_a_forced_tool_call(llm):
         {"zone": "UTC"}, {"zone": "CET"})
 
 
+def test_required_allows_several_calls_unless_parallel_tool_calls_is_false(llm):
+    """With the end of the turn all but banned (a bias of -100), "required" goes on with a second call;
+    with parallel_tool_calls=False the grammar ends after one, and the reply with it."""
+    msgs = [{"role": "user", "content": "Hello! How are you?"}]
+    ban = {t: -100.0 for t in {*llm.tokenizer.eog_ids, *llm.chat_template.stop_token_ids}}
+    several = llm.chat(msgs, tools=[TIME], tool_choice="required", max_tokens=70, temperature=0, logit_bias=ban)
+    assert len(several.tool_calls) >= 2 and several.text.count("<tool_call>") >= 2
+    one = llm.chat(msgs, tools=[TIME], tool_choice="required", max_tokens=70, temperature=0, logit_bias=ban,
+                   parallel_tool_calls=False)
+    assert one.finish_reason == "tool_calls" and len(one.tool_calls) == 1
+    with pytest.raises(UsageError, match="parallel_tool_calls must be True or False"):
+        llm.chat(msgs, tools=[TIME], parallel_tool_calls="no", max_tokens=4)
+
+
 def test_a_grammar_does_not_keep_its_model_alive(smollm2_path):
     import gc
     import weakref

@@ -340,6 +340,15 @@ def test_tool_choice_required_or_named_makes_the_reply_a_call(srv):
     assert required.finish_reason == "tool_calls" and len(required.message.tool_calls) == 1
     call = required.message.tool_calls[0].function
     assert call.name in ("get_weather", "get_time") and isinstance(json.loads(call.arguments), dict)
+    # "required" lets the reply hold several calls unless parallel_tool_calls is false: with the end of the
+    # turn all but banned, the model goes on with another call where it may, and ends after one where not
+    ban = {str(t): -100 for t in {*srv.llm.tokenizer.eog_ids, *srv.state.template.stop_token_ids}}
+    several = srv.client.chat.completions.create(tool_choice="required", logit_bias=ban,
+                                                 **{**base, "max_tokens": 90}).choices[0]
+    assert len(several.message.tool_calls) >= 2
+    one = srv.client.chat.completions.create(tool_choice="required", logit_bias=ban, parallel_tool_calls=False,
+                                             **{**base, "max_tokens": 90}).choices[0]
+    assert one.finish_reason == "tool_calls" and len(one.message.tool_calls) == 1
     streamed = [c.choices[0] for c in srv.client.chat.completions.create(
         stream=True, tool_choice={"type": "function", "function": {"name": "get_time"}}, **base) if c.choices]
     assert [t.function.name for c in streamed for t in c.delta.tool_calls or []] == ["get_time"]
@@ -390,6 +399,16 @@ def test_the_forced_call_grammar_takes_each_format_parse_tool_calls_reads(srv):
         assert not accepts(call_grammar(fmt, [_WEATHER, _TIME], "get_weather"), text), fmt
         assert not accepts(call_grammar(fmt, [_TIME]), text.replace('"CET"', '"EST"')), fmt  # not in the enum
         assert not accepts(call_grammar(fmt, [_TIME]), "Sure. " + text), fmt
+        two = {"hermes": text + "\n" + text, "mistral": text[:-1] + ", " + text[len("[TOOL_CALLS] ["):],
+               "llama3": text + "; " + text}[fmt]
+        assert len(parse_tool_calls(two, [_TIME])[1]) == 2
+        assert accepts(call_grammar(fmt, [_WEATHER, _TIME], several=True), two), fmt
+        assert accepts(call_grammar(fmt, [_WEATHER, _TIME], several=True), text), fmt
+        assert not accepts(call_grammar(fmt, [_WEATHER, _TIME]), two), fmt
+    args = '[TOOL_CALLS]get_time[ARGS]{"tz": "CET"}'
+    assert len(parse_tool_calls(args + args, [_TIME])[1]) == 2
+    assert accepts(call_grammar("mistral_args", [_TIME], several=True), args + args)
+    assert not accepts(call_grammar("mistral_args", [_TIME]), args + args)
     assert ChatTemplate.builtin("chatml").call_format == "hermes"  # purelm's polyfill shows Hermes' format
     assert ChatTemplate.builtin("mistral").call_format == "mistral"
     llama31 = ("{% if tools %}Use a tool as {\"name\": function name, \"parameters\": ...}{% endif %}"

@@ -207,8 +207,10 @@ class ContentStream:
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
 
-def call_grammar(fmt: str, tools: list[dict], name: str | None = None, markers: dict[str, str] | None = None) -> str:
-    """A Lark grammar (llguidance's: JSON schemas inline with %json) whose only sentences are one call,
+def call_grammar(fmt: str, tools: list[dict], name: str | None = None, markers: dict[str, str] | None = None,
+                 several: bool = False) -> str:
+    """A Lark grammar (llguidance's: JSON schemas inline with %json) whose only sentences are one call
+    (or with `several`, one or more: OpenAI's "required" with parallel_tool_calls),
     in the format `fmt` the model was shown ("hermes", "mistral", "mistral_args" or "llama3", as
     parse_tool_calls reads them), of the function `name`, or of any of `tools` (OpenAI's tool_choice
     "required"), with arguments that follow the function's parameters schema (each the root of its own
@@ -244,7 +246,10 @@ def call_grammar(fmt: str, tools: list[dict], name: str | None = None, markers: 
         rules.append(f"args_{i}: %json {text}")
     if not alts:
         raise UsageError(f"tool_choice names {name!r:.80}, which is not among the tools")
-    start = {"hermes": f'{lit("<tool_call>")} "\\n" call "\\n" {lit("</tool_call>")}',
-             "mistral": f'{lit("[TOOL_CALLS]")} " [" call "]"', "mistral_args": f'{lit("[TOOL_CALLS]")} call',
-             "llama3": "call"}[fmt]
-    return "\n".join([f"start: {start}", "call: " + " | ".join(alts), *rules]) + "\n"
+    one = {"hermes": f'{lit("<tool_call>")} "\\n" call "\\n" {lit("</tool_call>")}',
+           "mistral": 'call', "mistral_args": f'{lit("[TOOL_CALLS]")} call', "llama3": "call"}[fmt]
+    more = {"hermes": '"\\n" one', "mistral": '", " one', "mistral_args": "one", "llama3": '"; " one'}[fmt]
+    start = f"one ({more})*" if several else "one"
+    if fmt == "mistral":
+        start = f'{lit("[TOOL_CALLS]")} " [" {start} "]"'
+    return "\n".join([f"start: {start}", f"one: {one}", "call: " + " | ".join(alts), *rules]) + "\n"

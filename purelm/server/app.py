@@ -711,9 +711,10 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         # a lone surrogate of chat_template_kwargs that the template echoes cannot be written as UTF-8
         return JSONResponse({"prompt": prompt.encode("utf-8", "replace").decode("utf-8")})
 
-    def forced(template: Any, tools: list[dict] | None, tool_choice: Any, fmt: Any) -> tuple[str, Any]:
-        """tool_choice "required" or a named function as a grammar to compile: the reply is one call, in
-        the format the template shows the model (llama-server and vLLM force it likewise)."""
+    def forced(template: Any, tools: list[dict] | None, tool_choice: Any, fmt: Any, parallel: bool) -> tuple[str, Any]:
+        """tool_choice "required" or a named function as a grammar to compile: the reply is a call (with
+        "required" and `parallel`, one or more), in the format the template shows the model (llama-server
+        and vLLM force it likewise)."""
         if not tools:
             raise P.bad("tool_choice asks for a tool call, but the request has no tools", "tool_choice")
         if fmt:
@@ -722,7 +723,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         name = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
         if name is not None and name not in {t["function"]["name"] for t in tools}:
             raise P.bad(f"tool_choice names {name!r:.80}, which is not among the tools", "tool_choice")
-        return "call", (getattr(template, "call_format", "hermes"), tools, name)
+        return "call", (getattr(template, "call_format", "hermes"), tools, name, name is None and parallel)
 
     async def chat_turn(body: dict) -> _ChatTurn:
         """A chat request's checked fields, rendered prompt and engine request (the chat route's, and
@@ -739,8 +740,9 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         template = state.template
         stop_ids = frozenset() if gen.ignore_eos else frozenset(getattr(template, "stop_token_ids", ()) or ())
         fmt = P.response_format(body)
+        parallel = P.get_bool(body, "parallel_tool_calls", True)
         if tool_choice == "required" or isinstance(tool_choice, dict):  # the reply is a call: a grammar says so
-            fmt = forced(template, tools, tool_choice, fmt)
+            fmt = forced(template, tools, tool_choice, fmt, parallel)
         grammar = await asyncio.to_thread(state.grammar, fmt, stop_ids) if fmt else None
         use_tools = tools if tools and tool_choice != "none" else None
         text = render(body, msgs, use_tools)
@@ -748,7 +750,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         max_tokens = state.check_context(len(ids), gen.max_tokens, "messages")
         stops = list(gen.stop) + [s for s in (getattr(template, "stop_strings", ()) or ()) if s not in gen.stop]
         req = GenerationRequest(ids, max_tokens, gen.params, gen.n, stops, stop_ids, gen.ignore_eos, k, grammar)
-        return _ChatTurn(gen, k, ids, req, template, use_tools, P.get_bool(body, "parallel_tool_calls", True))
+        return _ChatTurn(gen, k, ids, req, template, use_tools, parallel)
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
