@@ -576,16 +576,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise UsageError(f"-n must be at least 1, or -1 for replies until the context is full; got {a.n_predict}")
     params = _sampling_params(a)
     template_option = _chat_template_option(a)
-    from .sampling import SamplingParams
-
-    if a.ray and (params != SamplingParams() or a.n_predict != -1 or template_option):
-        raise UsageError("the request defaults (sampling flags, -n) and --chat-template(-file) are not passed to "
-                         "Ray replicas yet: leave them out with --ray (requests can still set every field)")
     if a.ray:  # the same app as replicas on a Ray cluster (purelm.integrations.ray)
         _server_deps()
         from .integrations.ray.cli import serve_on_ray
 
-        return serve_on_ray(a)
+        return serve_on_ray(a, params, template_option)
     if a.ray_address or a.replicas != 1 or a.max_replicas is not None or a.no_prefix_routing:
         raise UsageError("--ray-address, --replicas, --max-replicas and --no-prefix-routing need --ray")
     _server_deps()

@@ -79,7 +79,7 @@ def cluster(smollm2_path):
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = {"model": str(smollm2_path), "n_ctx": N_CTX, "replicas": 2, "num_cpus": 1, "parallel": 8,
-               "name": APP}
+               "name": APP, "n_predict": 400, "sampling": {"seed": 1234, "dry_sequence_breakers": ["\n"]}}
         serve.run(build_app(cfg), name=APP, route_prefix="/purelm")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/purelm/v1", api_key="none", max_retries=0,
                                timeout=60)
@@ -177,6 +177,15 @@ def test_16_concurrent_streaming_clients_get_the_single_process_servers_greedy_r
     assert "purelm_generated_tokens_total" in httpx.get(base + "/metrics", timeout=30).text
     with pytest.raises(openai.NotFoundError, match="does not exist"):  # purelm's own errors come through
         cluster.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+
+
+def test_the_replicas_take_the_configs_request_defaults(cluster):
+    """The config's sampling defaults and n_predict reach each replica's server (its /props)."""
+    for _ in range(4):  # (the router spreads the requests over both replicas)
+        params = httpx.get(f"http://127.0.0.1:{cluster.port}/purelm/props", timeout=30).json()[
+            "default_generation_settings"]["params"]
+        assert (params["seed"], params["n_predict"], params["dry_sequence_breakers"]) == (1234, 400, ["\n"])
+        assert params["temperature"] == 0.8
 
 
 def test_without_prefix_routing_the_replicas_are_the_ingress(cluster, fixtures):
@@ -319,9 +328,40 @@ def test_config_is_checked_and_maps_to_serve_options():
                       ({"replica": 2}, "unknown"), ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "max_"),
                       ({"autoscaling": {"size": 2}}, "autoscaling"), ({"num_gpus": 1, "backend": "numba"}, "torch"),
                       ({"route_prefix": "v1"}, "route_prefix"), ({"num_cpus": float("nan")}, "num_cpus"),
-                      ({"lookup": -1}, "lookup"), ({"lookup": 2.5}, "lookup")):
+                      ({"lookup": -1}, "lookup"), ({"lookup": 2.5}, "lookup"),
+                      ({"sampling": {"temp": 0}}, "unknown sampling field"), ({"sampling": [1]}, "sampling must"),
+                      ({"sampling": {"temperature": -1}}, "sampling.temperature"),
+                      ({"sampling": {"logit_bias": {"x": 1}}}, "sampling.logit_bias"),
+                      ({"sampling": {"dry_sequence_breakers": "ab"}}, "sampling.dry_sequence_breakers"),
+                      ({"n_predict": 0}, "n_predict"), ({"chat_template": "nope"}, "not a built-in"),
+                      ({"chat_template": "chatml", "chat_template_text": "x"}, "give one of"),
+                      ({"chat_template_text": "{% for %}"}, "chat_template_text: .*syntax error")):
         with pytest.raises(UsageError, match=what):
             RayServeConfig.from_dict(bad)
+
+
+def test_request_defaults_and_the_template_reach_each_replicas_server(smollm2_path):
+    """purelm serve --ray's sampling flags, -n and chat template flags: in the config (a dict, JSON's
+    string keys for the bias), then in the replica's model and ServerConfig; a bias outside the
+    vocabulary is refused when the replica loads the model."""
+    from purelm.integrations.ray.deployment import load_model
+    from purelm.sampling import SamplingParams
+
+    d = {"model": str(smollm2_path), "n_ctx": 64, "n_predict": 7, "chat_template": "llama3",
+         "sampling": {"temperature": 0.2, "mirostat": 2, "logit_bias": {"15": -1.5, "16": float("-inf")},
+                      "dry_sequence_breakers": ["\n"]}}
+    c = RayServeConfig.from_dict(json.loads(json.dumps(d)))
+    sc = c.server_config()
+    assert sc.n_predict == 7 and sc.sampling == SamplingParams(temperature=0.2, mirostat=2,
+                                                              logit_bias={15: -1.5, 16: float("-inf")},
+                                                              dry_sequence_breakers=("\n",))
+    llm = load_model(c)
+    assert llm.chat_template.is_builtin and "<|start_header_id|>" in llm.chat_template.source
+    text = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
+    own = load_model(RayServeConfig.from_dict({**d, "chat_template": None, "chat_template_text": text}))
+    assert own.tokenizer.decode(own.chat_prompt([{"role": "user", "content": "hi"}])) == "[hi]"
+    with pytest.raises(UsageError, match="sampling.logit_bias: token 99999 is outside the vocabulary"):
+        load_model(RayServeConfig.from_dict({**d, "sampling": {"logit_bias": {"99999": 1}}}))
 
 
 def test_router_keys_prompts_by_their_start():
@@ -352,6 +392,7 @@ def test_cli_flags_make_the_config(tmp_path, fixtures):
     a.model = a.model_pos
     c = config_from_args(a)
     assert (c.model, c.n_ctx, c.parallel, c.model_name, c.prefix_routing) == (model, 256, 4, "tiny", False)
+    assert (c.sampling, c.n_predict, c.chat_template, c.chat_template_text) == (None, None, None, None)
     assert c.lookup == 6 and c.server_config().lookup == 6
     assert c.deployment_options()["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 5,
                                                             "target_ongoing_requests": 4}
@@ -360,6 +401,14 @@ def test_cli_flags_make_the_config(tmp_path, fixtures):
     a.model = a.model_pos
     with pytest.raises(UsageError, match="--max-replicas"):
         config_from_args(a)
+    from purelm.cli import _chat_template_option, _sampling_params
+
+    a = build_parser().parse_args(["serve", model, "--ray", "--temp", "0.3", "-l", "5-inf", "--top-k", "40",
+                                   "-n", "9", "--chat-template", "chatml"])
+    a.model = a.model_pos
+    c = config_from_args(a, _sampling_params(a), _chat_template_option(a))
+    assert c.sampling == {"temperature": 0.3, "logit_bias": {5: float("-inf")}}  # what differs from the defaults
+    assert (c.n_predict, c.chat_template, c.chat_template_text) == (9, "chatml", None)
     with pytest.raises(UsageError, match="task"):
         process(None, model=model, task="summarize")
     with pytest.raises(UsageError, match="temperatur"):

@@ -1274,9 +1274,7 @@ def test_cli_embed_and_serve_arguments(capsys, monkeypatch, tmp_path, smollm2_pa
                        (["-n", "0"], "-n must be"), (["--temp", "-1"], "--temp"), (["--mirostat", "5"], "--mirostat"),
                        (["--chat-template", "nope"], "not a built-in template"),
                        (["--chat-template-file", "/no/such/file"], "--chat-template-file"),
-                       (["--chat-template", "chatml", "--chat-template-file", "x"], "give one of"),
-                       (["--ray", "--temp", "0"], "not passed to Ray replicas"),
-                       (["--ray", "-n", "5"], "not passed to Ray replicas")):
+                       (["--chat-template", "chatml", "--chat-template-file", "x"], "give one of")):
         assert main(["serve", str(smollm2_path), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("purelm: error: ") and says in err, (args, err)

@@ -3,6 +3,7 @@ Ctrl-C. Joins the cluster at --ray-address (or $RAY_ADDRESS, or one started with
 machine), else starts a local one that ends with the command."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -13,8 +14,10 @@ from ...errors import UsageError
 from .config import RayServeConfig
 
 
-def config_from_args(a: Any) -> RayServeConfig:
-    """The RayServeConfig the serve command's flags ask for (checked)."""
+def config_from_args(a: Any, sampling: Any = None, template: tuple[str, str] | None = None) -> RayServeConfig:
+    """The RayServeConfig the serve command's flags ask for (checked): `sampling`, the sampling flags'
+    SamplingParams (those that differ from the defaults go to the replicas); `template`, the chat
+    template flags' ("name", NAME) or ("text", TEXT)."""
     model = a.model
     if model is not None and os.path.exists(model):  # replicas run elsewhere (another cwd, maybe another node)
         model = os.path.abspath(model)
@@ -28,16 +31,29 @@ def config_from_args(a: Any) -> RayServeConfig:
         parallel=a.parallel, batch=a.batch, max_queue=a.queue,
         api_key=a.api_key or os.environ.get("PURELM_API_KEY") or None, model_name=a.alias,
         prefix_cache=not a.no_prefix_cache, lookup=a.lookup or 0, replicas=a.replicas, autoscaling=autoscaling,
-        num_cpus=a.replica_cpus, num_gpus=a.replica_gpus, prefix_routing=not a.no_prefix_routing))
+        num_cpus=a.replica_cpus, num_gpus=a.replica_gpus, prefix_routing=not a.no_prefix_routing,
+        sampling=_changed(sampling), n_predict=None if a.n_predict == -1 else a.n_predict,
+        chat_template=template[1] if template and template[0] == "name" else None,
+        chat_template_text=template[1] if template and template[0] == "text" else None))
 
 
-def serve_on_ray(a: Any) -> int:
+def _changed(params: Any) -> dict | None:
+    """The fields of SamplingParams `params` that differ from the defaults, as a dict (None: none)."""
+    if params is None:
+        return None
+    default = type(params)()
+    d = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
+         if getattr(params, f.name) != getattr(default, f.name)}
+    return d or None
+
+
+def serve_on_ray(a: Any, sampling: Any = None, template: tuple[str, str] | None = None) -> int:
     import ray
     from ray import serve
 
     from .deployment import build_app
 
-    cfg = config_from_args(a)
+    cfg = config_from_args(a, sampling, template)
     ray.init(address=a.ray_address, log_to_driver=not a.quiet)
     joined = _joined_existing()
     stop = threading.Event()

@@ -8,8 +8,8 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ...errors import UsageError
-from ...sampling import check_int
+from ...errors import TemplateError, UsageError
+from ...sampling import SamplingParams, check_int
 
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "target_ongoing_requests")
 
@@ -31,6 +31,11 @@ class RayServeConfig:
     model_name: str | None = None
     prefix_cache: bool = True
     lookup: int = 0  # prompt-lookup draft tokens per step (speculative decoding; 0: off)
+    # the defaults of what a request leaves out (purelm serve's sampling flags, -n, --chat-template(-file))
+    sampling: dict | None = None  # SamplingParams fields (logit_bias keys may be strings, as JSON's)
+    n_predict: int | None = None  # most tokens of a reply without max_tokens (None: until the context is full)
+    chat_template: str | None = None  # a built-in template's name (purelm chat --chat-template)
+    chat_template_text: str | None = None  # a Jinja template's text, in place of the file's
     # Ray Serve
     name: str = "purelm"  # the application's name
     route_prefix: str = "/"
@@ -63,7 +68,8 @@ class RayServeConfig:
         return asdict(self)
 
     def check(self) -> None:
-        for name in ("model", "backend", "device", "dtype", "api_key", "model_name", "name", "route_prefix"):
+        for name in ("model", "backend", "device", "dtype", "api_key", "model_name", "name", "route_prefix",
+                     "chat_template", "chat_template_text"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise UsageError(f"{name} must be a string, got {v!r}")
@@ -78,9 +84,11 @@ class RayServeConfig:
                 raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name, lo in (("parallel", 1), ("batch", 1), ("max_queue", 0), ("replicas", 1), ("lookup", 0)):
             check_int(name, getattr(self, name), lo)
-        for name in ("n_ctx", "threads", "max_ongoing_requests", "imbalance"):
+        for name in ("n_ctx", "threads", "max_ongoing_requests", "imbalance", "n_predict"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
+        self.sampling_params()
+        self._check_template()
         self.num_cpus = _number("num_cpus", self.num_cpus, 0)
         self.num_gpus = _number("num_gpus", self.num_gpus, 0)
         if self.num_gpus > 0 and self.backend not in (None, "torch"):
@@ -97,6 +105,44 @@ class RayServeConfig:
             if "target_ongoing_requests" in a:
                 _number("autoscaling.target_ongoing_requests", a["target_ongoing_requests"], 0, strict=True)
 
+    def sampling_params(self) -> SamplingParams:
+        """The request defaults `sampling` gives, checked (errors name the field as sampling.NAME)."""
+        d = self.sampling or {}
+        if not isinstance(d, dict):
+            raise UsageError(f"sampling must be a mapping of sampling fields, got {d!r:.80}")
+        known = [f.name for f in fields(SamplingParams)]
+        unknown = sorted(map(str, set(d) - set(known)))
+        if unknown:
+            raise UsageError(f"unknown sampling field(s): {', '.join(unknown)} (known: {', '.join(known)})")
+        d = dict(d)
+        bias = d.get("logit_bias")
+        if isinstance(bias, dict):  # JSON and YAML give the token ids as strings
+            try:
+                d["logit_bias"] = {int(k) if isinstance(k, str) and k.strip().isdigit() else k: v
+                                   for k, v in bias.items()}
+            except ValueError:
+                pass  # (validate names the field)
+        if isinstance(d.get("dry_sequence_breakers"), list):
+            d["dry_sequence_breakers"] = tuple(d["dry_sequence_breakers"])
+        params = SamplingParams(**d)
+        params.validate({name: f"sampling.{name}" for name in known})
+        return params
+
+    def _check_template(self) -> None:
+        from ...chat import ChatTemplate
+        from ...chat.builtins import canonical_name
+
+        if self.chat_template is not None and self.chat_template_text is not None:
+            raise UsageError("give one of chat_template (a built-in's name) and chat_template_text")
+        if self.chat_template is not None and canonical_name(self.chat_template) is None:
+            raise UsageError(f"chat_template {self.chat_template!r:.80} is not a built-in template "
+                             f"({', '.join(ChatTemplate.builtin_names())}); a Jinja template: chat_template_text")
+        if self.chat_template_text is not None:
+            try:  # compiled here: a broken one fails before any replica starts
+                ChatTemplate(self.chat_template_text)
+            except TemplateError as e:
+                raise UsageError(f"chat_template_text: {e}") from None
+
     # -- what the pieces take
     def load_kwargs(self) -> dict[str, Any]:
         """purelm.load's arguments in a replica (or a Ray Data actor)."""
@@ -112,7 +158,8 @@ class RayServeConfig:
         aliases = (self.model,) if self.model and not self.model.lower().endswith(".gguf") else ()
         return ServerConfig(parallel=self.parallel, batch=self.batch, max_queue=self.max_queue,
                             api_key=self.api_key, model_name=self.model_name, aliases=aliases,
-                            prefix_cache=self.prefix_cache, lookup=self.lookup)
+                            prefix_cache=self.prefix_cache, lookup=self.lookup, sampling=self.sampling_params(),
+                            n_predict=self.n_predict)
 
     def deployment_options(self) -> dict[str, Any]:
         """The model deployment's Serve options: replicas or autoscaling, resources, queue depth."""
