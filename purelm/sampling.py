@@ -376,7 +376,10 @@ def dry_breakers(tokenizer: Any, texts: tuple[str, ...]) -> dict[int, list[tuple
     """DRY's sequence breakers as tokens, found as llama.cpp finds them: each token whose text holds a
     breaker is one with nothing after it (()); a token whose text ends with the start of a breaker is
     one followed by the tokens of the breaker's rest. A token's text is llama.cpp's detokenization of
-    it alone (a SentencePiece vocabulary's leading space dropped). Built once per tokenizer and
+    it alone (a SentencePiece vocabulary's leading space dropped). A rest that starts inside a character
+    of several bytes is tokenized with a U+FFFD for each stray byte: the tokens llama.cpp's byte-level
+    BPE gives it; its SentencePiece tokenizer gives byte tokens there instead (both after the "▁" it
+    prefixes, which text seldom has next). Built once per tokenizer and
     breakers (the last few sets kept), the vocabulary scanned outside the lock."""
     with _breakers_lock:
         known = _breakers.setdefault(tokenizer, {})

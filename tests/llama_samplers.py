@@ -137,12 +137,15 @@ def _dry(lc, vocabs: dict, case: dict) -> dict[str, float]:
 DRY_PHRASES = ["Hello world", "\n", ": ", "\"quoted\"", " *bold*", " the end", "###", " and so on", " abab",
                " the cat sat", "\n\n", " x: 1", " ab"]
 DRY_BREAKERS = [["\n", ":", "\"", "*"], ["\n", " the end", "###", "ab"], [], [" cat sat"]]
+# characters of several bytes, which tokens may end inside (a breaker's rest then starts mid-character)
+WIDE_PHRASES = ["Hello world", " café", "—", " the end", " 20€", "€uro", " ünïcödé", "日本語", "\n"]
+WIDE_BREAKERS = [["—", "日本"], ["€uro", "é", "\n"]]
 
 
-def make_dry_cases(tokenizer, model: str, seed: int, n: int) -> list[dict]:
+def make_dry_cases(tokenizer, model: str, seed: int, n: int, phrases=DRY_PHRASES, breakers=DRY_BREAKERS) -> list[dict]:
     """Histories of phrases that repeat, with and without sequence breakers, over the tokenizer's ids."""
     rng = np.random.default_rng(seed)
-    phrases = [tokenizer.encode(t, add_special=False, parse_special=False) for t in DRY_PHRASES]
+    phrases = [tokenizer.encode(t, add_special=False, parse_special=False) for t in phrases]
     cases = []
     for _ in range(n):
         pieces = [phrases[i] for i in rng.choice(len(phrases), rng.integers(2, 6), replace=False)]
@@ -150,7 +153,7 @@ def make_dry_cases(tokenizer, model: str, seed: int, n: int) -> list[dict]:
         while len(history) < length:
             history += pieces[rng.integers(len(pieces))] if rng.random() < 0.9 else [int(rng.integers(1000))]
         cases.append({"kind": "dry", "model": model, "history": [int(t) for t in history],
-                      "breakers": DRY_BREAKERS[rng.integers(len(DRY_BREAKERS))],
+                      "breakers": breakers[rng.integers(len(breakers))],
                       "multiplier": float(rng.uniform(0.3, 2)), "base": float(rng.choice([1.0, 1.3, 1.75, 3.0, 40.0])),
                       "allowed": int(rng.integers(0, 5)), "last_n": int(rng.choice([8, 32, 64, 1000]))})
     return cases

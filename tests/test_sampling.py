@@ -246,19 +246,21 @@ PEERS = Path(os.environ.get("PURELM_LLAMA_CPP_DIR",
 
 def test_fresh_cases_leave_the_candidates_llama_cpp_leaves(smollm2_path):
     """New cases (another seed: 120 of the filters and Mirostat, 40 of DRY, 20 of DRY over a SentencePiece
-    vocabulary) through llama.cpp's samplers
+    vocabulary, 24 of DRY over both with breakers of characters of several bytes) through llama.cpp's samplers
     in a child process, where ../shared/peers/build-llama-cpp.sh has built the library."""
     lib, package = PEERS / "build" / "bin", PEERS.parent.parent
     if not (lib / "libllama.so").is_file() or not (package / "llama_cpp").is_dir():
         pytest.skip(f"llama.cpp's library or llama-cpp-python's package is not at {PEERS} (set PURELM_LLAMA_CPP_DIR)")
     sys.path.insert(0, str(Path(__file__).parent))
-    from llama_samplers import make_cases, make_dry_cases
+    from llama_samplers import WIDE_BREAKERS, WIDE_PHRASES, make_cases, make_dry_cases
 
     tokenizer = Tokenizer.from_file(smollm2_path)
 
     spm = PEERS / "models" / "ggml-vocab-llama-spm.gguf"  # SentencePiece: its tokens' leading spaces
     cases = make_cases(seed=1, n=120) + make_dry_cases(tokenizer, str(smollm2_path), seed=1, n=40) + \
-        make_dry_cases(Tokenizer.from_file(spm), str(spm), seed=2, n=20)
+        make_dry_cases(Tokenizer.from_file(spm), str(spm), seed=2, n=20) + \
+        make_dry_cases(tokenizer, str(smollm2_path), 3, 16, WIDE_PHRASES, WIDE_BREAKERS) + \
+        make_dry_cases(Tokenizer.from_file(spm), str(spm), 4, 8, WIDE_PHRASES, WIDE_BREAKERS)
     env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lib), PYTHONPATH=str(package))
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "llama_samplers.py")], input=json.dumps(cases),
                           capture_output=True, text=True, env=env, timeout=300)
