@@ -24,7 +24,9 @@ Where this follows llama.cpp rather than transformers' GGUF loader (ids can diff
   - pre "llama3"/"llama-bpe"/"tekken"...: a word that is itself in the vocabulary is taken whole
     (`ignore_merges`, as llama.cpp and Llama 3's tokenizer.json do).
   - pre names transformers does not know (falcon, deepseek-*, bloom, ...) get llama.cpp's splits;
-    transformers gives them the GPT-2 split, which is also what "default" and unknown names get here.
+    transformers gives them the GPT-2 split, which is also what unknown names get here.
+  - pre "default" (and a "gpt2" vocabulary without a pre name) cuts punctuation runs off first, as
+    llama.cpp's default pre-tokenizer does; transformers gives them the GPT-2 split ("x  #" differs).
   - a "llama" vocabulary puts "▁" before every run of text, also one that already starts with a space
     and text after a special token, as sentencepiece and llama.cpp do (transformers skips it there);
     `tokenizer.ggml.add_space_prefix = false` turns the prefix off.
@@ -153,8 +155,15 @@ def _register(names: Iterable[str], splits: list[str] | None) -> None:
         _SPLITS[name] = splits
 
 
+# llama.cpp's "default" (also a BPE vocabulary without a pre-tokenizer name): punctuation runs cut off
+# first, then GPT-2's split without its last alternative, then digit runs, then runs of three digits
 _register(
-    ["default", "gpt2", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de",
+    ["default"],
+    [r"[\p{P}\$\+<=>\^~\|]+", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)", r"\p{N}+",
+     r"[0-9][0-9][0-9]"],
+)
+_register(
+    ["gpt2", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de",
      "a.x-4.0", "mellum", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "trillion",
      "granite-docling", "exaone4"],
     None,

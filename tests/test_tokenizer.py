@@ -348,3 +348,14 @@ def test_bad_ids_and_text_are_errors(spm):
         spm.token_to_piece(-1)
     with pytest.raises(PurelmError, match="expected str"):
         spm.encode(b"bytes")
+
+
+def test_default_pre_tokenizer_splits_as_llama_cpp():
+    """A "gpt2" vocabulary with pre "default" (or none): llama.cpp cuts punctuation runs off before
+    GPT-2's split, so a run of spaces before "#" is one piece, not spaces and " #". Ids from llama.cpp's
+    own llama_tokenize on the fixture's vocabulary (tests/fixtures/tokenizer_default_pre_llama_cpp.json)."""
+    ref = json.loads((Path(__file__).parent / "fixtures" / "tokenizer_default_pre_llama_cpp.json").read_text())
+    tok = Tokenizer.from_file(Path(__file__).parent.parent / ref["model"])
+    assert tok.pre in (None, "default")
+    for case in ref["cases"]:
+        assert tok.encode(case["text"], add_special=False, parse_special=False) == case["ids"], case["text"]
