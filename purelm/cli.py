@@ -843,6 +843,51 @@ def _not_an_input(outputs: dict[str, str | None], inputs: dict[str, str | None])
                 raise UsageError(f"{flag} {out} is the {what}: writing there would overwrite it")
 
 
+def cmd_imatrix(a: argparse.Namespace) -> int:
+    """llama-imatrix's importance matrix of a model over a text file (for `purelm quantize --imatrix`)."""
+    from . import perplexity as ppl
+    from .imatrix import compute_imatrix
+
+    _check_runtime_args(a)
+    if a.file_opt is not None and a.file is not None:
+        raise UsageError("give the text file once: as FILE or with -f, not both")
+    text_file = a.file if a.file is not None else a.file_opt
+    if text_file is None:
+        raise UsageError("give the text: purelm imatrix MODEL FILE (or -f FILE)")
+    if a.chunks is not None and a.chunks < 1:
+        raise UsageError(f"--chunks must be at least 1, got {a.chunks}")
+    if a.batch < 1:
+        raise UsageError(f"-b/--batch must be at least 1, got {a.batch}")
+    n_ctx = a.ctx or 512
+    if n_ctx < 16:
+        raise UsageError(f"-c/--ctx-size must be at least 16 (llama-imatrix counts products of 16 rows or more), "
+                         f"got {n_ctx}")
+    legacy = a.output_format == "dat"
+    if not legacy and not a.output.endswith(".gguf"):
+        _warn(f"-o {a.output}: written as GGUF (name it .gguf, or --output-format dat for the legacy form)")
+    text = ppl.read_text(text_file)
+    llm = _load(a, n_ctx)
+    _not_an_input({"-o/--output": a.output}, {"model file": llm.path, "text file": text_file})
+    out = sys.stdout
+
+    def progress(c: int, n: int, row: dict) -> None:
+        if c == 0:
+            print(f"imatrix: {row['seconds']:.2f} seconds per chunk - ETA {row['seconds'] * n / 60:.2f} minutes",
+                  file=sys.stderr, flush=True)
+        print(f"[{c + 1}]{row['ppl']:.4f}," if a.ppl else f"[{c + 1}]", end="", file=out, flush=True)
+
+    n_tokens = len(ppl.text_tokens(llm.tokenizer, text))
+    n_chunk = ppl.count_chunks(n_tokens, n_ctx, a.chunks, "an importance matrix")
+    print(f"imatrix: {n_tokens} tokens; {n_chunk} chunks of {n_ctx}", file=sys.stderr, flush=True)
+    run = compute_imatrix(llm, text, n_ctx, a.chunks, a.batch, a.process_output, text_file, progress, a.ppl)
+    print(file=out)
+    if a.ppl:
+        print(f"Final estimate: PPL = {run.ppl:.4f}", file=out)
+    run.save(a.output, legacy)
+    print(f"imatrix: {len(run.sums)} entries from {run.chunk_count} chunks written to {_safe(a.output)}", file=out)
+    return 0
+
+
 def cmd_perplexity(a: argparse.Namespace) -> int:
     """llama-perplexity's perplexity over a text file, or KL divergence from saved log-probabilities."""
     from . import perplexity as ppl
@@ -1212,6 +1257,32 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("-o", "--output", default=None, metavar="FILE",
                     help="write the per-chunk table (and for .json the summary) to FILE.json or FILE.csv")
     pp.set_defaults(func=cmd_perplexity)
+
+    im = sub.add_parser("imatrix", help="an importance matrix for quantize --imatrix, as llama-imatrix makes it",
+                        description="The importance matrix of a model over a text, as llama.cpp's llama-imatrix "
+                                    "computes it: the text in chunks of -c tokens, each from an empty context (BOS "
+                                    "first where the model adds one); each layer's matrix gets the column sums of "
+                                    "its inputs' squares (per expert for a mixture of experts). The file (GGUF, or "
+                                    "llama.cpp's legacy .dat) is what `purelm quantize --imatrix` and "
+                                    "llama-quantize read.")
+    _model_args(im, positional=True)
+    im.add_argument("file", nargs="?", default=None, metavar="FILE", help="the text file (or -f)")
+    im.add_argument("-f", "--file", dest="file_opt", default=None, metavar="FILE", help="the text file")
+    _runtime_args(im)
+    for action in im._actions:
+        if "-c" in action.option_strings:
+            action.help = "tokens per chunk, at least 16 (default 512; also --ctx-size)"
+    im.add_argument("--ctx-size", dest="ctx", type=int, default=None, help=argparse.SUPPRESS)
+    im.add_argument("-o", "--output", default="imatrix.gguf", metavar="FILE",
+                    help="where to write it (default imatrix.gguf)")
+    im.add_argument("--output-format", choices=["gguf", "dat"], default="gguf",
+                    help="GGUF (default) or llama.cpp's legacy .dat form")
+    im.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all)")
+    im.add_argument("-b", "--batch", type=int, default=512, help="tokens per forward pass (default 512)")
+    im.add_argument("--process-output", action="store_true", help="also collect the output matrix's inputs")
+    im.add_argument("--no-ppl", dest="ppl", action="store_false",
+                    help="skip the perplexity of each chunk's second half (its logits cost the output product)")
+    im.set_defaults(func=cmd_imatrix)
     return parser
 
 

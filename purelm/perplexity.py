@@ -55,11 +55,11 @@ def _check_int(name: str, value: Any, lo: int, hi: int = INT32_MAX) -> int:
     return int(value)
 
 
-def count_chunks(n_tokens: int, n_ctx: int, chunks: int | None) -> int:
+def count_chunks(n_tokens: int, n_ctx: int, chunks: int | None, what: str = "perplexity") -> int:
     """How many whole chunks of n_ctx tokens are scored (at most `chunks`); llama.cpp wants the text to
     hold at least two."""
     if n_tokens < 2 * n_ctx:
-        raise UsageError(f"the text has {n_tokens} tokens; perplexity with a context of {n_ctx} needs at "
+        raise UsageError(f"the text has {n_tokens} tokens; {what} with a context of {n_ctx} needs at "
                          f"least {2 * n_ctx} (a longer text, or a smaller -c)")
     n = n_tokens // n_ctx
     return n if chunks is None else min(n, chunks)
@@ -318,7 +318,7 @@ class BaseLogits:
         self.__dict__.pop("tokens", None)
 
 
-def _write_atomically(path: str | os.PathLike, fill: Callable[[Any], None]) -> None:
+def write_atomically(path: str | os.PathLike, fill: Callable[[Any], None]) -> None:
     """Write `path` through a temporary file beside it, renamed only once `fill(f)` has finished."""
     path = os.fspath(path)
     tmp = f"{path}.{os.getpid()}.part"
@@ -364,7 +364,7 @@ def perplexity(llm: Any, text: str | Sequence[int], n_ctx: int = 512, chunks: in
         f.write(HEADER.pack(MAGIC, n_ctx, llm.n_vocab, n_chunk))
         f.write(np.asarray(tokens[:n_chunk * n_ctx], "<i4").tobytes())
         result.append(_perplexity(llm, tokens, n_ctx, n_chunk, bos, batch, f, on_chunk))
-    _write_atomically(save_base, fill)
+    write_atomically(save_base, fill)
     return result[0]
 
 
@@ -532,4 +532,4 @@ def write_table(path: str | os.PathLike, result: PerplexityResult | KLDResult) -
         writer.writeheader()
         writer.writerows(result.chunks)
         data = buf.getvalue().encode()
-    _write_atomically(path, lambda f: f.write(data))
+    write_atomically(path, lambda f: f.write(data))
