@@ -235,6 +235,9 @@ def compute_imatrix(llm: Any, text: str, n_ctx: int = 512, chunks: int | None = 
     bos = llm.tokenizer.bos_id if llm.tokenizer.add_bos else None
     model, backend = llm.model, llm.backend
     sums = _Sums(_weight_names(model))
+    if not any(name.startswith("blk.") for _, names in sums.names.values() for name, _, _ in names):
+        raise UsageError(f"compute_imatrix: the {backend.name} backend's weights do not name their tensors "
+                         "(use the numba or numpy backend)")
     if getattr(backend, "finish_compiling", None):  # a first start's stand-in ops would not be seen
         backend.finish_compiling()
     if any(name in vars(backend) for name in _Collector.OPS):
@@ -268,9 +271,6 @@ def compute_imatrix(llm: Any, text: str, n_ctx: int = 512, chunks: int | None = 
                 on_chunk(c, n_chunk, {"chunk": c + 1, "ppl": math.exp(nll / count) if count else math.nan,
                                       "seconds": time.perf_counter() - t0})
     keep = {n for n in sums.sums if n.startswith("blk.") or (process_output and n == "output.weight")}
-    if not keep:
-        raise UsageError(f"compute_imatrix: no layer matrix took a product (the {backend.name} backend's weights "
-                         "do not name their tensors: use the numba or numpy backend)")
     return ImatrixRun({n: sums.sums[n] for n in keep}, {n: sums.counts[n] for n in keep}, n_chunk, n_ctx,
                       [dataset] if dataset else [], math.exp(nll / count) if count else math.nan,
                       time.perf_counter() - t0)
