@@ -171,7 +171,7 @@ class LLM:
 
     def _constraint(self, grammar: object, json_schema: object, call: tuple | None = None) -> Any:
         """A function that makes a Constraint of the grammar asked for (compiled once), or None.
-        `call`: a chat's forced tool call, (format, tools, name) as grammar.forced_call takes them."""
+        `call`: a chat's forced tool call, (format, tools, name, several) as grammar.forced_call takes them."""
         asked = [(k, v) for k, v in (("gbnf", grammar), ("json_schema", json_schema), ("call", call)) if v is not None]
         if not asked:
             return None

@@ -260,32 +260,14 @@ def _chat_template_args(p: argparse.ArgumentParser) -> None:
 
 def _chat_template_option(a: argparse.Namespace) -> tuple[str, str] | None:
     """The chat template flags, checked before the load: ("name", NAME) or ("text", the file's text)."""
-    from .chat import ChatTemplate
-    from .chat.builtins import canonical_name
+    from .chat import template_choice
 
-    if a.chat_template is not None and a.chat_template_file is not None:
-        raise UsageError("give one of --chat-template and --chat-template-file")
-    if a.chat_template is not None:
-        if canonical_name(a.chat_template) is None:
-            raise UsageError(f"--chat-template {a.chat_template!r}: not a built-in template "
-                             f"({', '.join(ChatTemplate.builtin_names())}); a Jinja file: --chat-template-file")
-        return "name", a.chat_template
-    if a.chat_template_file is not None:
+    text = None
+    if a.chat_template_file is not None and a.chat_template is None:
         text = _read_small_file("--chat-template-file", a.chat_template_file)
-        ChatTemplate(text)  # compiled once before the (slow) load: a broken file fails at once
-        return "text", text
-    return None
-
-
-def _use_chat_template(llm: Any, option: tuple[str, str] | None) -> Any:
-    """Give the loaded model the template the flags chose; return its template, compiled now (a broken
-    template fails before the first message)."""
-    if option is not None:
-        from .chat import ChatTemplate
-
-        kind, value = option
-        llm.chat_template = value if kind == "name" else ChatTemplate.from_text(value, llm.tokenizer)
-    return llm.chat_template
+    elif a.chat_template_file is not None:
+        text = ""  # (both given: template_choice says so)
+    return template_choice(a.chat_template, text)
 
 
 def _grammar_options(a: argparse.Namespace) -> dict:
@@ -584,12 +566,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.ray_address or a.replicas != 1 or a.max_replicas is not None or a.no_prefix_routing:
         raise UsageError("--ray-address, --replicas, --max-replicas and --no-prefix-routing need --ray")
     _server_deps()
+    from .chat import use_template_choice
     from .server import ServerConfig, serve
 
     if a.api_key is not None and not a.api_key.strip() and not os.environ.get("PURELM_API_KEY"):
         _warn("--api-key is empty (an unset variable?): the server takes requests without a key")
     llm = _load(a, a.ctx)
-    _use_chat_template(llm, template_option)
+    use_template_choice(llm, template_option)
     params.check_bias_ids(llm.n_vocab, "--logit-bias")
     aliases = (a.model,) if a.model and not os.path.exists(a.model) else ()
     config = ServerConfig(parallel=a.parallel, batch=a.batch, max_queue=a.queue,
@@ -689,7 +672,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
         compile_grammar(llm.tokenizer, *(("gbnf", grammar["grammar"]) if "grammar" in grammar
                                          else ("json_schema", grammar["json_schema"])))
-    template = _use_chat_template(llm, template_option)
+    from .chat import use_template_choice
+
+    template = use_template_choice(llm, template_option)
     interactive = sys.stdin is not None and sys.stdin.isatty()
     out = sys.stdout
     shown = _terminal_text if out.isatty() else str  # piped output stays byte for byte
@@ -856,12 +841,11 @@ def cmd_imatrix(a: argparse.Namespace) -> int:
         raise UsageError("give the text: purelm imatrix MODEL FILE (or -f FILE)")
     if a.chunks is not None and a.chunks < 1:
         raise UsageError(f"--chunks must be at least 1, got {a.chunks}")
-    if a.batch < 1:
-        raise UsageError(f"-b/--batch must be at least 1, got {a.batch}")
     n_ctx = a.ctx or 512
-    if n_ctx < 16:
-        raise UsageError(f"-c/--ctx-size must be at least 16 (llama-imatrix counts products of 16 rows or more), "
-                         f"got {n_ctx}")
+    for flag, value in (("-c/--ctx-size", n_ctx), ("-b/--batch", a.batch)):
+        if value < 16:  # the tokens of a pass: llama-imatrix counts products of 16 rows or more
+            raise UsageError(f"{flag} must be at least 16 (llama-imatrix counts products of 16 rows or more), "
+                             f"got {value}")
     legacy = a.output_format == "dat"
     if not legacy and not a.output.endswith(".gguf"):
         _warn(f"-o {a.output}: written as GGUF (name it .gguf, or --output-format dat for the legacy form)")
@@ -876,10 +860,10 @@ def cmd_imatrix(a: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
         print(f"[{c + 1}]{row['ppl']:.4f}," if a.ppl else f"[{c + 1}]", end="", file=out, flush=True)
 
-    n_tokens = len(ppl.text_tokens(llm.tokenizer, text))
-    n_chunk = ppl.count_chunks(n_tokens, n_ctx, a.chunks, "an importance matrix")
-    print(f"imatrix: {n_tokens} tokens; {n_chunk} chunks of {n_ctx}", file=sys.stderr, flush=True)
-    run = compute_imatrix(llm, text, n_ctx, a.chunks, a.batch, a.process_output, text_file, progress, a.ppl)
+    tokens = ppl.text_tokens(llm.tokenizer, text)
+    n_chunk = ppl.count_chunks(len(tokens), n_ctx, a.chunks, "an importance matrix")
+    print(f"imatrix: {len(tokens)} tokens; {n_chunk} chunks of {n_ctx}", file=sys.stderr, flush=True)
+    run = compute_imatrix(llm, tokens, n_ctx, a.chunks, a.batch, a.process_output, text_file, progress, a.ppl)
     print(file=out)
     if a.ppl:
         print(f"Final estimate: PPL = {run.ppl:.4f}", file=out)
@@ -1278,7 +1262,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--output-format", choices=["gguf", "dat"], default="gguf",
                     help="GGUF (default) or llama.cpp's legacy .dat form")
     im.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all)")
-    im.add_argument("-b", "--batch", type=int, default=512, help="tokens per forward pass (default 512)")
+    im.add_argument("-b", "--batch", type=int, default=512, help="tokens per forward pass, at least 16 (default 512)")
     im.add_argument("--process-output", action="store_true", help="also collect the output matrix's inputs")
     im.add_argument("--no-ppl", dest="ppl", action="store_false",
                     help="skip the perplexity of each chunk's second half (its logits cost the output product)")

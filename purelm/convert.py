@@ -116,6 +116,7 @@ def _tokenizer_kv(directory: Path, cfg: dict[str, Any], vocab_size: int) -> dict
             raise PurelmError(f"{path}: only byte-level BPE tokenizer.json files (or a SentencePiece "
                               "tokenizer.model) are converted so far")
         kv, vocab = _byte_level_kv(path, tj, vocab_size)
+        kv["tokenizer.ggml.pre"] = _pre_name(path, tj, kv)
     else:
         return {}
     return {**kv, **_special_tokens_kv(directory, cfg, vocab, len(kv["tokenizer.ggml.tokens"]))}
@@ -153,12 +154,52 @@ def _byte_level_kv(path: Path, tj: dict[str, Any], vocab_size: int) -> tuple[dic
         raise FormatError(path, "model.merges", "must be a list of \"a b\" strings or [a, b] pairs of strings")
     kv: dict[str, Any] = {
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "default",
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in merges],
     }
     return kv, vocab
+
+
+# The pre-tokenizers tried on a tokenizer.json that is not GPT-2's own (llama.cpp's converter names them by
+# the ids its tokenizer gives a test text; so does this, against the pre names purelm knows)
+PRE_CANDIDATES = ("llama-bpe", "qwen2", "smollm", "gpt-2", "deepseek-llm", "deepseek-coder", "falcon", "starcoder",
+                  "refact", "command-r", "olmo", "mpt", "bloom", "chatglm-bpe", "tekken", "default")
+PRE_PROBE = ("Hello World! 3 33 333 3333 33333 333333 1.5 ÷ 10,000 \n \n\n  \t\t   x  #!/bin/sh  'll 'VE 's "
+             "I'm ``quoted'' ...!!! ?!? ~~ (a) [b] {c} <d> $5+3=8 @x #y %z ^ & * _ | \\ / ` été Straße "
+             "日本語のテキスト 한국어 русский ελληνικά עברית العربية हिन्दी 🦙🚀 👍🏽 \u3000 \u00a0end ")
+
+
+def _pre_name(path: Path, tj: dict[str, Any], kv: dict[str, Any]) -> str:
+    """tokenizer.ggml.pre for a byte-level tokenizer.json: "gpt-2" for GPT-2's own pre-tokenizer, else
+    the first of PRE_CANDIDATES whose split gives the tokenizer's own ids for PRE_PROBE (transformers'
+    `tokenizers` runs the file); "default" (llama.cpp's fallback split) where none does."""
+    pre = tj.get("pre_tokenizer")
+    gpt2 = isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+    if gpt2 and not tj.get("normalizer"):
+        return "gpt-2"
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .tokenizer import Tokenizer
+
+    try:
+        want = HFTokenizer.from_file(str(path)).encode(PRE_PROBE, add_special_tokens=False).ids
+    except Exception as e:  # a file transformers' library cannot run: no way to tell
+        print(f"purelm: warning: {path}: its pre-tokenizer could not be run ({e}); writing \"default\"",
+              file=sys.stderr)
+        return "default"
+    meta = {**kv, "tokenizer.ggml.add_bos_token": False}
+    for name in PRE_CANDIDATES:
+        try:
+            got = Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.pre": name}).encode(
+                PRE_PROBE, add_special=False, parse_special=False)
+        except PurelmError:
+            continue
+        if got == want:
+            return name
+    print(f"purelm: warning: {path}: no known pre-tokenizer splits text as this tokenizer.json does; writing "
+          "\"default\" (llama.cpp's fallback: its tokens may differ)", file=sys.stderr)
+    return "default"
 
 
 def _special_tokens_kv(directory: Path, cfg: dict[str, Any], vocab: dict[str, int], n_tokens: int) -> dict[str, Any]:

@@ -93,7 +93,7 @@ def compile_grammar(tokenizer: Any, kind: str, value: Any, extra_eos: frozenset[
     return grammar
 
 
-def forced_call(tokenizer: Any, fmt: str, tools: list[dict], name: str | None = None, several: bool = False,
+def forced_call(tokenizer: Any, fmt: str, tools: list[dict], name: str | None = None, several: bool = False, *,
                 extra_eos: frozenset[int] = frozenset()) -> str:
     """The compiled grammar of a reply that is one tool call (with `several`, one or more;
     chat.tool_calls.call_grammar) in the format `fmt`, of the function `name` or of any of `tools`; a

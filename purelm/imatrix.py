@@ -18,7 +18,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,22 +215,25 @@ class ImatrixRun:
                 + dataset)
 
 
-def compute_imatrix(llm: Any, text: str, n_ctx: int = 512, chunks: int | None = None, batch: int = 512,
+def compute_imatrix(llm: Any, text: str | Sequence[int], n_ctx: int = 512, chunks: int | None = None, batch: int = 512,
                     process_output: bool = False, dataset: str = "",
                     on_chunk: Callable[[int, int, dict], None] | None = None, ppl: bool = True) -> ImatrixRun:
     """llama-imatrix's importance matrix of `llm` (a loaded `purelm.LLM`, numba or numpy backend) over
-    `text`: cut into chunks of `n_ctx` tokens as `perplexity` cuts it (at most `chunks`), each chunk
-    evaluated from an empty context, `batch` tokens a pass; every product of a layer's weight (and of
-    output.weight with `process_output`) adds its input rows' squares to that weight's column sums.
+    `text` (a str, or its token ids with BOS first where the model adds one): cut into chunks of
+    `n_ctx` tokens as `perplexity` cuts it (at most `chunks`), each chunk evaluated from an empty
+    context, `batch` tokens a pass (at least 16 each: llama-imatrix counts no smaller product); every
+    product of a layer's weight (and of output.weight with `process_output`) adds its input rows'
+    squares to that weight's column sums.
     `dataset`: the text's file name, kept in the matrix (llama-quantize copies it into the model).
     `on_chunk(c, n_chunk, row)` after each chunk (row: ppl so far, seconds). `ppl=False` skips the
     perplexity (NaN) and with it the second halves' output products, unless `process_output`."""
     from .perplexity import count_chunks, text_tokens, token_nll
 
-    n_ctx = _positive("n_ctx", n_ctx, 16)  # (llama-imatrix skips products of fewer rows: nothing to count)
-    batch = _positive("batch", batch, 1)
+    # (llama-imatrix skips products of fewer rows: with passes of fewer, nothing would be counted)
+    n_ctx, batch = _positive("n_ctx", n_ctx, MIN_ROWS), _positive("batch", batch, MIN_ROWS)
     chunks = None if chunks is None else _positive("chunks", chunks, 1)
-    tokens = np.asarray(text_tokens(llm.tokenizer, text), np.int64)
+    tokens = np.asarray(text_tokens(llm.tokenizer, text) if isinstance(text, str) else
+                        [_positive("token id", t, 0, llm.n_vocab - 1) for t in text], np.int64)
     n_chunk = count_chunks(len(tokens), n_ctx, chunks, "an importance matrix")
     bos = llm.tokenizer.bos_id if llm.tokenizer.add_bos else None
     model, backend = llm.model, llm.backend
@@ -271,14 +274,16 @@ def compute_imatrix(llm: Any, text: str, n_ctx: int = 512, chunks: int | None = 
                 on_chunk(c, n_chunk, {"chunk": c + 1, "ppl": math.exp(nll / count) if count else math.nan,
                                       "seconds": time.perf_counter() - t0})
     keep = {n for n in sums.sums if n.startswith("blk.") or (process_output and n == "output.weight")}
-    return ImatrixRun({n: sums.sums[n] for n in keep}, {n: sums.counts[n] for n in keep}, n_chunk, n_ctx,
+    # as llama-imatrix: the chunks its counts hold (a chunk's last pass of under 16 rows counts nothing)
+    chunk_count = max((int(c.max()) // n_ctx for c in sums.counts.values()), default=0)
+    return ImatrixRun({n: sums.sums[n] for n in keep}, {n: sums.counts[n] for n in keep}, chunk_count, n_ctx,
                       [dataset] if dataset else [], math.exp(nll / count) if count else math.nan,
                       time.perf_counter() - t0)
 
 
-def _positive(name: str, value: Any, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= 2**31 - 1:
-        raise UsageError(f"{name} must be a whole number of at least {lo}, got {value!r}")
+def _positive(name: str, value: Any, lo: int, hi: int = 2**31 - 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise UsageError(f"{name} must be a whole number in [{lo}, {hi}], got {value!r:.80}")
     return int(value)
 
 

@@ -192,3 +192,43 @@ def test_models_do_not_import_the_converter():
             "print(sorted(m for m in sys.modules if m in ('purelm.convert', 'purelm.formats.safetensors')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("pre, name", [
+    (None, "gpt-2"),  # the fixture's own: GPT-2's ByteLevel split
+    ({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}, "llama-bpe"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                             "use_regex": True}]},
+     "smollm"),
+    ({"type": "Split", "pattern": {"Regex": "[a-z]"}, "behavior": "Isolated", "invert": False}, "default"),
+])
+def test_byte_level_tokenizer_gets_the_pre_tokenizer_that_splits_as_it_does(fixtures, tmp_path, pre, name, capsys):
+    """tokenizer.ggml.pre names the split the checkpoint's tokenizer.json does (llama.cpp's converter
+    names it by the ids a test text gets), so that purelm and llama.cpp tokenize the file as
+    transformers does; none that fits: "default", with a warning."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    src = tmp_path / "hf"
+    shutil.copytree(fixtures / "hf" / "gpt2", src)
+    if pre is not None:
+        tj = json.loads((src / "tokenizer.json").read_text())
+        tj["pre_tokenizer"] = pre
+        (src / "tokenizer.json").write_text(json.dumps(tj))
+    convert(src, tmp_path / "m.gguf", "f32")
+    f = GGUFFile(tmp_path / "m.gguf")
+    assert f.metadata["tokenizer.ggml.pre"] == name
+    assert ("no known pre-tokenizer" in capsys.readouterr().err) == (name == "default")
+    if name != "default":
+        import purelm
+
+        text = "Hello  world!! 12345 6789 ... it's  #tag\n\n  done"
+        want = HFTokenizer.from_file(str(src / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+        assert purelm.load(tmp_path / "m.gguf", backend="numpy").tokenizer.encode(
+            text, add_special=False, parse_special=False) == want

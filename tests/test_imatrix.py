@@ -19,6 +19,7 @@ import pytest
 
 import purelm
 from purelm.cli import main
+from purelm.errors import UsageError
 from purelm.formats.gguf import GGUFFile
 from purelm.imatrix import compute_imatrix, load_imatrix
 from purelm.perplexity import read_text
@@ -102,6 +103,22 @@ def test_output_matrix_and_decode_steps(tmp_path):
     assert "blk.0.attn_q.weight" not in sums.counts
 
 
+def test_passes_under_16_rows_count_nothing_as_in_llama_imatrix():
+    """Chunks of 128 in passes of 120: each chunk's last 8 rows are a product llama-imatrix skips, so the
+    counts hold 2 x 120 rows and the chunk count is what they make whole (1). Token ids work as the text."""
+    llm = purelm.load(FIX / "llama-f16.gguf", n_ctx=128)
+    tokens = llm.tokenizer.encode(read_text(FIX / "agreement.txt"))
+    run = compute_imatrix(llm, tokens, n_ctx=128, chunks=2, batch=120, ppl=False)
+    assert run.counts["blk.0.attn_q.weight"].tolist() == [240] and run.chunk_count == 1
+    whole = compute_imatrix(llm, tokens, n_ctx=128, chunks=2, ppl=False)
+    assert whole.counts["blk.0.attn_q.weight"].tolist() == [256] and whole.chunk_count == 2
+    for bad in ({"batch": 15}, {"n_ctx": 8}, {"chunks": 0}, {"n_ctx": "128"}):
+        with pytest.raises(UsageError, match=next(iter(bad))):
+            compute_imatrix(llm, tokens, **{"n_ctx": 128, **bad})
+    with pytest.raises(UsageError, match="token id"):
+        compute_imatrix(llm, [1, 2, 10**9], n_ctx=128)
+
+
 def test_cli(tmp_path, capsys):
     out = tmp_path / "m.gguf"
     model = str(FIX / "llama-f16.gguf")
@@ -120,8 +137,8 @@ def test_cli(tmp_path, capsys):
     assert GGUFFile(q).metadata["quantize.imatrix.chunks_count"] == 2
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    for args, says in ((["-c", "8"], "at least 16"), (["-o", model], "is the model file"),
-                       (["-b", "0"], "-b/--batch"), (["--chunks", "0"], "--chunks")):
+    for args, says in ((["-c", "8"], "-c/--ctx-size must be at least 16"), (["-o", model], "is the model file"),
+                       (["-b", "8"], "-b/--batch must be at least 16"), (["--chunks", "0"], "--chunks")):
         assert main(["imatrix", model, "-f", str(FIX / "agreement.txt"), *args]) == 2
         assert says in capsys.readouterr().err, args
     assert main(["imatrix", model, "-f", str(short), "-o", str(tmp_path / "none.gguf")]) == 2

@@ -1400,14 +1400,21 @@ def test_native_completion_lists_each_tokens_probabilities(srv, ref):
         ids.append(e["id"])
     assert "".join(e["token"] for e in entries) == r["content"]
 
-    body = {"prompt": prompt, "n_predict": 1, "temperature": 0.8, "top_k": 5, "n_probs": 3,
+    body = {"prompt": prompt, "n_predict": 4, "temperature": 0.8, "top_k": 5, "n_probs": 3,
             "post_sampling_probs": True, "seed": 3}
-    (e,) = srv.post("/completion", body).json()["completion_probabilities"]
-    cand, probs = Sampler(SamplingParams(temperature=0.8, top_k=5)).probabilities(ref.logits(prompt)[-1])
-    assert set(e) == {"id", "token", "bytes", "prob", "top_probs"} and e["id"] in cand
-    assert [t["id"] for t in e["top_probs"]] == list(cand[:3])
-    np.testing.assert_allclose([t["prob"] for t in e["top_probs"]], probs[:3], rtol=1e-9)
-    assert math.isclose(e["prob"], probs[list(cand).index(e["id"])], rel_tol=1e-9)
+    drawn = srv.post("/completion", body).json()["completion_probabilities"]
+    ids = ref.tokenize(prompt)
+    for e in drawn:  # each token's own candidates (llama.cpp's defaults for top_p and min_p too)
+        cand, probs = Sampler(SamplingParams(temperature=0.8, top_k=5)).probabilities(ref.logits(ids)[-1])
+        assert set(e) == {"id", "token", "bytes", "prob", "top_probs"} and e["id"] in cand
+        assert [t["id"] for t in e["top_probs"]] == list(cand[:3])
+        np.testing.assert_allclose([t["prob"] for t in e["top_probs"]], probs[:3], rtol=1e-9)
+        assert math.isclose(e["prob"], probs[list(cand).index(e["id"])], rel_tol=1e-9)
+        ids.append(e["id"])
+    assert len(drawn) == 4
+    # post_sampling_probs alone lists nothing (and keeps nothing: the engine stores candidates only to list them)
+    alone = srv.post("/completion", {**body, "n_probs": 0}).json()
+    assert "completion_probabilities" not in alone and alone["tokens_predicted"] == 4
 
     stop = srv.post("/completion", {"prompt": prompt, "n_predict": 8, "temperature": 0, "n_probs": 1,
                                     "stop": [".\n"]}).json()  # the stop string's tokens are left out
@@ -1421,8 +1428,9 @@ def test_native_completion_lists_each_tokens_probabilities(srv, ref):
                 events.append(json.loads(line[6:]))
     assert [e["completion_probabilities"] for e in events[:-1]] == [[e] for e in entries]
     assert "completion_probabilities" not in events[-1]
-    for bad in ({"n_probs": -1}, {"n_probs": P.MAX_N_PROBS + 1}, {"n_probs": "3"}, {"post_sampling_probs": 1}):
-        name = next(iter(bad))
+    for bad in ({"n_probs": -1}, {"n_probs": P.MAX_N_PROBS + 1}, {"n_probs": "3"}, {"post_sampling_probs": 1},
+                {"n_probs": 2, "logprobs": "x"}):
+        name = list(bad)[-1]
         assert error_of(srv.post("/completion", {"prompt": prompt, **bad}), 400)["param"] == name
 
 

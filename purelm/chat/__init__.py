@@ -229,6 +229,34 @@ class ChatTemplate:
         return f"ChatTemplate(name={self.name!r}, is_builtin={self.is_builtin}, {len(self.source)} characters)"
 
 
+def template_choice(name: str | None, text: str | None,
+                    fields: tuple[str, str] = ("--chat-template", "--chat-template-file")) -> tuple[str, str] | None:
+    """A chat template in place of a model's own, checked before any model loads: a built-in's name
+    ("name", NAME) or a Jinja template's text ("text", TEXT, compiled here), at most one of them; None
+    for neither. `fields` name the two in errors."""
+    from .builtins import canonical_name
+
+    if name is not None and text is not None:
+        raise UsageError(f"give one of {fields[0]} and {fields[1]}")
+    if name is not None:
+        if canonical_name(name) is None:
+            raise UsageError(f"{fields[0]} {name!r:.80}: not a built-in template "
+                             f"({', '.join(ChatTemplate.builtin_names())}); a Jinja template: {fields[1]}")
+        return "name", name
+    if text is not None:
+        ChatTemplate(text)  # a broken template fails now, not at the first message
+        return "text", text
+    return None
+
+
+def use_template_choice(llm: Any, choice: tuple[str, str] | None) -> Any:
+    """Give the loaded model (a purelm.LLM) the template `template_choice` returned; its template."""
+    if choice is not None:
+        kind, value = choice
+        llm.chat_template = value if kind == "name" else ChatTemplate.from_text(value, llm.tokenizer)
+    return llm.chat_template
+
+
 def _special_texts(tokenizer: Any) -> tuple[str, str]:
     def text(i: Any) -> str:
         tokens = getattr(tokenizer, "tokens", None)

@@ -145,9 +145,9 @@ class _State:
 
     def grammar(self, fmt: tuple[str, Any] | None, stop_ids: frozenset[int] = frozenset()) -> str | None:
         """The compiled grammar of `response_format` / `json_schema` / `grammar` / a forced tool call
-        (`("call", (format, tools, name))`), for a request whose end-of-turn tokens are `stop_ids` (so
-        that the engine finds its vocabulary built); 400 if it does not compile. Runs in a worker
-        thread: the first one builds llguidance's vocabulary."""
+        (`("call", (format, tools, name, several))`), for a request whose end-of-turn tokens are
+        `stop_ids` (so that the engine finds its vocabulary built); 400 if it does not compile. Runs in a
+        worker thread: the first one builds llguidance's vocabulary."""
         if fmt is None:
             return None
         kind, value = fmt
@@ -408,10 +408,9 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         if n_predict is not None and n_predict > 0 and "max_tokens" not in body:
             body["max_tokens"] = min(n_predict, state.n_ctx)
         # each token's probability and its likeliest candidates' (llama.cpp: "logprobs" stands for n_probs)
-        n_probs = P.get_int(body, "n_probs", 0, P.MAX_N_PROBS)
-        if n_probs is None:
-            n_probs = P.get_int(body, "logprobs", 0, P.MAX_N_PROBS, 0)
-        post = P.get_bool(body, "post_sampling_probs")
+        alias = P.get_int(body, "logprobs", 0, P.MAX_N_PROBS, 0)
+        n_probs = P.get_int(body, "n_probs", 0, P.MAX_N_PROBS, alias)
+        post = P.get_bool(body, "post_sampling_probs") and n_probs > 0
         gen = await state.generation(body, 1, chat=False, n_predict=None if n_predict == -1 else config.n_predict)
         if not prompt:
             raise P.bad("the prompt is empty (and the model adds no BOS token)", "prompt")

@@ -579,7 +579,7 @@ class Engine:
         samplers = [Sampler(dataclasses.replace(req.params, seed=None if req.params.seed is None
                                                 else req.params.seed + j), self.tokenizer) for j in range(req.n)]
         for j, sampler in enumerate(samplers):
-            if req.post_sampling_probs:
+            if req.post_sampling_probs and req.logprobs is not None:  # (else nothing would take them off)
                 sampler.drawn = []
             seq = job.seq if j == req.n - 1 else self.cache.fork(job.seq)
             sample = _Sample(self.tokenizer, sampler, req.prompt, req.stop, req.ignore_eos, req.max_tokens,

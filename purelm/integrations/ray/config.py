@@ -8,7 +8,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ...errors import TemplateError, UsageError
+from ...errors import UsageError
 from ...sampling import SamplingParams, check_int
 
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "target_ongoing_requests")
@@ -88,7 +88,7 @@ class RayServeConfig:
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
         self.sampling_params()
-        self._check_template()
+        self.template_choice()
         self.num_cpus = _number("num_cpus", self.num_cpus, 0)
         self.num_gpus = _number("num_gpus", self.num_gpus, 0)
         if self.num_gpus > 0 and self.backend not in (None, "torch"):
@@ -128,20 +128,11 @@ class RayServeConfig:
         params.validate({name: f"sampling.{name}" for name in known})
         return params
 
-    def _check_template(self) -> None:
-        from ...chat import ChatTemplate
-        from ...chat.builtins import canonical_name
+    def template_choice(self) -> tuple[str, str] | None:
+        """chat_template / chat_template_text as purelm.chat.template_choice checks them."""
+        from ...chat import template_choice
 
-        if self.chat_template is not None and self.chat_template_text is not None:
-            raise UsageError("give one of chat_template (a built-in's name) and chat_template_text")
-        if self.chat_template is not None and canonical_name(self.chat_template) is None:
-            raise UsageError(f"chat_template {self.chat_template!r:.80} is not a built-in template "
-                             f"({', '.join(ChatTemplate.builtin_names())}); a Jinja template: chat_template_text")
-        if self.chat_template_text is not None:
-            try:  # compiled here: a broken one fails before any replica starts
-                ChatTemplate(self.chat_template_text)
-            except TemplateError as e:
-                raise UsageError(f"chat_template_text: {e}") from None
+        return template_choice(self.chat_template, self.chat_template_text, ("chat_template", "chat_template_text"))
 
     # -- what the pieces take
     def load_kwargs(self) -> dict[str, Any]:

@@ -36,14 +36,11 @@ STATS_PERIOD_S = 2.0  # how often Serve asks each replica for its routing stats
 def load_model(config: RayServeConfig) -> Any:
     """The replica's model, with the config's chat template; its logit bias checked against the vocabulary."""
     from ...api import load
-    from ...chat import ChatTemplate
+    from ...chat import use_template_choice
 
     llm = load(config.model, **config.load_kwargs())
     config.sampling_params().check_bias_ids(llm.n_vocab, "sampling.logit_bias")
-    if config.chat_template is not None:
-        llm.chat_template = config.chat_template
-    elif config.chat_template_text is not None:
-        llm.chat_template = ChatTemplate.from_text(config.chat_template_text, llm.tokenizer)
+    use_template_choice(llm, config.template_choice())
     return llm
 
 
