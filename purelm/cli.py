@@ -1223,15 +1223,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "one), scoring each chunk's second half; PPL = exp(mean NLL) +/- its "
                                     "standard error. --kl-divergence-base FILE saves the log-probabilities "
                                     "(llama.cpp's format); adding --kl-divergence compares this model with them.")
-    _model_args(pp, positional=True)
-    pp.add_argument("file", nargs="?", default=None, metavar="FILE", help="the text file (or -f)")
-    pp.add_argument("-f", "--file", dest="file_opt", default=None, metavar="FILE", help="the text file")
-    _runtime_args(pp)
-    for action in pp._actions:  # -c means something else here: the chunk size, llama-perplexity's default
-        if "-c" in action.option_strings:
-            action.help = "tokens per chunk, at least 3 (default 512; also --ctx-size)"
-    pp.add_argument("--ctx-size", dest="ctx", type=int, default=None, help=argparse.SUPPRESS)
-    pp.add_argument("--chunks", type=int, default=None, help="score at most this many chunks (default: all)")
+    _text_chunk_args(pp, 3, "score at most this many chunks (default: all)")
     pp.add_argument("-b", "--batch", type=int, default=2048,
                     help="tokens per forward pass; batch // ctx chunks are evaluated together (default 2048)")
     pp.add_argument("--kl-divergence-base", default=None, metavar="FILE",
@@ -1249,25 +1241,31 @@ def build_parser() -> argparse.ArgumentParser:
                                     "its inputs' squares (per expert for a mixture of experts). The file (GGUF, or "
                                     "llama.cpp's legacy .dat) is what `purelm quantize --imatrix` and "
                                     "llama-quantize read.")
-    _model_args(im, positional=True)
-    im.add_argument("file", nargs="?", default=None, metavar="FILE", help="the text file (or -f)")
-    im.add_argument("-f", "--file", dest="file_opt", default=None, metavar="FILE", help="the text file")
-    _runtime_args(im)
-    for action in im._actions:
-        if "-c" in action.option_strings:
-            action.help = "tokens per chunk, at least 16 (default 512; also --ctx-size)"
-    im.add_argument("--ctx-size", dest="ctx", type=int, default=None, help=argparse.SUPPRESS)
+    _text_chunk_args(im, 16, "at most this many chunks (default: all)")
     im.add_argument("-o", "--output", default="imatrix.gguf", metavar="FILE",
                     help="where to write it (default imatrix.gguf)")
     im.add_argument("--output-format", choices=["gguf", "dat"], default="gguf",
                     help="GGUF (default) or llama.cpp's legacy .dat form")
-    im.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all)")
     im.add_argument("-b", "--batch", type=int, default=512, help="tokens per forward pass, at least 16 (default 512)")
     im.add_argument("--process-output", action="store_true", help="also collect the output matrix's inputs")
     im.add_argument("--no-ppl", dest="ppl", action="store_false",
                     help="skip the perplexity of each chunk's second half (its logits cost the output product)")
     im.set_defaults(func=cmd_imatrix)
     return parser
+
+
+def _text_chunk_args(p: argparse.ArgumentParser, least: int, chunks_help: str) -> None:
+    """The model, the text file (FILE or -f) cut in chunks of -c tokens (llama.cpp's tools' -c: the
+    chunk size, default 512), --chunks, and the runtime flags: perplexity's and imatrix's."""
+    _model_args(p, positional=True)
+    p.add_argument("file", nargs="?", default=None, metavar="FILE", help="the text file (or -f)")
+    p.add_argument("-f", "--file", dest="file_opt", default=None, metavar="FILE", help="the text file")
+    _runtime_args(p)
+    for action in p._actions:
+        if "-c" in action.option_strings:
+            action.help = f"tokens per chunk, at least {least} (default 512; also --ctx-size)"
+    p.add_argument("--ctx-size", dest="ctx", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--chunks", type=int, default=None, help=chunks_help)
 
 
 def _quit(code: int) -> NoReturn:
