@@ -275,7 +275,7 @@ def compute_imatrix(llm: Any, text: str | Sequence[int], n_ctx: int = 512, chunk
                                       "seconds": time.perf_counter() - t0})
     keep = {n for n in sums.sums if n.startswith("blk.") or (process_output and n == "output.weight")}
     # as llama-imatrix: the chunks its counts hold (a chunk's last pass of under 16 rows counts nothing)
-    chunk_count = max((int(c.max()) // n_ctx for c in sums.counts.values()), default=0)
+    chunk_count = max((int(sums.counts[n].max()) // n_ctx for n in keep), default=0)
     return ImatrixRun({n: sums.sums[n] for n in keep}, {n: sums.counts[n] for n in keep}, chunk_count, n_ctx,
                       [dataset] if dataset else [], math.exp(nll / count) if count else math.nan,
                       time.perf_counter() - t0)
