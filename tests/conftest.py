@@ -4,6 +4,10 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# llama.cpp's source and build from the peers' sdist (../shared/peers/build-llama-cpp.sh): the tests that run
+# its tools or read its reference files skip, saying so, where it is absent
+LLAMA_CPP = Path(os.environ.get("PURELM_LLAMA_CPP_DIR",
+                                Path.home() / ".cache/purelm-peers/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 # A first start compiles in worker processes (numba_backend.prepare); the tests compile in this one, as
 # they did, so that workers outliving a test neither race it for cores nor land in its warning checks
 # (tests/test_first_start.py runs the workers itself).

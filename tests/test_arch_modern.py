@@ -4,7 +4,6 @@ converter writes what llama.cpp's own converter writes for the same checkpoints 
 sources are present), each fixture exercises its architecture's features and switching a feature off
 breaks the match with transformers, the llama3 rope factors are transformers' frequencies, and (where
 llama-cpp-python is installed) llama.cpp itself computes the same logits from the same files."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from conftest import llama_cpp_tensor_names, rewrite_gguf, tensor_pattern
+from conftest import LLAMA_CPP, llama_cpp_tensor_names, rewrite_gguf, tensor_pattern
 
 from purelm.backends.numpy_backend import NumpyBackend
 from purelm.convert import convert
@@ -35,8 +34,6 @@ KEYS = {
     "phi4": BASE | {"rope.scaling.original_context_length", "rope.dimension_count", "attention.sliding_window"},
     "nemo": BASE | {"rope.dimension_count", "attention.key_length", "attention.value_length"},
 }
-LLAMA_CPP = Path(os.environ.get("PURELM_LLAMA_CPP_DIR",
-                                "/root/.cache/purelm-peers/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 
 
 def load(fixtures, name, qtype="f32"):

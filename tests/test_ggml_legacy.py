@@ -22,12 +22,11 @@ from purelm.generate import prefill
 from purelm.models import build_model
 from purelm.quant import dequantize
 from purelm.quant.types import GGMLType
+from conftest import LLAMA_CPP
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests/fixtures"
 LEGACY = FIXTURES / "legacy"
-LLAMA_CPP = Path(os.environ.get("PURELM_LLAMA_CPP_DIR",
-                                "/root/.cache/purelm-peers/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 IDS = [5, 17, 42, 100, 7, 9, 261, 314]
 
 _spec = importlib.util.spec_from_file_location("write_ggml_legacy", ROOT / "tools/write_ggml_legacy.py")

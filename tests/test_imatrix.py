@@ -23,6 +23,7 @@ from purelm.errors import UsageError
 from purelm.formats.gguf import GGUFFile
 from purelm.imatrix import compute_imatrix, load_imatrix
 from purelm.perplexity import read_text
+from conftest import LLAMA_CPP
 
 FIX = Path(__file__).parent / "fixtures"
 TEXT = "tests/fixtures/agreement.txt"  # as llama-imatrix was given it: the dataset name in its files
@@ -146,8 +147,7 @@ def test_cli(tmp_path, capsys):
     assert main(["imatrix", model]) == 2 and "give the text" in capsys.readouterr().err
 
 
-LLAMA_BIN = Path(os.environ.get("PURELM_LLAMA_CPP_DIR", Path.home() / ".cache/purelm-peers/llama_cpp_python-0.3.36"
-                                "/vendor/llama.cpp")) / "build" / "bin"
+LLAMA_BIN = LLAMA_CPP / "build" / "bin"
 
 
 def test_smollm2_matches_llama_imatrix_run_now(smollm2_path, tmp_path):

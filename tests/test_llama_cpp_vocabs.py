@@ -14,7 +14,6 @@ here, so it is checked everywhere.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import time
 from pathlib import Path
@@ -27,9 +26,8 @@ from purelm.cli import main
 from purelm.errors import FormatError, PurelmError
 from purelm.formats.gguf import GGUFFile, GGUFWriter
 from purelm.tokenizer import Tokenizer
+from conftest import LLAMA_CPP
 
-LLAMA_CPP = Path(os.environ.get("PURELM_LLAMA_CPP_DIR",
-                                Path.home() / ".cache/purelm-peers/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 MODELS = LLAMA_CPP / "models"
 HOW = (f"llama.cpp's vocabulary files are not in {MODELS}: run `python tools/fetch_llama_cpp_vocabs.py` "
        "(downloads the llama-cpp-python 0.3.36 sdist from PyPI and extracts models/ggml-vocab-*), or set "

@@ -11,6 +11,7 @@ import pytest
 from purelm.errors import GenerationError, UsageError
 from purelm.sampling import Sampler, SamplingParams, draw, top_k_ids
 from purelm.tokenizer import Tokenizer
+from conftest import LLAMA_CPP
 
 
 def softmax(x):
@@ -240,8 +241,7 @@ def test_samplers_leave_the_candidates_and_penalties_llama_cpp_leaves(smollm2_pa
     assert sum(n > 0 for n in penalized) >= 20 and max(penalized) >= 3  # the cases reach the penalties
 
 
-PEERS = Path(os.environ.get("PURELM_LLAMA_CPP_DIR",
-                            Path.home() / ".cache/purelm-peers/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+PEERS = LLAMA_CPP
 
 
 def test_fresh_cases_leave_the_candidates_llama_cpp_leaves(smollm2_path):

@@ -31,6 +31,7 @@ import purelm  # noqa: E402
 from purelm.sampling import Sampler, SamplingParams  # noqa: E402
 from purelm.server import ServerConfig, create_app  # noqa: E402
 from purelm.server import protocol as P  # noqa: E402
+from conftest import LLAMA_CPP  # noqa: E402
 
 N_CTX = 512
 ROOT = Path(__file__).resolve().parent.parent
@@ -1434,8 +1435,7 @@ def test_native_completion_lists_each_tokens_probabilities(srv, ref):
         assert error_of(srv.post("/completion", {"prompt": prompt, **bad}), 400)["param"] == name
 
 
-LLAMA_BIN = Path(os.environ.get("PURELM_LLAMA_CPP_DIR", Path.home() / ".cache/purelm-peers/llama_cpp_python-0.3.36"
-                                "/vendor/llama.cpp")) / "build" / "bin"
+LLAMA_BIN = LLAMA_CPP / "build" / "bin"
 
 
 def test_native_completion_probabilities_match_llama_servers(srv, smollm2_path):

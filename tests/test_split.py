@@ -19,9 +19,8 @@ from purelm.formats import split
 from purelm.formats.gguf import GGUFFile, GGUFWriter, ValueType
 from purelm.models import build_model
 from purelm.perplexity import BaseLogits
+from conftest import LLAMA_CPP
 
-LLAMA_CPP = Path(os.environ.get("PURELM_LLAMA_CPP_DIR",
-                                "/root/.cache/purelm-peers/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 
 
 def same_model(a: GGUFFile, b: GGUFFile) -> None:
