@@ -21,6 +21,7 @@ from .generate import Chunk, Completion, prefill, stream_batch, stream_tokens, t
 from .grammar import Constraint, compile_grammar, forced_call
 from .hub import resolve
 from .infill import infill_ids
+from .lora import check_scale, load_adapter
 from .models import build_model
 from .sampling import SamplingParams, check_int
 from .tokenizer import Tokenizer
@@ -86,14 +87,30 @@ def _generation_options(max_tokens: object, stop: object, sampling: dict,
     return check_int("max_tokens", max_tokens, 1), _stops(stop), params
 
 
+def _lora_list(lora: object) -> list[tuple[str, float]]:
+    """`lora` as (path, scale) pairs: each item a path (scale 1.0) or a (path, scale) pair."""
+    if isinstance(lora, (str, os.PathLike)) or not isinstance(lora, (list, tuple)):
+        raise UsageError(f"lora must be a list of adapter paths or (path, scale) pairs, got {lora!r}")
+    out = []
+    for item in lora:
+        path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else \
+            item if isinstance(item, (list, tuple)) and len(item) == 2 else (None, None)
+        if not isinstance(path, (str, os.PathLike)):
+            raise UsageError(f"lora: each item must be a path or a (path, scale) pair, got {item!r}")
+        out.append((os.fspath(path), check_scale(f"lora {os.fspath(path)!r}", scale)))
+    return out
+
+
 class LLM:
     """A loaded model: its file, tokenizer, backend and one KV cache reused across calls (a prompt that
     extends the previous one is not evaluated again)."""
 
     def __init__(self, path: str | os.PathLike, backend: str | Backend | None = None,
                  n_ctx: int | None = None, threads: int | None = None, device: str | None = None,
-                 dtype: str | None = None, cache_type_k: str = "f32", cache_type_v: str = "f32") -> None:
+                 dtype: str | None = None, cache_type_k: str = "f32", cache_type_v: str = "f32",
+                 lora: Sequence[Any] = ()) -> None:
         _check_load_args(backend, n_ctx, threads)
+        lora = _lora_list(lora)
         check_cache_type("cache_type_k", cache_type_k), check_cache_type("cache_type_v", cache_type_v)
         self.path = str(path)
         self.file = open_model_file(path)  # GGUF, or a legacy ggml/ggmf/ggjt file
@@ -101,7 +118,9 @@ class LLM:
             raise FormatError(self.path, "tensors", "none: a vocabulary-only file can tokenize "
                               "(purelm tokenize, purelm.tokenizer.Tokenizer.from_file) but not run")
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, threads, device, dtype)
-        self.model = build_model(self.file, self.backend)
+        # LoRA adapters (llama.cpp's --lora / --lora-scaled), each checked against this model
+        self.adapters = [load_adapter(path, self.file, scale) for path, scale in lora]
+        self.model = build_model(self.file, self.backend, self.adapters)
         self.model.cache_type_k, self.model.cache_type_v = cache_type_k, cache_type_v  # every cache it makes
         self.tokenizer = Tokenizer.from_gguf_metadata(self.file.metadata, path=self.file.path)
         self.n_ctx = n_ctx or min(self.model.n_ctx_train, DEFAULT_CTX)
@@ -416,16 +435,19 @@ class LLM:
 
 def load(path_or_name: str | os.PathLike | None = None, backend: str | Backend | None = None,
          n_ctx: int | None = None, threads: int | None = None, device: str | None = None,
-         dtype: str | None = None, cache_type_k: str = "f32", cache_type_v: str = "f32") -> LLM:
+         dtype: str | None = None, cache_type_k: str = "f32", cache_type_v: str = "f32",
+         lora: Sequence[Any] = ()) -> LLM:
     """Open a GGUF file or a legacy ggml/ggmf/ggjt one (or a known model's name, pulled on first use;
     None: the default model). `backend`: "numba", "numpy", "torch" or None (the fastest CPU backend);
     `device` ("cuda", "cuda:N", "cpu") and `dtype` ("bf16", "fp16", "fp32") are the torch backend's.
     `cache_type_k`, `cache_type_v`: how the KV cache stores keys and values, "f32", "f16" (half the
     bytes) or "q8_0" (about a quarter; numba and numpy backends), as llama.cpp's --cache-type-k/-v.
+    `lora`: LoRA adapter files (llama.cpp's GGUF adapters), each a path (scale 1) or (path, scale),
+    applied to every reply as llama.cpp's --lora / --lora-scaled do (purelm.lora).
     Bad arguments raise `UsageError`; a bad file `FormatError`."""
     if not (path_or_name is None or isinstance(path_or_name, (str, os.PathLike))):
         raise UsageError(f"path_or_name must be a path, a model name or None, got {type(path_or_name).__name__}")
     _check_load_args(backend, n_ctx, threads)
     check_cache_type("cache_type_k", cache_type_k), check_cache_type("cache_type_v", cache_type_v)
     return LLM(resolve(path_or_name), backend=backend, n_ctx=n_ctx, threads=threads, device=device, dtype=dtype,
-               cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+               cache_type_k=cache_type_k, cache_type_v=cache_type_v, lora=_lora_list(lora))

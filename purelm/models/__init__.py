@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from typing import Any, Sequence
 
 from ..backends.base import Backend
 from ..errors import FormatError
@@ -21,7 +22,9 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     CONVERTERS.update(getattr(_mod, "CONVERTERS", {}))
 
 
-def build_model(gguf: GGUFFile, backend: Backend) -> Model:
+def build_model(gguf: GGUFFile, backend: Backend, adapters: Sequence[Any] = ()) -> Model:
+    """The model in `gguf` on `backend`; `adapters` (lora.LoraAdapter, checked against `gguf`) add
+    their products to the matrices they name (lora.AdaptedOps)."""
     arch = gguf.architecture
     if not arch:
         raise FormatError(gguf.path, "general.architecture", "missing: cannot tell which model this is")
@@ -31,5 +34,13 @@ def build_model(gguf: GGUFFile, backend: Backend) -> Model:
                           f"{arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})")
     embeddings = {t.type for name, t in gguf.tensors.items() if name in ("token_embd.weight", "position_embd.weight")}
     matrices = [t for t in gguf.tensors.values() if len(t.shape) >= 2]
-    backend.prepare({t.type for t in matrices}, embeddings, sum(t.n_elements for t in matrices))
-    return cls(gguf, backend)
+    halves = [t for ad in adapters for pair in ad.pairs.values() for t in pair]
+    backend.prepare({t.type for t in matrices + halves}, embeddings, sum(t.n_elements for t in matrices))
+    if not adapters:
+        return cls(gguf, backend)
+    from ..lora import AdaptedOps
+
+    ops = AdaptedOps(backend)
+    model = cls(gguf, ops)
+    ops.attach(list(adapters))
+    return model

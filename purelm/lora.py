@@ -1,0 +1,227 @@
+"""LoRA adapters: llama.cpp's adapter files (`convert_lora_to_gguf.py` writes them from a PEFT
+checkpoint) applied at run time, as `llama-cli --lora` does, to a model whose weights stay packed:
+
+    y = W·x + Σ s · B·(A·x),    s = scale · alpha / rank   (scale alone where the file's alpha is 0)
+
+for every matrix W an adapter names (A: rank x in, B: out x rank). The model's code does not change:
+`AdaptedOps` stands between the layers and the backend and adds the adapters' products to `linear`,
+`linear_many` and `glu`, the ops every architecture's matrices go through.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .backends.base import Backend
+from .errors import FormatError, UsageError
+from .formats.gguf import GGUFFile, Tensor, open_gguf
+
+MAX_RANK = 1 << 16
+
+
+@dataclass
+class LoraAdapter:
+    """One adapter file: `pairs` maps a base tensor's name to its (A, B) tensors, (rank, in) and
+    (out, rank) in numpy order. `scale`: the user's (llama.cpp's --lora-scaled), 1.0 by default."""
+
+    path: str
+    alpha: float
+    scale: float
+    pairs: dict[str, tuple[Tensor, Tensor]]
+    file: GGUFFile
+
+    def factor(self, rank: int) -> float:
+        """What B·(A·x) is multiplied by (llama.cpp's llama_adapter_lora_weight::get_scale)."""
+        return self.scale * self.alpha / rank if self.alpha else self.scale
+
+
+def check_scale(what: str, scale: object) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise UsageError(f"{what}: the scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def load_adapter(path: str | os.PathLike, base: GGUFFile, scale: float = 1.0) -> LoraAdapter:
+    """Open a LoRA adapter for the model in `base`; every field and shape is checked against it."""
+    path = str(path)
+    scale = check_scale(f"LoRA adapter {path}", scale)
+    f = open_gguf(path)
+    try:
+        return _read(f, base, scale)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _read(f: GGUFFile, base: GGUFFile, scale: float) -> LoraAdapter:
+    meta, path = f.metadata, f.path
+
+    def text(key: str) -> str:
+        value = meta.get(key)
+        if value is None:
+            raise FormatError(path, key, "is missing: not a LoRA adapter file (llama.cpp's convert_lora_to_gguf.py "
+                              "makes them)")
+        if not isinstance(value, str):
+            raise FormatError(path, key, f"must be a string, got {value!r}: not a LoRA adapter file")
+        return value
+
+    if text("general.type") != "adapter":
+        raise FormatError(path, "general.type", f"is {meta['general.type']!r}, expected 'adapter': "
+                          "give a LoRA adapter file (llama.cpp's convert_lora_to_gguf.py makes them)")
+    if text("adapter.type") != "lora":
+        raise FormatError(path, "adapter.type", f"is {meta['adapter.type']!r}: only 'lora' adapters are supported")
+    if text("general.architecture") != base.architecture:
+        raise FormatError(path, "general.architecture", f"is {meta['general.architecture']!r}, and the model "
+                          f"is {base.architecture!r}: the adapter was made for another model")
+    if "adapter.alora.invocation_tokens" in meta:
+        raise FormatError(path, "adapter.alora.invocation_tokens", "activated LoRA (aLoRA) is not supported")
+    alpha = meta.get("adapter.lora.alpha", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
+        raise FormatError(path, "adapter.lora.alpha", f"must be a finite number >= 0, got {alpha!r}")
+
+    halves: dict[str, dict[str, Tensor]] = {}
+    for name, t in f.tensors.items():
+        if name.endswith((".lora_a", ".lora_b")):
+            halves.setdefault(name[:-7], {})[name[-1]] = t
+        elif not name.endswith("_norm.weight"):  # llama.cpp skips adapted norms too
+            raise FormatError(path, f"tensor {name!r}", "is neither a .lora_a nor a .lora_b tensor")
+    if not halves:
+        raise FormatError(path, "tensors", "none: the adapter changes nothing")
+    pairs = {}
+    for name, ab in sorted(halves.items()):
+        pairs[name] = _pair(path, name, ab, base)
+    return LoraAdapter(path, float(alpha), scale, pairs, f)
+
+
+def _pair(path: str, name: str, ab: dict[str, Tensor], base: GGUFFile) -> tuple[Tensor, Tensor]:
+    if len(ab) != 2:
+        raise FormatError(path, f"tensor {name!r}", f"has a .lora_{next(iter(ab))} but no .lora_"
+                          f"{'b' if 'a' in ab else 'a'}")
+    w = base.tensors.get(name)
+    if w is None:
+        raise FormatError(path, f"tensor {name!r}", "is not in the model: the adapter was made for another model")
+    if name.startswith("token_embd.") or name.startswith("position_embd.") or len(w.shape) != 2:
+        raise FormatError(path, f"tensor {name!r}", "adapts an embedding or an expert stack: purelm applies "
+                          "adapters to the layers' matrices and the output head only")
+    a, b = _matrix(path, ab["a"]), _matrix(path, ab["b"])
+    n_out, n_in = w.shape
+    rank = a.shape[0]
+    if a.shape[1] != n_in or b.shape[0] != n_out or b.shape[1] != rank or not 1 <= rank <= MAX_RANK:
+        raise FormatError(path, f"tensor {name!r}", f"lora_a {a.shape} and lora_b {b.shape} do not fit the "
+                          f"model's {w.shape} (expected (rank, {n_in}) and ({n_out}, rank))")
+    return a, b
+
+
+def _matrix(path: str, t: Tensor) -> Tensor:
+    shape = tuple(t.shape)
+    while len(shape) > 2 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2:
+        raise FormatError(path, f"tensor {t.name!r}", f"has shape {t.shape}: a LoRA half is a matrix")
+    return t if shape == t.shape else dataclasses.replace(t, shape=shape, data=t.data.reshape(shape[0], -1))
+
+
+@dataclass
+class _Delta:
+    """One adapter's product for one part of a weight: factor · B·(A·x), B's rows those of the part."""
+
+    a: Any
+    b: Any
+    factor: float
+
+
+class AdaptedOps:
+    """The backend with LoRA adapters: a model built on it records which file tensors each of its
+    weights holds (`weight`, `weights`); `attach` then gives those weights their adapters' products,
+    added in `linear`, `linear_many` and `glu`. Every other op is the backend's own."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._parts: dict[int, tuple[Any, list[tuple[str, int, int]]]] = {}  # id(w) -> (w, [(name, row, rows)])
+        self._deltas: dict[int, tuple[Any, list[list[_Delta]]]] = {}  # id(w) -> (w, deltas of each part)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def _record(self, w: Any, ts: list[Tensor]) -> Any:
+        rows: dict[str, int] = {}
+        parts = []
+        for t in ts:  # parts of one fused tensor (split_matrix) come in row order
+            start = rows.get(t.name, 0)
+            parts.append((t.name, start, t.shape[0]))
+            rows[t.name] = start + t.shape[0]
+        self._parts[id(w)] = (w, parts)
+        return w
+
+    def weight(self, t: Tensor) -> Any:
+        return self._record(self.backend.weight(t), [t])
+
+    def weights(self, ts: list[Tensor]) -> Any:
+        return self._record(self.backend.weights(ts), ts)
+
+    def attach(self, adapters: list[LoraAdapter]) -> None:
+        """Give the recorded weights the products of `adapters`. Raises FormatError for an adapted
+        tensor the model does not multiply with (its token embedding used as the output head)."""
+        used: set[str] = set()
+        self._deltas.clear()
+        prepared: dict[tuple[int, str, int, int], _Delta] = {}
+        for key, (w, parts) in self._parts.items():
+            each = []
+            for name, row, rows in parts:
+                found = []
+                for i, ad in enumerate(adapters):
+                    pair = ad.pairs.get(name)
+                    if pair is None:
+                        continue
+                    used.add(name)
+                    a, b = pair
+                    cached = prepared.get((i, name, row, rows))
+                    if cached is None:
+                        part = b if rows == b.shape[0] else dataclasses.replace(
+                            b, shape=(rows, b.shape[1]), data=b.data[row:row + rows],
+                            offset=b.offset + row * b.data.shape[1])
+                        cached = _Delta(self.backend.weight(a), self.backend.weight(part), ad.factor(a.shape[0]))
+                        prepared[(i, name, row, rows)] = cached
+                    found.append(cached)
+                each.append(found)
+            if any(each):
+                self._deltas[key] = (w, each)
+        for ad in adapters:
+            missed = sorted(set(ad.pairs) - used)
+            if missed:
+                raise FormatError(ad.path, f"tensor {missed[0]!r}", "is a matrix this model does not multiply "
+                                  "with (as a layer's weight or the output head)")
+
+    def _deltas_of(self, w: Any) -> list[list[_Delta]] | None:
+        entry = self._deltas.get(id(w))
+        return entry[1] if entry is not None and entry[0] is w else None
+
+    def _add(self, x: Any, y: Any, deltas: list[_Delta]) -> Any:
+        for d in deltas:
+            y = y + self.backend.linear(self.backend.linear(x, d.a), d.b) * d.factor
+        return y
+
+    def linear(self, x: Any, w: Any, bias: Any = None) -> Any:
+        each = self._deltas_of(w)
+        y = self.backend.linear(x, w, bias)
+        if each is None:
+            return y
+        if len(each) != 1:
+            raise RuntimeError("an adapted weight of several parts goes through linear_many")
+        return self._add(x, y, each[0])
+
+    def linear_many(self, x: Any, ws: Any) -> list[Any]:
+        each = self._deltas_of(ws)
+        ys = self.backend.linear_many(x, ws)
+        if each is None:
+            return ys
+        return [self._add(x, y, d) if d else y for y, d in zip(ys, each)]
+
+    def glu(self, x: Any, w_gate_up: Any, act: str) -> Any:
+        if self._deltas_of(w_gate_up) is None:
+            return self.backend.glu(x, w_gate_up, act)
+        gate, up = self.linear_many(x, w_gate_up)
+        return self.backend.swiglu(gate, up) if act == "silu" else self.backend.geglu(gate, up)

@@ -1,0 +1,153 @@
+"""LoRA adapters (purelm.lora) against PEFT: adapters that llama.cpp's convert_lora_to_gguf.py wrote
+from seeded random PEFT adapters of the tiny models (tools/make_lora_fixtures.py), and PEFT's logits."""
+import numpy as np
+import pytest
+
+from purelm.api import LLM, load
+from purelm.errors import FormatError, UsageError
+from purelm.formats.gguf import GGUFFile, GGUFWriter
+
+from conftest import FIXTURES
+
+NAMES = ["llama", "phi3", "gptneox"]  # q, k, v apart; q|k|v and gate|up fused; q|k|v fused per head
+
+
+def backends() -> list[str]:
+    out = ["numpy", "numba"]
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return out
+    return out + ["torch"]
+
+
+def adapter(name: str) -> str:
+    return str(FIXTURES / f"{name}-lora-f32.gguf")
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("name", NAMES)
+def test_adapted_logits_match_peft(name, backend):
+    ref = np.load(FIXTURES / f"{name}-lora-ref.npz")
+    ids = ref["ids"].tolist()
+    base = str(FIXTURES / f"{name}-f32.gguf")
+    # the adapter moves the logits by whole units, so matching PEFT to 1e-4 means it is applied right
+    assert np.abs(ref["logits"] - ref["plain"]).max() > 1.0
+    for scale, key in ((1.0, "logits"), (0.5, "half"), (0.0, "plain")):
+        llm = LLM(base, backend=backend, lora=[(adapter(name), scale)])
+        assert np.abs(llm.logits(ids) - ref[key]).max() < 1e-4, (scale, key)
+    # two adapters add up: the same one twice at 0.25 each is the adapter at 0.5
+    llm = LLM(base, backend=backend, lora=[(adapter(name), 0.25), (adapter(name), 0.25)])
+    assert np.abs(llm.logits(ids) - ref["half"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_quantized_base_with_an_adapter(name):
+    # the adapter's product is added to the packed weights' (int16 kernels on x86): the logits stay
+    # as close to PEFT's as the base model's own rounding keeps them to transformers'
+    ref = np.load(FIXTURES / f"{name}-lora-ref.npz")
+    ids = ref["ids"].tolist()
+    for qtype, tol in (("f16", 0.05), ("q8_0", 0.6)):
+        llm = LLM(str(FIXTURES / f"{name}-{qtype}.gguf"), backend="numba", lora=[adapter(name)])
+        got = llm.logits(ids)
+        assert np.abs(got - ref["logits"]).max() < tol
+        assert (got.argmax(-1) == ref["logits"].argmax(-1)).mean() >= 0.9
+
+
+def test_generation_and_batches_use_the_adapter():
+    ref = np.load(FIXTURES / "llama-lora-ref.npz")
+    ids = ref["ids"].tolist()
+    llm = LLM(str(FIXTURES / "llama-f32.gguf"), backend="numba", lora=[adapter("llama")])
+    # greedy decode (the cached decode path) agrees with the adapted full-sequence logits
+    out = llm.generate(ids[:10], max_tokens=6, temperature=0, ignore_eos=True)
+    steps = llm.tokenize(out, add_special=False, parse_special=False)
+    seq = ids[:10]
+    for _ in range(6):
+        seq.append(int(llm.logits(seq)[-1].argmax()))
+    assert llm.tokenize(llm.detokenize(seq[10:]), add_special=False, parse_special=False) == steps
+    # the batched engine: each prompt's greedy reply in a batch is the one it gets alone
+    prompts = [ids[:7], ids[:15], ids[3:12]]
+    alone = [llm.generate(p, max_tokens=5, temperature=0, ignore_eos=True) for p in prompts]
+    together = [c.text for c in llm.generate_batch(prompts, max_tokens=5, temperature=0, ignore_eos=True)]
+    assert together == alone
+
+
+def test_api_arguments_are_checked():
+    base = str(FIXTURES / "llama-f32.gguf")
+    for bad in (adapter("llama"), 3, [(adapter("llama"), float("nan"))], [(adapter("llama"), "1")], [(1, 2)],
+                [(adapter("llama"), 1.0, 2)], [(adapter("llama"), True)]):
+        with pytest.raises(UsageError):
+            load(base, backend="numpy", lora=bad)
+    with pytest.raises(FormatError, match="made for another model"):
+        LLM(str(FIXTURES / "gpt2-f32.gguf"), backend="numpy", lora=[adapter("llama")])
+    with pytest.raises(FormatError, match="not a LoRA adapter"):
+        LLM(base, backend="numpy", lora=[base])  # a model, not an adapter
+
+
+def rewrite(src: str, dst, meta: dict | None = None, drop: str | None = None, rename: dict | None = None,
+            replace: tuple | None = None) -> str:
+    """A copy of the adapter `src` with metadata changed (None deletes), a tensor dropped, renamed, or
+    its data replaced by a float32 array of another shape."""
+    rename = rename or {}
+    f = GGUFFile(src)
+    w = GGUFWriter(dst)
+    meta = meta or {}
+    for k in f.metadata:
+        if k in meta:
+            continue
+        w.add(k, f.metadata[k], f.metadata.types[k], f.metadata.array_types.get(k))
+    for k, v in meta.items():
+        if v is not None:
+            w.add(k, v)
+    for t in f.tensors.values():
+        if t.name == drop:
+            continue
+        name = rename.get(t.name, t.name)
+        if replace and t.name == replace[0]:
+            w.add_tensor(name, replace[1])
+        else:
+            w.add_tensor(name, t.data, t.type, t.shape)
+    w.write()
+    f.close()
+    return str(dst)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"meta": {"general.type": "model"}}, "expected 'adapter'"),
+    ({"meta": {"general.type": None}}, "general.type: is missing"),
+    ({"meta": {"general.type": 7}}, "must be a string"),
+    ({"meta": {"adapter.type": "control_vector"}}, "only 'lora'"),
+    ({"meta": {"general.architecture": "qwen3"}}, "another model"),
+    ({"meta": {"adapter.lora.alpha": float("nan")}}, "alpha"),
+    ({"meta": {"adapter.lora.alpha": -1.0}}, "alpha"),
+    ({"meta": {"adapter.lora.alpha": "8"}}, "alpha"),
+    ({"meta": {"adapter.alora.invocation_tokens": [1, 2]}}, "aLoRA"),
+    ({"drop": "blk.0.attn_q.weight.lora_b"}, "no .lora_b"),
+    ({"rename": {"blk.0.attn_q.weight.lora_a": "blk.0.attn_q.weight.extra"}}, "neither"),
+    ({"rename": {f"blk.0.attn_q.weight.lora_{h}": f"blk.9.attn_q.weight.lora_{h}" for h in "ab"}},
+     "not in the model"),
+    ({"replace": ("blk.0.attn_q.weight.lora_a", np.zeros((4, 8), np.float32))}, "do not fit"),
+    ({"replace": ("blk.0.attn_q.weight.lora_b", np.zeros((64, 3), np.float32))}, "do not fit"),
+    ({"replace": ("blk.0.attn_q.weight.lora_a", np.zeros((2, 4, 64), np.float32))}, "is a matrix"),
+])
+def test_hostile_adapters_are_refused(tmp_path, change, message):
+    bad = rewrite(adapter("llama"), tmp_path / "bad.gguf", **change)
+    with pytest.raises(FormatError, match=message):
+        LLM(str(FIXTURES / "llama-f32.gguf"), backend="numpy", lora=[bad])
+
+
+def test_an_embedding_adapter_is_refused(tmp_path):
+    f = GGUFFile(str(FIXTURES / "llama-f32.gguf"))
+    n_vocab, dim = f.tensors["token_embd.weight"].shape
+    f.close()
+    bad = rewrite(adapter("llama"), tmp_path / "embd.gguf")
+    w = GGUFWriter(tmp_path / "embd2.gguf")
+    g = GGUFFile(bad)
+    for k in g.metadata:
+        w.add(k, g.metadata[k], g.metadata.types[k], g.metadata.array_types.get(k))
+    w.add_tensor("token_embd.weight.lora_a", np.zeros((4, dim), np.float32))
+    w.add_tensor("token_embd.weight.lora_b", np.zeros((n_vocab, 4), np.float32))
+    w.write()
+    g.close()
+    with pytest.raises(FormatError, match="embedding"):
+        LLM(str(FIXTURES / "llama-f32.gguf"), backend="numpy", lora=[str(tmp_path / "embd2.gguf")])
