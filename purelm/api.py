@@ -21,7 +21,7 @@ from .generate import Chunk, Completion, prefill, stream_batch, stream_tokens, t
 from .grammar import Constraint, compile_grammar, forced_call
 from .hub import resolve
 from .infill import infill_ids
-from .lora import check_scale, load_adapter
+from .lora import adapter_list, check_scale, load_adapter
 from .models import build_model
 from .sampling import SamplingParams, check_int
 from .tokenizer import Tokenizer
@@ -87,20 +87,6 @@ def _generation_options(max_tokens: object, stop: object, sampling: dict,
     return check_int("max_tokens", max_tokens, 1), _stops(stop), params
 
 
-def _lora_list(lora: object) -> list[tuple[str, float]]:
-    """`lora` as (path, scale) pairs: each item a path (scale 1.0) or a (path, scale) pair."""
-    if isinstance(lora, (str, os.PathLike)) or not isinstance(lora, (list, tuple)):
-        raise UsageError(f"lora must be a list of adapter paths or (path, scale) pairs, got {lora!r}")
-    out = []
-    for item in lora:
-        path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else \
-            item if isinstance(item, (list, tuple)) and len(item) == 2 else (None, None)
-        if not isinstance(path, (str, os.PathLike)):
-            raise UsageError(f"lora: each item must be a path or a (path, scale) pair, got {item!r}")
-        out.append((os.fspath(path), check_scale(f"lora {os.fspath(path)!r}", scale)))
-    return out
-
-
 class LLM:
     """A loaded model: its file, tokenizer, backend and one KV cache reused across calls (a prompt that
     extends the previous one is not evaluated again)."""
@@ -110,7 +96,7 @@ class LLM:
                  dtype: str | None = None, cache_type_k: str = "f32", cache_type_v: str = "f32",
                  lora: Sequence[Any] = ()) -> None:
         _check_load_args(backend, n_ctx, threads)
-        lora = _lora_list(lora)
+        lora = adapter_list(lora)
         check_cache_type("cache_type_k", cache_type_k), check_cache_type("cache_type_v", cache_type_v)
         self.path = str(path)
         self.file = open_model_file(path)  # GGUF, or a legacy ggml/ggmf/ggjt file
@@ -412,6 +398,17 @@ class LLM:
         """Forget the cached context."""
         self.cache.truncate(0)
 
+    def set_lora_scales(self, scales: Sequence[float]) -> None:
+        """New scales for the LoRA adapters loaded with the model (`lora=`), one per adapter in their
+        order (0 turns one off); the cached context, made with the old scales, is forgotten."""
+        if not isinstance(scales, (list, tuple)) or len(scales) != len(self.adapters):
+            raise UsageError(f"scales must be a list of {len(self.adapters)} numbers, one per LoRA adapter, "
+                             f"got {scales!r}")
+        checked = [check_scale(f"scales[{i}]", v) for i, v in enumerate(scales)]
+        for adapter, scale in zip(self.adapters, checked):
+            adapter.scale = scale
+        self.reset()
+
     # -- sessions (purelm/session.py)
     def save_session(self, path: str | os.PathLike, messages: list | None = None) -> None:
         """Write the cached context (tokens, keys and values, the last prompt's logits) to `path`, with
@@ -450,4 +447,4 @@ def load(path_or_name: str | os.PathLike | None = None, backend: str | Backend |
     _check_load_args(backend, n_ctx, threads)
     check_cache_type("cache_type_k", cache_type_k), check_cache_type("cache_type_v", cache_type_v)
     return LLM(resolve(path_or_name), backend=backend, n_ctx=n_ctx, threads=threads, device=device, dtype=dtype,
-               cache_type_k=cache_type_k, cache_type_v=cache_type_v, lora=_lora_list(lora))
+               cache_type_k=cache_type_k, cache_type_v=cache_type_v, lora=adapter_list(lora))

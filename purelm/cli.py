@@ -88,6 +88,11 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(short, f"--cache-type-{name}", dest=f"cache_type_{name}", default="f32", metavar="TYPE",
                        help=f"KV cache type for {'keys' if name == 'k' else 'values'}: f32 (default), f16 (half "
                             "the memory) or q8_0 (about a quarter; numba and numpy backends)")
+    p.add_argument("--lora", action="append", default=[], metavar="FNAME",
+                   help="apply a LoRA adapter (llama.cpp's GGUF adapter file) at scale 1; several: "
+                        "comma-separated or the flag repeated")
+    p.add_argument("--lora-scaled", action="append", default=[], metavar="FNAME:SCALE,...",
+                   help="apply LoRA adapters at the scales given, e.g. style.gguf:0.5")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -178,6 +183,23 @@ def _check_runtime_args(a: argparse.Namespace) -> None:
     from .backends.kv_cache import check_cache_type
 
     check_cache_type("-ctk/--cache-type-k", a.cache_type_k), check_cache_type("-ctv/--cache-type-v", a.cache_type_v)
+    a.adapters = _adapters(a)
+
+
+def _adapters(a: argparse.Namespace) -> list[tuple[str, float]]:
+    """--lora FNAME,... and --lora-scaled FNAME:SCALE,... (llama.cpp's forms) as (path, scale) pairs, the
+    --lora files first. A value naming an existing file is that one file, commas and colons included."""
+    out = [(path, 1.0) for value in a.lora for path in ([value] if os.path.exists(value) else value.split(","))]
+    for value in a.lora_scaled:
+        for item in [value] if os.path.exists(value.rpartition(":")[0]) else value.split(","):
+            path, colon, scale = item.rpartition(":")
+            try:
+                if not (colon and path):
+                    raise ValueError
+                out.append((path, float(scale)))
+            except ValueError:
+                raise UsageError(f"--lora-scaled {item!r}: give FNAME:SCALE, e.g. adapter.gguf:0.5") from None
+    return out
 
 
 def _load(a: argparse.Namespace, n_ctx: int | None):
@@ -188,7 +210,7 @@ def _load(a: argparse.Namespace, n_ctx: int | None):
     if (a.device or a.dtype) and a.backend != "torch":
         raise UsageError("--device and --dtype are options of the torch backend: add --backend torch")
     llm = load(a.model, backend=a.backend, n_ctx=n_ctx, threads=a.threads, device=a.device, dtype=a.dtype,
-               cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v)
+               cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v, lora=a.adapters)
     used = getattr(llm.backend, "threads", None)  # numba caps at NUMBA_NUM_THREADS (the cores by default)
     if a.threads is not None and used is None:
         _warn(f"--threads {a.threads}: the {llm.backend.name} backend leaves threads to BLAS; ignored")
@@ -572,6 +594,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.api_key is not None and not a.api_key.strip() and not os.environ.get("PURELM_API_KEY"):
         _warn("--api-key is empty (an unset variable?): the server takes requests without a key")
     llm = _load(a, a.ctx)
+    if a.lora_init_without_apply:
+        llm.set_lora_scales([0.0] * len(llm.adapters))
     use_template_choice(llm, template_option)
     params.check_bias_ids(llm.n_vocab, "--logit-bias")
     aliases = (a.model,) if a.model and not os.path.exists(a.model) else ()
@@ -1183,6 +1207,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--lookup", type=int, default=None, metavar="N",
                     help="speculative decoding by prompt lookup: each reply drafts up to N tokens a step from its "
                          "prompt and text so far (the same replies; faster when they repeat their prompt)")
+    sv.add_argument("--lora-init-without-apply", action="store_true",
+                    help="load the --lora adapters at scale 0: requests turn them on (`lora`) or POST /lora-adapters")
     sv.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     _chat_template_args(sv)
     defaults = sv.add_argument_group("request defaults (for the fields a request leaves out, as llama-server's)")

@@ -44,6 +44,20 @@ def check_scale(what: str, scale: object) -> float:
     return float(scale)
 
 
+def adapter_list(lora: object) -> list[tuple[str, float]]:
+    """`lora` as (path, scale) pairs: each item a path (scale 1.0) or a (path, scale) pair."""
+    if isinstance(lora, (str, os.PathLike)) or not isinstance(lora, (list, tuple)):
+        raise UsageError(f"lora must be a list of adapter paths or (path, scale) pairs, got {lora!r}")
+    out = []
+    for item in lora:
+        path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else \
+            item if isinstance(item, (list, tuple)) and len(item) == 2 else (None, None)
+        if not isinstance(path, (str, os.PathLike)):
+            raise UsageError(f"lora: each item must be a path or a (path, scale) pair, got {item!r}")
+        out.append((os.fspath(path), check_scale(f"lora {os.fspath(path)!r}", scale)))
+    return out
+
+
 def load_adapter(path: str | os.PathLike, base: GGUFFile, scale: float = 1.0) -> LoraAdapter:
     """Open a LoRA adapter for the model in `base`; every field and shape is checked against it."""
     path = str(path)
@@ -126,11 +140,13 @@ def _matrix(path: str, t: Tensor) -> Tensor:
 
 @dataclass
 class _Delta:
-    """One adapter's product for one part of a weight: factor · B·(A·x), B's rows those of the part."""
+    """One adapter's product for one part of a weight: factor · B·(A·x), B's rows those of the part;
+    the factor read at each call, so that a new `scale` applies from the next pass on."""
 
     a: Any
     b: Any
-    factor: float
+    adapter: LoraAdapter
+    rank: int
 
 
 class AdaptedOps:
@@ -183,7 +199,7 @@ class AdaptedOps:
                         part = b if rows == b.shape[0] else dataclasses.replace(
                             b, shape=(rows, b.shape[1]), data=b.data[row:row + rows],
                             offset=b.offset + row * b.data.shape[1])
-                        cached = _Delta(self.backend.weight(a), self.backend.weight(part), ad.factor(a.shape[0]))
+                        cached = _Delta(self.backend.weight(a), self.backend.weight(part), ad, a.shape[0])
                         prepared[(i, name, row, rows)] = cached
                     found.append(cached)
                 each.append(found)
@@ -201,7 +217,9 @@ class AdaptedOps:
 
     def _add(self, x: Any, y: Any, deltas: list[_Delta]) -> Any:
         for d in deltas:
-            y = y + self.backend.linear(self.backend.linear(x, d.a), d.b) * d.factor
+            factor = d.adapter.factor(d.rank)
+            if factor:  # (an adapter at scale 0 costs nothing)
+                y = y + self.backend.linear(self.backend.linear(x, d.a), d.b) * factor
         return y
 
     def linear(self, x: Any, w: Any, bias: Any = None) -> Any:

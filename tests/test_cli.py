@@ -44,6 +44,26 @@ def test_generate_greedy_matches_the_api(capsys, fixtures):
     assert code == 0 and out == llm.generate("The quick", max_tokens=6, temperature=0, ignore_eos=True) + "\n"
 
 
+def test_generate_with_lora_adapters(capsys, fixtures):
+    model, adapter = fixtures / "llama-f32.gguf", str(fixtures / "llama-lora-f32.gguf")
+    common = ["generate", "-m", model, "--backend", "numpy", "--temp", "0", "-n", "6", "--ignore-eos"]
+    for flags, lora in ((["--lora", adapter], [adapter]), (["--lora-scaled", adapter + ":0.5"], [(adapter, 0.5)]),
+                        (["--lora", adapter, "--lora-scaled", adapter + ":-0.5"], [adapter, (adapter, -0.5)]),
+                        (["--lora-scaled", f"{adapter}:0.75,{adapter}:-0.25"], [(adapter, 0.5)])):
+        code, out, _ = run(capsys, *common, *flags, "The quick")
+        llm = purelm.load(model, backend="numpy", lora=lora)
+        assert code == 0 and out == llm.generate("The quick", max_tokens=6, temperature=0, ignore_eos=True) + "\n"
+    half = purelm.load(model, backend="numpy", lora=[(adapter, 0.5)])
+    plain = purelm.load(model, backend="numpy")
+    assert out == half.generate("The quick", max_tokens=6, temperature=0, ignore_eos=True) + "\n"  # 1 - 0.5
+    assert out != plain.generate("The quick", max_tokens=6, temperature=0, ignore_eos=True) + "\n"
+    for bad in (adapter, adapter + ":x", ":0.5"):
+        code, _, err = run(capsys, *common, "--lora-scaled", bad, "The quick")
+        assert code == 2 and "--lora-scaled" in err
+    code, _, err = run(capsys, *common, "--lora", str(model), "The quick")
+    assert code == 1 and "not a LoRA adapter" in err
+
+
 def test_generate_takes_llama_cpps_other_samplers(capsys, fixtures):
     """--mirostat, --typical, --top-nsigma, XTC's and DRY's flags reach the sampler: the same text as
     the API with the same seed, and not the text of the default chain."""

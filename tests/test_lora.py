@@ -1,5 +1,7 @@
 """LoRA adapters (purelm.lora) against PEFT: adapters that llama.cpp's convert_lora_to_gguf.py wrote
 from seeded random PEFT adapters of the tiny models (tools/make_lora_fixtures.py), and PEFT's logits."""
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -151,3 +153,56 @@ def test_an_embedding_adapter_is_refused(tmp_path):
     g.close()
     with pytest.raises(FormatError, match="embedding"):
         LLM(str(FIXTURES / "llama-f32.gguf"), backend="numpy", lora=[str(tmp_path / "embd2.gguf")])
+
+
+def smollm2_adapter(path, out) -> str:
+    """A seeded random adapter for SmolLM2 (rank 8, alpha 16) on q, v, the attention output and down of
+    every layer, in f16, as convert_lora_to_gguf.py lays such files out."""
+    f = GGUFFile(path)
+    w = GGUFWriter(out)
+    for key, value in (("general.type", "adapter"), ("general.architecture", "llama"), ("adapter.type", "lora"),
+                       ("adapter.lora.alpha", 16.0)):
+        w.add(key, value)
+    rng = np.random.default_rng(5)
+    rank = 8
+    for name, t in f.tensors.items():
+        if name.endswith(("attn_q.weight", "attn_v.weight", "attn_output.weight", "ffn_down.weight")):
+            n_out, n_in = t.shape
+            w.add_tensor(name + ".lora_a", (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float16))
+            w.add_tensor(name + ".lora_b", (rng.standard_normal((n_out, rank)) * 0.06).astype(np.float16))
+    w.write()
+    f.close()
+    return str(out)
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_llama_cpp_computes_what_purelm_does_with_the_adapter(model, fixtures, tmp_path, request):
+    """llama-perplexity --lora-scaled writes its logits (--kl-divergence-base); purelm with the same
+    adapter and scale is as close to them as the two engines are without adapters, and far closer than
+    purelm without the adapter."""
+    from conftest import LLAMA_CPP
+    from purelm.perplexity import kl_divergence
+
+    tool = LLAMA_CPP / "build" / "bin" / "llama-perplexity"
+    if not tool.is_file():
+        pytest.skip(f"llama-perplexity is not built at {tool} (set PURELM_LLAMA_CPP_DIR)")
+    if model == "tiny":
+        path, lora, ctx = fixtures / "llama-f32.gguf", adapter("llama"), 32
+    else:
+        path = request.getfixturevalue("smollm2_path")
+        lora, ctx = smollm2_adapter(path, tmp_path / "smollm2-lora.gguf"), 128
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat, and the dog ate the hat; then all of them went home. " * 60)
+    base = tmp_path / "llama.kld"
+    done = subprocess.run([str(tool), "-m", str(path), "--lora-scaled", f"{lora}:0.75", "-f", str(text), "-c", str(ctx),
+                           "--chunks", "3", "-t", "2", "-b", str(ctx), "--kl-divergence-base", str(base)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with_adapter = kl_divergence(LLM(str(path), lora=[(lora, 0.75)], n_ctx=ctx), base).stats()
+    without = kl_divergence(LLM(str(path), n_ctx=ctx), base).stats()
+    print(model, "KL with the adapter", with_adapter["kld"], "without", without["kld"])
+    if model == "tiny":  # float32 weights: the same logits to float32 rounding
+        assert with_adapter["kld"] < 1e-5 and with_adapter["same_top"] == 1.0
+    else:  # Q4_1 weights: llama.cpp rounds activations to 8 bits, purelm to 16
+        assert with_adapter["kld"] < 0.02 and with_adapter["same_top"] >= 0.9
+    assert without["kld"] > 20 * with_adapter["kld"]

@@ -8,6 +8,7 @@ runs in-process (uvicorn in a thread) on a free loopback port."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import math
 import os
@@ -1491,3 +1492,67 @@ def test_native_completion_probabilities_match_llama_servers(srv, smollm2_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# ------------------------------------------------------------------------------ LoRA adapters
+def test_lora_adapters_per_request_and_for_the_server(fixtures):
+    # llama-server's LoRA routes and `lora` field, on the tiny llama and its PEFT adapter (test_lora.py
+    # checks the adapted logits against PEFT): each request runs with the scales it names, also when
+    # requests with other scales are in flight (the engine runs one set of scales per pass)
+    base, adapter = str(fixtures / "llama-f32.gguf"), str(fixtures / "llama-lora-f32.gguf")
+    ids = np.load(fixtures / "llama-ref-f32.npz")["ids"].tolist()
+    ref = purelm.load(base, n_ctx=128, lora=[(adapter, 1.0), (adapter, 0.0)])
+
+    def want(s0, s1, prompt):
+        ref.set_lora_scales([s0, s1])
+        return ref.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True)
+
+    s = Server(purelm.load(base, n_ctx=128, lora=[(adapter, 1.0), (adapter, 0.0)]), ServerConfig(parallel=4))
+    try:
+        listed = httpx.get(s.base + "/lora-adapters").json()
+        assert [(a["id"], a["path"], a["scale"]) for a in listed] == [(0, adapter, 1.0), (1, adapter, 0.0)]
+
+        def complete(prompt, lora=None):
+            body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+            if lora is not None:
+                body["lora"] = lora
+            r = s.post("/v1/completions", body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        cases = [(None, (1.0, 0.0)), ([{"id": 1, "scale": 0.5}], (0.0, 0.5)), ([{"id": 0, "scale": 0}], (0.0, 0.0)),
+                 ([{"id": 0, "scale": 0.25}, {"id": 1, "scale": 0.25}], (0.25, 0.25)), ([], (1.0, 0.0))]
+        prompts = [ids[i:i + 9] for i in range(len(cases))]
+        expected = [want(*scales, p) for (_, scales), p in zip(cases, prompts)]
+        assert len(set(expected[:3])) == 3  # the scales change the replies
+        assert [complete(p, lora) for (lora, _), p in zip(cases, prompts)] == expected
+        with concurrent.futures.ThreadPoolExecutor(len(cases) * 2) as pool:  # all at once, twice over
+            got = list(pool.map(lambda c: complete(prompts[c % len(cases)], cases[c % len(cases)][0]),
+                                range(len(cases) * 2)))
+        assert got == expected * 2
+
+        # the server's scales: for requests naming none; the adapters left out go to 0
+        assert s.post("/lora-adapters", [{"id": 1, "scale": 0.5}]).json() == {"success": True}
+        assert [a["scale"] for a in httpx.get(s.base + "/lora-adapters").json()] == [0.0, 0.5]
+        assert complete(prompts[0]) == want(0.0, 0.5, prompts[0])
+        assert complete(prompts[0], [{"id": 0, "scale": 1}]) == expected[0]
+
+        for body in ({"lora": {"id": 0}}, {"lora": [{"id": 2, "scale": 1}]}, {"lora": [{"id": 0, "scale": "1"}]},
+                     {"lora": [{"id": 0, "scale": 1, "x": 1}]}, {"lora": [5]}, {"lora": [{"scale": 1}]},
+                     {"lora": [{"id": 0, "scale": 1e300}]}, {"lora": [{"id": True, "scale": 1}]}):
+            error_of(s.post("/v1/completions", {"prompt": prompts[0], "max_tokens": 2, **body}), 400)
+            error_of(s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 2, **body}), 400)
+        for body in ({"id": 0, "scale": 1}, [{"id": 9, "scale": 1}], "x"):
+            error_of(s.post("/lora-adapters", body), 400)
+        assert [a["scale"] for a in httpx.get(s.base + "/lora-adapters").json()] == [0.0, 0.5]
+    finally:
+        s.stop()
+
+
+def test_a_server_without_adapters_refuses_lora(srv):
+    assert httpx.get(srv.base + "/lora-adapters").json() == []
+    err = error_of(srv.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "lora": [{"id": 0, "scale": 1}]}),
+                   400)
+    assert "no LoRA adapters" in err["message"]
+    assert srv.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "lora": []}).status_code == 200

@@ -138,6 +138,7 @@ class _State:
         thread finds it made (a scan of the vocabulary: up to a second)."""
         gen = P.generation(body, self.n_vocab, self.n_ctx, max_n, chat, echo, self.config.sampling,
                            n_predict)
+        gen.lora = P.lora_scales(body.get("lora"), len(self.engine.adapters))
         p = gen.params
         if p.uses_dry() and p.dry_sequence_breakers:
             await asyncio.to_thread(dry_breakers, self.tokenizer, tuple(p.dry_sequence_breakers))
@@ -173,6 +174,10 @@ class _State:
 
 
 async def read_body(request: Request, limit: int) -> dict:
+    return P.json_object(await read_raw(request, limit))
+
+
+async def read_raw(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     # (int() of a header of thousands of digits, or of non-ASCII digits, would raise: 500)
     if length is not None and not (length.isascii() and length.isdigit() and len(length) < 20 and int(length) <= limit):
@@ -186,7 +191,7 @@ async def read_body(request: Request, limit: int) -> dict:
                                  "body_too_large")
     except ClientDisconnect:  # gone before its body ended: an answer nobody reads, not a traceback in the log
         raise P.bad("the client left before the end of its body", None, "client_disconnected") from None
-    return P.json_object(bytes(raw))
+    return bytes(raw)
 
 
 def sse(obj: Any) -> bytes:
@@ -361,6 +366,25 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             "bos_token": bos or "", "eos_token": eos or "", "build_info": f"purelm {__version__}",
             "endpoint_slots": False, "endpoint_props": False, "endpoint_metrics": True, "is_sleeping": False})
 
+    @app.get("/lora-adapters")
+    async def lora_adapters() -> JSONResponse:
+        """llama-server's: the LoRA adapters loaded with the model (--lora), each with the scale that
+        requests naming no `lora` get."""
+        e = state.engine
+        return JSONResponse([{"id": i, "path": a.path, "scale": scale, "task_name": "", "prompt_prefix": ""}
+                             for i, (a, scale) in enumerate(zip(e.adapters, e.lora_scales))])
+
+    @app.post("/lora-adapters")
+    async def set_lora_adapters(request: Request) -> JSONResponse:
+        """llama-server's: new scales for requests naming no `lora`, [{"id", "scale"}], the adapters left
+        out at 0. Requests in flight finish with the scales they started with."""
+        body = P.parse_json(await read_raw(request, config.max_body))
+        if not isinstance(body, list):
+            raise P.bad("the body must be an array of {\"id\", \"scale\"} objects", None, "invalid_type")
+        e = state.engine
+        e.lora_scales = P.lora_scales(body, len(e.adapters), "body") or tuple(0.0 for _ in e.adapters)
+        return JSONResponse({"success": True})
+
     @app.get("/metrics")
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -420,7 +444,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         grammar = await asyncio.to_thread(state.grammar, fmt) if fmt else None
         (handle,) = _submit_all(state, [GenerationRequest(prompt, max_tokens, gen.params, 1, gen.stop, frozenset(),
                                                           gen.ignore_eos, n_probs or None, grammar,
-                                                          post_sampling_probs=post)])
+                                                          post_sampling_probs=post, lora=gen.lora)])
         reply = _Reply(1)
         probs: list[dict] = []  # completion_probabilities, a token each (end-of-generation ones included)
         value = "prob" if post else "logprob"
@@ -605,7 +629,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                 raise P.bad("a prompt is empty (and the model adds no BOS token)", "prompt")
             max_tokens = state.check_context(len(p), gen.max_tokens, "prompt")
             reqs.append(GenerationRequest(p, max_tokens, gen.params, gen.n, gen.stop, frozenset(), gen.ignore_eos,
-                                          k, grammar, prompt_logprobs=k if echo else None))
+                                          k, grammar, prompt_logprobs=k if echo else None, lora=gen.lora))
         # echo: each choice's text starts with its prompt, as its tokens spell it (special tokens as no
         # text), and with logprobs its prompt tokens' logprobs come first (the first token's None), as
         # OpenAI's legacy API does; text_offset counts in that text
@@ -748,7 +772,8 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         ids = template.encode(text) if hasattr(template, "encode") else state.chat_ids(text)
         max_tokens = state.check_context(len(ids), gen.max_tokens, "messages")
         stops = list(gen.stop) + [s for s in (getattr(template, "stop_strings", ()) or ()) if s not in gen.stop]
-        req = GenerationRequest(ids, max_tokens, gen.params, gen.n, stops, stop_ids, gen.ignore_eos, k, grammar)
+        req = GenerationRequest(ids, max_tokens, gen.params, gen.n, stops, stop_ids, gen.ignore_eos, k, grammar,
+                                lora=gen.lora)
         return _ChatTurn(gen, k, ids, req, template, use_tools, parallel)
 
     @app.post("/v1/chat/completions")

@@ -87,6 +87,7 @@ class GenerationRequest:
     grammar: str | None = None  # a compiled grammar (purelm.grammar.compile_grammar)
     prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob and the k likeliest
     post_sampling_probs: bool = False  # logprobs from the candidates the sampler drew from, not the model's
+    lora: tuple[float, ...] | None = None  # the LoRA adapters' scales (one per adapter); None: the server's
 
 
 @dataclass
@@ -228,6 +229,9 @@ class Engine:
         self.n_draft = min(check_int("lookup", lookup, 0), max_drafts(self.model))  # per sample and step (0: none)
         self.draft_tokens = 0
         self.accepted_tokens = 0
+        self.adapters = list(getattr(llm, "adapters", ()))
+        # the LoRA scales of a request that names none (POST /lora-adapters sets them; a tuple, swapped whole)
+        self.lora_scales: tuple[float, ...] = tuple(a.scale for a in self.adapters)
 
     # -- life
     def start(self) -> "Engine":
@@ -371,6 +375,8 @@ class Engine:
 
     def _admit(self) -> None:
         while self._waiting and self._waiting[0].req.n <= self.parallel - self.slots_used:
+            if not self._lora_ready(self._waiting[0].req):
+                break
             job = self._waiting.popleft()
             self._dequeued()
             self.slots_used += job.req.n
@@ -388,6 +394,21 @@ class Engine:
             self._prefilling.append(job)
             if self.metrics:
                 self.metrics.admitted(job.fed)
+
+    def _lora_ready(self, req: GenerationRequest) -> bool:
+        """Whether `req` can start now: the adapters' scales it asks for are in effect, or are put in
+        effect now that nothing else runs (a pass has one set of scales: the requests in flight end
+        first, as llama-server's slots do). A change drops the retained prefixes, made with the old."""
+        want = self.lora_scales if req.lora is None else req.lora
+        if want == tuple(a.scale for a in self.adapters):
+            return True
+        if self._prefilling or self._running or any(e.started for e in self._embeds):
+            return False
+        for adapter, scale in zip(self.adapters, want):
+            adapter.scale = scale
+        while self._retained:
+            self.cache.remove(self._retained.popitem()[0])
+        return True
 
     def _new_sequence(self, prompt: list[int]) -> tuple[int, int]:
         """A sequence for `prompt`: a fork of the retained one sharing its longest prefix (at least

@@ -155,13 +155,36 @@ class Generation:
     ignore_eos: bool
     grammar: str | None = None  # llguidance grammar
     extra: dict = field(default_factory=dict)
+    lora: tuple[float, ...] | None = None  # the LoRA adapters' scales the request asks for (None: the server's)
 
 
 # llama-server's sampling fields beyond OpenAI's (generation() reads them; the Responses and Messages
 # routes pass them on)
 LLAMA_SAMPLING = ("typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold", "mirostat", "mirostat_tau",
                   "mirostat_eta", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
-                  "dry_sequence_breakers")
+                  "dry_sequence_breakers", "lora")
+
+MAX_LORA_SCALE = 1e6
+
+
+def lora_scales(value: Any, n_adapters: int, param: str = "lora") -> tuple[float, ...] | None:
+    """llama-server's `lora`: [{"id": adapter index, "scale": number}, ...], the adapters left out at
+    scale 0; None for an absent or empty list (the server's scales)."""
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise bad(f"{param} must be an array of {{\"id\", \"scale\"}} objects, got {_kind(value)}", param,
+                  "invalid_type")
+    if not n_adapters:
+        raise bad(f"{param}: this server has no LoRA adapters (start it with --lora)", param, "unsupported")
+    scales = [0.0] * n_adapters
+    for entry in value:
+        if not isinstance(entry, dict) or set(entry) - {"id", "scale"} or "id" not in entry:
+            raise bad(f"each item of {param} must be an object with an \"id\" and a \"scale\", got "
+                      f"{_short(entry)}", param, "invalid_type")
+        i = get_int(entry, "id", 0, n_adapters - 1)
+        scales[i] = get_float(entry, "scale", -MAX_LORA_SCALE, MAX_LORA_SCALE, 0.0)
+    return tuple(scales)
 
 
 def _breakers(value: Any, default: Sequence[str]) -> Sequence[str]:

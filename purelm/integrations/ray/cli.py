@@ -18,6 +18,8 @@ def config_from_args(a: Any, sampling: Any = None, template: tuple[str, str] | N
     """The RayServeConfig the serve command's flags ask for (checked): `sampling`, the sampling flags'
     SamplingParams (those that differ from the defaults go to the replicas); `template`, the chat
     template flags' ("name", NAME) or ("text", TEXT)."""
+    from ...cli import _adapters
+
     model = a.model
     if model is not None and os.path.exists(model):  # replicas run elsewhere (another cwd, maybe another node)
         model = os.path.abspath(model)
@@ -28,6 +30,8 @@ def config_from_args(a: Any, sampling: Any = None, template: tuple[str, str] | N
         autoscaling = {"min_replicas": a.replicas, "max_replicas": a.max_replicas}
     return RayServeConfig.from_dict(dict(
         model=model, n_ctx=a.ctx, backend=a.backend, device=a.device, dtype=a.dtype, threads=a.threads,
+        cache_type_k=a.cache_type_k, cache_type_v=a.cache_type_v,
+        lora=[[os.path.abspath(p), 0.0 if a.lora_init_without_apply else s] for p, s in _adapters(a)] or None,
         parallel=a.parallel, batch=a.batch, max_queue=a.queue,
         api_key=a.api_key or os.environ.get("PURELM_API_KEY") or None, model_name=a.alias,
         prefix_cache=not a.no_prefix_cache, lookup=a.lookup or 0, replicas=a.replicas, autoscaling=autoscaling,

@@ -8,7 +8,9 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ...backends.kv_cache import check_cache_type
 from ...errors import UsageError
+from ...lora import adapter_list
 from ...sampling import SamplingParams, check_int
 
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "target_ongoing_requests")
@@ -23,6 +25,9 @@ class RayServeConfig:
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None  # CPU threads per replica (default: its num_cpus, at least 1)
+    cache_type_k: str = "f32"  # the KV cache's types (purelm serve -ctk / -ctv)
+    cache_type_v: str = "f32"
+    lora: list | None = None  # LoRA adapters, [path, scale] pairs (paths on every node; purelm serve --lora)
     # purelm's server inside each replica (see purelm.server.ServerConfig)
     parallel: int = 8
     batch: int = 512
@@ -87,6 +92,9 @@ class RayServeConfig:
         for name in ("n_ctx", "threads", "max_ongoing_requests", "imbalance", "n_predict"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
+        check_cache_type("cache_type_k", self.cache_type_k), check_cache_type("cache_type_v", self.cache_type_v)
+        if self.lora is not None:
+            self.lora = [list(pair) for pair in adapter_list(self.lora)]
         self.sampling_params()
         self.template_choice()
         self.num_cpus = _number("num_cpus", self.num_cpus, 0)
@@ -141,7 +149,8 @@ class RayServeConfig:
         if self.num_gpus > 0:  # Ray sets CUDA_VISIBLE_DEVICES: "cuda" is this replica's GPU
             backend, device = "torch", device or "cuda"
         threads = self.threads or max(1, math.floor(self.num_cpus))
-        return dict(backend=backend, n_ctx=self.n_ctx, threads=threads, device=device, dtype=self.dtype)
+        return dict(backend=backend, n_ctx=self.n_ctx, threads=threads, device=device, dtype=self.dtype,
+                    cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v, lora=self.lora or [])
 
     def server_config(self) -> Any:
         from ...server import ServerConfig
