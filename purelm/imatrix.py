@@ -293,6 +293,7 @@ def _weight_names(model: Any) -> dict[int, tuple[Any, list[tuple[str, int, int]]
     list of them (q, k, v unmerged), an `Experts` layer's expert e (index e of its stacks)."""
     from .backends.base import Backend
     from .formats.gguf import Tensor
+    from .lora import AdaptedOps
     from .models.experts import Experts
 
     found: dict[int, tuple[Any, list[tuple[str, int, int]]]] = {}
@@ -315,7 +316,9 @@ def _weight_names(model: Any) -> dict[int, tuple[Any, list[tuple[str, int, int]]
         return ts is not None
 
     def walk(obj: Any, depth: int) -> None:
-        if id(obj) in seen or depth > 8 or isinstance(obj, (Backend, np.ndarray, str, bytes, int, float, type)):
+        # (an adapter's halves are not the model's: their products are left out)
+        skip = (Backend, AdaptedOps, np.ndarray, str, bytes, int, float, type)
+        if id(obj) in seen or depth > 8 or isinstance(obj, skip):
             return
         seen.add(id(obj))
         if isinstance(obj, Experts):

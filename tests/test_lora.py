@@ -206,3 +206,16 @@ def test_llama_cpp_computes_what_purelm_does_with_the_adapter(model, fixtures, t
     else:  # Q4_1 weights: llama.cpp rounds activations to 8 bits, purelm to 16
         assert with_adapter["kld"] < 0.02 and with_adapter["same_top"] >= 0.9
     assert without["kld"] > 20 * with_adapter["kld"]
+
+
+def test_an_importance_matrix_of_an_adapted_model_names_the_models_matrices():
+    from purelm.imatrix import compute_imatrix
+
+    base = str(FIXTURES / "llama-f32.gguf")
+    ids = np.load(FIXTURES / "llama-lora-ref.npz")["ids"].tolist() * 4
+    plain = compute_imatrix(LLM(base, backend="numba"), ids, 32, batch=32)
+    adapted = compute_imatrix(LLM(base, backend="numba", lora=[adapter("llama")]), ids, 32, batch=32)
+    assert set(adapted.sums) == set(plain.sums) and not any("lora" in name for name in adapted.sums)
+    # the adapter changes the activations every later matrix sees
+    assert not np.allclose(adapted.sums["blk.1.attn_q.weight"], plain.sums["blk.1.attn_q.weight"])
+    np.testing.assert_allclose(adapted.sums["blk.0.attn_q.weight"], plain.sums["blk.0.attn_q.weight"], rtol=1e-5)

@@ -388,8 +388,8 @@ def test_cli_flags_make_the_config(tmp_path, fixtures):
     model = str(fixtures / "llama-q8_0.gguf")
     a = build_parser().parse_args(["serve", model, "--ray", "--replicas", "2", "--max-replicas", "5", "-c", "256",
                                    "--replica-cpus", "2", "-np", "4", "--no-prefix-routing", "--alias", "tiny",
-                                   "--lookup", "6", "-ctk", "f16", "--lora-scaled", str(fixtures / "llama-lora-f32.gguf"),
-                                   "0.5"])
+                                   "--lookup", "6", "-ctk", "f16", "--lora-scaled",
+                                   str(fixtures / "llama-lora-f32.gguf") + ":0.5"])
     a.model = a.model_pos
     c = config_from_args(a)
     assert c.load_kwargs()["lora"] == [[str(fixtures / "llama-lora-f32.gguf"), 0.5]]

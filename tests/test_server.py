@@ -1556,3 +1556,16 @@ def test_a_server_without_adapters_refuses_lora(srv):
                    400)
     assert "no LoRA adapters" in err["message"]
     assert srv.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "lora": []}).status_code == 200
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(value=st.lists(st.fixed_dictionaries({"id": _NUMBER | _JSON | st.integers(-2, 4),
+                                             "scale": _NUMBER | _JSON | st.floats(-2, 2)})
+                      | _JSON, max_size=4) | _JSON, n=st.sampled_from([0, 1, 3]))
+def test_lora_fields_are_refused_with_a_4xx_or_give_each_adapter_a_scale(value, n):
+    try:
+        got = P.lora_scales(value, n)
+    except P.APIError as e:
+        assert 400 <= e.status < 500 and e.body()["error"]["message"] and e.body()["error"]["param"] == "lora"
+        return
+    assert got is None or (len(got) == n and all(isinstance(v, float) and abs(v) <= P.MAX_LORA_SCALE for v in got))

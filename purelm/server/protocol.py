@@ -178,12 +178,19 @@ def lora_scales(value: Any, n_adapters: int, param: str = "lora") -> tuple[float
     if not n_adapters:
         raise bad(f"{param}: this server has no LoRA adapters (start it with --lora)", param, "unsupported")
     scales = [0.0] * n_adapters
-    for entry in value:
+    for k, entry in enumerate(value):
+        where = f"{param}[{k}]"
         if not isinstance(entry, dict) or set(entry) - {"id", "scale"} or "id" not in entry:
-            raise bad(f"each item of {param} must be an object with an \"id\" and a \"scale\", got "
-                      f"{_short(entry)}", param, "invalid_type")
-        i = get_int(entry, "id", 0, n_adapters - 1)
-        scales[i] = get_float(entry, "scale", -MAX_LORA_SCALE, MAX_LORA_SCALE, 0.0)
+            raise bad(f"{where} must be an object with an \"id\" and a \"scale\", got {_short(entry)}", param,
+                      "invalid_type")
+        i, scale = entry["id"], entry.get("scale", 0.0)
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_adapters:
+            raise bad(f"{where}.id must be an adapter's index, 0 to {n_adapters - 1}, got {_short(i)}", param)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
+                not _within(scale, -MAX_LORA_SCALE, MAX_LORA_SCALE):
+            raise bad(f"{where}.scale must be a number from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}, got "
+                      f"{_short(scale)}", param)
+        scales[i] = float(scale)
     return tuple(scales)
 
 
