@@ -145,7 +145,8 @@ def parse_engines(spec: str) -> list[tuple[str, tuple[str, ...]]]:
 
 
 class PurelmEngine:
-    def __init__(self, backend: str, path: str, threads: int, n_ctx: int, cache_type: str | None = None) -> None:
+    def __init__(self, backend: str, path: str, threads: int, n_ctx: int, cache_type: str | None = None,
+                 lora: str | None = None) -> None:
         t0 = time.perf_counter()
         import numpy as np
 
@@ -165,7 +166,9 @@ class PurelmEngine:
         self.backend = get_backend(backend, threads)
         self.rss_runtime_mb = rss_mb()  # interpreter, numpy and the backend's imports: before any model
         self.file = GGUFFile(path)
-        self.model = build_model(self.file, self.backend)
+        from purelm.lora import load_adapter
+
+        self.model = build_model(self.file, self.backend, [load_adapter(lora, self.file)] if lora else ())
         if cache_type:
             self.model.cache_type_k = self.model.cache_type_v = cache_type
         self.cache = self.model.new_cache(n_ctx)
@@ -224,7 +227,7 @@ class PurelmEngine:
 
 class LlamaEngine:
     def __init__(self, path: str, threads: int, n_ctx: int, n_batch: int, extra_bufts: bool,
-                 cache_type: str | None = None) -> None:
+                 cache_type: str | None = None, lora: str | None = None) -> None:
         t0 = time.perf_counter()
         import llama_cpp
 
@@ -247,6 +250,8 @@ class LlamaEngine:
         kv = {} if not cache_type else {"type_k": LLAMA_CACHE_TYPES[cache_type], "type_v": LLAMA_CACHE_TYPES[cache_type]}
         if cache_type == "q8_0":  # llama.cpp keeps a quantized V cache only with flash attention
             kv["flash_attn"] = True
+        if lora:
+            kv["lora_path"] = lora
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                    n_batch=n_batch, verbose=False, **kv)
         self.load_s = time.perf_counter() - t0
@@ -295,9 +300,9 @@ def worker_main(args: argparse.Namespace) -> int:
     try:
         if args.worker == LLAMA:
             eng = LlamaEngine(args.model, args.threads, args.n_ctx, args.n_batch, args.extra_bufts == "on",
-                              args.cache_type)
+                              args.cache_type, args.lora)
         else:
-            eng = PurelmEngine(args.worker, args.model, args.threads, args.n_ctx, args.cache_type)
+            eng = PurelmEngine(args.worker, args.model, args.threads, args.n_ctx, args.cache_type, args.lora)
         t0 = time.perf_counter()
         eng.reset()
         eng.eval([args.first_id])
@@ -357,6 +362,8 @@ class Worker:
                "--llama-extra-bufts", extra_bufts]
         if getattr(args, "cache_type", None):
             cmd += ["--cache-type", args.cache_type]
+        if getattr(args, "lora", None):
+            cmd += ["--lora", str(Path(args.lora).resolve())]
         env = thread_env(threads)
         if engine == LLAMA and args.llama_lib:
             env["LLAMA_CPP_LIB_PATH"] = args.llama_lib
@@ -596,7 +603,7 @@ def run(args: argparse.Namespace) -> dict:
     report: dict = {"machine": machine_info(), "model": model,
                     "settings": {"threads": threads_list, "engines": [f"{e}:{'+'.join(t)}" for e, t in engines],
                                  "pp": args.pp, "tg": args.tg, "reps": args.reps, "warmup": args.warmup,
-                                 "cache_type": args.cache_type, "n_ctx": n_ctx, "n_batch_llama": args.n_batch, "seed": args.seed,
+                                 "cache_type": args.cache_type, "lora": args.lora, "n_ctx": n_ctx, "n_batch_llama": args.n_batch, "seed": args.seed,
                                  "order": "engines alternate within each repetition (A B A B)",
                                  "page_cache": "warm (file read once before the workers start)"},
                     "bandwidth": {}, "results": [], "ratios": [], "notes": []}
@@ -809,6 +816,8 @@ def main(argv: list[str] | None = None) -> int:
                          "timed, same file and threads, decoding over and over); default none")
     ap.add_argument("--cache-type", choices=sorted(LLAMA_CACHE_TYPES), default=None,
                     help="both engines' KV cache type (default: each engine's own, purelm f32, llama.cpp f16)")
+    ap.add_argument("--lora", metavar="FILE", help="both engines apply this LoRA adapter at scale 1 "
+                    "(make_synthetic.py --lora-for makes one); llama-cpp-python then reads the model without mmap")
     ap.add_argument("--out", help="also write the JSON here")
     # internal
     ap.add_argument("--worker", help=argparse.SUPPRESS)

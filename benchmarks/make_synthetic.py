@@ -18,6 +18,11 @@ Seeded: the same arguments give a byte-identical file.
     python benchmarks/make_synthetic.py /tmp/qwen3moe-synth-q4_0.gguf --moe
                                                     # Qwen3-MoE-shaped, 2.0B total, 0.38B active
 
+`--lora-for MODEL` writes a random LoRA adapter for MODEL instead (llama.cpp's adapter layout, as its
+convert_lora_to_gguf.py writes one; see write_lora):
+
+    python benchmarks/make_synthetic.py /tmp/smollm2-lora.gguf --lora-for smollm2.gguf --rank 16
+
 `--moe` writes a `qwen3moe` model instead (per-head q/k norms, a router and 3-D expert tensors in every
 layer): by default 24 layers of width 1024, 8 heads of 128 (4 kv heads), 64 experts of width 384 with 8
 picked per token. Each token reads as many weight bytes as the dense model of `--moe-dense-twin` (the same
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import string
 import sys
 import time
@@ -211,11 +217,38 @@ print(json.dumps({"ok": bool(np.isfinite(logits).all()), "llama_cpp": llama_cpp.
 """
 
 
+LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def write_lora(model: str | Path, out: str | Path, rank: int = 16, targets: tuple[str, ...] = LORA_TARGETS,
+               b_scale: float = 0.02, seed: int = 0) -> int:
+    """A seeded random LoRA adapter for `model`: every layer's `targets` matrices get A (rank x in,
+    N(0, 1/in)) and B (out x rank, N(0, b_scale^2)) in f16, alpha = 2 * rank (scale 2). Returns the
+    count of adapted matrices."""
+    from purelm.formats.gguf import GGUFFile
+
+    f = GGUFFile(model)
+    w = GGUFWriter(out)
+    for key, value in (("general.type", "adapter"), ("general.architecture", f.architecture),
+                       ("adapter.type", "lora"), ("adapter.lora.alpha", float(2 * rank))):
+        w.add(key, value)
+    rng = np.random.default_rng(seed)
+    count = 0
+    for name, t in f.tensors.items():
+        if name.startswith("blk.") and name.split(".")[2] in targets and len(t.shape) == 2:
+            n_out, n_in = t.shape
+            w.add_tensor(name + ".lora_a", (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float16))
+            w.add_tensor(name + ".lora_b", (rng.standard_normal((n_out, rank)) * b_scale).astype(np.float16))
+            count += 1
+    w.write()
+    f.close()
+    return count
+
+
 def verify_llama_cpp(path: str | Path, n_tokens: int = 4, python: str | None = None) -> dict:
     """Load the file with llama-cpp-python, tokenize a string and evaluate its first few tokens in one
     batch (in a child process: some llama.cpp builds crash; then it is retried without the extra weight
     buffers, i.e. without repacking / AMX)."""
-    import json
     import subprocess
 
     python = python or sys.executable
@@ -258,9 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expert-ffn", type=int, default=384)
     ap.add_argument("--moe-dense-twin", action="store_true", help="the dense model that reads what one token "
                     "of --moe reads: a qwen3 (--moe's attention) with ffn = experts-used x expert-ffn")
+    ap.add_argument("--lora-for", metavar="MODEL", help="write a random LoRA adapter for MODEL instead of a model")
+    ap.add_argument("--rank", type=int, default=16, help="--lora-for: the adapter's rank (default 16)")
     ap.add_argument("--no-verify", action="store_true", help="skip the llama-cpp-python load check")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = ap.parse_args(argv)
+    if args.lora_for:
+        n = write_lora(args.lora_for, args.out, args.rank, seed=args.seed)
+        print(json.dumps({"path": str(args.out), "bytes": Path(args.out).stat().st_size, "matrices": n,
+                          "rank": args.rank}))
+        return 0
     given = set(a.lstrip("-").replace("-", "_").split("=")[0] for a in (argv if argv is not None else sys.argv[1:])
                 if a.startswith("--"))
     if args.moe or args.moe_dense_twin:
@@ -303,8 +343,6 @@ def main(argv: list[str] | None = None) -> int:
         report["experts"] = {"count": args.experts, "used": args.experts_used, "ffn": args.expert_ffn}
     if not args.no_verify:
         report["llama_cpp_check"] = verify_llama_cpp(args.out)
-    import json
-
     print(json.dumps(report, indent=2))
     check = report.get("llama_cpp_check", {})
     return 1 if check.get("ok") is False else 0

@@ -140,11 +140,11 @@ def _matrix(path: str, t: Tensor) -> Tensor:
 
 @dataclass
 class _Delta:
-    """One adapter's product for one part of a weight: factor · B·(A·x), B's rows those of the part;
-    the factor read at each call, so that a new `scale` applies from the next pass on."""
+    """One adapter's product for one part of a weight: factor · B·(A·x), B's rows those of the part
+    (`ab`: Backend.lora_weights); the factor read at each call, so that a new `scale` applies from the
+    next pass on."""
 
-    a: Any
-    b: Any
+    ab: Any
     adapter: LoraAdapter
     rank: int
 
@@ -199,7 +199,7 @@ class AdaptedOps:
                         part = b if rows == b.shape[0] else dataclasses.replace(
                             b, shape=(rows, b.shape[1]), data=b.data[row:row + rows],
                             offset=b.offset + row * b.data.shape[1])
-                        cached = _Delta(self.backend.weight(a), self.backend.weight(part), ad, a.shape[0])
+                        cached = _Delta(self.backend.lora_weights(a, part), ad, a.shape[0])
                         prepared[(i, name, row, rows)] = cached
                     found.append(cached)
                 each.append(found)
@@ -216,11 +216,13 @@ class AdaptedOps:
         return entry[1] if entry is not None and entry[0] is w else None
 
     def _add(self, x: Any, y: Any, deltas: list[_Delta]) -> Any:
+        shape = y.shape
+        x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1])
         for d in deltas:
             factor = d.adapter.factor(d.rank)
             if factor:  # (an adapter at scale 0 costs nothing)
-                y = y + self.backend.linear(self.backend.linear(x, d.a), d.b) * factor
-        return y
+                y = self.backend.lora(x, y, d.ab, factor)
+        return y.reshape(shape)
 
     def linear(self, x: Any, w: Any, bias: Any = None) -> Any:
         each = self._deltas_of(w)

@@ -1,5 +1,6 @@
 """LoRA adapters (purelm.lora) against PEFT: adapters that llama.cpp's convert_lora_to_gguf.py wrote
 from seeded random PEFT adapters of the tiny models (tools/make_lora_fixtures.py), and PEFT's logits."""
+import importlib.util
 import subprocess
 
 import numpy as np
@@ -157,21 +158,12 @@ def test_an_embedding_adapter_is_refused(tmp_path):
 
 def smollm2_adapter(path, out) -> str:
     """A seeded random adapter for SmolLM2 (rank 8, alpha 16) on q, v, the attention output and down of
-    every layer, in f16, as convert_lora_to_gguf.py lays such files out."""
-    f = GGUFFile(path)
-    w = GGUFWriter(out)
-    for key, value in (("general.type", "adapter"), ("general.architecture", "llama"), ("adapter.type", "lora"),
-                       ("adapter.lora.alpha", 16.0)):
-        w.add(key, value)
-    rng = np.random.default_rng(5)
-    rank = 8
-    for name, t in f.tensors.items():
-        if name.endswith(("attn_q.weight", "attn_v.weight", "attn_output.weight", "ffn_down.weight")):
-            n_out, n_in = t.shape
-            w.add_tensor(name + ".lora_a", (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float16))
-            w.add_tensor(name + ".lora_b", (rng.standard_normal((n_out, rank)) * 0.06).astype(np.float16))
-    w.write()
-    f.close()
+    every layer (benchmarks/make_synthetic.py's write_lora)."""
+    spec = importlib.util.spec_from_file_location("make_synthetic", FIXTURES.parents[1] / "benchmarks" /
+                                                  "make_synthetic.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    make.write_lora(path, out, 8, ("attn_q", "attn_v", "attn_output", "ffn_down"), b_scale=0.06, seed=5)
     return str(out)
 
 
@@ -219,3 +211,42 @@ def test_an_importance_matrix_of_an_adapted_model_names_the_models_matrices():
     # the adapter changes the activations every later matrix sees
     assert not np.allclose(adapted.sums["blk.1.attn_q.weight"], plain.sums["blk.1.attn_q.weight"])
     np.testing.assert_allclose(adapted.sums["blk.0.attn_q.weight"], plain.sums["blk.0.attn_q.weight"], rtol=1e-5)
+
+
+def test_an_f16_adapter_on_every_backend(tmp_path):
+    # convert_lora_to_gguf.py writes f16 by default: the numba backend keeps its halves as f16 bits
+    src = GGUFFile(adapter("phi3"))
+    w = GGUFWriter(tmp_path / "f16.gguf")
+    for k in src.metadata:
+        w.add(k, src.metadata[k], src.metadata.types[k], src.metadata.array_types.get(k))
+    for t in src.tensors.values():
+        w.add_tensor(t.name, t.dequantize().astype(np.float16))
+    w.write()
+    src.close()
+    ref = np.load(FIXTURES / "phi3-lora-ref.npz")
+    ids = ref["ids"].tolist()
+    got = {b: LLM(str(FIXTURES / "phi3-f32.gguf"), backend=b, lora=[(str(tmp_path / "f16.gguf"), 0.5)]).logits(ids)
+           for b in backends()}
+    for b, logits in got.items():
+        assert np.abs(logits - got["numpy"]).max() < 1e-4, b
+    assert np.abs(got["numpy"] - ref["half"]).max() < 0.05  # f16 rounding of the halves, nothing more
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_decode_tokens_logits_do_not_depend_on_its_batch(backend):
+    # (the numba backend takes prompt runs through BLAS and decode tokens a row at a time)
+    ids = np.load(FIXTURES / "llama-lora-ref.npz")["ids"].tolist()
+    llm = LLM(str(FIXTURES / "llama-f32.gguf"), backend=backend, lora=[adapter("llama")])
+    m = llm.model
+
+    def start(cache):
+        seq = cache.add()
+        m.forward_batch(cache, [(seq, ids[:20])])
+        return seq
+
+    cache = m.new_cache(64)
+    alone = m.forward_batch(cache, [(start(cache), [ids[20]])])[0]
+    cache = m.new_cache(64)
+    a, b = start(cache), start(cache)
+    together = m.forward_batch(cache, [(cache.add(), ids[1:19]), (a, [ids[20]]), (b, [ids[3]])])
+    assert np.array_equal(together[1], alone)

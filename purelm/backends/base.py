@@ -310,6 +310,24 @@ class Backend(ABC):
         gate, up = self.linear_many(x, w_gate_up)
         return self.swiglu(gate, up) if act == "silu" else self.geglu(gate, up)
 
+    def lora_weights(self, a: Tensor, b: Tensor) -> Any:
+        """A LoRA adapter's halves, A (rank, in) and B (out, rank), for `lora` (purelm.lora): float32
+        A and Bᵀ, a few MB for a whole adapter, multiplied by BLAS or a vectorized row sum."""
+        return a.dequantize(), np.ascontiguousarray(b.dequantize().T)
+
+    def lora(self, x: Any, y: Any, ab: Any, factor: float) -> Any:
+        """y + factor · (x·Aᵀ)·Bᵀ for `ab` from lora_weights: x (tokens, in), y (tokens, out); each run
+        of the pass alone (forward_pass)."""
+        a, bt = ab
+        if x.ndim != 2 or x.shape[1] != a.shape[1] or y.shape != (x.shape[0], bt.shape[1]):
+            raise ShapeError(f"lora: x {x.shape} and y {y.shape} do not fit A {a.shape} and B {bt.shape[::-1]}")
+        out = np.empty(y.shape, np.float32)
+        for r0, r1 in self.row_runs(x.shape[0]):
+            t = x[r0:r1] @ a.T
+            t *= np.float32(factor)
+            np.add(y[r0:r1], t @ bt, out=out[r0:r1])
+        return out
+
     def softcap(self, x: Any, cap: float) -> Any:
         """cap * tanh(x / cap) (gemma2's final logits)."""
         return np.tanh(x / np.float32(cap)) * np.float32(cap)

@@ -77,6 +77,10 @@ from .numba_kernels.experts import FUSED, ExpertStack, expert_groups, glu_picked
 from .numba_kernels.packing import (DEFAULT_LANES, DOT_ONLY_TYPES, PACKED_TYPES, Arena, Packed, column_splits, pack,
                                     token_ranges)
 
+# LoRA products (lora): runs of this many rows or more (prompts) go through BLAS; shorter ones through
+# ops.lora_rows, shared among the threads from LORA_PARALLEL_ROWS rows on
+LORA_BLAS_ROWS = 16
+LORA_PARALLEL_ROWS = 8
 # At most this many tokens go through the matrix-vector kernels; more take the dequantize+BLAS path.
 MATVEC_MAX_TOKENS = 12
 # Prompt rows per call of the integer kernels in prefill: each call reads the weights once.
@@ -1060,6 +1064,41 @@ class NumbaBackend(Backend):
 
     # -- the rest
 
+    def lora_weights(self, a: Tensor, b: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Aᵀ (in, rank) and Bᵀ (rank, out) for ops.lora_rows: f16 halves as their bits (decode reads
+        an adapter's every byte each token, as it reads the model's), others in float32."""
+        def transposed(t: Tensor) -> np.ndarray:
+            if t.type == GGMLType.F16:
+                return np.ascontiguousarray(t.data.view(np.uint16).reshape(t.shape).T)
+            return np.ascontiguousarray(t.dequantize().T)
+
+        return transposed(a), transposed(b)
+
+    def lora(self, x: np.ndarray, y: np.ndarray, ab: tuple[np.ndarray, np.ndarray], factor: float) -> np.ndarray:
+        """Runs of LORA_BLAS_ROWS rows or more (prompts) through single-threaded BLAS, the others
+        (decode tokens, drafts), side by side in one call, through ops.lora_rows, a row at a time."""
+        a_t, bt = ab
+        x2, y2 = _rows(x), _strided_rows(y)
+        if x2.shape != (y2.shape[0], a_t.shape[0]) or y2.shape[1] != bt.shape[1] or a_t.shape[1] != bt.shape[0]:
+            raise ShapeError(f"lora: x {x.shape} and y {y.shape} do not fit Aᵀ {a_t.shape} and Bᵀ {bt.shape}")
+        out = np.empty(y2.shape, np.float32)
+        f = np.float32(factor)
+        small: list[tuple[int, int]] = []  # consecutive short runs, computed in one call
+        for a, b in self.row_runs(x2.shape[0]) + [(x2.shape[0], x2.shape[0])]:
+            if 0 < b - a < LORA_BLAS_ROWS:
+                small = small[:-1] + [(small[-1][0], b)] if small and small[-1][1] == a else small + [(a, b)]
+                continue
+            for s0, s1 in small:
+                kernel = ops.lora_rows_parallel if s1 - s0 >= LORA_PARALLEL_ROWS else ops.lora_rows
+                kernel(x2[s0:s1], a_t, bt, f, y2[s0:s1], out[s0:s1])
+            small = []
+            if b > a:
+                with self._single_threaded_blas():
+                    t = x2[a:b] @ _float32(a_t)
+                    t *= f
+                    np.add(y2[a:b], t @ _float32(bt), out=out[a:b])
+        return out.reshape(y.shape)
+
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         x2 = _rows(x)
         check_norm(x2, w, "rms_norm")
@@ -1491,6 +1530,11 @@ def _gather(store: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
 def _inverse_root(n: int) -> np.float32:
     """1/sqrt(n) as float32, once per n (numpy's scalar sqrt costs microseconds a decode step)."""
     return np.float32(1 / np.sqrt(n))
+
+
+def _float32(m: np.ndarray) -> np.ndarray:
+    """A LoRA half as float32 (lora_weights keeps f16 halves as their bits)."""
+    return m.view(np.float16).astype(np.float32) if m.dtype == np.uint16 else m
 
 
 def _rows(x: np.ndarray) -> np.ndarray:

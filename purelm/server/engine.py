@@ -375,7 +375,8 @@ class Engine:
 
     def _admit(self) -> None:
         while self._waiting and self._waiting[0].req.n <= self.parallel - self.slots_used:
-            if not self._lora_ready(self._waiting[0].req):
+            req = self._waiting[0].req
+            if not self._use_scales(self.lora_scales if req.lora is None else req.lora):
                 break
             job = self._waiting.popleft()
             self._dequeued()
@@ -395,11 +396,10 @@ class Engine:
             if self.metrics:
                 self.metrics.admitted(job.fed)
 
-    def _lora_ready(self, req: GenerationRequest) -> bool:
-        """Whether `req` can start now: the adapters' scales it asks for are in effect, or are put in
+    def _use_scales(self, want: tuple[float, ...]) -> bool:
+        """Whether a request for the LoRA scales `want` can start now: they are in effect, or are put in
         effect now that nothing else runs (a pass has one set of scales: the requests in flight end
         first, as llama-server's slots do). A change drops the retained prefixes, made with the old."""
-        want = self.lora_scales if req.lora is None else req.lora
         if want == tuple(a.scale for a in self.adapters):
             return True
         if self._prefilling or self._running or any(e.started for e in self._embeds):
@@ -697,6 +697,8 @@ class Engine:
 
     def _embed_step(self) -> None:
         ej = self._embeds[0]
+        if not ej.started and not self._use_scales(self.lora_scales):  # (embeddings: the server's scales)
+            return
         try:
             if not ej.started:
                 ej.started = True

@@ -747,3 +747,49 @@ def gelu_erf(x, out):
         p = t * p + np.float32(-1.26551223)
         half_erfc = np.float32(0.5) * t * fast_exp(p - z * z)  # erfc(|v|/√2) / 2 = Φ(-|v|)
         out[i] = v * (half_erfc if v < 0 else np.float32(1) - half_erfc)
+
+
+def as_float(v):
+    """v as float32: a uint16 as the f16 number of its bits, a float32 as it is."""
+
+
+@overload(as_float, inline="always")
+def _as_float(v):
+    if v == types.uint16:
+        return lambda v: half_to_float(v)
+    return lambda v: np.float32(v)
+
+
+@njit(**OPTS, inline="always")
+def _lora_row(x, a_t, bt, factor, y, out, i, t):
+    n_in, r = a_t.shape
+    n_out = bt.shape[1]
+    t[:] = 0
+    for k in range(n_in):  # t = x·A, a column of A at a time: each t[j] sums in the order of k
+        xk = x[i, k]
+        for j in range(r):
+            t[j] += xk * as_float(a_t[k, j])
+    for c in range(n_out):
+        out[i, c] = y[i, c]
+    for j in range(r):
+        tj = t[j] * factor
+        for c in range(n_out):
+            out[i, c] += tj * as_float(bt[j, c])
+
+
+@njit(**OPTS)
+def lora_rows(x, a_t, bt, factor, y, out):
+    """out = y + factor·(x·Aᵀ)·Bᵀ for a_t = Aᵀ (in, rank) and bt = Bᵀ (rank, out), float32 or f16 bits
+    (uint16), a row at a time in the same order whatever the row count: a decode token's bits do not
+    depend on its batch."""
+    t = np.empty(a_t.shape[1], np.float32)
+    for i in range(x.shape[0]):
+        _lora_row(x, a_t, bt, factor, y, out, i, t)
+
+
+@njit(**dict(OPTS, parallel=True))
+def lora_rows_parallel(x, a_t, bt, factor, y, out):
+    """lora_rows with the rows shared among the threads (each row computed as lora_rows does)."""
+    for i in prange(x.shape[0]):
+        t = np.empty(a_t.shape[1], np.float32)
+        _lora_row(x, a_t, bt, factor, y, out, i, t)

@@ -416,6 +416,16 @@ class TorchBackend(Backend):
             return _fused.glu(gate, up, silu=False)
         return (F.gelu(gate.float(), approximate="tanh") * up.float()).to(self.dtype)
 
+    def lora_weights(self, a: Tensor, b: Tensor) -> Any:
+        # an adapter's scale is read at each call, which a captured CUDA graph would not replay
+        self.graphs = None
+        a32, bt32 = super().lora_weights(a, b)
+        return torch.from_numpy(a32).to(self.device, self.dtype), torch.from_numpy(bt32).to(self.device, self.dtype)
+
+    def lora(self, x: torch.Tensor, y: torch.Tensor, ab: Any, factor: float) -> torch.Tensor:
+        a, bt = ab
+        return y + ((x.to(self.dtype) @ a.T) * factor) @ bt
+
     def softcap(self, x: torch.Tensor, cap: float) -> torch.Tensor:
         return (torch.tanh(x.float() / cap) * cap).to(self.dtype)
 
