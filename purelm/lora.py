@@ -217,7 +217,8 @@ class AdaptedOps:
 
     def _add(self, x: Any, y: Any, deltas: list[_Delta]) -> Any:
         shape = y.shape
-        x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1])
+        if len(shape) != 2:
+            x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1])
         for d in deltas:
             factor = d.adapter.factor(d.rank)
             if factor:  # (an adapter at scale 0 costs nothing)

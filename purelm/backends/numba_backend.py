@@ -1083,6 +1083,9 @@ class NumbaBackend(Backend):
             raise ShapeError(f"lora: x {x.shape} and y {y.shape} do not fit Aᵀ {a_t.shape} and Bᵀ {bt.shape}")
         out = np.empty(y2.shape, np.float32)
         f = np.float32(factor)
+        if x2.shape[0] < LORA_PARALLEL_ROWS:  # (decode: every run is short)
+            ops.lora_rows(x2, a_t, bt, f, y2, out)
+            return out.reshape(y.shape)
         small: list[tuple[int, int]] = []  # consecutive short runs, computed in one call
         for a, b in self.row_runs(x2.shape[0]) + [(x2.shape[0], x2.shape[0])]:
             if 0 < b - a < LORA_BLAS_ROWS:
