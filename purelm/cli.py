@@ -995,6 +995,17 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from .formats.split import parse_size, rewrite
 
     max_size = None if a.split_max_size is None else parse_size(a.split_max_size)
+    is_adapter = os.path.isfile(os.path.join(a.hf_dir, "adapter_config.json"))
+    if a.lora_base is not None or is_adapter:  # a PEFT LoRA adapter: llama.cpp's adapter file
+        from .convert_lora import convert_lora
+
+        if a.lora_base is None or not is_adapter:
+            raise UsageError("a PEFT adapter converts with --lora-base BASE_DIR (the Hugging Face model it "
+                             "adapts), and --lora-base needs a PEFT adapter directory (adapter_config.json)")
+        if max_size is not None:
+            raise UsageError("--split-max-size: an adapter file is written whole")
+        print(_safe(str(convert_lora(a.hf_dir, a.out, a.lora_base, a.type or "f16"))))
+        return 0
     if _is_gguf(a.hf_dir):  # a GGUF model (a split one read whole): split into shards, or merged into one file
         if a.type is not None:
             raise UsageError("--type applies to Hugging Face checkpoints; use `purelm quantize` for a GGUF file")
@@ -1118,7 +1129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a legacy ggml/ggjt file to GGUF",
                        description="Convert a Hugging Face model directory (config.json, *.safetensors, "
-                                   "tokenizer.json) to GGUF, with the names and layout llama.cpp uses; or "
+                                   "tokenizer.json) to GGUF, with the names and layout llama.cpp uses; a PEFT "
+                                   "LoRA adapter to llama.cpp's adapter file (--lora-base); or "
                                    "upgrade a legacy ggml/ggmf/ggjt model file to GGUF (tensors kept as they are).")
     c.add_argument("hf_dir", metavar="SOURCE",
                    help="a Hugging Face model directory, a ggml/ggmf/ggjt file, or a GGUF file (to split or merge)")
@@ -1126,6 +1138,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--type", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
                    help="tensor type for the weight matrices (default f16; norms and biases stay f32); "
                         "Hugging Face checkpoints only")
+    c.add_argument("--lora-base", default=None, metavar="BASE_DIR",
+                   help="SOURCE is a PEFT LoRA adapter of the Hugging Face model in BASE_DIR: write llama.cpp's "
+                        "GGUF adapter file (for --lora), as convert_lora_to_gguf.py does (--type f32, f16 or bf16)")
     c.add_argument("--split-max-size", default=None, metavar="SIZE",
                    help="write shards OUT-00001-of-0000N.gguf of at most SIZE tensor bytes (50M, 2G: 10^6, 10^9; "
                         "as llama.cpp's gguf-split); SOURCE may be a GGUF file, to split it (without this "

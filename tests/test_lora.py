@@ -250,3 +250,56 @@ def test_a_decode_tokens_logits_do_not_depend_on_its_batch(backend):
     a, b = start(cache), start(cache)
     together = m.forward_batch(cache, [(cache.add(), ids[1:19]), (a, [ids[20]]), (b, [ids[3]])])
     assert np.array_equal(together[1], alone)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_convert_writes_what_llama_cpps_converter_writes(name, tmp_path, capsys):
+    # tests/fixtures/NAME-lora-f32.gguf: llama.cpp's convert_lora_to_gguf.py on the PEFT adapter in
+    # tests/fixtures/hf/NAME-lora; purelm's converter must put every value where it did
+    from purelm.cli import main
+
+    out = tmp_path / "ours.gguf"
+    assert main(["convert", str(FIXTURES / "hf" / f"{name}-lora"), str(out), "--lora-base",
+                 str(FIXTURES / "hf" / name), "--type", "f32"]) == 0
+    ours, theirs = GGUFFile(out), GGUFFile(adapter(name))
+    assert sorted(ours.tensors) == sorted(theirs.tensors)
+    for n, t in theirs.tensors.items():
+        assert ours.tensors[n].shape == t.shape and np.array_equal(ours.tensors[n].dequantize(), t.dequantize()), n
+    for key in ("general.type", "general.architecture", "adapter.type", "adapter.lora.alpha"):
+        assert ours.metadata[key] == theirs.metadata[key]
+    ours.close(), theirs.close()
+    # the default type is f16, as llama.cpp's converter's
+    assert main(["convert", str(FIXTURES / "hf" / f"{name}-lora"), str(tmp_path / "f16.gguf"), "--lora-base",
+                 str(FIXTURES / "hf" / name)]) == 0
+    assert {t.type.name for t in GGUFFile(tmp_path / "f16.gguf").tensors.values()} == {"F16"}
+
+
+def test_convert_refuses_what_it_cannot_express(tmp_path, capsys):
+    import json
+    import shutil
+
+    from purelm.cli import main
+
+    src, base = FIXTURES / "hf" / "llama-lora", str(FIXTURES / "hf" / "llama")
+
+    def variant(**changes):
+        d = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(src, d)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        cfg.update(changes)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        return str(d)
+
+    for changes, message in (({"use_dora": True}, "DoRA"), ({"alpha_pattern": {"q_proj": 4}}, "alpha_pattern"),
+                             ({"peft_type": "IA3"}, "only LoRA"), ({"lora_alpha": float("inf")}, "lora_alpha"),
+                             ({"r": "4"}, "positive number")):
+        assert main(["convert", variant(**changes), str(tmp_path / "x.gguf"), "--lora-base", base]) == 1
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x.gguf").exists()
+    # rsLoRA scales by alpha / sqrt(r): the file's alpha makes llama.cpp's alpha / r the same
+    assert main(["convert", variant(use_rslora=True), str(tmp_path / "rs.gguf"), "--lora-base", base]) == 0
+    assert GGUFFile(tmp_path / "rs.gguf").metadata["adapter.lora.alpha"] == pytest.approx(8 * 2.0)
+    assert main(["convert", str(src), str(tmp_path / "y.gguf")]) == 2  # a PEFT adapter needs its base
+    assert main(["convert", base, str(tmp_path / "y.gguf"), "--lora-base", base]) == 2
+    assert main(["convert", str(src), str(tmp_path / "y.gguf"), "--lora-base", str(FIXTURES / "hf" / "gpt2")]) == 1
+    assert "not a matrix of" in capsys.readouterr().err
