@@ -65,6 +65,9 @@ def _identity(llm: Any) -> tuple[dict, dict]:
     cache = llm.cache
     model = {"fingerprint": model_fingerprint(llm.file.path), "n_layers": cache.n_layers,
              "n_kv_heads": cache.n_kv_heads, "k_dim": cache.k_dim, "v_dim": cache.v_dim, "n_vocab": llm.n_vocab}
+    adapters = getattr(llm, "adapters", None)
+    if adapters:  # the keys and values were made with them (left out without: older sessions still load)
+        model["lora"] = [[model_fingerprint(a.path), a.scale] for a in adapters]
     kinds = {"type_k": cache.type_k, "type_v": cache.type_v, "rotate_k": cache.rotate_k, "rotate_v": cache.rotate_v}
     return model, kinds
 
@@ -173,6 +176,10 @@ def _check_header(llm: Any, header: dict, bad: Any) -> tuple[int, list[int], int
     saved_model, saved_cache = header.get("model"), header.get("cache")
     if not isinstance(saved_model, dict) or not isinstance(saved_cache, dict):
         raise bad("header", "no model or cache description")
+    if saved_model != model and {k: v for k, v in saved_model.items() if k != "lora"} == \
+            {k: v for k, v in model.items() if k != "lora"}:
+        raise bad("model", "made with other LoRA adapters or scales than this model's (--lora, --lora-scaled): "
+                           "its keys and values would not be this model's")
     if saved_model != model:
         raise bad("model", "made with another model file (or another version of this one): a session only "
                            "continues on the model that wrote it")

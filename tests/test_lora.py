@@ -255,11 +255,11 @@ def test_a_decode_tokens_logits_do_not_depend_on_its_batch(backend):
 @pytest.mark.parametrize("name", NAMES)
 def test_convert_writes_what_llama_cpps_converter_writes(name, tmp_path, capsys):
     # tests/fixtures/NAME-lora-f32.gguf: llama.cpp's convert_lora_to_gguf.py on the PEFT adapter in
-    # tests/fixtures/hf/NAME-lora; purelm's converter must put every value where it did
+    # tests/fixtures/peft/NAME-lora; purelm's converter must put every value where it did
     from purelm.cli import main
 
     out = tmp_path / "ours.gguf"
-    assert main(["convert", str(FIXTURES / "hf" / f"{name}-lora"), str(out), "--lora-base",
+    assert main(["convert", str(FIXTURES / "peft" / f"{name}-lora"), str(out), "--lora-base",
                  str(FIXTURES / "hf" / name), "--type", "f32"]) == 0
     ours, theirs = GGUFFile(out), GGUFFile(adapter(name))
     assert sorted(ours.tensors) == sorted(theirs.tensors)
@@ -269,7 +269,7 @@ def test_convert_writes_what_llama_cpps_converter_writes(name, tmp_path, capsys)
         assert ours.metadata[key] == theirs.metadata[key]
     ours.close(), theirs.close()
     # the default type is f16, as llama.cpp's converter's
-    assert main(["convert", str(FIXTURES / "hf" / f"{name}-lora"), str(tmp_path / "f16.gguf"), "--lora-base",
+    assert main(["convert", str(FIXTURES / "peft" / f"{name}-lora"), str(tmp_path / "f16.gguf"), "--lora-base",
                  str(FIXTURES / "hf" / name)]) == 0
     assert {t.type.name for t in GGUFFile(tmp_path / "f16.gguf").tensors.values()} == {"F16"}
 
@@ -280,7 +280,7 @@ def test_convert_refuses_what_it_cannot_express(tmp_path, capsys):
 
     from purelm.cli import main
 
-    src, base = FIXTURES / "hf" / "llama-lora", str(FIXTURES / "hf" / "llama")
+    src, base = FIXTURES / "peft" / "llama-lora", str(FIXTURES / "hf" / "llama")
 
     def variant(**changes):
         d = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
@@ -303,3 +303,16 @@ def test_convert_refuses_what_it_cannot_express(tmp_path, capsys):
     assert main(["convert", base, str(tmp_path / "y.gguf"), "--lora-base", base]) == 2
     assert main(["convert", str(src), str(tmp_path / "y.gguf"), "--lora-base", str(FIXTURES / "hf" / "gpt2")]) == 1
     assert "not a matrix of" in capsys.readouterr().err
+
+
+def test_a_session_continues_only_with_the_adapters_that_made_it(tmp_path):
+    base = str(FIXTURES / "llama-f32.gguf")
+    llm = LLM(base, backend="numpy", lora=[(adapter("llama"), 0.5)])
+    first = llm.generate("The quick", max_tokens=4, temperature=0, ignore_eos=True)
+    llm.save_session(tmp_path / "s.bin")
+    again = LLM(base, backend="numpy", lora=[(adapter("llama"), 0.5)])
+    again.load_session(tmp_path / "s.bin")
+    assert again.cache.seqs[0].n_past == llm.cache.seqs[0].n_past and first
+    for other in ([], [(adapter("llama"), 1.0)], [(adapter("llama"), 0.5)] * 2):
+        with pytest.raises(FormatError, match="LoRA adapters or scales"):
+            LLM(base, backend="numpy", lora=other).load_session(tmp_path / "s.bin")

@@ -4,7 +4,7 @@ llama-cpp-python sdist's llama.cpp, whose convert_lora_to_gguf.py writes the ada
     python tools/make_lora_fixtures.py [--llama-cpp DIR]
 
 For each tiny model below (its checkpoint in tests/fixtures/hf/NAME): a seeded random PEFT LoRA on
-every linear layer (rank 4, alpha 8, B not zero), saved in tests/fixtures/hf/NAME-lora (PEFT's files)
+every linear layer (rank 4, alpha 8, B not zero), saved in tests/fixtures/peft/NAME-lora (PEFT's files)
 and converted to `NAME-lora-f32.gguf` by llama.cpp's converter, and `NAME-lora-ref.npz`: PEFT's float32 logits for the model's fixture ids, and with the
 adapter at scale 0.5 (its `scaling` halved), the logits llama.cpp's --lora-scaled 0.5 means.
 """
@@ -49,7 +49,7 @@ def make(name: str, converter: Path) -> None:
     half = logits(model, ids)
     print(f"{name}: the adapter moves the logits by {np.abs(adapted - plain).max():.3f} "
           f"(largest logit {np.abs(plain).max():.3f})")
-    peft_dir = FIX / "hf" / f"{name}-lora"
+    peft_dir = FIX / "peft" / f"{name}-lora"
     shutil.rmtree(peft_dir, ignore_errors=True)
     model.save_pretrained(peft_dir)
     cfg = json.loads((peft_dir / "adapter_config.json").read_text())
