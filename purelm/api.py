@@ -105,8 +105,15 @@ class LLM:
                               "(purelm tokenize, purelm.tokenizer.Tokenizer.from_file) but not run")
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, threads, device, dtype)
         # LoRA adapters (llama.cpp's --lora / --lora-scaled), each checked against this model
-        self.adapters = [load_adapter(path, self.file, scale) for path, scale in lora]
-        self.model = build_model(self.file, self.backend, self.adapters)
+        self.adapters = []
+        try:
+            for path, scale in lora:
+                self.adapters.append(load_adapter(path, self.file, scale))
+            self.model = build_model(self.file, self.backend, self.adapters)
+        except BaseException:
+            for adapter in self.adapters:
+                adapter.file.close()
+            raise
         self.model.cache_type_k, self.model.cache_type_v = cache_type_k, cache_type_v  # every cache it makes
         self.tokenizer = Tokenizer.from_gguf_metadata(self.file.metadata, path=self.file.path)
         self.n_ctx = n_ctx or min(self.model.n_ctx_train, DEFAULT_CTX)

@@ -996,7 +996,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
     max_size = None if a.split_max_size is None else parse_size(a.split_max_size)
     is_adapter = os.path.isfile(os.path.join(a.hf_dir, "adapter_config.json"))
-    if a.lora_base is not None or is_adapter:  # a PEFT LoRA adapter: llama.cpp's adapter file
+    # (a merged fine-tune may keep its adapter_config.json beside config.json and the full weights)
+    if a.lora_base is not None or (is_adapter and not os.path.isfile(os.path.join(a.hf_dir, "config.json"))):
         from .convert_lora import convert_lora
 
         if a.lora_base is None or not is_adapter:

@@ -10,16 +10,20 @@ for every matrix W an adapter names (A: rank x in, B: out x rank). The model's c
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .backends.base import Backend
 from .errors import FormatError, UsageError
 from .formats.gguf import GGUFFile, Tensor, open_gguf
+from .quant.types import GGMLType
 
 MAX_RANK = 1 << 16
+# the types an adapter's halves may have: convert_lora_to_gguf.py's --outtype choices, and Q8_0
+HALF_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0})
 
 
 @dataclass
@@ -34,13 +38,17 @@ class LoraAdapter:
     file: GGUFFile
 
     def factor(self, rank: int) -> float:
-        """What B·(A·x) is multiplied by (llama.cpp's llama_adapter_lora_weight::get_scale)."""
-        return self.scale * self.alpha / rank if self.alpha else self.scale
+        """What B·(A·x) is multiplied by: llama.cpp's llama_adapter_lora_weight::get_scale, in float32."""
+        f32 = np.float32
+        return float(f32(self.scale) * f32(self.alpha) / f32(rank) if self.alpha else f32(self.scale))
+
+
+MAX_SCALE = 1e6
 
 
 def check_scale(what: str, scale: object) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise UsageError(f"{what}: the scale must be a finite number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not abs(scale) <= MAX_SCALE:
+        raise UsageError(f"{what}: the scale must be a number from {-MAX_SCALE:g} to {MAX_SCALE:g}, got {scale!r}")
     return float(scale)
 
 
@@ -93,8 +101,8 @@ def _read(f: GGUFFile, base: GGUFFile, scale: float) -> LoraAdapter:
     if "adapter.alora.invocation_tokens" in meta:
         raise FormatError(path, "adapter.alora.invocation_tokens", "activated LoRA (aLoRA) is not supported")
     alpha = meta.get("adapter.lora.alpha", 0.0)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
-        raise FormatError(path, "adapter.lora.alpha", f"must be a finite number >= 0, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= MAX_SCALE:
+        raise FormatError(path, "adapter.lora.alpha", f"must be a number from 0 to {MAX_SCALE:g}, got {alpha!r}")
 
     halves: dict[str, dict[str, Tensor]] = {}
     for name, t in f.tensors.items():
@@ -120,6 +128,10 @@ def _pair(path: str, name: str, ab: dict[str, Tensor], base: GGUFFile) -> tuple[
     if name.startswith("token_embd.") or name.startswith("position_embd.") or len(w.shape) != 2:
         raise FormatError(path, f"tensor {name!r}", "adapts an embedding or an expert stack: purelm applies "
                           "adapters to the layers' matrices and the output head only")
+    for t in ab.values():
+        if t.type not in HALF_TYPES:
+            raise FormatError(path, f"tensor {t.name!r}", f"is {t.type.name}: a LoRA half is one of "
+                              f"{', '.join(sorted(x.name for x in HALF_TYPES))}")
     a, b = _matrix(path, ab["a"]), _matrix(path, ab["b"])
     n_out, n_in = w.shape
     rank = a.shape[0]
@@ -184,6 +196,7 @@ class AdaptedOps:
         used: set[str] = set()
         self._deltas.clear()
         prepared: dict[tuple[int, str, int, int], _Delta] = {}
+        first_a: dict[tuple[int, str], Any] = {}  # A's prepared form, shared by the parts of a fused matrix
         for key, (w, parts) in self._parts.items():
             each = []
             for name, row, rows in parts:
@@ -199,7 +212,8 @@ class AdaptedOps:
                         part = b if rows == b.shape[0] else dataclasses.replace(
                             b, shape=(rows, b.shape[1]), data=b.data[row:row + rows],
                             offset=b.offset + row * b.data.shape[1])
-                        cached = _Delta(self.backend.lora_weights(a, part), ad, a.shape[0])
+                        a_form, b_form = self.backend.lora_weights(a, part)
+                        cached = _Delta((first_a.setdefault((i, name), a_form), b_form), ad, a.shape[0])
                         prepared[(i, name, row, rows)] = cached
                     found.append(cached)
                 each.append(found)
@@ -212,8 +226,11 @@ class AdaptedOps:
                                   "with (as a layer's weight or the output head)")
 
     def _deltas_of(self, w: Any) -> list[list[_Delta]] | None:
+        """w's adapters' products, None where it has none or all of them are at scale 0."""
         entry = self._deltas.get(id(w))
-        return entry[1] if entry is not None and entry[0] is w else None
+        if entry is None or entry[0] is not w:
+            return None
+        return entry[1] if any(d.adapter.scale for ds in entry[1] for d in ds) else None
 
     def _add(self, x: Any, y: Any, deltas: list[_Delta]) -> Any:
         shape = y.shape

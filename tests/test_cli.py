@@ -45,7 +45,7 @@ def test_generate_greedy_matches_the_api(capsys, fixtures):
 
 
 def test_generate_with_lora_adapters(capsys, fixtures):
-    model, adapter = fixtures / "llama-f32.gguf", str(fixtures / "llama-lora-f32.gguf")
+    model, adapter = fixtures / "llama-f32.gguf", str(fixtures / "peft" / "llama-lora-f32.gguf")
     common = ["generate", "-m", model, "--backend", "numpy", "--temp", "0", "-n", "6", "--ignore-eos"]
     for flags, lora in ((["--lora", adapter], [adapter]), (["--lora-scaled", adapter + ":0.5"], [(adapter, 0.5)]),
                         (["--lora", adapter, "--lora-scaled", adapter + ":-0.5"], [adapter, (adapter, -0.5)]),

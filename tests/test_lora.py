@@ -25,13 +25,13 @@ def backends() -> list[str]:
 
 
 def adapter(name: str) -> str:
-    return str(FIXTURES / f"{name}-lora-f32.gguf")
+    return str(FIXTURES / "peft" / f"{name}-lora-f32.gguf")
 
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("name", NAMES)
 def test_adapted_logits_match_peft(name, backend):
-    ref = np.load(FIXTURES / f"{name}-lora-ref.npz")
+    ref = np.load(FIXTURES / "peft" / f"{name}-lora-ref.npz")
     ids = ref["ids"].tolist()
     base = str(FIXTURES / f"{name}-f32.gguf")
     # the adapter moves the logits by whole units, so matching PEFT to 1e-4 means it is applied right
@@ -48,7 +48,7 @@ def test_adapted_logits_match_peft(name, backend):
 def test_quantized_base_with_an_adapter(name):
     # the adapter's product is added to the packed weights' (int16 kernels on x86): the logits stay
     # as close to PEFT's as the base model's own rounding keeps them to transformers'
-    ref = np.load(FIXTURES / f"{name}-lora-ref.npz")
+    ref = np.load(FIXTURES / "peft" / f"{name}-lora-ref.npz")
     ids = ref["ids"].tolist()
     for qtype, tol in (("f16", 0.05), ("q8_0", 0.6)):
         llm = LLM(str(FIXTURES / f"{name}-{qtype}.gguf"), backend="numba", lora=[adapter(name)])
@@ -58,7 +58,7 @@ def test_quantized_base_with_an_adapter(name):
 
 
 def test_generation_and_batches_use_the_adapter():
-    ref = np.load(FIXTURES / "llama-lora-ref.npz")
+    ref = np.load(FIXTURES / "peft" / "llama-lora-ref.npz")
     ids = ref["ids"].tolist()
     llm = LLM(str(FIXTURES / "llama-f32.gguf"), backend="numba", lora=[adapter("llama")])
     # greedy decode (the cached decode path) agrees with the adapted full-sequence logits
@@ -204,7 +204,7 @@ def test_an_importance_matrix_of_an_adapted_model_names_the_models_matrices():
     from purelm.imatrix import compute_imatrix
 
     base = str(FIXTURES / "llama-f32.gguf")
-    ids = np.load(FIXTURES / "llama-lora-ref.npz")["ids"].tolist() * 4
+    ids = np.load(FIXTURES / "peft" / "llama-lora-ref.npz")["ids"].tolist() * 4
     plain = compute_imatrix(LLM(base, backend="numba"), ids, 32, batch=32)
     adapted = compute_imatrix(LLM(base, backend="numba", lora=[adapter("llama")]), ids, 32, batch=32)
     assert set(adapted.sums) == set(plain.sums) and not any("lora" in name for name in adapted.sums)
@@ -223,7 +223,7 @@ def test_an_f16_adapter_on_every_backend(tmp_path):
         w.add_tensor(t.name, t.dequantize().astype(np.float16))
     w.write()
     src.close()
-    ref = np.load(FIXTURES / "phi3-lora-ref.npz")
+    ref = np.load(FIXTURES / "peft" / "phi3-lora-ref.npz")
     ids = ref["ids"].tolist()
     got = {b: LLM(str(FIXTURES / "phi3-f32.gguf"), backend=b, lora=[(str(tmp_path / "f16.gguf"), 0.5)]).logits(ids)
            for b in backends()}
@@ -235,7 +235,7 @@ def test_an_f16_adapter_on_every_backend(tmp_path):
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_a_decode_tokens_logits_do_not_depend_on_its_batch(backend):
     # (the numba backend takes prompt runs through BLAS and decode tokens a row at a time)
-    ids = np.load(FIXTURES / "llama-lora-ref.npz")["ids"].tolist()
+    ids = np.load(FIXTURES / "peft" / "llama-lora-ref.npz")["ids"].tolist()
     llm = LLM(str(FIXTURES / "llama-f32.gguf"), backend=backend, lora=[adapter("llama")])
     m = llm.model
 
@@ -250,11 +250,16 @@ def test_a_decode_tokens_logits_do_not_depend_on_its_batch(backend):
     a, b = start(cache), start(cache)
     together = m.forward_batch(cache, [(cache.add(), ids[1:19]), (a, [ids[20]]), (b, [ids[3]])])
     assert np.array_equal(together[1], alone)
+    # nine decode tokens at once (the numba backend shares such rows among its threads)
+    cache = m.new_cache(64)
+    seqs = [start(cache) for _ in range(9)]
+    many = m.forward_batch(cache, [(s, [ids[20]]) for s in seqs] + [(cache.add(), ids[1:19])])
+    assert all(np.array_equal(row, alone) for row in many[:9])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_convert_writes_what_llama_cpps_converter_writes(name, tmp_path, capsys):
-    # tests/fixtures/NAME-lora-f32.gguf: llama.cpp's convert_lora_to_gguf.py on the PEFT adapter in
+    # tests/fixtures/peft/NAME-lora-f32.gguf: llama.cpp's convert_lora_to_gguf.py on the PEFT adapter in
     # tests/fixtures/peft/NAME-lora; purelm's converter must put every value where it did
     from purelm.cli import main
 
@@ -316,3 +321,49 @@ def test_a_session_continues_only_with_the_adapters_that_made_it(tmp_path):
     for other in ([], [(adapter("llama"), 1.0)], [(adapter("llama"), 0.5)] * 2):
         with pytest.raises(FormatError, match="LoRA adapters or scales"):
             LLM(base, backend="numpy", lora=other).load_session(tmp_path / "s.bin")
+
+
+def requantized(src: str, dst, qtype: str, only: str | None = None) -> str:
+    """The adapter `src` with its halves (or the one named `only`) stored as `qtype`."""
+    from purelm.quant import GGMLType, quantize
+
+    f = GGUFFile(src)
+    w = GGUFWriter(dst)
+    for k in f.metadata:
+        w.add(k, f.metadata[k], f.metadata.types[k], f.metadata.array_types.get(k))
+    for t in f.tensors.values():
+        if only in (None, t.name):
+            w.add_tensor(t.name, quantize(t.dequantize(), GGMLType[qtype]), GGMLType[qtype], t.shape)
+        else:
+            w.add_tensor(t.name, t.data, t.type, t.shape)
+    w.write()
+    f.close()
+    return str(dst)
+
+
+def test_q8_0_halves_and_other_types(tmp_path):
+    base = str(FIXTURES / "llama-f32.gguf")
+    ids = np.load(FIXTURES / "peft" / "llama-lora-ref.npz")["ids"].tolist()
+    # rank 4 rows cannot hold 32-value blocks: Q8_0 for every A (width 64), f32 for every B
+    q8 = tmp_path / "q8.gguf"
+    f = GGUFFile(adapter("llama"))
+    names = [n for n in f.tensors if n.endswith(".lora_a")]
+    f.close()
+    src = adapter("llama")
+    for i, name in enumerate(names):
+        src = requantized(src, tmp_path / f"step{i}.gguf", "Q8_0", only=name)
+    got = {b: LLM(base, backend=b, lora=[src]).logits(ids) for b in ("numpy", "numba")}
+    assert np.abs(got["numba"] - got["numpy"]).max() < 1e-4
+    assert np.abs(got["numpy"] - np.load(FIXTURES / "peft" / "llama-lora-ref.npz")["logits"]).max() < 0.1
+    bad = requantized(adapter("llama"), q8, "Q4_0", only=names[0])
+    with pytest.raises(FormatError, match="is Q4_0: a LoRA half is one of"):
+        LLM(base, backend="numpy", lora=[bad])
+
+
+def test_an_adapter_at_scale_0_leaves_the_model_as_it_is():
+    ids = np.load(FIXTURES / "peft" / "llama-lora-ref.npz")["ids"].tolist()
+    plain = LLM(str(FIXTURES / "llama-q8_0.gguf"), backend="numba").logits(ids)
+    off = LLM(str(FIXTURES / "llama-q8_0.gguf"), backend="numba", lora=[(adapter("llama"), 0.0)])
+    assert np.array_equal(off.logits(ids), plain)  # the same kernels (glu fused), the same bits
+    off.set_lora_scales([1.0])
+    assert not np.allclose(off.logits(ids), plain, atol=0.1)

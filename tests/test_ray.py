@@ -389,11 +389,12 @@ def test_cli_flags_make_the_config(tmp_path, fixtures):
     a = build_parser().parse_args(["serve", model, "--ray", "--replicas", "2", "--max-replicas", "5", "-c", "256",
                                    "--replica-cpus", "2", "-np", "4", "--no-prefix-routing", "--alias", "tiny",
                                    "--lookup", "6", "-ctk", "f16", "--lora-scaled",
-                                   str(fixtures / "llama-lora-f32.gguf") + ":0.5"])
+                                   str(fixtures / "peft" / "llama-lora-f32.gguf") + ":0.5"])
     a.model = a.model_pos
     c = config_from_args(a)
-    assert c.load_kwargs()["lora"] == [[str(fixtures / "llama-lora-f32.gguf"), 0.5]]
+    assert c.load_kwargs()["lora"] == [[str(fixtures / "peft" / "llama-lora-f32.gguf"), 0.5]]
     assert (c.load_kwargs()["cache_type_k"], c.load_kwargs()["cache_type_v"]) == ("f16", "f32")
+    assert c.server_config().replica  # (POST /lora-adapters would change one replica: refused)
     assert (c.model, c.n_ctx, c.parallel, c.model_name, c.prefix_routing) == (model, 256, 4, "tiny", False)
     assert (c.sampling, c.n_predict, c.chat_template, c.chat_template_text) == (None, None, None, None)
     assert c.lookup == 6 and c.server_config().lookup == 6

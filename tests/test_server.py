@@ -1499,7 +1499,7 @@ def test_lora_adapters_per_request_and_for_the_server(fixtures):
     # llama-server's LoRA routes and `lora` field, on the tiny llama and its PEFT adapter (test_lora.py
     # checks the adapted logits against PEFT): each request runs with the scales it names, also when
     # requests with other scales are in flight (the engine runs one set of scales per pass)
-    base, adapter = str(fixtures / "llama-f32.gguf"), str(fixtures / "llama-lora-f32.gguf")
+    base, adapter = str(fixtures / "llama-f32.gguf"), str(fixtures / "peft" / "llama-lora-f32.gguf")
     ids = np.load(fixtures / "llama-ref-f32.npz")["ids"].tolist()
     ref = purelm.load(base, n_ctx=128, lora=[(adapter, 1.0), (adapter, 0.0)])
 
@@ -1538,7 +1538,7 @@ def test_lora_adapters_per_request_and_for_the_server(fixtures):
         assert complete(prompts[0], [{"id": 0, "scale": 1}]) == expected[0]
 
         for body in ({"lora": {"id": 0}}, {"lora": [{"id": 2, "scale": 1}]}, {"lora": [{"id": 0, "scale": "1"}]},
-                     {"lora": [{"id": 0, "scale": 1, "x": 1}]}, {"lora": [5]}, {"lora": [{"scale": 1}]},
+                     {"lora": [5]}, {"lora": [{"scale": 1}]},
                      {"lora": [{"id": 0, "scale": 1e300}]}, {"lora": [{"id": True, "scale": 1}]}):
             error_of(s.post("/v1/completions", {"prompt": prompts[0], "max_tokens": 2, **body}), 400)
             error_of(s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
@@ -1546,6 +1546,21 @@ def test_lora_adapters_per_request_and_for_the_server(fixtures):
         for body in ({"id": 0, "scale": 1}, [{"id": 9, "scale": 1}], "x"):
             error_of(s.post("/lora-adapters", body), 400)
         assert [a["scale"] for a in httpx.get(s.base + "/lora-adapters").json()] == [0.0, 0.5]
+        # what GET lists, posted back with a scale changed (llama-server ignores the other keys too)
+        listed = httpx.get(s.base + "/lora-adapters").json()
+        listed[0]["scale"] = 0.25
+        assert s.post("/lora-adapters", listed).json() == {"success": True}
+        assert [a["scale"] for a in httpx.get(s.base + "/lora-adapters").json()] == [0.25, 0.5]
+
+        # an embedding (at the server's scales) is not starved by requests with other scales
+        ref.set_lora_scales([0.25, 0.5])
+        want_vec = ref.embed("hello world")
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            busy = [pool.submit(complete, prompts[0], [{"id": 0, "scale": 1}]) for _ in range(5)]
+            r = s.post("/v1/embeddings", {"input": "hello world"})
+            assert all(b.result() == expected[0] for b in busy)
+        assert r.status_code == 200, r.text
+        assert np.abs(np.array(r.json()["data"][0]["embedding"]) - want_vec).max() < 1e-5
     finally:
         s.stop()
 

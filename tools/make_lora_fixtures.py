@@ -5,8 +5,9 @@ llama-cpp-python sdist's llama.cpp, whose convert_lora_to_gguf.py writes the ada
 
 For each tiny model below (its checkpoint in tests/fixtures/hf/NAME): a seeded random PEFT LoRA on
 every linear layer (rank 4, alpha 8, B not zero), saved in tests/fixtures/peft/NAME-lora (PEFT's files)
-and converted to `NAME-lora-f32.gguf` by llama.cpp's converter, and `NAME-lora-ref.npz`: PEFT's float32 logits for the model's fixture ids, and with the
-adapter at scale 0.5 (its `scaling` halved), the logits llama.cpp's --lora-scaled 0.5 means.
+and converted to `peft/NAME-lora-f32.gguf` by llama.cpp's converter, and `peft/NAME-lora-ref.npz`:
+PEFT's float32 logits for the model's fixture ids, and with the adapter at scale 0.5 (its `scaling`
+halved), the logits llama.cpp's --lora-scaled 0.5 means.
 """
 from __future__ import annotations
 
@@ -56,11 +57,11 @@ def make(name: str, converter: Path) -> None:
     cfg["base_model_name_or_path"] = f"tests/fixtures/hf/{name}"  # (not this machine's path)
     (peft_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (peft_dir / "README.md").unlink(missing_ok=True)
-    out = FIX / f"{name}-lora-f32.gguf"
+    out = FIX / "peft" / f"{name}-lora-f32.gguf"
     subprocess.run([sys.executable, str(converter), str(peft_dir), "--base", str(hf), "--outtype", "f32",
                     "--outfile", str(out)], check=True,
                    env={k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"})  # its own gguf-py
-    np.savez_compressed(FIX / f"{name}-lora-ref.npz", ids=np.array(ids), logits=adapted, half=half, plain=plain)
+    np.savez_compressed(FIX / "peft" / f"{name}-lora-ref.npz", ids=np.array(ids), logits=adapted, half=half, plain=plain)
 
 
 def main() -> None:

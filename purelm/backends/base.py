@@ -311,8 +311,8 @@ class Backend(ABC):
         return self.swiglu(gate, up) if act == "silu" else self.geglu(gate, up)
 
     def lora_weights(self, a: Tensor, b: Tensor) -> Any:
-        """A LoRA adapter's halves, A (rank, in) and B (out, rank), for `lora` (purelm.lora): float32
-        A and Bᵀ, a few MB for a whole adapter, multiplied by BLAS or a vectorized row sum."""
+        """A LoRA adapter's halves, A (rank, in) and B (out, rank), for `lora` (purelm.lora), as a pair
+        (A's form, B's form): here float32 A and Bᵀ. The parts of a fused matrix share A's form."""
         return a.dequantize(), np.ascontiguousarray(b.dequantize().T)
 
     def lora(self, x: Any, y: Any, ab: Any, factor: float) -> Any:

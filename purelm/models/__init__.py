@@ -34,8 +34,7 @@ def build_model(gguf: GGUFFile, backend: Backend, adapters: Sequence[Any] = ()) 
                           f"{arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})")
     embeddings = {t.type for name, t in gguf.tensors.items() if name in ("token_embd.weight", "position_embd.weight")}
     matrices = [t for t in gguf.tensors.values() if len(t.shape) >= 2]
-    halves = [t for ad in adapters for pair in ad.pairs.values() for t in pair]
-    backend.prepare({t.type for t in matrices + halves}, embeddings, sum(t.n_elements for t in matrices))
+    backend.prepare({t.type for t in matrices}, embeddings, sum(t.n_elements for t in matrices))
     if not adapters:
         return cls(gguf, backend)
     from ..lora import AdaptedOps

@@ -59,6 +59,7 @@ class ServerConfig:
     engine_thread: bool = True  # the app's lifespan runs the engine in a thread (serve() runs it itself)
     sampling: SamplingParams = field(default_factory=SamplingParams)  # for the fields a request leaves out
     n_predict: int | None = None  # most tokens of a reply that gives no max_tokens (None: until the context is full)
+    replica: bool = False  # one of several behind a router (Ray Serve): POST /lora-adapters would change one only
 
 
 class _State:
@@ -378,6 +379,10 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
     async def set_lora_adapters(request: Request) -> JSONResponse:
         """llama-server's: new scales for requests naming no `lora`, [{"id", "scale"}], the adapters left
         out at 0. Requests in flight finish with the scales they started with."""
+        if config.replica:
+            raise P.APIError(400, "POST /lora-adapters would change one replica's scales only: give each request "
+                             "its `lora`, or the replicas' defaults in the Ray config (lora: [[path, scale], ...])",
+                             None, "unsupported")
         body = P.parse_json(await read_raw(request, config.max_body))
         if not isinstance(body, list):
             raise P.bad("the body must be an array of {\"id\", \"scale\"} objects", None, "invalid_type")

@@ -376,7 +376,10 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and self._waiting[0].req.n <= self.parallel - self.slots_used:
             req = self._waiting[0].req
-            if not self._use_scales(self.lora_scales if req.lora is None else req.lora):
+            want = self.lora_scales if req.lora is None else req.lora
+            if self._embeds and not self._embeds[0].started and want != self.lora_scales:
+                break  # an embedding waits for the server's scales: let the requests in flight end
+            if not self._use_scales(want):
                 break
             job = self._waiting.popleft()
             self._dequeued()

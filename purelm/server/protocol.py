@@ -180,7 +180,7 @@ def lora_scales(value: Any, n_adapters: int, param: str = "lora") -> tuple[float
     scales = [0.0] * n_adapters
     for k, entry in enumerate(value):
         where = f"{param}[{k}]"
-        if not isinstance(entry, dict) or set(entry) - {"id", "scale"} or "id" not in entry:
+        if not isinstance(entry, dict) or "id" not in entry:  # (other keys, as GET /lora-adapters lists: ignored)
             raise bad(f"{where} must be an object with an \"id\" and a \"scale\", got {_short(entry)}", param,
                       "invalid_type")
         i, scale = entry["id"], entry.get("scale", 0.0)

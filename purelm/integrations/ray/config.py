@@ -159,7 +159,7 @@ class RayServeConfig:
         return ServerConfig(parallel=self.parallel, batch=self.batch, max_queue=self.max_queue,
                             api_key=self.api_key, model_name=self.model_name, aliases=aliases,
                             prefix_cache=self.prefix_cache, lookup=self.lookup, sampling=self.sampling_params(),
-                            n_predict=self.n_predict)
+                            n_predict=self.n_predict, replica=True)
 
     def deployment_options(self) -> dict[str, Any]:
         """The model deployment's Serve options: replicas or autoscaling, resources, queue depth."""
