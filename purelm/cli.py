@@ -1048,6 +1048,18 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_lora(a: argparse.Namespace) -> int:
+    """llama-export-lora: the model with LoRA adapters merged into its weights."""
+    from .convert import _progress_bar
+    from .hub import resolve
+    from .lora import export_lora
+
+    names = export_lora(resolve(a.model), _adapters(a), a.output,
+                        None if a.quiet else _progress_bar(f"writing {os.path.basename(a.output)}"))
+    print(_safe(f"{a.output}: {len(names)} matrices merged (F16 where the model's were not F32)"))
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Options may sit between positionals (`purelm tokenize MODEL --ids TEXT`), and error messages,
     which quote what was typed, are escaped."""
@@ -1164,6 +1176,20 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("-t", "--threads", type=int, default=None, help="encoder threads (default: all cores)")
     qz.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     qz.set_defaults(func=cmd_quantize)
+
+    ex = sub.add_parser("export-lora", help="merge LoRA adapters into a model, as llama-export-lora does",
+                        description="Write the model with LoRA adapters merged into its weights: each adapted "
+                                    "matrix W + scale * B A, stored as F16 (F32 where the model's is F32), the "
+                                    "other tensors as they are. `purelm quantize` takes the file on.")
+    _model_args(ex)
+    ex.add_argument("--lora", action="append", default=[], metavar="FNAME",
+                    help="an adapter at scale 1 (comma-separated or repeated)")
+    ex.add_argument("--lora-scaled", action="append", default=[], metavar="FNAME:SCALE,...",
+                    help="adapters at the scales given")
+    ex.add_argument("-o", "--output", default="ggml-lora-merged-f16.gguf", metavar="FNAME",
+                    help="the .gguf file to write (default ggml-lora-merged-f16.gguf, as llama-export-lora)")
+    ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ex.set_defaults(func=cmd_export_lora)
 
     t = sub.add_parser("tokenize", help="show how text splits into tokens", description="Tokenize text.")
     _model_args(t, positional=True)

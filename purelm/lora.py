@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -263,3 +264,57 @@ class AdaptedOps:
             return self.backend.glu(x, w_gate_up, act)
         gate, up = self.linear_many(x, w_gate_up)
         return self.backend.swiglu(gate, up) if act == "silu" else self.backend.geglu(gate, up)
+
+
+def export_lora(base: str | os.PathLike, lora: list[tuple[str, float]], out: str | os.PathLike,
+                progress: Any = None) -> list[str]:
+    """llama-export-lora: `base` with the adapters (path, scale) merged into its weights, written to
+    `out`: W + Σ factor · B·A for every adapted matrix, stored as F32 where the base matrix is F32 and
+    as F16 otherwise (dequantized: `purelm quantize` takes the file on); every other tensor is copied
+    as it is. Returns the names of the merged matrices. Written under a temporary name and renamed
+    once complete."""
+    from .formats.split import copy_model
+    from .formats.gguf import ValueType
+
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"{out}: is a folder; give the path of the .gguf file to write")
+    if not lora:
+        raise UsageError("give at least one adapter (--lora, --lora-scaled)")
+    with open_gguf(base) as f:
+        if os.path.abspath(out) in map(os.path.abspath, f.shards + [p for p, _ in lora]):
+            raise UsageError(f"{out}: is a file being read; write to another path")
+        adapters = [load_adapter(path, f, scale) for path, scale in lora]
+        try:
+            merged: dict[str, list[tuple[LoraAdapter, Tensor, Tensor]]] = {}
+            for ad in adapters:
+                for name, (a, b) in ad.pairs.items():
+                    merged.setdefault(name, []).append((ad, a, b))
+            tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+            w = copy_model(f, tmp)
+            w.add("general.file_type", 1, ValueType.UINT32)  # (llama-export-lora's: mostly F16)
+            kept = {t.name: t for t in w.tensors}
+            w.tensors = []
+            for name, pending in kept.items():
+                if name not in merged:
+                    w.tensors.append(pending)
+                    continue
+                t = f.tensors[name]
+
+                def load(t: Tensor = t, parts: list = merged[name]) -> np.ndarray:
+                    x = t.dequantize().reshape(t.shape)
+                    for ad, a, b in parts:
+                        x += np.float32(ad.factor(a.shape[0])) * (b.dequantize() @ a.dequantize())
+                    return x.astype(np.float32 if t.type == GGMLType.F32 else np.float16)
+
+                w.add_tensor(name, load, GGMLType.F32 if t.type == GGMLType.F32 else GGMLType.F16, t.shape)
+            try:
+                w.write(progress)
+                os.replace(tmp, out)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        finally:
+            for ad in adapters:
+                ad.file.close()
+    return sorted(merged)

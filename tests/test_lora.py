@@ -367,3 +367,37 @@ def test_an_adapter_at_scale_0_leaves_the_model_as_it_is():
     assert np.array_equal(off.logits(ids), plain)  # the same kernels (glu fused), the same bits
     off.set_lora_scales([1.0])
     assert not np.allclose(off.logits(ids), plain, atol=0.1)
+
+
+def test_export_lora_merges_the_adapter_into_the_weights(tmp_path, capsys):
+    # llama-export-lora's tool: the merged model computes what the model with its adapter does
+    from purelm.cli import main
+
+    ref = np.load(FIXTURES / "peft" / "llama-lora-ref.npz")
+    ids = ref["ids"].tolist()
+    out = tmp_path / "merged.gguf"
+    assert main(["export-lora", "-m", str(FIXTURES / "llama-f32.gguf"), "--lora-scaled", adapter("llama") + ":0.5",
+                 "-o", str(out), "-q"]) == 0
+    merged = GGUFFile(out)
+    assert merged.metadata["general.file_type"] == 1 and "general.type" not in merged.metadata
+    assert {t.type.name for t in merged.tensors.values()} == {"F32"}  # an f32 model's matrices stay f32
+    assert np.abs(LLM(str(out), backend="numpy").logits(ids) - ref["half"]).max() < 1e-4
+    # a quantized model: its adapted matrices become F16, the others are copied as they are
+    out16 = tmp_path / "merged-q8.gguf"
+    assert main(["export-lora", "-m", str(FIXTURES / "llama-q8_0.gguf"), "--lora", adapter("llama"),
+                 "-o", str(out16), "-q"]) == 0
+    src, m16 = GGUFFile(FIXTURES / "llama-q8_0.gguf"), GGUFFile(out16)
+    for name, t in src.tensors.items():
+        if name.endswith("attn_q.weight"):
+            assert m16.tensors[name].type.name == "F16"
+        elif name == "token_embd.weight":
+            assert m16.tensors[name].type == t.type and np.array_equal(m16.tensors[name].data, t.data)
+    at_run_time = LLM(str(FIXTURES / "llama-q8_0.gguf"), backend="numpy", lora=[adapter("llama")]).logits(ids)
+    assert np.abs(LLM(str(out16), backend="numpy").logits(ids) - at_run_time).max() < 0.05
+    # nothing to merge, the output is an input, a wrong adapter: one clear error, no file left
+    assert main(["export-lora", "-m", str(FIXTURES / "llama-f32.gguf"), "-o", str(tmp_path / "x.gguf")]) == 2
+    assert main(["export-lora", "-m", str(FIXTURES / "llama-f32.gguf"), "--lora", adapter("llama"),
+                 "-o", adapter("llama")]) == 2
+    assert main(["export-lora", "-m", str(FIXTURES / "gpt2-f32.gguf"), "--lora", adapter("llama"),
+                 "-o", str(tmp_path / "x.gguf")]) == 1
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob("*.tmp"))
