@@ -160,6 +160,12 @@ class _Delta:
     ab: Any
     adapter: LoraAdapter
     rank: int
+    seen: tuple[float, float] = (0.0, 0.0)  # (the adapter's scale, the factor it gives)
+
+    def factor(self) -> float:
+        if self.seen[0] != self.adapter.scale:  # (numpy's float32 arithmetic costs microseconds a call)
+            self.seen = (self.adapter.scale, self.adapter.factor(self.rank))
+        return self.seen[1]
 
 
 class AdaptedOps:
@@ -238,7 +244,7 @@ class AdaptedOps:
         if len(shape) != 2:
             x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1])
         for d in deltas:
-            factor = d.adapter.factor(d.rank)
+            factor = d.factor()
             if factor:  # (an adapter at scale 0 costs nothing)
                 y = self.backend.lora(x, y, d.ab, factor)
         return y.reshape(shape)
