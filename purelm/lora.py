@@ -139,6 +139,9 @@ def _pair(path: str, name: str, ab: dict[str, Tensor], base: GGUFFile) -> tuple[
     if a.shape[1] != n_in or b.shape[0] != n_out or b.shape[1] != rank or not 1 <= rank <= MAX_RANK:
         raise FormatError(path, f"tensor {name!r}", f"lora_a {a.shape} and lora_b {b.shape} do not fit the "
                           f"model's {w.shape} (expected (rank, {n_in}) and ({n_out}, rank))")
+    for t in (a, b):  # (a NaN would reach every logit, and the error would name the model)
+        if not np.isfinite(t.dequantize()).all():
+            raise FormatError(path, f"tensor {t.name!r}", "holds NaN or infinite values")
     return a, b
 
 

@@ -401,3 +401,30 @@ def test_export_lora_merges_the_adapter_into_the_weights(tmp_path, capsys):
     assert main(["export-lora", "-m", str(FIXTURES / "gpt2-f32.gguf"), "--lora", adapter("llama"),
                  "-o", str(tmp_path / "x.gguf")]) == 1
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_mutated_adapters_load_or_give_one_clear_error(tmp_path):
+    """300 mutants of an adapter file (tests/fuzzlib's mutators: metadata values, types, counts,
+    shapes, offsets, bytes) against the model: each is applied or refused with a PurelmError."""
+    import fuzzlib
+
+    from purelm.errors import PurelmError
+
+    base = str(FIXTURES / "llama-f32.gguf")
+    ids = np.load(FIXTURES / "peft" / "llama-lora-ref.npz")["ids"].tolist()[:6]
+    seed = fuzzlib.load_seed(adapter("llama"))
+    loaded = refused = 0
+    for case in fuzzlib.random_cases([seed], 300, seed=11):
+        path = tmp_path / "m.gguf"
+        path.write_bytes(fuzzlib.as_bytes(case.make()))
+        try:
+            llm = LLM(base, backend="numpy", lora=[str(path)])
+        except PurelmError:
+            refused += 1
+            continue
+        try:  # what loads runs, or (huge finite values: an overflow) says the logits are not finite
+            assert llm.logits(ids).shape == (len(ids), llm.n_vocab)
+        except PurelmError as e:
+            assert "non-finite logits" in str(e)
+        loaded += 1
+    assert refused > 100 and loaded > 10, (loaded, refused)
