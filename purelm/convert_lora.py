@@ -28,8 +28,8 @@ HALF = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight$")
 def convert_lora(adapter_dir: str | os.PathLike, out_path: str | os.PathLike, base_dir: str | os.PathLike,
                  out_type_name: str = "f16") -> Path:
     """Write the GGUF adapter of the PEFT LoRA in `adapter_dir` for the Hugging Face model in `base_dir`
-    (its config.json names the architecture and sizes); returns the output path. Written under a
-    temporary name and renamed once complete."""
+    (its config.json names the architecture and sizes); returns the output path (GGUFWriter writes
+    it under a temporary name, renamed once complete)."""
     adapter_dir, out_path, base_dir = Path(adapter_dir), Path(out_path), Path(base_dir)
     if out_type_name not in LORA_TYPES:
         raise UsageError(f"an adapter's type must be one of {', '.join(LORA_TYPES)}, got {out_type_name!r}")
@@ -61,45 +61,39 @@ def convert_lora(adapter_dir: str | os.PathLike, out_path: str | os.PathLike, ba
         halves.setdefault(m[1] + ".weight", {})[m[2]] = name
     if not halves:
         raise FormatError(adapter_dir, "tensors", "none: the adapter changes nothing")
-    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
+    w = GGUFWriter(out_path)
+    for key, value in (("general.type", "adapter"), ("general.architecture", spec.gguf_arch),
+                       ("general.name", adapter_dir.name), ("adapter.type", "lora"),
+                       ("adapter.lora.alpha", alpha)):
+        w.add(key, value)
+    qtype = LORA_TYPES[out_type_name]
+    for hf_name, ab in sorted(halves.items()):
+        gg = names.get(hf_name)
+        if gg is None or gg == "token_embd.weight":
+            raise FormatError(adapter_dir, f"tensor {hf_name!r}", f"is not a matrix of {arch} that "
+                              "llama.cpp's adapters take")
+        if len(ab) != 2:
+            raise FormatError(adapter_dir, f"tensor {hf_name!r}", "has only one of lora_A and lora_B")
+        a_shape, b_shape = ckpt.shape(ab["A"]), ckpt.shape(ab["B"])
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] or not a_shape[0]:
+            raise FormatError(adapter_dir, f"tensor {hf_name!r}", f"lora_A {a_shape} and lora_B {b_shape} "
+                              "are not (rank, in) and (out, rank)")
+        order = _row_order(adapter_dir, hf_name, gg, b_shape[0], spec, cfg)
+
+        def a_half(name: str = ab["A"]) -> np.ndarray:
+            return quantize(np.asarray(ckpt.get(name), np.float32), qtype)
+
+        def b_half(name: str = ab["B"], order: np.ndarray = order) -> np.ndarray:
+            return quantize(np.asarray(ckpt.get(name), np.float32)[order], qtype)
+
+        w.add_tensor(gg + ".lora_a", a_half, qtype, a_shape)
+        w.add_tensor(gg + ".lora_b", b_half, qtype, b_shape)
     try:
-        w = GGUFWriter(tmp)
-        for key, value in (("general.type", "adapter"), ("general.architecture", spec.gguf_arch),
-                           ("general.name", adapter_dir.name), ("adapter.type", "lora"),
-                           ("adapter.lora.alpha", alpha)):
-            w.add(key, value)
-        qtype = LORA_TYPES[out_type_name]
-        for hf_name, ab in sorted(halves.items()):
-            gg = names.get(hf_name)
-            if gg is None or gg == "token_embd.weight":
-                raise FormatError(adapter_dir, f"tensor {hf_name!r}", f"is not a matrix of {arch} that "
-                                  "llama.cpp's adapters take")
-            if len(ab) != 2:
-                raise FormatError(adapter_dir, f"tensor {hf_name!r}", "has only one of lora_A and lora_B")
-            a_shape, b_shape = ckpt.shape(ab["A"]), ckpt.shape(ab["B"])
-            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] or not a_shape[0]:
-                raise FormatError(adapter_dir, f"tensor {hf_name!r}", f"lora_A {a_shape} and lora_B {b_shape} "
-                                  "are not (rank, in) and (out, rank)")
-            order = _row_order(adapter_dir, hf_name, gg, b_shape[0], spec, cfg)
-
-            def a_half(name: str = ab["A"]) -> np.ndarray:
-                return quantize(np.asarray(ckpt.get(name), np.float32), qtype)
-
-            def b_half(name: str = ab["B"], order: np.ndarray = order) -> np.ndarray:
-                return quantize(np.asarray(ckpt.get(name), np.float32)[order], qtype)
-
-            w.add_tensor(gg + ".lora_a", a_half, qtype, a_shape)
-            w.add_tensor(gg + ".lora_b", b_half, qtype, b_shape)
-        try:
-            w.write()
-        except BAD_INPUT as e:
-            raise FormatError(adapter_dir, "tensor data", _why(e)) from None
-        except OSError as e:
-            raise PurelmError(f"{out_path}: cannot be written: {e.strerror or e}") from None
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        w.write()
+    except BAD_INPUT as e:
+        raise FormatError(adapter_dir, "tensor data", _why(e)) from None
+    except OSError as e:
+        raise PurelmError(f"{out_path}: cannot be written: {e.strerror or e}") from None
     return out_path
 
 

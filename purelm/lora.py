@@ -280,8 +280,7 @@ def export_lora(base: str | os.PathLike, lora: list[tuple[str, float]], out: str
     """llama-export-lora: `base` with the adapters (path, scale) merged into its weights, written to
     `out`: W + Σ factor · B·A for every adapted matrix, stored as F32 where the base matrix is F32 and
     as F16 otherwise (dequantized: `purelm quantize` takes the file on); every other tensor is copied
-    as it is. Returns the names of the merged matrices. Written under a temporary name and renamed
-    once complete."""
+    as it is. Returns the names of the merged matrices."""
     from .formats.split import copy_model
     from .formats.gguf import ValueType
 
@@ -299,8 +298,7 @@ def export_lora(base: str | os.PathLike, lora: list[tuple[str, float]], out: str
             for ad in adapters:
                 for name, (a, b) in ad.pairs.items():
                     merged.setdefault(name, []).append((ad, a, b))
-            tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-            w = copy_model(f, tmp)
+            w = copy_model(f, out)  # (the writer writes OUT.part, renamed once complete)
             w.add("general.file_type", 1, ValueType.UINT32)  # (llama-export-lora's: mostly F16)
             kept = {t.name: t for t in w.tensors}
             w.tensors = []
@@ -317,12 +315,7 @@ def export_lora(base: str | os.PathLike, lora: list[tuple[str, float]], out: str
                     return x.astype(np.float32 if t.type == GGMLType.F32 else np.float16)
 
                 w.add_tensor(name, load, GGMLType.F32 if t.type == GGMLType.F32 else GGMLType.F16, t.shape)
-            try:
-                w.write(progress)
-                os.replace(tmp, out)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            w.write(progress)
         finally:
             for ad in adapters:
                 ad.file.close()
