@@ -88,6 +88,11 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(short, f"--cache-type-{name}", dest=f"cache_type_{name}", default="f32", metavar="TYPE",
                        help=f"KV cache type for {'keys' if name == 'k' else 'values'}: f32 (default), f16 (half "
                             "the memory) or q8_0 (about a quarter; numba and numpy backends)")
+    _lora_args(p)
+
+
+def _lora_args(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's adapter flags, read by _adapters."""
     p.add_argument("--lora", action="append", default=[], metavar="FNAME",
                    help="apply a LoRA adapter (llama.cpp's GGUF adapter file) at scale 1; several: "
                         "comma-separated or the flag repeated")
@@ -1182,10 +1187,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "matrix W + scale * B A, stored as F16 (F32 where the model's is F32), the "
                                     "other tensors as they are. `purelm quantize` takes the file on.")
     _model_args(ex)
-    ex.add_argument("--lora", action="append", default=[], metavar="FNAME",
-                    help="an adapter at scale 1 (comma-separated or repeated)")
-    ex.add_argument("--lora-scaled", action="append", default=[], metavar="FNAME:SCALE,...",
-                    help="adapters at the scales given")
+    _lora_args(ex)
     ex.add_argument("-o", "--output", default="ggml-lora-merged-f16.gguf", metavar="FNAME",
                     help="the .gguf file to write (default ggml-lora-merged-f16.gguf, as llama-export-lora)")
     ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
