@@ -1,7 +1,8 @@
 """Interchange check: llama.cpp (llama-cpp-python, the `bench` extra) runs GGUF files that `purelm convert`
-wrote, and agrees with purelm on the top-1 token at every position. Prints JSON.
+wrote, and agrees with purelm on the top-1 token at every position; for the embedding model (BERT,
+tests/fixtures/bert) on the tokens and the embeddings. Prints JSON.
 
-    python benchmarks/interop.py [--archs llama gpt2 qwen2 ...] [--types f32 f16 q8_0]
+    python benchmarks/interop.py [--archs llama gpt2 qwen2 ...] [--types f32 f16 q8_0] [--no-embeddings]
 
 Set LLAMA_CPP_LIB_PATH to use another libllama build (see benchmarks/README.md on AMX crashes).
 For falcon, gptneox and mpt the logits differ by ~1e-3 even in f32: purelm computes the exact (erf) GELU
@@ -30,12 +31,37 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], np.float32)
 
 
+def embedding_results(types: list[str], backend: str) -> list[dict]:
+    """purelm's and llama.cpp's embeddings (L2-normalized, the file's pooling) of the BERT fixture's
+    texts, and their tokens."""
+    import llama_cpp
+
+    import purelm
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "hello world", "a",
+             "Embeddings: Héllo, WORLD! 12345 unbelievable tokenization"]
+    out = []
+    for qtype in types:
+        path = FIX / "bert" / f"bert-{qtype}.gguf"
+        theirs_model = llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=64, n_threads=1, verbose=False)
+        ours_model = purelm.load(path, backend=backend)
+        theirs = np.array([theirs_model.embed(t, normalize=True) for t in texts], np.float32)
+        ours = ours_model.embed(texts)
+        out.append({"arch": "bert", "type": qtype, "texts": len(texts),
+                    "tokens_equal": all(ours_model.tokenize(t) == theirs_model.tokenize(t.encode()) for t in texts),
+                    "max_abs_diff": float(np.abs(ours - theirs).max()),
+                    "min_cosine": float((ours * theirs).sum(1).min())})
+        print(json.dumps(out[-1]), file=sys.stderr)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", nargs="*", default=["llama", "mistral_gqa", "qwen2", "gpt2", "qwen3", "olmo2",
                                                     "smollm3", "llama3rope", "phi4", "nemo"])
     ap.add_argument("--types", nargs="*", default=["f32", "f16", "q8_0", "q4_0"])
     ap.add_argument("--backend", default="numpy")
+    ap.add_argument("--no-embeddings", action="store_true", help="skip the embedding model (BERT)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     import purelm
@@ -59,7 +85,8 @@ def main() -> None:
                             "logit_scale": float(np.abs(theirs).max()),
                             "differing_positions_gap": gaps})
             print(json.dumps(results[-1]), file=sys.stderr)
-    json.dump({"results": results, "all_top1_equal": all(r["top1_agreement"] == 1.0 for r in results),
+    embeddings = [] if a.no_embeddings else embedding_results(a.types, a.backend)
+    json.dump({"results": results, "embeddings": embeddings, "all_top1_equal": all(r["top1_agreement"] == 1.0 for r in results),
                "all_differences_are_near_ties": all(g < r["max_abs_diff"] for r in results
                                                     for g in r["differing_positions_gap"])},
               sys.stdout, indent=1)

@@ -296,19 +296,22 @@ class LLM:
                            prompt_tokens[i // n], timings) for i in range(n_prompts * n)]
 
     # -- embeddings
-    def embed(self, texts: str | Sequence[str]) -> np.ndarray:
-        """Embeddings of `texts`: the final hidden states mean-pooled over each text's tokens (BOS
-        included) and L2-normalized, as llama.cpp's default. A str gives shape (n_embd,), a list of
-        str (len(texts), n_embd); float32. A text longer than the context raises
-        `ContextOverflowError`."""
-        from .embeddings import embed_ids
+    def embed(self, texts: str | Sequence[str], pooling: str | None = None) -> np.ndarray:
+        """Embeddings of `texts`: the final hidden states pooled over each text's tokens (special
+        tokens included) and L2-normalized, as llama.cpp's `--embeddings`. `pooling`: "mean", "cls"
+        (the first token) or "last"; by default the one the file names (`{arch}.pooling_type`), else
+        "mean". A str gives shape (n_embd,), a list of str (len(texts), n_embd); float32. A text
+        longer than the context raises `ContextOverflowError`."""
+        from .embeddings import check_pooling, embed_ids
+
+        check_pooling(pooling)
 
         single = isinstance(texts, str)
         if not single and (isinstance(texts, bytes) or not isinstance(texts, Iterable)):
             raise UsageError(f"texts must be a str or a list of str, got {type(texts).__name__}")
         items = [texts] if single else list(texts)
         ids = [self.tokenize(_text(t, f"texts[{i}]")) for i, t in enumerate(items)]
-        out = np.stack([embed_ids(self.model, self.cache, i) for i in ids]) if ids \
+        out = np.stack([embed_ids(self.model, self.cache, i, pooling=pooling) for i in ids]) if ids \
             else np.zeros((0, self.model.dim), np.float32)
         return out[0] if single else out
 

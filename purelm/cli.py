@@ -100,6 +100,12 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
                    help="apply LoRA adapters at the scales given, e.g. style.gguf:0.5")
 
 
+def _pooling_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pooling", choices=("mean", "cls", "last"), default=None,
+                   help="how embeddings pool the tokens' hidden states: their mean, the first token's ([CLS]) or "
+                        "the last one's (default: what the model file says, else mean)")
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     """The sampling flags (llama.cpp's names and defaults), shared by generate, chat and serve."""
     p.add_argument("--temp", type=float, default=0.8, help="temperature, >= 0; 0 = greedy (default 0.8)")
@@ -607,7 +613,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     config = ServerConfig(parallel=a.parallel, batch=a.batch, max_queue=a.queue,
                           api_key=(a.api_key or "").strip() or os.environ.get("PURELM_API_KEY") or None,
                           model_name=a.alias, aliases=aliases, prefix_cache=not a.no_prefix_cache,
-                          lookup=a.lookup or 0, sampling=params,
+                          lookup=a.lookup or 0, sampling=params, pooling=a.pooling,
                           n_predict=None if a.n_predict == -1 else a.n_predict)
     print(_safe(f"purelm: serving {llm.path} on http://{a.host}:{a.port}/v1 ({a.parallel} slots, context "
                 f"{llm.n_ctx} tokens each, backend {llm.backend.name})"), file=sys.stderr, flush=True)
@@ -633,7 +639,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
         texts = [line for line in _read_stdin("the texts", "give texts: purelm embed \"some text\" ... (or pipe "
                                                            "them on stdin, one per line)").splitlines() if line]
     llm = _load(a, a.ctx)
-    for v in llm.embed(texts):
+    for v in llm.embed(texts, pooling=a.pooling):
         print(json.dumps([round(float(x), 7) for x in v]))
     return 0
 
@@ -1233,6 +1239,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a .gguf file or a known model name (default: smollm2; or -m)")
     _model_args(sv)
     _runtime_args(sv)
+    _pooling_arg(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     sv.add_argument("-np", "--parallel", type=int, default=8,
@@ -1278,13 +1285,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("embed", help="print texts' embeddings as JSON",
                        usage="purelm embed [-h] [-m MODEL] [options] [MODEL] TEXT [TEXT ...]",
-                       description="Print each text's embedding (final hidden states mean-pooled and "
-                                   "L2-normalized, as llama.cpp's default) as a JSON array, one line per text.")
+                       description="Print each text's embedding (final hidden states pooled as the file "
+                                   "says, else averaged, and L2-normalized, as llama.cpp's --embeddings) as a JSON "
+                                   "array, one line per text. Runs decoders and embedding models (BERT).")
     e.add_argument("text", nargs="*", metavar="[MODEL] TEXT",
                    help="texts (default: stdin, one text per line); a first argument naming a .gguf file "
                         "or a known model, followed by texts, is the model (or -m)")
     _model_args(e)
     _runtime_args(e)
+    _pooling_arg(e)
     e.set_defaults(func=cmd_embed)
 
     pp = sub.add_parser("perplexity", help="perplexity of a text, or KL divergence between two models",

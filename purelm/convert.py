@@ -109,20 +109,26 @@ def _tokenizer_kv(directory: Path, cfg: dict[str, Any], vocab_size: int) -> dict
     if not isinstance(model, dict):
         raise FormatError(path, "model", f"is a JSON {_json_kind(model)}, expected an object")
     byte_level = model.get("type") == "BPE" and isinstance(model.get("vocab"), dict) and not model.get("byte_fallback")
-    if spm_path.exists() and not byte_level:
+    wordpiece = model.get("type") == "WordPiece" and isinstance(model.get("vocab"), dict)
+    if spm_path.exists() and not (byte_level or wordpiece):
         kv, vocab = _sentencepiece_kv(spm_path, vocab_size)
     elif path.exists():
-        if not byte_level:
-            raise PurelmError(f"{path}: only byte-level BPE tokenizer.json files (or a SentencePiece "
-                              "tokenizer.model) are converted so far")
-        kv, vocab = _byte_level_kv(path, tj, vocab_size)
-        kv["tokenizer.ggml.pre"] = _pre_name(path, tj, kv)
+        if not (byte_level or wordpiece):
+            raise PurelmError(f"{path}: only byte-level BPE and WordPiece tokenizer.json files (or a "
+                              "SentencePiece tokenizer.model) are converted so far")
+        if wordpiece:
+            kv, vocab = _wordpiece_kv(path, tj, vocab_size)
+        else:
+            kv, vocab = _byte_level_kv(path, tj, vocab_size)
+            kv["tokenizer.ggml.pre"] = _pre_name(path, tj, kv)
     else:
         return {}
     return {**kv, **_special_tokens_kv(directory, cfg, vocab, len(kv["tokenizer.ggml.tokens"]))}
 
 
-def _byte_level_kv(path: Path, tj: dict[str, Any], vocab_size: int) -> tuple[dict[str, Any], dict[str, int]]:
+def _vocabulary(path: Path, tj: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int], dict[str, int]]:
+    """A tokenizer.json's tokens and llama.cpp token types by id (added tokens: control when special,
+    else user-defined; ids no token has: "[PAD<id>]", unused), and its text -> id map."""
     model = tj["model"]
     vocab: dict[str, int] = dict(model["vocab"])
     added_list = tj.get("added_tokens") or []
@@ -147,7 +153,12 @@ def _byte_level_kv(path: Path, tj: dict[str, Any], vocab_size: int) -> tuple[dic
         types[i] = NORMAL
     for text, t in added.items():
         types[t["id"]] = CONTROL if t.get("special") else USER_DEFINED
-    merges = model.get("merges") or []
+    return tokens, types, vocab
+
+
+def _byte_level_kv(path: Path, tj: dict[str, Any], vocab_size: int) -> tuple[dict[str, Any], dict[str, int]]:
+    tokens, types, vocab = _vocabulary(path, tj, vocab_size)
+    merges = tj["model"].get("merges") or []
     if not isinstance(merges, list) or not all(
             isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m))
             for m in merges):
@@ -158,6 +169,34 @@ def _byte_level_kv(path: Path, tj: dict[str, Any], vocab_size: int) -> tuple[dic
         "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in merges],
     }
+    return kv, vocab
+
+
+def _wordpiece_kv(path: Path, tj: dict[str, Any], vocab_size: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """A WordPiece tokenizer.json (BERT) as llama.cpp's converter writes it: tokenizer model "bert", each
+    piece but the control tokens stored with "##" taken off a continuation and "\u2581" put in front of
+    a word start (purelm.wordpiece); lowercasing as the file's BertNormalizer says."""
+    tokens, types, vocab = _vocabulary(path, tj, vocab_size)
+    prefix = tj["model"].get("continuing_subword_prefix", "##")
+    if not isinstance(prefix, str) or not prefix:
+        raise FormatError(path, "model.continuing_subword_prefix", f"is {_short(prefix)}; it must be a non-empty string")
+    tokens = [t if kind == CONTROL else t[len(prefix):] if t.startswith(prefix) else "\u2581" + t
+              for t, kind in zip(tokens, types)]
+    kv: dict[str, Any] = {"tokenizer.ggml.model": "bert", "tokenizer.ggml.pre": "default",
+                          "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
+    post = tj.get("post_processor")  # "[CLS] $A [SEP]": BOS and EOS added, as gguf's SpecialVocab reads it
+    if isinstance(post, dict) and post.get("type") == "TemplateProcessing":
+        single = post.get("single")
+        if isinstance(single, list) and len(single) > 1 and all(isinstance(x, dict) for x in single):
+            kv["tokenizer.ggml.add_bos_token"] = "SpecialToken" in single[0]
+            kv["tokenizer.ggml.add_eos_token"] = "SpecialToken" in single[-1]
+            if post.get("pair"):  # "... $A [SEP] $B [SEP]": that [SEP] is the EOS, not a separator added
+                kv["tokenizer.ggml.add_sep_token"] = False
+    norm = tj.get("normalizer")
+    if isinstance(norm, dict) and norm.get("type") == "BertNormalizer":  # (strip_accents null: as lowercase)
+        for key in ("lowercase", "strip_accents"):
+            if isinstance(norm.get(key), bool):
+                kv[f"tokenizer.ggml.normalizer.{key}"] = norm[key]
     return kv, vocab
 
 
@@ -218,10 +257,16 @@ def _special_tokens_kv(directory: Path, cfg: dict[str, Any], vocab: dict[str, in
         return cid if isinstance(cid, int) and not isinstance(cid, bool) and 0 <= cid < n_tokens else None
 
     for key, gkey in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"),
+                      ("sep_token", "seperator_token_id"),  # (llama.cpp's spelling)
+                      ("mask_token", "mask_token_id")):
         tid = token_id(key)
         if tid is not None:
             kv[f"tokenizer.ggml.{gkey}"] = tid
+    # as gguf's SpecialVocab: a tokenizer with [CLS] and [SEP] but no BOS or EOS uses them as such
+    for gkey, alt in (("bos_token_id", token_id("cls_token")), ("eos_token_id", token_id("sep_token"))):
+        if f"tokenizer.ggml.{gkey}" not in kv and alt is not None:
+            kv[f"tokenizer.ggml.{gkey}"] = alt
     if "add_bos_token" in tcfg:
         kv["tokenizer.ggml.add_bos_token"] = bool(tcfg["add_bos_token"])
     if isinstance(tcfg.get("chat_template"), str):
@@ -230,10 +275,11 @@ def _special_tokens_kv(directory: Path, cfg: dict[str, Any], vocab: dict[str, in
 
 
 def out_type(name: str, shape: tuple[int, ...], target: GGMLType) -> GGMLType:
-    """llama.cpp's choice: 1-D tensors (biases), norm weights (even 2-D per-head ones) and MoE routers
-    (ffn_gate_inp: a rounded router picks other experts) stay F32; a row that does not split into the
-    target's blocks falls back to F16."""
-    if len(shape) < 2 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or target == GGMLType.F32:
+    """llama.cpp's choice: 1-D tensors (biases), norm weights (even 2-D per-head ones), MoE routers
+    (ffn_gate_inp: a rounded router picks other experts) and position and token-type embeddings stay
+    F32; a row that does not split into the target's blocks falls back to F16."""
+    if len(shape) < 2 or target == GGMLType.F32 or name.endswith(
+            ("_norm.weight", "ffn_gate_inp.weight", "position_embd.weight", "token_types.weight")):
         return GGMLType.F32
     if shape[-1] % BLOCK_INFO[target][0]:
         return GGMLType.F16
@@ -441,6 +487,13 @@ def _write(hf_dir: Path, cfg_path: Path, cfg: dict[str, Any], arch: str, spec: C
         raise FormatError(cfg_path, str(e.args[0]) if e.args else "?", f"is missing (needed for {arch})") from None
     except BAD_INPUT as e:
         raise FormatError(cfg_path, "hyperparameters", f"do not make a {arch} model ({_why(e)})") from None
+    if spec.extra_kv:
+        try:
+            extra = spec.extra_kv(hf_dir, cfg)
+        except BAD_INPUT as e:
+            raise FormatError(hf_dir, "metadata", f"for {arch}: {_why(e)}") from None
+        for key, value in extra.items():
+            w.add(key, value)
     w.add("general.file_type", FILE_TYPES[out_type_name])
     w.add("general.quantization_version", 2)
     vocab_size = cfg.get("vocab_size") or 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,7 +23,8 @@ class ConvertSpec:
     from the checkpoint are skipped (optional biases); `required` lists the GGUF names (for layer 0)
     that must be present. `hparams(cfg)` gives the `{arch}.`-relative metadata. `transform(gguf_name,
     array, cfg)` edits a tensor (permutations, norm offsets). `extra_tensors(ckpt, cfg)` yields
-    (gguf_name, shape, loader) for tensors that are not one-to-one (fused or split)."""
+    (gguf_name, shape, loader) for tensors that are not one-to-one (fused or split). `extra_kv(hf_dir,
+    cfg)` gives metadata by full key, read from other files of the folder (a pooling mode)."""
 
     gguf_arch: str
     tensors: list[tuple[str, str]]
@@ -30,6 +32,7 @@ class ConvertSpec:
     required: list[str] = field(default_factory=list)
     transform: Callable[[str, np.ndarray, dict[str, Any]], np.ndarray] | None = None
     extra_tensors: Callable[[Checkpoint, dict[str, Any]], Iterator[tuple[str, tuple[int, ...], Loader]]] | None = None
+    extra_kv: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None
     n_layer_key: str = "num_hidden_layers"
     # HF names that are consumed by extra_tensors or deliberately dropped
     ignored: Callable[[str], bool] = lambda name: False

@@ -1,6 +1,7 @@
-"""Text embeddings: the model's final hidden states (after its output norm), mean-pooled over the
-input's tokens and L2-normalized, as llama.cpp's `--embeddings` does by default (`--pooling mean`,
-`embd_normalize` 2)."""
+"""Text embeddings: the model's final hidden states (after its output norm) pooled over the input's
+tokens and L2-normalized, as llama.cpp's `--embeddings` does (`embd_normalize` 2). Pooling is what the
+file asks for (`{arch}.pooling_type`, which llama.cpp's converter writes for sentence-transformers
+models: mean, the first token ([CLS]) or the last), else the mean; a caller may ask for another."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -9,9 +10,27 @@ import numpy as np
 
 from .backends.base import KVCache
 from .errors import ContextOverflowError, FormatError, UsageError
-from .models.common import Model
+from .models.common import Model, Params
 
 N_BATCH = 512  # tokens per pass, as prefill
+POOLING = ("mean", "cls", "last")
+# llama.cpp's pooling types by number; "none" (per-token vectors) has no one-vector answer: the mean
+_FILE_POOLING = {0: "mean", 1: "mean", 2: "cls", 3: "last"}
+
+
+def model_pooling(model: Model) -> str:
+    """The pooling the model file asks for, else "mean"."""
+    kind = Params(model.gguf).int("pooling_type", 0, lo=0, hi=4)
+    if kind == 4:
+        raise FormatError(model.gguf.path, f"{model.gguf.architecture}.pooling_type",
+                          "is 4 (rank): rerankers' classification heads are not supported")
+    return _FILE_POOLING[kind]
+
+
+def check_pooling(pooling: object) -> str | None:
+    if pooling is not None and pooling not in POOLING:
+        raise UsageError(f"pooling must be one of {', '.join(POOLING)}, got {pooling!r}")
+    return pooling
 
 
 def hidden_states(model: Model, cache: KVCache, seq: int, ids: Sequence[int]) -> np.ndarray:
@@ -19,6 +38,9 @@ def hidden_states(model: Model, cache: KVCache, seq: int, ids: Sequence[int]) ->
     as a forward pass would store them."""
     ids = model._token_ids(ids)
     view = cache.view([(seq, len(ids))])
+    if model.max_positions is not None and view.positions.max() >= model.max_positions:
+        raise ContextOverflowError(f"an embedding input of {view.positions.max() + 1} tokens is longer than the "
+                                   f"model's {model.max_positions} learned positions: shorten it")
     with model.ops.forward_pass([len(ids)], [len(ids)]):
         h = model.ops.to_numpy(model.hidden(ids, view.positions, view))
     if not np.isfinite(h).all():
@@ -30,18 +52,22 @@ def hidden_states(model: Model, cache: KVCache, seq: int, ids: Sequence[int]) ->
 
 class Pooling:
     """One input's embedding, computed a chunk of at most `n_batch` tokens at a time in its own
-    sequence of `cache` (the server interleaves the chunks with decode steps)."""
+    sequence of `cache` (the server interleaves the chunks with decode steps); an encoder's input
+    (every token attends to every other) in one pass. `pooling`: one of POOLING, None for the file's."""
 
-    def __init__(self, model: Model, cache: KVCache, ids: Sequence[int], n_batch: int = N_BATCH) -> None:
+    def __init__(self, model: Model, cache: KVCache, ids: Sequence[int], n_batch: int = N_BATCH,
+                 pooling: str | None = None) -> None:
         if not ids:
             raise UsageError("an embedding input is empty: give at least one token")
         if len(ids) > cache.n_ctx:
             raise ContextOverflowError(f"an embedding input has {len(ids)} tokens but the context holds "
                                        f"{cache.n_ctx}: shorten it or raise the context length")
-        self.model, self.cache, self.ids, self.n_batch = model, cache, list(ids), n_batch
+        self.pooling = check_pooling(pooling) or model_pooling(model)
+        self.model, self.cache, self.ids = model, cache, list(ids)
+        self.n_batch = n_batch if model.causal else len(self.ids)
         self.seq: int | None = None
         self.done = 0
-        self.sum: np.ndarray | None = None
+        self.sum: np.ndarray | None = None  # mean: the sum so far; cls, last: the row picked so far
 
     def step(self) -> np.ndarray | None:
         """Run the next chunk; the embedding (float32, norm 1) once the last one ran, else None."""
@@ -50,7 +76,10 @@ class Pooling:
         try:
             chunk = self.ids[self.done:self.done + self.n_batch]
             h = hidden_states(self.model, self.cache, self.seq, chunk).astype(np.float64)
-            self.sum = h.sum(0) if self.sum is None else self.sum + h.sum(0)
+            if self.pooling == "mean":
+                self.sum = h.sum(0) if self.sum is None else self.sum + h.sum(0)
+            elif self.pooling == "last" or self.sum is None:  # cls: the first chunk's first row
+                self.sum = h[0] if self.pooling == "cls" else h[-1]
             self.done += len(chunk)
         except BaseException:
             self.close()
@@ -58,7 +87,7 @@ class Pooling:
         if self.done < len(self.ids):
             return None
         self.close()
-        v = self.sum / len(self.ids)
+        v = self.sum / len(self.ids) if self.pooling == "mean" else self.sum
         norm = float(np.linalg.norm(v))
         return (v / norm if norm > 0 else v).astype(np.float32)
 
@@ -69,9 +98,10 @@ class Pooling:
         self.seq = None
 
 
-def embed_ids(model: Model, cache: KVCache, ids: Sequence[int], n_batch: int = N_BATCH) -> np.ndarray:
+def embed_ids(model: Model, cache: KVCache, ids: Sequence[int], n_batch: int = N_BATCH,
+              pooling: str | None = None) -> np.ndarray:
     """The embedding of one input's token ids, computed in a fresh sequence of `cache` (freed after)."""
-    pooling = Pooling(model, cache, ids, n_batch)
+    pooling = Pooling(model, cache, ids, n_batch, pooling)
     while True:
         v = pooling.step()
         if v is not None:

@@ -58,6 +58,7 @@ class AttentionSpec:
     softcap: float | None = None  # gemma2: logits = softcap * tanh(logits / softcap)
     window: int | None = None  # sliding window: attend only the last `window` positions
     alibi_slopes: np.ndarray | None = None  # per query head (bloom, mpt)
+    causal: bool = True  # False (encoders: BERT): a token attends every position of its run too
 
 
 # Checks at each op's entry, shared by the backends: kernels index with these sizes unchecked
@@ -98,6 +99,8 @@ def check_attention(q: Any, k: Any, v: Any, view: PassView, layer: int, spec: At
         raise ShapeError(f"attention: layer {layer} outside the cache ({view.n_layers} layers)")
     if spec.alibi_slopes is not None and len(spec.alibi_slopes) != q.shape[1]:
         raise ShapeError(f"attention: {len(spec.alibi_slopes)} ALiBi slopes for {q.shape[1]} heads")
+    if not spec.causal and (spec.window or spec.alibi_slopes is not None):
+        raise ShapeError("attention: a non-causal spec with a sliding window or ALiBi (no architecture has one)")
 
 
 MIN_EXPERT_SUM = 6.103515625e-5  # llama.cpp clamps the sum of the picked weights to this (the smallest f16 normal)
@@ -287,8 +290,8 @@ class Backend(ABC):
     def attention(self, q: Any, k: Any, v: Any, cache: PassView | KVCache, layer: int, spec: AttentionSpec) -> Any:
         """Store k, v (tokens, kv_heads, dim) in the cache at each token's sequence and position (a
         PassView says where; a bare KVCache means its sequence 0 at n_past..), then causal attention
-        of each token's q (tokens, heads, dim) over its own sequence's positions up to its own.
-        Returns (tokens, heads * v_dim)."""
+        of each token's q (tokens, heads, dim) over its own sequence's positions up to its own (with
+        `spec.causal` False: up to its run's last one). Returns (tokens, heads * v_dim)."""
 
     @abstractmethod
     def silu(self, x: Any) -> Any: ...

@@ -88,7 +88,8 @@ class NumpyBackend(Backend):
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, p0: int,
                 spec: AttentionSpec) -> np.ndarray:
-        """Causal attention of queries at positions p0.. over keys/values of positions 0..p0+T-1."""
+        """Causal attention of queries at positions p0.. over keys/values of positions 0..p0+T-1 (every
+        one of them where `spec.causal` is False)."""
         n_tok, n_head, _ = q.shape
         n = p0 + n_tok
         n_kv = keys.shape[1]
@@ -102,7 +103,7 @@ class NumpyBackend(Backend):
             scores = scores + slopes * np.arange(n, dtype=np.float32)
         q_pos = np.arange(p0, n)[:, None]
         k_pos = np.arange(n)[None, :]
-        masked = k_pos > q_pos
+        masked = k_pos > (q_pos if spec.causal else n - 1)
         if spec.window:
             masked |= k_pos <= q_pos - spec.window
         scores = np.where(masked, np.float32(-np.inf), scores)

@@ -138,6 +138,7 @@ class Model:
 
     n_ctx_train: int
     n_vocab: int
+    causal = True  # False: an encoder (BERT), whose hidden states are pooled into embeddings; no logits
 
     def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
         self.gguf, self.ops = gguf, backend
@@ -213,6 +214,9 @@ class Model:
         request, float32 logits of its last token (vocab,) or of all its tokens (n, vocab) where
         `all_logits` (one bool, or one per request) says so. The backend computes each run as it would
         alone (see Backend.forward_pass)."""
+        if not self.causal:
+            raise UsageError(f"{self.gguf.architecture} is an embedding model: it computes embeddings (purelm "
+                             "embed, LLM.embed, the server's /v1/embeddings), not next-token logits")
         if not requests:
             return []
         wants = [bool(all_logits)] * len(requests) if isinstance(all_logits, (bool, np.bool_)) else list(all_logits)

@@ -60,6 +60,7 @@ class ServerConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)  # for the fields a request leaves out
     n_predict: int | None = None  # most tokens of a reply that gives no max_tokens (None: until the context is full)
     replica: bool = False  # one of several behind a router (Ray Serve): POST /lora-adapters would change one only
+    pooling: str | None = None  # embeddings' pooling (embeddings.POOLING; None: the model file's)
 
 
 class _State:
@@ -74,7 +75,8 @@ class _State:
         self.created = int(time.time())
         self.metrics = Metrics()
         self.engine = Engine(llm, parallel=config.parallel, batch=config.batch, max_queue=config.max_queue,
-                             prefix_cache=config.prefix_cache, metrics=self.metrics, lookup=config.lookup)
+                             prefix_cache=config.prefix_cache, metrics=self.metrics, lookup=config.lookup,
+                             pooling=config.pooling)
         self.metrics.bind(self.engine)
         self._template: Any = None
         self._template_error: Exception | None = None
@@ -137,6 +139,9 @@ class _State:
         """A request's generation fields (protocol.generation, with this server's defaults). A new set of
         DRY sequence breakers is found in the vocabulary here, in a worker thread, so that the engine
         thread finds it made (a scan of the vocabulary: up to a second)."""
+        if not self.llm.model.causal:
+            raise P.bad(f"{self.llm.model.gguf.architecture} is an embedding model: this server answers "
+                        "/v1/embeddings only", None, "model_not_generative")
         gen = P.generation(body, self.n_vocab, self.n_ctx, max_n, chat, echo, self.config.sampling,
                            n_predict)
         gen.lora = P.lora_scales(body.get("lora"), len(self.engine.adapters))

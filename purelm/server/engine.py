@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from ..embeddings import Pooling
-from ..errors import ContextOverflowError, GenerationError, MemoryLimitError, PurelmError
+from ..errors import ContextOverflowError, GenerationError, MemoryLimitError, PurelmError, UsageError
 from ..generate import _Sample
 from ..grammar import Constraint
 from ..sampling import Sampler, SamplingParams, check_int
@@ -202,8 +202,9 @@ class Engine:
     from the engine's thread only; its own cache is left alone)."""
 
     def __init__(self, llm: Any, parallel: int = 8, batch: int = 512, max_queue: int = 64,
-                 prefix_cache: bool = True, metrics: Any = None, lookup: int = 0) -> None:
+                 prefix_cache: bool = True, metrics: Any = None, lookup: int = 0, pooling: str | None = None) -> None:
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
+        self.pooling = pooling  # embeddings' (embeddings.POOLING; None: the model file's)
         self.n_ctx = llm.n_ctx
         self.parallel, self.batch, self.max_queue = parallel, batch, max_queue
         self.prefix_cache = prefix_cache
@@ -280,6 +281,8 @@ class Engine:
         """Queue a request; raises QueueFullError when `max_queue` requests are already waiting."""
         if not self.running:
             raise EngineStoppedError("the engine is not running")
+        if not self.model.causal:
+            raise UsageError(f"{self.model.gguf.architecture} is an embedding model: it serves /v1/embeddings only")
         if req.n > self.parallel:
             raise ContextOverflowError(f"n = {req.n} is more than the server's {self.parallel} slots")
         if len(req.prompt) >= self.n_ctx:
@@ -707,7 +710,7 @@ class Engine:
                 ej.started = True
                 self._dequeued()
             if ej.pooling is None:
-                ej.pooling = Pooling(self.model, self.cache, ej.inputs[ej.index], self.batch)
+                ej.pooling = Pooling(self.model, self.cache, ej.inputs[ej.index], self.batch, self.pooling)
             vec = ej.pooling.step()
         except Exception as e:
             log.exception("embedding failed")

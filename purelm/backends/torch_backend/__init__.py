@@ -318,7 +318,7 @@ class TorchBackend(Backend):
                 out[t0:t1] = self._prompt_attention(q, k, v, keys, values, run, spec, n_kv, n_head)
                 continue
             kr, vr = keys[rows].float(), values[rows].float()  # (n, kv, dim)
-            pos, keep = self._attended(T, n, p0, spec.window)
+            pos, keep = self._attended(T, n, p0, spec)
             masked = ~keep
             qg = q[t0:t1].float().reshape(T, n_kv, n_head // n_kv, -1)
             scores = torch.einsum("tkgd,skd->kgts", qg, kr) * spec.scale
@@ -342,22 +342,23 @@ class TorchBackend(Backend):
             kr, vr = keys[rows].to(dt), values[rows].to(dt)  # (n, kv, dim)
         mask = self._prompt_mask(T, n, p0, spec, n_kv, n_head)
         o = F.scaled_dot_product_attention(q[t0:t1].to(dt).transpose(0, 1)[None], kr.transpose(0, 1)[None],
-                                           vr.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+                                           vr.transpose(0, 1)[None], attn_mask=mask,
+                                           is_causal=mask is None and spec.causal,
                                            scale=spec.scale, enable_gqa=n_kv != n_head)
         return o[0].transpose(0, 1).reshape(T, -1).to(self.dtype)
 
     def _prompt_mask(self, T: int, n: int, p0: int, spec: AttentionSpec, n_kv: int, n_head: int) -> Any:
         """What scaled_dot_product_attention takes for T queries at positions p0.. over keys 0..n-1: None
-        where its own causal mask is the one (no earlier positions, no window, no ALiBi), else a boolean
-        mask (True: attended), or with ALiBi a float32 bias (heads, T, n). Made once per pass: every
-        layer of the pass shares it."""
-        if p0 == 0 and n == T and not spec.window and spec.alibi_slopes is None:
+        where its own causal mask is the one (no earlier positions, no window, no ALiBi) or none is
+        (not `spec.causal`: every key attended), else a boolean mask (True: attended), or with ALiBi a
+        float32 bias (heads, T, n). Made once per pass: every layer of the pass shares it."""
+        if not spec.causal or (p0 == 0 and n == T and not spec.window and spec.alibi_slopes is None):
             return None
         key = ("prompt_mask", T, n, p0, spec.window, id(spec) if spec.alibi_slopes is not None else None)
         hit = self._scratch.get(key)
         if hit is not None:
             return hit
-        pos, keep = self._attended(T, n, p0, spec.window)
+        pos, keep = self._attended(T, n, p0, spec)
         mask: Any = keep
         if spec.alibi_slopes is not None:
             bias = torch.zeros((T, n), dtype=torch.float32, device=self.device).masked_fill(~keep, float("-inf"))
@@ -365,14 +366,14 @@ class TorchBackend(Backend):
         self._scratch[key] = mask
         return mask
 
-    def _attended(self, T: int, n: int, p0: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attended(self, T: int, n: int, p0: int, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Key positions 0..n-1, and which of them each of T queries at positions p0.. attends (T, n):
-        its own and earlier ones, within the window where there is one."""
+        its own and earlier ones (all, where not `spec.causal`), within the window where there is one."""
         pos = torch.arange(n, device=self.device)
         q_pos = p0 + torch.arange(T, device=self.device)
-        keep = pos[None, :] <= q_pos[:, None]
-        if window:
-            keep = keep & (pos[None, :] > q_pos[:, None] - window)
+        keep = pos[None, :] <= (q_pos[:, None] if spec.causal else n - 1)
+        if spec.window:
+            keep = keep & (pos[None, :] > q_pos[:, None] - spec.window)
         return pos, keep
 
     def _bias(self, scores: torch.Tensor, pos: torch.Tensor, spec: AttentionSpec, n_kv: int, n_head: int,

@@ -1,0 +1,153 @@
+"""BERT, the encoder of sentence-embedding models (MiniLM, BGE, E5, ...): post-norm layers over
+bidirectional attention, with learned position and token-type embeddings:
+
+    x   = LN_e(E[ids] + T[0] + P[positions])
+    h   = LN_a(x + Wo · Attention(Wq·x + bq, Wk·x + bk, Wv·x + bv) + bo)     (no causal mask)
+    out = LN_o(h + Wdown · gelu(Wup · h + bup) + bdown)
+
+Every token attends to the whole input, so an input runs in one pass. The last layer's output is the
+model's result, pooled into one embedding per input (embeddings.py); there is no output head, and
+`forward` refuses to run (Model.causal). Token types are all 0 ("sentence A"), as llama.cpp has
+them. GELU is the exact (erf) form BERT was trained with (llama.cpp runs its tanh approximation).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import AttentionSpec, Backend, KVCache
+from ..convert_spec import ConvertSpec
+from ..errors import FormatError, PurelmError
+from ..formats.gguf import GGUFFile
+from .common import Model, Params, Weights
+from .layers import MLP, Attention, Norm
+
+
+@dataclass
+class EncoderLayer:
+    attn: Attention
+    attn_out_norm: Norm  # LN_a, over x + attention
+    ffn: MLP
+    out_norm: Norm  # LN_o, over h + feed-forward
+
+
+class Bert(Model):
+    causal = False
+
+    def __init__(self, gguf: GGUFFile, backend: Backend) -> None:
+        super().__init__(gguf, backend)
+        p, w = Params(gguf), Weights(gguf, backend)
+        self.read_sizes(p, rms_norm=False, n_ctx_default=512)
+        self.n_ff = p.int("feed_forward_length")
+        if p.bool("attention.causal", False):
+            raise p.fail("attention.causal", True, "false: BERT's attention is bidirectional")
+        spec = AttentionSpec(scale=1.0 / math.sqrt(self.head_dim), causal=False)
+
+        self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
+        types = gguf.tensors.get("token_types.weight")  # (type count, dim); only row 0 is used
+        self.type_embd = None if types is None else w.matrix("token_types.weight", (types.shape[0], self.dim))
+        self.max_positions = self.n_ctx_train
+        self.pos_embd = w.matrix("position_embd.weight", (self.n_ctx_train, self.dim))
+        self.embd_norm = Norm.layer_norm(self, w, "token_embd_norm")
+        self.layers = [EncoderLayer(
+            attn=Attention.load(self, w, i, spec=spec, bias="required", out_bias="optional"),
+            attn_out_norm=Norm.layer_norm(self, w, f"blk.{i}.attn_output_norm"),
+            ffn=MLP.load(self, w, i, self.n_ff, "gelu_erf"),
+            out_norm=Norm.layer_norm(self, w, f"blk.{i}.layer_output_norm"),
+        ) for i in range(self.n_layer)]
+
+    def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
+        x = self.ops.embed(self.tok_embd, ids) + self.ops.embed(self.pos_embd, positions)
+        if self.type_embd is not None:
+            x = x + self.ops.embed(self.type_embd, np.zeros_like(ids))
+        x = self.embd_norm(x)
+        for L in self.layers:
+            h = L.attn_out_norm(x + L.attn(x, positions, cache))
+            x = L.out_norm(h + L.ffn(h))
+        return x
+
+
+# ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
+# As llama.cpp's converter (conversion/bert.py): the pooler and the masked-LM heads are dropped, the
+# pooling mode comes from a sentence-transformers folder's modules.json.
+
+TENSORS = [(pre + hf, gg) for pre in ("", "bert.") for hf, gg in [
+    ("embeddings.word_embeddings.weight", "token_embd.weight"),
+    ("embeddings.position_embeddings.weight", "position_embd.weight"),
+    ("embeddings.token_type_embeddings.weight", "token_types.weight"),
+    ("embeddings.LayerNorm.weight", "token_embd_norm.weight"),
+    ("embeddings.LayerNorm.bias", "token_embd_norm.bias"),
+] + [(f"encoder.layer.{{i}}.{hf}.{kind}", f"blk.{{i}}.{gg}.{kind}") for kind in ("weight", "bias") for hf, gg in [
+    ("attention.self.query", "attn_q"),
+    ("attention.self.key", "attn_k"),
+    ("attention.self.value", "attn_v"),
+    ("attention.output.dense", "attn_output"),
+    ("attention.output.LayerNorm", "attn_output_norm"),
+    ("intermediate.dense", "ffn_up"),
+    ("output.dense", "ffn_down"),
+    ("output.LayerNorm", "layer_output_norm"),
+]]]
+REQUIRED = ["token_embd.weight", "position_embd.weight", "token_embd_norm.weight"] + [
+    f"blk.0.{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "attn_output_norm", "ffn_up",
+                                  "ffn_down", "layer_output_norm")]
+POOLING_TYPES = {"mean": 1, "cls": 2, "lasttoken": 3}  # llama.cpp's PoolingType
+
+
+def hparams(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg.get("hidden_act", "gelu") != "gelu":
+        raise PurelmError(f"bert: hidden_act {cfg.get('hidden_act')!r} is not supported (only \"gelu\")")
+    if cfg.get("position_embedding_type", "absolute") != "absolute":
+        raise PurelmError(f"bert: position_embedding_type {cfg.get('position_embedding_type')!r} is not supported")
+    return {
+        "context_length": cfg["max_position_embeddings"],
+        "embedding_length": cfg["hidden_size"],
+        "feed_forward_length": cfg["intermediate_size"],
+        "block_count": cfg["num_hidden_layers"],
+        "attention.head_count": cfg["num_attention_heads"],
+        "attention.layer_norm_epsilon": float(cfg.get("layer_norm_eps", 1e-12)),
+        "attention.causal": False,
+    }
+
+
+def extra_kv(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """tokenizer.ggml.token_type_count (llama.cpp refuses a BERT file without it) and, from a
+    sentence-transformers folder (modules.json naming a Pooling module), bert.pooling_type."""
+    kv: dict[str, Any] = {"tokenizer.ggml.token_type_count": cfg.get("type_vocab_size", 1)}
+    modules = _json(directory / "modules.json", list)
+    pooling = next((m.get("path") for m in modules or [] if isinstance(m, dict)
+                    and str(m.get("type", "")).endswith("Pooling")), None)
+    if isinstance(pooling, str):
+        pcfg = _json(directory / pooling / "config.json", dict)
+        if pcfg is None:
+            raise FormatError(directory / pooling, "config.json", "is missing: modules.json names this Pooling module")
+        flags = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
+                 "lasttoken": "pooling_mode_lasttoken"}
+        mode = next((m for m, key in flags.items() if pcfg.get(key)), pcfg.get("pooling_mode"))
+        if mode not in POOLING_TYPES:
+            raise FormatError(directory / pooling / "config.json", "pooling_mode",
+                              f"{mode!r}: only mean, cls and lasttoken pooling are supported")
+        kv["bert.pooling_type"] = POOLING_TYPES[mode]
+    return kv
+
+
+def _json(path: Path, want: type) -> Any:
+    if not path.exists():
+        return None
+    from ..convert import _read_json
+
+    return _read_json(path, want=want)
+
+
+def unused(name: str) -> bool:
+    name = name.removeprefix("bert.")
+    return name in ("embeddings.position_ids", "embeddings.token_type_ids") or name.startswith(
+        ("pooler.", "cls.predictions", "cls.seq_relationship"))
+
+
+ARCHITECTURES = {"bert": Bert}
+CONVERTERS = {name: ConvertSpec("bert", TENSORS, hparams, REQUIRED, ignored=unused, extra_kv=extra_kv)
+              for name in ("BertModel", "BertForMaskedLM")}

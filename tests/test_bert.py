@@ -1,0 +1,267 @@
+"""BERT, the embedding-model encoder: bidirectional attention on every backend against a float64
+reference; the tiny fixture (tools/make_bert_fixtures.py) against transformers' hidden states for
+f32, f16, q8_0 and q4_0 on each backend; its tokenizer against transformers'; pooling (the file's, and
+mean, cls and last on request); `purelm convert` of a sentence-transformers folder as llama.cpp's
+converter writes it; the refusals (generation, hostile metadata, over-long inputs); the CLI and the
+server's /v1/embeddings. llama.cpp running these files: benchmarks/interop.py."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import purelm
+from purelm.backends.base import AttentionSpec
+from purelm.backends.numba_backend import NumbaBackend
+from purelm.backends.numpy_backend import NumpyBackend
+from purelm.embeddings import hidden_states
+from purelm.errors import ContextOverflowError, FormatError, ShapeError, UsageError
+from purelm.formats.gguf import GGUFFile
+from conftest import FIXTURES, rewrite_gguf
+
+BERT = FIXTURES / "bert"
+REF = np.load(BERT / "bert-ref.npz")
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "hello world",
+         "Embeddings: Héllo, WORLD! 12345 unbelievable tokenization", "a"]  # as tools/make_bert_fixtures.py
+TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+def backends() -> dict:
+    out = {"numpy": NumpyBackend(), "numba-1": NumbaBackend(1), "numba-2": NumbaBackend(2)}
+    try:
+        from purelm.backends.torch_backend import TorchBackend
+
+        out["torch"] = TorchBackend("cpu", "fp32", threads=1)
+    except ImportError:
+        pass
+    return out
+
+
+BACKENDS = backends()
+
+
+# -- the op: attention without a causal mask
+
+def reference_attention(q, keys, values, scale):
+    """Every query over every key given, float64."""
+    n_head, n_kv = q.shape[1], keys.shape[1]
+    kk = np.repeat(keys.astype(np.float64), n_head // n_kv, axis=1)
+    vv = np.repeat(values.astype(np.float64), n_head // n_kv, axis=1)
+    s = np.einsum("thd,shd->hts", q.astype(np.float64), kk) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hts,shd->thd", p, vv).reshape(len(q), -1)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+@pytest.mark.parametrize("n_head,n_kv", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_non_causal_attention_sees_the_whole_run(name, n_head, n_kv):
+    be, dim = BACKENDS[name], 32
+    spec = AttentionSpec(scale=dim ** -0.5, causal=False)
+    rng = np.random.default_rng(3)
+    cache = be.kv_cache(1, 256, n_kv, dim, dim)
+    seqs = [cache.add(), cache.add()]
+    keys = {s: [] for s in seqs}
+    values = {s: [] for s in seqs}
+    # a short run and a long one in one pass (the kernels' decode and prompt paths), then runs that
+    # continue both sequences (they also see the keys of the first pass)
+    for lengths in ((5, 70), (3, 1)):
+        runs = list(zip(seqs, lengths))
+        T = sum(lengths)
+        q = rng.standard_normal((T, n_head, dim)).astype(np.float32) * 2
+        k = rng.standard_normal((T, n_kv, dim)).astype(np.float32) * 2
+        v = rng.standard_normal((T, n_kv, dim)).astype(np.float32)
+        view = cache.view(runs)
+        if name == "torch":
+            import torch
+
+            got = be.to_numpy(be.attention(*map(torch.from_numpy, (q, k, v)), view, 0, spec))
+        else:
+            got = be.attention(q, k, v, view, 0, spec)
+        view.commit()
+        t0 = 0
+        for s, n in runs:
+            keys[s].append(k[t0:t0 + n])
+            values[s].append(v[t0:t0 + n])
+            want = reference_attention(q[t0:t0 + n], np.concatenate(keys[s]), np.concatenate(values[s]), spec.scale)
+            np.testing.assert_allclose(got[t0:t0 + n], want, rtol=0, atol=2e-5 * np.abs(want).max())
+            t0 += n
+
+
+def test_a_non_causal_spec_takes_no_window_or_alibi():
+    be = BACKENDS["numpy"]
+    cache = be.kv_cache(1, 16, 2, 8, 8)
+    x = np.zeros((3, 2, 8), np.float32)
+    for bad in (dict(window=2), dict(alibi_slopes=np.ones(2, np.float32))):
+        with pytest.raises(ShapeError, match="non-causal"):
+            be.attention(x, x, x, cache, 0, AttentionSpec(scale=1.0, causal=False, **bad))
+
+
+# -- the model against transformers
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("name", [b for b in BACKENDS if b != "numba-1"])
+def test_hidden_states_match_transformers(name, kind):
+    llm = purelm.load(BERT / f"bert-{kind}.gguf", backend=BACKENDS[name])
+    for i in range(len(TEXTS)):
+        want = REF[f"{kind}_hidden{i}"]
+        cache = llm.model.new_cache(64)
+        got = hidden_states(llm.model, cache, cache.add(), REF[f"ids{i}"])
+        assert got.shape == want.shape
+        # int16 activations (the numba backend's quantized products) move values by up to ~1e-4
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err < 1e-4, f"{name} {kind} text {i}: {err:.2e}"
+
+
+def test_tokens_match_transformers():
+    llm = purelm.load(BERT / "bert-f32.gguf", backend="numpy")
+    for i, text in enumerate(TEXTS):
+        assert llm.tokenize(text) == REF[f"ids{i}"].tolist()
+
+
+def test_embeddings_pool_as_asked():
+    llm = purelm.load(BERT / "bert-f32.gguf", backend="numpy")
+    assert GGUFFile(BERT / "bert-f32.gguf").metadata["bert.pooling_type"] == 1  # modules.json: mean
+    got = {p: llm.embed(TEXTS, pooling=p) for p in (None, "mean", "cls", "last")}
+    for i in range(len(TEXTS)):
+        h = REF[f"f32_hidden{i}"].astype(np.float64)
+        for pooling, row in (("mean", h.mean(0)), ("cls", h[0]), ("last", h[-1])):
+            want = row / np.linalg.norm(row)
+            np.testing.assert_allclose(got[pooling][i], want, atol=2e-6, err_msg=pooling)
+    np.testing.assert_array_equal(got[None], got["mean"])
+    np.testing.assert_array_equal(llm.embed(TEXTS[0]), got["mean"][0])
+    with pytest.raises(UsageError, match="pooling"):
+        llm.embed("x", pooling="max")
+
+
+def with_metadata(tmp_path, **changes):
+    """The f32 fixture with metadata changed."""
+    return rewrite_gguf(BERT / "bert-f32.gguf", tmp_path / "bert.gguf", meta=changes)
+
+
+def test_the_files_pooling_type_is_followed(tmp_path):
+    llm = purelm.load(with_metadata(tmp_path, **{"bert.pooling_type": 2}), backend="numpy")
+    h = REF["f32_hidden1"][0].astype(np.float64)
+    np.testing.assert_allclose(llm.embed(TEXTS[1]), h / np.linalg.norm(h), atol=2e-6)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"bert.pooling_type": 4}, "rank"),
+    ({"bert.pooling_type": 7}, "pooling_type"),
+    ({"bert.pooling_type": "mean"}, "pooling_type"),
+    ({"bert.attention.causal": True}, "causal"),
+    ({"bert.context_length": 1000}, "position_embd"),
+])
+def test_hostile_metadata_is_named(tmp_path, changes, match):
+    with pytest.raises(FormatError, match=match):
+        purelm.load(with_metadata(tmp_path, **changes), backend="numpy").embed("hello")
+
+
+def test_refusals():
+    llm = purelm.load(BERT / "bert-q8_0.gguf", backend="numpy", n_ctx=256)
+    for call in (lambda: llm.generate("hello", max_tokens=2), lambda: llm.logits([2, 3]),
+                 lambda: llm.chat([{"role": "user", "content": "hi"}])):
+        with pytest.raises(UsageError, match="embedding model"):
+            call()
+    # 64 learned positions: a longer input is refused, and the model keeps working
+    with pytest.raises(ContextOverflowError, match="64 learned positions"):
+        llm.embed("word " * 80)
+    np.testing.assert_allclose(llm.embed(TEXTS[0]), purelm.load(BERT / "bert-q8_0.gguf", backend="numpy").embed(TEXTS[0]))
+
+
+# -- conversion
+
+def test_convert_writes_what_llama_cpps_converter_writes(tmp_path):
+    # bert-llamacpp-f32.gguf: the fixture's folder converted by llama.cpp's convert_hf_to_gguf.py
+    from purelm.convert import convert
+
+    out = tmp_path / "bert-f32.gguf"
+    convert(BERT / "hf", out, "f32")
+    f, ref = GGUFFile(out), GGUFFile(BERT / "bert-llamacpp-f32.gguf")
+    ours = {k for k in f.metadata if k != "general.name"}
+    assert ours == {k for k in ref.metadata if k not in ("general.name", "general.type", "general.size_label")}
+    for k in ours:
+        assert f.metadata.types[k] == ref.metadata.types[k], k
+        assert np.array_equal(np.asarray(f.metadata[k]), np.asarray(ref.metadata[k])), k
+    m = f.metadata
+    assert m["bert.attention.causal"] is False and m["tokenizer.ggml.model"] == "bert"
+    assert m["tokenizer.ggml.token_type_count"] == 2  # llama.cpp refuses a BERT file without it
+    tokens = list(m["tokenizer.ggml.tokens"])
+    # llama.cpp's "phantom space" vocabulary: "##" pieces lose it, word starts gain "▁", [CLS] stays
+    hf_vocab = json.loads((BERT / "hf" / "tokenizer.json").read_text())["model"]["vocab"]
+    for piece, i in hf_vocab.items():
+        want = piece if piece.startswith("[") else piece[2:] if piece.startswith("##") else "\u2581" + piece
+        assert tokens[i] == want
+    assert m["tokenizer.ggml.bos_token_id"] == hf_vocab["[CLS]"]
+    assert m["tokenizer.ggml.seperator_token_id"] == m["tokenizer.ggml.eos_token_id"] == hf_vocab["[SEP]"]
+    assert set(f.tensors) == set(ref.tensors)
+    for name, t in f.tensors.items():
+        assert (t.type, t.shape) == (ref.tensors[name].type, ref.tensors[name].shape), name
+        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(ref.tensors[name].data), err_msg=name)
+    # as llama.cpp's converter: position and token-type embeddings stay F32 in a quantized file
+    q = GGUFFile(BERT / "bert-q4_0.gguf")
+    assert q.tensors["position_embd.weight"].type.name == q.tensors["token_types.weight"].type.name == "F32"
+    assert q.tensors["token_embd.weight"].type.name == "Q4_0"
+
+
+def test_convert_pooling_modes_and_refusals(tmp_path):
+    from purelm.convert import convert
+
+    hf = tmp_path / "hf"
+    shutil.copytree(BERT / "hf", hf)
+    pooling = hf / "1_Pooling" / "config.json"
+    for cfg, want in (({"pooling_mode_cls_token": True}, 2), ({"pooling_mode": "lasttoken"}, 3)):
+        pooling.write_text(json.dumps(cfg))
+        convert(hf, tmp_path / "out.gguf", "f16")
+        assert GGUFFile(tmp_path / "out.gguf").metadata["bert.pooling_type"] == want
+    pooling.write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(FormatError, match="pooling_mode"):
+        convert(hf, tmp_path / "bad.gguf", "f16")
+    assert not (tmp_path / "bad.gguf").exists()
+    (hf / "modules.json").unlink()
+    convert(hf, tmp_path / "plain.gguf", "f16")
+    assert "bert.pooling_type" not in GGUFFile(tmp_path / "plain.gguf").metadata
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["hidden_act"] = "relu"
+    (hf / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(purelm.PurelmError, match="hidden_act"):
+        convert(hf, tmp_path / "relu.gguf", "f16")
+
+
+# -- the CLI and the server
+
+def test_cli_embed_and_generate_refusal(capsys):
+    from purelm.cli import main
+
+    model = str(BERT / "bert-q8_0.gguf")
+    assert main(["embed", model, "--backend", "numpy", "--pooling", "cls", TEXTS[1]]) == 0
+    h = REF["q8_0_hidden1"][0].astype(np.float64)
+    np.testing.assert_allclose(json.loads(capsys.readouterr().out), h / np.linalg.norm(h), atol=1e-5)
+    assert main(["generate", "-m", model, "--backend", "numpy", "hi"]) != 0
+    err = capsys.readouterr().err
+    assert "embedding model" in err and "Traceback" not in err
+
+
+def test_server_serves_embeddings_only():
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from purelm.server import ServerConfig, create_app
+
+    llm = purelm.load(BERT / "bert-q8_0.gguf", backend="numpy", n_ctx=256)
+    want = llm.embed(TEXTS[:2])
+    with TestClient(create_app(llm, ServerConfig(parallel=2))) as client:
+        r = client.post("/v1/embeddings", json={"input": TEXTS[:2]})
+        assert r.status_code == 200, r.text
+        got = np.array([d["embedding"] for d in r.json()["data"]])
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        r = client.post("/v1/embeddings", json={"input": "word " * 80})
+        assert r.status_code == 400 and "learned positions" in r.json()["error"]["message"]
+        for path, body in (("/v1/completions", {"prompt": "hi"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            r = client.post(path, json=body)
+            assert r.status_code == 400 and "embedding model" in r.json()["error"]["message"], r.text
+        r = client.post("/v1/embeddings", json={"input": TEXTS[2]})
+        assert r.status_code == 200
