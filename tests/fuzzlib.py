@@ -811,6 +811,8 @@ def run_generate(path: str, ctx: WorkerContext) -> str:
     import purelm
 
     llm = purelm.load(path, backend=ctx.get_backend(), n_ctx=ctx.n_ctx)
+    if not llm.model.causal:  # an embedding model (BERT): its one computation
+        return str(llm.embed(ctx.prompt).shape)
     return llm.generate(ctx.prompt, max_tokens=ctx.max_tokens, temperature=0)
 
 
@@ -867,7 +869,8 @@ def run_selftest(path: str, ctx: WorkerContext) -> str:
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("gguf-parse", run_parse, doc="purelm's GGUF reader: every key decoded, every tensor's bytes touched"),
     Target("model-build+generate", run_generate, warm_backend,
-           doc="purelm.load (model build, tokenizer) then a short greedy generation"),
+           doc="purelm.load (model build, tokenizer) then a short greedy generation (an embedding model: "
+               "an embedding)"),
     Target("backend-matvec", run_matvec, warm_backend,
            doc="the backend's kernels (weight, linear, embed, vector) on every tensor of the file"),
     Target("selftest", run_selftest, format="raw", doc="checks the runner: crash, hang, oom, traceback on demand"),

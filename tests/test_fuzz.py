@@ -126,6 +126,16 @@ def test_fuzz_model_build_and_generate(seeds, tmp_path):
     _assert_clean(report, tmp_path)
 
 
+def test_fuzz_embedding_model(tmp_path):
+    seeds = [fuzzlib.load_seed(FIXTURES / "bert" / f"bert-{t}.gguf") for t in ("q8_0", "f16")]
+    cases = [*fuzzlib.hparam_cases(seeds, 100, seed=4), *fuzzlib.random_cases(seeds, 60, seed=4, kind="struct"),
+             *fuzzlib.random_cases(seeds, 60, seed=4)]
+    with fuzzlib.Runner("model-build+generate", workers=2, warm=[s.path for s in seeds], timeout=20) as runner:
+        report = fuzzlib.run_campaign(runner, cases, str(tmp_path))
+    assert report.cases == 220
+    _assert_clean(report, tmp_path)
+
+
 def test_fuzz_numpy_backend(seeds, tmp_path):
     cases = [*fuzzlib.hparam_cases(seeds, 100, seed=2), *fuzzlib.random_cases(seeds, 100, seed=2, kind="struct")]
     with fuzzlib.Runner("model-build+generate", workers=2, backend="numpy", timeout=20) as runner:
