@@ -23,6 +23,11 @@ convert_lora_to_gguf.py writes one; see write_lora):
 
     python benchmarks/make_synthetic.py /tmp/smollm2-lora.gguf --lora-for smollm2.gguf --rank 16
 
+`--bert` writes a `bert` embedding model instead, BGE-small's shape (12 layers of width 384, 12 heads, ffn
+1536, vocabulary 30522, 512 positions; F16 weights unless --type says otherwise), with a WordPiece
+vocabulary of made-up words ("▁a" ... and continuation pieces) that benchmarks/embed_bench.py writes
+its texts with, one token a word.
+
 `--moe` writes a `qwen3moe` model instead (per-head q/k norms, a router and 3-D expert tensors in every
 layer): by default 24 layers of width 1024, 8 heads of 128 (4 kv heads), 64 experts of width 384 with 8
 picked per token. Each token reads as many weight bytes as the dense model of `--moe-dense-twin` (the same
@@ -188,6 +193,80 @@ def build_writer(path: str | Path, hidden: int = 2048, layers: int = 22, ffn: in
     return w
 
 
+BERT_SHAPE = dict(hidden=384, layers=12, ffn=1536, heads=12, vocab=30522, ctx=512, type="F16")
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def bert_word(i: int) -> str:
+    """The i-th made-up word of the BERT vocabulary (bijective base 26: a, b, ..., z, aa, ab, ...)."""
+    s = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        s = string.ascii_lowercase[r] + s
+    return s
+
+
+def bert_vocab(n_vocab: int) -> list[str]:
+    """The specials, then word starts ("▁" + word) with every fourth entry a continuation piece."""
+    return BERT_SPECIALS + [("" if i % 4 == 0 else SPIECE) + bert_word(i) for i in range(n_vocab - len(BERT_SPECIALS))]
+
+
+def build_bert_writer(path: str | Path, hidden: int, layers: int, ffn: int, heads: int, vocab: int, ctx: int,
+                      qtype: GGMLType, seed: int = 0, std: float = 0.02) -> GGUFWriter:
+    """A `bert` model as llama.cpp's converter writes a sentence-transformers one (mean pooling)."""
+    if hidden % heads:
+        raise ValueError("hidden must be a multiple of heads")
+    w = GGUFWriter(path)
+    U32, F32 = ValueType.UINT32, ValueType.FLOAT32
+    for key, value, vtype in [("general.architecture", "bert", None), ("general.type", "model", None),
+                              ("general.name", f"synthetic-bert-{hidden}x{layers}", None),
+                              ("general.quantization_version", 2, U32),
+                              ("general.file_type", FILE_TYPES.get(qtype, 1), U32),
+                              ("bert.context_length", ctx, U32), ("bert.embedding_length", hidden, U32),
+                              ("bert.feed_forward_length", ffn, U32), ("bert.block_count", layers, U32),
+                              ("bert.attention.head_count", heads, U32),
+                              ("bert.attention.layer_norm_epsilon", 1e-12, F32),
+                              ("bert.attention.causal", False, ValueType.BOOL), ("bert.pooling_type", 1, U32),
+                              ("tokenizer.ggml.token_type_count", 2, U32), ("tokenizer.ggml.model", "bert", None),
+                              ("tokenizer.ggml.pre", "default", None)]:
+        w.add(key, value, vtype)
+    tokens = bert_vocab(vocab)
+    w.add("tokenizer.ggml.tokens", tokens, ValueType.ARRAY, ValueType.STRING)
+    w.add("tokenizer.ggml.token_type", [CONTROL] * len(BERT_SPECIALS) + [NORMAL] * (vocab - len(BERT_SPECIALS)),
+          ValueType.ARRAY, ValueType.INT32)
+    for key, i in (("padding", 0), ("unknown", 1), ("bos", 2), ("cls", 2), ("seperator", 3), ("eos", 3), ("mask", 4)):
+        w.add(f"tokenizer.ggml.{key}_token_id", i, U32)
+    index = itertools.count()
+
+    def tensor(name: str, shape: tuple[int, ...], t: GGMLType = GGMLType.F32, fill: float | None = None) -> None:
+        key = next(index)
+
+        def make() -> np.ndarray:
+            if fill is not None:
+                return np.full(shape, fill, np.float32)
+            x = np.random.default_rng([seed, key]).standard_normal(shape, dtype=np.float32) * np.float32(std)
+            return x if t == GGMLType.F32 else quantize(x.reshape(-1, shape[-1]), t)
+
+        w.add_tensor(name, make, t, shape)
+
+    tensor("token_embd.weight", (vocab, hidden), qtype)
+    tensor("token_types.weight", (2, hidden))
+    tensor("position_embd.weight", (ctx, hidden))
+    tensor("token_embd_norm.weight", (hidden,), fill=1.0)
+    tensor("token_embd_norm.bias", (hidden,), fill=0.0)
+    for i in range(layers):
+        b = f"blk.{i}."
+        for name, rows, cols in (("attn_q", hidden, hidden), ("attn_k", hidden, hidden), ("attn_v", hidden, hidden),
+                                 ("attn_output", hidden, hidden), ("ffn_up", ffn, hidden), ("ffn_down", hidden, ffn)):
+            tensor(b + name + ".weight", (rows, cols), qtype)
+            tensor(b + name + ".bias", (rows,), fill=0.0)
+        for name in ("attn_output_norm", "layer_output_norm"):
+            tensor(b + name + ".weight", (hidden,), fill=1.0)
+            tensor(b + name + ".bias", (hidden,), fill=0.0)
+    return w
+
+
 _VERIFY = r"""
 import json, sys, time
 import numpy as np
@@ -291,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expert-ffn", type=int, default=384)
     ap.add_argument("--moe-dense-twin", action="store_true", help="the dense model that reads what one token "
                     "of --moe reads: a qwen3 (--moe's attention) with ffn = experts-used x expert-ffn")
+    ap.add_argument("--bert", action="store_true", help="a BERT embedding model (see above); the shape options "
+                    "still apply, with these defaults")
     ap.add_argument("--lora-for", metavar="MODEL", help="write a random LoRA adapter for MODEL instead of a model")
     ap.add_argument("--rank", type=int, default=16, help="--lora-for: the adapter's rank (default 16)")
     ap.add_argument("--no-verify", action="store_true", help="skip the llama-cpp-python load check")
@@ -303,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     given = set(a.lstrip("-").replace("-", "_").split("=")[0] for a in (argv if argv is not None else sys.argv[1:])
                 if a.startswith("--"))
+    if args.bert:
+        for k, v in BERT_SHAPE.items():
+            if k not in given:
+                setattr(args, k, v)
     if args.moe or args.moe_dense_twin:
         for k, v in MOE_SHAPE.items():
             if k not in given:
@@ -316,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError:
             ap.error(f"unknown type {name!r}")
 
-    w = build_writer(args.out, args.hidden, args.layers, args.ffn, args.heads, args.kv_heads, args.vocab,
+    w = build_bert_writer(args.out, args.hidden, args.layers, args.ffn, args.heads, args.vocab, args.ctx,
+                          qt(args.type), args.seed) if args.bert else build_writer(args.out, args.hidden, args.layers, args.ffn, args.heads, args.kv_heads, args.vocab,
                      args.ctx, qt(args.type), qt(args.output_type),
                      qt(args.embd_type) if args.embd_type else None, args.seed,
                      experts=args.experts if args.moe else 0, experts_used=args.experts_used,
@@ -341,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
               "type": args.type.upper(), "output_type": args.output_type.upper(), "seed": args.seed}
     if args.moe:
         report["experts"] = {"count": args.experts, "used": args.experts_used, "ffn": args.expert_ffn}
-    if not args.no_verify:
+    if not args.no_verify and not args.bert:  # (embed_bench.py runs the BERT model in llama.cpp)
         report["llama_cpp_check"] = verify_llama_cpp(args.out)
     print(json.dumps(report, indent=2))
     check = report.get("llama_cpp_check", {})

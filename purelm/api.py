@@ -302,7 +302,7 @@ class LLM:
         (the first token) or "last"; by default the one the file names (`{arch}.pooling_type`), else
         "mean". A str gives shape (n_embd,), a list of str (len(texts), n_embd); float32. A text
         longer than the context raises `ContextOverflowError`."""
-        from .embeddings import check_pooling, embed_ids
+        from .embeddings import check_pooling, embed_many
 
         check_pooling(pooling)
 
@@ -311,8 +311,7 @@ class LLM:
             raise UsageError(f"texts must be a str or a list of str, got {type(texts).__name__}")
         items = [texts] if single else list(texts)
         ids = [self.tokenize(_text(t, f"texts[{i}]")) for i, t in enumerate(items)]
-        out = np.stack([embed_ids(self.model, self.cache, i, pooling=pooling) for i in ids]) if ids \
-            else np.zeros((0, self.model.dim), np.float32)
+        out = embed_many(self.model, self.cache, ids, pooling=pooling)
         return out[0] if single else out
 
     # -- chat

@@ -36,18 +36,42 @@ def check_pooling(pooling: object) -> str | None:
 def hidden_states(model: Model, cache: KVCache, seq: int, ids: Sequence[int]) -> np.ndarray:
     """Final hidden states (len(ids), n_embd) of `ids` at `seq`'s next positions, stored in the cache
     as a forward pass would store them."""
-    ids = model._token_ids(ids)
-    view = cache.view([(seq, len(ids))])
+    return hidden_states_many(model, cache, [(seq, ids)])[0]
+
+
+def hidden_states_many(model: Model, cache: KVCache, runs: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
+    """hidden_states of several sequences' token ids in one forward pass (each sequence a run of the
+    KV cache): the weights are read once for all of them."""
+    ids = [model._token_ids(r[1]) for r in runs]
+    view = cache.view([(seq, len(i)) for (seq, _), i in zip(runs, ids)])
     if model.max_positions is not None and view.positions.max() >= model.max_positions:
         raise ContextOverflowError(f"an embedding input of {view.positions.max() + 1} tokens is longer than the "
                                    f"model's {model.max_positions} learned positions: shorten it")
-    with model.ops.forward_pass([len(ids)], [len(ids)]):
-        h = model.ops.to_numpy(model.hidden(ids, view.positions, view))
+    # The products take all the rows as one run (the attention keeps each sequence's): short inputs
+    # then share one matrix product where the weights are float (f16, f32) rather than one each. With
+    # such weights an embedding moves with its company by float32 rounding (~1e-7 of its values); the
+    # integer kernels of quantized weights give each token the same bits in any company.
+    segments = [sum(len(i) for i in ids)]
+    with model.ops.forward_pass(segments, segments):
+        h = model.ops.to_numpy(model.hidden(np.concatenate(ids), view.positions, view))
     if not np.isfinite(h).all():
         raise FormatError(model.gguf.path, "weights", "the model computed non-finite hidden states (NaN or inf): "
                           "its weights or hyperparameters are corrupt")
     view.commit()
-    return h
+    return [h[r.t0:r.t1] for r in view.runs]
+
+
+def check_input(cache: KVCache, ids: Sequence[int]) -> None:
+    if not ids:
+        raise UsageError("an embedding input is empty: give at least one token")
+    if len(ids) > cache.n_ctx:
+        raise ContextOverflowError(f"an embedding input has {len(ids)} tokens but the context holds "
+                                   f"{cache.n_ctx}: shorten it or raise the context length")
+
+
+def normalized(v: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(v))
+    return (v / norm if norm > 0 else v).astype(np.float32)
 
 
 class Pooling:
@@ -57,11 +81,7 @@ class Pooling:
 
     def __init__(self, model: Model, cache: KVCache, ids: Sequence[int], n_batch: int = N_BATCH,
                  pooling: str | None = None) -> None:
-        if not ids:
-            raise UsageError("an embedding input is empty: give at least one token")
-        if len(ids) > cache.n_ctx:
-            raise ContextOverflowError(f"an embedding input has {len(ids)} tokens but the context holds "
-                                       f"{cache.n_ctx}: shorten it or raise the context length")
+        check_input(cache, ids)
         self.pooling = check_pooling(pooling) or model_pooling(model)
         self.model, self.cache, self.ids = model, cache, list(ids)
         self.n_batch = n_batch if model.causal else len(self.ids)
@@ -87,9 +107,7 @@ class Pooling:
         if self.done < len(self.ids):
             return None
         self.close()
-        v = self.sum / len(self.ids) if self.pooling == "mean" else self.sum
-        norm = float(np.linalg.norm(v))
-        return (v / norm if norm > 0 else v).astype(np.float32)
+        return normalized(self.sum / len(self.ids) if self.pooling == "mean" else self.sum)
 
     def close(self) -> None:
         """Free the sequence (also for an input given up half-way)."""
@@ -106,3 +124,37 @@ def embed_ids(model: Model, cache: KVCache, ids: Sequence[int], n_batch: int = N
         v = pooling.step()
         if v is not None:
             return v
+
+
+def embed_many(model: Model, cache: KVCache, inputs: Sequence[Sequence[int]], n_batch: int = N_BATCH,
+               pooling: str | None = None) -> np.ndarray:
+    """The embeddings (len(inputs), n_embd) of several inputs' token ids: inputs of up to `n_batch`
+    tokens together in passes of up to `n_batch` tokens (each in its own sequence of `cache`, freed
+    after), a longer one alone through Pooling."""
+    kind = check_pooling(pooling) or model_pooling(model)
+    out = np.zeros((len(inputs), model.dim), np.float32)
+    group: list[int] = []
+
+    def run_group() -> None:
+        seqs = [cache.add() for _ in group]
+        try:
+            states = hidden_states_many(model, cache, [(s, inputs[i]) for s, i in zip(seqs, group)])
+        finally:
+            for s in seqs:
+                cache.remove(s)
+        for i, h in zip(group, states):
+            h = h.astype(np.float64)
+            out[i] = normalized(h.mean(0) if kind == "mean" else h[0] if kind == "cls" else h[-1])
+        group.clear()
+
+    for i, ids in enumerate(inputs):
+        check_input(cache, ids)
+        if len(ids) > n_batch and model.causal:
+            out[i] = embed_ids(model, cache, ids, n_batch, kind)
+            continue
+        if group and sum(len(inputs[j]) for j in group) + len(ids) > n_batch:
+            run_group()
+        group.append(i)
+    if group:
+        run_group()
+    return out

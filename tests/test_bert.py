@@ -265,3 +265,18 @@ def test_server_serves_embeddings_only():
             assert r.status_code == 400 and "embedding model" in r.json()["error"]["message"], r.text
         r = client.post("/v1/embeddings", json={"input": TEXTS[2]})
         assert r.status_code == 200
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba-2"])
+@pytest.mark.parametrize("model", ["bert/bert-q8_0.gguf", "bert/bert-f16.gguf", "llama-q8_0.gguf"])
+def test_inputs_embedded_together_equal_each_alone(name, model):
+    # LLM.embed packs inputs into shared passes (each its own sequence): the same as one at a time, to
+    # the bit where the numba backend's integer kernels run the products (quantized weights), else to
+    # float32 rounding (a product of float weights runs all the pass's rows at once)
+    llm = purelm.load(FIXTURES / model, backend=BACKENDS[name], n_ctx=64)
+    together = llm.embed(TEXTS * 3)
+    for i, text in enumerate(TEXTS * 3):
+        alone = llm.embed([text])[0]
+        if name.startswith("numba") and "q8_0" in model:
+            np.testing.assert_array_equal(together[i], alone)
+        np.testing.assert_allclose(together[i], alone, rtol=0, atol=2e-6)

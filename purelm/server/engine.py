@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from ..embeddings import Pooling
+from ..embeddings import Pooling, embed_many
 from ..errors import ContextOverflowError, GenerationError, MemoryLimitError, PurelmError, UsageError
 from ..generate import _Sample
 from ..grammar import Constraint
@@ -709,7 +709,19 @@ class Engine:
             if not ej.started:
                 ej.started = True
                 self._dequeued()
-            if ej.pooling is None:
+            if ej.pooling is None and len(ej.inputs[ej.index]) <= self.batch:
+                # the next inputs that fit in one step's tokens, in one pass
+                end, n = ej.index, 0
+                while end < len(ej.inputs) and n + len(ej.inputs[end]) <= self.batch:
+                    n += len(ej.inputs[end])
+                    end += 1
+                vectors = embed_many(self.model, self.cache, ej.inputs[ej.index:end], self.batch, self.pooling)
+                ej.handle._push([(ej.index + k, v) for k, v in enumerate(vectors)])
+                ej.index = end
+                if ej.index == len(ej.inputs):
+                    self._embeds.popleft()
+                return
+            if ej.pooling is None:  # a long input: a chunk a step
                 ej.pooling = Pooling(self.model, self.cache, ej.inputs[ej.index], self.batch, self.pooling)
             vec = ej.pooling.step()
         except Exception as e:
