@@ -94,7 +94,7 @@ def test_a_non_causal_spec_takes_no_window_or_alibi():
     be = BACKENDS["numpy"]
     cache = be.kv_cache(1, 16, 2, 8, 8)
     x = np.zeros((3, 2, 8), np.float32)
-    for bad in (dict(window=2), dict(alibi_slopes=np.ones(2, np.float32))):
+    for bad in (dict(window=2), dict(alibi_slopes=np.ones(2, np.float32)), dict(softcap=30.0)):
         with pytest.raises(ShapeError, match="non-causal"):
             be.attention(x, x, x, cache, 0, AttentionSpec(scale=1.0, causal=False, **bad))
 

@@ -99,8 +99,9 @@ def check_attention(q: Any, k: Any, v: Any, view: PassView, layer: int, spec: At
         raise ShapeError(f"attention: layer {layer} outside the cache ({view.n_layers} layers)")
     if spec.alibi_slopes is not None and len(spec.alibi_slopes) != q.shape[1]:
         raise ShapeError(f"attention: {len(spec.alibi_slopes)} ALiBi slopes for {q.shape[1]} heads")
-    if not spec.causal and (spec.window or spec.alibi_slopes is not None):
-        raise ShapeError("attention: a non-causal spec with a sliding window or ALiBi (no architecture has one)")
+    if not spec.causal and (spec.window or spec.alibi_slopes is not None or spec.softcap):
+        raise ShapeError("attention: a non-causal spec with a sliding window, ALiBi or a softcap (no architecture "
+                         "has one)")
 
 
 MIN_EXPERT_SUM = 6.103515625e-5  # llama.cpp clamps the sum of the picked weights to this (the smallest f16 normal)

@@ -89,6 +89,10 @@ PREFILL_ROWS = 128
 TILE_FLOATS = 1 << 18
 # Queries per block in prefill attention; key positions per work item in long-context decode.
 ATTENTION_BLOCK = 128
+# An encoder's (non-causal) inputs of at most this many tokens go through the tiled kernel, longer ones
+# through BLAS: the kernel's start-up outweighs its blocks' speed on long runs (benchmarks/README.md:
+# embeddings).
+ENCODER_TILED_TOKENS = 64
 ATTENTION_CHUNK = 256
 BLOCK_SHIFT = BLOCK.bit_length() - 1  # position -> block: p >> BLOCK_SHIFT
 MAX_LANES = 32  # running maxima side by side in the softmax's max (a runtime count, see ops.span_max)
@@ -1173,14 +1177,19 @@ class NumbaBackend(Backend):
         q = np.ascontiguousarray(q, np.float32)
         out = np.empty((q.shape[0], q.shape[1] * view.v_dim), np.float32)
         args = self._spec_args(spec)
-        if not spec.causal:  # every run (encoders' inputs) as matrix products, nothing masked
+        if not spec.causal:  # every run (an encoder's inputs) as matrix products, nothing masked
             if self._pending:
                 self._ready("attention-prompt")
             for i, run in enumerate(view.runs):
                 rows = view.rows_upto[i]
-                self._attention_blas(q[run.t0:run.t1], _gather(keys, rows, view.k_dim),
-                                     _gather(values, rows, view.v_dim), run.p0, *args, out[run.t0:run.t1],
-                                     causal=False)
+                k_run, v_run = _gather(keys, rows, view.k_dim), _gather(values, rows, view.v_dim)
+                if run.t1 - run.t0 <= ENCODER_TILED_TOKENS and ops.prompt_tiles_fit(view.k_dim, view.v_dim):
+                    self._kernel_threads()
+                    ops.attention_prompt(q[run.t0:run.t1], k_run, v_run, run.p0, *args, MAX_LANES, out[run.t0:run.t1],
+                                         False)
+                else:
+                    self._attention_blas(q[run.t0:run.t1], k_run, v_run, run.p0, *args, out[run.t0:run.t1],
+                                         causal=False)
             return out
         for i, run in enumerate(view.runs):
             if run.t1 - run.t0 > MATVEC_MAX_TOKENS:  # a prompt chunk: matrix products over its rows, gathered

@@ -598,11 +598,12 @@ def prompt_tiles_fit(dim, v_dim):
 
 
 @njit(**SOFTMAX_PARALLEL)
-def attention_prompt(q, keys, values, p0, scale, softcap, window, slopes, lanes, out):
+def attention_prompt(q, keys, values, p0, scale, softcap, window, slopes, lanes, out, causal=True):
     """Causal attention of a prompt chunk (tokens at positions p0, p0 + 1, ...) over keys and values
     (n_keys, n_kv, dim) of positions 0.., as blocked matrix products (tile4x32) with the masked softmax
     (softmax_rows) between them. A work item is one KV head and PROMPT_TILE query tokens: its rows are
-    those tokens' query heads sharing the KV head (GQA), and it reads only the keys they may see."""
+    those tokens' query heads sharing the KV head (GQA), and it reads only the keys they may see: with
+    `causal` False every key up to the chunk's last one (each query masked as the last query is)."""
     n_tok, n_head, dim = q.shape
     n_keys, n_kv, v_dim = keys.shape[0], keys.shape[1], values.shape[2]
     group = n_head // n_kv
@@ -634,7 +635,8 @@ def attention_prompt(q, keys, values, p0, scale, softcap, window, slopes, lanes,
         rows4 = (rows + 3) // 4 * 4
         lo = max(0, p0 + t0 - window + 1) if window > 0 else 0
         k0 = lo // 32 * 32
-        n = (p0 + t1 - k0 + 31) // 32 * 32
+        seen = p0 + t1 if causal else p0 + n_tok  # keys 0 .. seen - 1
+        n = (seen - k0 + 31) // 32 * 32
         qs = np.zeros(rows4 * dim, np.float32)
         for t in range(t0, t1):
             for g in range(group):
@@ -647,7 +649,12 @@ def attention_prompt(q, keys, values, p0, scale, softcap, window, slopes, lanes,
             for j in range(0, n, 32):
                 for d in range(0, dim, 16):
                     tile4x32(sf, r * n + j, n, qs, r * dim + d, dim, ktf, (h * dim + d) * n_pad + k0 + j, n_pad)
-        softmax_rows(scores[:rows], p0 + t0, group, k0, softcap, window, slopes, h * group, lanes)
+        if not causal:  # the padding past the last key: no weight (the rows' positions run past it)
+            for r in range(rows):
+                for c in range(seen - k0, n):
+                    scores[r, c] = -np.inf
+        softmax_rows(scores[:rows], p0 + t0 if causal else seen - 1, group, k0, softcap, window, slopes, h * group,
+                     lanes)
         acc = np.zeros(rows4 * v_dim, np.float32)
         for r in range(0, rows4, 4):
             for v in range(0, v_dim, 32):
