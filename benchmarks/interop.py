@@ -1,6 +1,6 @@
 """Interchange check: llama.cpp (llama-cpp-python, the `bench` extra) runs GGUF files that `purelm convert`
-wrote, and agrees with purelm on the top-1 token at every position; for the embedding model (BERT,
-tests/fixtures/bert) on the tokens and the embeddings. Prints JSON.
+wrote, and agrees with purelm on the top-1 token at every position; for the embedding models (encoders,
+tests/fixtures/bert: BERT, DistilBERT, RoBERTa) on the tokens and the embeddings. Prints JSON.
 
     python benchmarks/interop.py [--archs llama gpt2 qwen2 ...] [--types f32 f16 q8_0] [--no-embeddings]
 
@@ -32,8 +32,8 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 
 def embedding_results(types: list[str], backend: str) -> list[dict]:
-    """purelm's and llama.cpp's embeddings (L2-normalized, the file's pooling) of the BERT fixture's
-    texts, and their tokens."""
+    """purelm's and llama.cpp's embeddings (L2-normalized, the file's pooling) of the encoder fixtures'
+    texts (BERT, DistilBERT, RoBERTa: tests/fixtures/bert), and their tokens."""
     import llama_cpp
 
     import purelm
@@ -41,13 +41,18 @@ def embedding_results(types: list[str], backend: str) -> list[dict]:
     texts = ["The quick brown fox jumps over the lazy dog.", "hello world", "a",
              "Embeddings: Héllo, WORLD! 12345 unbelievable tokenization"]
     out = []
-    for qtype in types:
-        path = FIX / "bert" / f"bert-{qtype}.gguf"
-        theirs_model = llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=64, n_threads=1, verbose=False)
+    for arch, qtype in ((a, t) for a in ("bert", "distilbert", "roberta") for t in types):
+        path = FIX / "bert" / f"{arch}-{qtype}.gguf"
+        if not path.exists():  # (the other families have f32 and q8_0 fixtures only)
+            continue
         ours_model = purelm.load(path, backend=backend)
+        # a file without bert.pooling_type: llama.cpp returns every token's vector, purelm their mean
+        pooling = {} if "bert.pooling_type" in ours_model.metadata else {"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN}
+        theirs_model = llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=64, n_threads=1, verbose=False,
+                                       **pooling)
         theirs = np.array([theirs_model.embed(t, normalize=True) for t in texts], np.float32)
         ours = ours_model.embed(texts)
-        out.append({"arch": "bert", "type": qtype, "texts": len(texts),
+        out.append({"arch": arch, "type": qtype, "texts": len(texts),
                     "tokens_equal": all(ours_model.tokenize(t) == theirs_model.tokenize(t.encode()) for t in texts),
                     "max_abs_diff": float(np.abs(ours - theirs).max()),
                     "min_cosine": float((ours * theirs).sum(1).min())})

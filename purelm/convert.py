@@ -121,6 +121,8 @@ def _tokenizer_kv(directory: Path, cfg: dict[str, Any], vocab_size: int) -> dict
         else:
             kv, vocab = _byte_level_kv(path, tj, vocab_size)
             kv["tokenizer.ggml.pre"] = _pre_name(path, tj, kv)
+            if isinstance(tj.get("post_processor"), dict) and tj["post_processor"].get("type") == "RobertaProcessing":
+                kv.update(_encoder_flags(tj))
     else:
         return {}
     return {**kv, **_special_tokens_kv(directory, cfg, vocab, len(kv["tokenizer.ggml.tokens"]))}
@@ -184,20 +186,33 @@ def _wordpiece_kv(path: Path, tj: dict[str, Any], vocab_size: int) -> tuple[dict
               for t, kind in zip(tokens, types)]
     kv: dict[str, Any] = {"tokenizer.ggml.model": "bert", "tokenizer.ggml.pre": "default",
                           "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
-    post = tj.get("post_processor")  # "[CLS] $A [SEP]": BOS and EOS added, as gguf's SpecialVocab reads it
-    if isinstance(post, dict) and post.get("type") == "TemplateProcessing":
-        single = post.get("single")
-        if isinstance(single, list) and len(single) > 1 and all(isinstance(x, dict) for x in single):
-            kv["tokenizer.ggml.add_bos_token"] = "SpecialToken" in single[0]
-            kv["tokenizer.ggml.add_eos_token"] = "SpecialToken" in single[-1]
-            if post.get("pair"):  # "... $A [SEP] $B [SEP]": that [SEP] is the EOS, not a separator added
-                kv["tokenizer.ggml.add_sep_token"] = False
+    kv.update(_encoder_flags(tj))
     norm = tj.get("normalizer")
     if isinstance(norm, dict) and norm.get("type") == "BertNormalizer":  # (strip_accents null: as lowercase)
         for key in ("lowercase", "strip_accents"):
             if isinstance(norm.get(key), bool):
                 kv[f"tokenizer.ggml.normalizer.{key}"] = norm[key]
     return kv, vocab
+
+
+def _encoder_flags(tj: dict[str, Any]) -> dict[str, Any]:
+    """add_bos/add_eos/add_sep as gguf's SpecialVocab reads an encoder's post-processor: BERT's
+    "[CLS] $A [SEP]" adds BOS and EOS ("$A [SEP] $B [SEP]": that [SEP] is the EOS, no separator is
+    added), RoBERTa's processor all three ("<s> A </s></s> B </s>")."""
+    post = tj.get("post_processor")
+    if not isinstance(post, dict):
+        return {}
+    if post.get("type") == "RobertaProcessing":
+        return {f"tokenizer.ggml.add_{k}_token": True for k in ("bos", "eos", "sep")}
+    single = post.get("single")
+    if post.get("type") != "TemplateProcessing" or not isinstance(single, list) or len(single) < 2 \
+            or not all(isinstance(x, dict) for x in single):
+        return {}
+    kv = {"tokenizer.ggml.add_bos_token": "SpecialToken" in single[0],
+          "tokenizer.ggml.add_eos_token": "SpecialToken" in single[-1]}
+    if post.get("pair"):
+        kv["tokenizer.ggml.add_sep_token"] = False
+    return kv
 
 
 # The pre-tokenizers tried on a tokenizer.json that is not GPT-2's own (llama.cpp's converter names them by
@@ -319,6 +334,7 @@ INT_KEYS: dict[str, tuple[int, str]] = {
     # mixtures of experts: the experts' matrices are stacked (or stored) along a dimension of that size
     **dict.fromkeys(("num_experts", "num_local_experts", "num_experts_per_tok"), (1, "dim")),
     "decoder_sparse_step": (1, "tensors"),
+    "type_vocab_size": (1, "dim"),  # BERT's token types: rows of token_types
 }
 HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads")
 KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "kv_n_heads")

@@ -25,7 +25,8 @@ BERT = FIXTURES / "bert"
 REF = np.load(BERT / "bert-ref.npz")
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "hello world",
          "Embeddings: Héllo, WORLD! 12345 unbelievable tokenization", "a"]  # as tools/make_bert_fixtures.py
-TYPES = ("f32", "f16", "q8_0", "q4_0")
+FAMILIES = ("bert", "distilbert", "roberta")  # all "bert" in GGUF
+FILES = [(f, t) for f in FAMILIES for t in ("f32", "f16", "q8_0", "q4_0") if (BERT / f"{f}-{t}.gguf").exists()]
 
 
 def backends() -> dict:
@@ -101,24 +102,28 @@ def test_a_non_causal_spec_takes_no_window_or_alibi():
 
 # -- the model against transformers
 
-@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("family,kind", FILES)
 @pytest.mark.parametrize("name", [b for b in BACKENDS if b != "numba-1"])
-def test_hidden_states_match_transformers(name, kind):
-    llm = purelm.load(BERT / f"bert-{kind}.gguf", backend=BACKENDS[name])
+def test_hidden_states_match_transformers(name, family, kind):
+    ref = np.load(BERT / f"{family}-ref.npz")
+    llm = purelm.load(BERT / f"{family}-{kind}.gguf", backend=BACKENDS[name])
     for i in range(len(TEXTS)):
-        want = REF[f"{kind}_hidden{i}"]
+        want = ref[f"{kind}_hidden{i}"]
         cache = llm.model.new_cache(64)
-        got = hidden_states(llm.model, cache, cache.add(), REF[f"ids{i}"])
+        got = hidden_states(llm.model, cache, cache.add(), ref[f"ids{i}"])
         assert got.shape == want.shape
         # int16 activations (the numba backend's quantized products) move values by up to ~1e-4
         err = np.abs(got - want).max() / np.abs(want).max()
-        assert err < 1e-4, f"{name} {kind} text {i}: {err:.2e}"
+        assert err < 1e-4, f"{name} {family} {kind} text {i}: {err:.2e}"
 
 
-def test_tokens_match_transformers():
-    llm = purelm.load(BERT / "bert-f32.gguf", backend="numpy")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokens_match_transformers(family):
+    # WordPiece (BERT, DistilBERT) and byte-level BPE with <s> ... </s> (RoBERTa)
+    ref = np.load(BERT / f"{family}-ref.npz")
+    llm = purelm.load(BERT / f"{family}-f32.gguf", backend="numpy")
     for i, text in enumerate(TEXTS):
-        assert llm.tokenize(text) == REF[f"ids{i}"].tolist()
+        assert llm.tokenize(text) == ref[f"ids{i}"].tolist()
 
 
 def test_embeddings_pool_as_asked():
@@ -173,33 +178,36 @@ def test_refusals():
 
 # -- conversion
 
-def test_convert_writes_what_llama_cpps_converter_writes(tmp_path):
-    # bert-llamacpp-f32.gguf: the fixture's folder converted by llama.cpp's convert_hf_to_gguf.py
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_writes_what_llama_cpps_converter_writes(tmp_path, family):
+    # NAME-llamacpp-f32.gguf: the fixture's folder converted by llama.cpp's convert_hf_to_gguf.py
     from purelm.convert import convert
 
-    out = tmp_path / "bert-f32.gguf"
-    convert(BERT / "hf", out, "f32")
-    f, ref = GGUFFile(out), GGUFFile(BERT / "bert-llamacpp-f32.gguf")
+    out = tmp_path / f"{family}-f32.gguf"
+    convert(BERT / f"{family}-hf", out, "f32")
+    f, ref = GGUFFile(out), GGUFFile(BERT / f"{family}-llamacpp-f32.gguf")
     ours = {k for k in f.metadata if k != "general.name"}
     assert ours == {k for k in ref.metadata if k not in ("general.name", "general.type", "general.size_label")}
     for k in ours:
         assert f.metadata.types[k] == ref.metadata.types[k], k
         assert np.array_equal(np.asarray(f.metadata[k]), np.asarray(ref.metadata[k])), k
+    assert set(f.tensors) == set(ref.tensors)
+    for name, t in f.tensors.items():
+        assert (t.type, t.shape) == (ref.tensors[name].type, ref.tensors[name].shape), name
+        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(ref.tensors[name].data), err_msg=name)
+    if family != "bert":
+        return
     m = f.metadata
     assert m["bert.attention.causal"] is False and m["tokenizer.ggml.model"] == "bert"
     assert m["tokenizer.ggml.token_type_count"] == 2  # llama.cpp refuses a BERT file without it
     tokens = list(m["tokenizer.ggml.tokens"])
     # llama.cpp's "phantom space" vocabulary: "##" pieces lose it, word starts gain "▁", [CLS] stays
-    hf_vocab = json.loads((BERT / "hf" / "tokenizer.json").read_text())["model"]["vocab"]
+    hf_vocab = json.loads((BERT / "bert-hf" / "tokenizer.json").read_text())["model"]["vocab"]
     for piece, i in hf_vocab.items():
         want = piece if piece.startswith("[") else piece[2:] if piece.startswith("##") else "\u2581" + piece
         assert tokens[i] == want
     assert m["tokenizer.ggml.bos_token_id"] == hf_vocab["[CLS]"]
     assert m["tokenizer.ggml.seperator_token_id"] == m["tokenizer.ggml.eos_token_id"] == hf_vocab["[SEP]"]
-    assert set(f.tensors) == set(ref.tensors)
-    for name, t in f.tensors.items():
-        assert (t.type, t.shape) == (ref.tensors[name].type, ref.tensors[name].shape), name
-        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(ref.tensors[name].data), err_msg=name)
     # as llama.cpp's converter: position and token-type embeddings stay F32 in a quantized file
     q = GGUFFile(BERT / "bert-q4_0.gguf")
     assert q.tensors["position_embd.weight"].type.name == q.tensors["token_types.weight"].type.name == "F32"
@@ -210,7 +218,7 @@ def test_convert_pooling_modes_and_refusals(tmp_path):
     from purelm.convert import convert
 
     hf = tmp_path / "hf"
-    shutil.copytree(BERT / "hf", hf)
+    shutil.copytree(BERT / "bert-hf", hf)
     pooling = hf / "1_Pooling" / "config.json"
     for cfg, want in (({"pooling_mode_cls_token": True}, 2), ({"pooling_mode": "lasttoken"}, 3)):
         pooling.write_text(json.dumps(cfg))
@@ -228,6 +236,20 @@ def test_convert_pooling_modes_and_refusals(tmp_path):
     (hf / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(purelm.PurelmError, match="hidden_act"):
         convert(hf, tmp_path / "relu.gguf", "f16")
+
+
+@pytest.mark.parametrize("pad", [-1, 65, True, "1", 10**12])  # (66 position rows)
+def test_roberta_padding_id_is_checked(tmp_path, pad):
+    from purelm.convert import convert
+
+    hf = tmp_path / "hf"
+    shutil.copytree(BERT / "roberta-hf", hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["pad_token_id"] = pad
+    (hf / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(purelm.PurelmError, match="pad_token_id"):
+        convert(hf, tmp_path / "out.gguf", "f16")
+    assert not (tmp_path / "out.gguf").exists()
 
 
 # -- the CLI and the server

@@ -75,22 +75,26 @@ class Bert(Model):
 # As llama.cpp's converter (conversion/bert.py): the pooler and the masked-LM heads are dropped, the
 # pooling mode comes from a sentence-transformers folder's modules.json.
 
-TENSORS = [(pre + hf, gg) for pre in ("", "bert.") for hf, gg in [
-    ("embeddings.word_embeddings.weight", "token_embd.weight"),
-    ("embeddings.position_embeddings.weight", "position_embd.weight"),
-    ("embeddings.token_type_embeddings.weight", "token_types.weight"),
-    ("embeddings.LayerNorm.weight", "token_embd_norm.weight"),
-    ("embeddings.LayerNorm.bias", "token_embd_norm.bias"),
-] + [(f"encoder.layer.{{i}}.{hf}.{kind}", f"blk.{{i}}.{gg}.{kind}") for kind in ("weight", "bias") for hf, gg in [
-    ("attention.self.query", "attn_q"),
-    ("attention.self.key", "attn_k"),
-    ("attention.self.value", "attn_v"),
-    ("attention.output.dense", "attn_output"),
-    ("attention.output.LayerNorm", "attn_output_norm"),
-    ("intermediate.dense", "ffn_up"),
-    ("output.dense", "ffn_down"),
-    ("output.LayerNorm", "layer_output_norm"),
-]]]
+def _names(prefixes: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [(pre + hf, gg) for pre in prefixes for hf, gg in [
+        ("embeddings.word_embeddings.weight", "token_embd.weight"),
+        ("embeddings.position_embeddings.weight", "position_embd.weight"),
+        ("embeddings.token_type_embeddings.weight", "token_types.weight"),
+        ("embeddings.LayerNorm.weight", "token_embd_norm.weight"),
+        ("embeddings.LayerNorm.bias", "token_embd_norm.bias"),
+    ] + [(f"encoder.layer.{{i}}.{hf}.{kind}", f"blk.{{i}}.{gg}.{kind}") for kind in ("weight", "bias") for hf, gg in [
+        ("attention.self.query", "attn_q"),
+        ("attention.self.key", "attn_k"),
+        ("attention.self.value", "attn_v"),
+        ("attention.output.dense", "attn_output"),
+        ("attention.output.LayerNorm", "attn_output_norm"),
+        ("intermediate.dense", "ffn_up"),
+        ("output.dense", "ffn_down"),
+        ("output.LayerNorm", "layer_output_norm"),
+    ]]]
+
+
+TENSORS = _names(("", "bert."))
 REQUIRED = ["token_embd.weight", "position_embd.weight", "token_embd_norm.weight"] + [
     f"blk.0.{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "attn_output_norm", "ffn_up",
                                   "ffn_down", "layer_output_norm")]
@@ -148,6 +152,83 @@ def unused(name: str) -> bool:
         ("pooler.", "cls.predictions", "cls.seq_relationship"))
 
 
+# DistilBERT: BERT's layers under other names, without token types (llama.cpp's DistilBertModel)
+DISTIL_TENSORS = [(pre + hf, gg) for pre in ("", "distilbert.") for hf, gg in [
+    ("embeddings.word_embeddings.weight", "token_embd.weight"),
+    ("embeddings.position_embeddings.weight", "position_embd.weight"),
+    ("embeddings.LayerNorm.weight", "token_embd_norm.weight"),
+    ("embeddings.LayerNorm.bias", "token_embd_norm.bias"),
+] + [(f"transformer.layer.{{i}}.{hf}.{kind}", f"blk.{{i}}.{gg}.{kind}") for kind in ("weight", "bias") for hf, gg in [
+    ("attention.q_lin", "attn_q"),
+    ("attention.k_lin", "attn_k"),
+    ("attention.v_lin", "attn_v"),
+    ("attention.out_lin", "attn_output"),
+    ("sa_layer_norm", "attn_output_norm"),
+    ("ffn.lin1", "ffn_up"),
+    ("ffn.lin2", "ffn_down"),
+    ("output_layer_norm", "layer_output_norm"),
+]]]
+
+
+def distil_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg.get("activation", "gelu") != "gelu":
+        raise PurelmError(f"distilbert: activation {cfg.get('activation')!r} is not supported (only \"gelu\")")
+    return hparams({"hidden_act": "gelu", "max_position_embeddings": cfg["max_position_embeddings"],
+                    "hidden_size": cfg["dim"], "intermediate_size": cfg["hidden_dim"],
+                    "num_hidden_layers": cfg["n_layers"], "num_attention_heads": cfg["n_heads"],
+                    "layer_norm_eps": 1e-12})
+
+
+def distil_unused(name: str) -> bool:
+    name = name.removeprefix("distilbert.")
+    return name == "embeddings.position_ids" or name.startswith(("vocab_", "pre_classifier.", "classifier."))
+
+
+# RoBERTa: BERT under "roberta.", with a byte-level BPE vocabulary and positions that start after the
+# padding id (HF counts them from pad_token_id + 1): llama.cpp's converter drops those first rows.
+ROBERTA_TENSORS = [(hf, gg) for hf, gg in _names(("", "roberta.")) if gg != "position_embd.weight"]
+
+
+def position_offset(cfg: dict[str, Any]) -> int:
+    """Position rows before the first one used: pad_token_id + 1 (a token id, so convert.py's size
+    checks leave it to the converter that reads it)."""
+    pad = cfg.get("pad_token_id")
+    if pad is None:
+        return 0
+    if not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < cfg["max_position_embeddings"] - 1:
+        raise PurelmError(f"roberta: pad_token_id {pad!r} must be an integer in [0, max_position_embeddings - 1): "
+                          "the positions start after it")
+    return pad + 1
+
+
+def roberta_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
+    kv = hparams(cfg)
+    kv["context_length"] = cfg["max_position_embeddings"] - position_offset(cfg)
+    if kv["context_length"] < 1:
+        raise PurelmError(f"roberta: max_position_embeddings {cfg['max_position_embeddings']} leaves no position "
+                          f"past the padding id {cfg.get('pad_token_id')}")
+    return kv
+
+
+def roberta_positions(ckpt: Any, cfg: dict[str, Any]):
+    name = next(n for n in ("roberta.embeddings.position_embeddings.weight", "embeddings.position_embeddings.weight")
+                if n in ckpt)
+    rows, width = ckpt.shape(name)
+    offset = position_offset(cfg)
+    yield "position_embd.weight", (rows - offset, width), lambda: np.ascontiguousarray(ckpt.get(name)[offset:])
+
+
+def roberta_unused(name: str) -> bool:
+    return unused(name.removeprefix("roberta.")) or name.endswith("embeddings.position_embeddings.weight")
+
+
 ARCHITECTURES = {"bert": Bert}
-CONVERTERS = {name: ConvertSpec("bert", TENSORS, hparams, REQUIRED, ignored=unused, extra_kv=extra_kv)
-              for name in ("BertModel", "BertForMaskedLM")}
+CONVERTERS = {
+    **{name: ConvertSpec("bert", TENSORS, hparams, REQUIRED, ignored=unused, extra_kv=extra_kv)
+       for name in ("BertModel", "BertForMaskedLM")},
+    **{name: ConvertSpec("bert", DISTIL_TENSORS, distil_hparams, REQUIRED, ignored=distil_unused,
+                         extra_kv=extra_kv, n_layer_key="n_layers")
+       for name in ("DistilBertModel", "DistilBertForMaskedLM")},
+    **{name: ConvertSpec("bert", ROBERTA_TENSORS, roberta_hparams, REQUIRED, extra_tensors=roberta_positions, ignored=roberta_unused, extra_kv=extra_kv)
+       for name in ("RobertaModel", "RobertaForMaskedLM")},
+}
