@@ -3,6 +3,7 @@ wrote, and agrees with purelm on the top-1 token at every position; for the embe
 tests/fixtures/bert: BERT, DistilBERT, RoBERTa) on the tokens and the embeddings. Prints JSON.
 
     python benchmarks/interop.py [--archs llama gpt2 qwen2 ...] [--types f32 f16 q8_0] [--no-embeddings]
+                                 [--llama-server PATH]   # also the reranker, against llama-server --reranking
 
 Set LLAMA_CPP_LIB_PATH to use another libllama build (see benchmarks/README.md on AMX crashes).
 For falcon, gptneox and mpt the logits differ by ~1e-3 even in f32: purelm computes the exact (erf) GELU
@@ -60,13 +61,64 @@ def embedding_results(types: list[str], backend: str) -> list[dict]:
     return out
 
 
+def rerank_results(types: list[str], backend: str, server: str) -> list[dict]:
+    """The reranker fixture (tests/fixtures/bert/reranker-*) scoring documents for a query in purelm
+    and in `llama-server --reranking` (its /rerank route)."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    import purelm
+
+    query = "what sat on the mat?"
+    docs = ["the cat sat on the mat", "hello world", "The quick brown fox jumps over the lazy dog.", "a"]
+    out = []
+    for qtype in types:
+        path = FIX / "bert" / f"reranker-{qtype}.gguf"
+        if not path.exists():
+            continue
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([server, "-m", str(path), "--reranking", "--port", str(port), "-t", "1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            body = json.dumps({"query": query, "documents": docs}).encode()
+            for _ in range(300):
+                try:
+                    req = urllib.request.Request(f"http://127.0.0.1:{port}/rerank", body,
+                                                 {"content-type": "application/json"})
+                    answer = json.load(urllib.request.urlopen(req, timeout=30))
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                raise SystemExit("llama-server did not answer")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        theirs = [0.0] * len(docs)
+        for r in answer["results"]:
+            theirs[r["index"]] = r["relevance_score"]
+        ours = purelm.load(path, backend=backend).rerank(query, docs)
+        out.append({"arch": "reranker", "type": qtype, "documents": len(docs), "purelm": ours, "llama_cpp": theirs,
+                    "max_abs_diff": float(np.abs(np.subtract(ours, theirs)).max()),
+                    "same_order": bool(np.array_equal(np.argsort(ours), np.argsort(theirs))),
+                    "prompt_tokens_equal": answer["usage"]["prompt_tokens"] == sum(
+                        len(purelm.load(path, backend="numpy").tokenizer.encode_pair(query, d)) for d in docs)})
+        print(json.dumps(out[-1]), file=sys.stderr)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", nargs="*", default=["llama", "mistral_gqa", "qwen2", "gpt2", "qwen3", "olmo2",
                                                     "smollm3", "llama3rope", "phi4", "nemo"])
     ap.add_argument("--types", nargs="*", default=["f32", "f16", "q8_0", "q4_0"])
     ap.add_argument("--backend", default="numpy")
-    ap.add_argument("--no-embeddings", action="store_true", help="skip the embedding model (BERT)")
+    ap.add_argument("--no-embeddings", action="store_true", help="skip the embedding models (encoders)")
+    ap.add_argument("--llama-server", help="llama.cpp's llama-server binary: also compare the reranker's scores")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     import purelm
@@ -91,7 +143,8 @@ def main() -> None:
                             "differing_positions_gap": gaps})
             print(json.dumps(results[-1]), file=sys.stderr)
     embeddings = [] if a.no_embeddings else embedding_results(a.types, a.backend)
-    json.dump({"results": results, "embeddings": embeddings, "all_top1_equal": all(r["top1_agreement"] == 1.0 for r in results),
+    rerank = rerank_results(a.types, a.backend, a.llama_server) if a.llama_server else []
+    json.dump({"results": results, "embeddings": embeddings, "rerank": rerank, "all_top1_equal": all(r["top1_agreement"] == 1.0 for r in results),
                "all_differences_are_near_ties": all(g < r["max_abs_diff"] for r in results
                                                     for g in r["differing_positions_gap"])},
               sys.stdout, indent=1)

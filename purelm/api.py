@@ -314,6 +314,20 @@ class LLM:
         out = embed_many(self.model, self.cache, ids, pooling=pooling)
         return out[0] if single else out
 
+    def rerank(self, query: str, documents: Sequence[str]) -> list[float]:
+        """Each document's relevance to `query` by a reranker (a cross-encoder: an encoder with a
+        classification head, e.g. a RobertaForSequenceClassification converted by `purelm convert`):
+        the query and the document joined as llama.cpp's reranking joins them (Tokenizer.encode_pair),
+        the head's first score over the first token. Higher is more relevant; raw scores, not
+        probabilities."""
+        from .embeddings import rank_many
+
+        query = _text(query, "query")
+        if isinstance(documents, (str, bytes)) or not isinstance(documents, Iterable):
+            raise UsageError(f"documents must be a list of str, got {type(documents).__name__}")
+        ids = [self.tokenizer.encode_pair(query, _text(d, f"documents[{i}]")) for i, d in enumerate(documents)]
+        return [float(s[0]) for s in rank_many(self.model, self.cache, ids)]
+
     # -- chat
     @property
     def chat_template(self) -> ChatTemplate:

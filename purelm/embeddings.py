@@ -5,6 +5,7 @@ models: mean, the first token ([CLS]) or the last), else the mean; a caller may 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,14 @@ def hidden_states(model: Model, cache: KVCache, seq: int, ids: Sequence[int]) ->
 def hidden_states_many(model: Model, cache: KVCache, runs: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
     """hidden_states of several sequences' token ids in one forward pass (each sequence a run of the
     KV cache): the weights are read once for all of them."""
+    h = _forward(model, cache, runs, lambda h, firsts: h)
+    ends = np.cumsum([len(r[1]) for r in runs])
+    return [h[e - len(r[1]):e] for r, e in zip(runs, ends)]
+
+
+def _forward(model: Model, cache: KVCache, runs: Sequence[tuple[int, Sequence[int]]], result) -> np.ndarray:
+    """One forward pass over `runs` (sequence, token ids); `result(hidden states, first rows)` inside it
+    (the first rows: each run's first token), as float32 numpy."""
     ids = [model._token_ids(r[1]) for r in runs]
     view = cache.view([(seq, len(i)) for (seq, _), i in zip(runs, ids)])
     if model.max_positions is not None and view.positions.max() >= model.max_positions:
@@ -53,12 +62,13 @@ def hidden_states_many(model: Model, cache: KVCache, runs: Sequence[tuple[int, S
     # integer kernels of quantized weights give each token the same bits in any company.
     segments = [sum(len(i) for i in ids)]
     with model.ops.forward_pass(segments, segments):
-        h = model.ops.to_numpy(model.hidden(np.concatenate(ids), view.positions, view))
-    if not np.isfinite(h).all():
-        raise FormatError(model.gguf.path, "weights", "the model computed non-finite hidden states (NaN or inf): "
-                          "its weights or hyperparameters are corrupt")
+        out = model.ops.to_numpy(result(model.hidden(np.concatenate(ids), view.positions, view),
+                                        [r.t0 for r in view.runs]))
+    if not np.isfinite(out).all():
+        raise FormatError(model.gguf.path, "weights", "the model computed non-finite values (NaN or inf): its "
+                          "weights or hyperparameters are corrupt")
     view.commit()
-    return [h[r.t0:r.t1] for r in view.runs]
+    return out
 
 
 def check_input(cache: KVCache, ids: Sequence[int]) -> None:
@@ -126,35 +136,61 @@ def embed_ids(model: Model, cache: KVCache, ids: Sequence[int], n_batch: int = N
             return v
 
 
+def _groups(cache: KVCache, inputs: Sequence[Sequence[int]], n_batch: int):
+    """Indices of `inputs` in groups of up to n_batch tokens in all, each input checked; an input
+    longer than n_batch makes a group of its own."""
+    group: list[int] = []
+    n = 0
+    for i, ids in enumerate(inputs):
+        check_input(cache, ids)
+        if group and n + len(ids) > n_batch:
+            yield group
+            group, n = [], 0
+        group.append(i)
+        n += len(ids)
+    if group:
+        yield group
+
+
+def _run_group(model: Model, cache: KVCache, inputs: list[Sequence[int]], run) -> Any:
+    """`run([(sequence, ids), ...])` over `inputs`, each in a fresh sequence of `cache` (freed after)."""
+    seqs = [cache.add() for _ in inputs]
+    try:
+        return run(list(zip(seqs, inputs)))
+    finally:
+        for s in seqs:
+            cache.remove(s)
+
+
 def embed_many(model: Model, cache: KVCache, inputs: Sequence[Sequence[int]], n_batch: int = N_BATCH,
                pooling: str | None = None) -> np.ndarray:
     """The embeddings (len(inputs), n_embd) of several inputs' token ids: inputs of up to `n_batch`
     tokens together in passes of up to `n_batch` tokens (each in its own sequence of `cache`, freed
-    after), a longer one alone through Pooling."""
+    after), a longer one of a decoder alone through Pooling (a chunk at a time)."""
     kind = check_pooling(pooling) or model_pooling(model)
     out = np.zeros((len(inputs), model.dim), np.float32)
-    group: list[int] = []
-
-    def run_group() -> None:
-        seqs = [cache.add() for _ in group]
-        try:
-            states = hidden_states_many(model, cache, [(s, inputs[i]) for s, i in zip(seqs, group)])
-        finally:
-            for s in seqs:
-                cache.remove(s)
+    for group in _groups(cache, inputs, n_batch):
+        if len(inputs[group[0]]) > n_batch and model.causal:
+            out[group[0]] = embed_ids(model, cache, inputs[group[0]], n_batch, kind)
+            continue
+        states = _run_group(model, cache, [inputs[i] for i in group],
+                            lambda runs: hidden_states_many(model, cache, runs))
         for i, h in zip(group, states):
             h = h.astype(np.float64)
             out[i] = normalized(h.mean(0) if kind == "mean" else h[0] if kind == "cls" else h[-1])
-        group.clear()
+    return out
 
-    for i, ids in enumerate(inputs):
-        check_input(cache, ids)
-        if len(ids) > n_batch and model.causal:
-            out[i] = embed_ids(model, cache, ids, n_batch, kind)
-            continue
-        if group and sum(len(inputs[j]) for j in group) + len(ids) > n_batch:
-            run_group()
-        group.append(i)
-    if group:
-        run_group()
+
+def rank_many(model: Model, cache: KVCache, inputs: Sequence[Sequence[int]], n_batch: int = N_BATCH) -> np.ndarray:
+    """A reranker's scores (len(inputs), n_cls_out) of inputs that each join a query and a document
+    (Tokenizer.encode_pair), packed into passes as embed_many packs them: the classification head
+    over each input's first token (llama.cpp's "rank" pooling)."""
+    if model.causal or not getattr(model, "n_cls_out", 0):
+        raise UsageError(f"{model.gguf.path}: ranking needs a reranker (an encoder with a classification head, "
+                         "cls.output.weight); this model has none")
+    out = np.zeros((len(inputs), model.n_cls_out), np.float32)
+
+    for group in _groups(cache, inputs, n_batch):
+        out[group] = _run_group(model, cache, [inputs[i] for i in group], lambda runs: _forward(
+            model, cache, runs, lambda h, firsts: model.classify(h[firsts])))
     return out

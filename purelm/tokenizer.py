@@ -431,6 +431,7 @@ class Tokenizer:
         extra_ids: dict[str, int | None] | None = None,
         path: str = "GGUF metadata",
         sep_id: int | None = None,
+        add_sep: bool = False,
         normalizer: tuple[bool, bool] = (True, True),
         charsmap: bytes | None = None,
         remove_extra_whitespaces: bool = False,
@@ -449,7 +450,8 @@ class Tokenizer:
         self.add_eos = bool(add_eos and eos_id is not None)
         self.add_space_prefix = add_space_prefix
         self.chat_template = chat_template
-        self.sep_id = sep_id  # appended by add_special ("bert")
+        self.sep_id = sep_id  # appended by add_special ("bert"); between a pair's texts where add_sep
+        self.add_sep = bool(add_sep and sep_id is not None)
         self._normalizer = normalizer  # "bert": lowercase, strip accents
         self._charsmap, self._remove_extra_whitespaces = charsmap, remove_extra_whitespaces  # "t5"
         if model in _OWN_ENGINES and unk_id is None:
@@ -534,7 +536,10 @@ class Tokenizer:
             add_eos=r.flag("tokenizer.ggml.add_eos_token", model == "t5"),
             add_space_prefix=r.flag("tokenizer.ggml.add_space_prefix", model != "t5"),
             chat_template=r.string("tokenizer.chat_template"),
-            sep_id=special_id("seperator") if model == "bert" else None,  # llama.cpp's spelling
+            sep_id=special_id("seperator"),  # llama.cpp's spelling
+            # (llama.cpp's defaults: WordPiece and RoBERTa-style vocabularies add a separator)
+            add_sep=r.flag("tokenizer.ggml.add_sep_token",
+                           model == "bert" or pre in ("roberta-bpe", "jina-v1-en", "jina-v2-code")),
             charsmap=_charsmap(r) if model == "t5" else None,
             remove_extra_whitespaces=r.flag("tokenizer.ggml.remove_extra_whitespaces", False),
             normalizer=(r.flag("tokenizer.ggml.normalizer.lowercase", True),
@@ -755,6 +760,16 @@ class Tokenizer:
             if self.add_eos:
                 ids.append(self.eos_id)
         return ids
+
+    def encode_pair(self, first: str, second: str) -> list[int]:
+        """Two texts as one input, as llama.cpp's reranking joins a query and a document: BOS, the
+        first, EOS (the separator where the vocabulary has no EOS), the separator where the file asks
+        for one, the second, EOS: "[CLS] q [SEP] d [SEP]" for BERT, "<s> q </s></s> d </s>" for RoBERTa."""
+        a, b = self.encode(first, add_special=False), self.encode(second, add_special=False)
+        end = self.eos_id if self.eos_id is not None else self.sep_id
+        closing = [end] if end is not None and self.add_eos else []
+        return ([self.bos_id] if self.add_bos else []) + a + closing + ([self.sep_id] if self.add_sep else []) \
+            + b + closing
 
     def _own_engine(self) -> WordPiece | Unigram:
         if self._engine is None:

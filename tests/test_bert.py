@@ -19,7 +19,7 @@ from purelm.backends.numpy_backend import NumpyBackend
 from purelm.embeddings import hidden_states
 from purelm.errors import ContextOverflowError, FormatError, ShapeError, UsageError
 from purelm.formats.gguf import GGUFFile
-from conftest import FIXTURES, rewrite_gguf
+from conftest import FIXTURES, INT16_LOGITS_REL, rewrite_gguf
 
 BERT = FIXTURES / "bert"
 REF = np.load(BERT / "bert-ref.npz")
@@ -27,6 +27,8 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "hello world",
          "Embeddings: Héllo, WORLD! 12345 unbelievable tokenization", "a"]  # as tools/make_bert_fixtures.py
 FAMILIES = ("bert", "distilbert", "roberta")  # all "bert" in GGUF
 FILES = [(f, t) for f in FAMILIES for t in ("f32", "f16", "q8_0", "q4_0") if (BERT / f"{f}-{t}.gguf").exists()]
+PAIRS = [("what sat on the mat?", "the cat sat on the mat"), ("what sat on the mat?", "hello world"),
+         ("quick fox", "The quick brown fox jumps over the lazy dog."), ("a", "a")]  # the reranker's
 
 
 def backends() -> dict:
@@ -112,9 +114,11 @@ def test_hidden_states_match_transformers(name, family, kind):
         cache = llm.model.new_cache(64)
         got = hidden_states(llm.model, cache, cache.add(), ref[f"ids{i}"])
         assert got.shape == want.shape
-        # int16 activations (the numba backend's quantized products) move values by up to ~1e-4
+        # int16 activations (the numba backend's products of quantized weights) move values as they move
+        # a decoder's logits (conftest.INT16_LOGITS_REL)
+        bound = INT16_LOGITS_REL if name.startswith("numba") and kind not in ("f32", "f16") else 1e-4
         err = np.abs(got - want).max() / np.abs(want).max()
-        assert err < 1e-4, f"{name} {family} {kind} text {i}: {err:.2e}"
+        assert err < bound, f"{name} {family} {kind} text {i}: {err:.2e}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -178,7 +182,7 @@ def test_refusals():
 
 # -- conversion
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("reranker",))
 def test_convert_writes_what_llama_cpps_converter_writes(tmp_path, family):
     # NAME-llamacpp-f32.gguf: the fixture's folder converted by llama.cpp's convert_hf_to_gguf.py
     from purelm.convert import convert
@@ -252,6 +256,46 @@ def test_roberta_padding_id_is_checked(tmp_path, pad):
     assert not (tmp_path / "out.gguf").exists()
 
 
+# -- a reranker (RobertaForSequenceClassification, one label)
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+@pytest.mark.parametrize("name", [b for b in BACKENDS if b != "numba-1"])
+def test_reranker_scores_match_transformers(name, kind):
+    ref = np.load(BERT / "reranker-ref.npz")
+    llm = purelm.load(BERT / f"reranker-{kind}.gguf", backend=BACKENDS[name])
+    for i, (query, doc) in enumerate(PAIRS):  # "<s> q </s></s> d </s>", as transformers pairs them
+        assert llm.tokenizer.encode_pair(query, doc) == ref[f"ids{i}"].tolist()
+    for query in {q for q, _ in PAIRS}:
+        got = llm.rerank(query, [d for q, d in PAIRS if q == query])
+        want = [float(ref[f"{kind}_scores{i}"][0]) for i, (q, _) in enumerate(PAIRS) if q == query]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * max(map(abs, want)))
+
+
+def test_pairs_join_as_llama_cpp_joins_them():
+    # BERT's file (add_eos, no add_sep): [CLS] q [SEP] d [SEP]; a file from before those keys: llama.cpp's
+    # WordPiece defaults (add_sep, no EOS): [CLS] q [SEP] d
+    tok = purelm.load(BERT / "bert-f32.gguf", backend="numpy").tokenizer
+    q, d = tok.encode("what sat", add_special=False), tok.encode("the cat", add_special=False)
+    cls, sep = tok.bos_id, tok.sep_id
+    assert tok.encode_pair("what sat", "the cat") == [cls, *q, sep, *d, sep]
+    from purelm.tokenizer import Tokenizer
+
+    meta = dict(GGUFFile(BERT / "bert-f32.gguf").metadata)
+    for key in ("tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_sep_token", "tokenizer.ggml.eos_token_id"):
+        meta.pop(key)
+    assert Tokenizer.from_gguf_metadata(meta).encode_pair("what sat", "the cat") == [cls, *q, sep, *d]
+
+
+def test_ranking_needs_a_classification_head(tmp_path):
+    for path in (BERT / "bert-q8_0.gguf", FIXTURES / "llama-q8_0.gguf"):
+        with pytest.raises(UsageError, match="classification head"):
+            purelm.load(path, backend="numpy").rerank("q", ["d"])
+    bad = rewrite_gguf(BERT / "reranker-f32.gguf", tmp_path / "r.gguf",
+                       tensors={"cls.output.weight": np.zeros((1, 32), np.float32)})
+    with pytest.raises(FormatError, match="cls.output.weight"):
+        purelm.load(bad, backend="numpy")
+
+
 # -- the CLI and the server
 
 def test_cli_embed_and_generate_refusal(capsys):
@@ -287,6 +331,37 @@ def test_server_serves_embeddings_only():
             assert r.status_code == 400 and "embedding model" in r.json()["error"]["message"], r.text
         r = client.post("/v1/embeddings", json={"input": TEXTS[2]})
         assert r.status_code == 200
+        r = client.post("/v1/rerank", json={"query": "q", "documents": ["d"]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "not_supported"
+
+
+def test_server_reranks_as_llama_server():
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from purelm.server import ServerConfig, create_app
+
+    llm = purelm.load(BERT / "reranker-q8_0.gguf", backend="numpy", n_ctx=64)
+    query, docs = PAIRS[0][0], [PAIRS[0][1], PAIRS[1][1], "the mat"]
+    want = llm.rerank(query, docs)
+    order = sorted(range(3), key=lambda i: -want[i])
+    with TestClient(create_app(llm, ServerConfig(parallel=2))) as client:
+        r = client.post("/v1/rerank", json={"query": query, "documents": docs, "top_n": 2, "return_documents": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [x["index"] for x in body["results"]] == order[:2]
+        for x in body["results"]:
+            assert x["relevance_score"] == pytest.approx(want[x["index"]], abs=1e-6)
+            assert x["document"] == {"text": docs[x["index"]]}
+        assert body["usage"]["prompt_tokens"] == sum(len(llm.tokenizer.encode_pair(query, d)) for d in docs)
+        r = client.post("/rerank", json={"query": query, "texts": docs, "return_text": True})  # TEI's form
+        assert [x["index"] for x in r.json()] == order and r.json()[0]["text"] == docs[order[0]]
+        for body, param in (({"query": 1, "documents": ["x"]}, "query"), ({"query": "q", "documents": []}, "documents"),
+                            ({"query": "q", "documents": ["x", 2]}, "documents"),
+                            ({"query": "q", "documents": ["x"], "top_n": -1}, "top_n"),
+                            ({"query": "q", "documents": ["word " * 40]}, "documents")):
+            r = client.post("/reranking", json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 @pytest.mark.parametrize("name", ["numpy", "numba-2"])

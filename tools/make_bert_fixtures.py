@@ -10,6 +10,10 @@ transformers' tokenizer gives and the model's last hidden states in float32, for
 model and for each other type from the model running the GGUF file's dequantized weights (read by the
 `gguf` package), so every comparison has an exact reference.
 
+`reranker-*`: a RobertaForSequenceClassification (one label: a cross-encoder) with the RoBERTa
+tokenizer; its reference holds the ids transformers gives each (query, document) pair of PAIRS and the
+model's scores (logits).
+
 With llama.cpp's source at hand (tests/conftest.py: LLAMA_CPP), also `NAME-llamacpp-f32.gguf`, the same
 folder converted by llama.cpp's own convert_hf_to_gguf.py; it knows the pre-tokenizers of published
 models only (by a hash of their output), so it is told the one purelm writes.
@@ -39,6 +43,8 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "hello world",
          "Embeddings: Héllo, WORLD! 12345 unbelievable tokenization", "a"]
 CORPUS = TEXTS + ["the cat sat on the mat", "tokens and pieces of words, unbelievable"] * 20
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAIRS = [("what sat on the mat?", "the cat sat on the mat"), ("what sat on the mat?", "hello world"),
+         ("quick fox", "The quick brown fox jumps over the lazy dog."), ("a", "a")]
 
 
 def wordpiece(cls: type) -> transformers.PreTrainedTokenizerFast:
@@ -80,10 +86,18 @@ def distilbert(vocab: int) -> torch.nn.Module:
         vocab_size=vocab, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64))
 
 
+def roberta_config(vocab: int, **extra) -> transformers.RobertaConfig:
+    return transformers.RobertaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, max_position_embeddings=66, type_vocab_size=1,
+                                      layer_norm_eps=1e-5, pad_token_id=1, **extra)
+
+
 def roberta(vocab: int) -> torch.nn.Module:
-    return transformers.RobertaModel(transformers.RobertaConfig(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=66, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1))
+    return transformers.RobertaModel(roberta_config(vocab))
+
+
+def reranker(vocab: int) -> torch.nn.Module:
+    return transformers.RobertaForSequenceClassification(roberta_config(vocab, num_labels=1))
 
 
 # name -> (tokenizer, model factory, types, sentence-transformers pooling)
@@ -91,6 +105,7 @@ FAMILIES = {
     "bert": (lambda: wordpiece(transformers.BertTokenizerFast), bert, ("f32", "f16", "q8_0", "q4_0"), "mean"),
     "distilbert": (lambda: wordpiece(transformers.DistilBertTokenizerFast), distilbert, ("f32", "q8_0"), None),
     "roberta": (byte_level_bpe, roberta, ("f32", "q8_0"), None),
+    "reranker": (byte_level_bpe, reranker, ("f32", "q8_0"), None),
 }
 
 LLAMA_CPP_CONVERT = """
@@ -127,7 +142,8 @@ def make(name: str) -> None:
         (hf / "1_Pooling").mkdir()
         (hf / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
                                                                   f"pooling_mode_{pooling}_tokens": True}))
-    ids = [tok(t)["input_ids"] for t in TEXTS]
+    rerank = name == "reranker"
+    ids = [tok(*p)["input_ids"] for p in PAIRS] if rerank else [tok(t)["input_ids"] for t in TEXTS]
     ref = {f"ids{i}": np.array(seq, np.int64) for i, seq in enumerate(ids)}
     for kind in types:
         path = OUT / f"{name}-{kind}.gguf"
@@ -135,7 +151,11 @@ def make(name: str) -> None:
         runner = model if kind == "f32" else with_gguf_weights(model, path)
         for i, seq in enumerate(ids):
             with torch.no_grad():
-                ref[f"{kind}_hidden{i}"] = runner(input_ids=torch.tensor([seq])).last_hidden_state[0].numpy()
+                out = runner(input_ids=torch.tensor([seq]))
+            if rerank:
+                ref[f"{kind}_scores{i}"] = out.logits[0].numpy()
+            else:
+                ref[f"{kind}_hidden{i}"] = out.last_hidden_state[0].numpy()
     np.savez_compressed(OUT / f"{name}-ref.npz", **ref)
     llama_cpp = Path(os.environ.get("PURELM_LLAMA_CPP_DIR", Path.home() / ".cache/purelm-peers/"
                                     "llama_cpp_python-0.3.36/vendor/llama.cpp"))
@@ -160,8 +180,9 @@ def with_gguf_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
         for i in range(model.config.num_hidden_layers):
             if hf.format(i=i) in state:
                 names[gg.format(i=i)] = hf.format(i=i)
-    if "embeddings.position_embeddings.weight" in state:
-        names.setdefault("position_embd.weight", "embeddings.position_embeddings.weight")
+    for hf in state:  # RoBERTa's, written by the spec's extra_tensors
+        if hf.endswith("embeddings.position_embeddings.weight"):
+            names.setdefault("position_embd.weight", hf)
     for t in GGUFReader(path).tensors:
         hf = names[t.name]
         values = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), np.float32))

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..backends.base import AttentionSpec, Backend, KVCache
 from ..convert_spec import ConvertSpec
-from ..errors import FormatError, PurelmError
+from ..errors import FormatError, PurelmError, UsageError
 from ..formats.gguf import GGUFFile
 from .common import Model, Params, Weights
 from .layers import MLP, Attention, Norm
@@ -59,6 +59,13 @@ class Bert(Model):
             ffn=MLP.load(self, w, i, self.n_ff, "gelu_erf"),
             out_norm=Norm.layer_norm(self, w, f"blk.{i}.layer_output_norm"),
         ) for i in range(self.n_layer)]
+        # a reranker's (cross-encoder's) classification head, over the first token's hidden state
+        self.cls = w.matrix("cls.weight", (self.dim, self.dim), optional=True)
+        self.cls_b = w.vector("cls.bias", self.dim, optional=True) if self.cls is not None else None
+        out = gguf.tensors.get("cls.output.weight")  # (scores, dim): one score for a reranker
+        self.n_cls_out = out.shape[0] if out is not None else 0
+        self.cls_out = None if out is None else w.matrix("cls.output.weight", (self.n_cls_out, self.dim))
+        self.cls_out_b = None if out is None else w.vector("cls.output.bias", self.n_cls_out, optional=True)
 
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
         x = self.ops.embed(self.tok_embd, ids) + self.ops.embed(self.pos_embd, positions)
@@ -69,6 +76,16 @@ class Bert(Model):
             h = L.attn_out_norm(x + L.attn(x, positions, cache))
             x = L.out_norm(h + L.ffn(h))
         return x
+
+    def classify(self, x: Any) -> Any:
+        """A reranker's scores (rows, n_cls_out) from first tokens' hidden states (rows, dim):
+        Wout · tanh(W·x + b) + bout (RoBERTa's classification head; llama.cpp's "rank" pooling)."""
+        if self.cls_out is None:
+            raise UsageError(f"{self.gguf.path}: this model has no classification head (cls.output.weight): it "
+                             "embeds, it does not rank")
+        if self.cls is not None:
+            x = self.ops.softcap(self.ops.linear(x, self.cls, self.cls_b), 1.0)  # 1·tanh(y / 1)
+        return self.ops.linear(x, self.cls_out, self.cls_out_b)
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
@@ -222,6 +239,20 @@ def roberta_unused(name: str) -> bool:
     return unused(name.removeprefix("roberta.")) or name.endswith("embeddings.position_embeddings.weight")
 
 
+# A RoBERTa cross-encoder (reranker): its classification head, out_proj(tanh(dense(h[first]))), as
+# llama.cpp's converter names it; the labels as it writes them (a 2-label config's defaults dropped).
+CLASSIFIER = [(f"classifier.{hf}.{kind}", f"{gg}.{kind}") for kind in ("weight", "bias")
+              for hf, gg in (("dense", "cls"), ("out_proj", "cls.output"))]
+
+
+def classifier_kv(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    kv = extra_kv(directory, cfg)
+    labels = cfg.get("id2label")
+    if isinstance(labels, dict) and labels and not (len(labels) == 2 and labels.get("0") == "LABEL_0"):
+        kv["bert.classifier.output_labels"] = [str(v) for _, v in sorted(labels.items())]
+    return kv
+
+
 ARCHITECTURES = {"bert": Bert}
 CONVERTERS = {
     **{name: ConvertSpec("bert", TENSORS, hparams, REQUIRED, ignored=unused, extra_kv=extra_kv)
@@ -231,4 +262,6 @@ CONVERTERS = {
        for name in ("DistilBertModel", "DistilBertForMaskedLM")},
     **{name: ConvertSpec("bert", ROBERTA_TENSORS, roberta_hparams, REQUIRED, extra_tensors=roberta_positions, ignored=roberta_unused, extra_kv=extra_kv)
        for name in ("RobertaModel", "RobertaForMaskedLM")},
+    "RobertaForSequenceClassification": ConvertSpec("bert", ROBERTA_TENSORS + CLASSIFIER, roberta_hparams, REQUIRED + [
+        "cls.output.weight"], extra_tensors=roberta_positions, ignored=roberta_unused, extra_kv=classifier_kv),
 }

@@ -609,6 +609,61 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         return JSONResponse({"object": "list", "data": data, "model": state.model_id,
                              "usage": {"prompt_tokens": n, "total_tokens": n}})
 
+    @app.post("/v1/rerank")
+    @app.post("/rerank")
+    @app.post("/v1/reranking")
+    @app.post("/reranking")
+    async def rerank(request: Request) -> JSONResponse:
+        """llama-server's reranking: Jina's body ({"query", "documents", "top_n", "return_documents"};
+        results [{"index", "relevance_score"}] most relevant first) or TEI's ({"query", "texts",
+        "return_text"}; a bare list of {"index", "score"})."""
+        body = await read_body(request, config.max_body)
+        state.check_model(body)
+        if not getattr(state.llm.model, "n_cls_out", 0):
+            raise P.bad("this model cannot rerank: it has no classification head (a reranker is a cross-encoder, "
+                        "such as a converted RobertaForSequenceClassification)", None, "not_supported")
+        query = body.get("query")
+        if not isinstance(query, str):
+            raise P.bad("query must be a string", "query", "invalid_type")
+        tei = "texts" in body
+        docs = body.get("texts" if tei else "documents")
+        if not isinstance(docs, list) or not docs or not all(isinstance(d, str) for d in docs):
+            raise P.bad(f"{'texts' if tei else 'documents'} must be a non-empty array of strings",
+                        "texts" if tei else "documents", "invalid_type")
+        if len(docs) > MAX_EMBED_INPUTS:
+            raise P.bad(f"{len(docs)} documents; at most {MAX_EMBED_INPUTS}", "documents")
+        top_n = P.get_int(body, "top_n", 0, 2**31, len(docs))
+        with_text = P.get_bool(body, "return_text" if tei else "return_documents")
+        query = P.check_text(query, "query")
+        ids = []
+        for i, d in enumerate(docs):
+            t = state.tokenizer.encode_pair(query, P.check_text(d, f"documents[{i}]"))
+            if len(t) > state.n_ctx:
+                raise P.bad(f"documents[{i}] and the query have {len(t)} tokens but the context holds {state.n_ctx}",
+                            "documents", "context_length_exceeded")
+            ids.append(t)
+        try:
+            handle = state.engine.submit_embeddings(ids, rank=True)
+        except QueueFullError as e:
+            raise P.APIError(503, str(e), None, "queue_full") from None
+        scores: dict[int, np.ndarray] = {}
+        async with _watch_disconnect(request, [handle]):
+            async for items in handle:
+                scores.update(items)
+        label = "score" if tei else "relevance_score"
+        results = sorted(({"index": i, label: float(scores[i][0])} for i in range(len(docs))),
+                         key=lambda r: -r[label])[:top_n]
+        for r in results if with_text else ():
+            if tei:
+                r["text"] = docs[r["index"]]
+            else:
+                r["document"] = {"text": docs[r["index"]]}
+        if tei:
+            return JSONResponse(results)
+        n = sum(map(len, ids))
+        return JSONResponse({"model": state.model_id, "object": "list", "results": results,
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+
     @app.post("/v1/completions")
     @app.post("/completions")
     async def completions(request: Request) -> Response:
@@ -1154,7 +1209,8 @@ class _Gate:
         self.routes = {"/health", "/v1/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/models",
                        "/v1/embeddings", "/embeddings", "/v1/completions", "/completions", "/v1/chat/completions",
                        "/chat/completions", "/completion", "/infill", "/v1/responses", "/responses",
-                       "/v1/messages", "/v1/messages/count_tokens", "/props", "/apply-template"}
+                       "/v1/messages", "/v1/messages/count_tokens", "/props", "/apply-template", "/v1/rerank",
+                       "/rerank", "/v1/reranking", "/reranking"}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from ..embeddings import Pooling, embed_many
+from ..embeddings import Pooling, embed_many, rank_many
 from ..errors import ContextOverflowError, GenerationError, MemoryLimitError, PurelmError, UsageError
 from ..generate import _Sample
 from ..grammar import Constraint
@@ -190,8 +190,9 @@ class _Job:
 
 
 class _EmbedJob:
-    def __init__(self, inputs: list[list[int]], handle: Handle) -> None:
+    def __init__(self, inputs: list[list[int]], handle: Handle, rank: bool = False) -> None:
         self.inputs, self.handle = inputs, handle
+        self.rank = rank  # a reranker's scores (embeddings.rank_many) instead of embeddings
         self.index = 0
         self.started = False
         self.pooling: Pooling | None = None
@@ -293,12 +294,14 @@ class Engine:
         self._enqueue(_Job(req, handle))
         return handle
 
-    def submit_embeddings(self, inputs: list[list[int]], loop: asyncio.AbstractEventLoop | None = None) -> Handle:
-        """Queue embedding inputs (token ids); the handle yields [(index, vector)] per input."""
+    def submit_embeddings(self, inputs: list[list[int]], loop: asyncio.AbstractEventLoop | None = None,
+                          rank: bool = False) -> Handle:
+        """Queue embedding inputs (token ids); the handle yields [(index, vector)] per input (`rank`:
+        a reranker's scores of query-document inputs, Tokenizer.encode_pair)."""
         if not self.running:
             raise EngineStoppedError("the engine is not running")
         handle = Handle(self, loop or asyncio.get_running_loop(), len(inputs))
-        self._enqueue(_EmbedJob(inputs, handle))
+        self._enqueue(_EmbedJob(inputs, handle, rank))
         return handle
 
     def _enqueue(self, job: Any) -> None:
@@ -709,13 +712,14 @@ class Engine:
             if not ej.started:
                 ej.started = True
                 self._dequeued()
-            if ej.pooling is None and len(ej.inputs[ej.index]) <= self.batch:
-                # the next inputs that fit in one step's tokens, in one pass
+            if ej.pooling is None and (len(ej.inputs[ej.index]) <= self.batch or ej.rank):
+                # the next inputs that fit in one step's tokens (at least one), in one pass
                 end, n = ej.index, 0
-                while end < len(ej.inputs) and n + len(ej.inputs[end]) <= self.batch:
+                while end < len(ej.inputs) and (end == ej.index or n + len(ej.inputs[end]) <= self.batch):
                     n += len(ej.inputs[end])
                     end += 1
-                vectors = embed_many(self.model, self.cache, ej.inputs[ej.index:end], self.batch, self.pooling)
+                vectors = rank_many(self.model, self.cache, ej.inputs[ej.index:end], self.batch) if ej.rank else \
+                    embed_many(self.model, self.cache, ej.inputs[ej.index:end], self.batch, self.pooling)
                 ej.handle._push([(ej.index + k, v) for k, v in enumerate(vectors)])
                 ej.index = end
                 if ej.index == len(ej.inputs):
