@@ -644,6 +644,20 @@ def cmd_embed(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rerank(a: argparse.Namespace) -> int:
+    _check_runtime_args(a)
+    docs = [_utf8(d, "a document") for d in a.documents]
+    if not docs:
+        docs = [line for line in _read_stdin("the documents", "give documents: purelm rerank -m MODEL QUERY "
+                                                               "\"a document\" ... (or pipe them on stdin, one per "
+                                                               "line)").splitlines() if line]
+    llm = _load(a, a.ctx)
+    scores = llm.rerank(_utf8(a.query, "the query"), docs)
+    for i in sorted(range(len(docs)), key=lambda i: -scores[i]):
+        print(json.dumps({"index": i, "score": round(scores[i], 7), "document": docs[i]}, ensure_ascii=False))
+    return 0
+
+
 _CHAT_HELP = ("/reset: start over (keeps --system)   /save FILE: write the conversation as JSON   "
               "/load FILE: read one   /exit: leave   //text: send a message that starts with /")
 
@@ -1295,6 +1309,18 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(e)
     _pooling_arg(e)
     e.set_defaults(func=cmd_embed)
+
+    rr = sub.add_parser("rerank", help="rank documents by their relevance to a query (a reranker model)",
+                        usage="purelm rerank [-h] -m MODEL [options] QUERY DOCUMENT [DOCUMENT ...]",
+                        description="Score each document against the query with a reranker (a cross-encoder, "
+                                    "such as a converted RobertaForSequenceClassification) and print one JSON "
+                                    "object per document, most relevant first: its index, score and text. "
+                                    "Documents default to stdin, one per line.")
+    rr.add_argument("query", metavar="QUERY")
+    rr.add_argument("documents", nargs="*", metavar="DOCUMENT")
+    _model_args(rr)
+    _runtime_args(rr)
+    rr.set_defaults(func=cmd_rerank)
 
     pp = sub.add_parser("perplexity", help="perplexity of a text, or KL divergence between two models",
                         description="Perplexity as llama.cpp's llama-perplexity computes it: the text in chunks "

@@ -377,3 +377,18 @@ def test_inputs_embedded_together_equal_each_alone(name, model):
         if name.startswith("numba") and "q8_0" in model:
             np.testing.assert_array_equal(together[i], alone)
         np.testing.assert_allclose(together[i], alone, rtol=0, atol=2e-6)
+
+
+def test_cli_rerank(capsys):
+    from purelm.cli import main
+
+    model = str(BERT / "reranker-q8_0.gguf")
+    query, docs = PAIRS[0][0], [PAIRS[0][1], PAIRS[1][1]]
+    want = purelm.load(model, backend="numpy").rerank(query, docs)
+    assert main(["rerank", "-m", model, "--backend", "numpy", query, *docs]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [x["index"] for x in lines] == sorted(range(2), key=lambda i: -want[i])
+    for x in lines:
+        assert x["score"] == pytest.approx(want[x["index"]], abs=1e-6) and x["document"] == docs[x["index"]]
+    assert main(["rerank", "-m", str(BERT / "bert-q8_0.gguf"), "--backend", "numpy", "q", "d"]) != 0
+    assert "classification head" in capsys.readouterr().err
