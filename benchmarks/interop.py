@@ -42,7 +42,7 @@ def embedding_results(types: list[str], backend: str) -> list[dict]:
     texts = ["The quick brown fox jumps over the lazy dog.", "hello world", "a",
              "Embeddings: Héllo, WORLD! 12345 unbelievable tokenization"]
     out = []
-    for arch, qtype in ((a, t) for a in ("bert", "distilbert", "roberta") for t in types):
+    for arch, qtype in ((a, t) for a in ("bert", "distilbert", "roberta", "xlm-roberta") for t in types):
         path = FIX / "bert" / f"{arch}-{qtype}.gguf"
         if not path.exists():  # (the other families have f32 and q8_0 fixtures only)
             continue

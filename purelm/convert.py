@@ -101,9 +101,42 @@ def _sentencepiece_kv(path: Path, vocab_size: int) -> tuple[dict[str, Any], dict
     return kv, {t: i for i, t in enumerate(tokens)}
 
 
+def _xlm_roberta_kv(path: Path, vocab_size: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """XLM-RoBERTa's sentencepiece.bpe.model as llama.cpp's converter writes it: tokenizer model "t5"
+    (unigram with the model's normalizer), the pieces moved one id up behind fairseq's <s>, <pad>,
+    </s>, <unk> (as Hugging Face numbers them), the last id dropped."""
+    from .formats.spm_model import read_sentencepiece
+
+    sp = read_sentencepiece(path)
+    size = max(vocab_size, len(sp.pieces))
+    tokens, scores = [f"[PAD{i}]" for i in range(size)], [-10000.0] * size
+    types = [UNUSED] * size
+    for i, (piece, score, kind) in enumerate(zip(sp.pieces, sp.scores, sp.types)):
+        tokens[i], scores[i] = piece, score
+        types[i] = kind if kind in (UNKNOWN, CONTROL, UNUSED, BYTE) else NORMAL  # (user-defined: normal)
+    tokens = ["<s>", "<pad>", "</s>", "<unk>"] + tokens[3:-1]
+    scores = [0.0] * 4 + scores[3:-1]
+    types = [CONTROL] * 3 + [UNKNOWN] + types[3:-1]
+    kv: dict[str, Any] = {"tokenizer.ggml.model": "t5", "tokenizer.ggml.pre": "default",
+                          "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+                          "tokenizer.ggml.token_type": types, "tokenizer.ggml.add_space_prefix": sp.add_dummy_prefix,
+                          "tokenizer.ggml.remove_extra_whitespaces": sp.remove_extra_whitespaces}
+    if sp.charsmap:
+        kv["tokenizer.ggml.precompiled_charsmap"] = np.frombuffer(sp.charsmap, np.uint8)
+    return kv, {t: i for i, t in enumerate(tokens)}
+
+
 def _tokenizer_kv(directory: Path, cfg: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     path = directory / "tokenizer.json"
     spm_path = directory / "tokenizer.model"
+    if (directory / "sentencepiece.bpe.model").exists():  # XLM-RoBERTa
+        kv, vocab = _xlm_roberta_kv(directory / "sentencepiece.bpe.model", vocab_size)
+        tj = _read_json(path) if path.exists() else {}
+        kv.update(_encoder_flags(tj))
+        for t in tj.get("added_tokens") or []:  # <mask>: the last id, which the token list drops
+            if isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int):
+                vocab.setdefault(t["content"], t["id"])
+        return {**kv, **_special_tokens_kv(directory, cfg, vocab, len(kv["tokenizer.ggml.tokens"]))}
     tj = _read_json(path) if path.exists() else {}
     model = tj.get("model", {})
     if not isinstance(model, dict):
@@ -210,8 +243,14 @@ def _encoder_flags(tj: dict[str, Any]) -> dict[str, Any]:
         return {}
     kv = {"tokenizer.ggml.add_bos_token": "SpecialToken" in single[0],
           "tokenizer.ggml.add_eos_token": "SpecialToken" in single[-1]}
-    if post.get("pair"):
-        kv["tokenizer.ggml.add_sep_token"] = False
+    pair = post.get("pair")
+    if isinstance(pair, list) and all(isinstance(x, dict) for x in pair):
+        # between $A and $B: the EOS that ends A, then a separator where there are two tokens
+        # ("<s> $A </s> </s> $B </s>": XLM-RoBERTa's)
+        a = next((i for i, x in enumerate(pair) if "Sequence" in x), None)
+        b = next((i for i, x in enumerate(pair) if "Sequence" in x and i != a), None)
+        middle = pair[a + 1:b] if a is not None and b is not None else []
+        kv["tokenizer.ggml.add_sep_token"] = len(middle) == 2 and all("SpecialToken" in x for x in middle)
     return kv
 
 

@@ -25,7 +25,7 @@ BERT = FIXTURES / "bert"
 REF = np.load(BERT / "bert-ref.npz")
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "hello world",
          "Embeddings: Héllo, WORLD! 12345 unbelievable tokenization", "a"]  # as tools/make_bert_fixtures.py
-FAMILIES = ("bert", "distilbert", "roberta")  # all "bert" in GGUF
+FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta")  # all "bert" in GGUF
 FILES = [(f, t) for f in FAMILIES for t in ("f32", "f16", "q8_0", "q4_0") if (BERT / f"{f}-{t}.gguf").exists()]
 PAIRS = [("what sat on the mat?", "the cat sat on the mat"), ("what sat on the mat?", "hello world"),
          ("quick fox", "The quick brown fox jumps over the lazy dog."), ("a", "a")]  # the reranker's
@@ -123,7 +123,8 @@ def test_hidden_states_match_transformers(name, family, kind):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tokens_match_transformers(family):
-    # WordPiece (BERT, DistilBERT) and byte-level BPE with <s> ... </s> (RoBERTa)
+    # WordPiece (BERT, DistilBERT), byte-level BPE with <s> ... </s> (RoBERTa) and SentencePiece unigram with its
+    # own normalization table (XLM-RoBERTa)
     ref = np.load(BERT / f"{family}-ref.npz")
     llm = purelm.load(BERT / f"{family}-f32.gguf", backend="numpy")
     for i, text in enumerate(TEXTS):

@@ -75,6 +75,40 @@ def byte_level_bpe() -> transformers.PreTrainedTokenizerFast:
                                              mask_token="<mask>")
 
 
+def sentencepiece_unigram(hf: Path) -> transformers.PreTrainedTokenizerFast:
+    """XLM-RoBERTa's: a SentencePiece unigram model (sentencepiece.bpe.model, fairseq's layout: <unk>,
+    <s>, </s> first) with a small normalization table of its own, and the tokenizer.json transformers'
+    XLMRobertaConverter makes of it (ids one up behind <s>, <pad>, </s>, <unk>; <mask> last)."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import Regex
+
+    work = hf.parent / "spm-work"
+    work.mkdir()
+    (work / "corpus.txt").write_text("\n".join(CORPUS + ["ｆｕｌｌ ｗｉｄｔｈ ｔｅｘｔ", "café crème naïve résumé"] * 20))
+    # full-width letters to ASCII: NFKC's rule for them, a charsmap of about 1 KiB
+    (work / "rules.tsv").write_text("".join(f"{ord(c):X}\t{ord(c) - 0xFEE0:X}\n" for c in "ｆｕｌｗｉｄｔｈｅｘ"))
+    spm.SentencePieceTrainer.train(input=str(work / "corpus.txt"), model_prefix=str(work / "m"), vocab_size=70,
+                                   model_type="unigram", normalization_rule_tsv=str(work / "rules.tsv"),
+                                   character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    shutil.copy(work / "m.model", hf / "sentencepiece.bpe.model")
+    proto = pb.ModelProto()
+    proto.ParseFromString((work / "m.model").read_bytes())
+    shutil.rmtree(work)
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + \
+        [(p.piece, p.score) for p in proto.pieces[3:]] + [("<mask>", 0.0)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=3))
+    tok.normalizer = normalizers.Sequence([normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+                                           normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                       special_tokens=[("<s>", 0), ("</s>", 2)])
+    return transformers.XLMRobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+                                                pad_token="<pad>", mask_token="<mask>")
+
+
 def bert(vocab: int) -> torch.nn.Module:
     return transformers.BertModel(transformers.BertConfig(
         vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -86,14 +120,18 @@ def distilbert(vocab: int) -> torch.nn.Module:
         vocab_size=vocab, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64))
 
 
-def roberta_config(vocab: int, **extra) -> transformers.RobertaConfig:
-    return transformers.RobertaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+def roberta_config(vocab: int, config: type = transformers.RobertaConfig, **extra) -> transformers.PretrainedConfig:
+    return config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=128, max_position_embeddings=66, type_vocab_size=1,
                                       layer_norm_eps=1e-5, pad_token_id=1, **extra)
 
 
 def roberta(vocab: int) -> torch.nn.Module:
     return transformers.RobertaModel(roberta_config(vocab))
+
+
+def xlm_roberta(vocab: int) -> torch.nn.Module:
+    return transformers.XLMRobertaModel(roberta_config(vocab, transformers.XLMRobertaConfig))
 
 
 def reranker(vocab: int) -> torch.nn.Module:
@@ -106,6 +144,7 @@ FAMILIES = {
     "distilbert": (lambda: wordpiece(transformers.DistilBertTokenizerFast), distilbert, ("f32", "q8_0"), None),
     "roberta": (byte_level_bpe, roberta, ("f32", "q8_0"), None),
     "reranker": (byte_level_bpe, reranker, ("f32", "q8_0"), None),
+    "xlm-roberta": (sentencepiece_unigram, xlm_roberta, ("f32", "q8_0"), "mean"),
 }
 
 LLAMA_CPP_CONVERT = """
@@ -125,7 +164,7 @@ def make(name: str) -> None:
     torch.manual_seed(0)
     hf = OUT / f"{name}-hf"
     hf.mkdir(parents=True)
-    tok = make_tokenizer()
+    tok = make_tokenizer(hf) if make_tokenizer is sentencepiece_unigram else make_tokenizer()
     tok.save_pretrained(hf)
     model = factory(len(tok)).eval()
     with torch.no_grad():  # random weights of BERT's init (std 0.02) give near-constant outputs: widen them

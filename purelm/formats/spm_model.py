@@ -14,7 +14,8 @@ from pathlib import Path
 from ..errors import FormatError
 
 # ModelProto: 1 = repeated SentencePiece {1: piece, 2: score (float), 3: type (enum, default NORMAL=1)},
-# 3 = NormalizerSpec {3: add_dummy_prefix (bool, default true)}.
+# 3 = NormalizerSpec {2: precompiled_charsmap (bytes), 3: add_dummy_prefix (bool, default true),
+# 4: remove_extra_whitespaces (bool, default true)}.
 MAX_FILE = 256 << 20  # real ones are a few MiB (256k pieces)
 PIECE_TYPES = range(1, 7)
 
@@ -25,6 +26,8 @@ class SentencePieceModel:
     scores: list[float]
     types: list[int]  # NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, UNUSED=5, BYTE=6 (as GGUF's)
     add_dummy_prefix: bool
+    charsmap: bytes = b""  # the normalizer's precompiled rules (checked where they are used: purelm.unigram)
+    remove_extra_whitespaces: bool = True
 
 
 def _fields(buf: bytes, path: str, where: str) -> Iterator[tuple[int, int, int | bytes]]:
@@ -87,7 +90,7 @@ def read_sentencepiece(path: str | os.PathLike) -> SentencePieceModel:
 
 def parse_sentencepiece(buf: bytes, path: str = "tokenizer.model") -> SentencePieceModel:
     """The model in `buf` (a ModelProto); `path` names it in errors."""
-    pieces, scores, types, add_prefix = [], [], [], True
+    pieces, scores, types, add_prefix, charsmap, squeeze = [], [], [], True, b"", True
     for field, wire, value in _fields(buf, path, "protobuf"):
         if field == 1 and wire == 2:
             where = f"piece {len(pieces)}"
@@ -109,8 +112,12 @@ def parse_sentencepiece(buf: bytes, path: str = "tokenizer.model") -> SentencePi
             types.append(kind)
         elif field == 3 and wire == 2:
             for f, w, v in _fields(value, path, "normalizer_spec"):
-                if f == 3 and w == 0:
+                if f == 2 and w == 2:
+                    charsmap = bytes(v)
+                elif f == 3 and w == 0:
                     add_prefix = bool(v)
+                elif f == 4 and w == 0:
+                    squeeze = bool(v)
     if not pieces:
         raise FormatError(path, "pieces", "no SentencePiece pieces found: not a tokenizer.model file")
-    return SentencePieceModel(pieces, scores, types, add_prefix)
+    return SentencePieceModel(pieces, scores, types, add_prefix, charsmap, squeeze)

@@ -201,8 +201,9 @@ def distil_unused(name: str) -> bool:
     return name == "embeddings.position_ids" or name.startswith(("vocab_", "pre_classifier.", "classifier."))
 
 
-# RoBERTa: BERT under "roberta.", with a byte-level BPE vocabulary and positions that start after the
-# padding id (HF counts them from pad_token_id + 1): llama.cpp's converter drops those first rows.
+# RoBERTa: BERT under "roberta.", with a byte-level BPE vocabulary (XLM-RoBERTa: SentencePiece's
+# unigram, convert.py) and positions that start after the padding id (HF counts them from
+# pad_token_id + 1): llama.cpp's converter drops those first rows.
 ROBERTA_TENSORS = [(hf, gg) for hf, gg in _names(("", "roberta.")) if gg != "position_embd.weight"]
 
 
@@ -261,7 +262,8 @@ CONVERTERS = {
                          extra_kv=extra_kv, n_layer_key="n_layers")
        for name in ("DistilBertModel", "DistilBertForMaskedLM")},
     **{name: ConvertSpec("bert", ROBERTA_TENSORS, roberta_hparams, REQUIRED, extra_tensors=roberta_positions, ignored=roberta_unused, extra_kv=extra_kv)
-       for name in ("RobertaModel", "RobertaForMaskedLM")},
-    "RobertaForSequenceClassification": ConvertSpec("bert", ROBERTA_TENSORS + CLASSIFIER, roberta_hparams, REQUIRED + [
-        "cls.output.weight"], extra_tensors=roberta_positions, ignored=roberta_unused, extra_kv=classifier_kv),
+       for name in ("RobertaModel", "RobertaForMaskedLM", "XLMRobertaModel", "XLMRobertaForMaskedLM")},
+    **{name: ConvertSpec("bert", ROBERTA_TENSORS + CLASSIFIER, roberta_hparams, REQUIRED + ["cls.output.weight"],
+                         extra_tensors=roberta_positions, ignored=roberta_unused, extra_kv=classifier_kv)
+       for name in ("RobertaForSequenceClassification", "XLMRobertaForSequenceClassification")},
 }
