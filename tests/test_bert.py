@@ -183,7 +183,7 @@ def test_refusals():
 
 # -- conversion
 
-@pytest.mark.parametrize("family", FAMILIES + ("reranker",))
+@pytest.mark.parametrize("family", FAMILIES + ("reranker", "xlm-reranker"))
 def test_convert_writes_what_llama_cpps_converter_writes(tmp_path, family):
     # NAME-llamacpp-f32.gguf: the fixture's folder converted by llama.cpp's convert_hf_to_gguf.py
     from purelm.convert import convert
@@ -259,11 +259,11 @@ def test_roberta_padding_id_is_checked(tmp_path, pad):
 
 # -- a reranker (RobertaForSequenceClassification, one label)
 
-@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+@pytest.mark.parametrize("family,kind", [("reranker", "f32"), ("reranker", "q8_0"), ("xlm-reranker", "f32")])
 @pytest.mark.parametrize("name", [b for b in BACKENDS if b != "numba-1"])
-def test_reranker_scores_match_transformers(name, kind):
-    ref = np.load(BERT / "reranker-ref.npz")
-    llm = purelm.load(BERT / f"reranker-{kind}.gguf", backend=BACKENDS[name])
+def test_reranker_scores_match_transformers(name, family, kind):
+    ref = np.load(BERT / f"{family}-ref.npz")
+    llm = purelm.load(BERT / f"{family}-{kind}.gguf", backend=BACKENDS[name])
     for i, (query, doc) in enumerate(PAIRS):  # "<s> q </s></s> d </s>", as transformers pairs them
         assert llm.tokenizer.encode_pair(query, doc) == ref[f"ids{i}"].tolist()
     for query in {q for q, _ in PAIRS}:

@@ -10,8 +10,8 @@ transformers' tokenizer gives and the model's last hidden states in float32, for
 model and for each other type from the model running the GGUF file's dequantized weights (read by the
 `gguf` package), so every comparison has an exact reference.
 
-`reranker-*`: a RobertaForSequenceClassification (one label: a cross-encoder) with the RoBERTa
-tokenizer; its reference holds the ids transformers gives each (query, document) pair of PAIRS and the
+`reranker-*` and `xlm-reranker-*`: a RobertaForSequenceClassification (one label: a cross-encoder)
+with the RoBERTa tokenizer, and its XLM-RoBERTa twin with the SentencePiece one; its reference holds the ids transformers gives each (query, document) pair of PAIRS and the
 model's scores (logits).
 
 With llama.cpp's source at hand (tests/conftest.py: LLAMA_CPP), also `NAME-llamacpp-f32.gguf`, the same
@@ -138,6 +138,11 @@ def reranker(vocab: int) -> torch.nn.Module:
     return transformers.RobertaForSequenceClassification(roberta_config(vocab, num_labels=1))
 
 
+def xlm_reranker(vocab: int) -> torch.nn.Module:
+    return transformers.XLMRobertaForSequenceClassification(
+        roberta_config(vocab, transformers.XLMRobertaConfig, num_labels=1))
+
+
 # name -> (tokenizer, model factory, types, sentence-transformers pooling)
 FAMILIES = {
     "bert": (lambda: wordpiece(transformers.BertTokenizerFast), bert, ("f32", "f16", "q8_0", "q4_0"), "mean"),
@@ -145,6 +150,7 @@ FAMILIES = {
     "roberta": (byte_level_bpe, roberta, ("f32", "q8_0"), None),
     "reranker": (byte_level_bpe, reranker, ("f32", "q8_0"), None),
     "xlm-roberta": (sentencepiece_unigram, xlm_roberta, ("f32", "q8_0"), "mean"),
+    "xlm-reranker": (sentencepiece_unigram, xlm_reranker, ("f32",), None),
 }
 
 LLAMA_CPP_CONVERT = """
@@ -181,7 +187,7 @@ def make(name: str) -> None:
         (hf / "1_Pooling").mkdir()
         (hf / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
                                                                   f"pooling_mode_{pooling}_tokens": True}))
-    rerank = name == "reranker"
+    rerank = name.endswith("reranker")
     ids = [tok(*p)["input_ids"] for p in PAIRS] if rerank else [tok(t)["input_ids"] for t in TEXTS]
     ref = {f"ids{i}": np.array(seq, np.int64) for i, seq in enumerate(ids)}
     for kind in types:
