@@ -129,10 +129,13 @@ def _xlm_roberta_kv(path: Path, vocab_size: int) -> tuple[dict[str, Any], dict[s
 def _tokenizer_kv(directory: Path, cfg: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     path = directory / "tokenizer.json"
     spm_path = directory / "tokenizer.model"
-    if (directory / "sentencepiece.bpe.model").exists():  # XLM-RoBERTa
+    architectures = cfg.get("architectures")
+    xlm = isinstance(architectures, list) and any(str(a).startswith("XLMRoberta") for a in architectures)
+    if xlm and (directory / "sentencepiece.bpe.model").exists():
         kv, vocab = _xlm_roberta_kv(directory / "sentencepiece.bpe.model", vocab_size)
         tj = _read_json(path) if path.exists() else {}
-        kv.update(_encoder_flags(tj))
+        # "<s> $A </s>", from the tokenizer.json's post-processor where there is one
+        kv.update({"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": True, **_encoder_flags(tj)})
         for t in tj.get("added_tokens") or []:  # <mask>: the last id, which the token list drops
             if isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int):
                 vocab.setdefault(t["content"], t["id"])

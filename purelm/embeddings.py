@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .backends.base import KVCache
+from .backends.kv_cache import BLOCK
 from .errors import ContextOverflowError, FormatError, UsageError
 from .models.common import Model, Params
 
@@ -24,7 +25,8 @@ def model_pooling(model: Model) -> str:
     kind = Params(model.gguf).int("pooling_type", 0, lo=0, hi=4)
     if kind == 4:
         raise FormatError(model.gguf.path, f"{model.gguf.architecture}.pooling_type",
-                          "is 4 (rank): rerankers' classification heads are not supported")
+                          "is 4 (rank): a reranker, whose scores LLM.rerank, `purelm rerank` and the server's "
+                          "/v1/rerank give; to embed with it anyway, ask for a pooling (mean, cls or last)")
     return _FILE_POOLING[kind]
 
 
@@ -136,20 +138,30 @@ def embed_ids(model: Model, cache: KVCache, ids: Sequence[int], n_batch: int = N
             return v
 
 
+def group_end(inputs: Sequence[Sequence[int]], start: int, n_batch: int) -> int:
+    """The end of the group of inputs from `start` that share a pass: at least one, and as many as fit
+    in n_batch positions counted in the KV cache's blocks (each input is a sequence of its own, and
+    takes whole blocks: counting tokens alone, many short inputs would grow the cache far past
+    n_batch positions, and it keeps its size)."""
+    end, n = start, 0
+    while end < len(inputs):
+        cost = -(-len(inputs[end]) // BLOCK) * BLOCK
+        if end > start and n + cost > n_batch:
+            break
+        n += cost
+        end += 1
+    return end
+
+
 def _groups(cache: KVCache, inputs: Sequence[Sequence[int]], n_batch: int):
-    """Indices of `inputs` in groups of up to n_batch tokens in all, each input checked; an input
-    longer than n_batch makes a group of its own."""
-    group: list[int] = []
-    n = 0
-    for i, ids in enumerate(inputs):
+    """Indices of `inputs` in the groups group_end makes, each input checked first."""
+    for ids in inputs:
         check_input(cache, ids)
-        if group and n + len(ids) > n_batch:
-            yield group
-            group, n = [], 0
-        group.append(i)
-        n += len(ids)
-    if group:
-        yield group
+    start = 0
+    while start < len(inputs):
+        end = group_end(inputs, start, n_batch)
+        yield list(range(start, end))
+        start = end
 
 
 def _run_group(model: Model, cache: KVCache, inputs: list[Sequence[int]], run) -> Any:

@@ -448,6 +448,7 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.unk_id, self.pad_id = bos_id, eos_id, unk_id, pad_id
         self.add_bos = bool(add_bos and bos_id is not None)
         self.add_eos = bool(add_eos and eos_id is not None)
+        self._eos_flag = bool(add_eos)  # the file's, for a pair's ends (the separator stands in for no EOS)
         self.add_space_prefix = add_space_prefix
         self.chat_template = chat_template
         self.sep_id = sep_id  # appended by add_special ("bert"); between a pair's texts where add_sep
@@ -762,14 +763,19 @@ class Tokenizer:
         return ids
 
     def encode_pair(self, first: str, second: str) -> list[int]:
-        """Two texts as one input, as llama.cpp's reranking joins a query and a document: BOS, the
-        first, EOS (the separator where the vocabulary has no EOS), the separator where the file asks
-        for one, the second, EOS: "[CLS] q [SEP] d [SEP]" for BERT, "<s> q </s></s> d </s>" for RoBERTa."""
-        a, b = self.encode(first, add_special=False), self.encode(second, add_special=False)
+        """Two texts as one input, as llama.cpp's reranking joins a query and a document (special-token
+        text in them stays text): see join_pair."""
+        return self.join_pair(self.encode(first, add_special=False, parse_special=False),
+                              self.encode(second, add_special=False, parse_special=False))
+
+    def join_pair(self, first: list[int], second: list[int]) -> list[int]:
+        """Two texts' ids as one input: BOS, the first, EOS (the separator where the vocabulary has no
+        EOS), the separator where the file asks for one, the second, EOS: "[CLS] q [SEP] d [SEP]" for
+        BERT, "<s> q </s></s> d </s>" for RoBERTa."""
         end = self.eos_id if self.eos_id is not None else self.sep_id
-        closing = [end] if end is not None and self.add_eos else []
-        return ([self.bos_id] if self.add_bos else []) + a + closing + ([self.sep_id] if self.add_sep else []) \
-            + b + closing
+        closing = [end] if end is not None and self._eos_flag else []
+        return ([self.bos_id] if self.add_bos else []) + first + closing + ([self.sep_id] if self.add_sep else []) \
+            + second + closing
 
     def _own_engine(self) -> WordPiece | Unigram:
         if self._engine is None:

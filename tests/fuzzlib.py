@@ -811,7 +811,9 @@ def run_generate(path: str, ctx: WorkerContext) -> str:
     import purelm
 
     llm = purelm.load(path, backend=ctx.get_backend(), n_ctx=ctx.n_ctx)
-    if not llm.model.causal:  # an embedding model (BERT): its one computation
+    if not llm.model.causal:  # an embedding model (BERT): its one computation, a reranker's too
+        if getattr(llm.model, "n_cls_out", 0):
+            return str(llm.rerank(ctx.prompt, [ctx.prompt, "x"]))
         return str(llm.embed(ctx.prompt).shape)
     return llm.generate(ctx.prompt, max_tokens=ctx.max_tokens, temperature=0)
 

@@ -66,8 +66,9 @@ def test_compile_workers_setting(monkeypatch):
 
 
 def test_row_lookups_are_warmed_for_the_embeddings_types_only(monkeypatch):
-    """build_model names the embeddings' types (token_embd, position_embd); the warm-up compiles a
-    lookup kernel for those types alone (one per type: rows.dequant_rows), not for every row type."""
+    """build_model names the embeddings' types (token_embd, position_embd, token_types); the warm-up
+    compiles a lookup kernel for those types alone (one per type: rows.dequant_rows), not for every row
+    type."""
     from purelm.formats.gguf import GGUFFile
     from purelm.models import build_model
 
@@ -78,7 +79,8 @@ def test_row_lookups_are_warmed_for_the_embeddings_types_only(monkeypatch):
                 if "token_embd.weight" in GGUFFile(p).tensors)
     gguf = GGUFFile(path)
     build_model(gguf, nb.NumbaBackend(1))
-    assert seen == [{gguf.tensors["token_embd.weight"].type}]
+    assert seen == [{t.type for name, t in gguf.tensors.items() if name.startswith(("token_embd.", "position_embd.",
+                                                                                     "token_types."))}]
     names = [s[0] for s in nb.NumbaBackend(1)._warm_steps({GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K},
                                                            {GGMLType.Q8_0, GGMLType.Q4_K})]
     assert [n for n in names if n.endswith("-lookup")] == ["Q8_0-lookup", "Q4_K-lookup"]

@@ -127,7 +127,8 @@ def test_fuzz_model_build_and_generate(seeds, tmp_path):
 
 
 def test_fuzz_embedding_model(tmp_path):
-    seeds = [fuzzlib.load_seed(FIXTURES / "bert" / f"bert-{t}.gguf") for t in ("q8_0", "f16")]
+    seeds = [fuzzlib.load_seed(FIXTURES / "bert" / name) for name in ("bert-q8_0.gguf", "bert-f16.gguf",
+                                                                        "reranker-q8_0.gguf")]
     cases = [*fuzzlib.hparam_cases(seeds, 100, seed=4), *fuzzlib.random_cases(seeds, 60, seed=4, kind="struct"),
              *fuzzlib.random_cases(seeds, 60, seed=4)]
     with fuzzlib.Runner("model-build+generate", workers=2, warm=[s.path for s in seeds], timeout=20) as runner:

@@ -173,9 +173,9 @@ def make(name: str) -> None:
     tok = make_tokenizer(hf) if make_tokenizer is sentencepiece_unigram else make_tokenizer()
     tok.save_pretrained(hf)
     model = factory(len(tok)).eval()
-    with torch.no_grad():  # random weights of BERT's init (std 0.02) give near-constant outputs: widen them
-        for pname, p in model.named_parameters():
-            if "LayerNorm" in pname or "layer_norm" in pname:
+    with torch.no_grad():  # random weights of BERT's init (std 0.02) give near-constant outputs: widen them,
+        for pname, p in model.named_parameters():  # and give the biases (zeros at init) values to check
+            if "LayerNorm" in pname or "layer_norm" in pname or pname.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.2)
             else:
                 p.mul_(8.0)

@@ -13,6 +13,7 @@ from ..formats.gguf import GGUFFile
 from .common import Model
 
 ARCHITECTURES: dict[str, type[Model]] = {}
+LOOKUPS = ("token_embd.weight", "position_embd.weight", "token_types.weight")  # tensors read row by row
 CONVERTERS: dict = {}
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name in ("common", "layers"):
@@ -32,7 +33,7 @@ def build_model(gguf: GGUFFile, backend: Backend, adapters: Sequence[Any] = ()) 
     if cls is None:
         raise FormatError(gguf.path, "general.architecture",
                           f"{arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})")
-    embeddings = {t.type for name, t in gguf.tensors.items() if name in ("token_embd.weight", "position_embd.weight")}
+    embeddings = {t.type for name, t in gguf.tensors.items() if name in LOOKUPS}
     matrices = [t for t in gguf.tensors.values() if len(t.shape) >= 2]
     backend.prepare({t.type for t in matrices}, embeddings, sum(t.n_elements for t in matrices))
     if not adapters:

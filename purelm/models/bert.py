@@ -229,8 +229,10 @@ def roberta_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def roberta_positions(ckpt: Any, cfg: dict[str, Any]):
-    name = next(n for n in ("roberta.embeddings.position_embeddings.weight", "embeddings.position_embeddings.weight")
-                if n in ckpt)
+    name = next((n for n in ("roberta.embeddings.position_embeddings.weight", "embeddings.position_embeddings.weight")
+                 if n in ckpt), None)
+    if name is None:
+        raise PurelmError("roberta: the checkpoint has no embeddings.position_embeddings.weight")
     rows, width = ckpt.shape(name)
     offset = position_offset(cfg)
     yield "position_embd.weight", (rows - offset, width), lambda: np.ascontiguousarray(ckpt.get(name)[offset:])
@@ -250,7 +252,9 @@ def classifier_kv(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     kv = extra_kv(directory, cfg)
     labels = cfg.get("id2label")
     if isinstance(labels, dict) and labels and not (len(labels) == 2 and labels.get("0") == "LABEL_0"):
-        kv["bert.classifier.output_labels"] = [str(v) for _, v in sorted(labels.items())]
+        # in label order: the keys are ids ("0", "1", ... "10"), compared as numbers
+        order = sorted(labels, key=lambda k: (0, int(k), "") if str(k).isdigit() else (1, 0, str(k)))
+        kv["bert.classifier.output_labels"] = [str(labels[k]) for k in order]
     return kv
 
 

@@ -68,6 +68,8 @@ class _State:
         self.llm, self.config = llm, config
         self.tokenizer = llm.tokenizer
         self.n_ctx, self.n_vocab = llm.n_ctx, llm.n_vocab
+        # the longest embedding input: the context, and learned positions (BERT, GPT-2) where there are
+        self.max_input = min(self.n_ctx, getattr(llm.model, "max_positions", None) or self.n_ctx)
         base = os.path.basename(llm.path)
         stem = base[:-5] if base.lower().endswith(".gguf") else base
         self.model_id = config.model_name or stem
@@ -141,7 +143,7 @@ class _State:
         thread finds it made (a scan of the vocabulary: up to a second)."""
         if not self.llm.model.causal:
             raise P.bad(f"{self.llm.model.gguf.architecture} is an embedding model: this server answers "
-                        "/v1/embeddings only", None, "model_not_generative")
+                        "/v1/embeddings (and a reranker /v1/rerank), not generation", None, "model_not_generative")
         gen = P.generation(body, self.n_vocab, self.n_ctx, max_n, chat, echo, self.config.sampling,
                            n_predict)
         gen.lora = P.lora_scales(body.get("lora"), len(self.engine.adapters))
@@ -588,9 +590,9 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                 t = P.token_ids(x, state.n_vocab, f"input[{i}]")
             if not t:
                 raise P.bad(f"input[{i}] is empty", "input")
-            if len(t) > state.n_ctx:
-                raise P.bad(f"input[{i}] has {len(t)} tokens but the context holds {state.n_ctx}", "input",
-                            "context_length_exceeded")
+            if len(t) > state.max_input:
+                raise P.bad(f"input[{i}] has {len(t)} tokens; the model takes at most {state.max_input} (its "
+                            "context, and any learned positions)", "input", "context_length_exceeded")
             ids.append(t)
         try:
             handle = state.engine.submit_embeddings(ids)
@@ -631,17 +633,23 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             raise P.bad(f"{'texts' if tei else 'documents'} must be a non-empty array of strings",
                         "texts" if tei else "documents", "invalid_type")
         if len(docs) > MAX_EMBED_INPUTS:
-            raise P.bad(f"{len(docs)} documents; at most {MAX_EMBED_INPUTS}", "documents")
+            raise P.bad(f"{len(docs)} documents; at most {MAX_EMBED_INPUTS}", "texts" if tei else "documents")
+        field = "texts" if tei else "documents"
         top_n = P.get_int(body, "top_n", 0, 2**31, len(docs))
         with_text = P.get_bool(body, "return_text" if tei else "return_documents")
         query = P.check_text(query, "query")
-        ids = []
-        for i, d in enumerate(docs):
-            t = state.tokenizer.encode_pair(query, P.check_text(d, f"documents[{i}]"))
-            if len(t) > state.n_ctx:
-                raise P.bad(f"documents[{i}] and the query have {len(t)} tokens but the context holds {state.n_ctx}",
-                            "documents", "context_length_exceeded")
-            ids.append(t)
+        docs = [P.check_text(d, f"{field}[{i}]") for i, d in enumerate(docs)]
+        tok = state.tokenizer
+
+        def tokenize() -> list[list[int]]:  # (Tokenizer.encode_pair, the query once; off the event loop)
+            q = tok.encode(query, add_special=False, parse_special=False)
+            return [tok.join_pair(q, tok.encode(d, add_special=False, parse_special=False)) for d in docs]
+
+        ids = await asyncio.to_thread(tokenize)
+        for i, t in enumerate(ids):
+            if len(t) > state.max_input:
+                raise P.bad(f"{field}[{i}] and the query have {len(t)} tokens; the model takes at most "
+                            f"{state.max_input}", field, "context_length_exceeded")
         try:
             handle = state.engine.submit_embeddings(ids, rank=True)
         except QueueFullError as e:

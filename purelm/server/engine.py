@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from ..embeddings import Pooling, embed_many, rank_many
+from ..embeddings import Pooling, embed_many, group_end, rank_many
 from ..errors import ContextOverflowError, GenerationError, MemoryLimitError, PurelmError, UsageError
 from ..generate import _Sample
 from ..grammar import Constraint
@@ -283,7 +283,8 @@ class Engine:
         if not self.running:
             raise EngineStoppedError("the engine is not running")
         if not self.model.causal:
-            raise UsageError(f"{self.model.gguf.architecture} is an embedding model: it serves /v1/embeddings only")
+            raise UsageError(f"{self.model.gguf.architecture} is an embedding model: it serves /v1/embeddings (and a "
+                             "reranker /v1/rerank), not generation")
         if req.n > self.parallel:
             raise ContextOverflowError(f"n = {req.n} is more than the server's {self.parallel} slots")
         if len(req.prompt) >= self.n_ctx:
@@ -713,11 +714,7 @@ class Engine:
                 ej.started = True
                 self._dequeued()
             if ej.pooling is None and (len(ej.inputs[ej.index]) <= self.batch or ej.rank):
-                # the next inputs that fit in one step's tokens (at least one), in one pass
-                end, n = ej.index, 0
-                while end < len(ej.inputs) and (end == ej.index or n + len(ej.inputs[end]) <= self.batch):
-                    n += len(ej.inputs[end])
-                    end += 1
+                end = group_end(ej.inputs, ej.index, self.batch)  # the next inputs that share a pass
                 vectors = rank_many(self.model, self.cache, ej.inputs[ej.index:end], self.batch) if ej.rank else \
                     embed_many(self.model, self.cache, ej.inputs[ej.index:end], self.batch, self.pooling)
                 ej.handle._push([(ej.index + k, v) for k, v in enumerate(vectors)])
@@ -729,7 +726,8 @@ class Engine:
                 ej.pooling = Pooling(self.model, self.cache, ej.inputs[ej.index], self.batch, self.pooling)
             vec = ej.pooling.step()
         except Exception as e:
-            log.exception("embedding failed")
+            if not isinstance(e, PurelmError):  # (a request's own fault, an over-long input, is its answer)
+                log.exception("embedding failed")
             self._embeds.popleft()
             if ej.pooling is not None:
                 ej.pooling.close()
