@@ -559,6 +559,18 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                      "n_embd": getattr(m, "dim", None), "size": os.path.getsize(state.llm.path),
                      "path": os.path.basename(state.llm.path), "aliases": sorted(state.names)}}]})
 
+    async def encoded(request: Request, ids: list[list[int]], rank: bool) -> dict[int, np.ndarray]:
+        """Each input's embedding (or, `rank`, a reranker's scores) by index, from the engine."""
+        try:
+            handle = state.engine.submit_embeddings(ids, rank=rank)
+        except QueueFullError as e:
+            raise P.APIError(503, str(e), None, "queue_full") from None
+        out: dict[int, np.ndarray] = {}
+        async with _watch_disconnect(request, [handle]):
+            async for items in handle:
+                out.update(items)
+        return out
+
     @app.post("/v1/embeddings")
     @app.post("/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
@@ -594,14 +606,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
                 raise P.bad(f"input[{i}] has {len(t)} tokens; the model takes at most {state.max_input} (its "
                             "context, and any learned positions)", "input", "context_length_exceeded")
             ids.append(t)
-        try:
-            handle = state.engine.submit_embeddings(ids)
-        except QueueFullError as e:
-            raise P.APIError(503, str(e), None, "queue_full") from None
-        vectors: dict[int, np.ndarray] = {}
-        async with _watch_disconnect(request, [handle]):
-            async for items in handle:
-                vectors.update(items)
+        vectors = await encoded(request, ids, rank=False)
         data = []
         for i in range(len(ids)):
             v = vectors[i]
@@ -650,14 +655,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
             if len(t) > state.max_input:
                 raise P.bad(f"{field}[{i}] and the query have {len(t)} tokens; the model takes at most "
                             f"{state.max_input}", field, "context_length_exceeded")
-        try:
-            handle = state.engine.submit_embeddings(ids, rank=True)
-        except QueueFullError as e:
-            raise P.APIError(503, str(e), None, "queue_full") from None
-        scores: dict[int, np.ndarray] = {}
-        async with _watch_disconnect(request, [handle]):
-            async for items in handle:
-                scores.update(items)
+        scores = await encoded(request, ids, rank=True)
         label = "score" if tei else "relevance_score"
         results = sorted(({"index": i, label: float(scores[i][0])} for i in range(len(docs))),
                          key=lambda r: -r[label])[:top_n]
