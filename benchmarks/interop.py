@@ -1,6 +1,7 @@
 """Interchange check: llama.cpp (llama-cpp-python, the `bench` extra) runs GGUF files that `purelm convert`
 wrote, and agrees with purelm on the top-1 token at every position; for the embedding models (encoders,
-tests/fixtures/bert: BERT, DistilBERT, RoBERTa) on the tokens and the embeddings. Prints JSON.
+tests/fixtures/bert: BERT, DistilBERT, RoBERTa, XLM-RoBERTa, nomic-bert) on the tokens and the embeddings.
+Prints JSON.
 
     python benchmarks/interop.py [--archs llama gpt2 qwen2 ...] [--types f32 f16 q8_0] [--no-embeddings]
                                  [--llama-server PATH]   # also the reranker, against llama-server --reranking
@@ -42,13 +43,14 @@ def embedding_results(types: list[str], backend: str) -> list[dict]:
     texts = ["The quick brown fox jumps over the lazy dog.", "hello world", "a",
              "Embeddings: Héllo, WORLD! 12345 unbelievable tokenization"]
     out = []
-    for arch, qtype in ((a, t) for a in ("bert", "distilbert", "roberta", "xlm-roberta") for t in types):
+    for arch, qtype in ((a, t) for a in ("bert", "distilbert", "roberta", "xlm-roberta", "nomic") for t in types):
         path = FIX / "bert" / f"{arch}-{qtype}.gguf"
         if not path.exists():  # (the other families have f32 and q8_0 fixtures only)
             continue
         ours_model = purelm.load(path, backend=backend)
         # a file without bert.pooling_type: llama.cpp returns every token's vector, purelm their mean
-        pooling = {} if "bert.pooling_type" in ours_model.metadata else {"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN}
+        pooled = f"{ours_model.metadata['general.architecture']}.pooling_type" in ours_model.metadata
+        pooling = {} if pooled else {"pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN}
         theirs_model = llama_cpp.Llama(model_path=str(path), embedding=True, n_ctx=64, n_threads=1, verbose=False,
                                        **pooling)
         theirs = np.array([theirs_model.embed(t, normalize=True) for t in texts], np.float32)

@@ -377,6 +377,7 @@ INT_KEYS: dict[str, tuple[int, str]] = {
     **dict.fromkeys(("num_experts", "num_local_experts", "num_experts_per_tok"), (1, "dim")),
     "decoder_sparse_step": (1, "tensors"),
     "type_vocab_size": (1, "dim"),  # BERT's token types: rows of token_types
+    "max_trained_positions": (1, "context"),  # nomic-bert
 }
 HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads")
 KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "kv_n_heads")

@@ -25,7 +25,7 @@ BERT = FIXTURES / "bert"
 REF = np.load(BERT / "bert-ref.npz")
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "hello world",
          "Embeddings: Héllo, WORLD! 12345 unbelievable tokenization", "a"]  # as tools/make_bert_fixtures.py
-FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta")  # all "bert" in GGUF
+FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta", "nomic")  # "bert" in GGUF ("nomic-bert")
 FILES = [(f, t) for f in FAMILIES for t in ("f32", "f16", "q8_0", "q4_0") if (BERT / f"{f}-{t}.gguf").exists()]
 PAIRS = [("what sat on the mat?", "the cat sat on the mat"), ("what sat on the mat?", "hello world"),
          ("quick fox", "The quick brown fox jumps over the lazy dog."), ("a", "a")]  # the reranker's
@@ -449,3 +449,28 @@ def test_cli_rerank(capsys):
         assert x["score"] == pytest.approx(want[x["index"]], abs=1e-6) and x["document"] == docs[x["index"]]
     assert main(["rerank", "-m", str(BERT / "bert-q8_0.gguf"), "--backend", "numpy", "q", "d"]) != 0
     assert "classification head" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [b for b in BACKENDS if b != "numba-1"])
+def test_nomic_embeddings_match_llama_cpps(name):
+    # nomic-ref.npz holds llama.cpp's own embeddings of the texts (llama-cpp-python, the same f32 file)
+    ref = np.load(BERT / "nomic-ref.npz")
+    got = purelm.load(BERT / "nomic-f32.gguf", backend=BACKENDS[name]).embed(TEXTS)
+    for i in range(len(TEXTS)):
+        np.testing.assert_allclose(got[i], ref[f"llamacpp_embedding{i}"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", [{"activation_function": "gelu"}, {"prenorm": True}, {"qkv_proj_bias": True},
+                                    {"rotary_emb_fraction": 0.5}, {"moe_every_n_layers": 2},
+                                    {"n_positions": 4096}])
+def test_nomic_variants_purelm_does_not_run_are_refused(tmp_path, change):
+    from purelm.convert import convert
+
+    hf = tmp_path / "hf"
+    shutil.copytree(BERT / "nomic-hf", hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.update(change)
+    (hf / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(purelm.PurelmError, match="nomic-bert"):
+        convert(hf, tmp_path / "out.gguf", "f16")
+    assert not (tmp_path / "out.gguf").exists()

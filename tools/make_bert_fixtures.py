@@ -14,6 +14,13 @@ model and for each other type from the model running the GGUF file's dequantized
 with the RoBERTa tokenizer, and its XLM-RoBERTa twin with the SentencePiece one; its reference holds the ids transformers gives each (query, document) pair of PAIRS and the
 model's scores (logits).
 
+`nomic-*`: nomic-embed-text's architecture: a checkpoint written here in the layout its Hugging Face
+repository uses (NomicBertModel's remote code: Wqkv, fc11, fc12), random weights and BERT's tokenizer,
+converted by purelm and by llama.cpp's converter. Its reference holds transformers' own NomicBertModel
+(which reads that layout) hidden states, as for the other families (q8_0: the dequantized GGUF weights
+put back), and llama.cpp's embeddings of TEXTS (llama-cpp-python over the llama.cpp build,
+LLAMA_CPP_LIB_PATH): this family needs llama.cpp at hand.
+
 With llama.cpp's source at hand (tests/conftest.py: LLAMA_CPP), also `NAME-llamacpp-f32.gguf`, the same
 folder converted by llama.cpp's own convert_hf_to_gguf.py; it knows the pre-tokenizers of published
 models only (by a hash of their output), so it is told the one purelm writes.
@@ -43,6 +50,8 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "hello world",
          "Embeddings: Héllo, WORLD! 12345 unbelievable tokenization", "a"]
 CORPUS = TEXTS + ["the cat sat on the mat", "tokens and pieces of words, unbelievable"] * 20
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+LLAMA_CPP = Path(os.environ.get("PURELM_LLAMA_CPP_DIR",
+                                Path.home() / ".cache/purelm-peers/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 PAIRS = [("what sat on the mat?", "the cat sat on the mat"), ("what sat on the mat?", "hello world"),
          ("quick fox", "The quick brown fox jumps over the lazy dog."), ("a", "a")]
 
@@ -202,8 +211,7 @@ def make(name: str) -> None:
             else:
                 ref[f"{kind}_hidden{i}"] = out.last_hidden_state[0].numpy()
     np.savez_compressed(OUT / f"{name}-ref.npz", **ref)
-    llama_cpp = Path(os.environ.get("PURELM_LLAMA_CPP_DIR", Path.home() / ".cache/purelm-peers/"
-                                    "llama_cpp_python-0.3.36/vendor/llama.cpp"))
+    llama_cpp = LLAMA_CPP
     if (llama_cpp / "convert_hf_to_gguf.py").exists():
         pre = GGUFFile(OUT / f"{name}-f32.gguf").metadata["tokenizer.ggml.pre"]
         env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
@@ -237,12 +245,108 @@ def with_gguf_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
     return out.eval()
 
 
+LLAMA_CPP_EMBED = """
+import json, sys
+import numpy as np
+import llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], embedding=True, n_ctx=64, n_threads=1, verbose=False)
+texts = json.loads(sys.argv[2])
+print(json.dumps({"ids": [llm.tokenize(t.encode()) for t in texts],
+                  "embeddings": [llm.embed(t, normalize=True) for t in texts]}))
+"""
+
+
+def make_nomic(llama_cpp: Path) -> None:
+    """A NomicBertModel checkpoint (config and tensors as nomic-embed-text-v1.5's, tiny and random)."""
+    from safetensors.numpy import save_file
+
+    hf = OUT / "nomic-hf"
+    shutil.copytree(OUT / "bert-hf", hf)
+    vocab = len(json.loads((hf / "tokenizer.json").read_text())["model"]["vocab"])
+    dim, ff, layers = 64, 128, 2
+    cfg = {"architectures": ["NomicBertModel"], "model_type": "nomic_bert", "vocab_size": vocab, "n_embd": dim,
+           "n_layer": layers, "n_head": 4, "n_inner": ff, "n_positions": 8192, "max_trained_positions": 2048,
+           "layer_norm_epsilon": 1e-12, "rotary_emb_base": 1000, "rotary_emb_fraction": 1.0,
+           "rotary_emb_interleaved": False, "rotary_emb_scale_base": None, "activation_function": "swiglu",
+           "causal": False, "qkv_proj_bias": False, "mlp_fc1_bias": False, "mlp_fc2_bias": False, "prenorm": False,
+           "type_vocab_size": 2, "pad_token_id": 0,
+           # transformers' own NomicBertConfig reads these names (and llama.cpp's converter through it)
+           "hidden_size": dim, "num_hidden_layers": layers, "num_attention_heads": 4, "intermediate_size": ff,
+           "max_position_embeddings": 2048, "layer_norm_eps": 1e-12, "rope_theta": 1000.0}
+    (hf / "config.json").write_text(json.dumps(cfg, indent=1))
+    (hf / "model.safetensors").unlink()
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int, scale: float = 0.16) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    tensors = {"embeddings.word_embeddings.weight": w(vocab, dim, scale=1.0),
+               "embeddings.token_type_embeddings.weight": w(2, dim),
+               "emb_ln.weight": 1 + w(dim, scale=0.2), "emb_ln.bias": w(dim, scale=0.2)}
+    for i in range(layers):
+        b = f"encoder.layers.{i}."
+        tensors.update({b + "attn.Wqkv.weight": w(3 * dim, dim), b + "attn.out_proj.weight": w(dim, dim),
+                        b + "norm1.weight": 1 + w(dim, scale=0.2), b + "norm1.bias": w(dim, scale=0.2),
+                        b + "mlp.fc11.weight": w(ff, dim), b + "mlp.fc12.weight": w(ff, dim),
+                        b + "mlp.fc2.weight": w(dim, ff, scale=0.11),
+                        b + "norm2.weight": 1 + w(dim, scale=0.2), b + "norm2.bias": w(dim, scale=0.2)})
+    save_file(tensors, str(hf / "model.safetensors"))
+    for kind in ("f32", "q8_0"):
+        convert(hf, OUT / f"nomic-{kind}.gguf", kind)
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    subprocess.run([sys.executable, "-c", LLAMA_CPP_CONVERT, "default", str(hf), "--outtype", "f32", "--outfile",
+                    str(OUT / "nomic-llamacpp-f32.gguf")], cwd=llama_cpp, env=env, check=True)
+    env["LLAMA_CPP_LIB_PATH"] = str(llama_cpp / "build" / "bin")
+    env["PYTHONPATH"] = str(llama_cpp.parent.parent)  # the llama-cpp-python sdist holding this llama.cpp
+    out = subprocess.run([sys.executable, "-c", LLAMA_CPP_EMBED, str(OUT / "nomic-llamacpp-f32.gguf"),
+                          json.dumps(TEXTS)], env=env, check=True, capture_output=True, text=True).stdout
+    ref = json.loads(out)
+    arrays = {**{f"ids{i}": np.array(x, np.int64) for i, x in enumerate(ref["ids"])},
+              **{f"llamacpp_embedding{i}": np.array(x, np.float32) for i, x in enumerate(ref["embeddings"])}}
+    model = transformers.NomicBertModel.from_pretrained(hf, dtype=torch.float32).eval()
+    for kind in ("f32", "q8_0"):
+        runner = model if kind == "f32" else with_nomic_gguf_weights(model, OUT / f"nomic-{kind}.gguf")
+        for i in range(len(TEXTS)):
+            with torch.no_grad():
+                arrays[f"{kind}_hidden{i}"] = runner(input_ids=torch.tensor([ref["ids"][i]])).last_hidden_state[0].numpy()
+    np.savez_compressed(OUT / "nomic-ref.npz", **arrays)
+
+
+def with_nomic_gguf_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """transformers' NomicBertModel with the GGUF file's tensors (dequantized by `gguf`), q|k|v split."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    out = copy.deepcopy(model)
+    state = out.state_dict()
+    names = {"token_embd.weight": ["embeddings.word_embeddings.weight"],
+             "token_types.weight": ["embeddings.token_type_embeddings.weight"],
+             "token_embd_norm.weight": ["embeddings.LayerNorm.weight"],
+             "token_embd_norm.bias": ["embeddings.LayerNorm.bias"]}
+    for i in range(model.config.num_hidden_layers):
+        b, L = f"blk.{i}.", f"layers.{i}."
+        names.update({b + "attn_qkv.weight": [L + f"self_attn.{p}_proj.weight" for p in "qkv"],
+                      b + "attn_output.weight": [L + "self_attn.o_proj.weight"],
+                      b + "ffn_up.weight": [L + "mlp.up_proj.weight"], b + "ffn_gate.weight": [L + "mlp.gate_proj.weight"],
+                      b + "ffn_down.weight": [L + "mlp.down_proj.weight"]})
+        for gg, hf in (("attn_output_norm", "post_attention_layernorm"), ("layer_output_norm", "post_mlp_layernorm")):
+            names.update({f"{b}{gg}.{k}": [f"{L}{hf}.{k}"] for k in ("weight", "bias")})
+    for t in GGUFReader(path).tensors:
+        values = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), np.float32))
+        parts = names[t.name]
+        for hf, part in zip(parts, values.reshape(-1, *state[parts[0]].shape[1:]).chunk(len(parts))):
+            state[hf][:] = part
+    out.load_state_dict(state)
+    return out.eval()
+
+
 def main() -> None:
     if OUT.exists():
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
     for name in FAMILIES:
         make(name)
+    make_nomic(LLAMA_CPP)
     print("wrote", *sorted(p.name for p in OUT.iterdir()))
 
 

@@ -24,14 +24,14 @@ from ..convert_spec import ConvertSpec
 from ..errors import FormatError, PurelmError, UsageError
 from ..formats.gguf import GGUFFile
 from .common import Model, Params, Weights
-from .layers import MLP, Attention, Norm
+from .layers import MLP, Attention, GatedFFN, Norm
 
 
 @dataclass
 class EncoderLayer:
     attn: Attention
     attn_out_norm: Norm  # LN_a, over x + attention
-    ffn: MLP
+    ffn: MLP | GatedFFN
     out_norm: Norm  # LN_o, over h + feed-forward
 
 
@@ -50,13 +50,12 @@ class Bert(Model):
         self.tok_embd = w.matrix("token_embd.weight", (self.n_vocab, self.dim))
         types = gguf.tensors.get("token_types.weight")  # (type count, dim); only row 0 is used
         self.type_embd = None if types is None else w.matrix("token_types.weight", (types.shape[0], self.dim))
-        self.max_positions = self.n_ctx_train
-        self.pos_embd = w.matrix("position_embd.weight", (self.n_ctx_train, self.dim))
+        self.pos_embd = self.positions(p, w)
         self.embd_norm = Norm.layer_norm(self, w, "token_embd_norm")
         self.layers = [EncoderLayer(
-            attn=Attention.load(self, w, i, spec=spec, bias="required", out_bias="optional"),
+            attn=self.attention(p, w, i, spec),
             attn_out_norm=Norm.layer_norm(self, w, f"blk.{i}.attn_output_norm"),
-            ffn=MLP.load(self, w, i, self.n_ff, "gelu_erf"),
+            ffn=self.feed_forward(w, i),
             out_norm=Norm.layer_norm(self, w, f"blk.{i}.layer_output_norm"),
         ) for i in range(self.n_layer)]
         # a reranker's (cross-encoder's) classification head, over the first token's hidden state
@@ -67,8 +66,23 @@ class Bert(Model):
         self.cls_out = None if out is None else w.matrix("cls.output.weight", (self.n_cls_out, self.dim))
         self.cls_out_b = None if out is None else w.vector("cls.output.bias", self.n_cls_out, optional=True)
 
+    # -- what NomicBert varies
+    def positions(self, p: Params, w: Weights) -> Any:
+        """Learned position embeddings, one row per position of the training context."""
+        self.max_positions = self.n_ctx_train
+        return w.matrix("position_embd.weight", (self.n_ctx_train, self.dim))
+
+    def attention(self, p: Params, w: Weights, i: int, spec: AttentionSpec) -> Attention:
+        return Attention.load(self, w, i, spec=spec, bias="required", out_bias="optional")
+
+    def feed_forward(self, w: Weights, i: int) -> MLP | GatedFFN:
+        return MLP.load(self, w, i, self.n_ff, "gelu_erf")
+
+    # -- the forward pass
     def hidden(self, ids: np.ndarray, positions: np.ndarray, cache: KVCache) -> Any:
-        x = self.ops.embed(self.tok_embd, ids) + self.ops.embed(self.pos_embd, positions)
+        x = self.ops.embed(self.tok_embd, ids)
+        if self.pos_embd is not None:
+            x = x + self.ops.embed(self.pos_embd, positions)
         if self.type_embd is not None:
             x = x + self.ops.embed(self.type_embd, np.zeros_like(ids))
         x = self.embd_norm(x)
@@ -86,6 +100,25 @@ class Bert(Model):
         if self.cls is not None:
             x = self.ops.softcap(self.ops.linear(x, self.cls, self.cls_b), 1.0)  # 1·tanh(y / 1)
         return self.ops.linear(x, self.cls_out, self.cls_out_b)
+
+
+class NomicBert(Bert):
+    """nomic-embed-text (llama.cpp's `nomic-bert`): BERT with rotary positions (NeoX pairs) instead of
+    learned ones, a fused q|k|v without biases, and a SwiGLU feed-forward:
+
+        h   = LN_a(x + Wo · Attention(rope(q), rope(k), v)),   q|k|v = Wqkv · x
+        out = LN_o(h + Wdown · (silu(Wgate · h) * Wup · h))
+    """
+
+    def positions(self, p: Params, w: Weights) -> Any:
+        self.rope = self.read_rope(p, neox=True)
+        return None
+
+    def attention(self, p: Params, w: Weights, i: int, spec: AttentionSpec) -> Attention:
+        return Attention.load(self, w, i, self.rope, spec, fused=True, bias="none", out_bias="optional")
+
+    def feed_forward(self, w: Weights, i: int) -> MLP | GatedFFN:
+        return GatedFFN.load(self, w, i, self.n_ff, "silu")
 
 
 # ------------------------------------------------------------------ Hugging Face -> GGUF (purelm convert)
@@ -134,9 +167,17 @@ def hparams(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def extra_kv(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    """tokenizer.ggml.token_type_count (llama.cpp refuses a BERT file without it) and, from a
-    sentence-transformers folder (modules.json naming a Pooling module), bert.pooling_type."""
+def encoder_kv(arch: str):
+    """A ConvertSpec.extra_kv: tokenizer.ggml.token_type_count (llama.cpp refuses a BERT file without
+    it) and, from a sentence-transformers folder (modules.json naming a Pooling module),
+    `{arch}.pooling_type`."""
+
+    def extra_kv(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+        return _encoder_kv(arch, directory, cfg)
+    return extra_kv
+
+
+def _encoder_kv(arch: str, directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     kv: dict[str, Any] = {"tokenizer.ggml.token_type_count": cfg.get("type_vocab_size", 1)}
     modules = _json(directory / "modules.json", list)
     pooling = next((m.get("path") for m in modules or [] if isinstance(m, dict)
@@ -151,7 +192,7 @@ def extra_kv(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         if mode not in POOLING_TYPES:
             raise FormatError(directory / pooling / "config.json", "pooling_mode",
                               f"{mode!r}: only mean, cls and lasttoken pooling are supported")
-        kv["bert.pooling_type"] = POOLING_TYPES[mode]
+        kv[f"{arch}.pooling_type"] = POOLING_TYPES[mode]
     return kv
 
 
@@ -249,7 +290,7 @@ CLASSIFIER = [(f"classifier.{hf}.{kind}", f"{gg}.{kind}") for kind in ("weight",
 
 
 def classifier_kv(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    kv = extra_kv(directory, cfg)
+    kv = _encoder_kv("bert", directory, cfg)
     labels = cfg.get("id2label")
     if isinstance(labels, dict) and labels and not (len(labels) == 2 and labels.get("0") == "LABEL_0"):
         # in label order: the keys are ids ("0", "1", ... "10"), compared as numbers
@@ -258,16 +299,66 @@ def classifier_kv(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     return kv
 
 
-ARCHITECTURES = {"bert": Bert}
+# nomic-embed-text v1/v1.5 (NomicBertModel: remote code, named as llama.cpp's converter names it)
+NOMIC_TENSORS = [
+    ("embeddings.word_embeddings.weight", "token_embd.weight"),
+    ("embeddings.token_type_embeddings.weight", "token_types.weight"),
+    ("emb_ln.weight", "token_embd_norm.weight"),
+    ("emb_ln.bias", "token_embd_norm.bias"),
+] + [(f"encoder.layers.{{i}}.{hf}", f"blk.{{i}}.{gg}") for hf, gg in [
+    ("attn.Wqkv.weight", "attn_qkv.weight"),
+    ("attn.out_proj.weight", "attn_output.weight"),
+    ("norm1.weight", "attn_output_norm.weight"),
+    ("norm1.bias", "attn_output_norm.bias"),
+    ("mlp.fc11.weight", "ffn_up.weight"),
+    ("mlp.fc12.weight", "ffn_gate.weight"),
+    ("mlp.fc2.weight", "ffn_down.weight"),
+    ("norm2.weight", "layer_output_norm.weight"),
+    ("norm2.bias", "layer_output_norm.bias"),
+]]
+
+
+def nomic_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
+    """As llama.cpp's NomicBertModel: only the dense, post-norm, SwiGLU, full-rotary variant; its 8192
+    positions are the 2048 it was trained for."""
+    wanted = {"activation_function": "swiglu", "causal": False, "qkv_proj_bias": False, "mlp_fc1_bias": False,
+              "mlp_fc2_bias": False, "prenorm": False, "rotary_emb_fraction": 1.0, "rotary_emb_interleaved": False,
+              "rotary_emb_scale_base": None}
+    for key, value in wanted.items():
+        if cfg.get(key, value) != value or cfg.get("moe_every_n_layers"):
+            raise PurelmError(f"nomic-bert: {key} = {cfg.get(key)!r} is not supported (only {value!r}; no MoE)")
+    n_pos, trained = cfg["n_positions"], cfg.get("max_trained_positions", 2048)
+    if (n_pos, trained) not in ((8192, 2048), (2048, 2048)):
+        raise PurelmError(f"nomic-bert: n_positions {n_pos} with max_trained_positions {trained} is not a known model")
+    return {
+        "context_length": 2048 if n_pos == 8192 else 512,
+        "embedding_length": cfg["n_embd"],
+        "feed_forward_length": cfg["n_inner"],
+        "block_count": cfg["n_layer"],
+        "attention.head_count": cfg["n_head"],
+        "attention.layer_norm_epsilon": float(cfg.get("layer_norm_epsilon", 1e-12)),
+        "rope.freq_base": float(cfg.get("rotary_emb_base", 10000.0)),
+        # (llama.cpp's converter reads transformers' own NomicBertConfig, which names the head size)
+        "attention.key_length": cfg["n_embd"] // cfg["n_head"],
+        "attention.value_length": cfg["n_embd"] // cfg["n_head"],
+        "attention.causal": False,
+    }
+
+
+ARCHITECTURES = {"bert": Bert, "nomic-bert": NomicBert}
 CONVERTERS = {
-    **{name: ConvertSpec("bert", TENSORS, hparams, REQUIRED, ignored=unused, extra_kv=extra_kv)
+    **{name: ConvertSpec("bert", TENSORS, hparams, REQUIRED, ignored=unused, extra_kv=encoder_kv("bert"))
        for name in ("BertModel", "BertForMaskedLM")},
     **{name: ConvertSpec("bert", DISTIL_TENSORS, distil_hparams, REQUIRED, ignored=distil_unused,
-                         extra_kv=extra_kv, n_layer_key="n_layers")
+                         extra_kv=encoder_kv("bert"), n_layer_key="n_layers")
        for name in ("DistilBertModel", "DistilBertForMaskedLM")},
-    **{name: ConvertSpec("bert", ROBERTA_TENSORS, roberta_hparams, REQUIRED, extra_tensors=roberta_positions, ignored=roberta_unused, extra_kv=extra_kv)
+    **{name: ConvertSpec("bert", ROBERTA_TENSORS, roberta_hparams, REQUIRED, extra_tensors=roberta_positions,
+                         ignored=roberta_unused, extra_kv=encoder_kv("bert"))
        for name in ("RobertaModel", "RobertaForMaskedLM", "XLMRobertaModel", "XLMRobertaForMaskedLM")},
     **{name: ConvertSpec("bert", ROBERTA_TENSORS + CLASSIFIER, roberta_hparams, REQUIRED + ["cls.output.weight"],
                          extra_tensors=roberta_positions, ignored=roberta_unused, extra_kv=classifier_kv)
        for name in ("RobertaForSequenceClassification", "XLMRobertaForSequenceClassification")},
+    "NomicBertModel": ConvertSpec("nomic-bert", NOMIC_TENSORS, nomic_hparams,
+                                  ["token_embd.weight", "token_embd_norm.weight", "blk.0.attn_qkv.weight"],
+                                  extra_kv=encoder_kv("nomic-bert"), n_layer_key="n_layer"),
 }
