@@ -217,7 +217,8 @@ def _wordpiece_kv(path: Path, tj: dict[str, Any], vocab_size: int) -> tuple[dict
     tokens, types, vocab = _vocabulary(path, tj, vocab_size)
     prefix = tj["model"].get("continuing_subword_prefix", "##")
     if not isinstance(prefix, str) or not prefix:
-        raise FormatError(path, "model.continuing_subword_prefix", f"is {_short(prefix)}; it must be a non-empty string")
+        raise FormatError(path, "model.continuing_subword_prefix",
+                          f"is {_short(prefix)}; it must be a non-empty string")
     tokens = [t if kind == CONTROL else t[len(prefix):] if t.startswith(prefix) else "\u2581" + t
               for t, kind in zip(tokens, types)]
     kv: dict[str, Any] = {"tokenizer.ggml.model": "bert", "tokenizer.ggml.pre": "default",

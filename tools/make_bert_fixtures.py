@@ -11,7 +11,8 @@ model and for each other type from the model running the GGUF file's dequantized
 `gguf` package), so every comparison has an exact reference.
 
 `reranker-*` and `xlm-reranker-*`: a RobertaForSequenceClassification (one label: a cross-encoder)
-with the RoBERTa tokenizer, and its XLM-RoBERTa twin with the SentencePiece one; its reference holds the ids transformers gives each (query, document) pair of PAIRS and the
+with the RoBERTa tokenizer, and its XLM-RoBERTa twin with the SentencePiece one; its reference holds
+the ids transformers gives each (query, document) pair of PAIRS and the
 model's scores (logits).
 
 `nomic-*`: nomic-embed-text's architecture: a checkpoint written here in the layout its Hugging Face
@@ -211,12 +212,15 @@ def make(name: str) -> None:
             else:
                 ref[f"{kind}_hidden{i}"] = out.last_hidden_state[0].numpy()
     np.savez_compressed(OUT / f"{name}-ref.npz", **ref)
-    llama_cpp = LLAMA_CPP
-    if (llama_cpp / "convert_hf_to_gguf.py").exists():
-        pre = GGUFFile(OUT / f"{name}-f32.gguf").metadata["tokenizer.ggml.pre"]
-        env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-        subprocess.run([sys.executable, "-c", LLAMA_CPP_CONVERT, pre, str(hf), "--outtype", "f32", "--outfile",
-                        str(OUT / f"{name}-llamacpp-f32.gguf")], cwd=llama_cpp, env=env, check=True)
+    pre = GGUFFile(OUT / f"{name}-f32.gguf").metadata["tokenizer.ggml.pre"]
+    llama_cpp_convert(hf, OUT / f"{name}-llamacpp-f32.gguf", pre)
+
+
+def llama_cpp_convert(hf: Path, out: Path, pre: str) -> None:
+    """`hf` converted to f32 by llama.cpp's convert_hf_to_gguf.py, told the pre-tokenizer `pre`."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    subprocess.run([sys.executable, "-c", LLAMA_CPP_CONVERT, pre, str(hf), "--outtype", "f32", "--outfile", str(out)],
+                   cwd=LLAMA_CPP, env=env, check=True)
 
 
 def with_gguf_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
@@ -256,7 +260,7 @@ print(json.dumps({"ids": [llm.tokenize(t.encode()) for t in texts],
 """
 
 
-def make_nomic(llama_cpp: Path) -> None:
+def make_nomic() -> None:
     """A NomicBertModel checkpoint (config and tensors as nomic-embed-text-v1.5's, tiny and random)."""
     from safetensors.numpy import save_file
 
@@ -293,11 +297,10 @@ def make_nomic(llama_cpp: Path) -> None:
     save_file(tensors, str(hf / "model.safetensors"))
     for kind in ("f32", "q8_0"):
         convert(hf, OUT / f"nomic-{kind}.gguf", kind)
+    llama_cpp_convert(hf, OUT / "nomic-llamacpp-f32.gguf", "default")
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-    subprocess.run([sys.executable, "-c", LLAMA_CPP_CONVERT, "default", str(hf), "--outtype", "f32", "--outfile",
-                    str(OUT / "nomic-llamacpp-f32.gguf")], cwd=llama_cpp, env=env, check=True)
-    env["LLAMA_CPP_LIB_PATH"] = str(llama_cpp / "build" / "bin")
-    env["PYTHONPATH"] = str(llama_cpp.parent.parent)  # the llama-cpp-python sdist holding this llama.cpp
+    env["LLAMA_CPP_LIB_PATH"] = str(LLAMA_CPP / "build" / "bin")
+    env["PYTHONPATH"] = str(LLAMA_CPP.parent.parent)  # the llama-cpp-python sdist holding this llama.cpp
     out = subprocess.run([sys.executable, "-c", LLAMA_CPP_EMBED, str(OUT / "nomic-llamacpp-f32.gguf"),
                           json.dumps(TEXTS)], env=env, check=True, capture_output=True, text=True).stdout
     ref = json.loads(out)
@@ -308,7 +311,8 @@ def make_nomic(llama_cpp: Path) -> None:
         runner = model if kind == "f32" else with_nomic_gguf_weights(model, OUT / f"nomic-{kind}.gguf")
         for i in range(len(TEXTS)):
             with torch.no_grad():
-                arrays[f"{kind}_hidden{i}"] = runner(input_ids=torch.tensor([ref["ids"][i]])).last_hidden_state[0].numpy()
+                h = runner(input_ids=torch.tensor([ref["ids"][i]])).last_hidden_state[0]
+            arrays[f"{kind}_hidden{i}"] = h.numpy()
     np.savez_compressed(OUT / "nomic-ref.npz", **arrays)
 
 
@@ -327,7 +331,8 @@ def with_nomic_gguf_weights(model: torch.nn.Module, path: Path) -> torch.nn.Modu
         b, L = f"blk.{i}.", f"layers.{i}."
         names.update({b + "attn_qkv.weight": [L + f"self_attn.{p}_proj.weight" for p in "qkv"],
                       b + "attn_output.weight": [L + "self_attn.o_proj.weight"],
-                      b + "ffn_up.weight": [L + "mlp.up_proj.weight"], b + "ffn_gate.weight": [L + "mlp.gate_proj.weight"],
+                      b + "ffn_up.weight": [L + "mlp.up_proj.weight"],
+                      b + "ffn_gate.weight": [L + "mlp.gate_proj.weight"],
                       b + "ffn_down.weight": [L + "mlp.down_proj.weight"]})
         for gg, hf in (("attn_output_norm", "post_attention_layernorm"), ("layer_output_norm", "post_mlp_layernorm")):
             names.update({f"{b}{gg}.{k}": [f"{L}{hf}.{k}"] for k in ("weight", "bias")})
@@ -341,12 +346,15 @@ def with_nomic_gguf_weights(model: torch.nn.Module, path: Path) -> torch.nn.Modu
 
 
 def main() -> None:
+    if not (LLAMA_CPP / "convert_hf_to_gguf.py").exists() or not (LLAMA_CPP / "build" / "bin").is_dir():
+        raise SystemExit(f"llama.cpp's source and build are not at {LLAMA_CPP} (PURELM_LLAMA_CPP_DIR; "
+                         "../shared/peers/build-llama-cpp.sh builds them): the fixtures include its conversions")
     if OUT.exists():
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
     for name in FAMILIES:
         make(name)
-    make_nomic(LLAMA_CPP)
+    make_nomic()
     print("wrote", *sorted(p.name for p in OUT.iterdir()))
 
 
