@@ -325,10 +325,7 @@ class LLM:
         query = _text(query, "query")
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Iterable):
             raise UsageError(f"documents must be a list of str, got {type(documents).__name__}")
-        tok = self.tokenizer
-        q = tok.encode(query, add_special=False, parse_special=False)  # (Tokenizer.encode_pair, the query once)
-        ids = [tok.join_pair(q, tok.encode(_text(d, f"documents[{i}]"), add_special=False, parse_special=False))
-               for i, d in enumerate(documents)]
+        ids = self.tokenizer.encode_pairs(query, [_text(d, f"documents[{i}]") for i, d in enumerate(documents)])
         return [float(s[0]) for s in rank_many(self.model, self.cache, ids)]
 
     # -- chat

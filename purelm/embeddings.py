@@ -1,6 +1,6 @@
-"""Text embeddings: the model's final hidden states (after its output norm, where it has one) pooled over the input's
-tokens and L2-normalized, as llama.cpp's `--embeddings` does (`embd_normalize` 2). Pooling is what the
-file asks for (`{arch}.pooling_type`, which llama.cpp's converter writes for sentence-transformers
+"""Text embeddings: the model's final hidden states (after its output norm, where it has one) pooled
+over the input's tokens and L2-normalized, as llama.cpp's `--embeddings` does (`embd_normalize` 2).
+Pooling is what the file asks for (`{arch}.pooling_type`, which llama.cpp's converter writes for sentence-transformers
 models: mean, the first token ([CLS]) or the last), else the mean; a caller may ask for another."""
 from __future__ import annotations
 

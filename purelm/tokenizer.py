@@ -765,8 +765,12 @@ class Tokenizer:
     def encode_pair(self, first: str, second: str) -> list[int]:
         """Two texts as one input, as llama.cpp's reranking joins a query and a document (special-token
         text in them stays text): see join_pair."""
-        return self.join_pair(self.encode(first, add_special=False, parse_special=False),
-                              self.encode(second, add_special=False, parse_special=False))
+        return self.encode_pairs(first, [second])[0]
+
+    def encode_pairs(self, first: str, seconds: Sequence[str]) -> list[list[int]]:
+        """encode_pair(first, s) for each s of `seconds`, `first` tokenized once."""
+        a = self.encode(first, add_special=False, parse_special=False)
+        return [self.join_pair(a, self.encode(s, add_special=False, parse_special=False)) for s in seconds]
 
     def join_pair(self, first: list[int], second: list[int]) -> list[int]:
         """Two texts' ids as one input: BOS, the first, EOS (the separator where the vocabulary has no

@@ -13,6 +13,7 @@ them. GELU is the exact (erf) form BERT was trained with (llama.cpp runs its tan
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,17 +168,10 @@ def hparams(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def encoder_kv(arch: str):
-    """A ConvertSpec.extra_kv: tokenizer.ggml.token_type_count (llama.cpp refuses a BERT file without
-    it) and, from a sentence-transformers folder (modules.json naming a Pooling module),
-    `{arch}.pooling_type`."""
-
-    def extra_kv(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-        return _encoder_kv(arch, directory, cfg)
-    return extra_kv
-
-
-def _encoder_kv(arch: str, directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+def encoder_kv(arch: str, directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """A ConvertSpec.extra_kv (with `arch` bound): tokenizer.ggml.token_type_count (llama.cpp refuses a
+    BERT file without it) and, from a sentence-transformers folder (modules.json naming a Pooling
+    module), `{arch}.pooling_type`."""
     kv: dict[str, Any] = {"tokenizer.ggml.token_type_count": cfg.get("type_vocab_size", 1)}
     modules = _json(directory / "modules.json", list)
     pooling = next((m.get("path") for m in modules or [] if isinstance(m, dict)
@@ -290,7 +284,7 @@ CLASSIFIER = [(f"classifier.{hf}.{kind}", f"{gg}.{kind}") for kind in ("weight",
 
 
 def classifier_kv(directory: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    kv = _encoder_kv("bert", directory, cfg)
+    kv = encoder_kv("bert", directory, cfg)
     labels = cfg.get("id2label")
     if isinstance(labels, dict) and labels and not (len(labels) == 2 and labels.get("0") == "LABEL_0"):
         # in label order: the keys are ids ("0", "1", ... "10"), compared as numbers
@@ -347,18 +341,19 @@ def nomic_hparams(cfg: dict[str, Any]) -> dict[str, Any]:
 
 ARCHITECTURES = {"bert": Bert, "nomic-bert": NomicBert}
 CONVERTERS = {
-    **{name: ConvertSpec("bert", TENSORS, hparams, REQUIRED, ignored=unused, extra_kv=encoder_kv("bert"))
+    **{name: ConvertSpec("bert", TENSORS, hparams, REQUIRED, ignored=unused,
+                         extra_kv=partial(encoder_kv, "bert"))
        for name in ("BertModel", "BertForMaskedLM")},
     **{name: ConvertSpec("bert", DISTIL_TENSORS, distil_hparams, REQUIRED, ignored=distil_unused,
-                         extra_kv=encoder_kv("bert"), n_layer_key="n_layers")
+                         extra_kv=partial(encoder_kv, "bert"), n_layer_key="n_layers")
        for name in ("DistilBertModel", "DistilBertForMaskedLM")},
     **{name: ConvertSpec("bert", ROBERTA_TENSORS, roberta_hparams, REQUIRED, extra_tensors=roberta_positions,
-                         ignored=roberta_unused, extra_kv=encoder_kv("bert"))
+                         ignored=roberta_unused, extra_kv=partial(encoder_kv, "bert"))
        for name in ("RobertaModel", "RobertaForMaskedLM", "XLMRobertaModel", "XLMRobertaForMaskedLM")},
     **{name: ConvertSpec("bert", ROBERTA_TENSORS + CLASSIFIER, roberta_hparams, REQUIRED + ["cls.output.weight"],
                          extra_tensors=roberta_positions, ignored=roberta_unused, extra_kv=classifier_kv)
        for name in ("RobertaForSequenceClassification", "XLMRobertaForSequenceClassification")},
     "NomicBertModel": ConvertSpec("nomic-bert", NOMIC_TENSORS, nomic_hparams,
                                   ["token_embd.weight", "token_embd_norm.weight", "blk.0.attn_qkv.weight"],
-                                  extra_kv=encoder_kv("nomic-bert"), n_layer_key="n_layer"),
+                                  extra_kv=partial(encoder_kv, "nomic-bert"), n_layer_key="n_layer"),
 }

@@ -644,13 +644,7 @@ def create_app(llm: Any, config: ServerConfig | None = None) -> FastAPI:
         with_text = P.get_bool(body, "return_text" if tei else "return_documents")
         query = P.check_text(query, "query")
         docs = [P.check_text(d, f"{field}[{i}]") for i, d in enumerate(docs)]
-        tok = state.tokenizer
-
-        def tokenize() -> list[list[int]]:  # (Tokenizer.encode_pair, the query once; off the event loop)
-            q = tok.encode(query, add_special=False, parse_special=False)
-            return [tok.join_pair(q, tok.encode(d, add_special=False, parse_special=False)) for d in docs]
-
-        ids = await asyncio.to_thread(tokenize)
+        ids = await asyncio.to_thread(state.tokenizer.encode_pairs, query, docs)  # (off the event loop)
         for i, t in enumerate(ids):
             if len(t) > state.max_input:
                 raise P.bad(f"{field}[{i}] and the query have {len(t)} tokens; the model takes at most "
